@@ -1,0 +1,30 @@
+//! The crate's one error type. Messages name the argument at fault and what was expected.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum Error {
+    /// An argument has a wrong shape, size, layout or value.
+    #[error("{arg}: {msg}")]
+    InvalidArgument { arg: &'static str, msg: String },
+    /// The result could not be represented (e.g. INT32 accumulation could overflow).
+    #[error("{arg}: {msg}")]
+    Overflow { arg: &'static str, msg: String },
+    /// A kernel was asked for that this CPU (or build) does not have.
+    #[error("kernel {name:?} is not available: {msg}")]
+    KernelUnavailable { name: String, msg: String },
+    /// Input contained NaN or infinity where finite values are required.
+    #[error("{arg}: contains non-finite values (NaN or infinity) at index {index}")]
+    NonFinite { arg: &'static str, index: usize },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(arg: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument { arg, msg: msg.into() }
+    }
+    pub fn overflow(arg: &'static str, msg: impl Into<String>) -> Self {
+        Error::Overflow { arg, msg: msg.into() }
+    }
+}

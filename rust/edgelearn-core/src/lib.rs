@@ -1,0 +1,18 @@
+//! edgelearn-core: the engine of edgelearn, in pure Rust (no PyO3).
+//!
+//! - [`quant`]: symmetric INT8 quantization (per tensor / per channel), rounding, range clipping.
+//! - [`gemm`]: `C[i32] = A[i8]·B[i8]` with packing, per-ISA micro-kernels, run-time dispatch, threading.
+//! - [`threads`]: the rayon pool used by every kernel (size from `EDGELEARN_NUM_THREADS`, fork-safe).
+//!
+//! Every public function validates its arguments and returns [`Error`] instead of panicking, so the
+//! Python glue never sees a panic.
+
+pub mod error;
+pub mod gemm;
+pub mod quant;
+pub mod threads;
+
+pub use error::{Error, Result};
+
+/// Crate version, reported by `backend_info()`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

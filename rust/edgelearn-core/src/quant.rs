@@ -1,0 +1,1 @@
+//! Symmetric INT8 quantization (placeholder; filled in by the quantization work).

@@ -1,0 +1,125 @@
+//! The thread pool every parallel kernel runs in.
+//!
+//! One rayon pool owned by this crate (not rayon's global pool, whose size cannot change once built).
+//! Its size comes from `EDGELEARN_NUM_THREADS`, else the number of CPUs, and [`set_num_threads`] rebuilds it.
+//! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the pool
+//! stale and the child builds a fresh one on first use (the stale one is leaked, never joined).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use crate::error::{Error, Result};
+
+/// Upper bound on the thread count a caller may ask for (an absurd value is a bug, not a wish).
+pub const MAX_THREADS: usize = 1024;
+
+struct PoolState {
+    threads: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+static STATE: Mutex<PoolState> = Mutex::new(PoolState { threads: 0, pool: None });
+static FORKED: AtomicBool = AtomicBool::new(false);
+static ATFORK: Once = Once::new();
+
+#[cfg(unix)]
+extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+fn register_atfork() {
+    ATFORK.call_once(|| {
+        #[cfg(unix)]
+        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_in_child));
+        }
+    });
+}
+
+fn default_threads() -> usize {
+    match std::env::var("EDGELEARN_NUM_THREADS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => n,
+            _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        },
+        Err(_) => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }
+}
+
+/// Parses `EDGELEARN_NUM_THREADS` strictly (used by `backend_info` to report a bad setting).
+pub fn env_threads_setting() -> Result<Option<usize>> {
+    match std::env::var("EDGELEARN_NUM_THREADS") {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
+            _ => Err(Error::invalid(
+                "EDGELEARN_NUM_THREADS",
+                format!("expected an integer in 1..={MAX_THREADS}, got {v:?}"),
+            )),
+        },
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, PoolState> {
+    // A poisoned lock only means another thread panicked while holding it; the state stays usable.
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn pool() -> Option<Arc<rayon::ThreadPool>> {
+    register_atfork();
+    let mut st = lock();
+    if FORKED.swap(false, Ordering::SeqCst) {
+        // The parent's workers do not exist in this process: leak the pool object instead of joining them.
+        if let Some(p) = st.pool.take() {
+            std::mem::forget(p);
+        }
+    }
+    if st.threads == 0 {
+        st.threads = default_threads();
+    }
+    if st.pool.is_none() {
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(st.threads)
+            .thread_name(|i| format!("edgelearn-{i}"))
+            .build();
+        match built {
+            Ok(p) => st.pool = Some(Arc::new(p)),
+            // Could not spawn a thread (e.g. a tight RLIMIT_NPROC): run on the caller's thread.
+            Err(_) => st.threads = 1,
+        }
+    }
+    st.pool.clone()
+}
+
+/// Number of threads kernels use.
+pub fn num_threads() -> usize {
+    let st = lock();
+    if st.threads == 0 {
+        default_threads()
+    } else {
+        st.threads
+    }
+}
+
+/// Sets the number of threads kernels use (rebuilds the pool). `n` must be in `1..=MAX_THREADS`.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if !(1..=MAX_THREADS).contains(&n) {
+        return Err(Error::invalid("threads", format!("expected 1..={MAX_THREADS}, got {n}")));
+    }
+    let mut st = lock();
+    if st.threads != n {
+        st.threads = n;
+        st.pool = None;
+    }
+    Ok(())
+}
+
+/// Runs `f` inside the pool, so `rayon::join`/par_iter in `f` use edgelearn's threads (even with one
+/// thread: a one-worker pool, so nothing falls through to rayon's global pool).
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}

@@ -1,0 +1,189 @@
+//! Every kernel this CPU has, bit-exact against the naive reference, on random and edge shapes and layouts.
+
+use edgelearn_core::gemm::{
+    available_kernels, gemm_i8_f32_with, gemm_i8_with, gemm_reference, kernel_by_name, Blocking, Kernel, MatRef,
+    Scale, MAX_K_I32,
+};
+use proptest::prelude::*;
+
+/// Small deterministic generator (tests must not depend on a crate's RNG stream across versions).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn i8s(&mut self, n: usize) -> Vec<i8> {
+        (0..n).map(|_| self.next() as i8).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Row,
+    Col,
+}
+
+fn view<'a>(data: &'a [i8], rows: usize, cols: usize, l: Layout) -> MatRef<'a> {
+    match l {
+        Layout::Row => MatRef::row_major(data, rows, cols).unwrap(),
+        Layout::Col => MatRef::col_major(data, rows, cols).unwrap(),
+    }
+}
+
+fn check(kernel: &dyn Kernel, blk: Blocking, m: usize, k: usize, n: usize, la: Layout, lb: Layout, a: &[i8], b: &[i8]) {
+    let av = view(a, m, k, la);
+    let bv = view(b, k, n, lb);
+    let want = gemm_reference(&av, &bv).unwrap();
+    let mut got = vec![0x5555_5555i32; m * n];
+    gemm_i8_with(kernel, blk, &av, &bv, &mut got).unwrap();
+    for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g as i64, w,
+            "kernel {} m={m} k={k} n={n} {la:?}/{lb:?} {blk:?}: mismatch at ({}, {})",
+            kernel.name(), idx / n.max(1), idx % n.max(1)
+        );
+    }
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1), (1, 0, 1), (0, 5, 3), (3, 5, 0), (2, 3, 4), (7, 13, 5), (16, 16, 16), (17, 33, 65),
+    (31, 63, 47), (64, 64, 64), (65, 129, 33), (5, 1000, 3), (300, 27, 16), (144, 300, 32),
+    (1, 257, 97), (97, 3, 1), (128, 7, 129),
+];
+
+fn blockings() -> Vec<Blocking> {
+    vec![Blocking::default(), Blocking { mc: 8, nc: 16, kc: 16 }, Blocking { mc: 5, nc: 3, kc: 7 }]
+}
+
+#[test]
+fn every_kernel_matches_reference_on_edge_shapes() {
+    let mut rng = Rng(42);
+    for kernel in available_kernels() {
+        for &(m, k, n) in SHAPES {
+            let a = rng.i8s(m * k);
+            let b = rng.i8s(k * n);
+            for la in [Layout::Row, Layout::Col] {
+                for lb in [Layout::Row, Layout::Col] {
+                    for blk in blockings() {
+                        check(kernel, blk, m, k, n, la, lb, &a, &b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_is_exact_at_extreme_values() {
+    // All -128·-128 products at the largest K the i32 API accepts: the result is exactly 2^31 - 16384.
+    let (m, n) = (3, 5);
+    let k = MAX_K_I32;
+    let a = vec![-128i8; m * k];
+    let b = vec![-128i8; k * n];
+    for kernel in available_kernels() {
+        let mut c = vec![0i32; m * n];
+        gemm_i8_with(kernel, Blocking::default(), &MatRef::row_major(&a, m, k).unwrap(),
+            &MatRef::row_major(&b, k, n).unwrap(), &mut c).unwrap();
+        assert!(c.iter().all(|&v| v as i64 == (k as i64) * 16384), "kernel {}", kernel.name());
+        // and mixed signs at ±127 / -128
+        let a2: Vec<i8> = (0..m * 64).map(|i| if i % 3 == 0 { 127 } else { -128 }).collect();
+        let b2: Vec<i8> = (0..64 * n).map(|i| if i % 2 == 0 { -127 } else { -128 }).collect();
+        check(kernel, Blocking::default(), m, 64, n, Layout::Row, Layout::Row, &a2, &b2);
+    }
+}
+
+#[test]
+fn i32_api_refuses_k_that_could_overflow() {
+    let k = MAX_K_I32 + 1;
+    let a = vec![0i8; k];
+    let b = vec![0i8; k];
+    let mut c = vec![0i32; 1];
+    let err = gemm_i8_with(&edgelearn_core::gemm::scalar::SCALAR, Blocking::default(),
+        &MatRef::row_major(&a, 1, k).unwrap(), &MatRef::row_major(&b, k, 1).unwrap(), &mut c).unwrap_err();
+    assert!(err.to_string().contains("overflow"), "{err}");
+}
+
+#[test]
+fn f32_variant_splits_large_k_without_overflow() {
+    let k = MAX_K_I32 * 2 + 77;
+    let a = vec![-128i8; 2 * k];
+    let b = vec![-128i8; k * 3];
+    for kernel in available_kernels() {
+        let mut c = vec![0f32; 6];
+        gemm_i8_f32_with(kernel, Blocking::default(), &MatRef::row_major(&a, 2, k).unwrap(),
+            &MatRef::row_major(&b, k, 3).unwrap(), Scale::Scalar(0.5), Scale::Scalar(0.25), Some(&[1.0, 2.0, 3.0]), &mut c)
+            .unwrap();
+        let want = k as f64 * 16384.0 * 0.125;
+        for (j, v) in c.iter().enumerate() {
+            let w = want + [1.0, 2.0, 3.0][j % 3];
+            assert!(((*v as f64) - w).abs() / w < 1e-6, "kernel {} got {v} want {w}", kernel.name());
+        }
+    }
+}
+
+#[test]
+fn f32_epilogue_is_identical_across_kernels() {
+    let mut rng = Rng(7);
+    let (m, k, n) = (37, 91, 29);
+    let a = rng.i8s(m * k);
+    let b = rng.i8s(k * n);
+    let sa: Vec<f32> = (0..m).map(|i| 0.01 + i as f32 * 1e-3).collect();
+    let sb: Vec<f32> = (0..n).map(|j| 0.02 + j as f32 * 1e-3).collect();
+    let bias: Vec<f32> = (0..n).map(|j| j as f32 - 3.0).collect();
+    let mut outs = Vec::new();
+    for kernel in available_kernels() {
+        let mut c = vec![0f32; m * n];
+        gemm_i8_f32_with(kernel, Blocking::default(), &MatRef::row_major(&a, m, k).unwrap(),
+            &MatRef::row_major(&b, k, n).unwrap(), Scale::PerIndex(&sa), Scale::PerIndex(&sb), Some(&bias), &mut c)
+            .unwrap();
+        outs.push((kernel.name(), c));
+    }
+    let want = gemm_reference(&MatRef::row_major(&a, m, k).unwrap(), &MatRef::row_major(&b, k, n).unwrap()).unwrap();
+    for (name, c) in &outs {
+        for i in 0..m {
+            for j in 0..n {
+                let w = want[i * n + j] as f32 * (sa[i] * sb[j]) + bias[j];
+                assert_eq!(c[i * n + j].to_bits(), w.to_bits(), "kernel {name} at ({i},{j})");
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_or_missing_kernel_is_an_error() {
+    assert!(kernel_by_name("nope").err().unwrap().to_string().contains("unknown kernel"));
+    assert!(kernel_by_name("scalar").is_ok());
+    #[cfg(target_arch = "x86_64")]
+    assert!(kernel_by_name("neon").err().unwrap().to_string().contains("not built"));
+}
+
+#[test]
+fn mismatched_inner_dims_are_rejected() {
+    let a = vec![0i8; 6];
+    let b = vec![0i8; 6];
+    let mut c = vec![0i32; 4];
+    let e = gemm_i8_with(&edgelearn_core::gemm::scalar::SCALAR, Blocking::default(),
+        &MatRef::row_major(&a, 2, 3).unwrap(), &MatRef::row_major(&b, 2, 3).unwrap(), &mut c).unwrap_err();
+    assert!(e.to_string().contains("inner dimensions"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    /// Law: every kernel equals the naive product for any shape, layout, blocking and values.
+    #[test]
+    fn kernels_equal_reference(m in 0usize..40, k in 0usize..150, n in 0usize..40, seed in any::<u64>(),
+                               la in any::<bool>(), lb in any::<bool>(), kc in 1usize..64) {
+        let mut rng = Rng(seed);
+        let a = rng.i8s(m * k);
+        let b = rng.i8s(k * n);
+        let la = if la { Layout::Row } else { Layout::Col };
+        let lb = if lb { Layout::Row } else { Layout::Col };
+        for kernel in available_kernels() {
+            check(kernel, Blocking { mc: 16, nc: 32, kc }, m, k, n, la, lb, &a, &b);
+        }
+    }
+}
