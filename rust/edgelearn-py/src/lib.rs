@@ -1,1 +1,22 @@
+//! edgelearn._native: the thin PyO3 layer over edgelearn-core. Each function validates its arguments,
+//! takes zero-copy views of numpy arrays, runs the core with the GIL released and maps errors to
+//! Python exceptions. No algorithm lives here.
 
+mod arrays;
+mod errors;
+mod gemm;
+mod info;
+mod quant;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", edgelearn_core::VERSION)?;
+    m.add("KernelUnavailableError", m.py().get_type::<errors::KernelUnavailableError>())?;
+    m.add_function(wrap_pyfunction!(gemm::gemm_i8, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm::gemm_i8_f32, m)?)?;
+    info::register(m)?;
+    quant::register(m)?;
+    Ok(())
+}

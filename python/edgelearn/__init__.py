@@ -1,0 +1,33 @@
+"""edgelearn: on-device training for small ARM boards and any CPU.
+
+The engine (``edgelearn._native``, Rust) provides INT8 GEMM kernels picked at run time for the CPU
+(x86-64 AVX2 / AVX-512 VNNI / AVX-VNNI, aarch64 NEON / dotprod / i8mm, scalar fallback) and
+quantization primitives. Every kernel releases the GIL.
+"""
+
+from ._native import (
+    KernelUnavailableError,
+    __version__,
+    available_kernels,
+    backend_info,
+    gemm_i8,
+    gemm_i8_f32,
+    get_num_threads,
+    set_kernel,
+    set_num_threads,
+)
+from .quant import dequantize, quantize
+
+__all__ = [
+    "KernelUnavailableError",
+    "__version__",
+    "available_kernels",
+    "backend_info",
+    "dequantize",
+    "gemm_i8",
+    "gemm_i8_f32",
+    "get_num_threads",
+    "quantize",
+    "set_kernel",
+    "set_num_threads",
+]
