@@ -1,0 +1,410 @@
+"""Differentiable layer ops and losses. Each op calls the Rust core once for its forward and once per backward.
+
+FP32 ops: ``linear``, ``conv2d``, ``batch_norm2d``, ``relu``, ``max_pool2d``, ``avg_pool2d``,
+``adaptive_avg_pool2d``. INT8 (Octo) ops: ``linear_int8``, ``conv2d_int8``, which save only the int8 input and
+its scale for backward. Cheap ops done in numpy: ``compensation``, ``dropout``, bias gradients (``Σ dY``),
+losses (``cross_entropy``, ``mse``).
+
+Arrays handed to the core are float32 and C-contiguous (``_c`` makes them so only when they are not).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _native
+from .octo import OctoConfig
+from .quant import dequantize as _dequantize
+from .quant import quantize as _quantize
+from .tensor import ArrayLike, Tensor, as_tensor, make_result
+
+__all__ = [
+    "linear",
+    "linear_int8",
+    "conv2d",
+    "conv2d_int8",
+    "batch_norm2d",
+    "relu",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "dropout",
+    "compensation",
+    "compensation_penalty",
+    "cross_entropy",
+    "mse",
+    "step_seed",
+]
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _c(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _pair(v: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name}: expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _channel_sum(g: np.ndarray) -> np.ndarray:
+    """Σ over every axis but 1 of an (N, C, ...) array (einsum: ~3x faster than ndarray.sum over (0, 2, 3))."""
+    if g.ndim == 4:
+        return np.einsum("nchw->c", g)
+    return g.sum(axis=(0,) + tuple(range(2, g.ndim)))
+
+
+def _need(t: Optional[Tensor]) -> bool:
+    return t is not None and t.requires_grad
+
+
+def step_seed(base: int, layer_id: int, step: int) -> int:
+    """Seed for one layer's stochastic rounding at one step (splitmix64 of the three numbers)."""
+    mask = (1 << 64) - 1
+    z = (base * 0x9E3779B97F4A7C15 + layer_id * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+# --- linear ------------------------------------------------------------------------------------------------
+
+
+def linear(x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """FP32 ``Y = X·Wᵀ + b`` (X (N, K), W (O, K)); backward ``dX = dY·W``, ``dW = dYᵀ·X``, ``db = Σ dY``."""
+    x = as_tensor(x)
+    xd, wd = _c(x.data), weight.data
+    if xd.ndim != 2 or xd.shape[1] != wd.shape[1]:
+        raise ValueError(f"linear: input must have shape (N, {wd.shape[1]}), got {xd.shape}")
+    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    y = _native.matmul_f32(xd, wd.T, None if bias is None else bias.data)
+
+    def backward(g: np.ndarray):
+        g = _c(g)
+        dx = _native.matmul_f32(g, wd) if need_x else None
+        dw = _native.matmul_f32(g.T, xd) if need_w else None
+        db = g.sum(axis=0) if need_b else None
+        return dx, dw, db
+
+    return make_result(y, (x, weight, bias), backward, "linear")
+
+
+def _quantize_input(x: np.ndarray, cfg: OctoConfig, seed: int, training: bool):
+    rounding = cfg.act_rounding if training else "nearest"
+    return _quantize(x, rounding=rounding, seed=seed if rounding == "stochastic" else None)
+
+
+def _quantize_weight(w: np.ndarray, cfg: OctoConfig):
+    return _quantize(w, per_channel_axis=0 if cfg.per_channel_weights else None, rounding=cfg.weight_rounding)
+
+
+def _quantize_grad(g: np.ndarray, cfg: OctoConfig, seed: int):
+    rounding = cfg.grad_rounding
+    return _quantize(
+        g, rounding=rounding, seed=seed if rounding == "stochastic" else None, clip=cfg.prc_clip()
+    )
+
+
+def linear_int8(
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig, seed: int = 0, training: bool = True
+) -> Tensor:
+    """Octo INT8 linear: ``Y = (Xq·Wqᵀ)·s_x·s_w + b`` on the INT8 GEMM; saves only ``Xq, s_x`` (and ``Wq``).
+
+    Backward: PRC-clip then quantize dY (``cfg``), ``dW = dYqᵀ·Xq`` and ``dX = dYq·Wq`` on the INT8 GEMM,
+    ``db = Σ dY`` in FP32. With per-channel weights the dX GEMM uses a per-tensor quantization of W.
+    """
+    x = as_tensor(x)
+    xd, wd = _c(x.data), weight.data
+    if xd.ndim != 2 or xd.shape[1] != wd.shape[1]:
+        raise ValueError(f"linear: input must have shape (N, {wd.shape[1]}), got {xd.shape}")
+    xq, sx = _quantize_input(xd, cfg, seed, training)
+    wq, sw = _quantize_weight(wd, cfg)
+    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, None if bias is None else bias.data)
+    del xd
+    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    per_channel = cfg.per_channel_weights
+
+    def backward(g: np.ndarray):
+        g = _c(g)
+        gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
+        dw = _native.gemm_i8_f32(gq.T, xq, sg, sx) if need_w else None
+        dx = None
+        if need_x:
+            if per_channel:
+                wq_t, sw_t = _quantize(wd, rounding="nearest")
+                dx = _native.gemm_i8_f32(gq, wq_t, sg, sw_t)
+            else:
+                dx = _native.gemm_i8_f32(gq, wq, sg, sw)
+        db = g.sum(axis=0) if need_b else None
+        return dx, dw, db
+
+    return make_result(y, (x, weight, bias), backward, "linear_int8")
+
+
+# --- convolution -------------------------------------------------------------------------------------------
+
+
+def _check_conv(xd: np.ndarray, wd: np.ndarray) -> None:
+    if xd.ndim != 4:
+        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {xd.shape}")
+    if xd.shape[1] != wd.shape[1]:
+        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1]}")
+
+
+def conv2d(
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0
+) -> Tensor:
+    """FP32 2-D convolution (NCHW, groups=1) with fused bias; backward in one core call."""
+    x = as_tensor(x)
+    xd, wd = _c(x.data), weight.data
+    _check_conv(xd, wd)
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    y = _native.conv2d_f32_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+
+    def backward(g: np.ndarray):
+        dx, dw, db = _native.conv2d_f32_backward(xd, wd, _c(g), stride, padding, need_dx=need_x)
+        return dx, (dw if need_w else None), (db if need_b else None)
+
+    return make_result(y, (x, weight, bias), backward, "conv2d")
+
+
+def conv2d_int8(
+    x: ArrayLike,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    cfg: OctoConfig,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    seed: int = 0,
+    training: bool = True,
+) -> Tensor:
+    """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
+
+    Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels (one core call), ``db = Σ dY`` in FP32.
+    """
+    x = as_tensor(x)
+    xd, wd = _c(x.data), weight.data
+    _check_conv(xd, wd)
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    xq, sx = _quantize_input(xd, cfg, seed, training)
+    wq, sw = _quantize_weight(wd, cfg)
+    sx = float(sx)
+    sw = float(sw) if np.ndim(sw) == 0 else sw
+    y = _native.conv2d_i8_forward(xq, sx, wq, sw, None if bias is None else bias.data, stride, padding)
+    del xd
+    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+
+    def backward(g: np.ndarray):
+        g = _c(g)
+        gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
+        dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
+        db = _channel_sum(g) if need_b else None
+        return dx, (dw if need_w else None), db
+
+    return make_result(y, (x, weight, bias), backward, "conv2d_int8")
+
+
+# --- normalisation, activation, pooling --------------------------------------------------------------------
+
+
+def batch_norm2d(
+    x: ArrayLike,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    save_int8: bool = False,
+) -> Tensor:
+    """Batch normalisation over (N, H, W) per channel; updates the running statistics in place when training.
+
+    ``save_int8`` keeps the input for backward as int8 (nearest rounding, per-tensor scale) instead of FP32 and
+    dequantizes it in backward: the INT8-training memory saving extended to normalisation layers.
+    """
+    x = as_tensor(x)
+    xd = _c(x.data)
+    if xd.ndim != 4 or xd.shape[1] != weight.shape[0]:
+        raise ValueError(f"batch_norm2d: input must have shape (N, {weight.shape[0]}, H, W), got {xd.shape}")
+    gamma = weight.data
+    y, mean, invstd = _native.batchnorm2d_forward(
+        xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
+    )
+    need_g, need_b = weight.requires_grad, bias.requires_grad
+    if save_int8 and training:
+        xq, sx = _quantize(xd, rounding="nearest")
+        del xd
+
+        def backward(g: np.ndarray):
+            x_saved = _dequantize(xq, sx)
+            dx, dgamma, dbeta = _native.batchnorm2d_backward(_c(g), x_saved, gamma, mean, invstd)
+            return dx, (dgamma if need_g else None), (dbeta if need_b else None)
+
+    elif training:
+
+        def backward(g: np.ndarray):
+            dx, dgamma, dbeta = _native.batchnorm2d_backward(_c(g), xd, gamma, mean, invstd)
+            return dx, (dgamma if need_g else None), (dbeta if need_b else None)
+
+    else:
+        # Eval mode normalises with fixed statistics, so the op is affine per channel.
+        mean_e, invstd_e = np.asarray(mean, np.float32), np.asarray(invstd, np.float32)
+
+        def backward(g: np.ndarray):
+            shape = (1, -1, 1, 1)
+            xhat = (xd - mean_e.reshape(shape)) * invstd_e.reshape(shape)
+            dx = g * (gamma * invstd_e).reshape(shape)
+            return dx, (g * xhat).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
+
+    return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+
+
+def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
+    """``max(x, 0)``. Backward needs only where the output is positive: ``save_mask`` keeps that as a 1-byte
+    mask instead of the FP32 output (expanded to float32 transiently for the core's backward)."""
+    x = as_tensor(x)
+    y = _native.relu_forward(_c(x.data))
+    if not save_mask:
+        return make_result(y, (x,), lambda g: (_native.relu_backward(_c(g), y),), "relu")
+    positive = np.greater(y, 0)
+    return make_result(
+        y, (x,), lambda g: (_native.relu_backward(_c(g), positive.astype(np.float32)),), "relu"
+    )
+
+
+def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
+    """Max pooling; saves only the uint8 argmax index of each window for backward."""
+    x = as_tensor(x)
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    p = _pair(padding, "padding")
+    shape = x.shape
+    y, idx = _native.maxpool2d_forward(_c(x.data), k, s, p)
+    return make_result(
+        y, (x,), lambda g: (_native.maxpool2d_backward(_c(g), idx, shape, k, s, p),), "max_pool2d"
+    )
+
+
+def avg_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
+    x = as_tensor(x)
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    p = _pair(padding, "padding")
+    shape = x.shape
+    y = _native.avgpool2d_forward(_c(x.data), k, s, p)
+    return make_result(y, (x,), lambda g: (_native.avgpool2d_backward(_c(g), shape, k, s, p),), "avg_pool2d")
+
+
+def adaptive_avg_pool2d(x: ArrayLike, output_size: IntPair = 1) -> Tensor:
+    """Average pooling to ``output_size``; the input size must be a multiple of it (1 always works)."""
+    x = as_tensor(x)
+    if x.ndim != 4:
+        raise ValueError(f"adaptive_avg_pool2d: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    oh, ow = _pair(output_size, "output_size")
+    h, w = x.shape[2], x.shape[3]
+    if oh <= 0 or ow <= 0 or h % oh or w % ow:
+        raise ValueError(f"adaptive_avg_pool2d: input size {(h, w)} is not a multiple of output size {(oh, ow)}")
+    k = (h // oh, w // ow)
+    return avg_pool2d(x, k, k, 0)
+
+
+def dropout(x: ArrayLike, p: float, training: bool, rng: np.random.Generator) -> Tensor:
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p); identity in eval."""
+    x = as_tensor(x)
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return make_result(np.zeros_like(x.data), (x,), lambda g: (np.zeros_like(g),), "dropout")
+    scale = np.float32(1.0 / (1.0 - p))
+    keep = (rng.random(x.shape, dtype=np.float32) >= p).astype(np.float32)
+    keep *= scale
+    return make_result(x.data * keep, (x,), lambda g: (g * keep,), "dropout")
+
+
+def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tensor:
+    """LAC: ``y = x + α⊙μ + β`` with parameters shaped per channel (C,) or like one sample (C, H, W).
+
+    (C,) parameters broadcast over (N, C) and (N, C, H, W). ``dx = dy``; ``dα = Σ dy·μ``, ``dμ = Σ dy·α``,
+    ``dβ = Σ dy`` summed over the broadcast axes.
+    """
+    x = as_tensor(x)
+    pshape = alpha.shape
+    if x.ndim < 2 or x.shape[1] != pshape[0] or (len(pshape) > 1 and x.shape[1:] != pshape):
+        raise ValueError(f"compensation: input shape {x.shape} does not fit parameters of shape {pshape}")
+    per_channel = len(pshape) == 1
+    view = (pshape[0],) + (1,) * (x.ndim - 2) if per_channel else pshape
+    a, m, b = alpha.data, mu.data, beta.data
+    y = x.data + (a * m + b).reshape(view)
+
+    def backward(g: np.ndarray):
+        s = _channel_sum(g) if per_channel else g.sum(axis=0)
+        return g, s * m, s * a, s
+
+    return make_result(y.astype(np.float32, copy=False), (x, alpha, mu, beta), backward, "compensation")
+
+
+def compensation_penalty(mu: Tensor, beta: Tensor, lam: float) -> Tensor:
+    """LAC's regulariser ``0.5·λ·(‖μ‖² + ‖β‖²)`` as one recorded op."""
+    m, b = mu.data, beta.data
+    value = np.asarray(0.5 * lam * (float(np.dot(m.ravel(), m.ravel())) + float(np.dot(b.ravel(), b.ravel()))), np.float32)
+    return make_result(value, (mu, beta), lambda g: (g * lam * m, g * lam * b), "compensation_penalty")
+
+
+# --- losses ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: ArrayLike, target: ArrayLike, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C) against class indices ``target`` (N,), PyTorch semantics.
+
+    With label smoothing ε the target distribution is ``(1-ε)·onehot + ε/C``. ``reduction``: 'mean' | 'sum'.
+    """
+    logits = as_tensor(logits)
+    t = np.asarray(target.data if isinstance(target, Tensor) else target)
+    z = logits.data
+    if z.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be 2-D (N, C), got shape {z.shape}")
+    n, c = z.shape
+    if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"cross_entropy: target must be integer class indices of shape ({n},), got {t.dtype} {t.shape}")
+    if n and (t.min() < 0 or t.max() >= c):
+        raise ValueError(f"cross_entropy: target values must lie in [0, {c}), got [{t.min()}, {t.max()}]")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    shifted = z - z.max(axis=1, keepdims=True)
+    logsumexp = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    logp = shifted - logsumexp
+    q = np.full_like(logp, label_smoothing / c)
+    q[np.arange(n), t] += 1.0 - label_smoothing
+    per_sample = -(q * logp).sum(axis=1)
+    denom = float(n) if reduction == "mean" else 1.0
+    loss = np.asarray(per_sample.sum() / max(denom, 1.0), dtype=z.dtype)
+
+    def backward(g: np.ndarray):
+        return ((np.exp(logp) - q) * (g / max(denom, 1.0))).astype(z.dtype, copy=False), None
+
+    return make_result(loss, (logits, None), backward, "cross_entropy")
+
+
+def mse(pred: ArrayLike, target: ArrayLike, reduction: str = "mean") -> Tensor:
+    """Mean (or summed) squared error; gradients flow to both arguments if they require them."""
+    pred = as_tensor(pred)
+    target = as_tensor(target, dtype=pred.dtype)
+    if pred.shape != target.shape:
+        raise ValueError(f"mse: shapes differ: {pred.shape} vs {target.shape}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    diff = pred - target
+    sq = diff * diff
+    return sq.mean() if reduction == "mean" else sq.sum()

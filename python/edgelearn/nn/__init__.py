@@ -1,0 +1,44 @@
+"""``edgelearn.nn``: PyTorch-like modules. Linear/Conv2d switch to Octo INT8 mode with ``edgelearn.octo``."""
+
+from .. import functional
+from ..octo import OctoConfig, octo
+from .init import manual_seed
+from .layers import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm2d,
+    Compensation,
+    Conv2d,
+    CrossEntropyLoss,
+    Dropout,
+    Flatten,
+    Identity,
+    Linear,
+    MaxPool2d,
+    MSELoss,
+    ReLU,
+)
+from .module import Module, Parameter, Sequential
+
+__all__ = [
+    "AdaptiveAvgPool2d",
+    "AvgPool2d",
+    "BatchNorm2d",
+    "Compensation",
+    "Conv2d",
+    "CrossEntropyLoss",
+    "Dropout",
+    "Flatten",
+    "Identity",
+    "Linear",
+    "MaxPool2d",
+    "MSELoss",
+    "Module",
+    "OctoConfig",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "functional",
+    "manual_seed",
+    "octo",
+]

@@ -1,0 +1,286 @@
+"""Layers. ``Linear`` and ``Conv2d`` run in FP32 or, after ``set_int8(config)`` (see ``edgelearn.octo``), in
+Octo INT8 mode; every other layer has one mode. The numerics are in ``edgelearn.functional``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from .. import functional as F
+from ..octo import OctoConfig
+from ..tensor import Tensor, as_tensor
+from . import init
+from .module import Module, Parameter
+
+__all__ = [
+    "Linear",
+    "Conv2d",
+    "BatchNorm2d",
+    "ReLU",
+    "MaxPool2d",
+    "AvgPool2d",
+    "AdaptiveAvgPool2d",
+    "Flatten",
+    "Dropout",
+    "Compensation",
+    "Identity",
+    "CrossEntropyLoss",
+    "MSELoss",
+]
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+class _QuantizedLayer(Module):
+    """What Linear and Conv2d share: the FP32/INT8 switch and the per-step stochastic-rounding seed."""
+
+    int8: Optional[OctoConfig]
+    layer_id: int
+
+    def _init_mode(self) -> None:
+        self.int8 = None
+        self.layer_id = 0
+
+    def set_int8(self, config: Optional[OctoConfig], layer_id: int = 0) -> None:
+        """INT8 mode with ``config`` (``None`` = FP32). INT8 mode adds the ``quant_step`` buffer."""
+        self.int8 = config
+        self.layer_id = int(layer_id)
+        if config is not None:
+            if "quant_step" not in self._buffers:
+                self.register_buffer("quant_step", np.zeros((), dtype=np.int64))
+        elif "quant_step" in self._buffers:
+            del self._buffers["quant_step"]
+
+    def _next_seed(self) -> int:
+        """This step's rounding seed; the step counter advances on every training-mode forward."""
+        step = int(self.quant_step)
+        if self.training:
+            self.quant_step[...] = step + 1
+        return F.step_seed(self.int8.seed, self.layer_id, step)
+
+
+class Linear(_QuantizedLayer):
+    """``y = x·Wᵀ + b``; W (out_features, in_features). Input (N, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = Parameter(init.uniform_fan_in((out_features, in_features), in_features))
+        self.bias = Parameter(init.uniform_fan_in((out_features,), in_features)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        self._init_mode()
+
+    @property
+    def out_features_or_channels(self) -> int:
+        return self.out_features
+
+    def forward(self, x: Any) -> Tensor:
+        if self.int8 is None:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear_int8(x, self.weight, self.bias, self.int8, seed=self._next_seed(), training=self.training)
+
+    def extra_repr(self) -> str:
+        mode = ", int8" if self.int8 is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{mode}"
+
+
+class Conv2d(_QuantizedLayer):
+    """2-D convolution, NCHW, groups=1; W (out_channels, in_channels, kh, kw)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        bias: bool = True,
+        groups: int = 1,
+    ):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"groups: only groups=1 is supported, got {groups}")
+        kh, kw = F._pair(kernel_size, "kernel_size")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = (kh, kw)
+        self.stride = F._pair(stride, "stride")
+        self.padding = F._pair(padding, "padding")
+        fan_in = in_channels * kh * kw
+        self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels, kh, kw), fan_in))
+        self.bias = Parameter(init.uniform_fan_in((out_channels,), fan_in)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        self._init_mode()
+
+    @property
+    def out_features_or_channels(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: Any) -> Tensor:
+        if self.int8 is None:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d_int8(
+            x, self.weight, self.bias, self.int8, self.stride, self.padding,
+            seed=self._next_seed(), training=self.training,
+        )
+
+    def extra_repr(self) -> str:
+        mode = ", int8" if self.int8 is not None else ""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}{mode}"
+        )
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalisation of (N, C, H, W); buffers ``running_mean``, ``running_var``,
+    ``num_batches_tracked`` (PyTorch's names, so state dicts line up)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.weight = Parameter(np.ones(num_features, np.float32))
+        self.bias = Parameter(np.zeros(num_features, np.float32))
+        self.register_buffer("running_mean", np.zeros(num_features, np.float32))
+        self.register_buffer("running_var", np.ones(num_features, np.float32))
+        self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        self.save_int8 = False  # set by edgelearn.octo: keep the input for backward as int8
+
+    def forward(self, x: Any) -> Tensor:
+        if self.training:
+            self.num_batches_tracked[...] += 1
+        return F.batch_norm2d(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.training, self.momentum, self.eps,
+            save_int8=self.save_int8,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ReLU(Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_mask = False  # set by edgelearn.octo: keep a 1-byte mask for backward, not the FP32 output
+
+    def forward(self, x: Any) -> Tensor:
+        return F.relu(x, save_mask=self.save_mask)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x: Any) -> Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AvgPool2d(MaxPool2d):
+    def forward(self, x: Any) -> Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Average pooling to a fixed output size (the input size must be a multiple of it; 1 always works)."""
+
+    def __init__(self, output_size: IntPair = 1):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Any) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class Flatten(Module):
+    """Flattens dimensions ``start_dim..end_dim`` (default: all but the batch dimension)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x: Any) -> Tensor:
+        return as_tensor(x).flatten(self.start_dim, self.end_dim)
+
+
+class Identity(Module):
+    def forward(self, x: Any) -> Tensor:
+        return as_tensor(x)
+
+
+class Dropout(Module):
+    """Inverted dropout with its own seeded generator (``seed=None`` draws one from ``edgelearn.manual_seed``'s
+    generator). The mask of step k depends only on (seed, k): the ``step`` buffer makes resumed runs exact."""
+
+    def __init__(self, p: float = 0.5, seed: Optional[int] = None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+        self.p = float(p)
+        self.seed = init.next_seed() if seed is None else int(seed)
+        self.register_buffer("step", np.zeros((), np.int64))
+
+    def forward(self, x: Any) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return as_tensor(x)
+        step = int(self.step)
+        self.step[...] = step + 1
+        rng = np.random.default_rng([self.seed, step])
+        return F.dropout(x, self.p, True, rng)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Compensation(Module):
+    """Loss-aware compensation (LAC, Octo): ``y = x + α⊙μ + β``.
+
+    Parameters ``alpha`` (init 1), ``mu`` and ``beta`` (init 1e-3·N(0,1)) have shape ``(C,)`` (broadcast over
+    (N, C) or (N, C, H, W)) or, when ``shape`` is a tuple such as ``(C, H, W)``, that shape. Its loss term
+    ``0.5·λ·(‖μ‖² + ‖β‖²)`` comes from ``regularization_term()``; ``Module.regularization()`` sums them.
+    """
+
+    def __init__(self, shape: Union[int, Tuple[int, ...]], lam: float = 0.1):
+        super().__init__()
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+        self.lam = float(lam)
+        gen = init.generator()
+        self.alpha = Parameter(np.ones(shape, np.float32))
+        self.mu = Parameter((1e-3 * gen.standard_normal(shape)).astype(np.float32))
+        self.beta = Parameter((1e-3 * gen.standard_normal(shape)).astype(np.float32))
+
+    def forward(self, x: Any) -> Tensor:
+        return F.compensation(x, self.alpha, self.mu, self.beta)
+
+    def regularization_term(self) -> Tensor:
+        return F.compensation_penalty(self.mu, self.beta, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.alpha.shape)}, lam={self.lam}"
+
+
+class CrossEntropyLoss(Module):
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        self.label_smoothing, self.reduction = label_smoothing, reduction
+
+    def forward(self, logits: Any, target: Any) -> Tensor:
+        return F.cross_entropy(logits, target, self.label_smoothing, self.reduction)
+
+
+class MSELoss(Module):
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, pred: Any, target: Any) -> Tensor:
+        return F.mse(pred, target, self.reduction)

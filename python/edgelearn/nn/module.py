@@ -1,0 +1,281 @@
+"""``Module`` (parameters, buffers, children, train/eval, state dicts), ``Parameter`` and ``Sequential``.
+
+Semantics follow PyTorch: attribute assignment registers parameters and submodules; names are dotted paths
+(``"0.weight"``, ``"features.3.running_mean"``). ``state_dict()`` maps names to numpy arrays (copies) and holds
+parameters and buffers (e.g. BatchNorm running statistics); ``load_state_dict`` copies values *into* the existing
+arrays, so an optimizer built on the model keeps working after a load.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ..tensor import Tensor
+
+__all__ = ["Module", "Parameter", "Sequential"]
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module registers as a trainable parameter (requires grad by default)."""
+
+    __slots__ = ()
+
+    def __init__(self, data: Any, requires_grad: bool = True):
+        arr = data.data if isinstance(data, Tensor) else np.asarray(data)
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        super().__init__(np.ascontiguousarray(arr), requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class Module:
+    """Base class of layers and models: override ``forward``; call the module to run it."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # --- registration -----------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table and not (table is self._buffers and isinstance(value, np.ndarray)):
+                del table[name]
+        if isinstance(value, Parameter):
+            self.__dict__.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self.__dict__.pop(name, None)
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        for table in ("_parameters", "_buffers", "_modules"):
+            if table in d and name in d[table]:
+                return d[table][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table:
+                del table[name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, value: Optional[np.ndarray]) -> None:
+        """A named array that is state but not trained (saved in ``state_dict``), e.g. running statistics."""
+        self.__dict__.pop(name, None)
+        self._buffers[name] = value
+
+    def register_parameter(self, name: str, param: Optional[Parameter]) -> None:
+        if param is None:
+            self._parameters[name] = None
+        else:
+            setattr(self, name, param)
+
+    def add_module(self, name: str, module: Optional["Module"]) -> None:
+        self._modules[name] = module
+
+    # --- running ----------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # --- traversal --------------------------------------------------------------------------------------
+    def named_children(self) -> Iterator[Tuple[str, "Module"]]:
+        for name, m in self._modules.items():
+            if m is not None:
+                yield name, m
+
+    def children(self) -> Iterator["Module"]:
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        seen = set()
+        stack: List[Tuple[str, Module]] = [(prefix, self)]
+        while stack:
+            name, m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            yield name, m
+            kids = [(f"{name}.{n}" if name else n, c) for n, c in m.named_children()]
+            stack.extend(reversed(kids))
+
+    def modules(self) -> Iterator["Module"]:
+        for _, m in self.named_modules():
+            yield m
+
+    def _named_members(self, table: str, prefix: str, recurse: bool) -> Iterator[Tuple[str, Any]]:
+        seen = set()
+        mods = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        for mname, m in mods:
+            for n, v in getattr(m, table).items():
+                if v is None or id(v) in seen:
+                    continue
+                seen.add(id(v))
+                yield (f"{mname}.{n}" if mname else n), v
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[Tuple[str, Parameter]]:
+        return self._named_members("_parameters", prefix, recurse)
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
+        return self._named_members("_buffers", prefix, recurse)
+
+    def buffers(self, recurse: bool = True) -> Iterator[np.ndarray]:
+        for _, b in self.named_buffers(recurse=recurse):
+            yield b
+
+    def apply(self, fn: Callable[["Module"], None]) -> "Module":
+        for m in self.modules():
+            fn(m)
+        return self
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def regularization(self) -> Tensor:
+        """Sum of the loss terms modules ask for (each Compensation's ``0.5·λ·(‖μ‖²+‖β‖²)``); 0 if none.
+
+        Add it to the training loss: ``loss = cross_entropy(model(x), y) + model.regularization()``.
+        """
+        total: Optional[Tensor] = None
+        for m in self.modules():
+            own = getattr(type(m), "regularization_term", None)
+            if own is None:
+                continue
+            term = m.regularization_term()
+            total = term if total is None else total + term
+        return total if total is not None else Tensor(np.zeros((), np.float32))
+
+    # --- state ------------------------------------------------------------------------------------------
+    def _state_items(self) -> Iterator[Tuple[str, np.ndarray]]:
+        for mname, m in self.named_modules():
+            for n, p in m._parameters.items():
+                if p is not None:
+                    yield (f"{mname}.{n}" if mname else n), p.data
+            for n, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{mname}.{n}" if mname else n), b
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameters and buffers by dotted name, as copies (safe to keep while training continues)."""
+        return OrderedDict((k, np.array(v, copy=True)) for k, v in self._state_items())
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Copy ``state_dict`` into this module's arrays in place.
+
+        Raises ``ValueError`` on any shape mismatch, and with ``strict`` on any missing or unexpected name
+        (nothing is modified when it raises). Returns ``(missing_keys, unexpected_keys)``.
+        """
+        own = OrderedDict(self._state_items())
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        problems = []
+        for k, dst in own.items():
+            if k in state_dict:
+                src = np.asarray(state_dict[k].data if isinstance(state_dict[k], Tensor) else state_dict[k])
+                if src.shape != dst.shape:
+                    problems.append(f"{k}: shape {src.shape} in the state dict, {dst.shape} in the model")
+        if strict:
+            if missing:
+                problems.append("missing keys: " + ", ".join(missing))
+            if unexpected:
+                problems.append("unexpected keys: " + ", ".join(unexpected))
+        if problems:
+            raise ValueError(f"load_state_dict for {type(self).__name__}: " + "; ".join(problems))
+        for k, dst in own.items():
+            if k in state_dict:
+                v = state_dict[k]
+                np.copyto(dst, np.asarray(v.data if isinstance(v, Tensor) else v), casting="unsafe")
+        return missing, unexpected
+
+    # --- display ----------------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        kids = list(self.named_children())
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not kids:
+            return head + ")"
+        lines = [head]
+        for n, m in kids:
+            sub = repr(m).replace("\n", "\n  ")
+            lines.append(f"  ({n}): {sub}")
+        return "\n".join(lines) + "\n)"
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named "0", "1", ... (renumbered when items are inserted)."""
+
+    def __init__(self, *modules: Union[Module, "OrderedDict[str, Module]"]):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            for name, m in modules[0].items():
+                self.add_module(name, m)
+        else:
+            for i, m in enumerate(modules):
+                if not isinstance(m, Module):
+                    raise TypeError(f"Sequential: item {i} is a {type(m).__name__}, not a Module")
+                self.add_module(str(i), m)
+
+    def forward(self, x: Any) -> Any:
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(list(self._modules.values()))
+
+    def __getitem__(self, idx: Union[int, slice]) -> Any:
+        items = list(self._modules.values())
+        if isinstance(idx, slice):
+            return Sequential(*items[idx])
+        return items[idx]
+
+    def append(self, module: Module) -> "Sequential":
+        self._reset_items(list(self) + [module])
+        return self
+
+    def insert(self, index: int, module: Module) -> "Sequential":
+        items = list(self)
+        items.insert(index, module)
+        self._reset_items(items)
+        return self
+
+    def _reset_items(self, items: List[Module]) -> None:
+        self._modules.clear()
+        for i, m in enumerate(items):
+            self._modules[str(i)] = m

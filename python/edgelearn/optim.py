@@ -1,0 +1,286 @@
+"""Optimizers (``SGD``, ``Adam``, ``AdamW``) and learning-rate schedulers (``StepLR``, ``CosineAnnealingLR``).
+
+PyTorch semantics and state-dict layout: ``param_groups`` is a list of dicts (``"params"`` plus
+hyper-parameters, which schedulers change in place); ``state_dict()`` is
+``{"state": {index: {...arrays...}}, "param_groups": [{..., "params": [indices]}]}`` with copies of the arrays,
+and ``load_state_dict`` restores it exactly. Updates are in place on the parameters' FP32 master arrays, with
+vectorised numpy (a handful of passes per parameter per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .tensor import Tensor
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
+
+
+class Optimizer:
+    """Base class: holds ``param_groups`` and per-parameter ``state``; subclasses implement ``_update``."""
+
+    defaults: Dict[str, Any]
+
+    def __init__(self, params: Iterable[Any], defaults: Dict[str, Any]):
+        self.defaults = dict(defaults)
+        groups = list(params)
+        if not groups:
+            raise ValueError("params: the optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups: List[Dict[str, Any]] = []
+        seen = set()
+        for g in groups:
+            group = dict(g)
+            ps = group["params"]
+            group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+            for p in group["params"]:
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"params: expected Tensors/Parameters, got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError("params: a parameter appears in more than one place")
+                seen.add(id(p))
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+            self.param_groups.append(group)
+        self.state: Dict[int, Dict[str, Any]] = {}  # keyed by id(param)
+
+    def _params(self) -> List[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._params():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.data[...] = 0
+
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._update(p, p.grad.data, group, self.state.setdefault(id(p), {}))
+
+    def _update(self, p: Tensor, g: np.ndarray, group: Dict[str, Any], state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        index = {id(p): i for i, p in enumerate(self._params())}
+        state = {
+            index[pid]: {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for pid, s in self.state.items()
+            if pid in index
+        }
+        groups = []
+        for g in self.param_groups:
+            d = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            d["params"] = [index[id(p)] for p in g["params"]]
+            groups.append(d)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore hyper-parameters and buffers; raises ``ValueError`` if the groups or shapes do not match."""
+        groups = state_dict.get("param_groups")
+        if groups is None or "state" not in state_dict:
+            raise ValueError("load_state_dict: expected a dict with 'state' and 'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: {len(groups)} parameter groups given, optimizer has {len(self.param_groups)}")
+        params = self._params()
+        for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(own["params"]):
+                raise ValueError(
+                    f"load_state_dict: group {i} has {len(saved['params'])} parameters, optimizer has {len(own['params'])}"
+                )
+        new_state: Dict[int, Dict[str, Any]] = {}
+        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        for saved, own in zip(groups, self.param_groups):
+            for si, p in zip(saved["params"], own["params"]):
+                if si not in saved_state:
+                    continue
+                entry = {}
+                for k, v in saved_state[si].items():
+                    if isinstance(v, np.ndarray) and v.shape == p.data.shape:
+                        entry[k] = np.array(v, dtype=p.data.dtype, copy=True)
+                    elif isinstance(v, np.ndarray) and v.ndim > 0:
+                        raise ValueError(f"load_state_dict: state {k!r} has shape {v.shape}, parameter has {p.data.shape}")
+                    else:
+                        entry[k] = copy.deepcopy(v)
+                new_state[id(p)] = entry
+        for saved, own in zip(groups, self.param_groups):
+            for k, v in saved.items():
+                if k != "params":
+                    own[k] = copy.deepcopy(v)
+        self.state = new_state
+        del params
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, dampening, weight decay and Nesterov (PyTorch's update)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD: lr, momentum and weight_decay must be ≥ 0, got {lr}, {momentum}, {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        )
+
+    def _update(self, p: Tensor, g: np.ndarray, group: Dict[str, Any], state: Dict[str, Any]) -> None:
+        wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        if wd:
+            g = g + np.float32(wd) * p.data
+        if mom:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = np.array(g, dtype=p.data.dtype, copy=True)
+            else:
+                buf *= np.float32(mom)
+                buf += np.float32(1.0 - damp) * g
+            g = g + np.float32(mom) * buf if group["nesterov"] else buf
+        p.data -= np.float32(group["lr"]) * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with PyTorch's bias correction; ``weight_decay`` is L2 added to the gradient."""
+
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}: lr, eps and weight_decay must be ≥ 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad))
+
+    def _update(self, p: Tensor, g: np.ndarray, group: Dict[str, Any], state: Dict[str, Any]) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if wd:
+            if self._decoupled:
+                p.data *= np.float32(1.0 - lr * wd)
+            else:
+                g = g + np.float32(wd) * p.data
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = np.zeros_like(p.data)
+            state["exp_avg_sq"] = np.zeros_like(p.data)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = np.zeros_like(p.data)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= np.float32(b1)
+        m += np.float32(1.0 - b1) * g
+        v *= np.float32(b2)
+        v += np.float32(1.0 - b2) * (g * g)
+        bc1 = 1.0 - b1**t
+        bc2 = 1.0 - b2**t
+        if group["amsgrad"]:
+            vmax = state["max_exp_avg_sq"]
+            np.maximum(vmax, v, out=vmax)
+            v = vmax
+        denom = np.sqrt(v) / np.float32(math.sqrt(bc2))
+        denom += np.float32(eps)
+        p.data -= np.float32(lr / bc1) * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (``p *= 1 - lr·wd`` before the Adam step); default wd 0.01."""
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+class LRScheduler:
+    """Base scheduler: ``step()`` advances ``last_epoch`` and writes each group's ``lr`` (closed forms)."""
+
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1):
+        self.optimizer = optimizer
+        if last_epoch == -1:
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        else:
+            for i, g in enumerate(optimizer.param_groups):
+                if "initial_lr" not in g:
+                    raise KeyError(f"param group {i} has no 'initial_lr': resume needs last_epoch=-1 or a loaded state")
+        self.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        self.last_epoch = last_epoch
+        self.step()
+
+    def get_lr(self) -> List[float]:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        lrs = self.get_lr()
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        self._last_lr = list(lrs)
+
+    def get_last_lr(self) -> List[float]:
+        return list(self._last_lr)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for k, v in state_dict.items():
+            setattr(self, k, copy.deepcopy(v))
+
+
+class StepLR(LRScheduler):
+    """``lr = base_lr · gamma^(epoch // step_size)``."""
+
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1):
+        if step_size <= 0:
+            raise ValueError(f"step_size: expected a positive integer, got {step_size}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        return [base * self.gamma ** (self.last_epoch // self.step_size) for base in self.base_lrs]
+
+
+class CosineAnnealingLR(LRScheduler):
+    """``lr = eta_min + (base_lr − eta_min)·(1 + cos(π·epoch/T_max))/2``."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1):
+        if T_max <= 0:
+            raise ValueError(f"T_max: expected a positive integer, got {T_max}")
+        self.T_max, self.eta_min = int(T_max), float(eta_min)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        c = (1.0 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2.0
+        return [self.eta_min + (base - self.eta_min) * c for base in self.base_lrs]

@@ -1,0 +1,509 @@
+"""A small tape-based autograd: ``Tensor`` (numpy storage), the recording switch (``no_grad``) and basic ops.
+
+Every differentiable op records one ``_Node`` holding a backward closure and links to its parents' nodes.
+Nodes never hold their inputs' data: a closure keeps exactly what its backward needs (an INT8 layer keeps its
+int8 input, not the FP32 one), so the memory an op saves is the memory its closure captures.
+
+Semantics follow PyTorch where it has an answer:
+
+- ``Tensor.grad`` is a ``Tensor`` (or ``None``), set on leaf tensors that require grad, and *accumulated* by
+  successive ``backward()`` calls until reset (``optimizer.zero_grad()``).
+- ``backward()`` frees the graph it ran through; calling it again on the same graph raises ``RuntimeError``.
+- ``edgelearn.tensor(array)`` copies; floating input becomes float32 (the engine's type) unless ``dtype`` says
+  otherwise; integer input (class labels) keeps its type.
+
+Heavy ops (GEMM, convolution, normalisation, pooling) live in ``edgelearn.functional`` and call the Rust core
+once per op; the ops here are numpy glue (elementwise, reshapes, reductions).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _native
+
+__all__ = ["Tensor", "tensor", "as_tensor", "no_grad", "enable_grad", "is_grad_enabled"]
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """Whether ops record themselves for backward (per thread; on unless inside ``no_grad()``)."""
+    return getattr(_state, "enabled", True)
+
+
+class _GradMode:
+    _mode = True
+
+    def __enter__(self) -> None:
+        self._prev = is_grad_enabled()
+        _state.enabled = self._mode
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.enabled = self._prev
+
+    def __call__(self, fn: Callable) -> Callable:
+        mode = self._mode
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            prev = is_grad_enabled()
+            _state.enabled = mode
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _state.enabled = prev
+
+        wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+        wrapped.__doc__ = getattr(fn, "__doc__", None)
+        return wrapped
+
+
+class no_grad(_GradMode):
+    """Context manager (or decorator) inside which no op is recorded: outputs never require grad."""
+
+    _mode = False
+
+
+class enable_grad(_GradMode):
+    """Context manager (or decorator) that turns recording back on inside a ``no_grad`` block."""
+
+    _mode = True
+
+
+class _Node:
+    """One recorded op: ``backward(grad_out) -> tuple of parent grads (numpy or None)``.
+
+    A leaf node (``leaf`` set) accumulates into ``leaf.grad`` instead.
+    """
+
+    __slots__ = ("backward", "parents", "leaf", "name")
+
+    def __init__(self, backward: Optional[Callable], parents: Tuple[Optional["_Node"], ...], leaf: Optional["Tensor"] = None, name: str = ""):
+        self.backward = backward
+        self.parents = parents
+        self.leaf = leaf
+        self.name = name
+
+
+ArrayLike = Union["Tensor", np.ndarray, float, int, Sequence]
+
+
+class Tensor:
+    """An n-d array with an optional gradient. Storage is a numpy array (``.numpy()`` returns it, no copy)."""
+
+    __slots__ = ("data", "requires_grad", "grad", "_node", "__weakref__")
+    __array_priority__ = 1000.0  # so ndarray <op> Tensor defers to Tensor's reflected op
+
+    def __init__(self, data: Any, requires_grad: bool = False):
+        if isinstance(data, Tensor):
+            data = data.data
+        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
+        if requires_grad and not np.issubdtype(self.data.dtype, np.floating):
+            raise ValueError(f"requires_grad: only floating tensors can require gradients, got dtype {self.data.dtype}")
+        self.requires_grad = bool(requires_grad)
+        self.grad: Optional[Tensor] = None
+        self._node: Optional[_Node] = None
+
+    # --- plain properties ---------------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None or self._node.leaf is self
+
+    def size(self, dim: Optional[int] = None) -> Union[int, Tuple[int, ...]]:
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def numpy(self) -> np.ndarray:
+        """The storage array itself (no copy), like ``torch.Tensor.numpy()``."""
+        return self.data
+
+    def item(self) -> Any:
+        return self.data.item()
+
+    def tolist(self) -> Any:
+        return self.data.tolist()
+
+    def detach(self) -> "Tensor":
+        """The same storage, cut from the graph."""
+        return Tensor(self.data)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.data if dtype is None else self.data.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        body = np.array2string(self.data, separator=", ", prefix="tensor(")
+        return f"tensor({body}{extra})"
+
+    def argmax(self, axis: Optional[int] = None) -> "Tensor":
+        return Tensor(np.argmax(self.data, axis=axis))
+
+    def zero_(self) -> "Tensor":
+        self.data[...] = 0
+        return self
+
+    def requires_grad_(self, mode: bool = True) -> "Tensor":
+        if self._node is not None and self._node.leaf is not self:
+            raise RuntimeError("requires_grad_: only leaf tensors can change requires_grad")
+        self.requires_grad = bool(mode)
+        self._node = None
+        return self
+
+    # --- graph ------------------------------------------------------------------------------------------
+    def _graph_node(self) -> Optional[_Node]:
+        """This tensor's node in the graph (a leaf gets an accumulating node on first use)."""
+        if not self.requires_grad:
+            return None
+        if self._node is None:
+            self._node = _Node(None, (), leaf=self, name="leaf")
+        return self._node
+
+    def backward(self, gradient: Optional[ArrayLike] = None) -> None:
+        """Reverse-mode sweep from this tensor; leaf ``.grad`` values accumulate. Frees the graph."""
+        if not self.requires_grad:
+            raise RuntimeError("backward: tensor does not require grad and has no graph")
+        if gradient is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward: gradient can be implicit only for a scalar, got shape {self.shape}")
+            g = np.ones_like(self.data)
+        else:
+            g = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient, dtype=self.data.dtype)
+            if g.shape != self.data.shape:
+                raise ValueError(f"backward: gradient has shape {g.shape}, expected {self.data.shape}")
+        root = self._graph_node()
+        assert root is not None
+        order = _topological_order(root)
+        grads = {id(root): g}
+        for node in order:  # outputs before inputs
+            g = grads.pop(id(node), None)
+            if node.leaf is not None:
+                if g is not None:
+                    _accumulate_leaf(node.leaf, g)
+                continue
+            if node.backward is None:
+                raise RuntimeError(
+                    "backward: the graph was already freed by an earlier backward() (or built under no_grad)"
+                )
+            parent_grads = node.backward(g) if g is not None else (None,) * len(node.parents)
+            for parent, pg in zip(node.parents, parent_grads):
+                if parent is None or pg is None:
+                    continue
+                key = id(parent)
+                prev = grads.get(key)
+                grads[key] = pg if prev is None else prev + pg
+            node.backward = None  # free saved activations as soon as they are used
+            node.parents = ()
+
+
+def _accumulate_leaf(t: Tensor, g: np.ndarray) -> None:
+    if g.shape != t.data.shape:
+        raise RuntimeError(f"internal: gradient shape {g.shape} does not match leaf shape {t.data.shape}")
+    if t.grad is None:
+        t.grad = Tensor(np.array(g, dtype=t.data.dtype, copy=True))
+    else:
+        t.grad.data += g
+
+
+def _topological_order(root: _Node) -> list:
+    """Nodes reachable from ``root``, each after every node that consumes it (iterative DFS)."""
+    seen = set()
+    post: list = []
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            post.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for p in node.parents:
+            if p is not None and id(p) not in seen:
+                stack.append((p, False))
+    post.reverse()
+    return post
+
+
+def make_result(data: np.ndarray, parents: Sequence[Optional[Tensor]], backward: Callable, name: str = "") -> Tensor:
+    """Wrap an op's output; record ``backward`` when recording is on and some parent requires grad.
+
+    ``backward(grad_out)`` returns one numpy gradient (or ``None``) per parent, in the parent's shape.
+    """
+    out = Tensor(data)
+    if is_grad_enabled():
+        nodes = tuple(p._graph_node() if p is not None else None for p in parents)
+        if any(n is not None for n in nodes):
+            out.requires_grad = True
+            out._node = _Node(backward, nodes, name=name)
+    return out
+
+
+def as_tensor(x: ArrayLike, dtype: Any = None) -> Tensor:
+    """``x`` if it is already a Tensor, else a Tensor over ``np.asarray(x)`` (no copy when possible)."""
+    if isinstance(x, Tensor):
+        return x
+    arr = np.asarray(x, dtype=dtype)
+    if dtype is None and arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return Tensor(arr)
+
+
+def tensor(data: ArrayLike, requires_grad: bool = False, dtype: Any = None) -> Tensor:
+    """A new Tensor holding a copy of ``data``; floating data becomes float32 unless ``dtype`` is given."""
+    if isinstance(data, Tensor):
+        data = data.data
+    arr = np.array(data, dtype=dtype, copy=True)
+    if dtype is None and np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return Tensor(np.ascontiguousarray(arr), requires_grad=requires_grad)
+
+
+# --- elementwise and shape ops (numpy glue) ----------------------------------------------------------------
+
+
+def _unbroadcast(g: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """Sum ``g`` down to ``shape`` (undo numpy broadcasting)."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    if lead > 0:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def _operand(x: ArrayLike, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    return Tensor(np.asarray(x, dtype=like.data.dtype))
+
+
+def _add(a: Tensor, b: Tensor) -> Tensor:
+    sa, sb = a.shape, b.shape
+    return make_result(a.data + b.data, (a, b), lambda g: (_unbroadcast(g, sa), _unbroadcast(g, sb)), "add")
+
+
+def _sub(a: Tensor, b: Tensor) -> Tensor:
+    sa, sb = a.shape, b.shape
+    return make_result(a.data - b.data, (a, b), lambda g: (_unbroadcast(g, sa), _unbroadcast(-g, sb)), "sub")
+
+
+def _mul(a: Tensor, b: Tensor) -> Tensor:
+    ad, bd = a.data, b.data
+    na, nb = a.requires_grad, b.requires_grad
+
+    def backward(g: np.ndarray):
+        return (
+            _unbroadcast(g * bd, ad.shape) if na else None,
+            _unbroadcast(g * ad, bd.shape) if nb else None,
+        )
+
+    return make_result(ad * bd, (a, b), backward, "mul")
+
+
+def _div(a: Tensor, b: Tensor) -> Tensor:
+    ad, bd = a.data, b.data
+    na, nb = a.requires_grad, b.requires_grad
+
+    def backward(g: np.ndarray):
+        return (
+            _unbroadcast(g / bd, ad.shape) if na else None,
+            _unbroadcast(-g * ad / (bd * bd), bd.shape) if nb else None,
+        )
+
+    return make_result(ad / bd, (a, b), backward, "div")
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """2-D ``a @ b`` on the core's FP32 GEMM; backward ``dA = dY·Bᵀ``, ``dB = Aᵀ·dY`` on the same GEMM."""
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"matmul: expected two 2-D tensors, got shapes {a.shape} and {b.shape}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
+    ad, bd = _f32(a.data), _f32(b.data)
+    na, nb = a.requires_grad, b.requires_grad
+
+    def backward(g: np.ndarray):
+        return (
+            _native.matmul_f32(g, bd.T) if na else None,
+            _native.matmul_f32(ad.T, g) if nb else None,
+        )
+
+    return make_result(_native.matmul_f32(ad, bd), (a, b), backward, "matmul")
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+class _Ops:
+    """Operator and method implementations attached to Tensor below (kept together for reading)."""
+
+    @staticmethod
+    def add(self: Tensor, other: ArrayLike) -> Tensor:
+        return _add(self, _operand(other, self))
+
+    @staticmethod
+    def radd(self: Tensor, other: ArrayLike) -> Tensor:
+        return _add(_operand(other, self), self)
+
+    @staticmethod
+    def sub(self: Tensor, other: ArrayLike) -> Tensor:
+        return _sub(self, _operand(other, self))
+
+    @staticmethod
+    def rsub(self: Tensor, other: ArrayLike) -> Tensor:
+        return _sub(_operand(other, self), self)
+
+    @staticmethod
+    def mul(self: Tensor, other: ArrayLike) -> Tensor:
+        return _mul(self, _operand(other, self))
+
+    @staticmethod
+    def rmul(self: Tensor, other: ArrayLike) -> Tensor:
+        return _mul(_operand(other, self), self)
+
+    @staticmethod
+    def truediv(self: Tensor, other: ArrayLike) -> Tensor:
+        return _div(self, _operand(other, self))
+
+    @staticmethod
+    def rtruediv(self: Tensor, other: ArrayLike) -> Tensor:
+        return _div(_operand(other, self), self)
+
+    @staticmethod
+    def neg(self: Tensor) -> Tensor:
+        return make_result(-self.data, (self,), lambda g: (-g,), "neg")
+
+    @staticmethod
+    def pow(self: Tensor, exponent: float) -> Tensor:
+        if isinstance(exponent, Tensor):
+            raise TypeError("pow: only a constant exponent is supported")
+        x = self.data
+        e = float(exponent)
+        return make_result(x**e, (self,), lambda g: (g * e * x ** (e - 1.0),), "pow")
+
+    @staticmethod
+    def matmul(self: Tensor, other: ArrayLike) -> Tensor:
+        return _matmul(self, _operand(other, self))
+
+    @staticmethod
+    def rmatmul(self: Tensor, other: ArrayLike) -> Tensor:
+        return _matmul(_operand(other, self), self)
+
+    @staticmethod
+    def exp(self: Tensor) -> Tensor:
+        y = np.exp(self.data)
+        return make_result(y, (self,), lambda g: (g * y,), "exp")
+
+    @staticmethod
+    def log(self: Tensor) -> Tensor:
+        x = self.data
+        return make_result(np.log(x), (self,), lambda g: (g / x,), "log")
+
+    @staticmethod
+    def reshape(self: Tensor, *shape: Any) -> Tensor:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        src = self.shape
+        return make_result(self.data.reshape(shape), (self,), lambda g: (g.reshape(src),), "reshape")
+
+    @staticmethod
+    def flatten(self: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+        nd = max(self.ndim, 1)
+        s, e = start_dim % nd, end_dim % nd
+        if s > e:
+            raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim}")
+        shape = self.shape[:s] + (-1,) + self.shape[e + 1 :]
+        if self.data.size == 0:
+            shape = self.shape[:s] + (int(np.prod(self.shape[s : e + 1])),) + self.shape[e + 1 :]
+        return _Ops.reshape(self, shape)
+
+    @staticmethod
+    def transpose(self: Tensor, *axes: Any) -> Tensor:
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        if not axes:
+            axes = tuple(reversed(range(self.ndim)))
+        inv = tuple(np.argsort(axes))
+        return make_result(self.data.transpose(axes), (self,), lambda g: (g.transpose(inv),), "transpose")
+
+    @staticmethod
+    def sum(self: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+        src = self.shape
+        dtype = self.data.dtype
+
+        def backward(g: np.ndarray):
+            if not keepdims and axis is not None:
+                g = np.expand_dims(g, axis)
+            elif not keepdims:
+                g = g.reshape((1,) * len(src))
+            return (np.broadcast_to(g, src).astype(dtype, copy=True),)
+
+        return make_result(np.asarray(self.data.sum(axis=axis, keepdims=keepdims)), (self,), backward, "sum")
+
+    @staticmethod
+    def mean(self: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+        n = self.data.size if axis is None else int(np.prod([self.shape[a] for a in np.atleast_1d(axis)]))
+        return _Ops.sum(self, axis=axis, keepdims=keepdims) * (1.0 / max(n, 1))
+
+    @staticmethod
+    def getitem(self: Tensor, index: Any) -> Tensor:
+        if isinstance(index, Tensor):
+            index = index.data
+        src, dtype = self.shape, self.data.dtype
+
+        def backward(g: np.ndarray):
+            full = np.zeros(src, dtype=dtype)
+            np.add.at(full, index, g)  # handles repeated fancy indices
+            return (full,)
+
+        return make_result(np.asarray(self.data[index]), (self,), backward, "getitem")
+
+
+Tensor.__add__ = _Ops.add  # type: ignore[attr-defined]
+Tensor.__radd__ = _Ops.radd  # type: ignore[attr-defined]
+Tensor.__sub__ = _Ops.sub  # type: ignore[attr-defined]
+Tensor.__rsub__ = _Ops.rsub  # type: ignore[attr-defined]
+Tensor.__mul__ = _Ops.mul  # type: ignore[attr-defined]
+Tensor.__rmul__ = _Ops.rmul  # type: ignore[attr-defined]
+Tensor.__truediv__ = _Ops.truediv  # type: ignore[attr-defined]
+Tensor.__rtruediv__ = _Ops.rtruediv  # type: ignore[attr-defined]
+Tensor.__neg__ = _Ops.neg  # type: ignore[attr-defined]
+Tensor.__pow__ = _Ops.pow  # type: ignore[attr-defined]
+Tensor.__matmul__ = _Ops.matmul  # type: ignore[attr-defined]
+Tensor.__rmatmul__ = _Ops.rmatmul  # type: ignore[attr-defined]
+Tensor.__getitem__ = _Ops.getitem  # type: ignore[attr-defined]
+Tensor.matmul = _Ops.matmul  # type: ignore[attr-defined]
+Tensor.exp = _Ops.exp  # type: ignore[attr-defined]
+Tensor.log = _Ops.log  # type: ignore[attr-defined]
+Tensor.reshape = _Ops.reshape  # type: ignore[attr-defined]
+Tensor.view = _Ops.reshape  # type: ignore[attr-defined]
+Tensor.flatten = _Ops.flatten  # type: ignore[attr-defined]
+Tensor.transpose = _Ops.transpose  # type: ignore[attr-defined]
+Tensor.T = property(lambda self: _Ops.transpose(self))  # type: ignore[attr-defined]
+Tensor.sum = _Ops.sum  # type: ignore[attr-defined]
+Tensor.mean = _Ops.mean  # type: ignore[attr-defined]
