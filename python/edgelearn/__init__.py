@@ -17,8 +17,34 @@ from ._native import (
     set_num_threads,
 )
 from .quant import dequantize, quantize
+from . import functional, nn, optim
+from .nn.init import manual_seed
+from .octo import OctoConfig, octo
+from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from . import checkpoint, data, models, train
+from .checkpoint import load_checkpoint, save_checkpoint
+from .train import evaluate, fit
 
 __all__ = [
+    "checkpoint",
+    "data",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "models",
+    "save_checkpoint",
+    "train",
+    "OctoConfig",
+    "Tensor",
+    "enable_grad",
+    "functional",
+    "is_grad_enabled",
+    "manual_seed",
+    "nn",
+    "no_grad",
+    "octo",
+    "optim",
+    "tensor",
     "KernelUnavailableError",
     "__version__",
     "available_kernels",

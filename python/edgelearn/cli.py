@@ -22,6 +22,83 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import edgelearn
+    from edgelearn import data as eldata
+    from edgelearn import optim
+    from edgelearn.models import build_model
+    from edgelearn.train import evaluate, fit
+
+    if args.threads is not None:
+        edgelearn.set_num_threads(args.threads)
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint PATH")
+    splits = eldata.get_dataset(args.dataset, seed=args.seed)
+    train, test = splits.train, splits.test
+    augment = None
+    if args.augment != "none":
+        transforms = [eldata.RandomCrop(args.crop_padding)]
+        if args.augment == "crop-flip":
+            transforms.append(eldata.RandomHorizontalFlip())
+        augment = eldata.Compose(transforms)
+
+    edgelearn.manual_seed(args.seed)
+    model = build_model(args.model, train.image_shape, train.num_classes)
+    if args.precision == "int8":
+        config = edgelearn.OctoConfig(lac=not args.no_lac, prc=None if args.no_prc else "sigma", seed=args.seed)
+        edgelearn.octo(model, config)
+    params = list(model.parameters())
+    if args.optimizer == "sgd":
+        opt = optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    else:
+        opt = optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = optim.CosineAnnealingLR(opt, T_max=args.epochs)
+
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    if not args.json:
+        print(f"training {args.model} ({args.precision}) on {args.dataset}: {len(train)} train / {len(test)} test "
+              f"images {train.image_shape}, {args.epochs} epochs, batch {args.batch_size}, "
+              f"{edgelearn.get_num_threads()} threads, kernel {edgelearn.backend_info().get('kernel')}")
+    history = fit(
+        model, opt, train, test, args.epochs,
+        scheduler=scheduler, batch_size=args.batch_size, seed=args.seed, augment=augment,
+        checkpoint=args.checkpoint, resume=args.resume, log_csv=args.log_csv, log_json=args.log_json,
+        plot=args.plot, progress=not args.no_progress, verbose=True, config=settings,
+    )
+    result = evaluate(model, test)
+    print(f"test accuracy: {100 * result['accuracy']:.2f}% ({result['n']} images, test loss {result['loss']:.4f})")
+    if args.json:
+        summary = history.summary()
+        print(json.dumps({
+            "test_accuracy": result["accuracy"],
+            "test_loss": result["loss"],
+            "train_images_per_s": summary["train_images_per_s"],
+            "epochs": len(history),
+            "precision": args.precision,
+            "dataset": args.dataset,
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "lac": args.precision == "int8" and not args.no_lac,
+            "prc": args.precision == "int8" and not args.no_prc,
+            "threads": edgelearn.get_num_threads(),
+            "kernel": edgelearn.backend_info().get("kernel"),
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "rss_before_first_step_mb": summary["rss_before_first_step_mb"],
+            "train_memory_mb": summary["train_memory_mb"],
+            "resumed_from_epoch": summary["resumed_from_epoch"],
+            "final_train_loss": history.records[-1]["train_loss"] if len(history) else None,
+        }))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -30,17 +107,57 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="CPU features seen, INT8 kernel chosen, thread count, version")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
     p_info.set_defaults(func=_cmd_info)
+
+    p_train = sub.add_parser(
+        "train",
+        help="train a model on a real dataset and print test accuracy (default: INT8 CNN on scikit-learn digits)",
+        description="Train a model on a real dataset (FP32 or Octo INT8) and print its test accuracy.",
+    )
+    p_train.add_argument("--dataset", default="digits",
+                         help="digits (default), mnist5k, fashion-mnist, idx:PATH (directory or DIR/PREFIX of the "
+                              "four IDX files) or cifar10:PATH")
+    p_train.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
+    p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8")
+    p_train.add_argument("--epochs", type=_positive_int, default=10)
+    p_train.add_argument("--batch-size", type=_positive_int, default=32)
+    p_train.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, the data order "
+                                                             "and stochastic rounding")
+    p_train.add_argument("--threads", type=_positive_int, default=None, help="engine threads (default: all cores)")
+    p_train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                         help="SGD with Nesterov momentum 0.9 (default) or AdamW; cosine learning-rate schedule")
+    p_train.add_argument("--lr", type=float, default=None, help="learning rate (default 0.02 for SGD, 0.002 for AdamW)")
+    p_train.add_argument("--weight-decay", type=float, default=5e-4)
+    p_train.add_argument("--augment", choices=("none", "crop", "crop-flip"), default="none",
+                         help="random crop with padding (and horizontal flip)")
+    p_train.add_argument("--crop-padding", type=int, default=2)
+    p_train.add_argument("--no-lac", action="store_true", help="INT8 without loss-aware compensation")
+    p_train.add_argument("--no-prc", action="store_true", help="INT8 without range clipping of gradients")
+    p_train.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint (.safetensors) after every epoch")
+    p_train.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint if it exists")
+    p_train.add_argument("--log-csv", metavar="PATH", help="per-epoch metrics as CSV")
+    p_train.add_argument("--log-json", metavar="PATH", help="per-epoch metrics as JSON")
+    p_train.add_argument("--plot", metavar="PATH", help='loss/accuracy curves as an image (needs "edgelearn[plot]")')
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument("--json", action="store_true",
+                         help="end with one JSON line: test_accuracy, train_images_per_s, epochs, precision, "
+                              "dataset, peak_rss_mb, ...")
+    p_train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "train" and args.lr is None:
+        args.lr = 0.02 if args.optimizer == "sgd" else 0.002
     try:
         return args.func(args)
     except (ValueError, TypeError) as exc:  # bad settings (e.g. EDGELEARN_KERNEL) are user errors
         print(f"edgelearn: error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ImportError) as exc:  # a dataset or optional extra missing: the message says how to get it
+        print(f"edgelearn: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Reference models for the CLI, the tests and the benchmarks: an MLP and the small CNN of ``docs/octo.md``.
+
+Both are plain FP32 ``nn.Sequential`` models; turn them to INT8 training with ``edgelearn.octo(model, config)``.
+Parameter initialisation draws from the generator ``edgelearn.nn.manual_seed`` seeds, so call that first for a
+reproducible model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+from . import nn
+
+__all__ = ["MODEL_NAMES", "build_model", "cnn", "mlp"]
+
+MODEL_NAMES = ("mlp", "cnn")
+
+
+def mlp(in_features: int, *widths: int) -> nn.Sequential:
+    """``Flatten`` then Linear layers ``in_features -> widths[0] -> ... -> widths[-1]`` with ReLU between them.
+
+    The last width is the number of classes: ``mlp(784, 256, 128, 10)`` is the 784-256-128-10 MLP of the
+    benchmarks (also what ``mlp(784)`` builds).
+    """
+    if not widths:
+        widths = (256, 128, 10)
+    if in_features < 1 or any(w < 1 for w in widths):
+        raise ValueError(f"mlp: layer sizes must be positive, got {(in_features, *widths)}")
+    layers = [nn.Flatten()]
+    sizes = (in_features, *widths)
+    for i in range(len(widths)):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i + 1 < len(widths):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def cnn(
+    in_channels: int,
+    classes: int,
+    image_size: Union[int, Tuple[int, int]] = 28,
+    channels: Sequence[int] = (16, 32, 64),
+) -> nn.Sequential:
+    """Three 3x3 convolutions (padding 1, default widths 16-32-64), each followed by BatchNorm2d and ReLU;
+    a 2x2 max-pool after each of the first two while the feature map is still at least 4 pixels on a side
+    (28x28 -> 14 -> 7; 8x8 -> 4 -> 2); then global average pooling and one Linear to ``classes``.
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if in_channels < 1 or classes < 2 or h < 1 or w < 1:
+        raise ValueError(f"cnn: bad shape (in_channels={in_channels}, classes={classes}, image_size={image_size})")
+    layers = []
+    prev = in_channels
+    for i, ch in enumerate(channels):
+        layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
+        if i < len(channels) - 1 and i < 2 and min(h, w) >= 4:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        prev = ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, image_shape: Tuple[int, int, int], classes: int) -> nn.Sequential:
+    """``"mlp"`` or ``"cnn"`` sized for images of ``(C, H, W)`` and ``classes`` classes."""
+    c, h, w = image_shape
+    if name == "mlp":
+        return mlp(c * h * w, 256, 128, classes)
+    if name == "cnn":
+        return cnn(c, classes, (h, w))
+    raise ValueError(f"model: unknown name {name!r}; expected one of {', '.join(MODEL_NAMES)}")

@@ -1,0 +1,337 @@
+"""The training loop: ``fit`` (epochs of SGD with metrics, logs, plots, checkpoints and exact resume) and ``evaluate``.
+
+Exact resume: everything a step depends on is either in the checkpoint or a pure function of ``(seed, epoch)``:
+
+- model parameters and buffers (BatchNorm statistics, the INT8 layers' ``quant_step`` that seeds stochastic
+  rounding, Dropout's ``step`` that seeds its masks), optimizer and scheduler state, epoch and step counters:
+  saved in the checkpoint at the end of every epoch;
+- the data order and augmentation of epoch ``e``: drawn from ``(seed, e)`` by :class:`edgelearn.data.DataLoader`;
+- the global RNGs (Python ``random``, NumPy's legacy global, the parameter-initialisation generator): saved too,
+  for code that draws from them between epochs.
+
+So a run stopped after epoch ``k`` and resumed produces the same loss curve, bit for bit, as one that never stopped.
+
+Memory is reported as in the benchmarks: ``rss_before_first_step_mb`` (from ``/proc/self/statm`` just before the
+first training step, after data and model are in memory), ``peak_rss_mb`` (``getrusage`` ``ru_maxrss``) and their
+difference ``train_memory_mb``, the memory training itself added.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .data import ArrayDataset, DataLoader
+from .functional import cross_entropy
+from .nn import init as _init
+from .tensor import Tensor, no_grad, tensor
+
+__all__ = ["History", "evaluate", "fit", "peak_rss_mb", "current_rss_mb"]
+
+LossFn = Callable[[Tensor, np.ndarray], Tensor]
+DataLike = Union[ArrayDataset, DataLoader, Tuple[np.ndarray, np.ndarray]]
+
+_RECORD_FIELDS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "train_images_per_s", "epoch_time_s",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def current_rss_mb() -> float:
+    """Resident set size now, in MiB (``/proc/self/statm``; falls back to the peak where that file is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+# --------------------------------------------------------------------------------------------------------------
+# History
+
+
+@dataclass
+class History:
+    """What ``fit`` measured. ``records`` holds one dict per epoch (including epochs before a resume);
+    ``history["val_accuracy"]`` is that metric's list over epochs. The summary fields cover this call only.
+    """
+
+    records: List[Dict[str, Any]] = field(default_factory=list)
+    train_images_per_s: float = 0.0
+    rss_before_first_step_mb: float = 0.0
+    peak_rss_mb: float = 0.0
+    resumed_from_epoch: int = 0
+
+    @property
+    def train_memory_mb(self) -> float:
+        return max(0.0, self.peak_rss_mb - self.rss_before_first_step_mb)
+
+    def __getitem__(self, key: str) -> List[Any]:
+        return [r.get(key) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "epochs": len(self.records),
+            "train_images_per_s": self.train_images_per_s,
+            "rss_before_first_step_mb": self.rss_before_first_step_mb,
+            "peak_rss_mb": self.peak_rss_mb,
+            "train_memory_mb": self.train_memory_mb,
+            "resumed_from_epoch": self.resumed_from_epoch,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _batches(data: DataLike, batch_size: int) -> Iterable[Tuple[np.ndarray, np.ndarray]]:
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, ArrayDataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = np.asarray(data[0], dtype=np.float32), np.asarray(data[1])
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    raise TypeError(f"data: expected an ArrayDataset, a DataLoader or (images, labels), got {type(data).__name__}")
+
+
+def evaluate(model: Any, data: DataLike, *, loss_fn: LossFn = cross_entropy, batch_size: int = 512) -> Dict[str, float]:
+    """``{"loss", "accuracy", "n"}`` of ``model`` on ``data`` in eval mode without recording gradients
+    (the model's train/eval mode is restored afterwards)."""
+    was_training = getattr(model, "training", True)
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    n = 0
+    try:
+        with no_grad():
+            for x, y in _batches(data, batch_size):
+                logits = model(tensor(x))
+                total_loss += float(loss_fn(logits, y).item()) * len(y)
+                correct += int((np.argmax(logits.numpy(), axis=1) == y).sum())
+                n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: no samples in data")
+    return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logs and plots
+
+
+def _write_logs(records: List[Dict[str, Any]], log_csv: Optional[str], log_json: Optional[str]) -> None:
+    # Rewritten whole after each epoch, so a resumed run's log holds the full curve and never duplicates rows.
+    if log_csv:
+        tmp = f"{log_csv}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_RECORD_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for r in records:
+                writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _RECORD_FIELDS})
+        os.replace(tmp, log_csv)
+    if log_json:
+        tmp = f"{log_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, log_json)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError('plotting needs matplotlib: pip install "edgelearn[plot]" (or: pip install matplotlib)') from exc
+
+
+def plot_history(records: List[Dict[str, Any]], path: str) -> None:
+    """Loss and accuracy curves (train and validation) over epochs, saved as an image (format from the suffix)."""
+    _require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, metric, title in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in records], marker="o", label="train")
+        if any(r.get(f"val_{metric}") is not None for r in records):
+            ax.plot(epochs, [r.get(f"val_{metric}") for r in records], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fit
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # Bars go to stderr and only to a terminal, so piped output (and --json's last line) stays clean.
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr,
+                disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def _say(message: str, verbose: bool) -> None:
+    if verbose:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+
+
+def fit(
+    model: Any,
+    opt: Any,
+    train: Union[ArrayDataset, DataLoader],
+    val: Optional[DataLike] = None,
+    epochs: int = 1,
+    *,
+    loss_fn: LossFn = cross_entropy,
+    scheduler: Any = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    augment: Optional[Callable] = None,
+    eval_batch_size: int = 512,
+    checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
+    resume: bool = False,
+    log_csv: Optional[Union[str, "os.PathLike[str]"]] = None,
+    log_json: Optional[Union[str, "os.PathLike[str]"]] = None,
+    plot: Optional[Union[str, "os.PathLike[str]"]] = None,
+    progress: bool = True,
+    verbose: bool = True,
+    config: Optional[Mapping[str, Any]] = None,
+) -> History:
+    """Train ``model`` with optimizer ``opt`` for ``epochs`` epochs (in total, counting epochs done before a resume).
+
+    - ``train``: an :class:`ArrayDataset` (batched by a shuffling ``DataLoader(batch_size, seed, augment)``) or
+      your own :class:`DataLoader`. ``val``: data evaluated after each epoch (no selection is made on it).
+    - The loss is ``loss_fn(model(x), y) + model.regularization()`` (the LAC term; 0 for models without it);
+      the curves report ``loss_fn`` alone. ``scheduler.step()`` runs once per epoch.
+    - ``checkpoint``: file written (atomically) after every epoch; with ``resume`` an existing one is loaded and
+      training continues exactly where it stopped (see the module docstring). ``config`` is stored in it.
+    - ``log_csv`` / ``log_json``: per-epoch records, rewritten after each epoch. ``plot``: image of the curves
+      (needs ``edgelearn[plot]``). ``progress``: tqdm bar on a terminal. ``verbose``: one line per epoch on stdout.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs: expected >= 0, got {epochs}")
+    if plot is not None:
+        _require_matplotlib()  # fail before training, not after
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    loader = train if isinstance(train, DataLoader) else DataLoader(
+        train, batch_size=batch_size, shuffle=True, seed=seed, augment=augment
+    )
+    if len(loader) == 0:
+        raise ValueError("train: fewer samples than one batch")
+    has_regularizer = callable(getattr(model, "regularization", None))
+
+    history = History()
+    start_epoch, step = 0, 0
+    if resume and os.path.exists(os.fspath(checkpoint)):
+        meta = ckpt.load_checkpoint(checkpoint, model, opt, scheduler)
+        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        if meta.get("rng_state"):
+            ckpt.set_rng_state(meta["rng_state"], init=_init.generator())
+        history.records = list((meta.get("extra") or {}).get("history", []))[:start_epoch]
+        history.resumed_from_epoch = start_epoch
+        _say(f"resumed from {os.fspath(checkpoint)} at epoch {start_epoch} (step {step})", verbose)
+    elif resume:
+        _say(f"no checkpoint at {os.fspath(checkpoint)} yet: starting from scratch", verbose)
+
+    history.rss_before_first_step_mb = current_rss_mb()
+    images_seen = 0
+    train_seconds = 0.0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = _progress_bar(len(loader), f"epoch {epoch + 1}/{epochs}", progress)
+        t0 = time.perf_counter()
+        try:
+            for x, y in loader:
+                logits = model(tensor(x))
+                loss = loss_fn(logits, y)
+                total = loss + model.regularization() if has_regularizer else loss
+                opt.zero_grad()
+                total.backward()
+                opt.step()
+                step += 1
+                batch_loss = float(loss.item())
+                if not math.isfinite(batch_loss):
+                    raise FloatingPointError(f"loss became {batch_loss} at epoch {epoch + 1}, step {step}: "
+                                             "lower the learning rate")
+                loss_sum += batch_loss * len(y)
+                correct += int((np.argmax(logits.numpy(), axis=1) == y).sum())
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+        finally:
+            bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        images_seen += seen
+        lr = float(opt.param_groups[0]["lr"]) if getattr(opt, "param_groups", None) else None
+        if scheduler is not None:
+            scheduler.step()
+        record: Dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "val_loss": None,
+            "val_accuracy": None,
+            "lr": lr,
+            "train_images_per_s": seen / epoch_seconds if epoch_seconds > 0 else float("inf"),
+            "epoch_time_s": epoch_seconds,
+        }
+        if val is not None:
+            v = evaluate(model, val, loss_fn=loss_fn, batch_size=eval_batch_size)
+            record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
+        history.records.append(record)
+        val_text = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%"
+                    if val is not None else "")
+        _say(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  acc {100 * record['train_accuracy']:.2f}%"
+             f"{val_text}  {record['train_images_per_s']:.0f} img/s", verbose)
+
+        if checkpoint is not None:
+            ckpt.save_checkpoint(
+                checkpoint, model, opt, scheduler, epoch=epoch + 1, step=step,
+                rng_state=ckpt.get_rng_state(init=_init.generator()),
+                extra={"history": history.records, "seed": seed, "config": dict(config or {})},
+            )
+        _write_logs(history.records, log_csv and os.fspath(log_csv), log_json and os.fspath(log_json))
+
+    history.train_images_per_s = images_seen / train_seconds if train_seconds > 0 else 0.0
+    history.peak_rss_mb = peak_rss_mb()
+    if plot is not None and history.records:
+        plot_history(history.records, os.fspath(plot))
+    return history

@@ -1,0 +1,152 @@
+"""The training loop on real data: learning, exact resume, logs, plots, memory figures; the reference models."""
+
+import builtins
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import edgelearn
+from edgelearn import data, nn, optim
+from edgelearn.checkpoint import read_checkpoint
+from edgelearn.data import ArrayDataset
+from edgelearn.models import build_model, cnn, mlp
+from edgelearn.train import evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits_small(digits):
+    train, test = digits
+    return (ArrayDataset(train.images[:320], train.labels[:320], "digits-small"),
+            ArrayDataset(test.images[:160], test.labels[:160], "digits-small-test"))
+
+
+def test_fit_on_digits_learns(digits):
+    train, test = digits
+    edgelearn.manual_seed(0)
+    model = mlp(64, 64, 10)
+    before = evaluate(model, test)["accuracy"]
+    opt = optim.SGD(list(model.parameters()), lr=0.1, momentum=0.9)
+    history = fit(model, opt, train, test, 2, batch_size=32, seed=0, progress=False, verbose=False)
+    after = evaluate(model, test)["accuracy"]
+    assert before < 0.3 and after > 0.85
+    assert history["train_loss"][1] < history["train_loss"][0]
+    assert history["val_accuracy"][-1] == pytest.approx(after)
+    s = history.summary()
+    assert s["epochs"] == 2 and s["train_images_per_s"] > 0
+    assert s["peak_rss_mb"] >= s["rss_before_first_step_mb"] > 0
+
+
+def int8_cnn_with_dropout(seed):
+    """The CNN in INT8 mode (stochastic rounding, LAC, PRC) with a Dropout: every kind of training randomness."""
+    edgelearn.manual_seed(seed)
+    model = cnn(1, 10, 8, channels=(8, 16, 16))
+    model.insert(len(model) - 1, nn.Dropout(0.2))
+    edgelearn.octo(model, edgelearn.OctoConfig(seed=seed))
+    opt = optim.SGD(list(model.parameters()), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return model, opt, optim.CosineAnnealingLR(opt, T_max=3)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(digits_small, tmp_path):
+    train, test = digits_small
+    kw = dict(batch_size=32, seed=5, progress=False, verbose=False, augment=data.RandomCrop(1))
+
+    model, opt, sched = int8_cnn_with_dropout(0)
+    straight = fit(model, opt, train, test, 3, scheduler=sched, checkpoint=tmp_path / "a.safetensors", **kw)
+
+    path = tmp_path / "b.safetensors"
+    model, opt, sched = int8_cnn_with_dropout(0)
+    fit(model, opt, train, test, 2, scheduler=sched, checkpoint=path, **kw)
+    # A new process builds the same model (same seed: Dropout's and stochastic rounding's base seeds are
+    # construction-time settings) but none of its state: scramble every parameter and buffer, so all of it
+    # must come from the checkpoint.
+    model2, opt2, sched2 = int8_cnn_with_dropout(0)
+    noise = np.random.default_rng(1)
+    model2.load_state_dict({k: (noise.standard_normal(v.shape) * 3).astype(v.dtype) if v.dtype.kind == "f"
+                            else v + 17 for k, v in model2.state_dict().items()})
+    resumed = fit(model2, opt2, train, test, 3, scheduler=sched2, checkpoint=path, resume=True, **kw)
+
+    assert resumed.resumed_from_epoch == 2 and len(resumed) == 3
+    assert resumed["train_loss"] == straight["train_loss"]  # bit for bit
+    assert resumed["val_loss"] == straight["val_loss"]
+    final_a = read_checkpoint(tmp_path / "a.safetensors")[0]
+    for k, v in model2.state_dict().items():
+        np.testing.assert_array_equal(v, final_a[k], err_msg=k)
+
+
+def test_resume_without_checkpoint_file_starts_fresh(digits_small, tmp_path):
+    train, _ = digits_small
+    edgelearn.manual_seed(0)
+    model = mlp(64, 10)
+    opt = optim.SGD(list(model.parameters()), lr=0.1)
+    h = fit(model, opt, train, None, 1, checkpoint=tmp_path / "new.safetensors", resume=True,
+            progress=False, verbose=False)
+    assert h.resumed_from_epoch == 0 and len(h) == 1 and (tmp_path / "new.safetensors").exists()
+
+
+def test_logs_and_plot_are_written(digits_small, tmp_path):
+    pytest.importorskip("matplotlib")
+    train, test = digits_small
+    edgelearn.manual_seed(0)
+    model = mlp(64, 10)
+    opt = optim.SGD(list(model.parameters()), lr=0.1)
+    fit(model, opt, train, test, 2, log_csv=tmp_path / "log.csv", log_json=tmp_path / "log.json",
+        plot=tmp_path / "curves.png", progress=False, verbose=False)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["val_accuracy"]) > 0
+    records = json.loads((tmp_path / "log.json").read_text())
+    assert len(records) == 2 and set(records[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_training(digits_small, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    model = mlp(64, 10)
+    with pytest.raises(ImportError, match=r"edgelearn\[plot\]"):
+        fit(model, optim.SGD(list(model.parameters()), lr=0.1), digits_small[0], None, 1,
+            plot=tmp_path / "c.png", progress=False, verbose=False)
+
+
+def test_progress_bar_stays_off_when_not_a_terminal(digits_small, capsys):
+    model = mlp(64, 10)
+    fit(model, optim.SGD(list(model.parameters()), lr=0.1), digits_small[0], None, 1, progress=True, verbose=True)
+    out, err = capsys.readouterr()
+    assert "epoch 1/1" in out and err == ""
+
+
+def test_evaluate_restores_training_mode(digits_small):
+    model = mlp(64, 10)
+    model.train()
+    r = evaluate(model, digits_small[1])
+    assert model.training and r["n"] == 160 and 0 <= r["accuracy"] <= 1
+    model.eval()
+    evaluate(model, (digits_small[1].images, digits_small[1].labels))
+    assert not model.training
+
+
+def test_reference_models_have_the_documented_shapes():
+    m = mlp(784, 256, 128, 10)
+    assert sum(p.numpy().size for p in m.parameters()) == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    for shape in ((1, 28, 28), (1, 8, 8), (3, 32, 32)):
+        model = build_model("cnn", shape, 10)
+        model.eval()
+        with edgelearn.no_grad():
+            out = model(edgelearn.tensor(np.zeros((2, *shape), np.float32)))
+        assert out.numpy().shape == (2, 10)
+    convs = [m for m in build_model("cnn", (1, 28, 28), 10).modules() if isinstance(m, nn.Conv2d)]
+    assert [c.weight.numpy().shape[0] for c in convs] == [16, 32, 64]
+    with pytest.raises(ValueError, match="model"):
+        build_model("resnet", (1, 8, 8), 10)
