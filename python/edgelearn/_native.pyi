@@ -27,3 +27,90 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 
 # --- quantization ---
+def _quantize(
+    x: npt.NDArray[np.float32],
+    per_channel_axis: Optional[int] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    clip: Optional[tuple[str, float]] = None,
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]: ...
+def _dequantize(
+    q: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    axis: Optional[int] = None,
+) -> npt.NDArray[np.float32]: ...
+
+# --- nn ops ---
+# float arrays are float32 NCHW and C-contiguous (matmul_f32 also reads F-ordered/transposed views);
+# stride/padding/kernel take an int or a 2-tuple.
+_Pair = Union[int, tuple[int, int]]
+_F32 = npt.NDArray[np.float32]
+
+def matmul_f32(a: _F32, b: _F32, bias: Optional[_F32] = None) -> _F32: ...
+def conv2d_f32_forward(
+    x: _F32, w: _F32, bias: Optional[_F32] = None, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None
+) -> _F32: ...
+def conv2d_f32_backward(
+    x: _F32,
+    w: _F32,
+    dy: _F32,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32, _F32]: ...
+def conv2d_i8_forward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    bias: Optional[_F32] = None,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+) -> _F32: ...
+def conv2d_i8_backward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    dyq: npt.NDArray[np.int8],
+    sdy: float,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32]: ...
+def batchnorm2d_forward(
+    x: _F32,
+    gamma: Optional[_F32],
+    beta: Optional[_F32],
+    running_mean: _F32,
+    running_var: _F32,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[_F32, _F32, _F32]: ...
+def batchnorm2d_backward(
+    dy: _F32, x: _F32, gamma: Optional[_F32], mean: _F32, invstd: _F32
+) -> tuple[_F32, _F32, _F32]: ...
+def relu_forward(x: _F32) -> _F32: ...
+def relu_backward(dy: _F32, y: _F32) -> _F32: ...
+def maxpool2d_forward(
+    x: _F32, kernel: _Pair, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None
+) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
+def maxpool2d_backward(
+    dy: _F32,
+    idx: npt.NDArray[np.uint8],
+    input_shape: tuple[int, int, int, int],
+    kernel: _Pair,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+) -> _F32: ...
+def avgpool2d_forward(
+    x: _F32, kernel: _Pair, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None
+) -> _F32: ...
+def avgpool2d_backward(
+    dy: _F32,
+    input_shape: tuple[int, int, int, int],
+    kernel: _Pair,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+) -> _F32: ...

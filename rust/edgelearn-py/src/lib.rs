@@ -6,6 +6,7 @@ mod arrays;
 mod errors;
 mod gemm;
 mod info;
+mod nn;
 mod quant;
 
 use pyo3::prelude::*;
@@ -18,5 +19,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemm::gemm_i8_f32, m)?)?;
     info::register(m)?;
     quant::register(m)?;
+    nn::register(m)?;
     Ok(())
 }

@@ -1,0 +1,223 @@
+//! Neural-network operators of the training layer (FP32 and INT8), NCHW layout throughout.
+//!
+//! - [`matmul`]: FP32 GEMM on strided views (kernels from the `gemm` crate, threaded in our rayon pool).
+//! - [`im2col`]: patch matrices of one image (generic over the element type, so INT8 data is unfolded
+//!   as INT8) and the scatter-add back.
+//! - [`conv`]: 2-D convolution forward/backward, FP32 and INT8.
+//! - [`pool`]: max and average pooling; [`batchnorm`]: 2-D batch normalisation; [`activation`]: ReLU.
+//!
+//! Not here: quantization itself ([`crate::quant`]), the INT8 GEMM kernels ([`crate::gemm`]), autograd.
+//!
+//! Every public function validates shapes and returns [`Error`] rather than panicking. Outputs are
+//! caller-allocated slices, so the Python glue allocates each result once.
+
+pub mod activation;
+pub mod batchnorm;
+pub mod conv;
+pub mod im2col;
+pub mod matmul;
+pub mod pool;
+
+pub use activation::{relu_backward, relu_forward};
+pub use batchnorm::{batchnorm2d_backward, batchnorm2d_forward};
+pub use conv::{
+    conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward, ConvShape,
+};
+pub use matmul::{matmul_f32, MatF32};
+pub use pool::{pool2d_output_shape, avgpool2d_backward, avgpool2d_forward, maxpool2d_backward, maxpool2d_forward};
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::threads;
+
+/// Kernel size, stride and padding of a 2-D sliding window (convolution or pooling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window2d {
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl Window2d {
+    pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Self {
+        Window2d { kernel, stride, padding }
+    }
+}
+
+/// A window sliding over an `(N, C, H, W)` input: the input shape, the window and the output size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geometry {
+    /// Checks the window against the input (`arg` names the input in messages) and computes `OH`, `OW`
+    /// (floor mode, like PyTorch's default).
+    pub fn new(arg: &'static str, shape: [usize; 4], win: Window2d) -> Result<Self> {
+        let [n, c, h, w] = shape;
+        let (kh, kw) = win.kernel;
+        let (sh, sw) = win.stride;
+        let (ph, pw) = win.padding;
+        if kh == 0 || kw == 0 {
+            return Err(Error::invalid("kernel", format!("must be positive, got ({kh}, {kw})")));
+        }
+        if sh == 0 || sw == 0 {
+            return Err(Error::invalid("stride", format!("must be positive, got ({sh}, {sw})")));
+        }
+        const LIMIT: usize = 1 << 20;
+        if [kh, kw, sh, sw, ph, pw].iter().any(|&v| v > LIMIT) {
+            return Err(Error::invalid("kernel", format!("kernel/stride/padding above {LIMIT} are not supported")));
+        }
+        if h + 2 * ph < kh || w + 2 * pw < kw {
+            return Err(Error::invalid(
+                arg,
+                format!(
+                    "spatial size ({h}, {w}) with padding ({ph}, {pw}) is smaller than the kernel ({kh}, {kw})"
+                ),
+            ));
+        }
+        let oh = (h + 2 * ph - kh) / sh + 1;
+        let ow = (w + 2 * pw - kw) / sw + 1;
+        shape_len(arg, &[n, c, h, w])?;
+        shape_len("output", &[n, c, oh, ow])?;
+        Ok(Geometry { n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow })
+    }
+
+    /// Output pixels per plane.
+    pub fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Rows of the patch matrix: `C·kh·kw`.
+    pub fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    /// Input pixels per plane.
+    pub fn hw(&self) -> usize {
+        self.h * self.w
+    }
+    /// True when the patch matrix of an image is the image itself (1x1 kernel, stride 1, no padding).
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+    /// The output columns `ox` whose input column `ox·sw + j − pw` lies inside `0..w`, as `lo..hi`.
+    #[inline]
+    pub(crate) fn valid_cols(&self, j: usize) -> (usize, usize) {
+        let lo = if j >= self.pw { 0 } else { (self.pw - j).div_ceil(self.sw) };
+        let hi = if self.w + self.pw > j { ((self.w + self.pw - j - 1) / self.sw + 1).min(self.ow) } else { 0 };
+        (lo.min(hi), hi)
+    }
+    /// Same for rows.
+    #[inline]
+    pub(crate) fn valid_rows(&self, i: usize) -> (usize, usize) {
+        let lo = if i >= self.ph { 0 } else { (self.ph - i).div_ceil(self.sh) };
+        let hi = if self.h + self.ph > i { ((self.h + self.ph - i - 1) / self.sh + 1).min(self.oh) } else { 0 };
+        (lo.min(hi), hi)
+    }
+}
+
+/// Product of `dims`, or an error naming `arg` if it overflows.
+pub(crate) fn shape_len(arg: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(arg, format!("shape {dims:?} overflows the address space")))
+}
+
+/// Checks that a slice holds exactly `shape`'s element count.
+pub(crate) fn check_len(arg: &'static str, len: usize, dims: &[usize]) -> Result<()> {
+    let need = shape_len(arg, dims)?;
+    if len != need {
+        return Err(Error::invalid(arg, format!("expected shape {dims:?} ({need} elements), got {len} elements")));
+    }
+    Ok(())
+}
+
+/// Below this many elements an elementwise op runs on the caller's thread: a hop into the pool costs
+/// more than the work.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
+
+/// Whether work of `elems` elements is worth spreading over the pool.
+pub(crate) fn worth_parallel(elems: usize) -> bool {
+    elems >= PAR_MIN_ELEMS && threads::num_threads() > 1
+}
+
+/// Calls `f(i, chunk)` for consecutive `chunk`-sized pieces of `out`, in the pool if `parallel`.
+pub(crate) fn for_each_chunk<T: Send>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    if parallel {
+        threads::install(|| out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)));
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Like [`for_each_chunk`] over two outputs cut in step.
+pub(crate) fn for_each_chunk2<T: Send, U: Send>(
+    a: &mut [T],
+    ca: usize,
+    b: &mut [U],
+    cb: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T], &mut [U]) + Sync + Send,
+) {
+    let (ca, cb) = (ca.max(1), cb.max(1));
+    if parallel {
+        threads::install(|| {
+            a.par_chunks_mut(ca).zip(b.par_chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y))
+        });
+    } else {
+        a.chunks_mut(ca).zip(b.chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+// Per-thread scratch buffers, reused across calls so a training step allocates no temporaries.
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_I8: RefCell<Vec<Vec<i8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch vector of `len` elements (contents unspecified) from this thread's free list.
+pub(crate) fn take_f32(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH_F32.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    v.resize(len, 0.0);
+    v
+}
+pub(crate) fn give_f32(v: Vec<f32>) {
+    SCRATCH_F32.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < 4 {
+            s.push(v)
+        }
+    });
+}
+pub(crate) fn take_i8(len: usize) -> Vec<i8> {
+    let mut v = SCRATCH_I8.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    v.resize(len, 0);
+    v
+}
+pub(crate) fn give_i8(v: Vec<i8>) {
+    SCRATCH_I8.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < 4 {
+            s.push(v)
+        }
+    });
+}

@@ -1,0 +1,288 @@
+"""Native nn operators (edgelearn._native) against numpy references, plus argument errors."""
+
+import numpy as np
+import pytest
+
+from edgelearn import _native as nat
+
+RNG = np.random.default_rng(1234)
+
+CONV_CASES = [
+    # (x shape, w shape, stride, padding)
+    ((2, 3, 7, 5), (4, 3, 3, 3), 1, 1),
+    ((3, 2, 9, 8), (5, 2, 3, 3), 2, (1, 1)),
+    ((2, 4, 6, 6), (3, 4, 1, 1), 1, 0),
+    ((1, 3, 5, 7), (2, 3, 1, 1), (2, 1), 0),
+    ((2, 1, 8, 9), (6, 1, 5, 3), (2, 3), (2, 0)),
+    ((9, 3, 11, 13), (8, 3, 3, 3), 1, 1),
+    ((32, 16, 14, 14), (32, 16, 3, 3), 1, 1),
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_ref(x, w, b, stride, padding, dy=None):
+    """Direct convolution in float64 (loop over kernel offsets); with dy also returns dx, dw, db."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y = np.zeros((n, o, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("nchw,oc->nohw", xp[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw], w[:, :, i, j])
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None, None]
+    if dy is None:
+        return y
+    dy = dy.astype(np.float64)
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            sl = (slice(None), slice(None), slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))
+            dw[:, :, i, j] = np.einsum("nohw,nchw->oc", dy, xp[sl])
+            dxp[sl] += np.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
+    return y, dxp[:, :, ph : ph + h, pw : pw + wd], dw, dy.sum(axis=(0, 2, 3))
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def i8(*shape):
+    return RNG.integers(-127, 128, size=shape).astype(np.int8)
+
+
+def assert_close(got, want, rtol=1e-5):
+    want = np.asarray(want)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    assert got.dtype == np.float32
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding", CONV_CASES)
+def test_conv2d_f32_matches_direct_convolution(xs, ws, stride, padding):
+    x, w, b = f32(*xs), f32(*ws), f32(ws[0])
+    y_ref = conv_ref(x, w, b, stride, padding)
+    dy = f32(*y_ref.shape)
+    _, dx_ref, dw_ref, db_ref = conv_ref(x, w, b, stride, padding, dy)
+    assert_close(nat.conv2d_f32_forward(x, w, b, stride, padding), y_ref)
+    assert_close(nat.conv2d_f32_forward(x, w, None, stride, padding), y_ref - b[None, :, None, None])
+    dx, dw, db = nat.conv2d_f32_backward(x, w, dy, stride, padding)
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+    dx, dw, db = nat.conv2d_f32_backward(x, w, dy, stride, padding, need_dx=False)
+    assert dx is None
+    assert_close(dw, dw_ref)
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding", CONV_CASES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv2d_i8_equals_fp32_conv_of_dequantized_inputs(xs, ws, stride, padding, per_channel):
+    xq, wq, b = i8(*xs), i8(*ws), f32(ws[0])
+    sx, sdy = 0.0123, 0.0021
+    sw = (0.003 + 0.001 * np.arange(ws[0])).astype(np.float32) if per_channel else 0.007
+    sw_b = np.asarray(sw, np.float32).reshape(-1, 1, 1, 1) if per_channel else np.float32(sw)
+    x, w = xq.astype(np.float32) * np.float32(sx), wq.astype(np.float32) * sw_b
+    y_ref = conv_ref(x, w, b, stride, padding)
+    dyq = i8(*y_ref.shape)
+    _, dx_ref, dw_ref, _ = conv_ref(x, w, b, stride, padding, dyq.astype(np.float32) * np.float32(sdy))
+    # integer products are exact, so only float rounding separates the two paths
+    assert_close(nat.conv2d_i8_forward(xq, sx, wq, sw, b, stride, padding), y_ref, rtol=1e-6)
+    dx, dw = nat.conv2d_i8_backward(xq, sx, wq, sw, dyq, sdy, stride, padding)
+    assert_close(dx, dx_ref, rtol=1e-6)
+    assert_close(dw, dw_ref, rtol=1e-6)
+    dx, dw2 = nat.conv2d_i8_backward(xq, sx, wq, sw, dyq, sdy, stride, padding, need_dx=False)
+    assert dx is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (130, 33, 17), (300, 64, 200), (4, 0, 3)])
+def test_matmul_f32_matches_numpy_in_every_layout(m, k, n):
+    a, b, bias = f32(m, k), f32(k, n), f32(n)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    for aa in (a, np.asfortranarray(a), np.ascontiguousarray(a.T).T):
+        for bb in (b, np.asfortranarray(b)):
+            assert_close(nat.matmul_f32(aa, bb), want)
+            assert_close(nat.matmul_f32(aa, bb, bias), want + bias)
+
+
+def test_matmul_f32_large_threaded_matches_numpy():
+    a, b = f32(784, 64), f32(64, 256)
+    for threads in (1, 2):
+        nat.set_num_threads(threads)
+        assert_close(nat.matmul_f32(a, b), a.astype(np.float64) @ b)
+    nat.set_num_threads(2)
+
+
+def bn_ref(x, gamma, beta, eps):
+    x = x.astype(np.float64)
+    mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(var + eps)
+    xh = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+    return xh * gamma[None, :, None, None] + beta[None, :, None, None], mean, var, invstd, xh
+
+
+def test_batchnorm2d_training_forward_backward_and_running_stats():
+    x = f32(8, 5, 6, 7) * 3 + 2
+    gamma, beta = f32(5), f32(5)
+    rm, rv = np.full(5, 0.5, np.float32), np.full(5, 2.0, np.float32)
+    y, mean, invstd = nat.batchnorm2d_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5)
+    y_ref, mean_ref, var_ref, invstd_ref, xh = bn_ref(x, gamma, beta, 1e-5)
+    assert_close(y, y_ref)
+    assert_close(mean, mean_ref)
+    assert_close(invstd, invstd_ref)
+    m = 8 * 6 * 7
+    assert_close(rm, 0.9 * 0.5 + 0.1 * mean_ref)
+    assert_close(rv, 0.9 * 2.0 + 0.1 * var_ref * m / (m - 1))
+    dy = f32(*x.shape)
+    dx, dgamma, dbeta = nat.batchnorm2d_backward(dy, x, gamma, mean, invstd)
+    dy64 = dy.astype(np.float64)
+    sdy, sdyxh = dy64.sum(axis=(0, 2, 3)), (dy64 * xh).sum(axis=(0, 2, 3))
+    g = (gamma * invstd_ref)[None, :, None, None]
+    dx_ref = g * (dy64 - sdy[None, :, None, None] / m - xh * sdyxh[None, :, None, None] / m)
+    assert_close(dx, dx_ref, rtol=1e-4)
+    assert_close(dgamma, sdyxh, rtol=1e-4)
+    assert_close(dbeta, sdy, rtol=1e-4)
+
+
+def test_batchnorm2d_eval_uses_running_stats_and_leaves_them():
+    x, gamma, beta = f32(4, 3, 5, 5), f32(3), f32(3)
+    rm, rv = f32(3), np.abs(f32(3)) + 0.5
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, mean, invstd = nat.batchnorm2d_forward(x, gamma, beta, rm, rv, False, 0.1, 1e-5)
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+    want = (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + 1e-5) * gamma[None, :, None, None]
+    assert_close(y, want + beta[None, :, None, None])
+    assert_close(mean, rm)
+
+
+def test_relu_forward_backward_any_shape():
+    x = f32(3, 4, 5)
+    y = nat.relu_forward(x)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    dy = f32(3, 4, 5)
+    np.testing.assert_array_equal(nat.relu_backward(dy, y), np.where(y > 0, dy, 0))
+    assert np.isnan(nat.relu_forward(np.array([np.nan], np.float32))[0])
+
+
+def pool_windows(x, kernel, stride, padding, fill):
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    return win.reshape(*win.shape[:4], kh * kw)
+
+
+POOL_CASES = [((2, 3, 8, 8), 2, 2, 0), ((1, 2, 7, 9), 3, 2, 1), ((2, 1, 5, 6), (3, 2), (1, 2), (1, 0)), ((1, 1, 4, 4), 1, 1, 0)]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", POOL_CASES)
+def test_maxpool2d_matches_numpy(shape, kernel, stride, padding):
+    x = f32(*shape)
+    y, idx = nat.maxpool2d_forward(x, kernel, stride, padding)
+    win = pool_windows(x, kernel, stride, padding, -np.inf)
+    np.testing.assert_array_equal(y, win.max(axis=-1))
+    assert idx.dtype == np.uint8
+    np.testing.assert_array_equal(idx, win.argmax(axis=-1))
+    dy = f32(*y.shape)
+    dx = nat.maxpool2d_backward(dy, idx, x.shape, kernel, stride, padding)
+    # reference: scatter dy onto the argmax positions of the padded input
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+    dxp = np.zeros((shape[0], shape[1], shape[2] + 2 * ph, shape[3] + 2 * pw))
+    n, c, oh, ow = y.shape
+    nn_, cc, yy, xx = np.meshgrid(*map(np.arange, (n, c, oh, ow)), indexing="ij")
+    np.add.at(dxp, (nn_, cc, yy * sh + idx // kw, xx * sw + idx % kw), dy)
+    assert_close(dx, dxp[:, :, ph : ph + shape[2], pw : pw + shape[3]])
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", POOL_CASES)
+def test_avgpool2d_counts_padding_like_pytorch(shape, kernel, stride, padding):
+    x = f32(*shape)
+    y = nat.avgpool2d_forward(x, kernel, stride, padding)
+    assert_close(y, pool_windows(x.astype(np.float64), kernel, stride, padding, 0.0).mean(axis=-1))
+    dy = f32(*y.shape)
+    dx = nat.avgpool2d_backward(dy, x.shape, kernel, stride, padding)
+    # adjoint identity <dy, pool(p)> == <dx, p>
+    probe = f32(*shape)
+    lhs = float((dy.astype(np.float64) * nat.avgpool2d_forward(probe, kernel, stride, padding)).sum())
+    assert abs(lhs - float((dx.astype(np.float64) * probe).sum())) < 1e-4
+
+
+def test_pool_stride_defaults_to_kernel():
+    x = f32(1, 1, 6, 6)
+    np.testing.assert_array_equal(nat.maxpool2d_forward(x, 2)[0], nat.maxpool2d_forward(x, 2, 2, 0)[0])
+
+
+# --- errors ---
+
+
+def test_wrong_dtype_is_a_type_error_naming_the_argument():
+    x, w = f32(1, 2, 5, 5), f32(3, 2, 3, 3)
+    with pytest.raises(TypeError, match="^x:"):
+        nat.conv2d_f32_forward(x.astype(np.float64), w, None, 1, 1)
+    with pytest.raises(TypeError, match="^xq:"):
+        nat.conv2d_i8_forward(x, 0.1, i8(3, 2, 3, 3), 0.1, None, 1, 1)
+    with pytest.raises(TypeError, match="^b:"):
+        nat.matmul_f32(f32(2, 3), [[1.0]])
+    with pytest.raises(TypeError, match="^stride:"):
+        nat.conv2d_f32_forward(x, w, None, "1", 1)
+
+
+def test_shape_and_layout_errors_are_value_errors_naming_the_argument():
+    x, w = f32(1, 2, 5, 5), f32(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="^w:"):
+        nat.conv2d_f32_forward(x, f32(3, 4, 3, 3), None, 1, 1)
+    with pytest.raises(ValueError, match="^x:"):
+        nat.conv2d_f32_forward(x[:, :, ::2, :], w, None, 1, 1)  # not contiguous
+    with pytest.raises(ValueError, match="^x:"):
+        nat.conv2d_f32_forward(f32(2, 5, 5), w, None, 1, 1)
+    with pytest.raises(ValueError, match="^x:"):
+        nat.conv2d_f32_forward(f32(1, 2, 2, 2), w, None, 1, 0)  # smaller than the kernel
+    with pytest.raises(ValueError, match="^stride:"):
+        nat.conv2d_f32_forward(x, w, None, 0, 1)
+    with pytest.raises(ValueError, match="^padding:"):
+        nat.conv2d_f32_forward(x, w, None, 1, -1)
+    with pytest.raises(ValueError, match="^bias:"):
+        nat.conv2d_f32_forward(x, w, f32(2), 1, 1)
+    with pytest.raises(ValueError, match="^dy:"):
+        nat.conv2d_f32_backward(x, w, f32(1, 3, 4, 4), 1, 1)
+    with pytest.raises(ValueError, match="^sw:"):
+        nat.conv2d_i8_forward(i8(1, 2, 5, 5), 0.1, i8(3, 2, 3, 3), np.ones(2, np.float32), None, 1, 1)
+    with pytest.raises(ValueError, match="^sx:"):
+        nat.conv2d_i8_forward(i8(1, 2, 5, 5), float("nan"), i8(3, 2, 3, 3), 0.1, None, 1, 1)
+    with pytest.raises(ValueError, match="^dyq:"):
+        nat.conv2d_i8_backward(i8(1, 2, 5, 5), 0.1, i8(3, 2, 3, 3), 0.1, i8(1, 3, 2, 2), 0.1, 1, 1)
+    with pytest.raises(ValueError, match="^b:"):
+        nat.matmul_f32(f32(2, 3), f32(4, 2))
+    with pytest.raises(ValueError, match="^a:"):
+        nat.matmul_f32(f32(6, 6)[::2, ::2], f32(3, 2))
+
+
+def test_batchnorm_and_pool_errors():
+    x = f32(2, 3, 4, 4)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="^running_mean:"):
+        nat.batchnorm2d_forward(x, None, None, ro, rv, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="^running_var:"):
+        nat.batchnorm2d_forward(x, None, None, rm, np.ones(4, np.float32), True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="^x:"):
+        nat.batchnorm2d_forward(f32(1, 3, 1, 1), None, None, rm, rv, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="^kernel:"):
+        nat.maxpool2d_forward(f32(1, 1, 20, 20), 16)
+    with pytest.raises(ValueError, match="^padding:"):
+        nat.maxpool2d_forward(x, 2, 2, 2)
+    with pytest.raises(ValueError, match="^idx:"):
+        nat.maxpool2d_backward(f32(2, 3, 2, 2), np.full((2, 3, 2, 2), 9, np.uint8), x.shape, 2, 2, 0)
+    with pytest.raises(ValueError, match="^input_shape:"):
+        nat.avgpool2d_backward(f32(2, 3, 2, 2), (2, 3, 4), 2, 2, 0)
+    with pytest.raises(ValueError, match="^y:"):
+        nat.relu_backward(f32(2, 3), f32(3, 2))
