@@ -476,8 +476,8 @@ def test_octo_config_validates_its_fields():
     for bad in (dict(act_rounding="up"), dict(prc="median"), dict(z=0), dict(kappa=1.5), dict(lam=-1)):
         with pytest.raises(ValueError):
             el.OctoConfig(**bad)
-    assert el.OctoConfig().prc_clip() == ("sigma", 2.576)
-    assert el.OctoConfig(prc="minmax").prc_clip() == ("minmax", 0.95)
+    assert el.OctoConfig().prc_clip() == ("minmax", 0.95)
+    assert el.OctoConfig(prc="sigma").prc_clip() == ("sigma", 2.576)
     assert el.OctoConfig(prc=None).prc_clip() is None
 
 

@@ -29,6 +29,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+PRC_DEFAULT = "minmax"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import edgelearn
     from edgelearn import data as eldata
@@ -52,7 +55,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     edgelearn.manual_seed(args.seed)
     model = build_model(args.model, train.image_shape, train.num_classes)
     if args.precision == "int8":
-        config = edgelearn.OctoConfig(lac=not args.no_lac, prc=None if args.no_prc else "sigma", seed=args.seed)
+        prc = None if args.no_prc or args.prc == "none" else args.prc
+        config = edgelearn.OctoConfig(lac=not args.no_lac, prc=prc, z=args.prc_z, kappa=args.prc_kappa,
+                                      seed=args.seed)
         edgelearn.octo(model, config)
     params = list(model.parameters())
     if args.optimizer == "sgd":
@@ -87,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "seed": args.seed,
             "lac": args.precision == "int8" and not args.no_lac,
-            "prc": args.precision == "int8" and not args.no_prc,
+            "prc": (None if args.no_prc or args.prc == "none" else args.prc) if args.precision == "int8" else None,
             "threads": edgelearn.get_num_threads(),
             "kernel": edgelearn.backend_info().get("kernel"),
             "peak_rss_mb": summary["peak_rss_mb"],
@@ -131,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="random crop with padding (and horizontal flip)")
     p_train.add_argument("--crop-padding", type=int, default=2)
     p_train.add_argument("--no-lac", action="store_true", help="INT8 without loss-aware compensation")
-    p_train.add_argument("--no-prc", action="store_true", help="INT8 without range clipping of gradients")
+    p_train.add_argument("--no-prc", action="store_true", help="INT8 without range clipping of gradients "
+                         "(same as --prc none)")
+    p_train.add_argument("--prc", choices=("minmax", "sigma", "none"), default=PRC_DEFAULT,
+                         help=f"range clipping of incoming gradients: kappa*[min,max] or mean +- z*sigma "
+                              f"(default {PRC_DEFAULT})")
+    p_train.add_argument("--prc-z", type=float, default=2.576, help="z of --prc sigma (default 2.576)")
+    p_train.add_argument("--prc-kappa", type=float, default=0.95, help="kappa of --prc minmax (default 0.95)")
     p_train.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint (.safetensors) after every epoch")
     p_train.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint if it exists")
     p_train.add_argument("--log-csv", metavar="PATH", help="per-epoch metrics as CSV")

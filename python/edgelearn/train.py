@@ -209,6 +209,44 @@ def _say(message: str, verbose: bool) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
+def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batch_size: int = 64,
+                          seed: int = 0) -> int:
+    """Re-estimates every BatchNorm's running statistics as the exact average over ``batches`` batches of
+    ``data`` (a fixed, seeded sample), with the other layers in eval mode and no gradients.
+
+    Why: running statistics are an exponential average taken while the weights move. When training moves the
+    weights along directions BatchNorm is blind to (a per-channel shift of its input, which INT8 gradient
+    clipping nudges), eval-mode statistics lag behind the batch statistics the model was trained with.
+    Re-estimating them with the final weights (BN re-estimation, common for quantized training) removes
+    the lag. Returns the number of images used (0 if the model has no BatchNorm).
+    """
+    bns = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")]
+    if not bns or batches <= 0:
+        return 0
+    images = data.dataset.images if isinstance(data, DataLoader) else data[0] if isinstance(data, tuple) \
+        else data.images
+    n = min(len(images), batches * batch_size)
+    idx = np.sort(np.random.default_rng(seed).choice(len(images), size=n, replace=False))
+    was_training = model.training
+    saved = [(bn, bn.momentum) for bn in bns]
+    model.eval()
+    try:
+        for bn in bns:
+            bn.running_mean[...] = 0.0
+            bn.running_var[...] = 1.0
+            bn.train()
+        with no_grad():
+            for i, start in enumerate(range(0, n, batch_size)):
+                for bn in bns:
+                    bn.momentum = 1.0 / (i + 1)  # cumulative average over the batches seen
+                model(tensor(np.ascontiguousarray(images[idx[start:start + batch_size]])))
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        model.train(was_training)
+    return n
+
+
 def fit(
     model: Any,
     opt: Any,
@@ -230,6 +268,7 @@ def fit(
     progress: bool = True,
     verbose: bool = True,
     config: Optional[Mapping[str, Any]] = None,
+    bn_recalibration_batches: int = 32,
 ) -> History:
     """Train ``model`` with optimizer ``opt`` for ``epochs`` epochs (in total, counting epochs done before a resume).
 
@@ -241,6 +280,8 @@ def fit(
       training continues exactly where it stopped (see the module docstring). ``config`` is stored in it.
     - ``log_csv`` / ``log_json``: per-epoch records, rewritten after each epoch. ``plot``: image of the curves
       (needs ``edgelearn[plot]``). ``progress``: tqdm bar on a terminal. ``verbose``: one line per epoch on stdout.
+    - ``bn_recalibration_batches``: after each epoch, BatchNorm running statistics are re-estimated on this
+      many training batches (see :func:`recalibrate_batchnorm`; counted in the training time; 0 turns it off).
     """
     if epochs < 0:
         raise ValueError(f"epochs: expected >= 0, got {epochs}")
@@ -297,6 +338,8 @@ def fit(
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
         finally:
             bar.close()
+        recalibrate_batchnorm(model, loader, batches=bn_recalibration_batches, batch_size=loader.batch_size,
+                              seed=seed + 7919 * (epoch + 1))
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         images_seen += seen

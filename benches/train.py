@@ -1,0 +1,144 @@
+"""Training benchmark: accuracy, speed and memory of edgelearn FP32 vs Octo INT8 (and its ablations), next to
+PyTorch FP32 on the same model, data and seed when torch is importable.
+
+Every edgelearn row is one fresh ``edgelearn train --json`` process (so peak RSS belongs to that run alone);
+the PyTorch row trains the same architecture with the same data order, optimizer and schedule in its own
+process. Training memory = peak RSS minus RSS just before the first step.
+
+    python benches/train.py                                  # Fashion-MNIST, 3 epochs, CNN and MLP, 1 and 2 threads
+    python benches/train.py --dataset digits --epochs 2      # quick run on the bundled dataset
+    python benches/train.py --models cnn --threads 1 --batch-size 256 --epochs 1   # memory comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = [
+    ("edgelearn fp32", ["--precision", "fp32"]),
+    ("edgelearn int8 (LAC+PRC)", ["--precision", "int8"]),
+    ("edgelearn int8, no LAC", ["--precision", "int8", "--no-lac"]),
+    ("edgelearn int8, no PRC", ["--precision", "int8", "--prc", "none"]),
+]
+
+
+def run_edgelearn(model, flags, args, threads):
+    cmd = [sys.executable, "-m", "edgelearn", "train", "--dataset", args.dataset, "--model", model,
+           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+           "--threads", str(threads), "--no-progress", "--json", *flags]
+    env = dict(os.environ, EDGELEARN_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+TORCH_SCRIPT = r'''
+import json, resource, sys, time
+import numpy as np, torch
+from edgelearn import data as eldata
+from edgelearn.data import DataLoader
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+torch.manual_seed(args["seed"])
+splits = eldata.get_dataset(args["dataset"], seed=args["seed"])
+train, test = splits.train, splits.test
+c, h, w = train.image_shape
+k = train.num_classes
+if args["model"] == "mlp":
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, k))
+else:
+    layers, prev = [], c
+    for i, ch in enumerate((16, 32, 64)):
+        layers += [torch.nn.Conv2d(prev, ch, 3, padding=1), torch.nn.BatchNorm2d(ch), torch.nn.ReLU()]
+        if i < 2 and min(h, w) >= 4:
+            layers.append(torch.nn.MaxPool2d(2)); h, w = h // 2, w // 2
+        prev = ch
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(prev, k)]
+    model = torch.nn.Sequential(*layers)
+lr = 0.02
+opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args["epochs"])
+loader = DataLoader(train, batch_size=args["batch_size"], shuffle=True, seed=args["seed"])
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+before = rss_mb()
+seen, secs = 0, 0.0
+for epoch in range(args["epochs"]):
+    model.train(); loader.set_epoch(epoch); t0 = time.perf_counter()
+    for x, y in loader:
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad(); loss.backward(); opt.step(); seen += len(y)
+    secs += time.perf_counter() - t0; sched.step()
+model.eval(); correct = 0
+with torch.no_grad():
+    for i in range(0, len(test), 512):
+        correct += int((model(torch.from_numpy(test.images[i:i+512])).argmax(1).numpy() == test.labels[i:i+512]).sum())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"test_accuracy": correct / len(test), "train_images_per_s": seen / secs, "peak_rss_mb": peak,
+                  "rss_before_first_step_mb": before, "train_memory_mb": peak - before}))
+'''
+
+
+def run_torch(model, args, threads):
+    payload = json.dumps({"model": model, "dataset": args.dataset, "epochs": args.epochs,
+                          "batch_size": args.batch_size, "seed": args.seed, "threads": threads})
+    proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, payload], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"PyTorch baseline failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_available():
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--json", metavar="PATH", help="also write all rows as JSON")
+    args = ap.parse_args(argv)
+    have_torch = torch_available()
+    if not have_torch:
+        print("note: torch is not importable; the PyTorch FP32 row is left out")
+    print(f"dataset={args.dataset} epochs={args.epochs} batch={args.batch_size} seed={args.seed}")
+    header = f"{'model':<5} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} {'train MB':>9}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for model in args.models:
+        for threads in args.threads:
+            fp32_speed = None
+            rows = [(name, run_edgelearn(model, flags, args, threads)) for name, flags in ROWS]
+            if have_torch:
+                rows.append(("pytorch fp32", run_torch(model, args, threads)))
+            for name, r in rows:
+                if name == "edgelearn fp32":
+                    fp32_speed = r["train_images_per_s"]
+                ratio = r["train_images_per_s"] / fp32_speed if fp32_speed else float("nan")
+                print(f"{model:<5} {threads:>3}  {name:<26} {100 * r['test_accuracy']:>7.2f}% "
+                      f"{r['train_images_per_s']:>8.0f} {ratio:>7.2f}x {r['peak_rss_mb']:>8.1f} "
+                      f"{r['train_memory_mb']:>9.1f}", flush=True)
+                results.append({"model": model, "threads": threads, "run": name, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
