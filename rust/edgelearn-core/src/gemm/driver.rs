@@ -5,6 +5,7 @@
 //! micro-kernel over it. On the last k-block a task applies the epilogue to its own (cache-warm) region.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -83,7 +84,7 @@ impl OutPtr {
 }
 
 thread_local! {
-    static A_BUF: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
+    static A_BUF: RefCell<PackBuf> = RefCell::new(PackBuf::default());
 }
 
 /// Naive triple-loop reference (the test oracle): row-major `M×N` result in i64, independent of packing.
@@ -219,6 +220,10 @@ pub fn gemm_i8_f32_with(
 
 /// Converts rows `i0..i0+mm`, columns `j0..j0+nn` of the i32 output (row stride `ldc`) to f32 in place.
 ///
+/// Every element is `acc as f32 * (sa[i] * sb[j])`, then `+ bias[j]`, in that order whatever the kernel,
+/// so results are bit-identical across kernels and thread counts. The f32 bits are stored into the i32
+/// slots they replace (same size and alignment).
+///
 /// # Safety
 /// `out` covers that region and no other thread touches it.
 unsafe fn epilogue_f32(
@@ -230,31 +235,91 @@ unsafe fn epilogue_f32(
     sb: &Scale,
     bias: Option<&[f32]>,
 ) {
+    let bias = bias.map(|b| &b[j0..j0 + nn]);
+    let sb = match sb {
+        Scale::Scalar(x) => Scale::Scalar(*x),
+        Scale::PerIndex(v) => Scale::PerIndex(&v[j0..j0 + nn]),
+    };
     for i in i0..i0 + mm {
-        let row = out.add(i * ldc + j0);
+        let row = std::slice::from_raw_parts_mut(out.add(i * ldc + j0), nn);
         let s = sa.at(i);
-        let acc = std::slice::from_raw_parts(row as *const i32, nn);
-        let mut tmp = [0f32; 256];
-        let mut j = 0;
-        while j < nn {
-            let w = 256.min(nn - j);
-            for t in 0..w {
-                let mut v = acc[j + t] as f32 * (s * sb.at(j0 + j + t));
-                if let Some(bv) = bias {
-                    v += bv[j0 + j + t];
+        // One loop per case, so each compiles to straight vector code.
+        match (&sb, bias) {
+            (Scale::Scalar(b), None) => {
+                let f = s * b;
+                for e in row.iter_mut() {
+                    *e = (*e as f32 * f).to_bits() as i32;
                 }
-                tmp[t] = v;
             }
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), (row as *mut f32).add(j), w);
-            j += w;
+            (Scale::Scalar(b), Some(bv)) => {
+                let f = s * b;
+                for (e, &c) in row.iter_mut().zip(bv) {
+                    *e = (*e as f32 * f + c).to_bits() as i32;
+                }
+            }
+            (Scale::PerIndex(sv), None) => {
+                for (e, &t) in row.iter_mut().zip(*sv) {
+                    *e = (*e as f32 * (s * t)).to_bits() as i32;
+                }
+            }
+            (Scale::PerIndex(sv), Some(bv)) => {
+                for ((e, &t), &c) in row.iter_mut().zip(*sv).zip(bv) {
+                    *e = (*e as f32 * (s * t) + c).to_bits() as i32;
+                }
+            }
         }
     }
 }
 
+/// Shrinks the task tile (`mc`, `nc`) so the threads get equal work: with few tasks, a count that is not a
+/// multiple of the threads leaves one idle at the end (64 row panels on 2 threads: 16 tasks of 4 panels,
+/// not 11 of 6; 144×32 outputs: split the 2 column panels rather than 9 row panels).
+fn balance_tasks(
+    m: usize,
+    n: usize,
+    mr: usize,
+    nr: usize,
+    mc: usize,
+    nc: usize,
+    nthreads: usize,
+) -> (usize, usize) {
+    let (pm, pn) = (m.div_ceil(mr), n.div_ceil(nr));
+    let (mp0, np0) = (mc / mr, nc / nr);
+    let tasks = |mp: usize, np: usize| pm.div_ceil(mp) * pn.div_ceil(np);
+    // Useful work over the work of the busiest thread (in tiles) times the threads: 1 is perfect balance.
+    let score = |mp: usize, np: usize| {
+        let busiest = tasks(mp, np).div_ceil(nthreads) * mp.min(pm) * np.min(pn);
+        (pm * pn) as f64 / (busiest * nthreads) as f64
+    };
+    let mut best = (mp0, np0);
+    let mut best_score = score(mp0, np0);
+    for np in [np0, np0.div_ceil(2), np0.div_ceil(4)] {
+        for mp in (1..=mp0).rev() {
+            let sc = score(mp, np);
+            let enough = tasks(mp, np) >= 2 * nthreads;
+            let best_enough = tasks(best.0, best.1) >= 2 * nthreads;
+            // Clearly better balance wins; at equal balance, enough tasks, then bigger tasks.
+            let better = sc > best_score + 0.02
+                || (sc > best_score - 0.02
+                    && ((enough && !best_enough) || (enough == best_enough && mp * np > best.0 * best.1)));
+            if better {
+                best = (mp, np);
+                best_score = sc;
+            }
+        }
+    }
+    (best.0 * mr, best.1 * nr)
+}
+
 /// Chooses task sizes so there are enough tasks for the threads.
-fn task_sizes(kernel: &dyn Kernel, blk: Blocking, m: usize, n: usize, nthreads: usize) -> (usize, usize) {
+///
+/// `mc` rows are meant for a `kc`-deep block: when K is shallower, a task takes proportionally more rows
+/// (the packed A block keeps its size), so small-K GEMMs are not dominated by per-task overhead.
+fn task_sizes(kernel: &dyn Kernel, blk: Blocking, m: usize, k: usize, n: usize, nthreads: usize) -> (usize, usize) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
-    let mut mc = blk.mc.max(mr).div_ceil(mr) * mr;
+    let depth = k.clamp(1, blk.kc.max(1));
+    let rows = blk.mc.saturating_mul(blk.kc.max(1) / depth);
+    let mut mc = rows.max(mr).div_ceil(mr) * mr;
     let mut nc = blk.nc.max(nr).div_ceil(nr) * nr;
     mc = mc.min(m.div_ceil(mr) * mr);
     nc = nc.min(n.div_ceil(nr) * nr);
@@ -273,6 +338,7 @@ fn task_sizes(kernel: &dyn Kernel, blk: Blocking, m: usize, n: usize, nthreads: 
                 break;
             }
         }
+        (mc, nc) = balance_tasks(m, n, mr, nr, mc, nc, nthreads);
     }
     (mc, nc)
 }
@@ -297,35 +363,40 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
             return;
         }
         let kc_max = blk.kc.max(ku).div_ceil(ku) * ku;
-        let (mc, nc) = task_sizes(kernel, blk, m, n, nthreads);
+        let (mc, nc) = task_sizes(kernel, blk, m, k, n, nthreads);
         let n_panels = n.div_ceil(nr);
         let kblocks = k.div_ceil(kc_max);
-        let mut bpack: Vec<i8> = Vec::new();
-        let mut bsum: Vec<i32> = vec![0; n_panels * nr];
+        let kgroups_max = kc_max.min(k).div_ceil(ku);
+        let mut bufs = SharedBuffers::take();
+        let (bpack, bsum) = bufs.get(n_panels * kgroups_max * nr * ku, n_panels * nr);
         for pb in 0..kblocks {
             let k0 = pb * kc_max;
             let kc = kc_max.min(k - k0);
             let kgroups = kc.div_ceil(ku);
             let bpanel_len = kgroups * nr * ku;
-            bpack.resize(n_panels * bpanel_len, 0);
+            let bpack = &mut bpack[..n_panels * bpanel_len];
             // Pack B[k0.., :] in parallel chunks of whole panels.
-            let panels_per_chunk = (n_panels.div_ceil(nthreads * 4)).max(1);
-            bpack
-                .par_chunks_mut(panels_per_chunk * bpanel_len)
-                .zip(bsum.par_chunks_mut(panels_per_chunk * nr))
-                .enumerate()
-                .for_each(|(ci, (dst, sums))| {
-                    let c0 = ci * panels_per_chunk * nr;
-                    let cols = (panels_per_chunk * nr).min(n - c0);
-                    pack_b(dst, sums, b, k0, kc, c0, cols, nr, ku);
-                });
+            let panels_per_chunk = if nthreads == 1 { n_panels } else { n_panels.div_ceil(nthreads * 4).max(1) };
+            if panels_per_chunk >= n_panels {
+                pack_b(bpack, bsum, b, k0, kc, 0, n, nr, ku);
+            } else {
+                bpack
+                    .par_chunks_mut(panels_per_chunk * bpanel_len)
+                    .zip(bsum.par_chunks_mut(panels_per_chunk * nr))
+                    .enumerate()
+                    .for_each(|(ci, (dst, sums))| {
+                        let c0 = ci * panels_per_chunk * nr;
+                        let cols = (panels_per_chunk * nr).min(n - c0);
+                        pack_b(dst, sums, b, k0, kc, c0, cols, nr, ku);
+                    });
+            }
             let accumulate = pb > 0;
             let last = pb + 1 == kblocks;
             let m_tasks = m.div_ceil(mc);
             let n_tasks = n.div_ceil(nc);
-            let bpack = &bpack;
-            let bsum = &bsum;
-            (0..m_tasks * n_tasks).into_par_iter().for_each(|t| {
+            let bpack = &*bpack;
+            let bsum = &*bsum;
+            let task = |t: usize| {
                 let (ti, tj) = (t / n_tasks, t % n_tasks);
                 let i0 = ti * mc;
                 let mm = mc.min(m - i0);
@@ -334,12 +405,8 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                 let apanel_len = kgroups * mr * ku;
                 A_BUF.with(|cell| {
                     let mut abuf = cell.borrow_mut();
-                    let need = mm.div_ceil(mr) * apanel_len;
-                    if abuf.len() < need {
-                        abuf.resize(need, 0);
-                    }
-                    pack_a(&mut abuf[..need], a, i0, mm, k0, kc, mr, ku, kernel.a_shifted());
-                    let mut edge = [0i32; MAX_MR * MAX_NR];
+                    let abuf = abuf.bytes(mm.div_ceil(mr) * apanel_len);
+                    pack_a(abuf, a, i0, mm, k0, kc, mr, ku, kernel.a_shifted());
                     let q0 = j0 / nr;
                     for q in 0..nn.div_ceil(nr) {
                         let jj = j0 + q * nr;
@@ -356,18 +423,7 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                                 if nrows == mr && ncols == nr {
                                     kernel.tile(kgroups, ap, bp, bs, out.ptr().add(ii * n + jj), n, accumulate);
                                 } else {
-                                    kernel.tile(kgroups, ap, bp, bs, edge.as_mut_ptr(), nr, false);
-                                    for r in 0..nrows {
-                                        let dst = out.ptr().add((ii + r) * n + jj);
-                                        for cc in 0..ncols {
-                                            let v = edge[r * nr + cc];
-                                            if accumulate {
-                                                *dst.add(cc) = (*dst.add(cc)).wrapping_add(v);
-                                            } else {
-                                                *dst.add(cc) = v;
-                                            }
-                                        }
-                                    }
+                                    edge_tile(kernel, kgroups, ap, bp, bs, out.ptr().add(ii * n + jj), n, accumulate, nrows, ncols);
                                 }
                             }
                         }
@@ -379,7 +435,128 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                         }
                     }
                 });
-            });
+            };
+            if nthreads == 1 {
+                (0..m_tasks * n_tasks).for_each(task);
+            } else {
+                (0..m_tasks * n_tasks).into_par_iter().for_each(task);
+            }
         }
+        bufs.give_back();
     });
+}
+
+/// A tile that overhangs M or N: computed into a scratch tile, then the valid part copied out.
+///
+/// # Safety
+/// As for [`Kernel::tile`], except that `c` only needs `nrows` rows of `ncols` i32.
+#[allow(clippy::too_many_arguments)]
+unsafe fn edge_tile(
+    kernel: &dyn Kernel,
+    kgroups: usize,
+    ap: *const i8,
+    bp: *const i8,
+    bs: *const i32,
+    c: *mut i32,
+    ldc: usize,
+    accumulate: bool,
+    nrows: usize,
+    ncols: usize,
+) {
+    let nr = kernel.nr();
+    // Left uninitialized: the kernel overwrites the whole mr × nr tile (accumulate = false).
+    let mut edge = std::mem::MaybeUninit::<[i32; MAX_MR * MAX_NR]>::uninit();
+    let e = edge.as_mut_ptr() as *mut i32;
+    kernel.tile(kgroups, ap, bp, bs, e, nr, false);
+    for r in 0..nrows {
+        let dst = c.add(r * ldc);
+        let src = e.add(r * nr);
+        for cc in 0..ncols {
+            let v = *src.add(cc);
+            *dst.add(cc) = if accumulate { (*dst.add(cc)).wrapping_add(v) } else { v };
+        }
+    }
+}
+
+/// 64 bytes, 64-byte aligned: packed panels start on cache lines, so kernels' vector loads never split one.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+/// A growable, cache-line aligned byte buffer that keeps its memory between GEMM calls.
+#[derive(Default)]
+struct PackBuf(Vec<Line>);
+
+impl PackBuf {
+    /// The first `len` bytes, growing (never shrinking) the buffer. Contents are unspecified: packing
+    /// writes every byte a kernel reads, padding included.
+    fn bytes(&mut self, len: usize) -> &mut [i8] {
+        let lines = len.div_ceil(64);
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([0; 64]));
+        }
+        // SAFETY: the Vec holds at least `len` initialized bytes; Line is plain bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut i8, len) }
+    }
+}
+
+/// The packed B block and its column sums, shared by all tasks of one call and kept for the next call
+/// (re-allocating and page-faulting a megabyte per call costs more than a small GEMM).
+#[derive(Default)]
+struct SharedBuffers {
+    bpack: PackBuf,
+    bsum: Vec<i32>,
+}
+
+static SHARED: Mutex<Option<SharedBuffers>> = Mutex::new(None);
+
+/// Buffers larger than this are freed after the call instead of being kept.
+const KEEP_BYTES: usize = 64 << 20;
+
+/// `try_lock` only, never `lock`: the cache is an optimization, and a lock held by a thread that does not
+/// exist after `fork()` must not hang the child's first GEMM.
+fn shared() -> Option<std::sync::MutexGuard<'static, Option<SharedBuffers>>> {
+    match SHARED.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+impl SharedBuffers {
+    /// The cached buffers, or new ones if another call holds them.
+    fn take() -> Self {
+        shared().and_then(|mut g| g.take()).unwrap_or_default()
+    }
+    fn get(&mut self, pack_len: usize, sums_len: usize) -> (&mut [i8], &mut [i32]) {
+        if self.bsum.len() < sums_len {
+            self.bsum.resize(sums_len, 0);
+        }
+        (self.bpack.bytes(pack_len), &mut self.bsum[..sums_len])
+    }
+    fn give_back(self) {
+        if self.bpack.0.len() * 64 <= KEEP_BYTES {
+            if let Some(mut g) = shared() {
+                *g = Some(self);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balance_tasks;
+
+    #[test]
+    fn tasks_split_evenly_across_threads() {
+        // 1024³ with 16×16 tiles on 2 threads: 16 tasks of 4 row panels instead of 11 of 6.
+        assert_eq!(balance_tasks(1024, 1024, 16, 16, 96, 1024, 2), (64, 1024));
+        // dW = dYᵀ·X, 144×32 outputs: 9 row panels do not halve, 2 column panels do.
+        let (mc, nc) = balance_tasks(144, 32, 16, 16, 32, 32, 2);
+        assert_eq!((144usize.div_ceil(mc) * 32usize.div_ceil(nc)) % 2, 0, "mc={mc} nc={nc}");
+        // Small K, tall A: an even number of nearly equal row blocks.
+        let (mc, _) = balance_tasks(32768, 16, 16, 16, 455 * 16, 16, 2);
+        assert_eq!(32768usize.div_ceil(mc) % 2, 0);
+        assert!(mc >= 300 * 16, "tasks stay large: mc={mc}");
+    }
 }

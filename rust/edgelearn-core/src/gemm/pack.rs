@@ -1,5 +1,10 @@
 //! Packing of A and B blocks into the panel layouts micro-kernels read (see the module docs of `gemm`).
 //! Transposes and F-ordered inputs are handled here, by reading through the views' strides.
+//!
+//! A panel of A and a panel of B have the same shape: `w` lines (rows of A, columns of B) × `kc` k values,
+//! stored as `[g][line][u]` with `ku` k values per group. So one routine packs both, with three paths:
+//! k contiguous in memory (row-major A, column-major B: whole groups are copied), lines contiguous
+//! (column-major A, row-major B: `ku` k-rows are interleaved byte by byte), and any other stride.
 
 use super::MatRef;
 
@@ -17,44 +22,9 @@ pub(crate) fn pack_a(
     ku: usize,
     shift: bool,
 ) {
-    let kgroups = kc.div_ceil(ku);
-    let panels = m.div_ceil(mr);
-    let panel_len = kgroups * mr * ku;
-    debug_assert!(out.len() >= panels * panel_len);
+    let src = Source { data: a.data(), line_stride: a.row_stride(), k_stride: a.col_stride() };
     let x = if shift { 0x80u8 as i8 } else { 0 };
-    let data = a.data();
-    let (rs, cs) = (a.row_stride(), a.col_stride());
-    for p in 0..panels {
-        let panel = &mut out[p * panel_len..(p + 1) * panel_len];
-        let rows_here = mr.min(m - p * mr);
-        for r in 0..mr {
-            if r >= rows_here {
-                for g in 0..kgroups {
-                    let dst = &mut panel[(g * mr + r) * ku..(g * mr + r + 1) * ku];
-                    dst.fill(x);
-                }
-                continue;
-            }
-            let row = r0 + p * mr + r;
-            let base = row * rs + k0 * cs;
-            for g in 0..kgroups {
-                let dst = &mut panel[(g * mr + r) * ku..(g * mr + r + 1) * ku];
-                let kk = g * ku;
-                let n = ku.min(kc - kk);
-                if cs == 1 {
-                    let src = &data[base + kk..base + kk + n];
-                    for (d, s) in dst[..n].iter_mut().zip(src) {
-                        *d = *s ^ x;
-                    }
-                } else {
-                    for u in 0..n {
-                        dst[u] = data[base + (kk + u) * cs] ^ x;
-                    }
-                }
-                dst[n..].fill(x);
-            }
-        }
-    }
+    pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
 }
 
 /// Packs k values `k0..k0+kc` and columns `c0..c0+n` of `b` into `out`, as `ceil(n/nr)` panels of
@@ -71,41 +41,251 @@ pub(crate) fn pack_b(
     nr: usize,
     ku: usize,
 ) {
-    let kgroups = kc.div_ceil(ku);
-    let panels = n.div_ceil(nr);
-    let panel_len = kgroups * nr * ku;
-    debug_assert!(out.len() >= panels * panel_len && sums.len() >= panels * nr);
-    let data = b.data();
-    let (rs, cs) = (b.row_stride(), b.col_stride());
-    for q in 0..panels {
-        let panel = &mut out[q * panel_len..(q + 1) * panel_len];
-        let cols_here = nr.min(n - q * nr);
-        for c in 0..nr {
-            let mut sum = 0i32;
-            if c < cols_here {
-                let col = c0 + q * nr + c;
-                let base = k0 * rs + col * cs;
-                for g in 0..kgroups {
-                    let dst = &mut panel[(g * nr + c) * ku..(g * nr + c + 1) * ku];
-                    let kk = g * ku;
-                    let cnt = ku.min(kc - kk);
-                    if rs == 1 {
-                        let src = &data[base + kk..base + kk + cnt];
-                        dst[..cnt].copy_from_slice(src);
-                    } else {
-                        for u in 0..cnt {
-                            dst[u] = data[base + (kk + u) * rs];
+    let src = Source { data: b.data(), line_stride: b.col_stride(), k_stride: b.row_stride() };
+    pack_panels(out, &src, c0, n, k0, kc, nr, ku, 0);
+    column_sums(sums, &src, c0, n, k0, kc, nr);
+}
+
+/// A matrix seen as lines (rows of A, columns of B) of k values.
+struct Source<'a> {
+    data: &'a [i8],
+    line_stride: usize,
+    k_stride: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_panels(out: &mut [i8], src: &Source, l0: usize, n: usize, k0: usize, kc: usize, w: usize, ku: usize, x: i8) {
+    match ku {
+        1 => pack_panels_ku::<1>(out, src, l0, n, k0, kc, w, x),
+        2 => pack_panels_ku::<2>(out, src, l0, n, k0, kc, w, x),
+        4 => pack_panels_ku::<4>(out, src, l0, n, k0, kc, w, x),
+        8 => pack_panels_ku::<8>(out, src, l0, n, k0, kc, w, x),
+        16 => pack_panels_ku::<16>(out, src, l0, n, k0, kc, w, x),
+        _ => panic!("unsupported ku {ku}: kernels pack 1, 2, 4, 8 or 16 k values per group"),
+    }
+}
+
+/// `pack_panels` for a fixed `KU`, so that group copies compile to single moves.
+#[allow(clippy::too_many_arguments)]
+fn pack_panels_ku<const KU: usize>(
+    out: &mut [i8],
+    src: &Source,
+    l0: usize,
+    n: usize,
+    k0: usize,
+    kc: usize,
+    w: usize,
+    x: i8,
+) {
+    let kgroups = kc.div_ceil(KU);
+    let full = kc / KU;
+    let panels = n.div_ceil(w);
+    let panel_len = kgroups * w * KU;
+    assert!(out.len() >= panels * panel_len);
+    let data = src.data;
+    let (ls, ks) = (src.line_stride, src.k_stride);
+    for p in 0..panels {
+        let panel = &mut out[p * panel_len..(p + 1) * panel_len];
+        let lines = w.min(n - p * w);
+        let first = l0 + p * w;
+        // Padding lines past the end of the matrix.
+        if lines < w {
+            for g in 0..kgroups {
+                panel[(g * w + lines) * KU..(g + 1) * w * KU].fill(x);
+            }
+        }
+        // Lines from which the partial last group (if any) is still to be written.
+        let mut partial_from = 0;
+        if ks == 1 {
+            // k contiguous: each group of a line is KU consecutive bytes.
+            #[allow(unused_mut)]
+            let mut l_done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if KU == 4 && kgroups >= 4 {
+                // The partial last group is read whole (its tail masked to padding), so lines are done
+                // by the vector path only while that over-read stays inside the buffer.
+                let rem = kc - full * KU;
+                let last_keep = if rem == 0 { u32::MAX } else { (1u32 << (8 * rem)) - 1 };
+                while l_done + 4 <= lines {
+                    let l = l_done;
+                    let base = (first + l) * ls + k0;
+                    if base + 3 * ls + kgroups * 4 > data.len() {
+                        break;
+                    }
+                    // Blocks of 4 groups; the last block may overlap the previous one (same bytes).
+                    let mut g = 0;
+                    loop {
+                        let gb = g.min(kgroups - 4);
+                        let keep = if gb + 4 == kgroups { last_keep } else { u32::MAX };
+                        assert!(((gb + 3) * w + l + 4) * 4 <= panel.len());
+                        // SAFETY: the source range was checked above, the destination just now.
+                        unsafe {
+                            super::x86::pack::transpose_4x4_groups(
+                                data.as_ptr().add(base + gb * 4),
+                                ls,
+                                panel.as_mut_ptr().add((gb * w + l) * 4),
+                                w * 4,
+                                x,
+                                keep,
+                            )
+                        };
+                        g += 4;
+                        if g >= kgroups {
+                            break;
                         }
                     }
-                    dst[cnt..].fill(0);
-                    sum += dst[..cnt].iter().map(|&v| v as i32).sum::<i32>();
-                }
-            } else {
-                for g in 0..kgroups {
-                    panel[(g * nr + c) * ku..(g * nr + c + 1) * ku].fill(0);
+                    l_done += 4;
                 }
             }
-            sums[q * nr + c] = sum;
+            partial_from = l_done;
+            for l in l_done..lines {
+                let base = (first + l) * ls + k0;
+                let line = &data[base..base + kc];
+                for (g, s) in line.chunks_exact(KU).enumerate() {
+                    let d = &mut panel[(g * w + l) * KU..(g * w + l + 1) * KU];
+                    for u in 0..KU {
+                        d[u] = s[u] ^ x;
+                    }
+                }
+            }
+        } else if ls == 1 {
+            // Lines contiguous: interleave KU k-rows, each `lines` bytes long.
+            #[cfg(target_arch = "x86_64")]
+            if KU == 4 && lines >= 16 {
+                for g in 0..kgroups {
+                    let base = (k0 + g * KU) * ks + first;
+                    let rows = KU.min(kc - g * KU);
+                    let dst = &mut panel[g * w * KU..(g * w + lines) * KU];
+                    // Blocks of 16 lines; the last block may overlap the previous one (same bytes).
+                    let mut l = 0;
+                    loop {
+                        let lb = l.min(lines - 16);
+                        assert!(base + (rows - 1) * ks + lb + 16 <= data.len() && (lb + 16) * 4 <= dst.len());
+                        // SAFETY: both ranges were just checked.
+                        unsafe {
+                            super::x86::pack::interleave_16_lines(
+                                data.as_ptr().add(base + lb),
+                                ks,
+                                dst.as_mut_ptr().add(lb * 4),
+                                x,
+                                rows,
+                            )
+                        };
+                        l += 16;
+                        if l >= lines {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            for g in 0..full {
+                let dst = &mut panel[g * w * KU..(g * w + lines) * KU];
+                let base = (k0 + g * KU) * ks + first;
+                let rows: [&[i8]; KU] = std::array::from_fn(|u| &data[base + u * ks..base + u * ks + lines]);
+                interleave::<KU>(dst, &rows, x);
+            }
+        } else {
+            for l in 0..lines {
+                let base = (first + l) * ls + k0 * ks;
+                for g in 0..full {
+                    let d = &mut panel[(g * w + l) * KU..(g * w + l + 1) * KU];
+                    for u in 0..KU {
+                        d[u] = data[base + (g * KU + u) * ks] ^ x;
+                    }
+                }
+            }
+        }
+        continue_partial::<KU>(panel, data, ls, ks, first, partial_from..lines, k0, kc, full, kgroups, w, x);
+    }
+}
+
+/// The last, partial group of a panel (when `KU` does not divide `kc`): real values then padding.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn continue_partial<const KU: usize>(
+    panel: &mut [i8],
+    data: &[i8],
+    ls: usize,
+    ks: usize,
+    first: usize,
+    lines: std::ops::Range<usize>,
+    k0: usize,
+    kc: usize,
+    full: usize,
+    kgroups: usize,
+    w: usize,
+    x: i8,
+) {
+    if full == kgroups {
+        return;
+    }
+    let rem = kc - full * KU;
+    for l in lines {
+        let base = (first + l) * ls + (k0 + full * KU) * ks;
+        let d = &mut panel[(full * w + l) * KU..(full * w + l + 1) * KU];
+        if ks == 1 && base + KU <= data.len() {
+            // One load of KU bytes (the ones past `rem` belong to the next line or are unused).
+            let v: [i8; KU] = data[base..base + KU].try_into().unwrap();
+            for u in 0..KU {
+                d[u] = if u < rem { v[u] ^ x } else { x };
+            }
+        } else {
+            for u in 0..KU {
+                d[u] = if u < rem { data[base + u * ks] ^ x } else { x };
+            }
+        }
+    }
+}
+
+/// `dst[l·KU + u] = rows[u][l] ^ x`: a byte transpose of KU short rows, written so it vectorizes.
+#[inline]
+fn interleave<const KU: usize>(dst: &mut [i8], rows: &[&[i8]; KU], x: i8) {
+    let n = rows[0].len();
+    if KU == 4 {
+        // Build each group as one u32 (little-endian byte order = k order).
+        let x32 = u32::from_ne_bytes([x as u8; 4]);
+        let (r0, r1, r2, r3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
+        for (l, d) in dst[..n * 4].chunks_exact_mut(4).enumerate() {
+            let v = (r0[l] as u8 as u32)
+                | ((r1[l] as u8 as u32) << 8)
+                | ((r2[l] as u8 as u32) << 16)
+                | ((r3[l] as u8 as u32) << 24);
+            d.copy_from_slice(&(v ^ x32).to_le_bytes().map(|b| b as i8));
+        }
+    } else {
+        for (l, d) in dst[..n * KU].chunks_exact_mut(KU).enumerate() {
+            for u in 0..KU {
+                d[u] = rows[u][l] ^ x;
+            }
+        }
+    }
+}
+
+/// Writes the sums over `k0..k0+kc` of lines `l0..l0+n` into `sums` (zero for padding lines of the last
+/// panel of width `w`).
+#[allow(clippy::too_many_arguments)]
+fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, kc: usize, w: usize) {
+    let padded = n.div_ceil(w) * w;
+    let sums = &mut sums[..padded];
+    sums.fill(0);
+    let data = src.data;
+    let (ls, ks) = (src.line_stride, src.k_stride);
+    if ks == 1 {
+        for (l, s) in sums[..n].iter_mut().enumerate() {
+            let base = (l0 + l) * ls + k0;
+            *s = data[base..base + kc].iter().map(|&v| v as i32).sum();
+        }
+    } else if ls == 1 {
+        for k in k0..k0 + kc {
+            let row = &data[k * ks + l0..k * ks + l0 + n];
+            for (s, &v) in sums[..n].iter_mut().zip(row) {
+                *s += v as i32;
+            }
+        }
+    } else {
+        for (l, s) in sums[..n].iter_mut().enumerate() {
+            *s = (k0..k0 + kc).map(|k| data[(l0 + l) * ls + k * ks] as i32).sum();
         }
     }
 }
