@@ -3,7 +3,7 @@
 
 pub mod avx2;
 // AVX-512 and AVX-VNNI intrinsics and target features are stable since Rust 1.89 (the workspace's
-// `rust-version` predates them; building these two modules needs 1.89).
+// `rust-version`).
 pub mod avx512vnni;
 pub mod avxvnni;
 pub(crate) mod pack;
