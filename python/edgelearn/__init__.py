@@ -22,6 +22,7 @@ from .nn.init import manual_seed
 from .octo import OctoConfig, octo
 from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from . import checkpoint, data, models, train
+from . import sgq
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import evaluate, fit
 
@@ -33,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "models",
     "save_checkpoint",
+    "sgq",
     "train",
     "OctoConfig",
     "Tensor",

@@ -114,3 +114,20 @@ def avgpool2d_backward(
     stride: Optional[_Pair] = None,
     padding: Optional[_Pair] = None,
 ) -> _F32: ...
+
+# --- sgq codec ---
+class FrameError(ValueError): ...
+
+def _sgq_encode(
+    x: npt.NDArray[np.float32],
+    mode: str = "sgq",
+    bits: int = 4,
+    group: int = 4,
+    stripe_rows: int = 0,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    order: Optional[list[int]] = None,
+) -> bytes: ...
+def _sgq_decode(frame: bytes) -> npt.NDArray[np.float32]: ...
+def _sgq_frame_info(frame: bytes) -> dict[str, Any]: ...
+def _sgq_channel_order(x: npt.NDArray[np.float32]) -> list[int]: ...

@@ -16,6 +16,9 @@ pub enum Error {
     /// Input contained NaN or infinity where finite values are required.
     #[error("{arg}: contains non-finite values (NaN or infinity) at index {index}")]
     NonFinite { arg: &'static str, index: usize },
+    /// Bytes that should be an SGQ frame are not a valid one (bad magic, version, lengths, CRC, shape…).
+    #[error("malformed SGQ frame: {msg}")]
+    Frame { msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -23,6 +26,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub fn invalid(arg: &'static str, msg: impl Into<String>) -> Self {
         Error::InvalidArgument { arg, msg: msg.into() }
+    }
+    pub fn frame(msg: impl Into<String>) -> Self {
+        Error::Frame { msg: msg.into() }
     }
     pub fn overflow(arg: &'static str, msg: impl Into<String>) -> Self {
         Error::Overflow { arg, msg: msg.into() }

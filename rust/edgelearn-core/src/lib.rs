@@ -3,6 +3,7 @@
 //! - [`quant`]: symmetric INT8 quantization (per tensor / per channel), rounding, range clipping.
 //! - [`gemm`]: `C[i32] = A[i8]·B[i8]` with packing, per-ISA micro-kernels, run-time dispatch, threading.
 //! - [`nn`]: conv (im2col + GEMM), pooling, batch norm, ReLU and FP32 GEMM, FP32 and INT8.
+//! - [`sgq`]: SGQ codec for split learning: channel order, groups × stripes, b-bit packing, wire frames.
 //! - [`threads`]: the rayon pool used by every kernel (size from `EDGELEARN_NUM_THREADS`, fork-safe).
 //!
 //! Every public function validates its arguments and returns [`Error`] instead of panicking, so the
@@ -12,6 +13,7 @@ pub mod error;
 pub mod gemm;
 pub mod nn;
 pub mod quant;
+pub mod sgq;
 pub mod threads;
 
 pub use error::{Error, Result};

@@ -13,10 +13,19 @@ create_exception!(
     "The requested INT8 kernel is unknown or this CPU lacks the instructions it needs."
 );
 
+create_exception!(
+    edgelearn.sgq,
+    FrameError,
+    PyValueError,
+    "Bytes that should be an SGQ frame are malformed (bad magic, unknown version, truncated, wrong CRC, \
+     lengths that disagree, absurd shapes)."
+);
+
 /// Converts a core error to the Python exception for it.
 pub fn to_py(e: Error) -> PyErr {
     match e {
         Error::KernelUnavailable { .. } => KernelUnavailableError::new_err(e.to_string()),
+        Error::Frame { .. } => FrameError::new_err(e.to_string()),
         Error::InvalidArgument { .. } | Error::Overflow { .. } | Error::NonFinite { .. } => {
             PyValueError::new_err(e.to_string())
         }

@@ -8,6 +8,7 @@ mod gemm;
 mod info;
 mod nn;
 mod quant;
+mod sgq;
 
 use pyo3::prelude::*;
 
@@ -20,5 +21,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info::register(m)?;
     quant::register(m)?;
     nn::register(m)?;
+    sgq::register(m)?;
     Ok(())
 }

@@ -1,0 +1,521 @@
+//! Encode (statistics → channel order → binary16 ranges → codes → frame) and decode (frame → float32).
+//!
+//! Encoding is two passes over the input: per (sample, channel, stripe) min/max, then quantize-and-pack.
+//! Work is split into chunks of [`CHUNK`] codes (a multiple of 8, so every chunk starts on a byte of the
+//! packed stream) and runs in edgelearn's rayon pool for tensors of [`PARALLEL_MIN_ELEMENTS`] or more.
+//! Decoding runs per sample and, for large samples, per channel plane. The output (frame bytes or
+//! float32 values) is allocated once by the caller or here, never grown.
+//!
+//! Stochastic rounding draws `u ∈ [0, 1)` for code index `i` (position in the code stream) as
+//! `(mix64(key + (i + 1)·γ) >> 40) · 2^-24`, `key = mix64(seed ^ 0x5347_5146_5347_5146)`: the same seed
+//! gives the same frame for any thread count.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::bitpack;
+use super::frame::{self, Frame, Header, HEADER_LEN};
+use super::layout::{default_stripe_rows, for_each_run, Grid, Shape};
+use super::order;
+use super::{Mode, Settings, F16_MAX, MAX_ELEMENTS};
+use crate::error::{Error, Result};
+use crate::quant::Rounding;
+use crate::threads;
+
+/// Below this many elements everything runs on the caller's thread.
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+/// Codes per work unit of the quantize-and-pack pass (multiple of 8).
+const CHUNK: usize = 1 << 14;
+/// Codes unpacked at a time when decoding.
+const DECODE_BLOCK: usize = 2048;
+const LANES: usize = 8;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn stream_key(seed: u64) -> u64 {
+    mix64(seed ^ 0x5347_5146_5347_5146)
+}
+
+#[inline(always)]
+fn uniform(key: u64, index: usize) -> f32 {
+    let z = mix64(key.wrapping_add((index as u64).wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+    (z >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// binary16 at or below `v` (`|v| ≤ 65504`).
+fn f16_down(v: f32) -> f16 {
+    let h = f16::from_f32(v);
+    if h.to_f32() <= v {
+        return h;
+    }
+    let b = h.to_bits();
+    f16::from_bits(if b & 0x7fff == 0 { 0x8001 } else if b & 0x8000 == 0 { b - 1 } else { b + 1 })
+}
+
+/// binary16 at or above `v` (`|v| ≤ 65504`).
+fn f16_up(v: f32) -> f16 {
+    let h = f16::from_f32(v);
+    if h.to_f32() >= v {
+        return h;
+    }
+    let b = h.to_bits();
+    f16::from_bits(if b & 0x7fff == 0 { 0x0001 } else if b & 0x8000 == 0 { b + 1 } else { b - 1 })
+}
+
+/// Min, max, and "holds a value that is non-finite or beyond binary16's range".
+#[allow(clippy::eq_op)] // `v - v` is the finiteness test, on purpose
+fn scan(xs: &[f32]) -> (f32, f32, bool) {
+    let mut mn = [f32::INFINITY; LANES];
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut nan = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let v = c[l];
+            mn[l] = if v < mn[l] { v } else { mn[l] };
+            mx[l] = if v > mx[l] { v } else { mx[l] };
+            nan[l] += v - v;
+        }
+    }
+    for (l, &v) in rest.iter().enumerate() {
+        mn[l] = if v < mn[l] { v } else { mn[l] };
+        mx[l] = if v > mx[l] { v } else { mx[l] };
+        nan[l] += v - v;
+    }
+    let (mut a, mut b, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for l in 0..LANES {
+        a = a.min(mn[l]);
+        b = b.max(mx[l]);
+        bad |= nan[l] != 0.0;
+    }
+    (a, b, bad || a < -F16_MAX || b > F16_MAX)
+}
+
+/// The precise error for a tensor `scan` flagged.
+fn value_error(x: &[f32]) -> Error {
+    for (i, &v) in x.iter().enumerate() {
+        if !v.is_finite() {
+            return Error::NonFinite { arg: "x", index: i };
+        }
+        if v.abs() > F16_MAX {
+            return Error::invalid(
+                "x",
+                format!("value {v} at index {i} is beyond the binary16 range ±{F16_MAX} the frame stores"),
+            );
+        }
+    }
+    Error::invalid("x", "holds a value that cannot be encoded")
+}
+
+fn maybe_parallel(n: usize) -> bool {
+    n >= PARALLEL_MIN_ELEMENTS && threads::num_threads() > 1
+}
+
+/// Per (sample, channel, stripe of `rows` rows) min/max, `stripes` per plane, in (n, c, stripe) order.
+fn plane_stats(x: &[f32], shape: Shape, rows: usize, stripes: usize) -> Result<Vec<(f32, f32)>> {
+    let plane = shape.plane();
+    let stripe_len = rows * shape.w;
+    let mut stats = vec![(0f32, 0f32); shape.n * shape.c * stripes];
+    let one = |(i, st): (usize, &mut [(f32, f32)])| -> bool {
+        let xs = &x[i * plane..(i + 1) * plane];
+        let mut bad = false;
+        for (s, slot) in st.iter_mut().enumerate() {
+            let seg = &xs[s * stripe_len..((s + 1) * stripe_len).min(plane)];
+            let (mn, mx, b) = scan(seg);
+            *slot = (mn, mx);
+            bad |= b;
+        }
+        bad
+    };
+    let bad = if maybe_parallel(x.len()) {
+        threads::install(|| stats.par_chunks_mut(stripes).enumerate().with_min_len(8).map(one).reduce(|| false, |a, b| a | b))
+    } else {
+        stats.chunks_mut(stripes).enumerate().map(one).fold(false, |a, b| a | b)
+    };
+    if bad {
+        return Err(value_error(x));
+    }
+    Ok(stats)
+}
+
+/// Per-channel `(min, max)` over the whole tensor from plane statistics.
+fn channel_ranges(stats: &[(f32, f32)], shape: Shape, stripes: usize) -> Vec<(f32, f32)> {
+    let mut out = vec![(f32::INFINITY, f32::NEG_INFINITY); shape.c];
+    for (i, st) in stats.chunks(stripes).enumerate() {
+        let slot = &mut out[i % shape.c];
+        for &(mn, mx) in st {
+            slot.0 = slot.0.min(mn);
+            slot.1 = slot.1.max(mx);
+        }
+    }
+    out
+}
+
+fn check_shape(x_len: usize, shape: Shape, ndim: u8) -> Result<usize> {
+    let dims = [shape.n, shape.c, shape.h, shape.w];
+    if dims.contains(&0) {
+        return Err(Error::invalid("x", format!("shape {dims:?} has no elements; SGQ frames hold at least one")));
+    }
+    if dims.iter().any(|&d| d > u32::MAX as usize) {
+        return Err(Error::invalid("x", format!("shape {dims:?} has a dimension beyond 2^32 - 1")));
+    }
+    let elements = shape.elements("x")?;
+    if elements > MAX_ELEMENTS {
+        return Err(Error::invalid("x", format!("{elements} elements exceed the frame limit of {MAX_ELEMENTS}")));
+    }
+    if x_len != elements {
+        return Err(Error::invalid("x", format!("has {x_len} elements, shape {dims:?} needs {elements}")));
+    }
+    match ndim {
+        2 if shape.h == 1 && shape.w == 1 => {}
+        3 if shape.w == 1 => {}
+        4 => {}
+        _ => return Err(Error::invalid("ndim", format!("{ndim} does not fit shape {dims:?} (2: H = W = 1, 3: W = 1, or 4)"))),
+    }
+    Ok(elements)
+}
+
+/// The channel order SGQ would pick for `x` (entry `p` = source channel at position `p`).
+pub fn channel_order(x: &[f32], shape: Shape) -> Result<Vec<u32>> {
+    check_shape(x.len(), shape, 4)?;
+    let stats = plane_stats(x, shape, shape.h, 1)?;
+    Ok(order::order_from_ranges(&channel_ranges(&stats, shape, 1)))
+}
+
+/// Everything decided before the codes are written: header, channel order and ranges. Build it with
+/// [`Plan::new`], allocate [`Plan::frame_len`] bytes, then [`Plan::write`].
+#[derive(Clone, Debug)]
+pub struct Plan {
+    header: Header,
+    grid: Grid,
+    order: Vec<u32>,
+    ranges: Vec<(f16, f16)>,
+    rounding: Rounding,
+}
+
+impl Plan {
+    /// Validates the arguments and computes the ranges. `x` is C-ordered `shape`; `ndim` (2, 3 or 4)
+    /// is the caller's rank, recorded in the frame; `order` (sgq mode) fixes the channel order, `None`
+    /// computes it from `x`.
+    pub fn new(x: &[f32], shape: Shape, ndim: u8, settings: &Settings, order: Option<&[u32]>) -> Result<Plan> {
+        let elements = check_shape(x.len(), shape, ndim)?;
+        let mode = settings.mode;
+        let bits = if mode == Mode::Fp16 { 16 } else { settings.bits };
+        if mode != Mode::Fp16 && !(1..=8).contains(&bits) {
+            return Err(Error::invalid("bits", format!("expected 1..=8, got {bits}")));
+        }
+        if mode == Mode::Sgq && settings.group == 0 {
+            return Err(Error::invalid("group", "expected >= 1 channels per group, got 0"));
+        }
+        let stochastic = matches!(settings.rounding, Rounding::Stochastic { .. }) && mode != Mode::Fp16;
+        let rounding = if stochastic { settings.rounding } else { Rounding::Nearest };
+        let grid = match mode {
+            Mode::Sgq => {
+                let rows = if settings.stripe_rows == 0 { default_stripe_rows(shape.h) } else { settings.stripe_rows };
+                Grid::sgq(shape, settings.group, rows)
+            }
+            _ => Grid::whole(shape),
+        };
+        if let Some(o) = order {
+            if mode != Mode::Sgq {
+                return Err(Error::invalid("order", format!("a channel order only applies to mode sgq, not {}", mode.name())));
+            }
+            if o.len() != shape.c || !order::is_permutation(o) {
+                return Err(Error::invalid("order", format!("expected a permutation of 0..{}, got {} entries", shape.c, o.len())));
+            }
+        }
+        let (stats_rows, stats_stripes) = if mode == Mode::Sgq { (grid.stripe_rows, grid.stripes) } else { (shape.h, 1) };
+        let stats = plane_stats(x, shape, stats_rows, stats_stripes)?;
+        let perm: Vec<u32> = match (mode, order) {
+            (Mode::Sgq, Some(o)) => o.to_vec(),
+            (Mode::Sgq, None) => order::order_from_ranges(&channel_ranges(&stats, shape, stats_stripes)),
+            _ => (0..shape.c as u32).collect(),
+        };
+        let has_permutation = !order::is_identity(&perm);
+        if has_permutation && shape.c > 1 << 16 {
+            return Err(Error::invalid("x", format!("{} channels: a channel order holds at most 65536", shape.c)));
+        }
+        let ranges: Vec<(f16, f16)> = match mode {
+            Mode::Fp16 => Vec::new(),
+            Mode::Uniform => {
+                let (mn, mx) = stats.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |a, &(l, h)| (a.0.min(l), a.1.max(h)));
+                vec![(f16_down(mn), f16_up(mx))]
+            }
+            Mode::Sgq => {
+                let mut r = Vec::with_capacity(shape.n * grid.groups * grid.stripes);
+                for n in 0..shape.n {
+                    for k in 0..grid.groups {
+                        let members = &perm[k * grid.group..((k + 1) * grid.group).min(shape.c)];
+                        for s in 0..grid.stripes {
+                            let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+                            for &ch in members {
+                                let (l, h) = stats[(n * shape.c + ch as usize) * grid.stripes + s];
+                                mn = mn.min(l);
+                                mx = mx.max(h);
+                            }
+                            r.push((f16_down(mn), f16_up(mx)));
+                        }
+                    }
+                }
+                r
+            }
+        };
+        let codes_len = bitpack::packed_len(elements, bits as u32)
+            .ok_or_else(|| Error::invalid("x", "too many elements"))?;
+        let header = Header {
+            version: frame::VERSION,
+            mode,
+            bits,
+            stochastic,
+            has_permutation,
+            ndim,
+            shape,
+            group: if mode == Mode::Sgq { grid.group as u32 } else { 0 },
+            stripe_rows: if mode == Mode::Sgq { grid.stripe_rows as u32 } else { 0 },
+            permutation_len: if has_permutation { 2 * shape.c as u32 } else { 0 },
+            ranges_len: u32::try_from(ranges.len() * 4)
+                .map_err(|_| Error::invalid("x", "too many (group, stripe) ranges for one frame; raise group or stripe_rows"))?,
+            codes_len: codes_len as u64,
+            crc32: 0,
+        };
+        Ok(Plan { header, grid, order: perm, ranges, rounding })
+    }
+
+    /// Exact length of the frame [`Plan::write`] produces.
+    pub fn frame_len(&self) -> usize {
+        self.header.frame_len()
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The channel order used (identity outside mode sgq).
+    pub fn order(&self) -> &[u32] {
+        &self.order
+    }
+
+    /// Writes the frame for `x` (the tensor the plan was made from) into `out` of [`Plan::frame_len`] bytes.
+    pub fn write(&self, x: &[f32], out: &mut [u8]) -> Result<()> {
+        let h = &self.header;
+        let elements = h.shape.elements("x")?;
+        if x.len() != elements {
+            return Err(Error::invalid("x", format!("has {} elements, the plan was made for {elements}", x.len())));
+        }
+        if out.len() != self.frame_len() {
+            return Err(Error::invalid("out", format!("has {} bytes, the frame needs {}", out.len(), self.frame_len())));
+        }
+        h.write(&mut out[..HEADER_LEN]);
+        let (perm_out, rest) = out[HEADER_LEN..].split_at_mut(h.permutation_len as usize);
+        let (ranges_out, codes_out) = rest.split_at_mut(h.ranges_len as usize);
+        if h.has_permutation {
+            for (b, &p) in perm_out.chunks_exact_mut(2).zip(&self.order) {
+                b.copy_from_slice(&(p as u16).to_le_bytes());
+            }
+        }
+        for (b, &(lo, hi)) in ranges_out.chunks_exact_mut(4).zip(&self.ranges) {
+            b[..2].copy_from_slice(&lo.to_bits().to_le_bytes());
+            b[2..].copy_from_slice(&hi.to_bits().to_le_bytes());
+        }
+        if h.mode == Mode::Fp16 {
+            write_fp16(x, codes_out);
+        } else {
+            self.write_codes(x, codes_out);
+        }
+        frame::seal(out);
+        Ok(())
+    }
+
+    fn write_codes(&self, x: &[f32], codes_out: &mut [u8]) {
+        let h = &self.header;
+        let (shape, bits) = (h.shape, h.bits as u32);
+        let elements = shape.n * shape.c * shape.plane();
+        let top = ((1u32 << bits) - 1) as f32;
+        let params: Vec<(f32, f32)> = self
+            .ranges
+            .iter()
+            .map(|&(lo, hi)| {
+                let (lo, hi) = (lo.to_f32(), hi.to_f32());
+                (lo, if hi > lo { top / (hi - lo) } else { 0.0 })
+            })
+            .collect();
+        let plane = shape.plane();
+        let key = match self.rounding {
+            Rounding::Stochastic { seed } => Some(stream_key(seed)),
+            Rounding::Nearest => None,
+        };
+        let chunk_bytes = CHUNK / 8 * bits as usize;
+        let one = |(k, out): (usize, &mut [u8])| {
+            let start = k * CHUNK;
+            let end = (start + CHUNK).min(elements);
+            let mut buf = [0u8; CHUNK];
+            for_each_run(shape, &self.grid, start, end, |r| {
+                let src0 = (r.n * shape.c + self.order[r.p] as usize) * plane + r.hw;
+                let xs = &x[src0..src0 + r.len];
+                let qs = &mut buf[r.pos - start..r.pos - start + r.len];
+                let (lo, inv) = params[r.range];
+                match key {
+                    None => quantize_nearest(xs, qs, lo, inv, top),
+                    Some(key) => quantize_stochastic(xs, qs, lo, inv, top, key, r.pos),
+                }
+            });
+            bitpack::pack(&buf[..end - start], bits, out);
+        };
+        if maybe_parallel(elements) {
+            threads::install(|| codes_out.par_chunks_mut(chunk_bytes).enumerate().for_each(one));
+        } else {
+            codes_out.chunks_mut(chunk_bytes).enumerate().for_each(one);
+        }
+    }
+}
+
+#[inline(always)]
+fn quantize_nearest(xs: &[f32], qs: &mut [u8], lo: f32, inv: f32, top: f32) {
+    for (q, &x) in qs.iter_mut().zip(xs) {
+        // x >= lo, so t >= 0.5 and the truncating cast is floor(t): round half up
+        *q = ((x - lo) * inv + 0.5).min(top) as u8;
+    }
+}
+
+#[inline(always)]
+fn quantize_stochastic(xs: &[f32], qs: &mut [u8], lo: f32, inv: f32, top: f32, key: u64, pos: usize) {
+    for (j, (q, &x)) in qs.iter_mut().zip(xs).enumerate() {
+        *q = ((x - lo) * inv + uniform(key, pos + j)).min(top) as u8;
+    }
+}
+
+fn write_fp16(x: &[f32], out: &mut [u8]) {
+    let one = |(xs, o): (&[f32], &mut [u8])| {
+        for (&v, b) in xs.iter().zip(o.chunks_exact_mut(2)) {
+            b.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+        }
+    };
+    if maybe_parallel(x.len()) {
+        threads::install(|| x.par_chunks(CHUNK).zip(out.par_chunks_mut(2 * CHUNK)).for_each(one));
+    } else {
+        x.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)).for_each(one);
+    }
+}
+
+/// Encodes `x` (C-ordered `shape`, caller rank `ndim`) into a new frame.
+pub fn encode(x: &[f32], shape: Shape, ndim: u8, settings: &Settings, order: Option<&[u32]>) -> Result<Vec<u8>> {
+    let plan = Plan::new(x, shape, ndim, settings, order)?;
+    let mut out = vec![0u8; plan.frame_len()];
+    plan.write(x, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a frame into a new float32 vector (C-ordered `header.shape`).
+pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<f32>)> {
+    let frame = frame::parse(bytes)?;
+    let mut out = vec![0f32; frame.header.shape.elements("frame")?];
+    decode_into(&frame, &mut out)?;
+    Ok((frame.header, out))
+}
+
+/// Decodes a parsed frame into `out` (exactly N·C·H·W elements).
+pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
+    let h = &frame.header;
+    let shape = h.shape;
+    let elements = shape.elements("frame")?;
+    if out.len() != elements {
+        return Err(Error::invalid("out", format!("has {} elements, the frame holds {elements}", out.len())));
+    }
+    if h.mode == Mode::Fp16 {
+        let one = |(b, o): (&[u8], &mut [f32])| {
+            for (bb, v) in b.chunks_exact(2).zip(o.iter_mut()) {
+                *v = f16::from_bits(u16::from_le_bytes([bb[0], bb[1]])).to_f32();
+            }
+        };
+        if maybe_parallel(elements) {
+            threads::install(|| frame.codes.par_chunks(2 * CHUNK).zip(out.par_chunks_mut(CHUNK)).for_each(one));
+        } else {
+            frame.codes.chunks(2 * CHUNK).zip(out.chunks_mut(CHUNK)).for_each(one);
+        }
+        return Ok(());
+    }
+    let bits = h.bits as u32;
+    let top = ((1u32 << bits) - 1) as f32;
+    let params: Vec<(f32, f32)> = frame.ranges_f32().into_iter().map(|(lo, hi)| (lo, (hi - lo) / top)).collect();
+    let order = frame.order();
+    let grid = h.grid();
+    let plane = shape.plane();
+    let sample = shape.c * plane;
+    let stripe_len = grid.stripe_rows * shape.w;
+    let codes = frame.codes;
+    // One channel plane: code stream position (n, p) into `dst` (source channel order[p]).
+    let decode_plane = |n: usize, p: usize, dst: &mut [f32]| {
+        let first = (n * shape.c + p) * plane;
+        let mut buf = [0u8; DECODE_BLOCK];
+        let mut hw = 0;
+        while hw < plane {
+            let seg_end = if grid.per_block { ((hw / stripe_len + 1) * stripe_len).min(plane) } else { plane };
+            let (lo, step) = params[grid.range_index(n, p, hw / shape.w)];
+            while hw < seg_end {
+                let len = (seg_end - hw).min(DECODE_BLOCK);
+                let q = &mut buf[..len];
+                bitpack::unpack(codes, bits, first + hw, q);
+                for (o, &c) in dst[hw..hw + len].iter_mut().zip(q.iter()) {
+                    *o = lo + c as f32 * step;
+                }
+                hw += len;
+            }
+        }
+    };
+    let decode_sample = |(n, dst): (usize, &mut [f32])| {
+        if maybe_parallel(sample) && shape.c > 1 {
+            let mut slots: Vec<Option<&mut [f32]>> = dst.chunks_mut(plane).map(Some).collect();
+            let by_pos: Vec<(usize, &mut [f32])> =
+                order.iter().enumerate().filter_map(|(p, &ch)| slots.get_mut(ch as usize)?.take().map(|s| (p, s))).collect();
+            by_pos.into_par_iter().for_each(|(p, s)| decode_plane(n, p, s));
+        } else {
+            for (p, &ch) in order.iter().enumerate() {
+                let ch = ch as usize;
+                decode_plane(n, p, &mut dst[ch * plane..(ch + 1) * plane]);
+            }
+        }
+    };
+    if maybe_parallel(elements) {
+        threads::install(|| out.par_chunks_mut(sample).enumerate().for_each(decode_sample));
+    } else {
+        out.chunks_mut(sample).enumerate().for_each(decode_sample);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_rounding_is_outward() {
+        for v in [0.1f32, -0.1, 1e-9, -1e-9, 0.0, 3.14159, -65504.0, 65504.0, 1234.567, -7e-6] {
+            assert!(f16_down(v).to_f32() <= v, "{v}");
+            assert!(f16_up(v).to_f32() >= v, "{v}");
+            assert!(f16_down(v).to_f32().is_finite() && f16_up(v).to_f32().is_finite());
+        }
+    }
+
+    #[test]
+    fn constant_tensor_decodes_exactly() {
+        let x = vec![0.5f32; 2 * 3 * 4 * 5];
+        let shape = Shape { n: 2, c: 3, h: 4, w: 5 };
+        let f = encode(&x, shape, 4, &Settings::default(), None).unwrap();
+        assert_eq!(decode(&f).unwrap().1, x);
+    }
+
+    #[test]
+    fn rejects_values_beyond_binary16() {
+        let shape = Shape { n: 1, c: 1, h: 1, w: 2 };
+        for bad in [f32::NAN, f32::INFINITY, 70000.0] {
+            assert!(encode(&[0.0, bad], shape, 4, &Settings::default(), None).is_err());
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! SGQ (stripe-wise group quantization): the feature/gradient codec of collaborative (split) learning,
+//! bytes in and out. Spec: `docs/sgq.md`.
+//!
+//! A float32 tensor `N×C×H×W` is encoded as
+//! 1. a channel order (a permutation putting channels with similar ranges next to each other, [`order`]),
+//! 2. groups of `g` consecutive channels in that order, each group's `g×H×W` block cut into horizontal
+//!    stripes of `r` rows ([`layout`]),
+//! 3. per (sample, group, stripe) a range `[lo, hi]` stored as IEEE binary16, rounded *outwards* from the
+//!    block's float32 min and max so it covers every value, and codes
+//!    `q = round((x − lo) / (hi − lo) · (2^b − 1))`, `b ∈ 1..=8`, nearest (half up) or stochastic
+//!    (`floor(t + u)`, `u` from a counter-based hash of the seed and the code index),
+//! 4. codes bit-packed densely ([`bitpack`]) into a versioned, CRC-checked frame ([`frame`]).
+//!
+//! The encoder quantizes against the binary16 `lo`/`hi` the decoder reads back, so the reconstruction
+//! `lo + q · (hi − lo)/(2^b − 1)` is within half a step (nearest) or one step (stochastic) of `x`, up to
+//! float32 rounding of a few ulps of `max(|lo|, |hi|)`. A block with `hi == lo` decodes to `lo` exactly.
+//!
+//! Two baselines share the frame format and code path: [`Mode::Uniform`] (one per-tensor range at
+//! `b` bits) and [`Mode::Fp16`] (raw binary16 values). Values must be finite with `|x| ≤ 65504` (the
+//! binary16 range) in every mode.
+//!
+//! # Frame format, version 1 (all integers little-endian)
+//!
+//! ```text
+//! offset size  field
+//!  0      4    magic b"SGQF"
+//!  4      2    version u16 = 1
+//!  6      1    dtype of the source tensor: 1 = float32 (the only one)
+//!  7      1    mode: 0 = sgq, 1 = uniform (per tensor), 2 = fp16 (raw)
+//!  8      1    bits b: 1..=8 for sgq/uniform, 16 for fp16
+//!  9      1    flags: bit 0 = stochastic rounding, bit 1 = permutation present; bits 2..7 are 0
+//! 10      1    ndim of the caller's array: 2 (N,C), 3 (N,C,L) or 4 (N,C,H,W)
+//! 11      1    reserved, 0
+//! 12      4    N  u32   ┐ the 4-D shape; (N,C) is stored as N×C×1×1 and
+//! 16      4    C  u32   │ (N,C,L) as N×C×L×1, so stripes cut along L;
+//! 20      4    H  u32   │ every dimension ≥ 1, N·C·H·W ≤ MAX_ELEMENTS
+//! 24      4    W  u32   ┘
+//! 28      4    group g u32: sgq 1..=C; 0 in the other modes
+//! 32      4    stripe rows r u32: sgq 1..=H; 0 in the other modes
+//! 36      4    permutation length in bytes u32: 2·C if flag bit 1, else 0
+//! 40      4    ranges length in bytes u32: sgq 4·N·⌈C/g⌉·⌈H/r⌉, uniform 4, fp16 0
+//! 44      8    codes length in bytes u64: ⌈N·C·H·W·b / 8⌉ (fp16: 2·N·C·H·W)
+//! 52      4    CRC32 (IEEE) of bytes 0..52 followed by bytes 56..end
+//! 56      .    permutation: C × u16, entry p = the source channel placed at position p
+//!         .    ranges: per range lo, hi as binary16 bit patterns (u16 each), ranges in (n, group,
+//!              stripe) order, stripe fastest; uniform: one range; lo ≤ hi, both finite
+//!         .    codes: sgq/uniform: element i of the (n, position p, h, w) order (w fastest) takes bits
+//!              i·b .. i·b+b of the stream, bit k of the stream being bit k mod 8 of byte k / 8 (least
+//!              significant bit first); unused bits of the last byte are 0. fp16: binary16 values in
+//!              the original (n, c, h, w) order.
+//! ```
+//! Without a permutation, the order is the identity. The frame ends exactly after the codes.
+//!
+//! Decoding ([`frame::parse`]) validates all of this, with checked arithmetic and before allocating
+//! anything sized by the header, and returns [`Error::Frame`](crate::Error::Frame) for any violation.
+//!
+//! What does not live here: the transport (gRPC, Python side) and codec state across frames (the Python
+//! `Codec` keeps the channel order and passes it in).
+
+pub mod bitpack;
+pub mod codec;
+pub mod frame;
+pub mod layout;
+pub mod order;
+
+pub use codec::{decode, encode, Plan};
+pub use frame::{parse, Frame, Header};
+pub use layout::Shape;
+
+use crate::quant::Rounding;
+
+/// Largest element count of a frame (a header asking for more is rejected before any allocation).
+pub const MAX_ELEMENTS: usize = 1 << 32;
+/// Largest magnitude binary16 holds; values beyond it cannot be encoded.
+pub const F16_MAX: f32 = 65504.0;
+/// Default channels per group.
+pub const DEFAULT_GROUP: usize = 4;
+
+/// Which encoding a frame uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Channel order, groups × stripes, one binary16 range per (sample, group, stripe).
+    Sgq,
+    /// One binary16 range for the whole tensor (the uniform per-tensor baseline).
+    Uniform,
+    /// Raw binary16 values (the fp16 baseline); `bits` is 16 and rounding nearest.
+    Fp16,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Sgq => "sgq",
+            Mode::Uniform => "uniform",
+            Mode::Fp16 => "fp16",
+        }
+    }
+}
+
+/// Encoder settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    pub mode: Mode,
+    /// 1..=8 for sgq/uniform; ignored (16) for fp16.
+    pub bits: u8,
+    /// Channels per group (sgq), ≥ 1; clamped to C.
+    pub group: usize,
+    /// Rows per stripe (sgq); 0 means `max(H / 4, 1)`; clamped to H.
+    pub stripe_rows: usize,
+    /// Nearest or stochastic (seeded) rounding of the codes.
+    pub rounding: Rounding,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { mode: Mode::Sgq, bits: 4, group: DEFAULT_GROUP, stripe_rows: 0, rounding: Rounding::Nearest }
+    }
+}

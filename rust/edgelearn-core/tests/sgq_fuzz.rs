@@ -1,0 +1,163 @@
+//! Stable-toolchain fuzzing of the SGQ frame decoder: mutate valid frames (bit flips, byte writes,
+//! truncations, extensions, header-field edits with the CRC re-sealed so the deeper checks are reached,
+//! random bytes) and require that `decode` returns `Ok` or `Err` without panicking and without any
+//! allocation larger than a bound proportional to the frame (a counting global allocator checks).
+//!
+//! `cargo test --release --test sgq_fuzz` runs a short pass (a few seconds); `SGQ_FUZZ_SECONDS=N` runs
+//! for N seconds (`scripts/fuzz-sgq.sh N`). `SGQ_FUZZ_SEED` picks the mutation stream. The nightly
+//! cargo-fuzz target in `fuzz/` exercises the same entry point with coverage guidance.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use edgelearn_core::quant::Rounding;
+use edgelearn_core::sgq::{self, frame, Mode, Settings, Shape};
+
+struct LargestAllocation;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only records the largest size requested.
+unsafe impl GlobalAlloc for LargestAllocation {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: LargestAllocation = LargestAllocation;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let shapes = [(1, 1, 1, 1), (2, 5, 3, 4), (3, 7, 9, 2), (1, 16, 8, 8), (4, 3, 1, 1), (2, 4, 7, 1)];
+    for (i, &(n, c, h, w)) in shapes.iter().enumerate() {
+        let shape = Shape { n, c, h, w };
+        let x: Vec<f32> = (0..n * c * h * w).map(|_| (rng.below(2000) as f32 - 700.0) / 100.0).collect();
+        for (mode, bits) in [(Mode::Sgq, 1 + (i as u8 % 8)), (Mode::Sgq, 8 - i as u8), (Mode::Uniform, 3), (Mode::Fp16, 16)] {
+            let rounding = if i % 2 == 0 { Rounding::Nearest } else { Rounding::Stochastic { seed: i as u64 } };
+            let s = Settings { mode, bits: bits.clamp(1, 8), group: 1 + i % 3, stripe_rows: i % 3, rounding };
+            let ndim = if w == 1 && h == 1 { 2 } else if w == 1 { 3 } else { 4 };
+            out.push(sgq::encode(&x, shape, ndim, &s, None).unwrap());
+        }
+    }
+    out
+}
+
+fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut b = base.to_vec();
+    let reseal = rng.below(2) == 0;
+    for _ in 0..1 + rng.below(4) {
+        if b.is_empty() {
+            b.push(rng.next() as u8);
+        }
+        match rng.below(8) {
+            0 => {
+                let i = rng.below(b.len());
+                b[i] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let i = rng.below(b.len());
+                b[i] = rng.next() as u8;
+            }
+            2 => b.truncate(rng.below(b.len() + 1)),
+            3 => {
+                for _ in 0..1 + rng.below(16) {
+                    b.push(rng.next() as u8);
+                }
+            }
+            4 | 5 => {
+                // a header field: a u32 among the shape/length fields, or a u64 codes length
+                let at = [12, 16, 20, 24, 28, 32, 36, 40][rng.below(8)];
+                let v: u32 = match rng.below(4) {
+                    0 => rng.next() as u32,
+                    1 => u32::MAX - rng.below(3) as u32,
+                    2 => rng.below(70) as u32,
+                    _ => 1 << rng.below(32),
+                };
+                if b.len() >= at + 4 {
+                    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            6 => {
+                if b.len() >= 52 {
+                    let v = rng.next() >> rng.below(64);
+                    b[44..52].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                let i = rng.below(12);
+                if b.len() > i {
+                    b[i] = rng.below(20) as u8;
+                }
+            }
+        }
+    }
+    if reseal && b.len() >= frame::HEADER_LEN {
+        frame::seal(&mut b);
+    }
+    b
+}
+
+/// One decode under the allocation check; returns whether it succeeded.
+fn check_one(bytes: &[u8]) -> bool {
+    LARGEST.store(0, Ordering::Relaxed);
+    let result = sgq::decode(bytes);
+    let largest = LARGEST.load(Ordering::Relaxed);
+    // the output is at most 32 f32 bytes per frame byte (1-bit codes); anything beyond is header-sized
+    let limit = 64 * bytes.len() + (1 << 20);
+    assert!(largest <= limit, "decode of a {}-byte frame allocated {largest} bytes", bytes.len());
+    if let Ok((h, y)) = &result {
+        assert_eq!(y.len(), h.shape.elements("x").unwrap());
+    }
+    result.is_ok()
+}
+
+#[test]
+fn decoder_survives_mutated_frames() {
+    let seconds: u64 = std::env::var("SGQ_FUZZ_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let seed: u64 = std::env::var("SGQ_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5EED_F00D);
+    let mut rng = Rng(seed | 1);
+    let corpus = seeds(&mut rng);
+    for f in &corpus {
+        assert!(check_one(f), "a valid frame was rejected");
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut iterations, mut accepted) = (0u64, 0u64);
+    loop {
+        let base = &corpus[rng.below(corpus.len())];
+        let m = if rng.below(50) == 0 {
+            (0..rng.below(200)).map(|_| rng.next() as u8).collect()
+        } else {
+            mutate(&mut rng, base)
+        };
+        accepted += check_one(&m) as u64;
+        iterations += 1;
+        if (seconds == 0 && iterations >= 100_000) || (seconds > 0 && iterations % 256 == 0 && Instant::now() >= deadline) {
+            break;
+        }
+    }
+    eprintln!("sgq fuzz: {iterations} mutated frames (seed {seed}), {accepted} decoded, no panic");
+}
