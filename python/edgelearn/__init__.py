@@ -23,6 +23,7 @@ from .octo import OctoConfig, octo
 from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from . import checkpoint, data, models, train
 from . import sgq
+from . import video
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import evaluate, fit
 

@@ -12,6 +12,7 @@
 pub mod error;
 pub mod gemm;
 pub mod nn;
+pub mod patchskip;
 pub mod quant;
 pub mod sgq;
 pub mod threads;

@@ -7,6 +7,7 @@ mod errors;
 mod gemm;
 mod info;
 mod nn;
+mod patchskip;
 mod quant;
 mod sgq;
 
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     nn::register(m)?;
     sgq::register(m)?;
+    patchskip::register(m)?;
     Ok(())
 }

@@ -1,0 +1,18 @@
+//! PASS-style patch-skip inference for video: recompute only the parts of a conv net's feature maps that
+//! a changed input patch can reach, reuse cached results for the rest.
+//!
+//! - [`region`]: tile bitmaps ([`TileMap`]), the per-patch change gate and the dilation of a dirty region
+//!   through one layer's window (stride-aware halos).
+//! - [`tile_ops`]: conv / pooling / pointwise ops evaluated on an output rectangle only, reading the
+//!   cached input feature map around it (small im2col + GEMM for convolutions).
+//! - [`runner`]: [`PatchSkip`], the per-stream state (input reference, per-layer output caches) and the
+//!   per-frame schedule (dense first frame and every K frames, sparse otherwise).
+//!
+//! Not here: video decoding, the Python module walk (`edgelearn.video`), INT8 (a later slice).
+
+pub mod region;
+pub mod runner;
+pub mod tile_ops;
+
+pub use region::{changed_patches, dilate, window_span, TileMap};
+pub use runner::{FrameStats, Layer, PatchSkip, PatchSkipConfig};

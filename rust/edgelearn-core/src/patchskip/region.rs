@@ -1,0 +1,265 @@
+//! Tile bitmaps and how a dirty region travels through a layer.
+//!
+//! A feature map of `h × w` pixels is cut into square tiles of `tile` pixels (the last row/column of
+//! tiles may be partial); a [`TileMap`] holds one "dirty" flag per tile. The input frame uses tiles of
+//! the gate's patch size `p`; every layer's output uses tiles of the runner's tile size.
+//!
+//! Dilation: an output pixel `oy` reads input rows `oy·s − pad .. oy·s − pad + k`, so a dirty input row
+//! range `a..b` reaches exactly the output rows whose window touches it ([`window_span`]) — a halo of
+//! about `k/s` rows, shrinking with the stride. [`dilate`] maps every horizontal run of dirty input tiles
+//! this way and marks the output tiles the result touches.
+
+use crate::error::{Error, Result};
+use crate::nn::Window2d;
+
+/// One flag per `tile × tile` tile of an `h × w` map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TileMap {
+    h: usize,
+    w: usize,
+    tile: usize,
+    rows: usize,
+    cols: usize,
+    bits: Vec<bool>,
+}
+
+impl TileMap {
+    /// An all-clean map. `tile` must be positive.
+    pub fn new(h: usize, w: usize, tile: usize) -> Result<Self> {
+        if tile == 0 {
+            return Err(Error::invalid("tile", "must be positive, got 0"));
+        }
+        let (rows, cols) = (h.div_ceil(tile), w.div_ceil(tile));
+        Ok(TileMap { h, w, tile, rows, cols, bits: vec![false; rows * cols] })
+    }
+    pub fn height(&self) -> usize {
+        self.h
+    }
+    pub fn width(&self) -> usize {
+        self.w
+    }
+    pub fn tile(&self) -> usize {
+        self.tile
+    }
+    /// Tiles per column and per row: `(ceil(h/tile), ceil(w/tile))`.
+    pub fn grid(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    pub fn get(&self, r: usize, c: usize) -> bool {
+        r < self.rows && c < self.cols && self.bits[r * self.cols + c]
+    }
+    pub fn set(&mut self, r: usize, c: usize) {
+        if r < self.rows && c < self.cols {
+            self.bits[r * self.cols + c] = true;
+        }
+    }
+    pub fn fill(&mut self, v: bool) {
+        self.bits.fill(v);
+    }
+    /// Number of dirty tiles.
+    pub fn count(&self) -> usize {
+        self.bits.iter().filter(|&&b| b).count()
+    }
+    /// Dirty tiles over all tiles (0 for an empty map).
+    pub fn fraction(&self) -> f64 {
+        if self.bits.is_empty() {
+            0.0
+        } else {
+            self.count() as f64 / self.bits.len() as f64
+        }
+    }
+    /// Pixels covered by dirty tiles (partial tiles count their real size).
+    pub fn dirty_pixels(&self) -> usize {
+        self.runs().iter().map(|&(r, c0, c1)| {
+            let (y0, y1, x0, x1) = self.run_rect(r, c0, c1);
+            (y1 - y0) * (x1 - x0)
+        }).sum()
+    }
+    /// Pixel rectangle `(y0, y1, x0, x1)` (half-open, clipped to the map) of tiles `c0..c1` in tile row `r`.
+    pub fn run_rect(&self, r: usize, c0: usize, c1: usize) -> (usize, usize, usize, usize) {
+        let t = self.tile;
+        ((r * t).min(self.h), ((r + 1) * t).min(self.h), (c0 * t).min(self.w), (c1 * t).min(self.w))
+    }
+    /// Marks every tile that the pixel rectangle `y0..y1 × x0..x1` touches (empty rectangles mark nothing).
+    pub fn mark_rect(&mut self, y0: usize, y1: usize, x0: usize, x1: usize) {
+        let (y1, x1) = (y1.min(self.h), x1.min(self.w));
+        if y0 >= y1 || x0 >= x1 {
+            return;
+        }
+        let t = self.tile;
+        for r in y0 / t..=(y1 - 1) / t {
+            self.bits[r * self.cols + x0 / t..=r * self.cols + (x1 - 1) / t].fill(true);
+        }
+    }
+    /// Maximal horizontal runs of dirty tiles as `(row, c0, c1)` (tiles `c0..c1`), row-major order.
+    pub fn runs(&self) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for r in 0..self.rows {
+            let row = &self.bits[r * self.cols..(r + 1) * self.cols];
+            let mut c = 0;
+            while c < self.cols {
+                if row[c] {
+                    let c0 = c;
+                    while c < self.cols && row[c] {
+                        c += 1;
+                    }
+                    out.push((r, c0, c));
+                } else {
+                    c += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Output indices `lo..hi` (clipped to `0..out_len`) whose window (`k` taps, stride `s`, padding `p`)
+/// touches input indices `a..b`: `oy·s − p ≤ b − 1` and `oy·s − p + k − 1 ≥ a`. Empty as `(x, x)`.
+pub fn window_span(a: usize, b: usize, k: usize, s: usize, p: usize, out_len: usize) -> (usize, usize) {
+    if a >= b || k == 0 || s == 0 {
+        return (0, 0);
+    }
+    let lo = (a + p).saturating_sub(k - 1).div_ceil(s);
+    let hi = ((b - 1 + p) / s + 1).min(out_len);
+    (lo.min(hi), hi)
+}
+
+/// The output tiles (`out_h × out_w` map, tiles of `out_tile`) that a layer with window `win` can change
+/// when the dirty input tiles of `input` change.
+pub fn dilate(input: &TileMap, win: Window2d, out_h: usize, out_w: usize, out_tile: usize) -> Result<TileMap> {
+    let mut out = TileMap::new(out_h, out_w, out_tile)?;
+    for (r, c0, c1) in input.runs() {
+        let (y0, y1, x0, x1) = input.run_rect(r, c0, c1);
+        let (oy0, oy1) = window_span(y0, y1, win.kernel.0, win.stride.0, win.padding.0, out_h);
+        let (ox0, ox1) = window_span(x0, x1, win.kernel.1, win.stride.1, win.padding.1, out_w);
+        out.mark_rect(oy0, oy1, ox0, ox1);
+    }
+    Ok(out)
+}
+
+/// The change gate: flags each `patch × patch` patch of a `(c, h, w)` frame whose largest absolute
+/// difference to `reference` over all channels exceeds `threshold` (NaN differences count as changed).
+/// With `threshold = 0` any change at all flags the patch.
+pub fn changed_patches(frame: &[f32], reference: &[f32], shape: [usize; 3], patch: usize, threshold: f32) -> Result<TileMap> {
+    let [c, h, w] = shape;
+    let n = c * h * w;
+    if frame.len() != n || reference.len() != n {
+        return Err(Error::invalid(
+            "frame",
+            format!("expected {n} values for shape {shape:?}, got {} (reference {})", frame.len(), reference.len()),
+        ));
+    }
+    let mut map = TileMap::new(h, w, patch)?;
+    let cols = map.cols;
+    let mut score = vec![0.0f32; map.rows * cols];
+    let mut nan = vec![false; map.rows * cols];
+    for ch in 0..c {
+        for y in 0..h {
+            let base = (ch * h + y) * w;
+            let (fr, rr) = (&frame[base..base + w], &reference[base..base + w]);
+            let srow = (y / patch) * cols;
+            for (pc, (fs, rs)) in fr.chunks(patch).zip(rr.chunks(patch)).enumerate() {
+                let mut m = 0.0f32;
+                let mut bad = false;
+                for (&a, &b) in fs.iter().zip(rs) {
+                    let d = (a - b).abs();
+                    bad |= d.is_nan();
+                    m = m.max(d);
+                }
+                let s = &mut score[srow + pc];
+                *s = s.max(m);
+                nan[srow + pc] |= bad;
+            }
+        }
+    }
+    for (i, (&s, &bad)) in score.iter().zip(&nan).enumerate() {
+        map.bits[i] = bad || s > threshold;
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute_span(a: usize, b: usize, k: usize, s: usize, p: usize, out_len: usize) -> Vec<usize> {
+        (0..out_len)
+            .filter(|&o| {
+                let start = (o * s) as isize - p as isize;
+                (start..start + k as isize).any(|i| i >= a as isize && i < b as isize)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn window_span_matches_brute_force() {
+        for k in 1usize..6 {
+            for s in 1..4 {
+                for p in 0..=k / 2 {
+                    for len in k.saturating_sub(2 * p).max(1)..20 {
+                        let out_len = (len + 2 * p - k) / s + 1;
+                        for a in 0..len {
+                            for b in a + 1..=len {
+                                let (lo, hi) = window_span(a, b, k, s, p, out_len);
+                                let want = brute_span(a, b, k, s, p, out_len);
+                                assert_eq!((lo..hi).collect::<Vec<_>>(), want, "k{k} s{s} p{p} len{len} {a}..{b}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dilate_3x3_stride1_adds_one_pixel_halo() {
+        let mut m = TileMap::new(32, 32, 8).unwrap();
+        m.set(1, 1); // pixels 8..16
+        let d = dilate(&m, Window2d::new((3, 3), (1, 1), (1, 1)), 32, 32, 4).unwrap();
+        // output 7..17 touched -> 4-px tiles 1..=4
+        for r in 0..8 {
+            for c in 0..8 {
+                assert_eq!(d.get(r, c), (1..=4).contains(&r) && (1..=4).contains(&c), "{r},{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn dilate_stride2_halves_the_region() {
+        let mut m = TileMap::new(32, 32, 16).unwrap();
+        m.set(1, 0); // rows 16..32, cols 0..16
+        let d = dilate(&m, Window2d::new((3, 3), (2, 2), (1, 1)), 16, 16, 4).unwrap();
+        // rows: o*2-1+2 >= 16 -> o >= 7.5 -> 8; o*2-1 <= 31 -> o <= 16 -> 8..16; cols 0..=8
+        assert!(!d.get(1, 0) && d.get(2, 0) && d.get(3, 0));
+        assert!(d.get(2, 2) && !d.get(2, 3));
+        assert_eq!(d.count(), 2 * 3);
+    }
+
+    #[test]
+    fn dilate_empty_stays_empty_and_partial_tiles_clip() {
+        let m = TileMap::new(17, 13, 5).unwrap();
+        assert_eq!(dilate(&m, Window2d::new((5, 5), (1, 1), (2, 2)), 17, 13, 8).unwrap().count(), 0);
+        let mut m = TileMap::new(17, 13, 5).unwrap();
+        m.set(3, 2); // pixels rows 15..17, cols 10..13
+        assert_eq!(m.run_rect(3, 2, 3), (15, 17, 10, 13));
+        let d = dilate(&m, Window2d::new((2, 2), (2, 2), (0, 0)), 8, 6, 4).unwrap();
+        // rows 7..8, cols 5..6
+        assert!(d.get(1, 1));
+        assert_eq!(d.count(), 1);
+    }
+
+    #[test]
+    fn gate_flags_only_changed_patches() {
+        let shape = [2, 10, 11];
+        let r = vec![0.5f32; 220];
+        let mut f = r.clone();
+        assert_eq!(changed_patches(&f, &r, shape, 4, 0.0).unwrap().count(), 0);
+        f[110 + 9 * 11 + 10] = 0.6; // channel 1, pixel (9, 10): last partial patch
+        let m = changed_patches(&f, &r, shape, 4, 0.0).unwrap();
+        assert_eq!(m.count(), 1);
+        assert!(m.get(2, 2));
+        assert_eq!(changed_patches(&f, &r, shape, 4, 0.2).unwrap().count(), 0);
+        f[0] = f32::NAN;
+        assert!(changed_patches(&f, &r, shape, 4, 10.0).unwrap().get(0, 0));
+    }
+}

@@ -1,0 +1,368 @@
+//! The per-stream runner: reference frame, per-layer output caches, the per-frame schedule.
+//!
+//! Layers are grouped into stages: one spatial op (conv, max/avg pooling, or identity when a model
+//! starts with a pointwise op) followed by the pointwise ops (ReLU, eval batch norm) applied in place
+//! to its output. Per frame:
+//!
+//! 1. Gate: flag the input patches (size `patch`) whose max |frame − reference| over all channels
+//!    exceeds the threshold; copy the frame into the reference on those patches only. The reference is
+//!    therefore exactly what the caches were computed from, so slow drifts accumulate until they trip
+//!    the gate (no silent loss of small changes).
+//! 2. For each stage: dilate the dirty tiles of its input through its window ([`dilate`]) to the output
+//!    tiles (`tile × tile` output pixels) that can change, and recompute only those, reading the cached
+//!    input map around them ([`conv_rects`], [`pool_rects`]), then apply the pointwise ops there.
+//! 3. The first frame after construction/[`PatchSkip::reset`] and every `refresh_every`-th frame run densely.
+//!
+//! Invariant: every cache equals dense inference of the reference frame (up to float rounding of the
+//! GEMM's summation order); with threshold 0 the reference equals the frame, hence output = dense.
+
+use std::time::Instant;
+
+use super::region::{changed_patches, dilate, TileMap};
+use super::tile_ops::{conv_rects, pointwise_rects, pool_rects, ConvParams, Pointwise, Rect, Scratch};
+use crate::error::{Error, Result};
+use crate::nn::{conv2d_f32_forward, Geometry, Window2d};
+
+/// One layer of the chain, as given by the caller.
+#[derive(Clone, Debug)]
+pub enum Layer {
+    /// `weight (o, c, kh, kw)`, optional bias `(o,)`.
+    Conv2d { weight: Vec<f32>, shape: [usize; 4], bias: Option<Vec<f32>>, stride: (usize, usize), padding: (usize, usize) },
+    /// Eval-mode batch norm with running statistics: `y = x·a + b`, `a = γ/√(var+eps)`, `b = β − mean·a`.
+    BatchNorm2d { gamma: Vec<f32>, beta: Vec<f32>, mean: Vec<f32>, var: Vec<f32>, eps: f32 },
+    Relu,
+    MaxPool2d(Window2d),
+    AvgPool2d(Window2d),
+}
+
+/// Gate and schedule settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PatchSkipConfig {
+    /// Side of the gate's input patches, in pixels.
+    pub patch: usize,
+    /// A patch is recomputed when its max |change| exceeds this (0: any change).
+    pub threshold: f32,
+    /// Dense refresh every this many frames (0: only the first frame).
+    pub refresh_every: usize,
+    /// Side of the output tiles each layer recomputes, in output pixels.
+    pub tile: usize,
+}
+
+impl Default for PatchSkipConfig {
+    fn default() -> Self {
+        PatchSkipConfig { patch: 16, threshold: 0.0, refresh_every: 0, tile: 8 }
+    }
+}
+
+/// What the last frame cost.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FrameStats {
+    /// Frame index since construction / reset (0-based).
+    pub frame: usize,
+    /// Whether the frame ran densely (first frame or forced refresh).
+    pub dense: bool,
+    /// Fraction of input patches the gate flagged.
+    pub patch_fraction: f64,
+    /// Per stage: fraction of output tiles recomputed.
+    pub layer_fractions: Vec<f64>,
+    /// Recomputed work over dense work, weighting each stage's recomputed output pixels by its cost per pixel.
+    pub compute_fraction: f64,
+    /// Wall time of the frame (gate + recompute), seconds.
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug)]
+enum Spatial {
+    Conv(ConvParams),
+    MaxPool(Window2d),
+    AvgPool(Window2d),
+    Identity,
+}
+
+#[derive(Debug)]
+struct Stage {
+    spatial: Spatial,
+    post: Vec<Pointwise>,
+    /// Kept to build `post` once the channel count is known.
+    bn: Vec<(usize, Layer)>,
+    in_shape: [usize; 3],
+    out_shape: [usize; 3],
+    out: Vec<f32>,
+    /// multiply-adds (or reads) per output pixel, for the compute fraction
+    cost: f64,
+}
+
+impl Stage {
+    fn window(&self) -> Window2d {
+        match &self.spatial {
+            Spatial::Conv(p) => p.window(),
+            Spatial::MaxPool(w) | Spatial::AvgPool(w) => *w,
+            Spatial::Identity => Window2d::new((1, 1), (1, 1), (0, 0)),
+        }
+    }
+}
+
+/// Patch-skip inference of a conv / pool / pointwise chain over a stream of `(c, h, w)` frames.
+#[derive(Debug)]
+pub struct PatchSkip {
+    cfg: PatchSkipConfig,
+    stages: Vec<Stage>,
+    shape: Option<[usize; 3]>,
+    reference: Vec<f32>,
+    frames: usize,
+    stats: FrameStats,
+    scratch: Scratch,
+}
+
+fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> Pointwise {
+    // the same arithmetic as crate::nn::batchnorm2d_forward in eval mode
+    let (mut a, mut b) = (Vec::with_capacity(gamma.len()), Vec::with_capacity(gamma.len()));
+    for ch in 0..gamma.len() {
+        let invstd = (1.0 / (var[ch] as f64 + eps as f64).sqrt()) as f32;
+        let ac = gamma[ch] * invstd;
+        a.push(ac);
+        b.push(beta[ch] - mean[ch] * ac);
+    }
+    Pointwise::Affine { a, b }
+}
+
+impl PatchSkip {
+    /// Builds a runner over `layers` (in order). Shapes are checked against the first frame.
+    pub fn new(layers: Vec<Layer>, cfg: PatchSkipConfig) -> Result<Self> {
+        if cfg.patch == 0 {
+            return Err(Error::invalid("patch", "must be positive, got 0"));
+        }
+        if cfg.tile == 0 {
+            return Err(Error::invalid("tile", "must be positive, got 0"));
+        }
+        if cfg.threshold.is_nan() || cfg.threshold < 0.0 {
+            return Err(Error::invalid("threshold", format!("must be >= 0 and not NaN, got {}", cfg.threshold)));
+        }
+        if layers.is_empty() {
+            return Err(Error::invalid("layers", "the model has no layers"));
+        }
+        let mut stages: Vec<Stage> = Vec::new();
+        let new_stage = |spatial| Stage {
+            spatial,
+            post: Vec::new(),
+            bn: Vec::new(),
+            in_shape: [0; 3],
+            out_shape: [0; 3],
+            out: Vec::new(),
+            cost: 0.0,
+        };
+        for (i, layer) in layers.into_iter().enumerate() {
+            match layer {
+                Layer::Conv2d { weight, shape, bias, stride, padding } => {
+                    let [o, c, kh, kw] = shape;
+                    if weight.len() != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
+                        return Err(Error::invalid("layers", format!("layer {i}: conv weight of shape {shape:?} has {} values", weight.len())));
+                    }
+                    if bias.as_ref().is_some_and(|b| b.len() != o) {
+                        return Err(Error::invalid("layers", format!("layer {i}: conv bias must have {o} values")));
+                    }
+                    if stride.0 == 0 || stride.1 == 0 {
+                        return Err(Error::invalid("layers", format!("layer {i}: stride must be positive")));
+                    }
+                    stages.push(new_stage(Spatial::Conv(ConvParams { weight, shape, bias, stride, padding })));
+                }
+                Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
+                    if w.kernel.0 == 0 || w.kernel.1 == 0 || w.stride.0 == 0 || w.stride.1 == 0
+                        || w.padding.0 > w.kernel.0 / 2 || w.padding.1 > w.kernel.1 / 2 =>
+                {
+                    return Err(Error::invalid("layers", format!("layer {i}: bad pooling window {w:?} (positive kernel/stride, padding at most half the kernel)")));
+                }
+                Layer::MaxPool2d(w) => stages.push(new_stage(Spatial::MaxPool(w))),
+                Layer::AvgPool2d(w) => stages.push(new_stage(Spatial::AvgPool(w))),
+                Layer::Relu | Layer::BatchNorm2d { .. } => {
+                    if stages.is_empty() {
+                        stages.push(new_stage(Spatial::Identity));
+                    }
+                    let st = stages.last_mut().expect("a stage exists");
+                    match layer {
+                        Layer::Relu => st.post.push(Pointwise::Relu),
+                        bn => {
+                            st.bn.push((st.post.len(), bn));
+                            st.post.push(Pointwise::Relu); // placeholder, replaced in configure
+                        }
+                    }
+                }
+            }
+        }
+        Ok(PatchSkip { cfg, stages, shape: None, reference: Vec::new(), frames: 0, stats: FrameStats::default(), scratch: Scratch::default() })
+    }
+
+    pub fn config(&self) -> PatchSkipConfig {
+        self.cfg
+    }
+
+    /// Forgets the stream: the next frame runs densely and may have any shape.
+    pub fn reset(&mut self) {
+        self.shape = None;
+        self.frames = 0;
+        self.reference = Vec::new();
+        self.stats = FrameStats::default();
+        for st in &mut self.stages {
+            st.out = Vec::new();
+        }
+    }
+
+    /// Statistics of the last frame.
+    pub fn stats(&self) -> &FrameStats {
+        &self.stats
+    }
+
+    /// Shape `(c, h, w)` of the frames this stream was started with, if any.
+    pub fn input_shape(&self) -> Option<[usize; 3]> {
+        self.shape
+    }
+
+    /// Shape of the output, once a frame has been seen.
+    pub fn output_shape(&self) -> Option<[usize; 3]> {
+        self.shape.map(|_| self.stages.last().map_or([0; 3], |s| s.out_shape))
+    }
+
+    /// Checks every stage against an input of `shape` and allocates the caches.
+    fn configure(&mut self, shape: [usize; 3]) -> Result<()> {
+        let mut cur = shape;
+        for (i, st) in self.stages.iter_mut().enumerate() {
+            let [c, h, w] = cur;
+            let win = st.window();
+            let (oc, cost) = match &st.spatial {
+                Spatial::Conv(p) => {
+                    if p.shape[1] != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    }
+                    (p.shape[0], (p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]) as f64)
+                }
+                Spatial::MaxPool(_) | Spatial::AvgPool(_) => (c, (c * win.kernel.0 * win.kernel.1) as f64),
+                Spatial::Identity => (c, c as f64),
+            };
+            let g = Geometry::new("frame", [1, c, h, w], win)
+                .map_err(|e| Error::invalid("frame", format!("stage {i}: input shape {cur:?} does not fit the layer ({e})")))?;
+            for (pos, layer) in &st.bn {
+                if let Layer::BatchNorm2d { gamma, beta, mean, var, eps } = layer {
+                    if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&n| n != oc) {
+                        return Err(Error::invalid("frame", format!("stage {i}: batch norm has {} channels, its input has {oc}", gamma.len())));
+                    }
+                    st.post[*pos] = bn_affine(gamma, beta, mean, var, *eps);
+                }
+            }
+            st.in_shape = cur;
+            st.out_shape = [oc, g.oh, g.ow];
+            st.out = vec![0.0; oc * g.oh * g.ow];
+            st.cost = cost + st.post.len() as f64 * oc as f64;
+            cur = st.out_shape;
+        }
+        self.shape = Some(shape);
+        self.reference = vec![0.0; shape.iter().product()];
+        Ok(())
+    }
+
+    /// Runs one `(c, h, w)` frame (C-ordered) and returns the output `(c', h', w')` cache.
+    pub fn run(&mut self, frame: &[f32], shape: [usize; 3]) -> Result<&[f32]> {
+        let t0 = Instant::now();
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+        if frame.len() != n || n == 0 {
+            return Err(Error::invalid("frame", format!("expected a non-empty frame of shape {shape:?}, got {} values", frame.len())));
+        }
+        if let Some(i) = frame.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { arg: "frame", index: i });
+        }
+        match self.shape {
+            None => self.configure(shape)?,
+            Some(s) if s != shape => {
+                return Err(Error::invalid("frame", format!("shape changed mid-stream: expected {s:?} (the first frame's), got {shape:?}; call reset() to start a new stream")))
+            }
+            _ => {}
+        }
+        let dense = self.frames == 0 || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every));
+        let mut stats = FrameStats { frame: self.frames, dense, ..FrameStats::default() };
+        if dense {
+            self.reference.copy_from_slice(frame);
+            self.run_dense()?;
+            stats.patch_fraction = 1.0;
+            stats.layer_fractions = vec![1.0; self.stages.len()];
+            stats.compute_fraction = 1.0;
+        } else {
+            let gate = changed_patches(frame, &self.reference, shape, self.cfg.patch, self.cfg.threshold)?;
+            stats.patch_fraction = gate.fraction();
+            let [c, h, w] = shape;
+            for (r, c0, c1) in gate.runs() {
+                let (y0, y1, x0, x1) = gate.run_rect(r, c0, c1);
+                for ch in 0..c {
+                    for y in y0..y1 {
+                        let o = (ch * h + y) * w;
+                        self.reference[o + x0..o + x1].copy_from_slice(&frame[o + x0..o + x1]);
+                    }
+                }
+            }
+            let (done, total) = self.run_sparse(gate, &mut stats.layer_fractions)?;
+            stats.compute_fraction = if total > 0.0 { done / total } else { 0.0 };
+        }
+        self.frames += 1;
+        stats.seconds = t0.elapsed().as_secs_f64();
+        self.stats = stats;
+        Ok(&self.stages.last().expect("at least one stage").out)
+    }
+
+    fn run_dense(&mut self) -> Result<()> {
+        for i in 0..self.stages.len() {
+            let (prev, rest) = self.stages.split_at_mut(i);
+            let input: &[f32] = if i == 0 { &self.reference } else { &prev[i - 1].out };
+            let st = &mut rest[0];
+            let [oc, oh, ow] = st.out_shape;
+            let full: [Rect; 1] = [(0, oh, 0, ow)];
+            let [c, h, w] = st.in_shape;
+            match &st.spatial {
+                Spatial::Conv(p) => {
+                    conv2d_f32_forward(input, [1, c, h, w], &p.weight, p.shape, p.bias.as_deref(), p.stride, p.padding, &mut st.out)?;
+                }
+                Spatial::MaxPool(win) => pool_rects(input, st.in_shape, *win, false, &full, &mut st.out, (oh, ow)),
+                Spatial::AvgPool(win) => pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow)),
+                Spatial::Identity => st.out.copy_from_slice(input),
+            }
+            pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
+        }
+        Ok(())
+    }
+
+    /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work).
+    fn run_sparse(&mut self, gate: TileMap, fractions: &mut Vec<f64>) -> Result<(f64, f64)> {
+        let mut dirty = gate;
+        let (mut done, mut total) = (0.0, 0.0);
+        for i in 0..self.stages.len() {
+            let (prev, rest) = self.stages.split_at_mut(i);
+            let input: &[f32] = if i == 0 { &self.reference } else { &prev[i - 1].out };
+            let st = &mut rest[0];
+            let [oc, oh, ow] = st.out_shape;
+            let out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
+            let rects: Vec<Rect> = out_map.runs().into_iter().map(|(r, c0, c1)| out_map.run_rect(r, c0, c1)).collect();
+            fractions.push(out_map.fraction());
+            let px: usize = rects.iter().map(|&(y0, y1, x0, x1)| (y1 - y0) * (x1 - x0)).sum();
+            done += px as f64 * st.cost;
+            total += (oh * ow) as f64 * st.cost;
+            if !rects.is_empty() {
+                match &st.spatial {
+                    Spatial::Conv(p) => conv_rects(input, st.in_shape, p, &rects, &mut st.out, (oh, ow), &mut self.scratch)?,
+                    Spatial::MaxPool(win) => pool_rects(input, st.in_shape, *win, false, &rects, &mut st.out, (oh, ow)),
+                    Spatial::AvgPool(win) => pool_rects(input, st.in_shape, *win, true, &rects, &mut st.out, (oh, ow)),
+                    Spatial::Identity => {
+                        let [c, h, w] = st.in_shape;
+                        for ch in 0..c {
+                            for &(y0, y1, x0, x1) in &rects {
+                                for y in y0..y1 {
+                                    let o = (ch * h + y) * w;
+                                    st.out[o + x0..o + x1].copy_from_slice(&input[o + x0..o + x1]);
+                                }
+                            }
+                        }
+                    }
+                }
+                pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
+            }
+            dirty = out_map;
+        }
+        Ok((done, total))
+    }
+}

@@ -1,0 +1,124 @@
+//! `edgelearn._native.PatchSkip`: the patch-skip video runner of `edgelearn_core::patchskip`. Layers are
+//! added one by one (`add_conv`, `add_batchnorm`, ...), then `run(frame)` takes float32 `(C, H, W)`
+//! frames; `edgelearn.video.PatchSkipRunner` builds it from a `Sequential`.
+
+use edgelearn_core::nn::Window2d;
+use edgelearn_core::patchskip::{Layer, PatchSkip as Core, PatchSkipConfig};
+use numpy::ndarray::Dim;
+use numpy::{PyArray, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::arrays::readonly;
+use crate::errors::{value_error, CoreResultExt};
+
+fn vec_f32(arg: &str, obj: &Bound<'_, PyAny>, ndim: usize) -> PyResult<(Vec<f32>, Vec<usize>)> {
+    let a = readonly::<f32>(arg, obj, "float32", Some(ndim))?;
+    let shape = a.shape().to_vec();
+    Ok((a.as_array().iter().copied().collect(), shape))
+}
+
+/// Patch-skip inference over a stream of frames (see `edgelearn.video.PatchSkipRunner`).
+#[pyclass(module = "edgelearn._native")]
+pub struct PatchSkip {
+    cfg: PatchSkipConfig,
+    layers: Vec<Layer>,
+    core: Option<Core>,
+}
+
+impl PatchSkip {
+    fn push(&mut self, l: Layer) -> PyResult<()> {
+        if self.core.is_some() {
+            return Err(value_error("layers", "cannot add layers after the first frame"));
+        }
+        self.layers.push(l);
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PatchSkip {
+    #[new]
+    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=8))]
+    fn new(patch: usize, threshold: f32, refresh_every: usize, tile: usize) -> PyResult<Self> {
+        let cfg = PatchSkipConfig { patch, threshold, refresh_every, tile };
+        Core::new(vec![Layer::Relu], cfg).py()?; // validates the config
+        Ok(PatchSkip { cfg, layers: Vec::new(), core: None })
+    }
+
+    #[pyo3(signature = (weight, bias, stride, padding))]
+    fn add_conv(&mut self, weight: &Bound<'_, PyAny>, bias: Option<&Bound<'_, PyAny>>, stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+        let (w, s) = vec_f32("weight", weight, 4)?;
+        let b = match bias {
+            Some(b) if !b.is_none() => Some(vec_f32("bias", b, 1)?.0),
+            _ => None,
+        };
+        self.push(Layer::Conv2d { weight: w, shape: [s[0], s[1], s[2], s[3]], bias: b, stride, padding })
+    }
+
+    fn add_batchnorm(&mut self, gamma: &Bound<'_, PyAny>, beta: &Bound<'_, PyAny>, mean: &Bound<'_, PyAny>, var: &Bound<'_, PyAny>, eps: f32) -> PyResult<()> {
+        let layer = Layer::BatchNorm2d {
+            gamma: vec_f32("gamma", gamma, 1)?.0,
+            beta: vec_f32("beta", beta, 1)?.0,
+            mean: vec_f32("running_mean", mean, 1)?.0,
+            var: vec_f32("running_var", var, 1)?.0,
+            eps,
+        };
+        self.push(layer)
+    }
+
+    fn add_relu(&mut self) -> PyResult<()> {
+        self.push(Layer::Relu)
+    }
+
+    fn add_maxpool(&mut self, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+        self.push(Layer::MaxPool2d(Window2d::new(kernel, stride, padding)))
+    }
+
+    fn add_avgpool(&mut self, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+        self.push(Layer::AvgPool2d(Window2d::new(kernel, stride, padding)))
+    }
+
+    /// Runs one float32 `(C, H, W)` C-contiguous frame; returns the `(1, C', H', W')` output (a copy).
+    fn run<'py>(&mut self, py: Python<'py>, frame: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray<f32, Dim<[usize; 4]>>>> {
+        let arr = readonly::<f32>("frame", frame, "float32", Some(3))?;
+        if !arr.is_c_contiguous() {
+            return Err(value_error("frame", "must be C-contiguous; pass numpy.ascontiguousarray(...)"));
+        }
+        let sh = arr.shape();
+        let shape = [sh[0], sh[1], sh[2]];
+        if self.core.is_none() {
+            self.core = Some(Core::new(self.layers.clone(), self.cfg).py()?);
+        }
+        let core = self.core.as_mut().expect("built above");
+        let x = arr.as_slice().map_err(|e| value_error("frame", e))?;
+        let out = py.detach(|| core.run(x, shape).map(|o| o.to_vec())).py()?;
+        let [c, h, w] = core.output_shape().unwrap_or([0; 3]);
+        let y = PyArray::from_vec(py, out).reshape([1, c, h, w])?;
+        Ok(y)
+    }
+
+    /// Forgets the stream: the next frame runs densely and may have a new shape.
+    fn reset(&mut self) {
+        if let Some(c) = self.core.as_mut() {
+            c.reset();
+        }
+    }
+
+    /// Statistics of the last frame as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let s = self.core.as_ref().map(|c| c.stats().clone()).unwrap_or_default();
+        d.set_item("frame", s.frame)?;
+        d.set_item("dense", s.dense)?;
+        d.set_item("patch_fraction", s.patch_fraction)?;
+        d.set_item("layer_fractions", s.layer_fractions)?;
+        d.set_item("compute_fraction", s.compute_fraction)?;
+        d.set_item("seconds", s.seconds)?;
+        Ok(d)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PatchSkip>()
+}
