@@ -152,6 +152,89 @@ def test_batchnorm2d_training_forward_backward_and_running_stats():
     assert_close(dbeta, sdy, rtol=1e-4)
 
 
+def test_batchnorm2d_backward_i8_reads_int8_input_like_its_dequantized_copy():
+    from edgelearn.quant import dequantize, quantize
+
+    x = f32(6, 4, 5, 7) * 2 + 1
+    gamma, beta = f32(4), f32(4)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    _, mean, invstd = nat.batchnorm2d_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5)
+    xq, sx = quantize(x)
+    dy = f32(*x.shape)
+    got = nat.batchnorm2d_backward_i8(dy, xq, float(sx), gamma, mean, invstd)
+    want = nat.batchnorm2d_backward(dy, dequantize(xq, sx), gamma, mean, invstd)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    # and against the numpy formula on the dequantized input
+    xd = dequantize(xq, sx).astype(np.float64)
+    xh = (xd - mean[None, :, None, None]) * invstd[None, :, None, None]
+    m = 6 * 5 * 7
+    dy64 = dy.astype(np.float64)
+    sdy, sdyxh = dy64.sum(axis=(0, 2, 3)), (dy64 * xh).sum(axis=(0, 2, 3))
+    dx_ref = (gamma * invstd)[None, :, None, None] * (dy64 - sdy[None, :, None, None] / m - xh * sdyxh[None, :, None, None] / m)
+    assert_close(got[0], dx_ref, rtol=1e-4)
+    assert_close(got[2], sdy, rtol=1e-4)
+    with pytest.raises(ValueError):
+        nat.batchnorm2d_backward_i8(dy, xq, 0.0, gamma, mean, invstd)
+    with pytest.raises((TypeError, ValueError)):
+        nat.batchnorm2d_backward_i8(dy, x, float(sx), gamma, mean, invstd)
+    with pytest.raises(ValueError):
+        nat.batchnorm2d_backward_i8(dy[:, :, :4], xq, float(sx), gamma, mean, invstd)
+
+
+def test_relu_mask_forward_backward_match_numpy():
+    x = f32(3, 4, 5)
+    x[0, 0, :2] = 0.0
+    y, mask = nat.relu_forward_mask(x)
+    assert mask.dtype == np.uint8 and mask.shape == ((x.size + 7) // 8,)  # one bit per element
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    np.testing.assert_array_equal(mask, np.packbits(x.ravel() > 0, bitorder="little"))
+    dy = f32(3, 4, 5)
+    np.testing.assert_array_equal(nat.relu_backward_mask(dy, mask), np.where(x > 0, dy, 0))
+    np.testing.assert_array_equal(nat.relu_backward_mask(dy, mask), nat.relu_backward(dy, y))
+    with pytest.raises(ValueError):
+        nat.relu_backward_mask(dy, mask[:2])
+    with pytest.raises((TypeError, ValueError)):
+        nat.relu_backward_mask(dy, mask.astype(np.float32))
+    # in-place variants: same values, written over the argument
+    xi = x.copy()
+    mi = nat.relu_forward_mask_(xi)
+    np.testing.assert_array_equal(xi, y)
+    np.testing.assert_array_equal(mi, mask)
+    gi = dy.copy()
+    assert nat.relu_backward_mask_(gi, mask) is None
+    np.testing.assert_array_equal(gi, np.where(x > 0, dy, 0))
+    with pytest.raises(ValueError):
+        nat.relu_backward_mask_(gi, mask[:1])
+
+
+def test_batchnorm2d_inplace_variants_match_out_of_place():
+    from edgelearn.quant import quantize
+
+    x = f32(4, 3, 5, 6) * 2 - 1
+    gamma, beta = f32(3), f32(3)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, mean, invstd = nat.batchnorm2d_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5)
+    xi = x.copy()
+    mean2, invstd2 = nat.batchnorm2d_forward_(xi, gamma, beta, rm2, rv2, True, 0.1, 1e-5)
+    np.testing.assert_array_equal(xi, y)
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_array_equal(invstd2, invstd)
+    np.testing.assert_array_equal(rm2, rm)
+    np.testing.assert_array_equal(rv2, rv)
+    xq, sx = quantize(x)
+    dy = f32(*x.shape)
+    dx, dg, db = nat.batchnorm2d_backward_i8(dy, xq, float(sx), gamma, mean, invstd)
+    gi = dy.copy()
+    dg2, db2 = nat.batchnorm2d_backward_i8_(gi, xq, float(sx), gamma, mean, invstd)
+    np.testing.assert_array_equal(gi, dx)
+    np.testing.assert_array_equal(dg2, dg)
+    np.testing.assert_array_equal(db2, db)
+    with pytest.raises(ValueError):
+        nat.batchnorm2d_forward_(x[:, :, :, ::2], gamma, beta, rm2, rv2, True, 0.1, 1e-5)
+
+
 def test_batchnorm2d_eval_uses_running_stats_and_leaves_them():
     x, gamma, beta = f32(4, 3, 5, 5), f32(3), f32(3)
     rm, rv = f32(3), np.abs(f32(3)) + 0.5

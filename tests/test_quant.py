@@ -58,7 +58,8 @@ def ref_quantize(x, axis=None, clip=None, rounding="nearest", seed=None):
     xc = x if bounds is None else np.clip(x, bounds[0], bounds[1])
     amax = np.abs(xc).max(axis=red, keepdims=True, initial=np.float32(0))
     scale = amax / np.float32(127)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    tiny = np.finfo(np.float32).tiny  # scales are never subnormal
+    scale = np.where(scale > 0, np.maximum(scale, tiny), np.float32(1)).astype(np.float32)
     t = np.clip(xc / scale, -127, 127)
     if rounding == "nearest":
         q = np.rint(t)
@@ -534,3 +535,13 @@ def test_native_functions_check_their_arguments_too():
         _native._quantize(np.ones(3, np.float32), None, "nearest", None, ("other", 1.0))
     with pytest.raises(ValueError, match="^q: must be C-contiguous"):
         _native._dequantize(np.ones((3, 4), np.int8).T, np.array(1.0, np.float32))
+
+
+def test_subnormal_inputs_keep_the_rounding_bound():
+    # absmax/127 would be a subnormal scale (too few bits for the ±scale/2 bound): it is floored at the
+    # smallest normal float32, so such tiny values quantize to 0, within the bound.
+    x = np.array([6.128e-42, -1e-40, 0.0], np.float32)
+    q, s = edgelearn.quantize(x)
+    assert s == np.finfo(np.float32).tiny
+    err = np.abs(edgelearn.dequantize(q, s) - x)
+    assert (err <= s / 2).all()

@@ -10,13 +10,13 @@ Arrays handed to the core are float32 and C-contiguous (``_c`` makes them so onl
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _native
 from .octo import OctoConfig
-from .quant import dequantize as _dequantize
 from .quant import quantize as _quantize
 from .tensor import ArrayLike, Tensor, as_tensor, make_result
 
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 IntPair = Union[int, Tuple[int, int]]
+_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: in-place reuse needs exact reference counts
 
 
 def _c(x: np.ndarray) -> np.ndarray:
@@ -58,6 +59,23 @@ def _channel_sum(g: np.ndarray) -> np.ndarray:
     if g.ndim == 4:
         return np.einsum("nchw->c", g)
     return g.sum(axis=(0,) + tuple(range(2, g.ndim)))
+
+
+def _take_donated(x: Tensor) -> bool:
+    """True (once) if ``Sequential`` donated ``x``'s buffer to this op: the op may overwrite ``x.data``."""
+    if getattr(x, "_donated", False):
+        x._donated = False
+        return True
+    return False
+
+
+def _grad_is_ours(g: np.ndarray) -> bool:
+    """True if the incoming gradient ``g`` is referenced only by the autograd sweep's ``g`` and by this
+    backward's argument (so it can be overwritten with the outgoing gradient): an unshared, writable,
+    float32 C-contiguous array that is not a view. The count is 4 here: those two, this call's argument and
+    ``getrefcount``'s."""
+    return (_REFCOUNTS and type(g) is np.ndarray and g.dtype == np.float32 and g.base is None
+            and g.flags.c_contiguous and g.flags.writeable and sys.getrefcount(g) <= 4)
 
 
 def _need(t: Optional[Tensor]) -> bool:
@@ -227,28 +245,47 @@ def batch_norm2d(
 ) -> Tensor:
     """Batch normalisation over (N, H, W) per channel; updates the running statistics in place when training.
 
-    ``save_int8`` keeps the input for backward as int8 (nearest rounding, per-tensor scale) instead of FP32 and
-    dequantizes it in backward: the INT8-training memory saving extended to normalisation layers.
+    ``save_int8`` keeps the input for backward as int8 (nearest rounding, per-tensor scale) instead of FP32;
+    the core's backward reads the int8 codes directly: the INT8-training memory saving extended to
+    normalisation layers.
     """
     x = as_tensor(x)
     xd = _c(x.data)
     if xd.ndim != 4 or xd.shape[1] != weight.shape[0]:
         raise ValueError(f"batch_norm2d: input must have shape (N, {weight.shape[0]}, H, W), got {xd.shape}")
     gamma = weight.data
-    y, mean, invstd = _native.batchnorm2d_forward(
-        xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
-    )
     need_g, need_b = weight.requires_grad, bias.requires_grad
     if save_int8 and training:
         xq, sx = _quantize(xd, rounding="nearest")
+        sx = float(sx)
+        if _take_donated(x) and xd is x.data:
+            # x is an intermediate nobody else holds: normalise in place (no second FP32 activation)
+            mean, invstd = _native.batchnorm2d_forward_(
+                xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps)
+            )
+            y = xd
+        else:
+            y, mean, invstd = _native.batchnorm2d_forward(
+                xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps)
+            )
         del xd
 
         def backward(g: np.ndarray):
-            x_saved = _dequantize(xq, sx)
-            dx, dgamma, dbeta = _native.batchnorm2d_backward(_c(g), x_saved, gamma, mean, invstd)
+            # the core reads the int8 codes directly (x = xq·sx, as dequantize gives it): no FP32 copy;
+            # an unshared incoming gradient is overwritten with dx
+            if _grad_is_ours(g):
+                dgamma, dbeta = _native.batchnorm2d_backward_i8_(g, xq, sx, gamma, mean, invstd)
+                dx = g
+            else:
+                dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(_c(g), xq, sx, gamma, mean, invstd)
             return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
-    elif training:
+        return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+
+    y, mean, invstd = _native.batchnorm2d_forward(
+        xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
+    )
+    if training:
 
         def backward(g: np.ndarray):
             dx, dgamma, dbeta = _native.batchnorm2d_backward(_c(g), xd, gamma, mean, invstd)
@@ -268,16 +305,28 @@ def batch_norm2d(
 
 
 def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
-    """``max(x, 0)``. Backward needs only where the output is positive: ``save_mask`` keeps that as a 1-byte
-    mask instead of the FP32 output (expanded to float32 transiently for the core's backward)."""
+    """``max(x, 0)``. Backward needs only where the output is positive: ``save_mask`` keeps that as a bit mask
+    (packed, 1/32 of the FP32 output), made in the same core call as the output; in that mode a donated input
+    (see ``Sequential``) is overwritten with the output and an unshared incoming gradient with ``dx``."""
     x = as_tensor(x)
-    y = _native.relu_forward(_c(x.data))
     if not save_mask:
+        y = _native.relu_forward(_c(x.data))
         return make_result(y, (x,), lambda g: (_native.relu_backward(_c(g), y),), "relu")
-    positive = np.greater(y, 0)
-    return make_result(
-        y, (x,), lambda g: (_native.relu_backward(_c(g), positive.astype(np.float32)),), "relu"
-    )
+    xd = _c(x.data)
+    if _take_donated(x) and xd is x.data:
+        mask = _native.relu_forward_mask_(xd)  # in place: x is an intermediate nobody else holds
+        y = xd
+    else:
+        y, mask = _native.relu_forward_mask(xd)
+    del xd
+
+    def backward(g: np.ndarray):
+        if _grad_is_ours(g):
+            _native.relu_backward_mask_(g, mask)
+            return (g,)
+        return (_native.relu_backward_mask(_c(g), mask),)
+
+    return make_result(y, (x,), backward, "relu")
 
 
 def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
@@ -342,7 +391,13 @@ def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tenso
     per_channel = len(pshape) == 1
     view = (pshape[0],) + (1,) * (x.ndim - 2) if per_channel else pshape
     a, m, b = alpha.data, mu.data, beta.data
-    y = x.data + (a * m + b).reshape(view)
+    shift = (a * m + b).reshape(view)
+    xd = x.data
+    if _take_donated(x) and shift.dtype == xd.dtype:
+        y = np.add(xd, shift, out=xd)  # in place: x is an intermediate nobody else holds
+    else:
+        y = xd + shift
+    del xd
 
     def backward(g: np.ndarray):
         s = _channel_sum(g) if per_channel else g.sum(axis=0)

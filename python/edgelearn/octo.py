@@ -33,9 +33,12 @@ class OctoConfig:
     - ``lac``: insert a Compensation layer after each INT8 layer; ``lam`` is its regulariser weight λ.
     - ``per_channel_weights``: quantize W per output channel instead of per tensor (forward GEMM; the
       backward dX GEMM uses a per-tensor copy of Wq, since a scale along the reduction axis cannot be fused).
-    - ``int8_saved_activations``: also keep BatchNorm inputs as int8 and ReLU outputs as 1-byte masks for
-      backward, so every saved activation of a conv/BN/ReLU network is 8-bit (without it BatchNorm and ReLU
-      keep FP32 and the saving is limited to the Linear/Conv inputs).
+    - ``int8_saved_activations``: also keep BatchNorm inputs as int8 (read directly by the core's backward)
+      and ReLU outputs as 1-bit masks for backward, so every saved activation of a conv/BN/ReLU network is
+      8-bit or less (without it BatchNorm and ReLU keep FP32 and the saving is limited to the Linear/Conv
+      inputs). In this mode Compensation, BatchNorm and ReLU also write their output over an input that
+      ``Sequential`` donates (an intermediate nobody else references) and BatchNorm/ReLU backward overwrite
+      an unshared incoming gradient, so a step holds about one FP32 activation at a time.
     - ``seed``: base seed of stochastic rounding; each layer and step derives its own seed from it, so a run
       is reproducible and resumable (each INT8 layer keeps its step count as the ``quant_step`` buffer).
     """

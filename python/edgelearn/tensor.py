@@ -94,7 +94,9 @@ ArrayLike = Union["Tensor", np.ndarray, float, int, Sequence]
 class Tensor:
     """An n-d array with an optional gradient. Storage is a numpy array (``.numpy()`` returns it, no copy)."""
 
-    __slots__ = ("data", "requires_grad", "grad", "_node", "__weakref__")
+    # ``_donated``: set by ``Sequential`` on an intermediate nobody else references (see ``donatable``), so
+    # the next INT8-mode layer may overwrite its storage instead of allocating a new activation.
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_donated", "__weakref__")
     __array_priority__ = 1000.0  # so ndarray <op> Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
@@ -106,6 +108,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad: Optional[Tensor] = None
         self._node: Optional[_Node] = None
+        self._donated = False
 
     # --- plain properties ---------------------------------------------------------------------------------
     @property
@@ -213,6 +216,9 @@ class Tensor:
                 grads[key] = pg if prev is None else prev + pg
             node.backward = None  # free saved activations as soon as they are used
             node.parents = ()
+            # drop this step's references to the gradients, so a gradient's only holders are the `grads`
+            # dict and, while its consumer runs, `g` (lets INT8 ops reuse an unshared gradient in place)
+            parent_grads = pg = g = None
 
 
 def _accumulate_leaf(t: Tensor, g: np.ndarray) -> None:

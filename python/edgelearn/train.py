@@ -12,8 +12,15 @@ Exact resume: everything a step depends on is either in the checkpoint or a pure
 So a run stopped after epoch ``k`` and resumed produces the same loss curve, bit for bit, as one that never stopped.
 
 Memory is reported as in the benchmarks: ``rss_before_first_step_mb`` (from ``/proc/self/statm`` just before the
-first training step, after data and model are in memory), ``peak_rss_mb`` (``getrusage`` ``ru_maxrss``) and their
-difference ``train_memory_mb``, the memory training itself added.
+first training step, after data and model are in memory), ``peak_rss_mb`` (``getrusage`` ``ru_maxrss``, the whole
+process) and ``train_memory_mb``, the memory training itself added: ``train_peak_rss_mb`` minus
+``rss_before_first_step_mb``, where ``train_peak_rss_mb`` is the peak RSS over the training steps only. On Linux
+the kernel's high-water mark is reset (``/proc/self/clear_refs``) right before each epoch's first step and read
+(``VmHWM``) right after its last step (and the BatchNorm re-estimation), so neither the dataset load before
+training (decompression peaks) nor the evaluation passes at ``eval_batch_size`` after it count as training
+memory. Where the reset is unavailable the process peak up to the end of the last epoch's steps is used.
+``fit`` also fixes glibc's mmap threshold (:func:`release_large_buffers`), so freed activation-sized buffers
+go back to the OS instead of staying resident as heap free space (same setting for every precision).
 """
 
 from __future__ import annotations
@@ -60,6 +67,60 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+#: Buffers at least this large are mmapped by glibc's malloc and returned to the OS when freed (see
+#: :func:`release_large_buffers`).
+LARGE_BUFFER_BYTES = 4 << 20
+
+_allocator_tuned = False
+
+
+def release_large_buffers(threshold: int = LARGE_BUFFER_BYTES) -> bool:
+    """Makes glibc's malloc return freed buffers of ``threshold`` bytes or more to the OS (``mallopt``
+    ``M_MMAP_THRESHOLD``). By default glibc raises that threshold dynamically up to 32 MiB each time a
+    large block is freed, after which activation-sized buffers (a batch-256 feature map is 3-13 MB) are
+    carved from the heap and, once freed, stay resident as fragmented free space: resident memory then
+    tracks allocator history rather than what training holds. A fixed threshold keeps small and medium
+    buffers (all of them at batch 32) in the heap, so speed is unchanged, and gives big ones back. Called
+    once by :func:`fit`, for every precision. Returns False where unavailable (non-glibc)."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    return _allocator_tuned
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's RSS high-water mark (``VmHWM``) to the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_rss_mb() -> Optional[float]:
+    """``VmHWM`` of ``/proc/self/status`` in MiB (None where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -80,11 +141,13 @@ class History:
     train_images_per_s: float = 0.0
     rss_before_first_step_mb: float = 0.0
     peak_rss_mb: float = 0.0
+    train_peak_rss_mb: float = 0.0
     resumed_from_epoch: int = 0
 
     @property
     def train_memory_mb(self) -> float:
-        return max(0.0, self.peak_rss_mb - self.rss_before_first_step_mb)
+        peak = self.train_peak_rss_mb or self.peak_rss_mb
+        return max(0.0, peak - self.rss_before_first_step_mb)
 
     def __getitem__(self, key: str) -> List[Any]:
         return [r.get(key) for r in self.records]
@@ -98,6 +161,7 @@ class History:
             "train_images_per_s": self.train_images_per_s,
             "rss_before_first_step_mb": self.rss_before_first_step_mb,
             "peak_rss_mb": self.peak_rss_mb,
+            "train_peak_rss_mb": self.train_peak_rss_mb,
             "train_memory_mb": self.train_memory_mb,
             "resumed_from_epoch": self.resumed_from_epoch,
         }
@@ -309,7 +373,9 @@ def fit(
     elif resume:
         _say(f"no checkpoint at {os.fspath(checkpoint)} yet: starting from scratch", verbose)
 
+    release_large_buffers()
     history.rss_before_first_step_mb = current_rss_mb()
+    process_peak = peak_rss_mb()
     images_seen = 0
     train_seconds = 0.0
     for epoch in range(start_epoch, epochs):
@@ -317,6 +383,8 @@ def fit(
         loader.set_epoch(epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress_bar(len(loader), f"epoch {epoch + 1}/{epochs}", progress)
+        process_peak = max(process_peak, peak_rss_mb())  # the reset below also lowers ru_maxrss
+        hwm_reset = _reset_peak_rss()
         t0 = time.perf_counter()
         try:
             for x, y in loader:
@@ -341,6 +409,8 @@ def fit(
         recalibrate_batchnorm(model, loader, batches=bn_recalibration_batches, batch_size=loader.batch_size,
                               seed=seed + 7919 * (epoch + 1))
         epoch_seconds = time.perf_counter() - t0
+        hwm = _hwm_rss_mb() if hwm_reset else None
+        history.train_peak_rss_mb = max(history.train_peak_rss_mb, hwm if hwm is not None else peak_rss_mb())
         train_seconds += epoch_seconds
         images_seen += seen
         lr = float(opt.param_groups[0]["lr"]) if getattr(opt, "param_groups", None) else None
@@ -374,7 +444,7 @@ def fit(
         _write_logs(history.records, log_csv and os.fspath(log_csv), log_json and os.fspath(log_json))
 
     history.train_images_per_s = images_seen / train_seconds if train_seconds > 0 else 0.0
-    history.peak_rss_mb = peak_rss_mb()
+    history.peak_rss_mb = max(process_peak, peak_rss_mb(), history.train_peak_rss_mb)
     if plot is not None and history.records:
         plot_history(history.records, os.fspath(plot))
     return history

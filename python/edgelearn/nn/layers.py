@@ -164,7 +164,7 @@ class BatchNorm2d(Module):
 class ReLU(Module):
     def __init__(self) -> None:
         super().__init__()
-        self.save_mask = False  # set by edgelearn.octo: keep a 1-byte mask for backward, not the FP32 output
+        self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward, not the FP32 output
 
     def forward(self, x: Any) -> Tensor:
         return F.relu(x, save_mask=self.save_mask)

@@ -8,12 +8,15 @@ arrays, so an optimizer built on the model keeps working after a load.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from ..tensor import Tensor
+
+_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: buffer donation needs exact reference counts
 
 __all__ = ["Module", "Parameter", "Sequential"]
 
@@ -249,7 +252,20 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x: Any) -> Any:
+        first = True
         for m in self._modules.values():
+            # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
+            # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
+            # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
+            # INT8-mode Compensation/BatchNorm/ReLU then write their output over it (the FP32 activation
+            # would be dropped right after anyway). Never the Sequential's own input.
+            if not first and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
+                d = x.data
+                if (type(d) is np.ndarray and d.dtype == np.float32 and d.base is None and d.flags.c_contiguous
+                        and d.flags.writeable and sys.getrefcount(d) == 3):
+                    x._donated = True
+                del d
+            first = False
             x = m(x)
         return x
 

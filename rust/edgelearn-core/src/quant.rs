@@ -4,7 +4,7 @@
 //! For one channel (the whole tensor when per tensor), with `c(x)` the clipped value:
 //!
 //! ```text
-//! scale = absmax(c(x)) / 127          (f32 division; 1.0 if that is 0)
+//! scale = max(absmax(c(x)) / 127, f32::MIN_POSITIVE)   (f32 division; 1.0 if absmax is 0)
 //! q     = clamp(round(c(x) / scale), -127, 127)     (f32 division, never a multiply by 1/scale)
 //! ```
 //!
@@ -181,6 +181,7 @@ fn for_each_run(layout: Layout, start: usize, end: usize, mut f: impl FnMut(Run)
 /// Min, max and "has a non-finite value" of a run. Non-finite detection accumulates `v - v`, which is 0
 /// for finite `v` and NaN for NaN/inf, so the loop is plain vector arithmetic.
 #[allow(clippy::eq_op)] // `v - v` is the finiteness test, on purpose
+#[inline(always)]
 fn scan_run(xs: &[f32]) -> (f32, f32, bool) {
     let mut mn = [f32::INFINITY; LANES];
     let mut mx = [f32::NEG_INFINITY; LANES];
@@ -206,6 +207,7 @@ fn scan_run(xs: &[f32]) -> (f32, f32, bool) {
 }
 
 /// Sum of `(x - center)^p` in f64 over a run, `p` = 1 or 2, with a fixed lane order.
+#[inline(always)]
 fn moment_run<const SQUARE: bool>(xs: &[f32], center: f64) -> f64 {
     let mut acc = [0f64; LANES];
     let term = |v: f32| {
@@ -239,8 +241,11 @@ struct ChannelStats {
     sd: Vec<f64>,
 }
 
+/// Large enough to split, and more than one thread: with one thread the work stays on the caller's thread
+/// (a hop to the pool's single worker costs a wake-up per call; results are the same either way, since
+/// chunking does not depend on where chunks run).
 fn parallel_for(n: usize) -> bool {
-    n >= PARALLEL_MIN_ELEMENTS
+    n >= PARALLEL_MIN_ELEMENTS && threads::num_threads() > 1
 }
 
 /// Maps `f` over `0..count`, in the edgelearn pool when `parallel`; results in index order.
@@ -254,6 +259,7 @@ fn map_indices<T: Send>(count: usize, parallel: bool, f: impl Fn(usize) -> T + S
 
 /// First pass over one channel's data (or a chunk of it) plus, for sigma, the sum; returns min, max,
 /// sum, has-non-finite. Every run of the channel is visited in flat order.
+#[inline(always)]
 fn first_pass_uniform(runs: impl Iterator<Item = (usize, usize)>, x: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
     let (mut mn, mut mx, mut sum, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0f64, false);
     for (pos, len) in runs {
@@ -269,6 +275,81 @@ fn first_pass_uniform(runs: impl Iterator<Item = (usize, usize)>, x: &[f32], wan
     (mn, mx, sum, bad)
 }
 
+/// [`first_pass_uniform`] over one contiguous chunk, compiled for AVX-512 or AVX2 where the CPU has it
+/// (min, max, the finiteness flag and the f64 sum in fixed lane order are exact, so results are identical).
+fn first_pass_chunk(xs: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_ok() {
+            // SAFETY: the CPU supports these features, checked just above.
+            return unsafe { first_pass_chunk_avx512(xs, want_sum) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { first_pass_chunk_avx2(xs, want_sum) };
+        }
+    }
+    first_pass_uniform(std::iter::once((0, xs.len())), xs, want_sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_ok() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2")]
+unsafe fn first_pass_chunk_avx512(xs: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
+    if want_sum {
+        return first_pass_uniform(std::iter::once((0, xs.len())), xs, want_sum);
+    }
+    // Min, max and the finiteness flag with explicit 16-lane vectors and four independent accumulators
+    // (the autovectorised `scan_run` interleaves min and max with lane permutes). `min_ps(v, m)` is
+    // `v < m ? v : m`, exactly `scan_run`'s select, and the result does not depend on the lane grouping
+    // except for the sign of a zero extreme, which the scale (|lo|, |hi|) and the clipped codes ignore.
+    use std::arch::x86_64::*;
+    let n = xs.len();
+    let ptr = xs.as_ptr();
+    let mut mn = [_mm512_set1_ps(f32::INFINITY); 4];
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut bad = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for a in 0..4 {
+            let v = _mm512_loadu_ps(ptr.add(i + 16 * a));
+            mn[a] = _mm512_min_ps(v, mn[a]);
+            mx[a] = _mm512_max_ps(v, mx[a]);
+            bad[a] = _mm512_add_ps(bad[a], _mm512_sub_ps(v, v));
+        }
+        i += 64;
+    }
+    let (mut lo, mut hi, mut nf) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for a in 0..4 {
+        let (mut l, mut h, mut b) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(l.as_mut_ptr(), mn[a]);
+        _mm512_storeu_ps(h.as_mut_ptr(), mx[a]);
+        _mm512_storeu_ps(b.as_mut_ptr(), bad[a]);
+        for t in 0..16 {
+            lo = if l[t] < lo { l[t] } else { lo };
+            hi = if h[t] > hi { h[t] } else { hi };
+            nf |= b[t].is_nan();
+        }
+    }
+    let (a, b, tail_nf) = scan_run(&xs[i..]);
+    lo = if a < lo { a } else { lo };
+    hi = if b > hi { b } else { hi };
+    (lo, hi, 0.0, nf || tail_nf)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn first_pass_chunk_avx2(xs: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
+    first_pass_uniform(std::iter::once((0, xs.len())), xs, want_sum)
+}
+
 /// Statistics of a non-empty per-tensor layout: fixed chunks of `STATS_CHUNK`, partials combined in chunk order.
 fn tensor_stats(x: &[f32], want_sigma: bool) -> Result<ChannelStats> {
     let n = x.len();
@@ -277,7 +358,7 @@ fn tensor_stats(x: &[f32], want_sigma: bool) -> Result<ChannelStats> {
     let chunk_range = |i: usize| (i * STATS_CHUNK, ((i + 1) * STATS_CHUNK).min(n));
     let parts = map_indices(chunks, par, |i| {
         let (s, e) = chunk_range(i);
-        first_pass_uniform(std::iter::once((s, e - s)), x, want_sigma)
+        first_pass_chunk(&x[s..e], want_sigma)
     });
     let (mut mn, mut mx, mut sum, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0f64, false);
     for &(a, b, s, nf) in &parts {
@@ -426,7 +507,9 @@ fn params(st: &ChannelStats, clip: Clip, scales: &mut [f32]) -> Params {
         // Clipping is monotone, so the clipped absmax is that of the clipped extremes.
         let amax = mn.max(l).min(h).abs().max(mx.max(l).min(h).abs());
         let s = amax / QMAX as f32;
-        *scale = if s > 0.0 { s } else { 1.0 };
+        // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
+        // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
+        *scale = if s > 0.0 { s.max(f32::MIN_POSITIVE) } else { 1.0 };
         lo.push(l);
         hi.push(h);
     }
@@ -602,10 +685,31 @@ pub fn quantize_into(
 /// an exactly rounded IEEE operation or integer arithmetic and nothing is contracted into FMA).
 fn quantize_chunk(x: &[f32], qc: &mut [i8], start: usize, layout: Layout, p: &Params, scales: &[f32], rounding: Rounding) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { quantize_chunk_avx2(x, qc, start, layout, p, scales, rounding) };
+    {
+        if avx512_ok() {
+            // SAFETY: the CPU supports these features, checked just above.
+            return unsafe { quantize_chunk_avx512(x, qc, start, layout, p, scales, rounding) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { quantize_chunk_avx2(x, qc, start, layout, p, scales, rounding) };
+        }
     }
+    quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
+}
+
+/// The same body compiled for AVX-512 (64-bit lane multiplies for the stochastic-rounding hash).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2")]
+unsafe fn quantize_chunk_avx512(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
     quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
 }
 
@@ -633,6 +737,13 @@ fn quantize_chunk_body(
     scales: &[f32],
     rounding: Rounding,
 ) {
+    if layout.channels == 1 {
+        // per tensor: one uniform run, called directly so it is compiled (inlined) with the caller's
+        // target features rather than through the run-splitting closure
+        let n = qc.len();
+        quantize_run_uniform(&x[start..start + n], qc, p.lo[0], p.hi[0], scales[0], rounding, start);
+        return;
+    }
     for_each_run(layout, start, start + qc.len(), |run| match run {
         Run::Uniform { pos, len, ch } => quantize_run_uniform(
             &x[pos..pos + len],

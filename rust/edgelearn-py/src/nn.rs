@@ -460,6 +460,186 @@ fn batchnorm2d_backward<'py>(
     Ok((dx, dgamma, dbeta))
 }
 
+/// [`batchnorm2d_backward`] with the saved input as int8 codes `xq` and its per-tensor scale
+/// (`x = xq·x_scale`): (dx, dgamma, dbeta) without an FP32 copy of x.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn batchnorm2d_backward_i8<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    xq: &Bound<'py, PyAny>,
+    x_scale: f64,
+    gamma: Option<&Bound<'py, PyAny>>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+) -> PyResult<(F32Out<'py>, F32Out<'py>, F32Out<'py>)> {
+    let (dy, xq) = (f32_4d("dy", dy)?, i8_4d("xq", xq)?);
+    if dy.shape != xq.shape {
+        return Err(value_error("dy", format!("expected the shape of xq {:?}, got {:?}", xq.shape, dy.shape)));
+    }
+    let c = xq.shape[1];
+    let gamma = opt_vec("gamma", gamma, c, "channel")?;
+    let mean = vec_of("mean", mean, c, "channel")?;
+    let invstd = vec_of("invstd", invstd, c, "channel")?;
+    let dx = empty::<f32>(py, "dx", &xq.shape)?;
+    let dgamma = empty::<f32>(py, "dgamma", &[c])?;
+    let dbeta = empty::<f32>(py, "dbeta", &[c])?;
+    {
+        let (mut a, mut b, mut d) = (dx.readwrite(), dgamma.readwrite(), dbeta.readwrite());
+        let (dxv, dgv, dbv) = (as_mut(&mut a)?, as_mut(&mut b)?, as_mut(&mut d)?);
+        let (dyv, xv, xs, gv, mv, iv) = (dy.slice(), xq.slice(), xq.shape4(), gamma.as_ref().map(|g| g.slice()), mean.slice(), invstd.slice());
+        let s = x_scale as f32;
+        py.detach(|| nn::batchnorm2d_backward_i8(dyv, xv, s, xs, gv, mv, iv, dxv, dgv, dbv)).py()?;
+    }
+    Ok((dx, dgamma, dbeta))
+}
+
+/// `(max(x, 0), mask)` with `mask = (x > 0)` packed one bit per element (uint8, ceil(n/8) bytes, bit i%8 of
+/// byte i/8, as numpy.packbits(..., bitorder="little") of the flattened array): ReLU's saved activation.
+#[pyfunction]
+fn relu_forward_mask<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<u8>>)> {
+    let x = In::<f32>::new("x", x, "float32", None)?;
+    let y = empty::<f32>(py, "y", &x.shape)?;
+    let mask = empty::<u8>(py, "mask", &[nn::relu_mask_len(x.slice().len())])?;
+    {
+        let (mut yw, mut mw) = (y.readwrite(), mask.readwrite());
+        let (yv, mv) = (as_mut(&mut yw)?, as_mut(&mut mw)?);
+        let xv = x.slice();
+        py.detach(|| nn::relu_forward_mask(xv, yv, mv)).py()?;
+    }
+    Ok((y, mask))
+}
+
+/// `dy` where the mask bit is set, else 0 (mask from relu_forward_mask: packed bits, uint8).
+#[pyfunction]
+fn relu_backward_mask<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let dy = In::<f32>::new("dy", dy, "float32", None)?;
+    let mask = In::<u8>::new("mask", mask, "uint8", Some(1))?;
+    let dx = empty::<f32>(py, "dx", &dy.shape)?;
+    {
+        let mut w = dx.readwrite();
+        let dxv = as_mut(&mut w)?;
+        let (dyv, mv) = (dy.slice(), mask.slice());
+        py.detach(|| nn::relu_backward_mask(dyv, mv, dxv)).py()?;
+    }
+    Ok(dx)
+}
+
+/// A writable, C-contiguous float32 array of any shape (or `ndim` dimensions), updated in place.
+fn inout_arr<'py>(arg: &str, obj: &Bound<'py, PyAny>, ndim: Option<usize>) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    readonly::<f32>(arg, obj, "float32", ndim)?; // dtype/rank messages
+    let arr = obj.cast::<PyArrayDyn<f32>>().map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    if !arr.is_c_contiguous() {
+        return Err(value_error(arg, "must be C-contiguous (it is updated in place)"));
+    }
+    arr.try_readwrite().map_err(|e| value_error(arg, format!("must be a writable array not aliasing another argument: {e}")))
+}
+
+/// In-place batch norm: overwrites `x` with the output, returns (mean, invstd). For INT8 training, which
+/// saves a quantized copy of `x` first and owns `x`.
+#[pyfunction]
+#[pyo3(signature = (x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5))]
+#[allow(clippy::too_many_arguments)]
+fn batchnorm2d_forward_<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    gamma: Option<&Bound<'py, PyAny>>,
+    beta: Option<&Bound<'py, PyAny>>,
+    running_mean: &Bound<'py, PyAny>,
+    running_var: &Bound<'py, PyAny>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>)> {
+    let mut xw = inout_arr("x", x, Some(4))?;
+    let shape = xw.shape().to_vec();
+    let xs = [shape[0], shape[1], shape[2], shape[3]];
+    let c = xs[1];
+    let gamma = opt_vec("gamma", gamma, c, "channel")?;
+    let beta = opt_vec("beta", beta, c, "channel")?;
+    let mut rm = inout_vec("running_mean", running_mean, c)?;
+    let mut rv = inout_vec("running_var", running_var, c)?;
+    let mean = PyArray1::<f32>::zeros(py, Dim([c]), false);
+    let invstd = PyArray1::<f32>::zeros(py, Dim([c]), false);
+    {
+        let (mut mw, mut iw) = (mean.readwrite(), invstd.readwrite());
+        let xv = as_mut(&mut xw)?;
+        let mv = mw.as_slice_mut().map_err(|e| value_error("mean", e))?;
+        let iv = iw.as_slice_mut().map_err(|e| value_error("invstd", e))?;
+        let rmv = as_mut(&mut rm)?;
+        let rvv = as_mut(&mut rv)?;
+        let (gv, bv) = (gamma.as_ref().map(|g| g.slice()), beta.as_ref().map(|b| b.slice()));
+        py.detach(|| {
+            nn::batchnorm2d_forward_inplace(xv, xs, gv, bv, rmv, rvv, training, momentum as f32, eps as f32, mv, iv)
+        })
+        .py()?;
+    }
+    Ok((mean, invstd))
+}
+
+/// In-place [`batchnorm2d_backward_i8`]: overwrites `dy` with dx, returns (dgamma, dbeta).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn batchnorm2d_backward_i8_<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    xq: &Bound<'py, PyAny>,
+    x_scale: f64,
+    gamma: Option<&Bound<'py, PyAny>>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+) -> PyResult<(F32Out<'py>, F32Out<'py>)> {
+    let xq = i8_4d("xq", xq)?;
+    let mut dyw = inout_arr("dy", dy, Some(4))?;
+    if dyw.shape() != xq.shape.as_slice() {
+        return Err(value_error("dy", format!("expected the shape of xq {:?}, got {:?}", xq.shape, dyw.shape())));
+    }
+    let c = xq.shape[1];
+    let gamma = opt_vec("gamma", gamma, c, "channel")?;
+    let mean = vec_of("mean", mean, c, "channel")?;
+    let invstd = vec_of("invstd", invstd, c, "channel")?;
+    let dgamma = empty::<f32>(py, "dgamma", &[c])?;
+    let dbeta = empty::<f32>(py, "dbeta", &[c])?;
+    {
+        let (mut b, mut d) = (dgamma.readwrite(), dbeta.readwrite());
+        let (dgv, dbv) = (as_mut(&mut b)?, as_mut(&mut d)?);
+        let dyv = as_mut(&mut dyw)?;
+        let (xv, xs, gv, mv, iv) = (xq.slice(), xq.shape4(), gamma.as_ref().map(|g| g.slice()), mean.slice(), invstd.slice());
+        let s = x_scale as f32;
+        py.detach(|| nn::batchnorm2d_backward_i8_inplace(dyv, xv, s, xs, gv, mv, iv, dgv, dbv)).py()?;
+    }
+    Ok((dgamma, dbeta))
+}
+
+/// In-place `relu_forward_mask`: `x = max(x, 0)`; returns the packed bit mask `(x > 0)`.
+#[pyfunction]
+fn relu_forward_mask_<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let mut xw = inout_arr("x", x, None)?;
+    let n: usize = xw.shape().iter().product();
+    let mask = empty::<u8>(py, "mask", &[nn::relu_mask_len(n)])?;
+    {
+        let mut mw = mask.readwrite();
+        let mv = as_mut(&mut mw)?;
+        let xv = as_mut(&mut xw)?;
+        py.detach(|| nn::relu_forward_mask_inplace(xv, mv)).py()?;
+    }
+    Ok(mask)
+}
+
+/// In-place `relu_backward_mask`: `dy = 0` where the mask bit is clear.
+#[pyfunction]
+fn relu_backward_mask_<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Bound<'py, PyAny>) -> PyResult<()> {
+    let mask = In::<u8>::new("mask", mask, "uint8", Some(1))?;
+    let mut dyw = inout_arr("dy", dy, None)?;
+    let dyv = as_mut(&mut dyw)?;
+    let mv = mask.slice();
+    py.detach(|| nn::relu_backward_mask_inplace(dyv, mv)).py()?;
+    Ok(())
+}
+
 /// `max(x, 0)` for a float32 array of any shape.
 #[pyfunction]
 fn relu_forward<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
@@ -625,6 +805,13 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batchnorm2d_backward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_forward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(relu_forward_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(relu_backward_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(batchnorm2d_backward_i8, m)?)?;
+    m.add_function(wrap_pyfunction!(batchnorm2d_forward_, m)?)?;
+    m.add_function(wrap_pyfunction!(batchnorm2d_backward_i8_, m)?)?;
+    m.add_function(wrap_pyfunction!(relu_forward_mask_, m)?)?;
+    m.add_function(wrap_pyfunction!(relu_backward_mask_, m)?)?;
     m.add_function(wrap_pyfunction!(maxpool2d_forward, m)?)?;
     m.add_function(wrap_pyfunction!(maxpool2d_backward, m)?)?;
     m.add_function(wrap_pyfunction!(avgpool2d_forward, m)?)?;

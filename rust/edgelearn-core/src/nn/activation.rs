@@ -36,3 +36,168 @@ pub fn relu_backward(dy: &[f32], y: &[f32], dx: &mut [f32]) -> Result<()> {
     });
     Ok(())
 }
+
+/// Bytes of a packed ReLU mask of `n` elements: one bit per element, bit `i % 8` of byte `i / 8` is
+/// element `i`'s `x > 0`.
+pub fn relu_mask_len(n: usize) -> usize {
+    n.div_ceil(8)
+}
+
+fn check_mask(mask: usize, n: usize) -> Result<()> {
+    let want = relu_mask_len(n);
+    if mask != want {
+        return Err(Error::invalid("mask", format!("expected {want} bytes (one bit per element of {n}), got {mask}")));
+    }
+    Ok(())
+}
+
+/// Packs `x > 0` of `xs` (at most 8·`mc.len()` values) into `mc`.
+#[inline(always)]
+fn pack_positive(xs: &[f32], mc: &mut [u8]) {
+    let n = xs.len().min(8 * mc.len());
+    let full = n / 8;
+    // fixed 8-element groups: the compare and the bit gather vectorise
+    for (m, x8) in mc[..full].iter_mut().zip(xs[..full * 8].chunks_exact(8)) {
+        let mut b = 0u8;
+        for j in 0..8 {
+            b |= ((x8[j] > 0.0) as u8) << j;
+        }
+        *m = b;
+    }
+    if full < mc.len() {
+        let mut b = 0u8;
+        for (j, &v) in xs[full * 8..n].iter().enumerate() {
+            b |= ((v > 0.0) as u8) << j;
+        }
+        mc[full] = b;
+    }
+}
+
+/// For each mask byte, the 8 lane masks (all ones where the bit is set): selecting by AND keeps `g` bit for
+/// bit where the bit is set and gives +0.0 elsewhere, like the branchy select, and vectorises.
+const LANE_MASKS: [[u32; 8]; 256] = lane_masks();
+
+const fn lane_masks() -> [[u32; 8]; 256] {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (b >> j) & 1 != 0 {
+                t[b][j] = u32::MAX;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+}
+
+/// `o[j] = if bit j of b { g[j] } else { 0 }` over one group of up to 8 elements.
+#[inline(always)]
+fn select8(o8: &mut [f32], g8: &[f32], b: u8) {
+    if o8.len() == 8 && g8.len() == 8 {
+        let mk = &LANE_MASKS[b as usize];
+        for j in 0..8 {
+            o8[j] = f32::from_bits(g8[j].to_bits() & mk[j]);
+        }
+    } else {
+        for (j, (o, &g)) in o8.iter_mut().zip(g8).enumerate() {
+            *o = if (b >> j) & 1 != 0 { g } else { 0.0 };
+        }
+    }
+}
+
+/// `y = max(x, 0)` plus the packed bit mask `(x > 0)` that [`relu_backward_mask`] needs
+/// ([`relu_mask_len`] bytes): the saved activation of a ReLU in INT8 training is 1/32 of the FP32 output.
+pub fn relu_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    same_len("y", y.len(), x.len())?;
+    check_mask(mask.len(), x.len())?;
+    let parallel = worth_parallel(x.len());
+    for_each_chunk(y, CHUNK, parallel, |i, yc| {
+        for (o, &v) in yc.iter_mut().zip(&x[i * CHUNK..]) {
+            *o = if v < 0.0 { 0.0 } else { v };
+        }
+    });
+    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| pack_positive(&x[i * CHUNK..], mc));
+    Ok(())
+}
+
+/// `dx = dy` where the mask bit is set, else 0 (`mask` from [`relu_forward_mask`]).
+pub fn relu_backward_mask(dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()> {
+    check_mask(mask.len(), dy.len())?;
+    same_len("dx", dx.len(), dy.len())?;
+    for_each_chunk(dx, CHUNK, worth_parallel(dy.len()), |i, dc| {
+        let (d, mv) = (&dy[i * CHUNK..], &mask[i * CHUNK / 8..]);
+        for ((o8, g8), &b) in dc.chunks_mut(8).zip(d.chunks(8)).zip(mv) {
+            select8(o8, &g8[..o8.len().min(g8.len())], b);
+        }
+    });
+    Ok(())
+}
+
+/// [`relu_forward_mask`] in place: `x = max(x, 0)` and the packed mask (for callers that own `x`).
+pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    check_mask(mask.len(), x.len())?;
+    let parallel = worth_parallel(x.len());
+    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| pack_positive(&x[i * CHUNK..], mc));
+    for_each_chunk(x, CHUNK, parallel, |_, xc| {
+        for v in xc.iter_mut() {
+            *v = if *v < 0.0 { 0.0 } else { *v };
+        }
+    });
+    Ok(())
+}
+
+/// [`relu_backward_mask`] in place: `dy = 0` where the mask bit is clear (dy becomes dx).
+pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
+    check_mask(mask.len(), dy.len())?;
+    let parallel = worth_parallel(dy.len());
+    for_each_chunk(dy, CHUNK, parallel, |i, dc| {
+        for (o8, &b) in dc.chunks_mut(8).zip(&mask[i * CHUNK / 8..]) {
+            if o8.len() == 8 {
+                let mk = &LANE_MASKS[b as usize];
+                for j in 0..8 {
+                    o8[j] = f32::from_bits(o8[j].to_bits() & mk[j]);
+                }
+            } else {
+                for (j, o) in o8.iter_mut().enumerate() {
+                    *o = if (b >> j) & 1 != 0 { *o } else { 0.0 };
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_ops_match_reference() {
+        let n = 70_001;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1001) as f32 - 500.0) * 0.01).collect();
+        let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 - 6.0).collect();
+        let (mut y, mut m) = (vec![9.0f32; n], vec![9u8; relu_mask_len(n)]);
+        relu_forward_mask(&x, &mut y, &mut m).unwrap();
+        let mut y_ref = vec![0.0f32; n];
+        relu_forward(&x, &mut y_ref).unwrap();
+        assert_eq!(y, y_ref);
+        for i in 0..n {
+            assert_eq!((m[i / 8] >> (i % 8)) & 1, (x[i] > 0.0) as u8, "bit {i}");
+        }
+        let (mut dx, mut dx_ref) = (vec![9.0f32; n], vec![9.0f32; n]);
+        relu_backward_mask(&dy, &m, &mut dx).unwrap();
+        relu_backward(&dy, &y_ref, &mut dx_ref).unwrap();
+        assert_eq!(dx, dx_ref);
+        assert!(relu_backward_mask(&dy, &m[1..], &mut dx).is_err());
+        let (mut xi, mut mi) = (x.clone(), vec![7u8; relu_mask_len(n)]);
+        relu_forward_mask_inplace(&mut xi, &mut mi).unwrap();
+        assert_eq!(xi, y_ref);
+        assert_eq!(mi, m);
+        let mut gi = dy.clone();
+        relu_backward_mask_inplace(&mut gi, &m).unwrap();
+        assert_eq!(gi, dx_ref);
+    }
+}

@@ -20,7 +20,7 @@ fn per_channel<R: Send>(c: usize, parallel: bool, f: impl Fn(usize) -> R + Sync 
 /// `(Σ a, Σ b)` over paired elements with `f(u, v) -> (a, b)`, accumulated in 8 f32 lanes per block of
 /// 512 and in f64 across blocks (vectorises, and stays accurate over large batches).
 #[inline(always)]
-fn pair_sums(u: &[f32], v: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+fn pair_sums<V: Copy>(u: &[f32], v: &[V], f: impl Fn(f32, V) -> (f32, f32)) -> (f64, f64) {
     let (mut s0, mut s1) = (0f64, 0f64);
     for (ub, vb) in u.chunks(512).zip(v.chunks(512)) {
         let (mut l0, mut l1) = ([0f32; 8], [0f32; 8]);
@@ -44,7 +44,7 @@ fn pair_sums(u: &[f32], v: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, 
 }
 
 /// [`pair_sums`] over the `n` planes of channel `ch` of two NCHW tensors.
-fn channel_sums(u: &[f32], v: &[f32], n: usize, c: usize, hw: usize, ch: usize, f: impl Fn(f32, f32) -> (f32, f32) + Copy) -> (f64, f64) {
+fn channel_sums<V: Copy>(u: &[f32], v: &[V], n: usize, c: usize, hw: usize, ch: usize, f: impl Fn(f32, V) -> (f32, f32) + Copy) -> (f64, f64) {
     (0..n).fold((0.0, 0.0), |(a, b), i| {
         let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
         let (da, db) = pair_sums(&u[r.clone()], &v[r], f);
@@ -64,7 +64,7 @@ fn opt_len(arg: &'static str, v: Option<&[f32]>, c: usize) -> Result<()> {
 /// in training also updates the running statistics in place with `momentum` (PyTorch's convention:
 /// `running = (1−momentum)·running + momentum·batch`).
 #[allow(clippy::too_many_arguments)]
-pub fn batchnorm2d_forward(
+fn forward_coefficients(
     x: &[f32],
     shape: [usize; 4],
     gamma: Option<&[f32]>,
@@ -74,13 +74,11 @@ pub fn batchnorm2d_forward(
     training: bool,
     momentum: f32,
     eps: f32,
-    y: &mut [f32],
     mean: &mut [f32],
     invstd: &mut [f32],
-) -> Result<()> {
+) -> Result<Vec<(f32, f32)>> {
     let [n, c, h, w] = shape;
     check_len("x", x.len(), &shape)?;
-    check_len("y", y.len(), &shape)?;
     opt_len("gamma", gamma, c)?;
     opt_len("beta", beta, c)?;
     check_len("running_mean", running_mean.len(), &[c])?;
@@ -134,13 +132,67 @@ pub fn batchnorm2d_forward(
             (a, beta.map_or(0.0, |b| b[ch]) - mean[ch] * a)
         })
         .collect();
+    Ok(ab)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_forward(
+    x: &[f32],
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    training: bool,
+    momentum: f32,
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    invstd: &mut [f32],
+) -> Result<()> {
+    check_len("y", y.len(), &shape)?;
+    let ab = forward_coefficients(x, shape, gamma, beta, running_mean, running_var, training, momentum, eps, mean, invstd)?;
+    let [_, c, h, w] = shape;
+    let hw = h * w;
     if hw == 0 {
         return Ok(());
     }
-    for_each_chunk(y, hw, parallel, |plane, yp| {
+    for_each_chunk(y, hw, worth_parallel(x.len()), |plane, yp| {
         let (a, b) = ab[plane % c];
         for (o, &v) in yp.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
             *o = v * a + b;
+        }
+    });
+    Ok(())
+}
+
+/// [`batchnorm2d_forward`] writing `y` over `x` (same values, same statistics); for callers that own `x`
+/// and do not need it afterwards (INT8 training saves a quantized copy first).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_forward_inplace(
+    x: &mut [f32],
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    training: bool,
+    momentum: f32,
+    eps: f32,
+    mean: &mut [f32],
+    invstd: &mut [f32],
+) -> Result<()> {
+    let ab = forward_coefficients(x, shape, gamma, beta, running_mean, running_var, training, momentum, eps, mean, invstd)?;
+    let [_, c, h, w] = shape;
+    let hw = h * w;
+    if hw == 0 {
+        return Ok(());
+    }
+    let parallel = worth_parallel(x.len());
+    for_each_chunk(x, hw, parallel, |plane, xp| {
+        let (a, b) = ab[plane % c];
+        for v in xp.iter_mut() {
+            *v = *v * a + b;
         }
     });
     Ok(())
@@ -160,10 +212,47 @@ pub fn batchnorm2d_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
+    backward_impl(dy, x, |v| v, shape, gamma, mean, invstd, dx, dgamma, dbeta)
+}
+
+/// [`batchnorm2d_backward`] reading the saved input as int8 codes `xq` with a per-tensor `x_scale`
+/// (`x = xq·x_scale`, exactly as `dequantize` would give it), so INT8 training never materialises an FP32
+/// copy of the saved input.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_backward_i8(
+    dy: &[f32],
+    xq: &[i8],
+    x_scale: f32,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    if !(x_scale.is_finite() && x_scale > 0.0) {
+        return Err(Error::invalid("x_scale", format!("must be finite and > 0, got {x_scale}")));
+    }
+    backward_impl(dy, xq, move |v: i8| v as f32 * x_scale, shape, gamma, mean, invstd, dx, dgamma, dbeta)
+}
+
+/// Checks, per-channel sums and the coefficients `(a, b, k)` of `dx = dy·a + x·b + k`; writes `dgamma`, `dbeta`.
+#[allow(clippy::too_many_arguments)]
+fn backward_coefficients<X: Copy + Sync>(
+    dy: &[f32],
+    x: &[X],
+    xf: impl Fn(X) -> f32 + Copy + Sync + Send,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<Vec<(f32, f32, f32)>> {
     let [n, c, h, w] = shape;
     check_len("x", x.len(), &shape)?;
     check_len("dy", dy.len(), &shape)?;
-    check_len("dx", dx.len(), &shape)?;
     opt_len("gamma", gamma, c)?;
     check_len("mean", mean.len(), &[c])?;
     check_len("invstd", invstd.len(), &[c])?;
@@ -174,10 +263,10 @@ pub fn batchnorm2d_backward(
     let parallel = worth_parallel(x.len());
     let sums = per_channel(c, parallel, |ch| {
         let mu = mean[ch];
-        channel_sums(dy, x, n, c, hw, ch, |g, v| (g, g * (v - mu)))
+        channel_sums(dy, x, n, c, hw, ch, move |g, v: X| (g, g * (xf(v) - mu)))
     });
     // dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), written as dx = dy·a + x·b + k per channel.
-    let coef: Vec<(f32, f32, f32)> = (0..c)
+    Ok((0..c)
         .map(|ch| {
             let (sdy, sdyxc) = sums[ch];
             let is = invstd[ch] as f64;
@@ -192,16 +281,127 @@ pub fn batchnorm2d_backward(
             let k = -a * sdy / m - b * mean[ch] as f64;
             (a as f32, b as f32, k as f32)
         })
-        .collect();
+        .collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<X: Copy + Sync>(
+    dy: &[f32],
+    x: &[X],
+    xf: impl Fn(X) -> f32 + Copy + Sync + Send,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    check_len("dx", dx.len(), &shape)?;
+    let coef = backward_coefficients(dy, x, xf, shape, gamma, mean, invstd, dgamma, dbeta)?;
+    let [_, c, h, w] = shape;
+    let hw = h * w;
     if hw == 0 {
         return Ok(());
     }
-    for_each_chunk(dx, hw, parallel, |plane, dp| {
+    for_each_chunk(dx, hw, worth_parallel(x.len()), |plane, dp| {
         let (a, b, k) = coef[plane % c];
         let r = plane * hw..(plane + 1) * hw;
         for ((o, &g), &v) in dp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-            *o = g * a + v * b + k;
+            *o = g * a + xf(v) * b + k;
         }
     });
     Ok(())
+}
+
+/// [`batchnorm2d_backward_i8`] writing `dx` over `dy` (same values; `dy` is consumed). Saves the
+/// allocation of a second activation-sized gradient when the caller owns `dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_backward_i8_inplace(
+    dy: &mut [f32],
+    xq: &[i8],
+    x_scale: f32,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    if !(x_scale.is_finite() && x_scale > 0.0) {
+        return Err(Error::invalid("x_scale", format!("must be finite and > 0, got {x_scale}")));
+    }
+    let xf = move |v: i8| v as f32 * x_scale;
+    let coef = backward_coefficients(dy, xq, xf, shape, gamma, mean, invstd, dgamma, dbeta)?;
+    let [_, c, h, w] = shape;
+    let hw = h * w;
+    if hw == 0 {
+        return Ok(());
+    }
+    for_each_chunk(dy, hw, worth_parallel(xq.len()), |plane, dp| {
+        let (a, b, k) = coef[plane % c];
+        let r = plane * hw..(plane + 1) * hw;
+        for (o, &v) in dp.iter_mut().zip(&xq[r]) {
+            *o = *o * a + xf(v) * b + k;
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The int8 backward equals the FP32 backward on the dequantized input, bit for bit, and a naive
+    /// per-element reference of the formula within float tolerance.
+    #[test]
+    fn backward_i8_matches_dequantized_fp32() {
+        let shape = [3, 4, 5, 6];
+        let len = 3 * 4 * 5 * 6;
+        let xq: Vec<i8> = (0..len).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
+        let scale = 0.0173f32;
+        let x: Vec<f32> = xq.iter().map(|&q| q as f32 * scale).collect();
+        let dy: Vec<f32> = (0..len).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1).collect();
+        let gamma = [0.5f32, 1.0, 1.5, -2.0];
+        let (mut rm, mut rv) = (vec![0f32; 4], vec![1f32; 4]);
+        let (mut y, mut mean, mut invstd) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
+        batchnorm2d_forward(&x, shape, Some(&gamma), None, &mut rm, &mut rv, true, 0.1, 1e-5, &mut y, &mut mean, &mut invstd)
+            .unwrap();
+        let (mut dx, mut dg, mut db) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
+        batchnorm2d_backward(&dy, &x, shape, Some(&gamma), &mean, &invstd, &mut dx, &mut dg, &mut db).unwrap();
+        let (mut dx8, mut dg8, mut db8) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
+        batchnorm2d_backward_i8(&dy, &xq, scale, shape, Some(&gamma), &mean, &invstd, &mut dx8, &mut dg8, &mut db8)
+            .unwrap();
+        assert_eq!(dx, dx8);
+        assert_eq!(dg, dg8);
+        assert_eq!(db, db8);
+        // naive reference: dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
+        let (n, c, hw) = (3, 4, 30);
+        for ch in 0..c {
+            let idx: Vec<usize> = (0..n).flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p)).collect();
+            let m = idx.len() as f64;
+            let xh = |i: usize| (x[i] as f64 - mean[ch] as f64) * invstd[ch] as f64;
+            let mdy = idx.iter().map(|&i| dy[i] as f64).sum::<f64>() / m;
+            let mdyx = idx.iter().map(|&i| dy[i] as f64 * xh(i)).sum::<f64>() / m;
+            for &i in &idx {
+                let want = gamma[ch] as f64 * invstd[ch] as f64 * (dy[i] as f64 - mdy - xh(i) * mdyx);
+                assert!((dx8[i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "dx[{i}] {} vs {want}", dx8[i]);
+            }
+            assert!((db8[ch] as f64 - mdy * m).abs() < 1e-3);
+        }
+        let (mut gi, mut dgi, mut dbi) = (dy.clone(), vec![0f32; 4], vec![0f32; 4]);
+        batchnorm2d_backward_i8_inplace(&mut gi, &xq, scale, shape, Some(&gamma), &mean, &invstd, &mut dgi, &mut dbi)
+            .unwrap();
+        assert_eq!(gi, dx8);
+        assert_eq!(dgi, dg8);
+        assert_eq!(dbi, db8);
+        // in-place forward: same output and statistics as the out-of-place one
+        let (mut rm2, mut rv2) = (vec![0f32; 4], vec![1f32; 4]);
+        let (mut xi, mut mean2, mut invstd2) = (x.clone(), vec![0f32; 4], vec![0f32; 4]);
+        batchnorm2d_forward_inplace(&mut xi, shape, Some(&gamma), None, &mut rm2, &mut rv2, true, 0.1, 1e-5, &mut mean2, &mut invstd2)
+            .unwrap();
+        assert_eq!(xi, y);
+        assert_eq!((mean2, invstd2, rm2, rv2), (mean.clone(), invstd.clone(), rm.clone(), rv.clone()));
+        assert!(batchnorm2d_backward_i8(&dy, &xq, 0.0, shape, None, &mean, &invstd, &mut dx8, &mut dg8, &mut db8).is_err());
+    }
 }

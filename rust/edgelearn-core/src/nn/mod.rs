@@ -18,8 +18,14 @@ pub mod im2col;
 pub mod matmul;
 pub mod pool;
 
-pub use activation::{relu_backward, relu_forward};
-pub use batchnorm::{batchnorm2d_backward, batchnorm2d_forward};
+pub use activation::{
+    relu_backward, relu_backward_mask, relu_backward_mask_inplace, relu_forward, relu_forward_mask,
+    relu_forward_mask_inplace, relu_mask_len,
+};
+pub use batchnorm::{
+    batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace, batchnorm2d_forward,
+    batchnorm2d_forward_inplace,
+};
 pub use conv::{
     conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward, ConvShape,
 };
