@@ -17,8 +17,14 @@ use edgelearn_core::gemm::{active_kernel, gemm_i8_with, kernel_by_name, Blocking
 const SQUARE: &[usize] = &[256, 512, 1024, 2048];
 const SCALAR_UP_TO: usize = 512;
 /// (M, K, N) of the training GEMMs.
-const TRAINING: &[(usize, usize, usize)] =
-    &[(32768, 27, 16), (32768, 144, 32), (8192, 288, 64), (144, 8192, 32), (64, 784, 256), (784, 64, 256)];
+const TRAINING: &[(usize, usize, usize)] = &[
+    (32768, 27, 16),
+    (32768, 144, 32),
+    (8192, 288, 64),
+    (144, 8192, 32),
+    (64, 784, 256),
+    (784, 64, 256),
+];
 
 /// Deterministic pseudo-random bytes covering the whole i8 range (including -128).
 fn bytes(n: usize, seed: u64) -> Vec<i8> {
@@ -39,7 +45,13 @@ enum Order {
     F,
 }
 
-fn bench_one(c: &mut Criterion, group: &str, kernel: &dyn Kernel, (m, k, n): (usize, usize, usize), a_order: Order) {
+fn bench_one(
+    c: &mut Criterion,
+    group: &str,
+    kernel: &dyn Kernel,
+    (m, k, n): (usize, usize, usize),
+    a_order: Order,
+) {
     let a = bytes(m * k, 1);
     let b = bytes(k * n, 2);
     let av = match a_order {
@@ -50,15 +62,30 @@ fn bench_one(c: &mut Criterion, group: &str, kernel: &dyn Kernel, (m, k, n): (us
     let bv = MatRef::row_major(&b, k, n).unwrap();
     let mut out = vec![0i32; m * n];
     let mut g = c.benchmark_group(group);
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
     let order = match a_order {
         Order::C => "A=C",
         Order::F => "A=F",
     };
-    g.bench_with_input(BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n}/{order}")), &(), |bch, _| {
-        bch.iter(|| gemm_i8_with(kernel, Blocking::default(), black_box(&av), black_box(&bv), &mut out).unwrap())
-    });
+    g.bench_with_input(
+        BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n}/{order}")),
+        &(),
+        |bch, _| {
+            bch.iter(|| {
+                gemm_i8_with(
+                    kernel,
+                    Blocking::default(),
+                    black_box(&av),
+                    black_box(&bv),
+                    &mut out,
+                )
+                .unwrap()
+            })
+        },
+    );
     g.finish();
 }
 

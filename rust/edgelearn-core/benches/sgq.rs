@@ -11,7 +11,12 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgelearn_core::sgq::{self, Mode, Settings, Shape};
 
-const SHAPE: Shape = Shape { n: 64, c: 32, h: 32, w: 32 };
+const SHAPE: Shape = Shape {
+    n: 64,
+    c: 32,
+    h: 32,
+    w: 32,
+};
 
 fn features() -> Vec<f32> {
     let mut s = 0x1234_5678_9abc_def1u64;
@@ -32,16 +37,38 @@ fn bench(c: &mut Criterion) {
     let x = features();
     let bytes = (x.len() * 4) as u64;
     let mut g = c.benchmark_group("sgq");
-    g.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
     g.throughput(Throughput::Bytes(bytes));
     let mut copy = vec![0f32; x.len()];
     g.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&x))));
     let configs: Vec<(String, Settings)> = [2u8, 4, 8]
         .iter()
-        .map(|&bits| (format!("sgq-b{bits}"), Settings { bits, ..Settings::default() }))
+        .map(|&bits| {
+            (
+                format!("sgq-b{bits}"),
+                Settings {
+                    bits,
+                    ..Settings::default()
+                },
+            )
+        })
         .chain([
-            ("uniform-b4".to_string(), Settings { mode: Mode::Uniform, ..Settings::default() }),
-            ("fp16".to_string(), Settings { mode: Mode::Fp16, ..Settings::default() }),
+            (
+                "uniform-b4".to_string(),
+                Settings {
+                    mode: Mode::Uniform,
+                    ..Settings::default()
+                },
+            ),
+            (
+                "fp16".to_string(),
+                Settings {
+                    mode: Mode::Fp16,
+                    ..Settings::default()
+                },
+            ),
         ])
         .collect();
     for (name, settings) in &configs {

@@ -25,12 +25,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn invalid(arg: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument { arg, msg: msg.into() }
+        Error::InvalidArgument {
+            arg,
+            msg: msg.into(),
+        }
     }
     pub fn frame(msg: impl Into<String>) -> Self {
         Error::Frame { msg: msg.into() }
     }
     pub fn overflow(arg: &'static str, msg: impl Into<String>) -> Self {
-        Error::Overflow { arg, msg: msg.into() }
+        Error::Overflow {
+            arg,
+            msg: msg.into(),
+        }
     }
 }

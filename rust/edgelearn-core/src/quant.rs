@@ -73,11 +73,15 @@ impl Clip {
         match *self {
             Clip::None => Ok(()),
             Clip::Sigma { z } if z.is_finite() && z > 0.0 => Ok(()),
-            Clip::Sigma { z } => Err(Error::invalid("clip", format!("sigma z must be finite and > 0, got {z}"))),
+            Clip::Sigma { z } => Err(Error::invalid(
+                "clip",
+                format!("sigma z must be finite and > 0, got {z}"),
+            )),
             Clip::MinMax { kappa } if kappa > 0.0 && kappa <= 1.0 => Ok(()),
-            Clip::MinMax { kappa } => {
-                Err(Error::invalid("clip", format!("minmax kappa must be in (0, 1], got {kappa}")))
-            }
+            Clip::MinMax { kappa } => Err(Error::invalid(
+                "clip",
+                format!("minmax kappa must be in (0, 1], got {kappa}"),
+            )),
         }
     }
 }
@@ -93,7 +97,11 @@ pub struct Layout {
 impl Layout {
     /// One scale for `len` elements.
     pub fn per_tensor(len: usize) -> Self {
-        Layout { outer: 1, channels: 1, inner: len }
+        Layout {
+            outer: 1,
+            channels: 1,
+            inner: len,
+        }
     }
 
     /// The layout of a C-ordered array of `shape`: per channel along `axis` (negative counts from the
@@ -102,7 +110,9 @@ impl Layout {
         let product = |dims: &[usize]| {
             dims.iter()
                 .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| Error::invalid("x", format!("shape {shape:?} has too many elements")))
+                .ok_or_else(|| {
+                    Error::invalid("x", format!("shape {shape:?} has too many elements"))
+                })
         };
         let Some(axis) = axis else {
             return Ok(Layout::per_tensor(product(shape)?));
@@ -116,7 +126,11 @@ impl Layout {
             ));
         }
         let a = a as usize;
-        let layout = Layout { outer: product(&shape[..a])?, channels: shape[a], inner: product(&shape[a + 1..])? };
+        let layout = Layout {
+            outer: product(&shape[..a])?,
+            channels: shape[a],
+            inner: product(&shape[a + 1..])?,
+        };
         layout.len()?;
         Ok(layout)
     }
@@ -201,8 +215,12 @@ fn scan_run(xs: &[f32]) -> (f32, f32, bool) {
         mx[l] = if v > mx[l] { v } else { mx[l] };
         nan[l] += v - v;
     }
-    let lo = mn.iter().fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
-    let hi = mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let lo = mn
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    let hi = mx
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     (lo, hi, nan.iter().any(|v| v.is_nan()))
 }
 
@@ -249,7 +267,11 @@ fn parallel_for(n: usize) -> bool {
 }
 
 /// Maps `f` over `0..count`, in the edgelearn pool when `parallel`; results in index order.
-fn map_indices<T: Send>(count: usize, parallel: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+fn map_indices<T: Send>(
+    count: usize,
+    parallel: bool,
+    f: impl Fn(usize) -> T + Sync + Send,
+) -> Vec<T> {
     if parallel && count > 1 {
         threads::install(|| (0..count).into_par_iter().map(&f).collect())
     } else {
@@ -260,7 +282,11 @@ fn map_indices<T: Send>(count: usize, parallel: bool, f: impl Fn(usize) -> T + S
 /// First pass over one channel's data (or a chunk of it) plus, for sigma, the sum; returns min, max,
 /// sum, has-non-finite. Every run of the channel is visited in flat order.
 #[inline(always)]
-fn first_pass_uniform(runs: impl Iterator<Item = (usize, usize)>, x: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
+fn first_pass_uniform(
+    runs: impl Iterator<Item = (usize, usize)>,
+    x: &[f32],
+    want_sum: bool,
+) -> (f32, f32, f64, bool) {
     let (mut mn, mut mx, mut sum, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0f64, false);
     for (pos, len) in runs {
         let xs = &x[pos..pos + len];
@@ -381,13 +407,22 @@ fn tensor_stats(x: &[f32], want_sigma: bool) -> Result<ChannelStats> {
         mean.push(m);
         sd.push((ss / n as f64).sqrt());
     }
-    Ok(ChannelStats { min: vec![mn], max: vec![mx], mean, sd })
+    Ok(ChannelStats {
+        min: vec![mn],
+        max: vec![mx],
+        mean,
+        sd,
+    })
 }
 
 /// Statistics of a non-empty per-channel layout. Each channel is reduced on one thread in flat order, so the
 /// result does not depend on how channels are split among threads.
 fn channel_stats(x: &[f32], layout: Layout, want_sigma: bool) -> Result<ChannelStats> {
-    let Layout { outer, channels: c, inner } = layout;
+    let Layout {
+        outer,
+        channels: c,
+        inner,
+    } = layout;
     let n = x.len();
     let par = parallel_for(n);
     // Channel blocks (any split gives the same result): a few per thread for load balance, each at
@@ -396,7 +431,10 @@ fn channel_stats(x: &[f32], layout: Layout, want_sigma: bool) -> Result<ChannelS
     let per_channel = (outer * inner).max(1);
     let block = if par {
         let min_width = if inner == 1 { 64 } else { 1 };
-        c.div_ceil(4 * threads::num_threads()).max(4096 / per_channel).max(min_width).clamp(1, c)
+        c.div_ceil(4 * threads::num_threads())
+            .max(4096 / per_channel)
+            .max(min_width)
+            .clamp(1, c)
     } else {
         c
     };
@@ -509,7 +547,11 @@ fn params(st: &ChannelStats, clip: Clip, scales: &mut [f32]) -> Params {
         let s = amax / QMAX as f32;
         // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
         // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
-        *scale = if s > 0.0 { s.max(f32::MIN_POSITIVE) } else { 1.0 };
+        *scale = if s > 0.0 {
+            s.max(f32::MIN_POSITIVE)
+        } else {
+            1.0
+        };
         lo.push(l);
         hi.push(h);
     }
@@ -581,7 +623,15 @@ fn round_stochastic(t: f32, u: f64) -> i8 {
 }
 
 #[inline(always)]
-fn quantize_run_uniform(xs: &[f32], qs: &mut [i8], lo: f32, hi: f32, scale: f32, rounding: Rounding, pos: usize) {
+fn quantize_run_uniform(
+    xs: &[f32],
+    qs: &mut [i8],
+    lo: f32,
+    hi: f32,
+    scale: f32,
+    rounding: Rounding,
+    pos: usize,
+) {
     match rounding {
         Rounding::Nearest => {
             for (q, &x) in qs.iter_mut().zip(xs) {
@@ -591,7 +641,10 @@ fn quantize_run_uniform(xs: &[f32], qs: &mut [i8], lo: f32, hi: f32, scale: f32,
         Rounding::Stochastic { seed } => {
             let key = stream_key(seed);
             for (j, (q, &x)) in qs.iter_mut().zip(xs).enumerate() {
-                *q = round_stochastic(scaled(x, lo, hi, scale), uniform_from_key(key, (pos + j) as u64));
+                *q = round_stochastic(
+                    scaled(x, lo, hi, scale),
+                    uniform_from_key(key, (pos + j) as u64),
+                );
             }
         }
     }
@@ -627,20 +680,34 @@ fn quantize_run_row(
 fn for_each_out_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if parallel_for(out.len()) {
         threads::install(|| {
-            out.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, c)| f(i * ELEMENTWISE_CHUNK, c))
+            out.par_chunks_mut(ELEMENTWISE_CHUNK)
+                .enumerate()
+                .for_each(|(i, c)| f(i * ELEMENTWISE_CHUNK, c))
         });
     } else {
         f(0, out);
     }
 }
 
-fn check_sizes(layout: Layout, x_arg: &'static str, x_len: usize, out_arg: &'static str, out_len: usize) -> Result<usize> {
+fn check_sizes(
+    layout: Layout,
+    x_arg: &'static str,
+    x_len: usize,
+    out_arg: &'static str,
+    out_len: usize,
+) -> Result<usize> {
     let n = layout.len()?;
     if x_len != n {
-        return Err(Error::invalid(x_arg, format!("has {x_len} elements, layout {layout:?} needs {n}")));
+        return Err(Error::invalid(
+            x_arg,
+            format!("has {x_len} elements, layout {layout:?} needs {n}"),
+        ));
     }
     if out_len != n {
-        return Err(Error::invalid(out_arg, format!("has {out_len} elements, expected {n} (one per input element)")));
+        return Err(Error::invalid(
+            out_arg,
+            format!("has {out_len} elements, expected {n} (one per input element)"),
+        ));
     }
     Ok(n)
 }
@@ -662,7 +729,11 @@ pub fn quantize_into(
     if scales.len() != layout.channels {
         return Err(Error::invalid(
             "scales",
-            format!("has {} elements, expected {} (one per channel)", scales.len(), layout.channels),
+            format!(
+                "has {} elements, expected {} (one per channel)",
+                scales.len(),
+                layout.channels
+            ),
         ));
     }
     clip.validate()?;
@@ -672,18 +743,31 @@ pub fn quantize_into(
     }
     let layout = layout.normalised();
     let want_sigma = matches!(clip, Clip::Sigma { .. });
-    let stats =
-        if layout.channels == 1 { tensor_stats(x, want_sigma)? } else { channel_stats(x, layout, want_sigma)? };
+    let stats = if layout.channels == 1 {
+        tensor_stats(x, want_sigma)?
+    } else {
+        channel_stats(x, layout, want_sigma)?
+    };
     let p = params(&stats, clip, scales);
     let scales: &[f32] = scales;
-    for_each_out_chunk(q, |start, qc| quantize_chunk(x, qc, start, layout, &p, scales, rounding));
+    for_each_out_chunk(q, |start, qc| {
+        quantize_chunk(x, qc, start, layout, &p, scales, rounding)
+    });
     Ok(())
 }
 
 /// Quantizes the elements `start..start + qc.len()` into `qc`. On x86-64 with AVX2 the same code is
 /// compiled a second time for AVX2 (twice the vector width; bit-identical results, since every step is
 /// an exactly rounded IEEE operation or integer arithmetic and nothing is contracted into FMA).
-fn quantize_chunk(x: &[f32], qc: &mut [i8], start: usize, layout: Layout, p: &Params, scales: &[f32], rounding: Rounding) {
+fn quantize_chunk(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512_ok() {
@@ -741,7 +825,15 @@ fn quantize_chunk_body(
         // per tensor: one uniform run, called directly so it is compiled (inlined) with the caller's
         // target features rather than through the run-splitting closure
         let n = qc.len();
-        quantize_run_uniform(&x[start..start + n], qc, p.lo[0], p.hi[0], scales[0], rounding, start);
+        quantize_run_uniform(
+            &x[start..start + n],
+            qc,
+            p.lo[0],
+            p.hi[0],
+            scales[0],
+            rounding,
+            start,
+        );
         return;
     }
     for_each_run(layout, start, start + qc.len(), |run| match run {
@@ -772,18 +864,32 @@ pub fn dequantize_into(q: &[i8], layout: Layout, scales: &[f32], out: &mut [f32]
     if scales.len() != layout.channels {
         return Err(Error::invalid(
             "scale",
-            format!("has {} elements, expected {} (one per channel)", scales.len(), layout.channels),
+            format!(
+                "has {} elements, expected {} (one per channel)",
+                scales.len(),
+                layout.channels
+            ),
         ));
     }
-    if let Some((i, s)) = scales.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
-        return Err(Error::invalid("scale", format!("must be finite and > 0, got {s} at index {i}")));
+    if let Some((i, s)) = scales
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+    {
+        return Err(Error::invalid(
+            "scale",
+            format!("must be finite and > 0, got {s} at index {i}"),
+        ));
     }
     let layout = layout.normalised();
     for_each_out_chunk(out, |start, oc| {
         for_each_run(layout, start, start + oc.len(), |run| match run {
             Run::Uniform { pos, len, ch } => {
                 let s = scales[ch];
-                for (o, &v) in oc[pos - start..pos - start + len].iter_mut().zip(&q[pos..pos + len]) {
+                for (o, &v) in oc[pos - start..pos - start + len]
+                    .iter_mut()
+                    .zip(&q[pos..pos + len])
+                {
                     *o = v as f32 * s;
                 }
             }
@@ -802,12 +908,24 @@ pub fn dequantize_into(q: &[i8], layout: Layout, scales: &[f32], out: &mut [f32]
 pub fn quantize_per_tensor(x: &[f32], rounding: Rounding, clip: Clip) -> Result<(Vec<i8>, f32)> {
     let mut q = vec![0i8; x.len()];
     let mut s = [0f32];
-    quantize_into(x, Layout::per_tensor(x.len()), rounding, clip, &mut q, &mut s)?;
+    quantize_into(
+        x,
+        Layout::per_tensor(x.len()),
+        rounding,
+        clip,
+        &mut q,
+        &mut s,
+    )?;
     Ok((q, s[0]))
 }
 
 /// Per-channel convenience: `(codes, scales)` for a C-ordered `x` of the given layout.
-pub fn quantize_per_channel(x: &[f32], layout: Layout, rounding: Rounding, clip: Clip) -> Result<(Vec<i8>, Vec<f32>)> {
+pub fn quantize_per_channel(
+    x: &[f32],
+    layout: Layout,
+    rounding: Rounding,
+    clip: Clip,
+) -> Result<(Vec<i8>, Vec<f32>)> {
     let mut q = vec![0i8; x.len()];
     let mut s = vec![0f32; layout.channels];
     quantize_into(x, layout, rounding, clip, &mut q, &mut s)?;
@@ -829,7 +947,10 @@ pub fn random_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     h.write_u128(nanos);
     h.finish()
 }
@@ -865,7 +986,16 @@ mod tests {
             assert_eq!(round_nearest(t) as f32, t.round_ties_even(), "t = {t}");
             t += 0.125;
         }
-        for t in [-0.5f32, 0.5, 126.5, -126.5, 0.49999997, -0.49999997, 1e-30, -1e-30] {
+        for t in [
+            -0.5f32,
+            0.5,
+            126.5,
+            -126.5,
+            0.49999997,
+            -0.49999997,
+            1e-30,
+            -1e-30,
+        ] {
             assert_eq!(round_nearest(t) as f32, t.round_ties_even(), "t = {t}");
         }
     }
@@ -885,12 +1015,23 @@ mod tests {
     #[test]
     fn per_channel_matches_per_tensor_on_each_channel() {
         // shape (2, 3, 4) per channel along axis 1
-        let x: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * (1.0 + (i / 4 % 3) as f32)).collect();
+        let x: Vec<f32> = (0..24)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * (1.0 + (i / 4 % 3) as f32))
+            .collect();
         let layout = Layout::from_shape(&[2, 3, 4], Some(1), "axis").unwrap();
-        assert_eq!(layout, Layout { outer: 2, channels: 3, inner: 4 });
+        assert_eq!(
+            layout,
+            Layout {
+                outer: 2,
+                channels: 3,
+                inner: 4
+            }
+        );
         let (q, s) = quantize_per_channel(&x, layout, Rounding::Nearest, Clip::None).unwrap();
         for (c, &sc_all) in s.iter().enumerate() {
-            let idx: Vec<usize> = (0..2).flat_map(|o| (0..4).map(move |i| (o * 3 + c) * 4 + i)).collect();
+            let idx: Vec<usize> = (0..2)
+                .flat_map(|o| (0..4).map(move |i| (o * 3 + c) * 4 + i))
+                .collect();
             let xc: Vec<f32> = idx.iter().map(|&i| x[i]).collect();
             let (qc, sc) = q_nearest(&xc);
             assert_eq!(sc, sc_all);
@@ -900,7 +1041,9 @@ mod tests {
 
     #[test]
     fn last_axis_channels_use_row_runs() {
-        let x: Vec<f32> = (0..15).map(|i| i as f32 * if i % 3 == 0 { 10.0 } else { 1.0 }).collect();
+        let x: Vec<f32> = (0..15)
+            .map(|i| i as f32 * if i % 3 == 0 { 10.0 } else { 1.0 })
+            .collect();
         let layout = Layout::from_shape(&[5, 3], Some(-1), "axis").unwrap();
         let (q, s) = quantize_per_channel(&x, layout, Rounding::Nearest, Clip::None).unwrap();
         assert_eq!(s, vec![120.0 / 127.0, 13.0 / 127.0, 14.0 / 127.0]);
@@ -912,7 +1055,8 @@ mod tests {
     #[test]
     fn minmax_clip_scales_the_range() {
         let x = [-100.0f32, 50.0, 0.0, 80.0];
-        let (q, s) = quantize_per_tensor(&x, Rounding::Nearest, Clip::MinMax { kappa: 0.5 }).unwrap();
+        let (q, s) =
+            quantize_per_tensor(&x, Rounding::Nearest, Clip::MinMax { kappa: 0.5 }).unwrap();
         // clipped to [-50, 40]: scale from 50, the two largest values land on 40
         assert_eq!(s, 50.0 / 127.0);
         assert_eq!(q, vec![-127, 102, 0, 102]);
@@ -944,13 +1088,55 @@ mod tests {
         let mut q = [0i8; 2];
         let mut s = [0f32; 1];
         let l = Layout::per_tensor(2);
-        assert!(quantize_into(&x, l, Rounding::Nearest, Clip::Sigma { z: 0.0 }, &mut q, &mut s).is_err());
-        assert!(quantize_into(&x, l, Rounding::Nearest, Clip::Sigma { z: f64::NAN }, &mut q, &mut s).is_err());
-        assert!(quantize_into(&x, l, Rounding::Nearest, Clip::MinMax { kappa: 1.5 }, &mut q, &mut s).is_err());
-        assert!(quantize_into(&x, l, Rounding::Nearest, Clip::MinMax { kappa: 0.0 }, &mut q, &mut s).is_err());
+        assert!(quantize_into(
+            &x,
+            l,
+            Rounding::Nearest,
+            Clip::Sigma { z: 0.0 },
+            &mut q,
+            &mut s
+        )
+        .is_err());
+        assert!(quantize_into(
+            &x,
+            l,
+            Rounding::Nearest,
+            Clip::Sigma { z: f64::NAN },
+            &mut q,
+            &mut s
+        )
+        .is_err());
+        assert!(quantize_into(
+            &x,
+            l,
+            Rounding::Nearest,
+            Clip::MinMax { kappa: 1.5 },
+            &mut q,
+            &mut s
+        )
+        .is_err());
+        assert!(quantize_into(
+            &x,
+            l,
+            Rounding::Nearest,
+            Clip::MinMax { kappa: 0.0 },
+            &mut q,
+            &mut s
+        )
+        .is_err());
         assert!(quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q[..1], &mut s).is_err());
-        assert!(quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q, &mut [0.0; 2]).is_err());
-        assert!(quantize_into(&x, Layout::per_tensor(3), Rounding::Nearest, Clip::None, &mut q, &mut s).is_err());
+        assert!(
+            quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q, &mut [0.0; 2]).is_err()
+        );
+        assert!(quantize_into(
+            &x,
+            Layout::per_tensor(3),
+            Rounding::Nearest,
+            Clip::None,
+            &mut q,
+            &mut s
+        )
+        .is_err());
         assert!(Layout::from_shape(&[2, 3], Some(2), "axis").is_err());
         assert!(Layout::from_shape(&[2, 3], Some(-3), "axis").is_err());
         assert!(Layout::from_shape(&[], Some(0), "axis").is_err());
@@ -968,25 +1154,64 @@ mod tests {
             x[37] = bad;
             x[80] = bad;
             let e = quantize_per_tensor(&x, Rounding::Nearest, Clip::None).unwrap_err();
-            assert_eq!(e, Error::NonFinite { arg: "x", index: 37 });
-            let layout = Layout { outer: 10, channels: 5, inner: 2 };
-            let e = quantize_per_channel(&x, layout, Rounding::Nearest, Clip::Sigma { z: 1.0 }).unwrap_err();
-            assert_eq!(e, Error::NonFinite { arg: "x", index: 37 });
-            let layout = Layout { outer: 20, channels: 5, inner: 1 };
+            assert_eq!(
+                e,
+                Error::NonFinite {
+                    arg: "x",
+                    index: 37
+                }
+            );
+            let layout = Layout {
+                outer: 10,
+                channels: 5,
+                inner: 2,
+            };
+            let e = quantize_per_channel(&x, layout, Rounding::Nearest, Clip::Sigma { z: 1.0 })
+                .unwrap_err();
+            assert_eq!(
+                e,
+                Error::NonFinite {
+                    arg: "x",
+                    index: 37
+                }
+            );
+            let layout = Layout {
+                outer: 20,
+                channels: 5,
+                inner: 1,
+            };
             let e = quantize_per_channel(&x, layout, Rounding::Nearest, Clip::None).unwrap_err();
-            assert_eq!(e, Error::NonFinite { arg: "x", index: 37 });
+            assert_eq!(
+                e,
+                Error::NonFinite {
+                    arg: "x",
+                    index: 37
+                }
+            );
         }
     }
 
     #[test]
     fn empty_channels_get_scale_one() {
-        let layout = Layout { outer: 0, channels: 4, inner: 3 };
-        for clip in [Clip::None, Clip::Sigma { z: 1.0 }, Clip::MinMax { kappa: 0.9 }] {
+        let layout = Layout {
+            outer: 0,
+            channels: 4,
+            inner: 3,
+        };
+        for clip in [
+            Clip::None,
+            Clip::Sigma { z: 1.0 },
+            Clip::MinMax { kappa: 0.9 },
+        ] {
             let (q, s) = quantize_per_channel(&[], layout, Rounding::Nearest, clip).unwrap();
             assert!(q.is_empty());
             assert_eq!(s, vec![1.0; 4]);
         }
-        let layout = Layout { outer: 3, channels: 0, inner: 3 };
+        let layout = Layout {
+            outer: 3,
+            channels: 0,
+            inner: 3,
+        };
         let (q, s) = quantize_per_channel(&[], layout, Rounding::Nearest, Clip::None).unwrap();
         assert!(q.is_empty() && s.is_empty());
     }
@@ -1003,11 +1228,18 @@ mod tests {
 
     #[test]
     fn dequantize_multiplies_by_the_channel_scale() {
-        let layout = Layout { outer: 2, channels: 2, inner: 1 };
+        let layout = Layout {
+            outer: 2,
+            channels: 2,
+            inner: 1,
+        };
         let mut out = [0f32; 4];
         dequantize_into(&[1, -2, 3, 127], layout, &[0.5, 2.0], &mut out).unwrap();
         assert_eq!(out, [0.5, -4.0, 1.5, 254.0]);
-        assert_eq!(dequantize_per_tensor(&[-127, 4], 0.25).unwrap(), vec![-31.75, 1.0]);
+        assert_eq!(
+            dequantize_per_tensor(&[-127, 4], 0.25).unwrap(),
+            vec![-31.75, 1.0]
+        );
     }
 
     #[test]

@@ -18,7 +18,10 @@ struct PoolState {
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
-static STATE: Mutex<PoolState> = Mutex::new(PoolState { threads: 0, pool: None });
+static STATE: Mutex<PoolState> = Mutex::new(PoolState {
+    threads: 0,
+    pool: None,
+});
 static FORKED: AtomicBool = AtomicBool::new(false);
 static ATFORK: Once = Once::new();
 
@@ -41,9 +44,13 @@ fn default_threads() -> usize {
     match std::env::var("EDGELEARN_NUM_THREADS") {
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_THREADS).contains(&n) => n,
-            _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            _ => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         },
-        Err(_) => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Err(_) => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     }
 }
 
@@ -105,7 +112,10 @@ pub fn num_threads() -> usize {
 /// Sets the number of threads kernels use (rebuilds the pool). `n` must be in `1..=MAX_THREADS`.
 pub fn set_num_threads(n: usize) -> Result<()> {
     if !(1..=MAX_THREADS).contains(&n) {
-        return Err(Error::invalid("threads", format!("expected 1..={MAX_THREADS}, got {n}")));
+        return Err(Error::invalid(
+            "threads",
+            format!("expected 1..={MAX_THREADS}, got {n}"),
+        ));
     }
     let mut st = lock();
     if st.threads != n {

@@ -1,8 +1,8 @@
 //! Every kernel this CPU has, bit-exact against the naive reference, on random and edge shapes and layouts.
 
 use edgelearn_core::gemm::{
-    available_kernels, gemm_i8_f32_with, gemm_i8_with, gemm_reference, kernel_by_name, Blocking, Kernel, MatRef,
-    Scale, MAX_K_I32,
+    available_kernels, gemm_i8_f32_with, gemm_i8_with, gemm_reference, kernel_by_name, Blocking,
+    Kernel, MatRef, Scale, MAX_K_I32,
 };
 use proptest::prelude::*;
 
@@ -34,7 +34,17 @@ fn view<'a>(data: &'a [i8], rows: usize, cols: usize, l: Layout) -> MatRef<'a> {
     }
 }
 
-fn check(kernel: &dyn Kernel, blk: Blocking, m: usize, k: usize, n: usize, la: Layout, lb: Layout, a: &[i8], b: &[i8]) {
+fn check(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    m: usize,
+    k: usize,
+    n: usize,
+    la: Layout,
+    lb: Layout,
+    a: &[i8],
+    b: &[i8],
+) {
     let av = view(a, m, k, la);
     let bv = view(b, k, n, lb);
     let want = gemm_reference(&av, &bv).unwrap();
@@ -42,21 +52,50 @@ fn check(kernel: &dyn Kernel, blk: Blocking, m: usize, k: usize, n: usize, la: L
     gemm_i8_with(kernel, blk, &av, &bv, &mut got).unwrap();
     for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
-            g as i64, w,
+            g as i64,
+            w,
             "kernel {} m={m} k={k} n={n} {la:?}/{lb:?} {blk:?}: mismatch at ({}, {})",
-            kernel.name(), idx / n.max(1), idx % n.max(1)
+            kernel.name(),
+            idx / n.max(1),
+            idx % n.max(1)
         );
     }
 }
 
 const SHAPES: &[(usize, usize, usize)] = &[
-    (1, 1, 1), (1, 0, 1), (0, 5, 3), (3, 5, 0), (2, 3, 4), (7, 13, 5), (16, 16, 16), (17, 33, 65),
-    (31, 63, 47), (64, 64, 64), (65, 129, 33), (5, 1000, 3), (300, 27, 16), (144, 300, 32),
-    (1, 257, 97), (97, 3, 1), (128, 7, 129),
+    (1, 1, 1),
+    (1, 0, 1),
+    (0, 5, 3),
+    (3, 5, 0),
+    (2, 3, 4),
+    (7, 13, 5),
+    (16, 16, 16),
+    (17, 33, 65),
+    (31, 63, 47),
+    (64, 64, 64),
+    (65, 129, 33),
+    (5, 1000, 3),
+    (300, 27, 16),
+    (144, 300, 32),
+    (1, 257, 97),
+    (97, 3, 1),
+    (128, 7, 129),
 ];
 
 fn blockings() -> Vec<Blocking> {
-    vec![Blocking::default(), Blocking { mc: 8, nc: 16, kc: 16 }, Blocking { mc: 5, nc: 3, kc: 7 }]
+    vec![
+        Blocking::default(),
+        Blocking {
+            mc: 8,
+            nc: 16,
+            kc: 16,
+        },
+        Blocking {
+            mc: 5,
+            nc: 3,
+            kc: 7,
+        },
+    ]
 }
 
 #[test]
@@ -86,13 +125,37 @@ fn every_kernel_is_exact_at_extreme_values() {
     let b = vec![-128i8; k * n];
     for kernel in available_kernels() {
         let mut c = vec![0i32; m * n];
-        gemm_i8_with(kernel, Blocking::default(), &MatRef::row_major(&a, m, k).unwrap(),
-            &MatRef::row_major(&b, k, n).unwrap(), &mut c).unwrap();
-        assert!(c.iter().all(|&v| v as i64 == (k as i64) * 16384), "kernel {}", kernel.name());
+        gemm_i8_with(
+            kernel,
+            Blocking::default(),
+            &MatRef::row_major(&a, m, k).unwrap(),
+            &MatRef::row_major(&b, k, n).unwrap(),
+            &mut c,
+        )
+        .unwrap();
+        assert!(
+            c.iter().all(|&v| v as i64 == (k as i64) * 16384),
+            "kernel {}",
+            kernel.name()
+        );
         // and mixed signs at ±127 / -128
-        let a2: Vec<i8> = (0..m * 64).map(|i| if i % 3 == 0 { 127 } else { -128 }).collect();
-        let b2: Vec<i8> = (0..64 * n).map(|i| if i % 2 == 0 { -127 } else { -128 }).collect();
-        check(kernel, Blocking::default(), m, 64, n, Layout::Row, Layout::Row, &a2, &b2);
+        let a2: Vec<i8> = (0..m * 64)
+            .map(|i| if i % 3 == 0 { 127 } else { -128 })
+            .collect();
+        let b2: Vec<i8> = (0..64 * n)
+            .map(|i| if i % 2 == 0 { -127 } else { -128 })
+            .collect();
+        check(
+            kernel,
+            Blocking::default(),
+            m,
+            64,
+            n,
+            Layout::Row,
+            Layout::Row,
+            &a2,
+            &b2,
+        );
     }
 }
 
@@ -102,8 +165,14 @@ fn i32_api_refuses_k_that_could_overflow() {
     let a = vec![0i8; k];
     let b = vec![0i8; k];
     let mut c = vec![0i32; 1];
-    let err = gemm_i8_with(&edgelearn_core::gemm::scalar::SCALAR, Blocking::default(),
-        &MatRef::row_major(&a, 1, k).unwrap(), &MatRef::row_major(&b, k, 1).unwrap(), &mut c).unwrap_err();
+    let err = gemm_i8_with(
+        &edgelearn_core::gemm::scalar::SCALAR,
+        Blocking::default(),
+        &MatRef::row_major(&a, 1, k).unwrap(),
+        &MatRef::row_major(&b, k, 1).unwrap(),
+        &mut c,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("overflow"), "{err}");
 }
 
@@ -114,13 +183,25 @@ fn f32_variant_splits_large_k_without_overflow() {
     let b = vec![-128i8; k * 3];
     for kernel in available_kernels() {
         let mut c = vec![0f32; 6];
-        gemm_i8_f32_with(kernel, Blocking::default(), &MatRef::row_major(&a, 2, k).unwrap(),
-            &MatRef::row_major(&b, k, 3).unwrap(), Scale::Scalar(0.5), Scale::Scalar(0.25), Some(&[1.0, 2.0, 3.0]), &mut c)
-            .unwrap();
+        gemm_i8_f32_with(
+            kernel,
+            Blocking::default(),
+            &MatRef::row_major(&a, 2, k).unwrap(),
+            &MatRef::row_major(&b, k, 3).unwrap(),
+            Scale::Scalar(0.5),
+            Scale::Scalar(0.25),
+            Some(&[1.0, 2.0, 3.0]),
+            &mut c,
+        )
+        .unwrap();
         let want = k as f64 * 16384.0 * 0.125;
         for (j, v) in c.iter().enumerate() {
             let w = want + [1.0, 2.0, 3.0][j % 3];
-            assert!(((*v as f64) - w).abs() / w < 1e-6, "kernel {} got {v} want {w}", kernel.name());
+            assert!(
+                ((*v as f64) - w).abs() / w < 1e-6,
+                "kernel {} got {v} want {w}",
+                kernel.name()
+            );
         }
     }
 }
@@ -137,17 +218,33 @@ fn f32_epilogue_is_identical_across_kernels() {
     let mut outs = Vec::new();
     for kernel in available_kernels() {
         let mut c = vec![0f32; m * n];
-        gemm_i8_f32_with(kernel, Blocking::default(), &MatRef::row_major(&a, m, k).unwrap(),
-            &MatRef::row_major(&b, k, n).unwrap(), Scale::PerIndex(&sa), Scale::PerIndex(&sb), Some(&bias), &mut c)
-            .unwrap();
+        gemm_i8_f32_with(
+            kernel,
+            Blocking::default(),
+            &MatRef::row_major(&a, m, k).unwrap(),
+            &MatRef::row_major(&b, k, n).unwrap(),
+            Scale::PerIndex(&sa),
+            Scale::PerIndex(&sb),
+            Some(&bias),
+            &mut c,
+        )
+        .unwrap();
         outs.push((kernel.name(), c));
     }
-    let want = gemm_reference(&MatRef::row_major(&a, m, k).unwrap(), &MatRef::row_major(&b, k, n).unwrap()).unwrap();
+    let want = gemm_reference(
+        &MatRef::row_major(&a, m, k).unwrap(),
+        &MatRef::row_major(&b, k, n).unwrap(),
+    )
+    .unwrap();
     for (name, c) in &outs {
         for i in 0..m {
             for j in 0..n {
                 let w = want[i * n + j] as f32 * (sa[i] * sb[j]) + bias[j];
-                assert_eq!(c[i * n + j].to_bits(), w.to_bits(), "kernel {name} at ({i},{j})");
+                assert_eq!(
+                    c[i * n + j].to_bits(),
+                    w.to_bits(),
+                    "kernel {name} at ({i},{j})"
+                );
             }
         }
     }
@@ -155,10 +252,18 @@ fn f32_epilogue_is_identical_across_kernels() {
 
 #[test]
 fn unknown_or_missing_kernel_is_an_error() {
-    assert!(kernel_by_name("nope").err().unwrap().to_string().contains("unknown kernel"));
+    assert!(kernel_by_name("nope")
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("unknown kernel"));
     assert!(kernel_by_name("scalar").is_ok());
     #[cfg(target_arch = "x86_64")]
-    assert!(kernel_by_name("neon").err().unwrap().to_string().contains("not built"));
+    assert!(kernel_by_name("neon")
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("not built"));
 }
 
 #[test]
@@ -166,8 +271,14 @@ fn mismatched_inner_dims_are_rejected() {
     let a = vec![0i8; 6];
     let b = vec![0i8; 6];
     let mut c = vec![0i32; 4];
-    let e = gemm_i8_with(&edgelearn_core::gemm::scalar::SCALAR, Blocking::default(),
-        &MatRef::row_major(&a, 2, 3).unwrap(), &MatRef::row_major(&b, 2, 3).unwrap(), &mut c).unwrap_err();
+    let e = gemm_i8_with(
+        &edgelearn_core::gemm::scalar::SCALAR,
+        Blocking::default(),
+        &MatRef::row_major(&a, 2, 3).unwrap(),
+        &MatRef::row_major(&b, 2, 3).unwrap(),
+        &mut c,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("inner dimensions"), "{e}");
 }
 

@@ -5,7 +5,8 @@
 //! counts.
 
 use edgelearn_core::gemm::{
-    available_kernels, gemm_i8_f32_with, gemm_i8_with, gemm_reference, Blocking, Kernel, MatRef, Scale,
+    available_kernels, gemm_i8_f32_with, gemm_i8_with, gemm_reference, Blocking, Kernel, MatRef,
+    Scale,
 };
 use edgelearn_core::threads;
 
@@ -51,7 +52,14 @@ fn check(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, what: &str)
 
 #[test]
 fn kernels_are_exact_around_tile_and_group_boundaries() {
-    let blks = [Blocking::default(), Blocking { mc: 48, nc: 32, kc: 40 }];
+    let blks = [
+        Blocking::default(),
+        Blocking {
+            mc: 48,
+            nc: 32,
+            kc: 40,
+        },
+    ];
     let mut seed = 1;
     for &m in &[15usize, 16, 17, 33, 50] {
         for &k in &[3usize, 4, 5, 15, 16, 17, 27, 30, 67] {
@@ -68,7 +76,13 @@ fn kernels_are_exact_around_tile_and_group_boundaries() {
                     let bv = padded(&b, k, n, ldb, bm);
                     for kernel in available_kernels() {
                         for blk in blks {
-                            check(kernel, blk, &av, &bv, &format!("A col-major {am}, B col-major {bm}"));
+                            check(
+                                kernel,
+                                blk,
+                                &av,
+                                &bv,
+                                &format!("A col-major {am}, B col-major {bm}"),
+                            );
                         }
                     }
                 }
@@ -82,7 +96,10 @@ fn kernels_are_exact_on_views_with_gaps_between_lines() {
     // Leading dimensions larger than the view: the over-read of a partial k-group lands in the gap.
     let (m, k, n) = (37, 27, 19);
     for &(am, bm) in &[(false, false), (true, true), (false, true), (true, false)] {
-        let (lda, ldb) = (if am { m + 5 } else { k + 3 }, if bm { k + 7 } else { n + 2 });
+        let (lda, ldb) = (
+            if am { m + 5 } else { k + 3 },
+            if bm { k + 7 } else { n + 2 },
+        );
         let a = bytes(lda * if am { k } else { m }, 7);
         let b = bytes(ldb * if bm { n } else { k }, 8);
         let av = padded(&a, m, k, lda, am);
@@ -105,15 +122,42 @@ fn kernels_are_exact_on_views_with_gaps_between_lines() {
 fn kernels_are_exact_on_scaled_down_training_shapes_in_every_order() {
     // (M, K, N) of the training GEMMs with M or K scaled down so the reference stays quick; K > kc for the
     // dW shape so several k-blocks accumulate.
-    let shapes = [(1000, 27, 16), (700, 144, 32), (300, 288, 64), (144, 2500, 32), (64, 784, 256), (784, 64, 256)];
+    let shapes = [
+        (1000, 27, 16),
+        (700, 144, 32),
+        (300, 288, 64),
+        (144, 2500, 32),
+        (64, 784, 256),
+        (784, 64, 256),
+    ];
     for (si, &(m, k, n)) in shapes.iter().enumerate() {
         let a = bytes(m * k, 100 + si as u64);
         let b = bytes(k * n, 200 + si as u64);
         for &(am, bm) in &[(false, false), (true, false), (false, true), (true, true)] {
-            let av = if am { MatRef::col_major(&a, m, k) } else { MatRef::row_major(&a, m, k) }.unwrap();
-            let bv = if bm { MatRef::col_major(&b, k, n) } else { MatRef::row_major(&b, k, n) }.unwrap();
+            let av = if am {
+                MatRef::col_major(&a, m, k)
+            } else {
+                MatRef::row_major(&a, m, k)
+            }
+            .unwrap();
+            let bv = if bm {
+                MatRef::col_major(&b, k, n)
+            } else {
+                MatRef::row_major(&b, k, n)
+            }
+            .unwrap();
             for kernel in available_kernels() {
-                check(kernel, Blocking { mc: 96, nc: 1024, kc: 1024 }, &av, &bv, "training shape");
+                check(
+                    kernel,
+                    Blocking {
+                        mc: 96,
+                        nc: 1024,
+                        kc: 1024,
+                    },
+                    &av,
+                    &bv,
+                    "training shape",
+                );
             }
         }
     }
@@ -134,7 +178,13 @@ fn results_do_not_depend_on_the_thread_count() {
     for t in [1, 2] {
         threads::set_num_threads(t).unwrap();
         for kernel in available_kernels() {
-            check(kernel, Blocking::default(), &av, &bv, &format!("{t} threads"));
+            check(
+                kernel,
+                Blocking::default(),
+                &av,
+                &bv,
+                &format!("{t} threads"),
+            );
             let mut c = vec![0f32; m * n];
             gemm_i8_f32_with(
                 kernel,
@@ -151,5 +201,8 @@ fn results_do_not_depend_on_the_thread_count() {
         }
     }
     threads::set_num_threads(before).unwrap();
-    assert!(outs.windows(2).all(|w| w[0] == w[1]), "f32 results differ across kernels or thread counts");
+    assert!(
+        outs.windows(2).all(|w| w[0] == w[1]),
+        "f32 results differ across kernels or thread counts"
+    );
 }

@@ -13,10 +13,14 @@ impl Rng {
         self.0
     }
     fn f32s(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| (self.next() % 20001) as f32 / 10000.0 - 1.0).collect()
+        (0..n)
+            .map(|_| (self.next() % 20001) as f32 / 10000.0 - 1.0)
+            .collect()
     }
     fn i8s(&mut self, n: usize) -> Vec<i8> {
-        (0..n).map(|_| ((self.next() % 255) as i32 - 127) as i8).collect()
+        (0..n)
+            .map(|_| ((self.next() % 255) as i32 - 127) as i8)
+            .collect()
     }
 }
 
@@ -24,7 +28,10 @@ fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!((g as f64 - w).abs() <= tol * scale, "{what}[{i}]: got {g}, want {w}");
+        assert!(
+            (g as f64 - w).abs() <= tol * scale,
+            "{what}[{i}]: got {g}, want {w}"
+        );
     }
 }
 
@@ -36,18 +43,61 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { x: [2, 3, 7, 5], w: [4, 3, 3, 3], stride: (1, 1), padding: (1, 1) },
-    Case { x: [3, 2, 9, 8], w: [5, 2, 3, 3], stride: (2, 2), padding: (1, 1) },
-    Case { x: [2, 4, 6, 6], w: [3, 4, 1, 1], stride: (1, 1), padding: (0, 0) },
-    Case { x: [1, 3, 5, 7], w: [2, 3, 1, 1], stride: (2, 1), padding: (0, 0) },
-    Case { x: [2, 1, 8, 9], w: [6, 1, 5, 3], stride: (2, 3), padding: (2, 0) },
-    Case { x: [5, 2, 4, 4], w: [3, 2, 2, 2], stride: (1, 1), padding: (0, 0) },
-    Case { x: [9, 3, 11, 13], w: [8, 3, 3, 3], stride: (1, 1), padding: (1, 1) },
-    Case { x: [2, 2, 3, 3], w: [2, 2, 3, 3], stride: (1, 1), padding: (3, 2) },
+    Case {
+        x: [2, 3, 7, 5],
+        w: [4, 3, 3, 3],
+        stride: (1, 1),
+        padding: (1, 1),
+    },
+    Case {
+        x: [3, 2, 9, 8],
+        w: [5, 2, 3, 3],
+        stride: (2, 2),
+        padding: (1, 1),
+    },
+    Case {
+        x: [2, 4, 6, 6],
+        w: [3, 4, 1, 1],
+        stride: (1, 1),
+        padding: (0, 0),
+    },
+    Case {
+        x: [1, 3, 5, 7],
+        w: [2, 3, 1, 1],
+        stride: (2, 1),
+        padding: (0, 0),
+    },
+    Case {
+        x: [2, 1, 8, 9],
+        w: [6, 1, 5, 3],
+        stride: (2, 3),
+        padding: (2, 0),
+    },
+    Case {
+        x: [5, 2, 4, 4],
+        w: [3, 2, 2, 2],
+        stride: (1, 1),
+        padding: (0, 0),
+    },
+    Case {
+        x: [9, 3, 11, 13],
+        w: [8, 3, 3, 3],
+        stride: (1, 1),
+        padding: (1, 1),
+    },
+    Case {
+        x: [2, 2, 3, 3],
+        w: [2, 2, 3, 3],
+        stride: (1, 1),
+        padding: (3, 2),
+    },
 ];
 
 fn out_hw(c: &Case) -> (usize, usize) {
-    ((c.x[2] + 2 * c.padding.0 - c.w[2]) / c.stride.0 + 1, (c.x[3] + 2 * c.padding.1 - c.w[3]) / c.stride.1 + 1)
+    (
+        (c.x[2] + 2 * c.padding.0 - c.w[2]) / c.stride.0 + 1,
+        (c.x[3] + 2 * c.padding.1 - c.w[3]) / c.stride.1 + 1,
+    )
 }
 
 /// Calls `f(n, o, oy, ox, c, i, j, x_index, w_index)` for every in-bounds term of the convolution sum.
@@ -80,7 +130,13 @@ fn for_each_term(c: &Case, mut f: impl FnMut(usize, usize, usize, usize, usize, 
     }
 }
 
-fn conv_ref(c: &Case, x: &[f64], w: &[f64], bias: Option<&[f32]>, dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+fn conv_ref(
+    c: &Case,
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f32]>,
+    dy: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (oh, ow) = out_hw(c);
     let ny = c.x[0] * c.w[0] * oh * ow;
     let mut y = vec![0f64; ny];
@@ -115,11 +171,13 @@ fn conv2d_f32_matches_direct_loops_forward_and_backward() {
         let w = rng.f32s(c.w.iter().product());
         let bias = rng.f32s(c.w[0]);
         let dy = rng.f32s(c.x[0] * c.w[0] * oh * ow);
-        let (y_ref, dx_ref, dw_ref, db_ref) = conv_ref(c, &to64(&x), &to64(&w), Some(&bias), &to64(&dy));
+        let (y_ref, dx_ref, dw_ref, db_ref) =
+            conv_ref(c, &to64(&x), &to64(&w), Some(&bias), &to64(&dy));
         for use_bias in [true, false] {
             let mut y = vec![f32::NAN; dy.len()];
             let b = if use_bias { Some(&bias[..]) } else { None };
-            let s = nn::conv2d_f32_forward(&x, c.x, &w, c.w, b, c.stride, c.padding, &mut y).unwrap();
+            let s =
+                nn::conv2d_f32_forward(&x, c.x, &w, c.w, b, c.stride, c.padding, &mut y).unwrap();
             assert_eq!(s.output(), [c.x[0], c.w[0], oh, ow]);
             let want: Vec<f64> = if use_bias {
                 y_ref.clone()
@@ -131,12 +189,27 @@ fn conv2d_f32_matches_direct_loops_forward_and_backward() {
         let mut dx = vec![f32::NAN; x.len()];
         let mut dw = vec![f32::NAN; w.len()];
         let mut db = vec![f32::NAN; c.w[0]];
-        nn::conv2d_f32_backward(&x, c.x, &w, c.w, &dy, c.stride, c.padding, Some(&mut dx), &mut dw, &mut db).unwrap();
+        nn::conv2d_f32_backward(
+            &x,
+            c.x,
+            &w,
+            c.w,
+            &dy,
+            c.stride,
+            c.padding,
+            Some(&mut dx),
+            &mut dw,
+            &mut db,
+        )
+        .unwrap();
         close(&dx, &dx_ref, 1e-5, "dx");
         close(&dw, &dw_ref, 1e-5, "dw");
         close(&db, &db_ref, 1e-5, "db");
         let mut dw2 = vec![f32::NAN; w.len()];
-        nn::conv2d_f32_backward(&x, c.x, &w, c.w, &dy, c.stride, c.padding, None, &mut dw2, &mut db).unwrap();
+        nn::conv2d_f32_backward(
+            &x, c.x, &w, c.w, &dy, c.stride, c.padding, None, &mut dw2, &mut db,
+        )
+        .unwrap();
         close(&dw2, &dw_ref, 1e-5, "dw without dx");
     }
 }
@@ -154,19 +227,57 @@ fn conv2d_i8_equals_fp32_conv_of_dequantized_inputs() {
         let sw_vec: Vec<f32> = (0..c.w[0]).map(|o| 0.004 + 0.001 * o as f32).collect();
         for per_channel in [false, true] {
             let sw_of = |o: usize| if per_channel { sw_vec[o] } else { 0.007 };
-            let sw = if per_channel { Scale::PerIndex(&sw_vec) } else { Scale::Scalar(0.007) };
+            let sw = if per_channel {
+                Scale::PerIndex(&sw_vec)
+            } else {
+                Scale::Scalar(0.007)
+            };
             let x: Vec<f64> = xq.iter().map(|&v| v as f64 * sx as f64).collect();
             let kk = c.w[1] * c.w[2] * c.w[3];
-            let w: Vec<f64> = wq.iter().enumerate().map(|(i, &v)| v as f64 * sw_of(i / kk) as f64).collect();
+            let w: Vec<f64> = wq
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f64 * sw_of(i / kk) as f64)
+                .collect();
             let dy: Vec<f64> = dyq.iter().map(|&v| v as f64 * sdy as f64).collect();
             let (y_ref, dx_ref, dw_ref, _) = conv_ref(c, &x, &w, Some(&bias), &dy);
             let mut y = vec![f32::NAN; dyq.len()];
-            nn::conv2d_i8_forward(&xq, c.x, sx, &wq, c.w, sw, Some(&bias), c.stride, c.padding, &mut y).unwrap();
-            close(&y, &y_ref, 1e-6, &format!("i8 y {:?} per_channel={per_channel}", c.w));
+            nn::conv2d_i8_forward(
+                &xq,
+                c.x,
+                sx,
+                &wq,
+                c.w,
+                sw,
+                Some(&bias),
+                c.stride,
+                c.padding,
+                &mut y,
+            )
+            .unwrap();
+            close(
+                &y,
+                &y_ref,
+                1e-6,
+                &format!("i8 y {:?} per_channel={per_channel}", c.w),
+            );
             let mut dx = vec![f32::NAN; xq.len()];
             let mut dw = vec![f32::NAN; wq.len()];
-            nn::conv2d_i8_backward(&xq, c.x, sx, &wq, c.w, sw, &dyq, sdy, c.stride, c.padding, Some(&mut dx), &mut dw)
-                .unwrap();
+            nn::conv2d_i8_backward(
+                &xq,
+                c.x,
+                sx,
+                &wq,
+                c.w,
+                sw,
+                &dyq,
+                sdy,
+                c.stride,
+                c.padding,
+                Some(&mut dx),
+                &mut dw,
+            )
+            .unwrap();
             close(&dx, &dx_ref, 1e-6, "i8 dx");
             close(&dw, &dw_ref, 1e-6, "i8 dw");
         }
@@ -178,26 +289,65 @@ fn conv2d_rejects_mismatched_shapes() {
     let x = vec![0f32; 2 * 3 * 5 * 5];
     let w = vec![0f32; 4 * 2 * 3 * 3];
     let mut y = vec![0f32; 2 * 4 * 5 * 5];
-    let e = nn::conv2d_f32_forward(&x, [2, 3, 5, 5], &w, [4, 2, 3, 3], None, (1, 1), (1, 1), &mut y).unwrap_err();
+    let e = nn::conv2d_f32_forward(
+        &x,
+        [2, 3, 5, 5],
+        &w,
+        [4, 2, 3, 3],
+        None,
+        (1, 1),
+        (1, 1),
+        &mut y,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("w:"), "{e}");
     let w = vec![0f32; 4 * 3 * 7 * 7];
-    let e = nn::conv2d_f32_forward(&x, [2, 3, 5, 5], &w, [4, 3, 7, 7], None, (1, 1), (0, 0), &mut y).unwrap_err();
+    let e = nn::conv2d_f32_forward(
+        &x,
+        [2, 3, 5, 5],
+        &w,
+        [4, 3, 7, 7],
+        None,
+        (1, 1),
+        (0, 0),
+        &mut y,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("x:"), "{e}");
-    let e = nn::conv2d_f32_forward(&x, [2, 3, 5, 5], &w, [4, 3, 7, 7], None, (0, 1), (1, 1), &mut y).unwrap_err();
+    let e = nn::conv2d_f32_forward(
+        &x,
+        [2, 3, 5, 5],
+        &w,
+        [4, 3, 7, 7],
+        None,
+        (0, 1),
+        (1, 1),
+        &mut y,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("stride:"), "{e}");
 }
 
 #[test]
 fn matmul_f32_handles_transposed_views_bias_and_threads() {
     let mut rng = Rng(42);
-    for &(m, k, n) in &[(1, 1, 1), (7, 5, 3), (130, 33, 17), (64, 300, 200), (3, 0, 4)] {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (7, 5, 3),
+        (130, 33, 17),
+        (64, 300, 200),
+        (3, 0, 4),
+    ] {
         let a = rng.f32s(m * k);
         let b = rng.f32s(k * n);
         let bias = rng.f32s(n);
         let mut want = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                want[i * n + j] = bias[j] as f64 + (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>();
+                want[i * n + j] = bias[j] as f64
+                    + (0..k)
+                        .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                        .sum::<f64>();
             }
         }
         // a stored transposed (K×M) and viewed as M×K
@@ -209,11 +359,23 @@ fn matmul_f32_handles_transposed_views_bias_and_threads() {
         close(&c, &want, 1e-5, &format!("matmul {m}x{k}x{n}"));
     }
     let a = vec![0f32; 6];
-    assert!(nn::matmul_f32(&MatF32::row_major(&a, 2, 3).unwrap(), &MatF32::row_major(&a, 2, 3).unwrap(), None, &mut [0.0; 9])
-        .is_err());
+    assert!(nn::matmul_f32(
+        &MatF32::row_major(&a, 2, 3).unwrap(),
+        &MatF32::row_major(&a, 2, 3).unwrap(),
+        None,
+        &mut [0.0; 9]
+    )
+    .is_err());
 }
 
-fn pool_ref(x: &[f32], s: [usize; 4], k: (usize, usize), st: (usize, usize), p: (usize, usize), max: bool) -> (Vec<f64>, Vec<u8>) {
+fn pool_ref(
+    x: &[f32],
+    s: [usize; 4],
+    k: (usize, usize),
+    st: (usize, usize),
+    p: (usize, usize),
+    max: bool,
+) -> (Vec<f64>, Vec<u8>) {
     let [n, c, h, w] = s;
     let oh = (h + 2 * p.0 - k.0) / st.0 + 1;
     let ow = (w + 2 * p.1 - k.1) / st.1 + 1;
@@ -296,20 +458,44 @@ fn pooling_matches_reference_and_backward_is_the_adjoint() {
                 nn::avgpool2d_forward(&probe, s, win, &mut yp).unwrap();
             }
             let lhs: f64 = dy.iter().zip(&yp).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let rhs: f64 = dx.iter().zip(&probe).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let rhs: f64 = dx
+                .iter()
+                .zip(&probe)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
             assert!((lhs - rhs).abs() < 1e-4, "{lhs} vs {rhs}");
         }
     }
     let x = vec![0f32; 16];
     let mut y = vec![0f32; 4];
     let mut idx = vec![0u8; 4];
-    let e = nn::maxpool2d_forward(&x, [1, 1, 4, 4], Window2d::new((2, 2), (2, 2), (2, 2)), &mut y, &mut idx).unwrap_err();
+    let e = nn::maxpool2d_forward(
+        &x,
+        [1, 1, 4, 4],
+        Window2d::new((2, 2), (2, 2), (2, 2)),
+        &mut y,
+        &mut idx,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("padding:"), "{e}");
-    let e = nn::maxpool2d_forward(&x, [1, 1, 4, 4], Window2d::new((16, 16), (1, 1), (8, 8)), &mut y, &mut idx).unwrap_err();
+    let e = nn::maxpool2d_forward(
+        &x,
+        [1, 1, 4, 4],
+        Window2d::new((16, 16), (1, 1), (8, 8)),
+        &mut y,
+        &mut idx,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("kernel:"), "{e}");
     let bad = vec![200u8; 4];
-    let e = nn::maxpool2d_backward(&[1.0; 4], &bad, [1, 1, 4, 4], Window2d::new((2, 2), (2, 2), (0, 0)), &mut [0.0; 16])
-        .unwrap_err();
+    let e = nn::maxpool2d_backward(
+        &[1.0; 4],
+        &bad,
+        [1, 1, 4, 4],
+        Window2d::new((2, 2), (2, 2), (0, 0)),
+        &mut [0.0; 16],
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("idx:"), "{e}");
 }
 
@@ -318,28 +504,60 @@ fn batchnorm_training_matches_reference_and_updates_running_stats() {
     let mut rng = Rng(99);
     let s = [4, 3, 5, 6];
     let [n, c, h, w] = s;
-    let x: Vec<f32> = rng.f32s(n * c * h * w).iter().map(|v| v * 3.0 + 10.0).collect();
+    let x: Vec<f32> = rng
+        .f32s(n * c * h * w)
+        .iter()
+        .map(|v| v * 3.0 + 10.0)
+        .collect();
     let gamma = rng.f32s(c);
     let beta = rng.f32s(c);
     let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
     let (mut y, mut mean, mut invstd) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
-    nn::batchnorm2d_forward(&x, s, Some(&gamma), Some(&beta), &mut rm, &mut rv, true, 0.1, 1e-5, &mut y, &mut mean, &mut invstd)
-        .unwrap();
+    nn::batchnorm2d_forward(
+        &x,
+        s,
+        Some(&gamma),
+        Some(&beta),
+        &mut rm,
+        &mut rv,
+        true,
+        0.1,
+        1e-5,
+        &mut y,
+        &mut mean,
+        &mut invstd,
+    )
+    .unwrap();
     let m = (n * h * w) as f64;
     let at = |b: usize, ch: usize, t: usize| ((b * c + ch) * h * w) + t;
     let dy = rng.f32s(x.len());
     let (mut dx, mut dg, mut dbeta) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
-    nn::batchnorm2d_backward(&dy, &x, s, Some(&gamma), &mean, &invstd, &mut dx, &mut dg, &mut dbeta).unwrap();
+    nn::batchnorm2d_backward(
+        &dy,
+        &x,
+        s,
+        Some(&gamma),
+        &mean,
+        &invstd,
+        &mut dx,
+        &mut dg,
+        &mut dbeta,
+    )
+    .unwrap();
     for ch in 0..c {
-        let vals: Vec<(usize, f64)> =
-            (0..n).flat_map(|b| (0..h * w).map(move |t| at(b, ch, t))).map(|i| (i, x[i] as f64)).collect();
+        let vals: Vec<(usize, f64)> = (0..n)
+            .flat_map(|b| (0..h * w).map(move |t| at(b, ch, t)))
+            .map(|i| (i, x[i] as f64))
+            .collect();
         let mu = vals.iter().map(|v| v.1).sum::<f64>() / m;
         let var = vals.iter().map(|v| (v.1 - mu).powi(2)).sum::<f64>() / m;
         let is = 1.0 / (var + 1e-5).sqrt();
         assert!((mean[ch] as f64 - mu).abs() < 1e-5 && (invstd[ch] as f64 - is).abs() < 1e-5 * is);
         assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * mu)).abs() < 1e-5);
         assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * var * m / (m - 1.0))).abs() < 1e-5);
-        let (sdy, sdyxh) = vals.iter().fold((0.0, 0.0), |(a, b), &(i, v)| (a + dy[i] as f64, b + dy[i] as f64 * (v - mu) * is));
+        let (sdy, sdyxh) = vals.iter().fold((0.0, 0.0), |(a, b), &(i, v)| {
+            (a + dy[i] as f64, b + dy[i] as f64 * (v - mu) * is)
+        });
         assert!((dbeta[ch] as f64 - sdy).abs() < 1e-4 && (dg[ch] as f64 - sdyxh).abs() < 1e-4);
         for &(i, v) in &vals {
             let xh = (v - mu) * is;
@@ -350,11 +568,40 @@ fn batchnorm_training_matches_reference_and_updates_running_stats() {
     }
     // eval uses (and leaves) the running statistics
     let (rm0, rv0) = (rm.clone(), rv.clone());
-    nn::batchnorm2d_forward(&x, s, None, None, &mut rm, &mut rv, false, 0.1, 1e-5, &mut y, &mut mean, &mut invstd).unwrap();
+    nn::batchnorm2d_forward(
+        &x,
+        s,
+        None,
+        None,
+        &mut rm,
+        &mut rv,
+        false,
+        0.1,
+        1e-5,
+        &mut y,
+        &mut mean,
+        &mut invstd,
+    )
+    .unwrap();
     assert_eq!((rm.clone(), rv.clone()), (rm0, rv0));
-    assert!((y[0] as f64 - (x[0] as f64 - rm[0] as f64) / (rv[0] as f64 + 1e-5).sqrt()).abs() < 1e-5);
-    let e = nn::batchnorm2d_forward(&x[..3], [1, 3, 1, 1], None, None, &mut rm, &mut rv, true, 0.1, 1e-5, &mut y[..3], &mut mean, &mut invstd)
-        .unwrap_err();
+    assert!(
+        (y[0] as f64 - (x[0] as f64 - rm[0] as f64) / (rv[0] as f64 + 1e-5).sqrt()).abs() < 1e-5
+    );
+    let e = nn::batchnorm2d_forward(
+        &x[..3],
+        [1, 3, 1, 1],
+        None,
+        None,
+        &mut rm,
+        &mut rv,
+        true,
+        0.1,
+        1e-5,
+        &mut y[..3],
+        &mut mean,
+        &mut invstd,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("x:"), "{e}");
 }
 

@@ -2,8 +2,8 @@
 //! reference, unbiased stochastic rounding, and results independent of the thread count.
 
 use edgelearn_core::quant::{
-    dequantize_into, quantize_into, quantize_per_channel, quantize_per_tensor, stochastic_uniform, Clip, Layout,
-    Rounding, DEFAULT_MINMAX_KAPPA, DEFAULT_SIGMA_Z, PARALLEL_MIN_ELEMENTS,
+    dequantize_into, quantize_into, quantize_per_channel, quantize_per_tensor, stochastic_uniform,
+    Clip, Layout, Rounding, DEFAULT_MINMAX_KAPPA, DEFAULT_SIGMA_Z, PARALLEL_MIN_ELEMENTS,
 };
 use edgelearn_core::threads;
 use proptest::prelude::*;
@@ -22,7 +22,9 @@ impl Rng {
     fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                let s: f32 = (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).sum();
+                let s: f32 = (0..4)
+                    .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    .sum();
                 if self.next() % 97 == 0 {
                     s * scale * 20.0
                 } else {
@@ -74,13 +76,31 @@ fn clip_strategy() -> impl Strategy<Value = Clip> {
 fn case_strategy() -> impl Strategy<Value = (Layout, Vec<f32>)> {
     (1usize..4, 1usize..6, 1usize..9).prop_flat_map(|(outer, channels, inner)| {
         let n = outer * channels * inner;
-        let value = prop_oneof![-1.0e3f32..1.0e3, -1.0e-3f32..1.0e-3, Just(0.0f32), -3.0e30f32..3.0e30];
-        (Just(Layout { outer, channels, inner }), proptest::collection::vec(value, n))
+        let value = prop_oneof![
+            -1.0e3f32..1.0e3,
+            -1.0e-3f32..1.0e-3,
+            Just(0.0f32),
+            -3.0e30f32..3.0e30
+        ];
+        (
+            Just(Layout {
+                outer,
+                channels,
+                inner,
+            }),
+            proptest::collection::vec(value, n),
+        )
     })
 }
 
 /// Quantizes, dequantizes and checks |dequant − clip(x)| ≤ bound·scale for every element.
-fn check_round_trip(x: &[f32], l: Layout, rounding: Rounding, clip: Clip, bound: f64) -> Result<(), TestCaseError> {
+fn check_round_trip(
+    x: &[f32],
+    l: Layout,
+    rounding: Rounding,
+    clip: Clip,
+    bound: f64,
+) -> Result<(), TestCaseError> {
     let (q, s) = quantize_per_channel(x, l, rounding, clip).unwrap();
     let mut out = vec![0f32; x.len()];
     dequantize_into(&q, l, &s, &mut out).unwrap();
@@ -185,7 +205,13 @@ proptest! {
     }
 }
 
-fn quantize_with_threads(threads_n: usize, x: &[f32], l: Layout, rounding: Rounding, clip: Clip) -> (Vec<i8>, Vec<f32>) {
+fn quantize_with_threads(
+    threads_n: usize,
+    x: &[f32],
+    l: Layout,
+    rounding: Rounding,
+    clip: Clip,
+) -> (Vec<i8>, Vec<f32>) {
     threads::set_num_threads(threads_n).unwrap();
     let mut q = vec![0i8; x.len()];
     let mut s = vec![0f32; l.channels];
@@ -198,24 +224,50 @@ fn same_seed_gives_same_codes_for_one_and_two_threads() {
     let mut rng = Rng(7);
     let layouts = [
         Layout::per_tensor(300_001),
-        Layout { outer: 1, channels: 37, inner: 8111 },
-        Layout { outer: 4099, channels: 73, inner: 1 },
-        Layout { outer: 61, channels: 5, inner: 1001 },
-        Layout { outer: 150_001, channels: 2, inner: 1 },
+        Layout {
+            outer: 1,
+            channels: 37,
+            inner: 8111,
+        },
+        Layout {
+            outer: 4099,
+            channels: 73,
+            inner: 1,
+        },
+        Layout {
+            outer: 61,
+            channels: 5,
+            inner: 1001,
+        },
+        Layout {
+            outer: 150_001,
+            channels: 2,
+            inner: 1,
+        },
     ];
     for l in layouts {
         let n = l.outer * l.channels * l.inner;
         assert!(n >= PARALLEL_MIN_ELEMENTS);
         let x = rng.f32s(n, 3.0);
-        for clip in
-            [Clip::None, Clip::Sigma { z: DEFAULT_SIGMA_Z }, Clip::MinMax { kappa: DEFAULT_MINMAX_KAPPA }]
-        {
+        for clip in [
+            Clip::None,
+            Clip::Sigma { z: DEFAULT_SIGMA_Z },
+            Clip::MinMax {
+                kappa: DEFAULT_MINMAX_KAPPA,
+            },
+        ] {
             for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 99 }] {
                 let one = quantize_with_threads(1, &x, l, rounding, clip);
                 let two = quantize_with_threads(2, &x, l, rounding, clip);
-                assert!(one == two, "layout {l:?} clip {clip:?} rounding {rounding:?}");
+                assert!(
+                    one == two,
+                    "layout {l:?} clip {clip:?} rounding {rounding:?}"
+                );
                 let four = quantize_with_threads(4, &x, l, rounding, clip);
-                assert!(one == four, "layout {l:?} clip {clip:?} rounding {rounding:?}");
+                assert!(
+                    one == four,
+                    "layout {l:?} clip {clip:?} rounding {rounding:?}"
+                );
             }
         }
     }
@@ -225,10 +277,21 @@ fn same_seed_gives_same_codes_for_one_and_two_threads() {
 #[test]
 fn large_tensors_match_the_round_trip_law_and_the_reference() {
     let mut rng = Rng(11);
-    for l in [Layout::per_tensor(200_003), Layout { outer: 3001, channels: 67, inner: 1 }] {
+    for l in [
+        Layout::per_tensor(200_003),
+        Layout {
+            outer: 3001,
+            channels: 67,
+            inner: 1,
+        },
+    ] {
         let n = l.outer * l.channels * l.inner;
         let x = rng.f32s(n, 0.1);
-        for clip in [Clip::None, Clip::Sigma { z: 2.0 }, Clip::MinMax { kappa: 0.8 }] {
+        for clip in [
+            Clip::None,
+            Clip::Sigma { z: 2.0 },
+            Clip::MinMax { kappa: 0.8 },
+        ] {
             check_round_trip(&x, l, Rounding::Nearest, clip, 0.5).unwrap();
             check_round_trip(&x, l, Rounding::Stochastic { seed: 5 }, clip, 1.0).unwrap();
         }
@@ -252,6 +315,8 @@ fn sigma_clip_on_large_tensor_clips_outliers() {
     x[17] = 1e4;
     let (q, s) = quantize_per_tensor(&x, Rounding::Nearest, Clip::Sigma { z: 3.0 }).unwrap();
     assert_eq!(q[17], 127);
-    let plain = quantize_per_tensor(&x, Rounding::Nearest, Clip::None).unwrap().1;
+    let plain = quantize_per_tensor(&x, Rounding::Nearest, Clip::None)
+        .unwrap()
+        .1;
     assert!(s < plain / 100.0, "clipped scale {s} vs unclipped {plain}");
 }

@@ -52,14 +52,44 @@ impl Rng {
 
 fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let shapes = [(1, 1, 1, 1), (2, 5, 3, 4), (3, 7, 9, 2), (1, 16, 8, 8), (4, 3, 1, 1), (2, 4, 7, 1)];
+    let shapes = [
+        (1, 1, 1, 1),
+        (2, 5, 3, 4),
+        (3, 7, 9, 2),
+        (1, 16, 8, 8),
+        (4, 3, 1, 1),
+        (2, 4, 7, 1),
+    ];
     for (i, &(n, c, h, w)) in shapes.iter().enumerate() {
         let shape = Shape { n, c, h, w };
-        let x: Vec<f32> = (0..n * c * h * w).map(|_| (rng.below(2000) as f32 - 700.0) / 100.0).collect();
-        for (mode, bits) in [(Mode::Sgq, 1 + (i as u8 % 8)), (Mode::Sgq, 8 - i as u8), (Mode::Uniform, 3), (Mode::Fp16, 16)] {
-            let rounding = if i % 2 == 0 { Rounding::Nearest } else { Rounding::Stochastic { seed: i as u64 } };
-            let s = Settings { mode, bits: bits.clamp(1, 8), group: 1 + i % 3, stripe_rows: i % 3, rounding };
-            let ndim = if w == 1 && h == 1 { 2 } else if w == 1 { 3 } else { 4 };
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|_| (rng.below(2000) as f32 - 700.0) / 100.0)
+            .collect();
+        for (mode, bits) in [
+            (Mode::Sgq, 1 + (i as u8 % 8)),
+            (Mode::Sgq, 8 - i as u8),
+            (Mode::Uniform, 3),
+            (Mode::Fp16, 16),
+        ] {
+            let rounding = if i % 2 == 0 {
+                Rounding::Nearest
+            } else {
+                Rounding::Stochastic { seed: i as u64 }
+            };
+            let s = Settings {
+                mode,
+                bits: bits.clamp(1, 8),
+                group: 1 + i % 3,
+                stripe_rows: i % 3,
+                rounding,
+            };
+            let ndim = if w == 1 && h == 1 {
+                2
+            } else if w == 1 {
+                3
+            } else {
+                4
+            };
             out.push(sgq::encode(&x, shape, ndim, &s, None).unwrap());
         }
     }
@@ -128,7 +158,11 @@ fn check_one(bytes: &[u8]) -> bool {
     let largest = LARGEST.load(Ordering::Relaxed);
     // the output is at most 32 f32 bytes per frame byte (1-bit codes); anything beyond is header-sized
     let limit = 64 * bytes.len() + (1 << 20);
-    assert!(largest <= limit, "decode of a {}-byte frame allocated {largest} bytes", bytes.len());
+    assert!(
+        largest <= limit,
+        "decode of a {}-byte frame allocated {largest} bytes",
+        bytes.len()
+    );
     if let Ok((h, y)) = &result {
         assert_eq!(y.len(), h.shape.elements("x").unwrap());
     }
@@ -137,8 +171,14 @@ fn check_one(bytes: &[u8]) -> bool {
 
 #[test]
 fn decoder_survives_mutated_frames() {
-    let seconds: u64 = std::env::var("SGQ_FUZZ_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let seed: u64 = std::env::var("SGQ_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5EED_F00D);
+    let seconds: u64 = std::env::var("SGQ_FUZZ_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let seed: u64 = std::env::var("SGQ_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED_F00D);
     let mut rng = Rng(seed | 1);
     let corpus = seeds(&mut rng);
     for f in &corpus {
@@ -155,7 +195,9 @@ fn decoder_survives_mutated_frames() {
         };
         accepted += check_one(&m) as u64;
         iterations += 1;
-        if (seconds == 0 && iterations >= 100_000) || (seconds > 0 && iterations % 256 == 0 && Instant::now() >= deadline) {
+        if (seconds == 0 && iterations >= 100_000)
+            || (seconds > 0 && iterations % 256 == 0 && Instant::now() >= deadline)
+        {
             break;
         }
     }

@@ -34,12 +34,21 @@ fn check_bound(x: &[f32], bytes: &[u8], stochastic_bound: bool) {
             for hw in 0..plane {
                 let i = (n * s.c + ch as usize) * plane + hw;
                 let (lo, hi) = ranges[grid.range_index(n, p, hw / s.w)];
-                assert!(lo <= x[i] && x[i] <= hi, "range [{lo}, {hi}] misses x[{i}] = {}", x[i]);
+                assert!(
+                    lo <= x[i] && x[i] <= hi,
+                    "range [{lo}, {hi}] misses x[{i}] = {}",
+                    x[i]
+                );
                 let step = (hi - lo) / levels;
                 let slack = 4.0 * f32::EPSILON * lo.abs().max(hi.abs());
                 let err = (y[i] - x[i]).abs();
                 let bound = if stochastic_bound { step } else { step / 2.0 };
-                assert!(err <= bound + slack, "x[{i}] = {} decoded {} (err {err}, bound {bound})", x[i], y[i]);
+                assert!(
+                    err <= bound + slack,
+                    "x[{i}] = {} decoded {} (err {err}, bound {bound})",
+                    x[i],
+                    y[i]
+                );
             }
         }
     }
@@ -79,9 +88,17 @@ proptest! {
 
 #[test]
 fn fp16_mode_round_trips_through_binary16() {
-    let shape = Shape { n: 3, c: 2, h: 5, w: 7 };
+    let shape = Shape {
+        n: 3,
+        c: 2,
+        h: 5,
+        w: 7,
+    };
     let x = values(210, 3, 100.0, 1.0);
-    let s = Settings { mode: Mode::Fp16, ..Settings::default() };
+    let s = Settings {
+        mode: Mode::Fp16,
+        ..Settings::default()
+    };
     let bytes = sgq::encode(&x, shape, 4, &s, None).unwrap();
     assert_eq!(bytes.len(), frame::HEADER_LEN + 2 * x.len());
     let (h, y) = sgq::decode(&bytes).unwrap();
@@ -93,10 +110,22 @@ fn fp16_mode_round_trips_through_binary16() {
 
 #[test]
 fn frames_do_not_depend_on_the_thread_count() {
-    let shape = Shape { n: 4, c: 16, h: 33, w: 31 }; // > PARALLEL_MIN_ELEMENTS, odd plane size
+    let shape = Shape {
+        n: 4,
+        c: 16,
+        h: 33,
+        w: 31,
+    }; // > PARALLEL_MIN_ELEMENTS, odd plane size
     let x = values(4 * 16 * 33 * 31, 9, 4.0, 1.0);
-    for (bits, rounding) in [(3u8, Rounding::Nearest), (5, Rounding::Stochastic { seed: 77 })] {
-        let s = Settings { bits, rounding, ..Settings::default() };
+    for (bits, rounding) in [
+        (3u8, Rounding::Nearest),
+        (5, Rounding::Stochastic { seed: 77 }),
+    ] {
+        let s = Settings {
+            bits,
+            rounding,
+            ..Settings::default()
+        };
         threads::set_num_threads(1).unwrap();
         let one = sgq::encode(&x, shape, 4, &s, None).unwrap();
         let dec_one = sgq::decode(&one).unwrap().1;
@@ -111,15 +140,26 @@ fn frames_do_not_depend_on_the_thread_count() {
 
 #[test]
 fn stochastic_rounding_is_unbiased() {
-    let shape = Shape { n: 1, c: 1, h: 1, w: 2 };
+    let shape = Shape {
+        n: 1,
+        c: 1,
+        h: 1,
+        w: 2,
+    };
     // range [0, 1] at 1 bit: 0.3 rounds up with probability 0.3
     let x = [0.0f32, 0.0, 0.3, 1.0];
     let shape4 = Shape { w: 4, ..shape };
     let mut sum = 0.0f64;
     let trials = 4000;
     for seed in 0..trials {
-        let s = Settings { bits: 1, rounding: Rounding::Stochastic { seed }, ..Settings::default() };
-        sum += sgq::decode(&sgq::encode(&x, shape4, 4, &s, None).unwrap()).unwrap().1[2] as f64;
+        let s = Settings {
+            bits: 1,
+            rounding: Rounding::Stochastic { seed },
+            ..Settings::default()
+        };
+        sum += sgq::decode(&sgq::encode(&x, shape4, 4, &s, None).unwrap())
+            .unwrap()
+            .1[2] as f64;
     }
     let mean = sum / trials as f64;
     assert!((mean - 0.3).abs() < 0.03, "mean {mean}");
@@ -127,7 +167,12 @@ fn stochastic_rounding_is_unbiased() {
 
 #[test]
 fn given_order_is_used_and_sent() {
-    let shape = Shape { n: 1, c: 4, h: 2, w: 2 };
+    let shape = Shape {
+        n: 1,
+        c: 4,
+        h: 2,
+        w: 2,
+    };
     let x = values(16, 1, 1.0, 0.0);
     let order = [3u32, 1, 0, 2];
     let bytes = sgq::encode(&x, shape, 4, &Settings::default(), Some(&order)).unwrap();
@@ -140,8 +185,23 @@ fn given_order_is_used_and_sent() {
 }
 
 fn sample_frame() -> Vec<u8> {
-    let shape = Shape { n: 2, c: 6, h: 4, w: 5 };
-    sgq::encode(&values(240, 5, 3.0, 0.5), shape, 4, &Settings { bits: 3, ..Settings::default() }, None).unwrap()
+    let shape = Shape {
+        n: 2,
+        c: 6,
+        h: 4,
+        w: 5,
+    };
+    sgq::encode(
+        &values(240, 5, 3.0, 0.5),
+        shape,
+        4,
+        &Settings {
+            bits: 3,
+            ..Settings::default()
+        },
+        None,
+    )
+    .unwrap()
 }
 
 fn expect_frame_error(bytes: &[u8], needle: &str) {

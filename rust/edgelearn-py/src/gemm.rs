@@ -23,12 +23,26 @@ impl<'py> Operand<'py> {
         let shape = arr.shape().to_vec();
         let strides: Vec<isize> = arr.strides().iter().map(|s| *s as isize).collect();
         let (rs, cs) = strides_2d(arg, &shape, &strides)?;
-        Ok(Operand { arr, rows: shape[0], cols: shape[1], rs, cs })
+        Ok(Operand {
+            arr,
+            rows: shape[0],
+            cols: shape[1],
+            rs,
+            cs,
+        })
     }
     fn view(&self) -> PyResult<MatRef<'_>> {
         // SAFETY: the pointer and byte strides come from a live, borrowed numpy array (strides are in
         // elements for i8).
-        let data = unsafe { span(self.arr.data() as *const i8, self.rows, self.cols, self.rs, self.cs) };
+        let data = unsafe {
+            span(
+                self.arr.data() as *const i8,
+                self.rows,
+                self.cols,
+                self.rs,
+                self.cs,
+            )
+        };
         MatRef::new(data, self.rows, self.cols, self.rs, self.cs).py()
     }
 }
@@ -71,9 +85,12 @@ pub fn gemm_i8<'py>(
     let out: Bound<'py, PyArray<i32, Ix2>> = unsafe { PyArray2::new(py, [a.rows, b.cols], false) };
     {
         let mut out_rw = out.readwrite();
-        let c = out_rw.as_slice_mut().map_err(|e| value_error("result", e))?;
+        let c = out_rw
+            .as_slice_mut()
+            .map_err(|e| value_error("result", e))?;
         let (av, bv) = (a.view()?, b.view()?);
-        py.detach(|| gemm::gemm_i8_with(kernel, gemm::Blocking::default(), &av, &bv, c)).py()?;
+        py.detach(|| gemm::gemm_i8_with(kernel, gemm::Blocking::default(), &av, &bv, c))
+            .py()?;
     }
     Ok(out)
 }
@@ -90,10 +107,18 @@ impl<'py> ScaleArg<'py> {
         if is_array {
             let arr = readonly::<f32>(arg, obj, "float32", None)?;
             return match arr.ndim() {
-                0 => Ok(ScaleArg::Scalar(arr.as_array().iter().next().copied().unwrap_or(0.0))),
+                0 => Ok(ScaleArg::Scalar(
+                    arr.as_array().iter().next().copied().unwrap_or(0.0),
+                )),
                 1 if arr.len() == n => Ok(ScaleArg::Vector(arr)),
-                1 => Err(value_error(arg, format!("expected {n} values (one per {what}), got {}", arr.len()))),
-                d => Err(value_error(arg, format!("expected a scalar or a 1-D array, got {d} dimensions"))),
+                1 => Err(value_error(
+                    arg,
+                    format!("expected {n} values (one per {what}), got {}", arr.len()),
+                )),
+                d => Err(value_error(
+                    arg,
+                    format!("expected a scalar or a 1-D array, got {d} dimensions"),
+                )),
             };
         }
         match obj.extract::<f64>() {
@@ -107,7 +132,9 @@ impl<'py> ScaleArg<'py> {
     fn scale(&self) -> PyResult<Scale<'_>> {
         match self {
             ScaleArg::Scalar(s) => Ok(Scale::Scalar(*s)),
-            ScaleArg::Vector(a) => Ok(Scale::PerIndex(a.as_slice().map_err(|e| value_error("scale", e))?)),
+            ScaleArg::Vector(a) => Ok(Scale::PerIndex(
+                a.as_slice().map_err(|e| value_error("scale", e))?,
+            )),
         }
     }
 }
@@ -134,7 +161,14 @@ pub fn gemm_i8_f32<'py>(
         Some(obj) => {
             let arr = readonly::<f32>("bias", obj, "float32", Some(1))?;
             if arr.len() != b.cols {
-                return Err(value_error("bias", format!("expected {} values (one per column of b), got {}", b.cols, arr.len())));
+                return Err(value_error(
+                    "bias",
+                    format!(
+                        "expected {} values (one per column of b), got {}",
+                        b.cols,
+                        arr.len()
+                    ),
+                ));
             }
             Some(arr)
         }
@@ -144,15 +178,28 @@ pub fn gemm_i8_f32<'py>(
     let out: Bound<'py, PyArray<f32, Ix2>> = unsafe { PyArray2::new(py, [a.rows, b.cols], false) };
     {
         let mut out_rw = out.readwrite();
-        let c = out_rw.as_slice_mut().map_err(|e| value_error("result", e))?;
+        let c = out_rw
+            .as_slice_mut()
+            .map_err(|e| value_error("result", e))?;
         let (av, bv) = (a.view()?, b.view()?);
         let (sa, sb) = (sa.scale()?, sb.scale()?);
         let bias_slice = match &bias {
             Some(arr) => Some(arr.as_slice().map_err(|e| value_error("bias", e))?),
             None => None,
         };
-        py.detach(|| gemm::gemm_i8_f32_with(kernel, gemm::Blocking::default(), &av, &bv, sa, sb, bias_slice, c))
-            .py()?;
+        py.detach(|| {
+            gemm::gemm_i8_f32_with(
+                kernel,
+                gemm::Blocking::default(),
+                &av,
+                &bv,
+                sa,
+                sb,
+                bias_slice,
+                c,
+            )
+        })
+        .py()?;
     }
     Ok(out)
 }

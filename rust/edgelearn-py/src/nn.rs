@@ -7,7 +7,10 @@
 use edgelearn_core::gemm::Scale;
 use edgelearn_core::nn::{self, ConvShape, MatF32, Window2d};
 use numpy::ndarray::{Dim, IxDyn};
-use numpy::{Element, PyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    Element, PyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
@@ -24,7 +27,10 @@ impl<'py, T: Element> In<'py, T> {
     fn new(arg: &str, obj: &Bound<'py, PyAny>, dtype: &str, ndim: Option<usize>) -> PyResult<Self> {
         let arr = readonly::<T>(arg, obj, dtype, ndim)?;
         if !arr.is_c_contiguous() {
-            return Err(value_error(arg, "must be C-contiguous; pass numpy.ascontiguousarray(...)"));
+            return Err(value_error(
+                arg,
+                "must be C-contiguous; pass numpy.ascontiguousarray(...)",
+            ));
         }
         let shape = arr.shape().to_vec();
         Ok(In { arr, shape })
@@ -46,7 +52,12 @@ fn i8_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, i8>> {
 }
 
 /// An optional float32 vector of exactly `n` values (`None` or Python `None` → absent).
-fn opt_vec<'py>(arg: &str, obj: Option<&Bound<'py, PyAny>>, n: usize, what: &str) -> PyResult<Option<In<'py, f32>>> {
+fn opt_vec<'py>(
+    arg: &str,
+    obj: Option<&Bound<'py, PyAny>>,
+    n: usize,
+    what: &str,
+) -> PyResult<Option<In<'py, f32>>> {
     match obj {
         None => Ok(None),
         Some(o) if o.is_none() => Ok(None),
@@ -57,7 +68,10 @@ fn opt_vec<'py>(arg: &str, obj: Option<&Bound<'py, PyAny>>, n: usize, what: &str
 fn vec_of<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<In<'py, f32>> {
     let v = In::new(arg, obj, "float32", Some(1))?;
     if v.shape[0] != n {
-        return Err(value_error(arg, format!("expected {n} values (one per {what}), got {}", v.shape[0])));
+        return Err(value_error(
+            arg,
+            format!("expected {n} values (one per {what}), got {}", v.shape[0]),
+        ));
     }
     Ok(v)
 }
@@ -66,20 +80,37 @@ fn vec_of<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyRe
 fn pair(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
     let as_dim = |o: &Bound<'_, PyAny>| -> PyResult<usize> {
         if o.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(type_error(arg, "expected an int or a pair of ints, got a bool"));
+            return Err(type_error(
+                arg,
+                "expected an int or a pair of ints, got a bool",
+            ));
         }
-        let v: i64 = o.extract().map_err(|_| type_error(arg, "expected an int or a pair of ints"))?;
+        let v: i64 = o
+            .extract()
+            .map_err(|_| type_error(arg, "expected an int or a pair of ints"))?;
         usize::try_from(v).map_err(|_| value_error(arg, format!("must be non-negative, got {v}")))
     };
     if let Ok(t) = obj.cast::<PyTuple>() {
         if t.len() != 2 {
-            return Err(value_error(arg, format!("expected an int or a pair of ints, got a tuple of {}", t.len())));
+            return Err(value_error(
+                arg,
+                format!(
+                    "expected an int or a pair of ints, got a tuple of {}",
+                    t.len()
+                ),
+            ));
         }
         return Ok((as_dim(&t.get_item(0)?)?, as_dim(&t.get_item(1)?)?));
     }
     if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
         if l.len() != 2 {
-            return Err(value_error(arg, format!("expected an int or a pair of ints, got a list of {}", l.len())));
+            return Err(value_error(
+                arg,
+                format!(
+                    "expected an int or a pair of ints, got a list of {}",
+                    l.len()
+                ),
+            ));
         }
         return Ok((as_dim(&l.get_item(0)?)?, as_dim(&l.get_item(1)?)?));
     }
@@ -98,12 +129,23 @@ impl<'py> ScaleArg<'py> {
         if obj.cast::<PyUntypedArray>().is_ok() {
             let arr = readonly::<f32>(arg, obj, "float32", None)?;
             match (arr.ndim(), per_index) {
-                (0, _) => return Ok(ScaleArg::Scalar(arr.as_array().iter().next().copied().unwrap_or(0.0))),
+                (0, _) => {
+                    return Ok(ScaleArg::Scalar(
+                        arr.as_array().iter().next().copied().unwrap_or(0.0),
+                    ))
+                }
                 (1, Some((n, what))) => return Ok(ScaleArg::Vector(vec_of(arg, obj, n, what)?)),
                 (d, _) => {
                     return Err(value_error(
                         arg,
-                        format!("expected a float{}, got an array with {d} dimensions", if per_index.is_some() { " or a 1-D float32 array" } else { "" }),
+                        format!(
+                            "expected a float{}, got an array with {d} dimensions",
+                            if per_index.is_some() {
+                                " or a 1-D float32 array"
+                            } else {
+                                ""
+                            }
+                        ),
                     ))
                 }
             }
@@ -111,7 +153,18 @@ impl<'py> ScaleArg<'py> {
         if obj.is_instance_of::<pyo3::types::PyBool>() {
             return Err(type_error(arg, "expected a float, got a bool"));
         }
-        let v: f64 = obj.extract().map_err(|_| type_error(arg, format!("expected a float, got {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?;
+        let v: f64 = obj.extract().map_err(|_| {
+            type_error(
+                arg,
+                format!(
+                    "expected a float, got {}",
+                    obj.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ),
+            )
+        })?;
         Ok(ScaleArg::Scalar(v as f32))
     }
     fn scale(&self) -> Scale<'_> {
@@ -129,7 +182,11 @@ impl<'py> ScaleArg<'py> {
 }
 
 /// A new uninitialised C-ordered array; every caller overwrites all of it before returning it.
-fn empty<'py, T: Element>(py: Python<'py>, arg: &str, dims: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+fn empty<'py, T: Element>(
+    py: Python<'py>,
+    arg: &str,
+    dims: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     check_size(arg, dims)?;
     // SAFETY: the core writes every element before Python can see the array.
     Ok(unsafe { PyArray::<T, IxDyn>::new(py, IxDyn(dims), false) })
@@ -155,16 +212,33 @@ impl<'py> Operand<'py> {
         let mut strides = Vec::with_capacity(2);
         for &b in arr.strides() {
             if b % 4 != 0 {
-                return Err(value_error(arg, "has strides that are not a multiple of the item size; pass a copy"));
+                return Err(value_error(
+                    arg,
+                    "has strides that are not a multiple of the item size; pass a copy",
+                ));
             }
             strides.push(b / 4);
         }
         let (rs, cs) = strides_2d(arg, &shape, &strides)?;
-        Ok(Operand { arr, rows: shape[0], cols: shape[1], rs, cs })
+        Ok(Operand {
+            arr,
+            rows: shape[0],
+            cols: shape[1],
+            rs,
+            cs,
+        })
     }
     fn view(&self) -> PyResult<MatF32<'_>> {
         // SAFETY: pointer and element strides describe a live, borrowed numpy array.
-        let data = unsafe { span(self.arr.data() as *const f32, self.rows, self.cols, self.rs, self.cs) };
+        let data = unsafe {
+            span(
+                self.arr.data() as *const f32,
+                self.rows,
+                self.cols,
+                self.rs,
+                self.cs,
+            )
+        };
         MatF32::new(data, self.rows, self.cols, self.rs, self.cs).py()
     }
 }
@@ -202,7 +276,12 @@ fn matmul_f32<'py>(
     Ok(out)
 }
 
-fn conv_shape(x: [usize; 4], w: [usize; 4], stride: (usize, usize), padding: (usize, usize)) -> PyResult<ConvShape> {
+fn conv_shape(
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> PyResult<ConvShape> {
     ConvShape::new(x, w, stride, padding).py()
 }
 
@@ -218,7 +297,10 @@ fn conv2d_f32_forward<'py>(
     padding: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let (x, w) = (f32_4d("x", x)?, f32_4d("w", w)?);
-    let (stride, padding) = (opt_pair("stride", stride, 1)?, opt_pair("padding", padding, 0)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
     let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
     let bias = opt_vec("bias", bias, s.o, "output channel")?;
     let y = empty::<f32>(py, "y", &s.output())?;
@@ -227,7 +309,8 @@ fn conv2d_f32_forward<'py>(
         let yv = as_mut(&mut yw)?;
         let (xv, wv, bv) = (x.slice(), w.slice(), bias.as_ref().map(|b| b.slice()));
         let (xs, ws) = (x.shape4(), w.shape4());
-        py.detach(|| nn::conv2d_f32_forward(xv, xs, wv, ws, bv, stride, padding, yv)).py()?;
+        py.detach(|| nn::conv2d_f32_forward(xv, xs, wv, ws, bv, stride, padding, yv))
+            .py()?;
     }
     Ok(y)
 }
@@ -242,14 +325,21 @@ fn opt_pair(arg: &str, obj: Option<&Bound<'_, PyAny>>, default: usize) -> PyResu
 
 fn dy_shape_check(arg: &str, got: &[usize], want: [usize; 4]) -> PyResult<()> {
     if got != want {
-        return Err(value_error(arg, format!("expected shape {want:?} (the convolution's output), got {got:?}")));
+        return Err(value_error(
+            arg,
+            format!("expected shape {want:?} (the convolution's output), got {got:?}"),
+        ));
     }
     Ok(())
 }
 
 type F32Out<'py> = Bound<'py, PyArrayDyn<f32>>;
 
-type ConvGrads<'py> = (Option<Bound<'py, PyArrayDyn<f32>>>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>);
+type ConvGrads<'py> = (
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Bound<'py, PyArrayDyn<f32>>,
+    Bound<'py, PyArrayDyn<f32>>,
+);
 
 /// Gradients of the FP32 convolution: (dx or None, dw, db).
 #[pyfunction]
@@ -264,10 +354,17 @@ fn conv2d_f32_backward<'py>(
     need_dx: bool,
 ) -> PyResult<ConvGrads<'py>> {
     let (x, w, dy) = (f32_4d("x", x)?, f32_4d("w", w)?, f32_4d("dy", dy)?);
-    let (stride, padding) = (opt_pair("stride", stride, 1)?, opt_pair("padding", padding, 0)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
     let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
     dy_shape_check("dy", &dy.shape, s.output())?;
-    let dx = if need_dx { Some(empty::<f32>(py, "dx", &x.shape)?) } else { None };
+    let dx = if need_dx {
+        Some(empty::<f32>(py, "dx", &x.shape)?)
+    } else {
+        None
+    };
     let dw = empty::<f32>(py, "dw", &w.shape)?;
     let db = empty::<f32>(py, "db", &[s.o])?;
     {
@@ -279,7 +376,8 @@ fn conv2d_f32_backward<'py>(
         let (mut dww, mut dbw) = (dw.readwrite(), db.readwrite());
         let (dwv, dbv) = (as_mut(&mut dww)?, as_mut(&mut dbw)?);
         let (xv, wv, dyv, xs, ws) = (x.slice(), w.slice(), dy.slice(), x.shape4(), w.shape4());
-        py.detach(|| nn::conv2d_f32_backward(xv, xs, wv, ws, dyv, stride, padding, dxv, dwv, dbv)).py()?;
+        py.detach(|| nn::conv2d_f32_backward(xv, xs, wv, ws, dyv, stride, padding, dxv, dwv, dbv))
+            .py()?;
     }
     Ok((dx, dw, db))
 }
@@ -300,8 +398,12 @@ fn conv2d_i8_forward<'py>(
     padding: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let (xq, wq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?);
-    let (stride, padding) = (opt_pair("stride", stride, 1)?, opt_pair("padding", padding, 0)?);
-    let s = conv_shape(xq.shape4(), wq.shape4(), stride, padding).map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape(xq.shape4(), wq.shape4(), stride, padding)
+        .map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
     let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
     let bias = opt_vec("bias", bias, s.o, "output channel")?;
@@ -309,9 +411,15 @@ fn conv2d_i8_forward<'py>(
     {
         let mut yw = y.readwrite();
         let yv = as_mut(&mut yw)?;
-        let (xv, wv, bv, swv) = (xq.slice(), wq.slice(), bias.as_ref().map(|b| b.slice()), sw.scale());
+        let (xv, wv, bv, swv) = (
+            xq.slice(),
+            wq.slice(),
+            bias.as_ref().map(|b| b.slice()),
+            sw.scale(),
+        );
         let (xs, ws) = (xq.shape4(), wq.shape4());
-        py.detach(|| nn::conv2d_i8_forward(xv, xs, sx, wv, ws, swv, bv, stride, padding, yv)).py()?;
+        py.detach(|| nn::conv2d_i8_forward(xv, xs, sx, wv, ws, swv, bv, stride, padding, yv))
+            .py()?;
     }
     Ok(y)
 }
@@ -352,13 +460,21 @@ fn conv2d_i8_backward<'py>(
     need_dx: bool,
 ) -> PyResult<(Option<F32Out<'py>>, F32Out<'py>)> {
     let (xq, wq, dyq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?, i8_4d("dyq", dyq)?);
-    let (stride, padding) = (opt_pair("stride", stride, 1)?, opt_pair("padding", padding, 0)?);
-    let s = conv_shape(xq.shape4(), wq.shape4(), stride, padding).map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape(xq.shape4(), wq.shape4(), stride, padding)
+        .map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
     dy_shape_check("dyq", &dyq.shape, s.output())?;
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
     let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
     let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
-    let dx = if need_dx { Some(empty::<f32>(py, "dx", &xq.shape)?) } else { None };
+    let dx = if need_dx {
+        Some(empty::<f32>(py, "dx", &xq.shape)?)
+    } else {
+        None
+    };
     let dw = empty::<f32>(py, "dw", &wq.shape)?;
     {
         let mut dxw = dx.as_ref().map(|a| a.readwrite());
@@ -368,26 +484,57 @@ fn conv2d_i8_backward<'py>(
         };
         let mut dww = dw.readwrite();
         let dwv = as_mut(&mut dww)?;
-        let (xv, wv, dyv, swv, xs, ws) = (xq.slice(), wq.slice(), dyq.slice(), sw.scale(), xq.shape4(), wq.shape4());
-        py.detach(|| nn::conv2d_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, stride, padding, dxv, dwv)).py()?;
+        let (xv, wv, dyv, swv, xs, ws) = (
+            xq.slice(),
+            wq.slice(),
+            dyq.slice(),
+            sw.scale(),
+            xq.shape4(),
+            wq.shape4(),
+        );
+        py.detach(|| {
+            nn::conv2d_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, stride, padding, dxv, dwv)
+        })
+        .py()?;
     }
     Ok((dx, dw))
 }
 
 /// A writable, C-contiguous float32 vector of `n` values, updated in place.
-fn inout_vec<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+fn inout_vec<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    n: usize,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     readonly::<f32>(arg, obj, "float32", Some(1))?; // dtype/rank messages
-    let arr = obj.cast::<PyArrayDyn<f32>>().map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    let arr = obj
+        .cast::<PyArrayDyn<f32>>()
+        .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
     if arr.len() != n {
-        return Err(value_error(arg, format!("expected {n} values (one per channel), got {}", arr.len())));
+        return Err(value_error(
+            arg,
+            format!("expected {n} values (one per channel), got {}", arr.len()),
+        ));
     }
     if !arr.is_c_contiguous() {
-        return Err(value_error(arg, "must be contiguous (it is updated in place)"));
+        return Err(value_error(
+            arg,
+            "must be contiguous (it is updated in place)",
+        ));
     }
-    arr.try_readwrite().map_err(|e| value_error(arg, format!("must be a writable array not aliasing another argument: {e}")))
+    arr.try_readwrite().map_err(|e| {
+        value_error(
+            arg,
+            format!("must be a writable array not aliasing another argument: {e}"),
+        )
+    })
 }
 
-type BnOut<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>);
+type BnOut<'py> = (
+    Bound<'py, PyArrayDyn<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+);
 
 /// Batch norm over (N, H, W) per channel: (y, mean, invstd). Training updates running stats in place.
 #[pyfunction]
@@ -421,9 +568,25 @@ fn batchnorm2d_forward<'py>(
         let rmv = as_mut(&mut rm)?;
         let rvv = as_mut(&mut rv)?;
         let (xv, xs) = (x.slice(), x.shape4());
-        let (gv, bv) = (gamma.as_ref().map(|g| g.slice()), beta.as_ref().map(|b| b.slice()));
+        let (gv, bv) = (
+            gamma.as_ref().map(|g| g.slice()),
+            beta.as_ref().map(|b| b.slice()),
+        );
         py.detach(|| {
-            nn::batchnorm2d_forward(xv, xs, gv, bv, rmv, rvv, training, momentum as f32, eps as f32, yv, mv, iv)
+            nn::batchnorm2d_forward(
+                xv,
+                xs,
+                gv,
+                bv,
+                rmv,
+                rvv,
+                training,
+                momentum as f32,
+                eps as f32,
+                yv,
+                mv,
+                iv,
+            )
         })
         .py()?;
     }
@@ -442,7 +605,10 @@ fn batchnorm2d_backward<'py>(
 ) -> PyResult<(F32Out<'py>, F32Out<'py>, F32Out<'py>)> {
     let (dy, x) = (f32_4d("dy", dy)?, f32_4d("x", x)?);
     if dy.shape != x.shape {
-        return Err(value_error("dy", format!("expected the shape of x {:?}, got {:?}", x.shape, dy.shape)));
+        return Err(value_error(
+            "dy",
+            format!("expected the shape of x {:?}, got {:?}", x.shape, dy.shape),
+        ));
     }
     let c = x.shape[1];
     let gamma = opt_vec("gamma", gamma, c, "channel")?;
@@ -454,8 +620,16 @@ fn batchnorm2d_backward<'py>(
     {
         let (mut a, mut b, mut d) = (dx.readwrite(), dgamma.readwrite(), dbeta.readwrite());
         let (dxv, dgv, dbv) = (as_mut(&mut a)?, as_mut(&mut b)?, as_mut(&mut d)?);
-        let (dyv, xv, xs, gv, mv, iv) = (dy.slice(), x.slice(), x.shape4(), gamma.as_ref().map(|g| g.slice()), mean.slice(), invstd.slice());
-        py.detach(|| nn::batchnorm2d_backward(dyv, xv, xs, gv, mv, iv, dxv, dgv, dbv)).py()?;
+        let (dyv, xv, xs, gv, mv, iv) = (
+            dy.slice(),
+            x.slice(),
+            x.shape4(),
+            gamma.as_ref().map(|g| g.slice()),
+            mean.slice(),
+            invstd.slice(),
+        );
+        py.detach(|| nn::batchnorm2d_backward(dyv, xv, xs, gv, mv, iv, dxv, dgv, dbv))
+            .py()?;
     }
     Ok((dx, dgamma, dbeta))
 }
@@ -475,7 +649,13 @@ fn batchnorm2d_backward_i8<'py>(
 ) -> PyResult<(F32Out<'py>, F32Out<'py>, F32Out<'py>)> {
     let (dy, xq) = (f32_4d("dy", dy)?, i8_4d("xq", xq)?);
     if dy.shape != xq.shape {
-        return Err(value_error("dy", format!("expected the shape of xq {:?}, got {:?}", xq.shape, dy.shape)));
+        return Err(value_error(
+            "dy",
+            format!(
+                "expected the shape of xq {:?}, got {:?}",
+                xq.shape, dy.shape
+            ),
+        ));
     }
     let c = xq.shape[1];
     let gamma = opt_vec("gamma", gamma, c, "channel")?;
@@ -487,9 +667,17 @@ fn batchnorm2d_backward_i8<'py>(
     {
         let (mut a, mut b, mut d) = (dx.readwrite(), dgamma.readwrite(), dbeta.readwrite());
         let (dxv, dgv, dbv) = (as_mut(&mut a)?, as_mut(&mut b)?, as_mut(&mut d)?);
-        let (dyv, xv, xs, gv, mv, iv) = (dy.slice(), xq.slice(), xq.shape4(), gamma.as_ref().map(|g| g.slice()), mean.slice(), invstd.slice());
+        let (dyv, xv, xs, gv, mv, iv) = (
+            dy.slice(),
+            xq.slice(),
+            xq.shape4(),
+            gamma.as_ref().map(|g| g.slice()),
+            mean.slice(),
+            invstd.slice(),
+        );
         let s = x_scale as f32;
-        py.detach(|| nn::batchnorm2d_backward_i8(dyv, xv, s, xs, gv, mv, iv, dxv, dgv, dbv)).py()?;
+        py.detach(|| nn::batchnorm2d_backward_i8(dyv, xv, s, xs, gv, mv, iv, dxv, dgv, dbv))
+            .py()?;
     }
     Ok((dx, dgamma, dbeta))
 }
@@ -515,7 +703,11 @@ fn relu_forward_mask<'py>(
 
 /// `dy` where the mask bit is set, else 0 (mask from relu_forward_mask: packed bits, uint8).
 #[pyfunction]
-fn relu_backward_mask<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn relu_backward_mask<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    mask: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let dy = In::<f32>::new("dy", dy, "float32", None)?;
     let mask = In::<u8>::new("mask", mask, "uint8", Some(1))?;
     let dx = empty::<f32>(py, "dx", &dy.shape)?;
@@ -529,13 +721,27 @@ fn relu_backward_mask<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Bound
 }
 
 /// A writable, C-contiguous float32 array of any shape (or `ndim` dimensions), updated in place.
-fn inout_arr<'py>(arg: &str, obj: &Bound<'py, PyAny>, ndim: Option<usize>) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+fn inout_arr<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    ndim: Option<usize>,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     readonly::<f32>(arg, obj, "float32", ndim)?; // dtype/rank messages
-    let arr = obj.cast::<PyArrayDyn<f32>>().map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    let arr = obj
+        .cast::<PyArrayDyn<f32>>()
+        .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
     if !arr.is_c_contiguous() {
-        return Err(value_error(arg, "must be C-contiguous (it is updated in place)"));
+        return Err(value_error(
+            arg,
+            "must be C-contiguous (it is updated in place)",
+        ));
     }
-    arr.try_readwrite().map_err(|e| value_error(arg, format!("must be a writable array not aliasing another argument: {e}")))
+    arr.try_readwrite().map_err(|e| {
+        value_error(
+            arg,
+            format!("must be a writable array not aliasing another argument: {e}"),
+        )
+    })
 }
 
 /// In-place batch norm: overwrites `x` with the output, returns (mean, invstd). For INT8 training, which
@@ -571,9 +777,24 @@ fn batchnorm2d_forward_<'py>(
         let iv = iw.as_slice_mut().map_err(|e| value_error("invstd", e))?;
         let rmv = as_mut(&mut rm)?;
         let rvv = as_mut(&mut rv)?;
-        let (gv, bv) = (gamma.as_ref().map(|g| g.slice()), beta.as_ref().map(|b| b.slice()));
+        let (gv, bv) = (
+            gamma.as_ref().map(|g| g.slice()),
+            beta.as_ref().map(|b| b.slice()),
+        );
         py.detach(|| {
-            nn::batchnorm2d_forward_inplace(xv, xs, gv, bv, rmv, rvv, training, momentum as f32, eps as f32, mv, iv)
+            nn::batchnorm2d_forward_inplace(
+                xv,
+                xs,
+                gv,
+                bv,
+                rmv,
+                rvv,
+                training,
+                momentum as f32,
+                eps as f32,
+                mv,
+                iv,
+            )
         })
         .py()?;
     }
@@ -595,7 +816,14 @@ fn batchnorm2d_backward_i8_<'py>(
     let xq = i8_4d("xq", xq)?;
     let mut dyw = inout_arr("dy", dy, Some(4))?;
     if dyw.shape() != xq.shape.as_slice() {
-        return Err(value_error("dy", format!("expected the shape of xq {:?}, got {:?}", xq.shape, dyw.shape())));
+        return Err(value_error(
+            "dy",
+            format!(
+                "expected the shape of xq {:?}, got {:?}",
+                xq.shape,
+                dyw.shape()
+            ),
+        ));
     }
     let c = xq.shape[1];
     let gamma = opt_vec("gamma", gamma, c, "channel")?;
@@ -607,16 +835,26 @@ fn batchnorm2d_backward_i8_<'py>(
         let (mut b, mut d) = (dgamma.readwrite(), dbeta.readwrite());
         let (dgv, dbv) = (as_mut(&mut b)?, as_mut(&mut d)?);
         let dyv = as_mut(&mut dyw)?;
-        let (xv, xs, gv, mv, iv) = (xq.slice(), xq.shape4(), gamma.as_ref().map(|g| g.slice()), mean.slice(), invstd.slice());
+        let (xv, xs, gv, mv, iv) = (
+            xq.slice(),
+            xq.shape4(),
+            gamma.as_ref().map(|g| g.slice()),
+            mean.slice(),
+            invstd.slice(),
+        );
         let s = x_scale as f32;
-        py.detach(|| nn::batchnorm2d_backward_i8_inplace(dyv, xv, s, xs, gv, mv, iv, dgv, dbv)).py()?;
+        py.detach(|| nn::batchnorm2d_backward_i8_inplace(dyv, xv, s, xs, gv, mv, iv, dgv, dbv))
+            .py()?;
     }
     Ok((dgamma, dbeta))
 }
 
 /// In-place `relu_forward_mask`: `x = max(x, 0)`; returns the packed bit mask `(x > 0)`.
 #[pyfunction]
-fn relu_forward_mask_<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+fn relu_forward_mask_<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let mut xw = inout_arr("x", x, None)?;
     let n: usize = xw.shape().iter().product();
     let mask = empty::<u8>(py, "mask", &[nn::relu_mask_len(n)])?;
@@ -631,7 +869,11 @@ fn relu_forward_mask_<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<B
 
 /// In-place `relu_backward_mask`: `dy = 0` where the mask bit is clear.
 #[pyfunction]
-fn relu_backward_mask_<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Bound<'py, PyAny>) -> PyResult<()> {
+fn relu_backward_mask_<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    mask: &Bound<'py, PyAny>,
+) -> PyResult<()> {
     let mask = In::<u8>::new("mask", mask, "uint8", Some(1))?;
     let mut dyw = inout_arr("dy", dy, None)?;
     let dyv = as_mut(&mut dyw)?;
@@ -642,7 +884,10 @@ fn relu_backward_mask_<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, mask: &Boun
 
 /// `max(x, 0)` for a float32 array of any shape.
 #[pyfunction]
-fn relu_forward<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn relu_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let x = In::<f32>::new("x", x, "float32", None)?;
     let y = empty::<f32>(py, "y", &x.shape)?;
     {
@@ -656,11 +901,18 @@ fn relu_forward<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'
 
 /// `dy * (y > 0)` (y is relu_forward's output).
 #[pyfunction]
-fn relu_backward<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, y: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn relu_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let dy = In::<f32>::new("dy", dy, "float32", None)?;
     let y = In::<f32>::new("y", y, "float32", None)?;
     if dy.shape != y.shape {
-        return Err(value_error("y", format!("expected the shape of dy {:?}, got {:?}", dy.shape, y.shape)));
+        return Err(value_error(
+            "y",
+            format!("expected the shape of dy {:?}, got {:?}", dy.shape, y.shape),
+        ));
     }
     let dx = empty::<f32>(py, "dx", &dy.shape)?;
     {
@@ -672,7 +924,11 @@ fn relu_backward<'py>(py: Python<'py>, dy: &Bound<'py, PyAny>, y: &Bound<'py, Py
     Ok(dx)
 }
 
-fn window(kernel: &Bound<'_, PyAny>, stride: Option<&Bound<'_, PyAny>>, padding: Option<&Bound<'_, PyAny>>) -> PyResult<Window2d> {
+fn window(
+    kernel: &Bound<'_, PyAny>,
+    stride: Option<&Bound<'_, PyAny>>,
+    padding: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Window2d> {
     let k = pair("kernel", kernel)?;
     let s = match stride {
         Some(o) if !o.is_none() => pair("stride", o)?,
@@ -686,7 +942,10 @@ fn input_shape(obj: &Bound<'_, PyAny>) -> PyResult<[usize; 4]> {
         .extract()
         .map_err(|_| type_error("input_shape", "expected a sequence of 4 ints (N, C, H, W)"))?;
     if v.len() != 4 || v.iter().any(|&d| d < 0) {
-        return Err(value_error("input_shape", format!("expected 4 non-negative ints (N, C, H, W), got {v:?}")));
+        return Err(value_error(
+            "input_shape",
+            format!("expected 4 non-negative ints (N, C, H, W), got {v:?}"),
+        ));
     }
     Ok([v[0] as usize, v[1] as usize, v[2] as usize, v[3] as usize])
 }
@@ -714,7 +973,8 @@ fn maxpool2d_forward<'py>(
         let (mut a, mut b) = (y.readwrite(), idx.readwrite());
         let (yv, iv) = (as_mut(&mut a)?, as_mut(&mut b)?);
         let (xv, xs) = (x.slice(), x.shape4());
-        py.detach(|| nn::maxpool2d_forward(xv, xs, win, yv, iv)).py()?;
+        py.detach(|| nn::maxpool2d_forward(xv, xs, win, yv, iv))
+            .py()?;
     }
     Ok((y, idx))
 }
@@ -743,7 +1003,8 @@ fn maxpool2d_backward<'py>(
         let mut w = dx.readwrite();
         let dxv = as_mut(&mut w)?;
         let (dyv, iv) = (dy.slice(), idx.slice());
-        py.detach(|| nn::maxpool2d_backward(dyv, iv, shape, win, dxv)).py()?;
+        py.detach(|| nn::maxpool2d_backward(dyv, iv, shape, win, dxv))
+            .py()?;
     }
     Ok(dx)
 }
@@ -790,7 +1051,8 @@ fn avgpool2d_backward<'py>(
         let mut w = dx.readwrite();
         let dxv = as_mut(&mut w)?;
         let dyv = dy.slice();
-        py.detach(|| nn::avgpool2d_backward(dyv, shape, win, dxv)).py()?;
+        py.detach(|| nn::avgpool2d_backward(dyv, shape, win, dxv))
+            .py()?;
     }
     Ok(dx)
 }

@@ -29,7 +29,10 @@ pub struct PatchSkip {
 impl PatchSkip {
     fn push(&mut self, l: Layer) -> PyResult<()> {
         if self.core.is_some() {
-            return Err(value_error("layers", "cannot add layers after the first frame"));
+            return Err(value_error(
+                "layers",
+                "cannot add layers after the first frame",
+            ));
         }
         self.layers.push(l);
         Ok(())
@@ -41,22 +44,50 @@ impl PatchSkip {
     #[new]
     #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=8))]
     fn new(patch: usize, threshold: f32, refresh_every: usize, tile: usize) -> PyResult<Self> {
-        let cfg = PatchSkipConfig { patch, threshold, refresh_every, tile };
+        let cfg = PatchSkipConfig {
+            patch,
+            threshold,
+            refresh_every,
+            tile,
+        };
         Core::new(vec![Layer::Relu], cfg).py()?; // validates the config
-        Ok(PatchSkip { cfg, layers: Vec::new(), core: None })
+        Ok(PatchSkip {
+            cfg,
+            layers: Vec::new(),
+            core: None,
+        })
     }
 
     #[pyo3(signature = (weight, bias, stride, padding))]
-    fn add_conv(&mut self, weight: &Bound<'_, PyAny>, bias: Option<&Bound<'_, PyAny>>, stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+    fn add_conv(
+        &mut self,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> PyResult<()> {
         let (w, s) = vec_f32("weight", weight, 4)?;
         let b = match bias {
             Some(b) if !b.is_none() => Some(vec_f32("bias", b, 1)?.0),
             _ => None,
         };
-        self.push(Layer::Conv2d { weight: w, shape: [s[0], s[1], s[2], s[3]], bias: b, stride, padding })
+        self.push(Layer::Conv2d {
+            weight: w,
+            shape: [s[0], s[1], s[2], s[3]],
+            bias: b,
+            stride,
+            padding,
+        })
     }
 
-    fn add_batchnorm(&mut self, gamma: &Bound<'_, PyAny>, beta: &Bound<'_, PyAny>, mean: &Bound<'_, PyAny>, var: &Bound<'_, PyAny>, eps: f32) -> PyResult<()> {
+    fn add_batchnorm(
+        &mut self,
+        gamma: &Bound<'_, PyAny>,
+        beta: &Bound<'_, PyAny>,
+        mean: &Bound<'_, PyAny>,
+        var: &Bound<'_, PyAny>,
+        eps: f32,
+    ) -> PyResult<()> {
         let layer = Layer::BatchNorm2d {
             gamma: vec_f32("gamma", gamma, 1)?.0,
             beta: vec_f32("beta", beta, 1)?.0,
@@ -71,19 +102,36 @@ impl PatchSkip {
         self.push(Layer::Relu)
     }
 
-    fn add_maxpool(&mut self, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+    fn add_maxpool(
+        &mut self,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> PyResult<()> {
         self.push(Layer::MaxPool2d(Window2d::new(kernel, stride, padding)))
     }
 
-    fn add_avgpool(&mut self, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> PyResult<()> {
+    fn add_avgpool(
+        &mut self,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> PyResult<()> {
         self.push(Layer::AvgPool2d(Window2d::new(kernel, stride, padding)))
     }
 
     /// Runs one float32 `(C, H, W)` C-contiguous frame; returns the `(1, C', H', W')` output (a copy).
-    fn run<'py>(&mut self, py: Python<'py>, frame: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray<f32, Dim<[usize; 4]>>>> {
+    fn run<'py>(
+        &mut self,
+        py: Python<'py>,
+        frame: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray<f32, Dim<[usize; 4]>>>> {
         let arr = readonly::<f32>("frame", frame, "float32", Some(3))?;
         if !arr.is_c_contiguous() {
-            return Err(value_error("frame", "must be C-contiguous; pass numpy.ascontiguousarray(...)"));
+            return Err(value_error(
+                "frame",
+                "must be C-contiguous; pass numpy.ascontiguousarray(...)",
+            ));
         }
         let sh = arr.shape();
         let shape = [sh[0], sh[1], sh[2]];
@@ -108,7 +156,11 @@ impl PatchSkip {
     /// Statistics of the last frame as a dict.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        let s = self.core.as_ref().map(|c| c.stats().clone()).unwrap_or_default();
+        let s = self
+            .core
+            .as_ref()
+            .map(|c| c.stats().clone())
+            .unwrap_or_default();
         d.set_item("frame", s.frame)?;
         d.set_item("dense", s.dense)?;
         d.set_item("patch_fraction", s.patch_fraction)?;

@@ -12,9 +12,15 @@ use crate::arrays::{check_size, readonly};
 use crate::errors::{value_error, CoreResultExt};
 
 /// A C-contiguous slice of a borrowed array, or an error naming `arg`.
-fn c_slice<'a, T: numpy::Element>(arg: &str, arr: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
+fn c_slice<'a, T: numpy::Element>(
+    arg: &str,
+    arr: &'a PyReadonlyArrayDyn<'_, T>,
+) -> PyResult<&'a [T]> {
     if arr.len() > 0 && !arr.is_c_contiguous() {
-        return Err(value_error(arg, "must be C-contiguous; pass numpy.ascontiguousarray(...) instead"));
+        return Err(value_error(
+            arg,
+            "must be C-contiguous; pass numpy.ascontiguousarray(...) instead",
+        ));
     }
     arr.as_slice().map_err(|e| value_error(arg, e))
 }
@@ -22,8 +28,13 @@ fn c_slice<'a, T: numpy::Element>(arg: &str, arr: &'a PyReadonlyArrayDyn<'_, T>)
 fn rounding_from(name: &str, seed: Option<u64>) -> PyResult<Rounding> {
     match name {
         "nearest" => Ok(Rounding::Nearest),
-        "stochastic" => Ok(Rounding::Stochastic { seed: seed.unwrap_or_else(quant::random_seed) }),
-        other => Err(value_error("rounding", format!("expected 'nearest' or 'stochastic', got {other:?}"))),
+        "stochastic" => Ok(Rounding::Stochastic {
+            seed: seed.unwrap_or_else(quant::random_seed),
+        }),
+        other => Err(value_error(
+            "rounding",
+            format!("expected 'nearest' or 'stochastic', got {other:?}"),
+        )),
     }
 }
 
@@ -33,7 +44,12 @@ fn clip_from(clip: Option<(String, f64)>) -> PyResult<Clip> {
         Some((mode, p)) => match mode.as_str() {
             "sigma" => Clip::Sigma { z: p },
             "minmax" => Clip::MinMax { kappa: p },
-            other => return Err(value_error("clip", format!("unknown mode {other:?}; expected 'sigma' or 'minmax'"))),
+            other => {
+                return Err(value_error(
+                    "clip",
+                    format!("unknown mode {other:?}; expected 'sigma' or 'minmax'"),
+                ))
+            }
         },
     };
     clip.validate().py()?;
@@ -60,7 +76,11 @@ pub fn _quantize<'py>(
     let layout = Layout::from_shape(&shape, per_channel_axis, "per_channel_axis").py()?;
     let rounding = rounding_from(&rounding, seed)?;
     let clip = clip_from(clip)?;
-    let scale_shape: &[usize] = if per_channel_axis.is_some() { &[layout.channels] } else { &[] };
+    let scale_shape: &[usize] = if per_channel_axis.is_some() {
+        &[layout.channels]
+    } else {
+        &[]
+    };
     // SAFETY: uninitialised outputs; quantize_into writes every element (or fails, and they are dropped).
     let q = unsafe { PyArrayDyn::<i8>::new(py, IxDyn(&shape), false) };
     let scale = unsafe { PyArrayDyn::<f32>::new(py, IxDyn(scale_shape), false) };
@@ -70,7 +90,8 @@ pub fn _quantize<'py>(
         let qs = q_rw.as_slice_mut().map_err(|e| value_error("q", e))?;
         let ss = s_rw.as_slice_mut().map_err(|e| value_error("scale", e))?;
         let xs = c_slice("x", &x)?;
-        py.detach(|| quant::quantize_into(xs, layout, rounding, clip, qs, ss)).py()?;
+        py.detach(|| quant::quantize_into(xs, layout, rounding, clip, qs, ss))
+            .py()?;
     }
     Ok((q, scale))
 }
@@ -92,16 +113,28 @@ pub fn _dequantize<'py>(
     let scale = readonly::<f32>("scale", scale, "float32", None)?;
     if scale.ndim() != want_ndim {
         let expected = if axis.is_some() {
-            format!("a 1-D array of {} values (one per entry of q along axis {})", layout.channels, axis.unwrap_or(0))
+            format!(
+                "a 1-D array of {} values (one per entry of q along axis {})",
+                layout.channels,
+                axis.unwrap_or(0)
+            )
         } else {
             "a 0-d array (per-tensor scale); pass axis=... for per-channel scales".to_string()
         };
-        return Err(value_error("scale", format!("expected {expected}, got shape {:?}", scale.shape())));
+        return Err(value_error(
+            "scale",
+            format!("expected {expected}, got shape {:?}", scale.shape()),
+        ));
     }
     if scale.len() != layout.channels {
         return Err(value_error(
             "scale",
-            format!("has {} values, expected {} (q.shape[{}])", scale.len(), layout.channels, axis.unwrap_or(0)),
+            format!(
+                "has {} values, expected {} (q.shape[{}])",
+                scale.len(),
+                layout.channels,
+                axis.unwrap_or(0)
+            ),
         ));
     }
     // SAFETY: uninitialised output; dequantize_into writes every element (or fails, and it is dropped).
@@ -110,7 +143,8 @@ pub fn _dequantize<'py>(
         let mut out_rw = out.readwrite();
         let os = out_rw.as_slice_mut().map_err(|e| value_error("out", e))?;
         let (qs, ss) = (c_slice("q", &q)?, c_slice("scale", &scale)?);
-        py.detach(|| quant::dequantize_into(qs, layout, ss, os)).py()?;
+        py.detach(|| quant::dequantize_into(qs, layout, ss, os))
+            .py()?;
     }
     Ok(out)
 }

@@ -18,13 +18,19 @@ fn shape_4d(shape: &[usize]) -> PyResult<Shape> {
         [n, c] => Ok(Shape { n, c, h: 1, w: 1 }),
         [n, c, l] => Ok(Shape { n, c, h: l, w: 1 }),
         [n, c, h, w] => Ok(Shape { n, c, h, w }),
-        _ => Err(value_error("x", format!("expected 2 (N,C), 3 (N,C,L) or 4 (N,C,H,W) dimensions, got shape {shape:?}"))),
+        _ => Err(value_error(
+            "x",
+            format!("expected 2 (N,C), 3 (N,C,L) or 4 (N,C,H,W) dimensions, got shape {shape:?}"),
+        )),
     }
 }
 
 fn c_slice<'a>(arr: &'a PyReadonlyArrayDyn<'_, f32>) -> PyResult<&'a [f32]> {
     if !arr.is_c_contiguous() {
-        return Err(value_error("x", "must be C-contiguous; pass numpy.ascontiguousarray(...) instead"));
+        return Err(value_error(
+            "x",
+            "must be C-contiguous; pass numpy.ascontiguousarray(...) instead",
+        ));
     }
     arr.as_slice().map_err(|e| value_error("x", e))
 }
@@ -34,7 +40,10 @@ fn mode_from(name: &str) -> PyResult<Mode> {
         "sgq" => Ok(Mode::Sgq),
         "uniform" => Ok(Mode::Uniform),
         "fp16" => Ok(Mode::Fp16),
-        other => Err(value_error("mode", format!("expected 'sgq', 'uniform' or 'fp16', got {other:?}"))),
+        other => Err(value_error(
+            "mode",
+            format!("expected 'sgq', 'uniform' or 'fp16', got {other:?}"),
+        )),
     }
 }
 
@@ -61,14 +70,31 @@ pub fn _sgq_encode<'py>(
     check_size("x", &dims)?;
     let rounding = match rounding.as_str() {
         "nearest" => Rounding::Nearest,
-        "stochastic" => Rounding::Stochastic { seed: seed.unwrap_or_else(quant::random_seed) },
-        other => return Err(value_error("rounding", format!("expected 'nearest' or 'stochastic', got {other:?}"))),
+        "stochastic" => Rounding::Stochastic {
+            seed: seed.unwrap_or_else(quant::random_seed),
+        },
+        other => {
+            return Err(value_error(
+                "rounding",
+                format!("expected 'nearest' or 'stochastic', got {other:?}"),
+            ))
+        }
     };
-    let settings = Settings { mode: mode_from(&mode)?, bits, group, stripe_rows, rounding };
+    let settings = Settings {
+        mode: mode_from(&mode)?,
+        bits,
+        group,
+        stripe_rows,
+        rounding,
+    };
     let xs = c_slice(&x)?;
     let ndim = dims.len() as u8;
-    let plan = py.detach(|| Plan::new(xs, shape, ndim, &settings, order.as_deref())).py()?;
-    PyBytes::new_with(py, plan.frame_len(), |out| py.detach(|| plan.write(xs, out)).py())
+    let plan = py
+        .detach(|| Plan::new(xs, shape, ndim, &settings, order.as_deref()))
+        .py()?;
+    PyBytes::new_with(py, plan.frame_len(), |out| {
+        py.detach(|| plan.write(xs, out)).py()
+    })
 }
 
 /// Decodes a frame into a new float32 array of the shape it was encoded from.

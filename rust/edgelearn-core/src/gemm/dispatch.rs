@@ -7,7 +7,15 @@ use super::Kernel;
 use crate::error::{Error, Result};
 
 /// Every kernel name edgelearn knows, on any architecture.
-pub const KNOWN_KERNELS: &[&str] = &["scalar", "avx2", "avxvnni", "avx512vnni", "neon", "dotprod", "i8mm"];
+pub const KNOWN_KERNELS: &[&str] = &[
+    "scalar",
+    "avx2",
+    "avxvnni",
+    "avx512vnni",
+    "neon",
+    "dotprod",
+    "i8mm",
+];
 
 /// A kernel an architecture module offers: `make` returns it only if this CPU has `features`.
 pub struct Candidate {
@@ -29,7 +37,11 @@ fn candidates() -> Vec<Candidate> {
     v.extend(super::x86::candidates());
     #[cfg(target_arch = "aarch64")]
     v.extend(super::aarch64::candidates());
-    v.push(Candidate { name: "scalar", features: &[], make: scalar });
+    v.push(Candidate {
+        name: "scalar",
+        features: &[],
+        make: scalar,
+    });
     v
 }
 
@@ -47,7 +59,17 @@ pub fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($name:tt),*) => { $( if std::arch::is_x86_feature_detected!($name) { f.push($name); } )* };
         }
-        probe!("sse4.1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni");
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avxvnni"
+        );
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -74,7 +96,11 @@ pub fn kernel_by_name(name: &str) -> Result<&'static dyn Kernel> {
         }),
         None if KNOWN_KERNELS.contains(&name.as_str()) => Err(Error::KernelUnavailable {
             name: name.clone(),
-            msg: format!("it is not built for {} (available: {})", std::env::consts::ARCH, names(&cands)),
+            msg: format!(
+                "it is not built for {} (available: {})",
+                std::env::consts::ARCH,
+                names(&cands)
+            ),
         }),
         None => Err(Error::KernelUnavailable {
             name: name.clone(),
@@ -84,7 +110,11 @@ pub fn kernel_by_name(name: &str) -> Result<&'static dyn Kernel> {
 }
 
 fn names(c: &[Candidate]) -> String {
-    c.iter().filter(|c| (c.make)().is_some()).map(|c| c.name).collect::<Vec<_>>().join(", ")
+    c.iter()
+        .filter(|c| (c.make)().is_some())
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 static ACTIVE: RwLock<Option<&'static dyn Kernel>> = RwLock::new(None);
@@ -97,9 +127,10 @@ pub fn active_kernel() -> Result<&'static dyn Kernel> {
     }
     let chosen = match std::env::var("EDGELEARN_KERNEL") {
         Ok(v) if !v.trim().is_empty() => kernel_by_name(&v).map_err(|e| match e {
-            Error::KernelUnavailable { name, msg } => {
-                Error::KernelUnavailable { name, msg: format!("{msg} [set by EDGELEARN_KERNEL]") }
-            }
+            Error::KernelUnavailable { name, msg } => Error::KernelUnavailable {
+                name,
+                msg: format!("{msg} [set by EDGELEARN_KERNEL]"),
+            },
             other => other,
         })?,
         _ => available_kernels()[0],

@@ -24,7 +24,11 @@ pub struct Blocking {
 
 impl Default for Blocking {
     fn default() -> Self {
-        Blocking { mc: 96, nc: 1024, kc: 2048 }
+        Blocking {
+            mc: 96,
+            nc: 1024,
+            kc: 2048,
+        }
     }
 }
 
@@ -45,13 +49,18 @@ impl Scale<'_> {
     }
     fn check(&self, arg: &'static str, n: usize, what: &str) -> Result<()> {
         match self {
-            Scale::Scalar(s) if !s.is_finite() => Err(Error::invalid(arg, format!("must be finite, got {s}"))),
+            Scale::Scalar(s) if !s.is_finite() => {
+                Err(Error::invalid(arg, format!("must be finite, got {s}")))
+            }
             Scale::Scalar(_) => Ok(()),
             Scale::PerIndex(v) => {
                 if v.len() != n {
                     return Err(Error::invalid(
                         arg,
-                        format!("expected a scalar or {n} values (one per {what}), got {}", v.len()),
+                        format!(
+                            "expected a scalar or {n} values (one per {what}), got {}",
+                            v.len()
+                        ),
                     ));
                 }
                 match v.iter().position(|x| !x.is_finite()) {
@@ -66,7 +75,11 @@ impl Scale<'_> {
 enum Epilogue<'a> {
     None,
     /// Convert the i32 region in place to `acc·(sa[i]·sb[j]) + bias[j]` as f32.
-    ToF32 { sa: Scale<'a>, sb: Scale<'a>, bias: Option<&'a [f32]> },
+    ToF32 {
+        sa: Scale<'a>,
+        sb: Scale<'a>,
+        bias: Option<&'a [f32]>,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -122,7 +135,13 @@ fn check_dims(a: &MatRef, b: &MatRef) -> Result<()> {
 fn check_out(len: usize, m: usize, n: usize) -> Result<()> {
     match m.checked_mul(n) {
         Some(x) if x == len => Ok(()),
-        _ => Err(Error::invalid("out", format!("expected {m}x{n} = {} elements, got {len}", m.saturating_mul(n)))),
+        _ => Err(Error::invalid(
+            "out",
+            format!(
+                "expected {m}x{n} = {} elements, got {len}",
+                m.saturating_mul(n)
+            ),
+        )),
     }
 }
 
@@ -132,7 +151,13 @@ pub fn gemm_i8(a: &MatRef, b: &MatRef, c: &mut [i32]) -> Result<()> {
 }
 
 /// `c = a · b` with an explicit kernel and blocking (tests and benches use this).
-pub fn gemm_i8_with(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, c: &mut [i32]) -> Result<()> {
+pub fn gemm_i8_with(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    a: &MatRef,
+    b: &MatRef,
+    c: &mut [i32],
+) -> Result<()> {
     check_dims(a, b)?;
     check_out(c.len(), a.rows(), b.cols())?;
     if a.cols() > MAX_K_I32 {
@@ -157,7 +182,16 @@ pub fn gemm_i8_f32(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) -> Result<()> {
-    gemm_i8_f32_with(active_kernel()?, Blocking::default(), a, b, scale_a, scale_b, bias, c)
+    gemm_i8_f32_with(
+        active_kernel()?,
+        Blocking::default(),
+        a,
+        b,
+        scale_a,
+        scale_b,
+        bias,
+        c,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -185,7 +219,18 @@ pub fn gemm_i8_f32_with(
     if k <= MAX_K_I32 {
         // The f32 output doubles as i32 scratch: same size and alignment, converted in place per task.
         let out = c.as_mut_ptr() as *mut i32;
-        run(kernel, blk, a, b, out, &Epilogue::ToF32 { sa: scale_a, sb: scale_b, bias });
+        run(
+            kernel,
+            blk,
+            a,
+            b,
+            out,
+            &Epilogue::ToF32 {
+                sa: scale_a,
+                sb: scale_b,
+                bias,
+            },
+        );
         return Ok(());
     }
     // Large K: INT32 partial products over K-chunks that cannot overflow, accumulated in f32.
@@ -195,16 +240,38 @@ pub fn gemm_i8_f32_with(
     let mut k0 = 0;
     while k0 < k {
         let kc = chunk.min(k - k0);
-        let a_sub = MatRef::new(&a.data()[k0 * a.col_stride()..], m, kc, a.row_stride(), a.col_stride())?;
-        let b_sub = MatRef::new(&b.data()[k0 * b.row_stride()..], kc, n, b.row_stride(), b.col_stride())?;
-        run(kernel, blk, &a_sub, &b_sub, acc.as_mut_ptr(), &Epilogue::None);
+        let a_sub = MatRef::new(
+            &a.data()[k0 * a.col_stride()..],
+            m,
+            kc,
+            a.row_stride(),
+            a.col_stride(),
+        )?;
+        let b_sub = MatRef::new(
+            &b.data()[k0 * b.row_stride()..],
+            kc,
+            n,
+            b.row_stride(),
+            b.col_stride(),
+        )?;
+        run(
+            kernel,
+            blk,
+            &a_sub,
+            &b_sub,
+            acc.as_mut_ptr(),
+            &Epilogue::None,
+        );
         threads::install(|| {
-            c.par_chunks_mut(n).zip(acc.par_chunks(n)).enumerate().for_each(|(i, (crow, arow))| {
-                let sa = scale_a.at(i);
-                for (j, (cv, &av)) in crow.iter_mut().zip(arow).enumerate() {
-                    *cv += av as f32 * (sa * scale_b.at(j));
-                }
-            })
+            c.par_chunks_mut(n)
+                .zip(acc.par_chunks(n))
+                .enumerate()
+                .for_each(|(i, (crow, arow))| {
+                    let sa = scale_a.at(i);
+                    for (j, (cv, &av)) in crow.iter_mut().zip(arow).enumerate() {
+                        *cv += av as f32 * (sa * scale_b.at(j));
+                    }
+                })
         });
         k0 += kc;
     }
@@ -301,7 +368,8 @@ fn balance_tasks(
             // Clearly better balance wins; at equal balance, enough tasks, then bigger tasks.
             let better = sc > best_score + 0.02
                 || (sc > best_score - 0.02
-                    && ((enough && !best_enough) || (enough == best_enough && mp * np > best.0 * best.1)));
+                    && ((enough && !best_enough)
+                        || (enough == best_enough && mp * np > best.0 * best.1)));
             if better {
                 best = (mp, np);
                 best_score = sc;
@@ -315,7 +383,14 @@ fn balance_tasks(
 ///
 /// `mc` rows are meant for a `kc`-deep block: when K is shallower, a task takes proportionally more rows
 /// (the packed A block keeps its size), so small-K GEMMs are not dominated by per-task overhead.
-fn task_sizes(kernel: &dyn Kernel, blk: Blocking, m: usize, k: usize, n: usize, nthreads: usize) -> (usize, usize) {
+fn task_sizes(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    m: usize,
+    k: usize,
+    n: usize,
+    nthreads: usize,
+) -> (usize, usize) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
     let depth = k.clamp(1, blk.kc.max(1));
     let rows = blk.mc.saturating_mul(blk.kc.max(1) / depth);
@@ -350,7 +425,11 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
     }
     let out = OutPtr(out);
     let (mr, nr, ku) = (kernel.mr(), kernel.nr(), kernel.ku());
-    assert!(mr <= MAX_MR && nr <= MAX_NR && ku >= 1, "kernel {} declares an oversized tile", kernel.name());
+    assert!(
+        mr <= MAX_MR && nr <= MAX_NR && ku >= 1,
+        "kernel {} declares an oversized tile",
+        kernel.name()
+    );
     threads::install(|| {
         let nthreads = rayon::current_num_threads();
         if k == 0 {
@@ -376,7 +455,11 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
             let bpanel_len = kgroups * nr * ku;
             let bpack = &mut bpack[..n_panels * bpanel_len];
             // Pack B[k0.., :] in parallel chunks of whole panels.
-            let panels_per_chunk = if nthreads == 1 { n_panels } else { n_panels.div_ceil(nthreads * 4).max(1) };
+            let panels_per_chunk = if nthreads == 1 {
+                n_panels
+            } else {
+                n_panels.div_ceil(nthreads * 4).max(1)
+            };
             if panels_per_chunk >= n_panels {
                 pack_b(bpack, bsum, b, k0, kc, 0, n, nr, ku);
             } else {
@@ -421,9 +504,28 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                             // lies inside this task's region; the kernel was created for this CPU.
                             unsafe {
                                 if nrows == mr && ncols == nr {
-                                    kernel.tile(kgroups, ap, bp, bs, out.ptr().add(ii * n + jj), n, accumulate);
+                                    kernel.tile(
+                                        kgroups,
+                                        ap,
+                                        bp,
+                                        bs,
+                                        out.ptr().add(ii * n + jj),
+                                        n,
+                                        accumulate,
+                                    );
                                 } else {
-                                    edge_tile(kernel, kgroups, ap, bp, bs, out.ptr().add(ii * n + jj), n, accumulate, nrows, ncols);
+                                    edge_tile(
+                                        kernel,
+                                        kgroups,
+                                        ap,
+                                        bp,
+                                        bs,
+                                        out.ptr().add(ii * n + jj),
+                                        n,
+                                        accumulate,
+                                        nrows,
+                                        ncols,
+                                    );
                                 }
                             }
                         }
@@ -431,7 +533,9 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                     if last {
                         if let Epilogue::ToF32 { sa, sb, bias } = epi {
                             // SAFETY: this task owns rows i0..i0+mm, columns j0..j0+nn.
-                            unsafe { epilogue_f32(out.ptr(), n, (i0, mm), (j0, nn), sa, sb, *bias) };
+                            unsafe {
+                                epilogue_f32(out.ptr(), n, (i0, mm), (j0, nn), sa, sb, *bias)
+                            };
                         }
                     }
                 });
@@ -473,7 +577,11 @@ unsafe fn edge_tile(
         let src = e.add(r * nr);
         for cc in 0..ncols {
             let v = *src.add(cc);
-            *dst.add(cc) = if accumulate { (*dst.add(cc)).wrapping_add(v) } else { v };
+            *dst.add(cc) = if accumulate {
+                (*dst.add(cc)).wrapping_add(v)
+            } else {
+                v
+            };
         }
     }
 }
@@ -553,7 +661,11 @@ mod tests {
         assert_eq!(balance_tasks(1024, 1024, 16, 16, 96, 1024, 2), (64, 1024));
         // dW = dYᵀ·X, 144×32 outputs: 9 row panels do not halve, 2 column panels do.
         let (mc, nc) = balance_tasks(144, 32, 16, 16, 32, 32, 2);
-        assert_eq!((144usize.div_ceil(mc) * 32usize.div_ceil(nc)) % 2, 0, "mc={mc} nc={nc}");
+        assert_eq!(
+            (144usize.div_ceil(mc) * 32usize.div_ceil(nc)) % 2,
+            0,
+            "mc={mc} nc={nc}"
+        );
         // Small K, tall A: an even number of nearly equal row blocks.
         let (mc, _) = balance_tasks(32768, 16, 16, 16, 455 * 16, 16, 2);
         assert_eq!(32768usize.div_ceil(mc) % 2, 0);

@@ -25,9 +25,12 @@ pub mod aarch64;
 pub mod x86;
 
 pub use dispatch::{
-    active_kernel, available_kernels, cpu_features, kernel_by_name, set_kernel, Candidate, KNOWN_KERNELS,
+    active_kernel, available_kernels, cpu_features, kernel_by_name, set_kernel, Candidate,
+    KNOWN_KERNELS,
 };
-pub use driver::{gemm_i8, gemm_i8_f32, gemm_i8_f32_with, gemm_i8_with, gemm_reference, Blocking, Scale};
+pub use driver::{
+    gemm_i8, gemm_i8_f32, gemm_i8_f32_with, gemm_i8_with, gemm_reference, Blocking, Scale,
+};
 
 use crate::error::{Error, Result};
 
@@ -68,7 +71,13 @@ impl<'a> MatRef<'a> {
                 ));
             }
         }
-        Ok(MatRef { data, rows, cols, rs, cs })
+        Ok(MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
     }
 
     /// A row-major (C-ordered) `rows × cols` matrix.
@@ -95,7 +104,13 @@ impl<'a> MatRef<'a> {
 
     /// The transpose, as a view (no copy).
     pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 
     pub fn rows(&self) -> usize {

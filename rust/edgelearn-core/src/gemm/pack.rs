@@ -22,7 +22,11 @@ pub(crate) fn pack_a(
     ku: usize,
     shift: bool,
 ) {
-    let src = Source { data: a.data(), line_stride: a.row_stride(), k_stride: a.col_stride() };
+    let src = Source {
+        data: a.data(),
+        line_stride: a.row_stride(),
+        k_stride: a.col_stride(),
+    };
     let x = if shift { 0x80u8 as i8 } else { 0 };
     pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
 }
@@ -41,7 +45,11 @@ pub(crate) fn pack_b(
     nr: usize,
     ku: usize,
 ) {
-    let src = Source { data: b.data(), line_stride: b.col_stride(), k_stride: b.row_stride() };
+    let src = Source {
+        data: b.data(),
+        line_stride: b.col_stride(),
+        k_stride: b.row_stride(),
+    };
     pack_panels(out, &src, c0, n, k0, kc, nr, ku, 0);
     column_sums(sums, &src, c0, n, k0, kc, nr);
 }
@@ -54,7 +62,17 @@ struct Source<'a> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn pack_panels(out: &mut [i8], src: &Source, l0: usize, n: usize, k0: usize, kc: usize, w: usize, ku: usize, x: i8) {
+fn pack_panels(
+    out: &mut [i8],
+    src: &Source,
+    l0: usize,
+    n: usize,
+    k0: usize,
+    kc: usize,
+    w: usize,
+    ku: usize,
+    x: i8,
+) {
     match ku {
         1 => pack_panels_ku::<1>(out, src, l0, n, k0, kc, w, x),
         2 => pack_panels_ku::<2>(out, src, l0, n, k0, kc, w, x),
@@ -105,7 +123,11 @@ fn pack_panels_ku<const KU: usize>(
                 // The partial last group is read whole (its tail masked to padding), so lines are done
                 // by the vector path only while that over-read stays inside the buffer.
                 let rem = kc - full * KU;
-                let last_keep = if rem == 0 { u32::MAX } else { (1u32 << (8 * rem)) - 1 };
+                let last_keep = if rem == 0 {
+                    u32::MAX
+                } else {
+                    (1u32 << (8 * rem)) - 1
+                };
                 while l_done + 4 <= lines {
                     let l = l_done;
                     let base = (first + l) * ls + k0;
@@ -116,7 +138,11 @@ fn pack_panels_ku<const KU: usize>(
                     let mut g = 0;
                     loop {
                         let gb = g.min(kgroups - 4);
-                        let keep = if gb + 4 == kgroups { last_keep } else { u32::MAX };
+                        let keep = if gb + 4 == kgroups {
+                            last_keep
+                        } else {
+                            u32::MAX
+                        };
                         assert!(((gb + 3) * w + l + 4) * 4 <= panel.len());
                         // SAFETY: the source range was checked above, the destination just now.
                         unsafe {
@@ -160,7 +186,10 @@ fn pack_panels_ku<const KU: usize>(
                     let mut l = 0;
                     loop {
                         let lb = l.min(lines - 16);
-                        assert!(base + (rows - 1) * ks + lb + 16 <= data.len() && (lb + 16) * 4 <= dst.len());
+                        assert!(
+                            base + (rows - 1) * ks + lb + 16 <= data.len()
+                                && (lb + 16) * 4 <= dst.len()
+                        );
                         // SAFETY: both ranges were just checked.
                         unsafe {
                             super::x86::pack::interleave_16_lines(
@@ -182,7 +211,8 @@ fn pack_panels_ku<const KU: usize>(
             for g in 0..full {
                 let dst = &mut panel[g * w * KU..(g * w + lines) * KU];
                 let base = (k0 + g * KU) * ks + first;
-                let rows: [&[i8]; KU] = std::array::from_fn(|u| &data[base + u * ks..base + u * ks + lines]);
+                let rows: [&[i8]; KU] =
+                    std::array::from_fn(|u| &data[base + u * ks..base + u * ks + lines]);
                 interleave::<KU>(dst, &rows, x);
             }
         } else {
@@ -196,7 +226,20 @@ fn pack_panels_ku<const KU: usize>(
                 }
             }
         }
-        continue_partial::<KU>(panel, data, ls, ks, first, partial_from..lines, k0, kc, full, kgroups, w, x);
+        continue_partial::<KU>(
+            panel,
+            data,
+            ls,
+            ks,
+            first,
+            partial_from..lines,
+            k0,
+            kc,
+            full,
+            kgroups,
+            w,
+            x,
+        );
     }
 }
 
@@ -265,7 +308,15 @@ fn interleave<const KU: usize>(dst: &mut [i8], rows: &[&[i8]; KU], x: i8) {
 /// Writes the sums over `k0..k0+kc` of lines `l0..l0+n` into `sums` (zero for padding lines of the last
 /// panel of width `w`).
 #[allow(clippy::too_many_arguments)]
-fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, kc: usize, w: usize) {
+fn column_sums(
+    sums: &mut [i32],
+    src: &Source,
+    l0: usize,
+    n: usize,
+    k0: usize,
+    kc: usize,
+    w: usize,
+) {
     let padded = n.div_ceil(w) * w;
     let sums = &mut sums[..padded];
     sums.fill(0);
@@ -285,7 +336,9 @@ fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, k
         }
     } else {
         for (l, s) in sums[..n].iter_mut().enumerate() {
-            *s = (k0..k0 + kc).map(|k| data[(l0 + l) * ls + k * ks] as i32).sum();
+            *s = (k0..k0 + kc)
+                .map(|k| data[(l0 + l) * ls + k * ks] as i32)
+                .sum();
         }
     }
 }

@@ -8,7 +8,10 @@ const CHUNK: usize = 1 << 14;
 
 fn same_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(Error::invalid(arg, format!("expected {want} elements (the input's size), got {got}")));
+        return Err(Error::invalid(
+            arg,
+            format!("expected {want} elements (the input's size), got {got}"),
+        ));
     }
     Ok(())
 }
@@ -46,7 +49,10 @@ pub fn relu_mask_len(n: usize) -> usize {
 fn check_mask(mask: usize, n: usize) -> Result<()> {
     let want = relu_mask_len(n);
     if mask != want {
-        return Err(Error::invalid("mask", format!("expected {want} bytes (one bit per element of {n}), got {mask}")));
+        return Err(Error::invalid(
+            "mask",
+            format!("expected {want} bytes (one bit per element of {n}), got {mask}"),
+        ));
     }
     Ok(())
 }
@@ -119,7 +125,9 @@ pub fn relu_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()
             *o = if v < 0.0 { 0.0 } else { v };
         }
     });
-    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| pack_positive(&x[i * CHUNK..], mc));
+    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| {
+        pack_positive(&x[i * CHUNK..], mc)
+    });
     Ok(())
 }
 
@@ -140,7 +148,9 @@ pub fn relu_backward_mask(dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()>
 pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
     check_mask(mask.len(), x.len())?;
     let parallel = worth_parallel(x.len());
-    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| pack_positive(&x[i * CHUNK..], mc));
+    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| {
+        pack_positive(&x[i * CHUNK..], mc)
+    });
     for_each_chunk(x, CHUNK, parallel, |_, xc| {
         for v in xc.iter_mut() {
             *v = if *v < 0.0 { 0.0 } else { *v };
@@ -177,7 +187,9 @@ mod tests {
     #[test]
     fn mask_ops_match_reference() {
         let n = 70_001;
-        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1001) as f32 - 500.0) * 0.01).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1001) as f32 - 500.0) * 0.01)
+            .collect();
         let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 - 6.0).collect();
         let (mut y, mut m) = (vec![9.0f32; n], vec![9u8; relu_mask_len(n)]);
         relu_forward_mask(&x, &mut y, &mut m).unwrap();

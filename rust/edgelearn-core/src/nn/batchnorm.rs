@@ -44,7 +44,15 @@ fn pair_sums<V: Copy>(u: &[f32], v: &[V], f: impl Fn(f32, V) -> (f32, f32)) -> (
 }
 
 /// [`pair_sums`] over the `n` planes of channel `ch` of two NCHW tensors.
-fn channel_sums<V: Copy>(u: &[f32], v: &[V], n: usize, c: usize, hw: usize, ch: usize, f: impl Fn(f32, V) -> (f32, f32) + Copy) -> (f64, f64) {
+fn channel_sums<V: Copy>(
+    u: &[f32],
+    v: &[V],
+    n: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+    f: impl Fn(f32, V) -> (f32, f32) + Copy,
+) -> (f64, f64) {
     (0..n).fold((0.0, 0.0), |(a, b), i| {
         let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
         let (da, db) = pair_sums(&u[r.clone()], &v[r], f);
@@ -86,10 +94,16 @@ fn forward_coefficients(
     check_len("mean", mean.len(), &[c])?;
     check_len("invstd", invstd.len(), &[c])?;
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::invalid("eps", format!("must be finite and >= 0, got {eps}")));
+        return Err(Error::invalid(
+            "eps",
+            format!("must be finite and >= 0, got {eps}"),
+        ));
     }
     if !(momentum.is_finite() && (0.0..=1.0).contains(&momentum)) {
-        return Err(Error::invalid("momentum", format!("must be in [0, 1], got {momentum}")));
+        return Err(Error::invalid(
+            "momentum",
+            format!("must be in [0, 1], got {momentum}"),
+        ));
     }
     let hw = h * w;
     let m = n * hw;
@@ -98,7 +112,9 @@ fn forward_coefficients(
         if m <= 1 {
             return Err(Error::invalid(
                 "x",
-                format!("expected more than 1 value per channel when training, got shape {shape:?}"),
+                format!(
+                    "expected more than 1 value per channel when training, got shape {shape:?}"
+                ),
             ));
         }
         // Shifted sums (shift = the channel's first value) keep E[x²]−E[x]² free of cancellation.
@@ -116,8 +132,10 @@ fn forward_coefficients(
             mean[ch] = mu as f32;
             invstd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
             let unbiased = var * m as f64 / (m - 1) as f64;
-            running_mean[ch] = ((1.0 - momentum) as f64 * running_mean[ch] as f64 + momentum as f64 * mu) as f32;
-            running_var[ch] = ((1.0 - momentum) as f64 * running_var[ch] as f64 + momentum as f64 * unbiased) as f32;
+            running_mean[ch] =
+                ((1.0 - momentum) as f64 * running_mean[ch] as f64 + momentum as f64 * mu) as f32;
+            running_var[ch] = ((1.0 - momentum) as f64 * running_var[ch] as f64
+                + momentum as f64 * unbiased) as f32;
         }
     } else {
         for ch in 0..c {
@@ -151,7 +169,19 @@ pub fn batchnorm2d_forward(
     invstd: &mut [f32],
 ) -> Result<()> {
     check_len("y", y.len(), &shape)?;
-    let ab = forward_coefficients(x, shape, gamma, beta, running_mean, running_var, training, momentum, eps, mean, invstd)?;
+    let ab = forward_coefficients(
+        x,
+        shape,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        mean,
+        invstd,
+    )?;
     let [_, c, h, w] = shape;
     let hw = h * w;
     if hw == 0 {
@@ -182,7 +212,19 @@ pub fn batchnorm2d_forward_inplace(
     mean: &mut [f32],
     invstd: &mut [f32],
 ) -> Result<()> {
-    let ab = forward_coefficients(x, shape, gamma, beta, running_mean, running_var, training, momentum, eps, mean, invstd)?;
+    let ab = forward_coefficients(
+        x,
+        shape,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        mean,
+        invstd,
+    )?;
     let [_, c, h, w] = shape;
     let hw = h * w;
     if hw == 0 {
@@ -232,9 +274,23 @@ pub fn batchnorm2d_backward_i8(
     dbeta: &mut [f32],
 ) -> Result<()> {
     if !(x_scale.is_finite() && x_scale > 0.0) {
-        return Err(Error::invalid("x_scale", format!("must be finite and > 0, got {x_scale}")));
+        return Err(Error::invalid(
+            "x_scale",
+            format!("must be finite and > 0, got {x_scale}"),
+        ));
     }
-    backward_impl(dy, xq, move |v: i8| v as f32 * x_scale, shape, gamma, mean, invstd, dx, dgamma, dbeta)
+    backward_impl(
+        dy,
+        xq,
+        move |v: i8| v as f32 * x_scale,
+        shape,
+        gamma,
+        mean,
+        invstd,
+        dx,
+        dgamma,
+        dbeta,
+    )
 }
 
 /// Checks, per-channel sums and the coefficients `(a, b, k)` of `dx = dy·a + x·b + k`; writes `dgamma`, `dbeta`.
@@ -329,7 +385,10 @@ pub fn batchnorm2d_backward_i8_inplace(
     dbeta: &mut [f32],
 ) -> Result<()> {
     if !(x_scale.is_finite() && x_scale > 0.0) {
-        return Err(Error::invalid("x_scale", format!("must be finite and > 0, got {x_scale}")));
+        return Err(Error::invalid(
+            "x_scale",
+            format!("must be finite and > 0, got {x_scale}"),
+        ));
     }
     let xf = move |v: i8| v as f32 * x_scale;
     let coef = backward_coefficients(dy, xq, xf, shape, gamma, mean, invstd, dgamma, dbeta)?;
@@ -358,50 +417,124 @@ mod tests {
     fn backward_i8_matches_dequantized_fp32() {
         let shape = [3, 4, 5, 6];
         let len = 3 * 4 * 5 * 6;
-        let xq: Vec<i8> = (0..len).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
+        let xq: Vec<i8> = (0..len)
+            .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+            .collect();
         let scale = 0.0173f32;
         let x: Vec<f32> = xq.iter().map(|&q| q as f32 * scale).collect();
-        let dy: Vec<f32> = (0..len).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1).collect();
+        let dy: Vec<f32> = (0..len)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+            .collect();
         let gamma = [0.5f32, 1.0, 1.5, -2.0];
         let (mut rm, mut rv) = (vec![0f32; 4], vec![1f32; 4]);
         let (mut y, mut mean, mut invstd) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
-        batchnorm2d_forward(&x, shape, Some(&gamma), None, &mut rm, &mut rv, true, 0.1, 1e-5, &mut y, &mut mean, &mut invstd)
-            .unwrap();
+        batchnorm2d_forward(
+            &x,
+            shape,
+            Some(&gamma),
+            None,
+            &mut rm,
+            &mut rv,
+            true,
+            0.1,
+            1e-5,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        )
+        .unwrap();
         let (mut dx, mut dg, mut db) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
-        batchnorm2d_backward(&dy, &x, shape, Some(&gamma), &mean, &invstd, &mut dx, &mut dg, &mut db).unwrap();
+        batchnorm2d_backward(
+            &dy,
+            &x,
+            shape,
+            Some(&gamma),
+            &mean,
+            &invstd,
+            &mut dx,
+            &mut dg,
+            &mut db,
+        )
+        .unwrap();
         let (mut dx8, mut dg8, mut db8) = (vec![0f32; len], vec![0f32; 4], vec![0f32; 4]);
-        batchnorm2d_backward_i8(&dy, &xq, scale, shape, Some(&gamma), &mean, &invstd, &mut dx8, &mut dg8, &mut db8)
-            .unwrap();
+        batchnorm2d_backward_i8(
+            &dy,
+            &xq,
+            scale,
+            shape,
+            Some(&gamma),
+            &mean,
+            &invstd,
+            &mut dx8,
+            &mut dg8,
+            &mut db8,
+        )
+        .unwrap();
         assert_eq!(dx, dx8);
         assert_eq!(dg, dg8);
         assert_eq!(db, db8);
         // naive reference: dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
         let (n, c, hw) = (3, 4, 30);
         for ch in 0..c {
-            let idx: Vec<usize> = (0..n).flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p)).collect();
+            let idx: Vec<usize> = (0..n)
+                .flat_map(|i| (0..hw).map(move |p| (i * c + ch) * hw + p))
+                .collect();
             let m = idx.len() as f64;
             let xh = |i: usize| (x[i] as f64 - mean[ch] as f64) * invstd[ch] as f64;
             let mdy = idx.iter().map(|&i| dy[i] as f64).sum::<f64>() / m;
             let mdyx = idx.iter().map(|&i| dy[i] as f64 * xh(i)).sum::<f64>() / m;
             for &i in &idx {
-                let want = gamma[ch] as f64 * invstd[ch] as f64 * (dy[i] as f64 - mdy - xh(i) * mdyx);
-                assert!((dx8[i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "dx[{i}] {} vs {want}", dx8[i]);
+                let want =
+                    gamma[ch] as f64 * invstd[ch] as f64 * (dy[i] as f64 - mdy - xh(i) * mdyx);
+                assert!(
+                    (dx8[i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "dx[{i}] {} vs {want}",
+                    dx8[i]
+                );
             }
             assert!((db8[ch] as f64 - mdy * m).abs() < 1e-3);
         }
         let (mut gi, mut dgi, mut dbi) = (dy.clone(), vec![0f32; 4], vec![0f32; 4]);
-        batchnorm2d_backward_i8_inplace(&mut gi, &xq, scale, shape, Some(&gamma), &mean, &invstd, &mut dgi, &mut dbi)
-            .unwrap();
+        batchnorm2d_backward_i8_inplace(
+            &mut gi,
+            &xq,
+            scale,
+            shape,
+            Some(&gamma),
+            &mean,
+            &invstd,
+            &mut dgi,
+            &mut dbi,
+        )
+        .unwrap();
         assert_eq!(gi, dx8);
         assert_eq!(dgi, dg8);
         assert_eq!(dbi, db8);
         // in-place forward: same output and statistics as the out-of-place one
         let (mut rm2, mut rv2) = (vec![0f32; 4], vec![1f32; 4]);
         let (mut xi, mut mean2, mut invstd2) = (x.clone(), vec![0f32; 4], vec![0f32; 4]);
-        batchnorm2d_forward_inplace(&mut xi, shape, Some(&gamma), None, &mut rm2, &mut rv2, true, 0.1, 1e-5, &mut mean2, &mut invstd2)
-            .unwrap();
+        batchnorm2d_forward_inplace(
+            &mut xi,
+            shape,
+            Some(&gamma),
+            None,
+            &mut rm2,
+            &mut rv2,
+            true,
+            0.1,
+            1e-5,
+            &mut mean2,
+            &mut invstd2,
+        )
+        .unwrap();
         assert_eq!(xi, y);
-        assert_eq!((mean2, invstd2, rm2, rv2), (mean.clone(), invstd.clone(), rm.clone(), rv.clone()));
-        assert!(batchnorm2d_backward_i8(&dy, &xq, 0.0, shape, None, &mean, &invstd, &mut dx8, &mut dg8, &mut db8).is_err());
+        assert_eq!(
+            (mean2, invstd2, rm2, rv2),
+            (mean.clone(), invstd.clone(), rm.clone(), rv.clone())
+        );
+        assert!(batchnorm2d_backward_i8(
+            &dy, &xq, 0.0, shape, None, &mean, &invstd, &mut dx8, &mut dg8, &mut db8
+        )
+        .is_err());
     }
 }

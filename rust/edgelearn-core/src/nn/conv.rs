@@ -38,11 +38,19 @@ pub struct ConvShape {
 
 impl ConvShape {
     /// Checks `x (N, C, H, W)` against `w (O, C, kh, kw)`, stride and padding.
-    pub fn new(x: [usize; 4], w: [usize; 4], stride: (usize, usize), padding: (usize, usize)) -> Result<Self> {
+    pub fn new(
+        x: [usize; 4],
+        w: [usize; 4],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
         if w[1] != x[1] {
             return Err(Error::invalid(
                 "w",
-                format!("has {} input channels (shape {w:?}) but x has {} (shape {x:?})", w[1], x[1]),
+                format!(
+                    "has {} input channels (shape {w:?}) but x has {} (shape {x:?})",
+                    w[1], x[1]
+                ),
             ));
         }
         shape_len("w", &w)?;
@@ -78,9 +86,13 @@ impl ConvShape {
 
 fn check_bias(bias: Option<&[f32]>, o: usize) -> Result<()> {
     match bias {
-        Some(b) if b.len() != o => {
-            Err(Error::invalid("bias", format!("expected {o} values (one per output channel), got {}", b.len())))
-        }
+        Some(b) if b.len() != o => Err(Error::invalid(
+            "bias",
+            format!(
+                "expected {o} values (one per output channel), got {}",
+                b.len()
+            ),
+        )),
         _ => Ok(()),
     }
 }
@@ -99,7 +111,10 @@ fn check_weight_scale(sw: &Scale, o: usize) -> Result<()> {
             if v.len() != o {
                 return Err(Error::invalid(
                     "sw",
-                    format!("expected a scalar or {o} values (one per output channel), got {}", v.len()),
+                    format!(
+                        "expected a scalar or {o} values (one per output channel), got {}",
+                        v.len()
+                    ),
                 ));
             }
             match v.iter().position(|s| !s.is_finite()) {
@@ -120,7 +135,12 @@ fn sum_row(v: &[f32]) -> f64 {
                 *l += x;
             }
         }
-        total += block.chunks_exact(8).remainder().iter().map(|&x| x as f64).sum::<f64>();
+        total += block
+            .chunks_exact(8)
+            .remainder()
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
         total += lanes.iter().map(|&x| x as f64).sum::<f64>();
         lanes = [0.0; 8];
     }
@@ -129,7 +149,14 @@ fn sum_row(v: &[f32]) -> f64 {
 
 /// Copies rows `(o, i·P..)` of the `O × nb·P` matrix `src` into the NCHW chunk `y (nb, O, P)`,
 /// adding `bias[o]`.
-fn scatter_rows(src: &[f32], ld: usize, s: &ConvShape, nb: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+fn scatter_rows(
+    src: &[f32],
+    ld: usize,
+    s: &ConvShape,
+    nb: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let p = s.p();
     for i in 0..nb {
         for oc in 0..s.o {
@@ -153,7 +180,8 @@ fn gather_rows<T: Copy>(dy: &[T], s: &ConvShape, nb: usize, dst: &mut [T], ld: u
     let p = s.p();
     for i in 0..nb {
         for oc in 0..s.o {
-            dst[oc * ld + i * p..oc * ld + (i + 1) * p].copy_from_slice(&dy[(i * s.o + oc) * p..(i * s.o + oc + 1) * p]);
+            dst[oc * ld + i * p..oc * ld + (i + 1) * p]
+                .copy_from_slice(&dy[(i * s.o + oc) * p..(i * s.o + oc + 1) * p]);
         }
     }
 }
@@ -169,7 +197,9 @@ fn for_each_chunk<T: Send>(
     let n = out.len() / per_image.max(1);
     let inner_parallel = n.div_ceil(nb) < threads::num_threads();
     threads::install(|| {
-        out.par_chunks_mut(nb * per_image).enumerate().try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
+        out.par_chunks_mut(nb * per_image)
+            .enumerate()
+            .try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
     })
 }
 
@@ -225,7 +255,16 @@ pub fn conv2d_f32_forward(
             }
             let mut out = take_f32(o * ld);
             // SAFETY: `out` is O×ld.
-            unsafe { sgemm(&wm, &MatF32::row_major(&col, k, ld)?, out.as_mut_ptr(), ld, false, par) };
+            unsafe {
+                sgemm(
+                    &wm,
+                    &MatF32::row_major(&col, k, ld)?,
+                    out.as_mut_ptr(),
+                    ld,
+                    false,
+                    par,
+                )
+            };
             scatter_rows(&out, ld, &s, nb, bias, yc);
             give_f32(col);
             give_f32(out);
@@ -276,58 +315,65 @@ pub fn conv2d_f32_backward(
         Some(d) => d.chunks_mut(nb * xs).map(Some).collect(),
         None => (0..nchunks).map(|_| None).collect(),
     };
-    let chunk = |acc: &mut (Vec<f32>, Vec<f64>), ci: usize, dxc: Option<&mut [f32]>| -> Result<()> {
-        let n0 = ci * nb;
-        let nb = nb.min(n - n0);
-        let ld = nb * p;
-        let dyc = &dy[n0 * o * p..(n0 + nb) * o * p];
-        let mut dyt_buf = Vec::new();
-        let dyt = if nb == 1 {
-            dyc
-        } else {
-            dyt_buf = take_f32(o * ld);
-            gather_rows(dyc, &s, nb, &mut dyt_buf, ld);
-            &dyt_buf[..]
-        };
-        for (oc, d) in acc.1.iter_mut().enumerate() {
-            *d += sum_row(&dyt[oc * ld..(oc + 1) * ld]);
-        }
-        let dym = MatF32::row_major(dyt, o, ld)?;
-        let xc = &x[n0 * xs..(n0 + nb) * xs];
-        let direct = s.g.is_pointwise() && nb == 1;
-        let mut col = Vec::new();
-        if !direct {
-            col = take_f32(k * ld);
-            for i in 0..nb {
-                im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
-            }
-        }
-        let cm = if direct { MatF32::row_major(xc, k, p)? } else { MatF32::row_major(&col, k, ld)? };
-        // SAFETY: the accumulator is O×K.
-        unsafe { sgemm(&dym, &cm.t(), acc.0.as_mut_ptr(), k, true, par) };
-        if let Some(dxc) = dxc {
-            if direct {
-                // SAFETY: `dxc` is one image, C×HW = K×P.
-                unsafe { sgemm(&wm.t(), &dym, dxc.as_mut_ptr(), p, false, par) };
+    let chunk =
+        |acc: &mut (Vec<f32>, Vec<f64>), ci: usize, dxc: Option<&mut [f32]>| -> Result<()> {
+            let n0 = ci * nb;
+            let nb = nb.min(n - n0);
+            let ld = nb * p;
+            let dyc = &dy[n0 * o * p..(n0 + nb) * o * p];
+            let mut dyt_buf = Vec::new();
+            let dyt = if nb == 1 {
+                dyc
             } else {
-                // col is no longer needed: reuse it for dcol.
-                unsafe { sgemm(&wm.t(), &dym, col.as_mut_ptr(), ld, false, par) };
-                dxc.fill(0.0);
+                dyt_buf = take_f32(o * ld);
+                gather_rows(dyc, &s, nb, &mut dyt_buf, ld);
+                &dyt_buf[..]
+            };
+            for (oc, d) in acc.1.iter_mut().enumerate() {
+                *d += sum_row(&dyt[oc * ld..(oc + 1) * ld]);
+            }
+            let dym = MatF32::row_major(dyt, o, ld)?;
+            let xc = &x[n0 * xs..(n0 + nb) * xs];
+            let direct = s.g.is_pointwise() && nb == 1;
+            let mut col = Vec::new();
+            if !direct {
+                col = take_f32(k * ld);
                 for i in 0..nb {
-                    col2im_add(&col[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
+                    im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
                 }
             }
-        }
-        give_f32(col);
-        give_f32(dyt_buf);
-        Ok(())
-    };
+            let cm = if direct {
+                MatF32::row_major(xc, k, p)?
+            } else {
+                MatF32::row_major(&col, k, ld)?
+            };
+            // SAFETY: the accumulator is O×K.
+            unsafe { sgemm(&dym, &cm.t(), acc.0.as_mut_ptr(), k, true, par) };
+            if let Some(dxc) = dxc {
+                if direct {
+                    // SAFETY: `dxc` is one image, C×HW = K×P.
+                    unsafe { sgemm(&wm.t(), &dym, dxc.as_mut_ptr(), p, false, par) };
+                } else {
+                    // col is no longer needed: reuse it for dcol.
+                    unsafe { sgemm(&wm.t(), &dym, col.as_mut_ptr(), ld, false, par) };
+                    dxc.fill(0.0);
+                    for i in 0..nb {
+                        col2im_add(&col[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
+                    }
+                }
+            }
+            give_f32(col);
+            give_f32(dyt_buf);
+            Ok(())
+        };
     let zero = || (vec![0f32; o * k], vec![0f64; o]);
     let (dw_acc, db_acc) = threads::install(|| {
         dx_chunks
             .into_par_iter()
             .enumerate()
-            .try_fold(zero, |mut acc, (ci, dxc)| chunk(&mut acc, ci, dxc).map(|_| acc))
+            .try_fold(zero, |mut acc, (ci, dxc)| {
+                chunk(&mut acc, ci, dxc).map(|_| acc)
+            })
             .try_reduce(zero, |mut a, b| {
                 a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
                 a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
@@ -381,7 +427,11 @@ pub fn conv2d_i8_forward(
                 im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
             }
         }
-        let cm = if direct { MatRef::row_major(xc, k, p)? } else { MatRef::row_major(&col, k, ld)? };
+        let cm = if direct {
+            MatRef::row_major(xc, k, p)?
+        } else {
+            MatRef::row_major(&col, k, ld)?
+        };
         if nb == 1 {
             gemm::gemm_i8_f32(&wm, &cm, sw, Scale::Scalar(sx), None, yc)?;
             if let Some(b) = bias {
@@ -483,14 +533,31 @@ pub fn conv2d_i8_backward(
                 im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
             }
         }
-        let cm = if direct { MatRef::row_major(xc, k, p)? } else { MatRef::row_major(&col, k, ld)? };
+        let cm = if direct {
+            MatRef::row_major(xc, k, p)?
+        } else {
+            MatRef::row_major(&col, k, ld)?
+        };
         // dW: exact INT32 products, summed in i64-exact f64 across chunks.
         if ld <= MAX_K_I32 {
             gemm::gemm_i8(&dym, &cm.t(), &mut acc.prod)?;
-            acc.dw.iter_mut().zip(&acc.prod).for_each(|(a, &v)| *a += v as f64);
+            acc.dw
+                .iter_mut()
+                .zip(&acc.prod)
+                .for_each(|(a, &v)| *a += v as f64);
         } else {
-            gemm::gemm_i8_f32(&dym, &cm.t(), Scale::Scalar(1.0), Scale::Scalar(1.0), None, &mut acc.prod_f32)?;
-            acc.dw.iter_mut().zip(&acc.prod_f32).for_each(|(a, &v)| *a += v as f64);
+            gemm::gemm_i8_f32(
+                &dym,
+                &cm.t(),
+                Scale::Scalar(1.0),
+                Scale::Scalar(1.0),
+                None,
+                &mut acc.prod_f32,
+            )?;
+            acc.dw
+                .iter_mut()
+                .zip(&acc.prod_f32)
+                .for_each(|(a, &v)| *a += v as f64);
         }
         give_i8(col);
         if let Some(dxc) = dxc {
@@ -529,12 +596,18 @@ pub fn conv2d_i8_backward(
         give_i8(dyt_buf);
         Ok(())
     };
-    let zero = || Acc { dw: vec![0f64; o * k], prod: vec![0i32; o * k], prod_f32: vec![0f32; o * k] };
+    let zero = || Acc {
+        dw: vec![0f64; o * k],
+        prod: vec![0i32; o * k],
+        prod_f32: vec![0f32; o * k],
+    };
     let acc = threads::install(|| {
         dx_chunks
             .into_par_iter()
             .enumerate()
-            .try_fold(zero, |mut acc, (ci, dxc)| chunk(&mut acc, ci, dxc).map(|_| acc))
+            .try_fold(zero, |mut acc, (ci, dxc)| {
+                chunk(&mut acc, ci, dxc).map(|_| acc)
+            })
             .try_reduce(zero, |mut a, b| {
                 a.dw.iter_mut().zip(&b.dw).for_each(|(x, y)| *x += y);
                 Ok(a)

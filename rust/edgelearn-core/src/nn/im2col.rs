@@ -106,7 +106,8 @@ mod tests {
                             let iy = (oy * g.sh + i) as isize - g.ph as isize;
                             let ix = (ox * g.sw + j) as isize - g.pw as isize;
                             if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                col[r * g.p() + oy * g.ow + ox] = x[(c * g.h + iy as usize) * g.w + ix as usize];
+                                col[r * g.p() + oy * g.ow + ox] =
+                                    x[(c * g.h + iy as usize) * g.w + ix as usize];
                             }
                         }
                     }
@@ -133,18 +134,31 @@ mod tests {
             im2col(&x, &g, &mut col, ld);
             let want = reference(&x, &g);
             for r in 0..g.k() {
-                assert_eq!(&col[r * ld..r * ld + g.p()], &want[r * g.p()..(r + 1) * g.p()], "{shape:?} {k:?}");
+                assert_eq!(
+                    &col[r * ld..r * ld + g.p()],
+                    &want[r * g.p()..(r + 1) * g.p()],
+                    "{shape:?} {k:?}"
+                );
             }
             // <im2col(x), c> == <x, col2im(c)> for any c.
-            let cvals: Vec<f32> = (0..g.k() * ld).map(|v| ((v * 7) % 11) as f32 - 5.0).collect();
+            let cvals: Vec<f32> = (0..g.k() * ld)
+                .map(|v| ((v * 7) % 11) as f32 - 5.0)
+                .collect();
             let mut back = vec![0.0; x.len()];
             col2im_add(&cvals, ld, &g, &mut back);
             let lhs: f64 = (0..g.k())
                 .flat_map(|r| (0..g.p()).map(move |q| (r, q)))
                 .map(|(r, q)| col[r * ld + q] as f64 * cvals[r * ld + q] as f64)
                 .sum();
-            let rhs: f64 = x.iter().zip(&back).map(|(&a, &b)| a as f64 * b as f64).sum();
-            assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+            let rhs: f64 = x
+                .iter()
+                .zip(&back)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
         }
     }
 }

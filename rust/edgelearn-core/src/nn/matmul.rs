@@ -39,18 +39,33 @@ impl<'a> MatF32<'a> {
                 ));
             }
         }
-        Ok(MatF32 { data, rows, cols, rs, cs })
+        Ok(MatF32 {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
     }
     /// A C-ordered `rows × cols` matrix (`data.len()` must be exactly `rows·cols`).
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
         if rows.checked_mul(cols) != Some(data.len()) {
-            return Err(Error::invalid("matrix", format!("{rows}x{cols} elements expected, buffer has {}", data.len())));
+            return Err(Error::invalid(
+                "matrix",
+                format!("{rows}x{cols} elements expected, buffer has {}", data.len()),
+            ));
         }
         Self::new(data, rows, cols, cols, 1)
     }
     /// The transpose, as a view.
     pub fn t(self) -> Self {
-        MatF32 { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatF32 {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -88,11 +103,20 @@ pub fn matmul_f32(a: &MatF32, b: &MatF32, bias: Option<&[f32]>, c: &mut [f32]) -
     }
     let (m, n) = (a.rows, b.cols);
     if m.checked_mul(n) != Some(c.len()) {
-        return Err(Error::invalid("out", format!("expected {m}x{n} elements, got {}", c.len())));
+        return Err(Error::invalid(
+            "out",
+            format!("expected {m}x{n} elements, got {}", c.len()),
+        ));
     }
     if let Some(bv) = bias {
         if bv.len() != n {
-            return Err(Error::invalid("bias", format!("expected {n} values (one per column of b), got {}", bv.len())));
+            return Err(Error::invalid(
+                "bias",
+                format!(
+                    "expected {n} values (one per column of b), got {}",
+                    bv.len()
+                ),
+            ));
         }
         for row in c.chunks_exact_mut(n.max(1)) {
             row.copy_from_slice(bv);
@@ -109,7 +133,14 @@ pub fn matmul_f32(a: &MatF32, b: &MatF32, bias: Option<&[f32]>, c: &mut [f32]) -
 ///
 /// # Safety
 /// `c` points to `A.rows` rows of `B.cols` writable elements spaced `ldc` apart, not aliased by `a`/`b`.
-pub(crate) unsafe fn sgemm(a: &MatF32, b: &MatF32, c: *mut f32, ldc: usize, accumulate: bool, parallel: bool) {
+pub(crate) unsafe fn sgemm(
+    a: &MatF32,
+    b: &MatF32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;

@@ -23,14 +23,17 @@ pub use activation::{
     relu_forward_mask_inplace, relu_mask_len,
 };
 pub use batchnorm::{
-    batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace, batchnorm2d_forward,
-    batchnorm2d_forward_inplace,
+    batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace,
+    batchnorm2d_forward, batchnorm2d_forward_inplace,
 };
 pub use conv::{
     conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward, ConvShape,
 };
 pub use matmul::{matmul_f32, MatF32};
-pub use pool::{pool2d_output_shape, avgpool2d_backward, avgpool2d_forward, maxpool2d_backward, maxpool2d_forward};
+pub use pool::{
+    avgpool2d_backward, avgpool2d_forward, maxpool2d_backward, maxpool2d_forward,
+    pool2d_output_shape,
+};
 
 use std::cell::RefCell;
 
@@ -49,7 +52,11 @@ pub struct Window2d {
 
 impl Window2d {
     pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Self {
-        Window2d { kernel, stride, padding }
+        Window2d {
+            kernel,
+            stride,
+            padding,
+        }
     }
 }
 
@@ -79,14 +86,23 @@ impl Geometry {
         let (sh, sw) = win.stride;
         let (ph, pw) = win.padding;
         if kh == 0 || kw == 0 {
-            return Err(Error::invalid("kernel", format!("must be positive, got ({kh}, {kw})")));
+            return Err(Error::invalid(
+                "kernel",
+                format!("must be positive, got ({kh}, {kw})"),
+            ));
         }
         if sh == 0 || sw == 0 {
-            return Err(Error::invalid("stride", format!("must be positive, got ({sh}, {sw})")));
+            return Err(Error::invalid(
+                "stride",
+                format!("must be positive, got ({sh}, {sw})"),
+            ));
         }
         const LIMIT: usize = 1 << 20;
         if [kh, kw, sh, sw, ph, pw].iter().any(|&v| v > LIMIT) {
-            return Err(Error::invalid("kernel", format!("kernel/stride/padding above {LIMIT} are not supported")));
+            return Err(Error::invalid(
+                "kernel",
+                format!("kernel/stride/padding above {LIMIT} are not supported"),
+            ));
         }
         if h + 2 * ph < kh || w + 2 * pw < kw {
             return Err(Error::invalid(
@@ -100,7 +116,20 @@ impl Geometry {
         let ow = (w + 2 * pw - kw) / sw + 1;
         shape_len(arg, &[n, c, h, w])?;
         shape_len("output", &[n, c, oh, ow])?;
-        Ok(Geometry { n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow })
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            oh,
+            ow,
+        })
     }
 
     /// Output pixels per plane.
@@ -122,15 +151,31 @@ impl Geometry {
     /// The output columns `ox` whose input column `ox·sw + j − pw` lies inside `0..w`, as `lo..hi`.
     #[inline]
     pub(crate) fn valid_cols(&self, j: usize) -> (usize, usize) {
-        let lo = if j >= self.pw { 0 } else { (self.pw - j).div_ceil(self.sw) };
-        let hi = if self.w + self.pw > j { ((self.w + self.pw - j - 1) / self.sw + 1).min(self.ow) } else { 0 };
+        let lo = if j >= self.pw {
+            0
+        } else {
+            (self.pw - j).div_ceil(self.sw)
+        };
+        let hi = if self.w + self.pw > j {
+            ((self.w + self.pw - j - 1) / self.sw + 1).min(self.ow)
+        } else {
+            0
+        };
         (lo.min(hi), hi)
     }
     /// Same for rows.
     #[inline]
     pub(crate) fn valid_rows(&self, i: usize) -> (usize, usize) {
-        let lo = if i >= self.ph { 0 } else { (self.ph - i).div_ceil(self.sh) };
-        let hi = if self.h + self.ph > i { ((self.h + self.ph - i - 1) / self.sh + 1).min(self.oh) } else { 0 };
+        let lo = if i >= self.ph {
+            0
+        } else {
+            (self.ph - i).div_ceil(self.sh)
+        };
+        let hi = if self.h + self.ph > i {
+            ((self.h + self.ph - i - 1) / self.sh + 1).min(self.oh)
+        } else {
+            0
+        };
         (lo.min(hi), hi)
     }
 }
@@ -146,7 +191,10 @@ pub(crate) fn shape_len(arg: &'static str, dims: &[usize]) -> Result<usize> {
 pub(crate) fn check_len(arg: &'static str, len: usize, dims: &[usize]) -> Result<()> {
     let need = shape_len(arg, dims)?;
     if len != need {
-        return Err(Error::invalid(arg, format!("expected shape {dims:?} ({need} elements), got {len} elements")));
+        return Err(Error::invalid(
+            arg,
+            format!("expected shape {dims:?} ({need} elements), got {len} elements"),
+        ));
     }
     Ok(())
 }
@@ -169,7 +217,11 @@ pub(crate) fn for_each_chunk<T: Send>(
 ) {
     let chunk = chunk.max(1);
     if parallel {
-        threads::install(|| out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)));
+        threads::install(|| {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c))
+        });
     } else {
         out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     }
@@ -187,10 +239,16 @@ pub(crate) fn for_each_chunk2<T: Send, U: Send>(
     let (ca, cb) = (ca.max(1), cb.max(1));
     if parallel {
         threads::install(|| {
-            a.par_chunks_mut(ca).zip(b.par_chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y))
+            a.par_chunks_mut(ca)
+                .zip(b.par_chunks_mut(cb))
+                .enumerate()
+                .for_each(|(i, (x, y))| f(i, x, y))
         });
     } else {
-        a.chunks_mut(ca).zip(b.chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+        a.chunks_mut(ca)
+            .zip(b.chunks_mut(cb))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i, x, y));
     }
 }
 
@@ -202,7 +260,9 @@ thread_local! {
 
 /// A scratch vector of `len` elements (contents unspecified) from this thread's free list.
 pub(crate) fn take_f32(len: usize) -> Vec<f32> {
-    let mut v = SCRATCH_F32.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    let mut v = SCRATCH_F32
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_default();
     v.resize(len, 0.0);
     v
 }
@@ -215,7 +275,9 @@ pub(crate) fn give_f32(v: Vec<f32>) {
     });
 }
 pub(crate) fn take_i8(len: usize) -> Vec<i8> {
-    let mut v = SCRATCH_I8.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    let mut v = SCRATCH_I8
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_default();
     v.resize(len, 0);
     v
 }

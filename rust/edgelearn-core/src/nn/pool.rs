@@ -15,7 +15,10 @@ fn geometry(arg: &'static str, shape: [usize; 4], win: Window2d) -> Result<Geome
     if g.ph > g.kh / 2 || g.pw > g.kw / 2 {
         return Err(Error::invalid(
             "padding",
-            format!("must be at most half the kernel size ({}, {}), got ({}, {})", g.kh, g.kw, g.ph, g.pw),
+            format!(
+                "must be at most half the kernel size ({}, {}), got ({}, {})",
+                g.kh, g.kw, g.ph, g.pw
+            ),
         ));
     }
     Ok(g)
@@ -38,12 +41,23 @@ pub fn pool2d_output_shape(shape: [usize; 4], win: Window2d) -> Result<[usize; 4
 
 /// Max pooling: `y` and `idx` are `(N, C, OH, OW)`; `idx` holds the window offset `i·kw + j` of each
 /// maximum, so the window may have at most 255 elements.
-pub fn maxpool2d_forward(x: &[f32], shape: [usize; 4], win: Window2d, y: &mut [f32], idx: &mut [u8]) -> Result<Geometry> {
+pub fn maxpool2d_forward(
+    x: &[f32],
+    shape: [usize; 4],
+    win: Window2d,
+    y: &mut [f32],
+    idx: &mut [u8],
+) -> Result<Geometry> {
     let g = geometry("x", shape, win)?;
     if g.kh * g.kw > 255 {
         return Err(Error::invalid(
             "kernel",
-            format!("window of {}x{} = {} elements exceeds 255 (argmax offsets are stored as uint8)", g.kh, g.kw, g.kh * g.kw),
+            format!(
+                "window of {}x{} = {} elements exceeds 255 (argmax offsets are stored as uint8)",
+                g.kh,
+                g.kw,
+                g.kh * g.kw
+            ),
         ));
     }
     check_len("x", x.len(), &shape)?;
@@ -90,7 +104,10 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
     for oy in 0..oh {
         let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
         let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
-        let (yr, ir) = (&mut yp[oy * ow..(oy + 1) * ow], &mut ip[oy * ow..(oy + 1) * ow]);
+        let (yr, ir) = (
+            &mut yp[oy * ow..(oy + 1) * ow],
+            &mut ip[oy * ow..(oy + 1) * ow],
+        );
         for ox in 0..ow {
             let (b, a) = (r0[2 * ox], 0u8);
             let (b, a) = pick(b, a, r0[2 * ox + 1], 1);
@@ -104,7 +121,13 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
 
 /// Backward of [`maxpool2d_forward`]: `dx (input_shape)` gets each `dy` at its recorded argmax
 /// (summed where windows overlap). Fails if an offset in `idx` lies outside its window or the input.
-pub fn maxpool2d_backward(dy: &[f32], idx: &[u8], input_shape: [usize; 4], win: Window2d, dx: &mut [f32]) -> Result<Geometry> {
+pub fn maxpool2d_backward(
+    dy: &[f32],
+    idx: &[u8],
+    input_shape: [usize; 4],
+    win: Window2d,
+    dx: &mut [f32],
+) -> Result<Geometry> {
     let g = geometry("input_shape", input_shape, win)?;
     let out = [g.n, g.c, g.oh, g.ow];
     check_len("dy", dy.len(), &out)?;
@@ -114,7 +137,10 @@ pub fn maxpool2d_backward(dy: &[f32], idx: &[u8], input_shape: [usize; 4], win: 
     let bad = AtomicBool::new(false);
     for_each_chunk(dx, hw, worth_parallel(dx.len()), |plane, dp| {
         dp.fill(0.0);
-        let (dyp, ip) = (&dy[plane * p..(plane + 1) * p], &idx[plane * p..(plane + 1) * p]);
+        let (dyp, ip) = (
+            &dy[plane * p..(plane + 1) * p],
+            &idx[plane * p..(plane + 1) * p],
+        );
         if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 {
             // Windows do not overlap: write each window's four gradients without branches.
             for oy in 0..g.oh {
@@ -153,7 +179,12 @@ pub fn maxpool2d_backward(dy: &[f32], idx: &[u8], input_shape: [usize; 4], win: 
 }
 
 /// Average pooling (`count_include_pad=True`): `y (N, C, OH, OW)`.
-pub fn avgpool2d_forward(x: &[f32], shape: [usize; 4], win: Window2d, y: &mut [f32]) -> Result<Geometry> {
+pub fn avgpool2d_forward(
+    x: &[f32],
+    shape: [usize; 4],
+    win: Window2d,
+    y: &mut [f32],
+) -> Result<Geometry> {
     let g = geometry("x", shape, win)?;
     check_len("x", x.len(), &shape)?;
     check_len("y", y.len(), &[g.n, g.c, g.oh, g.ow])?;
@@ -177,7 +208,12 @@ pub fn avgpool2d_forward(x: &[f32], shape: [usize; 4], win: Window2d, y: &mut [f
 }
 
 /// Backward of [`avgpool2d_forward`]: each `dy / (kh·kw)` spread over its window's in-bounds inputs.
-pub fn avgpool2d_backward(dy: &[f32], input_shape: [usize; 4], win: Window2d, dx: &mut [f32]) -> Result<Geometry> {
+pub fn avgpool2d_backward(
+    dy: &[f32],
+    input_shape: [usize; 4],
+    win: Window2d,
+    dx: &mut [f32],
+) -> Result<Geometry> {
     let g = geometry("input_shape", input_shape, win)?;
     check_len("dy", dy.len(), &[g.n, g.c, g.oh, g.ow])?;
     check_len("dx", dx.len(), &input_shape)?;
@@ -192,7 +228,9 @@ pub fn avgpool2d_backward(dy: &[f32], input_shape: [usize; 4], win: Window2d, dx
                 let (x0, x1, _) = span(ox, g.sw, g.pw, g.kw, g.w);
                 let v = dyp[oy * g.ow + ox] * inv;
                 for iy in y0..y1 {
-                    dp[iy * g.w + x0..iy * g.w + x1].iter_mut().for_each(|d| *d += v);
+                    dp[iy * g.w + x0..iy * g.w + x1]
+                        .iter_mut()
+                        .for_each(|d| *d += v);
                 }
             }
         }

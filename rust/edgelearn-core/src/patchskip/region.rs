@@ -30,7 +30,14 @@ impl TileMap {
             return Err(Error::invalid("tile", "must be positive, got 0"));
         }
         let (rows, cols) = (h.div_ceil(tile), w.div_ceil(tile));
-        Ok(TileMap { h, w, tile, rows, cols, bits: vec![false; rows * cols] })
+        Ok(TileMap {
+            h,
+            w,
+            tile,
+            rows,
+            cols,
+            bits: vec![false; rows * cols],
+        })
     }
     pub fn height(&self) -> usize {
         self.h
@@ -70,15 +77,23 @@ impl TileMap {
     }
     /// Pixels covered by dirty tiles (partial tiles count their real size).
     pub fn dirty_pixels(&self) -> usize {
-        self.runs().iter().map(|&(r, c0, c1)| {
-            let (y0, y1, x0, x1) = self.run_rect(r, c0, c1);
-            (y1 - y0) * (x1 - x0)
-        }).sum()
+        self.runs()
+            .iter()
+            .map(|&(r, c0, c1)| {
+                let (y0, y1, x0, x1) = self.run_rect(r, c0, c1);
+                (y1 - y0) * (x1 - x0)
+            })
+            .sum()
     }
     /// Pixel rectangle `(y0, y1, x0, x1)` (half-open, clipped to the map) of tiles `c0..c1` in tile row `r`.
     pub fn run_rect(&self, r: usize, c0: usize, c1: usize) -> (usize, usize, usize, usize) {
         let t = self.tile;
-        ((r * t).min(self.h), ((r + 1) * t).min(self.h), (c0 * t).min(self.w), (c1 * t).min(self.w))
+        (
+            (r * t).min(self.h),
+            ((r + 1) * t).min(self.h),
+            (c0 * t).min(self.w),
+            (c1 * t).min(self.w),
+        )
     }
     /// Marks every tile that the pixel rectangle `y0..y1 × x0..x1` touches (empty rectangles mark nothing).
     pub fn mark_rect(&mut self, y0: usize, y1: usize, x0: usize, x1: usize) {
@@ -115,7 +130,14 @@ impl TileMap {
 
 /// Output indices `lo..hi` (clipped to `0..out_len`) whose window (`k` taps, stride `s`, padding `p`)
 /// touches input indices `a..b`: `oy·s − p ≤ b − 1` and `oy·s − p + k − 1 ≥ a`. Empty as `(x, x)`.
-pub fn window_span(a: usize, b: usize, k: usize, s: usize, p: usize, out_len: usize) -> (usize, usize) {
+pub fn window_span(
+    a: usize,
+    b: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    out_len: usize,
+) -> (usize, usize) {
     if a >= b || k == 0 || s == 0 {
         return (0, 0);
     }
@@ -126,7 +148,13 @@ pub fn window_span(a: usize, b: usize, k: usize, s: usize, p: usize, out_len: us
 
 /// The output tiles (`out_h × out_w` map, tiles of `out_tile`) that a layer with window `win` can change
 /// when the dirty input tiles of `input` change.
-pub fn dilate(input: &TileMap, win: Window2d, out_h: usize, out_w: usize, out_tile: usize) -> Result<TileMap> {
+pub fn dilate(
+    input: &TileMap,
+    win: Window2d,
+    out_h: usize,
+    out_w: usize,
+    out_tile: usize,
+) -> Result<TileMap> {
     let mut out = TileMap::new(out_h, out_w, out_tile)?;
     for (r, c0, c1) in input.runs() {
         let (y0, y1, x0, x1) = input.run_rect(r, c0, c1);
@@ -140,13 +168,23 @@ pub fn dilate(input: &TileMap, win: Window2d, out_h: usize, out_w: usize, out_ti
 /// The change gate: flags each `patch × patch` patch of a `(c, h, w)` frame whose largest absolute
 /// difference to `reference` over all channels exceeds `threshold` (NaN differences count as changed).
 /// With `threshold = 0` any change at all flags the patch.
-pub fn changed_patches(frame: &[f32], reference: &[f32], shape: [usize; 3], patch: usize, threshold: f32) -> Result<TileMap> {
+pub fn changed_patches(
+    frame: &[f32],
+    reference: &[f32],
+    shape: [usize; 3],
+    patch: usize,
+    threshold: f32,
+) -> Result<TileMap> {
     let [c, h, w] = shape;
     let n = c * h * w;
     if frame.len() != n || reference.len() != n {
         return Err(Error::invalid(
             "frame",
-            format!("expected {n} values for shape {shape:?}, got {} (reference {})", frame.len(), reference.len()),
+            format!(
+                "expected {n} values for shape {shape:?}, got {} (reference {})",
+                frame.len(),
+                reference.len()
+            ),
         ));
     }
     let mut map = TileMap::new(h, w, patch)?;
@@ -202,7 +240,11 @@ mod tests {
                             for b in a + 1..=len {
                                 let (lo, hi) = window_span(a, b, k, s, p, out_len);
                                 let want = brute_span(a, b, k, s, p, out_len);
-                                assert_eq!((lo..hi).collect::<Vec<_>>(), want, "k{k} s{s} p{p} len{len} {a}..{b}");
+                                assert_eq!(
+                                    (lo..hi).collect::<Vec<_>>(),
+                                    want,
+                                    "k{k} s{s} p{p} len{len} {a}..{b}"
+                                );
                             }
                         }
                     }
@@ -219,7 +261,11 @@ mod tests {
         // output 7..17 touched -> 4-px tiles 1..=4
         for r in 0..8 {
             for c in 0..8 {
-                assert_eq!(d.get(r, c), (1..=4).contains(&r) && (1..=4).contains(&c), "{r},{c}");
+                assert_eq!(
+                    d.get(r, c),
+                    (1..=4).contains(&r) && (1..=4).contains(&c),
+                    "{r},{c}"
+                );
             }
         }
     }
@@ -238,7 +284,12 @@ mod tests {
     #[test]
     fn dilate_empty_stays_empty_and_partial_tiles_clip() {
         let m = TileMap::new(17, 13, 5).unwrap();
-        assert_eq!(dilate(&m, Window2d::new((5, 5), (1, 1), (2, 2)), 17, 13, 8).unwrap().count(), 0);
+        assert_eq!(
+            dilate(&m, Window2d::new((5, 5), (1, 1), (2, 2)), 17, 13, 8)
+                .unwrap()
+                .count(),
+            0
+        );
         let mut m = TileMap::new(17, 13, 5).unwrap();
         m.set(3, 2); // pixels rows 15..17, cols 10..13
         assert_eq!(m.run_rect(3, 2, 3), (15, 17, 10, 13));

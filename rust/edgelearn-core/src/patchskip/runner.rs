@@ -19,7 +19,9 @@
 use std::time::Instant;
 
 use super::region::{changed_patches, dilate, TileMap};
-use super::tile_ops::{conv_rects, pointwise_rects, pool_rects, ConvParams, Pointwise, Rect, Scratch};
+use super::tile_ops::{
+    conv_rects, pointwise_rects, pool_rects, ConvParams, Pointwise, Rect, Scratch,
+};
 use crate::error::{Error, Result};
 use crate::nn::{conv2d_f32_forward, Geometry, Window2d};
 
@@ -27,9 +29,21 @@ use crate::nn::{conv2d_f32_forward, Geometry, Window2d};
 #[derive(Clone, Debug)]
 pub enum Layer {
     /// `weight (o, c, kh, kw)`, optional bias `(o,)`.
-    Conv2d { weight: Vec<f32>, shape: [usize; 4], bias: Option<Vec<f32>>, stride: (usize, usize), padding: (usize, usize) },
+    Conv2d {
+        weight: Vec<f32>,
+        shape: [usize; 4],
+        bias: Option<Vec<f32>>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    },
     /// Eval-mode batch norm with running statistics: `y = x·a + b`, `a = γ/√(var+eps)`, `b = β − mean·a`.
-    BatchNorm2d { gamma: Vec<f32>, beta: Vec<f32>, mean: Vec<f32>, var: Vec<f32>, eps: f32 },
+    BatchNorm2d {
+        gamma: Vec<f32>,
+        beta: Vec<f32>,
+        mean: Vec<f32>,
+        var: Vec<f32>,
+        eps: f32,
+    },
     Relu,
     MaxPool2d(Window2d),
     AvgPool2d(Window2d),
@@ -50,7 +64,12 @@ pub struct PatchSkipConfig {
 
 impl Default for PatchSkipConfig {
     fn default() -> Self {
-        PatchSkipConfig { patch: 16, threshold: 0.0, refresh_every: 0, tile: 8 }
+        PatchSkipConfig {
+            patch: 16,
+            threshold: 0.0,
+            refresh_every: 0,
+            tile: 8,
+        }
     }
 }
 
@@ -116,7 +135,10 @@ pub struct PatchSkip {
 
 fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> Pointwise {
     // the same arithmetic as crate::nn::batchnorm2d_forward in eval mode
-    let (mut a, mut b) = (Vec::with_capacity(gamma.len()), Vec::with_capacity(gamma.len()));
+    let (mut a, mut b) = (
+        Vec::with_capacity(gamma.len()),
+        Vec::with_capacity(gamma.len()),
+    );
     for ch in 0..gamma.len() {
         let invstd = (1.0 / (var[ch] as f64 + eps as f64).sqrt()) as f32;
         let ac = gamma[ch] * invstd;
@@ -136,7 +158,10 @@ impl PatchSkip {
             return Err(Error::invalid("tile", "must be positive, got 0"));
         }
         if cfg.threshold.is_nan() || cfg.threshold < 0.0 {
-            return Err(Error::invalid("threshold", format!("must be >= 0 and not NaN, got {}", cfg.threshold)));
+            return Err(Error::invalid(
+                "threshold",
+                format!("must be >= 0 and not NaN, got {}", cfg.threshold),
+            ));
         }
         if layers.is_empty() {
             return Err(Error::invalid("layers", "the model has no layers"));
@@ -153,22 +178,50 @@ impl PatchSkip {
         };
         for (i, layer) in layers.into_iter().enumerate() {
             match layer {
-                Layer::Conv2d { weight, shape, bias, stride, padding } => {
+                Layer::Conv2d {
+                    weight,
+                    shape,
+                    bias,
+                    stride,
+                    padding,
+                } => {
                     let [o, c, kh, kw] = shape;
                     if weight.len() != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
-                        return Err(Error::invalid("layers", format!("layer {i}: conv weight of shape {shape:?} has {} values", weight.len())));
+                        return Err(Error::invalid(
+                            "layers",
+                            format!(
+                                "layer {i}: conv weight of shape {shape:?} has {} values",
+                                weight.len()
+                            ),
+                        ));
                     }
                     if bias.as_ref().is_some_and(|b| b.len() != o) {
-                        return Err(Error::invalid("layers", format!("layer {i}: conv bias must have {o} values")));
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("layer {i}: conv bias must have {o} values"),
+                        ));
                     }
                     if stride.0 == 0 || stride.1 == 0 {
-                        return Err(Error::invalid("layers", format!("layer {i}: stride must be positive")));
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("layer {i}: stride must be positive"),
+                        ));
                     }
-                    stages.push(new_stage(Spatial::Conv(ConvParams { weight, shape, bias, stride, padding })));
+                    stages.push(new_stage(Spatial::Conv(ConvParams {
+                        weight,
+                        shape,
+                        bias,
+                        stride,
+                        padding,
+                    })));
                 }
                 Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
-                    if w.kernel.0 == 0 || w.kernel.1 == 0 || w.stride.0 == 0 || w.stride.1 == 0
-                        || w.padding.0 > w.kernel.0 / 2 || w.padding.1 > w.kernel.1 / 2 =>
+                    if w.kernel.0 == 0
+                        || w.kernel.1 == 0
+                        || w.stride.0 == 0
+                        || w.stride.1 == 0
+                        || w.padding.0 > w.kernel.0 / 2
+                        || w.padding.1 > w.kernel.1 / 2 =>
                 {
                     return Err(Error::invalid("layers", format!("layer {i}: bad pooling window {w:?} (positive kernel/stride, padding at most half the kernel)")));
                 }
@@ -189,7 +242,15 @@ impl PatchSkip {
                 }
             }
         }
-        Ok(PatchSkip { cfg, stages, shape: None, reference: Vec::new(), frames: 0, stats: FrameStats::default(), scratch: Scratch::default() })
+        Ok(PatchSkip {
+            cfg,
+            stages,
+            shape: None,
+            reference: Vec::new(),
+            frames: 0,
+            stats: FrameStats::default(),
+            scratch: Scratch::default(),
+        })
     }
 
     pub fn config(&self) -> PatchSkipConfig {
@@ -219,7 +280,8 @@ impl PatchSkip {
 
     /// Shape of the output, once a frame has been seen.
     pub fn output_shape(&self) -> Option<[usize; 3]> {
-        self.shape.map(|_| self.stages.last().map_or([0; 3], |s| s.out_shape))
+        self.shape
+            .map(|_| self.stages.last().map_or([0; 3], |s| s.out_shape))
     }
 
     /// Checks every stage against an input of `shape` and allocates the caches.
@@ -233,17 +295,42 @@ impl PatchSkip {
                     if p.shape[1] != c {
                         return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
                     }
-                    (p.shape[0], (p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]) as f64)
+                    (
+                        p.shape[0],
+                        (p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]) as f64,
+                    )
                 }
-                Spatial::MaxPool(_) | Spatial::AvgPool(_) => (c, (c * win.kernel.0 * win.kernel.1) as f64),
+                Spatial::MaxPool(_) | Spatial::AvgPool(_) => {
+                    (c, (c * win.kernel.0 * win.kernel.1) as f64)
+                }
                 Spatial::Identity => (c, c as f64),
             };
-            let g = Geometry::new("frame", [1, c, h, w], win)
-                .map_err(|e| Error::invalid("frame", format!("stage {i}: input shape {cur:?} does not fit the layer ({e})")))?;
+            let g = Geometry::new("frame", [1, c, h, w], win).map_err(|e| {
+                Error::invalid(
+                    "frame",
+                    format!("stage {i}: input shape {cur:?} does not fit the layer ({e})"),
+                )
+            })?;
             for (pos, layer) in &st.bn {
-                if let Layer::BatchNorm2d { gamma, beta, mean, var, eps } = layer {
-                    if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&n| n != oc) {
-                        return Err(Error::invalid("frame", format!("stage {i}: batch norm has {} channels, its input has {oc}", gamma.len())));
+                if let Layer::BatchNorm2d {
+                    gamma,
+                    beta,
+                    mean,
+                    var,
+                    eps,
+                } = layer
+                {
+                    if [gamma.len(), beta.len(), mean.len(), var.len()]
+                        .iter()
+                        .any(|&n| n != oc)
+                    {
+                        return Err(Error::invalid(
+                            "frame",
+                            format!(
+                                "stage {i}: batch norm has {} channels, its input has {oc}",
+                                gamma.len()
+                            ),
+                        ));
                     }
                     st.post[*pos] = bn_affine(gamma, beta, mean, var, *eps);
                 }
@@ -262,12 +349,24 @@ impl PatchSkip {
     /// Runs one `(c, h, w)` frame (C-ordered) and returns the output `(c', h', w')` cache.
     pub fn run(&mut self, frame: &[f32], shape: [usize; 3]) -> Result<&[f32]> {
         let t0 = Instant::now();
-        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX);
         if frame.len() != n || n == 0 {
-            return Err(Error::invalid("frame", format!("expected a non-empty frame of shape {shape:?}, got {} values", frame.len())));
+            return Err(Error::invalid(
+                "frame",
+                format!(
+                    "expected a non-empty frame of shape {shape:?}, got {} values",
+                    frame.len()
+                ),
+            ));
         }
         if let Some(i) = frame.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { arg: "frame", index: i });
+            return Err(Error::NonFinite {
+                arg: "frame",
+                index: i,
+            });
         }
         match self.shape {
             None => self.configure(shape)?,
@@ -276,8 +375,13 @@ impl PatchSkip {
             }
             _ => {}
         }
-        let dense = self.frames == 0 || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every));
-        let mut stats = FrameStats { frame: self.frames, dense, ..FrameStats::default() };
+        let dense = self.frames == 0
+            || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every));
+        let mut stats = FrameStats {
+            frame: self.frames,
+            dense,
+            ..FrameStats::default()
+        };
         if dense {
             self.reference.copy_from_slice(frame);
             self.run_dense()?;
@@ -285,7 +389,13 @@ impl PatchSkip {
             stats.layer_fractions = vec![1.0; self.stages.len()];
             stats.compute_fraction = 1.0;
         } else {
-            let gate = changed_patches(frame, &self.reference, shape, self.cfg.patch, self.cfg.threshold)?;
+            let gate = changed_patches(
+                frame,
+                &self.reference,
+                shape,
+                self.cfg.patch,
+                self.cfg.threshold,
+            )?;
             stats.patch_fraction = gate.fraction();
             let [c, h, w] = shape;
             for (r, c0, c1) in gate.runs() {
@@ -309,17 +419,40 @@ impl PatchSkip {
     fn run_dense(&mut self) -> Result<()> {
         for i in 0..self.stages.len() {
             let (prev, rest) = self.stages.split_at_mut(i);
-            let input: &[f32] = if i == 0 { &self.reference } else { &prev[i - 1].out };
+            let input: &[f32] = if i == 0 {
+                &self.reference
+            } else {
+                &prev[i - 1].out
+            };
             let st = &mut rest[0];
             let [oc, oh, ow] = st.out_shape;
             let full: [Rect; 1] = [(0, oh, 0, ow)];
             let [c, h, w] = st.in_shape;
             match &st.spatial {
                 Spatial::Conv(p) => {
-                    conv2d_f32_forward(input, [1, c, h, w], &p.weight, p.shape, p.bias.as_deref(), p.stride, p.padding, &mut st.out)?;
+                    conv2d_f32_forward(
+                        input,
+                        [1, c, h, w],
+                        &p.weight,
+                        p.shape,
+                        p.bias.as_deref(),
+                        p.stride,
+                        p.padding,
+                        &mut st.out,
+                    )?;
                 }
-                Spatial::MaxPool(win) => pool_rects(input, st.in_shape, *win, false, &full, &mut st.out, (oh, ow)),
-                Spatial::AvgPool(win) => pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow)),
+                Spatial::MaxPool(win) => pool_rects(
+                    input,
+                    st.in_shape,
+                    *win,
+                    false,
+                    &full,
+                    &mut st.out,
+                    (oh, ow),
+                ),
+                Spatial::AvgPool(win) => {
+                    pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
+                }
                 Spatial::Identity => st.out.copy_from_slice(input),
             }
             pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
@@ -333,20 +466,55 @@ impl PatchSkip {
         let (mut done, mut total) = (0.0, 0.0);
         for i in 0..self.stages.len() {
             let (prev, rest) = self.stages.split_at_mut(i);
-            let input: &[f32] = if i == 0 { &self.reference } else { &prev[i - 1].out };
+            let input: &[f32] = if i == 0 {
+                &self.reference
+            } else {
+                &prev[i - 1].out
+            };
             let st = &mut rest[0];
             let [oc, oh, ow] = st.out_shape;
             let out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
-            let rects: Vec<Rect> = out_map.runs().into_iter().map(|(r, c0, c1)| out_map.run_rect(r, c0, c1)).collect();
+            let rects: Vec<Rect> = out_map
+                .runs()
+                .into_iter()
+                .map(|(r, c0, c1)| out_map.run_rect(r, c0, c1))
+                .collect();
             fractions.push(out_map.fraction());
-            let px: usize = rects.iter().map(|&(y0, y1, x0, x1)| (y1 - y0) * (x1 - x0)).sum();
+            let px: usize = rects
+                .iter()
+                .map(|&(y0, y1, x0, x1)| (y1 - y0) * (x1 - x0))
+                .sum();
             done += px as f64 * st.cost;
             total += (oh * ow) as f64 * st.cost;
             if !rects.is_empty() {
                 match &st.spatial {
-                    Spatial::Conv(p) => conv_rects(input, st.in_shape, p, &rects, &mut st.out, (oh, ow), &mut self.scratch)?,
-                    Spatial::MaxPool(win) => pool_rects(input, st.in_shape, *win, false, &rects, &mut st.out, (oh, ow)),
-                    Spatial::AvgPool(win) => pool_rects(input, st.in_shape, *win, true, &rects, &mut st.out, (oh, ow)),
+                    Spatial::Conv(p) => conv_rects(
+                        input,
+                        st.in_shape,
+                        p,
+                        &rects,
+                        &mut st.out,
+                        (oh, ow),
+                        &mut self.scratch,
+                    )?,
+                    Spatial::MaxPool(win) => pool_rects(
+                        input,
+                        st.in_shape,
+                        *win,
+                        false,
+                        &rects,
+                        &mut st.out,
+                        (oh, ow),
+                    ),
+                    Spatial::AvgPool(win) => pool_rects(
+                        input,
+                        st.in_shape,
+                        *win,
+                        true,
+                        &rects,
+                        &mut st.out,
+                        (oh, ow),
+                    ),
                     Spatial::Identity => {
                         let [c, h, w] = st.in_shape;
                         for ch in 0..c {

@@ -66,8 +66,18 @@ pub fn conv_rects(
     let (sh, sw) = p.stride;
     let (ph, pw) = p.padding;
     let (oh, ow) = out_hw;
-    if wc != c || x.len() != c * h * w || y.len() != o * oh * ow || p.weight.len() != o * c * kh * kw {
-        return Err(Error::invalid("x", format!("conv tile: shapes disagree (input {in_shape:?}, weight {:?})", p.shape)));
+    if wc != c
+        || x.len() != c * h * w
+        || y.len() != o * oh * ow
+        || p.weight.len() != o * c * kh * kw
+    {
+        return Err(Error::invalid(
+            "x",
+            format!(
+                "conv tile: shapes disagree (input {in_shape:?}, weight {:?})",
+                p.shape
+            ),
+        ));
     }
     let k = c * kh * kw;
     let wm = MatF32::row_major(&p.weight, o, k)?;
@@ -125,9 +135,18 @@ pub fn conv_rects(
                     dst[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
                 }
             }
-            let g = Geometry::new("x", [1, c, wh, ww], Window2d::new((kh, kw), (sh, sw), (0, 0)))?;
+            let g = Geometry::new(
+                "x",
+                [1, c, wh, ww],
+                Window2d::new((kh, kw), (sh, sw), (0, 0)),
+            )?;
             debug_assert_eq!((g.oh, g.ow), (rh, rw));
-            im2col(&scratch.win[..c * wh * ww], &g, &mut scratch.col[off..], cols);
+            im2col(
+                &scratch.win[..c * wh * ww],
+                &g,
+                &mut scratch.col[off..],
+                cols,
+            );
             off += rh * rw;
         }
         scratch.out.resize(o * cols, 0.0);
@@ -159,7 +178,10 @@ pub fn conv_rects(
 #[inline]
 fn span(o: usize, s: usize, p: usize, k: usize, len: usize) -> (usize, usize) {
     let start = (o * s) as isize - p as isize;
-    ((start.max(0)) as usize, ((start + k as isize).max(0) as usize).min(len))
+    (
+        (start.max(0)) as usize,
+        ((start + k as isize).max(0) as usize).min(len),
+    )
 }
 
 /// Max (`avg = false`, padding is −∞, NaN propagates) or average (`count_include_pad`) pooling of
@@ -210,7 +232,13 @@ pub fn pool_rects(
 }
 
 /// Applies `ops` in order, in place, to the rectangles `rects` of `y (c, oh, ow)`.
-pub fn pointwise_rects(ops: &[Pointwise], rects: &[Rect], y: &mut [f32], c: usize, out_hw: (usize, usize)) {
+pub fn pointwise_rects(
+    ops: &[Pointwise],
+    rects: &[Rect],
+    y: &mut [f32],
+    c: usize,
+    out_hw: (usize, usize),
+) {
     let (oh, ow) = out_hw;
     for op in ops {
         for ch in 0..c {

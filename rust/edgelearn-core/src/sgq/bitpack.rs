@@ -87,7 +87,9 @@ pub fn unpack(packed: &[u8], bits: u32, first: usize, codes: &mut [u8]) {
     let full = (n - head) / 8 * 8;
     let start_byte = aligned / 8 * bits as usize;
     let body_bytes = full / 8 * bits as usize;
-    let src = packed.get(start_byte..start_byte + body_bytes).unwrap_or(&[]);
+    let src = packed
+        .get(start_byte..start_byte + body_bytes)
+        .unwrap_or(&[]);
     let dst = &mut codes[head..head + full];
     match bits {
         1 => unpack_blocks::<1>(src, dst),

@@ -55,7 +55,13 @@ fn f16_down(v: f32) -> f16 {
         return h;
     }
     let b = h.to_bits();
-    f16::from_bits(if b & 0x7fff == 0 { 0x8001 } else if b & 0x8000 == 0 { b - 1 } else { b + 1 })
+    f16::from_bits(if b & 0x7fff == 0 {
+        0x8001
+    } else if b & 0x8000 == 0 {
+        b - 1
+    } else {
+        b + 1
+    })
 }
 
 /// binary16 at or above `v` (`|v| ≤ 65504`).
@@ -65,7 +71,13 @@ fn f16_up(v: f32) -> f16 {
         return h;
     }
     let b = h.to_bits();
-    f16::from_bits(if b & 0x7fff == 0 { 0x0001 } else if b & 0x8000 == 0 { b + 1 } else { b - 1 })
+    f16::from_bits(if b & 0x7fff == 0 {
+        0x0001
+    } else if b & 0x8000 == 0 {
+        b + 1
+    } else {
+        b - 1
+    })
 }
 
 /// Min, max, and "holds a value that is non-finite or beyond binary16's range".
@@ -135,9 +147,20 @@ fn plane_stats(x: &[f32], shape: Shape, rows: usize, stripes: usize) -> Result<V
         bad
     };
     let bad = if maybe_parallel(x.len()) {
-        threads::install(|| stats.par_chunks_mut(stripes).enumerate().with_min_len(8).map(one).reduce(|| false, |a, b| a | b))
+        threads::install(|| {
+            stats
+                .par_chunks_mut(stripes)
+                .enumerate()
+                .with_min_len(8)
+                .map(one)
+                .reduce(|| false, |a, b| a | b)
+        })
     } else {
-        stats.chunks_mut(stripes).enumerate().map(one).fold(false, |a, b| a | b)
+        stats
+            .chunks_mut(stripes)
+            .enumerate()
+            .map(one)
+            .fold(false, |a, b| a | b)
     };
     if bad {
         return Err(value_error(x));
@@ -161,23 +184,40 @@ fn channel_ranges(stats: &[(f32, f32)], shape: Shape, stripes: usize) -> Vec<(f3
 fn check_shape(x_len: usize, shape: Shape, ndim: u8) -> Result<usize> {
     let dims = [shape.n, shape.c, shape.h, shape.w];
     if dims.contains(&0) {
-        return Err(Error::invalid("x", format!("shape {dims:?} has no elements; SGQ frames hold at least one")));
+        return Err(Error::invalid(
+            "x",
+            format!("shape {dims:?} has no elements; SGQ frames hold at least one"),
+        ));
     }
     if dims.iter().any(|&d| d > u32::MAX as usize) {
-        return Err(Error::invalid("x", format!("shape {dims:?} has a dimension beyond 2^32 - 1")));
+        return Err(Error::invalid(
+            "x",
+            format!("shape {dims:?} has a dimension beyond 2^32 - 1"),
+        ));
     }
     let elements = shape.elements("x")?;
     if elements > MAX_ELEMENTS {
-        return Err(Error::invalid("x", format!("{elements} elements exceed the frame limit of {MAX_ELEMENTS}")));
+        return Err(Error::invalid(
+            "x",
+            format!("{elements} elements exceed the frame limit of {MAX_ELEMENTS}"),
+        ));
     }
     if x_len != elements {
-        return Err(Error::invalid("x", format!("has {x_len} elements, shape {dims:?} needs {elements}")));
+        return Err(Error::invalid(
+            "x",
+            format!("has {x_len} elements, shape {dims:?} needs {elements}"),
+        ));
     }
     match ndim {
         2 if shape.h == 1 && shape.w == 1 => {}
         3 if shape.w == 1 => {}
         4 => {}
-        _ => return Err(Error::invalid("ndim", format!("{ndim} does not fit shape {dims:?} (2: H = W = 1, 3: W = 1, or 4)"))),
+        _ => {
+            return Err(Error::invalid(
+                "ndim",
+                format!("{ndim} does not fit shape {dims:?} (2: H = W = 1, 3: W = 1, or 4)"),
+            ))
+        }
     }
     Ok(elements)
 }
@@ -204,48 +244,99 @@ impl Plan {
     /// Validates the arguments and computes the ranges. `x` is C-ordered `shape`; `ndim` (2, 3 or 4)
     /// is the caller's rank, recorded in the frame; `order` (sgq mode) fixes the channel order, `None`
     /// computes it from `x`.
-    pub fn new(x: &[f32], shape: Shape, ndim: u8, settings: &Settings, order: Option<&[u32]>) -> Result<Plan> {
+    pub fn new(
+        x: &[f32],
+        shape: Shape,
+        ndim: u8,
+        settings: &Settings,
+        order: Option<&[u32]>,
+    ) -> Result<Plan> {
         let elements = check_shape(x.len(), shape, ndim)?;
         let mode = settings.mode;
-        let bits = if mode == Mode::Fp16 { 16 } else { settings.bits };
+        let bits = if mode == Mode::Fp16 {
+            16
+        } else {
+            settings.bits
+        };
         if mode != Mode::Fp16 && !(1..=8).contains(&bits) {
-            return Err(Error::invalid("bits", format!("expected 1..=8, got {bits}")));
+            return Err(Error::invalid(
+                "bits",
+                format!("expected 1..=8, got {bits}"),
+            ));
         }
         if mode == Mode::Sgq && settings.group == 0 {
-            return Err(Error::invalid("group", "expected >= 1 channels per group, got 0"));
+            return Err(Error::invalid(
+                "group",
+                "expected >= 1 channels per group, got 0",
+            ));
         }
-        let stochastic = matches!(settings.rounding, Rounding::Stochastic { .. }) && mode != Mode::Fp16;
-        let rounding = if stochastic { settings.rounding } else { Rounding::Nearest };
+        let stochastic =
+            matches!(settings.rounding, Rounding::Stochastic { .. }) && mode != Mode::Fp16;
+        let rounding = if stochastic {
+            settings.rounding
+        } else {
+            Rounding::Nearest
+        };
         let grid = match mode {
             Mode::Sgq => {
-                let rows = if settings.stripe_rows == 0 { default_stripe_rows(shape.h) } else { settings.stripe_rows };
+                let rows = if settings.stripe_rows == 0 {
+                    default_stripe_rows(shape.h)
+                } else {
+                    settings.stripe_rows
+                };
                 Grid::sgq(shape, settings.group, rows)
             }
             _ => Grid::whole(shape),
         };
         if let Some(o) = order {
             if mode != Mode::Sgq {
-                return Err(Error::invalid("order", format!("a channel order only applies to mode sgq, not {}", mode.name())));
+                return Err(Error::invalid(
+                    "order",
+                    format!(
+                        "a channel order only applies to mode sgq, not {}",
+                        mode.name()
+                    ),
+                ));
             }
             if o.len() != shape.c || !order::is_permutation(o) {
-                return Err(Error::invalid("order", format!("expected a permutation of 0..{}, got {} entries", shape.c, o.len())));
+                return Err(Error::invalid(
+                    "order",
+                    format!(
+                        "expected a permutation of 0..{}, got {} entries",
+                        shape.c,
+                        o.len()
+                    ),
+                ));
             }
         }
-        let (stats_rows, stats_stripes) = if mode == Mode::Sgq { (grid.stripe_rows, grid.stripes) } else { (shape.h, 1) };
+        let (stats_rows, stats_stripes) = if mode == Mode::Sgq {
+            (grid.stripe_rows, grid.stripes)
+        } else {
+            (shape.h, 1)
+        };
         let stats = plane_stats(x, shape, stats_rows, stats_stripes)?;
         let perm: Vec<u32> = match (mode, order) {
             (Mode::Sgq, Some(o)) => o.to_vec(),
-            (Mode::Sgq, None) => order::order_from_ranges(&channel_ranges(&stats, shape, stats_stripes)),
+            (Mode::Sgq, None) => {
+                order::order_from_ranges(&channel_ranges(&stats, shape, stats_stripes))
+            }
             _ => (0..shape.c as u32).collect(),
         };
         let has_permutation = !order::is_identity(&perm);
         if has_permutation && shape.c > 1 << 16 {
-            return Err(Error::invalid("x", format!("{} channels: a channel order holds at most 65536", shape.c)));
+            return Err(Error::invalid(
+                "x",
+                format!("{} channels: a channel order holds at most 65536", shape.c),
+            ));
         }
         let ranges: Vec<(f16, f16)> = match mode {
             Mode::Fp16 => Vec::new(),
             Mode::Uniform => {
-                let (mn, mx) = stats.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |a, &(l, h)| (a.0.min(l), a.1.max(h)));
+                let (mn, mx) = stats
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |a, &(l, h)| {
+                        (a.0.min(l), a.1.max(h))
+                    });
                 vec![(f16_down(mn), f16_up(mx))]
             }
             Mode::Sgq => {
@@ -277,15 +368,37 @@ impl Plan {
             has_permutation,
             ndim,
             shape,
-            group: if mode == Mode::Sgq { grid.group as u32 } else { 0 },
-            stripe_rows: if mode == Mode::Sgq { grid.stripe_rows as u32 } else { 0 },
-            permutation_len: if has_permutation { 2 * shape.c as u32 } else { 0 },
-            ranges_len: u32::try_from(ranges.len() * 4)
-                .map_err(|_| Error::invalid("x", "too many (group, stripe) ranges for one frame; raise group or stripe_rows"))?,
+            group: if mode == Mode::Sgq {
+                grid.group as u32
+            } else {
+                0
+            },
+            stripe_rows: if mode == Mode::Sgq {
+                grid.stripe_rows as u32
+            } else {
+                0
+            },
+            permutation_len: if has_permutation {
+                2 * shape.c as u32
+            } else {
+                0
+            },
+            ranges_len: u32::try_from(ranges.len() * 4).map_err(|_| {
+                Error::invalid(
+                    "x",
+                    "too many (group, stripe) ranges for one frame; raise group or stripe_rows",
+                )
+            })?,
             codes_len: codes_len as u64,
             crc32: 0,
         };
-        Ok(Plan { header, grid, order: perm, ranges, rounding })
+        Ok(Plan {
+            header,
+            grid,
+            order: perm,
+            ranges,
+            rounding,
+        })
     }
 
     /// Exact length of the frame [`Plan::write`] produces.
@@ -307,10 +420,20 @@ impl Plan {
         let h = &self.header;
         let elements = h.shape.elements("x")?;
         if x.len() != elements {
-            return Err(Error::invalid("x", format!("has {} elements, the plan was made for {elements}", x.len())));
+            return Err(Error::invalid(
+                "x",
+                format!("has {} elements, the plan was made for {elements}", x.len()),
+            ));
         }
         if out.len() != self.frame_len() {
-            return Err(Error::invalid("out", format!("has {} bytes, the frame needs {}", out.len(), self.frame_len())));
+            return Err(Error::invalid(
+                "out",
+                format!(
+                    "has {} bytes, the frame needs {}",
+                    out.len(),
+                    self.frame_len()
+                ),
+            ));
         }
         h.write(&mut out[..HEADER_LEN]);
         let (perm_out, rest) = out[HEADER_LEN..].split_at_mut(h.permutation_len as usize);
@@ -369,7 +492,12 @@ impl Plan {
             bitpack::pack(&buf[..end - start], bits, out);
         };
         if maybe_parallel(elements) {
-            threads::install(|| codes_out.par_chunks_mut(chunk_bytes).enumerate().for_each(one));
+            threads::install(|| {
+                codes_out
+                    .par_chunks_mut(chunk_bytes)
+                    .enumerate()
+                    .for_each(one)
+            });
         } else {
             codes_out.chunks_mut(chunk_bytes).enumerate().for_each(one);
         }
@@ -385,7 +513,15 @@ fn quantize_nearest(xs: &[f32], qs: &mut [u8], lo: f32, inv: f32, top: f32) {
 }
 
 #[inline(always)]
-fn quantize_stochastic(xs: &[f32], qs: &mut [u8], lo: f32, inv: f32, top: f32, key: u64, pos: usize) {
+fn quantize_stochastic(
+    xs: &[f32],
+    qs: &mut [u8],
+    lo: f32,
+    inv: f32,
+    top: f32,
+    key: u64,
+    pos: usize,
+) {
     for (j, (q, &x)) in qs.iter_mut().zip(xs).enumerate() {
         *q = ((x - lo) * inv + uniform(key, pos + j)).min(top) as u8;
     }
@@ -398,14 +534,24 @@ fn write_fp16(x: &[f32], out: &mut [u8]) {
         }
     };
     if maybe_parallel(x.len()) {
-        threads::install(|| x.par_chunks(CHUNK).zip(out.par_chunks_mut(2 * CHUNK)).for_each(one));
+        threads::install(|| {
+            x.par_chunks(CHUNK)
+                .zip(out.par_chunks_mut(2 * CHUNK))
+                .for_each(one)
+        });
     } else {
         x.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)).for_each(one);
     }
 }
 
 /// Encodes `x` (C-ordered `shape`, caller rank `ndim`) into a new frame.
-pub fn encode(x: &[f32], shape: Shape, ndim: u8, settings: &Settings, order: Option<&[u32]>) -> Result<Vec<u8>> {
+pub fn encode(
+    x: &[f32],
+    shape: Shape,
+    ndim: u8,
+    settings: &Settings,
+    order: Option<&[u32]>,
+) -> Result<Vec<u8>> {
     let plan = Plan::new(x, shape, ndim, settings, order)?;
     let mut out = vec![0u8; plan.frame_len()];
     plan.write(x, &mut out)?;
@@ -426,7 +572,10 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
     let shape = h.shape;
     let elements = shape.elements("frame")?;
     if out.len() != elements {
-        return Err(Error::invalid("out", format!("has {} elements, the frame holds {elements}", out.len())));
+        return Err(Error::invalid(
+            "out",
+            format!("has {} elements, the frame holds {elements}", out.len()),
+        ));
     }
     if h.mode == Mode::Fp16 {
         let one = |(b, o): (&[u8], &mut [f32])| {
@@ -435,15 +584,29 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
             }
         };
         if maybe_parallel(elements) {
-            threads::install(|| frame.codes.par_chunks(2 * CHUNK).zip(out.par_chunks_mut(CHUNK)).for_each(one));
+            threads::install(|| {
+                frame
+                    .codes
+                    .par_chunks(2 * CHUNK)
+                    .zip(out.par_chunks_mut(CHUNK))
+                    .for_each(one)
+            });
         } else {
-            frame.codes.chunks(2 * CHUNK).zip(out.chunks_mut(CHUNK)).for_each(one);
+            frame
+                .codes
+                .chunks(2 * CHUNK)
+                .zip(out.chunks_mut(CHUNK))
+                .for_each(one);
         }
         return Ok(());
     }
     let bits = h.bits as u32;
     let top = ((1u32 << bits) - 1) as f32;
-    let params: Vec<(f32, f32)> = frame.ranges_f32().into_iter().map(|(lo, hi)| (lo, (hi - lo) / top)).collect();
+    let params: Vec<(f32, f32)> = frame
+        .ranges_f32()
+        .into_iter()
+        .map(|(lo, hi)| (lo, (hi - lo) / top))
+        .collect();
     let order = frame.order();
     let grid = h.grid();
     let plane = shape.plane();
@@ -456,7 +619,11 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
         let mut buf = [0u8; DECODE_BLOCK];
         let mut hw = 0;
         while hw < plane {
-            let seg_end = if grid.per_block { ((hw / stripe_len + 1) * stripe_len).min(plane) } else { plane };
+            let seg_end = if grid.per_block {
+                ((hw / stripe_len + 1) * stripe_len).min(plane)
+            } else {
+                plane
+            };
             let (lo, step) = params[grid.range_index(n, p, hw / shape.w)];
             while hw < seg_end {
                 let len = (seg_end - hw).min(DECODE_BLOCK);
@@ -472,9 +639,14 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
     let decode_sample = |(n, dst): (usize, &mut [f32])| {
         if maybe_parallel(sample) && shape.c > 1 {
             let mut slots: Vec<Option<&mut [f32]>> = dst.chunks_mut(plane).map(Some).collect();
-            let by_pos: Vec<(usize, &mut [f32])> =
-                order.iter().enumerate().filter_map(|(p, &ch)| slots.get_mut(ch as usize)?.take().map(|s| (p, s))).collect();
-            by_pos.into_par_iter().for_each(|(p, s)| decode_plane(n, p, s));
+            let by_pos: Vec<(usize, &mut [f32])> = order
+                .iter()
+                .enumerate()
+                .filter_map(|(p, &ch)| slots.get_mut(ch as usize)?.take().map(|s| (p, s)))
+                .collect();
+            by_pos
+                .into_par_iter()
+                .for_each(|(p, s)| decode_plane(n, p, s));
         } else {
             for (p, &ch) in order.iter().enumerate() {
                 let ch = ch as usize;
@@ -483,7 +655,11 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
         }
     };
     if maybe_parallel(elements) {
-        threads::install(|| out.par_chunks_mut(sample).enumerate().for_each(decode_sample));
+        threads::install(|| {
+            out.par_chunks_mut(sample)
+                .enumerate()
+                .for_each(decode_sample)
+        });
     } else {
         out.chunks_mut(sample).enumerate().for_each(decode_sample);
     }
@@ -496,7 +672,9 @@ mod tests {
 
     #[test]
     fn f16_rounding_is_outward() {
-        for v in [0.1f32, -0.1, 1e-9, -1e-9, 0.0, 3.14159, -65504.0, 65504.0, 1234.567, -7e-6] {
+        for v in [
+            0.1f32, -0.1, 1e-9, -1e-9, 0.0, 3.14159, -65504.0, 65504.0, 1234.567, -7e-6,
+        ] {
             assert!(f16_down(v).to_f32() <= v, "{v}");
             assert!(f16_up(v).to_f32() >= v, "{v}");
             assert!(f16_down(v).to_f32().is_finite() && f16_up(v).to_f32().is_finite());
@@ -506,14 +684,24 @@ mod tests {
     #[test]
     fn constant_tensor_decodes_exactly() {
         let x = vec![0.5f32; 2 * 3 * 4 * 5];
-        let shape = Shape { n: 2, c: 3, h: 4, w: 5 };
+        let shape = Shape {
+            n: 2,
+            c: 3,
+            h: 4,
+            w: 5,
+        };
         let f = encode(&x, shape, 4, &Settings::default(), None).unwrap();
         assert_eq!(decode(&f).unwrap().1, x);
     }
 
     #[test]
     fn rejects_values_beyond_binary16() {
-        let shape = Shape { n: 1, c: 1, h: 1, w: 2 };
+        let shape = Shape {
+            n: 1,
+            c: 1,
+            h: 1,
+            w: 2,
+        };
         for bad in [f32::NAN, f32::INFINITY, 70000.0] {
             assert!(encode(&[0.0, bad], shape, 4, &Settings::default(), None).is_err());
         }

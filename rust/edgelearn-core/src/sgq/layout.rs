@@ -68,7 +68,13 @@ impl Grid {
 
     /// One block: the whole tensor.
     pub fn whole(shape: Shape) -> Grid {
-        Grid { group: shape.c.max(1), stripe_rows: shape.h.max(1), groups: 1, stripes: 1, per_block: false }
+        Grid {
+            group: shape.c.max(1),
+            stripe_rows: shape.h.max(1),
+            groups: 1,
+            stripes: 1,
+            per_block: false,
+        }
     }
 
     /// Number of ranges for `n` samples (checked).
@@ -115,9 +121,20 @@ pub fn for_each_run(shape: Shape, grid: &Grid, start: usize, end: usize, mut f: 
         let hw = pos - plane_idx * plane;
         let (n, p) = (plane_idx / shape.c, plane_idx % shape.c);
         let h = hw / shape.w;
-        let stripe_end = if grid.per_block { ((hw / stripe_len) + 1) * stripe_len } else { plane };
+        let stripe_end = if grid.per_block {
+            ((hw / stripe_len) + 1) * stripe_len
+        } else {
+            plane
+        };
         let len = (stripe_end.min(plane) - hw).min(end - pos);
-        f(Run { pos, len, n, p, hw, range: grid.range_index(n, p, h) });
+        f(Run {
+            pos,
+            len,
+            n,
+            p,
+            hw,
+            range: grid.range_index(n, p, h),
+        });
         pos += len;
     }
 }
@@ -128,7 +145,12 @@ mod tests {
 
     #[test]
     fn runs_cover_the_stream_once_and_respect_stripes() {
-        let shape = Shape { n: 2, c: 5, h: 7, w: 3 };
+        let shape = Shape {
+            n: 2,
+            c: 5,
+            h: 7,
+            w: 3,
+        };
         let grid = Grid::sgq(shape, 2, 3);
         assert_eq!((grid.groups, grid.stripes), (3, 3));
         let total = shape.elements("x").unwrap();

@@ -113,6 +113,12 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { mode: Mode::Sgq, bits: 4, group: DEFAULT_GROUP, stripe_rows: 0, rounding: Rounding::Nearest }
+        Settings {
+            mode: Mode::Sgq,
+            bits: 4,
+            group: DEFAULT_GROUP,
+            stripe_rows: 0,
+            rounding: Rounding::Nearest,
+        }
     }
 }

@@ -77,7 +77,14 @@ macro_rules! sdot_row {
 /// Safety: the CPU has `dotprod`; `a` holds `kgroups·8·4` bytes, `b` holds `kgroups·12·4` bytes, and `c` has
 /// 8 rows of 12 writable i32 spaced `ldc` apart (the `Kernel::tile` contract for this shape).
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn tile_8x12(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc: usize, accumulate: bool) {
+unsafe fn tile_8x12(
+    kgroups: usize,
+    a: *const i8,
+    b: *const i8,
+    c: *mut i32,
+    ldc: usize,
+    accumulate: bool,
+) {
     // SAFETY: every load stays inside the panels described above, every store inside the tile; `sdot` is
     // available by this function's precondition.
     unsafe {
@@ -103,7 +110,11 @@ unsafe fn tile_8x12(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc
             let p = c.add(r * ldc);
             for (j, &v) in row.iter().enumerate() {
                 let q = p.add(4 * j);
-                let v = if accumulate { vaddq_s32(v, vld1q_s32(q)) } else { v };
+                let v = if accumulate {
+                    vaddq_s32(v, vld1q_s32(q))
+                } else {
+                    v
+                };
                 vst1q_s32(q, v);
             }
         }

@@ -67,7 +67,14 @@ macro_rules! smmla {
 /// Safety: the CPU has `i8mm`; `a` holds `kgroups·8·8` bytes, `b` holds `kgroups·8·8` bytes, and `c` has
 /// 8 rows of 8 writable i32 spaced `ldc` apart (the `Kernel::tile` contract for this shape).
 #[target_feature(enable = "neon,i8mm")]
-unsafe fn tile_8x8(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc: usize, accumulate: bool) {
+unsafe fn tile_8x8(
+    kgroups: usize,
+    a: *const i8,
+    b: *const i8,
+    c: *mut i32,
+    ldc: usize,
+    accumulate: bool,
+) {
     // SAFETY: every load stays inside the panels described above, every store inside the tile; `smmla` is
     // available by this function's precondition.
     unsafe {
@@ -76,8 +83,18 @@ unsafe fn tile_8x8(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc:
         let mut acc = [[zero; NR / 2]; MR / 2];
         let (mut pa, mut pb) = (a, b);
         for _ in 0..kgroups {
-            let av = [vld1q_s8(pa), vld1q_s8(pa.add(16)), vld1q_s8(pa.add(32)), vld1q_s8(pa.add(48))];
-            let bv = [vld1q_s8(pb), vld1q_s8(pb.add(16)), vld1q_s8(pb.add(32)), vld1q_s8(pb.add(48))];
+            let av = [
+                vld1q_s8(pa),
+                vld1q_s8(pa.add(16)),
+                vld1q_s8(pa.add(32)),
+                vld1q_s8(pa.add(48)),
+            ];
+            let bv = [
+                vld1q_s8(pb),
+                vld1q_s8(pb.add(16)),
+                vld1q_s8(pb.add(32)),
+                vld1q_s8(pb.add(48)),
+            ];
             smmla!(acc[0][0], av[0], bv[0]);
             smmla!(acc[0][1], av[0], bv[1]);
             smmla!(acc[0][2], av[0], bv[2]);

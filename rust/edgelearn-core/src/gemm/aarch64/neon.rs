@@ -68,15 +68,32 @@ unsafe fn reduce4(v: &[int32x4_t; 4]) -> int32x4_t {
 /// Safety: `a` holds `kgroups·4·16` bytes, `b` holds `kgroups·4·16` bytes, and `c` has 4 rows of 4
 /// writable i32 spaced `ldc` apart (the `Kernel::tile` contract for this shape).
 #[target_feature(enable = "neon")]
-unsafe fn tile_4x4(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc: usize, accumulate: bool) {
+unsafe fn tile_4x4(
+    kgroups: usize,
+    a: *const i8,
+    b: *const i8,
+    c: *mut i32,
+    ldc: usize,
+    accumulate: bool,
+) {
     // SAFETY: every load stays inside the panels described above, every store inside the tile.
     unsafe {
         let zero = vdupq_n_s32(0);
         let mut acc = [[zero; NR]; MR];
         let (mut pa, mut pb) = (a, b);
         for _ in 0..kgroups {
-            let av = [vld1q_s8(pa), vld1q_s8(pa.add(16)), vld1q_s8(pa.add(32)), vld1q_s8(pa.add(48))];
-            let bv = [vld1q_s8(pb), vld1q_s8(pb.add(16)), vld1q_s8(pb.add(32)), vld1q_s8(pb.add(48))];
+            let av = [
+                vld1q_s8(pa),
+                vld1q_s8(pa.add(16)),
+                vld1q_s8(pa.add(32)),
+                vld1q_s8(pa.add(48)),
+            ];
+            let bv = [
+                vld1q_s8(pb),
+                vld1q_s8(pb.add(16)),
+                vld1q_s8(pb.add(32)),
+                vld1q_s8(pb.add(48)),
+            ];
             for r in 0..MR {
                 for j in 0..NR {
                     acc[r][j] = dot16(acc[r][j], av[r], bv[j]);

@@ -57,7 +57,14 @@ impl Kernel for Avx2 {
 /// Safety: the CPU has avx2; `a` holds `kgroups·4·4` bytes, `b` `kgroups·16·4` bytes, and `c` 4 rows of
 /// 16 writable i32, `ldc` apart.
 #[target_feature(enable = "avx2")]
-unsafe fn tile_4x16(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc: usize, accumulate: bool) {
+unsafe fn tile_4x16(
+    kgroups: usize,
+    a: *const i8,
+    b: *const i8,
+    c: *mut i32,
+    ldc: usize,
+    accumulate: bool,
+) {
     let mut acc = [[_mm256_setzero_si256(); NV]; MR];
     let mut ap = a as *const i32;
     let mut bp = b as *const __m256i;
@@ -84,7 +91,11 @@ unsafe fn tile_4x16(kgroups: usize, a: *const i8, b: *const i8, c: *mut i32, ldc
     for (r, row) in acc.iter().enumerate() {
         for (v, x) in row.iter().enumerate() {
             let dst = (c.add(r * ldc) as *mut __m256i).add(v);
-            let y = if accumulate { _mm256_add_epi32(*x, _mm256_loadu_si256(dst)) } else { *x };
+            let y = if accumulate {
+                _mm256_add_epi32(*x, _mm256_loadu_si256(dst))
+            } else {
+                *x
+            };
             _mm256_storeu_si256(dst, y);
         }
     }

@@ -67,7 +67,16 @@ unsafe fn tile_6x16(
     ldc: usize,
     accumulate: bool,
 ) {
-    tile_body(|acc, a, b| _mm256_dpbusd_avx_epi32(acc, a, b), kgroups, a, b, bsum, c, ldc, accumulate)
+    tile_body(
+        |acc, a, b| _mm256_dpbusd_avx_epi32(acc, a, b),
+        kgroups,
+        a,
+        b,
+        bsum,
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// The tile with `dpbusd` passed in, so tests can run the same code with the EVEX (AVX-512 VL) encoding on
@@ -141,7 +150,16 @@ mod tests {
         ldc: usize,
         accumulate: bool,
     ) {
-        tile_body(|acc, a, b| _mm256_dpbusd_epi32(acc, a, b), kgroups, a, b, bsum, c, ldc, accumulate)
+        tile_body(
+            |acc, a, b| _mm256_dpbusd_epi32(acc, a, b),
+            kgroups,
+            a,
+            b,
+            bsum,
+            c,
+            ldc,
+            accumulate,
+        )
     }
 
     impl Kernel for AvxVnniOnEvex {
@@ -192,17 +210,33 @@ mod tests {
             x ^= x << 5;
             (x >> 8) as i8
         };
-        for &(m, k, n) in &[(1, 1, 1), (6, 4, 16), (7, 27, 17), (13, 130, 33), (64, 300, 48)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (6, 4, 16),
+            (7, 27, 17),
+            (13, 130, 33),
+            (64, 300, 48),
+        ] {
             let mut a: Vec<i8> = (0..m * k).map(|_| next()).collect();
             let b: Vec<i8> = (0..k * n).map(|_| next()).collect();
             a[0] = -128;
-            for blk in [Blocking::default(), Blocking { mc: 12, nc: 16, kc: 8 }] {
+            for blk in [
+                Blocking::default(),
+                Blocking {
+                    mc: 12,
+                    nc: 16,
+                    kc: 8,
+                },
+            ] {
                 let av = MatRef::row_major(&a, m, k).unwrap();
                 let bv = MatRef::row_major(&b, k, n).unwrap();
                 let want = gemm_reference(&av, &bv).unwrap();
                 let mut got = vec![0i32; m * n];
                 gemm_i8_with(&AvxVnniOnEvex, blk, &av, &bv, &mut got).unwrap();
-                assert!(got.iter().zip(&want).all(|(&g, &w)| g as i64 == w), "m={m} k={k} n={n} {blk:?}");
+                assert!(
+                    got.iter().zip(&want).all(|(&g, &w)| g as i64 == w),
+                    "m={m} k={k} n={n} {blk:?}"
+                );
             }
         }
     }

@@ -25,8 +25,20 @@ fn make_avx2() -> Option<&'static dyn Kernel> {
 /// x86-64 kernels, best first.
 pub(crate) fn candidates() -> Vec<Candidate> {
     vec![
-        Candidate { name: "avx512vnni", features: avx512vnni::FEATURES, make: make_avx512vnni },
-        Candidate { name: "avxvnni", features: avxvnni::FEATURES, make: make_avxvnni },
-        Candidate { name: "avx2", features: avx2::FEATURES, make: make_avx2 },
+        Candidate {
+            name: "avx512vnni",
+            features: avx512vnni::FEATURES,
+            make: make_avx512vnni,
+        },
+        Candidate {
+            name: "avxvnni",
+            features: avxvnni::FEATURES,
+            make: make_avxvnni,
+        },
+        Candidate {
+            name: "avx2",
+            features: avx2::FEATURES,
+            make: make_avx2,
+        },
     ]
 }

@@ -10,10 +10,22 @@ use std::arch::x86_64::*;
 /// # Safety
 /// `src + l·ls .. +16` is readable for `l < 4` and `dst + g·gs .. +16` writable for `g < 4`.
 #[inline]
-pub(crate) unsafe fn transpose_4x4_groups(src: *const i8, ls: usize, dst: *mut i8, gs: usize, x: i8, keep_last: u32) {
+pub(crate) unsafe fn transpose_4x4_groups(
+    src: *const i8,
+    ls: usize,
+    dst: *mut i8,
+    gs: usize,
+    x: i8,
+    keep_last: u32,
+) {
     let xv = _mm_set1_epi8(x);
     let keep = _mm_set_epi32(keep_last as i32, -1, -1, -1);
-    let load = |p: *const i8| _mm_xor_si128(_mm_and_si128(_mm_loadu_si128(p as *const __m128i), keep), xv);
+    let load = |p: *const i8| {
+        _mm_xor_si128(
+            _mm_and_si128(_mm_loadu_si128(p as *const __m128i), keep),
+            xv,
+        )
+    };
     let r0 = load(src);
     let r1 = load(src.add(ls));
     let r2 = load(src.add(2 * ls));
@@ -34,7 +46,13 @@ pub(crate) unsafe fn transpose_4x4_groups(src: *const i8, ls: usize, dst: *mut i
 /// # Safety
 /// `src + u·ks .. +16` is readable for `u < rows` and `dst .. +64` writable.
 #[inline]
-pub(crate) unsafe fn interleave_16_lines(src: *const i8, ks: usize, dst: *mut i8, x: i8, rows: usize) {
+pub(crate) unsafe fn interleave_16_lines(
+    src: *const i8,
+    ks: usize,
+    dst: *mut i8,
+    x: i8,
+    rows: usize,
+) {
     let xv = _mm_set1_epi8(x);
     let load = |u: usize| {
         if u < rows {
