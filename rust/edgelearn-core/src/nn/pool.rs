@@ -119,6 +119,40 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
     }
 }
 
+/// Backward of [`maxpool_2x2`]: windows do not overlap, so every input gets either its window's gradient
+/// or zero, written once, row pair by row pair (no zero-fill pass, no bounds checks in the inner loop).
+/// Offsets in `ip` must be at most 3 (checked by the caller).
+fn maxpool_2x2_backward(
+    dyp: &[f32],
+    ip: &[u8],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    dp: &mut [f32],
+) {
+    for oy in 0..oh {
+        let (top, bottom) = dp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+        let (dyr, ir) = (&dyp[oy * ow..(oy + 1) * ow], &ip[oy * ow..(oy + 1) * ow]);
+        for (((t, b), &v), &at) in top
+            .chunks_exact_mut(2)
+            .zip(bottom.chunks_exact_mut(2))
+            .zip(dyr)
+            .zip(ir)
+        {
+            t[0] = if at == 0 { v } else { 0.0 };
+            t[1] = if at == 1 { v } else { 0.0 };
+            b[0] = if at == 2 { v } else { 0.0 };
+            b[1] = if at == 3 { v } else { 0.0 };
+        }
+        // An odd last column is in no window.
+        top[2 * ow..].fill(0.0);
+        bottom[2 * ow..].fill(0.0);
+    }
+    // Likewise an odd last row.
+    dp[2 * oh * w..h * w].fill(0.0);
+}
+
 /// Backward of [`maxpool2d_forward`]: `dx (input_shape)` gets each `dy` at its recorded argmax
 /// (summed where windows overlap). Fails if an offset in `idx` lies outside its window or the input.
 pub fn maxpool2d_backward(
@@ -136,28 +170,19 @@ pub fn maxpool2d_backward(
     let (hw, p) = (g.hw(), g.p());
     let bad = AtomicBool::new(false);
     for_each_chunk(dx, hw, worth_parallel(dx.len()), |plane, dp| {
-        dp.fill(0.0);
         let (dyp, ip) = (
             &dy[plane * p..(plane + 1) * p],
             &idx[plane * p..(plane + 1) * p],
         );
         if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 {
-            // Windows do not overlap: write each window's four gradients without branches.
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let (at, v) = (ip[oy * g.ow + ox], dyp[oy * g.ow + ox]);
-                    if at > 3 {
-                        bad.store(true, Ordering::Relaxed);
-                    }
-                    let (r0, r1) = (2 * oy * g.w + 2 * ox, (2 * oy + 1) * g.w + 2 * ox);
-                    dp[r0] = if at == 0 { v } else { 0.0 };
-                    dp[r0 + 1] = if at == 1 { v } else { 0.0 };
-                    dp[r1] = if at == 2 { v } else { 0.0 };
-                    dp[r1 + 1] = if at == 3 { v } else { 0.0 };
-                }
+            if ip.iter().any(|&at| at > 3) {
+                bad.store(true, Ordering::Relaxed);
+                return;
             }
+            maxpool_2x2_backward(dyp, ip, g.h, g.w, g.oh, g.ow, dp);
             return;
         }
+        dp.fill(0.0);
         for oy in 0..g.oh {
             for ox in 0..g.ow {
                 let at = ip[oy * g.ow + ox] as usize;
