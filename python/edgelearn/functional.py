@@ -129,13 +129,40 @@ def _quantize_grad(g: np.ndarray, cfg: OctoConfig, seed: int):
     )
 
 
+Compensation = Tuple[Tensor, Tensor, Tensor]
+
+
+def _fused_bias(bias: Optional[Tensor], compensation: Optional[Compensation], channels: int):
+    """The epilogue bias of an INT8 layer: ``b`` plus, with a fused LAC ``(α, μ, β)``, ``α⊙μ + β``."""
+    if compensation is None:
+        return None if bias is None else bias.data
+    a, m, b = (t.data for t in compensation)
+    if a.shape != (channels,) or m.shape != (channels,) or b.shape != (channels,):
+        raise ValueError(f"compensation: expected α, μ, β of shape ({channels},), got {a.shape}, {m.shape}, {b.shape}")
+    shift = (a * m + b).astype(np.float32, copy=False)
+    return shift if bias is None else (bias.data + shift).astype(np.float32, copy=False)
+
+
+def _bias_grads(db_full: np.ndarray, need_b: bool, compensation: Optional[Compensation]) -> tuple:
+    """``db`` and, with a fused LAC, ``(dα, dμ, dβ) = (Σdy·μ, Σdy·α, Σdy)`` from the channel sums of dY."""
+    db = db_full if need_b else None
+    if compensation is None:
+        return (db,)
+    a, m, _ = (t.data for t in compensation)
+    return db, db_full * m, db_full * a, db_full
+
+
 def linear_int8(
-    x: ArrayLike, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig, seed: int = 0, training: bool = True
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig, seed: int = 0, training: bool = True,
+    compensation: Optional[Compensation] = None,
 ) -> Tensor:
     """Octo INT8 linear: ``Y = (Xq·Wqᵀ)·s_x·s_w + b`` on the INT8 GEMM; saves only ``Xq, s_x`` (and ``Wq``).
 
     Backward: PRC-clip then quantize dY (``cfg``), ``dW = dYqᵀ·Xq`` and ``dX = dYq·Wq`` on the INT8 GEMM,
     ``db = Σ dY`` in FP32. With per-channel weights the dX GEMM uses a per-tensor quantization of W.
+
+    ``compensation=(α, μ, β)``: the LAC layer that follows (``y + α⊙μ + β``, per output feature) applied in
+    the same op, its shift added to the bias of the GEMM epilogue; gradients flow to α, μ, β as well.
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
@@ -143,9 +170,10 @@ def linear_int8(
         raise ValueError(f"linear: input must have shape (N, {wd.shape[1]}), got {xd.shape}")
     xq, sx = _quantize_input(xd, cfg, seed, training)
     wq, sw = _quantize_weight(wd, cfg)
-    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, None if bias is None else bias.data)
+    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, _fused_bias(bias, compensation, wd.shape[0]))
     del xd
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    need_sum = need_b or compensation is not None
     per_channel = cfg.per_channel_weights
 
     def backward(g: np.ndarray):
@@ -159,10 +187,10 @@ def linear_int8(
                 dx = _native.gemm_i8_f32(gq, wq_t, sg, sw_t)
             else:
                 dx = _native.gemm_i8_f32(gq, wq, sg, sw)
-        db = g.sum(axis=0) if need_b else None
-        return dx, dw, db
+        db_full = g.sum(axis=0) if need_sum else None
+        return (dx, dw) + _bias_grads(db_full, need_b, compensation)
 
-    return make_result(y, (x, weight, bias), backward, "linear_int8")
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "linear_int8")
 
 
 # --- convolution -------------------------------------------------------------------------------------------
@@ -202,10 +230,12 @@ def conv2d_int8(
     padding: IntPair = 0,
     seed: int = 0,
     training: bool = True,
+    compensation: Optional[Compensation] = None,
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
     Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels (one core call), ``db = Σ dY`` in FP32.
+    ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
@@ -215,18 +245,19 @@ def conv2d_int8(
     wq, sw = _quantize_weight(wd, cfg)
     sx = float(sx)
     sw = float(sw) if np.ndim(sw) == 0 else sw
-    y = _native.conv2d_i8_forward(xq, sx, wq, sw, None if bias is None else bias.data, stride, padding)
+    y = _native.conv2d_i8_forward(xq, sx, wq, sw, _fused_bias(bias, compensation, wd.shape[0]), stride, padding)
     del xd
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    need_sum = need_b or compensation is not None
 
     def backward(g: np.ndarray):
         g = _c(g)
         gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
         dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
-        db = _channel_sum(g) if need_b else None
-        return dx, (dw if need_w else None), db
+        db_full = _channel_sum(g) if need_sum else None
+        return (dx, (dw if need_w else None)) + _bias_grads(db_full, need_b, compensation)
 
-    return make_result(y, (x, weight, bias), backward, "conv2d_int8")
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "conv2d_int8")
 
 
 # --- normalisation, activation, pooling --------------------------------------------------------------------

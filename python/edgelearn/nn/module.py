@@ -252,21 +252,31 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x: Any) -> Any:
-        first = True
-        for m in self._modules.values():
+        items = list(self._modules.values())
+        i = 0
+        while i < len(items):
+            m = items[i]
             # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
             # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
             # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
             # INT8-mode Compensation/BatchNorm/ReLU then write their output over it (the FP32 activation
             # would be dropped right after anyway). Never the Sequential's own input.
-            if not first and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
+            if i > 0 and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
                 d = x.data
                 if (type(d) is np.ndarray and d.dtype == np.float32 and d.base is None and d.flags.c_contiguous
                         and d.flags.writeable and sys.getrefcount(d) == 3):
                     x._donated = True
                 del d
-            first = False
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            fuses_with = getattr(m, "fuses_with", None)
+            if nxt is not None and fuses_with is not None and fuses_with(nxt):
+                # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
+                # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
+                x = m(x, compensation=nxt)
+                i += 2
+                continue
             x = m(x)
+            i += 1
         return x
 
     def __len__(self) -> int:
