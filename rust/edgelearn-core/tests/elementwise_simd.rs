@@ -1,4 +1,5 @@
-//! The AVX2 build of the element-wise loops (BatchNorm statistics and gradients, ReLU masks) gives the
+//! The AVX2 build of the element-wise loops (BatchNorm statistics and gradients, ReLU masks, 2x2 max
+//! pooling) gives the
 //! same bits as the portable build, on sizes that are not multiples of 8 or 512 (tails) and with NaN,
 //! ±0 and negative values. Its own test binary: the switch is process-wide.
 
@@ -28,6 +29,9 @@ struct Outputs {
     grads: Vec<u32>,
     relu: Vec<u32>,
     mask: Vec<u8>,
+    pool: Vec<u32>,
+    pool_idx: Vec<u8>,
+    pool_dx: Vec<u32>,
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -106,6 +110,24 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
     grads.extend(bits(&dg8));
     grads.extend(bits(&db8));
     grads.extend(bits(&back));
+    // 2x2 max pooling, with ties (quantised values), NaNs and -0.0 in the windows
+    let mut px: Vec<f32> = x.iter().map(|&v| (v * 2.0).round() / 2.0).collect();
+    for i in (0..len).step_by(7) {
+        px[i] = f32::NAN;
+    }
+    for i in (3..len).step_by(11) {
+        px[i] = -0.0;
+    }
+    let (mut pool, mut pool_idx, mut pool_dx) = (Vec::new(), Vec::new(), Vec::new());
+    if h >= 2 && w >= 2 {
+        let win = nn::Window2d::new((2, 2), (2, 2), (0, 0));
+        let out = n * c * (h / 2) * (w / 2);
+        let (mut y2, mut idx) = (vec![0f32; out], vec![0u8; out]);
+        nn::maxpool2d_forward(&px, shape, win, &mut y2, &mut idx).unwrap();
+        let mut dx2 = vec![f32::NAN; len];
+        nn::maxpool2d_backward(&dy[..out], &idx, shape, win, &mut dx2).unwrap();
+        (pool, pool_idx, pool_dx) = (bits(&y2), idx, bits(&dx2));
+    }
     let mut stats = bits(&mean);
     stats.extend(bits(&invstd));
     stats.extend(bits(&rm));
@@ -118,6 +140,9 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
         grads,
         relu: bits(&relu),
         mask,
+        pool,
+        pool_idx,
+        pool_dx,
     }
 }
 
@@ -125,6 +150,8 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
 fn avx2_and_portable_builds_give_the_same_bits() {
     for (i, shape) in [
         [2, 3, 7, 5],
+        [2, 3, 9, 35],
+        [1, 2, 4, 64],
         [3, 2, 29, 31],
         [2, 1, 1, 1],
         [4, 5, 8, 8],
