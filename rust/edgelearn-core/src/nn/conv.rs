@@ -408,10 +408,7 @@ pub fn conv2d_i8_forward(
     }
     let (k, p, o, xs) = (s.k(), s.p(), s.o, s.x_img());
     let wm = MatRef::row_major(wq, o, k)?;
-    let nb = std::env::var("EL_NB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| s.images_per_chunk(1, usize::MAX));
+    let nb = s.images_per_chunk(1, usize::MAX);
     for_each_chunk(y, o * p, nb, |n0, yc, _| {
         let nb = yc.len() / (o * p);
         let ld = nb * p;
