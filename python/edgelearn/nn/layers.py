@@ -284,6 +284,11 @@ class Compensation(Module):
     def regularization_term(self) -> Tensor:
         return F.compensation_penalty(self.mu, self.beta, self.lam)
 
+    @staticmethod
+    def regularization_terms(layers) -> Tensor:
+        """The sum of several layers' ``regularization_term`` as one recorded op."""
+        return F.compensation_penalties([(m.mu, m.beta, m.lam) for m in layers])
+
     def extra_repr(self) -> str:
         return f"{tuple(self.alpha.shape)}, lam={self.lam}"
 

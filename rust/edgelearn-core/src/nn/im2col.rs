@@ -102,6 +102,7 @@ fn same_width_span(
     Some((iy0 * g.w + ix0, (yhi - 1 - ylo) * g.ow + xhi - xlo))
 }
 
+crate::simd::avx2_multiversion! {
 /// Writes the adjoint of [`im2col`] of the `K × P` matrix `col` (row stride `ld`) into the image `dx`
 /// (`C·H·W`, overwritten): overlapping windows accumulate and padding positions are dropped.
 ///
@@ -172,6 +173,7 @@ pub fn col2im(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
             }
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -202,48 +202,9 @@ pub(crate) fn check_len(arg: &'static str, len: usize, dims: &[usize]) -> Result
 /// Below this many elements an elementwise op runs on the caller's thread: a hop into the pool costs
 /// more than the work.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
-/// Whether [`with_simd`] may use AVX2/FMA code: `None` = not decided yet (from the CPU on first use).
-static ELEMENTWISE_AVX2: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
-
-/// Turns the AVX2 build of the element-wise loops (BatchNorm sums, ReLU masks) off or back on (when the
-/// CPU has AVX2 and FMA). Results are bit-identical either way (no reassociation, no contraction into
-/// FMA: Rust never fuses `a * b + c` by itself); tests use this to run both builds.
-pub fn set_elementwise_simd(enabled: bool) {
-    ELEMENTWISE_AVX2.store(
-        (enabled && cpu_has_avx2()) as u8,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-fn cpu_has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// True if element-wise loops may use AVX2 and FMA (the CPU has them and tests did not turn them off).
-///
-/// The crate is built for the baseline ISA of its target (SSE2 on x86-64, so one wheel runs on every
-/// CPU); there, converting int8 to float or packing mask bits takes long instruction sequences. Hot
-/// loops are written once as `#[inline(always)]` functions and also instantiated inside a
-/// `#[target_feature(enable = "avx2,fma")]` wrapper, picked when this returns true. On aarch64 NEON is
-/// the baseline.
-#[inline]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) fn elementwise_avx2() -> bool {
-    use std::sync::atomic::Ordering;
-    let mut mode = ELEMENTWISE_AVX2.load(Ordering::Relaxed);
-    if mode == 2 {
-        mode = cpu_has_avx2() as u8;
-        ELEMENTWISE_AVX2.store(mode, Ordering::Relaxed);
-    }
-    mode == 1
-}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use crate::simd::elementwise_avx2;
+pub use crate::simd::set_elementwise_simd;
 
 /// Whether work of `elems` elements is worth spreading over the pool.
 pub(crate) fn worth_parallel(elems: usize) -> bool {
