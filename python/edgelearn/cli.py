@@ -57,6 +57,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.precision == "int8":
         prc = None if args.no_prc or args.prc == "none" else args.prc
         config = edgelearn.OctoConfig(lac=not args.no_lac, prc=prc, z=args.prc_z, kappa=args.prc_kappa,
+                                      per_channel_weights=args.per_channel_weights,
+                                      grad_rounding=args.grad_rounding,
                                       seed=args.seed)
         edgelearn.octo(model, config)
     params = list(model.parameters())
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                               f"(default {PRC_DEFAULT})")
     p_train.add_argument("--prc-z", type=float, default=2.576, help="z of --prc sigma (default 2.576)")
     p_train.add_argument("--prc-kappa", type=float, default=0.95, help="kappa of --prc minmax (default 0.95)")
+    p_train.add_argument("--per-channel-weights", action="store_true",
+                         help="INT8: one weight scale per output channel instead of per tensor")
+    p_train.add_argument("--grad-rounding", choices=["nearest", "stochastic"], default="nearest",
+                         help="INT8: rounding of incoming gradients after range clipping (default nearest)")
     p_train.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint (.safetensors) after every epoch")
     p_train.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint if it exists")
     p_train.add_argument("--log-csv", metavar="PATH", help="per-epoch metrics as CSV")

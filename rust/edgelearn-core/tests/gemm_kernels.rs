@@ -298,3 +298,70 @@ proptest! {
         }
     }
 }
+
+/// `B` given by (overlapping) rows of one buffer, as the implicit im2col of a stride-1 convolution reads
+/// it, gives bit for bit the result of the same matrix materialised, for every kernel, blocking and
+/// edge shape (columns not a multiple of any panel width, K not a multiple of any group, one row, ...).
+#[test]
+fn rows_operand_equals_the_materialised_matrix() {
+    use edgelearn_core::gemm::{gemm_i8_f32_rows_with, RowsRef};
+    let mut rng = Rng(7);
+    for kernel in available_kernels() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 9, 17),
+            (16, 144, 224),
+            (7, 13, 63),
+            (33, 27, 16),
+            (5, 4, 40),
+        ] {
+            let data = rng.i8s(k * 3 + n + 40);
+            // shifted, overlapping runs, like (c, i, j) taps of a padded image
+            let offsets: Vec<usize> = (0..k).map(|r| (r * 7 + r / 3) % (k * 3 + 40)).collect();
+            let b_rows = RowsRef::new(&data, &offsets, n).unwrap();
+            let dense: Vec<i8> = offsets
+                .iter()
+                .flat_map(|&o| data[o..o + n].to_vec())
+                .collect();
+            let a = rng.i8s(m * k);
+            let am = MatRef::row_major(&a, m, k).unwrap();
+            let bm = MatRef::row_major(&dense, k, n).unwrap();
+            let sa: Vec<f32> = (0..m).map(|i| 0.01 + i as f32 * 1e-3).collect();
+            for blk in blockings() {
+                let mut want = vec![0f32; m * n];
+                gemm_i8_f32_with(
+                    kernel,
+                    blk,
+                    &am,
+                    &bm,
+                    Scale::PerIndex(&sa),
+                    Scale::Scalar(0.5),
+                    None,
+                    &mut want,
+                )
+                .unwrap();
+                let mut got = vec![f32::NAN; m * n];
+                gemm_i8_f32_rows_with(
+                    kernel,
+                    blk,
+                    &am,
+                    &b_rows,
+                    Scale::PerIndex(&sa),
+                    Scale::Scalar(0.5),
+                    None,
+                    &mut got,
+                )
+                .unwrap();
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "kernel {} blocking {blk:?} shape {m}x{k}x{n}",
+                    kernel.name()
+                );
+            }
+        }
+    }
+    // a row reaching past the buffer is refused, not read
+    let data = [0i8; 10];
+    assert!(RowsRef::new(&data, &[0, 5], 6).is_err());
+}

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::pack::{pack_a, pack_b};
-use super::{active_kernel, Kernel, MatRef, MAX_K_I32, MAX_MR, MAX_NR};
+use super::pack::{pack_a, PackB};
+use super::{active_kernel, Kernel, MatRef, RowsRef, MAX_K_I32, MAX_MR, MAX_NR};
 use crate::error::{Error, Result};
 use crate::threads;
 
@@ -285,6 +285,80 @@ pub fn gemm_i8_f32_with(
     Ok(())
 }
 
+/// `c = (a · b) · (scale_a[i] · scale_b[j]) + bias[j]` as f32 (row-major `M×N`) with `b` given by its rows
+/// (an implicit im2col, see [`RowsRef`]); `K` at most [`MAX_K_I32`].
+pub fn gemm_i8_f32_rows(
+    a: &MatRef,
+    b: &RowsRef,
+    scale_a: Scale,
+    scale_b: Scale,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+) -> Result<()> {
+    gemm_i8_f32_rows_with(
+        active_kernel()?,
+        Blocking::default(),
+        a,
+        b,
+        scale_a,
+        scale_b,
+        bias,
+        c,
+    )
+}
+
+/// [`gemm_i8_f32_rows`] with an explicit kernel and blocking (tests use this).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_i8_f32_rows_with(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    a: &MatRef,
+    b: &RowsRef,
+    scale_a: Scale,
+    scale_b: Scale,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+) -> Result<()> {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    if k != b.rows() {
+        return Err(Error::invalid(
+            "b",
+            format!(
+                "inner dimensions differ: a is {m}x{k}, b has {} rows",
+                b.rows()
+            ),
+        ));
+    }
+    if k > MAX_K_I32 {
+        return Err(Error::overflow(
+            "a",
+            format!("K = {k} exceeds {MAX_K_I32}: the INT32 result could overflow"),
+        ));
+    }
+    check_out(c.len(), m, n)?;
+    scale_a.check("scale_a", m, "row of a")?;
+    scale_b.check("scale_b", n, "column of b")?;
+    if let Some(bv) = bias {
+        Scale::PerIndex(bv).check("bias", n, "column of b")?;
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    run(
+        kernel,
+        blk,
+        a,
+        b,
+        c.as_mut_ptr() as *mut i32,
+        &Epilogue::ToF32 {
+            sa: scale_a,
+            sb: scale_b,
+            bias,
+        },
+    );
+    Ok(())
+}
+
 crate::simd::avx2_multiversion! {
 /// Converts rows `i0..i0+mm`, columns `j0..j0+nn` of the i32 output (row stride `ldc`) to f32 in place.
 ///
@@ -421,8 +495,16 @@ fn task_sizes(
     (mc, nc)
 }
 
-fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32, epi: &Epilogue) {
+fn run<B: PackB + ?Sized>(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    a: &MatRef,
+    b: &B,
+    out: *mut i32,
+    epi: &Epilogue,
+) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    debug_assert_eq!(k, b.rows());
     if m == 0 || n == 0 {
         return;
     }
@@ -464,7 +546,7 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                 n_panels.div_ceil(nthreads * 4).max(1)
             };
             if panels_per_chunk >= n_panels {
-                pack_b(bpack, bsum, b, k0, kc, 0, n, nr, ku);
+                b.pack(bpack, bsum, k0, kc, 0, n, nr, ku);
             } else {
                 bpack
                     .par_chunks_mut(panels_per_chunk * bpanel_len)
@@ -473,7 +555,7 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: &MatRef, b: &MatRef, out: *mut i32
                     .for_each(|(ci, (dst, sums))| {
                         let c0 = ci * panels_per_chunk * nr;
                         let cols = (panels_per_chunk * nr).min(n - c0);
-                        pack_b(dst, sums, b, k0, kc, c0, cols, nr, ku);
+                        b.pack(dst, sums, k0, kc, c0, cols, nr, ku);
                     });
             }
             let accumulate = pb > 0;

@@ -29,7 +29,8 @@ pub use dispatch::{
     KNOWN_KERNELS,
 };
 pub use driver::{
-    gemm_i8, gemm_i8_f32, gemm_i8_f32_with, gemm_i8_with, gemm_reference, Blocking, Scale,
+    gemm_i8, gemm_i8_f32, gemm_i8_f32_rows, gemm_i8_f32_rows_with, gemm_i8_f32_with, gemm_i8_with,
+    gemm_reference, Blocking, Scale,
 };
 
 use crate::error::{Error, Result};
@@ -40,6 +41,54 @@ pub const MAX_K_I32: usize = ((i32::MAX as u64) / (128 * 128)) as usize; // 131_
 /// Largest tile any kernel may declare (bounds the stack buffer used for edge tiles).
 pub const MAX_MR: usize = 32;
 pub const MAX_NR: usize = 64;
+
+/// A `K × N` INT8 matrix given by its rows: row `k` is the contiguous run
+/// `data[offsets[k] .. offsets[k] + N]`, and rows may overlap. This is an implicit im2col: for a stride-1
+/// convolution over a zero-padded image laid out with the padded row width, row `(c, i, j)` of the patch
+/// matrix is the image read from offset `c·plane + i·width + j` (see `nn::conv`). Used as the `B` operand
+/// of [`gemm_i8_f32_rows`], it is packed straight from the image, with no patch matrix in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsRef<'a> {
+    data: &'a [i8],
+    offsets: &'a [usize],
+    cols: usize,
+}
+
+impl<'a> RowsRef<'a> {
+    /// Fails if a row would reach past the end of `data`.
+    pub fn new(data: &'a [i8], offsets: &'a [usize], cols: usize) -> Result<Self> {
+        if let Some((k, &o)) = offsets
+            .iter()
+            .enumerate()
+            .find(|&(_, &o)| o.checked_add(cols).is_none_or(|end| end > data.len()))
+        {
+            return Err(Error::invalid(
+                "b",
+                format!(
+                    "row {k} at offset {o} with {cols} columns reaches past the {} bytes of data",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(RowsRef {
+            data,
+            offsets,
+            cols,
+        })
+    }
+    pub fn rows(&self) -> usize {
+        self.offsets.len()
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Row `k`, columns `c0..c0+n`.
+    #[inline]
+    pub(crate) fn row(&self, k: usize, c0: usize, n: usize) -> &'a [i8] {
+        let o = self.offsets[k] + c0;
+        &self.data[o..o + n]
+    }
+}
 
 /// A read-only view of an INT8 matrix with element strides (rows `rs`, columns `cs`).
 #[derive(Clone, Copy, Debug)]

@@ -6,7 +6,7 @@
 //! k contiguous in memory (row-major A, column-major B: whole groups are copied), lines contiguous
 //! (column-major A, row-major B: `ku` k-rows are interleaved byte by byte), and any other stride.
 
-use super::MatRef;
+use super::{MatRef, RowsRef};
 
 /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `out`, as `ceil(m/mr)` panels of
 /// `kgroups·mr·ku` bytes (`kgroups = ceil(kc/ku)`), zero-padded, XOR 0x80 if `shift`.
@@ -332,6 +332,127 @@ fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, k
             *s = (k0..k0 + kc)
                 .map(|k| data[(l0 + l) * ls + k * ks] as i32)
                 .sum();
+        }
+    }
+}
+}
+
+/// A `B` operand the driver can pack: a strided [`MatRef`] or a [`RowsRef`] (implicit im2col).
+pub(crate) trait PackB: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// As [`pack_b`]: k values `k0..k0+kc`, columns `c0..c0+n`, panels of `nr` columns, groups of `ku`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &self,
+        out: &mut [i8],
+        sums: &mut [i32],
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        n: usize,
+        nr: usize,
+        ku: usize,
+    );
+}
+
+impl PackB for MatRef<'_> {
+    fn rows(&self) -> usize {
+        MatRef::rows(self)
+    }
+    fn cols(&self) -> usize {
+        MatRef::cols(self)
+    }
+    fn pack(
+        &self,
+        out: &mut [i8],
+        sums: &mut [i32],
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        n: usize,
+        nr: usize,
+        ku: usize,
+    ) {
+        pack_b(out, sums, self, k0, kc, c0, n, nr, ku)
+    }
+}
+
+impl PackB for RowsRef<'_> {
+    fn rows(&self) -> usize {
+        RowsRef::rows(self)
+    }
+    fn cols(&self) -> usize {
+        RowsRef::cols(self)
+    }
+    fn pack(
+        &self,
+        out: &mut [i8],
+        sums: &mut [i32],
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        n: usize,
+        nr: usize,
+        ku: usize,
+    ) {
+        pack_b_rows(out, sums, self, k0, kc, c0, n, nr, ku)
+    }
+}
+
+crate::simd::avx2_multiversion! {
+/// [`pack_b`] for a [`RowsRef`]: each k-row is a contiguous run, so a group interleaves `ku` runs
+/// (16 columns per step with SSE2 on x86-64 when `ku == 4`), and the column sums add whole runs.
+fn pack_b_rows(
+    out: &mut [i8],
+    sums: &mut [i32],
+    b: &RowsRef,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+    nr: usize,
+    ku: usize,
+) {
+    let kgroups = kc.div_ceil(ku);
+    let panels = n.div_ceil(nr);
+    let panel_len = kgroups * nr * ku;
+    assert!(out.len() >= panels * panel_len && sums.len() >= panels * nr);
+    for p in 0..panels {
+        let panel = &mut out[p * panel_len..(p + 1) * panel_len];
+        let first = c0 + p * nr;
+        let lines = nr.min(n - p * nr);
+        let s = &mut sums[p * nr..(p + 1) * nr];
+        s.fill(0);
+        for k in k0..k0 + kc {
+            for (t, &v) in s[..lines].iter_mut().zip(b.row(k, first, lines)) {
+                *t += v as i32;
+            }
+        }
+        for g in 0..kgroups {
+            let rows = ku.min(kc - g * ku);
+            let dst = &mut panel[g * nr * ku..(g + 1) * nr * ku];
+            #[cfg(target_arch = "x86_64")]
+            if ku == 4 && nr == 16 && lines == 16 {
+                let src: [*const i8; 4] = std::array::from_fn(|u| {
+                    if u < rows {
+                        b.row(k0 + g * ku + u, first, 16).as_ptr()
+                    } else {
+                        std::ptr::null()
+                    }
+                });
+                // SAFETY: rows u < `rows` are 16 readable bytes (RowsRef checked its offsets), the
+                // destination holds 64 bytes.
+                unsafe { super::x86::pack::interleave_16_rows(src, rows, dst.as_mut_ptr()) };
+                continue;
+            }
+            dst.fill(0);
+            for u in 0..rows {
+                let row = b.row(k0 + g * ku + u, first, lines);
+                for (l, &v) in row.iter().enumerate() {
+                    dst[l * ku + u] = v;
+                }
+            }
         }
     }
 }

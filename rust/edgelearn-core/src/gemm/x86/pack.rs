@@ -72,3 +72,28 @@ pub(crate) unsafe fn interleave_16_lines(
     _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
     _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
 }
+
+/// [`interleave_16_lines`] from four separate k-rows: `dst[l·4 + u] = src[u][l]`, rows `u >= rows` zero.
+///
+/// # Safety
+/// `src[u] .. +16` is readable for `u < rows` and `dst .. +64` writable.
+#[inline]
+pub(crate) unsafe fn interleave_16_rows(src: [*const i8; 4], rows: usize, dst: *mut i8) {
+    let load = |u: usize| {
+        if u < rows {
+            _mm_loadu_si128(src[u] as *const __m128i)
+        } else {
+            _mm_setzero_si128()
+        }
+    };
+    let (r0, r1, r2, r3) = (load(0), load(1), load(2), load(3));
+    let a_lo = _mm_unpacklo_epi8(r0, r1);
+    let a_hi = _mm_unpackhi_epi8(r0, r1);
+    let b_lo = _mm_unpacklo_epi8(r2, r3);
+    let b_hi = _mm_unpackhi_epi8(r2, r3);
+    let d = dst as *mut __m128i;
+    _mm_storeu_si128(d, _mm_unpacklo_epi16(a_lo, b_lo));
+    _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
+    _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
+    _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
+}
