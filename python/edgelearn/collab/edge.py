@@ -12,7 +12,6 @@ the same envelopes, cut into the same chunks, so their byte counts agree.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,11 +20,12 @@ import numpy as np
 from .. import optim
 from ..data import ArrayDataset, DataLoader
 from ..octo import OctoConfig, octo
-from ..tensor import Tensor, no_grad, tensor
+from ..tensor import no_grad, tensor
+from ..train import _progress_bar
 from .cloud import Cloud
 from .codec import MODES, TensorCodec, relative_l2
-from .protocol import (BYE, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME, CollabError,
-                       ProtocolError, Reassembler, WireStats, chunks, pack, unpack)
+from .protocol import (BYE, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME, ProtocolError, WireStats,
+                       chunks, pack, reassemble, unpack)
 from .split import build_split
 
 __all__ = ["Edge", "LocalTransport", "train_edge"]
@@ -50,10 +50,7 @@ class LocalTransport:
 
 
 def _through_chunks(message: bytes) -> bytes:
-    r = Reassembler()
-    for c in chunks(message):
-        out = r.feed(c)
-    return out
+    return next(reassemble(chunks(message)))
 
 
 def _labels_blob(y: np.ndarray, classes: int) -> Tuple[str, bytes]:
@@ -192,13 +189,6 @@ class Edge:
         return out
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr,
-                disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
-
-
 def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = None, *, epochs: int = 1,
                steps: Optional[int] = None, batch_size: int = 64, seed: int = 0, eval_limit: Optional[int] = None,
                progress: bool = True, log_every: int = 0, log=print, close: bool = True) -> Dict[str, Any]:
@@ -207,7 +197,7 @@ def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = N
     ``train_loss``, ``train_accuracy``, ``test_accuracy``, ``test_loss``, ``seconds``, traffic per sample."""
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, seed=seed)
     total = len(loader) * epochs if steps is None else min(steps, len(loader) * epochs)
-    bar = _progress(total, f"edge {edge.edge_id}", progress)
+    bar = _progress_bar(total, f"edge {edge.edge_id}", progress)
     t0 = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
     try:

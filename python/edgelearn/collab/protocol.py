@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple
 __all__ = [
     "CollabError", "AuthenticationError", "ProtocolError",
     "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "BYE",
-    "pack", "unpack", "chunks", "Reassembler", "wire_bytes",
+    "pack", "unpack", "chunks", "reassemble", "Reassembler", "wire_bytes",
     "CHUNK_BYTES", "GRPC_MESSAGE_LIMIT", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "WireStats",
 ]
 
