@@ -116,6 +116,21 @@ def test_int8_edge_trains_through_sgq(digits):
     assert any(not np.array_equal(before[k], v) for k, v in state(edge.model).items())
 
 
+def test_step_with_a_non_finite_loss_is_refused_and_leaves_the_cloud_untouched(digits):
+    cloud = collab.Cloud("cnn", 4, seed=0)
+    transport = collab.LocalTransport(cloud)
+    edge = collab.Edge(transport, digits.train.image_shape, 10, mode="fp32", precision="fp32")
+    edge.train_step(digits.train.images[:16], digits.train.labels[:16])
+    before = cloud.state_dict()
+    huge = np.full((16, *edge.feature_shape), 3e38, np.float32)  # finite, but overflows the cloud's forward
+    message = pack(TRAIN, {"shape": list(huge.shape), "labels": "u1"},
+                   [huge.tobytes(), digits.train.labels[:16].astype(np.uint8).tobytes()])
+    with pytest.raises(collab.ProtocolError, match="step refused"):
+        transport.exchange(message)
+    after = cloud.state_dict()
+    assert cloud.steps == 1 and all(np.array_equal(before[k], after[k]) for k in before)  # BN statistics too
+
+
 def test_codec_rejects_bytes_that_do_not_match_the_message():
     x = np.abs(np.random.default_rng(0).standard_normal((2, 8, 4, 4), dtype=np.float32))
     for mode in collab.MODES:

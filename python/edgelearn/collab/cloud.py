@@ -220,19 +220,26 @@ class CloudSession:
         with cloud.lock:  # the whole step, nothing else: no I/O while the model is between states
             model = cloud.model
             model.train()
-            x = Tensor(features, requires_grad=True)
-            logits = model(x)
-            loss = cross_entropy(logits, labels)
-            loss_value = float(loss.item())
-            cloud.optimizer.zero_grad()
-            if not np.isfinite(loss_value):
-                raise ProtocolError(f"step refused: the loss is {loss_value} (non-finite features?)")
-            loss.backward()
-            grad = x.grad.data
-            if not np.isfinite(grad).all() or not all(
-                    p.grad is None or np.isfinite(p.grad.data).all() for p in cloud.params):
+            # BatchNorm running statistics move during the forward pass: keep them to undo a refused step
+            buffers = {name: np.array(b, copy=True) for name, b in model.named_buffers()}
+            try:
+                x = Tensor(features, requires_grad=True)
+                logits = model(x)
+                loss = cross_entropy(logits, labels)
+                loss_value = float(loss.item())
                 cloud.optimizer.zero_grad()
-                raise ProtocolError("step refused: non-finite gradients")
+                if not np.isfinite(loss_value):
+                    raise ProtocolError(f"step refused: the loss is {loss_value} (features out of range?)")
+                loss.backward()
+                grad = x.grad.data
+                if not np.isfinite(grad).all() or not all(
+                        p.grad is None or np.isfinite(p.grad.data).all() for p in cloud.params):
+                    raise ProtocolError("step refused: non-finite gradients (features out of range?)")
+            except BaseException:
+                cloud.optimizer.zero_grad()
+                for name, b in model.named_buffers():
+                    np.copyto(b, buffers[name])
+                raise
             cloud.optimizer.step()
             cloud.steps += 1
             correct = int((np.argmax(logits.data, axis=1) == labels).sum())
