@@ -84,6 +84,27 @@ def test_fp32_split_training_matches_unsplit_training(digits):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_split_batchnorm_recalibration_matches_the_training_loop(digits):
+    from edgelearn.train import recalibrate_batchnorm
+
+    cloud = collab.Cloud("cnn", 4, seed=0)
+    edge = collab.Edge(collab.LocalTransport(cloud), digits.train.image_shape, 10, mode="fp32", precision="fp32")
+    for start in (0, 16, 32):
+        edge.train_step(digits.train.images[start:start + 16], digits.train.labels[start:start + 16])
+    trained = state(edge.model, cloud.model)
+    assert edge.recalibrate_batchnorm(digits.train, batches=3, batch_size=16, seed=5) == 48
+    split_result = state(edge.model, cloud.model)
+    changed = [k for k in trained if "running" in k and not np.array_equal(trained[k], split_result[k])]
+    assert changed, "recalibration changed no running statistics"
+
+    full = edgelearn.nn.Sequential(*edge.model, *cloud.model)  # the same layers, unsplit
+    edge.model.load_state_dict({k[2:]: v for k, v in trained.items() if k[0] == "e"})
+    cloud.model.load_state_dict({k[2:]: v for k, v in trained.items() if k[0] == "c"})
+    recalibrate_batchnorm(full, digits.train, batches=3, batch_size=16, seed=5)
+    for k, v in state(edge.model, cloud.model).items():
+        np.testing.assert_allclose(split_result[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_modes_order_traffic_and_sgq_4bit_is_7x_smaller_than_fp32():
     train = synthetic(64)
     summaries = {}

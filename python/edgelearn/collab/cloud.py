@@ -26,9 +26,9 @@ from ..functional import cross_entropy
 from ..models import MODEL_NAMES
 from ..tensor import Tensor, no_grad
 from .codec import MODES, TensorCodec, relative_l2
-from .protocol import (BYE, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME, CollabError,
-                       ProtocolError, WireStats, pack, unpack)
-from .split import build_split, output_shape
+from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME,
+                       CollabError, ProtocolError, WireStats, pack, unpack)
+from .split import batchnorm_calibration, build_split, output_shape
 
 __all__ = ["Cloud", "CloudSession", "ArchitectureMismatch", "LABEL_DTYPES"]
 
@@ -137,6 +137,7 @@ class CloudSession:
         self.stats = WireStats()
         self.steps = 0
         self.grad_error_sum = 0.0
+        self.calibration_batches = 0
         self.finished = False
         self.started = time.time()
 
@@ -155,6 +156,8 @@ class CloudSession:
             reply = self._train(meta, blobs)
         elif kind == EVAL:
             reply = self._eval(meta, blobs)
+        elif kind == CALIBRATE:
+            reply = self._calibrate(meta, blobs)
         elif kind == BYE:
             self.finished = True
             reply = pack(BYE, {"steps": self.steps})
@@ -265,6 +268,17 @@ class CloudSession:
         correct = int((np.argmax(logits.data, axis=1) == labels).sum())
         self.stats.eval_samples += len(labels)
         return pack(EVAL_RESULT, {"loss_sum": loss_sum, "correct": correct, "n": len(labels)})
+
+    def _calibrate(self, meta: Dict[str, Any], blobs: List[bytes]) -> bytes:
+        batch = meta.get("batch")
+        if batch not in (0, self.calibration_batches):
+            raise ProtocolError(f"CALIBRATE batch {batch!r}: expected 0 (start) or {self.calibration_batches} (next)")
+        features, _ = self._batch(meta, blobs)
+        cloud = self.cloud
+        with cloud.lock, batchnorm_calibration(cloud.model, batch):
+            cloud.model(Tensor(features))
+        self.calibration_batches = batch + 1
+        return pack(CALIBRATED, {"batch": batch})
 
     def summary(self, status: str, reason: str = "") -> Dict[str, Any]:
         out = {"edge_id": self.edge_id, "name": self.name, "peer": self.peer, "status": status, "steps": self.steps,

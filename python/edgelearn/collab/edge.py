@@ -24,9 +24,9 @@ from ..tensor import no_grad, tensor
 from ..train import _progress_bar
 from .cloud import Cloud
 from .codec import MODES, TensorCodec, relative_l2
-from .protocol import (BYE, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME, ProtocolError, WireStats,
-                       chunks, pack, reassemble, unpack)
-from .split import build_split
+from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME,
+                       ProtocolError, WireStats, chunks, pack, reassemble, unpack)
+from .split import batchnorm_calibration, build_split
 
 __all__ = ["Edge", "LocalTransport", "train_edge"]
 
@@ -167,6 +167,24 @@ class Edge:
         self.stats.eval_samples += n
         return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
 
+    def recalibrate_batchnorm(self, data: ArrayDataset, batches: int = 32, batch_size: int = 64,
+                              seed: int = 0) -> int:
+        """Re-estimates the BatchNorm running statistics of both parts (edge here, cloud via CALIBRATE
+        messages) from ``batches`` seeded random batches of ``data``, as ``edgelearn.fit`` does after each
+        epoch (eval-mode statistics otherwise lag behind the moving weights). Returns the images used."""
+        n = min(len(data), batches * batch_size)
+        if n == 0:
+            return 0
+        idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+        for i, start in enumerate(range(0, n, batch_size)):
+            sel = idx[start:start + batch_size]
+            with batchnorm_calibration(self.model, i):
+                features = np.ascontiguousarray(self.model(tensor(data.images[sel])).data)
+            meta, blobs = self._features_message(features, data.labels[sel])
+            meta["batch"] = i
+            self._request(CALIBRATE, meta, blobs, CALIBRATED)
+        return n
+
     def close(self) -> None:
         """Says BYE (the cloud counts the session as completed) and closes the transport."""
         try:
@@ -191,9 +209,12 @@ class Edge:
 
 def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = None, *, epochs: int = 1,
                steps: Optional[int] = None, batch_size: int = 64, seed: int = 0, eval_limit: Optional[int] = None,
-               progress: bool = True, log_every: int = 0, log=print, close: bool = True) -> Dict[str, Any]:
-    """Trains ``edge`` for ``epochs`` epochs of ``train`` (at most ``steps`` steps in all), then evaluates on
-    ``test`` (the first ``eval_limit`` samples) through the split. Returns the edge's summary with
+               bn_recalibration_batches: int = 32, progress: bool = True, log_every: int = 0, log=print,
+               close: bool = True) -> Dict[str, Any]:
+    """Trains ``edge`` for ``epochs`` epochs of ``train`` (at most ``steps`` steps in all), re-estimates the
+    BatchNorm statistics of both parts on ``bn_recalibration_batches`` training batches (0: off; see
+    :meth:`Edge.recalibrate_batchnorm`), then evaluates on ``test`` (the first ``eval_limit`` samples)
+    through the split. Returns the edge's summary with
     ``train_loss``, ``train_accuracy``, ``test_accuracy``, ``test_loss``, ``seconds``, traffic per sample."""
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, seed=seed)
     total = len(loader) * epochs if steps is None else min(steps, len(loader) * epochs)
@@ -219,6 +240,7 @@ def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = N
                     break
             if done:
                 break
+        edge.recalibrate_batchnorm(train, bn_recalibration_batches, batch_size, seed=seed + 7919)
         train_seconds = time.perf_counter() - t0
         result = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "train_seconds": train_seconds, "epochs": epochs, "batch_size": batch_size}

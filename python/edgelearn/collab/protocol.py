@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 __all__ = [
     "CollabError", "AuthenticationError", "ProtocolError",
-    "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "BYE",
+    "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "CALIBRATE", "CALIBRATED", "BYE",
     "pack", "unpack", "chunks", "reassemble", "Reassembler", "wire_bytes",
     "CHUNK_BYTES", "GRPC_MESSAGE_LIMIT", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "WireStats",
 ]
@@ -44,9 +44,9 @@ GRPC_MESSAGE_LIMIT = CHUNK_BYTES + 1024
 #: Default bound on a reassembled envelope (a batch of 256 fp32 16x14x14 features is 12.8 MB).
 MAX_MESSAGE_BYTES = 256 << 20
 
-HELLO, WELCOME, TRAIN, GRAD, EVAL, EVAL_RESULT, BYE = 1, 2, 3, 4, 5, 6, 7
+HELLO, WELCOME, TRAIN, GRAD, EVAL, EVAL_RESULT, BYE, CALIBRATE, CALIBRATED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TRAIN: "TRAIN", GRAD: "GRAD", EVAL: "EVAL",
-              EVAL_RESULT: "EVAL_RESULT", BYE: "BYE"}
+              EVAL_RESULT: "EVAL_RESULT", BYE: "BYE", CALIBRATE: "CALIBRATE", CALIBRATED: "CALIBRATED"}
 
 
 class CollabError(RuntimeError):

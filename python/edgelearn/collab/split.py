@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from contextlib import contextmanager
+from typing import Iterator, Tuple
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from ..models import build_model
 from ..nn.init import manual_seed
 from ..tensor import no_grad, tensor
 
-__all__ = ["split_model", "build_split", "output_shape"]
+__all__ = ["split_model", "build_split", "output_shape", "batchnorm_calibration"]
 
 
 def split_model(model: nn.Sequential, index: int) -> Tuple[nn.Sequential, nn.Sequential]:
@@ -51,3 +52,29 @@ def output_shape(module: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[int, 
     finally:
         module.train(was_training)
     return tuple(out.shape[1:])
+
+
+@contextmanager
+def batchnorm_calibration(module: nn.Module, batch: int) -> Iterator[None]:
+    """Inside: forward passes of ``module`` add batch number ``batch`` (0, 1, ...) to a re-estimation of its
+    BatchNorm running statistics as the exact average over the batches seen (batch 0 resets them); every other
+    layer runs in eval mode, nothing records gradients. The same rule as
+    :func:`edgelearn.train.recalibrate_batchnorm`, cut into steps, so edge and cloud can each apply it to
+    their part while the features of a batch travel between them."""
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    was_training = module.training
+    saved = [bn.momentum for bn in bns]
+    module.eval()
+    try:
+        for bn in bns:
+            if batch == 0:
+                bn.running_mean[...] = 0.0
+                bn.running_var[...] = 1.0
+            bn.momentum = 1.0 / (batch + 1)
+            bn.train()
+        with no_grad():
+            yield
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+        module.train(was_training)
