@@ -213,6 +213,7 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
     try:
         result = train_edge(edge, train, None if args.no_eval else test, epochs=args.epochs, steps=args.steps,
                             batch_size=args.batch_size, seed=args.seed, eval_limit=args.eval_limit,
+                            bn_recalibration_batches=args.bn_recalibration_batches,
                             progress=not args.no_progress, log_every=args.log_every, log=_say_flush)
     except BaseException:
         transport.close()
@@ -305,6 +306,9 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--max-message-mb", type=float, default=max_mb, help="largest reply accepted, MiB")
     p_join.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test images")
     p_join.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
+    p_join.add_argument("--bn-recalibration-batches", type=int, default=32,
+                        help="re-estimate BatchNorm statistics of both parts on this many batches after training "
+                             "(0 = off; default 32)")
     p_join.add_argument("--log-every", type=int, default=0, help="print a line every N steps")
     p_join.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
     p_join.add_argument("--no-progress", action="store_true", help="no progress bar")

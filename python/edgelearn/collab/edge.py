@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import optim
 from ..data import ArrayDataset, DataLoader
+from ..models import MODEL_NAMES
 from ..octo import OctoConfig, octo
 from ..tensor import no_grad, tensor
 from ..train import _progress_bar
@@ -26,7 +27,7 @@ from .cloud import Cloud
 from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME,
                        ProtocolError, WireStats, chunks, pack, reassemble, unpack)
-from .split import batchnorm_calibration, build_split
+from .split import batchnorm_calibration, build_split, output_shape
 
 __all__ = ["Edge", "LocalTransport", "train_edge"]
 
@@ -93,8 +94,14 @@ class Edge:
         welcome, _ = self._request(HELLO, hello, (), WELCOME)
         self.edge_id = welcome.get("edge_id")
         self.model_name, self.split, self.seed = welcome.get("model"), welcome.get("split"), welcome.get("seed")
-        self.feature_shape = tuple(welcome.get("feature_shape") or ())
+        if self.model_name not in MODEL_NAMES or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in (self.split, self.seed)):
+            raise ProtocolError(f"WELCOME: bad model {self.model_name!r}, split {self.split!r} or seed {self.seed!r}")
         self.model, _ = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
+        self.feature_shape = output_shape(self.model, self.input_shape)
+        if list(self.feature_shape) != welcome.get("feature_shape"):
+            raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
+                                f"part makes {list(self.feature_shape)}")
         if precision == "int8":
             octo(self.model, octo_config or OctoConfig(seed=self.seed))
         self.optimizer = optim.SGD(list(self.model.parameters()), lr=lr, momentum=momentum,
