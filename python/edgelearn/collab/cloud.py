@@ -190,8 +190,9 @@ class CloudSession:
         self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
                                       seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63))
-        cloud.log(f"{self.name} joined from {self.peer}: mode {mode}, {bits} bits, group {group}, "
-                  f"stripe rows {stripe_rows or 'H/4'}")
+        detail = {"sgq": f", {bits} bits, group {group}, stripe rows {stripe_rows or 'H/4'}",
+                  "uniform": f", {bits} bits"}.get(mode, "")
+        cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")
         return pack(WELCOME, {"edge_id": self.edge_id, "model": cloud.model_name, "split": cloud.split,
                               "seed": cloud.seed, "feature_shape": list(cloud.feature_shape),
                               "input_shape": list(cloud.input_shape), "classes": cloud.classes})
