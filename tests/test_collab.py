@@ -211,9 +211,9 @@ def serve():
         server.stop(0)
 
 
-def join(server, digits, token="tok", mode="sgq", **kw):
+def join(server, digits, token="tok", mode="sgq", model=None, **kw):
     transport = GrpcTransport(f"127.0.0.1:{server.port}", token=token, connect_timeout=60, **kw)
-    return collab.Edge(transport, digits.train.image_shape, 10, mode=mode, bits=4, precision="fp32")
+    return collab.Edge(transport, digits.train.image_shape, 10, mode=mode, bits=4, precision="fp32", model=model)
 
 
 def test_grpc_edge_trains_and_byte_counts_agree(serve, digits):
@@ -273,6 +273,18 @@ def self_signed_cert(tmp_path):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def test_edge_that_does_not_fit_the_cloud_model_is_refused(serve, digits):
+    cloud, server = serve()
+    with pytest.raises(collab.ProtocolError, match="FAILED_PRECONDITION.*model 'mlp'"):
+        join(server, digits, model="mlp")
+    join(server, digits).close()  # fixes the architecture: 1x8x8 inputs
+    transport = GrpcTransport(f"127.0.0.1:{server.port}", token="tok", connect_timeout=60)
+    with pytest.raises(collab.ProtocolError, match=r"FAILED_PRECONDITION.*input \(1, 8, 8\)"):
+        collab.Edge(transport, (1, 28, 28), 10, precision="fp32")
+    assert cloud.wait_ended(3, timeout=60)
+    assert [e["status"] for e in cloud.ended] == ["rejected", "completed", "rejected"]
 
 
 def test_tls_with_a_self_signed_certificate(serve, digits, tmp_path):
