@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edgelearn_core::quant::Rounding;
-use edgelearn_core::sgq::{self, frame, Mode, Settings, Shape};
+use edgelearn_core::sgq::{self, frame, Mode, Plan, RangeScope, Settings, Shape};
 
 struct LargestAllocation;
 
@@ -62,8 +62,9 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
     ];
     for (i, &(n, c, h, w)) in shapes.iter().enumerate() {
         let shape = Shape { n, c, h, w };
+        // ReLU-like: about a third zeros, so some blocks are constant
         let x: Vec<f32> = (0..n * c * h * w)
-            .map(|_| (rng.below(2000) as f32 - 700.0) / 100.0)
+            .map(|_| ((rng.below(2000) as f32 - 700.0) / 100.0).max(0.0))
             .collect();
         for (mode, bits) in [
             (Mode::Sgq, 1 + (i as u8 % 8)),
@@ -82,6 +83,12 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
                 group: 1 + i % 3,
                 stripe_rows: i % 3,
                 rounding,
+                ranges: if i % 3 == 1 {
+                    RangeScope::Frame
+                } else {
+                    RangeScope::Sample
+                },
+                constant_blocks: i % 2 == 1,
             };
             let ndim = if w == 1 && h == 1 {
                 2
@@ -91,6 +98,15 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
                 4
             };
             out.push(sgq::encode(&x, shape, ndim, &s, None).unwrap());
+            if mode == Mode::Sgq && c > 1 {
+                // a frame that leaves its (reversed) channel order to the stream
+                let order: Vec<u32> = (0..c as u32).rev().collect();
+                let mut plan = Plan::new(&x, shape, ndim, &s, Some(&order)).unwrap();
+                plan.omit_order();
+                let mut f = vec![0u8; plan.frame_len()];
+                plan.write(&x, &mut f).unwrap();
+                out.push(f);
+            }
         }
     }
     out
@@ -138,6 +154,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
                 }
             }
             _ => {
+                // byte 9 (the flags) among them: stream order / frame ranges on and off
                 let i = rng.below(12);
                 if b.len() > i {
                     b[i] = rng.below(20) as u8;
@@ -154,10 +171,18 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
 /// One decode under the allocation check; returns whether it succeeded.
 fn check_one(bytes: &[u8]) -> bool {
     LARGEST.store(0, Ordering::Relaxed);
-    let result = sgq::decode(bytes);
+    // frames that use the stream's order get one (of the header's C when it can be read), to reach
+    // the decoder past the order check
+    let c = bytes
+        .get(16..20)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(0);
+    let stream: Vec<u32> = (0..c.min(64) as u32).rev().collect();
+    let result = sgq::decode_with_order(bytes, Some(&stream));
     let largest = LARGEST.load(Ordering::Relaxed);
-    // the output is at most 32 f32 bytes per frame byte (1-bit codes); anything beyond is header-sized
-    let limit = 64 * bytes.len() + (1 << 20);
+    // the output is at most MAX_EXPANSION f32 bytes per frame byte (32 without constant blocks, 1-bit
+    // codes); anything beyond is header-sized
+    let limit = sgq::MAX_EXPANSION * bytes.len() + (1 << 20);
     assert!(
         largest <= limit,
         "decode of a {}-byte frame allocated {largest} bytes",
@@ -183,6 +208,8 @@ fn decoder_survives_mutated_frames() {
     let corpus = seeds(&mut rng);
     for f in &corpus {
         assert!(check_one(f), "a valid frame was rejected");
+        let stream_order = sgq::parse(f).unwrap().header.stream_order;
+        assert_eq!(sgq::decode(f).is_ok(), !stream_order);
     }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut iterations, mut accepted) = (0u64, 0u64);
