@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 PRC_DEFAULT = "minmax"
 
 
@@ -203,7 +210,9 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
             octo_config = edgelearn.OctoConfig(seed=args.seed)
         edge = Edge(transport, train.image_shape, train.num_classes, mode=args.mode, bits=args.bits,
                     group=args.group, stripe_rows=args.stripe_rows, precision=args.precision,
-                    octo_config=octo_config, lr=args.lr, name=args.name, model=args.model, split=args.split)
+                    octo_config=octo_config, lr=args.lr, name=args.name, model=args.model, split=args.split,
+                    feature_group=args.feature_group, feature_stripe_rows=args.feature_stripe_rows or None,
+                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks)
     except BaseException:
         transport.close()
         raise
@@ -284,9 +293,19 @@ def _add_collab_parser(sub) -> None:
                         help="wire format of features and gradients (default sgq)")
     p_join.add_argument("--bits", type=int, choices=range(1, 9), default=4, metavar="{1..8}",
                         help="code width of sgq/uniform (default 4)")
-    p_join.add_argument("--group", type=_positive_int, default=4, help="SGQ channels per group (default 4)")
+    p_join.add_argument("--group", type=_positive_int, default=4,
+                        help="SGQ channels per group of the gradients (default 4)")
     p_join.add_argument("--stripe-rows", type=_positive_int, default=None,
-                        help="SGQ rows per stripe (default H/4)")
+                        help="SGQ rows per stripe of the gradients (default H/4)")
+    p_join.add_argument("--feature-group", type=_positive_int, default=1,
+                        help="SGQ channels per group of the features (default 1)")
+    p_join.add_argument("--feature-stripe-rows", type=_nonnegative_int, default=1, metavar="N",
+                        help="SGQ rows per stripe of the features (default 1; 0: H/4)")
+    p_join.add_argument("--feature-ranges", choices=("frame", "sample"), default="frame",
+                        help="SGQ feature ranges per (group, stripe) of each batch, or per sample too "
+                             "(default frame; gradients always per sample)")
+    p_join.add_argument("--no-constant-blocks", action="store_true",
+                        help="give constant feature blocks a code per element (default: one code per block)")
     p_join.add_argument("--precision", choices=("int8", "fp32"), default="int8",
                         help="training precision of the edge part (default int8, Octo)")
     p_join.add_argument("--epochs", type=_positive_int, default=1)

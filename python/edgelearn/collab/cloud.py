@@ -190,7 +190,7 @@ class CloudSession:
         self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
                                       seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63))
-        detail = {"sgq": f", {bits} bits, group {group}, stripe rows {stripe_rows or 'H/4'}",
+        detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows",
                   "uniform": f", {bits} bits"}.get(mode, "")
         cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")
         return pack(WELCOME, {"edge_id": self.edge_id, "model": cloud.model_name, "split": cloud.split,
@@ -248,7 +248,7 @@ class CloudSession:
             cloud.steps += 1
             correct = int((np.argmax(logits.data, axis=1) == labels).sum())
         blob = self.grad_codec.encode(grad)
-        error = relative_l2(self.grad_codec.decode(blob, grad.shape, "gradients"), grad)
+        error = relative_l2(self.grad_codec.decode_sent(blob, grad.shape, "gradients"), grad)
         self.steps += 1
         self.stats.train_samples += len(labels)
         self.grad_error_sum += error

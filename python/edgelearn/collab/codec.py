@@ -36,11 +36,15 @@ class TensorCodec:
     ``bits``, ``group`` and ``stripe_rows`` apply to the quantizing modes; ``rounding`` is ``"nearest"``
     for features and ``"stochastic"`` for gradients; ``seed`` makes stochastic rounding reproducible
     (frame ``i`` uses ``seed + i``). In ``sgq`` mode the channel order is computed from the first tensor
-    and refreshed every ``refresh_every`` frames (it travels in each frame, so frames stay self-contained).
+    and refreshed every ``refresh_every`` frames; a frame carries it only when it changed, so the frames of
+    one stream must be decoded in order by one ``TensorCodec`` (:meth:`decode`; the sender checks its own
+    frames with :meth:`decode_sent`). ``ranges`` (``"sample"`` or ``"frame"``) and ``constant_blocks`` apply
+    to sgq (see :func:`edgelearn.sgq.encode`).
     """
 
     def __init__(self, mode: str = "sgq", bits: int = 4, group: int = 4, stripe_rows: Optional[int] = None,
-                 rounding: str = "nearest", seed: Optional[int] = None, refresh_every: Optional[int] = 50):
+                 rounding: str = "nearest", seed: Optional[int] = None, refresh_every: Optional[int] = 50,
+                 ranges: str = "sample", constant_blocks: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -48,7 +52,9 @@ class TensorCodec:
         self._codec = None
         if mode != "fp32":
             self._codec = sgq.Codec(bits=bits, group=group, stripe_rows=stripe_rows, rounding=rounding,
-                                    seed=seed, mode=mode, refresh_every=refresh_every if mode == "sgq" else None)
+                                    seed=seed, mode=mode, refresh_every=refresh_every if mode == "sgq" else None,
+                                    ranges=ranges if mode == "sgq" else "sample",
+                                    constant_blocks=bool(constant_blocks) and mode == "sgq")
 
     def encode(self, x: np.ndarray) -> bytes:
         if self._codec is None:
@@ -56,8 +62,16 @@ class TensorCodec:
         return self._codec.encode(x)
 
     def decode(self, blob: bytes, shape: Sequence[int], what: str = "tensor") -> np.ndarray:
-        """The float32 tensor of ``shape`` in ``blob``; :class:`ProtocolError` (or ``sgq.FrameError``, also a
-        ``ValueError``) if the bytes are not exactly that."""
+        """The float32 tensor of ``shape`` in ``blob``, the next frame of the stream this codec receives;
+        :class:`ProtocolError` (or ``sgq.FrameError``, also a ``ValueError``) if the bytes are not exactly
+        that."""
+        return self._decode(blob, shape, what, sent=False)
+
+    def decode_sent(self, blob: bytes, shape: Sequence[int], what: str = "tensor") -> np.ndarray:
+        """Decodes a frame this codec encoded (what the receiver gets), leaving the receiving state alone."""
+        return self._decode(blob, shape, what, sent=True)
+
+    def _decode(self, blob: bytes, shape: Sequence[int], what: str, sent: bool) -> np.ndarray:
         shape = _checked_shape(shape, what)
         if self._codec is None:
             expected = 4 * int(np.prod(shape))
@@ -70,7 +84,7 @@ class TensorCodec:
                 raise ProtocolError(f"{what}: frame holds shape {tuple(info['shape'])}, the message announced {shape}")
             if info["mode"] != self.mode:
                 raise ProtocolError(f"{what}: frame mode {info['mode']!r}, this session uses {self.mode!r}")
-            out = sgq.decode(blob)
+            out = self._codec.decode_sent(blob) if sent else self._codec.decode(blob)
         if not np.isfinite(out).all():
             raise ProtocolError(f"{what}: non-finite values (NaN or inf) refused")
         return out
