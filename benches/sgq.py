@@ -6,12 +6,17 @@
     Targets (per core, 4 bits): encode >= 2 GB/s, decode >= 4 GB/s.
 
 (b) split training on Fashion-MNIST through ``edgelearn.collab`` (in-process transport: the same envelopes,
-    chunks and byte counts as gRPC, no sockets): fp32 (no codec), fp16, uniform 4-bit, SGQ 4-bit, SGQ 2-bit,
-    same seed and epochs: test accuracy through the split, bytes per sample each direction (features + labels
-    up, gradients down, envelopes included), compression vs fp32, relative L2 reconstruction error of the
-    features and the gradients (mean over steps). Then a bytes-vs-error check on the trained features: SGQ
-    4-bit against uniform quantization at 4, 5 and 6 bits. Targets: SGQ 4-bit within 1.0 point of fp32,
-    >= 7x less traffic than fp32, lower feature error than uniform 4-bit.
+    chunks and byte counts as gRPC, no sockets): fp32 (no codec), fp16, uniform 4-bit, SGQ 4-bit (collab's
+    feature default: groups of 1 channel, stripes of 1 row, ranges per frame, constant blocks as one code),
+    SGQ 4-bit "blocks" (features like the gradients: groups of 4, stripes of H/4 rows, ranges per sample),
+    SGQ 2-bit (feature default), same seed and epochs: test
+    accuracy through the split, bytes per sample each direction (features + labels up, gradients down,
+    envelopes included), compression vs fp32, relative L2 reconstruction error of the features and the
+    gradients (mean over steps). Then a bytes-vs-error table on the trained features of one batch: SGQ at
+    several (bits, group, stripe rows, range scope) settings against uniform quantization at 4, 5 and 6
+    bits, frames as sent inside a stream (the channel order already known to the receiver), and the SGQ
+    setting of least error whose frame is no larger than uniform 4-bit's. Targets: SGQ 4-bit within 1.0
+    point of fp32, >= 7x less traffic than fp32, lower feature error than uniform 4-bit.
     ``python benches/sgq.py --part split --epochs 2`` (needs ``apt-get install dataset-fashion-mnist``).
 """
 
@@ -48,9 +53,11 @@ def codec_throughput(repeat):
     out = np.empty_like(x)
     t_copy = best_seconds(lambda: np.copyto(out, x), repeat)
     print(f"threads={edgelearn.get_num_threads()}  tensor {x.shape} float32 = {x.nbytes / 2**20:.0f} MiB")
-    print(f"{'config':<12} {'frame MiB':>9} {'ratio':>6} {'rel.L2':>8} {'encode GB/s':>12} {'decode GB/s':>12}")
-    print(f"{'numpy copy':<12} {'':>9} {'':>6} {'':>8} {gb / t_copy:>12.2f} {gb / t_copy:>12.2f}")
+    print(f"{'config':<14} {'frame MiB':>9} {'ratio':>6} {'rel.L2':>8} {'encode GB/s':>12} {'decode GB/s':>12}")
+    print(f"{'numpy copy':<14} {'':>9} {'':>6} {'':>8} {gb / t_copy:>12.2f} {gb / t_copy:>12.2f}")
     configs = [(f"sgq-{b}bit", dict(bits=b)) for b in (2, 4, 8)]
+    # the collab feature setting: per-channel rows, ranges per frame, constant blocks as one code
+    configs += [("sgq-4bit-rows", dict(bits=4, group=1, stripe_rows=1, ranges="frame", constant_blocks=True))]
     configs += [("uniform-4bit", dict(bits=4, mode="uniform")), ("fp16", dict(mode="fp16"))]
     for name, kw in configs:
         frame = sgq.encode(x, **kw)
@@ -58,7 +65,7 @@ def codec_throughput(repeat):
         td = best_seconds(lambda: sgq.decode(frame), repeat)
         err = np.linalg.norm(sgq.decode(frame) - x) / np.linalg.norm(x)
         print(
-            f"{name:<12} {len(frame) / 2**20:>9.2f} {x.nbytes / len(frame):>6.1f} {err:>8.4f} "
+            f"{name:<14} {len(frame) / 2**20:>9.2f} {x.nbytes / len(frame):>6.1f} {err:>8.4f} "
             f"{gb / te:>12.2f} {gb / td:>12.2f}"
         )
 
@@ -68,6 +75,8 @@ SPLIT_CONFIGS = (
     ("fp16", dict(mode="fp16")),
     ("uniform-4bit", dict(mode="uniform", bits=4)),
     ("sgq-4bit", dict(mode="sgq", bits=4)),
+    ("sgq-4bit-blocks", dict(mode="sgq", bits=4, feature_group=4, feature_stripe_rows=None, feature_ranges="sample",
+                             constant_blocks=False)),
     ("sgq-2bit", dict(mode="sgq", bits=2)),
 )
 
@@ -95,10 +104,10 @@ def split_training(args):
         edges[name] = edge
         print(f"  {name}: test accuracy {100 * r['test_accuracy']:.2f}%  ({r['train_seconds']:.0f} s)", flush=True)
     base = rows[0][1]
-    print(f"\n{'config':<13} {'test acc %':>10} {'up B/smp':>9} {'down B/smp':>10} {'ratio':>6} "
+    print(f"\n{'config':<15} {'test acc %':>10} {'up B/smp':>9} {'down B/smp':>10} {'ratio':>6} "
           f"{'feat relL2':>10} {'grad relL2':>10}")
     for name, r in rows:
-        print(f"{name:<13} {100 * r['test_accuracy']:>10.2f} {r['bytes_up_per_sample']:>9.1f} "
+        print(f"{name:<15} {100 * r['test_accuracy']:>10.2f} {r['bytes_up_per_sample']:>9.1f} "
               f"{r['bytes_down_per_sample']:>10.1f} {base['bytes_per_sample'] / r['bytes_per_sample']:>6.2f} "
               f"{r['feature_rel_l2']:>10.4f} {r['grad_rel_l2']:>10.4f}")
     result = dict(rows)
@@ -106,24 +115,55 @@ def split_training(args):
     ratio = base["bytes_per_sample"] / result["sgq-4bit"]["bytes_per_sample"]
     print(f"\nSGQ 4-bit minus fp32 test accuracy: {diff:+.2f} points (target >= -1.0); traffic {ratio:.2f}x "
           f"smaller than fp32, both directions (target >= 7)")
+    uni = result["uniform-4bit"]
+    for name in ("sgq-4bit", "sgq-4bit-blocks"):
+        r = result[name]
+        extra = r["bytes_up_per_sample"] - uni["bytes_up_per_sample"]
+        print(f"{name} vs uniform-4bit, upstream (features): {extra:+.1f} B/sample "
+              f"({100 * extra / uni['bytes_up_per_sample']:+.2f} %), feature rel.L2 {r['feature_rel_l2']:.4f} vs "
+              f"{uni['feature_rel_l2']:.4f}: {'no more bytes' if extra <= 0 else 'MORE bytes'}")
     bytes_vs_error(edges["sgq-4bit"], test, args)
 
 
 def bytes_vs_error(edge, test, args):
-    """Frame bytes and feature error of SGQ vs uniform quantization on the trained edge's test features."""
+    """Frame bytes and feature error of SGQ vs uniform quantization on the trained edge's test features, frames
+    as sent inside a stream (the receiver already holds the channel order)."""
     from edgelearn import no_grad, tensor
 
     edge.model.eval()
     with no_grad():
         x = np.ascontiguousarray(edge.model(tensor(test.images[:args.batch_size])).data)
-    n = len(x)
-    print(f"\nfeature frames of one test batch {x.shape} from the trained SGQ 4-bit edge (per sample):")
-    print(f"{'codec':<13} {'bytes':>8} {'rel.L2':>8}")
-    for name, kw in (("sgq-4bit", dict(bits=4)), ("sgq-3bit", dict(bits=3)), ("uniform-4bit", dict(mode="uniform", bits=4)),
-                     ("uniform-5bit", dict(mode="uniform", bits=5)), ("uniform-6bit", dict(mode="uniform", bits=6))):
-        frame = sgq.encode(x, group=args.group, stripe_rows=args.stripe_rows, **kw)
-        err = np.linalg.norm(sgq.decode(frame) - x) / np.linalg.norm(x)
-        print(f"{name:<13} {len(frame) / n:>8.1f} {err:>8.4f}")
+    n, h = len(x), x.shape[2]
+    order = sgq.channel_order(x)
+    r = args.stripe_rows or max(h // 4, 1)
+    print(f"\nfeature frames of one test batch {x.shape} from the trained SGQ 4-bit edge, channel order known to "
+          f"the receiver (bytes per sample, header included):")
+    print(f"{'codec':<40} {'bytes':>8} {'rel.L2':>8}")
+    configs = [(f"uniform-{b}bit", dict(mode="uniform", bits=b)) for b in (4, 5, 6)]
+    for bits in (4, 3):
+        for g, rows, scope, const in ((args.group, r, "sample", False), (2 * args.group, 2 * r, "sample", False),
+                                      (x.shape[1], h, "sample", False), (args.group, r, "frame", False),
+                                      (args.group, r, "frame", True), (2, 1, "frame", True), (1, 2, "frame", True),
+                                      (1, 1, "frame", False), (1, 1, "frame", True)):
+            configs.append((f"sgq-{bits}bit g{g} r{rows} ranges/{scope}{' +const' if const else ''}",
+                            dict(bits=bits, group=g, stripe_rows=rows, ranges=scope, constant_blocks=const,
+                                 order=order if g > 1 else None, send_order=False)))
+    results = {}
+    for name, kw in configs:
+        frame = sgq.encode(x, **kw)
+        y = sgq.decode(frame, order=kw.get("order"))
+        err = float(np.linalg.norm(y - x) / np.linalg.norm(x))
+        results[name] = (len(frame), err)
+        print(f"{name:<40} {len(frame) / n:>8.1f} {err:>8.4f}")
+    u_bytes, u_err = results["uniform-4bit"]
+    fits = [(err, name, size) for name, (size, err) in results.items() if name.startswith("sgq") and size <= u_bytes]
+    best4 = [f for f in fits if f[1].startswith("sgq-4bit")]
+    print(f"SGQ 4-bit settings with bytes <= uniform-4bit ({u_bytes / n:.1f} B/sample): "
+          f"{', '.join(f[1] for f in sorted(best4)) or 'none'}")
+    if fits:
+        err, name, size = min(fits)
+        print(f"matched bytes: best SGQ with bytes <= uniform-4bit is {name}: {size / n:.1f} B/sample, rel.L2 {err:.4f} "
+              f"vs uniform-4bit {u_bytes / n:.1f} B/sample, rel.L2 {u_err:.4f}")
 
 
 def main():
