@@ -91,11 +91,12 @@ impl Header {
             Mode::Uniform => 1,
             Mode::Fp16 => 2,
         };
-        let flags = (self.stochastic as u8) * FLAG_STOCHASTIC
-            | (self.has_permutation as u8) * FLAG_PERMUTATION
-            | (self.frame_ranges as u8) * FLAG_FRAME_RANGES
-            | (self.stream_order as u8) * FLAG_STREAM_ORDER
-            | (self.constant_map as u8) * FLAG_CONSTANT_MAP;
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        let flags = flag(self.stochastic, FLAG_STOCHASTIC)
+            | flag(self.has_permutation, FLAG_PERMUTATION)
+            | flag(self.frame_ranges, FLAG_FRAME_RANGES)
+            | flag(self.stream_order, FLAG_STREAM_ORDER)
+            | flag(self.constant_map, FLAG_CONSTANT_MAP);
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&self.version.to_le_bytes());
         out[6] = DTYPE_F32;
@@ -199,7 +200,7 @@ impl Frame<'_> {
     pub fn is_constant(&self, index: usize) -> bool {
         self.map
             .get(index / 8)
-            .is_some_and(|b| b >> (index % 8) & 1 == 1)
+            .is_some_and(|b| (b >> (index % 8)) & 1 == 1)
     }
 
     /// Number of codes in the stream: every element, except that a constant block has one code.
