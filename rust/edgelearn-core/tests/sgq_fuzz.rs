@@ -62,10 +62,14 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
     ];
     for (i, &(n, c, h, w)) in shapes.iter().enumerate() {
         let shape = Shape { n, c, h, w };
-        // ReLU-like: about a third zeros, so some blocks are constant
-        let x: Vec<f32> = (0..n * c * h * w)
+        // ReLU-like: about a third zeros, and the first row of every plane zero (an empty image
+        // border), so frames with a constant-block map mark some blocks
+        let mut x: Vec<f32> = (0..n * c * h * w)
             .map(|_| ((rng.below(2000) as f32 - 700.0) / 100.0).max(0.0))
             .collect();
+        for plane in x.chunks_mut(h * w) {
+            plane[..w].fill(0.0);
+        }
         for (mode, bits) in [
             (Mode::Sgq, 1 + (i as u8 % 8)),
             (Mode::Sgq, 8 - i as u8),
@@ -206,6 +210,14 @@ fn decoder_survives_mutated_frames() {
         .unwrap_or(0x5EED_F00D);
     let mut rng = Rng(seed | 1);
     let corpus = seeds(&mut rng);
+    let marked = corpus
+        .iter()
+        .filter(|f| {
+            let f = sgq::parse(f).unwrap();
+            (0..8 * f.map.len()).any(|i| f.is_constant(i))
+        })
+        .count();
+    assert!(marked > 0, "no seed frame has a constant block");
     for f in &corpus {
         assert!(check_one(f), "a valid frame was rejected");
         let stream_order = sgq::parse(f).unwrap().header.stream_order;
@@ -228,5 +240,9 @@ fn decoder_survives_mutated_frames() {
             break;
         }
     }
-    eprintln!("sgq fuzz: {iterations} mutated frames (seed {seed}), {accepted} decoded, no panic");
+    eprintln!(
+        "sgq fuzz: {} seed frames ({marked} with constant blocks), {iterations} mutated frames (seed \
+         {seed}), {accepted} decoded, no panic",
+        corpus.len()
+    );
 }
