@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the SGQ frame decoder for a bounded time (default 60 s) on the stable toolchain: mutated valid
-# frames (bit flips, truncations, length-field edits with the CRC re-sealed, random bytes) must decode to
-# Ok or Err without a panic or an allocation out of proportion to the frame (rust/edgelearn-core/tests/
-# sgq_fuzz.rs). With a nightly toolchain and cargo-fuzz, the coverage-guided target in
+# frames of every kind (per-sample and per-frame ranges, constant-block maps, frames that leave the channel
+# order to their stream; bit flips, truncations, flag and length-field edits with the CRC re-sealed, random
+# bytes) must decode to Ok or Err without a panic or an allocation out of proportion to the frame
+# (rust/edgelearn-core/tests/sgq_fuzz.rs). With a nightly toolchain and cargo-fuzz, the coverage-guided target in
 # rust/edgelearn-core/fuzz runs too. Usage: scripts/fuzz-sgq.sh [seconds]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -139,7 +139,7 @@ def test_frame_size_is_bits_per_element_plus_small_overhead(rng, bits):
     assert bits / 8 < per_element < bits / 8 * 1.1
 
 
-def test_sgq_4bit_beats_uniform_4bit_at_no_more_bytes(rng):
+def test_sgq_4bit_beats_uniform_4bit_with_ranges_as_the_only_extra_bytes(rng):
     x = features(rng, n=16, c=32, h=16, w=16)
     s = sgq.encode(x, bits=4)
     u = sgq.encode(x, bits=4, mode="uniform")
@@ -147,9 +147,36 @@ def test_sgq_4bit_beats_uniform_4bit_at_no_more_bytes(rng):
     # same 4-bit code budget; SGQ's side information (ranges, order) is < 5% of the frame
     assert len(s) <= len(u) * 1.05
     assert err(s) < err(u) / 3, (err(s), err(u))
+    # ranges per frame: the extra bytes are 4 per (group, stripe) minus uniform's one range, and the
+    # order once; the error is still far below uniform's
+    f = sgq.encode(x, bits=4, ranges="frame", send_order=False)
+    groups, stripes = 32 // 4, 16 // 4
+    assert len(f) - len(u) == 4 * groups * stripes - 4
+    rel = np.linalg.norm(sgq.decode(f, order=sgq.channel_order(x)) - x) / np.linalg.norm(x)
+    assert rel < err(u) / 1.5, (rel, err(u))
     # and at fewer bits: SGQ 3-bit (smaller frame than uniform 4-bit) still wins
     s3 = sgq.encode(x, bits=3)
     assert len(s3) < len(u) and err(s3) < err(u)
+
+
+def test_frame_ranges_are_shared_by_the_samples(rng):
+    x = features(rng, n=4, c=8, h=8, w=8)
+    frame = sgq.encode(x, ranges="frame")
+    info = sgq.frame_info(frame)
+    assert info["ranges"] == "frame" and info["ranges_bytes"] == 4 * 2 * 4
+    y = sgq.decode(frame)
+    # every block's range covers all samples: the bound is the frame-wide block width
+    order = info["order_list"] or list(range(8))
+    xp, yp = x[:, order], y[:, order]
+    for k in range(2):
+        for s_ in range(4):
+            blk = (slice(None), slice(4 * k, 4 * k + 4), slice(2 * s_, 2 * s_ + 2))
+            lo, hi = f16_outward(xp[blk].min(), xp[blk].max())
+            assert np.abs(yp[blk] - xp[blk]).max() <= (hi - lo) / 15 / 2 * (1 + 1e-5) + 1e-6
+    with pytest.raises(ValueError, match="ranges"):
+        sgq.encode(x, mode="uniform", ranges="frame")
+    with pytest.raises(ValueError, match="ranges"):
+        sgq.encode(x, ranges="block")
 
 
 def test_channel_order_groups_similar_scales(rng):
@@ -191,6 +218,106 @@ def test_codec_stochastic_frames_differ_per_frame_but_are_reproducible(rng):
     assert fa == fb and fa[0] != fa[1]
 
 
+def test_codec_sends_the_order_only_when_it_changes(rng):
+    x = features(rng, n=2, c=8, h=8, w=8)
+    x2 = x[:, ::-1].copy()
+    tx, rx = sgq.Codec(bits=4, refresh_every=2), sgq.Codec(bits=4)
+    frames = [tx.encode(v) for v in (x, x, x2, x2)]
+    kinds = [sgq.frame_info(f)["order"] for f in frames]
+    # frame 0 carries the order, frame 1 reuses it, frame 2 refreshes it (reversed data: a new order)
+    assert kinds[0] == "frame" and kinds[1] == "stream" and kinds[2] == "frame" and kinds[3] == "stream"
+    assert len(frames[1]) == len(frames[0]) - 2 * 8
+    for f, v in zip(frames, (x, x, x2, x2)):
+        assert np.abs(rx.decode(f) - v).max() <= v.max() / 15
+        assert np.array_equal(tx.decode_sent(f), sgq.decode(f, order=tx.order))
+    assert rx.received_order == tx.order
+    # a receiver that missed the frame with the order cannot decode the next one
+    with pytest.raises(sgq.FrameError, match="no channel order"):
+        sgq.Codec().decode(frames[1])
+    # every frame self-contained on request
+    always = sgq.Codec(send_order="always")
+    assert all(sgq.frame_info(always.encode(x))["order"] == "frame" for _ in range(3))
+
+
+def test_decode_of_a_stream_order_frame_needs_the_order(rng):
+    x = features(rng, n=2, c=6, h=4, w=4)
+    order = sgq.channel_order(x)
+    assert order != list(range(6))
+    frame = sgq.encode(x, order=order, send_order=False)
+    info = sgq.frame_info(frame)
+    assert info["order"] == "stream" and not info["permutation"] and info["permutation_bytes"] == 0
+    with pytest.raises(sgq.FrameError, match="carries no channel order"):
+        sgq.decode(frame)
+    with pytest.raises(sgq.FrameError, match="permutation of 0..6"):
+        sgq.decode(frame, order=[0, 1, 2, 3, 4])
+    with pytest.raises(sgq.FrameError, match="permutation of 0..6"):
+        sgq.decode(frame, order=[0, 1, 2, 3, 4, 4])
+    assert np.array_equal(sgq.decode(frame, order=order), sgq.decode(sgq.encode(x, order=order)))
+    # the identity order needs nothing from the stream
+    ident = sgq.encode(x, order=list(range(6)), send_order=False)
+    assert sgq.frame_info(ident)["order"] == "identity"
+    sgq.decode(ident)
+
+
+def zero_row_features(rng, n=4, c=6, h=8, w=8):
+    """ReLU-like features whose first three rows are zero in every channel (an image's empty border)."""
+    x = features(rng, n=n, c=c, h=h, w=w)
+    x[:, :, :3] = 0
+    return x
+
+
+def test_constant_blocks_carry_one_code(rng):
+    x = zero_row_features(rng)
+    kw = dict(bits=4, group=1, stripe_rows=1, ranges="frame")
+    plain, mapped = sgq.encode(x, **kw), sgq.encode(x, constant_blocks=True, **kw)
+    info = sgq.frame_info(mapped)
+    # 4 samples x 6 channels x 8 rows = 192 blocks: a 24-byte map; 72 zero rows of 8 elements keep 1 code
+    assert info["constant_map"] and info["map_bytes"] == 24 and info["constant_blocks"] >= 72
+    saved_codes = info["constant_blocks"] * (8 - 1)
+    assert info["codes_bytes"] == (x.size - saved_codes) * 4 // 8
+    assert len(plain) - len(mapped) == saved_codes * 4 // 8 - 24
+    y = sgq.decode(mapped)
+    assert np.array_equal(y, sgq.decode(plain))
+    assert np.all(y[:, :, :3] == 0)
+    # the Codec with constant blocks, per-frame ranges and groups of one channel: identity order, no permutation
+    codec = sgq.Codec(bits=4, group=1, stripe_rows=1, ranges="frame", constant_blocks=True)
+    f = codec.encode(x)
+    assert f == mapped and sgq.frame_info(f)["order"] == "identity" and codec.order is None
+    assert np.array_equal(sgq.Codec().decode(f), y)
+    with pytest.raises(ValueError, match="constant_blocks"):
+        sgq.encode(x, mode="uniform", constant_blocks=True)
+
+
+def test_constant_blocks_with_stochastic_rounding_stay_within_one_step(rng):
+    x = zero_row_features(rng) + np.float32(0.1)  # constant rows of a value float16 cannot hold exactly
+    frame = sgq.encode(x, bits=3, group=2, stripe_rows=1, ranges="frame", constant_blocks=True,
+                       rounding="stochastic", seed=3)
+    y = sgq.decode(frame)
+    order = sgq.frame_info(frame)["order_list"] or list(range(6))
+    xp, yp = x[:, order], y[:, order]  # groups are runs of the channel order
+    for k in range(3):
+        for row in range(8):
+            blk = xp[:, 2 * k:2 * k + 2, row]
+            lo, hi = f16_outward(blk.min(), blk.max())
+            assert np.abs(yp[:, 2 * k:2 * k + 2, row] - blk).max() <= (hi - lo) / 7 * (1 + 1e-5) + 1e-6
+    # each constant block (a sample's zero row of a group) decodes to one value
+    for k in range(3):
+        for row in range(3):
+            blk = yp[:, 2 * k:2 * k + 2, row]
+            assert np.all(blk == blk[:, :1, :1])
+
+
+def test_version_1_frames_still_decode(rng):
+    x = features(rng, n=2, c=6, h=4, w=4)
+    v2 = sgq.encode(x)
+    v1 = edit(v2, 4, "<H", 1)
+    assert sgq.frame_info(v1)["version"] == 1
+    assert np.array_equal(sgq.decode(v1), sgq.decode(v2))
+    # flag bits 2 and 3 do not exist in version 1
+    with pytest.raises(sgq.FrameError, match="flag"):
+        sgq.decode(edit(sgq.encode(x, ranges="frame"), 4, "<H", 1))
+
+
 def test_codec_baseline_modes(rng):
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     for mode in ("uniform", "fp16"):
@@ -210,7 +337,8 @@ def good(rng):
 
 def test_frame_info_reports_the_header(good):
     info = sgq.frame_info(good)
-    assert info["version"] == 1 and info["mode"] == "sgq" and info["bits"] == 3
+    assert info["version"] == 2 and info["mode"] == "sgq" and info["bits"] == 3
+    assert info["order"] == "frame" and info["ranges"] == "sample" and len(info["order_list"]) == 6
     assert info["shape"] == (2, 6, 3, 5) and info["group"] == 2 and info["stripe_rows"] == 2
     assert info["rounding"] == "nearest" and info["dtype"] == "float32"
     assert info["crc32"] == zlib.crc32(good[:52] + good[56:])
@@ -229,7 +357,10 @@ BAD_FRAMES = {
     "truncated payload": lambda g: g[:-1],
     "trailing bytes": lambda g: g + b"\0",
     "bad magic": lambda g: edit(g, 0, "4s", b"JUNK"),
-    "unknown version": lambda g: edit(g, 4, "<H", 2),
+    "unknown version": lambda g: edit(g, 4, "<H", 3),
+    "version zero": lambda g: edit(g, 4, "<H", 0),
+    "permutation and stream order flags": lambda g: edit(g, 9, "B", 2 | 8),
+    "frame ranges flag with per-sample ranges": lambda g: edit(g, 9, "B", 2 | 4),
     "unknown dtype": lambda g: edit(g, 6, "B", 7),
     "unknown mode": lambda g: edit(g, 7, "B", 3),
     "bits zero": lambda g: edit(g, 8, "B", 0),
@@ -268,6 +399,54 @@ def test_decode_rejects_malformed_frame(good, name):
         sgq.decode(bad)
     with pytest.raises(sgq.FrameError):
         sgq.frame_info(bad)
+
+
+STREAM_BAD_FRAMES = {
+    "truncated": lambda g: g[:-1],
+    "wrong crc": lambda g: g[:-1] + bytes([g[-1] ^ 1]),
+    "permutation length with stream order": lambda g: edit(g, 36, "<I", 12),
+    "ranges length disagrees": lambda g: edit(g, 40, "<I", 4),
+    "stream order in uniform mode": lambda g: edit(g, 7, "B", 1),
+}
+
+
+def _map_offset(frame):
+    info = sgq.frame_info(frame)
+    return HEADER + info["permutation_bytes"] + info["ranges_bytes"] - info["map_bytes"]
+
+
+MAP_BAD_FRAMES = {
+    "truncated": lambda g: g[:-1],
+    "wrong crc": lambda g: g[:-1] + bytes([g[-1] ^ 1]),
+    "one more constant block than the codes": lambda g: reseal(
+        g[:_map_offset(g)] + bytes([g[_map_offset(g)] | 0xFF]) + g[_map_offset(g) + 1:]),
+    "one fewer constant block than the codes": lambda g: reseal(
+        g[:_map_offset(g)] + bytes([g[_map_offset(g)] & 0xFE]) + g[_map_offset(g) + 1:]),
+    "codes length beyond the elements": lambda g: edit(g, 44, "<Q", 10**6),
+    "codes length below one per block": lambda g: edit(g, 44, "<Q", 1),
+    "map flag without a map": lambda g: edit(sgq.encode(zero_row_features(np.random.default_rng(1)), group=1,
+                                                        stripe_rows=1, ranges="frame"), 9, "B", 4 | 16),
+    "map in uniform mode": lambda g: edit(g, 7, "B", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAP_BAD_FRAMES))
+def test_decode_rejects_malformed_constant_block_maps(rng, name):
+    good = sgq.encode(zero_row_features(rng), group=1, stripe_rows=1, ranges="frame", constant_blocks=True)
+    assert sgq.frame_info(good)["constant_blocks"] > 0 and good[_map_offset(good)] & 1
+    with pytest.raises(sgq.FrameError):
+        sgq.decode(MAP_BAD_FRAMES[name](good))
+
+
+@pytest.mark.parametrize("name", sorted(STREAM_BAD_FRAMES))
+def test_decode_rejects_malformed_stream_order_frame_even_with_the_order(rng, name):
+    x = features(rng, n=2, c=6, h=3, w=5)
+    order = sgq.channel_order(x)
+    good = sgq.encode(x, bits=3, group=2, stripe_rows=2, order=order, send_order=False)
+    sgq.decode(good, order=order)
+    bad = STREAM_BAD_FRAMES[name](good)
+    with pytest.raises(sgq.FrameError):
+        sgq.decode(bad, order=order)
 
 
 def test_frame_error_messages_say_what_is_wrong(good):

@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 PRC_DEFAULT = "minmax"
 
 
@@ -107,6 +114,231 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------------
+# collab: the cloud (serve) and an edge device (join) of split learning over gRPC
+
+
+def _say_flush(message: str) -> None:
+    print(message, flush=True)
+
+
+def _token(args: argparse.Namespace):
+    import os
+
+    return args.token if args.token is not None else os.environ.get("EDGELEARN_COLLAB_TOKEN") or None
+
+
+def _cmd_collab_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+    import time
+
+    import edgelearn
+    from edgelearn.collab import Cloud
+    from edgelearn.collab.transport import CloudServer
+
+    if args.threads is not None:
+        edgelearn.set_num_threads(args.threads)
+    input_shape = classes = None
+    if args.dataset:
+        from edgelearn import data as eldata
+
+        train = eldata.get_dataset(args.dataset, seed=args.seed).train
+        input_shape, classes = train.image_shape, train.num_classes
+    cloud = Cloud(args.model, args.split, seed=args.seed, lr=args.lr, momentum=args.momentum,
+                  weight_decay=args.weight_decay, input_shape=input_shape, classes=classes, log=_say_flush)
+    server = CloudServer(cloud, args.host, args.port, token=_token(args), tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, max_edges=args.max_edges,
+                         max_message_bytes=int(args.max_message_mb * 2**20), log=_say_flush)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    if args.port_file:
+        tmp = f"{args.port_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{server.port}\n")
+        os.replace(tmp, args.port_file)
+    _say_flush(f"cloud listening on {args.host}:{server.port} ({'TLS' if server.tls else 'no TLS'}, "
+               f"{'token required' if server.token else 'no token'}): {args.model} split at {args.split}"
+               + (f"; exits after {args.edges} edge sessions" if args.edges else ""))
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    timed_out = False
+    try:
+        while not stop.is_set():
+            if args.edges and cloud.wait_ended(args.edges, 0.2):
+                break
+            if not args.edges:
+                stop.wait(0.2)
+            if deadline is not None and time.monotonic() > deadline:
+                timed_out = True
+                break
+    finally:
+        server.stop(grace=2.0)
+    ended = list(cloud.ended)
+    counts = {s: sum(e["status"] == s for e in ended) for s in ("completed", "dropped", "rejected")}
+    _say_flush(f"cloud stopped: {cloud.steps} steps applied; {counts['completed']} edges completed, "
+               f"{counts['dropped']} dropped, {counts['rejected']} rejected")
+    if args.json:
+        print(json.dumps({"port": server.port, "steps": cloud.steps, **counts, "sessions": ended,
+                          "timed_out": timed_out}, default=str))
+    if timed_out:
+        print(f"edgelearn: error: --timeout {args.timeout:g} s reached with {len(ended)} of {args.edges} edge "
+              "sessions ended", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_collab_join(args: argparse.Namespace) -> int:
+    import time
+
+    import edgelearn
+    from edgelearn import data as eldata
+    from edgelearn.collab import Edge, train_edge
+    from edgelearn.collab.transport import GrpcTransport
+
+    if args.threads is not None:
+        edgelearn.set_num_threads(args.threads)
+    splits = eldata.get_dataset(args.dataset, seed=args.seed)
+    train, test = splits.train, splits.test
+    t0 = time.perf_counter()
+    transport = GrpcTransport(args.server, token=_token(args), root_cert=args.tls_root_cert,
+                              server_name=args.tls_server_name, connect_timeout=args.connect_timeout,
+                              max_message_bytes=int(args.max_message_mb * 2**20))
+    try:
+        octo_config = None
+        if args.precision == "int8":
+            octo_config = edgelearn.OctoConfig(seed=args.seed)
+        edge = Edge(transport, train.image_shape, train.num_classes, mode=args.mode, bits=args.bits,
+                    group=args.group, stripe_rows=args.stripe_rows, precision=args.precision,
+                    octo_config=octo_config, lr=args.lr, name=args.name, model=args.model, split=args.split,
+                    feature_group=args.feature_group, feature_stripe_rows=args.feature_stripe_rows or None,
+                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks)
+    except BaseException:
+        transport.close()
+        raise
+    _say_flush(f"edge {edge.edge_id} joined {args.server}: {edge.model_name} split at {edge.split} "
+               f"({args.precision} edge part), {args.mode} {edge.summary()['bits']}-bit features "
+               f"{edge.feature_shape}, {len(train)} train / {len(test)} test images of {args.dataset}")
+    try:
+        result = train_edge(edge, train, None if args.no_eval else test, epochs=args.epochs, steps=args.steps,
+                            batch_size=args.batch_size, seed=args.seed, eval_limit=args.eval_limit,
+                            bn_recalibration_batches=args.bn_recalibration_batches,
+                            progress=not args.no_progress, log_every=args.log_every, log=_say_flush)
+    except BaseException:
+        transport.close()
+        raise
+    result.update(dataset=args.dataset, server=args.server, seconds=time.perf_counter() - t0)
+    up, down = result["bytes_up_per_sample"], result["bytes_down_per_sample"]
+    _say_flush(f"trained {result['steps']} steps ({result['train_samples']} samples): train loss "
+               f"{result['train_loss']:.4f}, feature rel. L2 error {result['feature_rel_l2'] or 0:.4f}, "
+               f"gradient {result['grad_rel_l2'] or 0:.4f}")
+    if up is not None:
+        _say_flush(f"wire: {up:.1f} B/sample up, {down:.1f} B/sample down ({result['bytes_up']} B up, "
+                   f"{result['bytes_down']} B down in all); {result['compression_vs_fp32']:.2f}x less than fp32 "
+                   f"features + gradients ({2 * result['fp32_feature_bytes_per_sample']} B/sample)")
+    if "test_accuracy" in result:
+        _say_flush(f"test accuracy: {100 * result['test_accuracy']:.2f}% ({result['test_samples']} images, "
+                   f"through the split)")
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def _add_collab_parser(sub) -> None:
+    from edgelearn.collab.protocol import MAX_MESSAGE_BYTES
+
+    p_collab = sub.add_parser(
+        "collab", help="collaborative (split) learning over gRPC: a cloud (serve) and edge devices (join)",
+        description="Split learning: each edge device trains the first layers of a model on its own data and "
+                    "sends (SGQ-compressed) features to one cloud, which trains the rest and sends gradients "
+                    "back. The cloud decides the model, split and seed; edges send their data's shape.")
+    csub = p_collab.add_subparsers(dest="collab_command", metavar="ACTION")
+    csub.required = True
+    max_mb = MAX_MESSAGE_BYTES / 2**20
+
+    p_serve = csub.add_parser("serve", help="run the cloud", description="Run the cloud part of split learning.")
+    p_serve.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
+    p_serve.add_argument("--split", type=_positive_int, default=4,
+                         help="layer index of the split: edge = layers [0, split), cloud = the rest (default 4)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p_serve.add_argument("--port", type=int, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
+    p_serve.add_argument("--port-file", metavar="PATH", help="write the port listened on to PATH")
+    p_serve.add_argument("--dataset", default=None,
+                         help="fix the model's input shape and classes from this dataset now (default: from the "
+                              "first edge's HELLO)")
+    p_serve.add_argument("--seed", type=int, default=0, help="initialisation of the model (edges use it too)")
+    p_serve.add_argument("--lr", type=float, default=0.02)
+    p_serve.add_argument("--momentum", type=float, default=0.9)
+    p_serve.add_argument("--weight-decay", type=float, default=5e-4)
+    p_serve.add_argument("--token", default=None, help="shared token edges must send "
+                                                       "(default: $EDGELEARN_COLLAB_TOKEN; none = open)")
+    p_serve.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p_serve.add_argument("--tls-key", metavar="PEM", help="TLS private key (with --tls-cert)")
+    p_serve.add_argument("--edges", type=int, default=0,
+                         help="exit after this many edge sessions ended (completed, dropped or rejected); "
+                              "0 = serve until SIGINT/SIGTERM")
+    p_serve.add_argument("--max-edges", type=_positive_int, default=8, help="edges training at once (default 8)")
+    p_serve.add_argument("--max-message-mb", type=float, default=max_mb,
+                         help=f"largest message (a batch of features) accepted, MiB (default {max_mb:g})")
+    p_serve.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
+    p_serve.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
+    p_serve.add_argument("--json", action="store_true", help="end with one JSON line: steps, sessions, traffic")
+    p_serve.set_defaults(func=_cmd_collab_serve)
+
+    p_join = csub.add_parser("join", help="run an edge device",
+                             description="Train the edge part of the cloud's model on a local dataset.")
+    p_join.add_argument("--server", required=True, metavar="HOST:PORT", help="the cloud to dial")
+    p_join.add_argument("--dataset", default="digits", help="as in `edgelearn train` (default digits)")
+    p_join.add_argument("--mode", choices=("sgq", "uniform", "fp16", "fp32"), default="sgq",
+                        help="wire format of features and gradients (default sgq)")
+    p_join.add_argument("--bits", type=int, choices=range(1, 9), default=4, metavar="{1..8}",
+                        help="code width of sgq/uniform (default 4)")
+    p_join.add_argument("--group", type=_positive_int, default=4,
+                        help="SGQ channels per group of the gradients (default 4)")
+    p_join.add_argument("--stripe-rows", type=_positive_int, default=None,
+                        help="SGQ rows per stripe of the gradients (default H/4)")
+    p_join.add_argument("--feature-group", type=_positive_int, default=1,
+                        help="SGQ channels per group of the features (default 1)")
+    p_join.add_argument("--feature-stripe-rows", type=_nonnegative_int, default=1, metavar="N",
+                        help="SGQ rows per stripe of the features (default 1; 0: H/4)")
+    p_join.add_argument("--feature-ranges", choices=("frame", "sample"), default="frame",
+                        help="SGQ feature ranges per (group, stripe) of each batch, or per sample too "
+                             "(default frame; gradients always per sample)")
+    p_join.add_argument("--no-constant-blocks", action="store_true",
+                        help="give constant feature blocks a code per element (default: one code per block)")
+    p_join.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                        help="training precision of the edge part (default int8, Octo)")
+    p_join.add_argument("--epochs", type=_positive_int, default=1)
+    p_join.add_argument("--steps", "--max-steps", dest="steps", type=_positive_int, default=None,
+                        help="stop after this many steps in all")
+    p_join.add_argument("--batch-size", type=_positive_int, default=64)
+    p_join.add_argument("--lr", type=float, default=0.02)
+    p_join.add_argument("--seed", type=int, default=0, help="data split and order, stochastic rounding")
+    p_join.add_argument("--model", choices=("mlp", "cnn"), default=None, help="fail unless the cloud serves this")
+    p_join.add_argument("--split", type=_positive_int, default=None, help="fail unless the cloud splits here")
+    p_join.add_argument("--name", default="", help="name shown in the cloud's log")
+    p_join.add_argument("--token", default=None, help="the cloud's shared token (default: $EDGELEARN_COLLAB_TOKEN)")
+    p_join.add_argument("--tls-root-cert", "--tls-ca", dest="tls_root_cert", metavar="PEM",
+                        help="use TLS, trusting this root certificate")
+    p_join.add_argument("--tls-server-name", default=None, help="name to check in the cloud's certificate")
+    p_join.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the cloud")
+    p_join.add_argument("--max-message-mb", type=float, default=max_mb, help="largest reply accepted, MiB")
+    p_join.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test images")
+    p_join.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
+    p_join.add_argument("--bn-recalibration-batches", type=int, default=32,
+                        help="re-estimate BatchNorm statistics of both parts on this many batches after training "
+                             "(0 = off; default 32)")
+    p_join.add_argument("--log-every", type=int, default=0, help="print a line every N steps")
+    p_join.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
+    p_join.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_join.add_argument("--json", action="store_true",
+                        help="end with one JSON line: test_accuracy, bytes_up_per_sample, bytes_down_per_sample, "
+                             "compression_vs_fp32, feature_rel_l2, grad_rel_l2, steps, ...")
+    p_join.set_defaults(func=_cmd_collab_join)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -160,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="end with one JSON line: test_accuracy, train_images_per_s, epochs, precision, "
                               "dataset, peak_rss_mb, ...")
     p_train.set_defaults(func=_cmd_train)
+    _add_collab_parser(sub)
     return parser
 
 
@@ -176,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImportError) as exc:  # a dataset or optional extra missing: the message says how to get it
         print(f"edgelearn: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from edgelearn.collab.protocol import CollabError
+
+        if isinstance(exc, CollabError):  # refused, unreachable or broken peer: the message says which
+            print(f"edgelearn: error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -11,8 +11,17 @@ Shapes: ``x`` is float32 ``(N, C, H, W)`` (features of a conv layer), ``(N, C, L
 channels per sample). ``decode`` returns the shape that was encoded.
 
 Modes: ``"sgq"`` (channels re-ordered by similarity, groups of ``group`` channels, stripes of
-``stripe_rows`` rows, one range per (sample, group, stripe)), and the baselines ``"uniform"`` (one
-range for the whole tensor at ``bits`` bits) and ``"fp16"`` (raw float16 values, ``bits`` ignored).
+``stripe_rows`` rows, one range per (sample, group, stripe), or with ``ranges="frame"`` one per
+(group, stripe) shared by the samples of the frame), and the baselines ``"uniform"`` (one range for the
+whole tensor at ``bits`` bits) and ``"fp16"`` (raw float16 values, ``bits`` ignored).
+
+Frames (version 2) are self-contained unless the encoder was told the receiver already holds the channel
+order (``send_order=False``; :class:`Codec` does this when the order has not changed since the last frame
+it sent): such a frame says "stream order" and decodes only with that order, from the :class:`Codec` that
+received the earlier frame or passed as ``decode(frame, order=...)``; :func:`decode` alone raises
+:class:`FrameError`. With ``constant_blocks=True`` a block whose values are all equal in a sample (an
+image's empty border after a ReLU) carries one code, and the frame a map of one bit per block. Version 1
+frames (no such flags) still decode.
 
 Error bound: with ``lo``/``hi`` the float16 range of an element's block (rounded outwards from the block's
 min and max), ``|decode(encode(x)) - x| <= (hi - lo) / (2**bits - 1) / 2`` for nearest rounding and
@@ -28,13 +37,17 @@ import numpy as np
 from . import _native
 from ._native import FrameError
 
-__all__ = ["encode", "decode", "frame_info", "channel_order", "Codec", "FrameError", "MODES", "HEADER_BYTES"]
+__all__ = ["encode", "decode", "frame_info", "channel_order", "Codec", "FrameError", "MODES", "RANGES",
+           "HEADER_BYTES"]
 
 #: Encodings a frame can use.
 MODES = ("sgq", "uniform", "fp16")
 #: Size of the fixed frame header in bytes.
 HEADER_BYTES = 56
 _ROUNDINGS = ("nearest", "stochastic")
+#: Range scopes of mode ``"sgq"``: per (sample, group, stripe) or per (group, stripe) for the frame.
+RANGES = ("sample", "frame")
+_SEND_ORDER = ("changed", "always")
 _SEED_LIMIT = 1 << 64
 
 
@@ -98,7 +111,8 @@ def _order(order, channels):
     return [int(v) for v in arr]
 
 
-def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, mode="sgq", order=None):
+def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, mode="sgq", order=None,
+           ranges="sample", send_order=True, constant_blocks=False):
     """Encodes a float32 feature or gradient tensor into an SGQ frame.
 
     Args:
@@ -114,9 +128,18 @@ def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, 
         mode: ``"sgq"``, or the baselines ``"uniform"`` (per-tensor range) and ``"fp16"`` (raw float16).
         order: channel order for ``mode="sgq"`` (a permutation of ``range(C)``, entry ``p`` = the channel
             placed at position ``p``); ``None`` computes it from ``x``. See :class:`Codec`.
+        ranges: ``"sample"`` (one range per (sample, group, stripe)) or ``"frame"`` (one per (group,
+            stripe) shared by the N samples: ``4·G·S`` bytes instead of ``4·N·G·S``). Mode sgq only.
+        send_order: ``False`` leaves a non-identity channel order out of the frame, for a receiver that
+            holds it already (the frame then needs ``decode(frame, order=...)`` or a :class:`Codec`).
+        constant_blocks: a (sample, group, stripe) block whose values are all equal (zero rows after a
+            ReLU, a constant background) gets one code instead of one per element; the frame carries a
+            map of one bit per block. Mode sgq only. Left out of a frame it would make decode to more
+            than 1024 bytes per frame byte.
 
     Returns:
-        ``bytes``: the frame (56-byte header, permutation if not the identity, ranges, packed codes).
+        ``bytes``: the frame (56-byte header, permutation if not the identity and ``send_order``, ranges,
+        packed codes).
     """
     x = _float32_array(x)
     bits = _int(bits, "bits", 1, 8)
@@ -125,27 +148,50 @@ def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, 
     rounding = _choice(rounding, "rounding", _ROUNDINGS)
     seed = _int(seed, "seed", 0, _SEED_LIMIT - 1, allow_none=True)
     mode = _choice(mode, "mode", MODES)
+    ranges = _choice(ranges, "ranges", RANGES)
+    if not isinstance(send_order, (bool, np.bool_)):
+        raise TypeError(f"send_order: expected a bool, got {type(send_order).__name__}")
     if order is not None:
         if mode != "sgq":
             raise ValueError(f"order: a channel order only applies to mode 'sgq', not {mode!r}")
         order = _order(order, x.shape[1])
-    return _native._sgq_encode(x, mode, bits, group, stripe_rows, rounding, seed, order)
+    if ranges != "sample" and mode != "sgq":
+        raise ValueError(f"ranges: {ranges!r} only applies to mode 'sgq', not {mode!r}")
+    if not isinstance(constant_blocks, (bool, np.bool_)):
+        raise TypeError(f"constant_blocks: expected a bool, got {type(constant_blocks).__name__}")
+    if constant_blocks and mode != "sgq":
+        raise ValueError(f"constant_blocks: only applies to mode 'sgq', not {mode!r}")
+    return _native._sgq_encode(x, mode, bits, group, stripe_rows, rounding, seed, order, ranges, bool(send_order),
+                               bool(constant_blocks))
 
 
-def decode(frame):
+def decode(frame, order=None):
     """Decodes an SGQ frame into a new float32 array of the shape that was encoded.
+
+    ``order`` is the channel order of the frame's stream, needed only by a frame that leaves it out
+    (``frame_info(frame)["order"] == "stream"``) and ignored otherwise.
 
     Raises:
         FrameError: the bytes are not a valid frame (bad magic, unknown version, truncated, trailing
             bytes, wrong CRC, lengths that disagree with the header, absurd shapes, invalid permutation
-            or ranges). Nothing sized by the header is allocated before the frame is validated.
+            or ranges), or the frame uses its stream's channel order and ``order`` is missing or not a
+            permutation of its channels. Nothing sized by the header is allocated before the frame is
+            validated.
     """
-    return _native._sgq_decode(_frame_bytes(frame))
+    if order is not None:
+        arr = np.asarray(order)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= 1 << 32)):
+            raise TypeError(f"order: expected a 1-D sequence of non-negative ints, got {arr.dtype} {arr.shape}")
+        order = [int(v) for v in arr]
+    return _native._sgq_decode(_frame_bytes(frame), order)
 
 
 def frame_info(frame):
     """Validates a frame (CRC included) and returns its header: ``version``, ``dtype``, ``mode``,
-    ``bits``, ``rounding``, ``permutation`` (present?), ``shape`` (as encoded), ``shape_4d``, ``group``,
+    ``bits``, ``rounding``, ``permutation`` (present?), ``order`` (``"identity"``, ``"frame"`` or
+    ``"stream"``), ``order_list`` (the permutation carried, or ``None``), ``ranges`` (``"sample"``,
+    ``"frame"``, ``"tensor"`` or ``"none"``), ``constant_map`` (present?), ``constant_blocks`` (how many
+    blocks it marks), ``map_bytes``, ``shape`` (as encoded), ``shape_4d``, ``group``,
     ``stripe_rows``, ``permutation_bytes``, ``ranges_bytes``, ``codes_bytes``, ``header_bytes``,
     ``frame_bytes``, ``crc32``. Raises :class:`FrameError` like :func:`decode`."""
     return _native._sgq_frame_info(_frame_bytes(frame))
@@ -157,17 +203,22 @@ def channel_order(x):
 
 
 class Codec:
-    """An SGQ encoder/decoder that keeps its settings and the channel order across frames.
+    """An SGQ encoder/decoder for one stream of frames: keeps its settings and the channel order.
 
     The order is computed from the first tensor encoded, then recomputed every ``refresh_every`` frames
-    (``None``: only when :meth:`update_order` is called). Frames are self-contained (the order travels
-    in each frame whose order is not the identity), so any frame decodes on its own, with this class or
-    :func:`decode`. With stochastic rounding and a ``seed``, frame ``i`` uses seed ``seed + i`` so
-    successive frames draw independent noise, reproducibly.
+    (``None``: only when :meth:`update_order` is called). With ``send_order="changed"`` (default) a frame
+    carries the order only when it differs from the last one this codec sent; the frames in between
+    leave it out (saving ``2·C`` bytes each) and decode only with a :class:`Codec` that decoded the
+    earlier frames of the same stream, in order (or ``decode(frame, order=...)``). ``send_order="always"``
+    makes every frame self-contained. The encoding side and the decoding side keep separate state
+    (:attr:`order` sent, :attr:`received_order`), so one object may do both for a stream.
+    ``ranges`` and ``constant_blocks`` as in :func:`encode`. With ``group=1`` the order changes nothing
+    and is not computed (frames are in the identity order). With stochastic rounding and a
+    ``seed``, frame ``i`` uses seed ``seed + i`` so successive frames draw independent noise, reproducibly.
     """
 
     def __init__(self, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, mode="sgq",
-                 refresh_every=None):
+                 refresh_every=None, ranges="sample", send_order="changed", constant_blocks=False):
         self.bits = _int(bits, "bits", 1, 8)
         self.group = _int(group, "group", 1)
         self.stripe_rows = _int(stripe_rows, "stripe_rows", 1, allow_none=True)
@@ -175,8 +226,20 @@ class Codec:
         self.seed = _int(seed, "seed", 0, _SEED_LIMIT - 1, allow_none=True)
         self.mode = _choice(mode, "mode", MODES)
         self.refresh_every = _int(refresh_every, "refresh_every", 1, allow_none=True)
+        self.ranges = _choice(ranges, "ranges", RANGES)
+        if self.ranges != "sample" and self.mode != "sgq":
+            raise ValueError(f"ranges: {self.ranges!r} only applies to mode 'sgq', not {self.mode!r}")
+        self.send_order = _choice(send_order, "send_order", _SEND_ORDER)
+        if not isinstance(constant_blocks, (bool, np.bool_)):
+            raise TypeError(f"constant_blocks: expected a bool, got {type(constant_blocks).__name__}")
+        if constant_blocks and self.mode != "sgq":
+            raise ValueError(f"constant_blocks: only applies to mode 'sgq', not {self.mode!r}")
+        self.constant_blocks = bool(constant_blocks)
         self.order = None
         self.frames = 0
+        self._sent_order = None
+        #: The channel order of the last frame decoded that carried one (or was the identity).
+        self.received_order = None
 
     def update_order(self, x):
         """Recomputes the channel order from ``x`` and keeps it for the next frames."""
@@ -186,23 +249,53 @@ class Codec:
     def encode(self, x):
         x = _float32_array(x)
         order = None
-        if self.mode == "sgq":
+        if self.mode == "sgq" and self.group > 1:
             stale = self.order is None or len(self.order) != x.shape[1]
             due = self.refresh_every is not None and self.frames % self.refresh_every == 0
             if stale or due:
                 self.update_order(x)
             order = self.order
         seed = None if self.seed is None else (self.seed + self.frames) % _SEED_LIMIT
-        frame = encode(x, self.bits, self.group, self.stripe_rows, self.rounding, seed, self.mode, order)
+        send = self.send_order == "always" or order is None or order != self._sent_order
+        frame = encode(x, self.bits, self.group, self.stripe_rows, self.rounding, seed, self.mode, order,
+                       self.ranges, send, self.constant_blocks)
+        if order is not None:
+            self._sent_order = list(order)
         self.frames += 1
         return frame
 
     def decode(self, frame):
-        return decode(frame)
+        """Decodes the next frame of the stream; a frame that carries its order (or is in the identity
+        order) sets :attr:`received_order`, one that leaves it out uses it.
+
+        Raises:
+            FrameError: as :func:`decode`; also for a frame that leaves the order out when no earlier
+                frame of this stream gave one.
+        """
+        frame = _frame_bytes(frame)
+        info = _native._sgq_frame_info(frame)
+        if info["order"] == "stream":
+            if self.received_order is None:
+                raise FrameError(
+                    "the frame carries no channel order: it uses the one an earlier frame of its stream sent, "
+                    "and this Codec has decoded no frame with an order yet"
+                )
+            return _native._sgq_decode(frame, self.received_order)
+        out = _native._sgq_decode(frame, None)
+        if info["mode"] == "sgq":
+            c = info["shape_4d"][1]
+            self.received_order = info["order_list"] if info["order"] == "frame" else list(range(c))
+        return out
+
+    def decode_sent(self, frame):
+        """Decodes a frame this codec just encoded (with the order it sent), without touching the
+        receiving state: what the other side will decode."""
+        return decode(frame, order=self.order if self.mode == "sgq" and self.group > 1 else None)
 
     def __repr__(self):
         return (
             f"Codec(bits={self.bits}, group={self.group}, stripe_rows={self.stripe_rows}, "
             f"rounding={self.rounding!r}, seed={self.seed}, mode={self.mode!r}, "
-            f"refresh_every={self.refresh_every})"
+            f"refresh_every={self.refresh_every}, ranges={self.ranges!r}, send_order={self.send_order!r}, "
+            f"constant_blocks={self.constant_blocks})"
         )

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edgelearn_core::quant::Rounding;
-use edgelearn_core::sgq::{self, frame, Mode, Settings, Shape};
+use edgelearn_core::sgq::{self, frame, Mode, Plan, RangeScope, Settings, Shape};
 
 struct LargestAllocation;
 
@@ -62,9 +62,14 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
     ];
     for (i, &(n, c, h, w)) in shapes.iter().enumerate() {
         let shape = Shape { n, c, h, w };
-        let x: Vec<f32> = (0..n * c * h * w)
-            .map(|_| (rng.below(2000) as f32 - 700.0) / 100.0)
+        // ReLU-like: about a third zeros, and the first row of every plane zero (an empty image
+        // border), so frames with a constant-block map mark some blocks
+        let mut x: Vec<f32> = (0..n * c * h * w)
+            .map(|_| ((rng.below(2000) as f32 - 700.0) / 100.0).max(0.0))
             .collect();
+        for plane in x.chunks_mut(h * w) {
+            plane[..w].fill(0.0);
+        }
         for (mode, bits) in [
             (Mode::Sgq, 1 + (i as u8 % 8)),
             (Mode::Sgq, 8 - i as u8),
@@ -82,6 +87,12 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
                 group: 1 + i % 3,
                 stripe_rows: i % 3,
                 rounding,
+                ranges: if i % 3 == 1 {
+                    RangeScope::Frame
+                } else {
+                    RangeScope::Sample
+                },
+                constant_blocks: i % 2 == 1,
             };
             let ndim = if w == 1 && h == 1 {
                 2
@@ -91,6 +102,15 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
                 4
             };
             out.push(sgq::encode(&x, shape, ndim, &s, None).unwrap());
+            if mode == Mode::Sgq && c > 1 {
+                // a frame that leaves its (reversed) channel order to the stream
+                let order: Vec<u32> = (0..c as u32).rev().collect();
+                let mut plan = Plan::new(&x, shape, ndim, &s, Some(&order)).unwrap();
+                plan.omit_order();
+                let mut f = vec![0u8; plan.frame_len()];
+                plan.write(&x, &mut f).unwrap();
+                out.push(f);
+            }
         }
     }
     out
@@ -138,6 +158,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
                 }
             }
             _ => {
+                // byte 9 (the flags) among them: stream order / frame ranges on and off
                 let i = rng.below(12);
                 if b.len() > i {
                     b[i] = rng.below(20) as u8;
@@ -154,10 +175,18 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
 /// One decode under the allocation check; returns whether it succeeded.
 fn check_one(bytes: &[u8]) -> bool {
     LARGEST.store(0, Ordering::Relaxed);
-    let result = sgq::decode(bytes);
+    // frames that use the stream's order get one (of the header's C when it can be read), to reach
+    // the decoder past the order check
+    let c = bytes
+        .get(16..20)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(0);
+    let stream: Vec<u32> = (0..c.min(64) as u32).rev().collect();
+    let result = sgq::decode_with_order(bytes, Some(&stream));
     let largest = LARGEST.load(Ordering::Relaxed);
-    // the output is at most 32 f32 bytes per frame byte (1-bit codes); anything beyond is header-sized
-    let limit = 64 * bytes.len() + (1 << 20);
+    // the output is at most MAX_EXPANSION f32 bytes per frame byte (32 without constant blocks, 1-bit
+    // codes); anything beyond is header-sized
+    let limit = sgq::MAX_EXPANSION * bytes.len() + (1 << 20);
     assert!(
         largest <= limit,
         "decode of a {}-byte frame allocated {largest} bytes",
@@ -181,8 +210,18 @@ fn decoder_survives_mutated_frames() {
         .unwrap_or(0x5EED_F00D);
     let mut rng = Rng(seed | 1);
     let corpus = seeds(&mut rng);
+    let marked = corpus
+        .iter()
+        .filter(|f| {
+            let f = sgq::parse(f).unwrap();
+            (0..8 * f.map.len()).any(|i| f.is_constant(i))
+        })
+        .count();
+    assert!(marked > 0, "no seed frame has a constant block");
     for f in &corpus {
         assert!(check_one(f), "a valid frame was rejected");
+        let stream_order = sgq::parse(f).unwrap().header.stream_order;
+        assert_eq!(sgq::decode(f).is_ok(), !stream_order);
     }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut iterations, mut accepted) = (0u64, 0u64);
@@ -201,5 +240,9 @@ fn decoder_survives_mutated_frames() {
             break;
         }
     }
-    eprintln!("sgq fuzz: {iterations} mutated frames (seed {seed}), {accepted} decoded, no panic");
+    eprintln!(
+        "sgq fuzz: {} seed frames ({marked} with constant blocks), {iterations} mutated frames (seed \
+         {seed}), {accepted} decoded, no panic",
+        corpus.len()
+    );
 }

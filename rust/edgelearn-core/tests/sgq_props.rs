@@ -2,7 +2,7 @@
 //! groups, stripes and both roundings; reproducibility; baselines; and frames that were tampered with.
 
 use edgelearn_core::quant::Rounding;
-use edgelearn_core::sgq::{self, frame, Mode, Settings, Shape};
+use edgelearn_core::sgq::{self, frame, Mode, Plan, RangeScope, Settings, Shape};
 use edgelearn_core::{threads, Error};
 use proptest::prelude::*;
 
@@ -20,12 +20,17 @@ fn values(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
 
 /// Checks every element against the bound of its block, read from the frame's own ranges.
 fn check_bound(x: &[f32], bytes: &[u8], stochastic_bound: bool) {
+    check_bound_with(x, bytes, stochastic_bound, None)
+}
+
+/// [`check_bound`] for a frame that may use its stream's order `stream`.
+fn check_bound_with(x: &[f32], bytes: &[u8], stochastic_bound: bool, stream: Option<&[u32]>) {
     let f = sgq::parse(bytes).unwrap();
     let h = f.header;
     let grid = h.grid();
-    let order = f.order();
+    let order = f.order(stream).unwrap();
     let ranges = f.ranges_f32();
-    let (_, y) = sgq::decode(bytes).unwrap();
+    let (_, y) = sgq::decode_with_order(bytes, stream).unwrap();
     let s = h.shape;
     let levels = ((1u32 << h.bits) - 1) as f32;
     let plane = s.h * s.w;
@@ -67,11 +72,99 @@ proptest! {
         let shape = Shape { n, c, h, w };
         let x = values(n * c * h * w, seed, scale, offset);
         let rounding = if stochastic { Rounding::Stochastic { seed } } else { Rounding::Nearest };
-        for mode in [Mode::Sgq, Mode::Uniform] {
-            let settings = Settings { mode, bits, group, stripe_rows: stripe, rounding };
+        for (mode, ranges) in [(Mode::Sgq, RangeScope::Sample), (Mode::Sgq, RangeScope::Frame), (Mode::Uniform, RangeScope::Sample)] {
+            let settings = Settings { mode, bits, group, stripe_rows: stripe, rounding, ranges, constant_blocks: false };
             let bytes = sgq::encode(&x, shape, 4, &settings, None).unwrap();
             check_bound(&x, &bytes, stochastic);
         }
+    }
+
+    /// Constant blocks (all-zero rows after a ReLU, a constant offset) decode exactly, and frames that
+    /// leave the order out decode within the bound given the stream's order.
+    #[test]
+    fn constant_blocks_and_stream_order_frames_round_trip(
+        n in 1usize..4, c in 2usize..11, h in 1usize..9, w in 1usize..9,
+        bits in 1u8..=8, group in 1usize..6, stripe in 0usize..5, seed in any::<u64>(),
+        constant in prop_oneof![Just(0.0f32), Just(1.5f32), Just(-3.0f32), Just(0.1f32)],
+        frame_ranges in any::<bool>(), constant_blocks in any::<bool>(), stochastic in any::<bool>(),
+    ) {
+        let shape = Shape { n, c, h, w };
+        let mut x = values(n * c * h * w, seed, 2.0, 0.0);
+        // channels 0 and 1: constant planes, so a group of them (order by range width) is constant
+        let plane = h * w;
+        for s in 0..n {
+            for ch in 0..2 {
+                x[(s * c + ch) * plane..(s * c + ch + 1) * plane].fill(constant);
+            }
+        }
+        let ranges = if frame_ranges { RangeScope::Frame } else { RangeScope::Sample };
+        let rounding = if stochastic { Rounding::Stochastic { seed } } else { Rounding::Nearest };
+        let settings = Settings { bits, group, stripe_rows: stripe, ranges, constant_blocks, rounding, ..Settings::default() };
+        let order: Vec<u32> = (0..c as u32).rev().collect();
+        let mut plan = Plan::new(&x, shape, 4, &settings, Some(&order)).unwrap();
+        let full_len = plan.frame_len();
+        plan.omit_order();
+        prop_assert_eq!(plan.frame_len(), full_len - 2 * c);
+        let mut bytes = vec![0u8; plan.frame_len()];
+        plan.write(&x, &mut bytes).unwrap();
+        let msg = match sgq::decode(&bytes) {
+            Err(Error::Frame { msg }) => msg,
+            other => panic!("a stream-order frame decoded without the order: {other:?}"),
+        };
+        prop_assert!(msg.contains("order="), "{}", msg);
+        check_bound_with(&x, &bytes, stochastic, Some(&order));
+        let (header, y) = sgq::decode_with_order(&bytes, Some(&order)).unwrap();
+        prop_assert_eq!(header.constant_map, constant_blocks);
+        // the frame without the map: every element has a code
+        let plain = Plan::new(&x, shape, 4, &Settings { constant_blocks: false, ..settings }, Some(&order)).unwrap();
+        let saved_codes = plain.header().codes_len - header.codes_len;
+        let g = group.min(c);
+        let mut exact_blocks = 0;
+        for (p, &ch) in order.iter().enumerate() {
+            let k = p / g;
+            if ch < 2 && order[k * g..((k + 1) * g).min(c)].iter().all(|&m| m < 2) {
+                // a block of constant planes only: decoded exactly
+                exact_blocks += 1;
+                let stripe_len = header.grid().stripe_rows * w;
+                for s in 0..n {
+                    let at = (s * c + ch as usize) * plane;
+                    for seg in y[at..at + plane].chunks(stripe_len) {
+                        let v0 = seg[0];
+                        // one code for the block (map), or equal values rounded alike (nearest)
+                        if constant_blocks || !stochastic {
+                            prop_assert!(seg.iter().all(|&v| v == v0), "a constant block decoded unevenly");
+                        }
+                        if constant != 0.1 && !stochastic {
+                            // binary16-exact constants: decoded exactly
+                            prop_assert_eq!(v0, constant);
+                        }
+                    }
+                }
+            }
+        }
+        prop_assert!(g > 2 || exact_blocks > 0);
+        // the codes: one per element, except one per constant block (the groups made only of the two
+        // constant channels) with the map
+        let grid = header.grid();
+        let mut codes = n * c * h * w;
+        if constant_blocks {
+            for k in 0..grid.groups {
+                let members = &order[k * grid.group..((k + 1) * grid.group).min(c)];
+                if members.iter().all(|&m| m < 2) {
+                    for s in 0..grid.stripes {
+                        codes -= n * (frame::block_elements(shape, &grid, k, s) - 1);
+                    }
+                }
+            }
+        }
+        prop_assert_eq!(header.codes_len, ((codes * bits as usize).div_ceil(8)) as u64);
+        if !constant_blocks {
+            prop_assert_eq!(saved_codes, 0);
+        }
+        // a wrong stream order is refused, not used
+        let short: Vec<u32> = (0..c as u32 - 1).collect();
+        let refused = matches!(sgq::decode_with_order(&bytes, Some(&short)), Err(Error::Frame { .. }));
+        prop_assert!(refused, "a stream order of {} channels was used for {}", c - 1, c);
     }
 
     #[test]
@@ -178,9 +271,13 @@ fn given_order_is_used_and_sent() {
     let bytes = sgq::encode(&x, shape, 4, &Settings::default(), Some(&order)).unwrap();
     let f = sgq::parse(&bytes).unwrap();
     assert!(f.header.has_permutation);
-    assert_eq!(f.order(), order);
+    assert_eq!(f.order(None).unwrap(), order);
     let identity = sgq::encode(&x, shape, 4, &Settings::default(), Some(&[0, 1, 2, 3])).unwrap();
     assert!(!sgq::parse(&identity).unwrap().header.has_permutation);
+    // omitting an identity order changes nothing: the frame stays self-contained
+    let mut plan = Plan::new(&x, shape, 4, &Settings::default(), Some(&[0, 1, 2, 3])).unwrap();
+    plan.omit_order();
+    assert!(!plan.header().stream_order);
     assert!(sgq::encode(&x, shape, 4, &Settings::default(), Some(&[0, 1, 1, 2])).is_err());
 }
 
@@ -229,7 +326,18 @@ fn decode_rejects_tampered_frames() {
     longer.push(0);
     expect_frame_error(&longer, "trailing");
     expect_frame_error(&edited(0, b"XGQF"), "magic");
-    expect_frame_error(&edited(4, &2u16.to_le_bytes()), "version");
+    expect_frame_error(&edited(4, &3u16.to_le_bytes()), "version");
+    expect_frame_error(&edited(4, &0u16.to_le_bytes()), "version");
+    // version 1 has no flag bits 2 and 3; version 2 refuses "permutation" together with "stream order"
+    let mut v1 = sample_frame();
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    v1[9] |= 8;
+    frame::seal(&mut v1);
+    expect_frame_error(&v1, "flag");
+    expect_frame_error(&edited(9, &[2 | 8]), "at most one");
+    // frame ranges flag without matching ranges length
+    expect_frame_error(&edited(9, &[2 | 4]), "ranges length");
+    expect_frame_error(&edited(9, &[2 | 16]), "ranges length");
     expect_frame_error(&edited(6, &[2]), "dtype");
     expect_frame_error(&edited(7, &[9]), "mode");
     expect_frame_error(&edited(8, &[9]), "bits");
@@ -258,4 +366,136 @@ fn decode_rejects_tampered_frames() {
     let r = p + 12;
     expect_frame_error(&edited(r, &[0x00, 0x3c, 0x00, 0x00]), "range");
     expect_frame_error(&edited(r, &[0x00, 0x7e, 0x00, 0x7e]), "range");
+}
+
+#[test]
+fn version_1_frames_still_decode() {
+    // a v1 frame is a v2 frame without flag bits 2 and 3: relabel one and it must decode identically
+    let v2 = sample_frame();
+    let mut v1 = v2.clone();
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    frame::seal(&mut v1);
+    let (h1, y1) = sgq::decode(&v1).unwrap();
+    assert_eq!(h1.version, 1);
+    assert_eq!(y1, sgq::decode(&v2).unwrap().1);
+}
+
+#[test]
+fn frame_ranges_are_shared_by_the_samples() {
+    let shape = Shape {
+        n: 8,
+        c: 6,
+        h: 8,
+        w: 5,
+    };
+    let x = values(8 * 6 * 8 * 5, 11, 3.0, 1.0);
+    let per = |ranges| Settings {
+        ranges,
+        ..Settings::default()
+    };
+    let sample = sgq::encode(&x, shape, 4, &per(RangeScope::Sample), None).unwrap();
+    let whole = sgq::encode(&x, shape, 4, &per(RangeScope::Frame), None).unwrap();
+    let (hs, hf) = (
+        sgq::parse(&sample).unwrap().header,
+        sgq::parse(&whole).unwrap().header,
+    );
+    assert!(hf.frame_ranges && !hs.frame_ranges);
+    // 2 groups x 4 stripes: 8 ranges per sample, or 8 for the frame
+    assert_eq!(hs.ranges_len, 4 * 8 * 8);
+    assert_eq!(hf.ranges_len, 4 * 8);
+    assert_eq!(sample.len() - whole.len(), 4 * 8 * 7);
+    check_bound(&x, &whole, false);
+}
+
+/// Post-ReLU-like features whose top rows are all zero: blocks there are constant.
+fn zero_rows_frame(constant_blocks: bool) -> (Vec<f32>, Vec<u8>) {
+    let shape = Shape {
+        n: 3,
+        c: 4,
+        h: 6,
+        w: 6,
+    };
+    let mut x: Vec<f32> = values(3 * 4 * 6 * 6, 21, 2.0, 0.5)
+        .into_iter()
+        .map(|v| v.max(0.0))
+        .collect();
+    for n in 0..3 {
+        for c in 0..4 {
+            let at = (n * 4 + c) * 36;
+            x[at..at + 12].fill(0.0); // rows 0 and 1
+        }
+    }
+    let s = Settings {
+        group: 2,
+        stripe_rows: 2,
+        ranges: RangeScope::Frame,
+        constant_blocks,
+        ..Settings::default()
+    };
+    let bytes = sgq::encode(&x, shape, 4, &s, Some(&[0, 1, 2, 3])).unwrap();
+    (x, bytes)
+}
+
+#[test]
+fn constant_blocks_carry_one_code() {
+    let (x, with_map) = zero_rows_frame(true);
+    let (_, without) = zero_rows_frame(false);
+    let f = sgq::parse(&with_map).unwrap();
+    assert!(f.header.constant_map);
+    // 3 samples x 2 groups x 3 stripes = 18 blocks, a 3-byte map; stripe 0 of both groups is zero
+    assert_eq!(f.map.len(), 3);
+    let constant: Vec<usize> = (0..18).filter(|&i| f.is_constant(i)).collect();
+    assert_eq!(constant, vec![0, 3, 6, 9, 12, 15]);
+    // each saves 2 channels x 2 rows x 6 - 1 = 23 codes of 4 bits; the map costs 3 bytes
+    let saved = 6 * 23 * 4 / 8;
+    assert_eq!(without.len() - with_map.len(), saved - 3);
+    let (_, y) = sgq::decode(&with_map).unwrap();
+    assert_eq!(y, sgq::decode(&without).unwrap().1);
+    check_bound(&x, &with_map, false);
+}
+
+#[test]
+fn decode_rejects_a_constant_map_that_disagrees_with_the_codes() {
+    let (_, good) = zero_rows_frame(true);
+    let f = sgq::parse(&good).unwrap();
+    let map_at = good.len() - f.codes.len() - f.map.len();
+    // one more constant block: the codes length no longer matches
+    let mut b = good.clone();
+    b[map_at] |= 2;
+    frame::seal(&mut b);
+    expect_frame_error(&b, "constant-block map makes it");
+    // a bit past the last block (18 blocks: bits 2..7 of the third byte are unused)
+    let mut b = good.clone();
+    b[map_at + 2] |= 0x80;
+    frame::seal(&mut b);
+    expect_frame_error(&b, "unused bits");
+    // a codes length beyond the elements
+    let mut b = good.clone();
+    b[44..52].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    frame::seal(&mut b);
+    expect_frame_error(&b, "codes length");
+}
+
+#[test]
+fn the_encoder_leaves_out_a_map_that_would_expand_past_the_limit() {
+    // one all-zero block of 64 x 64 x 64 elements per sample: with the map the frame would be ~70
+    // bytes for 1 MiB of output
+    let shape = Shape {
+        n: 1,
+        c: 64,
+        h: 64,
+        w: 64,
+    };
+    let x = vec![0f32; 64 * 64 * 64];
+    let s = Settings {
+        group: 64,
+        stripe_rows: 64,
+        constant_blocks: true,
+        ..Settings::default()
+    };
+    let bytes = sgq::encode(&x, shape, 4, &s, None).unwrap();
+    let h = sgq::parse(&bytes).unwrap().header;
+    assert!(!h.constant_map);
+    assert!(4 * x.len() <= sgq::MAX_EXPANSION * bytes.len());
+    assert_eq!(sgq::decode(&bytes).unwrap().1, x);
 }

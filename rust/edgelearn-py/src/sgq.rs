@@ -4,7 +4,7 @@
 //! codec work runs with the GIL released. Malformed frames raise `FrameError` (a `ValueError`).
 
 use edgelearn_core::quant::{self, Rounding};
-use edgelearn_core::sgq::{self, Mode, Plan, Settings, Shape};
+use edgelearn_core::sgq::{self, Mode, Plan, RangeScope, Settings, Shape};
 use numpy::{IxDyn, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -49,9 +49,11 @@ fn mode_from(name: &str) -> PyResult<Mode> {
 
 /// Encodes a C-contiguous float32 array of 2, 3 or 4 dimensions into an SGQ frame (`bytes`).
 /// `stripe_rows=0` means `max(H/4, 1)`; `order` fixes the channel order (mode sgq), `None` computes it;
-/// `seed=None` with stochastic rounding draws a fresh seed.
+/// `seed=None` with stochastic rounding draws a fresh seed; `ranges` is "sample" or "frame";
+/// `send_order=False` leaves a non-identity order out of the frame (the receiver holds it);
+/// `constant_blocks=True` gives constant blocks one code and the frame a map of them.
 #[pyfunction]
-#[pyo3(signature = (x, mode="sgq".to_string(), bits=4, group=4, stripe_rows=0, rounding="nearest".to_string(), seed=None, order=None))]
+#[pyo3(signature = (x, mode="sgq".to_string(), bits=4, group=4, stripe_rows=0, rounding="nearest".to_string(), seed=None, order=None, ranges="sample".to_string(), send_order=true, constant_blocks=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn _sgq_encode<'py>(
     py: Python<'py>,
@@ -63,6 +65,9 @@ pub fn _sgq_encode<'py>(
     rounding: String,
     seed: Option<u64>,
     order: Option<Vec<u32>>,
+    ranges: String,
+    send_order: bool,
+    constant_blocks: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let x = readonly::<f32>("x", x, "float32", None)?;
     let dims = x.shape().to_vec();
@@ -80,42 +85,72 @@ pub fn _sgq_encode<'py>(
             ))
         }
     };
+    let ranges = match ranges.as_str() {
+        "sample" => RangeScope::Sample,
+        "frame" => RangeScope::Frame,
+        other => {
+            return Err(value_error(
+                "ranges",
+                format!("expected 'sample' or 'frame', got {other:?}"),
+            ))
+        }
+    };
     let settings = Settings {
         mode: mode_from(&mode)?,
         bits,
         group,
         stripe_rows,
         rounding,
+        ranges,
+        constant_blocks,
     };
     let xs = c_slice(&x)?;
     let ndim = dims.len() as u8;
-    let plan = py
+    let mut plan = py
         .detach(|| Plan::new(xs, shape, ndim, &settings, order.as_deref()))
         .py()?;
+    if !send_order {
+        plan.omit_order();
+    }
     PyBytes::new_with(py, plan.frame_len(), |out| {
         py.detach(|| plan.write(xs, out)).py()
     })
 }
 
-/// Decodes a frame into a new float32 array of the shape it was encoded from.
+/// Decodes a frame into a new float32 array of the shape it was encoded from. `order` is the stream's
+/// channel order, needed by (and only used for) frames that leave it out.
 #[pyfunction]
-pub fn _sgq_decode<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let parsed = py.detach(|| sgq::parse(frame)).py()?;
+#[pyo3(signature = (frame, order=None))]
+pub fn _sgq_decode<'py>(
+    py: Python<'py>,
+    frame: &[u8],
+    order: Option<Vec<u32>>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let (parsed, order) = py
+        .detach(|| {
+            let parsed = sgq::parse(frame)?;
+            let order = parsed.order(order.as_deref())?;
+            Ok::<_, edgelearn_core::Error>((parsed, order))
+        })
+        .py()?;
     let shape = parsed.header.original_shape();
     // SAFETY: uninitialised output; decode_into writes every element (or fails, and it is dropped).
     let out = unsafe { PyArrayDyn::<f32>::new(py, IxDyn(&shape), false) };
     {
         let mut rw = out.readwrite();
         let os = rw.as_slice_mut().map_err(|e| value_error("out", e))?;
-        py.detach(|| sgq::codec::decode_into(&parsed, os)).py()?;
+        py.detach(|| sgq::codec::decode_into(&parsed, &order, os))
+            .py()?;
     }
     Ok(out)
 }
 
-/// Validates a frame (CRC included) and returns its header fields as a dict.
+/// Validates a frame (CRC included) and returns its header fields as a dict (`order_list`: the
+/// permutation the frame carries, or None).
 #[pyfunction]
 pub fn _sgq_frame_info<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-    let h = py.detach(|| sgq::parse(frame)).py()?.header;
+    let parsed = py.detach(|| sgq::parse(frame)).py()?;
+    let h = parsed.header;
     let d = PyDict::new(py);
     d.set_item("version", h.version)?;
     d.set_item("dtype", "float32")?;
@@ -123,6 +158,32 @@ pub fn _sgq_frame_info<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py
     d.set_item("bits", h.bits)?;
     d.set_item("rounding", h.rounding_name())?;
     d.set_item("permutation", h.has_permutation)?;
+    d.set_item("order", parsed.order_source())?;
+    d.set_item("constant_map", h.constant_map)?;
+    d.set_item(
+        "constant_blocks",
+        (0..8 * parsed.map.len())
+            .filter(|&i| parsed.is_constant(i))
+            .count(),
+    )?;
+    d.set_item("map_bytes", parsed.map.len())?;
+    d.set_item(
+        "order_list",
+        if h.has_permutation {
+            Some(parsed.order(None).py()?)
+        } else {
+            None
+        },
+    )?;
+    d.set_item(
+        "ranges",
+        match h.mode {
+            Mode::Sgq if h.frame_ranges => "frame",
+            Mode::Sgq => "sample",
+            Mode::Uniform => "tensor",
+            Mode::Fp16 => "none",
+        },
+    )?;
     d.set_item("shape", pyo3::types::PyTuple::new(py, h.original_shape())?)?;
     let s = h.shape;
     d.set_item("shape_4d", (s.n, s.c, s.h, s.w))?;

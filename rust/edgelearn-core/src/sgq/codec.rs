@@ -14,10 +14,10 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::bitpack;
-use super::frame::{self, Frame, Header, HEADER_LEN};
+use super::frame::{self, block_elements, Frame, Header, HEADER_LEN};
 use super::layout::{default_stripe_rows, for_each_run, Grid, Shape};
 use super::order;
-use super::{Mode, Settings, F16_MAX, MAX_ELEMENTS};
+use super::{Mode, RangeScope, Settings, F16_MAX, MAX_ELEMENTS, MAX_EXPANSION};
 use crate::error::{Error, Result};
 use crate::quant::Rounding;
 use crate::threads;
@@ -238,6 +238,10 @@ pub struct Plan {
     order: Vec<u32>,
     ranges: Vec<(f16, f16)>,
     rounding: Rounding,
+    /// Per (sample, group, stripe) block: constant (one code)? Empty without a constant-block map.
+    constant: Vec<bool>,
+    /// Codes in the stream (the elements, less what constant blocks save).
+    codes: usize,
 }
 
 impl Plan {
@@ -284,7 +288,12 @@ impl Plan {
                 } else {
                     settings.stripe_rows
                 };
-                Grid::sgq(shape, settings.group, rows)
+                Grid::sgq(
+                    shape,
+                    settings.group,
+                    rows,
+                    settings.ranges == RangeScope::Sample,
+                )
             }
             _ => Grid::whole(shape),
         };
@@ -317,6 +326,8 @@ impl Plan {
         let stats = plane_stats(x, shape, stats_rows, stats_stripes)?;
         let perm: Vec<u32> = match (mode, order) {
             (Mode::Sgq, Some(o)) => o.to_vec(),
+            // groups of one channel: the order changes nothing, keep the identity (no bytes)
+            (Mode::Sgq, None) if grid.group == 1 => (0..shape.c as u32).collect(),
             (Mode::Sgq, None) => {
                 order::order_from_ranges(&channel_ranges(&stats, shape, stats_stripes))
             }
@@ -340,16 +351,25 @@ impl Plan {
                 vec![(f16_down(mn), f16_up(mx))]
             }
             Mode::Sgq => {
-                let mut r = Vec::with_capacity(shape.n * grid.groups * grid.stripes);
-                for n in 0..shape.n {
+                // per sample: the samples one at a time; per frame: all of them for each block
+                let (sets, per_set) = if grid.per_sample {
+                    (shape.n, 1)
+                } else {
+                    (1, shape.n)
+                };
+                let mut r = Vec::with_capacity(sets * grid.groups * grid.stripes);
+                for set in 0..sets {
                     for k in 0..grid.groups {
                         let members = &perm[k * grid.group..((k + 1) * grid.group).min(shape.c)];
                         for s in 0..grid.stripes {
                             let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
-                            for &ch in members {
-                                let (l, h) = stats[(n * shape.c + ch as usize) * grid.stripes + s];
-                                mn = mn.min(l);
-                                mx = mx.max(h);
+                            for n in set * per_set..(set + 1) * per_set {
+                                for &ch in members {
+                                    let (l, h) =
+                                        stats[(n * shape.c + ch as usize) * grid.stripes + s];
+                                    mn = mn.min(l);
+                                    mx = mx.max(h);
+                                }
                             }
                             r.push((f16_down(mn), f16_up(mx)));
                         }
@@ -358,14 +378,51 @@ impl Plan {
                 r
             }
         };
-        let codes_len = bitpack::packed_len(elements, bits as u32)
+        // constant blocks (all values equal within one sample's block) and what they save
+        let mut constant = Vec::new();
+        let mut codes = elements;
+        if mode == Mode::Sgq && settings.constant_blocks {
+            constant.reserve(shape.n * grid.groups * grid.stripes);
+            for n in 0..shape.n {
+                for k in 0..grid.groups {
+                    let members = &perm[k * grid.group..((k + 1) * grid.group).min(shape.c)];
+                    for s in 0..grid.stripes {
+                        let first = stats[(n * shape.c + members[0] as usize) * grid.stripes + s];
+                        let same = members.iter().all(|&ch| {
+                            let (l, h) = stats[(n * shape.c + ch as usize) * grid.stripes + s];
+                            l == first.0 && h == first.0
+                        });
+                        constant.push(same);
+                        if same {
+                            codes -= block_elements(shape, &grid, k, s) - 1;
+                        }
+                    }
+                }
+            }
+        }
+        let map_len = constant.len().div_ceil(8);
+        let mut codes_len = bitpack::packed_len(codes, bits as u32)
             .ok_or_else(|| Error::invalid("x", "too many elements"))?;
+        let perm_len = if has_permutation { 2 * shape.c } else { 0 };
+        let frame_len = HEADER_LEN + perm_len + 4 * ranges.len() + map_len + codes_len;
+        let constant_map = !constant.is_empty()
+            && elements.saturating_mul(4) <= MAX_EXPANSION.saturating_mul(frame_len);
+        if !constant_map {
+            // no map, or one that would make the frame expand past what decoders accept
+            constant.clear();
+            codes = elements;
+            codes_len = bitpack::packed_len(codes, bits as u32)
+                .ok_or_else(|| Error::invalid("x", "too many elements"))?;
+        }
         let header = Header {
             version: frame::VERSION,
             mode,
             bits,
             stochastic,
             has_permutation,
+            frame_ranges: mode == Mode::Sgq && !grid.per_sample,
+            stream_order: false,
+            constant_map,
             ndim,
             shape,
             group: if mode == Mode::Sgq {
@@ -383,12 +440,14 @@ impl Plan {
             } else {
                 0
             },
-            ranges_len: u32::try_from(ranges.len() * 4).map_err(|_| {
-                Error::invalid(
-                    "x",
-                    "too many (group, stripe) ranges for one frame; raise group or stripe_rows",
-                )
-            })?,
+            ranges_len: u32::try_from(ranges.len() * 4 + constant.len().div_ceil(8)).map_err(
+                |_| {
+                    Error::invalid(
+                        "x",
+                        "too many (group, stripe) ranges for one frame; raise group or stripe_rows",
+                    )
+                },
+            )?,
             codes_len: codes_len as u64,
             crc32: 0,
         };
@@ -398,7 +457,21 @@ impl Plan {
             order: perm,
             ranges,
             rounding,
+            constant,
+            codes,
         })
+    }
+
+    /// Leaves the channel order out of the frame when the receiver already holds it (it received it
+    /// in an earlier frame of the same stream): the frame then says "stream order" and
+    /// [`decode`] alone refuses it; [`decode_with_order`] decodes it given that order. No effect
+    /// when the order is the identity (such frames say so and stay self-contained).
+    pub fn omit_order(&mut self) {
+        if self.header.has_permutation {
+            self.header.has_permutation = false;
+            self.header.stream_order = true;
+            self.header.permutation_len = 0;
+        }
     }
 
     /// Exact length of the frame [`Plan::write`] produces.
@@ -443,17 +516,129 @@ impl Plan {
                 b.copy_from_slice(&(p as u16).to_le_bytes());
             }
         }
+        let (ranges_out, map_out) = ranges_out.split_at_mut(4 * self.ranges.len());
         for (b, &(lo, hi)) in ranges_out.chunks_exact_mut(4).zip(&self.ranges) {
             b[..2].copy_from_slice(&lo.to_bits().to_le_bytes());
             b[2..].copy_from_slice(&hi.to_bits().to_le_bytes());
         }
+        map_out.fill(0);
+        for (i, _) in self.constant.iter().enumerate().filter(|(_, &c)| c) {
+            map_out[i / 8] |= 1 << (i % 8);
+        }
         if h.mode == Mode::Fp16 {
             write_fp16(x, codes_out);
+        } else if h.constant_map {
+            self.write_codes_mapped(x, codes_out);
         } else {
             self.write_codes(x, codes_out);
         }
         frame::seal(out);
         Ok(())
+    }
+
+    /// Quantization parameters per range: `(lo, (2^b − 1)/(hi − lo))`, 0 for an empty range.
+    fn params(&self) -> Vec<(f32, f32)> {
+        let top = ((1u32 << self.header.bits) - 1) as f32;
+        self.ranges
+            .iter()
+            .map(|&(lo, hi)| {
+                let (lo, hi) = (lo.to_f32(), hi.to_f32());
+                (lo, if hi > lo { top / (hi - lo) } else { 0.0 })
+            })
+            .collect()
+    }
+
+    /// The codes of a frame with a constant-block map: per sample, the stream of
+    /// [`write_codes`](Self::write_codes) with each constant block reduced to one code, at its
+    /// first element (first channel position of the group, first row of the stripe). The codes are
+    /// computed per sample (in parallel for large tensors) into one byte each, then packed.
+    fn write_codes_mapped(&self, x: &[f32], codes_out: &mut [u8]) {
+        let h = &self.header;
+        let (shape, bits, grid) = (h.shape, h.bits as u32, &self.grid);
+        let top = ((1u32 << bits) - 1) as f32;
+        let params = self.params();
+        let plane = shape.plane();
+        let key = match self.rounding {
+            Rounding::Stochastic { seed } => Some(stream_key(seed)),
+            Rounding::Nearest => None,
+        };
+        let per_sample = |n: usize| -> usize {
+            let blocks = &self.constant[n * grid.groups * grid.stripes..];
+            let mut count = 0;
+            for k in 0..grid.groups {
+                for s in 0..grid.stripes {
+                    count += if blocks[k * grid.stripes + s] {
+                        1
+                    } else {
+                        block_elements(shape, grid, k, s)
+                    };
+                }
+            }
+            count
+        };
+        let mut starts = Vec::with_capacity(shape.n + 1);
+        starts.push(0usize);
+        for n in 0..shape.n {
+            starts.push(starts[n] + per_sample(n));
+        }
+        let mut q = vec![0u8; self.codes];
+        let mut slices = Vec::with_capacity(shape.n);
+        let mut rest = q.as_mut_slice();
+        for n in 0..shape.n {
+            let (a, b) = rest.split_at_mut(starts[n + 1] - starts[n]);
+            slices.push((n, a));
+            rest = b;
+        }
+        let one = |(n, qs): (usize, &mut [u8])| {
+            let mut at = 0;
+            for p in 0..shape.c {
+                let k = p / grid.group;
+                let src = (n * shape.c + self.order[p] as usize) * plane;
+                for s in 0..grid.stripes {
+                    let row = s * grid.stripe_rows;
+                    let len = grid.stripe_rows.min(shape.h - row) * shape.w;
+                    let (lo, inv) = params[grid.range_index(n, p, row)];
+                    let xs = if self.constant[(n * grid.groups + k) * grid.stripes + s] {
+                        if p % grid.group != 0 {
+                            continue;
+                        }
+                        &x[src + row * shape.w..src + row * shape.w + 1]
+                    } else {
+                        &x[src + row * shape.w..src + row * shape.w + len]
+                    };
+                    let out = &mut qs[at..at + xs.len()];
+                    match key {
+                        None => quantize_nearest(xs, out, lo, inv, top),
+                        Some(key) => {
+                            quantize_stochastic(xs, out, lo, inv, top, key, starts[n] + at)
+                        }
+                    }
+                    at += xs.len();
+                }
+            }
+        };
+        let elements = shape.n * shape.c * plane;
+        let chunk_bytes = CHUNK / 8 * bits as usize;
+        let parallel = maybe_parallel(elements);
+        if parallel {
+            threads::install(|| slices.into_par_iter().for_each(one));
+        } else {
+            slices.into_iter().for_each(one);
+        }
+        let pack = |(out, qs): (&mut [u8], &[u8])| bitpack::pack(qs, bits, out);
+        if parallel {
+            threads::install(|| {
+                codes_out
+                    .par_chunks_mut(chunk_bytes)
+                    .zip(q.par_chunks(CHUNK))
+                    .for_each(pack)
+            });
+        } else {
+            codes_out
+                .chunks_mut(chunk_bytes)
+                .zip(q.chunks(CHUNK))
+                .for_each(pack);
+        }
     }
 
     fn write_codes(&self, x: &[f32], codes_out: &mut [u8]) {
@@ -558,16 +743,25 @@ pub fn encode(
     Ok(out)
 }
 
-/// Decodes a frame into a new float32 vector (C-ordered `header.shape`).
+/// Decodes a self-contained frame into a new float32 vector (C-ordered `header.shape`); a frame that
+/// uses its stream's channel order is refused ([`decode_with_order`] takes that order).
 pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<f32>)> {
+    decode_with_order(bytes, None)
+}
+
+/// Like [`decode`]; `stream_order` is the channel order a frame flagged "stream order" uses (the last
+/// one its stream sent), ignored for self-contained frames.
+pub fn decode_with_order(bytes: &[u8], stream_order: Option<&[u32]>) -> Result<(Header, Vec<f32>)> {
     let frame = frame::parse(bytes)?;
+    let order = frame.order(stream_order)?;
     let mut out = vec![0f32; frame.header.shape.elements("frame")?];
-    decode_into(&frame, &mut out)?;
+    decode_into(&frame, &order, &mut out)?;
     Ok((frame.header, out))
 }
 
-/// Decodes a parsed frame into `out` (exactly N·C·H·W elements).
-pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
+/// Decodes a parsed frame into `out` (exactly N·C·H·W elements); `order` is the frame's channel order,
+/// from [`Frame::order`].
+pub fn decode_into(frame: &Frame<'_>, order: &[u32], out: &mut [f32]) -> Result<()> {
     let h = &frame.header;
     let shape = h.shape;
     let elements = shape.elements("frame")?;
@@ -607,8 +801,21 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
         .into_iter()
         .map(|(lo, hi)| (lo, (hi - lo) / top))
         .collect();
-    let order = frame.order();
+    if order.len() != shape.c || !order::is_permutation(order) {
+        return Err(Error::invalid(
+            "order",
+            format!(
+                "expected a permutation of 0..{}, got {} entries",
+                shape.c,
+                order.len()
+            ),
+        ));
+    }
     let grid = h.grid();
+    if h.constant_map {
+        decode_mapped(frame, order, &params, out);
+        return Ok(());
+    }
     let plane = shape.plane();
     let sample = shape.c * plane;
     let stripe_len = grid.stripe_rows * shape.w;
@@ -664,6 +871,70 @@ pub fn decode_into(frame: &Frame<'_>, out: &mut [f32]) -> Result<()> {
         out.chunks_mut(sample).enumerate().for_each(decode_sample);
     }
     Ok(())
+}
+
+/// Decodes a frame with a constant-block map (see [`Plan::write_codes_mapped`]), per sample.
+fn decode_mapped(frame: &Frame<'_>, order: &[u32], params: &[(f32, f32)], out: &mut [f32]) {
+    let h = &frame.header;
+    let (shape, bits, grid) = (h.shape, h.bits as u32, h.grid());
+    let plane = shape.plane();
+    let sample = shape.c * plane;
+    let blocks = grid.groups * grid.stripes;
+    // where each sample's codes start (N + 1 entries; N ≤ 8 × the map's bytes)
+    let mut starts = Vec::with_capacity(shape.n + 1);
+    starts.push(0usize);
+    for n in 0..shape.n {
+        let mut count = 0;
+        for k in 0..grid.groups {
+            for s in 0..grid.stripes {
+                count += if frame.is_constant(n * blocks + k * grid.stripes + s) {
+                    1
+                } else {
+                    block_elements(shape, &grid, k, s)
+                };
+            }
+        }
+        starts.push(starts[n] + count);
+    }
+    let one = |(n, dst): (usize, &mut [f32])| {
+        let mut at = starts[n];
+        let mut buf = [0u8; DECODE_BLOCK];
+        // the value of each constant block of this sample, read at its group's first position
+        let mut values = vec![0f32; blocks];
+        for (p, &ch) in order.iter().enumerate() {
+            let k = p / grid.group;
+            let plane_out = &mut dst[ch as usize * plane..(ch as usize + 1) * plane];
+            for s in 0..grid.stripes {
+                let row = s * grid.stripe_rows;
+                let seg = &mut plane_out
+                    [row * shape.w..(row + grid.stripe_rows.min(shape.h - row)) * shape.w];
+                let (lo, step) = params[grid.range_index(n, p, row)];
+                let b = k * grid.stripes + s;
+                if frame.is_constant(n * blocks + b) {
+                    if p % grid.group == 0 {
+                        bitpack::unpack(frame.codes, bits, at, &mut buf[..1]);
+                        values[b] = lo + buf[0] as f32 * step;
+                        at += 1;
+                    }
+                    seg.fill(values[b]);
+                    continue;
+                }
+                for part in seg.chunks_mut(DECODE_BLOCK) {
+                    let q = &mut buf[..part.len()];
+                    bitpack::unpack(frame.codes, bits, at, q);
+                    for (o, &c) in part.iter_mut().zip(q.iter()) {
+                        *o = lo + c as f32 * step;
+                    }
+                    at += part.len();
+                }
+            }
+        }
+    };
+    if maybe_parallel(out.len()) {
+        threads::install(|| out.par_chunks_mut(sample).enumerate().for_each(one));
+    } else {
+        out.chunks_mut(sample).enumerate().for_each(one);
+    }
 }
 
 #[cfg(test)]

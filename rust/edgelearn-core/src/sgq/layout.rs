@@ -50,11 +50,14 @@ pub struct Grid {
     pub stripes: usize,
     /// False for one range over the whole tensor (uniform mode).
     pub per_block: bool,
+    /// True: every sample has its own ranges; false: the N samples share them (one set per frame).
+    pub per_sample: bool,
 }
 
 impl Grid {
-    /// SGQ blocks; `group` and `stripe_rows` must be ≥ 1 and the shape non-empty.
-    pub fn sgq(shape: Shape, group: usize, stripe_rows: usize) -> Grid {
+    /// SGQ blocks; `group` and `stripe_rows` must be ≥ 1 and the shape non-empty. `per_sample`: one
+    /// range per (sample, group, stripe), else one per (group, stripe) shared by the whole frame.
+    pub fn sgq(shape: Shape, group: usize, stripe_rows: usize, per_sample: bool) -> Grid {
         let group = group.clamp(1, shape.c.max(1));
         let stripe_rows = stripe_rows.clamp(1, shape.h.max(1));
         Grid {
@@ -63,6 +66,7 @@ impl Grid {
             groups: shape.c.div_ceil(group),
             stripes: shape.h.div_ceil(stripe_rows),
             per_block: true,
+            per_sample,
         }
     }
 
@@ -74,12 +78,14 @@ impl Grid {
             groups: 1,
             stripes: 1,
             per_block: false,
+            per_sample: false,
         }
     }
 
     /// Number of ranges for `n` samples (checked).
     pub fn ranges(&self, n: usize) -> Option<usize> {
         if self.per_block {
+            let n = if self.per_sample { n } else { 1 };
             n.checked_mul(self.groups)?.checked_mul(self.stripes)
         } else {
             Some(1)
@@ -90,6 +96,7 @@ impl Grid {
     #[inline(always)]
     pub fn range_index(&self, n: usize, p: usize, h: usize) -> usize {
         if self.per_block {
+            let n = if self.per_sample { n } else { 0 };
             (n * self.groups + p / self.group) * self.stripes + h / self.stripe_rows
         } else {
             0
@@ -151,7 +158,7 @@ mod tests {
             h: 7,
             w: 3,
         };
-        let grid = Grid::sgq(shape, 2, 3);
+        let grid = Grid::sgq(shape, 2, 3, true);
         assert_eq!((grid.groups, grid.stripes), (3, 3));
         let total = shape.elements("x").unwrap();
         for (start, end) in [(0, total), (8, 40), (16, total)] {

@@ -1,0 +1,310 @@
+"""The cloud side of split learning: one cloud model trained by any number of edge sessions.
+
+:class:`Cloud` owns the cloud part of the model and its optimizer. Each connected edge gets a
+:class:`CloudSession` (its codec settings, gradient codec, step counter and traffic counters: state that is
+never shared). A session turns one request envelope into one reply envelope (:meth:`CloudSession.handle`);
+the transport (gRPC, or a direct call in-process) only moves bytes.
+
+Concurrency and atomicity: a training step (forward, loss, backward, optimizer step) runs entirely under
+``Cloud.lock`` with no I/O inside, so steps of different edges are serialized and the model is only ever
+seen between whole steps. Everything an edge sends is decoded and validated *before* the lock is taken,
+and a step whose loss or gradients are not finite is refused before the optimizer runs. An edge that goes
+away mid-message loses that message (its partial chunks are dropped); one that goes away while its step
+runs gets that step applied whole and the reply discarded. Either way the model never holds half a step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import optim
+from ..functional import cross_entropy
+from ..models import MODEL_NAMES
+from ..tensor import Tensor, no_grad
+from .codec import MODES, TensorCodec, relative_l2
+from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME,
+                       CollabError, ProtocolError, WireStats, pack, unpack)
+from .split import batchnorm_calibration, build_split, output_shape
+
+__all__ = ["Cloud", "CloudSession", "ArchitectureMismatch", "LABEL_DTYPES"]
+
+#: Label encodings an edge may use (one byte per label when there are at most 256 classes).
+LABEL_DTYPES = {"u1": np.uint8, "<u2": np.uint16, "<i4": np.int32}
+
+
+class ArchitectureMismatch(CollabError):
+    """An edge's data or settings do not fit the cloud's model (gRPC: FAILED_PRECONDITION)."""
+
+
+class Cloud:
+    """The cloud part of ``model`` split at ``split``, with an SGD (Nesterov momentum) optimizer.
+
+    The architecture needs the input shape and class count: give ``input_shape``/``classes`` here, or let the
+    first edge's HELLO fix them (later edges must match). ``seed`` initialises the full model, exactly as an
+    unsplit run with that seed would; edges build their part from the same seed (sent in WELCOME).
+    """
+
+    def __init__(self, model: str = "cnn", split: int = 4, seed: int = 0, lr: float = 0.02, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, input_shape: Optional[Tuple[int, int, int]] = None,
+                 classes: Optional[int] = None, max_batch: int = 4096, log=None):
+        if model not in MODEL_NAMES:
+            raise ValueError(f"model: expected one of {MODEL_NAMES}, got {model!r}")
+        self.model_name, self.split, self.seed = model, int(split), int(seed)
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.max_batch = int(max_batch)
+        self.log = log or (lambda message: None)
+        #: Serializes model updates (and the forwards/backwards that produce them).
+        self.lock = threading.Lock()
+        self.model = None
+        self.optimizer = None
+        self.input_shape: Optional[Tuple[int, ...]] = None
+        self.classes: Optional[int] = None
+        self.feature_shape: Optional[Tuple[int, ...]] = None
+        self.steps = 0
+        self._sessions_lock = threading.Condition()
+        self._next_id = 1
+        self.active: Dict[int, "CloudSession"] = {}
+        self.ended: List[Dict[str, Any]] = []
+        if (input_shape is None) != (classes is None):
+            raise ValueError("input_shape and classes: give both or neither")
+        if input_shape is not None:
+            self._build(tuple(int(v) for v in input_shape), int(classes))
+
+    def _build(self, input_shape: Tuple[int, ...], classes: int) -> None:
+        edge, cloud = build_split(self.model_name, input_shape, classes, self.split, self.seed)
+        self.input_shape, self.classes = input_shape, classes
+        self.feature_shape = output_shape(edge, input_shape)
+        self.model = cloud
+        self.params = list(cloud.parameters())
+        self.optimizer = optim.SGD(self.params, lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay, nesterov=self.momentum > 0)
+
+    def ensure_model(self, input_shape: Tuple[int, ...], classes: int) -> None:
+        """Builds the model for the first edge; refuses an edge whose data does not fit it."""
+        with self.lock:
+            if self.model is None:
+                self._build(input_shape, classes)
+                self.log(f"cloud model: {self.model_name} split at {self.split}, input {input_shape}, "
+                         f"{classes} classes, features {self.feature_shape}")
+            elif (self.input_shape, self.classes) != (input_shape, classes):
+                raise ArchitectureMismatch(
+                    f"this cloud trains {self.model_name} for input {self.input_shape} with {self.classes} classes; "
+                    f"the edge has input {input_shape} with {classes} classes")
+
+    # --- sessions ------------------------------------------------------------------------------------------
+    def open_session(self, peer: str = "in-process") -> "CloudSession":
+        with self._sessions_lock:
+            session = CloudSession(self, self._next_id, peer)
+            self._next_id += 1
+            self.active[session.edge_id] = session
+        return session
+
+    def close_session(self, session: "CloudSession", status: str, reason: str = "") -> Dict[str, Any]:
+        """Ends a session as ``completed`` (said BYE), ``dropped`` (went away) or ``rejected`` (broke the
+        protocol). Returns its summary, also kept in :attr:`ended`."""
+        summary = session.summary(status, reason)
+        with self._sessions_lock:
+            if self.active.pop(session.edge_id, None) is None:
+                return summary
+            self.ended.append(summary)
+            self._sessions_lock.notify_all()
+        return summary
+
+    def wait_ended(self, count: int, timeout: Optional[float] = None) -> bool:
+        """Blocks until ``count`` sessions have ended (any way); False on timeout."""
+        with self._sessions_lock:
+            return self._sessions_lock.wait_for(lambda: len(self.ended) >= count, timeout)
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """A consistent copy of the cloud model's state (taken between steps)."""
+        with self.lock:
+            return self.model.state_dict() if self.model is not None else {}
+
+
+class CloudSession:
+    """One edge's conversation with the cloud. Not thread-safe: one transport stream drives it."""
+
+    def __init__(self, cloud: Cloud, edge_id: int, peer: str):
+        self.cloud, self.edge_id, self.peer = cloud, edge_id, peer
+        self.name = f"edge-{edge_id}"
+        self.settings: Optional[Dict[str, Any]] = None
+        self.feature_codec: Optional[TensorCodec] = None
+        self.grad_codec: Optional[TensorCodec] = None
+        self.stats = WireStats()
+        self.steps = 0
+        self.grad_error_sum = 0.0
+        self.calibration_batches = 0
+        self.finished = False
+        self.started = time.time()
+
+    def handle(self, message: bytes) -> bytes:
+        """The reply to one request envelope. Raises :class:`ProtocolError` (or ``sgq.FrameError``) for bad
+        input and :class:`ArchitectureMismatch` for an edge that does not fit; the model is untouched then."""
+        kind, meta, blobs = unpack(message)
+        self.stats.count("up", kind, len(message))
+        if self.finished:
+            raise ProtocolError(f"{KIND_NAMES[kind]} after BYE")
+        if kind == HELLO:
+            reply = self._hello(meta)
+        elif self.settings is None:
+            raise ProtocolError(f"{KIND_NAMES[kind]} before HELLO")
+        elif kind == TRAIN:
+            reply = self._train(meta, blobs)
+        elif kind == EVAL:
+            reply = self._eval(meta, blobs)
+        elif kind == CALIBRATE:
+            reply = self._calibrate(meta, blobs)
+        elif kind == BYE:
+            self.finished = True
+            reply = pack(BYE, {"steps": self.steps})
+        else:
+            raise ProtocolError(f"unexpected {KIND_NAMES[kind]} from an edge")
+        self.stats.count("down", unpack_kind(reply), len(reply))
+        return reply
+
+    def _hello(self, meta: Dict[str, Any]) -> bytes:
+        if self.settings is not None:
+            raise ProtocolError("second HELLO in one session")
+        cloud = self.cloud
+        input_shape = _int_list(meta.get("input_shape"), "input_shape", 3, 3)
+        classes = _int_field(meta, "classes", 2, 1 << 16)
+        mode = meta.get("mode")
+        if mode not in MODES:
+            raise ProtocolError(f"mode: expected one of {MODES}, got {mode!r}")
+        bits = _int_field(meta, "bits", 1, 8)
+        group = _int_field(meta, "group", 1, 1 << 16)
+        stripe_rows = meta.get("stripe_rows")
+        if stripe_rows is not None:
+            stripe_rows = _int_field(meta, "stripe_rows", 1, 1 << 16)
+        for key, own in (("model", cloud.model_name), ("split", cloud.split)):
+            if meta.get(key) is not None and meta[key] != own:
+                raise ArchitectureMismatch(f"the edge asked for {key} {meta[key]!r}; this cloud serves {key} {own!r}")
+        cloud.ensure_model(tuple(input_shape), classes)
+        if isinstance(meta.get("name"), str) and meta["name"]:
+            self.name = f"{meta['name'][:64]} (edge-{self.edge_id})"
+        self.settings = {"mode": mode, "bits": bits, "group": group, "stripe_rows": stripe_rows}
+        self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
+        self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
+                                      seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63))
+        detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows",
+                  "uniform": f", {bits} bits"}.get(mode, "")
+        cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")
+        return pack(WELCOME, {"edge_id": self.edge_id, "model": cloud.model_name, "split": cloud.split,
+                              "seed": cloud.seed, "feature_shape": list(cloud.feature_shape),
+                              "input_shape": list(cloud.input_shape), "classes": cloud.classes})
+
+    def _batch(self, meta: Dict[str, Any], blobs: List[bytes]) -> Tuple[np.ndarray, np.ndarray]:
+        """Decoded, validated features and labels of a TRAIN/EVAL message."""
+        if len(blobs) != 2:
+            raise ProtocolError(f"expected 2 blobs (features, labels), got {len(blobs)}")
+        shape = _int_list(meta.get("shape"), "shape", 2, 4)
+        expected = self.cloud.feature_shape
+        if tuple(shape[1:]) != expected or not 1 <= shape[0] <= self.cloud.max_batch:
+            raise ProtocolError(f"features of shape {tuple(shape)}; expected (N, {', '.join(map(str, expected))}) "
+                                f"with 1 <= N <= {self.cloud.max_batch}")
+        features = self.feature_codec.decode(blobs[0], shape, "features")
+        dtype = LABEL_DTYPES.get(meta.get("labels"))
+        if dtype is None:
+            raise ProtocolError(f"labels: unknown encoding {meta.get('labels')!r}; expected one of {list(LABEL_DTYPES)}")
+        if len(blobs[1]) != shape[0] * np.dtype(dtype).itemsize:
+            raise ProtocolError(f"labels: {len(blobs[1])} bytes for {shape[0]} samples of {meta['labels']}")
+        labels = np.frombuffer(blobs[1], dtype=dtype).astype(np.int64)
+        if labels.min() < 0 or labels.max() >= self.cloud.classes:
+            raise ProtocolError(f"labels: values must lie in [0, {self.cloud.classes}), got "
+                                f"[{labels.min()}, {labels.max()}]")
+        return features, labels
+
+    def _train(self, meta: Dict[str, Any], blobs: List[bytes]) -> bytes:
+        features, labels = self._batch(meta, blobs)
+        cloud = self.cloud
+        with cloud.lock:  # the whole step, nothing else: no I/O while the model is between states
+            model = cloud.model
+            model.train()
+            # BatchNorm running statistics move during the forward pass: keep them to undo a refused step
+            buffers = {name: np.array(b, copy=True) for name, b in model.named_buffers()}
+            try:
+                x = Tensor(features, requires_grad=True)
+                logits = model(x)
+                loss = cross_entropy(logits, labels)
+                loss_value = float(loss.item())
+                cloud.optimizer.zero_grad()
+                if not np.isfinite(loss_value):
+                    raise ProtocolError(f"step refused: the loss is {loss_value} (features out of range?)")
+                loss.backward()
+                grad = x.grad.data
+                if not np.isfinite(grad).all() or not all(
+                        p.grad is None or np.isfinite(p.grad.data).all() for p in cloud.params):
+                    raise ProtocolError("step refused: non-finite gradients (features out of range?)")
+            except BaseException:
+                cloud.optimizer.zero_grad()
+                for name, b in model.named_buffers():
+                    np.copyto(b, buffers[name])
+                raise
+            cloud.optimizer.step()
+            cloud.steps += 1
+            correct = int((np.argmax(logits.data, axis=1) == labels).sum())
+        blob = self.grad_codec.encode(grad)
+        error = relative_l2(self.grad_codec.decode_sent(blob, grad.shape, "gradients"), grad)
+        self.steps += 1
+        self.stats.train_samples += len(labels)
+        self.grad_error_sum += error
+        return pack(GRAD, {"step": self.steps, "loss": loss_value, "correct": correct, "n": len(labels),
+                           "grad_rel_l2": error, "shape": list(grad.shape)}, [blob])
+
+    def _eval(self, meta: Dict[str, Any], blobs: List[bytes]) -> bytes:
+        features, labels = self._batch(meta, blobs)
+        cloud = self.cloud
+        with cloud.lock:
+            cloud.model.eval()
+            try:
+                with no_grad():
+                    logits = cloud.model(Tensor(features))
+            finally:
+                cloud.model.train()
+        loss_sum = float(cross_entropy(logits, labels, reduction="sum").item())
+        correct = int((np.argmax(logits.data, axis=1) == labels).sum())
+        self.stats.eval_samples += len(labels)
+        return pack(EVAL_RESULT, {"loss_sum": loss_sum, "correct": correct, "n": len(labels)})
+
+    def _calibrate(self, meta: Dict[str, Any], blobs: List[bytes]) -> bytes:
+        batch = meta.get("batch")
+        if batch not in (0, self.calibration_batches):
+            raise ProtocolError(f"CALIBRATE batch {batch!r}: expected 0 (start) or {self.calibration_batches} (next)")
+        features, _ = self._batch(meta, blobs)
+        cloud = self.cloud
+        with cloud.lock, batchnorm_calibration(cloud.model, batch):
+            cloud.model(Tensor(features))
+        self.calibration_batches = batch + 1
+        return pack(CALIBRATED, {"batch": batch})
+
+    def summary(self, status: str, reason: str = "") -> Dict[str, Any]:
+        out = {"edge_id": self.edge_id, "name": self.name, "peer": self.peer, "status": status, "steps": self.steps,
+               "settings": self.settings, "seconds": time.time() - self.started,
+               "grad_rel_l2": self.grad_error_sum / self.steps if self.steps else None}
+        if reason:
+            out["reason"] = reason
+        out.update(self.stats.summary())
+        return out
+
+
+def unpack_kind(message: bytes) -> int:
+    """The kind byte of an envelope this side packed."""
+    return message[5]
+
+
+def _int_field(meta: Dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{key}: expected an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _int_list(value: Any, key: str, min_len: int, max_len: int) -> List[int]:
+    if not isinstance(value, list) or not min_len <= len(value) <= max_len or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 24 for v in value):
+        raise ProtocolError(f"{key}: expected {min_len} to {max_len} positive ints, got {value!r}")
+    return value
