@@ -9,6 +9,13 @@ from edgelearn import nn
 from edgelearn.video import PatchSkipRunner, UnsupportedLayerError
 
 
+class Upsample(nn.Module):
+    """A layer the runner does not know."""
+
+    def forward(self, x):
+        return x
+
+
 def dense(model, x):
     return model(el.tensor(x[None])).numpy()
 
@@ -169,10 +176,12 @@ def test_errors():
     assert runner(np.zeros((3, 16, 18), np.float32)).shape == (1, 4, 8, 9)
     with pytest.raises(ValueError, match="input channels"):
         PatchSkipRunner(model)(np.zeros((2, 16, 16), np.float32))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 1 \(Upsample\)"):
+        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), Upsample(), nn.Conv2d(4, 4, 3)))
     with pytest.raises(UnsupportedLayerError, match="Flatten"):
-        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
-    with pytest.raises(UnsupportedLayerError, match="Dropout"):
-        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)))
+        PatchSkipRunner(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedLayerError, match="Compensation"):
+        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Compensation((4, 5, 5))))
     with pytest.raises(ValueError, match="patch"):
         PatchSkipRunner(model, patch=0)
     with pytest.raises(ValueError, match="threshold"):

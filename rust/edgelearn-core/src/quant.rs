@@ -544,18 +544,38 @@ fn params(st: &ChannelStats, clip: Clip, scales: &mut [f32]) -> Params {
         };
         // Clipping is monotone, so the clipped absmax is that of the clipped extremes.
         let amax = mn.max(l).min(h).abs().max(mx.max(l).min(h).abs());
-        let s = amax / QMAX as f32;
-        // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
-        // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
-        *scale = if s > 0.0 {
-            s.max(f32::MIN_POSITIVE)
-        } else {
-            1.0
-        };
+        *scale = scale_for_absmax(amax);
         lo.push(l);
         hi.push(h);
     }
     Params { lo, hi }
+}
+
+/// The scale of values whose largest magnitude (after clipping) is `amax`: `amax / 127`, 1.0 for 0.
+pub fn scale_for_absmax(amax: f32) -> f32 {
+    let s = amax / QMAX as f32;
+    // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
+    // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
+    if s > 0.0 {
+        s.max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    }
+}
+
+/// Nearest-rounding codes of `x` under a given per-tensor `scale`, without clipping: the codes
+/// [`quantize_into`] writes when its statistics give that scale; values beyond `127·scale` saturate.
+/// `q` must be as long as `x` (extra elements of either are ignored).
+pub fn quantize_nearest_with_scale(x: &[f32], scale: f32, q: &mut [i8]) {
+    quantize_run_uniform(
+        x,
+        q,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        scale,
+        Rounding::Nearest,
+        0,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
