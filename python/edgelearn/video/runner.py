@@ -279,6 +279,11 @@ class PatchSkipRunner:
         return y
 
     @property
+    def input_shape(self) -> Optional[Tuple[int, ...]]:
+        """``(C, H, W)`` of the model input of the current stream (``None`` before its first frame)."""
+        return self._shape
+
+    @property
     def stats(self) -> Dict[str, Any]:
         """Last frame: ``frame``, ``dense`` (ran densely: first frame, forced or error refresh),
         ``error_refresh`` (dense because ``estimated_error`` passed ``error_bound``), ``patch_fraction``
