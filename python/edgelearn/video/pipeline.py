@@ -32,8 +32,9 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
     (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly)."""
     from .. import checkpoint as ckpt
-    from .. import models, octo
+    from .. import models
     from ..nn import manual_seed
+    from ..octo import OctoConfig, octo
 
     if spec in models.VIDEO_MODEL_NAMES:
         manual_seed(seed)
@@ -55,7 +56,7 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     model = models.cnn(in_channels, classes, 28)
     if config.get("precision") == "int8":
         prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
-        octo.octo(model, octo.OctoConfig(lac=not config.get("no_lac", False), prc=prc))
+        octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
     model.load_state_dict(state, strict=True)
     return model.eval()
 
