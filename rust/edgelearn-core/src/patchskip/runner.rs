@@ -1,20 +1,25 @@
 //! The per-stream runner: reference frame, per-layer output caches, the per-frame schedule.
 //!
-//! Layers are grouped into stages: one spatial op (conv, max/avg pooling, or identity when a model
-//! starts with a pointwise op) followed by the pointwise ops (ReLU, eval batch norm) applied in place
-//! to its output. Per frame:
+//! Layers are grouped into stages: one spatial op (FP32 or INT8 conv, max/avg pooling, or identity when a
+//! model starts with a pointwise op) followed by the pointwise ops (ReLU, eval batch norm, per-channel
+//! affine) applied in place to its output. Per frame:
 //!
-//! 1. Gate: flag the input patches (size `patch`) whose max |frame − reference| over all channels
-//!    exceeds the threshold; copy the frame into the reference on those patches only. The reference is
-//!    therefore exactly what the caches were computed from, so slow drifts accumulate until they trip
-//!    the gate (no silent loss of small changes).
-//! 2. For each stage: dilate the dirty tiles of its input through its window ([`dilate`]) to the output
-//!    tiles (`tile × tile` output pixels) that can change, and recompute only those, reading the cached
-//!    input map around them ([`conv_rects`], [`pool_rects`]), then apply the pointwise ops there.
-//! 3. The first frame after construction/[`PatchSkip::reset`] and every `refresh_every`-th frame run densely.
+//! 1. Gate ([`gate`]): flag the input patches (size `patch`) whose max |frame − reference| over all
+//!    channels exceeds the threshold; copy the frame into the reference on those patches only. The
+//!    reference is therefore exactly what the caches were computed from, so slow drifts accumulate until
+//!    they trip the gate (no silent loss of small changes). The gate also estimates the error left
+//!    (relative L2 of the unflagged change); past `error_bound` the frame runs densely instead.
+//! 2. For each stage: dilate the dirty pixels of its input through its window ([`dilate`]) to the output
+//!    pixels (tiles of `tile`, 1 by default) that can change, and recompute only those rectangles,
+//!    reading the cached input map around them ([`conv_rects`], [`conv_rects_i8`], [`pool_rects`]), then
+//!    apply the pointwise ops there.
+//! 3. The first frame after construction/[`PatchSkip::reset`], every `refresh_every`-th frame and error
+//!    refreshes run densely. INT8 input scales are calibrated on dense frames ([`Int8Scales::Frozen`]) or
+//!    recomputed every frame with a full-layer recompute when they move ([`Int8Scales::Dynamic`]).
 //!
 //! Invariant: every cache equals dense inference of the reference frame (up to float rounding of the
-//! GEMM's summation order); with threshold 0 the reference equals the frame, hence output = dense.
+//! GEMM's summation order; for INT8 with the cached input scales); with threshold 0 the reference equals
+//! the frame, hence output = dense.
 
 use std::time::Instant;
 
@@ -711,4 +716,140 @@ fn check_conv(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32) / (1u64 << 24) as f32
+    }
+
+    fn layers(seed: &mut u64, int8: bool) -> Vec<Layer> {
+        let mut out = Vec::new();
+        for &(o, c, k, s, p) in &[(6, 3, 3, 1, 1), (5, 6, 3, 2, 1), (4, 5, 1, 1, 0)] {
+            let n = o * c * k * k;
+            let weight: Vec<f32> = (0..n).map(|_| lcg(seed) - 0.5).collect();
+            let bias = Some((0..o).map(|_| lcg(seed) - 0.5).collect::<Vec<_>>());
+            if int8 {
+                let amax = weight.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let sw = scale_for_absmax(amax);
+                let mut wq = vec![0i8; n];
+                quantize_nearest_with_scale(&weight, sw, &mut wq);
+                out.push(Layer::Conv2dInt8 {
+                    wq,
+                    sw: vec![sw],
+                    shape: [o, c, k, k],
+                    bias,
+                    stride: (s, s),
+                    padding: (p, p),
+                });
+                out.push(Layer::Affine {
+                    a: vec![1.0; o],
+                    b: (0..o).map(|_| lcg(seed) - 0.5).collect(),
+                });
+            } else {
+                out.push(Layer::Conv2d {
+                    weight,
+                    shape: [o, c, k, k],
+                    bias,
+                    stride: (s, s),
+                    padding: (p, p),
+                });
+            }
+            out.push(Layer::Relu);
+        }
+        out.insert(3, Layer::MaxPool2d(Window2d::new((2, 2), (2, 2), (0, 0))));
+        out
+    }
+
+    /// Sparse frames at threshold 0 give what a runner that recomputes every frame densely gives.
+    fn sparse_equals_dense(int8: bool, scales: Int8Scales) {
+        let mut seed = 7u64;
+        let net = layers(&mut seed, int8);
+        let cfg = PatchSkipConfig {
+            patch: 5,
+            int8_scales: scales,
+            ..PatchSkipConfig::default()
+        };
+        let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+        let mut dense = PatchSkip::new(
+            net,
+            PatchSkipConfig {
+                refresh_every: 1,
+                ..cfg
+            },
+        )
+        .unwrap();
+        let shape = [3, 23, 29];
+        let mut frame: Vec<f32> = (0..3 * 23 * 29).map(|_| lcg(&mut seed)).collect();
+        for t in 0..5 {
+            // a 3x3 blob changes; its value stays inside the frame's range so the INT8 scales hold still
+            let (y0, x0) = (2 + 4 * t, 3 + 5 * t);
+            for ch in 0..3 {
+                for y in y0..y0 + 3 {
+                    for x in x0..x0 + 3 {
+                        frame[(ch * 23 + y) * 29 + x] = lcg(&mut seed) * 0.9;
+                    }
+                }
+            }
+            let a = sparse.run(&frame, shape).unwrap().to_vec();
+            let b = dense.run(&frame, shape).unwrap().to_vec();
+            let (num, den) = a.iter().zip(&b).fold((0.0f64, 0.0f64), |(n, d), (&x, &y)| {
+                (n + ((x - y) as f64).powi(2), d + (y as f64).powi(2))
+            });
+            assert!(
+                (num / den).sqrt() <= 1e-6,
+                "frame {t}: {}",
+                (num / den).sqrt()
+            );
+            if t > 0 {
+                assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
+            }
+        }
+    }
+
+    #[test]
+    fn fp32_sparse_frames_equal_dense() {
+        sparse_equals_dense(false, Int8Scales::Frozen);
+    }
+
+    #[test]
+    fn int8_sparse_frames_equal_dense_with_dynamic_scales() {
+        sparse_equals_dense(true, Int8Scales::Dynamic);
+    }
+
+    #[test]
+    fn rejects_bad_config_and_shape_change() {
+        let mut seed = 1u64;
+        let bad = PatchSkipConfig {
+            error_bound: -1.0,
+            ..PatchSkipConfig::default()
+        };
+        assert!(PatchSkip::new(layers(&mut seed, false), bad).is_err());
+        let mut r = PatchSkip::new(layers(&mut seed, true), PatchSkipConfig::default()).unwrap();
+        r.run(&vec![0.5; 3 * 16 * 16], [3, 16, 16]).unwrap();
+        let err = r.run(&vec![0.5; 3 * 16 * 17], [3, 16, 17]).unwrap_err();
+        assert!(
+            err.to_string().contains("shape changed mid-stream"),
+            "{err}"
+        );
+        let err = PatchSkip::new(
+            vec![Layer::Conv2dInt8 {
+                wq: vec![1; 9],
+                sw: vec![0.0],
+                shape: [1, 1, 3, 3],
+                bias: None,
+                stride: (1, 1),
+                padding: (0, 0),
+            }],
+            PatchSkipConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("weight scale"), "{err}");
+    }
 }

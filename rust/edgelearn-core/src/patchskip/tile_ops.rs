@@ -2,10 +2,12 @@
 //!
 //! A convolution over a set of rectangles gathers, per rectangle, the input window its outputs read
 //! (zero where the window leaves the map, i.e. the layer's padding), unfolds it with the crate's
-//! [`im2col`] side by side in one patch matrix and runs one FP32 GEMM (`W · col`) for the whole batch,
-//! then scatters the columns into the output cache. Work is proportional to the dirty area (plus the
-//! halo gather), never to the whole map. Pooling and pointwise ops loop over the rectangle directly,
-//! in the same order as the dense kernels of [`crate::nn`], so their results are bit-identical.
+//! [`im2col`] side by side in one patch matrix and runs one GEMM (`W · col`) for the whole batch, then
+//! scatters the columns into the output cache: FP32 ([`conv_rects`]) or INT8 ([`conv_rects_i8`], the
+//! window quantized on the fly with the layer's input scale, the INT8 GEMM with its fused rescale).
+//! Work is proportional to the dirty area (plus the halo gather), never to the whole map. Pooling and
+//! pointwise ops loop over the rectangle directly, in the same order as the dense kernels of
+//! [`crate::nn`], so their results are bit-identical.
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
