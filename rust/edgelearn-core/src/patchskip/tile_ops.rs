@@ -12,8 +12,10 @@
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
 use crate::nn::im2col::im2col;
-use crate::nn::{matmul_f32, Geometry, MatF32, Window2d};
+use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
+use crate::nn::{Geometry, MatF32, Window2d};
 use crate::quant::quantize_nearest_with_scale;
+use crate::threads;
 
 /// A half-open pixel rectangle `(y0, y1, x0, x1)` of an output map.
 pub type Rect = (usize, usize, usize, usize);
@@ -140,7 +142,8 @@ fn gather_window<T: Copy + Default>(
 
 /// The shared driver of [`conv_rects`] and [`conv_rects_i8`]: batches of rectangles are gathered and
 /// unfolded side by side into `col (k × cols)`, `gemm(col, cols, out)` fills `out (o × cols)`, and the
-/// columns are scattered into `y` with the bias added.
+/// columns are scattered into `y`, adding `bias` (`None` when the GEMM already did, as the FP32 one
+/// does so that its rounding matches the dense conv's).
 #[allow(clippy::too_many_arguments)]
 fn conv_rects_with<T: Copy + Default>(
     x: &[f32],
@@ -253,15 +256,27 @@ pub fn conv_rects(
         padding: p.padding,
         out_hw,
     };
+    let bias = p.bias.as_deref();
     conv_rects_with(
         x,
         &cg,
-        p.bias.as_deref(),
+        None,
         rects,
         y,
         (&mut scratch.win, &mut scratch.col, &mut scratch.out),
         |src, dst| dst.copy_from_slice(src),
-        |col, cols, out| matmul_f32(&wm, &MatF32::row_major(col, k, cols)?, None, out),
+        |col, cols, out| {
+            // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
+            // each output sees the same additions in the same order
+            for (oc, row) in out.chunks_exact_mut(cols).enumerate() {
+                row.fill(bias.map_or(0.0, |b| b[oc]));
+            }
+            let cm = MatF32::row_major(col, k, cols)?;
+            let parallel = o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1;
+            // SAFETY: `out` is o × cols (resized by the caller), row stride `cols`, not aliased.
+            unsafe { sgemm(&wm, &cm, out.as_mut_ptr(), cols, true, parallel) };
+            Ok(())
+        },
     )
 }
 
@@ -363,7 +378,9 @@ pub fn pool_rects(
     }
 }
 
-/// Applies `ops` in order, in place, to the rectangles `rects` of `y (c, oh, ow)`.
+/// Applies `ops` in order, in place, to the rectangles `rects` of `y (c, oh, ow)`. All ops run on one row
+/// segment before the next (it stays in L1), each element seeing them in order: the same arithmetic as
+/// applying each op to the whole map in turn.
 pub fn pointwise_rects(
     ops: &[Pointwise],
     rects: &[Rect],
@@ -371,13 +388,16 @@ pub fn pointwise_rects(
     c: usize,
     out_hw: (usize, usize),
 ) {
+    if ops.is_empty() {
+        return;
+    }
     let (oh, ow) = out_hw;
-    for op in ops {
-        for ch in 0..c {
-            let yp = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
-            for &(y0, y1, x0, x1) in rects {
-                for oy in y0..y1 {
-                    let row = &mut yp[oy * ow + x0..oy * ow + x1];
+    for ch in 0..c {
+        let yp = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
+        for &(y0, y1, x0, x1) in rects {
+            for oy in y0..y1 {
+                let row = &mut yp[oy * ow + x0..oy * ow + x1];
+                for op in ops {
                     match op {
                         Pointwise::Relu => row.iter_mut().for_each(|v| {
                             if *v < 0.0 {
