@@ -380,3 +380,24 @@ def test_reset_starts_a_new_stream():
     assert runner.stats == {} and len(runner.history) == 0 and runner.input_shape is None
     y = runner(a + np.float32(0.1))  # dense again after reset
     assert runner.stats["dense"] and rel_l2(y, dense(model, a + np.float32(0.1))) <= 1e-6
+
+
+def test_mostly_dirty_layers_switch_to_the_dense_kernel():
+    el.manual_seed(9)
+    model = randomize_bn(net_stride1())
+    x = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    f = x.copy()
+    f[:, :20, :] += np.float32(0.3)  # 5/8 of the rows change
+    outs = {}
+    for above in (0.5, 1.0):
+        runner = PatchSkipRunner(model, patch=8, threshold=0.0, dense_above=above)
+        runner(x)
+        outs[above] = runner(f)
+        fr = runner.stats["layer_fractions"]
+        if above == 0.5:
+            assert fr[-1] == 1.0  # switched to dense
+        else:
+            assert all(v < 1.0 for v in fr[:2])  # stayed sparse
+        assert rel_l2(outs[above], dense(model, f)) <= 1e-6
+    with pytest.raises(ValueError, match="dense_above"):
+        PatchSkipRunner(model, dense_above=0)

@@ -141,9 +141,12 @@ class PatchSkipRunner:
             the input the caches represent, ``stats["estimated_error"]``) passes this; 0 = off.
         tile: side of the output tiles recomputed per layer (1: exactly the pixels a change can reach).
         mean, std: normalisation applied after the /255 scaling of uint8 frames (see :func:`preprocess`).
-        int8_scales: input scales of INT8 convs: ``"frozen"`` (default: calibrated on each dense frame, held
-            until the next, so cached tiles stay valid) or ``"dynamic"`` (recomputed every frame as the model
-            does; when a layer's scale moves, that layer is recomputed in full: exact, slower).
+        int8_scales: input scales of INT8 convs: ``"frozen"`` (default: calibrated whenever the layer is
+            recomputed in full, held in between, so cached tiles stay valid) or ``"dynamic"`` (recomputed every
+            frame as the model does; when a layer's scale moves, that layer is recomputed in full: exact,
+            slower).
+        dense_above: a layer whose dirty part covers at least this fraction of its output runs its dense kernel
+            instead of the sparse one (cheaper there: no halo gathers, no small GEMMs).
         history: how many per-frame stats to keep in ``runner.history``.
 
     The layers' parameters are copied at construction; build a new runner after changing the model.
@@ -160,6 +163,7 @@ class PatchSkipRunner:
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         int8_scales: str = "frozen",
+        dense_above: float = 0.6,
         history: int = 100_000,
     ):
         if int(patch) < 1:
@@ -172,12 +176,16 @@ class PatchSkipRunner:
             raise ValueError(f"error_bound: must be >= 0 (0 = off), got {error_bound}")
         if int(tile) < 1:
             raise ValueError(f"tile: must be >= 1, got {tile}")
+        if not 0.0 < float(dense_above) <= 1.0:
+            raise ValueError(f"dense_above: must be in (0, 1], got {dense_above}")
         if int8_scales not in ("frozen", "dynamic"):
             raise ValueError(f"int8_scales: expected 'frozen' or 'dynamic', got {int8_scales!r}")
         self.patch, self.threshold, self.refresh_every = int(patch), float(threshold), int(refresh_every)
         self.error_bound, self.tile, self.int8_scales = float(error_bound), int(tile), int8_scales
+        self.dense_above = float(dense_above)
         self._native = _native.PatchSkip(
-            self.patch, self.threshold, self.refresh_every, self.tile, self.error_bound, self.int8_scales
+            self.patch, self.threshold, self.refresh_every, self.tile, self.error_bound, self.int8_scales,
+            self.dense_above,
         )
         self.in_channels: Optional[int] = None
         self.tail: List[Module] = []

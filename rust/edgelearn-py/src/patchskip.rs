@@ -42,7 +42,8 @@ impl PatchSkip {
 #[pymethods]
 impl PatchSkip {
     #[new]
-    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=1, error_bound=0.0, int8_scales="frozen"))]
+    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=1, error_bound=0.0, int8_scales="frozen", dense_above=0.6))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         patch: usize,
         threshold: f32,
@@ -50,6 +51,7 @@ impl PatchSkip {
         tile: usize,
         error_bound: f32,
         int8_scales: &str,
+        dense_above: f32,
     ) -> PyResult<Self> {
         let int8_scales = match int8_scales {
             "frozen" => Int8Scales::Frozen,
@@ -68,6 +70,7 @@ impl PatchSkip {
             tile,
             error_bound,
             int8_scales,
+            dense_above,
         };
         Core::new(vec![Layer::Relu], cfg).py()?; // validates the config
         Ok(PatchSkip {

@@ -12,7 +12,7 @@
 //! 2. For each stage: dilate the dirty pixels of its input through its window ([`dilate`]) to the output
 //!    pixels (tiles of `tile`, 1 by default) that can change, and recompute only those rectangles,
 //!    reading the cached input map around them ([`conv_rects`], [`conv_rects_i8`], [`pool_rects`]), then
-//!    apply the pointwise ops there.
+//!    apply the pointwise ops there. A stage whose dirty part passes `dense_above` runs its dense kernel.
 //! 3. The first frame after construction/[`PatchSkip::reset`], every `refresh_every`-th frame and error
 //!    refreshes run densely. INT8 input scales are calibrated on dense frames ([`Int8Scales::Frozen`]) or
 //!    recomputed every frame with a full-layer recompute when they move ([`Int8Scales::Dynamic`]).
@@ -74,8 +74,9 @@ pub enum Layer {
 /// How an INT8 convolution's input scale is chosen on frames that are not recomputed densely.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Scales {
-    /// Calibrated on each dense frame (the first, forced refreshes) and held until the next one: every
-    /// cached tile stays valid, values beyond the calibrated range saturate at ±127.
+    /// Calibrated whenever the layer is recomputed in full (dense frames, or a dirty part past
+    /// `dense_above`) and held in between: every cached value stays valid, values beyond the calibrated
+    /// range saturate at ±127.
     Frozen,
     /// Recomputed from the layer's whole input every frame, as the model does; when it changes, the layer
     /// (and so everything after it) is recomputed in full. Exact, but slow when the range moves.
@@ -98,6 +99,10 @@ pub struct PatchSkipConfig {
     pub error_bound: f32,
     /// Input scales of INT8 convolutions.
     pub int8_scales: Int8Scales,
+    /// A layer whose dirty output covers at least this fraction of its map is recomputed with the dense
+    /// kernel instead (fragmented sparse work costs more per pixel: halo gathers, small GEMMs); 1: never
+    /// unless all of it is dirty.
+    pub dense_above: f32,
 }
 
 impl Default for PatchSkipConfig {
@@ -109,6 +114,7 @@ impl Default for PatchSkipConfig {
             tile: 1,
             error_bound: 0.0,
             int8_scales: Int8Scales::Frozen,
+            dense_above: 0.6,
         }
     }
 }
@@ -218,6 +224,12 @@ impl PatchSkip {
             return Err(Error::invalid(
                 "error_bound",
                 format!("must be >= 0 and not NaN (0: off), got {}", cfg.error_bound),
+            ));
+        }
+        if !(cfg.dense_above > 0.0 && cfg.dense_above <= 1.0) {
+            return Err(Error::invalid(
+                "dense_above",
+                format!("must be in (0, 1], got {}", cfg.dense_above),
             ));
         }
         if layers.is_empty() {
@@ -545,56 +557,7 @@ impl PatchSkip {
             } else {
                 &prev[i - 1].out
             };
-            let st = &mut rest[0];
-            let [oc, oh, ow] = st.out_shape;
-            let full: [Rect; 1] = [(0, oh, 0, ow)];
-            let [c, h, w] = st.in_shape;
-            match &st.spatial {
-                Spatial::Conv(p) => {
-                    conv2d_f32_forward(
-                        input,
-                        [1, c, h, w],
-                        &p.weight,
-                        p.shape,
-                        p.bias.as_deref(),
-                        p.stride,
-                        p.padding,
-                        &mut st.out,
-                    )?;
-                }
-                Spatial::ConvI8(p) => {
-                    st.sx = input_scale(input);
-                    let xq = &mut self.scratch.xq;
-                    xq.resize(input.len(), 0);
-                    quantize_nearest_with_scale(input, st.sx, xq);
-                    conv2d_i8_forward(
-                        xq,
-                        [1, c, h, w],
-                        st.sx,
-                        &p.wq,
-                        p.shape,
-                        p.weight_scale(),
-                        p.bias.as_deref(),
-                        p.stride,
-                        p.padding,
-                        &mut st.out,
-                    )?;
-                }
-                Spatial::MaxPool(win) => pool_rects(
-                    input,
-                    st.in_shape,
-                    *win,
-                    false,
-                    &full,
-                    &mut st.out,
-                    (oh, ow),
-                ),
-                Spatial::AvgPool(win) => {
-                    pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
-                }
-                Spatial::Identity => st.out.copy_from_slice(input),
-            }
-            pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
+            dense_stage(&mut rest[0], input, &mut self.scratch)?;
         }
         Ok(())
     }
@@ -613,13 +576,19 @@ impl PatchSkip {
             let st = &mut rest[0];
             let [oc, oh, ow] = st.out_shape;
             let mut out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
+            let mut full = out_map.fraction() >= self.cfg.dense_above as f64;
             if let (Spatial::ConvI8(_), Int8Scales::Dynamic) = (&st.spatial, self.cfg.int8_scales) {
-                let sx = input_scale(input);
-                if sx != st.sx {
-                    // the whole layer's codes change with the scale
-                    st.sx = sx;
-                    out_map.fill(true);
-                }
+                // the whole layer's codes change with the scale
+                full |= input_scale(input) != st.sx;
+            }
+            if full {
+                out_map.fill(true);
+                fractions.push(1.0);
+                done += (oh * ow) as f64 * st.cost;
+                total += (oh * ow) as f64 * st.cost;
+                dense_stage(st, input, &mut self.scratch)?;
+                dirty = out_map;
+                continue;
             }
             let rects = out_map.rects();
             fractions.push(out_map.fraction());
@@ -681,6 +650,61 @@ impl PatchSkip {
         }
         Ok((done, total))
     }
+}
+
+/// Recomputes a whole stage from its input with the dense kernels (an INT8 conv recalibrates its input
+/// scale: every cached value is rewritten, so the cache stays consistent).
+fn dense_stage(st: &mut Stage, input: &[f32], scratch: &mut Scratch) -> Result<()> {
+    let [oc, oh, ow] = st.out_shape;
+    let full: [Rect; 1] = [(0, oh, 0, ow)];
+    let [c, h, w] = st.in_shape;
+    match &st.spatial {
+        Spatial::Conv(p) => {
+            conv2d_f32_forward(
+                input,
+                [1, c, h, w],
+                &p.weight,
+                p.shape,
+                p.bias.as_deref(),
+                p.stride,
+                p.padding,
+                &mut st.out,
+            )?;
+        }
+        Spatial::ConvI8(p) => {
+            st.sx = input_scale(input);
+            let xq = &mut scratch.xq;
+            xq.resize(input.len(), 0);
+            quantize_nearest_with_scale(input, st.sx, xq);
+            conv2d_i8_forward(
+                xq,
+                [1, c, h, w],
+                st.sx,
+                &p.wq,
+                p.shape,
+                p.weight_scale(),
+                p.bias.as_deref(),
+                p.stride,
+                p.padding,
+                &mut st.out,
+            )?;
+        }
+        Spatial::MaxPool(win) => pool_rects(
+            input,
+            st.in_shape,
+            *win,
+            false,
+            &full,
+            &mut st.out,
+            (oh, ow),
+        ),
+        Spatial::AvgPool(win) => {
+            pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
+        }
+        Spatial::Identity => st.out.copy_from_slice(input),
+    }
+    pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
+    Ok(())
 }
 
 /// The per-tensor input scale of an INT8 conv: `absmax / 127`, as `quantize` computes it.
