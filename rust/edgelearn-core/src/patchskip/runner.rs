@@ -30,7 +30,7 @@ use super::tile_ops::{
 };
 use crate::error::{Error, Result};
 use crate::nn::{conv2d_f32_forward, conv2d_i8_forward, Geometry, Window2d};
-use crate::quant::{quantize_nearest_with_scale, scale_for_absmax};
+use crate::quant::{absmax, quantize_nearest_with_scale, scale_for_absmax};
 
 /// One layer of the chain, as given by the caller.
 #[derive(Clone, Debug)]
@@ -675,7 +675,7 @@ fn dense_stage(st: &mut Stage, input: &[f32], scratch: &mut Scratch) -> Result<(
             st.sx = input_scale(input);
             let xq = &mut scratch.xq;
             xq.resize(input.len(), 0);
-            quantize_nearest_with_scale(input, st.sx, xq);
+            quantize_nearest_with_scale(input, st.sx, xq)?;
             conv2d_i8_forward(
                 xq,
                 [1, c, h, w],
@@ -709,7 +709,7 @@ fn dense_stage(st: &mut Stage, input: &[f32], scratch: &mut Scratch) -> Result<(
 
 /// The per-tensor input scale of an INT8 conv: `absmax / 127`, as `quantize` computes it.
 fn input_scale(x: &[f32]) -> f32 {
-    scale_for_absmax(x.iter().fold(0.0f32, |m, v| m.max(v.abs())))
+    scale_for_absmax(absmax(x))
 }
 
 /// Checks a conv layer's weight length, bias and stride (`i` names the layer).
@@ -763,7 +763,7 @@ mod tests {
                 let amax = weight.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 let sw = scale_for_absmax(amax);
                 let mut wq = vec![0i8; n];
-                quantize_nearest_with_scale(&weight, sw, &mut wq);
+                quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
                 out.push(Layer::Conv2dInt8 {
                     wq,
                     sw: vec![sw],

@@ -102,7 +102,7 @@ fn gather_window<T: Copy + Default>(
     cg: &ConvGeom,
     rect: Rect,
     win: &mut Vec<T>,
-    convert: &impl Fn(&[f32], &mut [T]),
+    convert: &impl Fn(&[f32], &mut [T]) -> Result<()>,
 ) -> Result<Geometry> {
     let [c, h, w] = cg.in_shape;
     let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
@@ -128,7 +128,7 @@ fn gather_window<T: Copy + Default>(
             dst[..lo].fill(zero);
             dst[hi..].fill(zero);
             let s0 = iy as usize * w + (ix0 + lo as isize) as usize;
-            convert(&plane[s0..s0 + (hi - lo)], &mut dst[lo..hi]);
+            convert(&plane[s0..s0 + (hi - lo)], &mut dst[lo..hi])?;
         }
     }
     let g = Geometry::new(
@@ -152,7 +152,7 @@ fn conv_rects_with<T: Copy + Default>(
     rects: &[Rect],
     y: &mut [f32],
     bufs: (&mut Vec<T>, &mut Vec<T>, &mut Vec<f32>),
-    convert: impl Fn(&[f32], &mut [T]),
+    convert: impl Fn(&[f32], &mut [T]) -> Result<()>,
     mut gemm: impl FnMut(&[T], usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let (win, col, out) = bufs;
@@ -264,7 +264,10 @@ pub fn conv_rects(
         rects,
         y,
         (&mut scratch.win, &mut scratch.col, &mut scratch.out),
-        |src, dst| dst.copy_from_slice(src),
+        |src, dst| {
+            dst.copy_from_slice(src);
+            Ok(())
+        },
         |col, cols, out| {
             // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
             // each output sees the same additions in the same order
