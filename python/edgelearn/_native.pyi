@@ -142,7 +142,7 @@ class PatchSkip:
         tile: int = 1,
         error_bound: float = 0.0,
         int8_scales: str = "frozen",
-        dense_above: float = 0.6,
+        dense_above: float = 0.85,
     ) -> None: ...
     def add_conv(self, weight: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def add_conv_i8(

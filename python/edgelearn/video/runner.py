@@ -163,7 +163,7 @@ class PatchSkipRunner:
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         int8_scales: str = "frozen",
-        dense_above: float = 0.6,
+        dense_above: float = 0.85,
         history: int = 100_000,
     ):
         if int(patch) < 1:

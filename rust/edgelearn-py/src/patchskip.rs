@@ -42,7 +42,7 @@ impl PatchSkip {
 #[pymethods]
 impl PatchSkip {
     #[new]
-    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=1, error_bound=0.0, int8_scales="frozen", dense_above=0.6))]
+    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=1, error_bound=0.0, int8_scales="frozen", dense_above=0.85))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         patch: usize,

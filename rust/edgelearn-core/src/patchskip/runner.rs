@@ -114,7 +114,7 @@ impl Default for PatchSkipConfig {
             tile: 1,
             error_bound: 0.0,
             int8_scales: Int8Scales::Frozen,
-            dense_above: 0.6,
+            dense_above: 0.85,
         }
     }
 }
