@@ -17,13 +17,22 @@ def _model():
     return m
 
 
-def _run(model, x, y, layer_by_layer):
+def _run(model, x, y, layer_by_layer, fuse=True):
     model.train()
     if layer_by_layer:
         h = edgelearn.tensor(x)
         keep = []  # holding every intermediate: nothing may be donated
-        for layer in model:
-            h = layer(h)
+        layers = list(model)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if fuse and nxt is not None and getattr(layer, "fuses_with", lambda _: False)(nxt):
+                h = layer(h, compensation=nxt)  # what Sequential does with an INT8 layer + its LAC
+                i += 2
+            else:
+                h = layer(h)
+                i += 1
             keep.append(h)
         logits = h
         snapshot = [k.numpy().copy() for k in keep]
@@ -48,6 +57,34 @@ def test_sequential_inplace_equals_layer_by_layer():
     assert len(ga) == len(gb)
     for u, v in zip(ga, gb):
         np.testing.assert_array_equal(u, v)
+
+
+def test_fused_compensation_equals_separate_compensation_layer():
+    """Sequential applies each LAC Compensation inside the INT8 layer before it (its shift joins the GEMM
+    epilogue's bias): outputs and every gradient, α, μ, β included, match the separate layer up to float
+    rounding (the shift is added to the bias before, not to the output after)."""
+    rng = np.random.default_rng(2)
+    x = rng.random((6, 1, 12, 12), dtype=np.float32)
+    y = rng.integers(0, 10, 6)
+    a, b = _model(), _model()
+    assert any(getattr(m, "fuses_with", lambda _: False)(n) for m, n in zip(list(a), list(a)[1:]))
+    la, ga = _run(a, x, y, layer_by_layer=False)
+    lb, gb = _run(b, x, y, layer_by_layer=True, fuse=False)
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-5)
+    assert len(ga) == len(gb)
+    for u, v in zip(ga, gb):
+        np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(v).max())))
+
+
+def test_fused_compensation_rejects_a_mismatched_layer():
+    edgelearn.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    edgelearn.octo(lin)
+    with pytest.raises(ValueError, match="compensation"):
+        lin(edgelearn.tensor(np.ones((2, 4), np.float32)), compensation=nn.Compensation(5))
+    fp = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="compensation"):
+        fp(edgelearn.tensor(np.ones((2, 4), np.float32)), compensation=nn.Compensation(3))
 
 
 def test_sequential_never_overwrites_its_input():

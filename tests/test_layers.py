@@ -472,6 +472,26 @@ def test_regularization_sums_every_compensation_term():
     assert small_cnn().regularization().item() == 0.0
 
 
+def test_regularization_follows_changes_to_the_model_and_has_gradients():
+    """The list of loss-term layers is cached between steps; adding, replacing or removing layers (as
+    ``octo`` does) must be seen, and the fused term must give every μ and β its gradient λ·μ, λ·β."""
+    model = small_cnn()
+    assert model.regularization().item() == 0.0  # fills the cache with "no terms"
+    el.octo(model, el.OctoConfig(lam=0.3))  # inserts Compensation layers
+    comps = [m for m in model.modules() if isinstance(m, nn.Compensation)]
+    assert comps
+    reg = model.regularization()
+    reg.backward()
+    for c in comps:
+        np.testing.assert_allclose(c.mu.grad.numpy(), 0.3 * c.mu.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(c.beta.grad.numpy(), 0.3 * c.beta.numpy(), rtol=1e-6)
+    el.octo(model, el.OctoConfig(lac=False))  # drops them again
+    assert model.regularization().item() == 0.0
+    model.extra = nn.Compensation(3, lam=1.0)  # a new attribute-held layer counts as well
+    want = 0.5 * ((model.extra.mu.numpy() ** 2).sum() + (model.extra.beta.numpy() ** 2).sum())
+    assert model.regularization().item() == pytest.approx(want, rel=1e-5)
+
+
 def test_octo_config_validates_its_fields():
     for bad in (dict(act_rounding="up"), dict(prc="median"), dict(z=0), dict(kappa=1.5), dict(lam=-1)):
         with pytest.raises(ValueError):

@@ -33,6 +33,7 @@ __all__ = [
     "dropout",
     "compensation",
     "compensation_penalty",
+    "compensation_penalties",
     "cross_entropy",
     "mse",
     "step_seed",
@@ -113,29 +114,57 @@ def linear(x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None) -> Tenso
     return make_result(y, (x, weight, bias), backward, "linear")
 
 
+# The layers' own quantization calls go straight to the core: their arguments are float32 C-contiguous
+# arrays and settings an ``OctoConfig`` already validated, so ``edgelearn.quantize``'s argument checks
+# (a few microseconds each, 15 calls a step for a small CNN) are skipped. Same function, same results.
 def _quantize_input(x: np.ndarray, cfg: OctoConfig, seed: int, training: bool):
     rounding = cfg.act_rounding if training else "nearest"
-    return _quantize(x, rounding=rounding, seed=seed if rounding == "stochastic" else None)
+    return _native._quantize(x, None, rounding, seed if rounding == "stochastic" else None, None)
 
 
 def _quantize_weight(w: np.ndarray, cfg: OctoConfig):
-    return _quantize(w, per_channel_axis=0 if cfg.per_channel_weights else None, rounding=cfg.weight_rounding)
+    return _native._quantize(_c(w), 0 if cfg.per_channel_weights else None, cfg.weight_rounding, None, None)
 
 
 def _quantize_grad(g: np.ndarray, cfg: OctoConfig, seed: int):
     rounding = cfg.grad_rounding
-    return _quantize(
-        g, rounding=rounding, seed=seed if rounding == "stochastic" else None, clip=cfg.prc_clip()
-    )
+    return _native._quantize(g, None, rounding, seed if rounding == "stochastic" else None, cfg.prc_clip())
+
+
+Compensation = Tuple[Tensor, Tensor, Tensor]
+
+
+def _fused_bias(bias: Optional[Tensor], compensation: Optional[Compensation], channels: int):
+    """The epilogue bias of an INT8 layer: ``b`` plus, with a fused LAC ``(α, μ, β)``, ``α⊙μ + β``."""
+    if compensation is None:
+        return None if bias is None else bias.data
+    a, m, b = (t.data for t in compensation)
+    if a.shape != (channels,) or m.shape != (channels,) or b.shape != (channels,):
+        raise ValueError(f"compensation: expected α, μ, β of shape ({channels},), got {a.shape}, {m.shape}, {b.shape}")
+    shift = (a * m + b).astype(np.float32, copy=False)
+    return shift if bias is None else (bias.data + shift).astype(np.float32, copy=False)
+
+
+def _bias_grads(db_full: np.ndarray, need_b: bool, compensation: Optional[Compensation]) -> tuple:
+    """``db`` and, with a fused LAC, ``(dα, dμ, dβ) = (Σdy·μ, Σdy·α, Σdy)`` from the channel sums of dY."""
+    db = db_full if need_b else None
+    if compensation is None:
+        return (db,)
+    a, m, _ = (t.data for t in compensation)
+    return db, db_full * m, db_full * a, db_full
 
 
 def linear_int8(
-    x: ArrayLike, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig, seed: int = 0, training: bool = True
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig, seed: int = 0, training: bool = True,
+    compensation: Optional[Compensation] = None,
 ) -> Tensor:
     """Octo INT8 linear: ``Y = (Xq·Wqᵀ)·s_x·s_w + b`` on the INT8 GEMM; saves only ``Xq, s_x`` (and ``Wq``).
 
     Backward: PRC-clip then quantize dY (``cfg``), ``dW = dYqᵀ·Xq`` and ``dX = dYq·Wq`` on the INT8 GEMM,
     ``db = Σ dY`` in FP32. With per-channel weights the dX GEMM uses a per-tensor quantization of W.
+
+    ``compensation=(α, μ, β)``: the LAC layer that follows (``y + α⊙μ + β``, per output feature) applied in
+    the same op, its shift added to the bias of the GEMM epilogue; gradients flow to α, μ, β as well.
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
@@ -143,9 +172,10 @@ def linear_int8(
         raise ValueError(f"linear: input must have shape (N, {wd.shape[1]}), got {xd.shape}")
     xq, sx = _quantize_input(xd, cfg, seed, training)
     wq, sw = _quantize_weight(wd, cfg)
-    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, None if bias is None else bias.data)
+    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, _fused_bias(bias, compensation, wd.shape[0]))
     del xd
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    need_sum = need_b or compensation is not None
     per_channel = cfg.per_channel_weights
 
     def backward(g: np.ndarray):
@@ -159,10 +189,10 @@ def linear_int8(
                 dx = _native.gemm_i8_f32(gq, wq_t, sg, sw_t)
             else:
                 dx = _native.gemm_i8_f32(gq, wq, sg, sw)
-        db = g.sum(axis=0) if need_b else None
-        return dx, dw, db
+        db_full = g.sum(axis=0) if need_sum else None
+        return (dx, dw) + _bias_grads(db_full, need_b, compensation)
 
-    return make_result(y, (x, weight, bias), backward, "linear_int8")
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "linear_int8")
 
 
 # --- convolution -------------------------------------------------------------------------------------------
@@ -202,10 +232,12 @@ def conv2d_int8(
     padding: IntPair = 0,
     seed: int = 0,
     training: bool = True,
+    compensation: Optional[Compensation] = None,
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
     Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels (one core call), ``db = Σ dY`` in FP32.
+    ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
@@ -215,18 +247,19 @@ def conv2d_int8(
     wq, sw = _quantize_weight(wd, cfg)
     sx = float(sx)
     sw = float(sw) if np.ndim(sw) == 0 else sw
-    y = _native.conv2d_i8_forward(xq, sx, wq, sw, None if bias is None else bias.data, stride, padding)
+    y = _native.conv2d_i8_forward(xq, sx, wq, sw, _fused_bias(bias, compensation, wd.shape[0]), stride, padding)
     del xd
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    need_sum = need_b or compensation is not None
 
     def backward(g: np.ndarray):
         g = _c(g)
         gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
         dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
-        db = _channel_sum(g) if need_b else None
-        return dx, (dw if need_w else None), db
+        db_full = _channel_sum(g) if need_sum else None
+        return (dx, (dw if need_w else None)) + _bias_grads(db_full, need_b, compensation)
 
-    return make_result(y, (x, weight, bias), backward, "conv2d_int8")
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "conv2d_int8")
 
 
 # --- normalisation, activation, pooling --------------------------------------------------------------------
@@ -256,7 +289,7 @@ def batch_norm2d(
     gamma = weight.data
     need_g, need_b = weight.requires_grad, bias.requires_grad
     if save_int8 and training:
-        xq, sx = _quantize(xd, rounding="nearest")
+        xq, sx = _native._quantize(xd, None, "nearest", None, None)
         sx = float(sx)
         if _take_donated(x) and xd is x.data:
             # x is an intermediate nobody else holds: normalise in place (no second FP32 activation)
@@ -411,6 +444,24 @@ def compensation_penalty(mu: Tensor, beta: Tensor, lam: float) -> Tensor:
     m, b = mu.data, beta.data
     value = np.asarray(0.5 * lam * (float(np.dot(m.ravel(), m.ravel())) + float(np.dot(b.ravel(), b.ravel()))), np.float32)
     return make_result(value, (mu, beta), lambda g: (g * lam * m, g * lam * b), "compensation_penalty")
+
+
+def compensation_penalties(terms) -> Tensor:
+    """``Σ 0.5·λᵢ·(‖μᵢ‖² + ‖βᵢ‖²)`` over ``terms = [(μ, β, λ), ...]`` as one recorded op (what
+    ``Module.regularization`` uses for a model's LAC layers: one autograd node instead of one per layer
+    plus the additions)."""
+    arrays = [(mu.data, beta.data, float(lam)) for mu, beta, lam in terms]
+    value = np.asarray(sum(0.5 * lam * (float(np.dot(m.ravel(), m.ravel())) + float(np.dot(b.ravel(), b.ravel())))
+                           for m, b, lam in arrays), np.float32)
+
+    def backward(g):
+        grads = []
+        for m, b, lam in arrays:
+            grads += [g * lam * m, g * lam * b]
+        return tuple(grads)
+
+    parents = tuple(t for mu, beta, _ in terms for t in (mu, beta))
+    return make_result(value, parents, backward, "compensation_penalties")
 
 
 # --- losses ------------------------------------------------------------------------------------------------

@@ -53,6 +53,19 @@ class _QuantizedLayer(Module):
         elif "quant_step" in self._buffers:
             del self._buffers["quant_step"]
 
+    def fuses_with(self, nxt: Any) -> bool:
+        """True if ``nxt`` is a per-channel ``Compensation`` over this INT8 layer's outputs, which
+        ``Sequential`` then applies inside this layer's forward (``compensation=nxt``)."""
+        return (self.int8 is not None and isinstance(nxt, Compensation) and nxt.alpha.ndim == 1
+                and nxt.alpha.shape[0] == self.out_features_or_channels)
+
+    def _compensation_args(self, compensation: Optional["Compensation"]):
+        if compensation is None:
+            return None
+        if not self.fuses_with(compensation):
+            raise ValueError("compensation: expected a per-channel Compensation over this INT8 layer's outputs")
+        return (compensation.alpha, compensation.mu, compensation.beta)
+
     def _next_seed(self) -> int:
         """This step's rounding seed; the step counter advances on every training-mode forward."""
         step = int(self.quant_step)
@@ -77,10 +90,14 @@ class Linear(_QuantizedLayer):
     def out_features_or_channels(self) -> int:
         return self.out_features
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: Any, compensation: Optional["Compensation"] = None) -> Tensor:
+        """``compensation``: a ``Compensation`` to apply to the output in the same op (INT8 mode only)."""
         if self.int8 is None:
+            if compensation is not None:
+                raise ValueError("compensation: only an INT8-mode layer applies a Compensation itself")
             return F.linear(x, self.weight, self.bias)
-        return F.linear_int8(x, self.weight, self.bias, self.int8, seed=self._next_seed(), training=self.training)
+        return F.linear_int8(x, self.weight, self.bias, self.int8, seed=self._next_seed(), training=self.training,
+                             compensation=self._compensation_args(compensation))
 
     def extra_repr(self) -> str:
         mode = ", int8" if self.int8 is not None else ""
@@ -119,12 +136,15 @@ class Conv2d(_QuantizedLayer):
     def out_features_or_channels(self) -> int:
         return self.out_channels
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: Any, compensation: Optional["Compensation"] = None) -> Tensor:
+        """``compensation``: a ``Compensation`` to apply to the output in the same op (INT8 mode only)."""
         if self.int8 is None:
+            if compensation is not None:
+                raise ValueError("compensation: only an INT8-mode layer applies a Compensation itself")
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
         return F.conv2d_int8(
             x, self.weight, self.bias, self.int8, self.stride, self.padding,
-            seed=self._next_seed(), training=self.training,
+            seed=self._next_seed(), training=self.training, compensation=self._compensation_args(compensation),
         )
 
     def extra_repr(self) -> str:
@@ -263,6 +283,11 @@ class Compensation(Module):
 
     def regularization_term(self) -> Tensor:
         return F.compensation_penalty(self.mu, self.beta, self.lam)
+
+    @staticmethod
+    def regularization_terms(layers) -> Tensor:
+        """The sum of several layers' ``regularization_term`` as one recorded op."""
+        return F.compensation_penalties([(m.mu, m.beta, m.lam) for m in layers])
 
     def extra_repr(self) -> str:
         return f"{tuple(self.alpha.shape)}, lam={self.lam}"

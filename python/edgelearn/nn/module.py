@@ -36,6 +36,16 @@ class Parameter(Tensor):
         return "Parameter containing:\n" + super().__repr__()
 
 
+# Bumped by every change of any module tree (a child added, replaced or removed), so a module may cache
+# what it derives from its tree (``regularization`` keeps its list of loss-term modules) and know when
+# that cache is stale.
+_TREE_EPOCH = [0]
+
+
+def _tree_changed() -> None:
+    _TREE_EPOCH[0] += 1
+
+
 class Module:
     """Base class of layers and models: override ``forward``; call the module to run it."""
 
@@ -49,6 +59,8 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
+        if name in self._modules or isinstance(value, Module):
+            _tree_changed()
         for table in (self._parameters, self._buffers, self._modules):
             if name in table and not (table is self._buffers and isinstance(value, np.ndarray)):
                 del table[name]
@@ -71,6 +83,8 @@ class Module:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __delattr__(self, name: str) -> None:
+        if name in self._modules:
+            _tree_changed()
         for table in (self._parameters, self._buffers, self._modules):
             if name in table:
                 del table[name]
@@ -89,6 +103,7 @@ class Module:
             setattr(self, name, param)
 
     def add_module(self, name: str, module: Optional["Module"]) -> None:
+        _tree_changed()
         self._modules[name] = module
 
     # --- running ----------------------------------------------------------------------------------------
@@ -170,14 +185,22 @@ class Module:
 
         Add it to the training loss: ``loss = cross_entropy(model(x), y) + model.regularization()``.
         """
+        cache = self.__dict__.get("_regularizers")
+        if cache is None or cache[0] != _TREE_EPOCH[0]:
+            mods = [m for m in self.modules() if getattr(type(m), "regularization_term", None) is not None]
+            cache = (_TREE_EPOCH[0], mods)
+            object.__setattr__(self, "_regularizers", cache)
+        mods = cache[1]
+        if not mods:
+            return Tensor(np.zeros((), np.float32))
+        fused = getattr(type(mods[0]), "regularization_terms", None)
+        if fused is not None and all(type(m) is type(mods[0]) for m in mods):
+            return fused(mods)  # one recorded op for all of them (e.g. every LAC layer's penalty)
         total: Optional[Tensor] = None
-        for m in self.modules():
-            own = getattr(type(m), "regularization_term", None)
-            if own is None:
-                continue
+        for m in mods:
             term = m.regularization_term()
             total = term if total is None else total + term
-        return total if total is not None else Tensor(np.zeros((), np.float32))
+        return total
 
     # --- state ------------------------------------------------------------------------------------------
     def _state_items(self) -> Iterator[Tuple[str, np.ndarray]]:
@@ -252,21 +275,31 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x: Any) -> Any:
-        first = True
-        for m in self._modules.values():
+        items = list(self._modules.values())
+        i = 0
+        while i < len(items):
+            m = items[i]
             # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
             # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
             # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
             # INT8-mode Compensation/BatchNorm/ReLU then write their output over it (the FP32 activation
             # would be dropped right after anyway). Never the Sequential's own input.
-            if not first and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
+            if i > 0 and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
                 d = x.data
                 if (type(d) is np.ndarray and d.dtype == np.float32 and d.base is None and d.flags.c_contiguous
                         and d.flags.writeable and sys.getrefcount(d) == 3):
                     x._donated = True
                 del d
-            first = False
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            fuses_with = getattr(m, "fuses_with", None)
+            if nxt is not None and fuses_with is not None and fuses_with(nxt):
+                # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
+                # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
+                x = m(x, compensation=nxt)
+                i += 2
+                continue
             x = m(x)
+            i += 1
         return x
 
     def __len__(self) -> int:
@@ -292,6 +325,7 @@ class Sequential(Module):
         return self
 
     def _reset_items(self, items: List[Module]) -> None:
+        _tree_changed()
         self._modules.clear()
         for i, m in enumerate(items):
             self._modules[str(i)] = m

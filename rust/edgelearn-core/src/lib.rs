@@ -15,6 +15,8 @@ pub mod nn;
 pub mod patchskip;
 pub mod quant;
 pub mod sgq;
+#[macro_use]
+mod simd;
 pub mod threads;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 //! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the pool
 //! stale and the child builds a fresh one on first use (the stale one is leaked, never joined).
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
@@ -125,9 +126,40 @@ pub fn set_num_threads(n: usize) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// This thread's one-thread pool, of which the thread itself is the only worker (`None` inside: it
+    /// could not be built, e.g. the thread already belongs to a pool). Built on first use.
+    static INLINE: RefCell<Option<Option<Arc<rayon::ThreadPool>>>> = const { RefCell::new(None) };
+}
+
+/// The calling thread's one-worker pool (see [`install`]).
+fn inline_pool() -> Option<Arc<rayon::ThreadPool>> {
+    INLINE.with(|cell| {
+        cell.borrow_mut()
+            .get_or_insert_with(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .use_current_thread()
+                    .build()
+                    .ok()
+                    .map(Arc::new)
+            })
+            .clone()
+    })
+}
+
 /// Runs `f` inside the pool, so `rayon::join`/par_iter in `f` use edgelearn's threads (even with one
-/// thread: a one-worker pool, so nothing falls through to rayon's global pool).
+/// thread, nothing falls through to rayon's global pool).
+///
+/// With one thread, `f` runs on the calling thread itself, in a pool whose only worker is that thread:
+/// handing each kernel call to a separate worker and waking the caller afterwards costs tens of
+/// microseconds per call (far more on a loaded machine), which dominated small training steps.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if num_threads() == 1 {
+        if let Some(p) = inline_pool() {
+            return p.install(f);
+        }
+    }
     match pool() {
         Some(p) => p.install(f),
         None => f(),

@@ -43,6 +43,26 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
+    // stride 1: dX of the INT8 backward runs as a transposed convolution (unpadded, asymmetric kernel
+    // and padding, a batch big enough for several images per chunk)
+    Case {
+        x: [3, 2, 6, 7],
+        w: [4, 2, 3, 3],
+        stride: (1, 1),
+        padding: (0, 0),
+    },
+    Case {
+        x: [2, 3, 5, 6],
+        w: [2, 3, 3, 2],
+        stride: (1, 1),
+        padding: (1, 0),
+    },
+    Case {
+        x: [40, 2, 5, 5],
+        w: [3, 2, 5, 5],
+        stride: (1, 1),
+        padding: (2, 2),
+    },
     Case {
         x: [2, 3, 7, 5],
         w: [4, 3, 3, 3],
@@ -415,6 +435,9 @@ fn pooling_matches_reference_and_backward_is_the_adjoint() {
     let mut rng = Rng(7);
     let cases = [
         ([2, 3, 8, 8], (2, 2), (2, 2), (0, 0)),
+        // 2x2 fast path with an odd last row and column that no window covers (their dx must be 0)
+        ([2, 2, 7, 9], (2, 2), (2, 2), (0, 0)),
+        ([1, 3, 3, 2], (2, 2), (2, 2), (0, 0)),
         ([1, 2, 7, 9], (3, 3), (2, 2), (1, 1)),
         ([2, 1, 5, 6], (3, 2), (1, 2), (1, 0)),
         ([1, 1, 4, 4], (1, 1), (1, 1), (0, 0)),

@@ -285,6 +285,7 @@ pub fn gemm_i8_f32_with(
     Ok(())
 }
 
+crate::simd::avx2_multiversion! {
 /// Converts rows `i0..i0+mm`, columns `j0..j0+nn` of the i32 output (row stride `ldc`) to f32 in place.
 ///
 /// Every element is `acc as f32 * (sa[i] * sb[j])`, then `+ bias[j]`, in that order whatever the kernel,
@@ -296,12 +297,13 @@ pub fn gemm_i8_f32_with(
 unsafe fn epilogue_f32(
     out: *mut i32,
     ldc: usize,
-    (i0, mm): (usize, usize),
-    (j0, nn): (usize, usize),
+    rows: (usize, usize),
+    cols: (usize, usize),
     sa: &Scale,
     sb: &Scale,
     bias: Option<&[f32]>,
 ) {
+    let ((i0, mm), (j0, nn)) = (rows, cols);
     let bias = bias.map(|b| &b[j0..j0 + nn]);
     let sb = match sb {
         Scale::Scalar(x) => Scale::Scalar(*x),
@@ -336,6 +338,7 @@ unsafe fn epilogue_f32(
             }
         }
     }
+}
 }
 
 /// Shrinks the task tile (`mc`, `nc`) so the threads get equal work: with few tasks, a count that is not a

@@ -305,18 +305,11 @@ fn interleave<const KU: usize>(dst: &mut [i8], rows: &[&[i8]; KU], x: i8) {
     }
 }
 
+crate::simd::avx2_multiversion! {
 /// Writes the sums over `k0..k0+kc` of lines `l0..l0+n` into `sums` (zero for padding lines of the last
 /// panel of width `w`).
 #[allow(clippy::too_many_arguments)]
-fn column_sums(
-    sums: &mut [i32],
-    src: &Source,
-    l0: usize,
-    n: usize,
-    k0: usize,
-    kc: usize,
-    w: usize,
-) {
+fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, kc: usize, w: usize) {
     let padded = n.div_ceil(w) * w;
     let sums = &mut sums[..padded];
     sums.fill(0);
@@ -341,4 +334,5 @@ fn column_sums(
                 .sum();
         }
     }
+}
 }

@@ -1,6 +1,8 @@
 //! ReLU forward and backward on flat buffers (any shape).
 
-use super::{for_each_chunk, worth_parallel};
+#[cfg(target_arch = "x86_64")]
+use super::elementwise_avx2;
+use super::{for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
 
 /// Elements per parallel task.
@@ -148,15 +150,63 @@ pub fn relu_backward_mask(dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()>
 pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
     check_mask(mask.len(), x.len())?;
     let parallel = worth_parallel(x.len());
-    for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| {
-        pack_positive(&x[i * CHUNK..], mc)
-    });
-    for_each_chunk(x, CHUNK, parallel, |_, xc| {
-        for v in xc.iter_mut() {
-            *v = if *v < 0.0 { 0.0 } else { *v };
+    // One pass: each group of 8 is read once for its mask byte and clamped while in registers.
+    for_each_chunk2(x, CHUNK, mask, CHUNK / 8, parallel, |_, xc, mc| {
+        #[cfg(target_arch = "x86_64")]
+        if elementwise_avx2() {
+            // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `xc`.
+            let full = unsafe { relu_mask_groups_avx2(xc, mc) };
+            relu_mask_tail(&mut xc[full * 8..], &mut mc[full..]);
+            return;
+        }
+        {
+            let full = xc.len() / 8;
+            for (m, x8) in mc[..full].iter_mut().zip(xc.chunks_exact_mut(8)) {
+                let mut b = 0u8;
+                for (j, v) in x8.iter_mut().enumerate() {
+                    b |= ((*v > 0.0) as u8) << j;
+                    *v = if *v < 0.0 { 0.0 } else { *v };
+                }
+                *m = b;
+            }
+            relu_mask_tail(&mut xc[full * 8..], &mut mc[full..]);
         }
     });
     Ok(())
+}
+
+/// The last, partial group of 8 of [`relu_forward_mask_inplace`].
+fn relu_mask_tail(tail: &mut [f32], mc: &mut [u8]) {
+    if !tail.is_empty() {
+        pack_positive(tail, mc);
+        for v in tail.iter_mut() {
+            *v = if *v < 0.0 { 0.0 } else { *v };
+        }
+    }
+}
+
+/// Whole groups of 8 of [`relu_forward_mask_inplace`] with AVX2: one compare per sign, the mask byte by
+/// `movemask`, and `x < 0` cleared by AND-NOT, so NaN and −0.0 pass through as in the scalar loop.
+/// Returns the number of groups done (`xc.len() / 8`).
+///
+/// # Safety
+/// The CPU has AVX2 and `mc.len() ≥ xc.len() / 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn relu_mask_groups_avx2(xc: &mut [f32], mc: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let full = xc.len() / 8;
+    assert!(mc.len() >= full);
+    let zero = _mm256_setzero_ps();
+    let p = xc.as_mut_ptr();
+    for g in 0..full {
+        let v = _mm256_loadu_ps(p.add(g * 8));
+        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(v, zero);
+        let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, zero);
+        *mc.get_unchecked_mut(g) = _mm256_movemask_ps(pos) as u8;
+        _mm256_storeu_ps(p.add(g * 8), _mm256_andnot_ps(neg, v));
+    }
+    full
 }
 
 /// [`relu_backward_mask`] in place: `dy = 0` where the mask bit is clear (dy becomes dx).
@@ -164,20 +214,25 @@ pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
     check_mask(mask.len(), dy.len())?;
     let parallel = worth_parallel(dy.len());
     for_each_chunk(dy, CHUNK, parallel, |i, dc| {
-        for (o8, &b) in dc.chunks_mut(8).zip(&mask[i * CHUNK / 8..]) {
-            if o8.len() == 8 {
-                let mk = &LANE_MASKS[b as usize];
-                for j in 0..8 {
-                    o8[j] = f32::from_bits(o8[j].to_bits() & mk[j]);
-                }
-            } else {
-                for (j, o) in o8.iter_mut().enumerate() {
-                    *o = if (b >> j) & 1 != 0 { *o } else { 0.0 };
-                }
-            }
-        }
+        select_inplace(dc, &mask[i * CHUNK / 8..])
     });
     Ok(())
+}
+
+/// `dc[j] = 0` where bit `j` of the packed `mask` is clear.
+fn select_inplace(dc: &mut [f32], mask: &[u8]) {
+    for (o8, &b) in dc.chunks_mut(8).zip(mask) {
+        if o8.len() == 8 {
+            let mk = &LANE_MASKS[b as usize];
+            for j in 0..8 {
+                o8[j] = f32::from_bits(o8[j].to_bits() & mk[j]);
+            }
+        } else {
+            for (j, o) in o8.iter_mut().enumerate() {
+                *o = if (b >> j) & 1 != 0 { *o } else { 0.0 };
+            }
+        }
+    }
 }
 
 #[cfg(test)]

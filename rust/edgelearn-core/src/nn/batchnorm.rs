@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::elementwise_avx2;
 use super::{check_len, for_each_chunk, worth_parallel};
 use crate::error::{Error, Result};
 use crate::threads;
@@ -17,25 +19,32 @@ fn per_channel<R: Send>(c: usize, parallel: bool, f: impl Fn(usize) -> R + Sync 
     }
 }
 
-/// `(Σ a, Σ b)` over paired elements with `f(u, v) -> (a, b)`, accumulated in 8 f32 lanes per block of
-/// 512 and in f64 across blocks (vectorises, and stays accurate over large batches).
+/// `(Σ fa(u, v), Σ fb(u, v))` over paired elements, accumulated in 8 f32 lanes per block of 512 and in
+/// f64 across blocks (vectorises, and stays accurate over large batches). Two functions rather than one
+/// returning a pair, so each sum is its own 8-lane loop the vectoriser turns into one vector operation.
 #[inline(always)]
-fn pair_sums<V: Copy>(u: &[f32], v: &[V], f: impl Fn(f32, V) -> (f32, f32)) -> (f64, f64) {
+fn pair_sums<V: Copy>(
+    u: &[f32],
+    v: &[V],
+    fa: impl Fn(f32, V) -> f32,
+    fb: impl Fn(f32, V) -> f32,
+) -> (f64, f64) {
     let (mut s0, mut s1) = (0f64, 0f64);
     for (ub, vb) in u.chunks(512).zip(v.chunks(512)) {
         let (mut l0, mut l1) = ([0f32; 8], [0f32; 8]);
         for (uc, vc) in ub.chunks_exact(8).zip(vb.chunks_exact(8)) {
+            let (uc, vc): (&[f32; 8], &[V; 8]) = (uc.try_into().unwrap(), vc.try_into().unwrap());
             for t in 0..8 {
-                let (a, b) = f(uc[t], vc[t]);
-                l0[t] += a;
-                l1[t] += b;
+                l0[t] += fa(uc[t], vc[t]);
+            }
+            for t in 0..8 {
+                l1[t] += fb(uc[t], vc[t]);
             }
         }
         let tail = ub.len() / 8 * 8;
         for (&a, &b) in ub[tail..].iter().zip(&vb[tail..]) {
-            let (a, b) = f(a, b);
-            s0 += a as f64;
-            s1 += b as f64;
+            s0 += fa(a, b) as f64;
+            s1 += fb(a, b) as f64;
         }
         s0 += l0.iter().map(|&x| x as f64).sum::<f64>();
         s1 += l1.iter().map(|&x| x as f64).sum::<f64>();
@@ -44,20 +53,286 @@ fn pair_sums<V: Copy>(u: &[f32], v: &[V], f: impl Fn(f32, V) -> (f32, f32)) -> (
 }
 
 /// [`pair_sums`] over the `n` planes of channel `ch` of two NCHW tensors.
-fn channel_sums<V: Copy>(
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn channel_sums_impl<V: Copy>(
     u: &[f32],
     v: &[V],
     n: usize,
     c: usize,
     hw: usize,
     ch: usize,
-    f: impl Fn(f32, V) -> (f32, f32) + Copy,
+    fa: impl Fn(f32, V) -> f32 + Copy,
+    fb: impl Fn(f32, V) -> f32 + Copy,
 ) -> (f64, f64) {
-    (0..n).fold((0.0, 0.0), |(a, b), i| {
+    // A plain loop, not `fold`: an iterator adaptor taking a closure may stay out of line, and then out
+    // of the AVX2 build this is inlined into.
+    let (mut a, mut b) = (0.0, 0.0);
+    for i in 0..n {
         let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-        let (da, db) = pair_sums(&u[r.clone()], &v[r], f);
-        (a + da, b + db)
-    })
+        let (da, db) = pair_sums(&u[r.clone()], &v[r], fa, fb);
+        a += da;
+        b += db;
+    }
+    (a, b)
+}
+
+/// A saved BatchNorm input element: FP32, or an int8 code read as `code · scale`.
+pub(crate) trait Saved: Copy + Sync + Send {
+    fn value(self, scale: f32) -> f32;
+    /// `value` of 8 consecutive elements (`scale` broadcast), with the same roundings.
+    ///
+    /// # Safety
+    /// 8 elements are readable at `p`; only called from AVX2 code.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn values8(p: *const Self, scale: avx2::__m256) -> avx2::__m256;
+}
+impl Saved for f32 {
+    #[inline(always)]
+    fn value(self, _scale: f32) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn values8(p: *const Self, _scale: avx2::__m256) -> avx2::__m256 {
+        avx2::_mm256_loadu_ps(p)
+    }
+}
+impl Saved for i8 {
+    #[inline(always)]
+    fn value(self, scale: f32) -> f32 {
+        self as f32 * scale
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn values8(p: *const Self, scale: avx2::__m256) -> avx2::__m256 {
+        use avx2::*;
+        let codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        _mm256_mul_ps(_mm256_cvtepi32_ps(codes), scale)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    pub(super) use std::arch::x86_64::*;
+
+    /// [`super::pair_sums`] with its 8 lanes in one AVX register: `lanes(u8, v8)` gives both lane vectors.
+    /// The same operations in the same order (lane-wise adds, then the tail, then the lanes in f64), so
+    /// the result is bit-identical to the portable loop.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `u` and `v` have the same length.
+    #[inline(always)]
+    pub(super) unsafe fn pair_sums<V: super::Saved>(
+        u: &[f32],
+        v: &[V],
+        scale: f32,
+        lanes: impl Fn(__m256, __m256) -> (__m256, __m256),
+        fa: impl Fn(f32, V) -> f32,
+        fb: impl Fn(f32, V) -> f32,
+    ) -> (f64, f64) {
+        debug_assert_eq!(u.len(), v.len());
+        let sc = _mm256_set1_ps(scale);
+        let (mut s0, mut s1) = (0f64, 0f64);
+        let mut start = 0;
+        while start < u.len() {
+            let end = (start + 512).min(u.len());
+            let full = start + (end - start) / 8 * 8;
+            let (mut l0, mut l1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = start;
+            while i < full {
+                let (a, b) = lanes(
+                    _mm256_loadu_ps(u.as_ptr().add(i)),
+                    V::values8(v.as_ptr().add(i), sc),
+                );
+                l0 = _mm256_add_ps(l0, a);
+                l1 = _mm256_add_ps(l1, b);
+                i += 8;
+            }
+            for j in full..end {
+                s0 += fa(u[j], v[j]) as f64;
+                s1 += fb(u[j], v[j]) as f64;
+            }
+            let (mut a8, mut b8) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(a8.as_mut_ptr(), l0);
+            _mm256_storeu_ps(b8.as_mut_ptr(), l1);
+            s0 += a8.iter().map(|&x| x as f64).sum::<f64>();
+            s1 += b8.iter().map(|&x| x as f64).sum::<f64>();
+            start = end;
+        }
+        (s0, s1)
+    }
+}
+
+// The hot loops below are instantiated twice: as built, and inside a `#[target_feature(enable =
+// "avx2,fma")]` function (picked at run time, see `super::elementwise_avx2`). Their per-element closures
+// are created inside those functions, so they inherit the features and inline into the vector loop.
+
+/// Forward statistics of channel `ch`: `(Σ d, Σ d²)` with `d = x − shift`.
+fn stat_sums(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, shift: f32) -> (f64, f64) {
+    #[inline(always)]
+    fn body(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, shift: f32) -> (f64, f64) {
+        channel_sums_impl(
+            x,
+            x,
+            n,
+            c,
+            hw,
+            ch,
+            |v, _| v - shift,
+            |v, _| (v - shift) * (v - shift),
+        )
+    }
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn with_avx2(
+            x: &[f32],
+            n: usize,
+            c: usize,
+            hw: usize,
+            ch: usize,
+            shift: f32,
+        ) -> (f64, f64) {
+            use avx2::*;
+            let sv = _mm256_set1_ps(shift);
+            let (mut a, mut b) = (0.0, 0.0);
+            for i in 0..n {
+                let p = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                let (da, db) = avx2::pair_sums(
+                    p,
+                    p,
+                    1.0,
+                    |u, _| {
+                        let d = _mm256_sub_ps(u, sv);
+                        (d, _mm256_mul_ps(d, d))
+                    },
+                    |v, _| v - shift,
+                    |v, _| (v - shift) * (v - shift),
+                );
+                a += da;
+                b += db;
+            }
+            (a, b)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { with_avx2(x, n, c, hw, ch, shift) };
+    }
+    body(x, n, c, hw, ch, shift)
+}
+
+/// Backward sums of channel `ch`: `(Σ dy, Σ dy·(x − mu))`.
+#[allow(clippy::too_many_arguments)]
+fn grad_sums<X: Saved>(
+    dy: &[f32],
+    x: &[X],
+    scale: f32,
+    n: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+    mu: f32,
+) -> (f64, f64) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn body<X: Saved>(
+        dy: &[f32],
+        x: &[X],
+        scale: f32,
+        n: usize,
+        c: usize,
+        hw: usize,
+        ch: usize,
+        mu: f32,
+    ) -> (f64, f64) {
+        channel_sums_impl(
+            dy,
+            x,
+            n,
+            c,
+            hw,
+            ch,
+            |g, _| g,
+            |g, v: X| g * (v.value(scale) - mu),
+        )
+    }
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn with_avx2<X: Saved>(
+            dy: &[f32],
+            x: &[X],
+            scale: f32,
+            n: usize,
+            c: usize,
+            hw: usize,
+            ch: usize,
+            mu: f32,
+        ) -> (f64, f64) {
+            use avx2::*;
+            let mv = _mm256_set1_ps(mu);
+            let (mut a, mut b) = (0.0, 0.0);
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                let (da, db) = avx2::pair_sums(
+                    &dy[r.clone()],
+                    &x[r],
+                    scale,
+                    |g, xv| (g, _mm256_mul_ps(g, _mm256_sub_ps(xv, mv))),
+                    |g, _| g,
+                    |g, v: X| g * (v.value(scale) - mu),
+                );
+                a += da;
+                b += db;
+            }
+            (a, b)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { with_avx2(dy, x, scale, n, c, hw, ch, mu) };
+    }
+    body(dy, x, scale, n, c, hw, ch, mu)
+}
+
+/// `o = g·a + x·b + k` element-wise; `g = None` reads `o` itself as `g` (in place).
+fn affine3<X: Saved>(o: &mut [f32], g: Option<&[f32]>, x: &[X], scale: f32, abk: (f32, f32, f32)) {
+    #[inline(always)]
+    fn body<X: Saved>(
+        o: &mut [f32],
+        g: Option<&[f32]>,
+        x: &[X],
+        scale: f32,
+        (a, b, k): (f32, f32, f32),
+    ) {
+        match g {
+            Some(g) => {
+                for ((o, &g), &v) in o.iter_mut().zip(g).zip(x) {
+                    *o = g * a + v.value(scale) * b + k;
+                }
+            }
+            None => {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = *o * a + v.value(scale) * b + k;
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<X: Saved>(
+            o: &mut [f32],
+            g: Option<&[f32]>,
+            x: &[X],
+            scale: f32,
+            abk: (f32, f32, f32),
+        ) {
+            body(o, g, x, scale, abk)
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2(o, g, x, scale, abk) };
+    }
+    body(o, g, x, scale, abk)
 }
 
 fn opt_len(arg: &'static str, v: Option<&[f32]>, c: usize) -> Result<()> {
@@ -120,10 +395,7 @@ fn forward_coefficients(
         // Shifted sums (shift = the channel's first value) keep E[x²]−E[x]² free of cancellation.
         let stats = per_channel(c, parallel, |ch| {
             let shift = x[ch * hw];
-            let (s, ss) = channel_sums(x, x, n, c, hw, ch, |v, _| {
-                let d = v - shift;
-                (d, d * d)
-            });
+            let (s, ss) = stat_sums(x, n, c, hw, ch, shift);
             let dm = s / m as f64;
             let var = (ss / m as f64 - dm * dm).max(0.0);
             (shift as f64 + dm, var)
@@ -254,7 +526,7 @@ pub fn batchnorm2d_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
-    backward_impl(dy, x, |v| v, shape, gamma, mean, invstd, dx, dgamma, dbeta)
+    backward_impl(dy, x, 1.0, shape, gamma, mean, invstd, dx, dgamma, dbeta)
 }
 
 /// [`batchnorm2d_backward`] reading the saved input as int8 codes `xq` with a per-tensor `x_scale`
@@ -280,25 +552,16 @@ pub fn batchnorm2d_backward_i8(
         ));
     }
     backward_impl(
-        dy,
-        xq,
-        move |v: i8| v as f32 * x_scale,
-        shape,
-        gamma,
-        mean,
-        invstd,
-        dx,
-        dgamma,
-        dbeta,
+        dy, xq, x_scale, shape, gamma, mean, invstd, dx, dgamma, dbeta,
     )
 }
 
 /// Checks, per-channel sums and the coefficients `(a, b, k)` of `dx = dy·a + x·b + k`; writes `dgamma`, `dbeta`.
 #[allow(clippy::too_many_arguments)]
-fn backward_coefficients<X: Copy + Sync>(
+fn backward_coefficients<X: Saved>(
     dy: &[f32],
     x: &[X],
-    xf: impl Fn(X) -> f32 + Copy + Sync + Send,
+    scale: f32,
     shape: [usize; 4],
     gamma: Option<&[f32]>,
     mean: &[f32],
@@ -319,7 +582,7 @@ fn backward_coefficients<X: Copy + Sync>(
     let parallel = worth_parallel(x.len());
     let sums = per_channel(c, parallel, |ch| {
         let mu = mean[ch];
-        channel_sums(dy, x, n, c, hw, ch, move |g, v: X| (g, g * (xf(v) - mu)))
+        grad_sums(dy, x, scale, n, c, hw, ch, mu)
     });
     // dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), written as dx = dy·a + x·b + k per channel.
     Ok((0..c)
@@ -341,10 +604,10 @@ fn backward_coefficients<X: Copy + Sync>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_impl<X: Copy + Sync>(
+fn backward_impl<X: Saved>(
     dy: &[f32],
     x: &[X],
-    xf: impl Fn(X) -> f32 + Copy + Sync + Send,
+    scale: f32,
     shape: [usize; 4],
     gamma: Option<&[f32]>,
     mean: &[f32],
@@ -354,7 +617,7 @@ fn backward_impl<X: Copy + Sync>(
     dbeta: &mut [f32],
 ) -> Result<()> {
     check_len("dx", dx.len(), &shape)?;
-    let coef = backward_coefficients(dy, x, xf, shape, gamma, mean, invstd, dgamma, dbeta)?;
+    let coef = backward_coefficients(dy, x, scale, shape, gamma, mean, invstd, dgamma, dbeta)?;
     let [_, c, h, w] = shape;
     let hw = h * w;
     if hw == 0 {
@@ -363,9 +626,7 @@ fn backward_impl<X: Copy + Sync>(
     for_each_chunk(dx, hw, worth_parallel(x.len()), |plane, dp| {
         let (a, b, k) = coef[plane % c];
         let r = plane * hw..(plane + 1) * hw;
-        for ((o, &g), &v) in dp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-            *o = g * a + xf(v) * b + k;
-        }
+        affine3(dp, Some(&dy[r.clone()]), &x[r], scale, (a, b, k));
     });
     Ok(())
 }
@@ -390,8 +651,7 @@ pub fn batchnorm2d_backward_i8_inplace(
             format!("must be finite and > 0, got {x_scale}"),
         ));
     }
-    let xf = move |v: i8| v as f32 * x_scale;
-    let coef = backward_coefficients(dy, xq, xf, shape, gamma, mean, invstd, dgamma, dbeta)?;
+    let coef = backward_coefficients(dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta)?;
     let [_, c, h, w] = shape;
     let hw = h * w;
     if hw == 0 {
@@ -400,9 +660,7 @@ pub fn batchnorm2d_backward_i8_inplace(
     for_each_chunk(dy, hw, worth_parallel(xq.len()), |plane, dp| {
         let (a, b, k) = coef[plane % c];
         let r = plane * hw..(plane + 1) * hw;
-        for (o, &v) in dp.iter_mut().zip(&xq[r]) {
-            *o = *o * a + xf(v) * b + k;
-        }
+        affine3(dp, None, &xq[r], x_scale, (a, b, k));
     });
     Ok(())
 }

@@ -19,9 +19,9 @@
 
 use rayon::prelude::*;
 
-use super::im2col::{col2im_add, im2col};
+use super::im2col::{col2im, im2col};
 use super::matmul::{sgemm, MatF32};
-use super::{check_len, give_f32, give_i8, shape_len, take_f32, take_i8, Geometry, Window2d};
+use super::{check_len, shape_len, take_f32, take_i8, Geometry, Scratch, Window2d};
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale, MAX_K_I32};
 use crate::threads;
@@ -236,7 +236,7 @@ pub fn conv2d_f32_forward(
                     row.fill(bv);
                 }
             }
-            let mut col = Vec::new();
+            let mut col: Scratch<f32>;
             let cm = if s.g.is_pointwise() {
                 MatF32::row_major(xc, k, p)?
             } else {
@@ -246,7 +246,6 @@ pub fn conv2d_f32_forward(
             };
             // SAFETY: `yc` is one image's O×P output.
             unsafe { sgemm(&wm, &cm, yc.as_mut_ptr(), p, bias.is_some(), par) };
-            give_f32(col);
         } else {
             let ld = nb * p;
             let mut col = take_f32(k * ld);
@@ -266,8 +265,6 @@ pub fn conv2d_f32_forward(
                 )
             };
             scatter_rows(&out, ld, &s, nb, bias, yc);
-            give_f32(col);
-            give_f32(out);
         }
         Ok(())
     })?;
@@ -321,7 +318,7 @@ pub fn conv2d_f32_backward(
             let nb = nb.min(n - n0);
             let ld = nb * p;
             let dyc = &dy[n0 * o * p..(n0 + nb) * o * p];
-            let mut dyt_buf = Vec::new();
+            let mut dyt_buf: Scratch<f32>;
             let dyt = if nb == 1 {
                 dyc
             } else {
@@ -335,7 +332,7 @@ pub fn conv2d_f32_backward(
             let dym = MatF32::row_major(dyt, o, ld)?;
             let xc = &x[n0 * xs..(n0 + nb) * xs];
             let direct = s.g.is_pointwise() && nb == 1;
-            let mut col = Vec::new();
+            let mut col = Scratch::default();
             if !direct {
                 col = take_f32(k * ld);
                 for i in 0..nb {
@@ -356,14 +353,11 @@ pub fn conv2d_f32_backward(
                 } else {
                     // col is no longer needed: reuse it for dcol.
                     unsafe { sgemm(&wm.t(), &dym, col.as_mut_ptr(), ld, false, par) };
-                    dxc.fill(0.0);
                     for i in 0..nb {
-                        col2im_add(&col[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
+                        col2im(&mut col[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
                     }
                 }
             }
-            give_f32(col);
-            give_f32(dyt_buf);
             Ok(())
         };
     let zero = || (vec![0f32; o * k], vec![0f64; o]);
@@ -420,7 +414,7 @@ pub fn conv2d_i8_forward(
         let ld = nb * p;
         let xc = &xq[n0 * xs..(n0 + nb) * xs];
         let direct = s.g.is_pointwise() && nb == 1;
-        let mut col = Vec::new();
+        let mut col = Scratch::default();
         if !direct {
             col = take_i8(k * ld);
             for i in 0..nb {
@@ -443,9 +437,7 @@ pub fn conv2d_i8_forward(
             let mut out = take_f32(o * ld);
             gemm::gemm_i8_f32(&wm, &cm, sw, Scale::Scalar(sx), None, &mut out)?;
             scatter_rows(&out, ld, &s, nb, bias, yc);
-            give_f32(out);
         }
-        give_i8(col);
         Ok(())
     })?;
     Ok(s)
@@ -515,7 +507,7 @@ pub fn conv2d_i8_backward(
         let nb = nb.min(n - n0);
         let ld = nb * p;
         let dyc = &dyq[n0 * o * p..(n0 + nb) * o * p];
-        let mut dyt_buf = Vec::new();
+        let mut dyt_buf: Scratch<i8>;
         let dyt = if nb == 1 {
             dyc
         } else {
@@ -526,7 +518,7 @@ pub fn conv2d_i8_backward(
         let dym = MatRef::row_major(dyt, o, ld)?;
         let xc = &xq[n0 * xs..(n0 + nb) * xs];
         let direct = s.g.is_pointwise() && nb == 1;
-        let mut col = Vec::new();
+        let mut col = Scratch::default();
         if !direct {
             col = take_i8(k * ld);
             for i in 0..nb {
@@ -559,7 +551,6 @@ pub fn conv2d_i8_backward(
                 .zip(&acc.prod_f32)
                 .for_each(|(a, &v)| *a += v as f64);
         }
-        give_i8(col);
         if let Some(dxc) = dxc {
             // dcol = Wᵀ·dY (K × ld), written straight into dx when the patch matrix is the image.
             let dcol_into = |dst: &mut [f32]| -> Result<()> {
@@ -575,7 +566,6 @@ pub fn conv2d_i8_backward(
                         let dysm = MatF32::row_major(&dys, o, ld)?;
                         // SAFETY: `dst` is K×ld.
                         unsafe { sgemm(&wfm.t(), &dysm, dst.as_mut_ptr(), ld, false, par) };
-                        give_f32(dys);
                         Ok(())
                     }
                     _ => gemm::gemm_i8_f32(&wm.t(), &dym, sw, Scale::Scalar(sdy), None, dst),
@@ -586,14 +576,11 @@ pub fn conv2d_i8_backward(
             } else {
                 let mut dcol = take_f32(k * ld);
                 dcol_into(&mut dcol)?;
-                dxc.fill(0.0);
                 for i in 0..nb {
-                    col2im_add(&dcol[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
+                    col2im(&mut dcol[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);
                 }
-                give_f32(dcol);
             }
         }
-        give_i8(dyt_buf);
         Ok(())
     };
     let zero = || Acc {

@@ -27,10 +27,24 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
                 let dst = &mut col[row * ld..row * ld + p];
                 dst[..ylo * ow].fill(zero);
                 dst[yhi * ow..].fill(zero);
+                if let Some((from, len)) = same_width_span(g, i, j, ylo, yhi, xlo, xhi) {
+                    // Output rows are as wide as input rows: the valid part of this patch row is one
+                    // contiguous run of the plane (one copy instead of one per output row); the columns
+                    // outside xlo..xhi picked up neighbouring rows' pixels and are zeroed after.
+                    let at = ylo * ow + xlo;
+                    dst[at..at + len].copy_from_slice(&plane[from..from + len]);
+                    for oy in ylo..yhi {
+                        let d = &mut dst[oy * ow..(oy + 1) * ow];
+                        fill_few(&mut d[..xlo], zero);
+                        fill_few(&mut d[xhi..], zero);
+                    }
+                    row += 1;
+                    continue;
+                }
                 for oy in ylo..yhi {
                     let d = &mut dst[oy * ow..(oy + 1) * ow];
-                    d[..xlo].fill(zero);
-                    d[xhi..].fill(zero);
+                    fill_few(&mut d[..xlo], zero);
+                    fill_few(&mut d[xhi..], zero);
                     if xlo == xhi {
                         continue;
                     }
@@ -51,22 +65,94 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
     }
 }
 
-/// Adds the `K × P` matrix `col` (row stride `ld`) back onto the image `dx` (`C·H·W`): the adjoint of
-/// [`im2col`], so overlapping windows accumulate and padding positions are dropped.
+/// `d.fill(v)` for the usual border widths (0 to 2 elements, from padding) without a `memset` call, which
+/// costs more than the store itself at that size and runs once per patch row and output row.
+#[inline(always)]
+fn fill_few<T: Copy>(d: &mut [T], v: T) {
+    match d.len() {
+        0 => {}
+        1 => d[0] = v,
+        2 => {
+            d[0] = v;
+            d[1] = v;
+        }
+        _ => d.fill(v),
+    }
+}
+
+/// For a stride-1 window whose output rows are as wide as the input rows (`ow == w`, e.g. a 3x3 kernel
+/// with padding 1): the valid outputs `ylo..yhi × xlo..xhi` of window offset `(i, j)` read one contiguous
+/// run of the plane. Returns that run as `(start in the plane, length)`; its position in the patch row
+/// is `ylo·ow + xlo`. `None` if the shape is not of that kind or the run is empty.
+#[inline]
+fn same_width_span(
+    g: &Geometry,
+    i: usize,
+    j: usize,
+    ylo: usize,
+    yhi: usize,
+    xlo: usize,
+    xhi: usize,
+) -> Option<(usize, usize)> {
+    if g.sh != 1 || g.sw != 1 || g.ow != g.w || ylo >= yhi || xlo >= xhi {
+        return None;
+    }
+    let iy0 = ylo + i - g.ph;
+    let ix0 = xlo + j - g.pw;
+    Some((iy0 * g.w + ix0, (yhi - 1 - ylo) * g.ow + xhi - xlo))
+}
+
+crate::simd::avx2_multiversion! {
+/// Writes the adjoint of [`im2col`] of the `K × P` matrix `col` (row stride `ld`) into the image `dx`
+/// (`C·H·W`, overwritten): overlapping windows accumulate and padding positions are dropped.
+///
+/// `col` is scratch: entries that fall on padding may be zeroed on the way (the stride-1 path adds whole
+/// contiguous runs, with the wrapped-around border entries set to zero first).
 ///
 /// # Panics
 /// If `dx` or `col` is too short for `g`.
-pub fn col2im_add(col: &[f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
+pub fn col2im(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
     let (hw, ow, p) = (g.hw(), g.ow, g.p());
     assert!(dx.len() >= g.c * hw && ld >= p && (g.k() == 0 || col.len() >= (g.k() - 1) * ld + p));
-    let mut row = 0;
+    let taps = g.kh * g.kw;
+    // A stride-1 window whose output is as large as the input has a tap (the centre of a "same"
+    // convolution) that maps the patch row onto the plane one to one: it initialises the plane, saving
+    // a zero-fill pass.
+    let full_tap =
+        (g.sh == 1 && g.sw == 1 && g.oh == g.h && g.ow == g.w && g.ph < g.kh && g.pw < g.kw)
+            .then_some(g.ph * g.kw + g.pw);
     for c in 0..g.c {
         let plane = &mut dx[c * hw..(c + 1) * hw];
+        match full_tap {
+            Some(t) => plane.copy_from_slice(&col[(c * taps + t) * ld..(c * taps + t) * ld + p]),
+            None => plane.fill(0.0),
+        }
         for i in 0..g.kh {
             let (ylo, yhi) = g.valid_rows(i);
             for j in 0..g.kw {
+                if full_tap == Some(i * g.kw + j) {
+                    continue;
+                }
                 let (xlo, xhi) = g.valid_cols(j);
-                let src = &col[row * ld..row * ld + p];
+                let row = c * taps + i * g.kw + j;
+                let src = &mut col[row * ld..row * ld + p];
+                if let Some((to, len)) = same_width_span(g, i, j, ylo, yhi, xlo, xhi) {
+                    // As in im2col: one contiguous run; its wrapped-around border entries are zeroed
+                    // so that they add nothing.
+                    if xlo > 0 || xhi < ow {
+                        for oy in ylo..yhi {
+                            let r = &mut src[oy * ow..(oy + 1) * ow];
+                            fill_few(&mut r[..xlo], 0.0);
+                            fill_few(&mut r[xhi..], 0.0);
+                        }
+                    }
+                    let at = ylo * ow + xlo;
+                    plane[to..to + len]
+                        .iter_mut()
+                        .zip(&src[at..at + len])
+                        .for_each(|(dv, &sv)| *dv += sv);
+                    continue;
+                }
                 if xlo < xhi {
                     for oy in ylo..yhi {
                         let s = &src[oy * ow + xlo..oy * ow + xhi];
@@ -84,10 +170,10 @@ pub fn col2im_add(col: &[f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
                         }
                     }
                 }
-                row += 1;
             }
         }
     }
+}
 }
 
 #[cfg(test)]
@@ -125,6 +211,11 @@ mod tests {
             ([1, 1, 7, 7], (1, 1), (2, 2), (0, 0)),
             ([1, 2, 4, 4], (5, 5), (1, 3), (2, 2)),
             ([1, 2, 9, 8], (3, 3), (3, 2), (3, 3)),
+            ([1, 2, 4, 4], (5, 5), (1, 1), (2, 2)),
+            ([1, 1, 1, 1], (3, 3), (1, 1), (1, 1)),
+            ([1, 3, 6, 1], (3, 1), (1, 1), (1, 0)),
+            ([1, 2, 6, 5], (3, 3), (1, 1), (1, 1)),
+            ([1, 1, 3, 9], (1, 3), (1, 1), (0, 1)),
         ];
         for (shape, k, s, p) in cases {
             let g = Geometry::new("x", shape, Window2d::new(k, s, p)).unwrap();
@@ -144,8 +235,9 @@ mod tests {
             let cvals: Vec<f32> = (0..g.k() * ld)
                 .map(|v| ((v * 7) % 11) as f32 - 5.0)
                 .collect();
-            let mut back = vec![0.0; x.len()];
-            col2im_add(&cvals, ld, &g, &mut back);
+            // col2im overwrites dx (NaN here) and may zero padding entries of its scratch input.
+            let mut back = vec![f32::NAN; x.len()];
+            col2im(&mut cvals.clone(), ld, &g, &mut back);
             let lhs: f64 = (0..g.k())
                 .flat_map(|r| (0..g.p()).map(move |q| (r, q)))
                 .map(|(r, q)| col[r * ld + q] as f64 * cvals[r * ld + q] as f64)

@@ -202,6 +202,9 @@ pub(crate) fn check_len(arg: &'static str, len: usize, dims: &[usize]) -> Result
 /// Below this many elements an elementwise op runs on the caller's thread: a hop into the pool costs
 /// more than the work.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use crate::simd::elementwise_avx2;
+pub use crate::simd::set_elementwise_simd;
 
 /// Whether work of `elems` elements is worth spreading over the pool.
 pub(crate) fn worth_parallel(elems: usize) -> bool {
@@ -258,34 +261,78 @@ thread_local! {
     static SCRATCH_I8: RefCell<Vec<Vec<i8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A scratch vector of `len` elements (contents unspecified) from this thread's free list.
-pub(crate) fn take_f32(len: usize) -> Vec<f32> {
-    let mut v = SCRATCH_F32
-        .with(|s| s.borrow_mut().pop())
+/// Element types with a per-thread free list of scratch vectors.
+pub(crate) trait ScratchElem: Copy + Default + 'static {
+    /// `None` during thread teardown, when the free list is already gone.
+    fn with_free_list<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R>;
+}
+impl ScratchElem for f32 {
+    fn with_free_list<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R> {
+        SCRATCH_F32.try_with(|s| f(&mut s.borrow_mut())).ok()
+    }
+}
+impl ScratchElem for i8 {
+    fn with_free_list<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R> {
+        SCRATCH_I8.try_with(|s| f(&mut s.borrow_mut())).ok()
+    }
+}
+
+/// `len` elements of scratch memory (contents unspecified) that go back to this thread's free list when
+/// dropped. The vector behind it only ever grows, so a step that reuses buffers of varying sizes does
+/// not zero-fill them again on every call (`Vec::resize` would, from its current length).
+#[derive(Default)]
+pub(crate) struct Scratch<T: ScratchElem> {
+    buf: Vec<T>,
+    len: usize,
+}
+
+impl<T: ScratchElem> Scratch<T> {
+    pub(crate) fn new(len: usize) -> Self {
+        // The largest free vector: buffers converge to the largest size a step needs.
+        let mut buf = T::with_free_list(|list| {
+            let best = (0..list.len()).max_by_key(|&i| list[i].len());
+            best.map(|i| list.swap_remove(i))
+        })
+        .flatten()
         .unwrap_or_default();
-    v.resize(len, 0.0);
-    v
-}
-pub(crate) fn give_f32(v: Vec<f32>) {
-    SCRATCH_F32.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < 4 {
-            s.push(v)
+        if buf.len() < len {
+            buf.resize(len, T::default());
         }
-    });
+        Scratch { buf, len }
+    }
 }
-pub(crate) fn take_i8(len: usize) -> Vec<i8> {
-    let mut v = SCRATCH_I8
-        .with(|s| s.borrow_mut().pop())
-        .unwrap_or_default();
-    v.resize(len, 0);
-    v
+
+impl<T: ScratchElem> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[..self.len]
+    }
 }
-pub(crate) fn give_i8(v: Vec<i8>) {
-    SCRATCH_I8.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < 4 {
-            s.push(v)
+impl<T: ScratchElem> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[..self.len]
+    }
+}
+impl<T: ScratchElem> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        if self.buf.capacity() == 0 {
+            return;
         }
-    });
+        let buf = std::mem::take(&mut self.buf);
+        // During thread teardown the free list may be gone already: then the buffer is simply freed.
+        T::with_free_list(|list| {
+            if list.len() < 4 {
+                list.push(buf)
+            }
+        });
+    }
+}
+
+/// A scratch vector of `len` f32 (contents unspecified) from this thread's free list.
+pub(crate) fn take_f32(len: usize) -> Scratch<f32> {
+    Scratch::new(len)
+}
+/// A scratch vector of `len` i8 (contents unspecified) from this thread's free list.
+pub(crate) fn take_i8(len: usize) -> Scratch<i8> {
+    Scratch::new(len)
 }

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+#[cfg(target_arch = "x86_64")]
+use super::elementwise_avx2;
 use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel, Geometry, Window2d};
 use crate::error::{Error, Result};
 
@@ -108,7 +110,14 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
             &mut yp[oy * ow..(oy + 1) * ow],
             &mut ip[oy * ow..(oy + 1) * ow],
         );
-        for ox in 0..ow {
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if elementwise_avx2() {
+            // SAFETY: the CPU has AVX2; r0/r1 hold 2·ow values, yr/ir ow.
+            done = unsafe { avx2::maxpool_2x2_row(r0, r1, yr, ir) };
+        }
+        for ox in done..ow {
             let (b, a) = (r0[2 * ox], 0u8);
             let (b, a) = pick(b, a, r0[2 * ox + 1], 1);
             let (b, a) = pick(b, a, r1[2 * ox], 2);
@@ -116,6 +125,146 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
             yr[ox] = b;
             ir[ox] = a;
         }
+    }
+}
+
+/// Backward of [`maxpool_2x2`]: windows do not overlap, so every input gets either its window's gradient
+/// or zero, written once, row pair by row pair (no zero-fill pass, no bounds checks in the inner loop).
+/// Offsets in `ip` must be at most 3 (checked by the caller).
+fn maxpool_2x2_backward(
+    dyp: &[f32],
+    ip: &[u8],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    dp: &mut [f32],
+) {
+    for oy in 0..oh {
+        let (top, bottom) = dp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+        let (dyr, ir) = (&dyp[oy * ow..(oy + 1) * ow], &ip[oy * ow..(oy + 1) * ow]);
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if elementwise_avx2() {
+            // SAFETY: the CPU has AVX2; top/bottom hold at least 2·ow values, dyr/ir ow.
+            done = unsafe { avx2::maxpool_2x2_backward_row(dyr, ir, top, bottom) };
+        }
+        for (((t, b), &v), &at) in top[2 * done..]
+            .chunks_exact_mut(2)
+            .zip(bottom[2 * done..].chunks_exact_mut(2))
+            .zip(&dyr[done..])
+            .zip(&ir[done..])
+        {
+            t[0] = if at == 0 { v } else { 0.0 };
+            t[1] = if at == 1 { v } else { 0.0 };
+            b[0] = if at == 2 { v } else { 0.0 };
+            b[1] = if at == 3 { v } else { 0.0 };
+        }
+        // An odd last column is in no window.
+        top[2 * ow..].fill(0.0);
+        bottom[2 * ow..].fill(0.0);
+    }
+    // Likewise an odd last row.
+    dp[2 * oh * w..h * w].fill(0.0);
+}
+
+/// AVX2 rows of the 2x2 max pooling (8 windows at a time), with the portable loop's semantics: the first
+/// of equal maxima wins, a NaN is taken (and then kept).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The even- and odd-indexed values of 16 consecutive floats, each in order.
+    #[inline(always)]
+    unsafe fn deinterleave(p: *const f32) -> (__m256, __m256) {
+        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        // within 128-bit lanes: [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit permute restores the order
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let fix = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (fix(even), fix(odd))
+    }
+
+    /// Windows `0..8·k` of one output row: `yr[ox]`, `ir[ox]` from input rows `r0`, `r1`. Returns `8·k`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `r0`, `r1` hold `2·yr.len()` values; `ir.len() == yr.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn maxpool_2x2_row(
+        r0: &[f32],
+        r1: &[f32],
+        yr: &mut [f32],
+        ir: &mut [u8],
+    ) -> usize {
+        let full = yr.len() / 8;
+        assert!(r0.len() >= 16 * full && r1.len() >= 16 * full && ir.len() >= 8 * full);
+        for k in 0..full {
+            let (e0, o0) = deinterleave(r0.as_ptr().add(16 * k));
+            let (e1, o1) = deinterleave(r1.as_ptr().add(16 * k));
+            let mut best = e0;
+            let mut at = _mm256_setzero_si256();
+            for (v, code) in [(o0, 1), (e1, 2), (o1, 3)] {
+                let take = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(v, best),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+                );
+                best = _mm256_blendv_ps(best, v, take);
+                at = _mm256_blendv_epi8(at, _mm256_set1_epi32(code), _mm256_castps_si256(take));
+            }
+            _mm256_storeu_ps(yr.as_mut_ptr().add(8 * k), best);
+            let mut codes = [0i32; 8];
+            _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, at);
+            for (d, &c) in ir[8 * k..8 * k + 8].iter_mut().zip(&codes) {
+                *d = c as u8;
+            }
+        }
+        8 * full
+    }
+
+    /// Backward of [`maxpool_2x2_row`] for windows `0..8·k`: writes `top[0..16k]`, `bottom[0..16k]`.
+    /// Returns `8·k`. Offsets in `ir` are at most 3 (checked by the caller).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `top`, `bottom` hold `2·dyr.len()` values; `ir.len() == dyr.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn maxpool_2x2_backward_row(
+        dyr: &[f32],
+        ir: &[u8],
+        top: &mut [f32],
+        bottom: &mut [f32],
+    ) -> usize {
+        let full = dyr.len() / 8;
+        assert!(ir.len() >= 8 * full && top.len() >= 16 * full && bottom.len() >= 16 * full);
+        for k in 0..full {
+            let v = _mm256_loadu_ps(dyr.as_ptr().add(8 * k));
+            let at =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(ir.as_ptr().add(8 * k) as *const __m128i));
+            let pick = |code: i32| {
+                _mm256_and_ps(
+                    v,
+                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(at, _mm256_set1_epi32(code))),
+                )
+            };
+            for (row, (a, b)) in [
+                (&mut *top, (pick(0), pick(1))),
+                (&mut *bottom, (pick(2), pick(3))),
+            ] {
+                // interleave a (even columns) and b (odd columns) back into 16 consecutive values
+                let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+                _mm256_storeu_ps(
+                    row.as_mut_ptr().add(16 * k),
+                    _mm256_permute2f128_ps::<0x20>(lo, hi),
+                );
+                _mm256_storeu_ps(
+                    row.as_mut_ptr().add(16 * k + 8),
+                    _mm256_permute2f128_ps::<0x31>(lo, hi),
+                );
+            }
+        }
+        8 * full
     }
 }
 
@@ -136,28 +285,19 @@ pub fn maxpool2d_backward(
     let (hw, p) = (g.hw(), g.p());
     let bad = AtomicBool::new(false);
     for_each_chunk(dx, hw, worth_parallel(dx.len()), |plane, dp| {
-        dp.fill(0.0);
         let (dyp, ip) = (
             &dy[plane * p..(plane + 1) * p],
             &idx[plane * p..(plane + 1) * p],
         );
         if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 {
-            // Windows do not overlap: write each window's four gradients without branches.
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let (at, v) = (ip[oy * g.ow + ox], dyp[oy * g.ow + ox]);
-                    if at > 3 {
-                        bad.store(true, Ordering::Relaxed);
-                    }
-                    let (r0, r1) = (2 * oy * g.w + 2 * ox, (2 * oy + 1) * g.w + 2 * ox);
-                    dp[r0] = if at == 0 { v } else { 0.0 };
-                    dp[r0 + 1] = if at == 1 { v } else { 0.0 };
-                    dp[r1] = if at == 2 { v } else { 0.0 };
-                    dp[r1 + 1] = if at == 3 { v } else { 0.0 };
-                }
+            if ip.iter().any(|&at| at > 3) {
+                bad.store(true, Ordering::Relaxed);
+                return;
             }
+            maxpool_2x2_backward(dyp, ip, g.h, g.w, g.oh, g.ow, dp);
             return;
         }
+        dp.fill(0.0);
         for oy in 0..g.oh {
             for ox in 0..g.ow {
                 let at = ip[oy * g.ow + ox] as usize;
