@@ -99,6 +99,12 @@ def main():
     args = ap.parse_args()
     if args.threads:
         el.set_num_threads(args.threads)
+    try:  # numpy's BLAS threads spin after each call and would steal cores from the timed inference
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        print('note: pip install "edgelearn[bench]" (threadpoolctl) to keep numpy\'s BLAS threads off the timed cores')
     thresholds = [float(t) for t in args.thresholds.split(",")]
     models = [("fcn fp32", load_video_model("fcn", seed=0))]
     if args.int8:

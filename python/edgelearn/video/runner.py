@@ -106,7 +106,7 @@ def preprocess(
         x = x[:, :, :3]
         chw = x.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
         if channels == 1 and chw.shape[0] == 3:
-            chw = np.tensordot(LUMA, chw, axes=1)[None].astype(np.float32)
+            chw = (LUMA[0] * chw[0] + LUMA[1] * chw[1] + LUMA[2] * chw[2])[None]
         elif channels == 3 and chw.shape[0] == 1:
             chw = np.repeat(chw, 3, axis=0)
     elif x.dtype == np.float32:
