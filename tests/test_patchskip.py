@@ -9,6 +9,13 @@ from edgelearn import nn
 from edgelearn.video import PatchSkipRunner, UnsupportedLayerError
 
 
+class Upsample(nn.Module):
+    """A layer the runner does not know."""
+
+    def forward(self, x):
+        return x
+
+
 def dense(model, x):
     return model(el.tensor(x[None])).numpy()
 
@@ -169,11 +176,228 @@ def test_errors():
     assert runner(np.zeros((3, 16, 18), np.float32)).shape == (1, 4, 8, 9)
     with pytest.raises(ValueError, match="input channels"):
         PatchSkipRunner(model)(np.zeros((2, 16, 16), np.float32))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 1 \(Upsample\)"):
+        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), Upsample(), nn.Conv2d(4, 4, 3)))
     with pytest.raises(UnsupportedLayerError, match="Flatten"):
-        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
-    with pytest.raises(UnsupportedLayerError, match="Dropout"):
-        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)))
+        PatchSkipRunner(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedLayerError, match="Compensation"):
+        PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Compensation((4, 5, 5))))
     with pytest.raises(ValueError, match="patch"):
         PatchSkipRunner(model, patch=0)
     with pytest.raises(ValueError, match="threshold"):
         PatchSkipRunner(model, threshold=-1)
+
+
+# --- property: threshold 0 equals dense for any geometry ---------------------------------------------------
+
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def conv_chains(draw):
+    layers, c = [], 3
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 2, 3, 5]))
+        s = draw(st.sampled_from([1, 2]))
+        p = draw(st.integers(0, k // 2))
+        o = draw(st.integers(1, 5))
+        layers.append(nn.Conv2d(c, o, k, stride=s, padding=p, bias=draw(st.booleans())))
+        if draw(st.booleans()):
+            layers.append(nn.BatchNorm2d(o))
+        layers.append(nn.ReLU())
+        c = o
+    if draw(st.booleans()):
+        layers.insert(draw(st.integers(0, len(layers))), nn.MaxPool2d(draw(st.sampled_from([2, 3])), stride=2))
+    return layers
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layers=conv_chains(),
+    h=st.integers(13, 31),
+    w=st.integers(13, 31),
+    patch=st.sampled_from([3, 5, 7, 16]),
+    tile=st.sampled_from([1, 3, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_threshold_zero_equals_dense(layers, h, w, patch, tile, seed):
+    el.manual_seed(seed % 1000)
+    model = randomize_bn(nn.Sequential(*layers), seed)
+    runner = PatchSkipRunner(model, patch=patch, threshold=0.0, tile=tile)
+    g = np.random.default_rng(seed)
+    x = g.random((3, h, w), dtype=np.float32)
+    try:
+        dense(model, x)
+    except ValueError:  # the chain shrinks this frame below a kernel: no model to compare with
+        assume(False)
+    for t in range(4):
+        x = x.copy()
+        y0, x0 = g.integers(0, h - 2), g.integers(0, w - 2)
+        x[:, y0:y0 + g.integers(1, 4), x0:x0 + g.integers(1, 4)] += np.float32(0.5)
+        y = runner(x)
+        ref = dense(model, x)
+        assert y.shape == ref.shape
+        assert rel_l2(y, ref) <= 1e-6, (t, rel_l2(y, ref), runner.stats)
+
+
+# --- INT8 (Octo) models, Compensation, classifier tail ------------------------------------------------------
+
+
+def octo_net(per_channel=False):
+    el.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 4, 1),
+    )
+    el.octo(model, el.OctoConfig(per_channel_weights=per_channel))
+    g = np.random.default_rng(1)
+    for m in model.modules():
+        if isinstance(m, nn.Compensation):  # make the folded shift visible
+            m.mu.data[...] = g.normal(0, 0.2, m.mu.shape).astype(np.float32)
+            m.beta.data[...] = g.normal(0, 0.2, m.beta.shape).astype(np.float32)
+    return randomize_bn(model)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_dynamic_scales_threshold_zero_equals_model(per_channel):
+    model = octo_net(per_channel)
+    assert sum(isinstance(m, nn.Compensation) for m in model.modules()) == 3
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0, int8_scales="dynamic")
+    frames = frames_moving_square(6, h=40, w=48)
+    for f in frames:
+        y = runner(f)
+        assert rel_l2(y, dense(model, f)) <= 1e-6, runner.stats
+    assert not runner.stats["dense"]
+
+
+def test_int8_frozen_scales_first_frame_exact_then_close_and_sparse():
+    model = octo_net()
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0)
+    frames = frames_moving_square(6, h=64, w=64)
+    assert rel_l2(runner(frames[0]), dense(model, frames[0])) <= 1e-6  # dense frame: scales calibrated on it
+    for f in frames[1:]:
+        y = runner(f)
+        assert rel_l2(y, dense(model, f)) < 0.02  # only the activation scales differ from the model's
+        assert runner.stats["compute_fraction"] < 0.5
+    # FP32 model of the same weights: the INT8 path really is different arithmetic
+    from edgelearn.octo import fp32
+
+    fp32(model)
+    assert rel_l2(runner(frames[-1]), dense(model, frames[-1])) > 1e-4
+
+
+def test_cnn_with_classifier_tail_equals_model():
+    el.manual_seed(2)
+    model = randomize_bn(el.models.cnn(3, 10, 32))
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0)
+    for f in frames_moving_square(4, h=32, w=40):
+        y = runner(f)
+        assert y.shape == (1, 10)
+        assert rel_l2(y, dense(model, f)) <= 1e-6
+    assert model.training is False
+
+
+def test_uint8_frames_normalised_and_grayscale():
+    el.manual_seed(0)
+    img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    model = randomize_bn(net_stride1())
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    y = PatchSkipRunner(model, patch=8, mean=mean, std=std)(img)
+    x = (img.transpose(2, 0, 1).astype(np.float32) / 255 - np.float32(mean)[:, None, None]) / np.float32(std)[:, None, None]
+    assert rel_l2(y, dense(model, x.astype(np.float32))) <= 1e-6
+    gray_model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()))
+    y = PatchSkipRunner(gray_model, patch=8)(img)
+    luma = (img.astype(np.float32) / 255) @ np.float32([0.299, 0.587, 0.114])
+    assert rel_l2(y, dense(gray_model, luma[None].astype(np.float32))) <= 1e-6
+
+
+# --- drift control --------------------------------------------------------------------------------------------
+
+
+def test_no_drift_over_500_frames_of_a_slowly_changing_scene():
+    """A scene that changes a little every frame (global brightness creep, a slowly sliding blob, a slow
+    sinusoidal shimmer): every per-frame change is far below the threshold, so a gate comparing consecutive
+    frames would never fire and the output would drift away. The gate compares against the cached reference,
+    so the error vs dense stays bounded all along."""
+    el.manual_seed(7)
+    model = randomize_bn(net_stride1())
+    threshold, bound = 0.03, 0.01
+    runner = PatchSkipRunner(model, patch=8, threshold=threshold)
+    g = np.random.default_rng(3)
+    h, w = 24, 32
+    bg = g.random((3, h, w), dtype=np.float32) * 0.5 + 0.25
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    worst, fractions, flagged, first = 0.0, [], 0, None
+    for t in range(500):
+        f = bg + np.float32(0.0004 * t)  # +0.2 over the clip, 0.0004 per frame
+        cy, cx = 12 + 6 * np.sin(t / 80), (t * 0.05) % w
+        f = f + 0.3 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8)[None]
+        f = f + 0.05 * np.sin(xx / 5 + t / 50)[None]
+        f = f.astype(np.float32)
+        y = runner(f)
+        ref = dense(model, f)
+        first = ref if first is None else first
+        err = rel_l2(y, ref)
+        worst = max(worst, err)
+        if t > 0:
+            fractions.append(runner.stats["compute_fraction"])
+            flagged += runner.stats["patch_fraction"] > 0
+        assert err <= bound, (t, err, runner.stats)
+    assert runner.stats["frame"] == 499
+    # never recomputing (what a gate on consecutive-frame differences would do here) breaks the bound
+    assert rel_l2(first, ref) > 3 * bound, rel_l2(first, ref)
+    assert worst > 0  # it did skip changes
+    assert np.mean(fractions) < 0.6, np.mean(fractions)  # it really skipped work ...
+    assert flagged > 10  # ... and slow changes did add up and trip the gate
+
+
+def test_error_bound_forces_a_dense_refresh():
+    el.manual_seed(8)
+    model = randomize_bn(net_stride1())
+    runner = PatchSkipRunner(model, patch=8, threshold=0.05, error_bound=0.01)
+    x = np.full((3, 32, 32), 0.5, np.float32)
+    runner(x)
+    seen = []
+    for t in range(1, 30):
+        runner(x + np.float32(0.002 * t))  # uniform creep below the threshold
+        s = runner.stats
+        seen.append((s["dense"], s["error_refresh"], s["estimated_error"]))
+        assert s["estimated_error"] <= 0.01 or s["dense"]
+    assert any(d and e for d, e, _ in seen), seen
+    assert all(est == 0.0 for d, _, est in seen if d)
+    assert runner.stats["gate_seconds"] >= 0 and runner.stats["seconds"] >= runner.stats["core_seconds"]
+
+
+def test_reset_starts_a_new_stream():
+    model = randomize_bn(net_stride1())
+    runner = PatchSkipRunner(model, patch=8, threshold=0.5)
+    a = np.zeros((3, 16, 16), np.float32)
+    runner(a)
+    y = runner(a + np.float32(0.1))  # below threshold: cached output of `a`
+    assert rel_l2(y, dense(model, a)) <= 1e-6 and len(runner.history) == 2
+    runner.reset()
+    assert runner.stats == {} and len(runner.history) == 0 and runner.input_shape is None
+    y = runner(a + np.float32(0.1))  # dense again after reset
+    assert runner.stats["dense"] and rel_l2(y, dense(model, a + np.float32(0.1))) <= 1e-6
+
+
+def test_mostly_dirty_layers_switch_to_the_dense_kernel():
+    el.manual_seed(9)
+    model = randomize_bn(net_stride1())
+    x = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    f = x.copy()
+    f[:, :20, :] += np.float32(0.3)  # 5/8 of the rows change
+    outs = {}
+    for above in (0.5, 1.0):
+        runner = PatchSkipRunner(model, patch=8, threshold=0.0, dense_above=above)
+        runner(x)
+        outs[above] = runner(f)
+        fr = runner.stats["layer_fractions"]
+        if above == 0.5:
+            assert fr[-1] == 1.0  # switched to dense
+        else:
+            assert all(v < 1.0 for v in fr[:2])  # stayed sparse
+        assert rel_l2(outs[above], dense(model, f)) <= 1e-6
+    with pytest.raises(ValueError, match="dense_above"):
+        PatchSkipRunner(model, dense_above=0)

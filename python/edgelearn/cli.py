@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -339,6 +340,59 @@ def _add_collab_parser(sub) -> None:
     p_join.set_defaults(func=_cmd_collab_join)
 
 
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    import edgelearn
+    from edgelearn.video import PatchSkipRunner, frames
+    from edgelearn.video.pipeline import load_video_model, run_video, save_plot
+
+    if args.threads is not None:
+        edgelearn.set_num_threads(args.threads)
+    model = load_video_model(args.model, seed=args.seed)
+    runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
+                             error_bound=args.error_bound)
+    reader = frames(args.path, max_frames=args.max_frames)
+    total = reader.frame_count if args.max_frames is None else min(args.max_frames, reader.frame_count or args.max_frames)
+    stream = reader if args.downsample == 1 else (f[::args.downsample, ::args.downsample] for f in reader)
+    run = run_video(stream, model, runner, compare_dense=args.compare_dense, progress=not args.no_progress and not args.json,
+                    total=total)
+    if run.frames == 0:
+        raise ValueError(f"{args.path}: no frames decoded")
+    summary = run.summary()
+    summary.update(path=str(args.path), model=args.model, patch=args.patch, threshold=args.threshold,
+                   refresh=args.refresh, error_bound=args.error_bound, input_shape=list(runner.input_shape or ()))
+    if args.save_plot:
+        save_plot(run, args.save_plot, title=f"{os.path.basename(str(args.path))}: {args.model}, patch {args.patch}, "
+                                             f"threshold {args.threshold}")
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{run.frames} frames {tuple(runner.input_shape or ())} of {args.path}, model {args.model}, patch {args.patch}, threshold {args.threshold}, "
+          f"refresh every {args.refresh or 'never'}")
+    print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
+          f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
+          f"gate {summary['mean_gate_ms']:.3f} ms/frame, {summary['dense_frames']} dense frames")
+    if args.compare_dense:
+        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
+        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
+    if args.save_plot:
+        print(f"plot written to {args.save_plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -393,6 +447,39 @@ def build_parser() -> argparse.ArgumentParser:
                               "dataset, peak_rss_mb, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
+
+    p_video = sub.add_parser(
+        "video",
+        help="run a conv net over a video with patch skipping (PASS); print throughput, skip fraction, error vs dense",
+        description="Run a conv net over a video file (anything PyAV/OpenCV decodes) or a camera index, recomputing "
+                    "only the patches that changed, and print frames/s, the fraction of work skipped and (with "
+                    "--compare-dense) the speedup and relative L2 error vs dense inference in the same process.",
+    )
+    p_video.add_argument("path", help="video file, or a camera index such as 0")
+    p_video.add_argument("--model", default="fcn",
+                         help="built-in architecture (fcn: fully convolutional, default; cnn: conv backbone + pooled "
+                              "classifier), randomly initialised from --seed, or a checkpoint from "
+                              "'edgelearn train --checkpoint' (a cnn; one-channel models see luma)")
+    p_video.add_argument("--patch", type=_positive_int, default=16, help="side of the gate's patches in pixels (16)")
+    p_video.add_argument("--threshold", type=_nonneg_float, default=0.05,
+                         help="recompute a patch when its max change since its cached reference exceeds this "
+                              "(input units: [0, 1] pixels; 0 = any change; default 0.05)")
+    p_video.add_argument("--refresh", type=_nonneg_int, default=0, metavar="K",
+                         help="dense refresh every K frames (0 = first frame only, default)")
+    p_video.add_argument("--error-bound", type=_nonneg_float, default=0.0,
+                         help="also refresh densely when the estimated input error (relative L2) passes this (0 = off)")
+    p_video.add_argument("--compare-dense", action="store_true",
+                         help="also run the model densely on every frame: speedup and error vs dense")
+    p_video.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many frames")
+    p_video.add_argument("--downsample", type=_positive_int, default=1,
+                         help="keep every k-th pixel in both directions (for large clips)")
+    p_video.add_argument("--seed", type=int, default=0, help="initialisation of a built-in model")
+    p_video.add_argument("--threads", type=_positive_int, default=None, help="engine threads (default: all cores)")
+    p_video.add_argument("--save-plot", metavar="FILE",
+                         help='per-frame plot of skip fraction and error over time (needs "edgelearn[plot]")')
+    p_video.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_video.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    p_video.set_defaults(func=_cmd_video)
     return parser
 
 

@@ -11,9 +11,11 @@ from typing import Sequence, Tuple, Union
 
 from . import nn
 
-__all__ = ["MODEL_NAMES", "build_model", "cnn", "mlp"]
+__all__ = ["MODEL_NAMES", "VIDEO_MODEL_NAMES", "build_model", "build_video_model", "cnn", "fcn", "mlp"]
 
 MODEL_NAMES = ("mlp", "cnn")
+#: Built-in architectures of ``edgelearn video --model`` (3-channel input, any frame size).
+VIDEO_MODEL_NAMES = ("fcn", "cnn")
 
 
 def mlp(in_features: int, *widths: int) -> nn.Sequential:
@@ -68,3 +70,27 @@ def build_model(name: str, image_shape: Tuple[int, int, int], classes: int) -> n
     if name == "cnn":
         return cnn(c, classes, (h, w))
     raise ValueError(f"model: unknown name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+def fcn(in_channels: int = 3, channels: Sequence[int] = (16, 32, 32, 64), out_channels: int = 16) -> nn.Sequential:
+    """A fully convolutional feature extractor for video: per width in ``channels`` a 3x3 convolution (padding 1;
+    stride 2 on every second one) with BatchNorm2d and ReLU, then a 1x1 convolution to ``out_channels``
+    (a dense feature map at 1/4 resolution with the defaults). Works on any frame size."""
+    if in_channels < 1 or out_channels < 1 or not channels or any(c < 1 for c in channels):
+        raise ValueError(f"fcn: bad widths (in_channels={in_channels}, channels={tuple(channels)}, out_channels={out_channels})")
+    layers = []
+    prev = in_channels
+    for i, ch in enumerate(channels):
+        layers += [nn.Conv2d(prev, ch, 3, stride=2 if i % 2 else 1, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
+        prev = ch
+    layers.append(nn.Conv2d(prev, out_channels, 1))
+    return nn.Sequential(*layers)
+
+
+def build_video_model(name: str, in_channels: int = 3, classes: int = 10) -> nn.Sequential:
+    """``"fcn"`` (see :func:`fcn`) or ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier)."""
+    if name == "fcn":
+        return fcn(in_channels)
+    if name == "cnn":
+        return cnn(in_channels, classes, 28)
+    raise ValueError(f"model: unknown name {name!r}; expected one of {', '.join(VIDEO_MODEL_NAMES)} or a checkpoint path")

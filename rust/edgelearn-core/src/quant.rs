@@ -544,18 +544,71 @@ fn params(st: &ChannelStats, clip: Clip, scales: &mut [f32]) -> Params {
         };
         // Clipping is monotone, so the clipped absmax is that of the clipped extremes.
         let amax = mn.max(l).min(h).abs().max(mx.max(l).min(h).abs());
-        let s = amax / QMAX as f32;
-        // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
-        // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
-        *scale = if s > 0.0 {
-            s.max(f32::MIN_POSITIVE)
-        } else {
-            1.0
-        };
+        *scale = scale_for_absmax(amax);
         lo.push(l);
         hi.push(h);
     }
     Params { lo, hi }
+}
+
+/// The scale of values whose largest magnitude (after clipping) is `amax`: `amax / 127`, 1.0 for 0.
+pub fn scale_for_absmax(amax: f32) -> f32 {
+    let s = amax / QMAX as f32;
+    // A subnormal scale has too few mantissa bits for the ±scale/2 bound to hold, so scales are floored at
+    // the smallest normal f32 (codes of such tiny tensors are then 0, within the bound).
+    if s > 0.0 {
+        s.max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    }
+}
+
+/// Nearest-rounding codes of `x` under a given per-tensor `scale`, without clipping: the codes
+/// [`quantize_into`] writes when its statistics give that scale; values beyond `127·scale` saturate.
+/// Same SIMD dispatch and threading as [`quantize_into`]. `q` must be as long as `x`.
+pub fn quantize_nearest_with_scale(x: &[f32], scale: f32, q: &mut [i8]) -> Result<()> {
+    if q.len() != x.len() {
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "has {} elements, expected {} (one per input)",
+                q.len(),
+                x.len()
+            ),
+        ));
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::invalid(
+            "scale",
+            format!("must be finite and positive, got {scale}"),
+        ));
+    }
+    let layout = Layout::per_tensor(x.len());
+    let p = Params {
+        lo: vec![f32::NEG_INFINITY],
+        hi: vec![f32::INFINITY],
+    };
+    let scales = [scale];
+    for_each_out_chunk(q, |start, qc| {
+        quantize_chunk(x, qc, start, layout, &p, &scales, Rounding::Nearest)
+    });
+    Ok(())
+}
+
+/// Largest `|x|` (eight lanes, so it vectorises; NaN-free input assumed, as the runner checks frames).
+pub fn absmax(x: &[f32]) -> f32 {
+    let mut m = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i].abs());
+        }
+    }
+    rem.iter()
+        .fold(m.iter().fold(0.0f32, |a, &v| a.max(v)), |a, &v| {
+            a.max(v.abs())
+        })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1245,5 +1298,23 @@ mod tests {
     #[test]
     fn random_seeds_differ() {
         assert_ne!(random_seed(), random_seed());
+    }
+
+    #[test]
+    fn quantize_with_scale_matches_quantize_into_and_absmax() {
+        let x: Vec<f32> = (0..10_000)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .collect();
+        let (q, s) = quantize_per_tensor(&x, Rounding::Nearest, Clip::None).unwrap();
+        assert_eq!(scale_for_absmax(absmax(&x)), s);
+        let mut q2 = vec![0i8; x.len()];
+        quantize_nearest_with_scale(&x, s, &mut q2).unwrap();
+        assert_eq!(q, q2);
+        // a smaller scale saturates instead of wrapping
+        quantize_nearest_with_scale(&x, s / 4.0, &mut q2).unwrap();
+        assert!(q2.iter().all(|&v| v >= -127) && q2.contains(&127));
+        assert!(quantize_nearest_with_scale(&x, 0.0, &mut q2).is_err());
+        assert!(quantize_nearest_with_scale(&x, 1.0, &mut q2[..5]).is_err());
+        assert_eq!(scale_for_absmax(0.0), 1.0);
     }
 }

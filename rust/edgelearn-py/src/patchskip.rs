@@ -3,7 +3,7 @@
 //! frames; `edgelearn.video.PatchSkipRunner` builds it from a `Sequential`.
 
 use edgelearn_core::nn::Window2d;
-use edgelearn_core::patchskip::{Layer, PatchSkip as Core, PatchSkipConfig};
+use edgelearn_core::patchskip::{Int8Scales, Layer, PatchSkip as Core, PatchSkipConfig};
 use numpy::ndarray::Dim;
 use numpy::{PyArray, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -42,13 +42,35 @@ impl PatchSkip {
 #[pymethods]
 impl PatchSkip {
     #[new]
-    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=8))]
-    fn new(patch: usize, threshold: f32, refresh_every: usize, tile: usize) -> PyResult<Self> {
+    #[pyo3(signature = (patch=16, threshold=0.0, refresh_every=0, tile=1, error_bound=0.0, int8_scales="frozen", dense_above=0.85))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        patch: usize,
+        threshold: f32,
+        refresh_every: usize,
+        tile: usize,
+        error_bound: f32,
+        int8_scales: &str,
+        dense_above: f32,
+    ) -> PyResult<Self> {
+        let int8_scales = match int8_scales {
+            "frozen" => Int8Scales::Frozen,
+            "dynamic" => Int8Scales::Dynamic,
+            other => {
+                return Err(value_error(
+                    "int8_scales",
+                    format!("expected 'frozen' or 'dynamic', got {other:?}"),
+                ))
+            }
+        };
         let cfg = PatchSkipConfig {
             patch,
             threshold,
             refresh_every,
             tile,
+            error_bound,
+            int8_scales,
+            dense_above,
         };
         Core::new(vec![Layer::Relu], cfg).py()?; // validates the config
         Ok(PatchSkip {
@@ -78,6 +100,43 @@ impl PatchSkip {
             stride,
             padding,
         })
+    }
+
+    /// An INT8 (Octo, eval mode) conv: int8 weight codes, their scale (one or one per output channel).
+    #[pyo3(signature = (wq, sw, bias, stride, padding))]
+    fn add_conv_i8(
+        &mut self,
+        wq: &Bound<'_, PyAny>,
+        sw: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> PyResult<()> {
+        let codes = readonly::<i8>("wq", wq, "int8", Some(4))?;
+        let s = codes.shape().to_vec();
+        let wq: Vec<i8> = codes.as_array().iter().copied().collect();
+        let sw = vec_f32("sw", sw, 1)?.0;
+        let b = match bias {
+            Some(b) if !b.is_none() => Some(vec_f32("bias", b, 1)?.0),
+            _ => None,
+        };
+        self.push(Layer::Conv2dInt8 {
+            wq,
+            sw,
+            shape: [s[0], s[1], s[2], s[3]],
+            bias: b,
+            stride,
+            padding,
+        })
+    }
+
+    /// A per-channel affine `y = x·a + b` (LAC compensation folded: `a = 1`, `b = α·μ + β`).
+    fn add_affine(&mut self, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<()> {
+        let layer = Layer::Affine {
+            a: vec_f32("a", a, 1)?.0,
+            b: vec_f32("b", b, 1)?.0,
+        };
+        self.push(layer)
     }
 
     fn add_batchnorm(
@@ -166,7 +225,10 @@ impl PatchSkip {
         d.set_item("patch_fraction", s.patch_fraction)?;
         d.set_item("layer_fractions", s.layer_fractions)?;
         d.set_item("compute_fraction", s.compute_fraction)?;
+        d.set_item("estimated_error", s.estimated_error)?;
+        d.set_item("error_refresh", s.error_refresh)?;
         d.set_item("seconds", s.seconds)?;
+        d.set_item("gate_seconds", s.gate_seconds)?;
         Ok(d)
     }
 }

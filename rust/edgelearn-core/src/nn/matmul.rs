@@ -88,7 +88,7 @@ impl OutPtr {
 }
 
 /// Below this many multiply-adds one thread does the whole product (a pool hop costs microseconds).
-const PAR_MIN_MACS: usize = 1 << 18;
+pub(crate) const PAR_MIN_MACS: usize = 1 << 18;
 
 /// `c = a·b + bias[None, :]` into the C-ordered `M × N` slice `c`. `bias`, if given, has `N` values.
 pub fn matmul_f32(a: &MatF32, b: &MatF32, bias: Option<&[f32]>, c: &mut [f32]) -> Result<()> {

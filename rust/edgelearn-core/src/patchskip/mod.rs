@@ -8,11 +8,11 @@
 //! - [`runner`]: [`PatchSkip`], the per-stream state (input reference, per-layer output caches) and the
 //!   per-frame schedule (dense first frame and every K frames, sparse otherwise).
 //!
-//! Not here: video decoding, the Python module walk (`edgelearn.video`), INT8 (a later slice).
+//! Not here: video decoding, the Python module walk (`edgelearn.video`).
 
 pub mod region;
 pub mod runner;
 pub mod tile_ops;
 
-pub use region::{changed_patches, dilate, window_span, TileMap};
-pub use runner::{FrameStats, Layer, PatchSkip, PatchSkipConfig};
+pub use region::{changed_patches, dilate, gate, window_span, GateResult, TileMap};
+pub use runner::{FrameStats, Int8Scales, Layer, PatchSkip, PatchSkipConfig};

@@ -126,6 +126,47 @@ impl TileMap {
         }
         out
     }
+    /// The dirty area as disjoint pixel rectangles `(y0, y1, x0, x1)`: the horizontal runs of each tile
+    /// row, each merged with the run of the row above when both span the same columns (fewer, taller
+    /// rectangles: less halo to gather per recomputed pixel).
+    pub fn rects(&self) -> Vec<(usize, usize, usize, usize)> {
+        let mut out: Vec<(usize, usize, usize, usize)> = Vec::new();
+        // runs of the previous tile row as (c0, c1, index into out), sorted by c0
+        let mut open: Vec<(usize, usize, usize)> = Vec::new();
+        let mut next: Vec<(usize, usize, usize)> = Vec::new();
+        for r in 0..self.rows {
+            let row = &self.bits[r * self.cols..(r + 1) * self.cols];
+            let mut j = 0; // cursor into `open`
+            let mut c = 0;
+            while c < self.cols {
+                if !row[c] {
+                    c += 1;
+                    continue;
+                }
+                let c0 = c;
+                while c < self.cols && row[c] {
+                    c += 1;
+                }
+                while j < open.len() && open[j].0 < c0 {
+                    j += 1;
+                }
+                let (y0, y1, x0, x1) = self.run_rect(r, c0, c);
+                match open.get(j) {
+                    Some(&(a, b, i)) if a == c0 && b == c => {
+                        out[i].1 = y1;
+                        next.push((c0, c, i));
+                    }
+                    _ => {
+                        out.push((y0, y1, x0, x1));
+                        next.push((c0, c, out.len() - 1));
+                    }
+                }
+            }
+            std::mem::swap(&mut open, &mut next);
+            next.clear();
+        }
+        out
+    }
 }
 
 /// Output indices `lo..hi` (clipped to `0..out_len`) whose window (`k` taps, stride `s`, padding `p`)
@@ -165,16 +206,42 @@ pub fn dilate(
     Ok(out)
 }
 
+/// What the gate saw in one frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateResult {
+    /// The patches to recompute.
+    pub map: TileMap,
+    /// Σ (frame − reference)² over the patches *not* flagged: the change the caches will not see.
+    pub skipped_sq: f64,
+    /// Σ frame².
+    pub frame_sq: f64,
+}
+
+impl GateResult {
+    /// Relative L2 distance between the frame and the input the caches represent once the flagged
+    /// patches are refreshed: `sqrt(skipped_sq / frame_sq)` (0 for an all-zero frame with no change).
+    pub fn estimated_error(&self) -> f64 {
+        if self.frame_sq > 0.0 {
+            (self.skipped_sq / self.frame_sq).sqrt()
+        } else if self.skipped_sq > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    }
+}
+
 /// The change gate: flags each `patch × patch` patch of a `(c, h, w)` frame whose largest absolute
 /// difference to `reference` over all channels exceeds `threshold` (NaN differences count as changed).
-/// With `threshold = 0` any change at all flags the patch.
-pub fn changed_patches(
+/// With `threshold = 0` any change at all flags the patch. Also sums the squared change of the patches
+/// it leaves alone (the drift estimate, see [`GateResult`]).
+pub fn gate(
     frame: &[f32],
     reference: &[f32],
     shape: [usize; 3],
     patch: usize,
     threshold: f32,
-) -> Result<TileMap> {
+) -> Result<GateResult> {
     let [c, h, w] = shape;
     let n = c * h * w;
     if frame.len() != n || reference.len() != n {
@@ -190,30 +257,81 @@ pub fn changed_patches(
     let mut map = TileMap::new(h, w, patch)?;
     let cols = map.cols;
     let mut score = vec![0.0f32; map.rows * cols];
-    let mut nan = vec![false; map.rows * cols];
+    let mut energy = vec![0.0f64; map.rows * cols];
+    let mut frame_sq = 0.0f64;
     for ch in 0..c {
         for y in 0..h {
             let base = (ch * h + y) * w;
             let (fr, rr) = (&frame[base..base + w], &reference[base..base + w]);
             let srow = (y / patch) * cols;
+            let mut row_sq = 0.0f64;
             for (pc, (fs, rs)) in fr.chunks(patch).zip(rr.chunks(patch)).enumerate() {
-                let mut m = 0.0f32;
-                let mut bad = false;
-                for (&a, &b) in fs.iter().zip(rs) {
-                    let d = (a - b).abs();
-                    bad |= d.is_nan();
-                    m = m.max(d);
-                }
+                let (m, e, sq) = segment_scores(fs, rs);
                 let s = &mut score[srow + pc];
-                *s = s.max(m);
-                nan[srow + pc] |= bad;
+                *s = if m > *s || m.is_nan() { m } else { *s };
+                energy[srow + pc] += e as f64;
+                row_sq += sq as f64;
             }
+            frame_sq += row_sq;
         }
     }
-    for (i, (&s, &bad)) in score.iter().zip(&nan).enumerate() {
-        map.bits[i] = bad || s > threshold;
+    let mut skipped_sq = 0.0f64;
+    for (i, (&s, &e)) in score.iter().zip(&energy).enumerate() {
+        let flagged = s.is_nan() || s > threshold;
+        map.bits[i] = flagged;
+        if !flagged {
+            skipped_sq += e;
+        }
     }
-    Ok(map)
+    Ok(GateResult {
+        map,
+        skipped_sq,
+        frame_sq,
+    })
+}
+
+/// `(max |a − b|, Σ (a − b)², Σ a²)` of one row segment of a patch, NaN-propagating in the max. Eight
+/// independent lanes, so the reductions vectorise (a single float accumulator is a serial chain).
+#[inline]
+fn segment_scores(a: &[f32], b: &[f32]) -> (f32, f32, f32) {
+    const L: usize = 8;
+    let (mut m, mut e, mut sq) = ([0.0f32; L], [0.0f32; L], [0.0f32; L]);
+    let mut nan = false;
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, r) in ac.zip(bc) {
+        for i in 0..L {
+            let d = x[i] - r[i];
+            nan |= d.is_nan();
+            m[i] = m[i].max(d.abs());
+            e[i] += d * d;
+            sq[i] += x[i] * x[i];
+        }
+    }
+    for (i, (&x, &r)) in ar.iter().zip(br).enumerate() {
+        let d = x - r;
+        nan |= d.is_nan();
+        m[i] = m[i].max(d.abs());
+        e[i] += d * d;
+        sq[i] += x * x;
+    }
+    let mx = if nan {
+        f32::NAN
+    } else {
+        m.iter().fold(0.0f32, |a, &v| a.max(v))
+    };
+    (mx, e.iter().sum(), sq.iter().sum())
+}
+
+/// The patches [`gate`] flags.
+pub fn changed_patches(
+    frame: &[f32],
+    reference: &[f32],
+    shape: [usize; 3],
+    patch: usize,
+    threshold: f32,
+) -> Result<TileMap> {
+    Ok(gate(frame, reference, shape, patch, threshold)?.map)
 }
 
 #[cfg(test)]
@@ -312,5 +430,54 @@ mod tests {
         assert_eq!(changed_patches(&f, &r, shape, 4, 0.2).unwrap().count(), 0);
         f[0] = f32::NAN;
         assert!(changed_patches(&f, &r, shape, 4, 10.0).unwrap().get(0, 0));
+    }
+
+    #[test]
+    fn rects_cover_exactly_the_dirty_tiles_disjointly() {
+        let mut m = TileMap::new(23, 30, 4).unwrap();
+        for &(r, c) in &[
+            (0, 1),
+            (0, 2),
+            (1, 1),
+            (1, 2),
+            (2, 1),
+            (2, 5),
+            (3, 5),
+            (3, 6),
+            (5, 7),
+        ] {
+            m.set(r, c);
+        }
+        let rects = m.rects();
+        let mut cover = vec![0u8; 23 * 30];
+        for &(y0, y1, x0, x1) in &rects {
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    cover[y * 30 + x] += 1;
+                }
+            }
+        }
+        for y in 0..23 {
+            for x in 0..30 {
+                assert_eq!(cover[y * 30 + x], m.get(y / 4, x / 4) as u8, "{y},{x}");
+            }
+        }
+        // tiles (0..2, 1..3) merge into one rectangle; (2,5) and (3,5..7) do not
+        assert!(rects.contains(&(0, 8, 4, 12)));
+        assert_eq!(rects.len(), 5);
+    }
+
+    #[test]
+    fn gate_sums_the_skipped_change() {
+        let shape = [1, 4, 8];
+        let r = vec![1.0f32; 32];
+        let mut f = r.clone();
+        f[0] = 1.5; // patch (0, 0): flagged at 0.25
+        f[7] = 1.1; // patch (0, 1): skipped, d = 0.1
+        let g = gate(&f, &r, shape, 4, 0.25).unwrap();
+        assert!(g.map.get(0, 0) && !g.map.get(0, 1));
+        assert!((g.skipped_sq - 0.01).abs() < 1e-6, "{}", g.skipped_sq);
+        let want = (0.01f64 / (30.0 + 1.5f64 * 1.5 + 1.1 * 1.1)).sqrt();
+        assert!((g.estimated_error() - want).abs() < 1e-6);
     }
 }

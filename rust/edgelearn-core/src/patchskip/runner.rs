@@ -1,29 +1,36 @@
 //! The per-stream runner: reference frame, per-layer output caches, the per-frame schedule.
 //!
-//! Layers are grouped into stages: one spatial op (conv, max/avg pooling, or identity when a model
-//! starts with a pointwise op) followed by the pointwise ops (ReLU, eval batch norm) applied in place
-//! to its output. Per frame:
+//! Layers are grouped into stages: one spatial op (FP32 or INT8 conv, max/avg pooling, or identity when a
+//! model starts with a pointwise op) followed by the pointwise ops (ReLU, eval batch norm, per-channel
+//! affine) applied in place to its output. Per frame:
 //!
-//! 1. Gate: flag the input patches (size `patch`) whose max |frame − reference| over all channels
-//!    exceeds the threshold; copy the frame into the reference on those patches only. The reference is
-//!    therefore exactly what the caches were computed from, so slow drifts accumulate until they trip
-//!    the gate (no silent loss of small changes).
-//! 2. For each stage: dilate the dirty tiles of its input through its window ([`dilate`]) to the output
-//!    tiles (`tile × tile` output pixels) that can change, and recompute only those, reading the cached
-//!    input map around them ([`conv_rects`], [`pool_rects`]), then apply the pointwise ops there.
-//! 3. The first frame after construction/[`PatchSkip::reset`] and every `refresh_every`-th frame run densely.
+//! 1. Gate ([`gate`]): flag the input patches (size `patch`) whose max |frame − reference| over all
+//!    channels exceeds the threshold; copy the frame into the reference on those patches only. The
+//!    reference is therefore exactly what the caches were computed from, so slow drifts accumulate until
+//!    they trip the gate (no silent loss of small changes). The gate also estimates the error left
+//!    (relative L2 of the unflagged change); past `error_bound` the frame runs densely instead.
+//! 2. For each stage: dilate the dirty pixels of its input through its window ([`dilate`]) to the output
+//!    pixels (tiles of `tile`, 1 by default) that can change, and recompute only those rectangles,
+//!    reading the cached input map around them ([`conv_rects`], [`conv_rects_i8`], [`pool_rects`]), then
+//!    apply the pointwise ops there. A stage whose dirty part passes `dense_above` runs its dense kernel.
+//! 3. The first frame after construction/[`PatchSkip::reset`], every `refresh_every`-th frame and error
+//!    refreshes run densely. INT8 input scales are calibrated on dense frames ([`Int8Scales::Frozen`]) or
+//!    recomputed every frame with a full-layer recompute when they move ([`Int8Scales::Dynamic`]).
 //!
 //! Invariant: every cache equals dense inference of the reference frame (up to float rounding of the
-//! GEMM's summation order); with threshold 0 the reference equals the frame, hence output = dense.
+//! GEMM's summation order; for INT8 with the cached input scales); with threshold 0 the reference equals
+//! the frame, hence output = dense.
 
 use std::time::Instant;
 
-use super::region::{changed_patches, dilate, TileMap};
+use super::region::{dilate, gate, TileMap};
 use super::tile_ops::{
-    conv_rects, pointwise_rects, pool_rects, ConvParams, Pointwise, Rect, Scratch,
+    conv_rects, conv_rects_i8, pointwise_rects, pool_rects, ConvI8Params, ConvParams, Pointwise,
+    Rect, Scratch,
 };
 use crate::error::{Error, Result};
-use crate::nn::{conv2d_f32_forward, Geometry, Window2d};
+use crate::nn::{conv2d_f32_forward, conv2d_i8_forward, Geometry, Window2d};
+use crate::quant::{absmax, quantize_nearest_with_scale, scale_for_absmax};
 
 /// One layer of the chain, as given by the caller.
 #[derive(Clone, Debug)]
@@ -44,9 +51,36 @@ pub enum Layer {
         var: Vec<f32>,
         eps: f32,
     },
+    /// Octo INT8 convolution in eval mode: weight codes `wq (o, c, kh, kw)`, weight scale `sw` (one value or
+    /// one per output channel), optional FP32 bias; its input is quantized per tensor, nearest rounding.
+    Conv2dInt8 {
+        wq: Vec<i8>,
+        sw: Vec<f32>,
+        shape: [usize; 4],
+        bias: Option<Vec<f32>>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    },
+    /// Per-channel `y = x·a + b` (e.g. LAC compensation folded: `a = 1`, `b = α⊙μ + β`).
+    Affine {
+        a: Vec<f32>,
+        b: Vec<f32>,
+    },
     Relu,
     MaxPool2d(Window2d),
     AvgPool2d(Window2d),
+}
+
+/// How an INT8 convolution's input scale is chosen on frames that are not recomputed densely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Scales {
+    /// Calibrated whenever the layer is recomputed in full (dense frames, or a dirty part past
+    /// `dense_above`) and held in between: every cached value stays valid, values beyond the calibrated
+    /// range saturate at ±127.
+    Frozen,
+    /// Recomputed from the layer's whole input every frame, as the model does; when it changes, the layer
+    /// (and so everything after it) is recomputed in full. Exact, but slow when the range moves.
+    Dynamic,
 }
 
 /// Gate and schedule settings.
@@ -60,6 +94,15 @@ pub struct PatchSkipConfig {
     pub refresh_every: usize,
     /// Side of the output tiles each layer recomputes, in output pixels.
     pub tile: usize,
+    /// Dense refresh when the gate's estimated error ([`FrameStats::estimated_error`]) exceeds this
+    /// (0: never).
+    pub error_bound: f32,
+    /// Input scales of INT8 convolutions.
+    pub int8_scales: Int8Scales,
+    /// A layer whose dirty output covers at least this fraction of its map is recomputed with the dense
+    /// kernel instead (fragmented sparse work costs more per pixel: halo gathers, small GEMMs); 1: never
+    /// unless all of it is dirty.
+    pub dense_above: f32,
 }
 
 impl Default for PatchSkipConfig {
@@ -68,7 +111,10 @@ impl Default for PatchSkipConfig {
             patch: 16,
             threshold: 0.0,
             refresh_every: 0,
-            tile: 8,
+            tile: 1,
+            error_bound: 0.0,
+            int8_scales: Int8Scales::Frozen,
+            dense_above: 0.85,
         }
     }
 }
@@ -86,13 +132,21 @@ pub struct FrameStats {
     pub layer_fractions: Vec<f64>,
     /// Recomputed work over dense work, weighting each stage's recomputed output pixels by its cost per pixel.
     pub compute_fraction: f64,
+    /// Relative L2 distance between the frame and the input the caches now represent (the change in
+    /// the patches the gate let through); 0 on dense frames.
+    pub estimated_error: f64,
+    /// Whether the frame ran densely because `estimated_error` passed `error_bound`.
+    pub error_refresh: bool,
     /// Wall time of the frame (gate + recompute), seconds.
     pub seconds: f64,
+    /// Wall time of the change gate alone (scores, flags, reference update), seconds.
+    pub gate_seconds: f64,
 }
 
 #[derive(Clone, Debug)]
 enum Spatial {
     Conv(ConvParams),
+    ConvI8(ConvI8Params),
     MaxPool(Window2d),
     AvgPool(Window2d),
     Identity,
@@ -109,12 +163,15 @@ struct Stage {
     out: Vec<f32>,
     /// multiply-adds (or reads) per output pixel, for the compute fraction
     cost: f64,
+    /// input scale the cache of an INT8 conv was computed with
+    sx: f32,
 }
 
 impl Stage {
     fn window(&self) -> Window2d {
         match &self.spatial {
             Spatial::Conv(p) => p.window(),
+            Spatial::ConvI8(p) => p.window(),
             Spatial::MaxPool(w) | Spatial::AvgPool(w) => *w,
             Spatial::Identity => Window2d::new((1, 1), (1, 1), (0, 0)),
         }
@@ -163,6 +220,18 @@ impl PatchSkip {
                 format!("must be >= 0 and not NaN, got {}", cfg.threshold),
             ));
         }
+        if cfg.error_bound.is_nan() || cfg.error_bound < 0.0 {
+            return Err(Error::invalid(
+                "error_bound",
+                format!("must be >= 0 and not NaN (0: off), got {}", cfg.error_bound),
+            ));
+        }
+        if !(cfg.dense_above > 0.0 && cfg.dense_above <= 1.0) {
+            return Err(Error::invalid(
+                "dense_above",
+                format!("must be in (0, 1], got {}", cfg.dense_above),
+            ));
+        }
         if layers.is_empty() {
             return Err(Error::invalid("layers", "the model has no layers"));
         }
@@ -175,6 +244,7 @@ impl PatchSkip {
             out_shape: [0; 3],
             out: Vec::new(),
             cost: 0.0,
+            sx: 1.0,
         };
         for (i, layer) in layers.into_iter().enumerate() {
             match layer {
@@ -185,30 +255,43 @@ impl PatchSkip {
                     stride,
                     padding,
                 } => {
-                    let [o, c, kh, kw] = shape;
-                    if weight.len() != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
+                    check_conv(i, weight.len(), shape, bias.as_deref(), stride)?;
+                    stages.push(new_stage(Spatial::Conv(ConvParams {
+                        weight,
+                        shape,
+                        bias,
+                        stride,
+                        padding,
+                    })));
+                }
+                Layer::Conv2dInt8 {
+                    wq,
+                    sw,
+                    shape,
+                    bias,
+                    stride,
+                    padding,
+                } => {
+                    check_conv(i, wq.len(), shape, bias.as_deref(), stride)?;
+                    if sw.len() != 1 && sw.len() != shape[0] {
                         return Err(Error::invalid(
                             "layers",
                             format!(
-                                "layer {i}: conv weight of shape {shape:?} has {} values",
-                                weight.len()
+                                "layer {i}: INT8 conv weight scale must have 1 or {} values, got {}",
+                                shape[0],
+                                sw.len()
                             ),
                         ));
                     }
-                    if bias.as_ref().is_some_and(|b| b.len() != o) {
+                    if let Some(j) = sw.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
                         return Err(Error::invalid(
                             "layers",
-                            format!("layer {i}: conv bias must have {o} values"),
+                            format!("layer {i}: INT8 conv weight scale {j} must be finite and positive, got {}", sw[j]),
                         ));
                     }
-                    if stride.0 == 0 || stride.1 == 0 {
-                        return Err(Error::invalid(
-                            "layers",
-                            format!("layer {i}: stride must be positive"),
-                        ));
-                    }
-                    stages.push(new_stage(Spatial::Conv(ConvParams {
-                        weight,
+                    stages.push(new_stage(Spatial::ConvI8(ConvI8Params {
+                        wq,
+                        sw,
                         shape,
                         bias,
                         stride,
@@ -227,13 +310,23 @@ impl PatchSkip {
                 }
                 Layer::MaxPool2d(w) => stages.push(new_stage(Spatial::MaxPool(w))),
                 Layer::AvgPool2d(w) => stages.push(new_stage(Spatial::AvgPool(w))),
-                Layer::Relu | Layer::BatchNorm2d { .. } => {
+                Layer::Relu | Layer::BatchNorm2d { .. } | Layer::Affine { .. } => {
                     if stages.is_empty() {
                         stages.push(new_stage(Spatial::Identity));
                     }
                     let st = stages.last_mut().expect("a stage exists");
                     match layer {
                         Layer::Relu => st.post.push(Pointwise::Relu),
+                        Layer::Affine { a, b } => {
+                            if a.len() != b.len() {
+                                return Err(Error::invalid(
+                                    "layers",
+                                    format!("layer {i}: affine scale and shift lengths differ ({} vs {})", a.len(), b.len()),
+                                ));
+                            }
+                            st.bn.push((st.post.len(), Layer::Affine { a, b }));
+                            st.post.push(Pointwise::Relu); // placeholder, replaced in configure
+                        }
                         bn => {
                             st.bn.push((st.post.len(), bn));
                             st.post.push(Pointwise::Relu); // placeholder, replaced in configure
@@ -300,6 +393,15 @@ impl PatchSkip {
                         (p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]) as f64,
                     )
                 }
+                Spatial::ConvI8(p) => {
+                    if p.shape[1] != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    }
+                    (
+                        p.shape[0],
+                        (p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]) as f64,
+                    )
+                }
                 Spatial::MaxPool(_) | Spatial::AvgPool(_) => {
                     (c, (c * win.kernel.0 * win.kernel.1) as f64)
                 }
@@ -312,27 +414,44 @@ impl PatchSkip {
                 )
             })?;
             for (pos, layer) in &st.bn {
-                if let Layer::BatchNorm2d {
-                    gamma,
-                    beta,
-                    mean,
-                    var,
-                    eps,
-                } = layer
-                {
-                    if [gamma.len(), beta.len(), mean.len(), var.len()]
-                        .iter()
-                        .any(|&n| n != oc)
-                    {
-                        return Err(Error::invalid(
-                            "frame",
-                            format!(
-                                "stage {i}: batch norm has {} channels, its input has {oc}",
-                                gamma.len()
-                            ),
-                        ));
+                match layer {
+                    Layer::BatchNorm2d {
+                        gamma,
+                        beta,
+                        mean,
+                        var,
+                        eps,
+                    } => {
+                        if [gamma.len(), beta.len(), mean.len(), var.len()]
+                            .iter()
+                            .any(|&n| n != oc)
+                        {
+                            return Err(Error::invalid(
+                                "frame",
+                                format!(
+                                    "stage {i}: batch norm has {} channels, its input has {oc}",
+                                    gamma.len()
+                                ),
+                            ));
+                        }
+                        st.post[*pos] = bn_affine(gamma, beta, mean, var, *eps);
                     }
-                    st.post[*pos] = bn_affine(gamma, beta, mean, var, *eps);
+                    Layer::Affine { a, b } => {
+                        if a.len() != oc {
+                            return Err(Error::invalid(
+                                "frame",
+                                format!(
+                                    "stage {i}: per-channel affine has {} channels, its input has {oc}",
+                                    a.len()
+                                ),
+                            ));
+                        }
+                        st.post[*pos] = Pointwise::Affine {
+                            a: a.clone(),
+                            b: b.clone(),
+                        };
+                    }
+                    _ => {}
                 }
             }
             st.in_shape = cur;
@@ -375,40 +494,54 @@ impl PatchSkip {
             }
             _ => {}
         }
-        let dense = self.frames == 0
+        let scheduled = self.frames == 0
             || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every));
         let mut stats = FrameStats {
             frame: self.frames,
-            dense,
             ..FrameStats::default()
         };
-        if dense {
-            self.reference.copy_from_slice(frame);
-            self.run_dense()?;
-            stats.patch_fraction = 1.0;
-            stats.layer_fractions = vec![1.0; self.stages.len()];
-            stats.compute_fraction = 1.0;
-        } else {
-            let gate = changed_patches(
+        let mut dirty = None;
+        if !scheduled {
+            let tg = Instant::now();
+            let g = gate(
                 frame,
                 &self.reference,
                 shape,
                 self.cfg.patch,
                 self.cfg.threshold,
             )?;
-            stats.patch_fraction = gate.fraction();
-            let [c, h, w] = shape;
-            for (r, c0, c1) in gate.runs() {
-                let (y0, y1, x0, x1) = gate.run_rect(r, c0, c1);
-                for ch in 0..c {
-                    for y in y0..y1 {
-                        let o = (ch * h + y) * w;
-                        self.reference[o + x0..o + x1].copy_from_slice(&frame[o + x0..o + x1]);
+            stats.estimated_error = g.estimated_error();
+            stats.error_refresh =
+                self.cfg.error_bound > 0.0 && stats.estimated_error > self.cfg.error_bound as f64;
+            if !stats.error_refresh {
+                stats.patch_fraction = g.map.fraction();
+                let [c, h, w] = shape;
+                for (y0, y1, x0, x1) in g.map.rects() {
+                    for ch in 0..c {
+                        for y in y0..y1 {
+                            let o = (ch * h + y) * w;
+                            self.reference[o + x0..o + x1].copy_from_slice(&frame[o + x0..o + x1]);
+                        }
                     }
                 }
+                dirty = Some(g.map);
             }
-            let (done, total) = self.run_sparse(gate, &mut stats.layer_fractions)?;
-            stats.compute_fraction = if total > 0.0 { done / total } else { 0.0 };
+            stats.gate_seconds = tg.elapsed().as_secs_f64();
+        }
+        match dirty {
+            None => {
+                stats.dense = true;
+                stats.estimated_error = 0.0;
+                self.reference.copy_from_slice(frame);
+                self.run_dense()?;
+                stats.patch_fraction = 1.0;
+                stats.layer_fractions = vec![1.0; self.stages.len()];
+                stats.compute_fraction = 1.0;
+            }
+            Some(map) => {
+                let (done, total) = self.run_sparse(map, &mut stats.layer_fractions)?;
+                stats.compute_fraction = if total > 0.0 { done / total } else { 0.0 };
+            }
         }
         self.frames += 1;
         stats.seconds = t0.elapsed().as_secs_f64();
@@ -424,38 +557,7 @@ impl PatchSkip {
             } else {
                 &prev[i - 1].out
             };
-            let st = &mut rest[0];
-            let [oc, oh, ow] = st.out_shape;
-            let full: [Rect; 1] = [(0, oh, 0, ow)];
-            let [c, h, w] = st.in_shape;
-            match &st.spatial {
-                Spatial::Conv(p) => {
-                    conv2d_f32_forward(
-                        input,
-                        [1, c, h, w],
-                        &p.weight,
-                        p.shape,
-                        p.bias.as_deref(),
-                        p.stride,
-                        p.padding,
-                        &mut st.out,
-                    )?;
-                }
-                Spatial::MaxPool(win) => pool_rects(
-                    input,
-                    st.in_shape,
-                    *win,
-                    false,
-                    &full,
-                    &mut st.out,
-                    (oh, ow),
-                ),
-                Spatial::AvgPool(win) => {
-                    pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
-                }
-                Spatial::Identity => st.out.copy_from_slice(input),
-            }
-            pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
+            dense_stage(&mut rest[0], input, &mut self.scratch)?;
         }
         Ok(())
     }
@@ -473,12 +575,22 @@ impl PatchSkip {
             };
             let st = &mut rest[0];
             let [oc, oh, ow] = st.out_shape;
-            let out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
-            let rects: Vec<Rect> = out_map
-                .runs()
-                .into_iter()
-                .map(|(r, c0, c1)| out_map.run_rect(r, c0, c1))
-                .collect();
+            let mut out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
+            let mut full = out_map.fraction() >= self.cfg.dense_above as f64;
+            if let (Spatial::ConvI8(_), Int8Scales::Dynamic) = (&st.spatial, self.cfg.int8_scales) {
+                // the whole layer's codes change with the scale
+                full |= input_scale(input) != st.sx;
+            }
+            if full {
+                out_map.fill(true);
+                fractions.push(1.0);
+                done += (oh * ow) as f64 * st.cost;
+                total += (oh * ow) as f64 * st.cost;
+                dense_stage(st, input, &mut self.scratch)?;
+                dirty = out_map;
+                continue;
+            }
+            let rects = out_map.rects();
             fractions.push(out_map.fraction());
             let px: usize = rects
                 .iter()
@@ -487,15 +599,20 @@ impl PatchSkip {
             done += px as f64 * st.cost;
             total += (oh * ow) as f64 * st.cost;
             if !rects.is_empty() {
+                let sc = &mut self.scratch;
                 match &st.spatial {
-                    Spatial::Conv(p) => conv_rects(
+                    Spatial::Conv(p) => {
+                        conv_rects(input, st.in_shape, p, &rects, &mut st.out, (oh, ow), sc)?
+                    }
+                    Spatial::ConvI8(p) => conv_rects_i8(
                         input,
                         st.in_shape,
                         p,
+                        st.sx,
                         &rects,
                         &mut st.out,
                         (oh, ow),
-                        &mut self.scratch,
+                        sc,
                     )?,
                     Spatial::MaxPool(win) => pool_rects(
                         input,
@@ -532,5 +649,231 @@ impl PatchSkip {
             dirty = out_map;
         }
         Ok((done, total))
+    }
+}
+
+/// Recomputes a whole stage from its input with the dense kernels (an INT8 conv recalibrates its input
+/// scale: every cached value is rewritten, so the cache stays consistent).
+fn dense_stage(st: &mut Stage, input: &[f32], scratch: &mut Scratch) -> Result<()> {
+    let [oc, oh, ow] = st.out_shape;
+    let full: [Rect; 1] = [(0, oh, 0, ow)];
+    let [c, h, w] = st.in_shape;
+    match &st.spatial {
+        Spatial::Conv(p) => {
+            conv2d_f32_forward(
+                input,
+                [1, c, h, w],
+                &p.weight,
+                p.shape,
+                p.bias.as_deref(),
+                p.stride,
+                p.padding,
+                &mut st.out,
+            )?;
+        }
+        Spatial::ConvI8(p) => {
+            st.sx = input_scale(input);
+            let xq = &mut scratch.xq;
+            xq.resize(input.len(), 0);
+            quantize_nearest_with_scale(input, st.sx, xq)?;
+            conv2d_i8_forward(
+                xq,
+                [1, c, h, w],
+                st.sx,
+                &p.wq,
+                p.shape,
+                p.weight_scale(),
+                p.bias.as_deref(),
+                p.stride,
+                p.padding,
+                &mut st.out,
+            )?;
+        }
+        Spatial::MaxPool(win) => pool_rects(
+            input,
+            st.in_shape,
+            *win,
+            false,
+            &full,
+            &mut st.out,
+            (oh, ow),
+        ),
+        Spatial::AvgPool(win) => {
+            pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
+        }
+        Spatial::Identity => st.out.copy_from_slice(input),
+    }
+    pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
+    Ok(())
+}
+
+/// The per-tensor input scale of an INT8 conv: `absmax / 127`, as `quantize` computes it.
+fn input_scale(x: &[f32]) -> f32 {
+    scale_for_absmax(absmax(x))
+}
+
+/// Checks a conv layer's weight length, bias and stride (`i` names the layer).
+fn check_conv(
+    i: usize,
+    weight_len: usize,
+    shape: [usize; 4],
+    bias: Option<&[f32]>,
+    stride: (usize, usize),
+) -> Result<()> {
+    let [o, c, kh, kw] = shape;
+    if weight_len != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {i}: conv weight of shape {shape:?} has {weight_len} values"),
+        ));
+    }
+    if bias.is_some_and(|b| b.len() != o) {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {i}: conv bias must have {o} values"),
+        ));
+    }
+    if stride.0 == 0 || stride.1 == 0 {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {i}: stride must be positive"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32) / (1u64 << 24) as f32
+    }
+
+    fn layers(seed: &mut u64, int8: bool) -> Vec<Layer> {
+        let mut out = Vec::new();
+        for &(o, c, k, s, p) in &[(6, 3, 3, 1, 1), (5, 6, 3, 2, 1), (4, 5, 1, 1, 0)] {
+            let n = o * c * k * k;
+            let weight: Vec<f32> = (0..n).map(|_| lcg(seed) - 0.5).collect();
+            let bias = Some((0..o).map(|_| lcg(seed) - 0.5).collect::<Vec<_>>());
+            if int8 {
+                let amax = weight.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let sw = scale_for_absmax(amax);
+                let mut wq = vec![0i8; n];
+                quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
+                out.push(Layer::Conv2dInt8 {
+                    wq,
+                    sw: vec![sw],
+                    shape: [o, c, k, k],
+                    bias,
+                    stride: (s, s),
+                    padding: (p, p),
+                });
+                out.push(Layer::Affine {
+                    a: vec![1.0; o],
+                    b: (0..o).map(|_| lcg(seed) - 0.5).collect(),
+                });
+            } else {
+                out.push(Layer::Conv2d {
+                    weight,
+                    shape: [o, c, k, k],
+                    bias,
+                    stride: (s, s),
+                    padding: (p, p),
+                });
+            }
+            out.push(Layer::Relu);
+        }
+        out.insert(3, Layer::MaxPool2d(Window2d::new((2, 2), (2, 2), (0, 0))));
+        out
+    }
+
+    /// Sparse frames at threshold 0 give what a runner that recomputes every frame densely gives.
+    fn sparse_equals_dense(int8: bool, scales: Int8Scales) {
+        let mut seed = 7u64;
+        let net = layers(&mut seed, int8);
+        let cfg = PatchSkipConfig {
+            patch: 5,
+            int8_scales: scales,
+            ..PatchSkipConfig::default()
+        };
+        let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+        let mut dense = PatchSkip::new(
+            net,
+            PatchSkipConfig {
+                refresh_every: 1,
+                ..cfg
+            },
+        )
+        .unwrap();
+        let shape = [3, 23, 29];
+        let mut frame: Vec<f32> = (0..3 * 23 * 29).map(|_| lcg(&mut seed)).collect();
+        for t in 0..5 {
+            // a 3x3 blob changes; its value stays inside the frame's range so the INT8 scales hold still
+            let (y0, x0) = (2 + 4 * t, 3 + 5 * t);
+            for ch in 0..3 {
+                for y in y0..y0 + 3 {
+                    for x in x0..x0 + 3 {
+                        frame[(ch * 23 + y) * 29 + x] = lcg(&mut seed) * 0.9;
+                    }
+                }
+            }
+            let a = sparse.run(&frame, shape).unwrap().to_vec();
+            let b = dense.run(&frame, shape).unwrap().to_vec();
+            let (num, den) = a.iter().zip(&b).fold((0.0f64, 0.0f64), |(n, d), (&x, &y)| {
+                (n + ((x - y) as f64).powi(2), d + (y as f64).powi(2))
+            });
+            assert!(
+                (num / den).sqrt() <= 1e-6,
+                "frame {t}: {}",
+                (num / den).sqrt()
+            );
+            if t > 0 {
+                assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
+            }
+        }
+    }
+
+    #[test]
+    fn fp32_sparse_frames_equal_dense() {
+        sparse_equals_dense(false, Int8Scales::Frozen);
+    }
+
+    #[test]
+    fn int8_sparse_frames_equal_dense_with_dynamic_scales() {
+        sparse_equals_dense(true, Int8Scales::Dynamic);
+    }
+
+    #[test]
+    fn rejects_bad_config_and_shape_change() {
+        let mut seed = 1u64;
+        let bad = PatchSkipConfig {
+            error_bound: -1.0,
+            ..PatchSkipConfig::default()
+        };
+        assert!(PatchSkip::new(layers(&mut seed, false), bad).is_err());
+        let mut r = PatchSkip::new(layers(&mut seed, true), PatchSkipConfig::default()).unwrap();
+        r.run(&vec![0.5; 3 * 16 * 16], [3, 16, 16]).unwrap();
+        let err = r.run(&vec![0.5; 3 * 16 * 17], [3, 16, 17]).unwrap_err();
+        assert!(
+            err.to_string().contains("shape changed mid-stream"),
+            "{err}"
+        );
+        let err = PatchSkip::new(
+            vec![Layer::Conv2dInt8 {
+                wq: vec![1; 9],
+                sw: vec![0.0],
+                shape: [1, 1, 3, 3],
+                bias: None,
+                stride: (1, 1),
+                padding: (0, 0),
+            }],
+            PatchSkipConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("weight scale"), "{err}");
     }
 }

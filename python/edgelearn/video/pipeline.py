@@ -1,0 +1,184 @@
+"""The video pipeline behind ``edgelearn video``: load a model (built-in name or training checkpoint), run it
+over decoded frames with :class:`PatchSkipRunner` and, optionally, densely on the same frames in the same
+process (alternating in short blocks, so both see the same machine load), and summarise throughput, recompute fraction and
+error vs dense. Also the per-frame plot.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+
+from ..nn import Module
+from ..tensor import no_grad, tensor
+from .runner import PatchSkipRunner
+
+__all__ = ["load_video_model", "VideoRun", "run_video", "save_plot", "rel_l2"]
+
+
+def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
+    """``‖y − ref‖ / ‖ref‖`` (0 when both are 0)."""
+    # plain reductions, not np.linalg.norm: a BLAS call leaves OpenBLAS threads spinning, which steals
+    # cores from the very inference being timed
+    r = np.asarray(ref, np.float64)
+    d = float(np.sqrt(np.square(np.asarray(y, np.float64) - r).sum()))
+    n = float(np.sqrt(np.square(r).sum()))
+    return d / n if n > 0 else (0.0 if d == 0 else float("inf"))
+
+
+def load_video_model(spec: str, seed: int = 0) -> Module:
+    """A model for video in eval mode: a built-in name of ``edgelearn.models.VIDEO_MODEL_NAMES`` (random
+    initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
+    (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly)."""
+    from .. import checkpoint as ckpt
+    from .. import models
+    from ..nn import manual_seed
+    from ..octo import OctoConfig, octo
+
+    if spec in models.VIDEO_MODEL_NAMES:
+        manual_seed(seed)
+        return models.build_video_model(spec).eval()
+    if not (os.path.exists(spec) or spec.endswith(".safetensors")):
+        raise ValueError(f"model: {spec!r} is neither a built-in architecture ({', '.join(models.VIDEO_MODEL_NAMES)}) "
+                         "nor a checkpoint file")
+    state, meta = ckpt.read_checkpoint(spec)
+    config = ((meta.get("extra") or {}).get("config") or {})
+    name = config.get("model")
+    if name not in models.MODEL_NAMES:
+        raise ValueError(f"{spec}: checkpoint does not record a known architecture (config.model={name!r}); "
+                         "it must come from 'edgelearn train --checkpoint'")
+    convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
+    linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
+    if name != "cnn" or not convs or not linears:
+        raise ValueError(f"{spec}: a {name!r} model has no convolutional part to run on video (train --model cnn)")
+    in_channels, classes = int(convs[0].shape[1]), int(linears[-1].shape[0])
+    model = models.cnn(in_channels, classes, 28)
+    if config.get("precision") == "int8":
+        prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
+        octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@dataclass
+class VideoRun:
+    """Per-frame records and totals of one pass over a clip."""
+
+    frames: int = 0
+    skip_seconds: float = 0.0
+    dense_seconds: float = 0.0
+    records: List[Dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> Dict[str, Any]:
+        fr = [r["compute_fraction"] for r in self.records]
+        errs = [r["error"] for r in self.records if r.get("error") is not None]
+        out: Dict[str, Any] = {
+            "frames": self.frames,
+            "patchskip_fps": self.frames / self.skip_seconds if self.skip_seconds > 0 else None,
+            "mean_compute_fraction": float(np.mean(fr)) if fr else None,
+            "mean_patch_fraction": float(np.mean([r["patch_fraction"] for r in self.records])) if fr else None,
+            "skip_fraction": 1.0 - float(np.mean(fr)) if fr else None,
+            "dense_frames": int(sum(r["dense"] for r in self.records)),
+            "mean_gate_ms": 1e3 * float(np.mean([r["gate_seconds"] for r in self.records])) if fr else None,
+            "mean_estimated_error": float(np.mean([r["estimated_error"] for r in self.records])) if fr else None,
+        }
+        if self.dense_seconds > 0:
+            out["dense_fps"] = self.frames / self.dense_seconds
+            out["speedup"] = self.dense_seconds / self.skip_seconds if self.skip_seconds > 0 else None
+        if errs:
+            out["mean_rel_l2_error"] = float(np.mean(errs))
+            out["max_rel_l2_error"] = float(np.max(errs))
+        return out
+
+
+def run_video(
+    frames: Iterable[np.ndarray],
+    model: Module,
+    runner: PatchSkipRunner,
+    compare_dense: bool = False,
+    progress: bool = False,
+    total: Optional[int] = None,
+    block: int = 8,
+) -> VideoRun:
+    """Runs ``runner`` over ``frames`` and, with ``compare_dense``, ``model`` densely on the same frames (same
+    preprocessing), recording per frame the runner's stats and the relative L2 error vs dense.
+
+    The two alternate in blocks of ``block`` frames (patch-skip on a block, then dense on it): both see the
+    same machine load, and neither evicts the other's working set from the caches on every frame, which
+    frame-by-frame alternation would (a deployment runs one of them, not both)."""
+    if block < 1:
+        raise ValueError(f"block: must be >= 1, got {block}")
+    run = VideoRun()
+    it: Iterable[np.ndarray] = frames
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(frames, total=total, unit="frame", desc="video")
+    model.eval()
+    pending: List[np.ndarray] = []
+
+    def flush() -> None:
+        outs, recs = [], []
+        t0 = time.perf_counter()
+        for frame in pending:
+            outs.append(runner(frame))
+            recs.append(runner.stats)
+        run.skip_seconds += time.perf_counter() - t0
+        if compare_dense:
+            refs = []
+            t0 = time.perf_counter()
+            for frame in pending:
+                refs.append(model(tensor(runner.preprocess(frame)[None])).numpy())
+            run.dense_seconds += time.perf_counter() - t0
+            for rec, y, ref in zip(recs, outs, refs):
+                rec["error"] = rel_l2(y, ref)
+        else:
+            for rec in recs:
+                rec["error"] = None
+        run.records.extend(recs)
+        run.frames += len(pending)
+        pending.clear()
+
+    with no_grad():
+        for frame in it:
+            pending.append(frame)
+            if len(pending) == block:
+                flush()
+        if pending:
+            flush()
+    return run
+
+
+def save_plot(run: VideoRun, path: "os.PathLike[str] | str", title: str = "") -> None:
+    """Per-frame plot: fraction recomputed (compute and input patches) and error vs dense (or the runner's
+    estimated input error when no dense comparison ran) over time. Needs matplotlib (``edgelearn[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError('--save-plot needs matplotlib: pip install "edgelearn[plot]"') from None
+    t = np.arange(len(run.records))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    a1.plot(t, [r["compute_fraction"] for r in run.records], label="work recomputed")
+    a1.plot(t, [r["patch_fraction"] for r in run.records], label="input patches flagged", alpha=0.7)
+    a1.set_ylabel("fraction")
+    a1.set_ylim(0, 1.05)
+    a1.legend(loc="upper right")
+    errs = [r["error"] for r in run.records]
+    if all(e is not None for e in errs) and errs:
+        a2.plot(t, errs, color="C3", label="rel. L2 error vs dense")
+    a2.plot(t, [r["estimated_error"] for r in run.records], color="C2", alpha=0.7, label="estimated input error")
+    a2.set_xlabel("frame")
+    a2.set_ylabel("relative L2")
+    a2.legend(loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""edgelearn.video.frames (decoding through PyAV), the synthetic clip writer, the video pipeline and the
+'edgelearn video' command. PyAV is in the test extra: these tests fail, not skip, without it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgelearn as el
+from edgelearn import nn, video
+from edgelearn.video.pipeline import load_video_model, rel_l2, run_video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    frames = video.synthetic_clip(12, 48, 64, objects=2, size=8, seed=1)
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    video.write_clip(path, frames)
+    return path, frames
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "edgelearn", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_frames_decodes_a_clip_to_uint8_rgb(clip):
+    path, original = clip
+    reader = video.frames(path)
+    assert reader.backend == "av" and (reader.width, reader.height) == (64, 48) and reader.fps == pytest.approx(25)
+    decoded = list(reader)
+    assert len(decoded) == len(original)
+    for d, o in zip(decoded, original):
+        assert d.shape == (48, 64, 3) and d.dtype == np.uint8
+        assert np.abs(d.astype(np.int16) - o).mean() < 12  # lossy codec, same picture
+    assert len(list(video.frames(path, max_frames=5))) == 5
+
+
+def test_frames_rejects_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        video.frames(tmp_path / "nope.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"this is not a video" * 50)
+    with pytest.raises(video.VideoError, match="bad.mp4: cannot open"):
+        video.frames(bad)
+    with pytest.raises(video.VideoError, match="directory"):
+        video.frames(tmp_path)
+    with pytest.raises(ValueError, match="backend"):
+        video.frames(bad, backend="gstreamer")
+
+
+def test_synthetic_clip_is_a_static_scene_with_moving_objects():
+    frames = video.synthetic_clip(5, 40, 50, objects=1, size=6, seed=0)
+    diff = np.abs(frames[1].astype(int) - frames[0]).max(axis=2) > 0
+    assert 0 < diff.mean() < 0.1  # only around the object
+
+
+def test_pipeline_on_a_decoded_clip_threshold_zero_is_exact(clip):
+    path, _ = clip
+    model = load_video_model("fcn", seed=0)
+    runner = video.PatchSkipRunner(model, patch=8, threshold=0.0)
+    run = run_video(video.frames(path), model, runner, compare_dense=True)
+    s = run.summary()
+    assert run.frames == 12 and s["max_rel_l2_error"] <= 1e-6
+    assert 0 < s["mean_compute_fraction"] < 1 and s["dense_frames"] == 1
+    assert s["dense_fps"] > 0 and s["patchskip_fps"] > 0
+
+
+def test_runner_rejects_a_frame_of_another_size_mid_stream(clip):
+    path, _ = clip
+    model = load_video_model("fcn")
+    runner = video.PatchSkipRunner(model)
+    frames = list(video.frames(path, max_frames=2))
+    runner(frames[0])
+    with pytest.raises(ValueError, match="shape changed mid-stream"):
+        runner(frames[1][:40])
+
+
+def test_cli_video_json_compare_dense_and_plot(clip, tmp_path):
+    path, _ = clip
+    plot = tmp_path / "frames.png"
+    r = run_cli("video", str(path), "--threshold", "0", "--patch", "8", "--compare-dense", "--json",
+                "--save-plot", str(plot), "--max-frames", "8")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 8 and out["max_rel_l2_error"] <= 1e-6 and out["input_shape"] == [3, 48, 64]
+    assert out["speedup"] > 0 and 0 <= out["skip_fraction"] < 1
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_video_text_output_with_progress(clip):
+    path, _ = clip
+    r = run_cli("video", str(path), "--model", "cnn", "--threshold", "0.05", "--refresh", "4", "--compare-dense")
+    assert r.returncode == 0, r.stderr
+    assert "frames/s" in r.stdout and "speedup" in r.stdout and "error vs dense" in r.stdout
+    assert "12/12" in r.stderr  # tqdm progress bar
+
+
+def test_cli_video_runs_a_trained_checkpoint(clip, tmp_path):
+    path, _ = clip
+    ckpt = tmp_path / "digits.safetensors"
+    r = run_cli("train", "--epochs", "1", "--checkpoint", str(ckpt), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    model = load_video_model(str(ckpt))  # INT8 cnn with Compensation layers, one input channel
+    assert any(isinstance(m, nn.Compensation) for m in model.modules())
+    runner = video.PatchSkipRunner(model, patch=8, threshold=0.0, int8_scales="dynamic")
+    for f in video.frames(path, max_frames=4):
+        y = runner(f)
+        x = runner.preprocess(f)
+        assert x.shape == (1, 48, 64) and y.shape == (1, 10)
+        with el.no_grad():
+            assert rel_l2(y, model(el.tensor(x[None])).numpy()) <= 1e-5
+    r = run_cli("video", str(path), "--model", str(ckpt), "--compare-dense", "--json", "--max-frames", "4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 4
+
+
+def test_cli_video_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(b"\x00" * 1000)
+    r = run_cli("video", str(bad))
+    assert r.returncode != 0 and "cannot open as video" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("video", str(tmp_path / "missing.mp4"))
+    assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("video", str(bad), "--model", "resnet")
+    assert r.returncode != 0 and "neither a built-in architecture" in r.stderr
