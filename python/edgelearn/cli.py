@@ -103,6 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "lac": args.precision == "int8" and not args.no_lac,
             "prc": (None if args.no_prc or args.prc == "none" else args.prc) if args.precision == "int8" else None,
+            "grad_rounding": args.grad_rounding if args.precision == "int8" else None,
+            "per_channel_weights": args.per_channel_weights if args.precision == "int8" else None,
             "threads": edgelearn.get_num_threads(),
             "kernel": edgelearn.backend_info().get("kernel"),
             "peak_rss_mb": summary["peak_rss_mb"],
@@ -434,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--prc-kappa", type=float, default=0.95, help="kappa of --prc minmax (default 0.95)")
     p_train.add_argument("--per-channel-weights", action="store_true",
                          help="INT8: one weight scale per output channel instead of per tensor")
-    p_train.add_argument("--grad-rounding", choices=["nearest", "stochastic"], default="nearest",
-                         help="INT8: rounding of incoming gradients after range clipping (default nearest)")
+    p_train.add_argument("--grad-rounding", choices=["nearest", "stochastic"], default="stochastic",
+                         help="INT8: rounding of incoming gradients after range clipping (default stochastic)")
     p_train.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint (.safetensors) after every epoch")
     p_train.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint if it exists")
     p_train.add_argument("--log-csv", metavar="PATH", help="per-epoch metrics as CSV")
