@@ -43,6 +43,25 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
+    // wide stride-1 images: the INT8 forward takes the padded-grid (implicit im2col) path
+    Case {
+        x: [2, 3, 5, 20],
+        w: [4, 3, 3, 3],
+        stride: (1, 1),
+        padding: (1, 1),
+    },
+    Case {
+        x: [1, 2, 4, 30],
+        w: [3, 2, 3, 3],
+        stride: (1, 1),
+        padding: (0, 0),
+    },
+    Case {
+        x: [3, 5, 6, 33],
+        w: [17, 5, 3, 5],
+        stride: (1, 1),
+        padding: (2, 1),
+    },
     // stride 1: dX of the INT8 backward runs as a transposed convolution (unpadded, asymmetric kernel
     // and padding, a batch big enough for several images per chunk)
     Case {

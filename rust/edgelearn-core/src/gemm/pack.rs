@@ -396,6 +396,12 @@ impl PackB for RowsRef<'_> {
         nr: usize,
         ku: usize,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if ku == 4 && nr == 16 && crate::simd::elementwise_avx2() {
+            // SAFETY: the CPU has AVX2.
+            unsafe { super::x86::pack::pack_b_rows_4x16(out, sums, self, k0, kc, c0, n) };
+            return;
+        }
         pack_b_rows(out, sums, self, k0, kc, c0, n, nr, ku)
     }
 }

@@ -97,3 +97,61 @@ pub(crate) unsafe fn interleave_16_rows(src: [*const i8; 4], rows: usize, dst: *
     _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
     _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
 }
+
+/// `pack_b_rows` for 4-value groups and 16-column panels (the VNNI kernels' layout), with AVX2 column
+/// sums: per group, four 16-byte row loads are interleaved into 64 packed bytes and widened into the
+/// panel's 16 running column sums, with no bounds checks in the loop (a [`RowsRef`] guarantees every
+/// row's `cols` bytes exist).
+///
+/// # Safety
+/// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for (`ceil(n/16)` panels).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn pack_b_rows_4x16(
+    out: &mut [i8],
+    sums: &mut [i32],
+    b: &crate::gemm::RowsRef,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let kgroups = kc.div_ceil(4);
+    let panels = n.div_ceil(16);
+    let panel_len = kgroups * 64;
+    assert!(out.len() >= panels * panel_len && sums.len() >= panels * 16);
+    assert!(k0 + kc <= b.rows() && c0 + n <= b.cols());
+    for p in 0..panels {
+        let first = c0 + p * 16;
+        let lines = 16.min(n - p * 16);
+        let panel = out.as_mut_ptr().add(p * panel_len);
+        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for g in 0..kgroups {
+            let rows = 4.min(kc - g * 4);
+            let mut r = [_mm_setzero_si128(); 4];
+            for (u, ru) in r.iter_mut().enumerate().take(rows) {
+                let row = b.row(k0 + g * 4 + u, first, lines);
+                *ru = if lines == 16 {
+                    _mm_loadu_si128(row.as_ptr() as *const __m128i)
+                } else {
+                    let mut tail = [0i8; 16];
+                    tail[..lines].copy_from_slice(row);
+                    _mm_loadu_si128(tail.as_ptr() as *const __m128i)
+                };
+                lo = _mm256_add_epi32(lo, _mm256_cvtepi8_epi32(*ru));
+                hi = _mm256_add_epi32(hi, _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(*ru)));
+            }
+            let a_lo = _mm_unpacklo_epi8(r[0], r[1]);
+            let a_hi = _mm_unpackhi_epi8(r[0], r[1]);
+            let b_lo = _mm_unpacklo_epi8(r[2], r[3]);
+            let b_hi = _mm_unpackhi_epi8(r[2], r[3]);
+            let d = panel.add(g * 64) as *mut __m128i;
+            _mm_storeu_si128(d, _mm_unpacklo_epi16(a_lo, b_lo));
+            _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
+            _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
+            _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
+        }
+        _mm256_storeu_si256(sums.as_mut_ptr().add(p * 16) as *mut __m256i, lo);
+        _mm256_storeu_si256(sums.as_mut_ptr().add(p * 16 + 8) as *mut __m256i, hi);
+    }
+}
