@@ -5,7 +5,6 @@
 //! micro-kernel over it. On the last k-block a task applies the epilogue to its own (cache-warm) region.
 
 use std::cell::RefCell;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -515,8 +514,7 @@ fn run<B: PackB + ?Sized>(
         "kernel {} declares an oversized tile",
         kernel.name()
     );
-    threads::install(|| {
-        let nthreads = rayon::current_num_threads();
+    let body = |nthreads: usize| {
         if k == 0 {
             // SAFETY: `out` has m*n elements (checked by the callers).
             let c = unsafe { std::slice::from_raw_parts_mut(out.ptr(), m * n) };
@@ -632,8 +630,18 @@ fn run<B: PackB + ?Sized>(
             }
         }
         bufs.give_back();
-    });
+    };
+    // A small product (the classifier of a CNN, say) runs on the calling thread: handing it to the pool
+    // costs more than the work.
+    if m.saturating_mul(n).saturating_mul(k) < SMALL_GEMM_MACS {
+        body(1);
+    } else {
+        threads::install(|| body(rayon::current_num_threads()));
+    }
 }
+
+/// Below this many multiply-accumulates a GEMM is not worth a thread hand-off.
+const SMALL_GEMM_MACS: usize = 1 << 18;
 
 /// A tile that overhangs M or N: computed into a scratch tile, then the valid part copied out.
 ///
@@ -693,33 +701,32 @@ impl PackBuf {
     }
 }
 
-/// The packed B block and its column sums, shared by all tasks of one call and kept for the next call
-/// (re-allocating and page-faulting a megabyte per call costs more than a small GEMM).
+/// The packed B block and its column sums, shared by all tasks of one call and kept for the next call on
+/// the same thread (re-allocating and page-faulting a megabyte per call costs more than a small GEMM).
 #[derive(Default)]
 struct SharedBuffers {
     bpack: PackBuf,
     bsum: Vec<i32>,
 }
 
-static SHARED: Mutex<Option<SharedBuffers>> = Mutex::new(None);
+thread_local! {
+    /// Per calling thread, so concurrent GEMMs (one per image of a convolution, on every worker) each
+    /// keep their buffer; a nested call on the same thread (work stolen while waiting) finds it taken
+    /// and uses a fresh one.
+    static B_BUF: RefCell<SharedBuffers> = RefCell::new(SharedBuffers::default());
+}
 
 /// Buffers larger than this are freed after the call instead of being kept.
 const KEEP_BYTES: usize = 64 << 20;
 
-/// `try_lock` only, never `lock`: the cache is an optimization, and a lock held by a thread that does not
-/// exist after `fork()` must not hang the child's first GEMM.
-fn shared() -> Option<std::sync::MutexGuard<'static, Option<SharedBuffers>>> {
-    match SHARED.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-}
-
 impl SharedBuffers {
-    /// The cached buffers, or new ones if another call holds them.
+    /// This thread's cached buffers, or new ones if a call on this thread holds them.
     fn take() -> Self {
-        shared().and_then(|mut g| g.take()).unwrap_or_default()
+        B_BUF
+            .try_with(|c| c.try_borrow_mut().map(|mut b| std::mem::take(&mut *b)).ok())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
     fn get(&mut self, pack_len: usize, sums_len: usize) -> (&mut [i8], &mut [i32]) {
         if self.bsum.len() < sums_len {
@@ -729,9 +736,13 @@ impl SharedBuffers {
     }
     fn give_back(self) {
         if self.bpack.0.len() * 64 <= KEEP_BYTES {
-            if let Some(mut g) = shared() {
-                *g = Some(self);
-            }
+            let _ = B_BUF.try_with(|c| {
+                if let Ok(mut b) = c.try_borrow_mut() {
+                    if b.bpack.0.len() <= self.bpack.0.len() {
+                        *b = self;
+                    }
+                }
+            });
         }
     }
 }
