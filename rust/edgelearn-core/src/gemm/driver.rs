@@ -144,6 +144,24 @@ fn check_out(len: usize, m: usize, n: usize) -> Result<()> {
     }
 }
 
+/// The output length, scales and bias of an `M×N` f32 GEMM.
+fn check_f32_outputs(
+    len: usize,
+    m: usize,
+    n: usize,
+    scale_a: &Scale,
+    scale_b: &Scale,
+    bias: Option<&[f32]>,
+) -> Result<()> {
+    check_out(len, m, n)?;
+    scale_a.check("scale_a", m, "row of a")?;
+    scale_b.check("scale_b", n, "column of b")?;
+    if let Some(bv) = bias {
+        Scale::PerIndex(bv).check("bias", n, "column of b")?;
+    }
+    Ok(())
+}
+
 /// `c = a · b` (row-major `M×N` i32) with the active kernel. Fails if `K > MAX_K_I32`.
 pub fn gemm_i8(a: &MatRef, b: &MatRef, c: &mut [i32]) -> Result<()> {
     gemm_i8_with(active_kernel()?, Blocking::default(), a, b, c)
@@ -206,12 +224,7 @@ pub fn gemm_i8_f32_with(
 ) -> Result<()> {
     check_dims(a, b)?;
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
-    check_out(c.len(), m, n)?;
-    scale_a.check("scale_a", m, "row of a")?;
-    scale_b.check("scale_b", n, "column of b")?;
-    if let Some(bv) = bias {
-        Scale::PerIndex(bv).check("bias", n, "column of b")?;
-    }
+    check_f32_outputs(c.len(), m, n, &scale_a, &scale_b, bias)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -334,12 +347,7 @@ pub fn gemm_i8_f32_rows_with(
             format!("K = {k} exceeds {MAX_K_I32}: the INT32 result could overflow"),
         ));
     }
-    check_out(c.len(), m, n)?;
-    scale_a.check("scale_a", m, "row of a")?;
-    scale_b.check("scale_b", n, "column of b")?;
-    if let Some(bv) = bias {
-        Scale::PerIndex(bv).check("bias", n, "column of b")?;
-    }
+    check_f32_outputs(c.len(), m, n, &scale_a, &scale_b, bias)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
