@@ -407,8 +407,9 @@ impl PackB for RowsRef<'_> {
 }
 
 crate::simd::avx2_multiversion! {
-/// [`pack_b`] for a [`RowsRef`]: each k-row is a contiguous run, so a group interleaves `ku` runs
-/// (16 columns per step with SSE2 on x86-64 when `ku == 4`), and the column sums add whole runs.
+/// [`pack_b`] for a [`RowsRef`]: each k-row is a contiguous run, so a group interleaves `ku` runs and
+/// the column sums add whole runs. The VNNI layout (`ku = 4`, `nr = 16`) has its own AVX2 packer
+/// (`x86::pack::pack_b_rows_4x16`); this serves every other kernel and CPUs without AVX2.
 fn pack_b_rows(
     out: &mut [i8],
     sums: &mut [i32],
@@ -438,20 +439,6 @@ fn pack_b_rows(
         for g in 0..kgroups {
             let rows = ku.min(kc - g * ku);
             let dst = &mut panel[g * nr * ku..(g + 1) * nr * ku];
-            #[cfg(target_arch = "x86_64")]
-            if ku == 4 && nr == 16 && lines == 16 {
-                let src: [*const i8; 4] = std::array::from_fn(|u| {
-                    if u < rows {
-                        b.row(k0 + g * ku + u, first, 16).as_ptr()
-                    } else {
-                        std::ptr::null()
-                    }
-                });
-                // SAFETY: rows u < `rows` are 16 readable bytes (RowsRef checked its offsets), the
-                // destination holds 64 bytes.
-                unsafe { super::x86::pack::interleave_16_rows(src, rows, dst.as_mut_ptr()) };
-                continue;
-            }
             dst.fill(0);
             for u in 0..rows {
                 let row = b.row(k0 + g * ku + u, first, lines);

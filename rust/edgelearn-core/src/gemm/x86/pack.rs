@@ -61,36 +61,19 @@ pub(crate) unsafe fn interleave_16_lines(
             xv
         }
     };
-    let (r0, r1, r2, r3) = (load(0), load(1), load(2), load(3));
-    let a_lo = _mm_unpacklo_epi8(r0, r1); // lines 0..8 as (k0, k1) pairs
-    let a_hi = _mm_unpackhi_epi8(r0, r1);
-    let b_lo = _mm_unpacklo_epi8(r2, r3); // lines 0..8 as (k2, k3) pairs
-    let b_hi = _mm_unpackhi_epi8(r2, r3);
-    let d = dst as *mut __m128i;
-    _mm_storeu_si128(d, _mm_unpacklo_epi16(a_lo, b_lo));
-    _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
-    _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
-    _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
+    store_interleaved([load(0), load(1), load(2), load(3)], dst);
 }
 
-/// [`interleave_16_lines`] from four separate k-rows: `dst[l·4 + u] = src[u][l]`, rows `u >= rows` zero.
+/// Writes the 64 bytes `dst[l·4 + u] = r[u][l]` for 16 lines `l` of the four k-rows `r[u]`.
 ///
 /// # Safety
-/// `src[u] .. +16` is readable for `u < rows` and `dst .. +64` writable.
-#[inline]
-pub(crate) unsafe fn interleave_16_rows(src: [*const i8; 4], rows: usize, dst: *mut i8) {
-    let load = |u: usize| {
-        if u < rows {
-            _mm_loadu_si128(src[u] as *const __m128i)
-        } else {
-            _mm_setzero_si128()
-        }
-    };
-    let (r0, r1, r2, r3) = (load(0), load(1), load(2), load(3));
-    let a_lo = _mm_unpacklo_epi8(r0, r1);
-    let a_hi = _mm_unpackhi_epi8(r0, r1);
-    let b_lo = _mm_unpacklo_epi8(r2, r3);
-    let b_hi = _mm_unpackhi_epi8(r2, r3);
+/// `dst .. +64` is writable.
+#[inline(always)]
+pub(crate) unsafe fn store_interleaved(r: [__m128i; 4], dst: *mut i8) {
+    let a_lo = _mm_unpacklo_epi8(r[0], r[1]); // lines 0..8 as (k0, k1) pairs
+    let a_hi = _mm_unpackhi_epi8(r[0], r[1]);
+    let b_lo = _mm_unpacklo_epi8(r[2], r[3]); // lines 0..8 as (k2, k3) pairs
+    let b_hi = _mm_unpackhi_epi8(r[2], r[3]);
     let d = dst as *mut __m128i;
     _mm_storeu_si128(d, _mm_unpacklo_epi16(a_lo, b_lo));
     _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
@@ -141,15 +124,7 @@ pub(crate) unsafe fn pack_b_rows_4x16(
                 lo = _mm256_add_epi32(lo, _mm256_cvtepi8_epi32(*ru));
                 hi = _mm256_add_epi32(hi, _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(*ru)));
             }
-            let a_lo = _mm_unpacklo_epi8(r[0], r[1]);
-            let a_hi = _mm_unpackhi_epi8(r[0], r[1]);
-            let b_lo = _mm_unpacklo_epi8(r[2], r[3]);
-            let b_hi = _mm_unpackhi_epi8(r[2], r[3]);
-            let d = panel.add(g * 64) as *mut __m128i;
-            _mm_storeu_si128(d, _mm_unpacklo_epi16(a_lo, b_lo));
-            _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
-            _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
-            _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
+            store_interleaved(r, panel.add(g * 64));
         }
         _mm256_storeu_si256(sums.as_mut_ptr().add(p * 16) as *mut __m256i, lo);
         _mm256_storeu_si256(sums.as_mut_ptr().add(p * 16 + 8) as *mut __m256i, hi);
