@@ -26,13 +26,22 @@ def _mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-def ref_uniform(seed, n):
-    """The documented noise of stochastic rounding for flat indices 0..n-1."""
+def _lowbias32(x):
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def ref_uniform(seed, n, start=0):
+    """The documented noise of stochastic rounding for flat indices start..start+n-1 (float32)."""
     with np.errstate(over="ignore"):
         key = _mix64(np.array([seed], dtype=np.uint64) ^ _SEED_XOR)
-        idx = np.arange(n, dtype=np.uint64)
-        z = _mix64(key + (idx + np.uint64(1)) * _GAMMA)
-    return (z >> np.uint64(40)).astype(np.float64) * 2.0**-24
+        idx = np.arange(start, start + n, dtype=np.uint64)
+        k = _mix64(key + (idx >> np.uint64(32)) * _GAMMA).astype(np.uint32)  # low half
+        h = _lowbias32(idx.astype(np.uint32) + k)
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
 def ref_bounds(x, axis, clip):
@@ -64,7 +73,7 @@ def ref_quantize(x, axis=None, clip=None, rounding="nearest", seed=None):
     if rounding == "nearest":
         q = np.rint(t)
     else:
-        q = np.floor(t.astype(np.float64) + ref_uniform(seed, x.size).reshape(x.shape))
+        q = np.floor(t.astype(np.float32) + ref_uniform(seed, x.size).reshape(x.shape))  # float32 sum
     scale_out = scale.reshape(()) if axis is None else scale.reshape(-1)
     return q.astype(np.int8), scale_out
 

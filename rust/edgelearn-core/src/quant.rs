@@ -327,7 +327,7 @@ fn avx512_ok() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 unsafe fn first_pass_chunk_avx512(xs: &[f32], want_sum: bool) -> (f32, f32, f64, bool) {
     if want_sum {
         return first_pass_uniform(std::iter::once((0, xs.len())), xs, want_sum);
@@ -632,17 +632,50 @@ fn stream_key(seed: u64) -> u64 {
 }
 
 /// The noise of stochastic rounding for element `index` under `seed`: a multiple of 2^-24 in `[0, 1)`,
-/// `(mix64(key + (index + 1)·γ) >> 40) · 2^-24` with `key = mix64(seed ^ 0x5851F42D4C957F2D)`, `mix64`
-/// splitmix64's finaliser and `γ = 0x9E3779B97F4A7C15`. Defined here so other implementations (and tests)
+/// `(h32(lo32(index) + k) >> 8) · 2^-24` where `h32` is the 32-bit "lowbias32" mixer
+/// (`x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16`), all arithmetic mod 2^32,
+/// and `k = lo32(mix64(key + hi32(index)·γ))` with `key = mix64(seed ^ 0x5851F42D4C957F2D)`, `mix64`
+/// splitmix64's finaliser and `γ = 0x9E3779B97F4A7C15`. 32-bit lanes keep it as cheap as nearest
+/// rounding on SIMD units (16 lanes per AVX-512 op). Defined here so other implementations (and tests)
 /// can reproduce stochastic codes exactly.
-pub fn stochastic_uniform(seed: u64, index: u64) -> f64 {
-    uniform_from_key(stream_key(seed), index)
+pub fn stochastic_uniform(seed: u64, index: u64) -> f32 {
+    let k = block_key(stream_key(seed), index >> 32);
+    uniform_f32(k, index as u32)
+}
+
+/// The 32-bit key of the block of 2^32 indices whose high half is `hi`.
+#[inline(always)]
+fn block_key(key: u64, hi: u64) -> u32 {
+    mix64(key.wrapping_add(hi.wrapping_mul(GOLDEN_GAMMA))) as u32
+}
+
+/// lowbias32 (C. Wellons' hash-prospector): a bijective 32-bit mixer with low avalanche bias.
+#[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
 }
 
 #[inline(always)]
-fn uniform_from_key(key: u64, index: u64) -> f64 {
-    let z = mix64(key.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
-    (z >> 40) as f64 * (1.0 / (1u64 << 24) as f64)
+fn uniform_f32(block_key: u32, index_lo: u32) -> f32 {
+    // 24 bits: exact in f32 (and in i32 → f32 conversion)
+    (hash32(index_lo.wrapping_add(block_key)) >> 8) as i32 as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// Calls `f(k, lo, range)` for the sub-ranges of `pos..pos + len` (as offsets `range` from `pos`) whose
+/// flat indices share their high 32 bits: `k` is that block's key, `lo` the low half of the first index.
+#[inline(always)]
+fn for_each_key_block(key: u64, pos: usize, len: usize, mut f: impl FnMut(u32, u32, std::ops::Range<usize>)) {
+    let mut j = 0;
+    while j < len {
+        let idx = (pos + j) as u64;
+        let to_boundary = ((1u64 << 32) - (idx & 0xFFFF_FFFF)).min((len - j) as u64) as usize;
+        f(block_key(key, idx >> 32), idx as u32, j..j + to_boundary);
+        j += to_boundary;
+    }
 }
 
 /// `clamp(c(x)/scale, -127, 127)` in f32 (the quotient is a division, as the spec requires).
@@ -660,18 +693,16 @@ fn round_nearest(t: f32) -> i8 {
     ((t + ROUND_MAGIC).to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32) as i8
 }
 
-/// 1.5·2^52: the f64 counterpart of [`ROUND_MAGIC`].
-const ROUND_MAGIC_F64: f64 = 6_755_399_441_055_744.0;
-
-/// `floor(t + u)` exactly: `t` in [-127, 127] is an f32 and `u` a multiple of 2^-24, so their f64 sum is
-/// exact where it matters for the floor. The floor is round-to-nearest (magic constant) minus one where
-/// that rounded up; everything stays vectorisable.
+/// `floor(t + u)` with the sum `t + u` an IEEE f32 addition (round to nearest even), `t` in [-127, 127]
+/// and `u` in [0, 1) a multiple of 2^-24. The sum is exact unless `t`'s ulp exceeds 2^-24; the rounding
+/// biases the expected code by less than 2^-18 (half the f32 ulp at 127). The floor is round-to-nearest
+/// (magic constant) minus one where that rounded up; everything stays in 32-bit vector lanes.
 #[inline(always)]
-fn round_stochastic(t: f32, u: f64) -> i8 {
-    let v = t as f64 + u;
-    let s = v + ROUND_MAGIC_F64;
-    let nearest = (s.to_bits() as i64).wrapping_sub(ROUND_MAGIC_F64.to_bits() as i64);
-    let rounded_up = ((s - ROUND_MAGIC_F64) > v) as i64;
+fn round_stochastic(t: f32, u: f32) -> i8 {
+    let v = t + u;
+    let s = v + ROUND_MAGIC;
+    let nearest = (s.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let rounded_up = ((s - ROUND_MAGIC) > v) as i32;
     (nearest - rounded_up) as i8
 }
 
@@ -692,13 +723,13 @@ fn quantize_run_uniform(
             }
         }
         Rounding::Stochastic { seed } => {
-            let key = stream_key(seed);
-            for (j, (q, &x)) in qs.iter_mut().zip(xs).enumerate() {
-                *q = round_stochastic(
-                    scaled(x, lo, hi, scale),
-                    uniform_from_key(key, (pos + j) as u64),
-                );
-            }
+            for_each_key_block(stream_key(seed), pos, xs.len(), |k, lo32, r| {
+                let mut i = lo32;
+                for (q, &x) in qs[r.clone()].iter_mut().zip(&xs[r]) {
+                    *q = round_stochastic(scaled(x, lo, hi, scale), uniform_f32(k, i));
+                    i = i.wrapping_add(1);
+                }
+            });
         }
     }
 }
@@ -713,18 +744,22 @@ fn quantize_run_row(
     rounding: Rounding,
     pos: usize,
 ) {
-    let params = lo.iter().zip(hi).zip(scale);
     match rounding {
         Rounding::Nearest => {
+            let params = lo.iter().zip(hi).zip(scale);
             for ((q, &x), ((&l, &h), &s)) in qs.iter_mut().zip(xs).zip(params) {
                 *q = round_nearest(scaled(x, l, h, s));
             }
         }
         Rounding::Stochastic { seed } => {
-            let key = stream_key(seed);
-            for (j, ((q, &x), ((&l, &h), &s))) in qs.iter_mut().zip(xs).zip(params).enumerate() {
-                *q = round_stochastic(scaled(x, l, h, s), uniform_from_key(key, (pos + j) as u64));
-            }
+            for_each_key_block(stream_key(seed), pos, xs.len(), |k, lo32, r| {
+                let params = lo[r.clone()].iter().zip(&hi[r.clone()]).zip(&scale[r.clone()]);
+                let mut i = lo32;
+                for ((q, &x), ((&l, &h), &s)) in qs[r.clone()].iter_mut().zip(&xs[r]).zip(params) {
+                    *q = round_stochastic(scaled(x, l, h, s), uniform_f32(k, i));
+                    i = i.wrapping_add(1);
+                }
+            });
         }
     }
 }
@@ -835,9 +870,9 @@ fn quantize_chunk(
     quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
 }
 
-/// The same body compiled for AVX-512 (64-bit lane multiplies for the stochastic-rounding hash).
+/// The same body compiled for AVX-512 (16 lanes per op, masked tails).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 unsafe fn quantize_chunk_avx512(
     x: &[f32],
     qc: &mut [i8],
@@ -1057,8 +1092,9 @@ mod tests {
     fn stochastic_floor_is_exact_at_integer_boundaries() {
         assert_eq!(round_stochastic(0.0, 0.0), 0);
         assert_eq!(round_stochastic(-1e-30, 0.0), -1);
-        assert_eq!(round_stochastic(-1e-30, 1.0 / (1 << 24) as f64), 0);
-        assert_eq!(round_stochastic(1e-30, 1.0 - 1.0 / (1 << 24) as f64), 0);
+        assert_eq!(round_stochastic(-1e-30, 1.0 / (1 << 24) as f32), 0);
+        assert_eq!(round_stochastic(1e-30, 1.0 - 1.0 / (1 << 24) as f32), 0);
+        assert_eq!(round_stochastic(126.99999, 1.0 - 1.0 / (1 << 24) as f32), 127);
         assert_eq!(round_stochastic(127.0, 0.999), 127);
         assert_eq!(round_stochastic(-127.0, 0.0), -127);
         assert_eq!(round_stochastic(-126.5, 0.5), -126);
@@ -1270,13 +1306,30 @@ mod tests {
     }
 
     #[test]
+    fn stochastic_noise_follows_the_index_across_a_2_pow_32_boundary() {
+        let xs: Vec<f32> = (0..9).map(|i| i as f32 * 0.37 - 1.3).collect();
+        let (seed, scale) = (77u64, 0.01f32);
+        for pos in [(1usize << 32) - 4, 3 << 32] {
+            let mut qs = vec![0i8; xs.len()];
+            quantize_run_uniform(&xs, &mut qs, -1e9, 1e9, scale, Rounding::Stochastic { seed }, pos);
+            for (j, (&q, &x)) in qs.iter().zip(&xs).enumerate() {
+                let t = scaled(x, -1e9, 1e9, scale);
+                let expect = (t + stochastic_uniform(seed, (pos + j) as u64)).floor();
+                assert_eq!(q as f32, expect, "index {}", pos + j);
+            }
+        }
+    }
+
+    #[test]
     fn stochastic_uniform_is_on_the_2_pow_minus_24_grid() {
         for i in 0..1000 {
             let u = stochastic_uniform(42, i);
             assert!((0.0..1.0).contains(&u));
-            assert_eq!((u * (1u64 << 24) as f64).fract(), 0.0);
+            assert_eq!((u * (1u32 << 24) as f32).fract(), 0.0);
         }
         assert_ne!(stochastic_uniform(1, 0), stochastic_uniform(2, 0));
+        // the high half of the index selects another key
+        assert_ne!(stochastic_uniform(1, 5), stochastic_uniform(1, 5 + (1 << 32)));
     }
 
     #[test]

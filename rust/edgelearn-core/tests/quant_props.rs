@@ -155,8 +155,8 @@ proptest! {
         let (q, s) = quantize_per_channel(&x, l, Rounding::Stochastic { seed }, Clip::None).unwrap();
         for (i, &xi) in x.iter().enumerate() {
             let t = (xi / s[channel_of(l, i)]).clamp(-127.0, 127.0);
-            let expect = (t as f64 + stochastic_uniform(seed, i as u64)).floor();
-            prop_assert_eq!(q[i] as f64, expect);
+            let expect = (t + stochastic_uniform(seed, i as u64)).floor();
+            prop_assert_eq!(q[i] as f32, expect);
         }
     }
 
