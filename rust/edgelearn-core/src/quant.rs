@@ -668,7 +668,12 @@ fn uniform_f32(block_key: u32, index_lo: u32) -> f32 {
 /// Calls `f(k, lo, range)` for the sub-ranges of `pos..pos + len` (as offsets `range` from `pos`) whose
 /// flat indices share their high 32 bits: `k` is that block's key, `lo` the low half of the first index.
 #[inline(always)]
-fn for_each_key_block(key: u64, pos: usize, len: usize, mut f: impl FnMut(u32, u32, std::ops::Range<usize>)) {
+fn for_each_key_block(
+    key: u64,
+    pos: usize,
+    len: usize,
+    mut f: impl FnMut(u32, u32, std::ops::Range<usize>),
+) {
     let mut j = 0;
     while j < len {
         let idx = (pos + j) as u64;
@@ -753,7 +758,10 @@ fn quantize_run_row(
         }
         Rounding::Stochastic { seed } => {
             for_each_key_block(stream_key(seed), pos, xs.len(), |k, lo32, r| {
-                let params = lo[r.clone()].iter().zip(&hi[r.clone()]).zip(&scale[r.clone()]);
+                let params = lo[r.clone()]
+                    .iter()
+                    .zip(&hi[r.clone()])
+                    .zip(&scale[r.clone()]);
                 let mut i = lo32;
                 for ((q, &x), ((&l, &h), &s)) in qs[r.clone()].iter_mut().zip(&xs[r]).zip(params) {
                     *q = round_stochastic(scaled(x, l, h, s), uniform_f32(k, i));
@@ -1094,7 +1102,10 @@ mod tests {
         assert_eq!(round_stochastic(-1e-30, 0.0), -1);
         assert_eq!(round_stochastic(-1e-30, 1.0 / (1 << 24) as f32), 0);
         assert_eq!(round_stochastic(1e-30, 1.0 - 1.0 / (1 << 24) as f32), 0);
-        assert_eq!(round_stochastic(126.99999, 1.0 - 1.0 / (1 << 24) as f32), 127);
+        assert_eq!(
+            round_stochastic(126.99999, 1.0 - 1.0 / (1 << 24) as f32),
+            127
+        );
         assert_eq!(round_stochastic(127.0, 0.999), 127);
         assert_eq!(round_stochastic(-127.0, 0.0), -127);
         assert_eq!(round_stochastic(-126.5, 0.5), -126);
@@ -1311,7 +1322,15 @@ mod tests {
         let (seed, scale) = (77u64, 0.01f32);
         for pos in [(1usize << 32) - 4, 3 << 32] {
             let mut qs = vec![0i8; xs.len()];
-            quantize_run_uniform(&xs, &mut qs, -1e9, 1e9, scale, Rounding::Stochastic { seed }, pos);
+            quantize_run_uniform(
+                &xs,
+                &mut qs,
+                -1e9,
+                1e9,
+                scale,
+                Rounding::Stochastic { seed },
+                pos,
+            );
             for (j, (&q, &x)) in qs.iter().zip(&xs).enumerate() {
                 let t = scaled(x, -1e9, 1e9, scale);
                 let expect = (t + stochastic_uniform(seed, (pos + j) as u64)).floor();
@@ -1329,7 +1348,10 @@ mod tests {
         }
         assert_ne!(stochastic_uniform(1, 0), stochastic_uniform(2, 0));
         // the high half of the index selects another key
-        assert_ne!(stochastic_uniform(1, 5), stochastic_uniform(1, 5 + (1 << 32)));
+        assert_ne!(
+            stochastic_uniform(1, 5),
+            stochastic_uniform(1, 5 + (1 << 32))
+        );
     }
 
     #[test]

@@ -156,6 +156,8 @@ fn avx2_and_portable_builds_give_the_same_bits() {
         [2, 1, 1, 1],
         [4, 5, 8, 8],
         [2, 1, 1, 1030],
+        [2, 2, 14, 14],
+        [1, 2, 28, 28],
     ]
     .into_iter()
     .enumerate()

@@ -188,7 +188,56 @@ mod avx2 {
         (fix(even), fix(odd))
     }
 
-    /// Windows `0..8·k` of one output row: `yr[ox]`, `ir[ox]` from input rows `r0`, `r1`. Returns `8·k`.
+    /// Lanes `0..n` of 8 (n clamped to 0..=8) as an AVX2 load/store mask.
+    #[inline(always)]
+    unsafe fn lanes(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n.min(8) as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// [`deinterleave`] of the first `n` (< 16) floats at `p`, without reading past them (masked loads).
+    #[inline(always)]
+    unsafe fn deinterleave_masked(p: *const f32, n: usize) -> (__m256, __m256) {
+        let mut buf = [0f32; 16];
+        _mm256_storeu_ps(buf.as_mut_ptr(), _mm256_maskload_ps(p, lanes(n)));
+        let hi = _mm256_maskload_ps(p.wrapping_add(8), lanes(n.saturating_sub(8)));
+        _mm256_storeu_ps(buf.as_mut_ptr().add(8), hi);
+        deinterleave(buf.as_ptr())
+    }
+
+    /// The 8 windows of two rows' 16 values: (max, offset code 0..3 per window).
+    #[inline(always)]
+    unsafe fn windows8(
+        (e0, o0): (__m256, __m256),
+        (e1, o1): (__m256, __m256),
+    ) -> (__m256, __m256i) {
+        let mut best = e0;
+        let mut at = _mm256_setzero_si256();
+        for (v, code) in [(o0, 1), (e1, 2), (o1, 3)] {
+            let take = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(v, best),
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+            );
+            best = _mm256_blendv_ps(best, v, take);
+            at = _mm256_blendv_epi8(at, _mm256_set1_epi32(code), _mm256_castps_si256(take));
+        }
+        (best, at)
+    }
+
+    /// The low byte of each 32-bit lane of `v` into `dst` (at most 8 bytes).
+    #[inline(always)]
+    unsafe fn store_codes(v: __m256i, dst: &mut [u8]) {
+        let mut codes = [0i32; 8];
+        _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, v);
+        for (d, &c) in dst.iter_mut().zip(&codes) {
+            *d = c as u8;
+        }
+    }
+
+    /// All windows of one output row: `yr[ox]`, `ir[ox]` from input rows `r0`, `r1`, 8 at a time, the
+    /// last < 8 with masked loads and stores. Returns `yr.len()`.
     ///
     /// # Safety
     /// The CPU has AVX2; `r0`, `r1` hold `2·yr.len()` values; `ir.len() == yr.len()`.
@@ -199,29 +248,31 @@ mod avx2 {
         yr: &mut [f32],
         ir: &mut [u8],
     ) -> usize {
-        let full = yr.len() / 8;
-        assert!(r0.len() >= 16 * full && r1.len() >= 16 * full && ir.len() >= 8 * full);
+        let ow = yr.len();
+        let full = ow / 8;
+        assert!(r0.len() >= 2 * ow && r1.len() >= 2 * ow && ir.len() >= ow);
         for k in 0..full {
-            let (e0, o0) = deinterleave(r0.as_ptr().add(16 * k));
-            let (e1, o1) = deinterleave(r1.as_ptr().add(16 * k));
-            let mut best = e0;
-            let mut at = _mm256_setzero_si256();
-            for (v, code) in [(o0, 1), (e1, 2), (o1, 3)] {
-                let take = _mm256_or_ps(
-                    _mm256_cmp_ps::<_CMP_GT_OQ>(v, best),
-                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
-                );
-                best = _mm256_blendv_ps(best, v, take);
-                at = _mm256_blendv_epi8(at, _mm256_set1_epi32(code), _mm256_castps_si256(take));
-            }
+            let (best, at) = windows8(
+                deinterleave(r0.as_ptr().add(16 * k)),
+                deinterleave(r1.as_ptr().add(16 * k)),
+            );
             _mm256_storeu_ps(yr.as_mut_ptr().add(8 * k), best);
-            let mut codes = [0i32; 8];
-            _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, at);
-            for (d, &c) in ir[8 * k..8 * k + 8].iter_mut().zip(&codes) {
-                *d = c as u8;
-            }
+            store_codes(at, &mut ir[8 * k..8 * k + 8]);
         }
-        8 * full
+        let rem = ow - 8 * full;
+        if rem > 0 {
+            let (best, at) = windows8(
+                deinterleave_masked(r0.as_ptr().add(16 * full), 2 * rem),
+                deinterleave_masked(r1.as_ptr().add(16 * full), 2 * rem),
+            );
+            let mut buf = [0f32; 8];
+            _mm256_storeu_ps(buf.as_mut_ptr(), best);
+            for (d, &x) in yr[8 * full..].iter_mut().zip(&buf) {
+                *d = x;
+            }
+            store_codes(at, &mut ir[8 * full..ow]);
+        }
+        ow
     }
 
     /// Backward of [`maxpool_2x2_row`] for windows `0..8·k`: writes `top[0..16k]`, `bottom[0..16k]`.
