@@ -17,6 +17,10 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
     let (hw, ow, p) = (g.hw(), g.ow, g.p());
     assert!(x.len() >= g.c * hw && ld >= p && (g.k() == 0 || col.len() >= (g.k() - 1) * ld + p));
     let zero = T::default();
+    if g.sh == 1 && g.sw == 1 && g.ow == g.w {
+        im2col_same_width(x, g, col, ld);
+        return;
+    }
     let mut row = 0;
     for c in 0..g.c {
         let plane = &x[c * hw..(c + 1) * hw];
@@ -60,6 +64,41 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
                     }
                 }
                 row += 1;
+            }
+        }
+    }
+}
+
+/// [`im2col`] of a stride-1 window whose output rows are as wide as the input rows (a 3x3 "same"
+/// convolution, say): every patch row is one contiguous run of its plane (see [`same_width_span`]) with
+/// the wrapped-around border columns zeroed. The valid ranges of each window offset are computed once
+/// per call rather than per channel (they cost integer divisions), and the per-output-row work is only
+/// the border stores, skipped for the offsets that have none.
+fn im2col_same_width<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize) {
+    let (hw, ow, p) = (g.hw(), g.ow, g.p());
+    let zero = T::default();
+    let taps: Vec<((usize, usize), (usize, usize))> = (0..g.kh)
+        .flat_map(|i| (0..g.kw).map(move |j| (g.valid_rows(i), g.valid_cols(j))))
+        .collect();
+    let mut row = 0;
+    for plane in x[..g.c * hw].chunks_exact(hw.max(1)).take(g.c) {
+        for (t, &((ylo, yhi), (xlo, xhi))) in taps.iter().enumerate() {
+            let (i, j) = (t / g.kw, t % g.kw);
+            let dst = &mut col[row * ld..row * ld + p];
+            row += 1;
+            let Some((from, len)) = same_width_span(g, i, j, ylo, yhi, xlo, xhi) else {
+                dst.fill(zero);
+                continue;
+            };
+            fill_few(&mut dst[..ylo * ow], zero);
+            fill_few(&mut dst[yhi * ow..], zero);
+            let at = ylo * ow + xlo;
+            dst[at..at + len].copy_from_slice(&plane[from..from + len]);
+            if xlo > 0 || xhi < ow {
+                for d in dst[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+                    fill_few(&mut d[..xlo], zero);
+                    fill_few(&mut d[xhi..], zero);
+                }
             }
         }
     }
