@@ -72,6 +72,53 @@ def test_sgd_matches_reference_steps(kw):
 
 @pytest.mark.parametrize(
     "kw",
+    [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.3), dict(lr=0.05, momentum=0.8, nesterov=True),
+     dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True), dict(lr=0.3, weight_decay=0.1)],
+)
+def test_sgd_batched_core_step_equals_the_per_parameter_numpy_update_bit_for_bit(kw):
+    rng = np.random.default_rng(3)
+    shapes = [(7, 3), (5,), (2, 3, 4, 1), (0,), (1,)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    fast = [nn.Parameter(a.copy()) for a in init]
+    slow = [nn.Parameter(a.copy()) for a in init]
+    opt_fast, opt_slow = optim.SGD(fast, **kw), optim.SGD(slow, **kw)
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for ps, opt in ((fast, opt_fast), (slow, opt_slow)):
+            opt.zero_grad()
+            for p, g in zip(ps, grads):
+                p.grad = el.Tensor(g.copy())
+        if step == 2:
+            fast[1].grad = None  # a parameter without a gradient is left alone
+            slow[1].grad = None
+        opt_fast.step()
+        for p in slow:  # the reference: the per-parameter numpy update
+            if p.grad is not None:
+                opt_slow._update(p, p.grad.data, opt_slow.param_groups[0], opt_slow.state.setdefault(id(p), {}))
+        for a, b in zip(fast, slow):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_sgd_core_step_rejects_mismatched_arrays():
+    from edgelearn import _native
+
+    p = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="grad"):
+        _native.sgd_step([p], [np.zeros(2, np.float32)], None, 0.1, 0.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        _native.sgd_step([p], [np.zeros(3, np.float32)], None, 0.1, 0.9, 1.0, 0.0, False)
+    with pytest.raises(TypeError, match=r"momentum_buffers\[0\]"):
+        _native.sgd_step([p], [np.zeros(3, np.float32)], [None], 0.1, 0.9, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="grads"):
+        _native.sgd_step([p], [], None, 0.1, 0.0, 1.0, 0.0, False)
+    with pytest.raises(TypeError):
+        _native.sgd_step([np.zeros(3)], [np.zeros(3, np.float32)], None, 0.1, 0.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.sgd_step([np.zeros((3, 2), np.float32).T], [np.zeros((2, 3), np.float32)], None, 0.1, 0.0, 1.0, 0.0, False)
+
+
+@pytest.mark.parametrize(
+    "kw",
     [dict(lr=0.01), dict(lr=0.1, betas=(0.8, 0.99), eps=1e-6), dict(lr=0.01, weight_decay=0.1),
      dict(lr=0.05, amsgrad=True)],
 )

@@ -1,6 +1,6 @@
 """Type stubs for edgelearn._native, the Rust extension (checked against the module by mypy.stubtest)."""
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,17 @@ def avgpool2d_backward(
     stride: Optional[_Pair] = None,
     padding: Optional[_Pair] = None,
 ) -> _F32: ...
+
+def sgd_step(
+    params: Sequence[_F32],
+    grads: Sequence[_F32],
+    momentum_buffers: Optional[Sequence[_F32]],
+    lr: float,
+    momentum: float,
+    one_minus_dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None: ...
 
 # --- sgq codec ---
 class FrameError(ValueError): ...

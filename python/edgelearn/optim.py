@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from . import _native
 from .tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
@@ -138,6 +139,35 @@ class SGD(Optimizer):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         )
+
+    def step(self) -> None:
+        """One update of every parameter with a gradient. Parameters whose momentum buffer exists (or with
+        no momentum) are updated together in one core call (``_native.sgd_step``, the same arithmetic as
+        :meth:`_update`, bit for bit); a first step with momentum creates the buffer in :meth:`_update`."""
+        for group in self.param_groups:
+            mom = group["momentum"]
+            ps, gs, bs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(id(p), {})
+                g = p.grad.data
+                buf = state.get("momentum_buffer")
+                d = p.data
+                if (mom and buf is None) or type(d) is not np.ndarray or d.dtype != np.float32 or not d.flags.c_contiguous:
+                    self._update(p, g, group, state)
+                    continue
+                if g.dtype != np.float32 or not g.flags.c_contiguous:
+                    g = np.ascontiguousarray(g, dtype=np.float32)
+                ps.append(p.data)
+                gs.append(g)
+                bs.append(buf)
+            if ps:
+                _native.sgd_step(
+                    ps, gs, bs if mom else None, float(np.float32(group["lr"])), float(np.float32(mom)),
+                    float(np.float32(1.0 - group["dampening"])), float(np.float32(group["weight_decay"])),
+                    bool(group["nesterov"]),
+                )
 
     def _update(self, p: Tensor, g: np.ndarray, group: Dict[str, Any], state: Dict[str, Any]) -> None:
         wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]

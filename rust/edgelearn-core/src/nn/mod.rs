@@ -16,6 +16,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod im2col;
 pub mod matmul;
+pub mod optim;
 pub mod pool;
 
 pub use activation::{
