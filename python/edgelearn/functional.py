@@ -457,7 +457,8 @@ def compensation_penalties(terms) -> Tensor:
     def backward(g):
         grads = []
         for m, b, lam in arrays:
-            grads += [g * lam * m, g * lam * b]
+            c = np.float32(float(g) * lam)  # one multiply per array
+            grads += [c * m, c * b]
         return tuple(grads)
 
     parents = tuple(t for mu, beta, _ in terms for t in (mu, beta))

@@ -12,7 +12,7 @@ from .. import functional as F
 from ..octo import OctoConfig
 from ..tensor import Tensor, as_tensor
 from . import init
-from .module import Module, Parameter
+from .module import Module, Parameter, _tree_changed
 
 __all__ = [
     "Linear",
@@ -45,6 +45,8 @@ class _QuantizedLayer(Module):
 
     def set_int8(self, config: Optional[OctoConfig], layer_id: int = 0) -> None:
         """INT8 mode with ``config`` (``None`` = FP32). INT8 mode adds the ``quant_step`` buffer."""
+        if getattr(self, "int8", None) is not config:
+            _tree_changed()  # Sequential's cached fusion plan depends on the mode
         self.int8 = config
         self.layer_id = int(layer_id)
         if config is not None:

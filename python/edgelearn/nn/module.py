@@ -59,7 +59,7 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
-        if name in self._modules or isinstance(value, Module):
+        if name in self._modules or isinstance(value, (Module, Parameter)) or name in self._parameters:
             _tree_changed()
         for table in (self._parameters, self._buffers, self._modules):
             if name in table and not (table is self._buffers and isinstance(value, np.ndarray)):
@@ -274,11 +274,30 @@ class Sequential(Module):
                     raise TypeError(f"Sequential: item {i} is a {type(m).__name__}, not a Module")
                 self.add_module(str(i), m)
 
-    def forward(self, x: Any) -> Any:
+    def _fusion_plan(self) -> list:
+        """``[(module, fused_next_or_None), ...]``: each INT8 Linear/Conv2d paired with the LAC Compensation
+        that follows it (``fuses_with``). Cached until the module tree or a layer's FP32/INT8 mode changes
+        (both bump the tree epoch)."""
+        cache = self.__dict__.get("_fusion")
+        if cache is not None and cache[0] == _TREE_EPOCH[0]:
+            return cache[1]
         items = list(self._modules.values())
-        i = 0
+        plan, i = [], 0
         while i < len(items):
             m = items[i]
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            fuses_with = getattr(m, "fuses_with", None)
+            if nxt is not None and fuses_with is not None and fuses_with(nxt):
+                plan.append((m, nxt))
+                i += 2
+            else:
+                plan.append((m, None))
+                i += 1
+        object.__setattr__(self, "_fusion", (_TREE_EPOCH[0], plan))
+        return plan
+
+    def forward(self, x: Any) -> Any:
+        for i, (m, fused) in enumerate(self._fusion_plan()):
             # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
             # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
             # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
@@ -290,16 +309,12 @@ class Sequential(Module):
                         and d.flags.writeable and sys.getrefcount(d) == 3):
                     x._donated = True
                 del d
-            nxt = items[i + 1] if i + 1 < len(items) else None
-            fuses_with = getattr(m, "fuses_with", None)
-            if nxt is not None and fuses_with is not None and fuses_with(nxt):
+            if fused is not None:
                 # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
                 # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
-                x = m(x, compensation=nxt)
-                i += 2
-                continue
-            x = m(x)
-            i += 1
+                x = m(x, compensation=fused)
+            else:
+                x = m(x)
         return x
 
     def __len__(self) -> int:
