@@ -138,11 +138,14 @@ def _fused_bias(bias: Optional[Tensor], compensation: Optional[Compensation], ch
     """The epilogue bias of an INT8 layer: ``b`` plus, with a fused LAC ``(α, μ, β)``, ``α⊙μ + β``."""
     if compensation is None:
         return None if bias is None else bias.data
-    a, m, b = (t.data for t in compensation)
+    a, m, b = compensation[0].data, compensation[1].data, compensation[2].data
     if a.shape != (channels,) or m.shape != (channels,) or b.shape != (channels,):
         raise ValueError(f"compensation: expected α, μ, β of shape ({channels},), got {a.shape}, {m.shape}, {b.shape}")
-    shift = (a * m + b).astype(np.float32, copy=False)
-    return shift if bias is None else (bias.data + shift).astype(np.float32, copy=False)
+    shift = a * m
+    shift += b
+    if bias is not None:
+        shift += bias.data
+    return shift if shift.dtype == np.float32 else shift.astype(np.float32)
 
 
 def _bias_grads(db_full: np.ndarray, need_b: bool, compensation: Optional[Compensation]) -> tuple:
@@ -150,7 +153,7 @@ def _bias_grads(db_full: np.ndarray, need_b: bool, compensation: Optional[Compen
     db = db_full if need_b else None
     if compensation is None:
         return (db,)
-    a, m, _ = (t.data for t in compensation)
+    a, m = compensation[0].data, compensation[1].data
     return db, db_full * m, db_full * a, db_full
 
 
@@ -451,8 +454,11 @@ def compensation_penalties(terms) -> Tensor:
     ``Module.regularization`` uses for a model's LAC layers: one autograd node instead of one per layer
     plus the additions)."""
     arrays = [(mu.data, beta.data, float(lam)) for mu, beta, lam in terms]
-    value = np.asarray(sum(0.5 * lam * (float(np.dot(m.ravel(), m.ravel())) + float(np.dot(b.ravel(), b.ravel())))
-                           for m, b, lam in arrays), np.float32)
+    total = 0.0
+    for m, b, lam in arrays:
+        mv, bv = m.reshape(-1), b.reshape(-1)
+        total += 0.5 * lam * (float(mv @ mv) + float(bv @ bv))
+    value = np.asarray(total, np.float32)
 
     def backward(g):
         grads = []

@@ -64,9 +64,12 @@ class _QuantizedLayer(Module):
     def _compensation_args(self, compensation: Optional["Compensation"]):
         if compensation is None:
             return None
-        if not self.fuses_with(compensation):
+        # fuses_with's test, reading the parameter table directly (this runs every step)
+        ps = compensation._parameters if isinstance(compensation, Compensation) else None
+        a = None if ps is None else ps.get("alpha")
+        if self.int8 is None or a is None or a.data.ndim != 1 or a.data.shape[0] != self.out_features_or_channels:
             raise ValueError("compensation: expected a per-channel Compensation over this INT8 layer's outputs")
-        return (compensation.alpha, compensation.mu, compensation.beta)
+        return (a, ps["mu"], ps["beta"])
 
     def _next_seed(self) -> int:
         """This step's rounding seed; the step counter advances on every training-mode forward."""
