@@ -82,6 +82,11 @@ impl<'a> RowsRef<'a> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// The bytes and the row offsets (`new` checked that every row's `cols` bytes exist).
+    #[inline]
+    pub(crate) fn parts(&self) -> (&'a [i8], &'a [usize]) {
+        (self.data, self.offsets)
+    }
     /// Row `k`, columns `c0..c0+n`.
     #[inline]
     pub(crate) fn row(&self, k: usize, c0: usize, n: usize) -> &'a [i8] {

@@ -446,21 +446,42 @@ impl PaddedGrid {
         let o = wm.rows();
         let mut out = take_f32(o * ncols);
         gemm::gemm_i8_f32_rows(wm, &b, sw, Scale::Scalar(sx), None, &mut out)?;
-        // Drop the grid's extra columns, adding the bias.
-        for (oc, (dst, src)) in y
-            .chunks_exact_mut(g.p())
-            .zip(out.chunks_exact(ncols))
-            .enumerate()
-        {
-            for (d, sr) in dst.chunks_exact_mut(g.ow).zip(src.chunks_exact(wp)) {
-                match bias {
-                    Some(b) => d.iter_mut().zip(sr).for_each(|(d, &v)| *d = v + b[oc]),
-                    None => d.copy_from_slice(&sr[..g.ow]),
+        drop_grid_columns(&out, ncols, wp, g.ow, g.p(), bias, y);
+        Ok(())
+    }
+}
+
+crate::simd::avx2_multiversion! {
+/// `y (O, P)` from the padded-grid output `src (O, ncols = OH·wp)`: each grid row's first `ow` values,
+/// plus `bias[o]` when given.
+fn drop_grid_columns(
+    src: &[f32],
+    ncols: usize,
+    wp: usize,
+    ow: usize,
+    p: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    for (oc, (dst, src)) in y.chunks_exact_mut(p).zip(src.chunks_exact(ncols)).enumerate() {
+        let rows = dst.chunks_exact_mut(ow).zip(src.chunks_exact(wp));
+        match bias {
+            Some(b) => {
+                let bv = b[oc];
+                for (d, sr) in rows {
+                    for (d, &v) in d.iter_mut().zip(&sr[..ow]) {
+                        *d = v + bv;
+                    }
+                }
+            }
+            None => {
+                for (d, sr) in rows {
+                    d.copy_from_slice(&sr[..ow]);
                 }
             }
         }
-        Ok(())
     }
+}
 }
 
 /// `dX` of a stride-1 convolution as a forward convolution: `dX = conv2d(dY, W̃)` with padding
@@ -679,17 +700,19 @@ pub fn conv2d_i8_backward(
         } else {
             MatRef::row_major(&col, k, ld)?
         };
-        // dW: exact INT32 products, summed in i64-exact f64 across chunks.
+        // dW: exact INT32 products, summed in i64-exact f64 across chunks. Computed transposed,
+        // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column sums)
+        // and only the O columns of dYᵀ need the VNNI kernel's column sums.
         if ld <= MAX_K_I32 {
-            gemm::gemm_i8(&dym, &cm.t(), &mut acc.prod)?;
+            gemm::gemm_i8(&cm, &dym.t(), &mut acc.prod)?;
             acc.dw
                 .iter_mut()
                 .zip(&acc.prod)
                 .for_each(|(a, &v)| *a += v as f64);
         } else {
             gemm::gemm_i8_f32(
-                &dym,
-                &cm.t(),
+                &cm,
+                &dym.t(),
                 Scale::Scalar(1.0),
                 Scale::Scalar(1.0),
                 None,
@@ -754,8 +777,11 @@ pub fn conv2d_i8_backward(
             })
     })?;
     let scale = sdy as f64 * sx as f64;
-    for (d, v) in dw.iter_mut().zip(&acc.dw) {
-        *d = (v * scale) as f32;
+    // acc.dw is dWᵀ (K × O)
+    for (oc, row) in dw.chunks_exact_mut(k).enumerate() {
+        for (kk, d) in row.iter_mut().enumerate() {
+            *d = (acc.dw[kk * o + oc] * scale) as f32;
+        }
     }
     Ok(s)
 }
