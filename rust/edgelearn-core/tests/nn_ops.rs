@@ -43,7 +43,8 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    // wide stride-1 images: the INT8 forward takes the padded-grid (implicit im2col) path
+    // wide stride-1 images: the INT8 forward takes the padded-grid (implicit im2col) path, and so does
+    // the INT8 backward's dX (a forward convolution of dY with the flipped, transposed kernel)
     Case {
         x: [2, 3, 5, 20],
         w: [4, 3, 3, 3],
@@ -62,8 +63,8 @@ const CASES: &[Case] = &[
         stride: (1, 1),
         padding: (2, 1),
     },
-    // stride 1: dX of the INT8 backward runs as a transposed convolution (unpadded, asymmetric kernel
-    // and padding, a batch big enough for several images per chunk)
+    // narrow stride-1 images (unpadded, asymmetric kernel and padding, a batch big enough for several
+    // images per chunk): dX through dcol and col2im
     Case {
         x: [3, 2, 6, 7],
         w: [4, 2, 3, 3],

@@ -26,8 +26,10 @@ use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, RowsRef, Scale, MAX_K_I32};
 use crate::threads;
 
-/// Largest fraction of extra grid columns for the transposed-convolution `dX` ([`TransposedDx`]).
-const TDX_MAX_EXTRA: f64 = 1.0 / 7.0;
+/// The padded-width grid computes Wp/OW times the outputs; past about 1/7 extra the patch matrix is
+/// cheaper (one thread, batch 32: 16→32 channels at 14x14 went from 235 to 187 µs per forward, 32→64 at
+/// 7x7 from 216 to 241 µs).
+const GRID_MAX_EXTRA: f64 = 1.0 / 7.0;
 
 /// Bytes of patch matrix per chunk of images (about an L2 cache).
 const COL_BUDGET: usize = 256 * 1024;
@@ -484,55 +486,30 @@ fn drop_grid_columns(
 }
 }
 
-/// `dX` of a stride-1 convolution as a forward convolution: `dX = conv2d(dY, W̃)` with padding
-/// `(kh−1−ph, kw−1−pw)`, where `W̃ (C, O, kh, kw)` is `W` with input and output channels swapped and the
-/// window flipped. On the padded grid this needs neither the `K × P` FP32 `dcol` nor col2im, and the
-/// INT32 sums over `(o, i, j)` are exact before the one rescale (col2im adds rescaled FP32 terms).
-struct TransposedDx {
-    grid: PaddedGrid,
-    /// `W̃` as a `C × O·kh·kw` matrix.
-    wt: Vec<i8>,
-}
-
-impl TransposedDx {
-    fn new(s: &ConvShape, wq: &[i8], max_extra: f64) -> Option<Self> {
-        let g = s.g;
-        if g.sh != 1 || g.sw != 1 || g.ph >= g.kh || g.pw >= g.kw {
-            return None;
-        }
-        let st = ConvShape::new(
-            [1, s.o, g.oh, g.ow],
-            [g.c, s.o, g.kh, g.kw],
-            (1, 1),
-            (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
-        )
-        .ok()?;
-        if st.g.oh != g.h || st.g.ow != g.w {
-            return None;
-        }
-        let grid = PaddedGrid::new(&st, max_extra)?;
-        let (kh, kw, c, o) = (g.kh, g.kw, g.c, s.o);
-        let mut wt = vec![0i8; wq.len()];
-        for oc in 0..o {
-            for ch in 0..c {
-                for i in 0..kh {
-                    for j in 0..kw {
-                        wt[((ch * o + oc) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
-                            wq[((oc * c + ch) * kh + i) * kw + j];
-                    }
+/// For `dX` of a stride-1 convolution as a forward convolution, `dX = conv2d(dY, W̃)` with padding
+/// `(kh−1−ph, kw−1−pw)`: `W̃ (C, O, kh, kw)` is `W` with input and output channels swapped and the window
+/// flipped. Run through [`conv2d_i8_forward`] (padded grid or patch matrix, batched over images) this
+/// needs neither the `K × P` FP32 `dcol` nor col2im, and the INT32 sums over `(o, i, j)` are exact before
+/// the one rescale (col2im adds rescaled FP32 terms). `None` where that identity does not hold (stride
+/// > 1, padding ≥ the window).
+fn transposed_kernel(s: &ConvShape, wq: &[i8]) -> Option<Vec<i8>> {
+    let g = s.g;
+    if g.sh != 1 || g.sw != 1 || g.ph >= g.kh || g.pw >= g.kw {
+        return None;
+    }
+    let (kh, kw, c, o) = (g.kh, g.kw, g.c, s.o);
+    let mut wt = vec![0i8; wq.len()];
+    for oc in 0..o {
+        for ch in 0..c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    wt[((ch * o + oc) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                        wq[((oc * c + ch) * kh + i) * kw + j];
                 }
             }
         }
-        Some(TransposedDx { grid, wt })
     }
-
-    /// `dx (C, H, W)` of one image from its `dyq (O, OH, OW)`.
-    fn image(&self, dyq: &[i8], sdy: f32, sw: f32, dx: &mut [f32]) -> Result<()> {
-        let g = &self.grid.g;
-        let wtm = MatRef::row_major(&self.wt, self.wt.len() / g.k(), g.k())?;
-        self.grid
-            .forward_image(dyq, &wtm, Scale::Scalar(sw), sdy, None, dx)
-    }
+    Some(wt)
 }
 
 /// INT8 convolution: `y = conv2d(sx·xq, sw·wq) + bias` in FP32, on the INT8 GEMM. `sw` is one scale or
@@ -562,10 +539,7 @@ pub fn conv2d_i8_forward(
     }
     let (k, p, o, xs) = (s.k(), s.p(), s.o, s.x_img());
     let wm = MatRef::row_major(wq, o, k)?;
-    // The padded-width grid computes Wp/OW times the outputs; past about 1/7 extra the patch matrix
-    // is cheaper (one thread, batch 32: 16→32 channels at 14x14 went from 235 to 187 µs per forward,
-    // 32→64 at 7x7 from 216 to 241 µs).
-    if let Some(imp) = PaddedGrid::new(&s, 1.0 / 7.0) {
+    if let Some(imp) = PaddedGrid::new(&s, GRID_MAX_EXTRA) {
         for_each_chunk(y, o * p, 1, |n0, yc, _| {
             imp.forward_image(&xq[n0 * xs..(n0 + 1) * xs], &wm, sw, sx, bias, yc)
         })?;
@@ -653,13 +627,36 @@ pub fn conv2d_i8_backward(
         Some(v) => Some(MatF32::row_major(v, o, k)?),
         None => None,
     };
-    let tdx = match sw {
-        // every padded-grid column beats a dcol element plus its col2im add (measured at 7x7 too)
-        Scale::Scalar(swv) if dx.is_some() => {
-            TransposedDx::new(&s, wq, TDX_MAX_EXTRA).map(|t| (t, swv))
+    let mut dx = dx;
+    if let (Scale::Scalar(swv), Some(d)) = (sw, dx.as_deref_mut()) {
+        // Only where that forward takes the padded grid: through a patch matrix of dY (O·kh·kw rows) it
+        // is slower than dcol + col2im (32→64 channels at 7x7: 458 against 400 µs per batch of 32).
+        let g = s.g;
+        let grid = |_: &Vec<i8>| {
+            ConvShape::new(
+                [1, o, g.oh, g.ow],
+                [g.c, o, g.kh, g.kw],
+                (1, 1),
+                (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
+            )
+            .is_ok_and(|st| PaddedGrid::new(&st, GRID_MAX_EXTRA).is_some())
+        };
+        if let Some(wt) = transposed_kernel(&s, wq).filter(grid) {
+            conv2d_i8_forward(
+                dyq,
+                [n, o, g.oh, g.ow],
+                sdy,
+                &wt,
+                [g.c, o, g.kh, g.kw],
+                Scale::Scalar(swv),
+                None,
+                (1, 1),
+                (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
+                d,
+            )?;
+            dx = None; // done: the chunks below compute dW only
         }
-        _ => None,
-    };
+    }
     let nb = s.images_per_chunk(1, MAX_K_I32);
     let nchunks = n.div_ceil(nb);
     let par = nchunks < threads::num_threads();
@@ -672,7 +669,7 @@ pub fn conv2d_i8_backward(
         prod: Vec<i32>,
         prod_f32: Vec<f32>,
     }
-    let chunk = |acc: &mut Acc, ci: usize, mut dxc: Option<&mut [f32]>| -> Result<()> {
+    let chunk = |acc: &mut Acc, ci: usize, dxc: Option<&mut [f32]>| -> Result<()> {
         let n0 = ci * nb;
         let nb = nb.min(n - n0);
         let ld = nb * p;
@@ -723,11 +720,7 @@ pub fn conv2d_i8_backward(
                 .zip(&acc.prod_f32)
                 .for_each(|(a, &v)| *a += v as f64);
         }
-        if let (Some(dxc), Some((t, swv))) = (dxc.as_deref_mut(), &tdx) {
-            for (i, dxi) in dxc.chunks_exact_mut(xs).enumerate() {
-                t.image(&dyc[i * o * p..(i + 1) * o * p], sdy, *swv, dxi)?;
-            }
-        } else if let Some(dxc) = dxc {
+        if let Some(dxc) = dxc {
             // dcol = Wᵀ·dY (K × ld), written straight into dx when the patch matrix is the image.
             let dcol_into = |dst: &mut [f32]| -> Result<()> {
                 match (&wfm, sw) {
