@@ -236,8 +236,47 @@ mod avx2 {
         }
     }
 
-    /// All windows of one output row: `yr[ox]`, `ir[ox]` from input rows `r0`, `r1`, 8 at a time, the
-    /// last < 8 with masked loads and stores. Returns `yr.len()`.
+    /// Windows `k0..k0 + 8` of one output row (full loads and stores).
+    #[inline(always)]
+    unsafe fn forward_block8(r0: &[f32], r1: &[f32], yr: &mut [f32], ir: &mut [u8], k0: usize) {
+        let (best, at) = windows8(
+            deinterleave(r0.as_ptr().add(2 * k0)),
+            deinterleave(r1.as_ptr().add(2 * k0)),
+        );
+        _mm256_storeu_ps(yr.as_mut_ptr().add(k0), best);
+        store_codes(at, &mut ir[k0..k0 + 8]);
+    }
+
+    /// Windows `k0..k0 + 4` of one output row, in SSE registers (same selects as [`windows8`]).
+    #[inline(always)]
+    unsafe fn forward_block4(r0: &[f32], r1: &[f32], yr: &mut [f32], ir: &mut [u8], k0: usize) {
+        let de = |r: &[f32]| {
+            let (a, b) = (
+                _mm_loadu_ps(r.as_ptr().add(2 * k0)),
+                _mm_loadu_ps(r.as_ptr().add(2 * k0 + 4)),
+            );
+            (
+                _mm_shuffle_ps::<0b10_00_10_00>(a, b),
+                _mm_shuffle_ps::<0b11_01_11_01>(a, b),
+            )
+        };
+        let ((e0, o0), (e1, o1)) = (de(r0), de(r1));
+        let mut best = e0;
+        let mut at = _mm_setzero_si128();
+        for (v, code) in [(o0, 1), (e1, 2), (o1, 3)] {
+            let take = _mm_or_ps(_mm_cmpgt_ps(v, best), _mm_cmpunord_ps(v, v));
+            best = _mm_blendv_ps(best, v, take);
+            at = _mm_blendv_epi8(at, _mm_set1_epi32(code), _mm_castps_si128(take));
+        }
+        _mm_storeu_ps(yr.as_mut_ptr().add(k0), best);
+        let bytes = _mm_packus_epi16(_mm_packus_epi32(at, at), _mm_setzero_si128());
+        ir[k0..k0 + 4].copy_from_slice(&(_mm_cvtsi128_si32(bytes) as u32).to_le_bytes());
+    }
+
+    /// All windows of one output row: `yr[ox]`, `ir[ox]` from input rows `r0`, `r1`, 8 at a time; the
+    /// last partial block is recomputed overlapping the one before (same values written again), in
+    /// 4-window blocks for rows of 4 to 7 windows, and with masked loads for shorter rows.
+    /// Returns `yr.len()`.
     ///
     /// # Safety
     /// The CPU has AVX2; `r0`, `r1` hold `2·yr.len()` values; `ir.len() == yr.len()`.
@@ -249,34 +288,90 @@ mod avx2 {
         ir: &mut [u8],
     ) -> usize {
         let ow = yr.len();
-        let full = ow / 8;
         assert!(r0.len() >= 2 * ow && r1.len() >= 2 * ow && ir.len() >= ow);
-        for k in 0..full {
+        if ow >= 8 {
+            let mut k = 0;
+            while k + 8 <= ow {
+                forward_block8(r0, r1, yr, ir, k);
+                k += 8;
+            }
+            if k < ow {
+                forward_block8(r0, r1, yr, ir, ow - 8);
+            }
+        } else if ow >= 4 {
+            forward_block4(r0, r1, yr, ir, 0);
+            forward_block4(r0, r1, yr, ir, ow - 4);
+        } else if ow > 0 {
             let (best, at) = windows8(
-                deinterleave(r0.as_ptr().add(16 * k)),
-                deinterleave(r1.as_ptr().add(16 * k)),
-            );
-            _mm256_storeu_ps(yr.as_mut_ptr().add(8 * k), best);
-            store_codes(at, &mut ir[8 * k..8 * k + 8]);
-        }
-        let rem = ow - 8 * full;
-        if rem > 0 {
-            let (best, at) = windows8(
-                deinterleave_masked(r0.as_ptr().add(16 * full), 2 * rem),
-                deinterleave_masked(r1.as_ptr().add(16 * full), 2 * rem),
+                deinterleave_masked(r0.as_ptr(), 2 * ow),
+                deinterleave_masked(r1.as_ptr(), 2 * ow),
             );
             let mut buf = [0f32; 8];
             _mm256_storeu_ps(buf.as_mut_ptr(), best);
-            for (d, &x) in yr[8 * full..].iter_mut().zip(&buf) {
+            for (d, &x) in yr.iter_mut().zip(&buf) {
                 *d = x;
             }
-            store_codes(at, &mut ir[8 * full..ow]);
+            store_codes(at, &mut ir[..ow]);
         }
         ow
     }
 
-    /// Backward of [`maxpool_2x2_row`] for windows `0..8·k`: writes `top[0..16k]`, `bottom[0..16k]`.
-    /// Returns `8·k`. Offsets in `ir` are at most 3 (checked by the caller).
+    /// Backward of 8 windows starting at window `k0`: writes `top`/`bottom` values `2k0..2k0 + 16`.
+    #[inline(always)]
+    unsafe fn backward_block8(
+        dyr: &[f32],
+        ir: &[u8],
+        top: &mut [f32],
+        bottom: &mut [f32],
+        k0: usize,
+    ) {
+        let v = _mm256_loadu_ps(dyr.as_ptr().add(k0));
+        let at = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ir.as_ptr().add(k0) as *const __m128i));
+        let pick = |code: i32| {
+            _mm256_and_ps(
+                v,
+                _mm256_castsi256_ps(_mm256_cmpeq_epi32(at, _mm256_set1_epi32(code))),
+            )
+        };
+        for (row, (a, b)) in [(top, (pick(0), pick(1))), (bottom, (pick(2), pick(3)))] {
+            // interleave a (even columns) and b (odd columns) back into 16 consecutive values
+            let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let p = row.as_mut_ptr().add(2 * k0);
+            _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+        }
+    }
+
+    /// [`backward_block8`] for 4 windows (SSE registers).
+    #[inline(always)]
+    unsafe fn backward_block4(
+        dyr: &[f32],
+        ir: &[u8],
+        top: &mut [f32],
+        bottom: &mut [f32],
+        k0: usize,
+    ) {
+        let v = _mm_loadu_ps(dyr.as_ptr().add(k0));
+        let codes = u32::from_le_bytes([ir[k0], ir[k0 + 1], ir[k0 + 2], ir[k0 + 3]]);
+        let at = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(codes as i32));
+        let pick = |code: i32| {
+            _mm_and_ps(
+                v,
+                _mm_castsi128_ps(_mm_cmpeq_epi32(at, _mm_set1_epi32(code))),
+            )
+        };
+        for (row, (a, b)) in [(top, (pick(0), pick(1))), (bottom, (pick(2), pick(3)))] {
+            let p = row.as_mut_ptr().add(2 * k0);
+            _mm_storeu_ps(p, _mm_unpacklo_ps(a, b));
+            _mm_storeu_ps(p.add(4), _mm_unpackhi_ps(a, b));
+        }
+    }
+
+    /// Backward of [`maxpool_2x2_row`]: writes `top[0..2n]`, `bottom[0..2n]` for the `n = dyr.len()`
+    /// windows, 8 at a time. The last partial block is recomputed overlapping the one before (the
+    /// overlapped windows get the same values again; masked stores are slow on some CPUs), in 4-window
+    /// blocks when the row has fewer than 8. Returns the number of windows done (all but rows of fewer
+    /// than 4). Offsets in `ir` are at most 3 (checked by the caller).
     ///
     /// # Safety
     /// The CPU has AVX2; `top`, `bottom` hold `2·dyr.len()` values; `ir.len() == dyr.len()`.
@@ -287,35 +382,25 @@ mod avx2 {
         top: &mut [f32],
         bottom: &mut [f32],
     ) -> usize {
-        let full = dyr.len() / 8;
-        assert!(ir.len() >= 8 * full && top.len() >= 16 * full && bottom.len() >= 16 * full);
-        for k in 0..full {
-            let v = _mm256_loadu_ps(dyr.as_ptr().add(8 * k));
-            let at =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(ir.as_ptr().add(8 * k) as *const __m128i));
-            let pick = |code: i32| {
-                _mm256_and_ps(
-                    v,
-                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(at, _mm256_set1_epi32(code))),
-                )
-            };
-            for (row, (a, b)) in [
-                (&mut *top, (pick(0), pick(1))),
-                (&mut *bottom, (pick(2), pick(3))),
-            ] {
-                // interleave a (even columns) and b (odd columns) back into 16 consecutive values
-                let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-                _mm256_storeu_ps(
-                    row.as_mut_ptr().add(16 * k),
-                    _mm256_permute2f128_ps::<0x20>(lo, hi),
-                );
-                _mm256_storeu_ps(
-                    row.as_mut_ptr().add(16 * k + 8),
-                    _mm256_permute2f128_ps::<0x31>(lo, hi),
-                );
+        let ow = dyr.len();
+        assert!(ir.len() >= ow && top.len() >= 2 * ow && bottom.len() >= 2 * ow);
+        if ow >= 8 {
+            let mut k = 0;
+            while k + 8 <= ow {
+                backward_block8(dyr, ir, top, bottom, k);
+                k += 8;
             }
+            if k < ow {
+                backward_block8(dyr, ir, top, bottom, ow - 8);
+            }
+            ow
+        } else if ow >= 4 {
+            backward_block4(dyr, ir, top, bottom, 0);
+            backward_block4(dyr, ir, top, bottom, ow - 4);
+            ow
+        } else {
+            0
         }
-        8 * full
     }
 }
 
