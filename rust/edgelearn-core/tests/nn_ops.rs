@@ -461,6 +461,10 @@ fn pooling_matches_reference_and_backward_is_the_adjoint() {
         ([1, 2, 7, 9], (3, 3), (2, 2), (1, 1)),
         ([2, 1, 5, 6], (3, 2), (1, 2), (1, 0)),
         ([1, 1, 4, 4], (1, 1), (1, 1), (0, 0)),
+        // global windows (average pooling's one-window-per-plane path; 33 planes: blocks of 8 and a rest)
+        ([3, 11, 7, 7], (7, 7), (7, 7), (0, 0)),
+        ([2, 3, 5, 4], (5, 4), (1, 1), (0, 0)),
+        ([1, 2, 1, 1], (1, 1), (1, 1), (0, 0)),
     ];
     for (s, k, st, p) in cases {
         let x = rng.f32s(s.iter().product());

@@ -466,6 +466,26 @@ pub fn avgpool2d_forward(
     check_len("y", y.len(), &[g.n, g.c, g.oh, g.ow])?;
     let (hw, p) = (g.hw(), g.p());
     let inv = 1.0 / (g.kh * g.kw) as f32;
+    if is_global(&g) && hw > 0 {
+        // One window per plane (global average pooling): blocks of planes summed side by side, each in
+        // the general loop's order (row sums, then their running sum), so the chains overlap.
+        const B: usize = 8;
+        for_each_chunk(y, B, worth_parallel(x.len()), |ci, yb| {
+            let first = ci * B;
+            let xb = &x[first * hw..(first + yb.len()) * hw];
+            let mut s = [0f32; B];
+            for iy in 0..g.h {
+                for (k, sk) in s.iter_mut().enumerate().take(yb.len()) {
+                    let r = k * hw + iy * g.w;
+                    *sk += xb[r..r + g.w].iter().sum::<f32>();
+                }
+            }
+            for (o, &sk) in yb.iter_mut().zip(&s) {
+                *o = sk * inv;
+            }
+        });
+        return Ok(g);
+    }
     for_each_chunk(y, p, worth_parallel(x.len()), |plane, yp| {
         let xp = &x[plane * hw..(plane + 1) * hw];
         for oy in 0..g.oh {
@@ -483,6 +503,11 @@ pub fn avgpool2d_forward(
     Ok(g)
 }
 
+/// One unpadded window covering the whole plane (global average pooling).
+fn is_global(g: &Geometry) -> bool {
+    g.kh == g.h && g.kw == g.w && g.ph == 0 && g.pw == 0 && g.oh == 1 && g.ow == 1
+}
+
 /// Backward of [`avgpool2d_forward`]: each `dy / (kh·kw)` spread over its window's in-bounds inputs.
 pub fn avgpool2d_backward(
     dy: &[f32],
@@ -495,6 +520,13 @@ pub fn avgpool2d_backward(
     check_len("dx", dx.len(), &input_shape)?;
     let (hw, p) = (g.hw(), g.p());
     let inv = 1.0 / (g.kh * g.kw) as f32;
+    if is_global(&g) {
+        // every input gets its plane's one gradient, `0 + dy/(kh·kw)` as the general loop adds it
+        for_each_chunk(dx, hw, worth_parallel(dx.len()), |plane, dp| {
+            dp.fill(0.0 + dy[plane] * inv);
+        });
+        return Ok(g);
+    }
     for_each_chunk(dx, hw, worth_parallel(dx.len()), |plane, dp| {
         dp.fill(0.0);
         let dyp = &dy[plane * p..(plane + 1) * p];
