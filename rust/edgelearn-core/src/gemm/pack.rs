@@ -374,6 +374,24 @@ impl PackB for MatRef<'_> {
         nr: usize,
         ku: usize,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if ku == 4 && nr == 16 && self.col_stride() == 1 && crate::simd::elementwise_avx2() {
+            // Row-major B in the VNNI layout: packing and column sums in one pass.
+            // SAFETY: the CPU has AVX2; a MatRef's rows hold all its columns.
+            unsafe {
+                super::x86::pack::pack_b_rowmajor_4x16(
+                    out,
+                    sums,
+                    self.data(),
+                    self.row_stride(),
+                    k0,
+                    kc,
+                    c0,
+                    n,
+                )
+            };
+            return;
+        }
         pack_b(out, sums, self, k0, kc, c0, n, nr, ku)
     }
 }

@@ -91,10 +91,25 @@ unsafe fn interleave4(r: [__m128i; 4]) -> [__m128i; 4] {
     ]
 }
 
-/// `pack_b_rows` for 4-value groups and 16-column panels (the VNNI kernels' layout), with AVX2 column
-/// sums: per group, four 16-byte row loads are interleaved into 64 packed bytes and widened into the
-/// panel's 16 running column sums, with no bounds checks in the loop (a [`RowsRef`] guarantees every
-/// row's `cols` bytes exist).
+/// Writes one group (four k-rows `r` of 16 lines) interleaved at `dst` (64 bytes) and adds its 16
+/// column sums to `acc` (lines 0..4, 4..8, 8..12, 12..16): maddubs(1, v) adds each line's k-byte pairs
+/// exactly in i16, madd(·, 1) the two pairs, 2 ops per 4 lines instead of widening every row.
+///
+/// # Safety
+/// AVX2 (inlined into the callers' AVX2 code); `dst .. +64` is writable.
+#[inline(always)]
+unsafe fn store_group(r: [__m128i; 4], dst: *mut i8, acc: &mut [__m128i; 4]) {
+    let (ones8, ones16) = (_mm_set1_epi8(1), _mm_set1_epi16(1));
+    let d = dst as *mut __m128i;
+    for (q, v) in interleave4(r).into_iter().enumerate() {
+        _mm_storeu_si128(d.add(q), v);
+        acc[q] = _mm_add_epi32(acc[q], _mm_madd_epi16(_mm_maddubs_epi16(ones8, v), ones16));
+    }
+}
+
+/// `pack_b_rows` for 4-value groups and 16-column panels (the VNNI kernels' layout): per group, four
+/// 16-byte row loads become 64 packed bytes and the panel's column sums ([`store_group`]), with no
+/// bounds checks in the loop for whole panels (a [`RowsRef`] guarantees every row's `cols` bytes exist).
 ///
 /// # Safety
 /// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for (`ceil(n/16)` panels).
@@ -118,9 +133,6 @@ pub(crate) unsafe fn pack_b_rows_4x16(
         let first = c0 + p * 16;
         let lines = 16.min(n - p * 16);
         let panel = out.as_mut_ptr().add(p * panel_len);
-        // Column sums from the interleaved bytes: maddubs(1, v) adds each line's k-byte pairs (exact in
-        // i16), madd(·, 1) the two pairs; 2 ops per 4 lines instead of widening every row.
-        let (ones8, ones16) = (_mm_set1_epi8(1), _mm_set1_epi16(1));
         let mut acc = [_mm_setzero_si128(); 4];
         let full_groups = if lines == 16 { kc / 4 } else { 0 };
         if full_groups > 0 {
@@ -131,12 +143,7 @@ pub(crate) unsafe fn pack_b_rows_4x16(
             let base = data.as_ptr().add(first);
             for (g, o4) in offs.chunks_exact(4).enumerate() {
                 let r = [0, 1, 2, 3].map(|u| _mm_loadu_si128(base.add(o4[u]) as *const __m128i));
-                let d = panel.add(g * 64) as *mut __m128i;
-                for (q, v) in interleave4(r).into_iter().enumerate() {
-                    _mm_storeu_si128(d.add(q), v);
-                    acc[q] =
-                        _mm_add_epi32(acc[q], _mm_madd_epi16(_mm_maddubs_epi16(ones8, v), ones16));
-                }
+                store_group(r, panel.add(g * 64), &mut acc);
             }
         }
         for g in full_groups..kgroups {
@@ -152,11 +159,87 @@ pub(crate) unsafe fn pack_b_rows_4x16(
                     _mm_loadu_si128(tail.as_ptr() as *const __m128i)
                 };
             }
-            let d = panel.add(g * 64) as *mut __m128i;
-            for (q, v) in interleave4(r).into_iter().enumerate() {
-                _mm_storeu_si128(d.add(q), v);
-                acc[q] = _mm_add_epi32(acc[q], _mm_madd_epi16(_mm_maddubs_epi16(ones8, v), ones16));
+            store_group(r, panel.add(g * 64), &mut acc);
+        }
+        for (q, a) in acc.into_iter().enumerate() {
+            _mm_storeu_si128(sums.as_mut_ptr().add(p * 16 + 4 * q) as *mut __m128i, a);
+        }
+    }
+}
+
+/// The same packing of a row-major `B` (column stride 1, row `k` at `k·rs`): the usual `B` of a
+/// forward convolution (the patch matrix) or of `Wᵀ·dY` (dY).
+///
+/// # Safety
+/// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for.
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_b_rowmajor_4x16(
+    out: &mut [i8],
+    sums: &mut [i32],
+    data: &[i8],
+    rs: usize,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+) {
+    assert!(kc == 0 || n == 0 || (k0 + kc - 1) * rs + c0 + n <= data.len());
+    // SAFETY: rows k0..k0+kc hold columns c0..c0+n (asserted just above).
+    pack_b_4x16_body(out, sums, data, |k| k * rs, k0, kc, c0, n)
+}
+
+/// Per panel of 16 columns and group of 4 k-rows: four 16-byte row loads into [`store_group`]. Row `k`
+/// of `B` starts at `data[row_off(k)]`.
+///
+/// # Safety
+/// AVX2 (the callers' target feature); `data[row_off(k) + c0 .. row_off(k) + c0 + n]` is in bounds for
+/// every `k` in `k0..k0 + kc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b_4x16_body(
+    out: &mut [i8],
+    sums: &mut [i32],
+    data: &[i8],
+    row_off: impl Fn(usize) -> usize,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let kgroups = kc.div_ceil(4);
+    let panels = n.div_ceil(16);
+    let panel_len = kgroups * 64;
+    assert!(out.len() >= panels * panel_len && sums.len() >= panels * 16);
+    for p in 0..panels {
+        let first = c0 + p * 16;
+        let lines = 16.min(n - p * 16);
+        let panel = out.as_mut_ptr().add(p * panel_len);
+        let mut acc = [_mm_setzero_si128(); 4];
+        let base = data.as_ptr().add(first);
+        // whole groups of a whole panel: four plain 16-byte loads each
+        let full_groups = if lines == 16 { kc / 4 } else { 0 };
+        for g in 0..full_groups {
+            let k = k0 + 4 * g;
+            let r =
+                [0, 1, 2, 3].map(|u| _mm_loadu_si128(base.add(row_off(k + u)) as *const __m128i));
+            store_group(r, panel.add(g * 64), &mut acc);
+        }
+        for g in full_groups..kgroups {
+            let rows = 4.min(kc - g * 4);
+            let mut r = [_mm_setzero_si128(); 4];
+            for (u, ru) in r.iter_mut().enumerate().take(rows) {
+                let off = row_off(k0 + g * 4 + u);
+                *ru = if lines == 16 {
+                    _mm_loadu_si128(base.add(off) as *const __m128i)
+                } else {
+                    let mut tail = [0i8; 16];
+                    tail[..lines].copy_from_slice(&data[off + first..off + first + lines]);
+                    _mm_loadu_si128(tail.as_ptr() as *const __m128i)
+                };
             }
+            store_group(r, panel.add(g * 64), &mut acc);
         }
         for (q, a) in acc.into_iter().enumerate() {
             _mm_storeu_si128(sums.as_mut_ptr().add(p * 16 + 4 * q) as *mut __m128i, a);
