@@ -402,17 +402,21 @@ struct PaddedGrid {
 }
 
 impl PaddedGrid {
-    /// The grid for `s`, if it is stride 1 and the grid's extra columns stay within `max_extra`
-    /// (a fraction of the `OW` real ones).
-    fn new(s: &ConvShape, max_extra: f64) -> Option<Self> {
+    /// Whether `s` takes the grid: stride 1 and the grid's extra columns within [`GRID_MAX_EXTRA`] of
+    /// the `OW` real ones.
+    fn applies(s: &ConvShape) -> bool {
         let g = s.g;
-        if g.sh != 1 || g.sw != 1 || g.is_pointwise() || s.o == 0 || g.oh == 0 || g.ow == 0 {
+        let usable = g.sh == 1 && g.sw == 1 && !g.is_pointwise() && s.o > 0 && g.oh > 0 && g.ow > 0;
+        usable && (g.w + 2 * g.pw - g.ow) as f64 <= GRID_MAX_EXTRA * g.ow as f64
+    }
+
+    /// The grid for `s`, if it [`applies`](Self::applies).
+    fn new(s: &ConvShape) -> Option<Self> {
+        if !Self::applies(s) {
             return None;
         }
+        let g = s.g;
         let wp = g.w + 2 * g.pw;
-        if (wp - g.ow) as f64 > max_extra * g.ow as f64 {
-            return None;
-        }
         let plane = (g.h + 2 * g.ph) * wp;
         let offsets = (0..g.c)
             .flat_map(|c| {
@@ -486,17 +490,32 @@ fn drop_grid_columns(
 }
 }
 
-/// For `dX` of a stride-1 convolution as a forward convolution, `dX = conv2d(dY, W̃)` with padding
-/// `(kh−1−ph, kw−1−pw)`: `W̃ (C, O, kh, kw)` is `W` with input and output channels swapped and the window
-/// flipped. Run through [`conv2d_i8_forward`] (padded grid or patch matrix, batched over images) this
-/// needs neither the `K × P` FP32 `dcol` nor col2im, and the INT32 sums over `(o, i, j)` are exact before
-/// the one rescale (col2im adds rescaled FP32 terms). `None` where that identity does not hold (stride
-/// > 1, padding ≥ the window).
-fn transposed_kernel(s: &ConvShape, wq: &[i8]) -> Option<Vec<i8>> {
+/// `dX` of a stride-1 convolution `s` as a forward convolution: `dX = conv2d(dY, W̃)` with padding
+/// `(kh−1−ph, kw−1−pw)`, where `W̃ (C, O, kh, kw)` is `W` with input and output channels swapped and the
+/// window flipped ([`flipped_transpose`]). Run through [`conv2d_i8_forward`] on the padded grid this
+/// needs neither the `K × P` FP32 `dcol` nor col2im, and the INT32 sums over `(o, i, j)` are exact
+/// before the one rescale (col2im adds rescaled FP32 terms). Returns that forward's shape (input `dY`
+/// of one image), or `None` where the identity does not hold (stride > 1, padding ≥ the window) or
+/// where that forward would not take the padded grid: through a patch matrix of `dY` (O·kh·kw rows) it
+/// is slower than dcol + col2im (32→64 channels at 7x7: 458 against 400 µs per batch of 32).
+fn transposed_dx_shape(s: &ConvShape) -> Option<ConvShape> {
     let g = s.g;
     if g.sh != 1 || g.sw != 1 || g.ph >= g.kh || g.pw >= g.kw {
         return None;
     }
+    let st = ConvShape::new(
+        [1, s.o, g.oh, g.ow],
+        [g.c, s.o, g.kh, g.kw],
+        (1, 1),
+        (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
+    )
+    .ok()?;
+    (st.g.oh == g.h && st.g.ow == g.w && PaddedGrid::applies(&st)).then_some(st)
+}
+
+/// `W̃` of [`transposed_dx_shape`]: `(C, O, kh, kw)` from `wq (O, C, kh, kw)`, window flipped.
+fn flipped_transpose(s: &ConvShape, wq: &[i8]) -> Vec<i8> {
+    let g = s.g;
     let (kh, kw, c, o) = (g.kh, g.kw, g.c, s.o);
     let mut wt = vec![0i8; wq.len()];
     for oc in 0..o {
@@ -509,7 +528,7 @@ fn transposed_kernel(s: &ConvShape, wq: &[i8]) -> Option<Vec<i8>> {
             }
         }
     }
-    Some(wt)
+    wt
 }
 
 /// INT8 convolution: `y = conv2d(sx·xq, sw·wq) + bias` in FP32, on the INT8 GEMM. `sw` is one scale or
@@ -539,7 +558,7 @@ pub fn conv2d_i8_forward(
     }
     let (k, p, o, xs) = (s.k(), s.p(), s.o, s.x_img());
     let wm = MatRef::row_major(wq, o, k)?;
-    if let Some(imp) = PaddedGrid::new(&s, GRID_MAX_EXTRA) {
+    if let Some(imp) = PaddedGrid::new(&s) {
         for_each_chunk(y, o * p, 1, |n0, yc, _| {
             imp.forward_image(&xq[n0 * xs..(n0 + 1) * xs], &wm, sw, sx, bias, yc)
         })?;
@@ -628,34 +647,23 @@ pub fn conv2d_i8_backward(
         None => None,
     };
     let mut dx = dx;
-    if let (Scale::Scalar(swv), Some(d)) = (sw, dx.as_deref_mut()) {
-        // Only where that forward takes the padded grid: through a patch matrix of dY (O·kh·kw rows) it
-        // is slower than dcol + col2im (32→64 channels at 7x7: 458 against 400 µs per batch of 32).
+    if let (Scale::Scalar(swv), Some(d), Some(st)) =
+        (sw, dx.as_deref_mut(), transposed_dx_shape(&s))
+    {
         let g = s.g;
-        let grid = |_: &Vec<i8>| {
-            ConvShape::new(
-                [1, o, g.oh, g.ow],
-                [g.c, o, g.kh, g.kw],
-                (1, 1),
-                (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
-            )
-            .is_ok_and(|st| PaddedGrid::new(&st, GRID_MAX_EXTRA).is_some())
-        };
-        if let Some(wt) = transposed_kernel(&s, wq).filter(grid) {
-            conv2d_i8_forward(
-                dyq,
-                [n, o, g.oh, g.ow],
-                sdy,
-                &wt,
-                [g.c, o, g.kh, g.kw],
-                Scale::Scalar(swv),
-                None,
-                (1, 1),
-                (g.kh - 1 - g.ph, g.kw - 1 - g.pw),
-                d,
-            )?;
-            dx = None; // done: the chunks below compute dW only
-        }
+        conv2d_i8_forward(
+            dyq,
+            [n, o, g.oh, g.ow],
+            sdy,
+            &flipped_transpose(&s, wq),
+            [g.c, o, g.kh, g.kw],
+            Scale::Scalar(swv),
+            None,
+            (1, 1),
+            (st.g.ph, st.g.pw),
+            d,
+        )?;
+        dx = None; // done: the chunks below compute dW only
     }
     let nb = s.images_per_chunk(1, MAX_K_I32);
     let nchunks = n.div_ceil(nb);
