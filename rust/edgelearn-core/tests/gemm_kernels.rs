@@ -365,3 +365,92 @@ fn rows_operand_equals_the_materialised_matrix() {
     let data = [0i8; 10];
     assert!(RowsRef::new(&data, &[0, 5], 6).is_err());
 }
+
+/// `A` given by (overlapping) rows of one buffer, as the `dW` product of a stride-1 convolution reads the
+/// padded image, equals the reference product of the materialised matrix for every kernel and blocking,
+/// on edge shapes: rows ending at the very end of the buffer (the vector packer must not read past it),
+/// K not a multiple of any group, fewer rows than a panel, empty products.
+#[test]
+fn rows_as_a_operand_equals_the_materialised_matrix() {
+    use edgelearn_core::gemm::{gemm_i8_rows_a_with, RowsRef};
+    let mut rng = Rng(11);
+    for kernel in available_kernels() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (9, 1799, 16),
+            (17, 13, 5),
+            (288, 63, 64),
+            (4, 16, 3),
+            (5, 17, 33),
+            (0, 9, 4),
+            (6, 0, 4),
+            (6, 9, 0),
+        ] {
+            let len = 3 * m + k + 5;
+            let data = rng.i8s(len);
+            // the last row ends exactly at the end of the buffer
+            let offsets: Vec<usize> = (0..m)
+                .map(|r| {
+                    if r + 1 == m {
+                        len - k
+                    } else {
+                        (r * 3 + r / 4) % (len - k + 1)
+                    }
+                })
+                .collect();
+            let a_rows = RowsRef::new(&data, &offsets, k).unwrap();
+            let dense: Vec<i8> = offsets
+                .iter()
+                .flat_map(|&o| data[o..o + k].to_vec())
+                .collect();
+            let am = MatRef::row_major(&dense, m, k).unwrap();
+            let b = rng.i8s(k * n);
+            for lb in [Layout::Row, Layout::Col] {
+                let bm = view(&b, k, n, lb);
+                let want = gemm_reference(&am, &bm).unwrap();
+                for blk in blockings() {
+                    let mut got = vec![0x5555_5555i32; m * n];
+                    gemm_i8_rows_a_with(kernel, blk, &a_rows, &bm, &mut got).unwrap();
+                    assert_eq!(
+                        got.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+                        want,
+                        "kernel {} blocking {blk:?} shape {m}x{k}x{n} {lb:?}",
+                        kernel.name()
+                    );
+                }
+            }
+        }
+    }
+    // mismatched inner dimensions and K past the INT32 bound are errors
+    let data = [1i8; 64];
+    let a = RowsRef::new(&data, &[0, 3], 10).unwrap();
+    let b = [0i8; 9 * 2];
+    let bm = MatRef::row_major(&b, 9, 2).unwrap();
+    let e = edgelearn_core::gemm::gemm_i8_rows_a(&a, &bm, &mut [0; 4]).unwrap_err();
+    assert!(e.to_string().contains("inner dimensions"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+    /// Law: a rows operand as `A` equals the product of its materialised matrix, for any row offsets.
+    #[test]
+    fn rows_a_equals_reference(m in 0usize..40, k in 0usize..120, n in 0usize..40, seed in any::<u64>(),
+                               kc in 1usize..64, spread in 1usize..50) {
+        use edgelearn_core::gemm::{gemm_i8_rows_a_with, RowsRef};
+        let mut rng = Rng(seed);
+        let len = k + spread;
+        let data = rng.i8s(len);
+        let offsets: Vec<usize> = (0..m).map(|_| (rng.next() as usize) % (spread + 1)).collect();
+        let a_rows = RowsRef::new(&data, &offsets, k).unwrap();
+        let dense: Vec<i8> = offsets.iter().flat_map(|&o| data[o..o + k].to_vec()).collect();
+        let am = MatRef::row_major(&dense, m, k).unwrap();
+        let b = rng.i8s(k * n);
+        let bm = MatRef::col_major(&b, k, n).unwrap();
+        let want = gemm_reference(&am, &bm).unwrap();
+        for kernel in available_kernels() {
+            let mut got = vec![0i32; m * n];
+            gemm_i8_rows_a_with(kernel, Blocking { mc: 16, nc: 32, kc }, &a_rows, &bm, &mut got).unwrap();
+            prop_assert_eq!(got.iter().map(|&v| v as i64).collect::<Vec<_>>(), want.clone());
+        }
+    }
+}

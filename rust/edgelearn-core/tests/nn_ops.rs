@@ -320,6 +320,24 @@ fn conv2d_i8_equals_fp32_conv_of_dequantized_inputs() {
             .unwrap();
             close(&dx, &dx_ref, 1e-6, "i8 dx");
             close(&dw, &dw_ref, 1e-6, "i8 dw");
+            // without dX (a first layer), dW takes its own path (the padded grid where it applies)
+            let mut dw_only = vec![f32::NAN; wq.len()];
+            nn::conv2d_i8_backward(
+                &xq,
+                c.x,
+                sx,
+                &wq,
+                c.w,
+                sw,
+                &dyq,
+                sdy,
+                c.stride,
+                c.padding,
+                None,
+                &mut dw_only,
+            )
+            .unwrap();
+            close(&dw_only, &dw_ref, 1e-6, "i8 dw without dx");
         }
     }
 }

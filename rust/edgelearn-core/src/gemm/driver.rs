@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::pack::{pack_a, PackB};
+use super::pack::{PackA, PackB, RowsA};
 use super::{active_kernel, Kernel, MatRef, RowsRef, MAX_K_I32, MAX_MR, MAX_NR};
 use crate::error::{Error, Result};
 use crate::threads;
@@ -366,6 +366,43 @@ pub fn gemm_i8_f32_rows_with(
     Ok(())
 }
 
+/// `c = a · b` (row-major `M×N` i32) with `a` given by its rows: row `i` of `a` is the run
+/// `a.row(i)` of `K` values (an implicit im2col as the left operand, see [`RowsRef`]). Fails if
+/// `K > MAX_K_I32`.
+pub fn gemm_i8_rows_a(a: &RowsRef, b: &MatRef, c: &mut [i32]) -> Result<()> {
+    gemm_i8_rows_a_with(active_kernel()?, Blocking::default(), a, b, c)
+}
+
+/// [`gemm_i8_rows_a`] with an explicit kernel and blocking (tests use this).
+pub fn gemm_i8_rows_a_with(
+    kernel: &dyn Kernel,
+    blk: Blocking,
+    a: &RowsRef,
+    b: &MatRef,
+    c: &mut [i32],
+) -> Result<()> {
+    let (m, k) = (a.rows(), a.cols());
+    if k != b.rows() {
+        return Err(Error::invalid(
+            "b",
+            format!(
+                "inner dimensions differ: a is {m}x{k}, b is {}x{}",
+                b.rows(),
+                b.cols()
+            ),
+        ));
+    }
+    check_out(c.len(), m, b.cols())?;
+    if k > MAX_K_I32 {
+        return Err(Error::overflow(
+            "a",
+            format!("K = {k} exceeds {MAX_K_I32}: the INT32 result could overflow"),
+        ));
+    }
+    run(kernel, blk, &RowsA(*a), b, c.as_mut_ptr(), &Epilogue::None);
+    Ok(())
+}
+
 crate::simd::avx2_multiversion! {
 /// Converts rows `i0..i0+mm`, columns `j0..j0+nn` of the i32 output (row stride `ldc`) to f32 in place.
 ///
@@ -502,10 +539,10 @@ fn task_sizes(
     (mc, nc)
 }
 
-fn run<B: PackB + ?Sized>(
+fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
     kernel: &dyn Kernel,
     blk: Blocking,
-    a: &MatRef,
+    a: &A,
     b: &B,
     out: *mut i32,
     epi: &Epilogue,
@@ -580,7 +617,7 @@ fn run<B: PackB + ?Sized>(
                 A_BUF.with(|cell| {
                     let mut abuf = cell.borrow_mut();
                     let abuf = abuf.bytes(mm.div_ceil(mr) * apanel_len);
-                    pack_a(abuf, a, i0, mm, k0, kc, mr, ku, kernel.a_shifted());
+                    a.pack(abuf, i0, mm, k0, kc, mr, ku, kernel.a_shifted());
                     let q0 = j0 / nr;
                     for q in 0..nn.div_ceil(nr) {
                         let jj = j0 + q * nr;

@@ -29,8 +29,8 @@ pub use dispatch::{
     KNOWN_KERNELS,
 };
 pub use driver::{
-    gemm_i8, gemm_i8_f32, gemm_i8_f32_rows, gemm_i8_f32_rows_with, gemm_i8_f32_with, gemm_i8_with,
-    gemm_reference, Blocking, Scale,
+    gemm_i8, gemm_i8_f32, gemm_i8_f32_rows, gemm_i8_f32_rows_with, gemm_i8_f32_with,
+    gemm_i8_rows_a, gemm_i8_rows_a_with, gemm_i8_with, gemm_reference, Blocking, Scale,
 };
 
 use crate::error::{Error, Result};
@@ -84,6 +84,7 @@ impl<'a> RowsRef<'a> {
     }
     /// The bytes and the row offsets (`new` checked that every row's `cols` bytes exist).
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn parts(&self) -> (&'a [i8], &'a [usize]) {
         (self.data, self.offsets)
     }

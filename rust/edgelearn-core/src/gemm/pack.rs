@@ -8,6 +8,21 @@
 
 use super::{MatRef, RowsRef};
 
+/// `f::<KU>(args)` for the group size `ku` a kernel declares (1, 2, 4, 8 or 16), so that group copies
+/// compile to single moves.
+macro_rules! with_ku {
+    ($ku:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $ku {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            16 => $f::<16>($($arg),*),
+            ku => panic!("unsupported ku {ku}: kernels pack 1, 2, 4, 8 or 16 k values per group"),
+        }
+    };
+}
+
 /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `out`, as `ceil(m/mr)` panels of
 /// `kgroups·mr·ku` bytes (`kgroups = ceil(kc/ku)`), zero-padded, XOR 0x80 if `shift`.
 #[allow(clippy::too_many_arguments)]
@@ -73,14 +88,7 @@ fn pack_panels(
     ku: usize,
     x: i8,
 ) {
-    match ku {
-        1 => pack_panels_ku::<1>(out, src, l0, n, k0, kc, w, x),
-        2 => pack_panels_ku::<2>(out, src, l0, n, k0, kc, w, x),
-        4 => pack_panels_ku::<4>(out, src, l0, n, k0, kc, w, x),
-        8 => pack_panels_ku::<8>(out, src, l0, n, k0, kc, w, x),
-        16 => pack_panels_ku::<16>(out, src, l0, n, k0, kc, w, x),
-        _ => panic!("unsupported ku {ku}: kernels pack 1, 2, 4, 8 or 16 k values per group"),
-    }
+    with_ku!(ku, pack_panels_ku(out, src, l0, n, k0, kc, w, x))
 }
 
 /// `pack_panels` for a fixed `KU`, so that group copies compile to single moves.
@@ -119,46 +127,11 @@ fn pack_panels_ku<const KU: usize>(
             #[allow(unused_mut)]
             let mut l_done = 0;
             #[cfg(target_arch = "x86_64")]
-            if KU == 4 && kgroups >= 4 {
-                // The partial last group is read whole (its tail masked to padding), so lines are done
-                // by the vector path only while that over-read stays inside the buffer.
-                let rem = kc - full * KU;
-                let last_keep = if rem == 0 {
-                    u32::MAX
-                } else {
-                    (1u32 << (8 * rem)) - 1
-                };
+            if KU == 4 {
                 while l_done + 4 <= lines {
-                    let l = l_done;
-                    let base = (first + l) * ls + k0;
-                    if base + 3 * ls + kgroups * 4 > data.len() {
+                    let starts = [0, 1, 2, 3].map(|u| (first + l_done + u) * ls + k0);
+                    if !transpose_4_lines(panel, data, starts, l_done, w, kc, x) {
                         break;
-                    }
-                    // Blocks of 4 groups; the last block may overlap the previous one (same bytes).
-                    let mut g = 0;
-                    loop {
-                        let gb = g.min(kgroups - 4);
-                        let keep = if gb + 4 == kgroups {
-                            last_keep
-                        } else {
-                            u32::MAX
-                        };
-                        assert!(((gb + 3) * w + l + 4) * 4 <= panel.len());
-                        // SAFETY: the source range was checked above, the destination just now.
-                        unsafe {
-                            super::x86::pack::transpose_4x4_groups(
-                                data.as_ptr().add(base + gb * 4),
-                                ls,
-                                panel.as_mut_ptr().add((gb * w + l) * 4),
-                                w * 4,
-                                x,
-                                keep,
-                            )
-                        };
-                        g += 4;
-                        if g >= kgroups {
-                            break;
-                        }
                     }
                     l_done += 4;
                 }
@@ -240,6 +213,58 @@ fn pack_panels_ku<const KU: usize>(
             w,
             x,
         );
+    }
+}
+
+/// Lines `l..l+4` of a panel of width `w` in 4-value groups, from `kc` k values starting at
+/// `data[starts[u]]`: blocks of 4 lines × 4 groups transposed in registers, the last block overlapping
+/// the one before (same bytes), the partial last group read whole with its tail masked to `x`. Returns
+/// false (and writes nothing) when there are fewer than 4 groups or those whole-group reads would pass
+/// the end of `data`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn transpose_4_lines(
+    panel: &mut [i8],
+    data: &[i8],
+    starts: [usize; 4],
+    l: usize,
+    w: usize,
+    kc: usize,
+    x: i8,
+) -> bool {
+    let kgroups = kc.div_ceil(4);
+    if kgroups < 4 || starts.iter().any(|&s| s + kgroups * 4 > data.len()) {
+        return false;
+    }
+    let rem = kc % 4;
+    let last_keep = if rem == 0 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * rem)) - 1
+    };
+    let mut g = 0;
+    loop {
+        let gb = g.min(kgroups - 4);
+        let keep = if gb + 4 == kgroups {
+            last_keep
+        } else {
+            u32::MAX
+        };
+        assert!(((gb + 3) * w + l + 4) * 4 <= panel.len());
+        // SAFETY: the source ranges were checked above, the destination just now.
+        unsafe {
+            super::x86::pack::transpose_4x4_groups(
+                starts.map(|s| data.as_ptr().add(s + gb * 4)),
+                panel.as_mut_ptr().add((gb * w + l) * 4),
+                w * 4,
+                x,
+                keep,
+            )
+        };
+        g += 4;
+        if g >= kgroups {
+            return true;
+        }
     }
 }
 
@@ -335,6 +360,134 @@ fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, k
         }
     }
 }
+}
+
+/// An `A` operand the driver can pack: a strided [`MatRef`] or a [`RowsRef`] (implicit im2col).
+pub(crate) trait PackA: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// As [`pack_a`]: rows `r0..r0+m`, k values `k0..k0+kc`, panels of `mr` rows, groups of `ku`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &self,
+        out: &mut [i8],
+        r0: usize,
+        m: usize,
+        k0: usize,
+        kc: usize,
+        mr: usize,
+        ku: usize,
+        shift: bool,
+    );
+}
+
+impl PackA for MatRef<'_> {
+    fn rows(&self) -> usize {
+        MatRef::rows(self)
+    }
+    fn cols(&self) -> usize {
+        MatRef::cols(self)
+    }
+    fn pack(
+        &self,
+        out: &mut [i8],
+        r0: usize,
+        m: usize,
+        k0: usize,
+        kc: usize,
+        mr: usize,
+        ku: usize,
+        shift: bool,
+    ) {
+        pack_a(out, self, r0, m, k0, kc, mr, ku, shift)
+    }
+}
+
+/// A [`RowsRef`] as the `A` operand: its rows are the GEMM's rows (each a contiguous run of k values).
+#[derive(Clone, Copy, Debug)]
+pub struct RowsA<'a>(pub RowsRef<'a>);
+
+impl PackA for RowsA<'_> {
+    fn rows(&self) -> usize {
+        self.0.rows()
+    }
+    fn cols(&self) -> usize {
+        self.0.cols()
+    }
+    fn pack(
+        &self,
+        out: &mut [i8],
+        r0: usize,
+        m: usize,
+        k0: usize,
+        kc: usize,
+        mr: usize,
+        ku: usize,
+        shift: bool,
+    ) {
+        let x = if shift { 0x80u8 as i8 } else { 0 };
+        with_ku!(ku, pack_a_rows(out, &self.0, r0, m, k0, kc, mr, x))
+    }
+}
+
+/// [`pack_a`] for a [`RowsA`]: line `l` of a panel is row `r0 + l`, its k values contiguous from the
+/// row's offset. With 4-value groups (x86) blocks of 4 lines × 4 groups are transposed in registers
+/// while the block's 16-byte reads stay inside the data; other lines copy whole groups.
+#[allow(clippy::too_many_arguments)]
+fn pack_a_rows<const KU: usize>(
+    out: &mut [i8],
+    a: &RowsRef,
+    r0: usize,
+    m: usize,
+    k0: usize,
+    kc: usize,
+    w: usize,
+    x: i8,
+) {
+    let kgroups = kc.div_ceil(KU);
+    let full = kc / KU;
+    let rem = kc - full * KU;
+    let panels = m.div_ceil(w);
+    let panel_len = kgroups * w * KU;
+    assert!(out.len() >= panels * panel_len && r0 + m <= a.rows() && k0 + kc <= a.cols());
+    for p in 0..panels {
+        let panel = &mut out[p * panel_len..(p + 1) * panel_len];
+        let lines = w.min(m - p * w);
+        let first = r0 + p * w;
+        if lines < w {
+            for g in 0..kgroups {
+                panel[(g * w + lines) * KU..(g + 1) * w * KU].fill(x);
+            }
+        }
+        #[allow(unused_mut)]
+        let mut l_done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if KU == 4 {
+            let (data, offsets) = a.parts();
+            while l_done + 4 <= lines {
+                let starts = [0, 1, 2, 3].map(|u| offsets[first + l_done + u] + k0);
+                if !transpose_4_lines(panel, data, starts, l_done, w, kc, x) {
+                    break;
+                }
+                l_done += 4;
+            }
+        }
+        for l in l_done..lines {
+            let row = a.row(first + l, k0, kc);
+            for (g, s) in row.chunks_exact(KU).enumerate() {
+                let d = &mut panel[(g * w + l) * KU..(g * w + l + 1) * KU];
+                for u in 0..KU {
+                    d[u] = s[u] ^ x;
+                }
+            }
+            if rem > 0 {
+                let d = &mut panel[(full * w + l) * KU..(full * w + l + 1) * KU];
+                for u in 0..KU {
+                    d[u] = if u < rem { row[full * KU + u] ^ x } else { x };
+                }
+            }
+        }
+    }
 }
 
 /// A `B` operand the driver can pack: a strided [`MatRef`] or a [`RowsRef`] (implicit im2col).

@@ -26,13 +26,16 @@ use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, RowsRef, Scale, MAX_K_I32};
 use crate::threads;
 
-/// The padded-width grid computes Wp/OW times the outputs; past about 1/7 extra the patch matrix is
-/// cheaper (one thread, batch 32: 16→32 channels at 14x14 went from 235 to 187 µs per forward, 32→64 at
-/// 7x7 from 216 to 241 µs).
-const GRID_MAX_EXTRA: f64 = 1.0 / 7.0;
+/// The padded grid computes `S/OW` times the outputs (see [`PaddedGrid`]); it is used while the extra
+/// `S/OW − 1` stays within this fraction (numerator, denominator).
+const GRID_MAX_EXTRA: (usize, usize) = (1, 7);
 
 /// Bytes of patch matrix per chunk of images (about an L2 cache).
 const COL_BUDGET: usize = 256 * 1024;
+
+/// Bytes of implicit patch matrix per chunk of the padded grid: larger chunks mean fewer, wider GEMMs
+/// (one thread, batch 32, 32→64 channels at 7x7: backward 384 µs with 128 KiB, 346 with 1 MiB).
+const GRID_BUDGET: usize = 1024 * 1024;
 
 /// The shapes of one convolution: input geometry (with the kernel as window) and output channels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -386,19 +389,29 @@ pub fn conv2d_f32_backward(
     Ok(s)
 }
 
-/// Implicit im2col for stride-1 INT8 convolutions. The image is copied into a zero-padded plane per
-/// channel (`(H + 2ph) × (W + 2pw)`), and outputs are computed on a grid as wide as a padded row
-/// (`OH × Wp`, the last `Wp − OW` columns of each row being discarded). On that grid, row `(c, i, j)` of
-/// the patch matrix is the padded image itself read from offset `c·plane + i·Wp + j`: the GEMM packs its
-/// `B` operand straight from the padded image ([`RowsRef`]), so no patch matrix is written or read.
-/// Costs `Wp/OW − 1` extra output columns (14% for a 3x3 kernel on 14x14) against one pass fewer over a
-/// buffer `kh·kw` times the image, so it is used only while that overhead stays under 1/7.
+/// Implicit im2col for stride-1 INT8 convolutions. A chunk of `nb` images is copied side by side into
+/// one zero-padded plane per channel: `Hp = H + 2ph` rows of `Wp = nb·S + pw` bytes, image `i` at column
+/// `pw + i·S` with `S = W + pw`, so neighbouring images share their `pw` zero columns. Outputs are
+/// computed on a grid as wide as a padded row (output `(i, r, j)` at grid column `r·Wp + i·S + j`), and on
+/// that grid row `(c, ki, kj)` of the patch matrix is the padded plane itself read from offset
+/// `c·plane + ki·Wp + kj`: the GEMM packs its `B` operand straight from the plane ([`RowsRef`]), so no
+/// patch matrix is written or read. The grid holds `S − OW` unused columns per image row (1/7 of the
+/// outputs for a 3x3 kernel with padding 1 on 7x7 images, 1/14 on 14x14), so it is used only while that
+/// stays within [`GRID_MAX_EXTRA`].
 struct PaddedGrid {
     g: Geometry,
-    /// Padded row width `W + 2pw`: the grid's row stride.
+    /// Column stride of one image in a padded row, `W + pw`.
+    s: usize,
+}
+
+/// One chunk's layout on the grid of [`PaddedGrid`].
+struct GridChunk {
+    /// Padded row width `nb·S + pw`: the grid's row stride.
     wp: usize,
-    /// Offsets of the patch rows `(c, i, j)` in the padded image.
-    offsets: Vec<usize>,
+    /// Bytes of one channel's padded plane, `Hp·Wp`.
+    plane: usize,
+    /// Grid columns the GEMM computes: up to the last real output.
+    ncols: usize,
 }
 
 impl PaddedGrid {
@@ -407,86 +420,206 @@ impl PaddedGrid {
     fn applies(s: &ConvShape) -> bool {
         let g = s.g;
         let usable = g.sh == 1 && g.sw == 1 && !g.is_pointwise() && s.o > 0 && g.oh > 0 && g.ow > 0;
-        usable && (g.w + 2 * g.pw - g.ow) as f64 <= GRID_MAX_EXTRA * g.ow as f64
+        usable && (g.w + g.pw - g.ow) * GRID_MAX_EXTRA.1 <= GRID_MAX_EXTRA.0 * g.ow
     }
 
     /// The grid for `s`, if it [`applies`](Self::applies).
     fn new(s: &ConvShape) -> Option<Self> {
-        if !Self::applies(s) {
-            return None;
-        }
-        let g = s.g;
-        let wp = g.w + 2 * g.pw;
-        let plane = (g.h + 2 * g.ph) * wp;
-        let offsets = (0..g.c)
-            .flat_map(|c| {
-                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| c * plane + i * wp + j))
-            })
-            .collect();
-        Some(PaddedGrid { g, wp, offsets })
+        Self::applies(s).then_some(PaddedGrid {
+            g: s.g,
+            s: s.g.w + s.g.pw,
+        })
     }
 
-    /// `y (O, OH, OW)` of one image `x (C, H, W)`.
-    fn forward_image(
+    /// Images per chunk: the chunk's implicit patch matrix (`K × ncols` bytes, which the GEMM packs)
+    /// near [`GRID_BUDGET`], and every thread gets a chunk.
+    fn images_per_chunk(&self) -> usize {
+        let g = &self.g;
+        let per = (g.k() * g.oh * self.s).max(1);
+        let n = g.n.max(1);
+        (GRID_BUDGET / per)
+            .clamp(1, n)
+            .min(n.div_ceil(threads::num_threads()))
+            .max(1)
+    }
+
+    fn chunk(&self, nb: usize) -> GridChunk {
+        let g = &self.g;
+        let wp = nb * self.s + g.pw;
+        GridChunk {
+            wp,
+            plane: (g.h + 2 * g.ph) * wp,
+            ncols: (g.oh - 1) * wp + (nb - 1) * self.s + g.ow,
+        }
+    }
+
+    /// `nb` images `x (nb, C, H, W)` in the zero-padded planes of `c` (returned: `C` planes, plus the
+    /// bytes the last patch row reads past them).
+    fn pad(&self, x: &[i8], nb: usize, c: &GridChunk) -> Scratch<i8> {
+        let g = &self.g;
+        // The last patch row (ch = C−1, ki = kh−1, kj = kw−1) reads ncols bytes from its offset.
+        let len = (g.c - 1) * c.plane + (g.kh - 1) * c.wp + g.kw - 1 + c.ncols;
+        let mut xp = take_i8(len.max(g.c * c.plane));
+        xp.fill(0);
+        for (i, img) in x.chunks_exact(g.c * g.hw()).take(nb).enumerate() {
+            for (ch, chan) in img.chunks_exact(g.hw()).enumerate() {
+                for (yy, row) in chan.chunks_exact(g.w).enumerate() {
+                    let d = ch * c.plane + (yy + g.ph) * c.wp + g.pw + i * self.s;
+                    xp[d..d + g.w].copy_from_slice(row);
+                }
+            }
+        }
+        xp
+    }
+
+    /// Offsets of the patch rows `(ch, ki, kj)` in the padded planes of `c`.
+    fn offsets(&self, c: &GridChunk) -> Vec<usize> {
+        let g = &self.g;
+        (0..g.c)
+            .flat_map(|ch| {
+                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| ch * c.plane + i * c.wp + j))
+            })
+            .collect()
+    }
+
+    /// Images per chunk of the `dW` product, whose reduction runs over the `ncols` grid columns: as
+    /// [`images_per_chunk`](Self::images_per_chunk), with `ncols` within [`MAX_K_I32`] (`None` if one
+    /// image is already past it).
+    fn dw_images_per_chunk(&self) -> Option<usize> {
+        let g = &self.g;
+        let fit = (MAX_K_I32 / g.oh).saturating_sub(g.pw) / self.s;
+        (fit >= 1).then(|| self.images_per_chunk().min(fit))
+    }
+
+    /// `dWᵀ (K × O)` of a chunk as exact INT32 sums, `prod = col(x) · dYᵀ` over the grid: the patch rows
+    /// of the padded planes are the `A` operand ([`gemm::gemm_i8_rows_a`]), and `dY (nb, O, OH, OW)` is
+    /// laid on the grid with zeros in the unused columns, so those contribute nothing.
+    fn dw_chunk(&self, x: &[i8], dy: &[i8], nb: usize, o: usize, prod: &mut [i32]) -> Result<()> {
+        let c = self.chunk(nb);
+        let xp = self.pad(x, nb, &c);
+        let offsets = self.offsets(&c);
+        let a = RowsRef::new(&xp, &offsets, c.ncols)?;
+        let g = &self.g;
+        let mut dyg = take_i8(o * c.ncols);
+        dyg.fill(0);
+        for (i, img) in dy.chunks_exact(o * g.p()).take(nb).enumerate() {
+            for (oc, chan) in img.chunks_exact(g.p()).enumerate() {
+                for (r, row) in chan.chunks_exact(g.ow).enumerate() {
+                    let d = oc * c.ncols + r * c.wp + i * self.s;
+                    dyg[d..d + g.ow].copy_from_slice(row);
+                }
+            }
+        }
+        let b = MatRef::row_major(&dyg, o, c.ncols)?.t();
+        gemm::gemm_i8_rows_a(&a, &b, prod)
+    }
+
+    /// `y (nb, O, OH, OW)` of the chunk of images `x (nb, C, H, W)`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_chunk(
         &self,
         x: &[i8],
+        nb: usize,
         wm: &MatRef,
         sw: Scale,
         sx: f32,
         bias: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<()> {
-        let (g, wp) = (&self.g, self.wp);
-        let plane = (g.h + 2 * g.ph) * wp;
-        let ncols = g.oh * wp;
-        // The last patch row (c = C−1, i = kh−1, j = kw−1) ends at C·plane + kw − 1.
-        let mut xp = take_i8(g.c * plane + g.kw - 1);
-        xp.fill(0);
-        for (ch, img) in x.chunks_exact(g.hw()).enumerate() {
-            for (yy, row) in img.chunks_exact(g.w).enumerate() {
-                let d = ch * plane + (yy + g.ph) * wp + g.pw;
-                xp[d..d + g.w].copy_from_slice(row);
-            }
-        }
-        let b = RowsRef::new(&xp, &self.offsets, ncols)?;
+        let c = self.chunk(nb);
+        let xp = self.pad(x, nb, &c);
+        let offsets = self.offsets(&c);
+        let b = RowsRef::new(&xp, &offsets, c.ncols)?;
         let o = wm.rows();
-        let mut out = take_f32(o * ncols);
+        let mut out = take_f32(o * c.ncols);
         gemm::gemm_i8_f32_rows(wm, &b, sw, Scale::Scalar(sx), None, &mut out)?;
-        drop_grid_columns(&out, ncols, wp, g.ow, g.p(), bias, y);
+        let g = &self.g;
+        let layout = GridOut {
+            ncols: c.ncols,
+            wp: c.wp,
+            s: self.s,
+            nb,
+            o,
+            oh: g.oh,
+            ow: g.ow,
+        };
+        match bias {
+            Some(b) => scatter_grid_bias(&out, &layout, b, y),
+            None => scatter_grid(&out, &layout, y),
+        }
         Ok(())
     }
 }
 
-crate::simd::avx2_multiversion! {
-/// `y (O, P)` from the padded-grid output `src (O, ncols = OH·wp)`: each grid row's first `ow` values,
-/// plus `bias[o]` when given.
-fn drop_grid_columns(
-    src: &[f32],
+/// Where the outputs of a chunk sit on its grid (see [`PaddedGrid`]).
+struct GridOut {
     ncols: usize,
     wp: usize,
+    s: usize,
+    nb: usize,
+    o: usize,
+    oh: usize,
     ow: usize,
-    p: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    for (oc, (dst, src)) in y.chunks_exact_mut(p).zip(src.chunks_exact(ncols)).enumerate() {
-        let rows = dst.chunks_exact_mut(ow).zip(src.chunks_exact(wp));
-        match bias {
-            Some(b) => {
-                let bv = b[oc];
-                for (d, sr) in rows {
-                    for (d, &v) in d.iter_mut().zip(&sr[..ow]) {
-                        *d = v + bv;
+}
+
+/// Eight values `s[..8]` (plus `bv` if `ADD`) into `d[..8]`.
+#[inline(always)]
+fn move8<const ADD: bool>(d: &mut [f32], s: &[f32], bv: f32) {
+    let sv: &[f32; 8] = s[..8].try_into().unwrap();
+    let dv: &mut [f32; 8] = (&mut d[..8]).try_into().unwrap();
+    for t in 0..8 {
+        dv[t] = if ADD { sv[t] + bv } else { sv[t] };
+    }
+}
+
+/// Copies output row `(i, oc, r)` of a grid `src (O × ncols)` to `y (nb, O, OH, OW)` (plus `bias[oc]` if
+/// `ADD`), rows in increasing order of `y` address, in blocks of 8 values: a row of 8 or more ends with a
+/// block overlapping the one before; a shorter row is moved as 8 values when both ends have room, the
+/// extra ones landing on outputs a later row overwrites.
+#[inline(always)]
+fn scatter_grid_body<const ADD: bool>(src: &[f32], l: &GridOut, bias: &[f32], y: &mut [f32]) {
+    let ow = l.ow;
+    let total = y.len();
+    for i in 0..l.nb {
+        for oc in 0..l.o {
+            let bv = if ADD { bias[oc] } else { 0.0 };
+            for r in 0..l.oh {
+                let sb = oc * l.ncols + r * l.wp + i * l.s;
+                let db = ((i * l.o + oc) * l.oh + r) * ow;
+                if ow >= 8 {
+                    let (s, d) = (&src[sb..sb + ow], &mut y[db..db + ow]);
+                    let mut q = 0;
+                    loop {
+                        let b = q.min(ow - 8);
+                        move8::<ADD>(&mut d[b..], &s[b..], bv);
+                        q += 8;
+                        if q >= ow {
+                            break;
+                        }
                     }
-                }
-            }
-            None => {
-                for (d, sr) in rows {
-                    d.copy_from_slice(&sr[..ow]);
+                } else if db + 8 <= total && sb + 8 <= src.len() {
+                    move8::<ADD>(&mut y[db..], &src[sb..], bv);
+                } else {
+                    for (d, &v) in y[db..db + ow].iter_mut().zip(&src[sb..sb + ow]) {
+                        *d = if ADD { v + bv } else { v };
+                    }
                 }
             }
         }
     }
+}
+
+crate::simd::avx2_multiversion! {
+/// `y (nb, O, OH, OW)` from the grid output `src (O × ncols)` of [`PaddedGrid`].
+fn scatter_grid(src: &[f32], l: &GridOut, y: &mut [f32]) {
+    scatter_grid_body::<false>(src, l, &[], y)
+}
+}
+
+crate::simd::avx2_multiversion! {
+/// [`scatter_grid`] plus `bias[o]`.
+fn scatter_grid_bias(src: &[f32], l: &GridOut, bias: &[f32], y: &mut [f32]) {
+    scatter_grid_body::<true>(src, l, bias, y)
 }
 }
 
@@ -558,9 +691,10 @@ pub fn conv2d_i8_forward(
     }
     let (k, p, o, xs) = (s.k(), s.p(), s.o, s.x_img());
     let wm = MatRef::row_major(wq, o, k)?;
-    if let Some(imp) = PaddedGrid::new(&s) {
-        for_each_chunk(y, o * p, 1, |n0, yc, _| {
-            imp.forward_image(&xq[n0 * xs..(n0 + 1) * xs], &wm, sw, sx, bias, yc)
+    if let Some(grid) = PaddedGrid::new(&s) {
+        for_each_chunk(y, o * p, grid.images_per_chunk(), |n0, yc, _| {
+            let nb = yc.len() / (o * p);
+            grid.forward_chunk(&xq[n0 * xs..(n0 + nb) * xs], nb, &wm, sw, sx, bias, yc)
         })?;
         return Ok(s);
     }
@@ -665,7 +799,19 @@ pub fn conv2d_i8_backward(
         )?;
         dx = None; // done: the chunks below compute dW only
     }
-    let nb = s.images_per_chunk(1, MAX_K_I32);
+    // With dX done (or not asked for), dW can take the padded grid. It saves the patch matrix
+    // (K × nb·P bytes) but lays dY on the grid (O × ncols bytes), so it pays only when K > O (one
+    // thread, batch 32, 1→16 channels at 28x28: 67 µs through the patch matrix, 87 on the grid).
+    let grid = match dx {
+        None if k > o => {
+            PaddedGrid::new(&s).and_then(|gr| gr.dw_images_per_chunk().map(|nb| (gr, nb)))
+        }
+        _ => None,
+    };
+    let nb = match &grid {
+        Some((_, nb)) => *nb,
+        None => s.images_per_chunk(1, MAX_K_I32),
+    };
     let nchunks = n.div_ceil(nb);
     let par = nchunks < threads::num_threads();
     let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
@@ -682,6 +828,14 @@ pub fn conv2d_i8_backward(
         let nb = nb.min(n - n0);
         let ld = nb * p;
         let dyc = &dyq[n0 * o * p..(n0 + nb) * o * p];
+        if let Some((gr, _)) = &grid {
+            gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod)?;
+            acc.dw
+                .iter_mut()
+                .zip(&acc.prod)
+                .for_each(|(a, &v)| *a += v as f64);
+            return Ok(());
+        }
         let mut dyt_buf: Scratch<i8>;
         let dyt = if nb == 1 {
             dyc

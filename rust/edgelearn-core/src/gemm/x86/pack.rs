@@ -3,16 +3,15 @@
 
 use std::arch::x86_64::*;
 
-/// Transposes a 4-line × 4-group block: line `l` (at `src + l·ls`) holds groups `0..4` (16 bytes); group
+/// Transposes a 4-line × 4-group block: line `l` (at `src[l]`) holds groups `0..4` (16 bytes); group
 /// `g` of lines `0..4` goes to `dst + g·gs` (16 bytes). Every byte is XOR-ed with `x`; in group 3 the
 /// bytes outside `keep_last` become `x` (padding past the end of K).
 ///
 /// # Safety
-/// `src + l·ls .. +16` is readable for `l < 4` and `dst + g·gs .. +16` writable for `g < 4`.
+/// `src[l] .. +16` is readable for `l < 4` and `dst + g·gs .. +16` writable for `g < 4`.
 #[inline]
 pub(crate) unsafe fn transpose_4x4_groups(
-    src: *const i8,
-    ls: usize,
+    src: [*const i8; 4],
     dst: *mut i8,
     gs: usize,
     x: i8,
@@ -26,10 +25,7 @@ pub(crate) unsafe fn transpose_4x4_groups(
             xv,
         )
     };
-    let r0 = load(src);
-    let r1 = load(src.add(ls));
-    let r2 = load(src.add(2 * ls));
-    let r3 = load(src.add(3 * ls));
+    let [r0, r1, r2, r3] = src.map(load);
     let t0 = _mm_unpacklo_epi32(r0, r1); // l0g0 l1g0 l0g1 l1g1
     let t1 = _mm_unpackhi_epi32(r0, r1); // l0g2 l1g2 l0g3 l1g3
     let t2 = _mm_unpacklo_epi32(r2, r3);
