@@ -460,15 +460,14 @@ impl PaddedGrid {
         // The last patch row (ch = C−1, ki = kh−1, kj = kw−1) reads ncols bytes from its offset.
         let len = (g.c - 1) * c.plane + (g.kh - 1) * c.wp + g.kw - 1 + c.ncols;
         let mut xp = take_i8(len.max(g.c * c.plane));
-        xp.fill(0);
-        for (i, img) in x.chunks_exact(g.c * g.hw()).take(nb).enumerate() {
-            for (ch, chan) in img.chunks_exact(g.hw()).enumerate() {
-                for (yy, row) in chan.chunks_exact(g.w).enumerate() {
-                    let d = ch * c.plane + (yy + g.ph) * c.wp + g.pw + i * self.s;
-                    xp[d..d + g.w].copy_from_slice(row);
-                }
-            }
-        }
+        let at = GridAt {
+            plane: c.plane,
+            wp: c.wp,
+            top: g.ph,
+            left: g.pw,
+            s: self.s,
+        };
+        lay_on_grid(x, nb, g.c, g.h, g.w, &at, &mut xp);
         xp
     }
 
@@ -501,15 +500,14 @@ impl PaddedGrid {
         let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let g = &self.g;
         let mut dyg = take_i8(o * c.ncols);
-        dyg.fill(0);
-        for (i, img) in dy.chunks_exact(o * g.p()).take(nb).enumerate() {
-            for (oc, chan) in img.chunks_exact(g.p()).enumerate() {
-                for (r, row) in chan.chunks_exact(g.ow).enumerate() {
-                    let d = oc * c.ncols + r * c.wp + i * self.s;
-                    dyg[d..d + g.ow].copy_from_slice(row);
-                }
-            }
-        }
+        let at = GridAt {
+            plane: c.ncols,
+            wp: c.wp,
+            top: 0,
+            left: 0,
+            s: self.s,
+        };
+        lay_on_grid(dy, nb, o, g.oh, g.ow, &at, &mut dyg);
         let b = MatRef::row_major(&dyg, o, c.ncols)?.t();
         gemm::gemm_i8_rows_a(&a, &b, prod)
     }
@@ -548,6 +546,80 @@ impl PaddedGrid {
             None => scatter_grid(&out, &layout, y),
         }
         Ok(())
+    }
+}
+
+/// Where [`lay_on_grid`] puts images: row `r` of plane `pl` of image `i` at
+/// `pl·plane + (r + top)·wp + left + i·s`.
+struct GridAt {
+    plane: usize,
+    wp: usize,
+    top: usize,
+    left: usize,
+    s: usize,
+}
+
+/// Lays the `nb` images `src (nb, planes, rows, w)` side by side on a grid `dst` that is zero everywhere
+/// else (see [`GridAt`]). Rows are written in increasing address order, 16 bytes at a time with the
+/// bytes past a row written as zeros (a later row rewrites any that are its own), so a short row costs
+/// one load, one mask and one store rather than a `memcpy` call.
+#[allow(clippy::too_many_arguments)]
+fn lay_on_grid(
+    src: &[i8],
+    nb: usize,
+    planes: usize,
+    rows: usize,
+    w: usize,
+    at: &GridAt,
+    dst: &mut [i8],
+) {
+    /// `KEEP[16 − len ..][..16]` keeps the first `len` bytes of 16.
+    static KEEP: [u8; 32] = {
+        let mut k = [0u8; 32];
+        let mut i = 0;
+        while i < 16 {
+            k[i] = 0xff;
+            i += 1;
+        }
+        k
+    };
+    dst.fill(0);
+    if nb == 0 || planes == 0 || rows == 0 || w == 0 {
+        return;
+    }
+    let img = planes * rows * w;
+    assert!(nb * img <= src.len());
+    let last_d = (planes - 1) * at.plane + (rows - 1 + at.top) * at.wp + at.left + (nb - 1) * at.s;
+    assert!(last_d + w <= dst.len());
+    let (slen, dlen) = (src.len(), dst.len());
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for pl in 0..planes {
+        for r in 0..rows {
+            let mut so = (pl * rows + r) * w;
+            let mut d = pl * at.plane + (r + at.top) * at.wp + at.left;
+            for _ in 0..nb {
+                let mut q = 0;
+                while q < w {
+                    let len = (w - q).min(16);
+                    let (dq, sq) = (d + q, so + q);
+                    // SAFETY: every run lies inside `src` and `dst` (asserted above for the last, the
+                    // largest offsets); 16-byte moves only where both have 16 bytes.
+                    unsafe {
+                        if dq + 16 <= dlen && sq + 16 <= slen {
+                            let v = std::ptr::read_unaligned(sp.add(sq) as *const u128);
+                            let keep =
+                                std::ptr::read_unaligned(KEEP.as_ptr().add(16 - len) as *const u128);
+                            std::ptr::write_unaligned(dp.add(dq) as *mut u128, v & keep);
+                        } else {
+                            std::ptr::copy_nonoverlapping(sp.add(sq), dp.add(dq), len);
+                        }
+                    }
+                    q += 16;
+                }
+                so += img;
+                d += at.s;
+            }
+        }
     }
 }
 
@@ -648,16 +720,14 @@ fn transposed_dx_shape(s: &ConvShape) -> Option<ConvShape> {
 
 /// `W̃` of [`transposed_dx_shape`]: `(C, O, kh, kw)` from `wq (O, C, kh, kw)`, window flipped.
 fn flipped_transpose(s: &ConvShape, wq: &[i8]) -> Vec<i8> {
-    let g = s.g;
-    let (kh, kw, c, o) = (g.kh, g.kw, g.c, s.o);
+    let (kk, c, o) = (s.g.kh * s.g.kw, s.g.c, s.o);
     let mut wt = vec![0i8; wq.len()];
-    for oc in 0..o {
-        for ch in 0..c {
-            for i in 0..kh {
-                for j in 0..kw {
-                    wt[((ch * o + oc) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
-                        wq[((oc * c + ch) * kh + i) * kw + j];
-                }
+    // Flipping both window axes of a row-major kh × kw block reverses it.
+    for (oc, w_o) in wq.chunks_exact(c * kk).enumerate() {
+        for (ch, src) in w_o.chunks_exact(kk).enumerate() {
+            let dst = &mut wt[(ch * o + oc) * kk..(ch * o + oc + 1) * kk];
+            for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = v;
             }
         }
     }
