@@ -898,7 +898,15 @@ unsafe fn quantize_chunk_avx512(
         match rounding {
             Rounding::Nearest => {
                 let done = quantize_uniform_avx512(xs, qc, lo, hi, scale, None);
-                quantize_run_uniform(&xs[done..], &mut qc[done..], lo, hi, scale, rounding, start + done);
+                quantize_run_uniform(
+                    &xs[done..],
+                    &mut qc[done..],
+                    lo,
+                    hi,
+                    scale,
+                    rounding,
+                    start + done,
+                );
             }
             Rounding::Stochastic { seed } => {
                 for_each_key_block(stream_key(seed), start, n, |k, lo32, r| {
@@ -935,7 +943,11 @@ unsafe fn quantize_uniform_avx512(
 ) -> usize {
     use std::arch::x86_64::*;
     let n = xs.len().min(qs.len()) / 64 * 64;
-    let (vlo, vhi, vs) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi), _mm512_set1_ps(scale));
+    let (vlo, vhi, vs) = (
+        _mm512_set1_ps(lo),
+        _mm512_set1_ps(hi),
+        _mm512_set1_ps(scale),
+    );
     let (qlo, qhi) = (_mm512_set1_ps(-(QMAX as f32)), _mm512_set1_ps(QMAX as f32));
     let magic = _mm512_set1_ps(ROUND_MAGIC);
     let magic_bits = _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32);

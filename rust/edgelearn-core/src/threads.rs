@@ -165,3 +165,19 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         None => f(),
     }
 }
+
+/// A raw output pointer that parallel tasks share, each writing a disjoint part of the output.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+// SAFETY: users hand it to tasks that write disjoint regions of an output which outlives the parallel
+// section (each use states which regions).
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    // A method (not field access) so closures capture the Send wrapper, not the raw pointer.
+    #[inline]
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}

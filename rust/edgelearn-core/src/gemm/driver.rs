@@ -40,7 +40,7 @@ pub enum Scale<'a> {
 
 impl Scale<'_> {
     #[inline]
-    fn at(&self, i: usize) -> f32 {
+    pub(crate) fn at(&self, i: usize) -> f32 {
         match self {
             Scale::Scalar(s) => *s,
             Scale::PerIndex(v) => v[i],
@@ -79,20 +79,6 @@ enum Epilogue<'a> {
         sb: Scale<'a>,
         bias: Option<&'a [f32]>,
     },
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut i32);
-// SAFETY: tasks write disjoint regions of the output; the pointer outlives the parallel section.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method (not field access) so closures capture the Send wrapper, not the raw pointer.
-    #[inline]
-    fn ptr(self) -> *mut i32 {
-        self.0
-    }
 }
 
 thread_local! {
@@ -552,7 +538,8 @@ fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
     if m == 0 || n == 0 {
         return;
     }
-    let out = OutPtr(out);
+    // tasks write disjoint tiles of the output
+    let out = crate::threads::OutPtr(out);
     let (mr, nr, ku) = (kernel.mr(), kernel.nr(), kernel.ku());
     assert!(
         mr <= MAX_MR && nr <= MAX_NR && ku >= 1,

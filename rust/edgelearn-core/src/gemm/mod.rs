@@ -14,6 +14,7 @@
 //! INT32 results cannot overflow silently: [`gemm_i8`] refuses `K > MAX_K_I32`, and [`gemm_i8_f32`] splits
 //! larger `K` into chunks that each fit and accumulates them in f32.
 
+pub mod direct;
 mod dispatch;
 mod driver;
 mod pack;

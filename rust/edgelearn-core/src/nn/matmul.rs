@@ -75,18 +75,6 @@ impl<'a> MatF32<'a> {
     }
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each band writes a disjoint part of the output, which outlives the parallel section.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    #[inline]
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Below this many multiply-adds one thread does the whole product (a pool hop costs microseconds).
 pub(crate) const PAR_MIN_MACS: usize = 1 << 18;
 
@@ -183,7 +171,8 @@ pub(crate) unsafe fn sgemm(
         return;
     }
     // Bands a multiple of 16 wide (a whole number of micro-tiles), at least two per thread.
-    let out = OutPtr(c);
+    // each band writes a disjoint part of the output
+    let out = crate::threads::OutPtr(c);
     let tasks = 2 * nthreads;
     if m >= n || n < 32 {
         let rows = m.div_ceil(tasks).div_ceil(16) * 16;
