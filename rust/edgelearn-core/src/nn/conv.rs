@@ -623,54 +623,53 @@ fn lay_grouped(
     dst: &mut [i8],
 ) {
     dst.fill(0x80u8 as i8);
-    let img = c * rows * w;
+    let (plane_in, img) = (rows * w, c * rows * w);
+    // a run is moved in whole blocks of 16 positions (reads of 16 bytes per channel, 64-byte writes)
+    let span = w.div_ceil(16) * 16;
     for cg in 0..c.div_ceil(4) {
+        let nch = (c - 4 * cg).min(4);
         for r in 0..rows {
             for i in 0..nb {
                 let d = cg * at.plane + (r + at.top) * at.wp + at.left + i * at.s;
-                let chans: [Option<usize>; 4] = std::array::from_fn(|j| {
-                    let ch = 4 * cg + j;
-                    (ch < c).then(|| i * img + (ch * rows + r) * w)
-                });
-                let mut q = 0;
-                while q < w {
-                    let len = (w - q).min(16);
-                    #[cfg(target_arch = "x86_64")]
-                    if (d + q + 16) * 4 <= dst.len()
-                        && chans.iter().flatten().all(|&o| o + q + 16 <= src.len())
-                    {
-                        use std::arch::x86_64::*;
-                        // SAFETY: the 16-byte reads and the 64-byte write were just checked; SSE2 is
-                        // part of x86-64.
-                        unsafe {
+                let so = i * img + (4 * cg * rows + r) * w;
+                #[cfg(target_arch = "x86_64")]
+                if (d + span) * 4 <= dst.len() && so + (nch - 1) * plane_in + span <= src.len() {
+                    use std::arch::x86_64::*;
+                    // SAFETY: every 16-byte read (channels `< nch`, blocks below `span`) and 64-byte
+                    // write was just checked to lie inside `src`/`dst`; SSE2 is part of x86-64.
+                    unsafe {
+                        let flip = _mm_set1_epi8(0x80u8 as i8);
+                        let sp = src.as_ptr().add(so);
+                        let dp = dst.as_mut_ptr().add(d * 4);
+                        let mut q = 0;
+                        while q < w {
+                            let len = (w - q).min(16);
                             let keep =
                                 _mm_loadu_si128(KEEP16.as_ptr().add(16 - len) as *const __m128i);
-                            let flip = _mm_set1_epi8(0x80u8 as i8);
-                            let rows4 = chans.map(|o| match o {
-                                Some(o) => _mm_xor_si128(
-                                    _mm_and_si128(
-                                        _mm_loadu_si128(src.as_ptr().add(o + q) as *const __m128i),
-                                        keep,
-                                    ),
-                                    flip,
-                                ),
-                                None => flip,
+                            let rows4: [__m128i; 4] = std::array::from_fn(|j| {
+                                if j < nch {
+                                    let v =
+                                        _mm_loadu_si128(sp.add(j * plane_in + q) as *const __m128i);
+                                    _mm_xor_si128(_mm_and_si128(v, keep), flip)
+                                } else {
+                                    flip
+                                }
                             });
-                            gemm::x86::pack::store_interleaved(
-                                rows4,
-                                dst.as_mut_ptr().add((d + q) * 4),
-                            );
-                        }
-                        q += 16;
-                        continue;
-                    }
-                    for col in 0..len {
-                        for (j, o) in chans.iter().enumerate() {
-                            let v = o.map_or(0, |o| src[o + q + col]);
-                            dst[(d + q + col) * 4 + j] = v ^ (0x80u8 as i8);
+                            gemm::x86::pack::store_interleaved(rows4, dp.add(q * 4));
+                            q += 16;
                         }
                     }
-                    q += 16;
+                    continue;
+                }
+                for col in 0..w {
+                    for j in 0..4 {
+                        let v = if j < nch {
+                            src[so + j * plane_in + col]
+                        } else {
+                            0
+                        };
+                        dst[(d + col) * 4 + j] = v ^ (0x80u8 as i8);
+                    }
                 }
             }
         }
