@@ -400,6 +400,8 @@ pub fn conv2d_f32_backward(
 /// stays within [`GRID_MAX_EXTRA`].
 struct PaddedGrid {
     g: Geometry,
+    /// Output channels.
+    o: usize,
     /// Column stride of one image in a padded row, `W + pw`.
     s: usize,
 }
@@ -427,15 +429,17 @@ impl PaddedGrid {
     fn new(s: &ConvShape) -> Option<Self> {
         Self::applies(s).then_some(PaddedGrid {
             g: s.g,
+            o: s.o,
             s: s.g.w + s.g.pw,
         })
     }
 
-    /// Images per chunk: the chunk's implicit patch matrix (`K × ncols` bytes, which the GEMM packs)
-    /// near [`GRID_BUDGET`], and every thread gets a chunk.
+    /// Images per chunk: the chunk's buffers near [`GRID_BUDGET`] (the implicit patch matrix, `K × ncols`
+    /// bytes once packed, and the FP32 output of the GEMM, `O × ncols` floats; they are kept for reuse,
+    /// so this also bounds the memory a training step holds), and every thread gets a chunk.
     fn images_per_chunk(&self) -> usize {
         let g = &self.g;
-        let per = (g.k() * g.oh * self.s).max(1);
+        let per = ((g.k() + 4 * self.o) * g.oh * self.s).max(1);
         let n = g.n.max(1);
         (GRID_BUDGET / per)
             .clamp(1, n)
