@@ -208,37 +208,44 @@ mod x86 {
     use crate::gemm::Scale;
     use crate::threads;
 
-    /// A run of kept positions in a tile: lanes `lane .. lane + len` go to `y[dst + o·P ..]`.
+    /// A run of kept positions in a tile: the lanes of `mask` go to `y[at + lane + o·P]` (`at` is the
+    /// output index of lane 0, which may lie before the output).
     #[derive(Clone, Copy, Default)]
     struct Seg {
-        lane: usize,
-        len: usize,
-        dst: usize,
+        mask: u16,
+        at: isize,
     }
 
-    /// The runs of kept positions among `n0 .. n0 + 16` (below `cols`); returns how many.
+    /// The runs of kept positions among `n0 .. n0 + 16` (below `cols`); returns how many. One division
+    /// per tile, then the row, image and column advance with the position.
     fn segments(to: &GridScatter, o: usize, n0: usize, cols: usize, segs: &mut [Seg; 16]) -> usize {
         let end = (n0 + 16).min(cols);
+        let (mut r, q) = (n0 / to.wp, n0 % to.wp);
+        let (mut i, mut j) = (q / to.s, q % to.s);
         let (mut n, mut k) = (n0, 0);
         while n < end {
-            let (r, q) = (n / to.wp, n % to.wp);
-            let (i, j) = (q / to.s, q % to.s);
             if i >= to.nb {
-                n = (r + 1) * to.wp; // past the last image of the row
+                // past the last image of the row: on to the next row
+                n += to.wp - (i * to.s + j);
+                r += 1;
+                (i, j) = (0, 0);
                 continue;
             }
             if j >= to.ow {
-                n += to.s - j; // the gap before the next image
+                // the gap before the next image
+                n += to.s - j;
+                (i, j) = (i + 1, 0);
                 continue;
             }
             let len = (to.ow - j).min(end - n);
+            let lane = n - n0;
             segs[k] = Seg {
-                lane: n - n0,
-                len,
-                dst: i * o * to.p + r * to.ow + j,
+                mask: (((1u32 << len) - 1) << lane) as u16,
+                at: (i * o * to.p + r * to.ow + j) as isize - lane as isize,
             };
             k += 1;
             n += len;
+            j += len;
         }
         k
     }
@@ -340,12 +347,10 @@ mod x86 {
             if let Some(bp) = bias {
                 f = _mm512_add_ps(f, _mm512_set1_ps(*bp.add(r)));
             }
+            let row = y.wrapping_add(r * ldc);
             for sg in segs {
-                let mask = (((1u32 << sg.len) - 1) << sg.lane) as __mmask16;
-                // lane `sg.lane` lands on `y[sg.dst + r·ldc]`; the masked-off lanes' addresses (which
-                // may lie outside `y`) are not accessed
-                let at = y.wrapping_add(sg.dst + r * ldc).wrapping_sub(sg.lane);
-                _mm512_mask_storeu_ps(at, mask, f);
+                // the masked-off lanes' addresses (which may lie outside `y`) are not accessed
+                _mm512_mask_storeu_ps(row.wrapping_offset(sg.at), sg.mask, f);
             }
         }
     }
