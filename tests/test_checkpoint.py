@@ -219,6 +219,11 @@ def test_kill_during_checkpoint_write_keeps_previous_loadable(tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            # saves the writer finished while this loop slept (their lines are still in the pipe)
+            for line in proc.stdout.read().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "saved":
+                    last_saved = int(parts[1])
             proc.stdout.close()
         if any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
             killed_mid_write += 1

@@ -369,3 +369,24 @@ def test_batchnorm_and_pool_errors():
         nat.avgpool2d_backward(f32(2, 3, 2, 2), (2, 3, 4), 2, 2, 0)
     with pytest.raises(ValueError, match="^y:"):
         nat.relu_backward(f32(2, 3), f32(3, 2))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(32, 16, 28, 28), (32, 64, 7, 7), (4, 10), (3, 5, 17), (2, 3, 2, 3, 4), (1, 2, 300, 300), (0, 4, 3), (2, 3, 0)],
+)
+def test_channel_sums_match_float64_sums_over_every_axis_but_1(shape):
+    x = (RNG.standard_normal(shape) * 3 + 1).astype(np.float32)
+    got = nat.channel_sums(x)
+    want = x.astype(np.float64).sum(axis=(0,) + tuple(range(2, x.ndim)))
+    assert got.dtype == np.float32 and got.shape == (shape[1],)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.sqrt(max(x.size, 1)))
+
+
+def test_channel_sums_reject_bad_arrays():
+    with pytest.raises(ValueError, match="x: needs at least 2 dimensions"):
+        nat.channel_sums(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        nat.channel_sums(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="x: must be C-contiguous"):
+        nat.channel_sums(np.zeros((4, 4), np.float32)[:, ::2])
