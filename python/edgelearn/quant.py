@@ -9,7 +9,8 @@ For each channel (the whole array when per tensor), with ``c(x)`` the optionally
     q     = clip(round(c(x) / scale), -127, 127)
 
 ``round`` is round-half-to-even (``"nearest"``, identical to ``np.rint(x / scale)`` in float32) or
-stochastic (``floor(x / scale + u)``, ``u`` in [0, 1) from a hash of the seed and the flat element
+stochastic (``min(floor(x / scale + u), 127)``: the float32 sum can round ``127 + u`` up to 128; ``u`` in
+[0, 1) from a hash of the seed and the flat element
 index, so a seed gives the same codes whatever the thread count).
 """
 

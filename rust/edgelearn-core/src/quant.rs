@@ -698,17 +698,19 @@ fn round_nearest(t: f32) -> i8 {
     ((t + ROUND_MAGIC).to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32) as i8
 }
 
-/// `floor(t + u)` with the sum `t + u` an IEEE f32 addition (round to nearest even), `t` in [-127, 127]
-/// and `u` in [0, 1) a multiple of 2^-24. The sum is exact unless `t`'s ulp exceeds 2^-24; the rounding
-/// biases the expected code by less than 2^-18 (half the f32 ulp at 127). The floor is round-to-nearest
-/// (magic constant) minus one where that rounded up; everything stays in 32-bit vector lanes.
+/// `min(floor(t + u), 127)` with the sum `t + u` an IEEE f32 addition (round to nearest even), `t` in
+/// [-127, 127] and `u` in [0, 1) a multiple of 2^-24. The sum is exact unless `t`'s ulp exceeds 2^-24;
+/// the rounding biases the expected code by less than 2^-18 (half the f32 ulp at 127). It can round
+/// `127 + u` up to 128 (u ≥ 1 − 2^-18), hence the cap: codes stay in [-127, 127]. The floor is
+/// round-to-nearest (magic constant) minus one where that rounded up; everything stays in 32-bit
+/// vector lanes.
 #[inline(always)]
 fn round_stochastic(t: f32, u: f32) -> i8 {
     let v = t + u;
     let s = v + ROUND_MAGIC;
     let nearest = (s.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let rounded_up = ((s - ROUND_MAGIC) > v) as i32;
-    (nearest - rounded_up) as i8
+    (nearest - rounded_up).min(QMAX as i32) as i8
 }
 
 #[inline(always)]
@@ -926,7 +928,7 @@ unsafe fn quantize_chunk_avx512(
 }
 
 /// The whole blocks of 64 of a per-tensor run, as [`scaled`] then [`round_nearest`] (`noise: None`) or
-/// [`round_stochastic`] with [`uniform_f32`]`(key, lo32 + i)` (`Some((key, lo32))`), bit for bit: the
+/// [`round_stochastic`] (capped at 127 like it) with [`uniform_f32`]`(key, lo32 + i)` (`Some((key, lo32))`), bit for bit: the
 /// same IEEE operations in 16 lanes. Inputs are finite (the first pass checked), so `max`/`min` need no
 /// NaN handling. The 64 codes are packed to bytes with two saturating packs (exact: codes lie in
 /// [-127, 127]) and one permute, one 64-byte store: AMD's truncating `vpmovdb` store is slow. Returns
@@ -978,7 +980,8 @@ unsafe fn quantize_uniform_avx512(
                     let s = _mm512_add_ps(v, magic);
                     let nearest = _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits);
                     let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_sub_ps(s, magic), v);
-                    _mm512_mask_sub_epi32(nearest, up, nearest, _mm512_set1_epi32(1))
+                    let floor = _mm512_mask_sub_epi32(nearest, up, nearest, _mm512_set1_epi32(1));
+                    _mm512_min_epi32(floor, _mm512_set1_epi32(QMAX as i32))
                 }
             };
         }
@@ -1192,6 +1195,17 @@ mod tests {
         ] {
             assert_eq!(round_nearest(t) as f32, t.round_ties_even(), "t = {t}");
         }
+    }
+
+    #[test]
+    fn stochastic_codes_are_capped_where_the_sum_rounds_up_to_128() {
+        // 127 + (1 − 2^-24) rounds to 128.0 in f32
+        assert_eq!(127.0f32 + (1.0 - 1.0 / (1u32 << 24) as f32), 128.0);
+        assert_eq!(
+            round_stochastic(127.0, 1.0 - 1.0 / (1u32 << 24) as f32),
+            127
+        );
+        assert_eq!(round_stochastic(-127.0, 0.0), -127);
     }
 
     #[test]

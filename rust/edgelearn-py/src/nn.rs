@@ -1127,19 +1127,27 @@ fn avgpool2d_backward<'py>(
 /// Per-channel sums of a float32 array of shape `(N, C, ...)`: `Σ` over every axis but 1, in f64 per
 /// plane (the bias gradient of the INT8 layers). Returns a float32 `(C,)` array.
 #[pyfunction]
-fn channel_sums<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+fn channel_sums<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let x = In::<f32>::new("x", x, "float32", None)?;
     if x.shape.len() < 2 {
         return Err(value_error(
             "x",
-            &format!("needs at least 2 dimensions (N, C, ...), got shape {:?}", x.shape),
+            &format!(
+                "needs at least 2 dimensions (N, C, ...), got shape {:?}",
+                x.shape
+            ),
         ));
     }
     let c = x.shape[1];
     let out = PyArray1::<f32>::zeros(py, c, false);
     {
         let mut w = out.readwrite();
-        let ov = w.as_slice_mut().map_err(|_| value_error("out", "internal: not contiguous"))?;
+        let ov = w
+            .as_slice_mut()
+            .map_err(|_| value_error("out", "internal: not contiguous"))?;
         let (xv, shape) = (x.slice(), &x.shape);
         py.detach(|| nn::channel_sums(xv, shape, ov)).py()?;
     }

@@ -28,8 +28,8 @@ pub use batchnorm::{
     batchnorm2d_forward, batchnorm2d_forward_inplace,
 };
 pub use conv::{
-    channel_sums,
-    conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward, ConvShape,
+    channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
+    ConvShape,
 };
 pub use matmul::{matmul_f32, MatF32};
 pub use pool::{
