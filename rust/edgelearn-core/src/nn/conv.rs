@@ -17,7 +17,7 @@
 //! output channels, so a per-channel weight scale cannot be factored out of an INT8 product: that case
 //! scales `dY` by `sdy·sw[o]` in FP32 and runs the FP32 GEMM (exact up to float rounding, like the rest).
 //!
-//! INT8, stride 1 ([`PaddedGrid`]): no patch matrix at all. A chunk of images is laid side by side on
+//! INT8, stride 1 (`PaddedGrid`): no patch matrix at all. A chunk of images is laid side by side on
 //! zero-padded planes, where every patch row is the plane read from an offset: the forward packs its
 //! `B` straight from the planes, or (AVX-512 VNNI, [`gemm::direct`]) reads them in place with channels
 //! interleaved by 4 and stores its tiles straight into NCHW; `dX` is the forward convolution of `dY`
