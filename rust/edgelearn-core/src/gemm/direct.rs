@@ -198,13 +198,18 @@ fn sa_values<'a>(sa: &Scale<'a>) -> Option<&'a [f32]> {
     }
 }
 
+/// Below this many multiply-adds a direct convolution runs on the calling thread (a pool hop costs
+/// microseconds).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PAR_MIN_MACS: usize = 1 << 18;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use rayon::prelude::*;
 
-    use super::{DirectWeights, GridScatter, GroupedImage};
+    use super::{DirectWeights, GridScatter, GroupedImage, PAR_MIN_MACS};
     use crate::gemm::Scale;
     use crate::threads;
 
@@ -301,7 +306,8 @@ mod x86 {
                 }
             }
         };
-        if parallel && threads::num_threads() > 1 && tiles > 1 {
+        let macs = w.o * w.kgroups * 4 * b.cols;
+        if parallel && threads::num_threads() > 1 && tiles > 1 && macs >= PAR_MIN_MACS {
             threads::install(|| (0..tiles).into_par_iter().with_min_len(8).for_each(tile));
         } else {
             (0..tiles).for_each(tile);

@@ -294,6 +294,10 @@ fn for_each_chunk<T: Send>(
 ) -> Result<()> {
     let n = out.len() / per_image.max(1);
     let inner_parallel = n.div_ceil(nb) < threads::num_threads();
+    if n <= nb {
+        // one chunk: on the calling thread (its GEMM still spreads over the pool when large enough)
+        return f(0, out, inner_parallel);
+    }
     threads::install(|| {
         out.par_chunks_mut(nb * per_image)
             .enumerate()
@@ -718,7 +722,8 @@ fn lay_grouped(
 ) {
     dst.fill(0x80u8 as i8);
     let (plane_in, img) = (rows * w, c * rows * w);
-    // a run is moved in whole blocks of 16 positions (reads of 16 bytes per channel, 64-byte writes)
+    // (x86) a run is moved in whole blocks of 16 positions: 16-byte reads per channel, 64-byte writes
+    #[cfg(target_arch = "x86_64")]
     let span = w.div_ceil(16) * 16;
     for cg in 0..c.div_ceil(4) {
         let nch = (c - 4 * cg).min(4);
