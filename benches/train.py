@@ -10,6 +10,11 @@ loading and evaluation do not count; the PyTorch row is measured the same way).
     python benches/train.py                                  # Fashion-MNIST, 3 epochs, CNN and MLP, 1 and 2 threads
     python benches/train.py --dataset digits --epochs 2      # quick run on the bundled dataset
     python benches/train.py --models cnn --threads 1 --batch-size 256 --epochs 1   # memory comparison
+    python benches/train.py --models cnn --threads 1 --repeat 3   # median speed of 3 interleaved runs each
+
+With ``--repeat N`` every row runs N times, in N rounds that each run all rows in turn (so drift of a busy
+or thermally throttled machine hits every row alike); the table shows the median images/s (the JSON also
+lists each run's), and accuracy and memory of the first run (training is deterministic for a seed).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -119,8 +125,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per row, interleaved in rounds; the table shows the median images/s")
     ap.add_argument("--json", metavar="PATH", help="also write all rows as JSON")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     have_torch = torch_available()
     if not have_torch:
         print("note: torch is not importable; the PyTorch FP32 row is left out")
@@ -132,9 +142,21 @@ def main(argv=None):
     for model in args.models:
         for threads in args.threads:
             fp32_speed = None
-            rows = [(name, run_edgelearn(model, flags, args, threads)) for name, flags in ROWS]
+            runs = {name: [] for name, _ in ROWS}
             if have_torch:
-                rows.append(("pytorch fp32", run_torch(model, args, threads)))
+                runs["pytorch fp32"] = []
+            for _ in range(args.repeat):
+                for name, flags in ROWS:
+                    runs[name].append(run_edgelearn(model, flags, args, threads))
+                if have_torch:
+                    runs["pytorch fp32"].append(run_torch(model, args, threads))
+            rows = []
+            for name, rs in runs.items():
+                speed = statistics.median(x["train_images_per_s"] for x in rs)
+                r = dict(rs[0], train_images_per_s=speed)
+                if args.repeat > 1:
+                    r["train_images_per_s_runs"] = [x["train_images_per_s"] for x in rs]
+                rows.append((name, r))
             for name, r in rows:
                 if name == "edgelearn fp32":
                     fp32_speed = r["train_images_per_s"]
