@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import edgelearn
 from edgelearn import _native as nat
 
 RNG = np.random.default_rng(1234)
@@ -390,3 +393,39 @@ def test_channel_sums_reject_bad_arrays():
         nat.channel_sums(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="x: must be C-contiguous"):
         nat.channel_sums(np.zeros((4, 4), np.float32)[:, ::2])
+
+
+@st.composite
+def stride1_conv_shapes(draw):
+    """Stride-1 convolutions of any small geometry: the INT8 paths (padded grid, direct kernel with channels
+    in groups of 4, patch matrix) must all equal the FP32 convolution of the dequantized operands."""
+    n, c, o = draw(st.integers(1, 5)), draw(st.integers(1, 9)), draw(st.integers(1, 40))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, kh - 2 * ph), 18))
+    w = draw(st.integers(max(1, kw - 2 * pw), 36))
+    return (n, c, h, w), (o, c, kh, kw), (ph, pw), draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([1, 2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(stride1_conv_shapes())
+def test_int8_conv_equals_fp32_conv_of_dequantized_operands_on_any_stride1_shape(case):
+    xs, ws, pad, seed, threads = case
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-127, 128, xs).astype(np.int8)
+    w = rng.integers(-127, 128, ws).astype(np.int8)
+    b = rng.standard_normal(ws[0]).astype(np.float32)
+    sx, sw, sg = np.float32(0.01), np.float32(0.02), np.float32(0.003)
+    xf, wf = x.astype(np.float32) * sx, w.astype(np.float32) * sw
+    before = edgelearn.get_num_threads()
+    edgelearn.set_num_threads(threads)
+    try:
+        y = nat.conv2d_i8_forward(x, float(sx), w, float(sw), b, (1, 1), pad)
+        np.testing.assert_allclose(y, nat.conv2d_f32_forward(xf, wf, b, (1, 1), pad), rtol=1e-4, atol=1e-3)
+        g = rng.integers(-127, 128, y.shape).astype(np.int8)
+        dx, dw = nat.conv2d_i8_backward(x, float(sx), w, float(sw), g, float(sg), (1, 1), pad, need_dx=True)
+        dxr, dwr, _ = nat.conv2d_f32_backward(xf, wf, g.astype(np.float32) * sg, (1, 1), pad, need_dx=True)
+        np.testing.assert_allclose(dx, dxr, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(dw, dwr, rtol=1e-4, atol=1e-2)
+    finally:
+        edgelearn.set_num_threads(before)
