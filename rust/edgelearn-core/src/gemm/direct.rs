@@ -316,7 +316,7 @@ mod x86 {
 
     /// One tile: 16 output channels (rows of the packed panel `a`) × 16 positions of the image `img`
     /// (already advanced to the tile's first position). Row `r` is `(acc − corr[r]) as f32 · scale[r]`
-    /// (`+ bias[r]`), and its lanes of each run `seg` are stored at `y + seg.dst + r·ldc` (masked
+    /// (`+ bias[r]`), and the lanes of each run `seg` are stored at `y + r·ldc + seg.at` (masked
     /// stores, so the lanes outside a run are never touched), for the first `rows` rows.
     ///
     /// # Safety

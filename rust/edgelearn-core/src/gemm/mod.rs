@@ -85,7 +85,6 @@ impl<'a> RowsRef<'a> {
     }
     /// The bytes and the row offsets (`new` checked that every row's `cols` bytes exist).
     #[inline]
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn parts(&self) -> (&'a [i8], &'a [usize]) {
         (self.data, self.offsets)
     }

@@ -8,21 +8,6 @@
 
 use super::{MatRef, RowsRef};
 
-/// `f::<KU>(args)` for the group size `ku` a kernel declares (1, 2, 4, 8 or 16), so that group copies
-/// compile to single moves.
-macro_rules! with_ku {
-    ($ku:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $ku {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            8 => $f::<8>($($arg),*),
-            16 => $f::<16>($($arg),*),
-            ku => panic!("unsupported ku {ku}: kernels pack 1, 2, 4, 8 or 16 k values per group"),
-        }
-    };
-}
-
 /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `out`, as `ceil(m/mr)` panels of
 /// `kgroups·mr·ku` bytes (`kgroups = ceil(kc/ku)`), zero-padded, XOR 0x80 if `shift`.
 #[allow(clippy::too_many_arguments)]
@@ -41,6 +26,7 @@ pub(crate) fn pack_a(
         data: a.data(),
         line_stride: a.row_stride(),
         k_stride: a.col_stride(),
+        line_offsets: None,
     };
     let x = if shift { 0x80u8 as i8 } else { 0 };
     pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
@@ -64,16 +50,30 @@ pub(crate) fn pack_b(
         data: b.data(),
         line_stride: b.col_stride(),
         k_stride: b.row_stride(),
+        line_offsets: None,
     };
     pack_panels(out, &src, c0, n, k0, kc, nr, ku, 0);
     column_sums(sums, &src, c0, n, k0, kc, nr);
 }
 
-/// A matrix seen as lines (rows of A, columns of B) of k values.
+/// A matrix seen as lines (rows of A, columns of B) of k values: line `l` starts at `l·line_stride`, or
+/// at `line_offsets[l]` for the rows of a [`RowsRef`] (whose k values are contiguous: `k_stride` 1).
 struct Source<'a> {
     data: &'a [i8],
     line_stride: usize,
     k_stride: usize,
+    line_offsets: Option<&'a [usize]>,
+}
+
+impl Source<'_> {
+    /// Where line `l` starts in `data`.
+    #[inline(always)]
+    fn line(&self, l: usize) -> usize {
+        match self.line_offsets {
+            Some(o) => o[l],
+            None => l * self.line_stride,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -88,7 +88,14 @@ fn pack_panels(
     ku: usize,
     x: i8,
 ) {
-    with_ku!(ku, pack_panels_ku(out, src, l0, n, k0, kc, w, x))
+    match ku {
+        1 => pack_panels_ku::<1>(out, src, l0, n, k0, kc, w, x),
+        2 => pack_panels_ku::<2>(out, src, l0, n, k0, kc, w, x),
+        4 => pack_panels_ku::<4>(out, src, l0, n, k0, kc, w, x),
+        8 => pack_panels_ku::<8>(out, src, l0, n, k0, kc, w, x),
+        16 => pack_panels_ku::<16>(out, src, l0, n, k0, kc, w, x),
+        _ => panic!("unsupported ku {ku}: kernels pack 1, 2, 4, 8 or 16 k values per group"),
+    }
 }
 
 /// `pack_panels` for a fixed `KU`, so that group copies compile to single moves.
@@ -110,6 +117,8 @@ fn pack_panels_ku<const KU: usize>(
     assert!(out.len() >= panels * panel_len);
     let data = src.data;
     let (ls, ks) = (src.line_stride, src.k_stride);
+    // only the k-contiguous path reads lines through `Source::line`
+    assert!(src.line_offsets.is_none() || ks == 1);
     for p in 0..panels {
         let panel = &mut out[p * panel_len..(p + 1) * panel_len];
         let lines = w.min(n - p * w);
@@ -129,7 +138,7 @@ fn pack_panels_ku<const KU: usize>(
             #[cfg(target_arch = "x86_64")]
             if KU == 4 {
                 while l_done + 4 <= lines {
-                    let starts = [0, 1, 2, 3].map(|u| (first + l_done + u) * ls + k0);
+                    let starts = [0, 1, 2, 3].map(|u| src.line(first + l_done + u) + k0);
                     if !transpose_4_lines(panel, data, starts, l_done, w, kc, x) {
                         break;
                     }
@@ -138,7 +147,7 @@ fn pack_panels_ku<const KU: usize>(
             }
             partial_from = l_done;
             for l in l_done..lines {
-                let base = (first + l) * ls + k0;
+                let base = src.line(first + l) + k0;
                 let line = &data[base..base + kc];
                 for (g, s) in line.chunks_exact(KU).enumerate() {
                     let d = &mut panel[(g * w + l) * KU..(g * w + l + 1) * KU];
@@ -201,9 +210,7 @@ fn pack_panels_ku<const KU: usize>(
         }
         continue_partial::<KU>(
             panel,
-            data,
-            ls,
-            ks,
+            src,
             first,
             partial_from..lines,
             k0,
@@ -273,9 +280,7 @@ fn transpose_4_lines(
 #[inline]
 fn continue_partial<const KU: usize>(
     panel: &mut [i8],
-    data: &[i8],
-    ls: usize,
-    ks: usize,
+    src: &Source,
     first: usize,
     lines: std::ops::Range<usize>,
     k0: usize,
@@ -289,8 +294,9 @@ fn continue_partial<const KU: usize>(
         return;
     }
     let rem = kc - full * KU;
+    let (data, ks) = (src.data, src.k_stride);
     for l in lines {
-        let base = (first + l) * ls + (k0 + full * KU) * ks;
+        let base = src.line(first + l) + (k0 + full * KU) * ks;
         let d = &mut panel[(full * w + l) * KU..(full * w + l + 1) * KU];
         if ks == 1 && base + KU <= data.len() {
             // One load of KU bytes (the ones past `rem` belong to the next line or are unused).
@@ -425,68 +431,16 @@ impl PackA for RowsA<'_> {
         ku: usize,
         shift: bool,
     ) {
+        let (data, offsets) = self.0.parts();
+        let src = Source {
+            data,
+            line_stride: 0,
+            k_stride: 1,
+            line_offsets: Some(offsets),
+        };
+        assert!(r0 + m <= offsets.len() && k0 + kc <= self.0.cols());
         let x = if shift { 0x80u8 as i8 } else { 0 };
-        with_ku!(ku, pack_a_rows(out, &self.0, r0, m, k0, kc, mr, x))
-    }
-}
-
-/// [`pack_a`] for a [`RowsA`]: line `l` of a panel is row `r0 + l`, its k values contiguous from the
-/// row's offset. With 4-value groups (x86) blocks of 4 lines × 4 groups are transposed in registers
-/// while the block's 16-byte reads stay inside the data; other lines copy whole groups.
-#[allow(clippy::too_many_arguments)]
-fn pack_a_rows<const KU: usize>(
-    out: &mut [i8],
-    a: &RowsRef,
-    r0: usize,
-    m: usize,
-    k0: usize,
-    kc: usize,
-    w: usize,
-    x: i8,
-) {
-    let kgroups = kc.div_ceil(KU);
-    let full = kc / KU;
-    let rem = kc - full * KU;
-    let panels = m.div_ceil(w);
-    let panel_len = kgroups * w * KU;
-    assert!(out.len() >= panels * panel_len && r0 + m <= a.rows() && k0 + kc <= a.cols());
-    for p in 0..panels {
-        let panel = &mut out[p * panel_len..(p + 1) * panel_len];
-        let lines = w.min(m - p * w);
-        let first = r0 + p * w;
-        if lines < w {
-            for g in 0..kgroups {
-                panel[(g * w + lines) * KU..(g + 1) * w * KU].fill(x);
-            }
-        }
-        #[allow(unused_mut)]
-        let mut l_done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if KU == 4 {
-            let (data, offsets) = a.parts();
-            while l_done + 4 <= lines {
-                let starts = [0, 1, 2, 3].map(|u| offsets[first + l_done + u] + k0);
-                if !transpose_4_lines(panel, data, starts, l_done, w, kc, x) {
-                    break;
-                }
-                l_done += 4;
-            }
-        }
-        for l in l_done..lines {
-            let row = a.row(first + l, k0, kc);
-            for (g, s) in row.chunks_exact(KU).enumerate() {
-                let d = &mut panel[(g * w + l) * KU..(g * w + l + 1) * KU];
-                for u in 0..KU {
-                    d[u] = s[u] ^ x;
-                }
-            }
-            if rem > 0 {
-                let d = &mut panel[(full * w + l) * KU..(full * w + l + 1) * KU];
-                for u in 0..KU {
-                    d[u] = if u < rem { row[full * KU + u] ^ x } else { x };
-                }
-            }
-        }
+        pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
     }
 }
 

@@ -578,11 +578,7 @@ impl PaddedGrid {
     fn grouped(&self, x: &[i8], nb: usize, c: &GridChunk) -> (Scratch<i8>, Vec<usize>) {
         let g = &self.g;
         let cgs = g.c.div_ceil(4);
-        let offsets: Vec<usize> = (0..cgs)
-            .flat_map(|cg| {
-                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| cg * c.plane + i * c.wp + j))
-            })
-            .collect();
+        let offsets = self.tap_offsets(cgs, c);
         // The kernel reads whole tiles of 16 positions from every k-group's offset.
         let span = c.ncols.div_ceil(16) * 16;
         let positions = (offsets.iter().max().copied().unwrap_or(0) + span).max(cgs * c.plane);
@@ -591,12 +587,13 @@ impl PaddedGrid {
         (buf, offsets)
     }
 
-    /// Offsets of the patch rows `(ch, ki, kj)` in the padded planes of `c`.
-    fn offsets(&self, c: &GridChunk) -> Vec<usize> {
+    /// Offsets of the taps `(plane, ki, kj)` of `planes` padded planes of `c`: the patch rows
+    /// `(ch, ki, kj)` (`planes = C`), or the direct kernel's k-groups `(c/4, ki, kj)` in positions.
+    fn tap_offsets(&self, planes: usize, c: &GridChunk) -> Vec<usize> {
         let g = &self.g;
-        (0..g.c)
-            .flat_map(|ch| {
-                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| ch * c.plane + i * c.wp + j))
+        (0..planes)
+            .flat_map(|pl| {
+                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| pl * c.plane + i * c.wp + j))
             })
             .collect()
     }
@@ -616,7 +613,7 @@ impl PaddedGrid {
     fn dw_chunk(&self, x: &[i8], dy: &[i8], nb: usize, o: usize, prod: &mut [i32]) -> Result<()> {
         let c = self.chunk(nb);
         let xp = self.pad(x, nb, &c);
-        let offsets = self.offsets(&c);
+        let offsets = self.tap_offsets(self.g.c, &c);
         let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let g = &self.g;
         let mut dyg = take_i8(o * c.ncols);
@@ -650,36 +647,27 @@ impl PaddedGrid {
         let c = self.chunk(nb);
         let o = wm.rows();
         let g = &self.g;
+        let to = gemm::direct::GridScatter {
+            wp: c.wp,
+            s: self.s,
+            ow: g.ow,
+            nb,
+            p: g.p(),
+            bias,
+        };
         if let Some(dw) = direct {
             let (img, offsets) = self.grouped(x, nb, &c);
             let b = gemm::direct::GroupedImage::new(&img, &offsets, c.ncols)?;
-            let to = gemm::direct::GridScatter {
-                wp: c.wp,
-                s: self.s,
-                ow: g.ow,
-                nb,
-                p: g.p(),
-                bias,
-            };
             return gemm::direct::conv_direct_f32(dw, &b, sw, sx, y, &to, parallel);
         }
         let mut out = take_f32(o * c.ncols);
         let xp = self.pad(x, nb, &c);
-        let offsets = self.offsets(&c);
+        let offsets = self.tap_offsets(self.g.c, &c);
         let b = RowsRef::new(&xp, &offsets, c.ncols)?;
         gemm::gemm_i8_f32_rows(wm, &b, sw, Scale::Scalar(sx), None, &mut out)?;
-        let layout = GridOut {
-            ncols: c.ncols,
-            wp: c.wp,
-            s: self.s,
-            nb,
-            o,
-            oh: g.oh,
-            ow: g.ow,
-        };
         match bias {
-            Some(b) => scatter_grid_bias(&out, &layout, b, y),
-            None => scatter_grid(&out, &layout, y),
+            Some(b) => scatter_grid_bias(&out, c.ncols, o, &to, b, y),
+            None => scatter_grid(&out, c.ncols, o, &to, y),
         }
         Ok(())
     }
@@ -830,17 +818,6 @@ fn lay_on_grid(
     }
 }
 
-/// Where the outputs of a chunk sit on its grid (see [`PaddedGrid`]).
-struct GridOut {
-    ncols: usize,
-    wp: usize,
-    s: usize,
-    nb: usize,
-    o: usize,
-    oh: usize,
-    ow: usize,
-}
-
 /// Eight values `s[..8]` (plus `bv` if `ADD`) into `d[..8]`.
 #[inline(always)]
 fn move8<const ADD: bool>(d: &mut [f32], s: &[f32], bv: f32) {
@@ -851,20 +828,27 @@ fn move8<const ADD: bool>(d: &mut [f32], s: &[f32], bv: f32) {
     }
 }
 
-/// Copies output row `(i, oc, r)` of a grid `src (O × ncols)` to `y (nb, O, OH, OW)` (plus `bias[oc]` if
-/// `ADD`), rows in increasing order of `y` address, in blocks of 8 values: a row of 8 or more ends with a
-/// block overlapping the one before; a shorter row is moved as 8 values when both ends have room, the
-/// extra ones landing on outputs a later row overwrites.
+/// Copies output row `(i, oc, r)` of a grid `src (O × ncols)` to `y` at the place `to` gives (plus
+/// `bias[oc]` if `ADD`), rows in increasing order of `y` address, in blocks of 8 values: a row of 8 or
+/// more ends with a block overlapping the one before; a shorter row is moved as 8 values when both ends
+/// have room, the extra ones landing on outputs a later row overwrites.
 #[inline(always)]
-fn scatter_grid_body<const ADD: bool>(src: &[f32], l: &GridOut, bias: &[f32], y: &mut [f32]) {
-    let ow = l.ow;
+fn scatter_grid_body<const ADD: bool>(
+    src: &[f32],
+    ncols: usize,
+    o: usize,
+    to: &gemm::direct::GridScatter,
+    bias: &[f32],
+    y: &mut [f32],
+) {
+    let ow = to.ow;
     let total = y.len();
-    for i in 0..l.nb {
-        for oc in 0..l.o {
+    for i in 0..to.nb {
+        for oc in 0..o {
             let bv = if ADD { bias[oc] } else { 0.0 };
-            for r in 0..l.oh {
-                let sb = oc * l.ncols + r * l.wp + i * l.s;
-                let db = ((i * l.o + oc) * l.oh + r) * ow;
+            for r in 0..to.p / ow {
+                let sb = oc * ncols + r * to.wp + i * to.s;
+                let db = (i * o + oc) * to.p + r * ow;
                 if ow >= 8 {
                     let (s, d) = (&src[sb..sb + ow], &mut y[db..db + ow]);
                     let mut q = 0;
@@ -889,16 +873,24 @@ fn scatter_grid_body<const ADD: bool>(src: &[f32], l: &GridOut, bias: &[f32], y:
 }
 
 crate::simd::avx2_multiversion! {
-/// `y (nb, O, OH, OW)` from the grid output `src (O × ncols)` of [`PaddedGrid`].
-fn scatter_grid(src: &[f32], l: &GridOut, y: &mut [f32]) {
-    scatter_grid_body::<false>(src, l, &[], y)
+/// `y` from the grid output `src (O × ncols)` of [`PaddedGrid`] (the layout of the direct kernel's
+/// [`gemm::direct::GridScatter`]; its bias is not read here).
+fn scatter_grid(src: &[f32], ncols: usize, o: usize, to: &gemm::direct::GridScatter, y: &mut [f32]) {
+    scatter_grid_body::<false>(src, ncols, o, to, &[], y)
 }
 }
 
 crate::simd::avx2_multiversion! {
 /// [`scatter_grid`] plus `bias[o]`.
-fn scatter_grid_bias(src: &[f32], l: &GridOut, bias: &[f32], y: &mut [f32]) {
-    scatter_grid_body::<true>(src, l, bias, y)
+fn scatter_grid_bias(
+    src: &[f32],
+    ncols: usize,
+    o: usize,
+    to: &gemm::direct::GridScatter,
+    bias: &[f32],
+    y: &mut [f32],
+) {
+    scatter_grid_body::<true>(src, ncols, o, to, bias, y)
 }
 }
 
@@ -1118,12 +1110,15 @@ pub fn conv2d_i8_backward(
         let nb = nb.min(n - n0);
         let ld = nb * p;
         let dyc = &dyq[n0 * o * p..(n0 + nb) * o * p];
-        if let Some((gr, _)) = &grid {
-            gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod)?;
+        let add_prod = |acc: &mut Acc| {
             acc.dw
                 .iter_mut()
                 .zip(&acc.prod)
-                .for_each(|(a, &v)| *a += v as f64);
+                .for_each(|(a, &v)| *a += v as f64)
+        };
+        if let Some((gr, _)) = &grid {
+            gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod)?;
+            add_prod(acc);
             return Ok(());
         }
         let mut dyt_buf: Scratch<i8>;
@@ -1154,10 +1149,7 @@ pub fn conv2d_i8_backward(
         // and only the O columns of dYᵀ need the VNNI kernel's column sums.
         if ld <= MAX_K_I32 {
             gemm::gemm_i8(&cm, &dym.t(), &mut acc.prod)?;
-            acc.dw
-                .iter_mut()
-                .zip(&acc.prod)
-                .for_each(|(a, &v)| *a += v as f64);
+            add_prod(acc);
         } else {
             gemm::gemm_i8_f32(
                 &cm,
