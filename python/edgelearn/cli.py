@@ -77,6 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     scheduler = optim.CosineAnnealingLR(opt, T_max=args.epochs)
 
     settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings["image_shape"] = list(train.image_shape)  # lets 'edgelearn export' and 'finetune' size the input
     if not args.json:
         print(f"training {args.model} ({args.precision}) on {args.dataset}: {len(train)} train / {len(test)} test "
               f"images {train.image_shape}, {args.epochs} epochs, batch {args.batch_size}, "
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "dataset, peak_rss_mb, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
+    from .cli_finetune import add_parsers as _add_finetune_parsers
+
+    _add_finetune_parsers(sub, _positive_int)
 
     p_video = sub.add_parser(
         "video",

@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedOperatorError,
 )
-from .exporter import EXPORT_OPSET, export
+from .exporter import EXPORT_OPSET, export, fp32_outputs
 from .importer import MIN_OPSET, SUPPORTED_OPS, Limits, load
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedOperatorError",
     "export",
+    "fp32_outputs",
     "load",
 ]

@@ -24,7 +24,7 @@ from ..nn.module import Module
 from ..tensor import Tensor, no_grad, tensor
 from .errors import OnnxExportError
 
-__all__ = ["EXPORT_OPSET", "export"]
+__all__ = ["EXPORT_OPSET", "export", "fp32_outputs"]
 
 #: The opset ``export`` writes (ONNX Runtime has run it for years; HardSwish needs 14).
 EXPORT_OPSET = 17
@@ -431,3 +431,28 @@ def export(model: Any, path: Union[str, "os.PathLike[str]", None], input_shape: 
             f.write(proto.SerializeToString())
         os.replace(tmp, path)
     return proto
+
+
+def fp32_outputs(model: Any, x: Any, batch_size: int = 256) -> np.ndarray:
+    """What the exported graph computes: ``model``'s eval-mode outputs on ``x`` with every INT8 layer run in FP32
+    on its master weights (the model's modes and step counters are left as they were). Compare these with ONNX
+    Runtime's outputs; an INT8 model's own eval mode also quantizes activations, so its outputs differ by the
+    quantization error while its predictions almost always agree."""
+    from ..nn.module import _tree_changed
+
+    layers = [m for m in model.modules() if getattr(m, "int8", None) is not None]
+    saved = [(m, m.int8) for m in layers]
+    was_training = getattr(model, "training", False)
+    xs = np.asarray(x, np.float32)
+    try:
+        for m in layers:
+            object.__setattr__(m, "int8", None)
+        _tree_changed()
+        model.eval()
+        with no_grad():
+            return np.concatenate([model(tensor(xs[i:i + batch_size])).numpy() for i in range(0, len(xs), batch_size)])
+    finally:
+        for m, cfg in saved:
+            object.__setattr__(m, "int8", cfg)
+        _tree_changed()
+        model.train(was_training)

@@ -955,6 +955,7 @@ def load(source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview], *
     gm = imp.run()
     gm.eval()
     shape = imp.input_shape
+    gm.input_shape = shape  # (N, C, H, W) as the file declares it, None for symbolic sizes
     if check and len(shape) >= 2 and all(d is not None for d in shape[1:]):
         _dry_run(gm, (1,) + tuple(shape[1:]))
     return gm
