@@ -1,8 +1,9 @@
 """``edgelearn.nn``: PyTorch-like modules. Linear/Conv2d switch to Octo INT8 mode with ``edgelearn.octo``."""
 
 from .. import functional
-from ..octo import OctoConfig, octo
+from ..octo_config import OctoConfig
 from .graph import Add, Clip, Concat, GlobalAvgPool, GraphModule, Hardsigmoid, Mul, Reshape, ZeroPad2d
+from .octo import fp32, octo
 from .init import manual_seed
 from .layers import (
     AdaptiveAvgPool2d,

@@ -32,7 +32,7 @@ class StructureError(ValueError):
 
 
 def _encode(value: Any, where: str) -> Any:
-    from ..octo import OctoConfig
+    from ..octo_config import OctoConfig
 
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -52,7 +52,7 @@ def _encode(value: Any, where: str) -> Any:
 
 
 def _decode(value: Any, where: str) -> Any:
-    from ..octo import OctoConfig
+    from ..octo_config import OctoConfig
 
     if isinstance(value, list):
         return [_decode(v, where) for v in value]
