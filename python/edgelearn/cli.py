@@ -273,7 +273,7 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
         os.replace(tmp, args.port_file)
     _say_flush(f"cloud listening on {args.host}:{server.port} ({'TLS' if server.tls else 'no TLS'}, "
                f"{'token required' if server.token else 'no token'}): {args.model} split at {args.split}"
-               + (f"; exits after {args.edges} edge sessions" if args.edges else ""))
+               + (f"; exits after {plural(args.edges, 'edge session')}" if args.edges else ""))
     deadline = time.monotonic() + args.timeout if args.timeout else None
     timed_out = False
     try:
@@ -289,14 +289,14 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
         server.stop(grace=2.0)
     ended = list(cloud.ended)
     counts = {s: sum(e["status"] == s for e in ended) for s in ("completed", "dropped", "rejected")}
-    _say_flush(f"cloud stopped: {cloud.steps} steps applied; {counts['completed']} edges completed, "
-               f"{counts['dropped']} dropped, {counts['rejected']} rejected")
+    _say_flush(f"cloud stopped: {plural(cloud.steps, 'step')} applied; {plural(counts['completed'], 'edge')} "
+               f"completed, {counts['dropped']} dropped, {counts['rejected']} rejected")
     if args.json:
         print(json.dumps({"port": server.port, "steps": cloud.steps, **counts, "sessions": ended,
                           "timed_out": timed_out}, default=str))
     if timed_out:
-        print(f"edgelearn: error: --timeout {args.timeout:g} s reached with {len(ended)} of {args.edges} edge "
-              "sessions ended", file=sys.stderr)
+        print(f"edgelearn: error: --timeout {args.timeout:g} s reached with {len(ended)} of {plural(args.edges, 'edge session')} "
+              "ended", file=sys.stderr)
         return 1
     return 0
 
@@ -450,6 +450,56 @@ def _add_collab_parser(sub) -> None:
     p_join.set_defaults(func=_cmd_collab_join)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgelearn import run
+    from edgelearn.predict import predict, read_inputs
+
+    trained = run.load_trained(args.checkpoint)
+    inputs = read_inputs(args.input, trained.image_shape, labels=args.labels, classes=trained.classes,
+                         invert=args.invert)
+    probs = predict(trained.model, inputs.images)
+    top = min(args.top, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
+    rows = [{"input": name, "class": trained.classes[int(o[0])], "index": int(o[0]),
+             "probability": float(p[o[0]]),
+             "top": [{"class": trained.classes[int(k)], "probability": float(p[k])} for k in o]}
+            for name, p, o in zip(inputs.names, probs, order)]
+    result = {"checkpoint": args.checkpoint, "input": args.input, "n": len(rows)}
+    if inputs.labels is not None:
+        for row, label in zip(rows, inputs.labels):
+            row["label"] = label
+        result["accuracy"] = sum(r["class"] == r["label"] for r in rows) / len(rows)
+    if args.json:
+        print(json.dumps({**result, "predictions": rows}))
+        return 0
+    shown = rows if args.show == 0 else rows[:args.show]
+    width = max(len(r["input"]) for r in shown)
+    for r in shown:
+        guesses = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+        label = f"   (label {r['label']})" if "label" in r else ""
+        print(f"{r['input']:<{width}}  {guesses}{label}")
+    if len(shown) < len(rows):
+        print(f"... and {plural(len(rows) - len(shown), 'more image')} (--show 0 lists all, --json gives all)")
+    if "accuracy" in result:
+        print(f"accuracy: {100 * result['accuracy']:.2f}% ({plural(len(rows), 'image')})")
+    return 0
+
+
+def _cmd_demo_clip(args: argparse.Namespace) -> int:
+    from edgelearn import video
+
+    try:
+        import av  # noqa: F401
+    except ImportError as exc:
+        raise ImportError('writing a clip needs PyAV: pip install "edgelearn[video]"') from exc
+    video.write_clip(args.path, video.synthetic_clip(args.frames, args.height, args.width, seed=args.seed))
+    print(f"wrote {args.path}: {plural(args.frames, 'frame')} of {args.width}x{args.height} (a static camera, "
+          f"moving objects); try: edgelearn video {args.path} --compare-dense")
+    return 0
+
+
 def _nonneg_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -491,10 +541,10 @@ def _cmd_video(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     print(f"{run.frames} frames {tuple(runner.input_shape or ())} of {args.path}, model {args.model}, patch {args.patch}, threshold {args.threshold}, "
-          f"refresh every {args.refresh or 'never'}")
+          + (f"dense refresh every {plural(args.refresh, 'frame')}" if args.refresh else "no periodic dense refresh"))
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
-          f"gate {summary['mean_gate_ms']:.3f} ms/frame, {summary['dense_frames']} dense frames")
+          f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
     if args.compare_dense:
         print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
         print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
@@ -605,6 +655,35 @@ def build_parser() -> argparse.ArgumentParser:
                               "dataset, peak_rss_mb, train_memory_mb, compare, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
+
+    p_predict = sub.add_parser(
+        "predict", help="classify images with a trained checkpoint: classes with probabilities",
+        description="Rebuild the model a 'edgelearn train --checkpoint' run saved and classify INPUT: an image file "
+                    "(PNG, JPEG, ...; resized to the training images' size, greyscale or RGB as the model takes), "
+                    "an IDX image file (uint8 scaled to [0, 1] as in training) or a folder of images (one subfolder "
+                    "per class gives labels and an accuracy).")
+    p_predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file from 'edgelearn train'")
+    p_predict.add_argument("input", metavar="INPUT", help="image file, IDX image file or folder of images")
+    p_predict.add_argument("--labels", metavar="IDX", help="IDX label file for IDX images: also print the accuracy")
+    p_predict.add_argument("--top", type=_positive_int, default=3, help="classes shown per image")
+    p_predict.add_argument("--show", type=_nonnegative_int, default=20, help="images listed (0 = all)")
+    p_predict.add_argument("--invert", action="store_true",
+                           help="use 1 - pixel (dark ink on light paper, for models trained on light-on-dark digits)")
+    p_predict.add_argument("--json", action="store_true",
+                           help="print one JSON object: n, accuracy (with labels), predictions (input, class, "
+                                "probability, top)")
+    p_predict.set_defaults(func=_cmd_predict)
+
+    p_clip = sub.add_parser(
+        "demo-clip", help="write a short synthetic video (static camera, moving objects) to try 'edgelearn video'",
+        description="Write a short synthetic clip (a fixed textured background with coloured squares moving across "
+                    "it, as a fixed camera sees) to PATH with PyAV, to try 'edgelearn video' without a video file.")
+    p_clip.add_argument("path", metavar="PATH", help="output file, e.g. clip.mp4")
+    p_clip.add_argument("--frames", type=_positive_int, default=60, help="number of frames")
+    p_clip.add_argument("--height", type=_positive_int, default=96, help="frame height in pixels")
+    p_clip.add_argument("--width", type=_positive_int, default=128, help="frame width in pixels")
+    p_clip.add_argument("--seed", type=int, default=0, help="scene and motion")
+    p_clip.set_defaults(func=_cmd_demo_clip)
 
     p_video = sub.add_parser(
         "video",
