@@ -65,7 +65,17 @@ def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: 
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     settings["precision"] = precision
     settings["data"] = run.data_info(train)
-    model = run.build(settings, train.image_shape, train.num_classes)
+    split_config = _split_checkpoint_config(args.checkpoint) if args.resume and not quiet else None
+    if split_config is not None:
+        # a whole model trained split (`collab join --save-full`): its own architecture and precisions
+        from edgelearn.collab.split import model_from_split_config
+        from edgelearn.nn import manual_seed
+
+        manual_seed(args.seed)
+        model = model_from_split_config(split_config, train.image_shape, train.num_classes)
+        args.model, args.precision = split_config["model"], split_config["precision"]
+    else:
+        model = run.build(settings, train.image_shape, train.num_classes)
     params = list(model.parameters())
     if args.optimizer == "sgd":
         opt = optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
@@ -225,6 +235,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_checkpoint_config(path):
+    """The ``extra.config`` of checkpoint ``path`` when it holds a model trained split (``collab join
+    --save-full``), else None (no file, or an ordinary ``edgelearn train`` checkpoint)."""
+    if not path or not os.path.exists(path):
+        return None
+    from edgelearn import checkpoint as ckpt
+    from edgelearn.collab.split import is_split_config
+
+    _, meta = ckpt.read_checkpoint(path)
+    config = (meta.get("extra") or {}).get("config")
+    return config if is_split_config(config) else None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # collab: the cloud (serve) and an edge device (join) of split learning over gRPC
 
@@ -257,8 +280,12 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
 
         train = eldata.get_dataset(args.dataset, seed=args.seed).train
         input_shape, classes = train.image_shape, train.num_classes
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint DIR")
     cloud = Cloud(args.model, args.split, seed=args.seed, lr=args.lr, momentum=args.momentum,
-                  weight_decay=args.weight_decay, input_shape=input_shape, classes=classes, log=_say_flush)
+                  weight_decay=args.weight_decay, input_shape=input_shape, classes=classes, log=_say_flush,
+                  checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every if args.checkpoint else 0,
+                  resume=args.resume)
     server = CloudServer(cloud, args.host, args.port, token=_token(args), tls_cert=args.tls_cert,
                          tls_key=args.tls_key, max_edges=args.max_edges,
                          max_message_bytes=int(args.max_message_mb * 2**20), log=_say_flush)
@@ -287,6 +314,9 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
                 break
     finally:
         server.stop(grace=2.0)
+        saved = cloud.save_checkpoint()
+        if saved:
+            _say_flush(f"checkpoint written: {saved} ({cloud.steps} steps)")
     ended = list(cloud.ended)
     counts = {s: sum(e["status"] == s for e in ended) for s in ("completed", "dropped", "rejected")}
     _say_flush(f"cloud stopped: {plural(cloud.steps, 'step')} applied; {plural(counts['completed'], 'edge')} "
@@ -314,9 +344,15 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
     splits = eldata.get_dataset(args.dataset, seed=args.seed)
     train, test = splits.train, splits.test
     t0 = time.perf_counter()
-    transport = GrpcTransport(args.server, token=_token(args), root_cert=args.tls_root_cert,
-                              server_name=args.tls_server_name, connect_timeout=args.connect_timeout,
-                              max_message_bytes=int(args.max_message_mb * 2**20))
+    def connect(timeout=args.connect_timeout):
+        return GrpcTransport(args.server, token=_token(args), root_cert=args.tls_root_cert,
+                             server_name=args.tls_server_name, connect_timeout=timeout,
+                             max_message_bytes=int(args.max_message_mb * 2**20))
+
+    from edgelearn.collab import RetryPolicy
+
+    retry = RetryPolicy(attempts=args.retries, initial=args.retry_initial, maximum=args.retry_max)
+    transport = connect()
     try:
         octo_config = None
         if args.precision == "int8":
@@ -325,7 +361,8 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
                     group=args.group, stripe_rows=args.stripe_rows, precision=args.precision,
                     octo_config=octo_config, lr=args.lr, name=args.name, model=args.model, split=args.split,
                     feature_group=args.feature_group, feature_stripe_rows=args.feature_stripe_rows or None,
-                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks)
+                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks,
+                    edge_key=args.edge_key)
     except BaseException:
         transport.close()
         raise
@@ -336,7 +373,9 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         result = train_edge(edge, train, None if args.no_eval else test, epochs=args.epochs, steps=args.steps,
                             batch_size=args.batch_size, seed=args.seed, eval_limit=args.eval_limit,
                             bn_recalibration_batches=args.bn_recalibration_batches,
-                            progress=not args.no_progress, log_every=args.log_every, log=_say_flush)
+                            progress=not args.no_progress, log_every=args.log_every, log=_say_flush,
+                            reconnect=lambda: connect(max(args.retry_max, 1.0)), retry=retry, save=args.save,
+                            save_full=args.save_full, config={"dataset": args.dataset, "seed": args.seed})
     except BaseException:
         transport.close()
         raise
@@ -352,6 +391,13 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
     if "test_accuracy" in result:
         _say_flush(f"test accuracy: {100 * result['test_accuracy']:.2f}% ({result['test_samples']} images, "
                    f"through the split)")
+    if args.save:
+        _say_flush(f"edge part saved to {args.save}")
+    if args.save_full:
+        text = f"whole model saved to {args.save_full}"
+        if "full_model_test_accuracy" in result:
+            text += f" (test accuracy {100 * result['full_model_test_accuracy']:.2f}% evaluated from it, no codec)"
+        _say_flush(text)
     if args.json:
         print(json.dumps(result, default=str))
     return 0
@@ -395,6 +441,13 @@ def _add_collab_parser(sub) -> None:
                          help=f"largest message (a batch of features) accepted, MiB (default {max_mb:g})")
     p_serve.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
     p_serve.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
+    p_serve.add_argument("--checkpoint", metavar="DIR",
+                         help="write the cloud part (model, optimizer, step, per-edge step counts) to "
+                              "DIR/cloud.safetensors atomically every --checkpoint-every steps and at exit")
+    p_serve.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
+                         help="steps (of all edges) between checkpoints (default 50)")
+    p_serve.add_argument("--resume", action="store_true",
+                         help="start from DIR/cloud.safetensors if it exists (edges reconnect and go on from it)")
     p_serve.add_argument("--json", action="store_true", help="end with one JSON line: steps, sessions, traffic")
     p_serve.set_defaults(func=_cmd_collab_serve)
 
@@ -430,6 +483,18 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--model", choices=("mlp", "cnn"), default=None, help="fail unless the cloud serves this")
     p_join.add_argument("--split", type=_positive_int, default=None, help="fail unless the cloud splits here")
     p_join.add_argument("--name", default="", help="name shown in the cloud's log")
+    p_join.add_argument("--edge-key", default=None,
+                        help="identity of this edge's training run at the cloud (default: random per run)")
+    p_join.add_argument("--save", metavar="PATH", help="write the edge part (model, optimizer, step) at the end")
+    p_join.add_argument("--save-full", metavar="PATH",
+                        help="at the end, ask the cloud for its part and write the whole model as one checkpoint "
+                             "(for `edgelearn train --resume --checkpoint PATH`, `video --model`, `export`)")
+    p_join.add_argument("--retries", type=_nonnegative_int, default=10,
+                        help="reconnection attempts when the cloud goes away (0 = fail at once; default 10)")
+    p_join.add_argument("--retry-initial", type=float, default=0.5, metavar="S",
+                        help="seconds before the first reconnection attempt (doubling after each; default 0.5)")
+    p_join.add_argument("--retry-max", type=float, default=10.0, metavar="S",
+                        help="longest wait between reconnection attempts, seconds (default 10)")
     p_join.add_argument("--token", default=None, help="the cloud's shared token (default: $EDGELEARN_COLLAB_TOKEN)")
     p_join.add_argument("--tls-root-cert", "--tls-ca", dest="tls_root_cert", metavar="PEM",
                         help="use TLS, trusting this root certificate")

@@ -121,7 +121,12 @@ def load_trained(path: "os.PathLike[str] | str") -> Trained:
         image_shape, classes, num_classes = train.image_shape, train.classes, train.num_classes
     if len(classes) != num_classes:
         classes = tuple(str(i) for i in range(num_classes))
-    model = build(settings, image_shape, num_classes)
+    from .collab.split import is_split_config, model_from_split_config
+
+    if is_split_config(settings):  # a whole model trained split (`collab join --save-full`)
+        model = model_from_split_config(settings, image_shape, num_classes)
+    else:
+        model = build(settings, image_shape, num_classes)
     model.load_state_dict(state, strict=True)
     return Trained(model.eval(), settings, image_shape, classes, int(meta.get("epoch", 0)))
 
