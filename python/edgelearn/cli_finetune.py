@@ -61,7 +61,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         from edgelearn.checkpoint import read_checkpoint
 
         extra = (read_checkpoint(args.model)[1].get("extra") or {})
-        meta_shape = (extra.get("config") or {}).get("image_shape")
+        config = extra.get("config") or {}
+        meta_shape = config.get("image_shape") or (config.get("data") or {}).get("image_shape")
     channels, size = _model_image_shape(model, meta_shape)
     if args.channels is not None:
         channels = args.channels
@@ -145,7 +146,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, meta = load_model(args.checkpoint)
     shape = args.input_shape
     if shape is None:
-        shape = ((meta.get("extra") or {}).get("config") or {}).get("image_shape")
+        config = (meta.get("extra") or {}).get("config") or {}
+        shape = config.get("image_shape") or (config.get("data") or {}).get("image_shape")
         declared = getattr(model, "input_shape", None)
         if shape is None and declared and all(s is not None for s in declared[1:]):
             shape = declared[1:]
