@@ -264,3 +264,32 @@ def test_external_data_beside_the_model_is_read(tmp_path):
     assert (tmp_path / "m.onnx.data").exists()
     x = RNG.standard_normal((1, 8, 5, 5)).astype(np.float32)
     assert rel_l2(el_run(elonnx.load(path), x), ort_run(path, x)) <= 1e-4
+
+
+def test_unfold_batchnorm_reinserts_identity_batchnorm_calibrated_from_data():
+    from edgelearn.finetune import calibrate_unfolded_batchnorm
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             bn("bn", "c2", "y")]  # already followed by BatchNormalization: left alone
+    inits = [init("w1", w(6, 2, 3, 3)), init("b1", w(6)), init("w2", w(4, 6, 3, 3)), init("b2", w(4))]
+    inits += bn_inits("bn", 4)
+    data = model_bytes(nodes, inits, [2, 2, 6, 6])
+    model = check_against_ort(data, (2, 2, 6, 6))
+    unfolded = elonnx.load(data, unfold_batchnorm=True)
+    bns = [m for m in unfolded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 2 and sum(getattr(m, "unfolded", False) for m in bns) == 1
+    x = RNG.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    ref = el_run(model, x)
+    assert rel_l2(el_run(unfolded, x), ref) <= 1e-5  # eval mode: the identity
+    images = el.data.ArrayDataset(x, np.zeros(32, np.int64))
+    assert calibrate_unfolded_batchnorm(unfolded, images, batch_size=32) == 32
+    assert rel_l2(el_run(unfolded, x), ref) <= 1e-5
+    unfolded.train()
+    for m in bns:
+        if not getattr(m, "unfolded", False):
+            m.eval()
+    with el.no_grad():
+        train_mode = unfolded(el.tensor(x)).numpy()
+    assert rel_l2(train_mode, ref) <= 1e-3  # training mode starts from (nearly) the pretrained function

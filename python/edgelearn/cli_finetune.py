@@ -74,6 +74,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                 mean=mean, std=std, cache=args.cache, val_fraction=args.val_fraction) \
         if args.dataset.startswith("folder:") else eldata.get_dataset(args.dataset, seed=args.seed)
     train, test = splits.train, splits.test
+    if args.unfold_batchnorm:
+        from edgelearn.finetune import calibrate_unfolded_batchnorm
+
+        calibrate_unfolded_batchnorm(model, train, seed=args.seed)
     replace_head(model, train.num_classes)
     if args.precision == "int8":
         edgelearn.octo(model, edgelearn.OctoConfig(lac=not args.no_lac, seed=args.seed))

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Tuple
 
 from . import nn
 
-__all__ = ["TRAIN_MODES", "load_pretrained", "replace_head", "select_trainable", "weight_layer_groups"]
+__all__ = ["TRAIN_MODES", "calibrate_unfolded_batchnorm", "load_pretrained", "replace_head", "select_trainable", "weight_layer_groups"]
 
 TRAIN_MODES = ("head", "last:K", "bn+head", "all")
 
@@ -144,3 +144,62 @@ def describe_selection(model: nn.Module) -> Optional[dict]:
     total = sum(p.data.size for p in model.parameters())
     trained = sum(p.data.size for p in model.parameters() if p.requires_grad)
     return {"trainable_parameters": int(trained), "total_parameters": int(total)}
+
+
+def calibrate_unfolded_batchnorm(model: nn.Module, data: Any, *, batches: int = 8, batch_size: int = 64,
+                                 seed: int = 0) -> int:
+    """Give every BatchNorm that ``edgelearn.onnx.load(..., unfold_batchnorm=True)`` inserted the statistics of
+    its input over ``batches`` batches of ``data`` (an ``ArrayDataset``, ``ImageFolder`` or ``DataLoader``), with
+    ``weight = sqrt(var + eps)`` and ``bias = mean + (the conv bias it holds)``: the layer stays the identity
+    (plus that bias) in eval mode, and in training mode starts as (nearly) the identity on batches like these,
+    instead of rescaling the pretrained features. Returns the number of images used (0: nothing to calibrate)."""
+    import numpy as np
+
+    from .data import DataLoader
+    from .tensor import no_grad, tensor
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and getattr(m, "unfolded", False)]
+    if not bns:
+        return 0
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    n = min(len(dataset), batches * batch_size)
+    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    sums = {id(bn): [0.0, 0.0, 0] for bn in bns}
+
+    def recorder(bn: nn.BatchNorm2d):
+        original = type(bn).forward
+
+        def forward(x: Any) -> Any:
+            xd = np.asarray(x.data if hasattr(x, "data") else x, np.float64)
+            acc = sums[id(bn)]
+            acc[0] = acc[0] + xd.sum(axis=(0, 2, 3))
+            acc[1] = acc[1] + (xd * xd).sum(axis=(0, 2, 3))
+            acc[2] += xd.size // xd.shape[1]
+            return original(bn, x)
+
+        return forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        for bn in bns:
+            object.__setattr__(bn, "forward", recorder(bn))
+        with no_grad():
+            for start in range(0, n, batch_size):
+                chunk = idx[start:start + batch_size]
+                x = dataset.load_batch(chunk) if hasattr(dataset, "load_batch") else dataset.images[chunk]
+                model(tensor(np.ascontiguousarray(x)))
+    finally:
+        for bn in bns:
+            bn.__dict__.pop("forward", None)
+        model.train(was_training)
+    for bn in bns:
+        s1, s2, count = sums[id(bn)]
+        mean = s1 / max(count, 1)
+        var = np.maximum(s2 / max(count, 1) - mean * mean, 0.0)
+        bias = bn.bias.data.astype(np.float64)
+        bn.running_mean[...] = mean
+        bn.running_var[...] = var
+        bn.weight.data[...] = np.sqrt(var + bn.eps)
+        bn.bias.data[...] = mean + bias
+    return n

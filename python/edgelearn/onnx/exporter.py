@@ -45,6 +45,18 @@ class _Trace:
         self.counter = 0
         self.kinds: Dict[str, str] = {}  # value name -> op type of its producer
         self.rename: Dict[str, str] = {}
+        self.module_names: Dict[int, str] = {}  # id(module) -> dotted name in the model
+
+    def stem_of(self, m: Any, default: str) -> str:
+        """The module's dotted name in the model (so initializers read ``features.0.weight`` as in PyTorch)."""
+        return self.module_names.get(id(m)) or default
+
+    def param(self, m: Any, arr: np.ndarray, suffix: str, default: str) -> str:
+        name = f"{self.stem_of(m, default)}.{suffix}"
+        if name in self.initializers:
+            return self.constant(arr, f"{default}.{suffix}")
+        self.initializers[name] = np.ascontiguousarray(arr)
+        return name
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -107,8 +119,8 @@ def _conv(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -
     dil = getattr(m, "dilation", None)
     if dil is not None:
         attrs["dilations"] = list(_pair(dil))
-    stem = "conv"
-    tr.node("Conv", [ins[0], tr.constant(w, f"{stem}.weight"), tr.constant(bias, f"{stem}.bias")], out, stem, **attrs)
+    tr.node("Conv", [ins[0], tr.param(m, w, "weight", "conv"), tr.param(m, bias, "bias", "conv")], out, "conv",
+            **attrs)
 
 
 def _linear(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -> None:
@@ -117,11 +129,11 @@ def _linear(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any])
     comp = kw.get("compensation")
     if comp is not None:
         bias = bias + _compensation_shift(comp).reshape(-1)
-    tr.node("Gemm", [ins[0], tr.constant(w, "fc.weight"), tr.constant(bias, "fc.bias")], out, "fc", transB=1)
+    tr.node("Gemm", [ins[0], tr.param(m, w, "weight", "fc"), tr.param(m, bias, "bias", "fc")], out, "fc", transB=1)
 
 
 def _batchnorm(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -> None:
-    consts = [tr.constant(np.asarray(a, np.float32), f"bn.{n}") for n, a in (
+    consts = [tr.param(m, np.asarray(a, np.float32), n, "bn") for n, a in (
         ("weight", m.weight.data), ("bias", m.bias.data), ("running_mean", m.running_mean),
         ("running_var", m.running_var))]
     tr.node("BatchNormalization", [ins[0]] + consts, out, "bn", epsilon=float(m.eps))
@@ -391,6 +403,8 @@ def export(model: Any, path: Union[str, "os.PathLike[str]", None], input_shape: 
     if len(shape) not in (2, 4) or min(shape) < 1:
         raise ValueError(f"input_shape: expected (N, C, H, W) or (N, features) of positive sizes, got {tuple(input_shape)}")
     tr = _Trace()
+    if isinstance(model, Module):
+        tr.module_names = {id(m): n for n, m in model.named_modules() if n}
     x = tensor(np.zeros(shape, np.float32))
     tr.bind(x, input_name)
     was_training = getattr(model, "training", False)

@@ -617,8 +617,10 @@ def _conv(imp: _Importer, node, index, where, attrs, inputs) -> None:
         conv_out = f"{out}::conv"
         imp.emit(node, index, conv, [src], conv_out, weight=inputs[1])
         bn = nn.BatchNorm2d(o)
-        # identity in eval mode: (x - 0)/sqrt(1 - eps + eps)·1 + b
+        # identity in eval mode: (x - 0)/sqrt(1 - eps + eps)·1 + b; edgelearn.finetune.calibrate_unfolded_batchnorm
+        # then sets statistics from data so that training mode starts as the identity too
         bn.running_var[...] = 1.0 - bn.eps
+        bn.unfolded = True
         if b is not None:
             bn.bias.data[...] = b
         imp.emit(node, index, bn, [conv_out], out, weight=f"{inputs[1]}_bn.weight")
@@ -939,7 +941,7 @@ def load(source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview], *
     ``unfold_batchnorm``: exporters fold BatchNorm into the convolutions; with this flag every Conv not already
     followed by BatchNormalization gets a ``BatchNorm2d`` after it, set up as the identity in eval mode (the
     conv's bias moves into its beta) so fine-tuning can train normalisation again (see
-    ``edgelearn.onnx.calibrate_unfolded_batchnorm``).
+    ``edgelearn.finetune.calibrate_unfolded_batchnorm``, which sets their statistics from a few batches).
     ``check``: run one batch-1 forward pass on zeros when the input shape is static, so shapes that do not fit
     together fail here (:class:`InvalidGraphError`) and not in the first training step.
     Hostile files raise the named subclasses of :class:`OnnxError`; an operator outside the list raises
