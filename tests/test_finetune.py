@@ -207,3 +207,26 @@ def test_export_round_trip_of_built_in_models(tmp_path, name):
     with el.no_grad():
         back = again(el.tensor(x)).numpy()
     assert np.linalg.norm(back - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+def test_quantized_export_is_a_qdq_graph_close_to_int8_eval(tmp_path):
+    el.manual_seed(3)
+    train, test = data.get_dataset("digits")
+    model = el.octo(models.cnn(1, 10, 8))
+    el.fit(model, el.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train, None, 1, progress=False,
+           verbose=False)
+    with pytest.raises(ValueError, match="calibration"):
+        elonnx.export(model, None, (1, 1, 8, 8), quantized=True)
+    proto = elonnx.export(model, tmp_path / "q.onnx", (1, 1, 8, 8), quantized=True, calibration=train.images[:128])
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8  # 3 convs + 1 linear
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) > 1]
+    assert len(int8_weights) == 4
+    sess = ort.InferenceSession(os.fspath(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    x = test.images[:200]
+    got = sess.run(None, {"input": x})[0]
+    model.eval()
+    with el.no_grad():
+        ours = model(el.tensor(x)).numpy()
+    assert np.linalg.norm(got - ours) / np.linalg.norm(ours) <= 0.05
+    assert (got.argmax(1) == ours.argmax(1)).mean() >= 0.95

@@ -46,6 +46,29 @@ class _Trace:
         self.kinds: Dict[str, str] = {}  # value name -> op type of its producer
         self.rename: Dict[str, str] = {}
         self.module_names: Dict[int, str] = {}  # id(module) -> dotted name in the model
+        self.quantized = False
+        self.current_input: Optional[Tensor] = None  # the input of the layer being recorded
+
+    def qdq_activation(self, name: str, x: Any) -> str:
+        """Quantize-dequantize an activation with a per-tensor symmetric INT8 scale from the traced values."""
+        absmax = float(np.max(np.abs(np.asarray(x.data if isinstance(x, Tensor) else x)))) if x is not None else 0.0
+        scale = self.constant(np.asarray(max(absmax, 1e-12) / 127.0, np.float32), "act.scale")
+        zero = self.constant(np.asarray(0, np.int8), "act.zero")
+        q = self.node("QuantizeLinear", [name, scale, zero], None, "quant")
+        return self.node("DequantizeLinear", [q, scale, zero], None, "dequant")
+
+    def dq_weight(self, w: np.ndarray, per_channel: bool, stem: str) -> str:
+        """An INT8 weight initializer (nearest rounding, symmetric, per tensor or per output channel) and its
+        DequantizeLinear."""
+        axes = tuple(range(1, w.ndim))
+        absmax = np.max(np.abs(w), axis=axes) if per_channel else np.asarray(np.max(np.abs(w)))
+        scale = (np.maximum(absmax, 1e-12) / 127.0).astype(np.float32)
+        shaped = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else scale
+        q = np.clip(np.round(w / shaped), -127, 127).astype(np.int8)
+        zero = np.zeros(scale.shape, np.int8)
+        names = [self.constant(q, f"{stem}.weight_int8"), self.constant(scale, f"{stem}.weight_scale"),
+                 self.constant(zero, f"{stem}.weight_zero")]
+        return self.node("DequantizeLinear", names, None, "dequant", **({"axis": 0} if per_channel else {}))
 
     def stem_of(self, m: Any, default: str) -> str:
         """The module's dotted name in the model (so initializers read ``features.0.weight`` as in PyTorch)."""
@@ -119,8 +142,12 @@ def _conv(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -
     dil = getattr(m, "dilation", None)
     if dil is not None:
         attrs["dilations"] = list(_pair(dil))
-    tr.node("Conv", [ins[0], tr.param(m, w, "weight", "conv"), tr.param(m, bias, "bias", "conv")], out, "conv",
-            **attrs)
+    if tr.quantized:
+        per_channel = bool(getattr(getattr(m, "int8", None), "per_channel_weights", False))
+        x_name, w_name = tr.qdq_activation(ins[0], tr.current_input), tr.dq_weight(w, per_channel, "conv")
+    else:
+        x_name, w_name = ins[0], tr.param(m, w, "weight", "conv")
+    tr.node("Conv", [x_name, w_name, tr.param(m, bias, "bias", "conv")], out, "conv", **attrs)
 
 
 def _linear(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -> None:
@@ -129,7 +156,12 @@ def _linear(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any])
     comp = kw.get("compensation")
     if comp is not None:
         bias = bias + _compensation_shift(comp).reshape(-1)
-    tr.node("Gemm", [ins[0], tr.param(m, w, "weight", "fc"), tr.param(m, bias, "bias", "fc")], out, "fc", transB=1)
+    if tr.quantized:
+        per_channel = bool(getattr(getattr(m, "int8", None), "per_channel_weights", False))
+        x_name, w_name = tr.qdq_activation(ins[0], tr.current_input), tr.dq_weight(w, per_channel, "fc")
+    else:
+        x_name, w_name = ins[0], tr.param(m, w, "weight", "fc")
+    tr.node("Gemm", [x_name, w_name, tr.param(m, bias, "bias", "fc")], out, "fc", transB=1)
 
 
 def _batchnorm(tr: _Trace, m: Any, ins: List[str], out: Tensor, kw: Dict[str, Any]) -> None:
@@ -298,6 +330,7 @@ def _tracing(tr: _Trace) -> Iterator[None]:
             return original_call(self, *args, **kwargs)  # a container: its children and tensor ops get traced
         handler, wants_x = found
         ins = [tr.name_of(a, type(self).__name__) for a in args if a is not None]
+        tr.current_input = args[0] if args else None
         tr.depth += 1
         try:
             out = original_call(self, *args, **kwargs)
@@ -384,13 +417,20 @@ def _fold_shifts(tr: _Trace) -> None:
 
 def export(model: Any, path: Union[str, "os.PathLike[str]", None], input_shape: Sequence[int], *,
            opset: int = EXPORT_OPSET, input_name: str = "input", output_name: str = "output",
-           dynamic_batch: bool = True) -> Any:
+           dynamic_batch: bool = True, quantized: bool = False, calibration: Any = None) -> Any:
     """Write ``model`` as an FP32 ONNX graph to ``path`` and return the ``onnx.ModelProto``.
 
     ``input_shape``: the shape of one input batch, e.g. ``(1, 3, 224, 224)`` (a shape without the batch
     dimension gets batch 1). The graph takes any batch size when ``dynamic_batch`` (the default). The model runs
     once in eval mode on zeros of that shape to trace it; its train/eval mode is restored afterwards.
     ``path=None`` only builds and returns the model.
+
+    ``quantized=True`` writes a QDQ INT8 graph instead: every Conv/Gemm reads its input through
+    QuantizeLinear/DequantizeLinear with a per-tensor symmetric scale (absmax/127 of that input over the
+    ``calibration`` images, which the trace runs on; required) and an INT8 weight (nearest rounding, per tensor,
+    or per output channel where the layer's OctoConfig says so) through DequantizeLinear; ONNX Runtime runs it
+    with its INT8 kernels. Activation scales are static here, where edgelearn's INT8 eval mode computes them per
+    batch, so outputs differ by about the quantization error.
     """
     try:
         import onnx
@@ -403,9 +443,17 @@ def export(model: Any, path: Union[str, "os.PathLike[str]", None], input_shape: 
     if len(shape) not in (2, 4) or min(shape) < 1:
         raise ValueError(f"input_shape: expected (N, C, H, W) or (N, features) of positive sizes, got {tuple(input_shape)}")
     tr = _Trace()
+    tr.quantized = bool(quantized)
+    if quantized:
+        if calibration is None:
+            raise ValueError("quantized=True needs calibration images (an array shaped like a batch of inputs)")
+        cal = np.ascontiguousarray(np.asarray(calibration, np.float32))
+        if cal.ndim != len(shape) or cal.shape[1:] != shape[1:] or len(cal) < 1:
+            raise ValueError(f"calibration: expected images of shape (n, {', '.join(map(str, shape[1:]))}), "
+                             f"got {cal.shape}")
     if isinstance(model, Module):
         tr.module_names = {id(m): n for n, m in model.named_modules() if n}
-    x = tensor(np.zeros(shape, np.float32))
+    x = tensor(cal if quantized else np.zeros(shape, np.float32))
     tr.bind(x, input_name)
     was_training = getattr(model, "training", False)
     model.eval()
