@@ -161,7 +161,7 @@ def test_cloud_killed_with_sigkill_and_restarted_with_resume_the_edge_completes(
     cli_ = [sys.executable, "-m", "edgelearn", "collab"]
     serve = cli_ + ["serve", "--port", str(port), "--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "5",
                     "--edges", "1", "--timeout", str(PROCESS_TIMEOUT), "--resume", "--json"]
-    steps = 60
+    steps = 40
     edge_log = tmp_path / "edge.log"
     procs = []
     try:

@@ -323,10 +323,14 @@ class CloudSession:
         if isinstance(meta.get("name"), str) and meta["name"]:
             self.name = f"{meta['name'][:64]} (edge-{self.edge_id})"
         self.record = cloud.record(key if key is not None else f"anonymous-{self.edge_id}", self)
+        send_order = meta.get("send_order", "changed")
+        if send_order not in ("changed", "always"):
+            raise ProtocolError(f"send_order: expected 'changed' or 'always', got {send_order!r}")
         self.settings = {"mode": mode, "bits": bits, "group": group, "stripe_rows": stripe_rows}
         self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
-                                      seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63))
+                                      seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63),
+                                      send_order=send_order)
         detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows",
                   "uniform": f", {bits} bits"}.get(mode, "")
         cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")
