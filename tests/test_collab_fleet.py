@@ -209,3 +209,26 @@ def test_cloud_killed_with_sigkill_and_restarted_with_resume_the_edge_completes(
     print(f"SIGKILL at cloud step >= {at_kill}: resumed {result['test_accuracy']:.4f}, "
           f"uninterrupted {ref['test_accuracy']:.4f}")
     assert abs(result["test_accuracy"] - ref["test_accuracy"]) <= 0.05
+
+
+def test_split_at_a_named_module_inside_a_nested_chain():
+    from collections import OrderedDict
+
+    from edgelearn import nn
+    from edgelearn.collab.split import split_points
+
+    features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(OrderedDict(features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                                      classifier=nn.Linear(8, 3)))
+    assert split_points(model)[:4] == ["features.1", "features.2", "features.3", "pool"]
+    edge, cloud = collab.split_model(model, "features.2")
+    assert len(edge) == 2 and edge[0] is features[0] and cloud[0] is features[2] and cloud[-1] is model[3]
+    x = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)
+    assert np.array_equal(cloud(edge(edgelearn.tensor(x))).data, model(edgelearn.tensor(x)).data)
+    assert [len(p) for p in collab.split_model(model, "pool")] == [1, 3]  # the whole features, then the rest
+    with pytest.raises(ValueError, match="no module named 'features.9'.*features.1"):
+        collab.split_model(model, "features.9")
+    with pytest.raises(ValueError, match="first layer"):
+        collab.split_model(model, "features.0")
+    with pytest.raises(ValueError, match="neither"):
+        collab.split_model(model, "features..2")

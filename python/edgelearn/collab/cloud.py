@@ -42,7 +42,7 @@ from ..tensor import Tensor, no_grad
 from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
                        WELCOME, CollabError, ProtocolError, WireStats, pack, unpack)
-from .split import batchnorm_calibration, build_split, output_shape
+from .split import batchnorm_calibration, build_split, output_shape, split_spec
 
 __all__ = ["Cloud", "CloudSession", "EdgeRecord", "ArchitectureMismatch", "LABEL_DTYPES", "CHECKPOINT_NAME",
            "architecture_digest"]
@@ -97,7 +97,7 @@ class Cloud:
                  checkpoint_every: int = 0, resume: bool = False):
         if model not in MODEL_NAMES:
             raise ValueError(f"model: expected one of {MODEL_NAMES}, got {model!r}")
-        self.model_name, self.split, self.seed = model, int(split), int(seed)
+        self.model_name, self.split, self.seed = model, split_spec(split), int(seed)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.max_batch = int(max_batch)
         self.log = log or (lambda message: None)

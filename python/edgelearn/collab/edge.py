@@ -40,7 +40,7 @@ from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
                        WELCOME, CollabError, ConnectionLost, ProtocolError, WireStats, chunks, pack, reassemble,
                        unpack)
-from .split import batchnorm_calibration, build_split, join_parts, output_shape
+from .split import batchnorm_calibration, build_split, join_parts, output_shape, split_spec
 
 __all__ = ["Edge", "LocalTransport", "RetryPolicy", "train_edge"]
 
@@ -141,9 +141,12 @@ class Edge:
         welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
         self.edge_id = welcome.get("edge_id")
         self.model_name, self.split, self.seed = welcome.get("model"), welcome.get("split"), welcome.get("seed")
-        if self.model_name not in MODEL_NAMES or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in (self.split, self.seed)):
-            raise ProtocolError(f"WELCOME: bad model {self.model_name!r}, split {self.split!r} or seed {self.seed!r}")
+        try:
+            self.split = split_spec(self.split)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"WELCOME: bad split {self.split!r}") from None
+        if self.model_name not in MODEL_NAMES or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ProtocolError(f"WELCOME: bad model {self.model_name!r} or seed {self.seed!r}")
         self.model, _ = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
         self.feature_shape = output_shape(self.model, self.input_shape)
         self.architecture = architecture_digest(self.model)

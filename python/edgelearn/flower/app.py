@@ -23,7 +23,7 @@ from ..collab import protocol
 from ..collab.cloud import Cloud, architecture_digest
 from ..collab.codec import TensorCodec
 from ..collab.edge import apply_gradients, calibration_features
-from ..collab.split import build_split
+from ..collab.split import build_split, split_spec
 from ..octo import OctoConfig, octo
 from ..optim import SGD
 from ..tensor import no_grad, tensor
@@ -83,8 +83,8 @@ class EdgeWorker:
             train = eldata.ArrayDataset(train.images[idx], train.labels[idx], train.name, train.classes)
         self.train, self.test = train, splits.test
         self.loader = eldata.DataLoader(train, batch_size=int(cfg["batch-size"]), shuffle=True, seed=seed)
-        self.model, _ = build_split(str(cfg["model"]), train.image_shape, train.num_classes, int(cfg["split"]),
-                                    int(cfg.get("init-seed", seed)))
+        self.model, _ = build_split(str(cfg["model"]), train.image_shape, train.num_classes,
+                                    split_spec(cfg["split"]), int(cfg.get("init-seed", seed)))
         self.digest = architecture_digest(self.model)
         if cfg["precision"] == "int8":
             octo(self.model, OctoConfig(seed=int(cfg.get("init-seed", seed))))
@@ -276,7 +276,7 @@ def run_split(grid: Grid, run_config: Dict[str, Any], log=print, timeout: Option
 
     hellos = {n: dict(r.content.config_records["hello"]) for n, r in send("query.hello", {}).items()}
     first = hellos[nodes[0]]
-    cloud = Cloud(str(cfg["model"]), int(cfg["split"]), seed=int(cfg["seed"]), lr=float(cfg["lr"]),
+    cloud = Cloud(str(cfg["model"]), split_spec(cfg["split"]), seed=int(cfg["seed"]), lr=float(cfg["lr"]),
                   input_shape=tuple(first["input_shape"]), classes=int(first["classes"]), log=log)
     sessions, total, per_epoch, payload = {}, {}, {}, {n: {"up": 0, "down": 0} for n in nodes}
     per_node: Dict[int, Dict[str, Any]] = {}
@@ -361,7 +361,7 @@ def run_split(grid: Grid, run_config: Dict[str, Any], log=print, timeout: Option
             "frame_bytes_down_per_sample": payload[node]["down"] / max(summary["train_samples"], 1)})
     fp32 = 4 * int(np.prod(cloud.feature_shape))
     out = {"nodes": results, "mode": mode, "bits": int(cfg["bits"]), "precision": cfg["precision"],
-           "model": cfg["model"], "split": int(cfg["split"]), "dataset": cfg["dataset"],
+           "model": cfg["model"], "split": split_spec(cfg["split"]), "dataset": cfg["dataset"],
            "stype": STYPE_RAW if mode == "fp32" else STYPE_FRAME, "feature_shape": list(cloud.feature_shape),
            "fp32_feature_bytes_per_sample": fp32, "cloud_steps": cloud.steps, "train_seconds": train_seconds,
            "test_accuracy": float(np.mean([r["test_accuracy"] for r in results])),
