@@ -139,6 +139,12 @@ def test_save_full_then_train_resume_evaluates_to_the_accuracy_join_reported(dig
 
     model = load_video_model(str(full))
     assert model(edgelearn.tensor(digits.test.images[:2])).shape == (2, 10)
+    # and `edgelearn export` writes it as ONNX that ONNX Runtime runs like edgelearn (LAC folded, FP32)
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra (part of the test extra)")
+    rc = cli.main(["export", str(full), str(tmp_path / "model.onnx"), "--check", "--json"])
+    assert rc == 0
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exported["input_shape"] == [1, 1, 8, 8] and exported["relative_l2_vs_edgelearn"] < 1e-4
 
 
 def free_port():

@@ -372,7 +372,9 @@ class Edge:
         model, opt = self.full_model()
         scheduler = optim.CosineAnnealingLR(opt, T_max=max(int(epochs), 1))
         save_checkpoint(path, model, opt, scheduler, epoch=int(epochs), step=self.steps,
-                        extra={"history": [], "config": self.config(part="full", epochs=int(epochs), **config)})
+                        extra={"history": [], "config": self.config(part="full", epochs=int(epochs),
+                                                                    image_shape=list(self.input_shape),
+                                                                    num_classes=self.classes, **config)})
 
     def close(self) -> None:
         """Says BYE (the cloud counts the session as completed) and closes the transport."""
