@@ -242,6 +242,16 @@ class Cloud:
             self._sessions_lock.notify_all()
         return summary
 
+    def record_refusal(self, peer: str, reason: str) -> Dict[str, Any]:
+        """Counts a call refused before any session began (a wrong or missing token) as a ``rejected`` session
+        in :attr:`ended`, so ``--edges N`` and the summary see it."""
+        with self._sessions_lock:
+            summary = {"edge_id": None, "name": f"edge at {peer}", "peer": peer, "status": "rejected", "steps": 0,
+                       "reason": reason}
+            self.ended.append(summary)
+            self._sessions_lock.notify_all()
+        return summary
+
     def wait_ended(self, count: int, timeout: Optional[float] = None) -> bool:
         """Blocks until ``count`` sessions have ended (any way); False on timeout."""
         with self._sessions_lock:

@@ -113,6 +113,7 @@ class CloudServer:
         peer = context.peer()
         if not self._authorized(context):
             self.log(f"refused {peer}: wrong or missing token")
+            self.cloud.record_refusal(peer, "wrong or missing token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing token")
         session = self.cloud.open_session(peer)
         status, reason = "dropped", ""
