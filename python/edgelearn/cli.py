@@ -35,6 +35,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _split_arg(text: str):
+    from edgelearn.collab.split import split_spec
+
+    try:
+        value = split_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a layer index >= 1 or a module name, got {text}")
+    return value
+
+
 def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -417,8 +429,9 @@ def _add_collab_parser(sub) -> None:
 
     p_serve = csub.add_parser("serve", help="run the cloud", description="Run the cloud part of split learning.")
     p_serve.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
-    p_serve.add_argument("--split", type=_positive_int, default=4,
-                         help="layer index of the split: edge = layers [0, split), cloud = the rest (default 4)")
+    p_serve.add_argument("--split", type=_split_arg, default=4,
+                         help="where the cloud part starts: a layer index (edge = layers [0, split)) or a module "
+                              "name such as features.7 (default 4)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p_serve.add_argument("--port", type=int, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
     p_serve.add_argument("--port-file", metavar="PATH", help="write the port listened on to PATH")
@@ -481,7 +494,7 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--lr", type=float, default=0.02)
     p_join.add_argument("--seed", type=int, default=0, help="data split and order, stochastic rounding")
     p_join.add_argument("--model", choices=("mlp", "cnn"), default=None, help="fail unless the cloud serves this")
-    p_join.add_argument("--split", type=_positive_int, default=None, help="fail unless the cloud splits here")
+    p_join.add_argument("--split", type=_split_arg, default=None, help="fail unless the cloud splits here")
     p_join.add_argument("--name", default="", help="name shown in the cloud's log")
     p_join.add_argument("--edge-key", default=None,
                         help="identity of this edge's training run at the cloud (default: random per run)")
