@@ -200,23 +200,41 @@ def linear_int8(
 # --- convolution -------------------------------------------------------------------------------------------
 
 
-def _check_conv(xd: np.ndarray, wd: np.ndarray) -> None:
+def _check_conv(xd: np.ndarray, wd: np.ndarray, groups: int = 1) -> None:
     if xd.ndim != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {xd.shape}")
-    if xd.shape[1] != wd.shape[1]:
-        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1]}")
+    if groups < 1 or xd.shape[1] % groups or wd.shape[0] % groups:
+        raise ValueError(f"conv2d: groups={groups} must divide the input channels ({xd.shape[1]}) and the "
+                         f"output channels ({wd.shape[0]})")
+    if xd.shape[1] != wd.shape[1] * groups:
+        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1] * groups}"
+                         + (f" ({wd.shape[1]} per group x {groups} groups)" if groups > 1 else ""))
 
 
 def conv2d(
-    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+    dilation: IntPair = 1, groups: int = 1,
 ) -> Tensor:
-    """FP32 2-D convolution (NCHW, groups=1) with fused bias; backward in one core call."""
+    """FP32 2-D convolution (NCHW) with fused bias; backward in one core call. ``groups > 1`` (grouped and
+    depthwise convolution, weight ``(O, C/groups, kh, kw)``) and ``dilation > 1`` run on the core's direct
+    grouped kernels; ``groups == 1`` on im2col/implicit GEMM."""
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
-    y = _native.conv2d_f32_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+    b = None if bias is None else bias.data
+    if groups > 1 or dilation != (1, 1):
+        y = _native.conv2d_grouped_f32_forward(xd, wd, b, stride, padding, dilation, groups)
+
+        def backward(g: np.ndarray):
+            dx, dw, db = _native.conv2d_grouped_f32_backward(
+                xd, wd, _c(g), stride, padding, dilation, groups, need_dx=need_x)
+            return dx, (dw if need_w else None), (db if need_b else None)
+
+        return make_result(y, (x, weight, bias), backward, "conv2d")
+    y = _native.conv2d_f32_forward(xd, wd, b, stride, padding)
 
     def backward(g: np.ndarray):
         dx, dw, db = _native.conv2d_f32_backward(xd, wd, _c(g), stride, padding, need_dx=need_x)
@@ -235,21 +253,30 @@ def conv2d_int8(
     seed: int = 0,
     training: bool = True,
     compensation: Optional[Compensation] = None,
+    dilation: IntPair = 1,
+    groups: int = 1,
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
     Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels (one core call), ``db = Σ dY`` in FP32.
     ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
+    ``groups > 1`` / ``dilation > 1``: the core's direct grouped/depthwise INT8 kernels (exact INT32 sums).
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    grouped = groups > 1 or dilation != (1, 1)
     xq, sx = _quantize_input(xd, cfg, seed, training)
     wq, sw = _quantize_weight(wd, cfg)
     sx = float(sx)
     sw = float(sw) if np.ndim(sw) == 0 else sw
-    y = _native.conv2d_i8_forward(xq, sx, wq, sw, _fused_bias(bias, compensation, wd.shape[0]), stride, padding)
+    fused = _fused_bias(bias, compensation, wd.shape[0])
+    if grouped:
+        y = _native.conv2d_grouped_i8_forward(xq, sx, wq, sw, fused, stride, padding, dilation, groups)
+    else:
+        y = _native.conv2d_i8_forward(xq, sx, wq, sw, fused, stride, padding)
     del xd
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
     need_sum = need_b or compensation is not None
@@ -257,7 +284,11 @@ def conv2d_int8(
     def backward(g: np.ndarray):
         g = _c(g)
         gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
-        dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
+        if grouped:
+            dx, dw = _native.conv2d_grouped_i8_backward(
+                xq, sx, wq, sw, gq, float(sg), stride, padding, dilation, groups, need_dx=need_x)
+        else:
+            dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
         db_full = _channel_sum(g) if need_sum else None
         return (dx, (dw if need_w else None)) + _bias_grads(db_full, need_b, compensation)
 
