@@ -333,6 +333,7 @@ def fit(
     verbose: bool = True,
     config: Optional[Mapping[str, Any]] = None,
     bn_recalibration_batches: int = 32,
+    val_name: str = "val",
 ) -> History:
     """Train ``model`` with optimizer ``opt`` for ``epochs`` epochs (in total, counting epochs done before a resume).
 
@@ -346,6 +347,8 @@ def fit(
       (needs ``edgelearn[plot]``). ``progress``: tqdm bar on a terminal. ``verbose``: one line per epoch on stdout.
     - ``bn_recalibration_batches``: after each epoch, BatchNorm running statistics are re-estimated on this
       many training batches (see :func:`recalibrate_batchnorm`; counted in the training time; 0 turns it off).
+    - ``val_name``: how the per-epoch line names ``val`` (``edgelearn train`` passes ``"test"``: it is the test
+      set); the records keep the keys ``val_loss`` / ``val_accuracy``.
     """
     if epochs < 0:
         raise ValueError(f"epochs: expected >= 0, got {epochs}")
@@ -369,7 +372,9 @@ def fit(
             ckpt.set_rng_state(meta["rng_state"], init=_init.generator())
         history.records = list((meta.get("extra") or {}).get("history", []))[:start_epoch]
         history.resumed_from_epoch = start_epoch
-        _say(f"resumed from {os.fspath(checkpoint)} at epoch {start_epoch} (step {step})", verbose)
+        _say(f"resumed from {os.fspath(checkpoint)} at epoch {start_epoch} (step {step})"
+             + (f": the run already finished its {epochs} epoch{'s' if epochs != 1 else ''}, nothing left to train"
+                if start_epoch >= epochs else ""), verbose)
     elif resume:
         _say(f"no checkpoint at {os.fspath(checkpoint)} yet: starting from scratch", verbose)
 
@@ -430,7 +435,7 @@ def fit(
             v = evaluate(model, val, loss_fn=loss_fn, batch_size=eval_batch_size)
             record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
         history.records.append(record)
-        val_text = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%"
+        val_text = (f"  {val_name} loss {record['val_loss']:.4f}  {val_name} acc {100 * record['val_accuracy']:.2f}%"
                     if val is not None else "")
         _say(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  acc {100 * record['train_accuracy']:.2f}%"
              f"{val_text}  {record['train_images_per_s']:.0f} img/s", verbose)

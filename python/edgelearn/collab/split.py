@@ -12,7 +12,8 @@ from ..models import build_model
 from ..nn.init import manual_seed
 from ..tensor import no_grad, tensor
 
-__all__ = ["split_model", "build_split", "output_shape", "batchnorm_calibration"]
+__all__ = ["split_model", "build_split", "output_shape", "batchnorm_calibration", "join_parts", "is_split_config",
+           "model_from_split_config"]
 
 
 def split_model(model: nn.Sequential, index: int) -> Tuple[nn.Sequential, nn.Sequential]:
@@ -39,6 +40,31 @@ def build_split(model_name: str, input_shape: Tuple[int, int, int], classes: int
     the model an unsplit run would start from."""
     manual_seed(seed)
     return split_model(build_model(model_name, tuple(input_shape), int(classes)), split)
+
+
+def join_parts(edge: nn.Sequential, cloud: nn.Sequential) -> nn.Sequential:
+    """One ``Sequential`` running ``edge`` then ``cloud`` (sharing their layers): the whole split model, with
+    state-dict names numbered as :func:`model_from_split_config` rebuilds them."""
+    return nn.Sequential(*list(edge), *list(cloud))
+
+
+def is_split_config(config) -> bool:
+    """Whether a checkpoint's ``extra.config`` describes a model trained split (``join --save-full``)."""
+    return isinstance(config, dict) and isinstance(config.get("split"), int) and config.get("collab") is True
+
+
+def model_from_split_config(config, input_shape: Tuple[int, int, int], classes: int) -> nn.Sequential:
+    """The (untrained) whole model a ``join --save-full`` checkpoint holds, from its ``extra.config``: the
+    reference model ``config["model"]`` split at ``config["split"]``, the edge part switched to Octo INT8
+    (with ``config["octo"]``) when ``config["precision"] == "int8"``, the cloud part FP32, joined again.
+    Load the checkpoint's weights into it."""
+    from ..octo import OctoConfig, octo
+
+    edge, cloud = build_split(config["model"], tuple(input_shape), int(classes), int(config["split"]),
+                              int(config.get("init_seed", 0)))
+    if config.get("precision") == "int8":
+        octo(edge, OctoConfig(**(config.get("octo") or {})))
+    return join_parts(edge, cloud)
 
 
 def output_shape(module: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[int, ...]:

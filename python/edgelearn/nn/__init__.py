@@ -1,7 +1,8 @@
 """``edgelearn.nn``: PyTorch-like modules. Linear/Conv2d switch to Octo INT8 mode with ``edgelearn.octo``."""
 
 from .. import functional
-from ..octo import OctoConfig, octo
+from ..octo_config import OctoConfig
+from .octo import fp32, octo
 from .init import manual_seed
 from .layers import (
     AdaptiveAvgPool2d,

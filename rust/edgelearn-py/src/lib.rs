@@ -8,6 +8,7 @@ mod errors;
 mod gemm;
 mod info;
 mod nn;
+mod octo;
 mod patchskip;
 mod quant;
 mod sgq;
@@ -27,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     nn::register(m)?;
     depthwise::register(m)?;
+    octo::register(m)?;
     sgq::register(m)?;
     patchskip::register(m)?;
     Ok(())
