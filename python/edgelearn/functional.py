@@ -26,6 +26,9 @@ __all__ = [
     "conv2d_int8",
     "batch_norm2d",
     "relu",
+    "relu6",
+    "hardswish",
+    "sigmoid",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",
@@ -339,6 +342,55 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
         return (_native.relu_backward_mask(_c(g), mask),)
 
     return make_result(y, (x,), backward, "relu")
+
+
+def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
+    """``min(max(x, 0), 6)``. Backward passes ``dy`` where ``0 < x < 6``: ``save_mask`` keeps that as a packed
+    bit mask (1/32 of the FP32 output; the INT8 saved-activation mode), else the FP32 output is kept. With
+    ``save_mask`` a donated input (see ``Sequential``) is overwritten with the output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    if save_mask and _take_donated(x) and xd is x.data:
+        y = np.clip(xd, 0.0, 6.0, out=xd)
+    else:
+        y = np.clip(xd, 0.0, 6.0)
+    del xd
+    if save_mask:
+        shape = y.shape
+        bits = np.packbits((y > 0) & (y < 6))
+
+        def backward(g: np.ndarray):
+            keep = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
+            if _grad_is_ours(g):
+                np.multiply(g, keep, out=g)
+                return (g,)
+            return (g * keep,)
+
+        return make_result(y, (x,), backward, "relu6")
+    return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+
+
+def hardswish(x: ArrayLike) -> Tensor:
+    """``x·relu6(x + 3)/6`` (MobileNetV3's activation); backward ``dy·(0 | (2x + 3)/6 | 1)`` below -3, between,
+    above 3."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    y = xd * np.clip(xd + np.float32(3), 0, 6) / np.float32(6)
+
+    def backward(g: np.ndarray):
+        d = np.where(xd < -3, np.float32(0), np.where(xd > 3, np.float32(1), (2 * xd + 3) / np.float32(6)))
+        return (g * d.astype(np.float32, copy=False),)
+
+    return make_result(y.astype(np.float32, copy=False), (x,), backward, "hardswish")
+
+
+def sigmoid(x: ArrayLike) -> Tensor:
+    """``1/(1 + e^-x)``, computed without overflow; backward ``dy·y·(1 - y)`` from the saved output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    e = np.exp(-np.abs(xd))
+    y = np.where(xd >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32, copy=False)
+    return make_result(y, (x,), lambda g: (g * y * (1 - y),), "sigmoid")
 
 
 def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:

@@ -13,11 +13,14 @@ from .layers import (
     CrossEntropyLoss,
     Dropout,
     Flatten,
+    Hardswish,
     Identity,
     Linear,
     MaxPool2d,
     MSELoss,
     ReLU,
+    ReLU6,
+    Sigmoid,
 )
 from .module import Module, Parameter, Sequential
 
@@ -30,6 +33,7 @@ __all__ = [
     "CrossEntropyLoss",
     "Dropout",
     "Flatten",
+    "Hardswish",
     "Identity",
     "Linear",
     "MaxPool2d",
@@ -38,7 +42,9 @@ __all__ = [
     "OctoConfig",
     "Parameter",
     "ReLU",
+    "ReLU6",
     "Sequential",
+    "Sigmoid",
     "functional",
     "manual_seed",
     "octo",

@@ -19,6 +19,9 @@ __all__ = [
     "Conv2d",
     "BatchNorm2d",
     "ReLU",
+    "ReLU6",
+    "Hardswish",
+    "Sigmoid",
     "MaxPool2d",
     "AvgPool2d",
     "AdaptiveAvgPool2d",
@@ -217,6 +220,35 @@ class ReLU(Module):
         return F.relu(x, save_mask=self.save_mask)
 
 
+class ReLU6(Module):
+    """``min(max(x, 0), 6)`` (MobileNetV2). ``inplace`` is accepted for PyTorch compatibility; in INT8 mode the
+    output overwrites an input that ``Sequential`` donates, as for ``ReLU``."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = bool(inplace)
+        self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward
+
+    def forward(self, x: Any) -> Tensor:
+        return F.relu6(x, save_mask=self.save_mask)
+
+
+class Hardswish(Module):
+    """``x·relu6(x + 3)/6``."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = bool(inplace)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.hardswish(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x: Any) -> Tensor:
+        return F.sigmoid(x)
+
+
 class MaxPool2d(Module):
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0):
         super().__init__()
@@ -274,7 +306,7 @@ class Dropout(Module):
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
         self.p = float(p)
         self.seed = init.next_seed() if seed is None else int(seed)
-        self.register_buffer("step", np.zeros((), np.int64))
+        self.register_buffer("step", np.zeros((), np.int64), optional=True)
 
     def forward(self, x: Any) -> Tensor:
         if not self.training or self.p == 0.0:
