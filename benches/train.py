@@ -3,9 +3,12 @@ PyTorch FP32 on the same model, data and seed when torch is importable.
 
 Every edgelearn row is one fresh ``edgelearn train --json`` process (so peak RSS belongs to that run alone);
 the PyTorch row trains the same architecture with the same data order, optimizer and schedule in its own
-process. Training memory = peak RSS over the training steps minus RSS just before the first step (see
-``edgelearn.train``: the kernel's high-water mark is reset before and read after each epoch's steps, so data
-loading and evaluation do not count; the PyTorch row is measured the same way).
+process, with the same BatchNorm re-estimation after each epoch as ``fit`` (32 batches of a seeded sample).
+Training memory ("train MB") is measured after one warm-up step for every row: peak RSS over the later training
+steps minus the RSS right after the first step; "cold MB" beside it is the peak over all steps minus the RSS
+before the first (see ``edgelearn.train``: the kernel's high-water mark is reset and read around the steps, so
+data loading and evaluation do not count; the PyTorch row is measured the same way). Each edgelearn row checks
+that its run reports the settings the row names (precision, LAC, PRC mode).
 
     python benches/train.py                                  # Fashion-MNIST, 3 epochs, CNN and MLP, 1 and 2 threads
     python benches/train.py --dataset digits --epochs 2      # quick run on the bundled dataset
@@ -37,11 +40,20 @@ ROWS = [
     ("edgelearn int8 (LAC+PRC)", ["--precision", "int8"]),
     ("edgelearn int8, no LAC", ["--precision", "int8", "--no-lac"]),
     ("edgelearn int8, no PRC", ["--precision", "int8", "--prc", "none"]),
+    ("edgelearn int8, PRC sigma", ["--precision", "int8", "--prc", "sigma"]),
 ]
+#: What each row's run must report having done (its JSON line), so a row never silently measures another setting.
+ROW_EXPECTS = {
+    "edgelearn fp32": {"precision": "fp32"},
+    "edgelearn int8 (LAC+PRC)": {"precision": "int8", "lac": True, "prc": "minmax"},
+    "edgelearn int8, no LAC": {"precision": "int8", "lac": False, "prc": "minmax"},
+    "edgelearn int8, no PRC": {"precision": "int8", "lac": True, "prc": None},
+    "edgelearn int8, PRC sigma": {"precision": "int8", "lac": True, "prc": "sigma"},
+}
 
 
 ROW_KEYS = {"fp32": "edgelearn fp32", "int8": "edgelearn int8 (LAC+PRC)", "no-lac": "edgelearn int8, no LAC",
-            "no-prc": "edgelearn int8, no PRC"}
+            "no-prc": "edgelearn int8, no PRC", "prc-sigma": "edgelearn int8, PRC sigma"}
 
 
 def data_flags(args):
@@ -53,10 +65,10 @@ def data_flags(args):
     return out
 
 
-def run_edgelearn(model, flags, args, threads):
+def run_edgelearn(name, model, flags, args, threads):
     cmd = [sys.executable, "-m", "edgelearn", "train", "--dataset", args.dataset, "--model", model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--threads", str(threads), "--no-progress", "--json", "--compare", "none",
+           "--threads", str(threads), "--no-progress", "--compare", "none", "--json",
            "--width-mult", str(args.width_mult), *data_flags(args), *flags]
     env = dict(os.environ, EDGELEARN_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
@@ -65,6 +77,9 @@ def run_edgelearn(model, flags, args, threads):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t0
+    wrong = {k: (out.get(k), v) for k, v in ROW_EXPECTS[name].items() if out.get(k) != v}
+    if wrong:
+        raise SystemExit(f"row {name!r} ran with other settings than it names (got, expected): {wrong}")
     return out
 
 
@@ -160,16 +175,46 @@ def rss_mb():
 # measured as edgelearn.train.fit does: same allocator setting, RSS before the first step, peak (VmHWM reset
 # before each epoch's first step) read after its last step, so data loading and evaluation are not counted
 from edgelearn.train import _hwm_rss_mb, _reset_peak_rss, release_large_buffers
+
+
+def recalibrate_batchnorm(seed):
+    # what edgelearn.train.recalibrate_batchnorm does after each epoch of fit: running statistics re-estimated
+    # as the exact average over 32 batches of a seeded sample of the training images, other layers in eval mode
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not bns:
+        return
+    n = min(len(train), 32 * args["batch_size"])
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats(); bn.momentum = None; bn.train()  # momentum None: cumulative average
+    with torch.no_grad():
+        for s in range(0, n, args["batch_size"]):
+            model(torch.from_numpy(np.ascontiguousarray(train.images[idx[s:s + args["batch_size"]]])))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.train()
+
+
 release_large_buffers()
 before = rss_mb()
+after_first, warm_peak = 0.0, 0.0
 seen, secs, train_peak = 0, 0.0, 0.0
 for epoch in range(args["epochs"]):
     model.train(); loader.set_epoch(epoch); reset = _reset_peak_rss(); t0 = time.perf_counter()
     for x, y in loader:
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad(); loss.backward(); opt.step(); seen += len(y)
+        if not after_first:  # one warm-up step: the warm memory figure starts here (as fit does)
+            first = _hwm_rss_mb() if reset else None
+            if first is not None:
+                train_peak = max(train_peak, first)
+            after_first = rss_mb(); reset = _reset_peak_rss()
+    recalibrate_batchnorm(args["seed"] + 7919 * (epoch + 1))
     secs += time.perf_counter() - t0; sched.step()
     hwm = _hwm_rss_mb() if reset else None
+    if hwm is not None:
+        warm_peak = max(warm_peak, hwm)
     train_peak = max(train_peak, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 model.eval(); correct = 0
 with torch.no_grad():
@@ -177,7 +222,9 @@ with torch.no_grad():
         correct += int((model(torch.from_numpy(test.images[i:i+512])).argmax(1).numpy() == test.labels[i:i+512]).sum())
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, train_peak)
 print(json.dumps({"test_accuracy": correct / len(test), "train_images_per_s": seen / secs, "peak_rss_mb": peak,
-                  "rss_before_first_step_mb": before, "train_memory_mb": max(0.0, train_peak - before)}))
+                  "rss_before_first_step_mb": before, "train_memory_mb": max(0.0, train_peak - before),
+                  "train_memory_warm_mb": max(0.0, warm_peak - after_first) if warm_peak and after_first
+                  else max(0.0, train_peak - before)}))
 '''
 
 
@@ -222,7 +269,8 @@ def main(argv=None):
     if not have_torch:
         print("note: torch is not importable; the PyTorch FP32 row is left out")
     print(f"dataset={args.dataset} epochs={args.epochs} batch={args.batch_size} seed={args.seed}")
-    header = f"{'model':<12} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} {'train MB':>9}"
+    header = (f"{'model':<12} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} "
+              f"{'train MB':>9} {'cold MB':>8}")
     print(header)
     print("-" * len(header))
     results = []
@@ -234,7 +282,7 @@ def main(argv=None):
                 runs["pytorch fp32"] = []
             for _ in range(args.repeat):
                 for name, flags in rows_run:
-                    runs[name].append(run_edgelearn(model, flags, args, threads))
+                    runs[name].append(run_edgelearn(name, model, flags, args, threads))
                 if have_torch:
                     runs["pytorch fp32"].append(run_torch(model, args, threads))
             rows = []
@@ -250,7 +298,7 @@ def main(argv=None):
                 ratio = r["train_images_per_s"] / fp32_speed if fp32_speed else float("nan")
                 print(f"{model:<12} {threads:>3}  {name:<26} {100 * r['test_accuracy']:>7.2f}% "
                       f"{r['train_images_per_s']:>8.0f} {ratio:>7.2f}x {r['peak_rss_mb']:>8.1f} "
-                      f"{r['train_memory_mb']:>9.1f}", flush=True)
+                      f"{r['train_memory_warm_mb']:>9.1f} {r['train_memory_mb']:>8.1f}", flush=True)
                 results.append({"model": model, "threads": threads, "run": name, **r})
     if args.json:
         with open(args.json, "w") as f:

@@ -242,6 +242,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "rss_before_first_step_mb": summary["rss_before_first_step_mb"],
         "train_peak_rss_mb": summary["train_peak_rss_mb"],
         "train_memory_mb": summary["train_memory_mb"],
+        "train_memory_warm_mb": summary["train_memory_warm_mb"],
         "resumed_from_epoch": summary["resumed_from_epoch"],
         "final_train_loss": history.records[-1]["train_loss"] if len(history) else None,
         "checkpoint": args.checkpoint,

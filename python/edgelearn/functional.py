@@ -10,7 +10,6 @@ Arrays handed to the core are float32 and C-contiguous (``_c`` makes them so onl
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -42,7 +41,6 @@ __all__ = [
 ]
 
 IntPair = Union[int, Tuple[int, int]]
-_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: in-place reuse needs exact reference counts
 
 
 def _c(x: np.ndarray) -> np.ndarray:
@@ -64,20 +62,20 @@ def _channel_sum(g: np.ndarray) -> np.ndarray:
 
 
 def _take_donated(x: Tensor) -> bool:
-    """True (once) if ``Sequential`` donated ``x``'s buffer to this op: the op may overwrite ``x.data``."""
+    """True (once) if ``Sequential`` donated ``x``'s buffer to this op: the op may overwrite ``x.data``
+    (``x`` was made ``owned`` by its op and nobody but ``Sequential`` holds it; see ``make_result``)."""
     if getattr(x, "_donated", False):
         x._donated = False
         return True
     return False
 
 
-def _grad_is_ours(g: np.ndarray) -> bool:
-    """True if the incoming gradient ``g`` is referenced only by the autograd sweep's ``g`` and by this
-    backward's argument (so it can be overwritten with the outgoing gradient): an unshared, writable,
-    float32 C-contiguous array that is not a view. The count is 4 here: those two, this call's argument and
-    ``getrefcount``'s."""
-    return (_REFCOUNTS and type(g) is np.ndarray and g.dtype == np.float32 and g.base is None
-            and g.flags.c_contiguous and g.flags.writeable and sys.getrefcount(g) <= 4)
+def _writable_grad(g: np.ndarray, owned: bool) -> bool:
+    """True if the incoming gradient may be overwritten with the outgoing one: the autograd sweep says it
+    holds the only reference (``owned``, see ``make_result``), and it is a writable float32 C-contiguous
+    array of its own."""
+    return (owned and type(g) is np.ndarray and g.dtype == np.float32 and g.base is None
+            and g.flags.c_contiguous and g.flags.writeable)
 
 
 def _need(t: Optional[Tensor]) -> bool:
@@ -112,7 +110,7 @@ def linear(x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None) -> Tenso
         db = g.sum(axis=0) if need_b else None
         return dx, dw, db
 
-    return make_result(y, (x, weight, bias), backward, "linear")
+    return make_result(y, (x, weight, bias), backward, "linear", owned=True)
 
 
 def _quantize_weight(w: np.ndarray, cfg: OctoConfig):
@@ -147,7 +145,7 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
             return dx, dw, db
         return dx, dw, db, da, dm, dbeta
 
-    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name)
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name, owned=True)
 
 
 def linear_int8(
@@ -213,7 +211,7 @@ def conv2d(
         dx, dw, db = _native.conv2d_f32_backward(xd, wd, _c(g), stride, padding, need_dx=need_x)
         return dx, (dw if need_w else None), (db if need_b else None)
 
-    return make_result(y, (x, weight, bias), backward, "conv2d")
+    return make_result(y, (x, weight, bias), backward, "conv2d", owned=True)
 
 
 def conv2d_int8(
@@ -285,17 +283,17 @@ def batch_norm2d(
             )
         del xd
 
-        def backward(g: np.ndarray):
+        def backward(g: np.ndarray, g_owned: bool = False):
             # the core reads the int8 codes directly (x = xq·sx, as dequantize gives it): no FP32 copy;
-            # an unshared incoming gradient is overwritten with dx
-            if _grad_is_ours(g):
+            # an incoming gradient the sweep owns is overwritten with dx
+            if _writable_grad(g, g_owned):
                 dgamma, dbeta = _native.batchnorm2d_backward_i8_(g, xq, sx, gamma, mean, invstd)
                 dx = g
             else:
                 dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(_c(g), xq, sx, gamma, mean, invstd)
             return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
-        return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+        return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True, owns_grads=True)
 
     y, mean, invstd = _native.batchnorm2d_forward(
         xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
@@ -316,7 +314,7 @@ def batch_norm2d(
             dx = g * (gamma * invstd_e).reshape(shape)
             return dx, (g * xhat).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
 
-    return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+    return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True)
 
 
 def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
@@ -335,13 +333,13 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
         y, mask = _native.relu_forward_mask(xd)
     del xd
 
-    def backward(g: np.ndarray):
-        if _grad_is_ours(g):
+    def backward(g: np.ndarray, g_owned: bool = False):
+        if _writable_grad(g, g_owned):
             _native.relu_backward_mask_(g, mask)
             return (g,)
         return (_native.relu_backward_mask(_c(g), mask),)
 
-    return make_result(y, (x,), backward, "relu")
+    return make_result(y, (x,), backward, "relu", owned=True, owns_grads=True)
 
 
 def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
@@ -359,14 +357,14 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
         shape = y.shape
         bits = np.packbits((y > 0) & (y < 6))
 
-        def backward(g: np.ndarray):
+        def backward(g: np.ndarray, g_owned: bool = False):
             keep = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
-            if _grad_is_ours(g):
+            if _writable_grad(g, g_owned):
                 np.multiply(g, keep, out=g)
                 return (g,)
             return (g * keep,)
 
-        return make_result(y, (x,), backward, "relu6")
+        return make_result(y, (x,), backward, "relu6", owned=True, owns_grads=True)
     return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
 
 
@@ -402,7 +400,8 @@ def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = N
     shape = x.shape
     y, idx = _native.maxpool2d_forward(_c(x.data), k, s, p)
     return make_result(
-        y, (x,), lambda g: (_native.maxpool2d_backward(_c(g), idx, shape, k, s, p),), "max_pool2d"
+        y, (x,), lambda g, _owned: (_native.maxpool2d_backward(_c(g), idx, shape, k, s, p),), "max_pool2d",
+        owned=True, owns_grads=True,
     )
 
 
@@ -413,7 +412,8 @@ def avg_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = N
     p = _pair(padding, "padding")
     shape = x.shape
     y = _native.avgpool2d_forward(_c(x.data), k, s, p)
-    return make_result(y, (x,), lambda g: (_native.avgpool2d_backward(_c(g), shape, k, s, p),), "avg_pool2d")
+    return make_result(y, (x,), lambda g, _owned: (_native.avgpool2d_backward(_c(g), shape, k, s, p),), "avg_pool2d",
+                       owned=True, owns_grads=True)
 
 
 def adaptive_avg_pool2d(x: ArrayLike, output_size: IntPair = 1) -> Tensor:
@@ -457,17 +457,19 @@ def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tenso
     a, m, b = alpha.data, mu.data, beta.data
     shift = (a * m + b).reshape(view)
     xd = x.data
-    if _take_donated(x) and shift.dtype == xd.dtype:
+    donated = _take_donated(x) and shift.dtype == xd.dtype
+    if donated:
         y = np.add(xd, shift, out=xd)  # in place: x is an intermediate nobody else holds
     else:
         y = xd + shift
-    del xd
 
-    def backward(g: np.ndarray):
+    def backward(g: np.ndarray, _owned: bool = False):
         s = _channel_sum(g) if per_channel else g.sum(axis=0)
         return g, s * m, s * a, s
 
-    return make_result(y.astype(np.float32, copy=False), (x, alpha, mu, beta), backward, "compensation")
+    y = y.astype(np.float32, copy=False)
+    return make_result(y, (x, alpha, mu, beta), backward, "compensation", owned=True,
+                       owns_grads=True)
 
 
 def compensation_penalty(mu: Tensor, beta: Tensor, lam: float) -> Tensor:
