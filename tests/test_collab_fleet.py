@@ -238,3 +238,33 @@ def test_split_at_a_named_module_inside_a_nested_chain():
         collab.split_model(model, "features.0")
     with pytest.raises(ValueError, match="neither"):
         collab.split_model(model, "features..2")
+
+
+def test_onnx_imported_model_split_at_a_node_and_trained_over_grpc(digits, tmp_path):
+    """An ONNX file (here: the reference cnn exported) imported by edgelearn.onnx, cut at a node name; the
+    edge verifies the cloud's announced architecture against its own copy of the file."""
+    pytest.importorskip("onnx", reason="needs the onnx extra (part of the test extra)")
+    from edgelearn import models, onnx as elonnx
+    from edgelearn.collab.split import split_points
+
+    edgelearn.manual_seed(3)
+    path = tmp_path / "cnn.onnx"
+    elonnx.export(models.cnn(1, 10, (8, 8)), str(path), (1, 1, 8, 8))
+    graph = elonnx.load(str(path))
+    assert "MaxPool_10" in split_points(graph) and "Conv_13" in split_points(graph)
+    with pytest.raises(ValueError, match="no node named"):
+        collab.split_model(graph, "Nope_1")
+    cloud = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    with collab.CloudServer(cloud) as server:
+        transport = collab.GrpcTransport(f"127.0.0.1:{server.port}", connect_timeout=60)
+        edge = collab.Edge(transport, digits.train.image_shape, 10, mode="sgq", bits=4, precision="int8",
+                           model=f"onnx:{path}")
+        assert edge.feature_shape == (16, 4, 4)  # the first block's pooled output
+        r = collab.train_edge(edge, digits.train, digits.test, steps=12, batch_size=32, progress=False)
+    assert r["steps"] == 12 and cloud.steps == 12 and r["test_accuracy"] > 0.3  # chance 0.1
+    # a different file on the edge (other weights, same layout) has the same digest; another layout is refused
+    other = tmp_path / "mlp.onnx"
+    elonnx.export(models.cnn(1, 10, (8, 8), channels=(8, 32, 64)), str(other), (1, 1, 8, 8))
+    cloud2 = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    with pytest.raises(collab.ArchitectureMismatch, match="architecture digest"):
+        collab.Edge(collab.LocalTransport(cloud2), digits.train.image_shape, 10, model=f"onnx:{other}")

@@ -31,7 +31,6 @@ import numpy as np
 from .. import optim
 from ..checkpoint import save_checkpoint
 from ..data import ArrayDataset, DataLoader
-from ..models import MODEL_NAMES
 from ..octo import OctoConfig, octo
 from ..tensor import no_grad, tensor
 from ..train import _progress_bar
@@ -40,7 +39,7 @@ from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
                        WELCOME, CollabError, ConnectionLost, ProtocolError, WireStats, chunks, pack, reassemble,
                        unpack)
-from .split import batchnorm_calibration, build_split, join_parts, output_shape, split_spec
+from .split import batchnorm_calibration, build_split, is_model_spec, join_parts, output_shape, split_spec
 
 __all__ = ["Edge", "LocalTransport", "RetryPolicy", "train_edge"]
 
@@ -145,8 +144,11 @@ class Edge:
             self.split = split_spec(self.split)
         except (TypeError, ValueError):
             raise ProtocolError(f"WELCOME: bad split {self.split!r}") from None
-        if self.model_name not in MODEL_NAMES or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_model_spec(self.model_name) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ProtocolError(f"WELCOME: bad model {self.model_name!r} or seed {self.seed!r}")
+        self.cloud_model = self.model_name
+        if self.model_name.startswith("onnx:") and isinstance(model, str) and model.startswith("onnx:"):
+            self.model_name = model  # this edge's own copy of the ONNX file (its part's digest is checked below)
         self.model, _ = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
         self.feature_shape = output_shape(self.model, self.input_shape)
         self.architecture = architecture_digest(self.model)
@@ -175,14 +177,14 @@ class Edge:
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows)
 
     def _check_welcome(self, welcome: Dict[str, Any]) -> None:
-        if list(self.feature_shape) != welcome.get("feature_shape"):
-            raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
-                                f"part makes {list(self.feature_shape)}")
         announced = welcome.get("architecture")
         if announced is not None and announced != self.architecture:
             raise ArchitectureMismatch(f"the cloud announces an edge part with architecture digest {announced!r}; "
                                        f"the part this edge built from {self.model_name!r} split at {self.split} "
-                                       f"has {self.architecture!r} (different edgelearn versions?)")
+                                       f"has {self.architecture!r} (another model file or edgelearn version?)")
+        if list(self.feature_shape) != welcome.get("feature_shape"):
+            raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
+                                f"part makes {list(self.feature_shape)}")
 
     def _snapshot(self) -> None:
         self._snapshots[self.steps] = {
@@ -215,7 +217,7 @@ class Edge:
             pass
         self.transport = transport
         welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
-        if (welcome.get("model"), welcome.get("split"), welcome.get("seed")) != (self.model_name, self.split,
+        if (welcome.get("model"), welcome.get("split"), welcome.get("seed")) != (self.cloud_model, self.split,
                                                                                self.seed):
             raise ArchitectureMismatch(f"the cloud now serves {welcome.get('model')!r} split at {welcome.get('split')}"
                                        f" with seed {welcome.get('seed')}, not the model this edge trains")

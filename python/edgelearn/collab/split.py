@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from ..nn.init import manual_seed
 from ..tensor import no_grad, tensor
 
 __all__ = ["chain", "split_points", "split_model", "build_split", "output_shape", "batchnorm_calibration", "join_parts",
-           "is_split_config", "model_from_split_config", "split_spec"]
+           "is_split_config", "model_from_split_config", "split_spec", "build_model_spec", "is_model_spec"]
 
 
 def chain(module: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -40,6 +40,8 @@ def split_points(model: nn.Module) -> List[str]:
             if isinstance(child, nn.Sequential) or hasattr(child, "split_chain"):
                 walk(child, f"{full}.")
 
+    if isinstance(model, nn.GraphModule):
+        return [n[0] for i, n in enumerate(model.nodes) if i > 0 and _graph_cut(model, i) is not None]
     walk(model, "")
     return [n for n in names if _flat_index(model, n)[0] > 0]
 
@@ -86,6 +88,8 @@ def split_model(model: nn.Module, index: Union[int, str]) -> Tuple[nn.Sequential
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an edgelearn.nn.Module, got {type(model).__name__}")
     index = split_spec(index)
+    if isinstance(model, nn.GraphModule):
+        return _split_graph(model, index)
     if isinstance(index, str):
         at, items = _flat_index(model, index)
         if at == 0:
@@ -98,19 +102,80 @@ def split_model(model: nn.Module, index: Union[int, str]) -> Tuple[nn.Sequential
     return nn.Sequential(*items[:index]), nn.Sequential(*items[index:])
 
 
+def _graph_cut(graph: "nn.GraphModule", at: int) -> Optional[str]:
+    """The one value crossing a cut of ``graph`` before node ``at`` (None when the cut is not a single tensor)."""
+    before = {n[2] for n in graph.nodes[:at]}
+    read_after = {v for n in graph.nodes[at:] for v in n[1]} | {graph.output}
+    crossing = (before | set(graph.inputs)) & read_after
+    if len(crossing) != 1 or next(iter(crossing)) in graph.inputs:
+        return None
+    return next(iter(crossing))
+
+
+def _split_graph(graph: "nn.GraphModule", index: Union[int, str]) -> Tuple["nn.GraphModule", "nn.GraphModule"]:
+    """A DAG (an ONNX import) cut before node ``index`` (its position, or its module's name): valid where
+    exactly one value crosses the cut (not inside a residual block)."""
+    names = [n[0] for n in graph.nodes]
+    if isinstance(index, str):
+        if index not in names:
+            raise ValueError(f"split: no node named {index!r}; nodes where this graph can be cut: "
+                             f"{', '.join(split_points(graph)[:40])}")
+        at = names.index(index)
+    else:
+        at = index
+        if not 1 <= at < len(names):
+            raise ValueError(f"split: expected a node index in [1, {len(names) - 1}], got {index}")
+    value = _graph_cut(graph, at)
+    if at == 0 or value is None:
+        raise ValueError(f"split: the graph cannot be cut before node {names[at]!r}: more than one value (or the "
+                         f"input) crosses there; cut points: {', '.join(split_points(graph)[:40])}")
+    modules = dict(graph.named_children())
+    edge = nn.GraphModule(graph.inputs, value, [tuple(n) for n in graph.nodes[:at]],
+                          {n[0]: modules[n[0]] for n in graph.nodes[:at]})
+    cloud = nn.GraphModule([value], graph.output, [tuple(n) for n in graph.nodes[at:]],
+                           {n[0]: modules[n[0]] for n in graph.nodes[at:]})
+    return edge, cloud
+
+
+def build_model_spec(spec: str, input_shape: Tuple[int, int, int], classes: int, seed: int = 0) -> nn.Module:
+    """The model a collab cloud serves: a built-in or zoo name (see :func:`edgelearn.models.build_model`,
+    initialised from ``seed``) or ``onnx:PATH``, an ONNX file imported by :func:`edgelearn.onnx.load` (its
+    weights are the file's; it must take ``input_shape`` and give ``classes`` outputs)."""
+    if isinstance(spec, str) and spec.startswith("onnx:"):
+        from .. import onnx as elonnx
+
+        model = elonnx.load(spec[len("onnx:"):])
+        out = output_shape(model, tuple(input_shape))
+        if out != (int(classes),):
+            raise ValueError(f"model {spec}: for input {tuple(input_shape)} it gives outputs of shape {out}, "
+                             f"expected ({classes},) for {classes} classes")
+        return model
+    manual_seed(seed)
+    return build_model(spec, tuple(input_shape), int(classes))
+
+
+def is_model_spec(spec: Any) -> bool:
+    """Whether ``spec`` names a model :func:`build_model_spec` builds."""
+    from ..models import MODEL_NAMES
+
+    return isinstance(spec, str) and (spec in MODEL_NAMES or (spec.startswith("onnx:") and len(spec) > 5))
+
+
 def build_split(model_name: str, input_shape: Tuple[int, int, int], classes: int, split: Union[int, str],
                 seed: int = 0) -> Tuple[nn.Sequential, nn.Sequential]:
     """The reference model ``model_name`` (see :func:`edgelearn.models.build_model`) initialised from ``seed``
     and split at ``split``. Edge and cloud call this with the same arguments, so together they hold exactly
     the model an unsplit run would start from."""
-    manual_seed(seed)
-    return split_model(build_model(model_name, tuple(input_shape), int(classes)), split)
+    return split_model(build_model_spec(model_name, input_shape, classes, seed), split)
 
 
 def join_parts(edge: nn.Sequential, cloud: nn.Sequential) -> nn.Sequential:
     """One ``Sequential`` running ``edge`` then ``cloud`` (sharing their layers): the whole split model, with
-    state-dict names numbered as :func:`model_from_split_config` rebuilds them."""
-    return nn.Sequential(*list(edge), *list(cloud))
+    state-dict names numbered as :func:`model_from_split_config` rebuilds them (the two parts' items, or the
+    two parts themselves when they are graphs)."""
+    if isinstance(edge, nn.Sequential) and isinstance(cloud, nn.Sequential):
+        return nn.Sequential(*list(edge), *list(cloud))
+    return nn.Sequential(edge, cloud)
 
 
 def is_split_config(config) -> bool:
