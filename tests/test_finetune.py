@@ -151,6 +151,15 @@ def test_train_selections_pick_head_last_layers_and_normalisation():
 # --- the whole loop ----------------------------------------------------------------------------------------------
 
 
+def test_finetune_a_zoo_architecture_by_name(tmp_path, folder, capsys):
+    code = cli.main(["finetune", "resnet20", "--dataset", f"folder:{folder}", "--train", "head", "--epochs", "1",
+                     "--batch-size", "16", "--json", "--no-progress", "--channels", "1"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model_kind"] == "zoo" and report["num_classes"] == 5 and report["image_shape"] == [1, 12, 12]
+    assert report["trainable_parameters"] == 64 * 5 + 5 + 3 * 5
+
+
 def test_onnx_in_int8_finetune_on_folder_onnx_out_matches_onnxruntime(tmp_path, folder, capsys):
     src = small_onnx_cnn(tmp_path / "pretrained.onnx")
     out, ck = tmp_path / "tuned.onnx", tmp_path / "tuned.safetensors"
@@ -184,21 +193,24 @@ def test_onnx_in_int8_finetune_on_folder_onnx_out_matches_onnxruntime(tmp_path, 
     assert exported["relative_l2_vs_edgelearn"] <= 1e-4 and exported["input_shape"] == [1, 1, 12, 12]
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
-def test_export_round_trip_of_built_in_models(tmp_path, name):
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_export_round_trip_of_zoo_models_after_int8_training(tmp_path, name):
     el.manual_seed(1)
-    model = models.build_model(name, (1, 12, 12), 5)
+    shape = (1, 12, 12) if name in ("mlp", "cnn") else (3, 16, 16)
+    model = models.build_model(name, shape, 5, **({"width_mult": 0.25} if name == "mobilenet_v2" else {}))
     el.octo(model)
-    x = np.random.default_rng(2).standard_normal((6, 1, 12, 12)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((6,) + shape).astype(np.float32)
     model.train()
     opt = el.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(2):  # INT8 training moves the master weights, BN statistics and LAC parameters
+    for _ in range(1 if name == "resnet18" else 2):  # INT8 training moves master weights, BN statistics, LAC
         loss = el.functional.cross_entropy(model(el.tensor(x)), np.arange(6) % 5)
         opt.zero_grad()
         (loss + model.regularization()).backward()
         opt.step()
-    proto = elonnx.export(model, tmp_path / "m.onnx", (1, 1, 12, 12))
-    assert "Add" not in {n.op_type for n in proto.graph.node}  # the LAC shift is folded into the biases
+    proto = elonnx.export(model, tmp_path / "m.onnx", (1,) + shape)
+    if name in ("mlp", "cnn"):
+        assert "Add" not in {n.op_type for n in proto.graph.node}  # the LAC shift is folded into the biases
+    assert len([i for i in proto.graph.initializer if "lac" in i.name]) == 0
     sess = ort.InferenceSession(os.fspath(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x})[0]
     ref = elonnx.fp32_outputs(model, x)

@@ -20,21 +20,6 @@ from edgelearn import onnx as elonnx  # noqa: E402
 RNG = np.random.default_rng(0)
 
 
-def _grouped_conv_supported() -> bool:
-    try:
-        nn.Conv2d(4, 4, 3, groups=4)
-    except ValueError:
-        return False
-    return True
-
-
-# Grouped/depthwise convolution and the ReLU6/Hardswish/Sigmoid layers come with the real-architectures issue;
-# until they land these cases are expected failures (strict: they must pass once the layers exist).
-needs_issue_12_layers = pytest.mark.xfail(
-    not (_grouped_conv_supported() and all(hasattr(nn, n) for n in ("ReLU6", "Hardswish", "Sigmoid"))),
-    reason="grouped conv and ReLU6/Hardswish/Sigmoid layers not in this edgelearn yet", strict=True)
-
-
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
@@ -107,10 +92,9 @@ def test_conv_asymmetric_pads_and_averagepool_match_onnxruntime():
     check_against_ort(model_bytes(nodes, [init("cw", w(4, 2, 3, 3))], [1, 2, 9, 10]), (1, 2, 9, 10))
 
 
-@needs_issue_12_layers
-def test_depthwise_and_grouped_conv_with_relu6_match_onnxruntime():
-    nodes = [helper.make_node("Conv", ["x", "dw", "db"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8,
-                              strides=[2, 2]),
+def test_depthwise_dilated_and_grouped_conv_with_relu6_match_onnxruntime():
+    nodes = [helper.make_node("Conv", ["x", "dw", "db"], ["d"], kernel_shape=[3, 3], pads=[2, 2, 2, 2], group=8,
+                              strides=[2, 2], dilations=[2, 2]),
              helper.make_node("Clip", ["d", "lo", "hi"], ["r"]),
              helper.make_node("Conv", ["r", "gw"], ["y"], kernel_shape=[1, 1], group=2)]
     inits = [init("dw", w(8, 1, 3, 3)), init("db", w(8)), init("gw", w(6, 4, 1, 1)),
@@ -130,7 +114,6 @@ def test_gemm_and_matmul_add_match_onnxruntime():
     assert len(linears) == 2 and all(lin.bias is not None for lin in linears)  # the Add became the bias
 
 
-@needs_issue_12_layers
 def test_squeeze_excite_hardswish_hardsigmoid_sigmoid_mul_match_onnxruntime():
     nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], kernel_shape=[1, 1]),
              helper.make_node("HardSwish", ["c"], ["h"]),
@@ -206,7 +189,6 @@ def inverted_residual_nodes(c: int, e: int):
     return nodes, inits
 
 
-@needs_issue_12_layers
 def test_mobilenet_v2_inverted_residual_block_matches_onnxruntime():
     nodes, inits = inverted_residual_nodes(8, 48)
     model = check_against_ort(model_bytes(nodes, inits, [2, 8, 7, 7]), (2, 8, 7, 7))
@@ -226,7 +208,6 @@ def test_resnet_basic_block_with_downsample_matches_onnxruntime():
     check_against_ort(model_bytes(nodes, inits, [2, 4, 8, 8]), (2, 4, 8, 8))
 
 
-@needs_issue_12_layers
 def test_imported_graph_trains_int8_and_keeps_dag(tmp_path):
     nodes, inits = inverted_residual_nodes(4, 8)
     nodes += [helper.make_node("GlobalAveragePool", ["y"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),

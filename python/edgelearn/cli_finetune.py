@@ -47,7 +47,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from edgelearn import data as eldata
     from edgelearn import optim
     from edgelearn.finetune import describe_selection, load_pretrained, replace_head, select_trainable
-    from edgelearn.octo import fp32
+    from edgelearn.nn import fp32
     from edgelearn.train import evaluate, fit
 
     if args.threads is not None:
@@ -55,24 +55,34 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
     edgelearn.manual_seed(args.seed)
-    model, kind = load_pretrained(args.model, unfold_batchnorm=args.unfold_batchnorm)
-    meta_shape = None
-    if kind == "checkpoint":
-        from edgelearn.checkpoint import read_checkpoint
+    from edgelearn.models import MODEL_NAMES
 
-        extra = (read_checkpoint(args.model)[1].get("extra") or {})
-        config = extra.get("config") or {}
-        meta_shape = config.get("image_shape") or (config.get("data") or {}).get("image_shape")
-    channels, size = _model_image_shape(model, meta_shape)
-    if args.channels is not None:
-        channels = args.channels
-    image_size: Any = args.image_size if args.image_size is not None else size
     mean, std = args.mean, args.std
     if args.normalize == "imagenet":
         mean, std = eldata.ImageFolder.IMAGENET_MEAN, eldata.ImageFolder.IMAGENET_STD
-    splits = eldata.get_dataset(args.dataset, seed=args.seed, image_size=image_size, channels=channels or 3,
-                                mean=mean, std=std, cache=args.cache, val_fraction=args.val_fraction) \
-        if args.dataset.startswith("folder:") else eldata.get_dataset(args.dataset, seed=args.seed)
+
+    def load_data(channels: Optional[int], image_size: Any):
+        if args.dataset.startswith("folder:"):
+            return eldata.get_dataset(args.dataset, seed=args.seed, image_size=image_size, channels=channels or 3,
+                                      mean=mean, std=std, cache=args.cache, val_fraction=args.val_fraction)
+        return eldata.get_dataset(args.dataset, seed=args.seed)
+
+    if args.model in MODEL_NAMES and not os.path.exists(args.model):
+        # a zoo architecture is sized by the data: load the images first
+        splits = load_data(args.channels, args.image_size)
+        model, kind = load_pretrained(args.model, image_shape=splits.train.image_shape)
+    else:
+        model, kind = load_pretrained(args.model, unfold_batchnorm=args.unfold_batchnorm)
+        meta_shape = None
+        if kind == "checkpoint":
+            from edgelearn.checkpoint import read_checkpoint
+
+            extra = (read_checkpoint(args.model)[1].get("extra") or {})
+            config = extra.get("config") or {}
+            meta_shape = config.get("image_shape") or (config.get("data") or {}).get("image_shape")
+        channels, size = _model_image_shape(model, meta_shape)
+        splits = load_data(args.channels if args.channels is not None else channels,
+                           args.image_size if args.image_size is not None else size)
     train, test = splits.train, splits.test
     if args.unfold_batchnorm:
         from edgelearn.finetune import calibrate_unfolded_batchnorm

@@ -24,9 +24,13 @@ __all__ = ["TRAIN_MODES", "calibrate_unfolded_batchnorm", "load_pretrained", "re
 TRAIN_MODES = ("head", "last:K", "bn+head", "all")
 
 
-def load_pretrained(source: str, *, unfold_batchnorm: bool = False) -> Tuple[nn.Module, str]:
+def load_pretrained(source: str, *, unfold_batchnorm: bool = False,
+                    image_shape: Optional[Tuple[int, int, int]] = None) -> Tuple[nn.Module, str]:
     """``(model, kind)`` from an ``.onnx`` file (kind ``"onnx"``), an edgelearn checkpoint (``"checkpoint"``) or a
-    zoo model name (``"zoo"``, randomly initialised: no weights are downloaded here)."""
+    zoo model name (``"zoo"``: ``edgelearn.models.MODEL_NAMES``, built for ``image_shape`` (C, H, W) and randomly
+    initialised, since no weights are downloaded here; its head is replaced anyway)."""
+    from . import models
+
     src = os.fspath(source)
     if src.lower().endswith(".onnx"):
         from . import onnx as elonnx
@@ -36,14 +40,12 @@ def load_pretrained(source: str, *, unfold_batchnorm: bool = False) -> Tuple[nn.
         from .checkpoint import load_model
 
         return load_model(src)[0], "checkpoint"
-    from . import models
-
-    names = tuple(getattr(models, "ZOO_NAMES", ())) or ()
-    build = getattr(models, "get_model", None) or getattr(models, "build", None)
-    if build is not None and src in names:
-        return build(src), "zoo"
-    raise FileNotFoundError(f"model: {src!r} is neither an .onnx file, a checkpoint file nor a zoo model name"
-                            + (f" ({', '.join(names)})" if names else ""))
+    if src in models.MODEL_NAMES:
+        if image_shape is None:
+            raise ValueError(f"model {src!r}: a zoo model needs the image shape (C, H, W) to be built")
+        return models.build_model(src, tuple(image_shape), 2), "zoo"
+    raise FileNotFoundError(f"model: {src!r} is neither an .onnx file, a checkpoint file nor a zoo model name "
+                            f"({', '.join(models.MODEL_NAMES)})")
 
 
 def _parent_of(model: nn.Module, dotted: str) -> Tuple[nn.Module, str]:

@@ -594,8 +594,6 @@ def _conv(imp: _Importer, node, index, where, attrs, inputs) -> None:
     strides = attrs.ints("strides", [1, 1], 2, 1, lim)
     dilations = attrs.ints("dilations", [1, 1], 2, 1, lim)
     top, left, bottom, right = _pads_2d(attrs, lim, (kh, kw))
-    if dilations != [1, 1]:
-        raise imp.unsupported(f"dilations={dilations}")
     b_name = _optional(inputs, 2)
     b = imp.const(b_name, where, "the bias") if b_name else None
     if b is not None and b.shape != (o,):
@@ -608,7 +606,7 @@ def _conv(imp: _Importer, node, index, where, attrs, inputs) -> None:
     else:
         pad = (top, left)
     unfold = imp.unfold_batchnorm and not _feeds_batchnorm(imp, out)
-    conv = nn.Conv2d(cg * group, o, (kh, kw), stride=tuple(strides), padding=pad,
+    conv = nn.Conv2d(cg * group, o, (kh, kw), stride=tuple(strides), padding=pad, dilation=tuple(dilations),
                      bias=b is not None and not unfold, groups=group)
     conv.weight.data[...] = w
     if b is not None and not unfold:
