@@ -244,3 +244,15 @@ def test_quantized_export_is_a_qdq_graph_close_to_int8_eval(tmp_path):
         ours = model(el.tensor(x)).numpy()
     assert np.linalg.norm(got - ours) / np.linalg.norm(ours) <= 0.05
     assert (got.argmax(1) == ours.argmax(1)).mean() >= 0.95
+
+
+def test_replacing_a_layer_keeps_its_place_so_selection_follows_execution_order():
+    el.manual_seed(0)
+    model = models.build_model("resnet20", (1, 12, 12), 5)
+    el.octo(model)  # wraps each conv in Sequential(conv, Compensation) by attribute assignment
+    assert [n for n, _ in model.named_children()][0] == "conv1"
+    replace_head(model, 3)
+    assert [n for n, _ in model.named_children()][-1] == "fc"
+    select_trainable(model, "last:2")
+    stem = model.conv1[0] if isinstance(model.conv1, nn.Sequential) else model.conv1
+    assert not stem.weight.requires_grad  # the stem is the first layer run, never among the last two

@@ -64,7 +64,12 @@ class Module:
         if name in self._modules or isinstance(value, (Module, Parameter)) or name in self._parameters:
             _tree_changed()
         for table in (self._parameters, self._buffers, self._modules):
-            if name in table and not (table is self._buffers and isinstance(value, np.ndarray)):
+            # a module or parameter replaced by another keeps its place (as in PyTorch): registration order is
+            # execution order for the zoo's blocks, which fine-tuning's layer selection and state dicts rely on
+            keep = ((table is self._buffers and isinstance(value, np.ndarray))
+                    or (table is self._modules and isinstance(value, Module))
+                    or (table is self._parameters and isinstance(value, Parameter)))
+            if name in table and not keep:
                 del table[name]
         if isinstance(value, Parameter):
             self.__dict__.pop(name, None)
