@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from .. import functional as F
-from ..octo import OctoConfig
+from ..octo_config import OctoConfig
 from ..tensor import Tensor, as_tensor
 from . import init
 from .module import Module, Parameter, _tree_changed
@@ -35,6 +35,8 @@ IntPair = Union[int, Tuple[int, int]]
 
 class _QuantizedLayer(Module):
     """What Linear and Conv2d share: the FP32/INT8 switch and the per-step stochastic-rounding seed."""
+
+    returns_private_output = True
 
     int8: Optional[OctoConfig]
     layer_id: int
@@ -164,6 +166,8 @@ class BatchNorm2d(Module):
     """Per-channel batch normalisation of (N, C, H, W); buffers ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (PyTorch's names, so state dicts line up)."""
 
+    returns_private_output = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
@@ -187,6 +191,7 @@ class BatchNorm2d(Module):
 
 
 class ReLU(Module):
+    returns_private_output = True
     def __init__(self) -> None:
         super().__init__()
         self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward, not the FP32 output
@@ -196,6 +201,7 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
+    returns_private_output = True
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -214,6 +220,8 @@ class AvgPool2d(MaxPool2d):
 
 class AdaptiveAvgPool2d(Module):
     """Average pooling to a fixed output size (the input size must be a multiple of it; 1 always works)."""
+
+    returns_private_output = True
 
     def __init__(self, output_size: IntPair = 1):
         super().__init__()
@@ -273,6 +281,8 @@ class Compensation(Module):
     (N, C) or (N, C, H, W)) or, when ``shape`` is a tuple such as ``(C, H, W)``, that shape. Its loss term
     ``0.5·λ·(‖μ‖² + ‖β‖²)`` comes from ``regularization_term()``; ``Module.regularization()`` sums them.
     """
+
+    returns_private_output = True
 
     def __init__(self, shape: Union[int, Tuple[int, ...]], lam: float = 0.1):
         super().__init__()

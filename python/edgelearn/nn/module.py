@@ -8,15 +8,12 @@ arrays, so an optimizer built on the model keeps working after a load.
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from ..tensor import Tensor
-
-_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: buffer donation needs exact reference counts
 
 __all__ = ["Module", "Parameter", "Sequential"]
 
@@ -48,6 +45,11 @@ def _tree_changed() -> None:
 
 class Module:
     """Base class of layers and models: override ``forward``; call the module to run it."""
+
+    #: True for layers whose ``forward`` returns a new op result and keeps no reference to it, so
+    #: ``Sequential`` may donate that result's storage to the next layer (see ``Sequential.forward``).
+    #: Off by default: a custom module might keep or return a tensor someone else holds.
+    returns_private_output = False
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -297,24 +299,24 @@ class Sequential(Module):
         return plan
 
     def forward(self, x: Any) -> Any:
-        for i, (m, fused) in enumerate(self._fusion_plan()):
-            # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
-            # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
-            # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
-            # INT8-mode Compensation/BatchNorm/ReLU then write their output over it (the FP32 activation
-            # would be dropped right after anyway). Never the Sequential's own input.
-            if i > 0 and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
-                d = x.data
-                if (type(d) is np.ndarray and d.dtype == np.float32 and d.base is None and d.flags.c_contiguous
-                        and d.flags.writeable and sys.getrefcount(d) == 3):
-                    x._donated = True
-                del d
+        producer = None
+        for m, fused in self._fusion_plan():
+            # Buffer donation, by contract (no reference counting): an intermediate made by the previous item
+            # is handed to the next one when its op said the storage is the result's alone (``owned``, see
+            # ``make_result``) and that item is a layer that keeps no reference to what it returns
+            # (``returns_private_output``). Only this loop holds it then, so INT8-mode Compensation/
+            # BatchNorm/ReLU may write their output over it. Never the Sequential's own input.
+            if producer is not None and producer.returns_private_output and type(x) is Tensor and x._owned:
+                x._donated = True
             if fused is not None:
                 # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
                 # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
                 x = m(x, compensation=fused)
             else:
                 x = m(x)
+            producer = m
+        if type(x) is Tensor:
+            x._donated = False  # a donation nobody took ends here: the caller's tensor is never overwritten
         return x
 
     def __len__(self) -> int:
