@@ -65,7 +65,9 @@ impl U8Input {
             _ => {
                 return Err(Error::invalid(
                     "frame",
-                    format!("the model takes {c} input channels; a frame with {cin} channels gives 1 or 3"),
+                    format!(
+                    "the model takes {c} input channels; a frame with {cin} channels gives 1 or 3"
+                ),
                 ))
             }
         };
@@ -74,11 +76,19 @@ impl U8Input {
                 if v.len() != c {
                     return Err(Error::invalid(
                         name,
-                        format!("expected {c} values (one per model channel), got {}", v.len()),
+                        format!(
+                            "expected {c} values (one per model channel), got {}",
+                            v.len()
+                        ),
                     ));
                 }
-                if v.iter().any(|x| !x.is_finite()) || (name == "std" && v.iter().any(|&x| x <= 0.0)) {
-                    return Err(Error::invalid(name, format!("values must be finite (std positive), got {v:?}")));
+                if v.iter().any(|x| !x.is_finite())
+                    || (name == "std" && v.iter().any(|&x| x <= 0.0))
+                {
+                    return Err(Error::invalid(
+                        name,
+                        format!("values must be finite (std positive), got {v:?}"),
+                    ));
                 }
             }
         }
@@ -122,7 +132,12 @@ impl U8Input {
     }
 
     /// Writes the model input of the pixels `y0..y1 × x0..x1` of `frame` into `out (C, H, W)`.
-    pub fn convert_rect(&self, frame: &[u8], (y0, y1, x0, x1): (usize, usize, usize, usize), out: &mut [f32]) {
+    pub fn convert_rect(
+        &self,
+        frame: &[u8],
+        (y0, y1, x0, x1): (usize, usize, usize, usize),
+        out: &mut [f32],
+    ) {
         let [h, w, cin] = self.hwc;
         let c = self.chw[0];
         let mut px = [0.0f32; 3];
@@ -164,7 +179,12 @@ pub fn gate_u8(
     if frame.len() != n || reference.len() != n {
         return Err(Error::invalid(
             "frame",
-            format!("expected {n} bytes for a {:?} frame, got {} (reference {})", input.hwc, frame.len(), reference.len()),
+            format!(
+                "expected {n} bytes for a {:?} frame, got {} (reference {})",
+                input.hwc,
+                frame.len(),
+                reference.len()
+            ),
         ));
     }
     let mut map = TileMap::new(h, w, patch)?;
@@ -184,7 +204,10 @@ pub fn gate_u8(
             mx.fill(0);
             e.fill(0);
             for y in pr * patch..((pr + 1) * patch).min(h) {
-                let (fr, rr) = (&frame[y * w * cin..(y + 1) * w * cin], &reference[y * w * cin..(y + 1) * w * cin]);
+                let (fr, rr) = (
+                    &frame[y * w * cin..(y + 1) * w * cin],
+                    &reference[y * w * cin..(y + 1) * w * cin],
+                );
                 for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
                     let (m, ee, s1, s2) = byte_scores(a, b);
                     mx[pc] = mx[pc].max(m);
@@ -205,7 +228,10 @@ pub fn gate_u8(
         let c = input.chw[0];
         let (mut pf, mut pr_) = ([0.0f32; 3], [0.0f32; 3]);
         for y in 0..h {
-            let (fr, rr) = (&frame[y * w * cin..(y + 1) * w * cin], &reference[y * w * cin..(y + 1) * w * cin]);
+            let (fr, rr) = (
+                &frame[y * w * cin..(y + 1) * w * cin],
+                &reference[y * w * cin..(y + 1) * w * cin],
+            );
             let srow = (y / patch) * cols;
             for x in 0..w {
                 let (a, b) = (&fr[x * cin..x * cin + cin], &rr[x * cin..x * cin + cin]);
@@ -229,7 +255,11 @@ pub fn gate_u8(
     }
     let mut skipped_sq = 0.0f64;
     for i in 0..rows * cols {
-        let flagged = if threshold == 0.0 { any[i] } else { score[i] > threshold };
+        let flagged = if threshold == 0.0 {
+            any[i]
+        } else {
+            score[i] > threshold
+        };
         if flagged {
             let (r, c) = (i / cols, i % cols);
             map.set(r, c);
@@ -266,7 +296,9 @@ mod tests {
     fn frame(seed: &mut u64, n: usize) -> Vec<u8> {
         (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (*seed >> 56) as u8
             })
             .collect()
@@ -289,7 +321,12 @@ mod tests {
             (3, Some(1usize), None, None),
             (1, Some(3), None, None),
             (4, None, None, None),
-            (3, None, Some(vec![0.4f32, 0.5, 0.6]), Some(vec![0.2f32, 0.25, 0.3])),
+            (
+                3,
+                None,
+                Some(vec![0.4f32, 0.5, 0.6]),
+                Some(vec![0.2f32, 0.25, 0.3]),
+            ),
             (3, None, Some(vec![0.5f32; 3]), Some(vec![0.25f32; 3])),
         ] {
             let (h, w) = (21, 35);
@@ -304,10 +341,20 @@ mod tests {
                 let g8 = gate_u8(&b, &a, &inp, 8, th).unwrap();
                 let gf = gate(&to_float(&b, &inp), &to_float(&a, &inp), inp.chw, 8, th).unwrap();
                 assert_eq!(g8.map, gf.map, "cin {cin} ch {ch:?} th {th}");
-                assert!((g8.frame_sq - gf.frame_sq).abs() <= 1e-6 * gf.frame_sq, "{} {}", g8.frame_sq, gf.frame_sq);
+                assert!(
+                    (g8.frame_sq - gf.frame_sq).abs() <= 1e-6 * gf.frame_sq,
+                    "{} {}",
+                    g8.frame_sq,
+                    gf.frame_sq
+                );
                 // the float gate sums float32 differences of rounded values
                 let tol = 1e-4 * gf.skipped_sq.max(1e-9);
-                assert!((g8.skipped_sq - gf.skipped_sq).abs() <= tol, "{} {}", g8.skipped_sq, gf.skipped_sq);
+                assert!(
+                    (g8.skipped_sq - gf.skipped_sq).abs() <= tol,
+                    "{} {}",
+                    g8.skipped_sq,
+                    gf.skipped_sq
+                );
             }
         }
     }
@@ -318,7 +365,13 @@ mod tests {
         let f = [10u8, 200, 30, 255, 0, 7];
         let mut out = vec![0.0; 2];
         inp.convert_rect(&f, (0, 1, 0, 2), &mut out);
-        let l = |p: &[u8]| ((LUMA[0] * (p[0] as f32 / 255.0) + LUMA[1] * (p[1] as f32 / 255.0) + LUMA[2] * (p[2] as f32 / 255.0)) - 0.1) / 0.3;
+        let l = |p: &[u8]| {
+            ((LUMA[0] * (p[0] as f32 / 255.0)
+                + LUMA[1] * (p[1] as f32 / 255.0)
+                + LUMA[2] * (p[2] as f32 / 255.0))
+                - 0.1)
+                / 0.3
+        };
         assert_eq!(out, vec![l(&f[..3]), l(&f[3..])]);
         assert!(U8Input::new([4, 4, 2], None, None, None).is_err());
         assert!(U8Input::new([4, 4, 3], Some(2), None, None).is_err());

@@ -26,8 +26,8 @@ use std::time::Instant;
 use super::input::{gate_u8, U8Input};
 use super::region::{dilate, gate, GateResult, TileMap};
 use super::tile_ops::{
-    conv_rects, conv_rects_i8, pointwise_rects, pool_rects, quantize_rects, ConvI8Params, ConvParams,
-    Pointwise, Rect,
+    conv_rects, conv_rects_i8, pointwise_rects, pool_rects, quantize_rects, ConvI8Params,
+    ConvParams, Pointwise, Rect,
 };
 use crate::error::{Error, Result};
 use crate::nn::{conv2d_f32_forward, conv2d_i8_forward, Geometry, Window2d};
@@ -548,7 +548,12 @@ impl PatchSkip {
         if frame.len() != h * w * cin {
             return Err(Error::invalid(
                 "frame",
-                format!("expected {} bytes for a {:?} frame, got {}", h * w * cin, input.hwc, frame.len()),
+                format!(
+                    "expected {} bytes for a {:?} frame, got {}",
+                    h * w * cin,
+                    input.hwc,
+                    frame.len()
+                ),
             ));
         }
         let shape = input.chw;
@@ -616,7 +621,12 @@ impl PatchSkip {
 
     /// Recomputes the frame (densely when `dirty` is `None`; the reference is up to date) and records
     /// its statistics.
-    fn finish(&mut self, dirty: Option<TileMap>, mut stats: FrameStats, t0: Instant) -> Result<&[f32]> {
+    fn finish(
+        &mut self,
+        dirty: Option<TileMap>,
+        mut stats: FrameStats,
+        t0: Instant,
+    ) -> Result<&[f32]> {
         match dirty {
             None => {
                 let t = Instant::now();
@@ -713,24 +723,30 @@ impl PatchSkip {
             let tw = Instant::now();
             stats.output_changed |= i == last;
             match &st.spatial {
-                Spatial::Conv(p) => {
-                    conv_rects(input, st.in_shape, p, &st.post, &rects, &mut st.out, (oh, ow))?
-                }
+                Spatial::Conv(p) => conv_rects(
+                    input,
+                    st.in_shape,
+                    p,
+                    &st.post,
+                    &rects,
+                    &mut st.out,
+                    (oh, ow),
+                )?,
                 Spatial::ConvI8(p) => {
                     match &changed {
                         Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
                         None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
                     }
                     conv_rects_i8(
-                    &st.xq,
-                    st.in_shape,
-                    p,
-                    st.sx,
-                    &st.post,
-                    &rects,
-                    &mut st.out,
-                    (oh, ow),
-                )?
+                        &st.xq,
+                        st.in_shape,
+                        p,
+                        st.sx,
+                        &st.post,
+                        &rects,
+                        &mut st.out,
+                        (oh, ow),
+                    )?
                 }
                 Spatial::MaxPool(win) | Spatial::AvgPool(win) => {
                     let avg = matches!(st.spatial, Spatial::AvgPool(_));
@@ -969,18 +985,43 @@ mod tests {
                     let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
                     let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
                     net.push(if int8 {
-                        let sw = scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                        let sw =
+                            scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
                         let mut wq = vec![0i8; n];
                         quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
-                        Layer::Conv2dInt8 { wq, sw: vec![sw], shape: [o, c, 3, 3], bias, stride: (s, s), padding: (1, 1) }
+                        Layer::Conv2dInt8 {
+                            wq,
+                            sw: vec![sw],
+                            shape: [o, c, 3, 3],
+                            bias,
+                            stride: (s, s),
+                            padding: (1, 1),
+                        }
                     } else {
-                        Layer::Conv2d { weight, shape: [o, c, 3, 3], bias, stride: (s, s), padding: (1, 1) }
+                        Layer::Conv2d {
+                            weight,
+                            shape: [o, c, 3, 3],
+                            bias,
+                            stride: (s, s),
+                            padding: (1, 1),
+                        }
                     });
                     net.push(Layer::Relu);
                 }
-                let cfg = PatchSkipConfig { patch: 8, int8_scales: Int8Scales::Dynamic, ..PatchSkipConfig::default() };
+                let cfg = PatchSkipConfig {
+                    patch: 8,
+                    int8_scales: Int8Scales::Dynamic,
+                    ..PatchSkipConfig::default()
+                };
                 let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
-                let mut dense = PatchSkip::new(net, PatchSkipConfig { refresh_every: 1, ..cfg }).unwrap();
+                let mut dense = PatchSkip::new(
+                    net,
+                    PatchSkipConfig {
+                        refresh_every: 1,
+                        ..cfg
+                    },
+                )
+                .unwrap();
                 let (h, w) = (64, 140);
                 let shape = [3, h, w];
                 let mut frame: Vec<f32> = (0..3 * h * w).map(|_| lcg(&mut seed)).collect();
@@ -999,12 +1040,19 @@ mod tests {
                     if int8 {
                         assert_eq!(a, b, "threads {threads}, frame {t}");
                     } else {
-                        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                        let err = a
+                            .iter()
+                            .zip(&b)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0.0f32, f32::max);
                         assert!(err <= 1e-5, "threads {threads}, frame {t}: {err}");
                     }
                     if t > 0 {
                         let st = sparse.stats();
-                        assert!(!st.dense && st.compute_fraction < 0.9 && st.output_changed, "{st:?}");
+                        assert!(
+                            !st.dense && st.compute_fraction < 0.9 && st.output_changed,
+                            "{st:?}"
+                        );
                     }
                 }
             }
@@ -1018,11 +1066,25 @@ mod tests {
     fn u8_frames_equal_float_frames() {
         let mut seed = 5u64;
         let net = layers(&mut seed, false);
-        let cfg = PatchSkipConfig { patch: 4, ..PatchSkipConfig::default() };
-        let (mut a, mut b) = (PatchSkip::new(net.clone(), cfg).unwrap(), PatchSkip::new(net, cfg).unwrap());
+        let cfg = PatchSkipConfig {
+            patch: 4,
+            ..PatchSkipConfig::default()
+        };
+        let (mut a, mut b) = (
+            PatchSkip::new(net.clone(), cfg).unwrap(),
+            PatchSkip::new(net, cfg).unwrap(),
+        );
         let (h, w) = (23, 29);
-        let input = U8Input::new([h, w, 3], None, Some(vec![0.4, 0.5, 0.6]), Some(vec![0.2, 0.3, 0.25])).unwrap();
-        let mut bytes: Vec<u8> = (0..h * w * 3).map(|_| (lcg(&mut seed) * 255.0) as u8).collect();
+        let input = U8Input::new(
+            [h, w, 3],
+            None,
+            Some(vec![0.4, 0.5, 0.6]),
+            Some(vec![0.2, 0.3, 0.25]),
+        )
+        .unwrap();
+        let mut bytes: Vec<u8> = (0..h * w * 3)
+            .map(|_| (lcg(&mut seed) * 255.0) as u8)
+            .collect();
         for t in 0..4 {
             if t == 1 || t == 2 {
                 for k in 0..6 {

@@ -383,7 +383,16 @@ pub fn conv_rects(
             }
             let cm = MatF32::row_major(col, k, cols)?;
             // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
-            unsafe { sgemm(&wm, &cm, out.as_mut_ptr(), cols, true, !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1) };
+            unsafe {
+                sgemm(
+                    &wm,
+                    &cm,
+                    out.as_mut_ptr(),
+                    cols,
+                    true,
+                    !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
+                )
+            };
             Ok(())
         },
     )
