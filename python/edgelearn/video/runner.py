@@ -207,6 +207,9 @@ class PatchSkipRunner:
                 self.tail = layers[i:]
                 break
             if isinstance(m, Conv2d):
+                if getattr(m, "groups", 1) != 1 or tuple(getattr(m, "dilation", (1, 1))) != (1, 1):
+                    raise UnsupportedLayerError(f"{name}: grouped/depthwise or dilated convolutions are not "
+                                                "supported by the patch-skip runner yet")
                 if self.in_channels is None:
                     self.in_channels = m.in_channels
                 bias = None if m.bias is None else _arr(m.bias)
