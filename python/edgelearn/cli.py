@@ -643,9 +643,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
           f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
+    split = summary["time_split_ms"]
+    print(f"time per frame {summary['mean_frame_ms']:.2f} ms: gate {split['gate']:.2f}, bookkeeping {split['bookkeeping']:.2f}, "
+          f"recompute {split['recompute']:.2f}, tail {split['tail']:.2f}, other {split['other']:.2f} ms")
     if args.compare_dense:
-        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
-        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
+        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x "
+              f"(ideal 1/work {summary['ideal_speedup']:.2f}x: {100 * summary['realised_fraction']:.0f}% realised)")
+        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}; "
+              f"prediction agreement (argmax) mean {100 * summary['mean_agreement']:.2f}%, min {100 * summary['min_agreement']:.2f}%")
     if args.save_plot:
         print(f"plot written to {args.save_plot}")
     return 0
