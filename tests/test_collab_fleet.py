@@ -251,10 +251,10 @@ def test_onnx_imported_model_split_at_a_node_and_trained_over_grpc(digits, tmp_p
     path = tmp_path / "cnn.onnx"
     elonnx.export(models.cnn(1, 10, (8, 8)), str(path), (1, 1, 8, 8))
     graph = elonnx.load(str(path))
-    assert "MaxPool_10" in split_points(graph) and "Conv_13" in split_points(graph)
+    assert "maxpool_3" in split_points(graph) and "conv_4" in split_points(graph)
     with pytest.raises(ValueError, match="no node named"):
         collab.split_model(graph, "Nope_1")
-    cloud = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    cloud = collab.Cloud(f"onnx:{path}", "conv_4", seed=0)
     with collab.CloudServer(cloud) as server:
         transport = collab.GrpcTransport(f"127.0.0.1:{server.port}", connect_timeout=60)
         edge = collab.Edge(transport, digits.train.image_shape, 10, mode="sgq", bits=4, precision="int8",
@@ -265,7 +265,7 @@ def test_onnx_imported_model_split_at_a_node_and_trained_over_grpc(digits, tmp_p
     # a different file on the edge (other weights, same layout) has the same digest; another layout is refused
     other = tmp_path / "mlp.onnx"
     elonnx.export(models.cnn(1, 10, (8, 8), channels=(8, 32, 64)), str(other), (1, 1, 8, 8))
-    cloud2 = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    cloud2 = collab.Cloud(f"onnx:{path}", "conv_4", seed=0)
     with pytest.raises(collab.ArchitectureMismatch, match="architecture digest"):
         collab.Edge(collab.LocalTransport(cloud2), digits.train.image_shape, 10, model=f"onnx:{other}")
 

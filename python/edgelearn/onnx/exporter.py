@@ -46,6 +46,7 @@ class _Trace:
         self.kinds: Dict[str, str] = {}  # value name -> op type of its producer
         self.rename: Dict[str, str] = {}
         self.module_names: Dict[int, str] = {}  # id(module) -> dotted name in the model
+        self.labels: set = set()  # node names taken from module names
         self.quantized = False
         self.current_input: Optional[Tensor] = None  # the input of the layer being recorded
 
@@ -69,6 +70,19 @@ class _Trace:
         names = [self.constant(q, f"{stem}.weight_int8"), self.constant(scale, f"{stem}.weight_scale"),
                  self.constant(zero, f"{stem}.weight_zero")]
         return self.node("DequantizeLinear", names, None, "dequant", **({"axis": 0} if per_channel else {}))
+
+    def label(self, m: Any, out: Any) -> None:
+        """Name the node that produced a layer's output after the layer's dotted name in the model (``"4"``,
+        ``"features.0.0"``), so the graph reads like the model and imports back under the same names."""
+        name = self.module_names.get(id(m))
+        value = self.names.get(id(out)) if isinstance(out, Tensor) else None
+        if not name or value is None or name in self.labels:
+            return
+        for n in reversed(self.nodes):
+            if n.output[0] == value:
+                n.name = name
+                self.labels.add(name)
+                return
 
     def stem_of(self, m: Any, default: str) -> str:
         """The module's dotted name in the model (so initializers read ``features.0.weight`` as in PyTorch)."""
@@ -340,6 +354,7 @@ def _tracing(tr: _Trace) -> Iterator[None]:
             handler(tr, self, ins, out, kwargs, args[0])
         else:
             handler(tr, self, ins, out, kwargs)
+        tr.label(self, out)
         return out
 
     patched: List[Tuple[Any, str, Any]] = []

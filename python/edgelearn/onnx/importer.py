@@ -282,6 +282,10 @@ def _topological_nodes(graph: Any, available: set, limits: Limits) -> List[Any]:
     return [nodes[i] for i in order]
 
 
+_SHORT_NAMES = {"BatchNormalization": "bn", "GlobalAveragePool": "avgpool", "AveragePool": "avgpool", "Gemm": "fc",
+                "MatMul": "fc", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid"}
+
+
 def _node_name(node: Any, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
@@ -385,8 +389,8 @@ class _Importer:
     def module_name(self, node: Any, index: int, weight: Optional[str] = None) -> str:
         base = weight[: -len(".weight")] if weight and weight.endswith(".weight") else (node.name or node.op_type)
         name = re.sub(r"[^0-9A-Za-z_]+", "_", base).strip("_") or node.op_type.lower()
-        if name[0].isdigit():
-            name = f"{node.op_type.lower()}_{name}"
+        if name[0].isdigit():  # a Sequential index ("4.weight", node "4"): prefix the layer kind
+            name = f"{_SHORT_NAMES.get(node.op_type, node.op_type.lower())}_{name}"
         candidate, k = name, 1
         while candidate in self.used_names or hasattr(GraphModule, candidate) or candidate in (
                 "inputs", "output", "nodes", "training"):
