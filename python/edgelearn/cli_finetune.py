@@ -89,8 +89,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
         calibrate_unfolded_batchnorm(model, train, seed=args.seed)
     replace_head(model, train.num_classes)
-    if args.precision == "int8":
-        edgelearn.octo(model, edgelearn.OctoConfig(lac=not args.no_lac, seed=args.seed))
+    octo_config = edgelearn.OctoConfig(lac=not args.no_lac, seed=args.seed) if args.precision == "int8" else None
+    if octo_config is not None:
+        edgelearn.octo(model, octo_config)
     else:
         fp32(model)
     params = select_trainable(model, args.train)
@@ -137,6 +138,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "seed": args.seed,
             "lac": args.precision == "int8" and not args.no_lac,
+            "prc": octo_config.prc if octo_config else None,
+            "grad_rounding": octo_config.grad_rounding if octo_config else None,
+            "per_channel_weights": octo_config.per_channel_weights if octo_config else None,
             "threads": edgelearn.get_num_threads(),
             "kernel": edgelearn.backend_info().get("kernel"),
             "peak_rss_mb": summary["peak_rss_mb"],
