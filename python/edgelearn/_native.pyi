@@ -315,7 +315,7 @@ class PatchSkip:
         stride: Tuple[int, int],
         padding: Tuple[int, int],
         groups: int = 1,
-        dilation: Tuple[int, int] = (1, 1),
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
     def add_conv_i8(
         self,
@@ -325,7 +325,7 @@ class PatchSkip:
         stride: Tuple[int, int],
         padding: Tuple[int, int],
         groups: int = 1,
-        dilation: Tuple[int, int] = (1, 1),
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
     def add_affine(self, a: np.ndarray, b: np.ndarray) -> None: ...
     def add_batchnorm(self, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> None: ...

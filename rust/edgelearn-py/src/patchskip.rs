@@ -80,7 +80,7 @@ impl PatchSkip {
         })
     }
 
-    #[pyo3(signature = (weight, bias, stride, padding, groups=1, dilation=(1, 1)))]
+    #[pyo3(signature = (weight, bias, stride, padding, groups=1, dilation=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_conv(
         &mut self,
@@ -89,7 +89,7 @@ impl PatchSkip {
         stride: (usize, usize),
         padding: (usize, usize),
         groups: usize,
-        dilation: (usize, usize),
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let (w, s) = vec_f32("weight", weight, 4)?;
         let b = match bias {
@@ -103,12 +103,12 @@ impl PatchSkip {
             stride,
             padding,
             groups,
-            dilation,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 
     /// An INT8 (Octo, eval mode) conv: int8 weight codes, their scale (one or one per output channel).
-    #[pyo3(signature = (wq, sw, bias, stride, padding, groups=1, dilation=(1, 1)))]
+    #[pyo3(signature = (wq, sw, bias, stride, padding, groups=1, dilation=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_conv_i8(
         &mut self,
@@ -118,7 +118,7 @@ impl PatchSkip {
         stride: (usize, usize),
         padding: (usize, usize),
         groups: usize,
-        dilation: (usize, usize),
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let codes = readonly::<i8>("wq", wq, "int8", Some(4))?;
         let s = codes.shape().to_vec();
@@ -136,7 +136,7 @@ impl PatchSkip {
             stride,
             padding,
             groups,
-            dilation,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 
