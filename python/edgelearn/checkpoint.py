@@ -6,7 +6,9 @@ Layout of a checkpoint file (format version 1):
   tensors ``optimizer/...`` and ``scheduler/...`` — every numpy array found in those objects' ``state_dict()``.
 - metadata key ``edgelearn.checkpoint`` — JSON: ``format``, ``epoch``, ``step``, ``rng_state``, ``extra``, the
   optimizer's and scheduler's state dicts with each array replaced by a reference to its tensor, and a SHA-256
-  of all tensor bytes (safetensors checks its header but not the data; this catches flipped or zeroed bytes).
+  of all tensor bytes (safetensors checks its header but not the data; this catches flipped or zeroed bytes),
+  and ``architecture``: the model's module tree (``edgelearn.nn.structure.describe``) when it can be described,
+  so :func:`load_model` rebuilds the model from the file alone (imported ONNX graphs, fine-tuned heads, INT8).
 
 Writes are atomic: the file is written to a temporary name in the same directory, fsync'ed, then ``os.replace``d
 over the target (and the directory fsync'ed), so a process killed mid-write leaves the previous checkpoint intact.
@@ -31,6 +33,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "get_rng_state",
     "load_checkpoint",
+    "load_model",
     "read_checkpoint",
     "save_checkpoint",
     "set_rng_state",
@@ -209,6 +212,7 @@ def save_checkpoint(
         "rng_state": _encode(dict(rng_state), "rng_state", tensors) if rng_state is not None else None,
         "extra": _encode(dict(extra), "extra", tensors) if extra is not None else None,
     }
+    meta["architecture"] = _describe(model)
     meta["sha256"] = _tensor_digest(tensors)
     header = {_META_KEY: json.dumps(meta, allow_nan=True)}
 
@@ -229,6 +233,18 @@ def save_checkpoint(
             pass
         raise
     _fsync_dir(directory)
+
+
+def _describe(model: Any) -> Optional[Dict[str, Any]]:
+    from .nn.module import Module
+    from .nn.structure import StructureError, describe
+
+    if not isinstance(model, Module):
+        return None
+    try:
+        return describe(model)
+    except StructureError:  # a model with attributes outside the describable set: state only
+        return None
 
 
 def read_checkpoint(path: "os.PathLike[str] | str") -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
@@ -290,3 +306,21 @@ def load_checkpoint(
             raise ValueError(f"{os.fspath(path)}: checkpoint holds no scheduler state")
         scheduler.load_state_dict(meta["scheduler"])
     return meta
+
+
+def load_model(path: "os.PathLike[str] | str") -> Tuple[Any, Dict[str, Any]]:
+    """``(model, meta)``: the model a checkpoint holds, rebuilt from its stored architecture (see
+    ``edgelearn.nn.structure``) with its weights, in eval mode. Raises ``ValueError`` for a checkpoint without an
+    architecture (written by an edgelearn before it stored one: rebuild the model in code and use
+    :func:`load_checkpoint`)."""
+    from .nn.structure import rebuild
+
+    model_state, meta = read_checkpoint(path)
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise ValueError(f"{os.fspath(path)}: the checkpoint holds no model architecture; build the model in code "
+                         "and load its weights with load_checkpoint")
+    model = rebuild(arch, model_state)
+    model.load_state_dict(model_state, strict=True)
+    model.eval()
+    return model, meta

@@ -720,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "dataset, peak_rss_mb, train_memory_mb, compare, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
+    from .cli_finetune import add_parsers as _add_finetune_parsers
+
+    _add_finetune_parsers(sub, _positive_int)
 
     p_predict = sub.add_parser(
         "predict", help="classify images with a trained checkpoint: classes with probabilities",

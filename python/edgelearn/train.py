@@ -174,7 +174,7 @@ class History:
 def _batches(data: DataLike, batch_size: int) -> Iterable[Tuple[np.ndarray, np.ndarray]]:
     if isinstance(data, DataLoader):
         return data
-    if isinstance(data, ArrayDataset):
+    if isinstance(data, ArrayDataset) or hasattr(data, "load_batch"):
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if isinstance(data, tuple) and len(data) == 2:
         x, y = np.asarray(data[0], dtype=np.float32), np.asarray(data[1])
@@ -273,6 +273,19 @@ def _say(message: str, verbose: bool) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
+class _Decoded:
+    """``images[idx]`` of a dataset that decodes per batch (no rng: center crop, no flip)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return self.dataset.load_batch(idx)
+
+
 def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batch_size: int = 64,
                           seed: int = 0) -> int:
     """Re-estimates every BatchNorm's running statistics as the exact average over ``batches`` batches of
@@ -287,8 +300,13 @@ def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batc
     bns = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")]
     if not bns or batches <= 0:
         return 0
-    images = data.dataset.images if isinstance(data, DataLoader) else data[0] if isinstance(data, tuple) \
-        else data.images
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(dataset, tuple):
+        images = dataset[0]
+    elif hasattr(dataset, "load_batch"):  # decoded per batch (ImageFolder): evaluation transforms
+        images = _Decoded(dataset)
+    else:
+        images = dataset.images
     n = min(len(images), batches * batch_size)
     idx = np.sort(np.random.default_rng(seed).choice(len(images), size=n, replace=False))
     was_training = model.training

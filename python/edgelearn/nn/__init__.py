@@ -2,6 +2,7 @@
 
 from .. import functional
 from ..octo_config import OctoConfig
+from .graph import Add, Clip, Concat, GlobalAvgPool, GraphModule, Hardsigmoid, Mul, Reshape, ZeroPad2d
 from .octo import fp32, octo
 from .init import manual_seed
 from .layers import (
@@ -22,23 +23,32 @@ from .layers import (
 from .module import Module, Parameter, Sequential
 
 __all__ = [
+    "Add",
     "AdaptiveAvgPool2d",
     "AvgPool2d",
     "BatchNorm2d",
+    "Clip",
     "Compensation",
+    "Concat",
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
     "Flatten",
+    "GlobalAvgPool",
+    "GraphModule",
+    "Hardsigmoid",
     "Identity",
     "Linear",
     "MaxPool2d",
     "MSELoss",
+    "Mul",
     "Module",
     "OctoConfig",
     "Parameter",
     "ReLU",
+    "Reshape",
     "Sequential",
+    "ZeroPad2d",
     "functional",
     "manual_seed",
     "octo",
