@@ -139,6 +139,12 @@ def test_save_full_then_train_resume_evaluates_to_the_accuracy_join_reported(dig
 
     model = load_video_model(str(full))
     assert model(edgelearn.tensor(digits.test.images[:2])).shape == (2, 10)
+    # and `edgelearn export` writes it as ONNX that ONNX Runtime runs like edgelearn (LAC folded, FP32)
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra (part of the test extra)")
+    rc = cli.main(["export", str(full), str(tmp_path / "model.onnx"), "--check", "--json"])
+    assert rc == 0
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exported["input_shape"] == [1, 1, 8, 8] and exported["relative_l2_vs_edgelearn"] < 1e-4
 
 
 def free_port():
@@ -161,7 +167,7 @@ def test_cloud_killed_with_sigkill_and_restarted_with_resume_the_edge_completes(
     cli_ = [sys.executable, "-m", "edgelearn", "collab"]
     serve = cli_ + ["serve", "--port", str(port), "--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "5",
                     "--edges", "1", "--timeout", str(PROCESS_TIMEOUT), "--resume", "--json"]
-    steps = 60
+    steps = 40
     edge_log = tmp_path / "edge.log"
     procs = []
     try:
@@ -209,3 +215,56 @@ def test_cloud_killed_with_sigkill_and_restarted_with_resume_the_edge_completes(
     print(f"SIGKILL at cloud step >= {at_kill}: resumed {result['test_accuracy']:.4f}, "
           f"uninterrupted {ref['test_accuracy']:.4f}")
     assert abs(result["test_accuracy"] - ref["test_accuracy"]) <= 0.05
+
+
+def test_split_at_a_named_module_inside_a_nested_chain():
+    from collections import OrderedDict
+
+    from edgelearn import nn
+    from edgelearn.collab.split import split_points
+
+    features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(OrderedDict(features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                                      classifier=nn.Linear(8, 3)))
+    assert split_points(model)[:4] == ["features.1", "features.2", "features.3", "pool"]
+    edge, cloud = collab.split_model(model, "features.2")
+    assert len(edge) == 2 and edge[0] is features[0] and cloud[0] is features[2] and cloud[-1] is model[3]
+    x = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)
+    assert np.array_equal(cloud(edge(edgelearn.tensor(x))).data, model(edgelearn.tensor(x)).data)
+    assert [len(p) for p in collab.split_model(model, "pool")] == [1, 3]  # the whole features, then the rest
+    with pytest.raises(ValueError, match="no module named 'features.9'.*features.1"):
+        collab.split_model(model, "features.9")
+    with pytest.raises(ValueError, match="first layer"):
+        collab.split_model(model, "features.0")
+    with pytest.raises(ValueError, match="neither"):
+        collab.split_model(model, "features..2")
+
+
+def test_onnx_imported_model_split_at_a_node_and_trained_over_grpc(digits, tmp_path):
+    """An ONNX file (here: the reference cnn exported) imported by edgelearn.onnx, cut at a node name; the
+    edge verifies the cloud's announced architecture against its own copy of the file."""
+    pytest.importorskip("onnx", reason="needs the onnx extra (part of the test extra)")
+    from edgelearn import models, onnx as elonnx
+    from edgelearn.collab.split import split_points
+
+    edgelearn.manual_seed(3)
+    path = tmp_path / "cnn.onnx"
+    elonnx.export(models.cnn(1, 10, (8, 8)), str(path), (1, 1, 8, 8))
+    graph = elonnx.load(str(path))
+    assert "MaxPool_10" in split_points(graph) and "Conv_13" in split_points(graph)
+    with pytest.raises(ValueError, match="no node named"):
+        collab.split_model(graph, "Nope_1")
+    cloud = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    with collab.CloudServer(cloud) as server:
+        transport = collab.GrpcTransport(f"127.0.0.1:{server.port}", connect_timeout=60)
+        edge = collab.Edge(transport, digits.train.image_shape, 10, mode="sgq", bits=4, precision="int8",
+                           model=f"onnx:{path}")
+        assert edge.feature_shape == (16, 4, 4)  # the first block's pooled output
+        r = collab.train_edge(edge, digits.train, digits.test, steps=12, batch_size=32, progress=False)
+    assert r["steps"] == 12 and cloud.steps == 12 and r["test_accuracy"] > 0.3  # chance 0.1
+    # a different file on the edge (other weights, same layout) has the same digest; another layout is refused
+    other = tmp_path / "mlp.onnx"
+    elonnx.export(models.cnn(1, 10, (8, 8), channels=(8, 32, 64)), str(other), (1, 1, 8, 8))
+    cloud2 = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
+    with pytest.raises(collab.ArchitectureMismatch, match="architecture digest"):
+        collab.Edge(collab.LocalTransport(cloud2), digits.train.image_shape, 10, model=f"onnx:{other}")

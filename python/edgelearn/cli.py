@@ -35,6 +35,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _collab_model_arg(text: str) -> str:
+    from edgelearn.collab.split import is_model_spec
+    from edgelearn.models import MODEL_NAMES
+
+    if not is_model_spec(text):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)} or onnx:PATH, got {text!r}")
+    return text
+
+
+def _split_arg(text: str):
+    from edgelearn.collab.split import split_spec
+
+    try:
+        value = split_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a layer index >= 1 or a module name, got {text}")
+    return value
+
+
 def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -416,9 +437,12 @@ def _add_collab_parser(sub) -> None:
     max_mb = MAX_MESSAGE_BYTES / 2**20
 
     p_serve = csub.add_parser("serve", help="run the cloud", description="Run the cloud part of split learning.")
-    p_serve.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
-    p_serve.add_argument("--split", type=_positive_int, default=4,
-                         help="layer index of the split: edge = layers [0, split), cloud = the rest (default 4)")
+    p_serve.add_argument("--model", type=_collab_model_arg, default="cnn",
+                         help="a built-in or zoo architecture (edgelearn.models.MODEL_NAMES), or onnx:PATH (an "
+                              "ONNX model, split at a node name; edges need their own copy) (default cnn)")
+    p_serve.add_argument("--split", type=_split_arg, default=4,
+                         help="where the cloud part starts: a layer index (edge = layers [0, split)) or a module "
+                              "name such as features.7 (default 4)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p_serve.add_argument("--port", type=int, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
     p_serve.add_argument("--port-file", metavar="PATH", help="write the port listened on to PATH")
@@ -480,8 +504,9 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--batch-size", type=_positive_int, default=64)
     p_join.add_argument("--lr", type=float, default=0.02)
     p_join.add_argument("--seed", type=int, default=0, help="data split and order, stochastic rounding")
-    p_join.add_argument("--model", choices=("mlp", "cnn"), default=None, help="fail unless the cloud serves this")
-    p_join.add_argument("--split", type=_positive_int, default=None, help="fail unless the cloud splits here")
+    p_join.add_argument("--model", type=_collab_model_arg, default=None,
+                        help="fail unless the cloud serves this; onnx:PATH: this edge's copy of the cloud's ONNX model")
+    p_join.add_argument("--split", type=_split_arg, default=None, help="fail unless the cloud splits here")
     p_join.add_argument("--name", default="", help="name shown in the cloud's log")
     p_join.add_argument("--edge-key", default=None,
                         help="identity of this edge's training run at the cloud (default: random per run)")

@@ -42,7 +42,7 @@ from ..tensor import Tensor, no_grad
 from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
                        WELCOME, CollabError, ProtocolError, WireStats, pack, unpack)
-from .split import batchnorm_calibration, build_split, output_shape
+from .split import batchnorm_calibration, build_split, is_model_spec, output_shape, split_spec
 
 __all__ = ["Cloud", "CloudSession", "EdgeRecord", "ArchitectureMismatch", "LABEL_DTYPES", "CHECKPOINT_NAME",
            "architecture_digest"]
@@ -95,9 +95,9 @@ class Cloud:
                  weight_decay: float = 5e-4, input_shape: Optional[Tuple[int, int, int]] = None,
                  classes: Optional[int] = None, max_batch: int = 4096, log=None, checkpoint: Optional[str] = None,
                  checkpoint_every: int = 0, resume: bool = False):
-        if model not in MODEL_NAMES:
-            raise ValueError(f"model: expected one of {MODEL_NAMES}, got {model!r}")
-        self.model_name, self.split, self.seed = model, int(split), int(seed)
+        if not is_model_spec(model):
+            raise ValueError(f"model: expected one of {MODEL_NAMES} or onnx:PATH, got {model!r}")
+        self.model_name, self.split, self.seed = model, split_spec(split), int(seed)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.max_batch = int(max_batch)
         self.log = log or (lambda message: None)
@@ -324,6 +324,8 @@ class CloudSession:
         if stripe_rows is not None:
             stripe_rows = _int_field(meta, "stripe_rows", 1, 1 << 16)
         for key, own in (("model", cloud.model_name), ("split", cloud.split)):
+            if key == "model" and str(meta.get(key)).startswith("onnx:") and own.startswith("onnx:"):
+                continue  # its own copy of the file: the edge checks the architecture digest of its part
             if meta.get(key) is not None and meta[key] != own:
                 raise ArchitectureMismatch(f"the edge asked for {key} {meta[key]!r}; this cloud serves {key} {own!r}")
         key = meta.get("edge_key")
@@ -333,10 +335,14 @@ class CloudSession:
         if isinstance(meta.get("name"), str) and meta["name"]:
             self.name = f"{meta['name'][:64]} (edge-{self.edge_id})"
         self.record = cloud.record(key if key is not None else f"anonymous-{self.edge_id}", self)
+        send_order = meta.get("send_order", "changed")
+        if send_order not in ("changed", "always"):
+            raise ProtocolError(f"send_order: expected 'changed' or 'always', got {send_order!r}")
         self.settings = {"mode": mode, "bits": bits, "group": group, "stripe_rows": stripe_rows}
         self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
-                                      seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63))
+                                      seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63),
+                                      send_order=send_order)
         detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows",
                   "uniform": f", {bits} bits"}.get(mode, "")
         cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")

@@ -31,7 +31,6 @@ import numpy as np
 from .. import optim
 from ..checkpoint import save_checkpoint
 from ..data import ArrayDataset, DataLoader
-from ..models import MODEL_NAMES
 from ..octo import OctoConfig, octo
 from ..tensor import no_grad, tensor
 from ..train import _progress_bar
@@ -40,7 +39,7 @@ from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
                        WELCOME, CollabError, ConnectionLost, ProtocolError, WireStats, chunks, pack, reassemble,
                        unpack)
-from .split import batchnorm_calibration, build_split, join_parts, output_shape
+from .split import batchnorm_calibration, build_split, is_model_spec, join_parts, output_shape, split_spec
 
 __all__ = ["Edge", "LocalTransport", "RetryPolicy", "train_edge"]
 
@@ -141,9 +140,15 @@ class Edge:
         welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
         self.edge_id = welcome.get("edge_id")
         self.model_name, self.split, self.seed = welcome.get("model"), welcome.get("split"), welcome.get("seed")
-        if self.model_name not in MODEL_NAMES or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in (self.split, self.seed)):
-            raise ProtocolError(f"WELCOME: bad model {self.model_name!r}, split {self.split!r} or seed {self.seed!r}")
+        try:
+            self.split = split_spec(self.split)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"WELCOME: bad split {self.split!r}") from None
+        if not is_model_spec(self.model_name) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ProtocolError(f"WELCOME: bad model {self.model_name!r} or seed {self.seed!r}")
+        self.cloud_model = self.model_name
+        if self.model_name.startswith("onnx:") and isinstance(model, str) and model.startswith("onnx:"):
+            self.model_name = model  # this edge's own copy of the ONNX file (its part's digest is checked below)
         self.model, _ = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
         self.feature_shape = output_shape(self.model, self.input_shape)
         self.architecture = architecture_digest(self.model)
@@ -156,7 +161,6 @@ class Edge:
             octo(self.model, self.octo_config)
         self.optimizer = optim.SGD(list(self.model.parameters()), lr=lr, momentum=momentum,
                                    weight_decay=weight_decay, nesterov=momentum > 0)
-        self._has_regularizer = any(hasattr(type(m), "regularization_term") for m in self.model.modules())
         self._new_codecs()
         #: copies of this edge's state after step k, for every k from the cloud's latest checkpoint on (and
         #: always the current one): what a reconnection rolls back to
@@ -173,14 +177,14 @@ class Edge:
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows)
 
     def _check_welcome(self, welcome: Dict[str, Any]) -> None:
-        if list(self.feature_shape) != welcome.get("feature_shape"):
-            raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
-                                f"part makes {list(self.feature_shape)}")
         announced = welcome.get("architecture")
         if announced is not None and announced != self.architecture:
             raise ArchitectureMismatch(f"the cloud announces an edge part with architecture digest {announced!r}; "
                                        f"the part this edge built from {self.model_name!r} split at {self.split} "
-                                       f"has {self.architecture!r} (different edgelearn versions?)")
+                                       f"has {self.architecture!r} (another model file or edgelearn version?)")
+        if list(self.feature_shape) != welcome.get("feature_shape"):
+            raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
+                                f"part makes {list(self.feature_shape)}")
 
     def _snapshot(self) -> None:
         self._snapshots[self.steps] = {
@@ -213,7 +217,7 @@ class Edge:
             pass
         self.transport = transport
         welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
-        if (welcome.get("model"), welcome.get("split"), welcome.get("seed")) != (self.model_name, self.split,
+        if (welcome.get("model"), welcome.get("split"), welcome.get("seed")) != (self.cloud_model, self.split,
                                                                                self.seed):
             raise ArchitectureMismatch(f"the cloud now serves {welcome.get('model')!r} split at {welcome.get('split')}"
                                        f" with seed {welcome.get('seed')}, not the model this edge trains")
@@ -261,13 +265,7 @@ class Edge:
             raise ProtocolError(f"GRAD: expected 1 blob, got {len(reply_blobs)}")
         grad_blob = reply_blobs[0]
         grad = self.grad_codec.decode(grad_blob, features.shape, "feature gradients")
-        self.optimizer.zero_grad()
-        out.backward(grad)
-        if self._has_regularizer:
-            reg = self.model.regularization()
-            if reg.requires_grad:
-                reg.backward()
-        self.optimizer.step()
+        apply_gradients(self.model, self.optimizer, out, grad)
         self.steps += 1
         self.stats.train_samples += len(y)
         self.feature_error_sum += feature_error
@@ -304,17 +302,12 @@ class Edge:
         """Re-estimates the BatchNorm running statistics of both parts (edge here, cloud via CALIBRATE
         messages) from ``batches`` seeded random batches of ``data``, as ``edgelearn.fit`` does after each
         epoch (eval-mode statistics otherwise lag behind the moving weights). Returns the images used."""
-        n = min(len(data), batches * batch_size)
-        if n == 0:
-            return 0
-        idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
-        for i, start in enumerate(range(0, n, batch_size)):
-            sel = idx[start:start + batch_size]
-            with batchnorm_calibration(self.model, i):
-                features = np.ascontiguousarray(self.model(tensor(data.images[sel])).data)
-            meta, blobs = self._features_message(features, data.labels[sel])
+        n = 0
+        for i, features, labels in calibration_features(self.model, data, batches, batch_size, seed):
+            meta, blobs = self._features_message(features, labels)
             meta["batch"] = i
             self._request(CALIBRATE, meta, blobs, CALIBRATED)
+            n += len(labels)
         return n
 
     def pull_cloud_state(self) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
@@ -381,7 +374,9 @@ class Edge:
         model, opt = self.full_model()
         scheduler = optim.CosineAnnealingLR(opt, T_max=max(int(epochs), 1))
         save_checkpoint(path, model, opt, scheduler, epoch=int(epochs), step=self.steps,
-                        extra={"history": [], "config": self.config(part="full", epochs=int(epochs), **config)})
+                        extra={"history": [], "config": self.config(part="full", epochs=int(epochs),
+                                                                    image_shape=list(self.input_shape),
+                                                                    num_classes=self.classes, **config)})
 
     def close(self) -> None:
         """Says BYE (the cloud counts the session as completed) and closes the transport."""
@@ -403,6 +398,33 @@ class Edge:
             # traffic of this run vs. the raw float32 features and gradients it replaces (both directions)
             out["compression_vs_fp32"] = 2 * fp32 / out["bytes_per_sample"]
         return out
+
+
+def apply_gradients(model, optimizer, out, grad: np.ndarray) -> None:
+    """The edge's half of a step: backward from the cloud's feature gradients ``grad`` through ``out`` (the
+    edge part's output), plus the LAC regulariser of an INT8 part, then one optimizer step."""
+    optimizer.zero_grad()
+    out.backward(grad)
+    if any(hasattr(type(m), "regularization_term") for m in model.modules()):
+        reg = model.regularization()
+        if reg.requires_grad:
+            reg.backward()
+    optimizer.step()
+
+
+def calibration_features(model, data: ArrayDataset, batches: int, batch_size: int, seed: int):
+    """``(i, features, labels)`` of the ``batches`` seeded random batches of ``data`` that re-estimate the
+    BatchNorm statistics of a split model: the edge part's own statistics move as each batch passes
+    (:func:`~edgelearn.collab.split.batchnorm_calibration`), the features go to the cloud as batch ``i``."""
+    n = min(len(data), batches * batch_size)
+    if n == 0:
+        return
+    idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+    for i, start in enumerate(range(0, n, batch_size)):
+        sel = idx[start:start + batch_size]
+        with batchnorm_calibration(model, i):
+            features = np.ascontiguousarray(model(tensor(data.images[sel])).data)
+        yield i, features, data.labels[sel]
 
 
 def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = None, *, epochs: int = 1,
