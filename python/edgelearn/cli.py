@@ -402,7 +402,7 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         raise
     result.update(dataset=args.dataset, server=args.server, seconds=time.perf_counter() - t0)
     up, down = result["bytes_up_per_sample"], result["bytes_down_per_sample"]
-    _say_flush(f"trained {result['steps']} steps ({result['train_samples']} samples): train loss "
+    _say_flush(f"trained {plural(result['steps'], 'step')} ({plural(result['train_samples'], 'sample')}): train loss "
                f"{result['train_loss']:.4f}, feature rel. L2 error {result['feature_rel_l2'] or 0:.4f}, "
                f"gradient {result['grad_rel_l2'] or 0:.4f}")
     if up is not None:
