@@ -125,6 +125,49 @@ def conv2d_i8_backward(
     padding: Optional[_Pair] = None,
     need_dx: bool = True,
 ) -> tuple[Optional[_F32], _F32]: ...
+def conv2d_grouped_f32_forward(
+    x: _F32,
+    w: _F32,
+    bias: Optional[_F32] = None,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+) -> _F32: ...
+def conv2d_grouped_f32_backward(
+    x: _F32,
+    w: _F32,
+    dy: _F32,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32, _F32]: ...
+def conv2d_grouped_i8_forward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    bias: Optional[_F32] = None,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+) -> _F32: ...
+def conv2d_grouped_i8_backward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    dyq: npt.NDArray[np.int8],
+    sdy: float,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32]: ...
 def batchnorm2d_forward(
     x: _F32,
     gamma: Optional[_F32],
@@ -275,5 +318,12 @@ class PatchSkip:
     def add_maxpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def add_avgpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def run(self, frame: np.ndarray) -> np.ndarray: ...
+    def run_u8(
+        self,
+        frame: np.ndarray,
+        channels: Optional[int] = None,
+        mean: Optional[np.ndarray] = None,
+        std: Optional[np.ndarray] = None,
+    ) -> np.ndarray: ...
     def reset(self) -> None: ...
     def stats(self) -> Dict[str, Any]: ...

@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+#: ``edgelearn.models.MODEL_NAMES``, written out so building the parser imports nothing heavy (a test checks).
+TRAIN_MODELS = ("mlp", "cnn", "resnet20", "resnet18", "mobilenet_v2")
+
 DESCRIPTION = """\
 On-device training for small ARM boards and any CPU: INT8 training (Octo), SGQ-compressed split learning and
 PASS patch-skip video inference. Start with `edgelearn train` (an INT8 CNN on scikit-learn's digits, compared
@@ -201,6 +204,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.compare = compare
     splits = eldata.get_dataset(args.dataset, seed=args.seed)
     train, test = splits.train, splits.test
+    if getattr(args, "train_subset", None):
+        train = eldata.stratified_subset(train, args.train_subset, seed=args.seed)
+    if getattr(args, "image_size", None):
+        train, test = eldata.fit_images(train, args.image_size), eldata.fit_images(test, args.image_size)
 
     if not args.json:
         octo = ""
@@ -636,9 +643,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
           f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
+    split = summary["time_split_ms"]
+    print(f"time per frame {summary['mean_frame_ms']:.2f} ms: gate {split['gate']:.2f}, bookkeeping {split['bookkeeping']:.2f}, "
+          f"recompute {split['recompute']:.2f}, tail {split['tail']:.2f}, other {split['other']:.2f} ms")
     if args.compare_dense:
-        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
-        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
+        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x "
+              f"(ideal 1/work {summary['ideal_speedup']:.2f}x: {100 * summary['realised_fraction']:.0f}% realised)")
+        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}; "
+              f"prediction agreement (argmax) mean {100 * summary['mean_agreement']:.2f}%, min {100 * summary['min_agreement']:.2f}%")
     if args.save_plot:
         print(f"plot written to {args.save_plot}")
     return 0
@@ -699,7 +711,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--dataset", default="digits",
                          help="digits (default: scikit-learn's 1,797 8x8 digits, seconds), mnist5k, fashion-mnist, "
                               "idx:PATH (directory or DIR/PREFIX of the four IDX files) or cifar10:PATH")
-    p_train.add_argument("--model", choices=("mlp", "cnn"), default="cnn", help="architecture")
+    p_train.add_argument("--model", choices=TRAIN_MODELS, default="cnn",
+                         help="architecture: mlp, cnn, resnet20 (CIFAR ResNet-20), resnet18, mobilenet_v2 "
+                              "(torchvision layouts; ImageNet stems adapt to images below 64 pixels)")
+    p_train.add_argument("--width-mult", type=float, default=1.0,
+                         help="mobilenet_v2: width multiplier (default 1.0; 0.5 and 0.35 are the edge sizes)")
+    p_train.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                         help="pad (centred, zeros) or resize (bilinear) every image to SxS, e.g. 32 for "
+                              "Fashion-MNIST on resnet20/mobilenet_v2")
+    p_train.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                         help="train on a stratified subset of N training images (same share of every class, "
+                              "drawn with --seed); the test set stays whole")
     p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8",
                          help="int8: Octo INT8 training (LAC + PRC); fp32: the baseline")
     p_train.add_argument("--compare", choices=("auto", "fp32", "int8", "none"), default="auto",

@@ -25,6 +25,9 @@ __all__ = [
     "conv2d_int8",
     "batch_norm2d",
     "relu",
+    "relu6",
+    "hardswish",
+    "sigmoid",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",
@@ -121,7 +124,8 @@ Compensation = Tuple[Tensor, Tensor, Tensor]
 
 def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig,
                 stride: Optional[Tuple[int, int]], padding: Optional[Tuple[int, int]], seed: int, training: bool,
-                compensation: Optional[Compensation], name: str) -> Tensor:
+                compensation: Optional[Compensation], name: str, dilation: Optional[Tuple[int, int]] = None,
+                groups: int = 1) -> Tensor:
     """The autograd wiring of an Octo INT8 layer: one core call forward (``octo_forward``: quantize X and W,
     INT8 GEMM/conv with rescale + bias + Compensation fused, int8 X and its scale kept in an opaque state)
     and one backward (``octo_backward``: PRC + quantize dY, dX and dW on INT8 kernels, bias and
@@ -130,7 +134,7 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     y, saved = _native.octo_forward(
         xd, weight.data, None if bias is None else bias.data, comp, stride, padding,
         cfg.act_rounding, cfg.weight_rounding, cfg.grad_rounding, cfg.prc_clip(), cfg.per_channel_weights,
-        seed, training,
+        seed, training, dilation, groups,
     )
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
@@ -167,23 +171,41 @@ def linear_int8(
 # --- convolution -------------------------------------------------------------------------------------------
 
 
-def _check_conv(xd: np.ndarray, wd: np.ndarray) -> None:
+def _check_conv(xd: np.ndarray, wd: np.ndarray, groups: int = 1) -> None:
     if xd.ndim != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {xd.shape}")
-    if xd.shape[1] != wd.shape[1]:
-        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1]}")
+    if groups < 1 or xd.shape[1] % groups or wd.shape[0] % groups:
+        raise ValueError(f"conv2d: groups={groups} must divide the input channels ({xd.shape[1]}) and the "
+                         f"output channels ({wd.shape[0]})")
+    if xd.shape[1] != wd.shape[1] * groups:
+        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1] * groups}"
+                         + (f" ({wd.shape[1]} per group x {groups} groups)" if groups > 1 else ""))
 
 
 def conv2d(
-    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+    dilation: IntPair = 1, groups: int = 1,
 ) -> Tensor:
-    """FP32 2-D convolution (NCHW, groups=1) with fused bias; backward in one core call."""
+    """FP32 2-D convolution (NCHW) with fused bias; backward in one core call. ``groups > 1`` (grouped and
+    depthwise convolution, weight ``(O, C/groups, kh, kw)``) and ``dilation > 1`` run on the core's direct
+    grouped kernels; ``groups == 1`` on im2col/implicit GEMM."""
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
-    y = _native.conv2d_f32_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+    b = None if bias is None else bias.data
+    if groups > 1 or dilation != (1, 1):
+        y = _native.conv2d_grouped_f32_forward(xd, wd, b, stride, padding, dilation, groups)
+
+        def backward(g: np.ndarray):
+            dx, dw, db = _native.conv2d_grouped_f32_backward(
+                xd, wd, _c(g), stride, padding, dilation, groups, need_dx=need_x)
+            return dx, (dw if need_w else None), (db if need_b else None)
+
+        return make_result(y, (x, weight, bias), backward, "conv2d")
+    y = _native.conv2d_f32_forward(xd, wd, b, stride, padding)
 
     def backward(g: np.ndarray):
         dx, dw, db = _native.conv2d_f32_backward(xd, wd, _c(g), stride, padding, need_dx=need_x)
@@ -202,17 +224,22 @@ def conv2d_int8(
     seed: int = 0,
     training: bool = True,
     compensation: Optional[Compensation] = None,
+    dilation: IntPair = 1,
+    groups: int = 1,
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
     Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels, ``db = Σ dY`` in FP32 (one core call).
     ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
+    ``groups > 1`` / ``dilation > 1``: the core's direct grouped/depthwise INT8 kernels (exact INT32 sums).
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    return _octo_layer(x, xd, weight, bias, cfg, stride, padding, seed, training, compensation, "conv2d_int8")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    return _octo_layer(x, xd, weight, bias, cfg, stride, padding, seed, training, compensation, "conv2d_int8",
+                       dilation, groups)
 
 
 # --- normalisation, activation, pooling --------------------------------------------------------------------
@@ -313,6 +340,55 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
         return (_native.relu_backward_mask(_c(g), mask),)
 
     return make_result(y, (x,), backward, "relu", owned=True, owns_grads=True)
+
+
+def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
+    """``min(max(x, 0), 6)``. Backward passes ``dy`` where ``0 < x < 6``: ``save_mask`` keeps that as a packed
+    bit mask (1/32 of the FP32 output; the INT8 saved-activation mode), else the FP32 output is kept. With
+    ``save_mask`` a donated input (see ``Sequential``) is overwritten with the output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    if save_mask and _take_donated(x) and xd is x.data:
+        y = np.clip(xd, 0.0, 6.0, out=xd)
+    else:
+        y = np.clip(xd, 0.0, 6.0)
+    del xd
+    if save_mask:
+        shape = y.shape
+        bits = np.packbits((y > 0) & (y < 6))
+
+        def backward(g: np.ndarray, g_owned: bool = False):
+            keep = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
+            if _writable_grad(g, g_owned):
+                np.multiply(g, keep, out=g)
+                return (g,)
+            return (g * keep,)
+
+        return make_result(y, (x,), backward, "relu6", owned=True, owns_grads=True)
+    return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+
+
+def hardswish(x: ArrayLike) -> Tensor:
+    """``x·relu6(x + 3)/6`` (MobileNetV3's activation); backward ``dy·(0 | (2x + 3)/6 | 1)`` below -3, between,
+    above 3."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    y = xd * np.clip(xd + np.float32(3), 0, 6) / np.float32(6)
+
+    def backward(g: np.ndarray):
+        d = np.where(xd < -3, np.float32(0), np.where(xd > 3, np.float32(1), (2 * xd + 3) / np.float32(6)))
+        return (g * d.astype(np.float32, copy=False),)
+
+    return make_result(y.astype(np.float32, copy=False), (x,), backward, "hardswish")
+
+
+def sigmoid(x: ArrayLike) -> Tensor:
+    """``1/(1 + e^-x)``, computed without overflow; backward ``dy·y·(1 - y)`` from the saved output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    e = np.exp(-np.abs(xd))
+    y = np.where(xd >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32, copy=False)
+    return make_result(y, (x,), lambda g: (g * y * (1 - y),), "sigmoid")
 
 
 def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:

@@ -49,7 +49,8 @@ def build(settings: Mapping[str, Any], image_shape: Tuple[int, int, int], num_cl
     from .octo import octo
 
     manual_seed(int(settings.get("seed", 0)))
-    model = build_model(settings.get("model", "cnn"), tuple(image_shape), int(num_classes))
+    model = build_model(settings.get("model", "cnn"), tuple(image_shape), int(num_classes),
+                        width_mult=float(settings.get("width_mult", 1.0) or 1.0))
     config = octo_config(settings)
     if config is not None:
         octo(model, config)

@@ -17,7 +17,7 @@ from ..nn import Module
 from ..tensor import no_grad, tensor
 from .runner import PatchSkipRunner
 
-__all__ = ["load_video_model", "VideoRun", "run_video", "save_plot", "rel_l2"]
+__all__ = ["load_video_model", "VideoRun", "run_video", "save_plot", "rel_l2", "prediction_agreement"]
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
@@ -28,6 +28,17 @@ def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
     d = float(np.sqrt(np.square(np.asarray(y, np.float64) - r).sum()))
     n = float(np.sqrt(np.square(r).sum()))
     return d / n if n > 0 else (0.0 if d == 0 else float("inf"))
+
+
+def prediction_agreement(y: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of predictions on which ``y`` and ``ref`` agree: the argmax over channels per pixel for a dense
+    head ``(1, C, H, W)``, the argmax over classes for a classifier ``(1, classes)`` (1.0 or 0.0 per frame)."""
+    y, ref = np.asarray(y), np.asarray(ref)
+    if y.shape != ref.shape:
+        raise ValueError(f"prediction_agreement: shapes differ ({y.shape} vs {ref.shape})")
+    if y.ndim < 2 or y.shape[1] == 0:
+        return 1.0 if np.array_equal(y, ref) else 0.0
+    return float(np.mean(np.argmax(y, axis=1) == np.argmax(ref, axis=1)))
 
 
 def load_video_model(spec: str, seed: int = 0) -> Module:
@@ -101,6 +112,22 @@ class VideoRun:
         if errs:
             out["mean_rel_l2_error"] = float(np.mean(errs))
             out["max_rel_l2_error"] = float(np.max(errs))
+            agree = [r["agreement"] for r in self.records if r.get("agreement") is not None]
+            out["mean_agreement"] = float(np.mean(agree))
+            out["min_agreement"] = float(np.min(agree))
+        if fr:
+            cf = float(np.mean(fr))
+            out["ideal_speedup"] = 1.0 / cf if cf > 0 else None
+            if out.get("speedup") and out["ideal_speedup"]:
+                out["realised_fraction"] = out["speedup"] / out["ideal_speedup"]
+
+            def ms(key: str) -> float:
+                return 1e3 * float(np.mean([r.get(key, 0.0) for r in self.records]))
+
+            split = {k: ms(f"{k}_seconds") for k in ("gate", "bookkeeping", "recompute", "tail")}
+            split["other"] = ms("seconds") - sum(split.values())
+            out["time_split_ms"] = split
+            out["mean_frame_ms"] = ms("seconds")
         return out
 
 
@@ -145,9 +172,10 @@ def run_video(
             run.dense_seconds += time.perf_counter() - t0
             for rec, y, ref in zip(recs, outs, refs):
                 rec["error"] = rel_l2(y, ref)
+                rec["agreement"] = prediction_agreement(y, ref)
         else:
             for rec in recs:
-                rec["error"] = None
+                rec["error"] = rec["agreement"] = None
         run.records.extend(recs)
         run.frames += len(pending)
         pending.clear()
