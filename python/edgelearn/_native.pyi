@@ -40,6 +40,10 @@ __all__ = [
     "avgpool2d_forward",
     "avgpool2d_backward",
     "sgd_step",
+    "conv2d_grouped_f32_forward",
+    "conv2d_grouped_f32_backward",
+    "conv2d_grouped_i8_forward",
+    "conv2d_grouped_i8_backward",
     "OctoSaved",
     "octo_forward",
     "octo_backward",
@@ -231,6 +235,8 @@ def octo_forward(
     per_channel_weights: bool,
     seed: int,
     training: bool,
+    dilation: Optional[tuple[int, int]] = None,
+    groups: int = 1,
 ) -> tuple[_F32, OctoSaved]: ...
 def octo_backward(
     saved: OctoSaved,
