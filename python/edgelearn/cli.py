@@ -410,7 +410,7 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         raise
     result.update(dataset=args.dataset, server=args.server, seconds=time.perf_counter() - t0)
     up, down = result["bytes_up_per_sample"], result["bytes_down_per_sample"]
-    _say_flush(f"trained {result['steps']} steps ({result['train_samples']} samples): train loss "
+    _say_flush(f"trained {plural(result['steps'], 'step')} ({plural(result['train_samples'], 'sample')}): train loss "
                f"{result['train_loss']:.4f}, feature rel. L2 error {result['feature_rel_l2'] or 0:.4f}, "
                f"gradient {result['grad_rel_l2'] or 0:.4f}")
     if up is not None:
@@ -669,9 +669,17 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every command's parser: option defaults in --help, also for options declared without a help text."""
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if (kwargs.get("help") is None and args and str(args[0]).startswith("-")
+                and kwargs.get("default") not in (None, False, argparse.SUPPRESS)):
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
 
 
 def _version() -> str:

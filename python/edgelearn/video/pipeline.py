@@ -46,10 +46,8 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
     (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly), or
     one written by ``edgelearn collab join --save-full`` (a cnn trained split)."""
-    from .. import checkpoint as ckpt
     from .. import models
     from ..nn import manual_seed
-    from ..octo import OctoConfig, octo
 
     if spec in models.VIDEO_MODEL_NAMES:
         manual_seed(seed)
@@ -57,30 +55,12 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     if not (os.path.exists(spec) or spec.endswith(".safetensors")):
         raise ValueError(f"model: {spec!r} is neither a built-in architecture ({', '.join(models.VIDEO_MODEL_NAMES)}) "
                          "nor a checkpoint file")
-    state, meta = ckpt.read_checkpoint(spec)
-    config = ((meta.get("extra") or {}).get("config") or {})
-    name = config.get("model")
-    from ..collab.split import is_split_config, model_from_split_config
+    from .. import nn
+    from ..run import load_trained
 
-    if is_split_config(config) and name == "cnn":  # trained split (`collab join --save-full`): edge + cloud parts
-        convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
-        linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
-        model = model_from_split_config(config, (int(convs[0].shape[1]), 28, 28), int(linears[-1].shape[0]))
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-    if name not in models.MODEL_NAMES:
-        raise ValueError(f"{spec}: checkpoint does not record a known architecture (config.model={name!r}); "
-                         "it must come from 'edgelearn train --checkpoint'")
-    convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
-    linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
-    if name != "cnn" or not convs or not linears:
-        raise ValueError(f"{spec}: a {name!r} model has no convolutional part to run on video (train --model cnn)")
-    in_channels, classes = int(convs[0].shape[1]), int(linears[-1].shape[0])
-    model = models.cnn(in_channels, classes, 28)
-    if config.get("precision") == "int8":
-        prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
-        octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
-    model.load_state_dict(state, strict=True)
+    model = load_trained(spec).model  # the trained architecture, precision and weights
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ValueError(f"{spec}: the model has no convolutional part to run on video (train --model cnn)")
     return model.eval()
 
 
