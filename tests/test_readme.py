@@ -62,6 +62,7 @@ SUBSTITUTIONS = [
     (r"^(edgelearn collab join\b.*)$", r"\1 --steps 3 --eval-limit 64", "3 steps instead of an epoch"),
     (r"^(edgelearn demo-clip\b.*)$", r"\1 --frames 12", "12 frames instead of 60"),
     (r"^(edgelearn video) 0 ", r"\1 clip.mp4 ", "no camera in CI: the demo clip instead of camera 0"),
+    (r"^(edgelearn finetune\b.*)$", r"\1 --epochs 1", "1 fine-tuning epoch instead of 5"),
 ]
 
 
@@ -115,6 +116,12 @@ def work(tmp_path_factory):
         folder = work / "my_digits" / str(test.labels[i])
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.rint(test.images[i, 0] * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    digits_train = data.get_dataset("digits", seed=0).train
+    for c in range(5):  # the README's photos/ folder for `edgelearn finetune`: 12 images in each of 5 classes
+        folder = work / "photos" / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(digits_train.labels == c)[:12]:
+            Image.fromarray(np.rint(digits_train.images[i, 0] * 255).astype(np.uint8)).save(folder / f"{i}.png")
     from edgelearn import video
 
     video.write_clip(work / "clip.mp4", video.synthetic_clip(12, 96, 128))  # as `edgelearn demo-clip clip.mp4`
