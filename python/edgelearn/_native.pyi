@@ -314,9 +314,24 @@ class PatchSkip:
         int8_scales: str = "frozen",
         dense_above: float = 0.85,
     ) -> PatchSkip: ...
-    def add_conv(self, weight: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
+    def add_conv(
+        self,
+        weight: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
+    ) -> None: ...
     def add_conv_i8(
-        self, wq: np.ndarray, sw: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]
+        self,
+        wq: np.ndarray,
+        sw: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
     def add_affine(self, a: np.ndarray, b: np.ndarray) -> None: ...
     def add_batchnorm(self, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> None: ...

@@ -128,7 +128,8 @@ class PatchSkipRunner:
     """Runs ``model`` over frames, skipping unchanged regions.
 
     Args:
-        model: a ``Sequential`` (possibly nested) of ``Conv2d`` (FP32 or Octo INT8 mode), ``BatchNorm2d`` (its
+        model: a ``Sequential`` (possibly nested) of ``Conv2d`` (FP32 or Octo INT8 mode; grouped, depthwise and
+            dilated too), ``BatchNorm2d`` (its
             running statistics are used, as in eval mode), ``Compensation`` (per channel), ``ReLU``,
             ``MaxPool2d``, ``AvgPool2d``, ``Identity``, ``Dropout`` (identity, as in eval mode), optionally
             ending in a dense tail (``AdaptiveAvgPool2d``/``Flatten``/``Linear``/...).
@@ -207,18 +208,17 @@ class PatchSkipRunner:
                 self.tail = layers[i:]
                 break
             if isinstance(m, Conv2d):
-                if getattr(m, "groups", 1) != 1 or tuple(getattr(m, "dilation", (1, 1))) != (1, 1):
-                    raise UnsupportedLayerError(f"{name}: grouped/depthwise or dilated convolutions are not "
-                                                "supported by the patch-skip runner yet")
+                groups, dilation = int(getattr(m, "groups", 1)), tuple(getattr(m, "dilation", (1, 1)))
                 if self.in_channels is None:
                     self.in_channels = m.in_channels
                 bias = None if m.bias is None else _arr(m.bias)
                 if m.int8 is not None:
                     wq, sw = _quantize_weight(_arr(m.weight), m.int8)
                     sw = np.atleast_1d(np.asarray(sw, np.float32)).copy()
-                    self._native.add_conv_i8(np.ascontiguousarray(wq), sw, bias, tuple(m.stride), tuple(m.padding))
+                    self._native.add_conv_i8(np.ascontiguousarray(wq), sw, bias, tuple(m.stride), tuple(m.padding),
+                                             groups, dilation)
                 else:
-                    self._native.add_conv(_arr(m.weight), bias, tuple(m.stride), tuple(m.padding))
+                    self._native.add_conv(_arr(m.weight), bias, tuple(m.stride), tuple(m.padding), groups, dilation)
             elif isinstance(m, BatchNorm2d):
                 self._native.add_batchnorm(
                     _arr(m.weight), _arr(m.bias), _arr(m.running_mean), _arr(m.running_var), float(m.eps)

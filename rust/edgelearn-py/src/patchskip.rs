@@ -80,13 +80,16 @@ impl PatchSkip {
         })
     }
 
-    #[pyo3(signature = (weight, bias, stride, padding))]
+    #[pyo3(signature = (weight, bias, stride, padding, groups=1, dilation=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_conv(
         &mut self,
         weight: &Bound<'_, PyAny>,
         bias: Option<&Bound<'_, PyAny>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let (w, s) = vec_f32("weight", weight, 4)?;
         let b = match bias {
@@ -99,11 +102,14 @@ impl PatchSkip {
             bias: b,
             stride,
             padding,
+            groups,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 
     /// An INT8 (Octo, eval mode) conv: int8 weight codes, their scale (one or one per output channel).
-    #[pyo3(signature = (wq, sw, bias, stride, padding))]
+    #[pyo3(signature = (wq, sw, bias, stride, padding, groups=1, dilation=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_conv_i8(
         &mut self,
         wq: &Bound<'_, PyAny>,
@@ -111,6 +117,8 @@ impl PatchSkip {
         bias: Option<&Bound<'_, PyAny>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let codes = readonly::<i8>("wq", wq, "int8", Some(4))?;
         let s = codes.shape().to_vec();
@@ -127,6 +135,8 @@ impl PatchSkip {
             bias: b,
             stride,
             padding,
+            groups,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 

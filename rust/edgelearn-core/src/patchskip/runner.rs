@@ -30,19 +30,22 @@ use super::tile_ops::{
     ConvParams, Pointwise, Rect,
 };
 use crate::error::{Error, Result};
-use crate::nn::{conv2d_f32_forward, conv2d_i8_forward, Geometry, Window2d};
+use crate::nn::{Geometry, Window2d};
 use crate::quant::{absmax, quantize_nearest_with_scale, scale_for_absmax};
 
 /// One layer of the chain, as given by the caller.
 #[derive(Clone, Debug)]
 pub enum Layer {
-    /// `weight (o, c, kh, kw)`, optional bias `(o,)`.
+    /// `weight (o, c/groups, kh, kw)`, optional bias `(o,)`; `groups` > 1 for grouped/depthwise
+    /// convolutions, `dilation` as PyTorch's.
     Conv2d {
         weight: Vec<f32>,
         shape: [usize; 4],
         bias: Option<Vec<f32>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: (usize, usize),
     },
     /// Eval-mode batch norm with running statistics: `y = x·a + b`, `a = γ/√(var+eps)`, `b = β − mean·a`.
     BatchNorm2d {
@@ -52,8 +55,9 @@ pub enum Layer {
         var: Vec<f32>,
         eps: f32,
     },
-    /// Octo INT8 convolution in eval mode: weight codes `wq (o, c, kh, kw)`, weight scale `sw` (one value or
-    /// one per output channel), optional FP32 bias; its input is quantized per tensor, nearest rounding.
+    /// Octo INT8 convolution in eval mode: weight codes `wq (o, c/groups, kh, kw)`, weight scale `sw` (one
+    /// value or one per output channel), optional FP32 bias; its input is quantized per tensor, nearest
+    /// rounding.
     Conv2dInt8 {
         wq: Vec<i8>,
         sw: Vec<f32>,
@@ -61,6 +65,8 @@ pub enum Layer {
         bias: Option<Vec<f32>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: (usize, usize),
     },
     /// Per-channel `y = x·a + b` (e.g. LAC compensation folded: `a = 1`, `b = α⊙μ + β`).
     Affine {
@@ -267,14 +273,18 @@ impl PatchSkip {
                     bias,
                     stride,
                     padding,
+                    groups,
+                    dilation,
                 } => {
-                    check_conv(i, weight.len(), shape, bias.as_deref(), stride)?;
+                    check_conv(i, weight.len(), shape, bias.as_deref(), stride, groups, dilation)?;
                     stages.push(new_stage(Spatial::Conv(ConvParams {
                         weight,
                         shape,
                         bias,
                         stride,
                         padding,
+                        groups,
+                        dilation,
                     })));
                 }
                 Layer::Conv2dInt8 {
@@ -284,8 +294,10 @@ impl PatchSkip {
                     bias,
                     stride,
                     padding,
+                    groups,
+                    dilation,
                 } => {
-                    check_conv(i, wq.len(), shape, bias.as_deref(), stride)?;
+                    check_conv(i, wq.len(), shape, bias.as_deref(), stride, groups, dilation)?;
                     if sw.len() != 1 && sw.len() != shape[0] {
                         return Err(Error::invalid(
                             "layers",
@@ -309,6 +321,8 @@ impl PatchSkip {
                         bias,
                         stride,
                         padding,
+                        groups,
+                        dilation,
                     })));
                 }
                 Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
@@ -399,8 +413,8 @@ impl PatchSkip {
             let win = st.window();
             let (oc, cost) = match &st.spatial {
                 Spatial::Conv(p) => {
-                    if p.shape[1] != c {
-                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    if p.shape[1] * p.groups != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1] * p.groups)));
                     }
                     (
                         p.shape[0],
@@ -408,8 +422,8 @@ impl PatchSkip {
                     )
                 }
                 Spatial::ConvI8(p) => {
-                    if p.shape[1] != c {
-                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    if p.shape[1] * p.groups != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1] * p.groups)));
                     }
                     (
                         p.shape[0],
@@ -783,34 +797,12 @@ fn dense_stage(st: &mut Stage, input: &[f32]) -> Result<()> {
     let full: [Rect; 1] = [(0, oh, 0, ow)];
     let [c, h, w] = st.in_shape;
     match &st.spatial {
-        Spatial::Conv(p) => {
-            conv2d_f32_forward(
-                input,
-                [1, c, h, w],
-                &p.weight,
-                p.shape,
-                p.bias.as_deref(),
-                p.stride,
-                p.padding,
-                &mut st.out,
-            )?;
-        }
+        Spatial::Conv(p) => p.forward(input, [1, c, h, w], p.padding, &mut st.out)?,
         Spatial::ConvI8(p) => {
             st.sx = input_scale(input);
             st.xq.resize(input.len(), 0);
             quantize_nearest_with_scale(input, st.sx, &mut st.xq)?;
-            conv2d_i8_forward(
-                &st.xq,
-                [1, c, h, w],
-                st.sx,
-                &p.wq,
-                p.shape,
-                p.weight_scale(),
-                p.bias.as_deref(),
-                p.stride,
-                p.padding,
-                &mut st.out,
-            )?;
+            p.forward(&st.xq, [1, c, h, w], st.sx, p.padding, &mut st.out)?;
         }
         Spatial::MaxPool(win) => pool_rects(
             input,
@@ -835,13 +827,15 @@ fn input_scale(x: &[f32]) -> f32 {
     scale_for_absmax(absmax(x))
 }
 
-/// Checks a conv layer's weight length, bias and stride (`i` names the layer).
+/// Checks a conv layer's weight length, bias, stride, groups and dilation (`i` names the layer).
 fn check_conv(
     i: usize,
     weight_len: usize,
     shape: [usize; 4],
     bias: Option<&[f32]>,
     stride: (usize, usize),
+    groups: usize,
+    dilation: (usize, usize),
 ) -> Result<()> {
     let [o, c, kh, kw] = shape;
     if weight_len != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
@@ -856,10 +850,16 @@ fn check_conv(
             format!("layer {i}: conv bias must have {o} values"),
         ));
     }
-    if stride.0 == 0 || stride.1 == 0 {
+    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 {
         return Err(Error::invalid(
             "layers",
-            format!("layer {i}: stride must be positive"),
+            format!("layer {i}: stride and dilation must be positive"),
+        ));
+    }
+    if groups == 0 || o % groups != 0 {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {i}: groups ({groups}) must be positive and divide the {o} output channels"),
         ));
     }
     Ok(())
@@ -893,7 +893,7 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p),
+                    padding: (p, p), groups: 1, dilation: (1, 1),
                 });
                 out.push(Layer::Affine {
                     a: vec![1.0; o],
@@ -905,7 +905,7 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p),
+                    padding: (p, p), groups: 1, dilation: (1, 1),
                 });
             }
             out.push(Layer::Relu);
@@ -996,6 +996,8 @@ mod tests {
                             bias,
                             stride: (s, s),
                             padding: (1, 1),
+                            groups: 1,
+                            dilation: (1, 1),
                         }
                     } else {
                         Layer::Conv2d {
@@ -1004,6 +1006,8 @@ mod tests {
                             bias,
                             stride: (s, s),
                             padding: (1, 1),
+                            groups: 1,
+                            dilation: (1, 1),
                         }
                     });
                     net.push(Layer::Relu);
@@ -1108,6 +1112,56 @@ mod tests {
         }
     }
 
+    /// Grouped, depthwise and dilated convolutions (FP32 and INT8) run sparse frames equal to dense ones.
+    #[test]
+    fn grouped_and_dilated_convs_equal_dense() {
+        for int8 in [false, true] {
+            let mut seed = 21u64;
+            let mut net = Vec::new();
+            // (o, c, k, stride, pad, groups, dilation)
+            for &(o, c, k, s, pd, g, d) in &[
+                (8usize, 4usize, 3usize, 1usize, 1usize, 1usize, 2usize),
+                (8, 8, 3, 1, 1, 8, 1),
+                (6, 8, 3, 2, 1, 2, 1),
+            ] {
+                let n = o * (c / g) * k * k;
+                let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
+                let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
+                let shape = [o, c / g, k, k];
+                net.push(if int8 {
+                    let sw = scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                    let mut wq = vec![0i8; n];
+                    quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
+                    Layer::Conv2dInt8 { wq, sw: vec![sw], shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                } else {
+                    Layer::Conv2d { weight, shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                });
+                net.push(Layer::Relu);
+            }
+            let cfg = PatchSkipConfig { patch: 6, int8_scales: Int8Scales::Dynamic, ..PatchSkipConfig::default() };
+            let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+            let mut dense = PatchSkip::new(net, PatchSkipConfig { refresh_every: 1, ..cfg }).unwrap();
+            let (h, w) = (30, 44);
+            let mut frame: Vec<f32> = (0..4 * h * w).map(|_| lcg(&mut seed)).collect();
+            for t in 0..4 {
+                for ch in 0..4 {
+                    for y in 3 + 4 * t..9 + 4 * t {
+                        for x in 2 + 6 * t..26 + 6 * t {
+                            frame[(ch * h + y) * w + x] = lcg(&mut seed) * 0.9;
+                        }
+                    }
+                }
+                let a = sparse.run(&frame, [4, h, w]).unwrap().to_vec();
+                let b = dense.run(&frame, [4, h, w]).unwrap().to_vec();
+                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(if int8 { err == 0.0 } else { err <= 1e-5 }, "int8 {int8} frame {t}: {err}");
+                if t > 0 {
+                    assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_config_and_shape_change() {
         let mut seed = 1u64;
@@ -1131,6 +1185,8 @@ mod tests {
                 bias: None,
                 stride: (1, 1),
                 padding: (0, 0),
+                groups: 1,
+                dilation: (1, 1),
             }],
             PatchSkipConfig::default(),
         )

@@ -16,16 +16,18 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
-use crate::nn::im2col::im2col;
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
-use crate::nn::{conv2d_i8_forward, take_f32, take_i8, Geometry, MatF32, Window2d};
+use crate::nn::{
+    conv2d_f32_forward, conv2d_grouped_f32_forward, conv2d_grouped_i8_forward, conv2d_i8_forward,
+    take_f32, Geometry, GroupedParams, MatF32, Window2d,
+};
 use crate::quant::quantize_nearest_run;
 use crate::threads::{self, OutPtr};
 
 /// A half-open pixel rectangle `(y0, y1, x0, x1)` of an output map.
 pub type Rect = (usize, usize, usize, usize);
 
-/// A convolution's parameters: `weight (o, c, kh, kw)` C-ordered, optional `bias (o,)`.
+/// A convolution's parameters: `weight (o, c/groups, kh, kw)` C-ordered, optional `bias (o,)`.
 #[derive(Clone, Debug)]
 pub struct ConvParams {
     pub weight: Vec<f32>,
@@ -33,16 +35,46 @@ pub struct ConvParams {
     pub bias: Option<Vec<f32>>,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
+    pub groups: usize,
+    pub dilation: (usize, usize),
+}
+
+/// The input window a (possibly dilated) kernel of `shape` reads: `(k − 1)·d + 1` per axis.
+fn span_kernel(shape: [usize; 4], dilation: (usize, usize)) -> (usize, usize) {
+    (
+        (shape[2] - 1) * dilation.0 + 1,
+        (shape[3] - 1) * dilation.1 + 1,
+    )
+}
+
+/// Whether a convolution is grouped or dilated (it then runs on [`crate::nn::depthwise`]'s kernels).
+fn is_grouped(groups: usize, dilation: (usize, usize)) -> bool {
+    groups != 1 || dilation != (1, 1)
 }
 
 impl ConvParams {
+    /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new((self.shape[2], self.shape[3]), self.stride, self.padding)
+        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
+    }
+
+    /// The dense convolution of `x (1, c, h, w)` with `padding` into `y`, on the kernels the layer takes
+    /// anywhere else (grouped/dilated ones on the grouped kernels).
+    pub fn forward(&self, x: &[f32], shape: [usize; 4], padding: (usize, usize), y: &mut [f32]) -> Result<()> {
+        let b = self.bias.as_deref();
+        if is_grouped(self.groups, self.dilation) {
+            let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
+            conv2d_grouped_f32_forward(x, shape, &self.weight, self.shape, b, gp, y)?;
+        } else {
+            conv2d_f32_forward(x, shape, &self.weight, self.shape, b, self.stride, padding, y)?;
+        }
+        Ok(())
     }
 }
 
-/// An INT8 convolution: weight codes `wq (o, c, kh, kw)` with one scale or one per output channel `sw`,
-/// optional FP32 bias; inputs are quantized per tensor with nearest rounding (the eval-mode Octo conv).
+/// An INT8 convolution: weight codes `wq (o, c/groups, kh, kw)` with one scale or one per output channel
+/// `sw`, optional FP32 bias; inputs are quantized per tensor with nearest rounding (the eval-mode Octo
+/// conv).
 #[derive(Clone, Debug)]
 pub struct ConvI8Params {
     pub wq: Vec<i8>,
@@ -51,11 +83,14 @@ pub struct ConvI8Params {
     pub bias: Option<Vec<f32>>,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
+    pub groups: usize,
+    pub dilation: (usize, usize),
 }
 
 impl ConvI8Params {
+    /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new((self.shape[2], self.shape[3]), self.stride, self.padding)
+        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
     }
     pub fn weight_scale(&self) -> Scale<'_> {
         if self.sw.len() == 1 {
@@ -63,6 +98,28 @@ impl ConvI8Params {
         } else {
             Scale::PerIndex(&self.sw)
         }
+    }
+
+    /// The dense INT8 convolution of the codes `xq (1, c, h, w)` (scale `sx`) with `padding` into `y`:
+    /// the plan the layer takes anywhere else (direct VNNI / padded grid / patch matrix; grouped and
+    /// dilated convs on the grouped kernels).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        xq: &[i8],
+        shape: [usize; 4],
+        sx: f32,
+        padding: (usize, usize),
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (b, sw) = (self.bias.as_deref(), self.weight_scale());
+        if is_grouped(self.groups, self.dilation) {
+            let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
+            conv2d_grouped_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, gp, y)?;
+        } else {
+            conv2d_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, self.stride, padding, y)?;
+        }
+        Ok(())
     }
 }
 
@@ -271,15 +328,14 @@ unsafe fn scatter_band(
 /// already did, as the FP32 one does so that its rounding matches the dense conv's) and applying `ops`.
 /// Batches run in parallel over the pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
-fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
-    x: &[S],
+fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+    x: &[T],
     cg: &ConvGeom,
     bias: Option<&[f32]>,
     ops: &[Pointwise],
     bands: &[Rect],
     y: &mut [f32],
     parallel: bool,
-    convert: impl Fn(&[S], &mut [T]) + Sync,
     gemm: impl Fn(&[T], usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
     let [c, _, _] = cg.in_shape;
@@ -293,14 +349,11 @@ fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Scr
         if cols == 0 {
             return Ok(());
         }
-        let wmax = batch.iter().map(|&r| window_len(cg, r)).max().unwrap_or(0);
-        let mut win = crate::nn::Scratch::<T>::new(wmax);
         let mut col = crate::nn::Scratch::<T>::new(k * cols);
         let mut off = 0;
         for &rect in batch {
-            let g = gather_window(x, cg, rect, &mut win, &convert)?;
-            im2col(&win[..], &g, &mut col[off..], cols);
-            off += g.p();
+            im2col_rect(x, cg, rect, &mut col, cols, off);
+            off += (rect.1 - rect.0) * (rect.3 - rect.2);
         }
         let mut out = take_f32(o * cols);
         gemm(&col[..k * cols], cols, &mut out[..o * cols])?;
@@ -314,17 +367,65 @@ fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Scr
     })
 }
 
+/// The patch matrix of the outputs `rect` straight from the map `x (c, h, w)`: row `(ch, ki, kj)` of
+/// `col` (row stride `ld`) gets, from column `off`, the input each output of the rectangle reads at that
+/// tap (zero where it falls in the padding) — what gathering the window and unfolding it gives, in one
+/// pass.
+fn im2col_rect<T: Copy + Default>(x: &[T], cg: &ConvGeom, rect: Rect, col: &mut [T], ld: usize, off: usize) {
+    let [c, h, w] = cg.in_shape;
+    let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    let zero = T::default();
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = (ch * kh + ki) * kw + kj;
+                let dst = &mut col[row * ld + off..row * ld + off + rh * rw];
+                // output columns q whose input column (x0 + q)·sw + kj − pw lies in 0..w
+                let first = (x0 * sw + kj) as isize - pw as isize;
+                let qa = if first >= 0 { 0 } else { ((-first) as usize).div_ceil(sw) }.min(rw);
+                let qb = if first >= w as isize {
+                    0
+                } else {
+                    ((w as isize - 1 - first) as usize / sw + 1).min(rw)
+                }
+                .max(qa);
+                for (r, d) in dst.chunks_exact_mut(rw).enumerate() {
+                    let iy = ((y0 + r) * sh + ki) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize || qa == qb {
+                        d.fill(zero);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    d[..qa].fill(zero);
+                    d[qb..].fill(zero);
+                    let s0 = (first + (qa * sw) as isize) as usize;
+                    if sw == 1 {
+                        d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
+                    } else {
+                        for (j, v) in d[qa..qb].iter_mut().enumerate() {
+                            *v = src[s0 + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn check_conv_shapes(
     x: usize,
     in_shape: [usize; 3],
-    shape: [usize; 4],
+    (shape, groups): ([usize; 4], usize),
     w: usize,
     y: usize,
     out_hw: (usize, usize),
 ) -> Result<()> {
     let [c, h, wd] = in_shape;
     let [o, wc, kh, kw] = shape;
-    if wc != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * c * kh * kw {
+    if wc * groups != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * wc * kh * kw {
         return Err(Error::invalid(
             "x",
             format!("conv tile: shapes disagree (input {in_shape:?}, weight {shape:?})"),
@@ -350,22 +451,28 @@ pub fn conv_rects(
     y: &mut [f32],
     out_hw: (usize, usize),
 ) -> Result<()> {
-    check_conv_shapes(x.len(), in_shape, p.shape, p.weight.len(), y.len(), out_hw)?;
+    check_conv_shapes(x.len(), in_shape, (p.shape, p.groups), p.weight.len(), y.len(), out_hw)?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
-    let wm = MatF32::row_major(&p.weight, o, k)?;
     let cg = ConvGeom {
         in_shape,
         o,
-        kernel: (kh, kw),
+        kernel: p.window().kernel,
         stride: p.stride,
         padding: p.padding,
         out_hw,
     };
-    let bias = p.bias.as_deref();
     let px = pixels(rects);
     let bands = bands(rects, band_size(px, o * k));
     let parallel = bands.len() > 1;
+    let copy = |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src);
+    if is_grouped(p.groups, p.dilation) {
+        return conv_per_band(x, &cg, ops, &bands, y, parallel, copy, |win, shape, out| {
+            p.forward(win, shape, (0, 0), out)
+        });
+    }
+    let wm = MatF32::row_major(&p.weight, o, k)?;
+    let bias = p.bias.as_deref();
     conv_batches(
         x,
         &cg,
@@ -374,7 +481,6 @@ pub fn conv_rects(
         &bands,
         y,
         parallel,
-        |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src),
         |col, cols, out| {
             // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
             // each output sees the same additions in the same order
@@ -398,6 +504,34 @@ pub fn conv_rects(
     )
 }
 
+/// Each band on its own: its input window gathered through `convert` into a `(1, c, wh, ww)` image,
+/// `conv(window, shape, out)` (a dense convolution with no padding, bias included) fills
+/// `out (o, rh, rw)`, scattered into `y` with `ops` applied. Bands run in parallel when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+    x: &[S],
+    cg: &ConvGeom,
+    ops: &[Pointwise],
+    bands: &[Rect],
+    y: &mut [f32],
+    parallel: bool,
+    convert: impl Fn(&[S], &mut [T]) + Sync,
+    conv: impl Fn(&[T], [usize; 4], &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let yp = OutPtr(y.as_mut_ptr());
+    let o = cg.o;
+    for_each_task(bands, parallel, |&rect| {
+        let mut win = crate::nn::Scratch::<T>::new(window_len(cg, rect));
+        let g = gather_window(x, cg, rect, &mut win, &convert)?;
+        let (rh, rw) = (g.oh, g.ow);
+        let mut out = take_f32(o * rh * rw);
+        conv(&win[..g.c * g.h * g.w], [1, g.c, g.h, g.w], &mut out)?;
+        // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
+        unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, yp) };
+        Ok(())
+    })
+}
+
 /// Narrowest band (output columns) that runs through the dense INT8 convolution: its padded grid
 /// computes `kw − 1` extra columns per row, within the dense plan's limit from 14 columns on (3x3).
 const I8_DENSE_MIN_WIDTH: usize = 14;
@@ -419,14 +553,13 @@ pub fn conv_rects_i8(
     y: &mut [f32],
     out_hw: (usize, usize),
 ) -> Result<()> {
-    check_conv_shapes(xq.len(), in_shape, p.shape, p.wq.len(), y.len(), out_hw)?;
+    check_conv_shapes(xq.len(), in_shape, (p.shape, p.groups), p.wq.len(), y.len(), out_hw)?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
-    let wm = MatRef::row_major(&p.wq, o, k)?;
     let cg = ConvGeom {
         in_shape,
         o,
-        kernel: (kh, kw),
+        kernel: p.window().kernel,
         stride: p.stride,
         padding: p.padding,
         out_hw,
@@ -434,48 +567,29 @@ pub fn conv_rects_i8(
     let px = pixels(rects);
     let all = bands(rects, band_size(px, o * k));
     let parallel = all.len() > 1;
+    let grouped = is_grouped(p.groups, p.dilation);
     let grid = p.stride == (1, 1) && (kh > 1 || kw > 1);
-    let (wide, narrow): (Vec<Rect>, Vec<Rect>) = all
+    let (dense, narrow): (Vec<Rect>, Vec<Rect>) = all
         .into_iter()
-        .partition(|r| grid && r.3 - r.2 >= I8_DENSE_MIN_WIDTH);
+        .partition(|r| grouped || (grid && r.3 - r.2 >= I8_DENSE_MIN_WIDTH));
     let copy = |src: &[i8], dst: &mut [i8]| dst.copy_from_slice(src);
-    let bias = p.bias.as_deref();
-    if !wide.is_empty() {
-        let yp = OutPtr(y.as_mut_ptr());
-        for_each_task(&wide, parallel, |&rect| {
-            let mut win = take_i8(window_len(&cg, rect));
-            let g = gather_window(xq, &cg, rect, &mut win, &copy)?;
-            let (rh, rw) = (g.oh, g.ow);
-            let mut out = take_f32(o * rh * rw);
-            conv2d_i8_forward(
-                &win[..g.c * g.h * g.w],
-                [1, g.c, g.h, g.w],
-                sx,
-                &p.wq,
-                p.shape,
-                p.weight_scale(),
-                bias,
-                (1, 1),
-                (0, 0),
-                &mut out,
-            )?;
-            // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
-            unsafe { scatter_band(&out, rh * rw, 0, rect, o, out_hw, None, ops, yp) };
-            Ok(())
+    if !dense.is_empty() {
+        conv_per_band(xq, &cg, ops, &dense, y, parallel, copy, |win, shape, out| {
+            p.forward(win, shape, sx, (0, 0), out)
         })?;
     }
     if narrow.is_empty() {
         return Ok(());
     }
+    let wm = MatRef::row_major(&p.wq, o, k)?;
     conv_batches(
         xq,
         &cg,
-        bias,
+        p.bias.as_deref(),
         ops,
         &narrow,
         y,
         parallel,
-        copy,
         |col, cols, out| {
             let cm = MatRef::row_major(col, k, cols)?;
             gemm::gemm_i8_f32(&wm, &cm, p.weight_scale(), Scale::Scalar(sx), None, out)
