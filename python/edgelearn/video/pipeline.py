@@ -60,7 +60,11 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     if config.get("precision") == "int8":
         prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
         octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
-    model.load_state_dict(state, strict=True)
+    ckpt.check_model_state(model, state, spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"{spec}: model state does not fit: {exc}") from None
     return model.eval()
 
 
