@@ -30,14 +30,26 @@ from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELL
                        CollabError, ProtocolError, WireStats, pack, unpack)
 from .split import batchnorm_calibration, build_split, output_shape
 
-__all__ = ["Cloud", "CloudSession", "ArchitectureMismatch", "LABEL_DTYPES"]
+__all__ = ["Cloud", "CloudSession", "ArchitectureMismatch", "InputTooLarge", "LABEL_DTYPES", "MAX_INPUT_ELEMENTS",
+           "MAX_CLASSES"]
 
 #: Label encodings an edge may use (one byte per label when there are at most 256 classes).
 LABEL_DTYPES = {"u1": np.uint8, "<u2": np.uint16, "<i4": np.int32}
 
 
+#: Default cap on the values per sample (C·H·W) a HELLO may fix the cloud's model to (a 512x512 gray or
+#: 295x295 RGB image); the model and its optimizer grow with it. ``--max-input-elements`` changes it.
+MAX_INPUT_ELEMENTS = 1 << 18
+#: Cap on the class count a HELLO may fix (the last layer grows with it).
+MAX_CLASSES = 1 << 12
+
+
 class ArchitectureMismatch(CollabError):
     """An edge's data or settings do not fit the cloud's model (gRPC: FAILED_PRECONDITION)."""
+
+
+class InputTooLarge(CollabError):
+    """A HELLO asks for a model larger than this cloud's limits (gRPC: RESOURCE_EXHAUSTED)."""
 
 
 class Cloud:
@@ -50,12 +62,16 @@ class Cloud:
 
     def __init__(self, model: str = "cnn", split: int = 4, seed: int = 0, lr: float = 0.02, momentum: float = 0.9,
                  weight_decay: float = 5e-4, input_shape: Optional[Tuple[int, int, int]] = None,
-                 classes: Optional[int] = None, max_batch: int = 4096, log=None):
+                 classes: Optional[int] = None, max_batch: int = 4096,
+                 max_input_elements: int = MAX_INPUT_ELEMENTS, log=None):
         if model not in MODEL_NAMES:
             raise ValueError(f"model: expected one of {MODEL_NAMES}, got {model!r}")
         self.model_name, self.split, self.seed = model, int(split), int(seed)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.max_batch = int(max_batch)
+        if isinstance(max_input_elements, bool) or not isinstance(max_input_elements, int) or max_input_elements < 1:
+            raise ValueError(f"max_input_elements: expected an int >= 1, got {max_input_elements!r}")
+        self.max_input_elements = max_input_elements
         self.log = log or (lambda message: None)
         #: Serializes model updates (and the forwards/backwards that produce them).
         self.lock = threading.Lock()
@@ -87,6 +103,14 @@ class Cloud:
         """Builds the model for the first edge; refuses an edge whose data does not fit it."""
         with self.lock:
             if self.model is None:
+                values = int(np.prod(input_shape))
+                if values > self.max_input_elements:
+                    raise InputTooLarge(
+                        f"input shape {list(input_shape)} ({values} values per sample) is above this cloud's limit of "
+                        f"{self.max_input_elements} (--max-input-elements; or start the cloud with --dataset to fix "
+                        "the shape)")
+                if classes > MAX_CLASSES:
+                    raise InputTooLarge(f"{classes} classes is above this cloud's limit of {MAX_CLASSES}")
                 self._build(input_shape, classes)
                 self.log(f"cloud model: {self.model_name} split at {self.split}, input {input_shape}, "
                          f"{classes} classes, features {self.feature_shape}")
