@@ -51,6 +51,7 @@ DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3.11 l
 # Tests that cannot run under emulation, as "node id|reason" lines (pytest --deselect). Keep this empty
 # unless a test truly cannot work there; every entry is printed with its reason.
 DESELECT=(
+"tests/test_flower.py::test_flower_deployment_with_one_superlink_and_three_supernodes|starts a SuperLink, 3 SuperNodes, their SuperExecs and one Flower ClientApp process per message (~25 Python processes importing flwr, fastapi, sqlalchemy): minutes per message round under emulation; the same apps and messages run in process in test_flower_apps_give_the_accuracy_and_bytes_of_collab"
 )
 
 log() { printf '[test-aarch64] %s\n' "$*"; }

@@ -249,7 +249,8 @@ def test_wrong_token_is_refused(serve, digits):
     for token in ("wrong", None):
         with pytest.raises(collab.AuthenticationError, match="refused this edge: wrong or missing token"):
             join(server, digits, token=token)
-    assert cloud.steps == 0 and not cloud.ended
+    assert cloud.steps == 0  # each refusal counts as a rejected session (--edges N counts them)
+    assert [(e["status"], e["reason"]) for e in cloud.ended] == [("rejected", "wrong or missing token")] * 2
     edge = join(server, digits, token="right")  # the cloud still serves edges with the right token
     edge.train_step(digits.train.images[:8], digits.train.labels[:8])
     edge.close()
@@ -470,3 +471,30 @@ def test_one_cloud_two_edge_processes_one_killed(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait(60)
+
+
+def test_serve_counts_refused_edges_towards_edges_and_in_its_summary(tmp_path, digits):
+    port_file = tmp_path / "port"
+    env = dict(os.environ, EDGELEARN_NUM_THREADS="1")
+    cloud = subprocess.Popen([sys.executable, "-m", "edgelearn", "collab", "serve", "--port", "0", "--port-file",
+                              str(port_file), "--edges", "2", "--token", "right", "--timeout", "120", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert cloud.poll() is None, cloud.communicate()[1]
+            assert time.monotonic() < deadline, "the cloud never reported its port"
+            time.sleep(0.1)
+        for token in ("wrong", None):
+            transport = GrpcTransport(f"127.0.0.1:{port_file.read_text().strip()}", token=token, connect_timeout=60)
+            with pytest.raises(collab.AuthenticationError):
+                collab.Edge(transport, digits.train.image_shape, 10, mode="fp32", precision="fp32")
+        out, err = cloud.communicate(timeout=120)  # --edges 2: the two refusals end it
+    finally:
+        if cloud.poll() is None:
+            cloud.kill()
+    assert cloud.returncode == 0, err
+    assert out.count("wrong or missing token") >= 2
+    assert "0 edges completed, 0 dropped, 2 rejected" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["rejected"], summary["completed"], summary["timed_out"]) == (2, 0, False)

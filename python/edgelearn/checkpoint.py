@@ -5,7 +5,9 @@ Layout of a checkpoint file (format version 2):
 - tensors ``model/<name>`` — ``model.state_dict()`` (parameters and buffers such as BatchNorm running stats);
   tensors ``optimizer/...`` and ``scheduler/...`` — every numpy array found in those objects' ``state_dict()``.
 - metadata key ``edgelearn.checkpoint`` — JSON: ``format``, ``epoch``, ``step``, ``model_keys``, ``rng_state``,
-  ``extra``, the optimizer's and scheduler's state dicts with each array replaced by a reference to its tensor.
+  ``extra``, the optimizer's and scheduler's state dicts with each array replaced by a reference to its tensor,
+  and ``architecture``: the model's module tree (``edgelearn.nn.structure.describe``) when it can be described,
+  so :func:`load_model` rebuilds the model from the file alone (imported ONNX graphs, fine-tuned heads, INT8).
 - metadata key ``edgelearn.sha256`` — SHA-256 of every tensor (name, dtype, shape, bytes) and of the exact JSON
   text above (safetensors checks its header but not the data; this catches flipped or zeroed bytes anywhere).
 
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_METADATA_DEPTH",
     "get_rng_state",
     "load_checkpoint",
+    "load_model",
     "read_checkpoint",
     "save_checkpoint",
     "set_rng_state",
@@ -224,6 +227,10 @@ def _validate_meta(meta: Dict[str, Any], tensors: Mapping[str, np.ndarray], wher
         v = meta.get(key)
         if not _is_int(v) or v < 0:
             raise CheckpointError(f"{where}: {key}: expected an integer >= 0, got {v!r}")
+    arch = meta.get("architecture")
+    if arch is not None and not isinstance(arch, dict):
+        raise CheckpointError(f"{where}: architecture: expected an object (a module tree) or null, got "
+                              f"{type(arch).__name__}")
     keys = meta.get("model_keys")
     if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
         raise CheckpointError(f"{where}: model_keys: expected a list of names")
@@ -378,6 +385,7 @@ def save_checkpoint(
         "rng_state": _encode(dict(rng_state), "rng_state", tensors) if rng_state is not None else None,
         "extra": _encode(dict(extra), "extra", tensors) if extra is not None else None,
     }
+    meta["architecture"] = _describe(model)
     text = json.dumps(meta, allow_nan=True)
     header = {_META_KEY: text, _SHA_KEY: _tensor_digest(tensors, text)}
 
@@ -398,6 +406,18 @@ def save_checkpoint(
             pass
         raise
     _fsync_dir(directory)
+
+
+def _describe(model: Any) -> Optional[Dict[str, Any]]:
+    from .nn.module import Module
+    from .nn.structure import StructureError, describe
+
+    if not isinstance(model, Module):
+        return None
+    try:
+        return describe(model)
+    except StructureError:  # a model with attributes outside the describable set: state only
+        return None
 
 
 def read_checkpoint(
@@ -469,6 +489,16 @@ def check_model_state(model: Any, state: Mapping[str, np.ndarray], where: str = 
                                   f"{want}")
 
 
+def load_model_state(model: Any, state: Mapping[str, np.ndarray], where: str, strict: bool = True) -> None:
+    """``model.load_state_dict(state)`` for a state read from checkpoint ``where``: dtypes checked
+    (:func:`check_model_state`), and a state that does not fit the model is a :class:`CheckpointError`."""
+    check_model_state(model, state, where)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{where}: model state does not fit: {exc}") from None
+
+
 def load_checkpoint(
     path: "os.PathLike[str] | str",
     model: Any,
@@ -505,3 +535,27 @@ def load_checkpoint(
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"{where}: {what} state does not fit: {exc}") from None
     return meta
+
+
+def load_model(path: "os.PathLike[str] | str", *, allow_nonfinite: bool = False) -> Tuple[Any, Dict[str, Any]]:
+    """``(model, meta)``: the model a checkpoint holds, rebuilt from its stored architecture (see
+    ``edgelearn.nn.structure``) with its weights, in eval mode. Raises :class:`CheckpointError` for a
+    checkpoint without an architecture (written by an edgelearn before it stored one: rebuild the model in code
+    and use :func:`load_checkpoint`) or with one that does not rebuild or fit its weights."""
+    from .nn.structure import rebuild
+
+    where = os.fspath(path)
+    model_state, meta = read_checkpoint(path, allow_nonfinite=allow_nonfinite)
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{where}: the checkpoint holds no model architecture; build the model in code "
+                              "and load its weights with load_checkpoint")
+    try:
+        model = rebuild(arch, model_state)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: architecture: does not rebuild a model: {exc}") from None
+    load_model_state(model, model_state, where)
+    model.eval()
+    return model, meta

@@ -15,12 +15,25 @@ import shlex
 import sys
 from typing import NoReturn
 
+DESCRIPTION = """\
+On-device training for small ARM boards and any CPU: INT8 training (Octo), SGQ-compressed split learning and
+PASS patch-skip video inference. Start with `edgelearn train` (an INT8 CNN on scikit-learn's digits, compared
+with the same run in FP32), then `edgelearn COMMAND --help`."""
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one ``edgelearn: error: ...`` line (the usage is one ``--help`` away)."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, f"edgelearn: error: {message} (see '{self.prog} --help')\n")
+def _cmd_info(args: argparse.Namespace) -> int:
+    import edgelearn
+
+    info = edgelearn.backend_info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value)) or "(none)"
+        print(f"{key:<{width}}  {value}")
+    return 0
 
 
 def _number(kind: type = float, lo: "float | None" = None, hi: "float | None" = None, lo_open: bool = False):
@@ -43,9 +56,12 @@ def _number(kind: type = float, lo: "float | None" = None, hi: "float | None" = 
     return parse
 
 
+_positive_int = _number(int, 1)
+_nonnegative_int = _number(int, 0)
 _port = _number(int, 0, 65535)
 _positive_float = _number(float, 0, lo_open=True)
-_nonneg_float_f = _number(float, 0)
+_nonneg_float = _number(float, 0)
+_nonneg_int = _nonnegative_int
 
 
 def _writable(path: str, flag: str) -> None:
@@ -64,106 +80,236 @@ def _writable(path: str, flag: str) -> None:
         raise ValueError(f"{flag}: cannot write {path}: {exc.strerror or exc}; choose a writable location") from None
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    import edgelearn
+def _collab_model_arg(text: str) -> str:
+    from edgelearn.collab.split import is_model_spec
+    from edgelearn.models import MODEL_NAMES
 
-    info = edgelearn.backend_info()
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        if isinstance(value, (list, tuple)):
-            value = ", ".join(map(str, value)) or "(none)"
-        print(f"{key:<{width}}  {value}")
-    return 0
+    if not is_model_spec(text):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)} or onnx:PATH, got {text!r}")
+    return text
 
 
-_positive_int = _number(int, 1)
-_nonnegative_int = _number(int, 0)
+def _split_arg(text: str):
+    from edgelearn.collab.split import split_spec
+
+    try:
+        value = split_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a layer index >= 1 or a module name, got {text}")
+    return value
+
+
 
 
 PRC_DEFAULT = "minmax"
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    import edgelearn
+def plural(n: int, word: str, words: str = "") -> str:
+    """``1 epoch``, ``3 epochs`` (``words``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: bool, quiet: bool = False):
+    """One training run of ``args`` in ``precision``: ``(model, history, test result)``."""
     from edgelearn import data as eldata
-    from edgelearn import optim
-    from edgelearn.models import build_model
+    from edgelearn import optim, run
     from edgelearn.train import evaluate, fit
 
-    if args.threads is not None:
-        edgelearn.set_num_threads(args.threads)
-    if args.resume and not args.checkpoint:
-        raise ValueError("--resume needs --checkpoint PATH")
-    for flag in ("checkpoint", "log_csv", "log_json", "plot"):
-        if getattr(args, flag):
-            _writable(getattr(args, flag), "--" + flag.replace("_", "-"))
-    splits = eldata.get_dataset(args.dataset, seed=args.seed)
-    train, test = splits.train, splits.test
     augment = None
     if args.augment != "none":
         transforms = [eldata.RandomCrop(args.crop_padding)]
         if args.augment == "crop-flip":
             transforms.append(eldata.RandomHorizontalFlip())
         augment = eldata.Compose(transforms)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings["precision"] = precision
+    settings["data"] = run.data_info(train)
+    split_config = _split_checkpoint_config(args.checkpoint) if args.resume and not quiet else None
+    if split_config is not None:
+        # a whole model trained split (`collab join --save-full`): its own architecture and precisions
+        from edgelearn.collab.split import model_from_split_config
+        from edgelearn.nn import manual_seed
 
-    edgelearn.manual_seed(args.seed)
-    model = build_model(args.model, train.image_shape, train.num_classes)
-    if args.precision == "int8":
-        prc = None if args.no_prc or args.prc == "none" else args.prc
-        config = edgelearn.OctoConfig(lac=not args.no_lac, prc=prc, z=args.prc_z, kappa=args.prc_kappa,
-                                      per_channel_weights=args.per_channel_weights,
-                                      grad_rounding=args.grad_rounding,
-                                      seed=args.seed)
-        edgelearn.octo(model, config)
+        manual_seed(args.seed)
+        model = model_from_split_config(split_config, train.image_shape, train.num_classes)
+        args.model, args.precision = split_config["model"], split_config["precision"]
+    else:
+        model = run.build(settings, train.image_shape, train.num_classes)
     params = list(model.parameters())
     if args.optimizer == "sgd":
         opt = optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     else:
         opt = optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = optim.CosineAnnealingLR(opt, T_max=args.epochs)
-
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    if not args.json:
-        print(f"training {args.model} ({args.precision}) on {args.dataset}: {len(train)} train / {len(test)} test "
-              f"images {train.image_shape}, {args.epochs} epochs, batch {args.batch_size}, "
-              f"{edgelearn.get_num_threads()} threads, kernel {edgelearn.backend_info().get('kernel')}")
     history = fit(
         model, opt, train, test, args.epochs,
         scheduler=scheduler, batch_size=args.batch_size, seed=args.seed, augment=augment,
-        checkpoint=args.checkpoint, resume=args.resume, log_csv=args.log_csv, log_json=args.log_json,
-        plot=args.plot, progress=not args.no_progress, verbose=True, config=settings,
+        checkpoint=None if quiet else args.checkpoint, resume=not quiet and args.resume,
+        log_csv=None if quiet else args.log_csv, log_json=None if quiet else args.log_json,
+        plot=None if quiet else args.plot, progress=not args.no_progress and not quiet, verbose=verbose,
+        config=settings, val_name="test",
     )
-    result = evaluate(model, test)
+    return model, history, evaluate(model, test)
+
+
+def _subset(train, n: int):
+    from edgelearn.data import ArrayDataset
+
+    n = min(len(train), n)
+    return ArrayDataset(train.images[:n], train.labels[:n], train.name, train.classes)
+
+
+def _one_epoch(args: argparse.Namespace, train, precision: str, batch_size: int):
+    from edgelearn import optim, run
+    from edgelearn.train import fit
+
+    model = run.build({**vars(args), "precision": precision}, train.image_shape, train.num_classes)
+    return fit(model, optim.SGD(model.parameters(), lr=0.0), train, None, 1, batch_size=batch_size,
+               seed=args.seed, progress=False, verbose=False, bn_recalibration_batches=0)
+
+
+def _warm_up(args: argparse.Namespace, train, precisions) -> None:
+    """Two untimed steps in each precision before a comparison, so that neither measured run pays the process's
+    one-time costs (lazy imports, the thread pool, the allocator's first growth) in its speed or memory."""
+    for precision in precisions:
+        _one_epoch(args, _subset(train, 2 * args.batch_size), precision, args.batch_size)
+
+
+#: The comparison measures training memory on one step of a batch this large (in input bytes, up to the whole
+#: training set): a small batch of small images needs less memory than the resident-set size resolves.
+CALIBRATION_INPUT_BYTES = 1 << 23
+
+
+def _step_memory(args: argparse.Namespace, train, precisions):
+    """``(batch, {precision: MB})``: the memory one training step at a large batch adds, per precision."""
+    c, h, w = train.image_shape
+    batch = max(args.batch_size, min(len(train), CALIBRATION_INPUT_BYTES // (4 * c * h * w)))
+    data = _subset(train, batch)
+    return batch, {p: _one_epoch(args, data, p, batch).train_memory_mb for p in precisions}
+
+
+def _compare_line(main: dict, other: dict, precision: str, other_precision: str) -> str:
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
+    mem = main["step_memory_mb"]
+    return (f"{precision.upper()} vs {other_precision.upper()}, same run: test accuracy "
+            f"{100 * main['test_accuracy']:.2f}% vs {100 * other['test_accuracy']:.2f}%, "
+            f"{main['train_images_per_s']:.0f} vs {other['train_images_per_s']:.0f} images/s "
+            f"({ratio(main['train_images_per_s'], other['train_images_per_s'])}); memory to train one batch of "
+            f"{mem['batch']}: {mem[precision]:.1f} vs {mem[other_precision]:.1f} MB "
+            f"({ratio(mem[precision], mem[other_precision])})")
+
+
+def _check_checkpoint_flags(args: argparse.Namespace, explicit: set) -> None:
+    """Resume rules: an existing checkpoint is continued (--resume) with its saved settings, or replaced
+    (--overwrite); never silently overwritten, never resumed with settings that make it another run."""
+    from edgelearn import run
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the checkpoint and --overwrite replaces it: give one of them")
+    if not args.checkpoint:
+        if args.resume or args.overwrite:
+            raise ValueError(f"{'--resume' if args.resume else '--overwrite'} needs --checkpoint PATH")
+        return
+    exists = os.path.exists(args.checkpoint)
+    if exists and not args.resume and not args.overwrite:
+        raise ValueError(f"{args.checkpoint} already exists: add --resume to continue that run, or --overwrite "
+                              "to start a new one over it")
+    if args.resume and exists:
+        saved, _ = run.read_settings(args.checkpoint)
+        merged = run.resume_settings(saved, vars(args), explicit, args.checkpoint)
+        for key, value in merged.items():
+            setattr(args, key, value)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import edgelearn
+    from edgelearn import data as eldata
+
+    if args.threads is not None:
+        edgelearn.set_num_threads(args.threads)
+    _check_checkpoint_flags(args, getattr(args, "explicit", set()))
+    args.__dict__.pop("explicit", None)
+    for flag in ("checkpoint", "log_csv", "log_json", "plot"):
+        if getattr(args, flag, None):
+            _writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.lr is None:
+        args.lr = 0.02 if args.optimizer == "sgd" else 0.002
+    compare = args.compare
+    if compare == "auto":
+        compare = "fp32" if args.dataset == "digits" and args.precision == "int8" and not args.resume else "none"
+    args.compare = compare
+    splits = eldata.get_dataset(args.dataset, seed=args.seed)
+    train, test = splits.train, splits.test
+
+    if not args.json:
+        octo = ""
+        if args.precision == "int8":
+            prc = "off" if args.no_prc or args.prc == "none" else args.prc
+            octo = f": Octo, LAC {'off' if args.no_lac else 'on'}, PRC {prc}"
+        print(f"training {args.model} ({args.precision}{octo}) on {args.dataset}: {len(train)} train / "
+              f"{len(test)} test images {train.image_shape}, {plural(args.epochs, 'epoch')}, batch {args.batch_size}, "
+              f"{plural(edgelearn.get_num_threads(), 'thread')}, kernel {edgelearn.backend_info().get('kernel')}")
+    if compare not in ("none", args.precision):
+        _warm_up(args, train, (args.precision, compare))
+    model, history, result = _train_once(args, train, test, args.precision, verbose=True)
     print(f"test accuracy: {100 * result['accuracy']:.2f}% ({result['n']} images, test loss {result['loss']:.4f})")
+    summary = history.summary()
+    out = {
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "train_images_per_s": summary["train_images_per_s"],
+        "epochs": len(history),
+        "precision": args.precision,
+        "dataset": args.dataset,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "lac": args.precision == "int8" and not args.no_lac,
+        "prc": (None if args.no_prc or args.prc == "none" else args.prc) if args.precision == "int8" else None,
+        "grad_rounding": args.grad_rounding if args.precision == "int8" else None,
+        "per_channel_weights": args.per_channel_weights if args.precision == "int8" else None,
+        "threads": edgelearn.get_num_threads(),
+        "kernel": edgelearn.backend_info().get("kernel"),
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "rss_before_first_step_mb": summary["rss_before_first_step_mb"],
+        "train_peak_rss_mb": summary["train_peak_rss_mb"],
+        "train_memory_mb": summary["train_memory_mb"],
+        "resumed_from_epoch": summary["resumed_from_epoch"],
+        "final_train_loss": history.records[-1]["train_loss"] if len(history) else None,
+        "checkpoint": args.checkpoint,
+    }
+    if compare != "none" and compare != args.precision:
+        if not args.json:
+            print(f"the same run in {compare.upper()} for comparison (--compare none skips it) ...", flush=True)
+        _, other_history, other_result = _train_once(args, train, test, compare, verbose=False, quiet=True)
+        other_summary = other_history.summary()
+        other = {"precision": compare, "test_accuracy": other_result["accuracy"],
+                 "train_images_per_s": other_summary["train_images_per_s"],
+                 "train_memory_mb": other_summary["train_memory_mb"]}
+        batch, memory = _step_memory(args, train, (args.precision, compare))
+        out["compare"] = other
+        out["step_memory_mb"] = {"batch": batch, **memory}
+        print(_compare_line(out, other, args.precision, compare))
     if args.json:
-        summary = history.summary()
-        print(json.dumps({
-            "test_accuracy": result["accuracy"],
-            "test_loss": result["loss"],
-            "train_images_per_s": summary["train_images_per_s"],
-            "epochs": len(history),
-            "precision": args.precision,
-            "dataset": args.dataset,
-            "model": args.model,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "lac": args.precision == "int8" and not args.no_lac,
-            "prc": (None if args.no_prc or args.prc == "none" else args.prc) if args.precision == "int8" else None,
-            "grad_rounding": args.grad_rounding if args.precision == "int8" else None,
-            "per_channel_weights": args.per_channel_weights if args.precision == "int8" else None,
-            "threads": edgelearn.get_num_threads(),
-            "kernel": edgelearn.backend_info().get("kernel"),
-            "peak_rss_mb": summary["peak_rss_mb"],
-            "rss_before_first_step_mb": summary["rss_before_first_step_mb"],
-            "train_peak_rss_mb": summary["train_peak_rss_mb"],
-            "train_memory_mb": summary["train_memory_mb"],
-            "resumed_from_epoch": summary["resumed_from_epoch"],
-            "final_train_loss": history.records[-1]["train_loss"] if len(history) else None,
-        }))
+        print(json.dumps(out))
     return 0
+
+
+def _split_checkpoint_config(path):
+    """The ``extra.config`` of checkpoint ``path`` when it holds a model trained split (``collab join
+    --save-full``), else None (no file, or an ordinary ``edgelearn train`` checkpoint)."""
+    if not path or not os.path.exists(path):
+        return None
+    from edgelearn import checkpoint as ckpt
+    from edgelearn.collab.split import is_split_config
+
+    _, meta = ckpt.read_checkpoint(path)
+    config = (meta.get("extra") or {}).get("config")
+    return config if is_split_config(config) else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,11 +344,14 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
 
         train = eldata.get_dataset(args.dataset, seed=args.seed).train
         input_shape, classes = train.image_shape, train.num_classes
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint DIR")
     if args.port_file:
         _writable(args.port_file, "--port-file")
     cloud = Cloud(args.model, args.split, seed=args.seed, lr=args.lr, momentum=args.momentum,
-                  weight_decay=args.weight_decay, input_shape=input_shape, classes=classes,
-                  max_input_elements=args.max_input_elements, log=_say_flush)
+                  weight_decay=args.weight_decay, input_shape=input_shape, classes=classes, log=_say_flush,
+                  checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every if args.checkpoint else 0,
+                  resume=args.resume, max_input_elements=args.max_input_elements)
     server = CloudServer(cloud, args.host, args.port, token=_token(args), tls_cert=args.tls_cert,
                          tls_key=args.tls_key, max_edges=args.max_edges,
                          max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
@@ -218,7 +367,7 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
         os.replace(tmp, args.port_file)
     _say_flush(f"cloud listening on {args.host}:{server.port} ({'TLS' if server.tls else 'no TLS'}, "
                f"{'token required' if server.token else 'no token'}): {args.model} split at {args.split}"
-               + (f"; exits after {args.edges} edge sessions" if args.edges else ""))
+               + (f"; exits after {plural(args.edges, 'edge session')}" if args.edges else ""))
     deadline = time.monotonic() + args.timeout if args.timeout else None
     timed_out = False
     try:
@@ -232,16 +381,19 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
                 break
     finally:
         server.stop(grace=2.0)
+        saved = cloud.save_checkpoint()
+        if saved:
+            _say_flush(f"checkpoint written: {saved} ({cloud.steps} steps)")
     ended = list(cloud.ended)
     counts = {s: sum(e["status"] == s for e in ended) for s in ("completed", "dropped", "rejected")}
-    _say_flush(f"cloud stopped: {cloud.steps} steps applied; {counts['completed']} edges completed, "
-               f"{counts['dropped']} dropped, {counts['rejected']} rejected")
+    _say_flush(f"cloud stopped: {plural(cloud.steps, 'step')} applied; {plural(counts['completed'], 'edge')} "
+               f"completed, {counts['dropped']} dropped, {counts['rejected']} rejected")
     if args.json:
         print(json.dumps({"port": server.port, "steps": cloud.steps, **counts, "sessions": ended,
                           "timed_out": timed_out}, default=str))
     if timed_out:
-        print(f"edgelearn: error: --timeout {args.timeout:g} s reached with {len(ended)} of {args.edges} edge "
-              "sessions ended", file=sys.stderr)
+        print(f"edgelearn: error: --timeout {args.timeout:g} s reached with {len(ended)} of {plural(args.edges, 'edge session')} "
+              "ended", file=sys.stderr)
         return 1
     return 0
 
@@ -259,9 +411,15 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
     splits = eldata.get_dataset(args.dataset, seed=args.seed)
     train, test = splits.train, splits.test
     t0 = time.perf_counter()
-    transport = GrpcTransport(args.server, token=_token(args), root_cert=args.tls_root_cert,
-                              server_name=args.tls_server_name, connect_timeout=args.connect_timeout,
-                              max_message_bytes=int(args.max_message_mb * 2**20))
+    def connect(timeout=args.connect_timeout):
+        return GrpcTransport(args.server, token=_token(args), root_cert=args.tls_root_cert,
+                             server_name=args.tls_server_name, connect_timeout=timeout,
+                             max_message_bytes=int(args.max_message_mb * 2**20))
+
+    from edgelearn.collab import RetryPolicy
+
+    retry = RetryPolicy(attempts=args.retries, initial=args.retry_initial, maximum=args.retry_max)
+    transport = connect()
     try:
         octo_config = None
         if args.precision == "int8":
@@ -270,7 +428,8 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
                     group=args.group, stripe_rows=args.stripe_rows, precision=args.precision,
                     octo_config=octo_config, lr=args.lr, name=args.name, model=args.model, split=args.split,
                     feature_group=args.feature_group, feature_stripe_rows=args.feature_stripe_rows or None,
-                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks)
+                    feature_ranges=args.feature_ranges, constant_blocks=not args.no_constant_blocks,
+                    edge_key=args.edge_key)
     except BaseException:
         transport.close()
         raise
@@ -281,7 +440,9 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         result = train_edge(edge, train, None if args.no_eval else test, epochs=args.epochs, steps=args.steps,
                             batch_size=args.batch_size, seed=args.seed, eval_limit=args.eval_limit,
                             bn_recalibration_batches=args.bn_recalibration_batches,
-                            progress=not args.no_progress, log_every=args.log_every, log=_say_flush)
+                            progress=not args.no_progress, log_every=args.log_every, log=_say_flush,
+                            reconnect=lambda: connect(max(args.retry_max, 1.0)), retry=retry, save=args.save,
+                            save_full=args.save_full, config={"dataset": args.dataset, "seed": args.seed})
     except BaseException:
         transport.close()
         raise
@@ -297,6 +458,13 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
     if "test_accuracy" in result:
         _say_flush(f"test accuracy: {100 * result['test_accuracy']:.2f}% ({result['test_samples']} images, "
                    f"through the split)")
+    if args.save:
+        _say_flush(f"edge part saved to {args.save}")
+    if args.save_full:
+        text = f"whole model saved to {args.save_full}"
+        if "full_model_test_accuracy" in result:
+            text += f" (test accuracy {100 * result['full_model_test_accuracy']:.2f}% evaluated from it, no codec)"
+        _say_flush(text)
     if args.json:
         print(json.dumps(result, default=str))
     return 0
@@ -319,9 +487,12 @@ def _add_collab_parser(sub) -> None:
     message_mb = _number(float, 0, 2047, lo_open=True)  # gRPC lengths are int32
 
     p_serve = csub.add_parser("serve", help="run the cloud", description="Run the cloud part of split learning.")
-    p_serve.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
-    p_serve.add_argument("--split", type=_positive_int, default=4,
-                         help="layer index of the split: edge = layers [0, split), cloud = the rest (default 4)")
+    p_serve.add_argument("--model", type=_collab_model_arg, default="cnn",
+                         help="a built-in or zoo architecture (edgelearn.models.MODEL_NAMES), or onnx:PATH (an "
+                              "ONNX model, split at a node name; edges need their own copy) (default cnn)")
+    p_serve.add_argument("--split", type=_split_arg, default=4,
+                         help="where the cloud part starts: a layer index (edge = layers [0, split)) or a module "
+                              "name such as features.7 (default 4)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p_serve.add_argument("--port", type=_port, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
     p_serve.add_argument("--port-file", metavar="PATH", help="write the port listened on to PATH")
@@ -329,9 +500,9 @@ def _add_collab_parser(sub) -> None:
                          help="fix the model's input shape and classes from this dataset now (default: from the "
                               "first edge's HELLO)")
     p_serve.add_argument("--seed", type=int, default=0, help="initialisation of the model (edges use it too)")
-    p_serve.add_argument("--lr", type=_nonneg_float_f, default=0.02)
-    p_serve.add_argument("--momentum", type=_nonneg_float_f, default=0.9)
-    p_serve.add_argument("--weight-decay", type=_nonneg_float_f, default=5e-4)
+    p_serve.add_argument("--lr", type=_nonneg_float, default=0.02)
+    p_serve.add_argument("--momentum", type=_nonneg_float, default=0.9)
+    p_serve.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
     p_serve.add_argument("--token", default=None, help="shared token edges must send "
                                                        "(default: $EDGELEARN_COLLAB_TOKEN; none = open)")
     p_serve.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
@@ -348,9 +519,15 @@ def _add_collab_parser(sub) -> None:
     p_serve.add_argument("--max-input-elements", type=_positive_int, default=MAX_INPUT_ELEMENTS, metavar="N",
                          help="largest input (C*H*W values per sample) an edge's HELLO may fix the model to "
                               f"(default {MAX_INPUT_ELEMENTS}; --dataset fixes the shape instead)")
-    p_serve.add_argument("--timeout", type=_nonneg_float_f, default=0,
-                         help="give up after this many seconds (0 = never)")
+    p_serve.add_argument("--timeout", type=_nonneg_float, default=0, help="give up after this many seconds (0 = never)")
     p_serve.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
+    p_serve.add_argument("--checkpoint", metavar="DIR",
+                         help="write the cloud part (model, optimizer, step, per-edge step counts) to "
+                              "DIR/cloud.safetensors atomically every --checkpoint-every steps and at exit")
+    p_serve.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
+                         help="steps (of all edges) between checkpoints (default 50)")
+    p_serve.add_argument("--resume", action="store_true",
+                         help="start from DIR/cloud.safetensors if it exists (edges reconnect and go on from it)")
     p_serve.add_argument("--json", action="store_true", help="end with one JSON line: steps, sessions, traffic")
     p_serve.set_defaults(func=_cmd_collab_serve)
 
@@ -381,11 +558,24 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--steps", "--max-steps", dest="steps", type=_positive_int, default=None,
                         help="stop after this many steps in all")
     p_join.add_argument("--batch-size", type=_positive_int, default=64)
-    p_join.add_argument("--lr", type=_nonneg_float_f, default=0.02)
+    p_join.add_argument("--lr", type=_nonneg_float, default=0.02)
     p_join.add_argument("--seed", type=int, default=0, help="data split and order, stochastic rounding")
-    p_join.add_argument("--model", choices=("mlp", "cnn"), default=None, help="fail unless the cloud serves this")
-    p_join.add_argument("--split", type=_positive_int, default=None, help="fail unless the cloud splits here")
+    p_join.add_argument("--model", type=_collab_model_arg, default=None,
+                        help="fail unless the cloud serves this; onnx:PATH: this edge's copy of the cloud's ONNX model")
+    p_join.add_argument("--split", type=_split_arg, default=None, help="fail unless the cloud splits here")
     p_join.add_argument("--name", default="", help="name shown in the cloud's log")
+    p_join.add_argument("--edge-key", default=None,
+                        help="identity of this edge's training run at the cloud (default: random per run)")
+    p_join.add_argument("--save", metavar="PATH", help="write the edge part (model, optimizer, step) at the end")
+    p_join.add_argument("--save-full", metavar="PATH",
+                        help="at the end, ask the cloud for its part and write the whole model as one checkpoint "
+                             "(for `edgelearn train --resume --checkpoint PATH`, `video --model`, `export`)")
+    p_join.add_argument("--retries", type=_nonnegative_int, default=10,
+                        help="reconnection attempts when the cloud goes away (0 = fail at once; default 10)")
+    p_join.add_argument("--retry-initial", type=_nonneg_float, default=0.5, metavar="S",
+                        help="seconds before the first reconnection attempt (doubling after each; default 0.5)")
+    p_join.add_argument("--retry-max", type=_nonneg_float, default=10.0, metavar="S",
+                        help="longest wait between reconnection attempts, seconds (default 10)")
     p_join.add_argument("--token", default=None, help="the cloud's shared token (default: $EDGELEARN_COLLAB_TOKEN)")
     p_join.add_argument("--tls-root-cert", "--tls-ca", dest="tls_root_cert", metavar="PEM",
                         help="use TLS, trusting this root certificate")
@@ -406,8 +596,54 @@ def _add_collab_parser(sub) -> None:
     p_join.set_defaults(func=_cmd_collab_join)
 
 
-_nonneg_float = _nonneg_float_f
-_nonneg_int = _nonnegative_int
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgelearn import run
+    from edgelearn.predict import predict, read_inputs
+
+    trained = run.load_trained(args.checkpoint)
+    inputs = read_inputs(args.input, trained.image_shape, labels=args.labels, classes=trained.classes,
+                         invert=args.invert)
+    probs = predict(trained.model, inputs.images)
+    top = min(args.top, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
+    rows = [{"input": name, "class": trained.classes[int(o[0])], "index": int(o[0]),
+             "probability": float(p[o[0]]),
+             "top": [{"class": trained.classes[int(k)], "probability": float(p[k])} for k in o]}
+            for name, p, o in zip(inputs.names, probs, order)]
+    result = {"checkpoint": args.checkpoint, "input": args.input, "n": len(rows)}
+    if inputs.labels is not None:
+        for row, label in zip(rows, inputs.labels):
+            row["label"] = label
+        result["accuracy"] = sum(r["class"] == r["label"] for r in rows) / len(rows)
+    if args.json:
+        print(json.dumps({**result, "predictions": rows}))
+        return 0
+    shown = rows if args.show == 0 else rows[:args.show]
+    width = max(len(r["input"]) for r in shown)
+    for r in shown:
+        guesses = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+        label = f"   (label {r['label']})" if "label" in r else ""
+        print(f"{r['input']:<{width}}  {guesses}{label}")
+    if len(shown) < len(rows):
+        print(f"... and {plural(len(rows) - len(shown), 'more image')} (--show 0 lists all, --json gives all)")
+    if "accuracy" in result:
+        print(f"accuracy: {100 * result['accuracy']:.2f}% ({plural(len(rows), 'image')})")
+    return 0
+
+
+def _cmd_demo_clip(args: argparse.Namespace) -> int:
+    from edgelearn import video
+
+    try:
+        import av  # noqa: F401
+    except ImportError as exc:
+        raise ImportError('writing a clip needs PyAV: pip install "edgelearn[video]"') from exc
+    video.write_clip(args.path, video.synthetic_clip(args.frames, args.height, args.width, seed=args.seed))
+    print(f"wrote {args.path}: {plural(args.frames, 'frame')} of {args.width}x{args.height} (a static camera, "
+          f"moving objects); try: edgelearn video {args.path} --compare-dense")
+    return 0
 
 
 def _cmd_video(args: argparse.Namespace) -> int:
@@ -439,10 +675,10 @@ def _cmd_video(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     print(f"{run.frames} frames {tuple(runner.input_shape or ())} of {args.path}, model {args.model}, patch {args.patch}, threshold {args.threshold}, "
-          f"refresh every {args.refresh or 'never'}")
+          + (f"dense refresh every {plural(args.refresh, 'frame')}" if args.refresh else "no periodic dense refresh"))
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
-          f"gate {summary['mean_gate_ms']:.3f} ms/frame, {summary['dense_frames']} dense frames")
+          f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
     if args.compare_dense:
         print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
         print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
@@ -451,10 +687,54 @@ def _cmd_video(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless its help text already says it (or there is none worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default in (None, False, argparse.SUPPRESS) or "default" in text
+                or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in the help, and a usage error as one ``edgelearn: error: ...`` line (the usage is
+    one ``--help`` away)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"edgelearn: error: {message} (see '{self.prog} --help')\n")
+
+
+def _version() -> str:
+    import platform
+
+    from edgelearn import __version__, backend_info
+
+    return f"edgelearn {__version__} (Python {platform.python_version()}, {platform.machine()}, INT8 kernel " \
+           f"{backend_info().get('kernel')})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edgelearn", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="edgelearn", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and the INT8 kernel) and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    parser.commands = sub.choices  # type: ignore[attr-defined]
 
     p_info = sub.add_parser("info", help="CPU features seen, INT8 kernel chosen, thread count, version")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -466,23 +746,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model on a real dataset (FP32 or Octo INT8) and print its test accuracy.",
     )
     p_train.add_argument("--dataset", default="digits",
-                         help="digits (default), mnist5k, fashion-mnist, idx:PATH (directory or DIR/PREFIX of the "
-                              "four IDX files) or cifar10:PATH")
-    p_train.add_argument("--model", choices=("mlp", "cnn"), default="cnn")
-    p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8")
-    p_train.add_argument("--epochs", type=_positive_int, default=10)
-    p_train.add_argument("--batch-size", type=_positive_int, default=32)
+                         help="digits (default: scikit-learn's 1,797 8x8 digits, seconds), mnist5k, fashion-mnist, "
+                              "idx:PATH (directory or DIR/PREFIX of the four IDX files) or cifar10:PATH")
+    p_train.add_argument("--model", choices=("mlp", "cnn"), default="cnn", help="architecture")
+    p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                         help="int8: Octo INT8 training (LAC + PRC); fp32: the baseline")
+    p_train.add_argument("--compare", choices=("auto", "fp32", "int8", "none"), default="auto",
+                         help="then train the same run in this precision and print one line comparing accuracy, "
+                              "images/s and training memory (default auto: fp32 for an int8 run on digits, where "
+                              "it takes seconds; none otherwise)")
+    p_train.add_argument("--epochs", type=_positive_int, default=10, help="epochs (cosine learning-rate schedule)")
+    p_train.add_argument("--batch-size", type=_positive_int, default=32, help="images per step")
     p_train.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, the data order "
-                                                             "and stochastic rounding")
+                                                             "and stochastic rounding (default 0)")
     p_train.add_argument("--threads", type=_positive_int, default=None, help="engine threads (default: all cores)")
     p_train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                          help="SGD with Nesterov momentum 0.9 (default) or AdamW; cosine learning-rate schedule")
     p_train.add_argument("--lr", type=_positive_float, default=None,
                          help="learning rate (default 0.02 for SGD, 0.002 for AdamW)")
-    p_train.add_argument("--weight-decay", type=_nonneg_float_f, default=5e-4)
+    p_train.add_argument("--weight-decay", type=_nonneg_float, default=5e-4, help="L2 weight decay")
     p_train.add_argument("--augment", choices=("none", "crop", "crop-flip"), default="none",
                          help="random crop with padding (and horizontal flip)")
-    p_train.add_argument("--crop-padding", type=_nonnegative_int, default=2)
+    p_train.add_argument("--crop-padding", type=_nonnegative_int, default=2, help="padding of --augment crop")
     p_train.add_argument("--no-lac", action="store_true", help="INT8 without loss-aware compensation")
     p_train.add_argument("--no-prc", action="store_true", help="INT8 without range clipping of gradients "
                          "(same as --prc none)")
@@ -496,17 +781,54 @@ def build_parser() -> argparse.ArgumentParser:
                          help="INT8: one weight scale per output channel instead of per tensor")
     p_train.add_argument("--grad-rounding", choices=["nearest", "stochastic"], default="stochastic",
                          help="INT8: rounding of incoming gradients after range clipping (default stochastic)")
-    p_train.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint (.safetensors) after every epoch")
-    p_train.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint if it exists")
+    p_train.add_argument("--checkpoint", metavar="PATH",
+                         help="save the run (.safetensors: weights, optimizer, settings) after every epoch; "
+                              "refuses an existing file unless --resume or --overwrite")
+    p_train.add_argument("--resume", action="store_true",
+                         help="continue the run saved in --checkpoint with its saved settings (epochs, schedule, "
+                              "batch size, seed, precision, model, ...); a flag that contradicts them is refused")
+    p_train.add_argument("--overwrite", action="store_true", help="start a new run over an existing --checkpoint")
     p_train.add_argument("--log-csv", metavar="PATH", help="per-epoch metrics as CSV")
     p_train.add_argument("--log-json", metavar="PATH", help="per-epoch metrics as JSON")
     p_train.add_argument("--plot", metavar="PATH", help='loss/accuracy curves as an image (needs "edgelearn[plot]")')
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.add_argument("--json", action="store_true",
                          help="end with one JSON line: test_accuracy, train_images_per_s, epochs, precision, "
-                              "dataset, peak_rss_mb, ...")
+                              "dataset, peak_rss_mb, train_memory_mb, compare, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
+    from .cli_finetune import add_parsers as _add_finetune_parsers
+
+    _add_finetune_parsers(sub, _positive_int)
+
+    p_predict = sub.add_parser(
+        "predict", help="classify images with a trained checkpoint: classes with probabilities",
+        description="Rebuild the model a 'edgelearn train --checkpoint' run saved and classify INPUT: an image file "
+                    "(PNG, JPEG, ...; resized to the training images' size, greyscale or RGB as the model takes), "
+                    "an IDX image file (uint8 scaled to [0, 1] as in training) or a folder of images (one subfolder "
+                    "per class gives labels and an accuracy).")
+    p_predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors file from 'edgelearn train'")
+    p_predict.add_argument("input", metavar="INPUT", help="image file, IDX image file or folder of images")
+    p_predict.add_argument("--labels", metavar="IDX", help="IDX label file for IDX images: also print the accuracy")
+    p_predict.add_argument("--top", type=_positive_int, default=3, help="classes shown per image")
+    p_predict.add_argument("--show", type=_nonnegative_int, default=20, help="images listed (0 = all)")
+    p_predict.add_argument("--invert", action="store_true",
+                           help="use 1 - pixel (dark ink on light paper, for models trained on light-on-dark digits)")
+    p_predict.add_argument("--json", action="store_true",
+                           help="print one JSON object: n, accuracy (with labels), predictions (input, class, "
+                                "probability, top)")
+    p_predict.set_defaults(func=_cmd_predict)
+
+    p_clip = sub.add_parser(
+        "demo-clip", help="write a short synthetic video (static camera, moving objects) to try 'edgelearn video'",
+        description="Write a short synthetic clip (a fixed textured background with coloured squares moving across "
+                    "it, as a fixed camera sees) to PATH with PyAV, to try 'edgelearn video' without a video file.")
+    p_clip.add_argument("path", metavar="PATH", help="output file, e.g. clip.mp4")
+    p_clip.add_argument("--frames", type=_positive_int, default=60, help="number of frames")
+    p_clip.add_argument("--height", type=_positive_int, default=96, help="frame height in pixels")
+    p_clip.add_argument("--width", type=_positive_int, default=128, help="frame width in pixels")
+    p_clip.add_argument("--seed", type=int, default=0, help="scene and motion")
+    p_clip.set_defaults(func=_cmd_demo_clip)
 
     p_video = sub.add_parser(
         "video",
@@ -545,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resume_command(argv: "list[str]") -> str:
     """The command line that continues an interrupted ``train --checkpoint`` run."""
-    args = [a for a in argv]
+    args = [a for a in argv if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
     return "edgelearn " + " ".join(shlex.quote(a) for a in args)
@@ -555,8 +877,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "train" and args.lr is None:
-        args.lr = 0.02 if args.optimizer == "sgd" else 0.002
+    if getattr(args, "command", None) == "train":  # the flags typed, which a resumed run must not contradict
+        from edgelearn.run import explicit_dests
+
+        args.explicit = explicit_dests(parser.commands["train"], argv[argv.index("train") + 1:])
     try:
         return args.func(args)
     except KeyboardInterrupt:

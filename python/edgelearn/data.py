@@ -12,7 +12,10 @@ name               source                                                 how to
 ``fashion-mnist``  Fashion-MNIST 60k/10k, IDX ``.gz``                     ``apt-get install dataset-fashion-mnist``
 ``idx:PATH``       any IDX files (MNIST, EMNIST, KMNIST, ...)             your own copy
 ``cifar10:PATH``   CIFAR-10 "python version" batches                      your own copy
+``folder:PATH``    your own images, one folder per class (ImageFolder)   ``pip install pillow`` (``edgelearn[images]``)
 =================  =====================================================  ===========================================
+
+Image folders (:class:`ImageFolder`) are the exception to "in memory as float32": they decode per batch.
 
 A loader whose source is missing raises :class:`DatasetNotFoundError` (a ``FileNotFoundError``) whose message is
 the command that installs it. File readers treat their input as hostile: a malformed file raises ``ValueError``
@@ -37,6 +40,7 @@ __all__ = [
     "DataLoader",
     "DatasetNotFoundError",
     "FASHION_MNIST_DIR",
+    "ImageFolder",
     "RandomCrop",
     "RandomHorizontalFlip",
     "Splits",
@@ -46,6 +50,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_idx",
     "load_idx_dir",
+    "load_image_folder",
     "load_mnist5k",
     "read_idx",
 ]
@@ -449,14 +454,17 @@ def load_cifar10(path: PathLike) -> Splits:
 # --------------------------------------------------------------------------------------------------------------
 # Registry
 
-DATASET_NAMES = ("digits", "mnist5k", "fashion-mnist", "idx:PATH", "cifar10:PATH")
+DATASET_NAMES = ("digits", "mnist5k", "fashion-mnist", "idx:PATH", "cifar10:PATH", "folder:PATH")
 
 
-def get_dataset(name: str, seed: int = 0) -> Splits:
+def get_dataset(name: str, seed: int = 0, **folder_options) -> Splits:
     """Load a dataset by name: ``digits``, ``mnist5k``, ``fashion-mnist`` (optionally ``fashion-mnist:DIR``),
-    ``idx:PATH`` (see :func:`load_idx_dir`) or ``cifar10:PATH`` (see :func:`load_cifar10`).
+    ``idx:PATH`` (see :func:`load_idx_dir`), ``cifar10:PATH`` (see :func:`load_cifar10`) or ``folder:PATH``
+    (see :func:`load_image_folder`; ``folder_options`` such as ``image_size``, ``channels``, ``mean``, ``std``
+    go to it).
 
-    ``seed`` picks the split of the datasets that ship without one (digits, mnist5k).
+    ``seed`` picks the split of the datasets that ship without one (digits, mnist5k, a folder without
+    train/val subfolders).
     """
     kind, sep, arg = name.partition(":")
     kind = kind.strip().lower().replace("_", "-")
@@ -470,6 +478,8 @@ def get_dataset(name: str, seed: int = 0) -> Splits:
         return load_idx_dir(arg, name=os.path.basename(arg.rstrip("/")) or "idx")
     if kind == "cifar10" and arg:
         return load_cifar10(arg)
+    if kind == "folder" and arg:
+        return load_image_folder(arg, seed=seed, **folder_options)
     raise ValueError(f"dataset: unknown name {name!r}; expected one of {', '.join(DATASET_NAMES)}")
 
 
@@ -542,7 +552,8 @@ class Compose:
 
 
 class DataLoader:
-    """Batches of ``(images float32 (B, C, H, W), labels int64 (B,))`` numpy arrays.
+    """Batches of ``(images float32 (B, C, H, W), labels int64 (B,))`` numpy arrays from an ``ArrayDataset`` or
+    any dataset with ``labels`` and ``load_batch(indices, rng)`` (``ImageFolder`` decodes each batch there).
 
     The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so a run resumed at epoch ``e`` sees
     exactly the batches an uninterrupted run would. Each ``iter()`` starts the next epoch unless
@@ -551,7 +562,7 @@ class DataLoader:
 
     def __init__(
         self,
-        dataset: ArrayDataset,
+        dataset: Union[ArrayDataset, "ImageFolder"],
         batch_size: int = 64,
         shuffle: bool = False,
         seed: int = 0,
@@ -597,11 +608,16 @@ class DataLoader:
     def _batches(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         order = self.order(epoch)
         aug_rng = np.random.default_rng([self.seed, epoch, 1])
-        images, labels = self.dataset.images, self.dataset.labels
+        load_batch = getattr(self.dataset, "load_batch", None)  # datasets that decode per batch (ImageFolder)
+        images = None if load_batch is not None else self.dataset.images
+        labels = self.dataset.labels
         stop = min(len(self) * self.batch_size, len(order))
         for start in range(0, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = images[idx]
+            x = load_batch(idx, aug_rng) if load_batch is not None else images[idx]
             if self.augment is not None:
                 x = self.augment(x, aug_rng)
             yield x, labels[idx]
+
+
+from .imagefolder import ImageFolder, load_image_folder  # noqa: E402  (it builds on Splits above)

@@ -16,8 +16,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import _native
-from .octo import OctoConfig
-from .quant import quantize as _quantize
+from .octo_config import OctoConfig
 from .tensor import ArrayLike, Tensor, as_tensor, make_result
 
 __all__ = [
@@ -113,47 +112,38 @@ def linear(x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None) -> Tenso
     return make_result(y, (x, weight, bias), backward, "linear")
 
 
-# The layers' own quantization calls go straight to the core: their arguments are float32 C-contiguous
-# arrays and settings an ``OctoConfig`` already validated, so ``edgelearn.quantize``'s argument checks
-# (a few microseconds each, 15 calls a step for a small CNN) are skipped. Same function, same results.
-def _quantize_input(x: np.ndarray, cfg: OctoConfig, seed: int, training: bool):
-    rounding = cfg.act_rounding if training else "nearest"
-    return _native._quantize(x, None, rounding, seed if rounding == "stochastic" else None, None)
-
-
 def _quantize_weight(w: np.ndarray, cfg: OctoConfig):
+    """``(Wq, s_w)`` as an INT8 layer's forward quantizes its weight (used by the video runner, which keeps
+    frozen INT8 weights outside autograd)."""
     return _native._quantize(_c(w), 0 if cfg.per_channel_weights else None, cfg.weight_rounding, None, None)
-
-
-def _quantize_grad(g: np.ndarray, cfg: OctoConfig, seed: int):
-    rounding = cfg.grad_rounding
-    return _native._quantize(g, None, rounding, seed if rounding == "stochastic" else None, cfg.prc_clip())
 
 
 Compensation = Tuple[Tensor, Tensor, Tensor]
 
 
-def _fused_bias(bias: Optional[Tensor], compensation: Optional[Compensation], channels: int):
-    """The epilogue bias of an INT8 layer: ``b`` plus, with a fused LAC ``(α, μ, β)``, ``α⊙μ + β``."""
-    if compensation is None:
-        return None if bias is None else bias.data
-    a, m, b = compensation[0].data, compensation[1].data, compensation[2].data
-    if a.shape != (channels,) or m.shape != (channels,) or b.shape != (channels,):
-        raise ValueError(f"compensation: expected α, μ, β of shape ({channels},), got {a.shape}, {m.shape}, {b.shape}")
-    shift = a * m
-    shift += b
-    if bias is not None:
-        shift += bias.data
-    return shift if shift.dtype == np.float32 else shift.astype(np.float32)
+def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig,
+                stride: Optional[Tuple[int, int]], padding: Optional[Tuple[int, int]], seed: int, training: bool,
+                compensation: Optional[Compensation], name: str) -> Tensor:
+    """The autograd wiring of an Octo INT8 layer: one core call forward (``octo_forward``: quantize X and W,
+    INT8 GEMM/conv with rescale + bias + Compensation fused, int8 X and its scale kept in an opaque state)
+    and one backward (``octo_backward``: PRC + quantize dY, dX and dW on INT8 kernels, bias and
+    Compensation sums)."""
+    comp = None if compensation is None else (compensation[0].data, compensation[1].data, compensation[2].data)
+    y, saved = _native.octo_forward(
+        xd, weight.data, None if bias is None else bias.data, comp, stride, padding,
+        cfg.act_rounding, cfg.weight_rounding, cfg.grad_rounding, cfg.prc_clip(), cfg.per_channel_weights,
+        seed, training,
+    )
+    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
+    need_c = compensation is not None and any(t.requires_grad for t in compensation)
 
+    def backward(g: np.ndarray):
+        dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c)
+        if compensation is None:
+            return dx, dw, db
+        return dx, dw, db, da, dm, dbeta
 
-def _bias_grads(db_full: np.ndarray, need_b: bool, compensation: Optional[Compensation]) -> tuple:
-    """``db`` and, with a fused LAC, ``(dα, dμ, dβ) = (Σdy·μ, Σdy·α, Σdy)`` from the channel sums of dY."""
-    db = db_full if need_b else None
-    if compensation is None:
-        return (db,)
-    a, m = compensation[0].data, compensation[1].data
-    return db, db_full * m, db_full * a, db_full
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name)
 
 
 def linear_int8(
@@ -163,7 +153,8 @@ def linear_int8(
     """Octo INT8 linear: ``Y = (Xq·Wqᵀ)·s_x·s_w + b`` on the INT8 GEMM; saves only ``Xq, s_x`` (and ``Wq``).
 
     Backward: PRC-clip then quantize dY (``cfg``), ``dW = dYqᵀ·Xq`` and ``dX = dYq·Wq`` on the INT8 GEMM,
-    ``db = Σ dY`` in FP32. With per-channel weights the dX GEMM uses a per-tensor quantization of W.
+    ``db = Σ dY`` in FP32. With per-channel weights, dX runs in FP32 on the integer codes scaled by
+    ``s_dy·s_w[o]`` (a scale along the reduction axis cannot be factored out of an INT8 product).
 
     ``compensation=(α, μ, β)``: the LAC layer that follows (``y + α⊙μ + β``, per output feature) applied in
     the same op, its shift added to the bias of the GEMM epilogue; gradients flow to α, μ, β as well.
@@ -172,29 +163,7 @@ def linear_int8(
     xd, wd = _c(x.data), weight.data
     if xd.ndim != 2 or xd.shape[1] != wd.shape[1]:
         raise ValueError(f"linear: input must have shape (N, {wd.shape[1]}), got {xd.shape}")
-    xq, sx = _quantize_input(xd, cfg, seed, training)
-    wq, sw = _quantize_weight(wd, cfg)
-    y = _native.gemm_i8_f32(xq, wq.T, sx, sw, _fused_bias(bias, compensation, wd.shape[0]))
-    del xd
-    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
-    need_sum = need_b or compensation is not None
-    per_channel = cfg.per_channel_weights
-
-    def backward(g: np.ndarray):
-        g = _c(g)
-        gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
-        dw = _native.gemm_i8_f32(gq.T, xq, sg, sx) if need_w else None
-        dx = None
-        if need_x:
-            if per_channel:
-                wq_t, sw_t = _quantize(wd, rounding="nearest")
-                dx = _native.gemm_i8_f32(gq, wq_t, sg, sw_t)
-            else:
-                dx = _native.gemm_i8_f32(gq, wq, sg, sw)
-        db_full = g.sum(axis=0) if need_sum else None
-        return (dx, dw) + _bias_grads(db_full, need_b, compensation)
-
-    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "linear_int8")
+    return _octo_layer(x, xd, weight, bias, cfg, None, None, seed, training, compensation, "linear_int8")
 
 
 # --- convolution -------------------------------------------------------------------------------------------
@@ -238,30 +207,14 @@ def conv2d_int8(
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
-    Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels (one core call), ``db = Σ dY`` in FP32.
+    Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels, ``db = Σ dY`` in FP32 (one core call).
     ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
     _check_conv(xd, wd)
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    xq, sx = _quantize_input(xd, cfg, seed, training)
-    wq, sw = _quantize_weight(wd, cfg)
-    sx = float(sx)
-    sw = float(sw) if np.ndim(sw) == 0 else sw
-    y = _native.conv2d_i8_forward(xq, sx, wq, sw, _fused_bias(bias, compensation, wd.shape[0]), stride, padding)
-    del xd
-    need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
-    need_sum = need_b or compensation is not None
-
-    def backward(g: np.ndarray):
-        g = _c(g)
-        gq, sg = _quantize_grad(g, cfg, seed ^ 0x5DEECE66D)
-        dx, dw = _native.conv2d_i8_backward(xq, sx, wq, sw, gq, float(sg), stride, padding, need_dx=need_x)
-        db_full = _channel_sum(g) if need_sum else None
-        return (dx, (dw if need_w else None)) + _bias_grads(db_full, need_b, compensation)
-
-    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, "conv2d_int8")
+    return _octo_layer(x, xd, weight, bias, cfg, stride, padding, seed, training, compensation, "conv2d_int8")
 
 
 # --- normalisation, activation, pooling --------------------------------------------------------------------

@@ -174,7 +174,7 @@ class History:
 def _batches(data: DataLike, batch_size: int) -> Iterable[Tuple[np.ndarray, np.ndarray]]:
     if isinstance(data, DataLoader):
         return data
-    if isinstance(data, ArrayDataset):
+    if isinstance(data, ArrayDataset) or hasattr(data, "load_batch"):
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if isinstance(data, tuple) and len(data) == 2:
         x, y = np.asarray(data[0], dtype=np.float32), np.asarray(data[1])
@@ -273,6 +273,19 @@ def _say(message: str, verbose: bool) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
+class _Decoded:
+    """``images[idx]`` of a dataset that decodes per batch (no rng: center crop, no flip)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return self.dataset.load_batch(idx)
+
+
 def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batch_size: int = 64,
                           seed: int = 0) -> int:
     """Re-estimates every BatchNorm's running statistics as the exact average over ``batches`` batches of
@@ -287,8 +300,13 @@ def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batc
     bns = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")]
     if not bns or batches <= 0:
         return 0
-    images = data.dataset.images if isinstance(data, DataLoader) else data[0] if isinstance(data, tuple) \
-        else data.images
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(dataset, tuple):
+        images = dataset[0]
+    elif hasattr(dataset, "load_batch"):  # decoded per batch (ImageFolder): evaluation transforms
+        images = _Decoded(dataset)
+    else:
+        images = dataset.images
     n = min(len(images), batches * batch_size)
     idx = np.sort(np.random.default_rng(seed).choice(len(images), size=n, replace=False))
     was_training = model.training
@@ -333,6 +351,7 @@ def fit(
     verbose: bool = True,
     config: Optional[Mapping[str, Any]] = None,
     bn_recalibration_batches: int = 32,
+    val_name: str = "val",
 ) -> History:
     """Train ``model`` with optimizer ``opt`` for ``epochs`` epochs (in total, counting epochs done before a resume).
 
@@ -346,6 +365,8 @@ def fit(
       (needs ``edgelearn[plot]``). ``progress``: tqdm bar on a terminal. ``verbose``: one line per epoch on stdout.
     - ``bn_recalibration_batches``: after each epoch, BatchNorm running statistics are re-estimated on this
       many training batches (see :func:`recalibrate_batchnorm`; counted in the training time; 0 turns it off).
+    - ``val_name``: how the per-epoch line names ``val`` (``edgelearn train`` passes ``"test"``: it is the test
+      set); the records keep the keys ``val_loss`` / ``val_accuracy``.
     """
     if epochs < 0:
         raise ValueError(f"epochs: expected >= 0, got {epochs}")
@@ -369,7 +390,9 @@ def fit(
             ckpt.set_rng_state(meta["rng_state"], init=_init.generator())
         history.records = list((meta.get("extra") or {}).get("history", []))[:start_epoch]
         history.resumed_from_epoch = start_epoch
-        _say(f"resumed from {os.fspath(checkpoint)} at epoch {start_epoch} (step {step})", verbose)
+        _say(f"resumed from {os.fspath(checkpoint)} at epoch {start_epoch} (step {step})"
+             + (f": the run already finished its {epochs} epoch{'s' if epochs != 1 else ''}, nothing left to train"
+                if start_epoch >= epochs else ""), verbose)
     elif resume:
         _say(f"no checkpoint at {os.fspath(checkpoint)} yet: starting from scratch", verbose)
 
@@ -430,7 +453,7 @@ def fit(
             v = evaluate(model, val, loss_fn=loss_fn, batch_size=eval_batch_size)
             record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
         history.records.append(record)
-        val_text = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%"
+        val_text = (f"  {val_name} loss {record['val_loss']:.4f}  {val_name} acc {100 * record['val_accuracy']:.2f}%"
                     if val is not None else "")
         _say(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  acc {100 * record['train_accuracy']:.2f}%"
              f"{val_text}  {record['train_images_per_s']:.0f} img/s", verbose)

@@ -5,7 +5,9 @@
   (per-tensor b-bit) and ``sgq`` (SGQ b-bit), all through the same code path.
 - :class:`Cloud` / :class:`CloudSession`: the cloud model, its lock, one session per edge.
 - :class:`Edge` / :func:`train_edge`: an edge device's step (forward, encode, send, receive gradients,
-  backward) and training loop.
+  backward) and training loop; reconnection with :class:`RetryPolicy` after a :class:`ConnectionLost`,
+  exactly-once steps across cloud restarts (see :mod:`edgelearn.collab.cloud`), saving the edge part or the
+  whole model (``Edge.save`` / ``Edge.save_full``).
 - Transports: :class:`LocalTransport` (in-process, for benchmarks and tests) and, over gRPC bidirectional
   streaming, :class:`CloudServer` and :class:`GrpcTransport` (in :mod:`edgelearn.collab.transport`; imported
   lazily so ``import edgelearn`` does not load grpc).
@@ -16,13 +18,13 @@ The command line: ``edgelearn collab serve`` and ``edgelearn collab join``.
 
 from .cloud import ArchitectureMismatch, Cloud, CloudSession
 from .codec import MODES, TensorCodec, relative_l2
-from .edge import Edge, LocalTransport, train_edge
-from .protocol import AuthenticationError, CollabError, ProtocolError, WireStats
+from .edge import Edge, LocalTransport, RetryPolicy, train_edge
+from .protocol import AuthenticationError, CollabError, ConnectionLost, ProtocolError, WireStats
 from .split import build_split, output_shape, split_model
 
 __all__ = [
-    "ArchitectureMismatch", "AuthenticationError", "Cloud", "CloudServer", "CloudSession", "CollabError", "Edge",
-    "GrpcTransport", "LocalTransport", "MODES", "ProtocolError", "TensorCodec", "WireStats", "build_split",
+    "ArchitectureMismatch", "AuthenticationError", "Cloud", "CloudServer", "CloudSession", "CollabError",
+    "ConnectionLost", "Edge", "GrpcTransport", "LocalTransport", "RetryPolicy", "MODES", "ProtocolError", "TensorCodec", "WireStats", "build_split",
     "output_shape", "relative_l2", "split_model", "train_edge",
 ]
 

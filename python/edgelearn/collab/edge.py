@@ -8,28 +8,61 @@ The edge talks through a *transport*: anything with ``exchange(message: bytes) -
 :class:`LocalTransport` calls a :class:`~edgelearn.collab.cloud.Cloud` in this process (the benchmarks and
 the equivalence tests), :class:`~edgelearn.collab.transport.GrpcTransport` dials a remote cloud. Both carry
 the same envelopes, cut into the same chunks, so their byte counts agree.
+
+Reconnecting: :func:`train_edge` given a ``reconnect`` callable (a new transport to the same cloud) survives a
+cloud that goes away: it retries with bounded exponential backoff (:class:`RetryPolicy`), says HELLO again
+with the same ``edge_key`` and reconciles with the step count the cloud reports (:meth:`Edge.reconnect`):
+the edge keeps copies of its own state after every step from the cloud's latest checkpoint on, so it rolls
+back to exactly the step a restarted cloud resumed from, and a step the cloud applied whose reply was lost is
+recomputed and answered from the cloud's record, never applied twice.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
-from typing import Any, Dict, Optional, Tuple
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
 from .. import optim
+from ..checkpoint import save_checkpoint
 from ..data import ArrayDataset, DataLoader
-from ..models import MODEL_NAMES
 from ..octo import OctoConfig, octo
 from ..tensor import no_grad, tensor
 from ..train import _progress_bar
-from .cloud import Cloud
+from .cloud import ArchitectureMismatch, Cloud, architecture_digest
 from .codec import MODES, TensorCodec, relative_l2
-from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, TRAIN, WELCOME,
-                       ProtocolError, WireStats, chunks, pack, reassemble, unpack)
-from .split import batchnorm_calibration, build_split, output_shape
+from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
+                       WELCOME, CollabError, ConnectionLost, ProtocolError, WireStats, chunks, pack, reassemble,
+                       unpack)
+from .split import batchnorm_calibration, build_split, is_model_spec, join_parts, output_shape, split_spec
 
-__all__ = ["Edge", "LocalTransport", "train_edge"]
+__all__ = ["Edge", "LocalTransport", "RetryPolicy", "train_edge"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an edge retries a lost cloud: up to ``attempts`` reconnections per outage, waiting ``initial``
+    seconds before the first and doubling (``factor``) up to ``maximum`` seconds between them."""
+
+    attempts: int = 10
+    initial: float = 0.5
+    maximum: float = 10.0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or not self.initial >= 0 or not self.maximum >= self.initial or not self.factor >= 1:
+            raise ValueError(f"RetryPolicy: bad settings {self} (attempts >= 0, 0 <= initial <= maximum, factor >= 1)")
+
+    def delays(self):
+        delay = self.initial
+        for _ in range(self.attempts):
+            yield delay
+            delay = min(delay * self.factor, self.maximum)
 
 
 class LocalTransport:
@@ -84,7 +117,7 @@ class Edge:
                  octo_config: Optional[OctoConfig] = None, lr: float = 0.02, momentum: float = 0.9,
                  weight_decay: float = 5e-4, name: str = "", model: Optional[str] = None,
                  split: Optional[int] = None, feature_group: int = 1, feature_stripe_rows: Optional[int] = 1,
-                 feature_ranges: str = "frame", constant_blocks: bool = True):
+                 feature_ranges: str = "frame", constant_blocks: bool = True, edge_key: Optional[str] = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if precision not in ("fp32", "int8"):
@@ -96,30 +129,112 @@ class Edge:
         self.feature_error_sum = 0.0
         self.grad_error_sum = 0.0
         self.steps = 0
-        hello = {"input_shape": list(self.input_shape), "classes": self.classes, "mode": mode, "bits": self.bits,
-                 "group": int(group), "stripe_rows": stripe_rows, "precision": precision, "name": name,
-                 "model": model, "split": split, "feature_group": int(feature_group),
-                 "feature_stripe_rows": feature_stripe_rows, "feature_ranges": feature_ranges,
-                 "constant_blocks": bool(constant_blocks)}
-        welcome, _ = self._request(HELLO, hello, (), WELCOME)
+        self.edge_key = edge_key or uuid.uuid4().hex
+        self._hello = {"input_shape": list(self.input_shape), "classes": self.classes, "mode": mode,
+                       "bits": self.bits, "group": int(group), "stripe_rows": stripe_rows, "precision": precision,
+                       "name": name, "model": model, "split": split, "feature_group": int(feature_group),
+                       "feature_stripe_rows": feature_stripe_rows, "feature_ranges": feature_ranges,
+                       "constant_blocks": bool(constant_blocks), "edge_key": self.edge_key}
+        self._codec_settings = (mode, bits, group, stripe_rows, feature_group, feature_stripe_rows, feature_ranges,
+                                constant_blocks)
+        welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
         self.edge_id = welcome.get("edge_id")
         self.model_name, self.split, self.seed = welcome.get("model"), welcome.get("split"), welcome.get("seed")
-        if self.model_name not in MODEL_NAMES or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in (self.split, self.seed)):
-            raise ProtocolError(f"WELCOME: bad model {self.model_name!r}, split {self.split!r} or seed {self.seed!r}")
+        try:
+            self.split = split_spec(self.split)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"WELCOME: bad split {self.split!r}") from None
+        if not is_model_spec(self.model_name) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ProtocolError(f"WELCOME: bad model {self.model_name!r} or seed {self.seed!r}")
+        self.cloud_model = self.model_name
+        if self.model_name.startswith("onnx:") and isinstance(model, str) and model.startswith("onnx:"):
+            self.model_name = model  # this edge's own copy of the ONNX file (its part's digest is checked below)
         self.model, _ = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
         self.feature_shape = output_shape(self.model, self.input_shape)
+        self.architecture = architecture_digest(self.model)
+        self._check_welcome(welcome)
+        if welcome.get("applied_step"):
+            raise CollabError(f"the cloud already applied {welcome['applied_step']} steps of an edge named "
+                              f"{self.edge_key!r}; a new edge needs another edge key")
+        self.octo_config = (octo_config or OctoConfig(seed=self.seed)) if precision == "int8" else None
+        if precision == "int8":
+            octo(self.model, self.octo_config)
+        self.optimizer = optim.SGD(list(self.model.parameters()), lr=lr, momentum=momentum,
+                                   weight_decay=weight_decay, nesterov=momentum > 0)
+        self._new_codecs()
+        #: copies of this edge's state after step k, for every k from the cloud's latest checkpoint on (and
+        #: always the current one): what a reconnection rolls back to
+        self._snapshots: Dict[int, Dict[str, Any]] = {}
+        self._checkpoint_step: Optional[int] = welcome.get("checkpoint_step")
+        self.cloud_steps = 0  # this edge's steps the cloud held at the last (re)connection
+        self._snapshot()
+
+    def _new_codecs(self) -> None:
+        """Fresh codecs: a new connection starts new frame streams (channel orders, rounding seeds)."""
+        mode, bits, group, stripe_rows, feature_group, feature_stripe_rows, ranges, constant = self._codec_settings
+        self.feature_codec = TensorCodec(mode, bits, feature_group, feature_stripe_rows, rounding="nearest",
+                                         ranges=ranges, constant_blocks=constant)
+        self.grad_codec = TensorCodec(mode, bits, group, stripe_rows)
+
+    def _check_welcome(self, welcome: Dict[str, Any]) -> None:
+        announced = welcome.get("architecture")
+        if announced is not None and announced != self.architecture:
+            raise ArchitectureMismatch(f"the cloud announces an edge part with architecture digest {announced!r}; "
+                                       f"the part this edge built from {self.model_name!r} split at {self.split} "
+                                       f"has {self.architecture!r} (another model file or edgelearn version?)")
         if list(self.feature_shape) != welcome.get("feature_shape"):
             raise ProtocolError(f"WELCOME: the cloud expects features {welcome.get('feature_shape')}, this edge's "
                                 f"part makes {list(self.feature_shape)}")
-        if precision == "int8":
-            octo(self.model, octo_config or OctoConfig(seed=self.seed))
-        self.optimizer = optim.SGD(list(self.model.parameters()), lr=lr, momentum=momentum,
-                                   weight_decay=weight_decay, nesterov=momentum > 0)
-        self._has_regularizer = any(hasattr(type(m), "regularization_term") for m in self.model.modules())
-        self.feature_codec = TensorCodec(mode, bits, feature_group, feature_stripe_rows, rounding="nearest",
-                                         ranges=feature_ranges, constant_blocks=constant_blocks)
-        self.grad_codec = TensorCodec(mode, bits, group, stripe_rows)
+
+    def _snapshot(self) -> None:
+        self._snapshots[self.steps] = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "counters": (self.feature_error_sum, self.grad_error_sum, self.stats.train_samples)}
+        keep_from = self.steps if self._checkpoint_step is None else min(self._checkpoint_step, self.steps)
+        for k in [k for k in self._snapshots if k < keep_from]:
+            del self._snapshots[k]
+
+    def _restore(self, step: int) -> None:
+        snap = self._snapshots.get(step)
+        if snap is None:
+            raise CollabError(f"the cloud resumed this edge at step {step}, but this edge kept its state only for "
+                              f"steps {sorted(self._snapshots)} (was the cloud restarted from an older checkpoint?)")
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        self.feature_error_sum, self.grad_error_sum, self.stats.train_samples = snap["counters"]
+        self.steps = step
+        for k in [k for k in self._snapshots if k > step]:
+            del self._snapshots[k]
+
+    def reconnect(self, transport: Any) -> int:
+        """Continues over ``transport`` (a new connection to the cloud, possibly restarted from its checkpoint):
+        HELLO with the same edge key and settings, then this edge goes back to the step the cloud holds (a
+        step the cloud applied but whose reply was lost is redone next, and answered without being applied
+        again). Returns the number of steps both sides now agree on."""
+        try:
+            self.transport.close()
+        except Exception:  # the old connection is broken anyway
+            pass
+        self.transport = transport
+        welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
+        if (welcome.get("model"), welcome.get("split"), welcome.get("seed")) != (self.cloud_model, self.split,
+                                                                               self.seed):
+            raise ArchitectureMismatch(f"the cloud now serves {welcome.get('model')!r} split at {welcome.get('split')}"
+                                       f" with seed {welcome.get('seed')}, not the model this edge trains")
+        self._check_welcome(welcome)
+        self.edge_id = welcome.get("edge_id")
+        applied = welcome.get("applied_step")
+        if isinstance(applied, bool) or not isinstance(applied, int) or applied < 0:
+            raise ProtocolError(f"WELCOME: bad applied_step {applied!r}")
+        if applied > self.steps + 1:
+            raise CollabError(f"the cloud holds {applied} steps of this edge, which has done only {self.steps}")
+        self._checkpoint_step = welcome.get("checkpoint_step")
+        # back to a clean copy of the state after step min(applied, steps): a failed step's forward pass moved
+        # BatchNorm statistics and INT8 rounding counters, which the redone step must not see twice
+        self._restore(min(applied, self.steps))
+        self._new_codecs()
+        self.cloud_steps = applied
+        return self.steps
 
     def _request(self, kind: int, meta: Dict[str, Any], blobs, expect: int):
         message = pack(kind, meta, blobs)
@@ -150,17 +265,14 @@ class Edge:
             raise ProtocolError(f"GRAD: expected 1 blob, got {len(reply_blobs)}")
         grad_blob = reply_blobs[0]
         grad = self.grad_codec.decode(grad_blob, features.shape, "feature gradients")
-        self.optimizer.zero_grad()
-        out.backward(grad)
-        if self._has_regularizer:
-            reg = self.model.regularization()
-            if reg.requires_grad:
-                reg.backward()
-        self.optimizer.step()
+        apply_gradients(self.model, self.optimizer, out, grad)
         self.steps += 1
         self.stats.train_samples += len(y)
         self.feature_error_sum += feature_error
         self.grad_error_sum += float(reply.get("grad_rel_l2") or 0.0)
+        if "checkpoint_step" in reply:
+            self._checkpoint_step = reply["checkpoint_step"]
+        self._snapshot()
         return {"loss": float(reply["loss"]), "correct": int(reply["correct"]), "n": int(reply["n"]),
                 "feature_rel_l2": feature_error, "grad_rel_l2": reply.get("grad_rel_l2")}
 
@@ -190,18 +302,81 @@ class Edge:
         """Re-estimates the BatchNorm running statistics of both parts (edge here, cloud via CALIBRATE
         messages) from ``batches`` seeded random batches of ``data``, as ``edgelearn.fit`` does after each
         epoch (eval-mode statistics otherwise lag behind the moving weights). Returns the images used."""
-        n = min(len(data), batches * batch_size)
-        if n == 0:
-            return 0
-        idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
-        for i, start in enumerate(range(0, n, batch_size)):
-            sel = idx[start:start + batch_size]
-            with batchnorm_calibration(self.model, i):
-                features = np.ascontiguousarray(self.model(tensor(data.images[sel])).data)
-            meta, blobs = self._features_message(features, data.labels[sel])
+        n = 0
+        for i, features, labels in calibration_features(self.model, data, batches, batch_size, seed):
+            meta, blobs = self._features_message(features, labels)
             meta["batch"] = i
             self._request(CALIBRATE, meta, blobs, CALIBRATED)
+            n += len(labels)
         return n
+
+    def pull_cloud_state(self) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """The cloud part's current weights (state dict) and optimizer state dict, asked of the cloud."""
+        import safetensors.numpy as stn
+
+        from ..checkpoint import _decode
+
+        meta, blobs = self._request(PULL, {}, (), STATE)
+        if len(blobs) != 1:
+            raise ProtocolError(f"STATE: expected 1 blob, got {len(blobs)}")
+        try:
+            tensors = stn.load(blobs[0])
+        except Exception as exc:  # SafetensorError: hostile or broken bytes
+            raise ProtocolError(f"STATE: the weights are not valid safetensors bytes: {exc}") from None
+        keys = meta.get("model_keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) and f"model/{k}" in tensors for k in keys):
+            raise ProtocolError("STATE: model_keys do not match the tensors sent")
+        try:
+            optimizer = _decode(meta.get("optimizer"), tensors)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ProtocolError(f"STATE: bad optimizer state: {exc}") from None
+        return {k: tensors[f"model/{k}"] for k in keys}, optimizer
+
+    def full_model(self):
+        """``(model, optimizer)``: the whole trained model (this edge's part followed by the cloud's, with the
+        cloud's current weights) as one ``Sequential``, and one SGD optimizer over it carrying both parts'
+        momentum, as ``edgelearn train`` would hold them."""
+        cloud_state, cloud_opt = self.pull_cloud_state()
+        _, cloud_part = build_split(self.model_name, self.input_shape, self.classes, self.split, self.seed)
+        cloud_part.load_state_dict(cloud_state, strict=True)
+        model = join_parts(self.model, cloud_part)
+        group = self.optimizer.param_groups[0]
+        opt = optim.SGD(list(model.parameters()), lr=group["lr"], momentum=group["momentum"],
+                        weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+        edge_opt = self.optimizer.state_dict()
+        offset = len(list(self.model.parameters()))
+        state = dict(edge_opt["state"])
+        state.update({int(k) + offset: v for k, v in cloud_opt["state"].items()})
+        merged = {"state": state, "param_groups": [dict(edge_opt["param_groups"][0],
+                                                        params=list(range(len(opt.param_groups[0]["params"]))))]}
+        opt.load_state_dict(merged)
+        return model, opt
+
+    def config(self, **extra: Any) -> Dict[str, Any]:
+        """What a checkpoint records about this split model (``extra.config``; see
+        :func:`edgelearn.collab.split.model_from_split_config`), plus ``extra``."""
+        out = {"collab": True, "model": self.model_name, "split": self.split, "init_seed": self.seed,
+               "precision": self.precision, "mode": self.mode, "bits": self.bits,
+               "octo": dataclasses.asdict(self.octo_config) if self.octo_config is not None else None}
+        out.update(extra)
+        return out
+
+    def save(self, path: str, **config: Any) -> None:
+        """Writes this edge's part (model, optimizer, step count) as a checkpoint at ``path``, atomically."""
+        save_checkpoint(path, self.model, self.optimizer, step=self.steps,
+                        extra={"config": self.config(part="edge", **config)})
+
+    def save_full(self, path: str, epochs: int = 1, **config: Any) -> None:
+        """Asks the cloud for its part and writes the whole model (see :meth:`full_model`) as one checkpoint
+        at ``path`` that ``edgelearn train --resume --checkpoint PATH`` (and so evaluation), ``edgelearn video
+        --model PATH`` and ``edgelearn export`` read. It records ``epochs`` done and a cosine schedule over
+        them (``train --resume`` continues it if asked for more epochs)."""
+        model, opt = self.full_model()
+        scheduler = optim.CosineAnnealingLR(opt, T_max=max(int(epochs), 1))
+        save_checkpoint(path, model, opt, scheduler, epoch=int(epochs), step=self.steps,
+                        extra={"history": [], "config": self.config(part="full", epochs=int(epochs),
+                                                                    image_shape=list(self.input_shape),
+                                                                    num_classes=self.classes, **config)})
 
     def close(self) -> None:
         """Says BYE (the cloud counts the session as completed) and closes the transport."""
@@ -225,50 +400,161 @@ class Edge:
         return out
 
 
+def apply_gradients(model, optimizer, out, grad: np.ndarray) -> None:
+    """The edge's half of a step: backward from the cloud's feature gradients ``grad`` through ``out`` (the
+    edge part's output), plus the LAC regulariser of an INT8 part, then one optimizer step."""
+    optimizer.zero_grad()
+    out.backward(grad)
+    if any(hasattr(type(m), "regularization_term") for m in model.modules()):
+        reg = model.regularization()
+        if reg.requires_grad:
+            reg.backward()
+    optimizer.step()
+
+
+def calibration_features(model, data: ArrayDataset, batches: int, batch_size: int, seed: int):
+    """``(i, features, labels)`` of the ``batches`` seeded random batches of ``data`` that re-estimate the
+    BatchNorm statistics of a split model: the edge part's own statistics move as each batch passes
+    (:func:`~edgelearn.collab.split.batchnorm_calibration`), the features go to the cloud as batch ``i``."""
+    n = min(len(data), batches * batch_size)
+    if n == 0:
+        return
+    idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+    for i, start in enumerate(range(0, n, batch_size)):
+        sel = idx[start:start + batch_size]
+        with batchnorm_calibration(model, i):
+            features = np.ascontiguousarray(model(tensor(data.images[sel])).data)
+        yield i, features, data.labels[sel]
+
+
 def train_edge(edge: Edge, train: ArrayDataset, test: Optional[ArrayDataset] = None, *, epochs: int = 1,
                steps: Optional[int] = None, batch_size: int = 64, seed: int = 0, eval_limit: Optional[int] = None,
                bn_recalibration_batches: int = 32, progress: bool = True, log_every: int = 0, log=print,
-               close: bool = True) -> Dict[str, Any]:
+               close: bool = True, reconnect: Optional[Callable[[], Any]] = None,
+               retry: RetryPolicy = RetryPolicy(), save: Optional[str] = None, save_full: Optional[str] = None,
+               config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Trains ``edge`` for ``epochs`` epochs of ``train`` (at most ``steps`` steps in all), re-estimates the
     BatchNorm statistics of both parts on ``bn_recalibration_batches`` training batches (0: off; see
     :meth:`Edge.recalibrate_batchnorm`), then evaluates on ``test`` (the first ``eval_limit`` samples)
     through the split. Returns the edge's summary with
-    ``train_loss``, ``train_accuracy``, ``test_accuracy``, ``test_loss``, ``seconds``, traffic per sample."""
+    ``train_loss``, ``train_accuracy``, ``test_accuracy``, ``test_loss``, ``seconds``, traffic per sample.
+
+    Step ``k`` (0-based) always trains on batch ``k mod len(loader)`` of epoch ``k // len(loader)`` of a
+    loader seeded by ``seed``, so a run that went back to an earlier step sees the same batches again. With
+    ``reconnect`` (a callable returning a new transport to the cloud), a lost connection
+    (:class:`~edgelearn.collab.protocol.ConnectionLost`) is retried following ``retry`` and training goes on
+    from the step the cloud holds (:meth:`Edge.reconnect`); ``reconnections`` in the result counts them.
+    ``save`` writes the edge part (:meth:`Edge.save`) and ``save_full`` the whole model (:meth:`Edge.save_full`;
+    then ``full_model_test_accuracy`` is the accuracy of that checkpoint evaluated locally, no codec) at the
+    end; ``config`` is added to what they record."""
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, seed=seed)
-    total = len(loader) * epochs if steps is None else min(steps, len(loader) * epochs)
+    per_epoch = len(loader)
+    total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
     bar = _progress_bar(total, f"edge {edge.edge_id}", progress)
     t0 = time.perf_counter()
-    loss_sum, correct, seen = 0.0, 0, 0
-    try:
-        done = False
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in loader:
-                r = edge.train_step(x, y)
-                loss_sum += r["loss"] * r["n"]
-                correct += r["correct"]
-                seen += r["n"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
-                if log_every and edge.steps % log_every == 0:
-                    log(f"step {edge.steps}/{total} loss {r['loss']:.4f} feature err {r['feature_rel_l2']:.4f}")
-                if edge.steps >= total:
-                    done = True
-                    break
-            if done:
-                break
+    reconnections = [0]
+    records: Dict[int, Tuple[float, int, int]] = {}  # step -> (loss * n, correct, n)
+    orders: Dict[int, np.ndarray] = {}
+
+    def batch(k: int) -> Tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(k, per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = loader.order(epoch)
+        idx = orders[epoch][i * batch_size:(i + 1) * batch_size]
+        return train.images[idx], train.labels[idx]
+
+    def retrying(fn: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return fn()
+            except ConnectionLost as exc:
+                if reconnect is None or retry.attempts == 0:
+                    raise
+                _reconnect(edge, reconnect, retry, log, exc)
+                reconnections[0] += 1
+                bar.n = edge.steps
+                for k in [k for k in records if k > edge.steps]:
+                    del records[k]
+
+    def train_loop() -> None:
+        while edge.steps < total:
+            k = edge.steps
+            x, y = batch(k)
+            r = edge.train_step(x, y)
+            records[k + 1] = (r["loss"] * r["n"], r["correct"], r["n"])
+            bar.update(1)
+            if log_every and edge.steps % log_every == 0:
+                log(f"step {edge.steps}/{total} loss {r['loss']:.4f} feature err {r['feature_rel_l2']:.4f}")
+
+    result: Dict[str, Any] = {}
+
+    def run() -> None:
+        # one phase, retried whole: after a reconnection the cloud may hold fewer steps than were done, so the
+        # training loop first catches up (a no-op when nothing was lost), then everything after it is redone
+        train_loop()
         edge.recalibrate_batchnorm(train, bn_recalibration_batches, batch_size, seed=seed + 7919)
-        train_seconds = time.perf_counter() - t0
-        result = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                  "train_seconds": train_seconds, "epochs": epochs, "batch_size": batch_size}
+        result["train_seconds"] = time.perf_counter() - t0
         if test is not None:
             ev = edge.evaluate(test, limit=eval_limit)
             result.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"], test_samples=ev["n"])
+        settings = dict(config or {}, batch_size=batch_size, data_seed=seed)
+        if save:
+            edge.save(save, **settings)
+            result["saved"] = save
+        if save_full:
+            edge.save_full(save_full, epochs=-(-total // per_epoch) if total else 0, **settings)
+            result["saved_full"] = save_full
         if close:
             edge.close()
+
+    try:
+        retrying(run)
+        last_epoch = (total - 1) // per_epoch if total else 0
+        last = [v for k, v in records.items() if (k - 1) // per_epoch == last_epoch]
+        seen = sum(v[2] for v in last)
+        result.update(train_loss=sum(v[0] for v in last) / max(seen, 1),
+                      train_accuracy=sum(v[1] for v in last) / max(seen, 1), epochs=epochs, batch_size=batch_size,
+                      reconnections=reconnections[0])
+        if save_full and test is not None:
+            from ..checkpoint import load_checkpoint
+            from ..train import evaluate
+            from .split import model_from_split_config
+
+            rebuilt = model_from_split_config(edge.config(), edge.input_shape, edge.classes)
+            load_checkpoint(save_full, rebuilt)
+            result["full_model_test_accuracy"] = evaluate(rebuilt, _first(test, eval_limit))["accuracy"]
     finally:
         bar.close()
     summary = edge.summary()
     summary.update(result)
     return summary
+
+
+def _first(data: ArrayDataset, limit: Optional[int]) -> ArrayDataset:
+    if limit is None or limit >= len(data):
+        return data
+    return ArrayDataset(data.images[:limit], data.labels[:limit], data.name, data.classes)
+
+
+def _reconnect(edge: Edge, connect: Callable[[], Any], policy: RetryPolicy, log, cause: Exception) -> None:
+    log(f"lost the cloud ({cause}); reconnecting (up to {policy.attempts} attempts)")
+    last: Exception = cause
+    for attempt, delay in enumerate(policy.delays(), 1):
+        time.sleep(delay)
+        try:
+            transport = connect()
+        except ConnectionLost as exc:
+            last = exc
+            continue
+        try:
+            steps = edge.reconnect(transport)
+        except ConnectionLost as exc:
+            last = exc
+            continue
+        redo = (f"; its reply to step {edge.cloud_steps} was lost: redoing it (answered, not applied again)"
+                if edge.cloud_steps > steps else "")
+        log(f"reconnected (attempt {attempt}): the cloud holds {edge.cloud_steps} steps of this edge; continuing "
+            f"from step {steps}{redo}")
+        return
+    raise ConnectionLost(f"gave up after {policy.attempts} reconnection attempts: {last}")

@@ -25,8 +25,8 @@ import struct
 from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 __all__ = [
-    "CollabError", "AuthenticationError", "ProtocolError",
-    "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "CALIBRATE", "CALIBRATED", "BYE",
+    "CollabError", "AuthenticationError", "ConnectionLost", "ProtocolError",
+    "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "CALIBRATE", "CALIBRATED", "BYE", "PULL", "STATE",
     "pack", "unpack", "chunks", "reassemble", "Reassembler", "wire_bytes",
     "CHUNK_BYTES", "GRPC_MESSAGE_LIMIT", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "WireStats",
 ]
@@ -45,8 +45,12 @@ GRPC_MESSAGE_LIMIT = CHUNK_BYTES + 1024
 MAX_MESSAGE_BYTES = 256 << 20
 
 HELLO, WELCOME, TRAIN, GRAD, EVAL, EVAL_RESULT, BYE, CALIBRATE, CALIBRATED = 1, 2, 3, 4, 5, 6, 7, 8, 9
+#: PULL: an edge asks for the cloud part's weights (``join --save-full``); STATE: the reply, one blob of
+#: safetensors bytes (the cloud model's state dict and optimizer arrays) and the optimizer's JSON tree in meta.
+PULL, STATE = 10, 11
 KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", TRAIN: "TRAIN", GRAD: "GRAD", EVAL: "EVAL",
-              EVAL_RESULT: "EVAL_RESULT", BYE: "BYE", CALIBRATE: "CALIBRATE", CALIBRATED: "CALIBRATED"}
+              EVAL_RESULT: "EVAL_RESULT", BYE: "BYE", CALIBRATE: "CALIBRATE", CALIBRATED: "CALIBRATED",
+              PULL: "PULL", STATE: "STATE"}
 
 
 class CollabError(RuntimeError):
@@ -55,6 +59,10 @@ class CollabError(RuntimeError):
 
 class AuthenticationError(CollabError):
     """The cloud refused this edge's token."""
+
+
+class ConnectionLost(CollabError):
+    """The connection to the peer broke (cloud restarted, network gone): an edge may reconnect and resume."""
 
 
 class ProtocolError(CollabError, ValueError):

@@ -37,7 +37,7 @@ import grpc
 
 from .cloud import ArchitectureMismatch, Cloud, InputTooLarge
 from .protocol import (CHUNK_BYTES, GRPC_MESSAGE_LIMIT, MAX_MESSAGE_BYTES, AuthenticationError, CollabError,
-                       ProtocolError, Reassembler, chunks)
+                       ConnectionLost, ProtocolError, Reassembler, chunks)
 
 __all__ = ["CloudServer", "GrpcTransport", "SERVICE", "METHOD", "IDLE_TIMEOUT"]
 
@@ -207,6 +207,7 @@ class CloudServer:
         peer = context.peer()
         if not self._authorized(context):
             self.log(f"refused {peer}: wrong or missing token")
+            self.cloud.record_refusal(peer, "wrong or missing token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing token")
         session = self.cloud.open_session(peer)
         status, reason = "dropped", ""
@@ -305,7 +306,7 @@ class GrpcTransport:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            raise CollabError(f"cannot reach the cloud at {target} within {connect_timeout:g} s (is `edgelearn "
+            raise ConnectionLost(f"cannot reach the cloud at {target} within {connect_timeout:g} s (is `edgelearn "
                               "collab serve` running there, with TLS on both sides or on neither?)") from None
         self._requests: "queue.Queue[Any]" = queue.Queue()
         metadata = ((TOKEN_HEADER, f"Bearer {token}"),) if token is not None else None
@@ -329,7 +330,7 @@ class GrpcTransport:
                         return reply
             except grpc.RpcError as exc:
                 raise self._error(exc) from None
-            raise CollabError(f"the cloud at {self.target} closed the stream without answering")
+            raise ConnectionLost(f"the cloud at {self.target} closed the stream without answering")
 
     def _error(self, exc: grpc.RpcError) -> CollabError:
         code, details = exc.code(), exc.details()
@@ -345,8 +346,8 @@ class GrpcTransport:
                 return CollabError(f"the cloud at {self.target} has no free connection: {details} (it accepts "
                                    "--max-edges training edges plus as many connecting ones); retry later")
             return CollabError(f"the cloud at {self.target} refused this edge: {details}")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return CollabError(f"lost the cloud at {self.target}: {details}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return ConnectionLost(f"lost the cloud at {self.target}: {details}")
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return ProtocolError(f"the cloud at {self.target} rejected this edge ({code.name}): {details}")
         return CollabError(f"the cloud at {self.target} ended the session ({code.name}): {details}")

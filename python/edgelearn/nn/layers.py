@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from .. import functional as F
-from ..octo import OctoConfig
+from ..octo_config import OctoConfig
 from ..tensor import Tensor, as_tensor
 from . import init
 from .module import Module, Parameter, _tree_changed

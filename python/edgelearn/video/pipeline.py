@@ -33,7 +33,8 @@ def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
 def load_video_model(spec: str, seed: int = 0) -> Module:
     """A model for video in eval mode: a built-in name of ``edgelearn.models.VIDEO_MODEL_NAMES`` (random
     initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
-    (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly)."""
+    (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly), or
+    one written by ``edgelearn collab join --save-full`` (a cnn trained split)."""
     from .. import checkpoint as ckpt
     from .. import models
     from ..nn import manual_seed
@@ -48,6 +49,14 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     state, meta = ckpt.read_checkpoint(spec)
     config = ((meta.get("extra") or {}).get("config") or {})
     name = config.get("model")
+    from ..collab.split import is_split_config, model_from_split_config
+
+    if is_split_config(config) and name == "cnn":  # trained split (`collab join --save-full`): edge + cloud parts
+        convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
+        linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
+        model = model_from_split_config(config, (int(convs[0].shape[1]), 28, 28), int(linears[-1].shape[0]))
+        ckpt.load_model_state(model, state, spec)
+        return model.eval()
     if name not in models.MODEL_NAMES:
         raise ValueError(f"{spec}: checkpoint does not record a known architecture (config.model={name!r}); "
                          "it must come from 'edgelearn train --checkpoint'")
@@ -60,11 +69,7 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     if config.get("precision") == "int8":
         prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
         octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
-    ckpt.check_model_state(model, state, spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except ValueError as exc:
-        raise ckpt.CheckpointError(f"{spec}: model state does not fit: {exc}") from None
+    ckpt.load_model_state(model, state, spec)
     return model.eval()
 
 

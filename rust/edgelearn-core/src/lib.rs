@@ -3,6 +3,7 @@
 //! - [`quant`]: symmetric INT8 quantization (per tensor / per channel), rounding, range clipping.
 //! - [`gemm`]: `C[i32] = A[i8]·B[i8]` with packing, per-ISA micro-kernels, run-time dispatch, threading.
 //! - [`nn`]: conv (im2col + GEMM), pooling, batch norm, ReLU and FP32 GEMM, FP32 and INT8.
+//! - [`octo`]: the Octo INT8 layer step (Linear/Conv2d), one function per direction.
 //! - [`sgq`]: SGQ codec for split learning: channel order, groups × stripes, b-bit packing, wire frames.
 //! - [`alloc`]: the limit on allocations sized by input, and fallible allocation under it.
 //! - [`threads`]: the rayon pool used by every kernel (size from `EDGELEARN_NUM_THREADS`, fork-safe).
@@ -14,6 +15,7 @@ pub mod alloc;
 pub mod error;
 pub mod gemm;
 pub mod nn;
+pub mod octo;
 pub mod patchskip;
 pub mod quant;
 pub mod sgq;

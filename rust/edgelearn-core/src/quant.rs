@@ -33,7 +33,7 @@ pub const DEFAULT_SIGMA_Z: f64 = 2.576;
 pub const DEFAULT_MINMAX_KAPPA: f64 = 0.95;
 
 /// Below this many elements everything runs on the caller's thread (a pool hop costs more than the work).
-pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 18;
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 /// Per-tensor statistics are reduced over chunks of this many elements, combined in chunk order.
 const STATS_CHUNK: usize = 1 << 16;
 /// Work unit of the element-wise passes when they run in parallel.

@@ -1,9 +1,19 @@
 //! The thread pool every parallel kernel runs in.
 //!
-//! One rayon pool owned by this crate (not rayon's global pool, whose size cannot change once built).
-//! Its size comes from `EDGELEARN_NUM_THREADS`, else the number of CPUs, and [`set_num_threads`] rebuilds it.
-//! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the pool
-//! stale and the child builds a fresh one on first use (the stale one is leaked, never joined).
+//! Pools owned by this crate (not rayon's global pool, whose size cannot change once built). The size
+//! comes from `EDGELEARN_NUM_THREADS`, else the number of CPUs, and [`set_num_threads`] changes it.
+//!
+//! The calling thread takes part in every parallel op: the first thread that runs a kernel with `n > 1`
+//! threads becomes worker 0 of an `n`-thread pool (rayon's `use_current_thread`), so its kernels start
+//! on that thread at once and the `n − 1` other workers steal halves of the work, instead of the caller
+//! handing each op to a sleeping worker and sleeping until it is done. Ops below a measured work
+//! threshold never leave the caller (see `PAR_MIN_*` of each kernel module). With one thread each calling
+//! thread is the only worker of its own one-thread pool. Other threads (and the owner after the thread
+//! count changed) run kernels in a shared pool of the current size.
+//!
+//! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the
+//! pools stale and the child builds a fresh shared pool on first use (the stale ones are leaked, never
+//! joined).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,12 +26,19 @@ pub const MAX_THREADS: usize = 1024;
 
 struct PoolState {
     threads: usize,
+    /// The shared pool (callers hand their work to it).
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// The pool whose worker 0 is the thread that first ran a multi-threaded kernel.
+    owner: Option<Arc<rayon::ThreadPool>>,
+    /// No owner pool is built any more (one exists, failed to build, or was lost in a fork).
+    owner_taken: bool,
 }
 
 static STATE: Mutex<PoolState> = Mutex::new(PoolState {
     threads: 0,
     pool: None,
+    owner: None,
+    owner_taken: false,
 });
 static FORKED: AtomicBool = AtomicBool::new(false);
 static ATFORK: Once = Once::new();
@@ -80,6 +97,9 @@ fn pool() -> Option<Arc<rayon::ThreadPool>> {
     if FORKED.swap(false, Ordering::SeqCst) {
         // The parent's workers do not exist in this process: leak the pool object instead of joining them.
         if let Some(p) = st.pool.take() {
+            std::mem::forget(p);
+        }
+        if let Some(p) = st.owner.take() {
             std::mem::forget(p);
         }
     }
@@ -148,22 +168,65 @@ fn inline_pool() -> Option<Arc<rayon::ThreadPool>> {
     })
 }
 
+/// The owner pool if this thread may run `n`-thread work in it inline: it is the pool's size and this
+/// thread is one of its workers (worker 0, the owner, or a worker inside a parallel op). Builds the pool
+/// with the calling thread as worker 0 on the first multi-threaded call from a thread in no pool.
+fn owner_pool(n: usize) -> Option<Arc<rayon::ThreadPool>> {
+    if FORKED.load(Ordering::SeqCst) {
+        drop(pool()); // a forked child: forget the parent's pools first
+    }
+    let (owner, try_build) = {
+        let st = lock();
+        (st.owner.clone(), !st.owner_taken)
+    };
+    if let Some(p) = owner {
+        return (p.current_num_threads() == n && p.current_thread_index().is_some()).then_some(p);
+    }
+    if !try_build || rayon::current_thread_index().is_some() {
+        return None;
+    }
+    let mut st = lock();
+    if st.owner_taken || FORKED.load(Ordering::SeqCst) {
+        return None;
+    }
+    st.owner_taken = true;
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .use_current_thread()
+        .thread_name(|i| format!("edgelearn-{i}"))
+        .build()
+        .ok()
+        .map(Arc::new);
+    st.owner.clone_from(&built);
+    built
+}
+
 /// Runs `f` inside the pool, so `rayon::join`/par_iter in `f` use edgelearn's threads (even with one
 /// thread, nothing falls through to rayon's global pool).
 ///
-/// With one thread, `f` runs on the calling thread itself, in a pool whose only worker is that thread:
-/// handing each kernel call to a separate worker and waking the caller afterwards costs tens of
-/// microseconds per call (far more on a loaded machine), which dominated small training steps.
+/// `f` starts on the calling thread whenever it can (see the module docs): with one thread always (a
+/// one-worker pool made of the caller), with more on the owner thread and inside parallel ops. Handing
+/// each kernel call to a separate worker and waking the caller afterwards costs tens of microseconds
+/// per call (far more on a loaded machine), which dominated small training steps.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if num_threads() == 1 {
+    let n = num_threads();
+    if n == 1 {
         if let Some(p) = inline_pool() {
             return p.install(f);
         }
+    } else if let Some(p) = owner_pool(n) {
+        return p.install(f);
     }
     match pool() {
         Some(p) => p.install(f),
         None => f(),
     }
+}
+
+/// Whether a kernel called from this thread starts on this thread (no hand-off to a pool worker).
+pub fn runs_on_caller() -> bool {
+    let me = std::thread::current().id();
+    install(|| std::thread::current().id()) == me
 }
 
 /// A raw output pointer that parallel tasks share, each writing a disjoint part of the output.

@@ -5,6 +5,9 @@
 use edgelearn_core::gemm::{gemm_i8, gemm_reference, MatRef};
 use edgelearn_core::threads;
 
+/// The thread count is process-wide: the tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn operands(m: usize, k: usize, n: usize, seed: u64) -> (Vec<i8>, Vec<i8>) {
     let mut s = seed;
     let mut next = || {
@@ -33,6 +36,7 @@ fn check(m: usize, k: usize, n: usize, seed: u64) {
 
 #[test]
 fn one_thread_runs_inline_from_any_thread_and_switches_back() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     threads::set_num_threads(1).unwrap();
     // Inside install the pool has exactly one thread: the caller.
     let caller = std::thread::current().id();
@@ -59,4 +63,39 @@ fn one_thread_runs_inline_from_any_thread_and_switches_back() {
     check(128, 300, 96, 7);
     threads::set_num_threads(1).unwrap();
     check(128, 300, 96, 8);
+}
+
+#[test]
+fn the_calling_thread_takes_part_with_several_threads() {
+    // (its own process state: this test file's other test switches the count too, so pin it here)
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    threads::set_num_threads(2).unwrap();
+    std::thread::spawn(|| {
+        // a fresh thread in no pool becomes worker 0 of a 2-thread pool: kernels start on it
+        assert!(threads::runs_on_caller());
+        assert_eq!(threads::install(rayon::current_num_threads), 2);
+        assert_eq!(threads::install(rayon::current_thread_index), Some(0));
+        // both workers take part in a parallel op started by the caller
+        let ids: std::collections::HashSet<_> = threads::install(|| {
+            use rayon::prelude::*;
+            (0..64)
+                .into_par_iter()
+                .map(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::current().id()
+                })
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .collect();
+        assert!(ids.contains(&std::thread::current().id()));
+        check(128, 300, 96, 9);
+        // another thread count: the owner still gets right results (through the shared pool)
+        threads::set_num_threads(1).unwrap();
+        check(64, 100, 32, 10);
+        threads::set_num_threads(2).unwrap();
+        assert!(threads::runs_on_caller());
+    })
+    .join()
+    .unwrap();
 }

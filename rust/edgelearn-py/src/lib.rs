@@ -7,6 +7,7 @@ mod errors;
 mod gemm;
 mod info;
 mod nn;
+mod octo;
 mod patchskip;
 mod quant;
 mod sgq;
@@ -25,6 +26,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info::register(m)?;
     quant::register(m)?;
     nn::register(m)?;
+    octo::register(m)?;
     sgq::register(m)?;
     patchskip::register(m)?;
     Ok(())

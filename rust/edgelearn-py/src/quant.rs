@@ -12,7 +12,7 @@ use crate::arrays::{check_size, new_array, readonly};
 use crate::errors::{value_error, CoreResultExt};
 
 /// A C-contiguous slice of a borrowed array, or an error naming `arg`.
-fn c_slice<'a, T: numpy::Element>(
+pub(crate) fn c_slice<'a, T: numpy::Element>(
     arg: &str,
     arr: &'a PyReadonlyArrayDyn<'_, T>,
 ) -> PyResult<&'a [T]> {
@@ -38,7 +38,7 @@ fn rounding_from(name: &str, seed: Option<u64>) -> PyResult<Rounding> {
     }
 }
 
-fn clip_from(clip: Option<(String, f64)>) -> PyResult<Clip> {
+pub(crate) fn clip_from(clip: Option<(String, f64)>) -> PyResult<Clip> {
     let clip = match clip {
         None => Clip::None,
         Some((mode, p)) => match mode.as_str() {

@@ -203,7 +203,7 @@ pub(crate) fn check_len(arg: &'static str, len: usize, dims: &[usize]) -> Result
 
 /// Below this many elements an elementwise op runs on the caller's thread: a hop into the pool costs
 /// more than the work.
-pub(crate) const PAR_MIN_ELEMS: usize = 1 << 18;
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use crate::simd::elementwise_avx2;
 pub use crate::simd::set_elementwise_simd;

@@ -1,0 +1,146 @@
+"""Fine-tuning a pretrained model on your own data: load it (ONNX file, zoo name or checkpoint), give it a new
+classifier head for your classes, choose what trains (the sparse-update idea of tiny-training), train.
+
+- :func:`load_pretrained` — ``.onnx`` (``edgelearn.onnx.load``), checkpoint (``edgelearn.checkpoint.load_model``)
+  or a zoo name (``edgelearn.models``).
+- :func:`replace_head` — the last Linear (the classifier) becomes a fresh ``Linear(in, classes)``.
+- :func:`select_trainable` — ``head``, ``last:K``, ``bn+head`` or ``all``: sets ``requires_grad`` and returns the
+  parameters to optimise. Frozen layers record nothing for backward, so their activations are never saved:
+  that is where ``last:K`` saves memory.
+
+What does not live here: the training loop (``edgelearn.train.fit``), the command line (``edgelearn.cli``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, List, Optional, Tuple
+
+from . import nn
+
+__all__ = ["TRAIN_MODES", "load_pretrained", "replace_head", "select_trainable", "weight_layer_groups"]
+
+TRAIN_MODES = ("head", "last:K", "bn+head", "all")
+
+
+def load_pretrained(source: str, *, unfold_batchnorm: bool = False) -> Tuple[nn.Module, str]:
+    """``(model, kind)`` from an ``.onnx`` file (kind ``"onnx"``), an edgelearn checkpoint (``"checkpoint"``) or a
+    zoo model name (``"zoo"``, randomly initialised: no weights are downloaded here)."""
+    src = os.fspath(source)
+    if src.lower().endswith(".onnx"):
+        from . import onnx as elonnx
+
+        return elonnx.load(src, unfold_batchnorm=unfold_batchnorm), "onnx"
+    if os.path.isfile(src):
+        from .checkpoint import load_model
+
+        return load_model(src)[0], "checkpoint"
+    from . import models
+
+    names = tuple(getattr(models, "ZOO_NAMES", ())) or ()
+    build = getattr(models, "get_model", None) or getattr(models, "build", None)
+    if build is not None and src in names:
+        return build(src), "zoo"
+    raise FileNotFoundError(f"model: {src!r} is neither an .onnx file, a checkpoint file nor a zoo model name"
+                            + (f" ({', '.join(names)})" if names else ""))
+
+
+def _parent_of(model: nn.Module, dotted: str) -> Tuple[nn.Module, str]:
+    parent = model
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        parent = parent._modules[p]
+    return parent, parts[-1]
+
+
+def find_head(model: nn.Module) -> Tuple[str, nn.Module]:
+    """``(dotted name, layer)`` of the classifier: the last ``Linear`` in execution order (module registration
+    order; topological order for an imported graph)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError("the model has no Linear layer to use as the classifier head")
+    return found[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
+    """Replace the classifier head (see :func:`find_head`) with a fresh ``Linear(in_features, num_classes)`` (its
+    Compensation too, in an INT8 model) and return the new layer. The rest keeps its pretrained weights."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
+    name, old = find_head(model)
+    new = nn.Linear(old.in_features, int(num_classes), bias=True)
+    if old.int8 is not None:
+        new.set_int8(old.int8, old.layer_id)
+    parent, attr = _parent_of(model, name)
+    items = list(parent._modules.items())
+    pos = [k for k, _ in items].index(attr)
+    setattr(parent, attr, new)
+    if pos + 1 < len(items) and isinstance(items[pos + 1][1], nn.Compensation):
+        comp = items[pos + 1][1]
+        setattr(parent, items[pos + 1][0], nn.Compensation(int(num_classes), lam=comp.lam))
+    return new
+
+
+def weight_layer_groups(model: nn.Module) -> List[List[nn.Module]]:
+    """The model's Conv2d/Linear layers in execution order, each with the parameterised layers that follow it
+    before the next one (its BatchNorm, its Compensation)."""
+    groups: List[List[nn.Module]] = []
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            groups.append([m])
+        elif any(p is not None for p in m._parameters.values()):
+            if groups:
+                groups[-1].append(m)
+            else:
+                groups.append([m])
+    return groups
+
+
+def select_trainable(model: nn.Module, mode: str) -> List[nn.Parameter]:
+    """Set ``requires_grad`` by ``mode`` and return the trainable parameters.
+
+    - ``all``: every parameter.
+    - ``head``: the classifier head (and its Compensation).
+    - ``last:K``: the head and the K Conv2d/Linear layers before it, each with its BatchNorm and Compensation.
+    - ``bn+head``: the head, every BatchNorm and Compensation, and the biases of every conv/linear layer (for
+      imported models whose BatchNorm the exporter folded into the convolutions, the biases are what is left
+      of it).
+    """
+    groups = weight_layer_groups(model)
+    _, head = find_head(model)
+    head_index = next(i for i, g in enumerate(groups) if g[0] is head)
+    trainable: set = set()
+    m = re.fullmatch(r"last:(\d+)", mode.strip())
+    if mode == "all":
+        trainable = {id(p) for p in model.parameters()}
+    elif mode == "head" or m:
+        k = int(m.group(1)) if m else 0
+        for g in groups[max(0, head_index - k):]:
+            for layer in g:
+                trainable.update(id(p) for p in layer.parameters())
+    elif mode == "bn+head":
+        for g in groups[head_index:]:
+            for layer in g:
+                trainable.update(id(p) for p in layer.parameters())
+        for layer in model.modules():
+            if isinstance(layer, (nn.BatchNorm2d, nn.Compensation)):
+                trainable.update(id(p) for p in layer.parameters())
+            elif isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.bias is not None:
+                trainable.add(id(layer.bias))
+    else:
+        raise ValueError(f"train: expected one of head, last:K (K >= 0), bn+head, all; got {mode!r}")
+    params = []
+    for p in model.parameters():
+        p.requires_grad = id(p) in trainable
+        p._node = None
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def describe_selection(model: nn.Module) -> Optional[dict]:
+    """Counts of trainable and total parameters (elements)."""
+    total = sum(p.data.size for p in model.parameters())
+    trained = sum(p.data.size for p in model.parameters() if p.requires_grad)
+    return {"trainable_parameters": int(trained), "total_parameters": int(total)}

@@ -1,0 +1,436 @@
+//! The Octo INT8 layer step (`docs/octo.md`): one function per direction for an INT8 `Linear` or
+//! `Conv2d`, so a training step crosses into the core once per layer and direction.
+//!
+//! Forward ([`forward`]): quantize `X` (stochastic or nearest) and `W` (per tensor or per output
+//! channel), `Y = (Xq·Wqᵀ)·sx·sw + bias'` on the INT8 GEMM / convolution with the rescale and the bias
+//! fused in the epilogue, where `bias' = (α⊙μ + β) + b` folds in a Loss-aware Compensation layer that
+//! follows the layer. It returns a [`Saved`] state holding the int8 `Xq`, `sx`, `Wq` and `sw`: what
+//! backward needs, never the FP32 input.
+//!
+//! Backward ([`backward`]): PRC-clip and quantize `dY` (per tensor), `dW = (dYqᵀ·Xq)·sdy·sx` and
+//! `dX = (dYq·Wq)·sdy·sw` on INT8 kernels (exact INT32 sums, one rescale), and the per-channel sums
+//! `s = Σ dY` in FP32 that give `db = s` and the Compensation gradients `dα = s⊙μ`, `dμ = s⊙α`,
+//! `dβ = s`. With per-channel weight scales, `dX` contracts over output channels, so the scales cannot
+//! be factored out of an INT8 product: that one product runs in FP32 on the integer codes scaled by
+//! `sdy·sw[o]` (exact up to float rounding).
+//!
+//! Seeds: the activation codes use `seed`, the gradient codes `seed ^ GRAD_SEED_XOR`, stochastic weight
+//! codes `seed ^ WEIGHT_SEED_XOR`; stochastic rounding is a pure function of (seed, flat index), so a
+//! step gives the same bits whatever the thread count.
+
+use crate::error::{Error, Result};
+use crate::gemm::{self, MatRef, Scale};
+use crate::nn::conv::{channel_sums, conv2d_i8_backward, conv2d_i8_forward, ConvShape};
+use crate::nn::matmul::{sgemm, MatF32};
+use crate::nn::{shape_len, take_f32};
+use crate::quant::{quantize_into, Clip, Layout, Rounding};
+use crate::threads;
+
+/// XOR-ed into a step's seed for the rounding of its incoming gradient.
+pub const GRAD_SEED_XOR: u64 = 0x5DEE_CE66D;
+/// XOR-ed into a step's seed for stochastic rounding of the weights.
+pub const WEIGHT_SEED_XOR: u64 = 0x2545_F491_4F6C_DD1D;
+
+/// A rounding mode without its seed (the step supplies the seed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundMode {
+    Nearest,
+    Stochastic,
+}
+
+impl RoundMode {
+    fn with_seed(self, seed: u64) -> Rounding {
+        match self {
+            RoundMode::Nearest => Rounding::Nearest,
+            RoundMode::Stochastic => Rounding::Stochastic { seed },
+        }
+    }
+}
+
+/// The knobs of an INT8 layer (`OctoConfig` in Python).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    /// Rounding of `X` in training (eval always rounds to nearest).
+    pub act_rounding: RoundMode,
+    pub weight_rounding: RoundMode,
+    /// Rounding of `dY` after PRC.
+    pub grad_rounding: RoundMode,
+    /// PRC: range clipping of `dY` before it is quantized.
+    pub prc: Clip,
+    /// One weight scale per output channel instead of one per tensor.
+    pub per_channel_weights: bool,
+}
+
+impl Default for Config {
+    /// The defaults of `docs/octo.md` as built: stochastic X and dY, nearest W, PRC minmax κ = 0.95.
+    fn default() -> Self {
+        Config {
+            act_rounding: RoundMode::Stochastic,
+            weight_rounding: RoundMode::Nearest,
+            grad_rounding: RoundMode::Stochastic,
+            prc: Clip::MinMax { kappa: 0.95 },
+            per_channel_weights: false,
+        }
+    }
+}
+
+/// Which layer: `Linear` (`X (N, K)`, `W (O, K)`) or `Conv2d` (`X (N, C, H, W)`, `W (O, C, kh, kw)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    Linear,
+    Conv2d {
+        stride: (usize, usize),
+        padding: (usize, usize),
+    },
+}
+
+/// A Loss-aware Compensation `y + α⊙μ + β` (per output channel) applied inside the layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Compensation<'a> {
+    pub alpha: &'a [f32],
+    pub mu: &'a [f32],
+    pub beta: &'a [f32],
+}
+
+/// What [`forward`] keeps for [`backward`]: int8 codes and scales (no FP32 activation).
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub layer: Layer,
+    pub config: Config,
+    pub seed: u64,
+    pub x_shape: Vec<usize>,
+    pub w_shape: Vec<usize>,
+    pub y_shape: Vec<usize>,
+    pub xq: Vec<i8>,
+    pub sx: f32,
+    pub wq: Vec<i8>,
+    /// One scale, or one per output channel.
+    pub sw: Vec<f32>,
+    /// `(α, μ)` of a fused Compensation as they were in forward (its gradients need them).
+    comp: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Saved {
+    fn sw_scale(&self) -> Scale<'_> {
+        if self.sw.len() == 1 && !self.config.per_channel_weights {
+            Scale::Scalar(self.sw[0])
+        } else {
+            Scale::PerIndex(&self.sw)
+        }
+    }
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.w_shape[0]
+    }
+    /// Whether a Compensation was fused in forward (backward then gives its gradients).
+    pub fn has_compensation(&self) -> bool {
+        self.comp.is_some()
+    }
+    /// Bytes held (codes and scales): what a layer keeps between forward and backward.
+    pub fn nbytes(&self) -> usize {
+        self.xq.len() + self.wq.len() + 4 * (self.sw.len() + 1)
+    }
+}
+
+/// The gradients [`backward`] writes (each `None` is not computed).
+pub struct Grads<'a> {
+    /// `(N, ...)` like `X`.
+    pub dx: Option<&'a mut [f32]>,
+    /// Like `W`.
+    pub dw: Option<&'a mut [f32]>,
+    /// `(O,)`: `Σ dY` per output channel.
+    pub db: Option<&'a mut [f32]>,
+    /// `(dα, dμ, dβ)`, each `(O,)`; only with a Compensation fused in forward.
+    pub comp: Option<(&'a mut [f32], &'a mut [f32], &'a mut [f32])>,
+}
+
+fn shapes(
+    layer: Layer,
+    x_shape: &[usize],
+    w_shape: &[usize],
+) -> Result<(Vec<usize>, Option<ConvShape>)> {
+    match layer {
+        Layer::Linear => {
+            if x_shape.len() != 2 {
+                return Err(Error::invalid(
+                    "x",
+                    format!("expected shape (N, K), got {x_shape:?}"),
+                ));
+            }
+            if w_shape.len() != 2 || w_shape[1] != x_shape[1] {
+                return Err(Error::invalid(
+                    "w",
+                    format!(
+                        "expected shape (O, {}) for x of shape {x_shape:?}, got {w_shape:?}",
+                        x_shape[1]
+                    ),
+                ));
+            }
+            let y = vec![x_shape[0], w_shape[0]];
+            shape_len("y", &y)?;
+            Ok((y, None))
+        }
+        Layer::Conv2d { stride, padding } => {
+            let four = |arg: &'static str, s: &[usize]| -> Result<[usize; 4]> {
+                s.try_into().map_err(|_| {
+                    Error::invalid(arg, format!("expected 4 dimensions, got shape {s:?}"))
+                })
+            };
+            let s = ConvShape::new(four("x", x_shape)?, four("w", w_shape)?, stride, padding)?;
+            Ok((s.output().to_vec(), Some(s)))
+        }
+    }
+}
+
+fn check_channels(arg: &'static str, v: &[f32], o: usize) -> Result<()> {
+    if v.len() != o {
+        return Err(Error::invalid(
+            arg,
+            format!(
+                "expected {o} values (one per output channel), got {}",
+                v.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The epilogue bias: `b`, plus `(α⊙μ + β)` of a fused Compensation (rounded in that order, in f32).
+fn epilogue_bias(
+    bias: Option<&[f32]>,
+    comp: Option<&Compensation>,
+    o: usize,
+) -> Result<Option<Vec<f32>>> {
+    if let Some(b) = bias {
+        check_channels("bias", b, o)?;
+    }
+    let Some(c) = comp else {
+        return Ok(bias.map(|b| b.to_vec()));
+    };
+    check_channels("alpha", c.alpha, o)?;
+    check_channels("mu", c.mu, o)?;
+    check_channels("beta", c.beta, o)?;
+    let mut shift: Vec<f32> = (0..o).map(|i| c.alpha[i] * c.mu[i] + c.beta[i]).collect();
+    if let Some(b) = bias {
+        shift.iter_mut().zip(b).for_each(|(s, &bv)| *s += bv);
+    }
+    Ok(Some(shift))
+}
+
+/// Forward of an INT8 layer: writes `y` (`(N, O)` or `(N, O, OH, OW)`, see [`output_shape`]) and returns
+/// the state [`backward`] needs. `training` picks `config.act_rounding` for `X` (else nearest).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    layer: Layer,
+    config: Config,
+    x: &[f32],
+    x_shape: &[usize],
+    w: &[f32],
+    w_shape: &[usize],
+    bias: Option<&[f32]>,
+    comp: Option<Compensation>,
+    seed: u64,
+    training: bool,
+    y: &mut [f32],
+) -> Result<Saved> {
+    let (y_shape, conv) = shapes(layer, x_shape, w_shape)?;
+    crate::nn::check_len("x", x.len(), x_shape)?;
+    crate::nn::check_len("w", w.len(), w_shape)?;
+    crate::nn::check_len("y", y.len(), &y_shape)?;
+    config.prc.validate()?;
+    let o = w_shape[0];
+    let bias_eff = epilogue_bias(bias, comp.as_ref(), o)?;
+    let act = if training {
+        config.act_rounding
+    } else {
+        RoundMode::Nearest
+    };
+    let mut xq = vec![0i8; x.len()];
+    let mut sx = [1f32];
+    quantize_into(
+        x,
+        Layout::per_tensor(x.len()),
+        act.with_seed(seed),
+        Clip::None,
+        &mut xq,
+        &mut sx,
+    )?;
+    let mut wq = vec![0i8; w.len()];
+    let (w_layout, n_sw) = if config.per_channel_weights {
+        (Layout::from_shape(w_shape, Some(0), "w")?, o)
+    } else {
+        (Layout::per_tensor(w.len()), 1)
+    };
+    let mut sw = vec![0f32; n_sw];
+    let w_round = config.weight_rounding.with_seed(seed ^ WEIGHT_SEED_XOR);
+    quantize_into(w, w_layout, w_round, Clip::None, &mut wq, &mut sw)?;
+    let saved = Saved {
+        layer,
+        config,
+        seed,
+        x_shape: x_shape.to_vec(),
+        w_shape: w_shape.to_vec(),
+        y_shape,
+        xq,
+        sx: sx[0],
+        wq,
+        sw,
+        comp: comp.map(|c| (c.alpha.to_vec(), c.mu.to_vec())),
+    };
+    let swv = saved.sw_scale();
+    match (layer, conv) {
+        (Layer::Conv2d { stride, padding }, Some(s)) => {
+            conv2d_i8_forward(
+                &saved.xq,
+                [s.g.n, s.g.c, s.g.h, s.g.w],
+                saved.sx,
+                &saved.wq,
+                [o, s.g.c, s.g.kh, s.g.kw],
+                swv,
+                bias_eff.as_deref(),
+                stride,
+                padding,
+                y,
+            )?;
+        }
+        _ => {
+            let (n, k) = (x_shape[0], x_shape[1]);
+            let xm = MatRef::row_major(&saved.xq, n, k)?;
+            let wm = MatRef::row_major(&saved.wq, o, k)?;
+            gemm::gemm_i8_f32(
+                &xm,
+                &wm.t(),
+                Scale::Scalar(saved.sx),
+                swv,
+                bias_eff.as_deref(),
+                y,
+            )?;
+        }
+    }
+    Ok(saved)
+}
+
+/// The output shape of [`forward`] for these input and weight shapes.
+pub fn output_shape(layer: Layer, x_shape: &[usize], w_shape: &[usize]) -> Result<Vec<usize>> {
+    Ok(shapes(layer, x_shape, w_shape)?.0)
+}
+
+/// Backward of an INT8 layer from the FP32 output gradient `dy` (shape `saved.y_shape`): quantizes
+/// `dY` with PRC and the configured rounding, then writes the requested gradients of `grads`.
+pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
+    crate::nn::check_len("dy", dy.len(), &saved.y_shape)?;
+    let o = saved.out_channels();
+    let Grads { dx, dw, db, comp } = grads;
+    if let Some(d) = dx.as_deref() {
+        crate::nn::check_len("dx", d.len(), &saved.x_shape)?;
+    }
+    if let Some(d) = dw.as_deref() {
+        crate::nn::check_len("dw", d.len(), &saved.w_shape)?;
+    }
+    if let Some(d) = db.as_deref() {
+        check_channels("db", d, o)?;
+    }
+    if let Some((a, m, b)) = comp.as_ref() {
+        if saved.comp.is_none() {
+            return Err(Error::invalid(
+                "compensation",
+                "gradients asked for a Compensation that was not fused in forward",
+            ));
+        }
+        check_channels("dalpha", a, o)?;
+        check_channels("dmu", m, o)?;
+        check_channels("dbeta", b, o)?;
+    }
+    // Σ dY per output channel (the bias and Compensation gradients), in FP32 from the unclipped dY.
+    if db.is_some() || comp.is_some() {
+        let mut sums = take_f32(o);
+        channel_sums(dy, &saved.y_shape, &mut sums)?;
+        if let Some((da, dm, dbeta)) = comp {
+            let (alpha, mu) = saved.comp.as_ref().expect("checked above");
+            for i in 0..o {
+                da[i] = sums[i] * mu[i];
+                dm[i] = sums[i] * alpha[i];
+                dbeta[i] = sums[i];
+            }
+        }
+        if let Some(d) = db {
+            d.copy_from_slice(&sums);
+        }
+    }
+    if dx.is_none() && dw.is_none() {
+        return Ok(());
+    }
+    let cfg = saved.config;
+    let mut gq = vec![0i8; dy.len()];
+    let mut sg = [1f32];
+    let rounding = cfg.grad_rounding.with_seed(saved.seed ^ GRAD_SEED_XOR);
+    quantize_into(
+        dy,
+        Layout::per_tensor(dy.len()),
+        rounding,
+        cfg.prc,
+        &mut gq,
+        &mut sg,
+    )?;
+    let sg = sg[0];
+    let swv = saved.sw_scale();
+    match saved.layer {
+        Layer::Conv2d { stride, padding } => {
+            let xs: [usize; 4] = saved.x_shape[..].try_into().expect("checked in forward");
+            let ws: [usize; 4] = saved.w_shape[..].try_into().expect("checked in forward");
+            let mut scratch;
+            let dw = match dw {
+                Some(d) => d,
+                None => {
+                    scratch = take_f32(saved.wq.len());
+                    &mut scratch[..]
+                }
+            };
+            conv2d_i8_backward(
+                &saved.xq, xs, saved.sx, &saved.wq, ws, swv, &gq, sg, stride, padding, dx, dw,
+            )?;
+        }
+        Layer::Linear => {
+            let (n, k) = (saved.x_shape[0], saved.x_shape[1]);
+            let gm = MatRef::row_major(&gq, n, o)?;
+            if let Some(dw) = dw {
+                let xm = MatRef::row_major(&saved.xq, n, k)?;
+                gemm::gemm_i8_f32(
+                    &gm.t(),
+                    &xm,
+                    Scale::Scalar(sg),
+                    Scale::Scalar(saved.sx),
+                    None,
+                    dw,
+                )?;
+            }
+            if let Some(dx) = dx {
+                let wm = MatRef::row_major(&saved.wq, o, k)?;
+                match swv {
+                    Scale::Scalar(s) => {
+                        gemm::gemm_i8_f32(&gm, &wm, Scale::Scalar(sg), Scale::Scalar(s), None, dx)?
+                    }
+                    Scale::PerIndex(swc) => {
+                        // dX = Σ_o (dYq·sdy·sw[o])·Wq: FP32 on the integer codes (see the module docs).
+                        let mut g = take_f32(n * o);
+                        for (row, qrow) in
+                            g.chunks_exact_mut(o.max(1)).zip(gq.chunks_exact(o.max(1)))
+                        {
+                            for ((d, &q), &s) in row.iter_mut().zip(qrow).zip(swc) {
+                                *d = q as f32 * (sg * s);
+                            }
+                        }
+                        let wf: Vec<f32> = saved.wq.iter().map(|&v| v as f32).collect();
+                        let gmf = MatF32::row_major(&g, n, o)?;
+                        let wmf = MatF32::row_major(&wf, o, k)?;
+                        let par = n * o * k >= crate::nn::matmul::PAR_MIN_MACS
+                            && threads::num_threads() > 1;
+                        // SAFETY: dx is N×K (checked), row stride K, not aliased by the operands.
+                        unsafe { sgemm(&gmf, &wmf, dx.as_mut_ptr(), k, false, par) };
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
