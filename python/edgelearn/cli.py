@@ -231,11 +231,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         edgelearn.set_num_threads(args.threads)
-    _check_checkpoint_flags(args, getattr(args, "explicit", set()))
-    args.__dict__.pop("explicit", None)
     for flag in ("checkpoint", "log_csv", "log_json", "plot"):
         if getattr(args, flag, None):
             _writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+    _check_checkpoint_flags(args, getattr(args, "explicit", set()))
+    args.__dict__.pop("explicit", None)
     if args.lr is None:
         args.lr = 0.02 if args.optimizer == "sgd" else 0.002
     compare = args.compare
