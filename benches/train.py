@@ -3,14 +3,22 @@ PyTorch FP32 on the same model, data and seed when torch is importable.
 
 Every edgelearn row is one fresh ``edgelearn train --json`` process (so peak RSS belongs to that run alone);
 the PyTorch row trains the same architecture with the same data order, optimizer and schedule in its own
-process. Training memory = peak RSS over the training steps minus RSS just before the first step (see
-``edgelearn.train``: the kernel's high-water mark is reset before and read after each epoch's steps, so data
-loading and evaluation do not count; the PyTorch row is measured the same way).
+process, with the same BatchNorm re-estimation after each epoch as ``fit`` (32 batches of a seeded sample).
+Training memory ("train MB") is measured after one warm-up step for every row: peak RSS over the later training
+steps minus the RSS right after the first step; "cold MB" beside it is the peak over all steps minus the RSS
+before the first (see ``edgelearn.train``: the kernel's high-water mark is reset and read around the steps, so
+data loading and evaluation do not count; the PyTorch row is measured the same way). Each edgelearn row checks
+that its run reports the settings the row names (precision, LAC, PRC mode).
 
     python benches/train.py                                  # Fashion-MNIST, 3 epochs, CNN and MLP, 1 and 2 threads
     python benches/train.py --dataset digits --epochs 2      # quick run on the bundled dataset
     python benches/train.py --models cnn --threads 1 --batch-size 256 --epochs 1   # memory comparison
     python benches/train.py --models cnn --threads 1 --repeat 3   # median speed of 3 interleaved runs each
+    python benches/train.py --models resnet20 mobilenet_v2 --image-size 32 --width-mult 0.5 \
+        --train-subset 15000 --rows fp32 int8       # the edge architectures on Fashion-MNIST at 32x32
+
+The PyTorch rows of ``resnet20`` / ``mobilenet_v2`` / ``resnet18`` are built from plain ``torch.nn`` with the
+zoo's architecture (same stems for small images, same widths), data, order and schedule.
 
 With ``--repeat N`` every row runs N times, in N rounds that each run all rows in turn (so drift of a busy
 or thermally throttled machine hits every row alike); the table shows the median images/s (the JSON also
@@ -32,13 +40,36 @@ ROWS = [
     ("edgelearn int8 (LAC+PRC)", ["--precision", "int8"]),
     ("edgelearn int8, no LAC", ["--precision", "int8", "--no-lac"]),
     ("edgelearn int8, no PRC", ["--precision", "int8", "--prc", "none"]),
+    ("edgelearn int8, PRC sigma", ["--precision", "int8", "--prc", "sigma"]),
 ]
+#: What each row's run must report having done (its JSON line), so a row never silently measures another setting.
+ROW_EXPECTS = {
+    "edgelearn fp32": {"precision": "fp32"},
+    "edgelearn int8 (LAC+PRC)": {"precision": "int8", "lac": True, "prc": "minmax"},
+    "edgelearn int8, no LAC": {"precision": "int8", "lac": False, "prc": "minmax"},
+    "edgelearn int8, no PRC": {"precision": "int8", "lac": True, "prc": None},
+    "edgelearn int8, PRC sigma": {"precision": "int8", "lac": True, "prc": "sigma"},
+}
 
 
-def run_edgelearn(model, flags, args, threads):
+ROW_KEYS = {"fp32": "edgelearn fp32", "int8": "edgelearn int8 (LAC+PRC)", "no-lac": "edgelearn int8, no LAC",
+            "no-prc": "edgelearn int8, no PRC", "prc-sigma": "edgelearn int8, PRC sigma"}
+
+
+def data_flags(args):
+    out = []
+    if args.image_size:
+        out += ["--image-size", str(args.image_size)]
+    if args.train_subset:
+        out += ["--train-subset", str(args.train_subset)]
+    return out
+
+
+def run_edgelearn(name, model, flags, args, threads):
     cmd = [sys.executable, "-m", "edgelearn", "train", "--dataset", args.dataset, "--model", model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--threads", str(threads), "--no-progress", "--json", *flags]
+           "--threads", str(threads), "--no-progress", "--compare", "none", "--json",
+           "--width-mult", str(args.width_mult), *data_flags(args), *flags]
     env = dict(os.environ, EDGELEARN_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -46,6 +77,9 @@ def run_edgelearn(model, flags, args, threads):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t0
+    wrong = {k: (out.get(k), v) for k, v in ROW_EXPECTS[name].items() if out.get(k) != v}
+    if wrong:
+        raise SystemExit(f"row {name!r} ran with other settings than it names (got, expected): {wrong}")
     return out
 
 
@@ -59,9 +93,67 @@ torch.set_num_threads(args["threads"])
 torch.manual_seed(args["seed"])
 splits = eldata.get_dataset(args["dataset"], seed=args["seed"])
 train, test = splits.train, splits.test
+if args.get("train_subset"):
+    train = eldata.stratified_subset(train, args["train_subset"], seed=args["seed"])
+if args.get("image_size"):
+    train, test = eldata.fit_images(train, args["image_size"]), eldata.fit_images(test, args["image_size"])
 c, h, w = train.image_shape
 k = train.num_classes
-if args["model"] == "mlp":
+nn = torch.nn
+small = min(h, w) < 64
+
+def bn_conv(i, o, k=3, s=1, g=1, act=True):
+    layers = [nn.Conv2d(i, o, k, s, (k - 1) // 2, groups=g, bias=False), nn.BatchNorm2d(o)]
+    return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+
+class Basic(nn.Module):
+    def __init__(self, i, o, s):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o)
+        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o)
+        self.relu = nn.ReLU()
+        self.down = None if s == 1 and i == o else nn.Sequential(nn.Conv2d(i, o, 1, s, bias=False), nn.BatchNorm2d(o))
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.down is None else self.down(x)))
+
+def resnet(layers, widths, stem):
+    mods = ([nn.Conv2d(c, widths[0], 3, 1, 1, bias=False)] if stem == "cifar" else
+            [nn.Conv2d(c, widths[0], 7, 2, 3, bias=False)])
+    mods += [nn.BatchNorm2d(widths[0]), nn.ReLU()] + ([] if stem == "cifar" else [nn.MaxPool2d(3, 2, 1)])
+    prev = widths[0]
+    for i, (n, o) in enumerate(zip(layers, widths)):
+        for j in range(n):
+            mods.append(Basic(prev, o, 2 if i > 0 and j == 0 else 1)); prev = o
+    return nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, k))
+
+class Inverted(nn.Module):
+    def __init__(self, i, o, s, t):
+        super().__init__()
+        hid = int(round(i * t)); self.res = s == 1 and i == o
+        layers = ([bn_conv(i, hid, 1)] if t != 1 else []) + [bn_conv(hid, hid, 3, s, hid), bn_conv(hid, o, 1, act=False)]
+        self.conv = nn.Sequential(*layers)
+    def forward(self, x):
+        return x + self.conv(x) if self.res else self.conv(x)
+
+def mobilenet_v2(wm):
+    from edgelearn.models.mobilenet import _SETTING, _make_divisible
+    ch = _make_divisible(32 * wm); last = _make_divisible(1280 * max(1.0, wm))
+    mods = [bn_conv(c, ch, 3, 1 if small else 2)]
+    for idx, (t, co, n, s) in enumerate(_SETTING):
+        o = _make_divisible(co * wm); s = 1 if small and idx == 1 else s
+        for j in range(n):
+            mods.append(Inverted(ch, o, s if j == 0 else 1, t)); ch = o
+    mods += [bn_conv(ch, last, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(last, k)]
+    return nn.Sequential(*mods)
+
+if args["model"] == "resnet20":
+    model = resnet([3, 3, 3], [16, 32, 64], "cifar")
+elif args["model"] == "resnet18":
+    model = resnet([2, 2, 2, 2], [64, 128, 256, 512], "cifar" if small else "imagenet")
+elif args["model"] == "mobilenet_v2":
+    model = mobilenet_v2(args["width_mult"])
+elif args["model"] == "mlp":
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, 256), torch.nn.ReLU(),
                                 torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, k))
 else:
@@ -83,16 +175,46 @@ def rss_mb():
 # measured as edgelearn.train.fit does: same allocator setting, RSS before the first step, peak (VmHWM reset
 # before each epoch's first step) read after its last step, so data loading and evaluation are not counted
 from edgelearn.train import _hwm_rss_mb, _reset_peak_rss, release_large_buffers
+
+
+def recalibrate_batchnorm(seed):
+    # what edgelearn.train.recalibrate_batchnorm does after each epoch of fit: running statistics re-estimated
+    # as the exact average over 32 batches of a seeded sample of the training images, other layers in eval mode
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not bns:
+        return
+    n = min(len(train), 32 * args["batch_size"])
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats(); bn.momentum = None; bn.train()  # momentum None: cumulative average
+    with torch.no_grad():
+        for s in range(0, n, args["batch_size"]):
+            model(torch.from_numpy(np.ascontiguousarray(train.images[idx[s:s + args["batch_size"]]])))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.train()
+
+
 release_large_buffers()
 before = rss_mb()
+after_first, warm_peak = 0.0, 0.0
 seen, secs, train_peak = 0, 0.0, 0.0
 for epoch in range(args["epochs"]):
     model.train(); loader.set_epoch(epoch); reset = _reset_peak_rss(); t0 = time.perf_counter()
     for x, y in loader:
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad(); loss.backward(); opt.step(); seen += len(y)
+        if not after_first:  # one warm-up step: the warm memory figure starts here (as fit does)
+            first = _hwm_rss_mb() if reset else None
+            if first is not None:
+                train_peak = max(train_peak, first)
+            after_first = rss_mb(); reset = _reset_peak_rss()
+    recalibrate_batchnorm(args["seed"] + 7919 * (epoch + 1))
     secs += time.perf_counter() - t0; sched.step()
     hwm = _hwm_rss_mb() if reset else None
+    if hwm is not None:
+        warm_peak = max(warm_peak, hwm)
     train_peak = max(train_peak, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 model.eval(); correct = 0
 with torch.no_grad():
@@ -100,13 +222,17 @@ with torch.no_grad():
         correct += int((model(torch.from_numpy(test.images[i:i+512])).argmax(1).numpy() == test.labels[i:i+512]).sum())
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, train_peak)
 print(json.dumps({"test_accuracy": correct / len(test), "train_images_per_s": seen / secs, "peak_rss_mb": peak,
-                  "rss_before_first_step_mb": before, "train_memory_mb": max(0.0, train_peak - before)}))
+                  "rss_before_first_step_mb": before, "train_memory_mb": max(0.0, train_peak - before),
+                  "train_memory_warm_mb": max(0.0, warm_peak - after_first) if warm_peak and after_first
+                  else max(0.0, train_peak - before)}))
 '''
 
 
 def run_torch(model, args, threads):
     payload = json.dumps({"model": model, "dataset": args.dataset, "epochs": args.epochs,
-                          "batch_size": args.batch_size, "seed": args.seed, "threads": threads})
+                          "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
+                          "image_size": args.image_size, "train_subset": args.train_subset,
+                          "width_mult": args.width_mult})
     proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, payload], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"PyTorch baseline failed:\n{proc.stderr[-2000:]}")
@@ -123,7 +249,14 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp"])
+    ap.add_argument("--models", nargs="+", default=["cnn", "mlp"],
+                    choices=["cnn", "mlp", "resnet20", "mobilenet_v2", "resnet18"])
+    ap.add_argument("--width-mult", type=float, default=1.0, help="mobilenet_v2 width multiplier")
+    ap.add_argument("--image-size", type=int, default=None, help="pad/resize images to SxS (32 for the zoo)")
+    ap.add_argument("--train-subset", type=int, default=None, help="stratified subset of N training images")
+    ap.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=list(ROW_KEYS),
+                    help="edgelearn rows to run (default all: fp32, int8 and the two ablations)")
+    ap.add_argument("--no-torch", action="store_true", help="leave out the PyTorch FP32 row")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per row, interleaved in rounds; the table shows the median images/s")
@@ -131,23 +264,25 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    have_torch = torch_available()
+    have_torch = not args.no_torch and torch_available()
+    rows_run = [(name, flags) for name, flags in ROWS if name in {ROW_KEYS[r] for r in args.rows}]
     if not have_torch:
         print("note: torch is not importable; the PyTorch FP32 row is left out")
     print(f"dataset={args.dataset} epochs={args.epochs} batch={args.batch_size} seed={args.seed}")
-    header = f"{'model':<5} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} {'train MB':>9}"
+    header = (f"{'model':<12} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} "
+              f"{'train MB':>9} {'cold MB':>8}")
     print(header)
     print("-" * len(header))
     results = []
     for model in args.models:
         for threads in args.threads:
             fp32_speed = None
-            runs = {name: [] for name, _ in ROWS}
+            runs = {name: [] for name, _ in rows_run}
             if have_torch:
                 runs["pytorch fp32"] = []
             for _ in range(args.repeat):
-                for name, flags in ROWS:
-                    runs[name].append(run_edgelearn(model, flags, args, threads))
+                for name, flags in rows_run:
+                    runs[name].append(run_edgelearn(name, model, flags, args, threads))
                 if have_torch:
                     runs["pytorch fp32"].append(run_torch(model, args, threads))
             rows = []
@@ -161,9 +296,9 @@ def main(argv=None):
                 if name == "edgelearn fp32":
                     fp32_speed = r["train_images_per_s"]
                 ratio = r["train_images_per_s"] / fp32_speed if fp32_speed else float("nan")
-                print(f"{model:<5} {threads:>3}  {name:<26} {100 * r['test_accuracy']:>7.2f}% "
+                print(f"{model:<12} {threads:>3}  {name:<26} {100 * r['test_accuracy']:>7.2f}% "
                       f"{r['train_images_per_s']:>8.0f} {ratio:>7.2f}x {r['peak_rss_mb']:>8.1f} "
-                      f"{r['train_memory_mb']:>9.1f}", flush=True)
+                      f"{r['train_memory_warm_mb']:>9.1f} {r['train_memory_mb']:>8.1f}", flush=True)
                 results.append({"model": model, "threads": threads, "run": name, **r})
     if args.json:
         with open(args.json, "w") as f:

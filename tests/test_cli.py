@@ -220,3 +220,18 @@ def test_train_missing_dataset_says_how_to_get_it(tmp_path):
 def test_train_rejects_unknown_dataset():
     r = run_cli("train", "--dataset", "imagenet")
     assert r.returncode == 2 and "unknown name" in r.stderr
+
+
+@pytest.mark.parametrize("no_lac", [False, True])
+def test_train_no_lac_trains_without_compensation_layers(tmp_path, capsys, no_lac):
+    """``--no-lac`` reaches the model: its checkpoint holds no Compensation parameters (and with LAC on, one
+    (alpha, mu, beta) triple per INT8 layer)."""
+    from safetensors.numpy import load_file
+
+    ckpt = tmp_path / "run.safetensors"
+    flags = ["--no-lac"] if no_lac else []
+    result, _ = main_json(capsys, "train", "--dataset", "digits", "--model", "mlp", "--precision", "int8",
+                          "--epochs", "1", "--no-progress", "--json", "--checkpoint", str(ckpt), *flags)
+    assert result["lac"] is (not no_lac)
+    comp = [k for k in load_file(str(ckpt)) if k.endswith((".alpha", ".mu", ".beta"))]
+    assert (comp == []) is no_lac, comp

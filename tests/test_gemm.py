@@ -229,3 +229,31 @@ def test_backend_info_fields():
     assert {"cpu_features", "kernel", "threads", "version"} <= set(info)
     assert info["kernel"] in edgelearn.available_kernels()
     assert info["version"] == edgelearn.__version__
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_of_a_thread_that_owns_the_pool_runs_kernels():
+    """The main thread of a fresh process with 2 threads becomes worker 0 of its pool (it takes part in every
+    parallel op); after fork its workers are gone, and the child must neither hang nor compute wrongly."""
+    import subprocess
+    import sys
+
+    code = r'''
+import os, numpy as np, edgelearn
+from edgelearn import _native
+assert edgelearn.get_num_threads() == 2
+a = np.ones((300, 300), np.int8)
+edgelearn.gemm_i8(a, a)
+x = np.random.default_rng(0).standard_normal((1 << 20,)).astype(np.float32)
+q0, s0 = edgelearn.quantize(x, rounding="stochastic", seed=3)
+pid = os.fork()
+if pid == 0:
+    q, s = edgelearn.quantize(x, rounding="stochastic", seed=3)
+    ok = bool((edgelearn.gemm_i8(a, a) == 300).all()) and np.array_equal(q, q0) and s == s0
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.WEXITSTATUS(status))
+'''
+    env = dict(os.environ, EDGELEARN_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -93,3 +93,37 @@ def test_sequential_never_overwrites_its_input():
     before = x.numpy().copy()
     model(x)
     np.testing.assert_array_equal(x.numpy(), before)
+
+
+def test_inplace_paths_are_taken_by_contract(monkeypatch):
+    """The in-place variants run in a plain Sequential step (donated activations, gradients the autograd
+    sweep owns), and never when the caller keeps the intermediates: the optimisation cannot switch off (or
+    on) silently."""
+    from edgelearn import _native
+
+    names = ["batchnorm2d_forward_", "relu_forward_mask_", "batchnorm2d_backward_i8_", "relu_backward_mask_"]
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(_native, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(_native, name, counted)
+    rng = np.random.default_rng(1)
+    x = rng.random((4, 1, 12, 12), dtype=np.float32)
+    y = rng.integers(0, 10, 4)
+    _run(_model(), x, y, layer_by_layer=False)
+    assert all(calls[n] >= 2 for n in names), calls  # two BN/ReLU blocks or more in the CNN
+    calls.update(dict.fromkeys(names, 0))
+    _run(_model(), x, y, layer_by_layer=True)
+    assert calls["batchnorm2d_forward_"] == 0 and calls["relu_forward_mask_"] == 0, calls
+
+
+def test_a_gradient_the_caller_passed_is_never_overwritten():
+    model = _model()
+    out = model(edgelearn.tensor(np.random.default_rng(2).random((3, 1, 12, 12), dtype=np.float32)))
+    g = np.ones(out.shape, np.float32)
+    out.backward(g)
+    np.testing.assert_array_equal(g, 1.0)

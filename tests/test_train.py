@@ -150,3 +150,23 @@ def test_reference_models_have_the_documented_shapes():
     assert [c.weight.numpy().shape[0] for c in convs] == [16, 32, 64]
     with pytest.raises(ValueError, match="model"):
         build_model("resnet", (1, 8, 8), 10)
+
+
+def test_fit_re_estimates_batchnorm_statistics_after_each_epoch(digits_small):
+    """After ``fit`` (default settings) the running statistics are the exact re-estimate on the final
+    weights: re-estimating again with fit's sample changes nothing. Without re-estimation they would be the
+    exponential average taken while the weights moved."""
+    from edgelearn.train import recalibrate_batchnorm
+
+    train, _ = digits_small
+    edgelearn.manual_seed(1)
+    model = edgelearn.octo(cnn(1, 10, 8, channels=(4, 8)))
+    opt = optim.SGD(list(model.parameters()), lr=0.05, momentum=0.9)
+    fit(model, opt, train, None, 1, batch_size=32, seed=4, progress=False, verbose=False)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    after_fit = [(bn.running_mean.copy(), bn.running_var.copy()) for bn in bns]
+    loader = data.DataLoader(train, batch_size=32, shuffle=True, seed=4)
+    recalibrate_batchnorm(model, loader, batches=32, batch_size=32, seed=4 + 7919)
+    for bn, (mean, var) in zip(bns, after_fit):
+        np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)

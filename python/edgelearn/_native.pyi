@@ -4,6 +4,58 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
+from typing import final
+
+__all__ = [
+    "__version__",
+    "KernelUnavailableError",
+    "gemm_i8",
+    "gemm_i8_f32",
+    "backend_info",
+    "available_kernels",
+    "set_kernel",
+    "set_num_threads",
+    "get_num_threads",
+    "set_memory_limit",
+    "get_memory_limit",
+    "_quantize",
+    "_dequantize",
+    "matmul_f32",
+    "channel_sums",
+    "conv2d_f32_forward",
+    "conv2d_f32_backward",
+    "conv2d_i8_forward",
+    "conv2d_i8_backward",
+    "batchnorm2d_forward",
+    "batchnorm2d_backward",
+    "relu_forward",
+    "relu_backward",
+    "relu_forward_mask",
+    "relu_backward_mask",
+    "batchnorm2d_backward_i8",
+    "batchnorm2d_forward_",
+    "batchnorm2d_backward_i8_",
+    "relu_forward_mask_",
+    "relu_backward_mask_",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+    "avgpool2d_forward",
+    "avgpool2d_backward",
+    "sgd_step",
+    "conv2d_grouped_f32_forward",
+    "conv2d_grouped_f32_backward",
+    "conv2d_grouped_i8_forward",
+    "conv2d_grouped_i8_backward",
+    "OctoSaved",
+    "octo_forward",
+    "octo_backward",
+    "FrameError",
+    "_sgq_encode",
+    "_sgq_decode",
+    "_sgq_frame_info",
+    "_sgq_channel_order",
+    "PatchSkip",
+]
 
 __version__: str
 
@@ -32,7 +84,7 @@ def get_memory_limit() -> Tuple[int, str]: ...
 def _quantize(
     x: npt.NDArray[np.float32],
     per_channel_axis: Optional[int] = None,
-    rounding: str = "nearest",
+    rounding: str = ...,
     seed: Optional[int] = None,
     clip: Optional[tuple[str, float]] = None,
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]: ...
@@ -81,6 +133,49 @@ def conv2d_i8_backward(
     padding: Optional[_Pair] = None,
     need_dx: bool = True,
 ) -> tuple[Optional[_F32], _F32]: ...
+def conv2d_grouped_f32_forward(
+    x: _F32,
+    w: _F32,
+    bias: Optional[_F32] = None,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+) -> _F32: ...
+def conv2d_grouped_f32_backward(
+    x: _F32,
+    w: _F32,
+    dy: _F32,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32, _F32]: ...
+def conv2d_grouped_i8_forward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    bias: Optional[_F32] = None,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+) -> _F32: ...
+def conv2d_grouped_i8_backward(
+    xq: npt.NDArray[np.int8],
+    sx: float,
+    wq: npt.NDArray[np.int8],
+    sw: Union[float, _F32],
+    dyq: npt.NDArray[np.int8],
+    sdy: float,
+    stride: Optional[_Pair] = None,
+    padding: Optional[_Pair] = None,
+    dilation: Optional[_Pair] = None,
+    groups: int = 1,
+    need_dx: bool = True,
+) -> tuple[Optional[_F32], _F32]: ...
 def batchnorm2d_forward(
     x: _F32,
     gamma: Optional[_F32],
@@ -96,6 +191,67 @@ def batchnorm2d_backward(
 ) -> tuple[_F32, _F32, _F32]: ...
 def relu_forward(x: _F32) -> _F32: ...
 def relu_backward(dy: _F32, y: _F32) -> _F32: ...
+
+# ReLU saving a bit mask (uint8, packed) instead of its output; `_` variants work in place on x / dy.
+def relu_forward_mask(x: _F32) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
+def relu_forward_mask_(x: _F32) -> npt.NDArray[np.uint8]: ...
+def relu_backward_mask(dy: _F32, mask: npt.NDArray[np.uint8]) -> _F32: ...
+def relu_backward_mask_(dy: _F32, mask: npt.NDArray[np.uint8]) -> None: ...
+
+# BatchNorm with an int8 saved input; `_` variants normalise x in place / overwrite dy with dx.
+def batchnorm2d_forward_(
+    x: _F32,
+    gamma: Optional[_F32],
+    beta: Optional[_F32],
+    running_mean: _F32,
+    running_var: _F32,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[_F32, _F32]: ...
+def batchnorm2d_backward_i8(
+    dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
+) -> tuple[_F32, _F32, _F32]: ...
+def batchnorm2d_backward_i8_(
+    dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
+) -> tuple[_F32, _F32]: ...
+
+# --- the Octo INT8 layer step: one call per direction, the state between them opaque ---
+@final
+class OctoSaved:
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def input_shape(self) -> list[int]: ...
+    def input_codes(self) -> tuple[npt.NDArray[np.int8], float]: ...
+
+def octo_forward(
+    x: _F32,
+    w: _F32,
+    bias: Optional[_F32],
+    compensation: Optional[tuple[_F32, _F32, _F32]],
+    stride: Optional[tuple[int, int]],
+    padding: Optional[tuple[int, int]],
+    act_rounding: str,
+    weight_rounding: str,
+    grad_rounding: str,
+    prc: Optional[tuple[str, float]],
+    per_channel_weights: bool,
+    seed: int,
+    training: bool,
+    dilation: Optional[tuple[int, int]] = None,
+    groups: int = 1,
+) -> tuple[_F32, OctoSaved]: ...
+def octo_backward(
+    saved: OctoSaved,
+    dy: _F32,
+    need_dx: bool = True,
+    need_dw: bool = True,
+    need_db: bool = True,
+    need_comp: bool = False,
+) -> tuple[
+    Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32]
+]: ...
 def maxpool2d_forward(
     x: _F32, kernel: _Pair, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None
 ) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
@@ -134,14 +290,14 @@ class FrameError(ValueError): ...
 
 def _sgq_encode(
     x: npt.NDArray[np.float32],
-    mode: str = "sgq",
+    mode: str = ...,
     bits: int = 4,
     group: int = 4,
     stripe_rows: int = 0,
-    rounding: str = "nearest",
+    rounding: str = ...,
     seed: Optional[int] = None,
     order: Optional[list[int]] = None,
-    ranges: str = "sample",
+    ranges: str = ...,
     send_order: bool = True,
     constant_blocks: bool = False,
 ) -> bytes: ...
@@ -150,9 +306,10 @@ def _sgq_frame_info(frame: bytes) -> dict[str, Any]: ...
 def _sgq_channel_order(x: npt.NDArray[np.float32]) -> list[int]: ...
 
 # --- patch-skip video runner (edgelearn.video.PatchSkipRunner builds it from a Sequential) ---------------
+@final
 class PatchSkip:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         patch: int = 16,
         threshold: float = 0.0,
         refresh_every: int = 0,
@@ -160,10 +317,25 @@ class PatchSkip:
         error_bound: float = 0.0,
         int8_scales: str = "frozen",
         dense_above: float = 0.85,
+    ) -> PatchSkip: ...
+    def add_conv(
+        self,
+        weight: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
-    def add_conv(self, weight: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def add_conv_i8(
-        self, wq: np.ndarray, sw: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]
+        self,
+        wq: np.ndarray,
+        sw: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
     def add_affine(self, a: np.ndarray, b: np.ndarray) -> None: ...
     def add_batchnorm(self, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> None: ...
@@ -171,5 +343,12 @@ class PatchSkip:
     def add_maxpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def add_avgpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def run(self, frame: np.ndarray) -> np.ndarray: ...
+    def run_u8(
+        self,
+        frame: np.ndarray,
+        channels: Optional[int] = None,
+        mean: Optional[np.ndarray] = None,
+        std: Optional[np.ndarray] = None,
+    ) -> np.ndarray: ...
     def reset(self) -> None: ...
     def stats(self) -> Dict[str, Any]: ...

@@ -15,6 +15,9 @@ import shlex
 import sys
 from typing import NoReturn
 
+#: ``edgelearn.models.MODEL_NAMES``, written out so building the parser imports nothing heavy (a test checks).
+TRAIN_MODELS = ("mlp", "cnn", "resnet20", "resnet18", "mobilenet_v2")
+
 DESCRIPTION = """\
 On-device training for small ARM boards and any CPU: INT8 training (Octo), SGQ-compressed split learning and
 PASS patch-skip video inference. Start with `edgelearn train` (an INT8 CNN on scikit-learn's digits, compared
@@ -244,6 +247,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.compare = compare
     splits = eldata.get_dataset(args.dataset, seed=args.seed)
     train, test = splits.train, splits.test
+    if getattr(args, "train_subset", None):
+        train = eldata.stratified_subset(train, args.train_subset, seed=args.seed)
+    if getattr(args, "image_size", None):
+        train, test = eldata.fit_images(train, args.image_size), eldata.fit_images(test, args.image_size)
 
     if not args.json:
         octo = ""
@@ -278,6 +285,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "rss_before_first_step_mb": summary["rss_before_first_step_mb"],
         "train_peak_rss_mb": summary["train_peak_rss_mb"],
         "train_memory_mb": summary["train_memory_mb"],
+        "train_memory_warm_mb": summary["train_memory_warm_mb"],
         "resumed_from_epoch": summary["resumed_from_epoch"],
         "final_train_loss": history.records[-1]["train_loss"] if len(history) else None,
         "checkpoint": args.checkpoint,
@@ -448,7 +456,7 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         raise
     result.update(dataset=args.dataset, server=args.server, seconds=time.perf_counter() - t0)
     up, down = result["bytes_up_per_sample"], result["bytes_down_per_sample"]
-    _say_flush(f"trained {result['steps']} steps ({result['train_samples']} samples): train loss "
+    _say_flush(f"trained {plural(result['steps'], 'step')} ({plural(result['train_samples'], 'sample')}): train loss "
                f"{result['train_loss']:.4f}, feature rel. L2 error {result['feature_rel_l2'] or 0:.4f}, "
                f"gradient {result['grad_rel_l2'] or 0:.4f}")
     if up is not None:
@@ -480,8 +488,7 @@ def _add_collab_parser(sub) -> None:
                     "back. The cloud decides the model, split and seed; edges send their data's shape.")
     csub = p_collab.add_subparsers(dest="collab_command", metavar="ACTION")
     csub.required = True
-    from edgelearn.collab.cloud import MAX_INPUT_ELEMENTS
-    from edgelearn.collab.transport import IDLE_TIMEOUT
+    from edgelearn.collab.protocol import IDLE_TIMEOUT, MAX_INPUT_ELEMENTS
 
     max_mb = MAX_MESSAGE_BYTES / 2**20
     message_mb = _number(float, 0, 2047, lo_open=True)  # gRPC lengths are int32
@@ -679,9 +686,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
           f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
+    split = summary["time_split_ms"]
+    print(f"time per frame {summary['mean_frame_ms']:.2f} ms: gate {split['gate']:.2f}, bookkeeping {split['bookkeeping']:.2f}, "
+          f"recompute {split['recompute']:.2f}, tail {split['tail']:.2f}, other {split['other']:.2f} ms")
     if args.compare_dense:
-        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
-        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
+        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x "
+              f"(ideal 1/work {summary['ideal_speedup']:.2f}x: {100 * summary['realised_fraction']:.0f}% realised)")
+        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}; "
+              f"prediction agreement (argmax) mean {100 * summary['mean_agreement']:.2f}%, min {100 * summary['min_agreement']:.2f}%")
     if args.save_plot:
         print(f"plot written to {args.save_plot}")
     return 0
@@ -700,12 +712,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with defaults in the help, and a usage error as one ``edgelearn: error: ...`` line (the usage is
-    one ``--help`` away)."""
+    """Every command's parser: option defaults in --help (also for options declared without a help text), and a
+    usage error as one ``edgelearn: error: ...`` line (the usage is one ``--help`` away)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if (kwargs.get("help") is None and args and str(args[0]).startswith("-")
+                and kwargs.get("default") not in (None, False, argparse.SUPPRESS)):
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"edgelearn: error: {message} (see '{self.prog} --help')\n")
@@ -748,7 +766,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--dataset", default="digits",
                          help="digits (default: scikit-learn's 1,797 8x8 digits, seconds), mnist5k, fashion-mnist, "
                               "idx:PATH (directory or DIR/PREFIX of the four IDX files) or cifar10:PATH")
-    p_train.add_argument("--model", choices=("mlp", "cnn"), default="cnn", help="architecture")
+    p_train.add_argument("--model", choices=TRAIN_MODELS, default="cnn",
+                         help="architecture: mlp, cnn, resnet20 (CIFAR ResNet-20), resnet18, mobilenet_v2 "
+                              "(torchvision layouts; ImageNet stems adapt to images below 64 pixels)")
+    p_train.add_argument("--width-mult", type=float, default=1.0,
+                         help="mobilenet_v2: width multiplier (default 1.0; 0.5 and 0.35 are the edge sizes)")
+    p_train.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                         help="pad (centred, zeros) or resize (bilinear) every image to SxS, e.g. 32 for "
+                              "Fashion-MNIST on resnet20/mobilenet_v2")
+    p_train.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                         help="train on a stratified subset of N training images (same share of every class, "
+                              "drawn with --seed); the test set stays whole")
     p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8",
                          help="int8: Octo INT8 training (LAC + PRC); fp32: the baseline")
     p_train.add_argument("--compare", choices=("auto", "fp32", "int8", "none"), default="auto",

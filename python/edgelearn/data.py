@@ -44,6 +44,8 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "Splits",
+    "stratified_subset",
+    "fit_images",
     "get_dataset",
     "load_cifar10",
     "load_digits",
@@ -618,6 +620,48 @@ class DataLoader:
             if self.augment is not None:
                 x = self.augment(x, aug_rng)
             yield x, labels[idx]
+
+
+def stratified_subset(ds: "ArrayDataset", n: int, seed: int = 0) -> "ArrayDataset":
+    """``n`` images of ``ds`` with every class in the same share as in ``ds`` (rounded, at least one per
+    present class), drawn with ``seed``; order shuffled. ``n >= len(ds)`` returns ``ds``."""
+    if n >= len(ds):
+        return ds
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of images, got {n}")
+    rng = np.random.default_rng(seed)
+    labels = ds.labels
+    classes, counts = np.unique(labels, return_counts=True)
+    want = np.maximum(1, np.round(counts * (n / len(ds))).astype(int))
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, want)]
+    idx = rng.permutation(np.concatenate(picks))[:n]
+    return ArrayDataset(ds.images[idx], labels[idx], ds.name, ds.classes)
+
+
+def fit_images(ds: "ArrayDataset", size: int) -> "ArrayDataset":
+    """``ds`` with every image brought to ``size x size``: zero-padded, centred, when it is smaller on both sides
+    (28x28 Fashion-MNIST -> 32x32, as LeNet-5 padded MNIST); otherwise resized bilinearly."""
+    n, c, h, w = ds.images.shape
+    if size < 1:
+        raise ValueError(f"size: expected a positive image size, got {size}")
+    if (h, w) == (size, size):
+        return ds
+    if h <= size and w <= size:
+        out = np.zeros((n, c, size, size), np.float32)
+        top, left = (size - h) // 2, (size - w) // 2
+        out[:, :, top:top + h, left:left + w] = ds.images
+    else:
+        def axis(src: int):
+            pos = np.clip((np.arange(size) + 0.5) * src / size - 0.5, 0, src - 1)
+            lo = np.floor(pos).astype(int)
+            hi = np.minimum(lo + 1, src - 1)
+            return lo, hi, (pos - lo).astype(np.float32)
+
+        (y0, y1, fy), (x0, x1, fx) = axis(h), axis(w)
+        im = ds.images
+        rows = im[:, :, y0, :] * (1 - fy)[:, None] + im[:, :, y1, :] * fy[:, None]
+        out = (rows[:, :, :, x0] * (1 - fx) + rows[:, :, :, x1] * fx).astype(np.float32)
+    return ArrayDataset(out, ds.labels, ds.name, ds.classes)
 
 
 from .imagefolder import ImageFolder, load_image_folder  # noqa: E402  (it builds on Splits above)

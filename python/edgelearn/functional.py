@@ -10,7 +10,6 @@ Arrays handed to the core are float32 and C-contiguous (``_c`` makes them so onl
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -26,6 +25,9 @@ __all__ = [
     "conv2d_int8",
     "batch_norm2d",
     "relu",
+    "relu6",
+    "hardswish",
+    "sigmoid",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",
@@ -39,7 +41,6 @@ __all__ = [
 ]
 
 IntPair = Union[int, Tuple[int, int]]
-_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: in-place reuse needs exact reference counts
 
 
 def _c(x: np.ndarray) -> np.ndarray:
@@ -61,20 +62,20 @@ def _channel_sum(g: np.ndarray) -> np.ndarray:
 
 
 def _take_donated(x: Tensor) -> bool:
-    """True (once) if ``Sequential`` donated ``x``'s buffer to this op: the op may overwrite ``x.data``."""
+    """True (once) if ``Sequential`` donated ``x``'s buffer to this op: the op may overwrite ``x.data``
+    (``x`` was made ``owned`` by its op and nobody but ``Sequential`` holds it; see ``make_result``)."""
     if getattr(x, "_donated", False):
         x._donated = False
         return True
     return False
 
 
-def _grad_is_ours(g: np.ndarray) -> bool:
-    """True if the incoming gradient ``g`` is referenced only by the autograd sweep's ``g`` and by this
-    backward's argument (so it can be overwritten with the outgoing gradient): an unshared, writable,
-    float32 C-contiguous array that is not a view. The count is 4 here: those two, this call's argument and
-    ``getrefcount``'s."""
-    return (_REFCOUNTS and type(g) is np.ndarray and g.dtype == np.float32 and g.base is None
-            and g.flags.c_contiguous and g.flags.writeable and sys.getrefcount(g) <= 4)
+def _writable_grad(g: np.ndarray, owned: bool) -> bool:
+    """True if the incoming gradient may be overwritten with the outgoing one: the autograd sweep says it
+    holds the only reference (``owned``, see ``make_result``), and it is a writable float32 C-contiguous
+    array of its own."""
+    return (owned and type(g) is np.ndarray and g.dtype == np.float32 and g.base is None
+            and g.flags.c_contiguous and g.flags.writeable)
 
 
 def _need(t: Optional[Tensor]) -> bool:
@@ -109,7 +110,7 @@ def linear(x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None) -> Tenso
         db = g.sum(axis=0) if need_b else None
         return dx, dw, db
 
-    return make_result(y, (x, weight, bias), backward, "linear")
+    return make_result(y, (x, weight, bias), backward, "linear", owned=True)
 
 
 def _quantize_weight(w: np.ndarray, cfg: OctoConfig):
@@ -123,7 +124,8 @@ Compensation = Tuple[Tensor, Tensor, Tensor]
 
 def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor], cfg: OctoConfig,
                 stride: Optional[Tuple[int, int]], padding: Optional[Tuple[int, int]], seed: int, training: bool,
-                compensation: Optional[Compensation], name: str) -> Tensor:
+                compensation: Optional[Compensation], name: str, dilation: Optional[Tuple[int, int]] = None,
+                groups: int = 1) -> Tensor:
     """The autograd wiring of an Octo INT8 layer: one core call forward (``octo_forward``: quantize X and W,
     INT8 GEMM/conv with rescale + bias + Compensation fused, int8 X and its scale kept in an opaque state)
     and one backward (``octo_backward``: PRC + quantize dY, dX and dW on INT8 kernels, bias and
@@ -132,7 +134,7 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     y, saved = _native.octo_forward(
         xd, weight.data, None if bias is None else bias.data, comp, stride, padding,
         cfg.act_rounding, cfg.weight_rounding, cfg.grad_rounding, cfg.prc_clip(), cfg.per_channel_weights,
-        seed, training,
+        seed, training, dilation, groups,
     )
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
@@ -143,7 +145,7 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
             return dx, dw, db
         return dx, dw, db, da, dm, dbeta
 
-    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name)
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name, owned=True)
 
 
 def linear_int8(
@@ -169,29 +171,47 @@ def linear_int8(
 # --- convolution -------------------------------------------------------------------------------------------
 
 
-def _check_conv(xd: np.ndarray, wd: np.ndarray) -> None:
+def _check_conv(xd: np.ndarray, wd: np.ndarray, groups: int = 1) -> None:
     if xd.ndim != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {xd.shape}")
-    if xd.shape[1] != wd.shape[1]:
-        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1]}")
+    if groups < 1 or xd.shape[1] % groups or wd.shape[0] % groups:
+        raise ValueError(f"conv2d: groups={groups} must divide the input channels ({xd.shape[1]}) and the "
+                         f"output channels ({wd.shape[0]})")
+    if xd.shape[1] != wd.shape[1] * groups:
+        raise ValueError(f"conv2d: input has {xd.shape[1]} channels, the weight expects {wd.shape[1] * groups}"
+                         + (f" ({wd.shape[1]} per group x {groups} groups)" if groups > 1 else ""))
 
 
 def conv2d(
-    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0
+    x: ArrayLike, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+    dilation: IntPair = 1, groups: int = 1,
 ) -> Tensor:
-    """FP32 2-D convolution (NCHW, groups=1) with fused bias; backward in one core call."""
+    """FP32 2-D convolution (NCHW) with fused bias; backward in one core call. ``groups > 1`` (grouped and
+    depthwise convolution, weight ``(O, C/groups, kh, kw)``) and ``dilation > 1`` run on the core's direct
+    grouped kernels; ``groups == 1`` on im2col/implicit GEMM."""
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
-    y = _native.conv2d_f32_forward(xd, wd, None if bias is None else bias.data, stride, padding)
+    b = None if bias is None else bias.data
+    if groups > 1 or dilation != (1, 1):
+        y = _native.conv2d_grouped_f32_forward(xd, wd, b, stride, padding, dilation, groups)
+
+        def backward(g: np.ndarray):
+            dx, dw, db = _native.conv2d_grouped_f32_backward(
+                xd, wd, _c(g), stride, padding, dilation, groups, need_dx=need_x)
+            return dx, (dw if need_w else None), (db if need_b else None)
+
+        return make_result(y, (x, weight, bias), backward, "conv2d")
+    y = _native.conv2d_f32_forward(xd, wd, b, stride, padding)
 
     def backward(g: np.ndarray):
         dx, dw, db = _native.conv2d_f32_backward(xd, wd, _c(g), stride, padding, need_dx=need_x)
         return dx, (dw if need_w else None), (db if need_b else None)
 
-    return make_result(y, (x, weight, bias), backward, "conv2d")
+    return make_result(y, (x, weight, bias), backward, "conv2d", owned=True)
 
 
 def conv2d_int8(
@@ -204,17 +224,22 @@ def conv2d_int8(
     seed: int = 0,
     training: bool = True,
     compensation: Optional[Compensation] = None,
+    dilation: IntPair = 1,
+    groups: int = 1,
 ) -> Tensor:
     """Octo INT8 convolution: quantized X and W, INT8 implicit GEMM with fused rescale + bias; saves ``Xq, s_x``.
 
     Backward: PRC-clip and quantize dY, then dX and dW on INT8 kernels, ``db = Σ dY`` in FP32 (one core call).
     ``compensation=(α, μ, β)``: a per-channel LAC layer applied in the same op, as in ``linear_int8``.
+    ``groups > 1`` / ``dilation > 1``: the core's direct grouped/depthwise INT8 kernels (exact INT32 sums).
     """
     x = as_tensor(x)
     xd, wd = _c(x.data), weight.data
-    _check_conv(xd, wd)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    return _octo_layer(x, xd, weight, bias, cfg, stride, padding, seed, training, compensation, "conv2d_int8")
+    groups = int(groups)
+    _check_conv(xd, wd, groups)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    return _octo_layer(x, xd, weight, bias, cfg, stride, padding, seed, training, compensation, "conv2d_int8",
+                       dilation, groups)
 
 
 # --- normalisation, activation, pooling --------------------------------------------------------------------
@@ -258,17 +283,17 @@ def batch_norm2d(
             )
         del xd
 
-        def backward(g: np.ndarray):
+        def backward(g: np.ndarray, g_owned: bool = False):
             # the core reads the int8 codes directly (x = xq·sx, as dequantize gives it): no FP32 copy;
-            # an unshared incoming gradient is overwritten with dx
-            if _grad_is_ours(g):
+            # an incoming gradient the sweep owns is overwritten with dx
+            if _writable_grad(g, g_owned):
                 dgamma, dbeta = _native.batchnorm2d_backward_i8_(g, xq, sx, gamma, mean, invstd)
                 dx = g
             else:
                 dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(_c(g), xq, sx, gamma, mean, invstd)
             return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
-        return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+        return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True, owns_grads=True)
 
     y, mean, invstd = _native.batchnorm2d_forward(
         xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
@@ -289,7 +314,7 @@ def batch_norm2d(
             dx = g * (gamma * invstd_e).reshape(shape)
             return dx, (g * xhat).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
 
-    return make_result(y, (x, weight, bias), backward, "batch_norm2d")
+    return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True)
 
 
 def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
@@ -308,13 +333,62 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
         y, mask = _native.relu_forward_mask(xd)
     del xd
 
-    def backward(g: np.ndarray):
-        if _grad_is_ours(g):
+    def backward(g: np.ndarray, g_owned: bool = False):
+        if _writable_grad(g, g_owned):
             _native.relu_backward_mask_(g, mask)
             return (g,)
         return (_native.relu_backward_mask(_c(g), mask),)
 
-    return make_result(y, (x,), backward, "relu")
+    return make_result(y, (x,), backward, "relu", owned=True, owns_grads=True)
+
+
+def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
+    """``min(max(x, 0), 6)``. Backward passes ``dy`` where ``0 < x < 6``: ``save_mask`` keeps that as a packed
+    bit mask (1/32 of the FP32 output; the INT8 saved-activation mode), else the FP32 output is kept. With
+    ``save_mask`` a donated input (see ``Sequential``) is overwritten with the output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    if save_mask and _take_donated(x) and xd is x.data:
+        y = np.clip(xd, 0.0, 6.0, out=xd)
+    else:
+        y = np.clip(xd, 0.0, 6.0)
+    del xd
+    if save_mask:
+        shape = y.shape
+        bits = np.packbits((y > 0) & (y < 6))
+
+        def backward(g: np.ndarray, g_owned: bool = False):
+            keep = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
+            if _writable_grad(g, g_owned):
+                np.multiply(g, keep, out=g)
+                return (g,)
+            return (g * keep,)
+
+        return make_result(y, (x,), backward, "relu6", owned=True, owns_grads=True)
+    return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+
+
+def hardswish(x: ArrayLike) -> Tensor:
+    """``x·relu6(x + 3)/6`` (MobileNetV3's activation); backward ``dy·(0 | (2x + 3)/6 | 1)`` below -3, between,
+    above 3."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    y = xd * np.clip(xd + np.float32(3), 0, 6) / np.float32(6)
+
+    def backward(g: np.ndarray):
+        d = np.where(xd < -3, np.float32(0), np.where(xd > 3, np.float32(1), (2 * xd + 3) / np.float32(6)))
+        return (g * d.astype(np.float32, copy=False),)
+
+    return make_result(y.astype(np.float32, copy=False), (x,), backward, "hardswish")
+
+
+def sigmoid(x: ArrayLike) -> Tensor:
+    """``1/(1 + e^-x)``, computed without overflow; backward ``dy·y·(1 - y)`` from the saved output."""
+    x = as_tensor(x)
+    xd = _c(x.data)
+    e = np.exp(-np.abs(xd))
+    y = np.where(xd >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32, copy=False)
+    return make_result(y, (x,), lambda g: (g * y * (1 - y),), "sigmoid")
 
 
 def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Tensor:
@@ -326,7 +400,8 @@ def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = N
     shape = x.shape
     y, idx = _native.maxpool2d_forward(_c(x.data), k, s, p)
     return make_result(
-        y, (x,), lambda g: (_native.maxpool2d_backward(_c(g), idx, shape, k, s, p),), "max_pool2d"
+        y, (x,), lambda g, _owned: (_native.maxpool2d_backward(_c(g), idx, shape, k, s, p),), "max_pool2d",
+        owned=True, owns_grads=True,
     )
 
 
@@ -337,7 +412,8 @@ def avg_pool2d(x: ArrayLike, kernel_size: IntPair, stride: Optional[IntPair] = N
     p = _pair(padding, "padding")
     shape = x.shape
     y = _native.avgpool2d_forward(_c(x.data), k, s, p)
-    return make_result(y, (x,), lambda g: (_native.avgpool2d_backward(_c(g), shape, k, s, p),), "avg_pool2d")
+    return make_result(y, (x,), lambda g, _owned: (_native.avgpool2d_backward(_c(g), shape, k, s, p),), "avg_pool2d",
+                       owned=True, owns_grads=True)
 
 
 def adaptive_avg_pool2d(x: ArrayLike, output_size: IntPair = 1) -> Tensor:
@@ -381,17 +457,19 @@ def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tenso
     a, m, b = alpha.data, mu.data, beta.data
     shift = (a * m + b).reshape(view)
     xd = x.data
-    if _take_donated(x) and shift.dtype == xd.dtype:
+    donated = _take_donated(x) and shift.dtype == xd.dtype
+    if donated:
         y = np.add(xd, shift, out=xd)  # in place: x is an intermediate nobody else holds
     else:
         y = xd + shift
-    del xd
 
-    def backward(g: np.ndarray):
+    def backward(g: np.ndarray, _owned: bool = False):
         s = _channel_sum(g) if per_channel else g.sum(axis=0)
         return g, s * m, s * a, s
 
-    return make_result(y.astype(np.float32, copy=False), (x, alpha, mu, beta), backward, "compensation")
+    y = y.astype(np.float32, copy=False)
+    return make_result(y, (x, alpha, mu, beta), backward, "compensation", owned=True,
+                       owns_grads=True)
 
 
 def compensation_penalty(mu: Tensor, beta: Tensor, lam: float) -> Tensor:

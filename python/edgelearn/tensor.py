@@ -79,13 +79,15 @@ class _Node:
     A leaf node (``leaf`` set) accumulates into ``leaf.grad`` instead.
     """
 
-    __slots__ = ("backward", "parents", "leaf", "name")
+    __slots__ = ("backward", "parents", "leaf", "name", "owns_grads")
 
-    def __init__(self, backward: Optional[Callable], parents: Tuple[Optional["_Node"], ...], leaf: Optional["Tensor"] = None, name: str = ""):
+    def __init__(self, backward: Optional[Callable], parents: Tuple[Optional["_Node"], ...], leaf: Optional["Tensor"] = None, name: str = "", owns_grads: bool = False):
         self.backward = backward
         self.parents = parents
         self.leaf = leaf
         self.name = name
+        # the ownership contract (see ``make_result``): backward(g, g_owned), fresh outputs
+        self.owns_grads = owns_grads
 
 
 ArrayLike = Union["Tensor", np.ndarray, float, int, Sequence]
@@ -94,9 +96,10 @@ ArrayLike = Union["Tensor", np.ndarray, float, int, Sequence]
 class Tensor:
     """An n-d array with an optional gradient. Storage is a numpy array (``.numpy()`` returns it, no copy)."""
 
-    # ``_donated``: set by ``Sequential`` on an intermediate nobody else references (see ``donatable``), so
-    # the next INT8-mode layer may overwrite its storage instead of allocating a new activation.
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_donated", "__weakref__")
+    # ``_owned``: the op that made this tensor says its storage is this tensor's alone (fresh, not kept by any
+    # backward); ``_donated``: ``Sequential`` hands such an intermediate, which only it holds, to the next
+    # layer, which may then overwrite the storage instead of allocating a new activation.
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_owned", "_donated", "__weakref__")
     __array_priority__ = 1000.0  # so ndarray <op> Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
@@ -108,6 +111,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad: Optional[Tensor] = None
         self._node: Optional[_Node] = None
+        self._owned = False
         self._donated = False
 
     # --- plain properties ---------------------------------------------------------------------------------
@@ -197,8 +201,12 @@ class Tensor:
         assert root is not None
         order = _topological_order(root)
         grads = {id(root): g}
+        owned = set()  # ids of nodes whose pending gradient is the sweep's alone (may be overwritten)
         for node in order:  # outputs before inputs
-            g = grads.pop(id(node), None)
+            key = id(node)
+            g = grads.pop(key, None)
+            g_owned = key in owned
+            owned.discard(key)
             if node.leaf is not None:
                 if g is not None:
                     _accumulate_leaf(node.leaf, g)
@@ -207,18 +215,33 @@ class Tensor:
                 raise RuntimeError(
                     "backward: the graph was already freed by an earlier backward() (or built under no_grad)"
                 )
-            parent_grads = node.backward(g) if g is not None else (None,) * len(node.parents)
-            for parent, pg in zip(node.parents, parent_grads):
+            if g is None:
+                parent_grads = (None,) * len(node.parents)
+            elif node.owns_grads:
+                parent_grads = node.backward(g, g_owned)
+            else:
+                parent_grads = node.backward(g)
+            for i, (parent, pg) in enumerate(zip(node.parents, parent_grads)):
                 if parent is None or pg is None:
                     continue
-                key = id(parent)
-                prev = grads.get(key)
-                grads[key] = pg if prev is None else prev + pg
+                # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
+                # owned), and no other parent got the same array.
+                mine = (node.owns_grads and (pg is not g or g_owned) and type(pg) is np.ndarray
+                        and not any(q is pg for j, q in enumerate(parent_grads) if j != i))
+                pkey = id(parent)
+                prev = grads.get(pkey)
+                if prev is None:
+                    grads[pkey] = pg
+                    if mine:
+                        owned.add(pkey)
+                elif pkey in owned and prev.shape == pg.shape and prev.flags.writeable:
+                    np.add(prev, pg, out=prev)  # accumulate into a buffer the sweep owns
+                else:
+                    grads[pkey] = prev + pg
+                    owned.add(pkey)  # a fresh sum
             node.backward = None  # free saved activations as soon as they are used
             node.parents = ()
-            # drop this step's references to the gradients, so a gradient's only holders are the `grads`
-            # dict and, while its consumer runs, `g` (lets INT8 ops reuse an unshared gradient in place)
-            parent_grads = pg = g = None
+            parent_grads = pg = g = prev = None
 
 
 def _accumulate_leaf(t: Tensor, g: np.ndarray) -> None:
@@ -251,17 +274,28 @@ def _topological_order(root: _Node) -> list:
     return post
 
 
-def make_result(data: np.ndarray, parents: Sequence[Optional[Tensor]], backward: Callable, name: str = "") -> Tensor:
+def make_result(data: np.ndarray, parents: Sequence[Optional[Tensor]], backward: Callable, name: str = "", *,
+                owned: bool = False, owns_grads: bool = False) -> Tensor:
     """Wrap an op's output; record ``backward`` when recording is on and some parent requires grad.
 
     ``backward(grad_out)`` returns one numpy gradient (or ``None``) per parent, in the parent's shape.
+
+    The buffer-ownership contract (said by the op, never inferred from reference counts):
+
+    - ``owned=True``: ``data`` is a fresh array that only the result holds (``backward`` does not keep it), so
+      ``Sequential`` may donate the result to the next layer, which may then overwrite it (see
+      ``functional._take_donated``).
+    - ``owns_grads=True``: ``backward`` is called as ``backward(grad_out, grad_owned)``; ``grad_owned`` says
+      the sweep holds the only reference to ``grad_out`` (the op may overwrite it and return it), and every
+      array it returns is fresh, or ``grad_out`` itself.
     """
     out = Tensor(data)
+    out._owned = owned
     if is_grad_enabled():
         nodes = tuple(p._graph_node() if p is not None else None for p in parents)
         if any(n is not None for n in nodes):
             out.requires_grad = True
-            out._node = _Node(backward, nodes, name=name)
+            out._node = _Node(backward, nodes, name=name, owns_grads=owns_grads)
     return out
 
 

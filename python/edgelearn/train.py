@@ -19,6 +19,9 @@ the kernel's high-water mark is reset (``/proc/self/clear_refs``) right before e
 (``VmHWM``) right after its last step (and the BatchNorm re-estimation), so neither the dataset load before
 training (decompression peaks) nor the evaluation passes at ``eval_batch_size`` after it count as training
 memory. Where the reset is unavailable the process peak up to the end of the last epoch's steps is used.
+``train_memory_warm_mb`` is the same figure taken after one warm-up step: peak RSS over the later steps minus
+the RSS right after the first step (``rss_after_first_step_mb``), so one-time growth on the first step (lazy
+initialisation, allocator arenas, optimizer state) is left out; ``train_memory_mb`` is the cold figure.
 ``fit`` also fixes glibc's mmap threshold (:func:`release_large_buffers`), so freed activation-sized buffers
 go back to the OS instead of staying resident as heap free space (same setting for every precision).
 """
@@ -143,11 +146,23 @@ class History:
     peak_rss_mb: float = 0.0
     train_peak_rss_mb: float = 0.0
     resumed_from_epoch: int = 0
+    #: RSS right after the first training step, and the peak RSS over the steps after it (0: not measured).
+    rss_after_first_step_mb: float = 0.0
+    warm_peak_rss_mb: float = 0.0
 
     @property
     def train_memory_mb(self) -> float:
+        """Cold: peak RSS over the training steps minus the RSS before the first step."""
         peak = self.train_peak_rss_mb or self.peak_rss_mb
         return max(0.0, peak - self.rss_before_first_step_mb)
+
+    @property
+    def train_memory_warm_mb(self) -> float:
+        """Warm: peak RSS over the steps after the first minus the RSS right after it (the cold figure where
+        the kernel's high-water mark cannot be reset)."""
+        if not (self.warm_peak_rss_mb and self.rss_after_first_step_mb):
+            return self.train_memory_mb
+        return max(0.0, self.warm_peak_rss_mb - self.rss_after_first_step_mb)
 
     def __getitem__(self, key: str) -> List[Any]:
         return [r.get(key) for r in self.records]
@@ -163,6 +178,8 @@ class History:
             "peak_rss_mb": self.peak_rss_mb,
             "train_peak_rss_mb": self.train_peak_rss_mb,
             "train_memory_mb": self.train_memory_mb,
+            "rss_after_first_step_mb": self.rss_after_first_step_mb,
+            "train_memory_warm_mb": self.train_memory_warm_mb,
             "resumed_from_epoch": self.resumed_from_epoch,
         }
 
@@ -418,6 +435,13 @@ def fit(
                 total.backward()
                 opt.step()
                 step += 1
+                if not history.rss_after_first_step_mb:
+                    # one warm-up step done: the warm memory figure starts here
+                    first_hwm = _hwm_rss_mb() if hwm_reset else None
+                    if first_hwm is not None:
+                        history.train_peak_rss_mb = max(history.train_peak_rss_mb, first_hwm)
+                    history.rss_after_first_step_mb = current_rss_mb()
+                    hwm_reset = _reset_peak_rss()
                 batch_loss = float(loss.item())
                 if not math.isfinite(batch_loss):
                     raise FloatingPointError(f"loss became {batch_loss} at epoch {epoch + 1}, step {step}: "
@@ -434,6 +458,8 @@ def fit(
         epoch_seconds = time.perf_counter() - t0
         hwm = _hwm_rss_mb() if hwm_reset else None
         history.train_peak_rss_mb = max(history.train_peak_rss_mb, hwm if hwm is not None else peak_rss_mb())
+        if hwm is not None:
+            history.warm_peak_rss_mb = max(history.warm_peak_rss_mb, hwm)
         train_seconds += epoch_seconds
         images_seen += seen
         lr = float(opt.param_groups[0]["lr"]) if getattr(opt, "param_groups", None) else None

@@ -41,7 +41,7 @@ from ..models import MODEL_NAMES
 from ..tensor import Tensor, no_grad
 from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
-                       WELCOME, CollabError, ProtocolError, WireStats, pack, unpack)
+                       WELCOME, MAX_INPUT_ELEMENTS, CollabError, ProtocolError, WireStats, pack, unpack)
 from .split import batchnorm_calibration, build_split, is_model_spec, output_shape, split_spec
 
 __all__ = ["Cloud", "CloudSession", "EdgeRecord", "ArchitectureMismatch", "InputTooLarge", "LABEL_DTYPES",
@@ -79,9 +79,6 @@ class EdgeRecord:
 LABEL_DTYPES = {"u1": np.uint8, "<u2": np.uint16, "<i4": np.int32}
 
 
-#: Default cap on the values per sample (C·H·W) a HELLO may fix the cloud's model to (a 512x512 gray or
-#: 295x295 RGB image); the model and its optimizer grow with it. ``--max-input-elements`` changes it.
-MAX_INPUT_ELEMENTS = 1 << 18
 #: Cap on the class count a HELLO may fix (the last layer grows with it).
 MAX_CLASSES = 1 << 12
 

@@ -36,13 +36,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import grpc
 
 from .cloud import ArchitectureMismatch, Cloud, InputTooLarge
-from .protocol import (CHUNK_BYTES, GRPC_MESSAGE_LIMIT, MAX_MESSAGE_BYTES, AuthenticationError, CollabError,
-                       ConnectionLost, ProtocolError, Reassembler, chunks)
+from .protocol import (CHUNK_BYTES, GRPC_MESSAGE_LIMIT, IDLE_TIMEOUT, MAX_MESSAGE_BYTES, AuthenticationError,
+                       CollabError, ConnectionLost, ProtocolError, Reassembler, chunks)
 
 __all__ = ["CloudServer", "GrpcTransport", "SERVICE", "METHOD", "IDLE_TIMEOUT"]
 
-#: Default seconds a stream may stay silent (or take to finish a message it started).
-IDLE_TIMEOUT = 60.0
 
 SERVICE = "edgelearn.collab.Cloud"
 METHOD = f"/{SERVICE}/Train"

@@ -79,6 +79,8 @@ def write_app(directory: "os.PathLike[str] | str", **config: Any) -> str:
         "# The edgelearn split-learning Flower App: `flwr run . <superlink-connection>` sends it to a SuperLink.",
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
         "[project]", 'name = "edgelearn-split"', 'version = "1.0.0"',
+        'description = "Split learning with edgelearn: the edge part on SuperNodes, the cloud part in the ServerApp"',
+        'license = "MIT OR Apache-2.0"',
         f'dependencies = ["edgelearn[flower]=={__version__}"]', "",
         "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
         "[tool.flwr.app]", 'publisher = "edgelearn"', "",

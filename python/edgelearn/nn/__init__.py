@@ -14,11 +14,14 @@ from .layers import (
     CrossEntropyLoss,
     Dropout,
     Flatten,
+    Hardswish,
     Identity,
     Linear,
     MaxPool2d,
     MSELoss,
     ReLU,
+    ReLU6,
+    Sigmoid,
 )
 from .module import Module, Parameter, Sequential
 
@@ -37,6 +40,7 @@ __all__ = [
     "GlobalAvgPool",
     "GraphModule",
     "Hardsigmoid",
+    "Hardswish",
     "Identity",
     "Linear",
     "MaxPool2d",
@@ -46,8 +50,10 @@ __all__ = [
     "OctoConfig",
     "Parameter",
     "ReLU",
+    "ReLU6",
     "Reshape",
     "Sequential",
+    "Sigmoid",
     "ZeroPad2d",
     "functional",
     "manual_seed",

@@ -19,6 +19,9 @@ __all__ = [
     "Conv2d",
     "BatchNorm2d",
     "ReLU",
+    "ReLU6",
+    "Hardswish",
+    "Sigmoid",
     "MaxPool2d",
     "AvgPool2d",
     "AdaptiveAvgPool2d",
@@ -35,6 +38,8 @@ IntPair = Union[int, Tuple[int, int]]
 
 class _QuantizedLayer(Module):
     """What Linear and Conv2d share: the FP32/INT8 switch and the per-step stochastic-rounding seed."""
+
+    returns_private_output = True
 
     int8: Optional[OctoConfig]
     layer_id: int
@@ -110,7 +115,12 @@ class Linear(_QuantizedLayer):
 
 
 class Conv2d(_QuantizedLayer):
-    """2-D convolution, NCHW, groups=1; W (out_channels, in_channels, kh, kw)."""
+    """2-D convolution, NCHW; W (out_channels, in_channels/groups, kh, kw) — PyTorch's signature and names.
+
+    ``groups`` must divide both channel counts (``groups == in_channels``: depthwise, with a channel
+    multiplier ``out_channels/in_channels``); grouped/depthwise and dilated convolutions run on the core's
+    direct grouped kernels, in FP32 and, after ``edgelearn.octo``, in INT8.
+    """
 
     def __init__(
         self,
@@ -119,19 +129,30 @@ class Conv2d(_QuantizedLayer):
         kernel_size: IntPair,
         stride: IntPair = 1,
         padding: IntPair = 0,
-        bias: bool = True,
+        dilation: IntPair = 1,
         groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
     ):
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"groups: only groups=1 is supported, got {groups}")
+        groups = int(groups)
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: {groups} must be a positive divisor of in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode: only 'zeros' is supported, got {padding_mode!r}")
         kh, kw = F._pair(kernel_size, "kernel_size")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = (kh, kw)
         self.stride = F._pair(stride, "stride")
         self.padding = F._pair(padding, "padding")
-        fan_in = in_channels * kh * kw
-        self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels, kh, kw), fan_in))
+        self.dilation = F._pair(dilation, "dilation")
+        if min(self.dilation) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError(f"stride/dilation must be positive and padding non-negative, got stride={self.stride}, "
+                             f"padding={self.padding}, dilation={self.dilation}")
+        self.groups = groups
+        fan_in = in_channels // groups * kh * kw
+        self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels // groups, kh, kw), fan_in))
         self.bias = Parameter(init.uniform_fan_in((out_channels,), fan_in)) if bias else None
         if not bias:
             self.register_parameter("bias", None)
@@ -146,23 +167,31 @@ class Conv2d(_QuantizedLayer):
         if self.int8 is None:
             if compensation is not None:
                 raise ValueError("compensation: only an INT8-mode layer applies a Compensation itself")
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d_int8(
             x, self.weight, self.bias, self.int8, self.stride, self.padding,
             seed=self._next_seed(), training=self.training, compensation=self._compensation_args(compensation),
+            dilation=self.dilation, groups=self.groups,
         )
 
     def extra_repr(self) -> str:
         mode = ", int8" if self.int8 is not None else ""
+        extra = ""
+        if self.dilation != (1, 1):
+            extra += f", dilation={self.dilation}"
+        if self.groups != 1:
+            extra += f", groups={self.groups}"
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}{mode}"
+            f"padding={self.padding}{extra}, bias={self.bias is not None}{mode}"
         )
 
 
 class BatchNorm2d(Module):
     """Per-channel batch normalisation of (N, C, H, W); buffers ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (PyTorch's names, so state dicts line up)."""
+
+    returns_private_output = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -187,6 +216,7 @@ class BatchNorm2d(Module):
 
 
 class ReLU(Module):
+    returns_private_output = True
     def __init__(self) -> None:
         super().__init__()
         self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward, not the FP32 output
@@ -195,7 +225,39 @@ class ReLU(Module):
         return F.relu(x, save_mask=self.save_mask)
 
 
+class ReLU6(Module):
+    """``min(max(x, 0), 6)`` (MobileNetV2). ``inplace`` is accepted for PyTorch compatibility; in INT8 mode the
+    output overwrites an input that ``Sequential`` donates, as for ``ReLU``."""
+
+    returns_private_output = True
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = bool(inplace)
+        self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward
+
+    def forward(self, x: Any) -> Tensor:
+        return F.relu6(x, save_mask=self.save_mask)
+
+
+class Hardswish(Module):
+    """``x·relu6(x + 3)/6``."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = bool(inplace)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.hardswish(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x: Any) -> Tensor:
+        return F.sigmoid(x)
+
+
 class MaxPool2d(Module):
+    returns_private_output = True
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -214,6 +276,8 @@ class AvgPool2d(MaxPool2d):
 
 class AdaptiveAvgPool2d(Module):
     """Average pooling to a fixed output size (the input size must be a multiple of it; 1 always works)."""
+
+    returns_private_output = True
 
     def __init__(self, output_size: IntPair = 1):
         super().__init__()
@@ -252,7 +316,7 @@ class Dropout(Module):
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
         self.p = float(p)
         self.seed = init.next_seed() if seed is None else int(seed)
-        self.register_buffer("step", np.zeros((), np.int64))
+        self.register_buffer("step", np.zeros((), np.int64), optional=True)
 
     def forward(self, x: Any) -> Tensor:
         if not self.training or self.p == 0.0:
@@ -273,6 +337,8 @@ class Compensation(Module):
     (N, C) or (N, C, H, W)) or, when ``shape`` is a tuple such as ``(C, H, W)``, that shape. Its loss term
     ``0.5·λ·(‖μ‖² + ‖β‖²)`` comes from ``regularization_term()``; ``Module.regularization()`` sums them.
     """
+
+    returns_private_output = True
 
     def __init__(self, shape: Union[int, Tuple[int, ...]], lam: float = 0.1):
         super().__init__()

@@ -8,7 +8,6 @@ arrays, so an optimizer built on the model keeps working after a load.
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -16,9 +15,7 @@ import numpy as np
 
 from ..tensor import Tensor
 
-_REFCOUNTS = hasattr(sys, "getrefcount")  # CPython: buffer donation needs exact reference counts
-
-__all__ = ["Module", "Parameter", "Sequential"]
+__all__ = ["Module", "Parameter", "Sequential", "fusion_plan", "run_chain"]
 
 
 class Parameter(Tensor):
@@ -48,6 +45,11 @@ def _tree_changed() -> None:
 
 class Module:
     """Base class of layers and models: override ``forward``; call the module to run it."""
+
+    #: True for layers whose ``forward`` returns a new op result and keeps no reference to it, so
+    #: ``Sequential`` may donate that result's storage to the next layer (see ``Sequential.forward``).
+    #: Off by default: a custom module might keep or return a tensor someone else holds.
+    returns_private_output = False
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -91,10 +93,18 @@ class Module:
                 return
         object.__delattr__(self, name)
 
-    def register_buffer(self, name: str, value: Optional[np.ndarray]) -> None:
-        """A named array that is state but not trained (saved in ``state_dict``), e.g. running statistics."""
+    def register_buffer(self, name: str, value: Optional[np.ndarray], optional: bool = False) -> None:
+        """A named array that is state but not trained (saved in ``state_dict``), e.g. running statistics.
+
+        ``optional``: saved like any buffer, but a state dict without it still loads with ``strict=True`` (the
+        buffer keeps its value): edgelearn-only bookkeeping such as ``Dropout``'s step counter, so state dicts
+        of other frameworks with the same layout load."""
         self.__dict__.pop(name, None)
         self._buffers[name] = value
+        if optional:
+            if "_optional_buffers" not in self.__dict__:
+                object.__setattr__(self, "_optional_buffers", set())
+            self._optional_buffers.add(name)
 
     def register_parameter(self, name: str, param: Optional[Parameter]) -> None:
         if param is None:
@@ -223,7 +233,9 @@ class Module:
         (nothing is modified when it raises). Returns ``(missing_keys, unexpected_keys)``.
         """
         own = OrderedDict(self._state_items())
-        missing = [k for k in own if k not in state_dict]
+        optional = {(f"{mname}.{n}" if mname else n) for mname, m in self.named_modules()
+                    for n in m.__dict__.get("_optional_buffers", ())}
+        missing = [k for k in own if k not in state_dict and k not in optional]
         unexpected = [k for k in state_dict if k not in own]
         problems = []
         for k, dst in own.items():
@@ -275,47 +287,17 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def _fusion_plan(self) -> list:
-        """``[(module, fused_next_or_None), ...]``: each INT8 Linear/Conv2d paired with the LAC Compensation
-        that follows it (``fuses_with``). Cached until the module tree or a layer's FP32/INT8 mode changes
-        (both bump the tree epoch)."""
+        """``[(module, fused_next_or_None), ...]`` (see :func:`fusion_plan`), cached until the module tree or a
+        layer's FP32/INT8 mode changes (both bump the tree epoch)."""
         cache = self.__dict__.get("_fusion")
         if cache is not None and cache[0] == _TREE_EPOCH[0]:
             return cache[1]
-        items = list(self._modules.values())
-        plan, i = [], 0
-        while i < len(items):
-            m = items[i]
-            nxt = items[i + 1] if i + 1 < len(items) else None
-            fuses_with = getattr(m, "fuses_with", None)
-            if nxt is not None and fuses_with is not None and fuses_with(nxt):
-                plan.append((m, nxt))
-                i += 2
-            else:
-                plan.append((m, None))
-                i += 1
+        plan = fusion_plan(list(self._modules.values()))
         object.__setattr__(self, "_fusion", (_TREE_EPOCH[0], plan))
         return plan
 
     def forward(self, x: Any) -> Any:
-        for i, (m, fused) in enumerate(self._fusion_plan()):
-            # An intermediate output that only this loop references (refcount 2: ``x`` and the call's
-            # argument) and that owns a writable float32 buffer no view or saved-for-backward closure shares
-            # (array refcount 3: the tensor, ``d``, the call's argument) is donated to the next layer:
-            # INT8-mode Compensation/BatchNorm/ReLU then write their output over it (the FP32 activation
-            # would be dropped right after anyway). Never the Sequential's own input.
-            if i > 0 and _REFCOUNTS and type(x) is Tensor and sys.getrefcount(x) == 2:
-                d = x.data
-                if (type(d) is np.ndarray and d.dtype == np.float32 and d.base is None and d.flags.c_contiguous
-                        and d.flags.writeable and sys.getrefcount(d) == 3):
-                    x._donated = True
-                del d
-            if fused is not None:
-                # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
-                # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
-                x = m(x, compensation=fused)
-            else:
-                x = m(x)
-        return x
+        return run_chain(x, self._fusion_plan())
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -344,3 +326,51 @@ class Sequential(Module):
         self._modules.clear()
         for i, m in enumerate(items):
             self._modules[str(i)] = m
+
+
+def fusion_plan(items: List[Module]) -> list:
+    """``[(module, fused_next_or_None), ...]`` for modules applied in order: each INT8 Linear/Conv2d paired with
+    the LAC Compensation that follows it (``fuses_with``)."""
+    plan, i = [], 0
+    while i < len(items):
+        m = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        fuses_with = getattr(m, "fuses_with", None)
+        if nxt is not None and fuses_with is not None and fuses_with(nxt):
+            plan.append((m, nxt))
+            i += 2
+        else:
+            plan.append((m, None))
+            i += 1
+    return plan
+
+
+def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
+    """Applies ``plan`` (from :func:`fusion_plan`) to ``x`` as ``Sequential`` does, with its optimisations: an
+    INT8 layer applies the Compensation that follows it inside its own op, and an intermediate output is donated
+    to the next layer by contract (INT8-mode Compensation/BatchNorm/ReLU write over it). Blocks that are not a
+    ``Sequential`` (residual blocks) run their main path through this too.
+
+    ``donate_input``: the caller promises that ``x`` is an intermediate it drops after this call (e.g. the sum
+    of a residual add); it is donated to the first layer when its op said the storage is its alone (``owned``).
+    """
+    producer = None
+    for i, (m, fused) in enumerate(plan):
+        # Buffer donation, by contract (no reference counting): an intermediate made by the previous item is
+        # handed to the next one when its op said the storage is the result's alone (``owned``, see
+        # ``make_result``) and that item is a layer that keeps no reference to what it returns
+        # (``returns_private_output``). Only this loop holds it then, so INT8-mode Compensation/BatchNorm/ReLU
+        # may write their output over it. The chain's own input only when the caller says so.
+        mine = donate_input if i == 0 else producer.returns_private_output
+        if mine and type(x) is Tensor and x._owned:
+            x._donated = True
+        if fused is not None:
+            # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
+            # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
+            x = m(x, compensation=fused)
+        else:
+            x = m(x)
+        producer = m
+    if type(x) is Tensor:
+        x._donated = False  # a donation nobody took ends here: the caller's tensor is never overwritten
+    return x

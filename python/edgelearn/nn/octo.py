@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..octo_config import OctoConfig
-from .layers import BatchNorm2d, Compensation, Conv2d, Linear, ReLU
+from .layers import BatchNorm2d, Compensation, Conv2d, Linear, ReLU, ReLU6
 from .module import Sequential
 
 __all__ = ["OctoConfig", "octo", "fp32"]
@@ -44,7 +44,7 @@ def _set_saved_activations(model: Any, int8: bool) -> None:
     for m in model.modules():
         if isinstance(m, BatchNorm2d):
             m.save_int8 = int8
-        elif isinstance(m, ReLU):
+        elif isinstance(m, (ReLU, ReLU6)):
             m.save_mask = int8
 
 

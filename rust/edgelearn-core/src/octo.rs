@@ -21,6 +21,9 @@
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
 use crate::nn::conv::{channel_sums, conv2d_i8_backward, conv2d_i8_forward, ConvShape};
+use crate::nn::depthwise::{
+    conv2d_grouped_i8_backward, conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
+};
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{shape_len, take_f32};
 use crate::quant::{quantize_into, Clip, Layout, Rounding};
@@ -74,7 +77,8 @@ impl Default for Config {
     }
 }
 
-/// Which layer: `Linear` (`X (N, K)`, `W (O, K)`) or `Conv2d` (`X (N, C, H, W)`, `W (O, C, kh, kw)`).
+/// Which layer: `Linear` (`X (N, K)`, `W (O, K)`), `Conv2d` (`X (N, C, H, W)`, `W (O, C, kh, kw)`) or a
+/// grouped `Conv2d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layer {
     Linear,
@@ -82,6 +86,9 @@ pub enum Layer {
         stride: (usize, usize),
         padding: (usize, usize),
     },
+    /// A grouped, depthwise or dilated `Conv2d` (`W (O, C/groups, kh, kw)`), on the direct grouped
+    /// kernels of [`crate::nn::depthwise`].
+    GroupedConv2d(GroupedParams),
 }
 
 /// A Loss-aware Compensation `y + α⊙μ + β` (per output channel) applied inside the layer.
@@ -179,7 +186,16 @@ fn shapes(
             let s = ConvShape::new(four("x", x_shape)?, four("w", w_shape)?, stride, padding)?;
             Ok((s.output().to_vec(), Some(s)))
         }
+        Layer::GroupedConv2d(p) => {
+            let s = GroupedShape::new(four4("x", x_shape)?, four4("w", w_shape)?, p)?;
+            Ok((s.output().to_vec(), None))
+        }
     }
+}
+
+fn four4(arg: &'static str, s: &[usize]) -> Result<[usize; 4]> {
+    s.try_into()
+        .map_err(|_| Error::invalid(arg, format!("expected 4 dimensions, got shape {s:?}")))
 }
 
 fn check_channels(arg: &'static str, v: &[f32], o: usize) -> Result<()> {
@@ -279,6 +295,19 @@ pub fn forward(
     };
     let swv = saved.sw_scale();
     match (layer, conv) {
+        (Layer::GroupedConv2d(p), _) => {
+            conv2d_grouped_i8_forward(
+                &saved.xq,
+                four4("x", x_shape)?,
+                saved.sx,
+                &saved.wq,
+                four4("w", w_shape)?,
+                swv,
+                bias_eff.as_deref(),
+                p,
+                y,
+            )?;
+        }
         (Layer::Conv2d { stride, padding }, Some(s)) => {
             conv2d_i8_forward(
                 &saved.xq,
@@ -375,6 +404,21 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
     let sg = sg[0];
     let swv = saved.sw_scale();
     match saved.layer {
+        Layer::GroupedConv2d(p) => {
+            let xs = four4("x", &saved.x_shape)?;
+            let ws = four4("w", &saved.w_shape)?;
+            let mut scratch;
+            let dw = match dw {
+                Some(d) => d,
+                None => {
+                    scratch = take_f32(saved.wq.len())?;
+                    &mut scratch[..]
+                }
+            };
+            conv2d_grouped_i8_backward(
+                &saved.xq, xs, saved.sx, &saved.wq, ws, swv, &gq, sg, p, dx, dw,
+            )?;
+        }
         Layer::Conv2d { stride, padding } => {
             let xs: [usize; 4] = saved.x_shape[..].try_into().expect("checked in forward");
             let ws: [usize; 4] = saved.w_shape[..].try_into().expect("checked in forward");

@@ -7,7 +7,10 @@
 mod common;
 
 use common::Rng;
-use edgelearn_core::nn::{conv2d_f32_backward, conv2d_f32_forward, matmul_f32, MatF32};
+use edgelearn_core::nn::{
+    conv2d_f32_backward, conv2d_f32_forward, conv2d_grouped_f32_backward,
+    conv2d_grouped_f32_forward, matmul_f32, GroupedParams, MatF32,
+};
 use edgelearn_core::octo::{self, Compensation, Config, Grads, Layer, RoundMode, GRAD_SEED_XOR};
 use edgelearn_core::quant::{quantize_into, Clip, Layout, Rounding};
 
@@ -130,6 +133,11 @@ fn run(case: &Case, seed: u64) {
             conv2d_f32_forward(&xd, xs, &wd, ws, Some(&shift), stride, padding, &mut y_ref)
                 .unwrap();
         }
+        Layer::GroupedConv2d(p) => {
+            let xs: [usize; 4] = case.x_shape[..].try_into().unwrap();
+            let ws: [usize; 4] = case.w_shape[..].try_into().unwrap();
+            conv2d_grouped_f32_forward(&xd, xs, &wd, ws, Some(&shift), p, &mut y_ref).unwrap();
+        }
     }
     close("y", &y, &y_ref);
 
@@ -187,6 +195,22 @@ fn run(case: &Case, seed: u64) {
                 &gd,
                 stride,
                 padding,
+                Some(&mut dx_ref),
+                &mut dw_ref,
+                &mut db_q,
+            )
+            .unwrap();
+        }
+        Layer::GroupedConv2d(p) => {
+            let xs: [usize; 4] = case.x_shape[..].try_into().unwrap();
+            let ws: [usize; 4] = case.w_shape[..].try_into().unwrap();
+            conv2d_grouped_f32_backward(
+                &xd,
+                xs,
+                &wd,
+                ws,
+                &gd,
+                p,
                 Some(&mut dx_ref),
                 &mut dw_ref,
                 &mut db_q,
@@ -273,6 +297,36 @@ fn conv_step_is_the_fp32_step_of_the_dequantized_operands() {
                 config,
             };
             run(&case, 1000 + (i * 10 + j) as u64);
+        }
+    }
+}
+
+#[test]
+fn grouped_conv_step_is_the_fp32_step_of_the_dequantized_operands() {
+    let geoms = [
+        // (x shape, w shape, groups, stride, padding, dilation): depthwise, multiplier 2 at stride 2,
+        // grouped, dilated depthwise
+        (
+            [2usize, 8, 9, 9],
+            [8usize, 1, 3, 3],
+            8usize,
+            1usize,
+            1usize,
+            1usize,
+        ),
+        ([2, 4, 9, 9], [8, 1, 3, 3], 4, 2, 1, 1),
+        ([2, 6, 7, 7], [4, 3, 3, 3], 2, 1, 1, 1),
+        ([1, 4, 10, 10], [4, 1, 3, 3], 4, 1, 2, 2),
+    ];
+    for (i, config) in configs().into_iter().enumerate() {
+        for (j, &(xs, ws, g, s, p, d)) in geoms.iter().enumerate() {
+            let case = Case {
+                layer: Layer::GroupedConv2d(GroupedParams::new(g, (s, s), (p, p), (d, d))),
+                x_shape: xs.to_vec(),
+                w_shape: ws.to_vec(),
+                config,
+            };
+            run(&case, 5000 + (i * 10 + j) as u64);
         }
     }
 }

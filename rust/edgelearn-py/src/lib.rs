@@ -3,6 +3,7 @@
 //! Python exceptions. No algorithm lives here.
 
 mod arrays;
+mod depthwise;
 mod errors;
 mod gemm;
 mod info;
@@ -26,6 +27,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info::register(m)?;
     quant::register(m)?;
     nn::register(m)?;
+    depthwise::register(m)?;
     octo::register(m)?;
     sgq::register(m)?;
     patchskip::register(m)?;

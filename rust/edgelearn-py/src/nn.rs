@@ -18,13 +18,18 @@ use crate::arrays::{check_aligned_inplace, check_size, new_array, readonly, span
 use crate::errors::{type_error, value_error, CoreResultExt};
 
 /// A read-only, C-contiguous array with its shape.
-struct In<'py, T: Element> {
+pub(crate) struct In<'py, T: Element> {
     arr: PyReadonlyArrayDyn<'py, T>,
-    shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
 }
 
 impl<'py, T: Element> In<'py, T> {
-    fn new(arg: &str, obj: &Bound<'py, PyAny>, dtype: &str, ndim: Option<usize>) -> PyResult<Self> {
+    pub(crate) fn new(
+        arg: &str,
+        obj: &Bound<'py, PyAny>,
+        dtype: &str,
+        ndim: Option<usize>,
+    ) -> PyResult<Self> {
         let arr = readonly::<T>(arg, obj, dtype, ndim)?;
         if !arr.is_c_contiguous() {
             return Err(value_error(
@@ -35,24 +40,24 @@ impl<'py, T: Element> In<'py, T> {
         let shape = arr.shape().to_vec();
         Ok(In { arr, shape })
     }
-    fn slice(&self) -> &[T] {
+    pub(crate) fn slice(&self) -> &[T] {
         // C-contiguity was checked, so this cannot fail.
         self.arr.as_slice().unwrap_or(&[])
     }
-    fn shape4(&self) -> [usize; 4] {
+    pub(crate) fn shape4(&self) -> [usize; 4] {
         [self.shape[0], self.shape[1], self.shape[2], self.shape[3]]
     }
 }
 
-fn f32_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, f32>> {
+pub(crate) fn f32_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, f32>> {
     In::new(arg, obj, "float32", Some(4))
 }
-fn i8_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, i8>> {
+pub(crate) fn i8_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, i8>> {
     In::new(arg, obj, "int8", Some(4))
 }
 
 /// An optional float32 vector of exactly `n` values (`None` or Python `None` → absent).
-fn opt_vec<'py>(
+pub(crate) fn opt_vec<'py>(
     arg: &str,
     obj: Option<&Bound<'py, PyAny>>,
     n: usize,
@@ -119,13 +124,17 @@ fn pair(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
 }
 
 /// A scale: a Python/numpy float, a 0-d array, or (if `per_index` is given) a float32 vector of that length.
-enum ScaleArg<'py> {
+pub(crate) enum ScaleArg<'py> {
     Scalar(f32),
     Vector(In<'py, f32>),
 }
 
 impl<'py> ScaleArg<'py> {
-    fn new(arg: &str, obj: &Bound<'py, PyAny>, per_index: Option<(usize, &str)>) -> PyResult<Self> {
+    pub(crate) fn new(
+        arg: &str,
+        obj: &Bound<'py, PyAny>,
+        per_index: Option<(usize, &str)>,
+    ) -> PyResult<Self> {
         if obj.cast::<PyUntypedArray>().is_ok() {
             let arr = readonly::<f32>(arg, obj, "float32", None)?;
             match (arr.ndim(), per_index) {
@@ -167,13 +176,13 @@ impl<'py> ScaleArg<'py> {
         })?;
         Ok(ScaleArg::Scalar(v as f32))
     }
-    fn scale(&self) -> Scale<'_> {
+    pub(crate) fn scale(&self) -> Scale<'_> {
         match self {
             ScaleArg::Scalar(s) => Scale::Scalar(*s),
             ScaleArg::Vector(v) => Scale::PerIndex(v.slice()),
         }
     }
-    fn scalar(&self) -> f32 {
+    pub(crate) fn scalar(&self) -> f32 {
         match self {
             ScaleArg::Scalar(s) => *s,
             ScaleArg::Vector(_) => f32::NAN,
@@ -182,7 +191,7 @@ impl<'py> ScaleArg<'py> {
 }
 
 /// A new uninitialised C-ordered array; every caller overwrites all of it before returning it.
-fn empty<'py, T: Element>(
+pub(crate) fn empty<'py, T: Element>(
     py: Python<'py>,
     arg: &str,
     dims: &[usize],
@@ -190,7 +199,9 @@ fn empty<'py, T: Element>(
     new_array(py, arg, IxDyn(dims))
 }
 
-fn as_mut<'a, T: Element>(arr: &'a mut numpy::PyReadwriteArrayDyn<'_, T>) -> PyResult<&'a mut [T]> {
+pub(crate) fn as_mut<'a, T: Element>(
+    arr: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
+) -> PyResult<&'a mut [T]> {
     arr.as_slice_mut().map_err(|e| value_error("output", e))
 }
 
@@ -313,7 +324,11 @@ fn conv2d_f32_forward<'py>(
     Ok(y)
 }
 
-fn opt_pair(arg: &str, obj: Option<&Bound<'_, PyAny>>, default: usize) -> PyResult<(usize, usize)> {
+pub(crate) fn opt_pair(
+    arg: &str,
+    obj: Option<&Bound<'_, PyAny>>,
+    default: usize,
+) -> PyResult<(usize, usize)> {
     match obj {
         None => Ok((default, default)),
         Some(o) if o.is_none() => Ok((default, default)),
@@ -321,7 +336,7 @@ fn opt_pair(arg: &str, obj: Option<&Bound<'_, PyAny>>, default: usize) -> PyResu
     }
 }
 
-fn dy_shape_check(arg: &str, got: &[usize], want: [usize; 4]) -> PyResult<()> {
+pub(crate) fn dy_shape_check(arg: &str, got: &[usize], want: [usize; 4]) -> PyResult<()> {
     if got != want {
         return Err(value_error(
             arg,
@@ -331,7 +346,7 @@ fn dy_shape_check(arg: &str, got: &[usize], want: [usize; 4]) -> PyResult<()> {
     Ok(())
 }
 
-type F32Out<'py> = Bound<'py, PyArrayDyn<f32>>;
+pub(crate) type F32Out<'py> = Bound<'py, PyArrayDyn<f32>>;
 
 type ConvGrads<'py> = (
     Option<Bound<'py, PyArrayDyn<f32>>>,
@@ -423,7 +438,7 @@ fn conv2d_i8_forward<'py>(
 }
 
 /// Shape errors of the INT8 ops name their arguments `xq`/`wq`, not the core's `x`/`w`.
-fn rename(e: PyErr, from1: &str, to1: &str, from2: &str, to2: &str) -> PyErr {
+pub(crate) fn rename(e: PyErr, from1: &str, to1: &str, from2: &str, to2: &str) -> PyErr {
     Python::attach(|py| {
         let msg = e.value(py).to_string();
         let fixed = if let Some(rest) = msg.strip_prefix(&format!("{from1}:")) {

@@ -2,6 +2,7 @@
 //! `edgelearn_core::octo`, with the state between them in an opaque `OctoSaved` object (int8 codes and
 //! scales, owned by Rust; Python only keeps it alive until backward).
 
+use edgelearn_core::nn::depthwise::GroupedParams;
 use edgelearn_core::octo::{self, Compensation, Config, Grads, Layer, RoundMode, Saved};
 use numpy::{IxDyn, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -79,7 +80,7 @@ fn uninit<'py>(
 /// `prc` is `None` or `(mode, param)` as in `quantize(clip=...)`. Returns `(y, OctoSaved)`.
 #[pyfunction]
 #[pyo3(signature = (x, w, bias, compensation, stride, padding, act_rounding, weight_rounding, grad_rounding,
-                    prc, per_channel_weights, seed, training))]
+                    prc, per_channel_weights, seed, training, dilation=None, groups=1))]
 #[allow(clippy::too_many_arguments)]
 pub fn octo_forward<'py>(
     py: Python<'py>,
@@ -96,6 +97,8 @@ pub fn octo_forward<'py>(
     per_channel_weights: bool,
     seed: u64,
     training: bool,
+    dilation: Option<(usize, usize)>,
+    groups: usize,
 ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, OctoSaved)> {
     let config = Config {
         act_rounding: round_mode("act_rounding", act_rounding)?,
@@ -104,8 +107,12 @@ pub fn octo_forward<'py>(
         prc: clip_from(prc)?,
         per_channel_weights,
     };
+    let dilation = dilation.unwrap_or((1, 1));
     let layer = match stride {
         None => Layer::Linear,
+        Some(stride) if groups != 1 || dilation != (1, 1) => Layer::GroupedConv2d(
+            GroupedParams::new(groups, stride, padding.unwrap_or((0, 0)), dilation),
+        ),
         Some(stride) => Layer::Conv2d {
             stride,
             padding: padding.unwrap_or((0, 0)),

@@ -102,7 +102,7 @@ impl ConvShape {
     }
 }
 
-fn check_bias(bias: Option<&[f32]>, o: usize) -> Result<()> {
+pub(super) fn check_bias(bias: Option<&[f32]>, o: usize) -> Result<()> {
     match bias {
         Some(b) if b.len() != o => Err(Error::invalid(
             "bias",
@@ -115,14 +115,14 @@ fn check_bias(bias: Option<&[f32]>, o: usize) -> Result<()> {
     }
 }
 
-fn check_scalar_scale(arg: &'static str, s: f32) -> Result<()> {
+pub(super) fn check_scalar_scale(arg: &'static str, s: f32) -> Result<()> {
     if !s.is_finite() {
         return Err(Error::invalid(arg, format!("must be finite, got {s}")));
     }
     Ok(())
 }
 
-fn check_weight_scale(sw: &Scale, o: usize) -> Result<()> {
+pub(super) fn check_weight_scale(sw: &Scale, o: usize) -> Result<()> {
     match sw {
         Scale::Scalar(s) => check_scalar_scale("sw", *s),
         Scale::PerIndex(v) => {

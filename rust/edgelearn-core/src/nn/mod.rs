@@ -4,6 +4,7 @@
 //! - [`im2col`]: patch matrices of one image (generic over the element type, so INT8 data is unfolded
 //!   as INT8) and the scatter-add back.
 //! - [`conv`]: 2-D convolution forward/backward, FP32 and INT8.
+//! - [`depthwise`]: grouped and depthwise convolution (`groups > 1`) on its own direct kernels.
 //! - [`pool`]: max and average pooling; [`batchnorm`]: 2-D batch normalisation; [`activation`]: ReLU.
 //!
 //! Not here: quantization itself ([`crate::quant`]), the INT8 GEMM kernels ([`crate::gemm`]), autograd.
@@ -14,6 +15,7 @@
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;
+pub mod depthwise;
 pub mod im2col;
 pub mod matmul;
 pub mod optim;
@@ -30,6 +32,10 @@ pub use batchnorm::{
 pub use conv::{
     channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
     ConvShape,
+};
+pub use depthwise::{
+    conv2d_grouped_f32_backward, conv2d_grouped_f32_forward, conv2d_grouped_i8_backward,
+    conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
 };
 pub use matmul::{matmul_f32, MatF32};
 pub use pool::{

@@ -1,19 +1,40 @@
-"""Reference models for the CLI, the tests and the benchmarks: an MLP and the small CNN of ``docs/octo.md``.
+"""The model zoo: an MLP and the small CNN of ``docs/octo.md``, and edge architectures in torchvision's module
+layout and parameter names (a torchvision ``state_dict`` maps 1:1 by name and shape): ``mobilenet_v2``
+(depthwise convolutions, inverted residuals, ReLU6), ``resnet18`` and the CIFAR-style ``resnet20``.
 
-Both are plain FP32 ``nn.Sequential`` models; turn them to INT8 training with ``edgelearn.octo(model, config)``.
-Parameter initialisation draws from the generator ``edgelearn.nn.manual_seed`` seeds, so call that first for a
-reproducible model.
+All are plain FP32 models; turn them to INT8 training with ``edgelearn.octo(model, config)``. Parameter
+initialisation draws from the generator ``edgelearn.nn.manual_seed`` seeds, so call that first for a
+reproducible model. Small inputs (28x28, 32x32): ``mobilenet_v2(small_input=True)`` and
+``resnet18(small_input=True)`` adapt the stem as the CIFAR variants do (see their modules);
+``build_model`` picks that for images smaller than 64 pixels.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Tuple, Union
 
-from . import nn
+from .. import nn
+from .mobilenet import MobileNetV2, mobilenet_v2
+from .resnet import ResNet, resnet18, resnet20
 
-__all__ = ["MODEL_NAMES", "VIDEO_MODEL_NAMES", "build_model", "build_video_model", "cnn", "fcn", "mlp"]
+__all__ = [
+    "MODEL_NAMES",
+    "VIDEO_MODEL_NAMES",
+    "MobileNetV2",
+    "ResNet",
+    "build_model",
+    "build_video_model",
+    "cnn",
+    "fcn",
+    "mlp",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet20",
+]
 
-MODEL_NAMES = ("mlp", "cnn")
+MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet18", "mobilenet_v2")
+#: Below this image size (pixels on the shorter side) ``build_model`` adapts the stems of the ImageNet nets.
+SMALL_INPUT = 64
 #: Built-in architectures of ``edgelearn video --model`` (3-channel input, any frame size).
 VIDEO_MODEL_NAMES = ("fcn", "cnn")
 
@@ -62,13 +83,21 @@ def cnn(
     return nn.Sequential(*layers)
 
 
-def build_model(name: str, image_shape: Tuple[int, int, int], classes: int) -> nn.Sequential:
-    """``"mlp"`` or ``"cnn"`` sized for images of ``(C, H, W)`` and ``classes`` classes."""
+def build_model(name: str, image_shape: Tuple[int, int, int], classes: int, width_mult: float = 1.0) -> nn.Module:
+    """The zoo model ``name`` (one of ``MODEL_NAMES``) sized for images of ``(C, H, W)`` and ``classes``
+    classes; ``width_mult`` scales ``mobilenet_v2``. ImageNet stems adapt to images below 64 pixels."""
     c, h, w = image_shape
+    small = min(h, w) < SMALL_INPUT
     if name == "mlp":
         return mlp(c * h * w, 256, 128, classes)
     if name == "cnn":
         return cnn(c, classes, (h, w))
+    if name == "resnet20":
+        return resnet20(classes, c)
+    if name == "resnet18":
+        return resnet18(classes, c, small_input=small)
+    if name == "mobilenet_v2":
+        return mobilenet_v2(classes, width_mult, c, small_input=small)
     raise ValueError(f"model: unknown name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
 
 

@@ -1,0 +1,399 @@
+//! The four inner loops of grouped/depthwise convolution, per ISA, and their run-time choice.
+//!
+//! Every loop works on *rows*: `rows` rows of `len` values, rows `ld*` elements apart, and a list of
+//! *taps* (element offsets into a zero-padded source plane, see `super::Planes`):
+//!
+//! - `corr_*`: `out[r·ldo + k] += Σ_t w[t] · src[r·lds + offs[t] + k]` (taps in order; FP32: one multiply
+//!   then one add per tap, never fused, so every kernel gives the same bits; INT8: exact INT32);
+//! - `dot_f32`: `lanes[t][k mod 16] += a[r·lda + k] · src[r·lds + offs[t] + k]`, rows in order, `k` in
+//!   increasing order within a row: the canonical 16-lane order every kernel reproduces exactly (the
+//!   caller flushes the lanes to f64);
+//! - `dot_i8`: `sums[t] += Σ a[r·lda + k] · src[r·lds + offs[t] + k]` exactly (INT32 per row, i64 across).
+//!
+//! The kernels are `unsafe fn`s on raw pointers; [`Corr`] and [`Dot`] check every bound once and call
+//! them. The choice follows the GEMM kernel ([`crate::gemm::active_kernel`], so `EDGELEARN_KERNEL` and
+//! `set_kernel` force both): `scalar` → scalar, `avx2`/`avxvnni` → AVX2, `avx512vnni` → AVX-512,
+//! `neon` → NEON, `dotprod`/`i8mm` → NEON with `sdot` for the INT8 weight gradient.
+
+use crate::error::{Error, Result};
+
+/// Largest `len` of one INT8 row (an INT32 lane holds at most that many products of ±128·±128).
+pub const MAX_ROW_I8: usize = crate::gemm::MAX_K_I32;
+
+pub type CorrF32 = unsafe fn(*mut f32, usize, *const f32, usize, usize, usize, &[usize], &[f32]);
+pub type CorrI8 = unsafe fn(*mut i32, usize, *const i8, usize, usize, usize, &[usize], &[i32]);
+pub type DotF32 =
+    unsafe fn(*const f32, usize, *const f32, usize, usize, usize, &[usize], &mut [[f32; 16]]);
+pub type DotI8 = unsafe fn(*const i8, usize, *const i8, usize, usize, usize, &[usize], &mut [i64]);
+
+/// One ISA's set of inner loops.
+pub struct DwKernel {
+    pub name: &'static str,
+    pub corr_f32: CorrF32,
+    pub corr_i8: CorrI8,
+    pub dot_f32: DotF32,
+    pub dot_i8: DotI8,
+}
+
+impl std::fmt::Debug for DwKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DwKernel({})", self.name)
+    }
+}
+
+// --- scalar reference ------------------------------------------------------------------------------------
+
+unsafe fn corr_f32_scalar(
+    out: *mut f32,
+    ldo: usize,
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    w: &[f32],
+) {
+    for r in 0..rows {
+        let o = out.add(r * ldo);
+        let s = src.add(r * lds);
+        for k in 0..len {
+            let mut acc = *o.add(k);
+            for (&off, &wt) in offs.iter().zip(w) {
+                acc += wt * *s.add(off + k);
+            }
+            *o.add(k) = acc;
+        }
+    }
+}
+
+unsafe fn corr_i8_scalar(
+    out: *mut i32,
+    ldo: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    w: &[i32],
+) {
+    for r in 0..rows {
+        let o = out.add(r * ldo);
+        let s = src.add(r * lds);
+        for k in 0..len {
+            let mut acc = *o.add(k);
+            for (&off, &wt) in offs.iter().zip(w) {
+                acc = acc.wrapping_add(wt * *s.add(off + k) as i32);
+            }
+            *o.add(k) = acc;
+        }
+    }
+}
+
+/// The canonical 16-lane dot of one tap over one row, from `k0` on (vector kernels call it for their tails).
+#[inline(always)]
+pub(super) unsafe fn dot_f32_row_tail(
+    a: *const f32,
+    s: *const f32,
+    k0: usize,
+    len: usize,
+    lanes: &mut [f32; 16],
+) {
+    for k in k0..len {
+        lanes[k % 16] += *a.add(k) * *s.add(k);
+    }
+}
+
+unsafe fn dot_f32_scalar(
+    a: *const f32,
+    lda: usize,
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    lanes: &mut [[f32; 16]],
+) {
+    for (l, &off) in lanes.iter_mut().zip(offs) {
+        for r in 0..rows {
+            dot_f32_row_tail(a.add(r * lda), src.add(r * lds + off), 0, len, l);
+        }
+    }
+}
+
+unsafe fn dot_i8_scalar(
+    a: *const i8,
+    lda: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    sums: &mut [i64],
+) {
+    for (sum, &off) in sums.iter_mut().zip(offs) {
+        for r in 0..rows {
+            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
+            let mut acc = 0i32;
+            for k in 0..len {
+                acc += *ar.add(k) as i32 * *sr.add(k) as i32;
+            }
+            *sum += acc as i64;
+        }
+    }
+}
+
+pub static SCALAR: DwKernel = DwKernel {
+    name: "scalar",
+    corr_f32: corr_f32_scalar,
+    corr_i8: corr_i8_scalar,
+    dot_f32: dot_f32_scalar,
+    dot_i8: dot_i8_scalar,
+};
+
+// --- choice ----------------------------------------------------------------------------------------------
+
+/// The kernels this CPU runs, best first (`scalar` last).
+pub fn depthwise_kernels() -> Vec<&'static DwKernel> {
+    #[allow(unused_mut)]
+    let mut v: Vec<&'static DwKernel> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::x86::avx512_detected() {
+            v.push(&super::x86::AVX512);
+        }
+        if super::x86::avx2_detected() {
+            v.push(&super::x86::AVX2);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push(&super::aarch64::DOTPROD);
+        }
+        v.push(&super::aarch64::NEON);
+    }
+    v.push(&SCALAR);
+    v
+}
+
+/// The depthwise kernel paired with the GEMM kernel called `gemm_name`.
+pub fn depthwise_kernel_for(gemm_name: &str) -> &'static DwKernel {
+    let want = match gemm_name {
+        "avx512vnni" => "avx512",
+        "avx2" | "avxvnni" => "avx2",
+        "dotprod" | "i8mm" => "dotprod",
+        "neon" => "neon",
+        _ => "scalar",
+    };
+    depthwise_kernels()
+        .into_iter()
+        .find(|k| k.name == want)
+        .unwrap_or(&SCALAR)
+}
+
+/// The kernel of the active GEMM choice (see the module docs).
+pub fn active_depthwise_kernel() -> Result<&'static DwKernel> {
+    Ok(depthwise_kernel_for(crate::gemm::active_kernel()?.name()))
+}
+
+// --- checked calls ---------------------------------------------------------------------------------------
+
+/// Index one past the last element `rows` rows of `len` at `ld` apart from `base` reach (`None` = overflow).
+fn reach(base: usize, rows: usize, ld: usize, len: usize) -> Option<usize> {
+    if rows == 0 || len == 0 {
+        return Some(0);
+    }
+    (rows - 1)
+        .checked_mul(ld)?
+        .checked_add(base)?
+        .checked_add(len)
+}
+
+fn bounds(arg: &'static str, need: Option<usize>, have: usize) -> Result<()> {
+    match need {
+        Some(n) if n <= have => Ok(()),
+        _ => Err(Error::invalid(
+            arg,
+            format!("row block reaches past the {have} elements of the buffer"),
+        )),
+    }
+}
+
+/// A block of `rows × len` outputs and the source rows it reads (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub rows: usize,
+    pub len: usize,
+    /// Output (or `a`) row stride.
+    pub ldo: usize,
+    /// Source row stride.
+    pub lds: usize,
+}
+
+impl Rows {
+    fn check_src<T>(&self, src: &[T], offs: &[usize]) -> Result<()> {
+        if offs.is_empty() {
+            return Ok(());
+        }
+        let max_off = offs.iter().copied().max().unwrap_or(0);
+        bounds(
+            "src",
+            reach(max_off, self.rows, self.lds, self.len),
+            src.len(),
+        )
+    }
+    fn check_out<T>(&self, out: &[T]) -> Result<()> {
+        bounds("out", reach(0, self.rows, self.ldo, self.len), out.len())
+    }
+}
+
+fn check_taps(offs: usize, w: usize) -> Result<()> {
+    if offs != w {
+        return Err(Error::invalid(
+            "w",
+            format!("{w} weights for {offs} tap offsets"),
+        ));
+    }
+    Ok(())
+}
+
+impl DwKernel {
+    /// `out[r·ldo + k] += Σ_t w[t]·src[r·lds + offs[t] + k]` in FP32.
+    pub fn corr_f32(
+        &self,
+        out: &mut [f32],
+        src: &[f32],
+        b: Rows,
+        offs: &[usize],
+        w: &[f32],
+    ) -> Result<()> {
+        check_taps(offs.len(), w.len())?;
+        b.check_out(out)?;
+        b.check_src(src, offs)?;
+        if b.rows == 0 || b.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; the kernel's CPU features were detected when it was handed out.
+        unsafe {
+            (self.corr_f32)(
+                out.as_mut_ptr(),
+                b.ldo,
+                src.as_ptr(),
+                b.lds,
+                b.rows,
+                b.len,
+                offs,
+                w,
+            )
+        };
+        Ok(())
+    }
+
+    /// INT8 `corr`: exact INT32 sums (the caller bounds the number of taps, see [`MAX_ROW_I8`]).
+    pub fn corr_i8(
+        &self,
+        out: &mut [i32],
+        src: &[i8],
+        b: Rows,
+        offs: &[usize],
+        w: &[i32],
+    ) -> Result<()> {
+        check_taps(offs.len(), w.len())?;
+        b.check_out(out)?;
+        b.check_src(src, offs)?;
+        if let Some(i) = w.iter().position(|v| !(-128..=127).contains(v)) {
+            return Err(Error::invalid(
+                "w",
+                format!("weight {i} is not an int8 value"),
+            ));
+        }
+        if b.rows == 0 || b.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in corr_f32.
+        unsafe {
+            (self.corr_i8)(
+                out.as_mut_ptr(),
+                b.ldo,
+                src.as_ptr(),
+                b.lds,
+                b.rows,
+                b.len,
+                offs,
+                w,
+            )
+        };
+        Ok(())
+    }
+
+    /// `lanes[t][k mod 16] += a[r·ldo + k]·src[r·lds + offs[t] + k]` (canonical order, see the module docs).
+    pub fn dot_f32(
+        &self,
+        a: &[f32],
+        src: &[f32],
+        b: Rows,
+        offs: &[usize],
+        lanes: &mut [[f32; 16]],
+    ) -> Result<()> {
+        check_taps(offs.len(), lanes.len())?;
+        bounds("a", reach(0, b.rows, b.ldo, b.len), a.len())?;
+        b.check_src(src, offs)?;
+        if b.rows == 0 || b.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in corr_f32.
+        unsafe {
+            (self.dot_f32)(
+                a.as_ptr(),
+                b.ldo,
+                src.as_ptr(),
+                b.lds,
+                b.rows,
+                b.len,
+                offs,
+                lanes,
+            )
+        };
+        Ok(())
+    }
+
+    /// `sums[t] += Σ a[r·ldo + k]·src[r·lds + offs[t] + k]`, exact; `len ≤ MAX_ROW_I8`.
+    pub fn dot_i8(
+        &self,
+        a: &[i8],
+        src: &[i8],
+        b: Rows,
+        offs: &[usize],
+        sums: &mut [i64],
+    ) -> Result<()> {
+        check_taps(offs.len(), sums.len())?;
+        if b.len > MAX_ROW_I8 {
+            return Err(Error::overflow(
+                "len",
+                format!(
+                    "rows of {} values could overflow INT32 (at most {MAX_ROW_I8})",
+                    b.len
+                ),
+            ));
+        }
+        bounds("a", reach(0, b.rows, b.ldo, b.len), a.len())?;
+        b.check_src(src, offs)?;
+        if b.rows == 0 || b.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in corr_f32.
+        unsafe {
+            (self.dot_i8)(
+                a.as_ptr(),
+                b.ldo,
+                src.as_ptr(),
+                b.lds,
+                b.rows,
+                b.len,
+                offs,
+                sums,
+            )
+        };
+        Ok(())
+    }
+}
