@@ -16,7 +16,6 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
-use crate::nn::im2col::im2col;
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
 use crate::nn::{
     conv2d_f32_forward, conv2d_grouped_f32_forward, conv2d_grouped_i8_forward, conv2d_i8_forward,
@@ -329,15 +328,14 @@ unsafe fn scatter_band(
 /// already did, as the FP32 one does so that its rounding matches the dense conv's) and applying `ops`.
 /// Batches run in parallel over the pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
-fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
-    x: &[S],
+fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+    x: &[T],
     cg: &ConvGeom,
     bias: Option<&[f32]>,
     ops: &[Pointwise],
     bands: &[Rect],
     y: &mut [f32],
     parallel: bool,
-    convert: impl Fn(&[S], &mut [T]) + Sync,
     gemm: impl Fn(&[T], usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
     let [c, _, _] = cg.in_shape;
@@ -351,14 +349,11 @@ fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Scr
         if cols == 0 {
             return Ok(());
         }
-        let wmax = batch.iter().map(|&r| window_len(cg, r)).max().unwrap_or(0);
-        let mut win = crate::nn::Scratch::<T>::new(wmax)?;
         let mut col = crate::nn::Scratch::<T>::new(k * cols)?;
         let mut off = 0;
         for &rect in batch {
-            let g = gather_window(x, cg, rect, &mut win, &convert)?;
-            im2col(&win[..], &g, &mut col[off..], cols);
-            off += g.p();
+            im2col_rect(x, cg, rect, &mut col, cols, off);
+            off += (rect.1 - rect.0) * (rect.3 - rect.2);
         }
         let mut out = take_f32(o * cols)?;
         gemm(&col[..k * cols], cols, &mut out[..o * cols])?;
@@ -370,6 +365,54 @@ fn conv_batches<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Scr
         }
         Ok(())
     })
+}
+
+/// The patch matrix of the outputs `rect` straight from the map `x (c, h, w)`: row `(ch, ki, kj)` of
+/// `col` (row stride `ld`) gets, from column `off`, the input each output of the rectangle reads at that
+/// tap (zero where it falls in the padding) — what gathering the window and unfolding it gives, in one
+/// pass.
+fn im2col_rect<T: Copy + Default>(x: &[T], cg: &ConvGeom, rect: Rect, col: &mut [T], ld: usize, off: usize) {
+    let [c, h, w] = cg.in_shape;
+    let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    let zero = T::default();
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = (ch * kh + ki) * kw + kj;
+                let dst = &mut col[row * ld + off..row * ld + off + rh * rw];
+                // output columns q whose input column (x0 + q)·sw + kj − pw lies in 0..w
+                let first = (x0 * sw + kj) as isize - pw as isize;
+                let qa = if first >= 0 { 0 } else { ((-first) as usize).div_ceil(sw) }.min(rw);
+                let qb = if first >= w as isize {
+                    0
+                } else {
+                    ((w as isize - 1 - first) as usize / sw + 1).min(rw)
+                }
+                .max(qa);
+                for (r, d) in dst.chunks_exact_mut(rw).enumerate() {
+                    let iy = ((y0 + r) * sh + ki) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize || qa == qb {
+                        d.fill(zero);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    d[..qa].fill(zero);
+                    d[qb..].fill(zero);
+                    let s0 = (first + (qa * sw) as isize) as usize;
+                    if sw == 1 {
+                        d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
+                    } else {
+                        for (j, v) in d[qa..qb].iter_mut().enumerate() {
+                            *v = src[s0 + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn check_conv_shapes(
@@ -438,7 +481,6 @@ pub fn conv_rects(
         &bands,
         y,
         parallel,
-        copy,
         |col, cols, out| {
             // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
             // each output sees the same additions in the same order
@@ -548,7 +590,6 @@ pub fn conv_rects_i8(
         &narrow,
         y,
         parallel,
-        copy,
         |col, cols, out| {
             let cm = MatRef::row_major(col, k, cols)?;
             gemm::gemm_i8_f32(&wm, &cm, p.weight_scale(), Scale::Scalar(sx), None, out)
