@@ -75,7 +75,8 @@ def plural(n: int, word: str, words: str = "") -> str:
 
 
 def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: bool, quiet: bool = False):
-    """One training run of ``args`` in ``precision``: ``(model, history, test result)``."""
+    """One training run of ``args`` in ``precision``: ``(model, history, test result)``. ``quiet``: the comparison
+    run (no checkpoint, logs or plot; a progress bar on a terminal only)."""
     from edgelearn import data as eldata
     from edgelearn import optim, run
     from edgelearn.train import evaluate, fit
@@ -111,7 +112,7 @@ def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: 
         scheduler=scheduler, batch_size=args.batch_size, seed=args.seed, augment=augment,
         checkpoint=None if quiet else args.checkpoint, resume=not quiet and args.resume,
         log_csv=None if quiet else args.log_csv, log_json=None if quiet else args.log_json,
-        plot=None if quiet else args.plot, progress=not args.no_progress and not quiet, verbose=verbose,
+        plot=None if quiet else args.plot, progress=not args.no_progress, verbose=verbose,
         config=settings, val_name="test",
     )
     return model, history, evaluate(model, test)
