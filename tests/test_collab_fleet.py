@@ -268,3 +268,27 @@ def test_onnx_imported_model_split_at_a_node_and_trained_over_grpc(digits, tmp_p
     cloud2 = collab.Cloud(f"onnx:{path}", "Conv_13", seed=0)
     with pytest.raises(collab.ArchitectureMismatch, match="architecture digest"):
         collab.Edge(collab.LocalTransport(cloud2), digits.train.image_shape, 10, model=f"onnx:{other}")
+
+
+def test_zoo_resnet20_split_at_a_named_stage_and_trained_over_loopback_grpc(digits):
+    """resnet20 (torchvision layout) cut before ``layer2``; INT8 edge part; SGQ 4-bit over gRPC."""
+    from edgelearn.collab.split import split_points
+
+    cloud = collab.Cloud("resnet20", "layer2", seed=0)
+    with collab.CloudServer(cloud) as server:
+        transport = collab.GrpcTransport(f"127.0.0.1:{server.port}", connect_timeout=60)
+        edge = collab.Edge(transport, digits.train.image_shape, 10, mode="sgq", bits=4, precision="int8",
+                           model="resnet20", split="layer2")
+        assert edge.feature_shape == (16, 8, 8)  # layer1's output on 8x8 digits
+        r = collab.train_edge(edge, digits.train, digits.test, steps=8, batch_size=32, eval_limit=128,
+                              bn_recalibration_batches=2, progress=False)
+    assert r["steps"] == 8 and cloud.steps == 8 and r["model"] == "resnet20" and r["split"] == "layer2"
+    assert r["test_accuracy"] > 0.2 and r["compression_vs_fp32"] > 6  # chance is 0.1
+    from edgelearn.models import build_model
+
+    model = build_model("mobilenet_v2", (1, 8, 8), 10)
+    assert "features.7" in split_points(model) and "layer3.1" in split_points(build_model("resnet20", (1, 8, 8), 10))
+    edge_part, cloud_part = collab.split_model(model, "features.7")
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    model.eval()
+    assert np.allclose(cloud_part(edge_part(edgelearn.tensor(x))).data, model(edgelearn.tensor(x)).data, atol=1e-6)

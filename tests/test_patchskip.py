@@ -401,3 +401,86 @@ def test_mostly_dirty_layers_switch_to_the_dense_kernel():
         assert rel_l2(outs[above], dense(model, f)) <= 1e-6
     with pytest.raises(ValueError, match="dense_above"):
         PatchSkipRunner(model, dense_above=0)
+
+
+# --- grouped / depthwise / dilated convolutions ------------------------------------------------------------
+
+
+def net_grouped():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2),
+    )
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_grouped_depthwise_dilated_threshold_zero_equals_model(int8):
+    el.manual_seed(3)
+    model = randomize_bn(net_grouped())
+    if int8:
+        model = el.octo(model, el.OctoConfig()).eval()
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0, int8_scales="dynamic")
+    for f in frames_moving_square(5, h=36, w=44):
+        y = runner(f)
+        assert rel_l2(y, dense(model, f)) <= 1e-6, runner.stats
+    assert not runner.stats["dense"] and runner.stats["compute_fraction"] < 0.8
+
+
+# --- uint8 streams, time split, dense tail -----------------------------------------------------------------
+
+
+def test_uint8_stream_equals_its_float_conversion_and_skips_unchanged_frames():
+    """uint8 frames are gated on their bytes and converted only where flagged: frame by frame the output is
+    the runner's output on the converted float frames (bit for bit), and an unchanged frame recomputes nothing."""
+    el.manual_seed(0)
+    model = randomize_bn(net_stride1())
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    a = PatchSkipRunner(model, patch=8, threshold=0.0, mean=mean, std=std)
+    b = PatchSkipRunner(model, patch=8, threshold=0.0)  # fed a's float input, already normalised
+    g = np.random.default_rng(4)
+    img = g.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for t in range(5):
+        img = img.copy()
+        if t in (1, 3):
+            img[5 + t:12 + t, 8:20] = g.integers(0, 256, (7, 12, 3), dtype=np.uint8)
+        ya = a(img)
+        yb = b(a.preprocess(img))
+        np.testing.assert_array_equal(ya, yb)
+        s = a.stats
+        for key in ("gate_seconds", "bookkeeping_seconds", "recompute_seconds", "tail_seconds", "core_seconds"):
+            assert 0.0 <= s[key] <= s["seconds"], key
+        if t in (2, 4):
+            assert s["compute_fraction"] == 0.0 and s["output_changed"] is False
+        elif t > 0:
+            assert 0.0 < s["compute_fraction"] < 0.8 and s["output_changed"] is True
+
+
+def test_classifier_tail_runs_only_when_its_input_changed():
+    el.manual_seed(2)
+    model = randomize_bn(el.models.cnn(3, 10, 32))
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0)
+    calls = []
+    first = runner.tail[0]
+    orig = first.forward
+    first.forward = lambda x: (calls.append(1), orig(x))[1]
+    f = frames_moving_square(2, h=32, w=40)
+    y0 = runner(f[0])
+    y1 = runner(f[0].copy())  # nothing changed: the tail is not run again
+    assert len(calls) == 1 and np.array_equal(y0, y1)
+    y2 = runner(f[1])
+    assert len(calls) == 2 and rel_l2(y2, dense(model, f[1])) <= 1e-6
+
+
+def test_prediction_agreement():
+    from edgelearn.video.pipeline import prediction_agreement
+
+    ref = np.zeros((1, 3, 2, 2), np.float32)
+    ref[0, 1] = 1.0  # argmax channel 1 everywhere
+    y = ref.copy()
+    y[0, 2, 0, 0] = 2.0  # one pixel of four now predicts channel 2
+    assert prediction_agreement(y, ref) == 0.75
+    assert prediction_agreement(np.float32([[0.1, 0.9]]), np.float32([[0.2, 0.8]])) == 1.0
+    assert prediction_agreement(np.float32([[0.9, 0.1]]), np.float32([[0.2, 0.8]])) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        prediction_agreement(y, ref[:, :2])

@@ -40,6 +40,10 @@ __all__ = [
     "avgpool2d_forward",
     "avgpool2d_backward",
     "sgd_step",
+    "conv2d_grouped_f32_forward",
+    "conv2d_grouped_f32_backward",
+    "conv2d_grouped_i8_forward",
+    "conv2d_grouped_i8_backward",
     "OctoSaved",
     "octo_forward",
     "octo_backward",
@@ -231,6 +235,8 @@ def octo_forward(
     per_channel_weights: bool,
     seed: int,
     training: bool,
+    dilation: Optional[tuple[int, int]] = None,
+    groups: int = 1,
 ) -> tuple[_F32, OctoSaved]: ...
 def octo_backward(
     saved: OctoSaved,
@@ -308,9 +314,24 @@ class PatchSkip:
         int8_scales: str = "frozen",
         dense_above: float = 0.85,
     ) -> PatchSkip: ...
-    def add_conv(self, weight: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
+    def add_conv(
+        self,
+        weight: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
+    ) -> None: ...
     def add_conv_i8(
-        self, wq: np.ndarray, sw: np.ndarray, bias: Optional[np.ndarray], stride: Tuple[int, int], padding: Tuple[int, int]
+        self,
+        wq: np.ndarray,
+        sw: np.ndarray,
+        bias: Optional[np.ndarray],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        groups: int = 1,
+        dilation: Optional[Tuple[int, int]] = None,
     ) -> None: ...
     def add_affine(self, a: np.ndarray, b: np.ndarray) -> None: ...
     def add_batchnorm(self, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> None: ...
@@ -318,5 +339,12 @@ class PatchSkip:
     def add_maxpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def add_avgpool(self, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int]) -> None: ...
     def run(self, frame: np.ndarray) -> np.ndarray: ...
+    def run_u8(
+        self,
+        frame: np.ndarray,
+        channels: Optional[int] = None,
+        mean: Optional[np.ndarray] = None,
+        std: Optional[np.ndarray] = None,
+    ) -> np.ndarray: ...
     def reset(self) -> None: ...
     def stats(self) -> Dict[str, Any]: ...

@@ -75,7 +75,8 @@ def plural(n: int, word: str, words: str = "") -> str:
 
 
 def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: bool, quiet: bool = False):
-    """One training run of ``args`` in ``precision``: ``(model, history, test result)``."""
+    """One training run of ``args`` in ``precision``: ``(model, history, test result)``. ``quiet``: the comparison
+    run (no checkpoint, logs or plot; a progress bar on a terminal only)."""
     from edgelearn import data as eldata
     from edgelearn import optim, run
     from edgelearn.train import evaluate, fit
@@ -111,7 +112,7 @@ def _train_once(args: argparse.Namespace, train, test, precision: str, verbose: 
         scheduler=scheduler, batch_size=args.batch_size, seed=args.seed, augment=augment,
         checkpoint=None if quiet else args.checkpoint, resume=not quiet and args.resume,
         log_csv=None if quiet else args.log_csv, log_json=None if quiet else args.log_json,
-        plot=None if quiet else args.plot, progress=not args.no_progress and not quiet, verbose=verbose,
+        plot=None if quiet else args.plot, progress=not args.no_progress, verbose=verbose,
         config=settings, val_name="test",
     )
     return model, history, evaluate(model, test)
@@ -410,7 +411,7 @@ def _cmd_collab_join(args: argparse.Namespace) -> int:
         raise
     result.update(dataset=args.dataset, server=args.server, seconds=time.perf_counter() - t0)
     up, down = result["bytes_up_per_sample"], result["bytes_down_per_sample"]
-    _say_flush(f"trained {result['steps']} steps ({result['train_samples']} samples): train loss "
+    _say_flush(f"trained {plural(result['steps'], 'step')} ({plural(result['train_samples'], 'sample')}): train loss "
                f"{result['train_loss']:.4f}, feature rel. L2 error {result['feature_rel_l2'] or 0:.4f}, "
                f"gradient {result['grad_rel_l2'] or 0:.4f}")
     if up is not None:
@@ -643,9 +644,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
           f"gate {summary['mean_gate_ms']:.3f} ms/frame, {plural(summary['dense_frames'], 'dense frame')}")
+    split = summary["time_split_ms"]
+    print(f"time per frame {summary['mean_frame_ms']:.2f} ms: gate {split['gate']:.2f}, bookkeeping {split['bookkeeping']:.2f}, "
+          f"recompute {split['recompute']:.2f}, tail {split['tail']:.2f}, other {split['other']:.2f} ms")
     if args.compare_dense:
-        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x")
-        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}")
+        print(f"dense:      {summary['dense_fps']:.1f} frames/s -> speedup {summary['speedup']:.2f}x "
+              f"(ideal 1/work {summary['ideal_speedup']:.2f}x: {100 * summary['realised_fraction']:.0f}% realised)")
+        print(f"error vs dense (relative L2): mean {summary['mean_rel_l2_error']:.2e}, max {summary['max_rel_l2_error']:.2e}; "
+              f"prediction agreement (argmax) mean {100 * summary['mean_agreement']:.2f}%, min {100 * summary['min_agreement']:.2f}%")
     if args.save_plot:
         print(f"plot written to {args.save_plot}")
     return 0
@@ -664,9 +670,17 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every command's parser: option defaults in --help, also for options declared without a help text."""
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if (kwargs.get("help") is None and args and str(args[0]).startswith("-")
+                and kwargs.get("default") not in (None, False, argparse.SUPPRESS)):
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
 
 
 def _version() -> str:

@@ -32,16 +32,19 @@ class OctoConfig:
       dY after BatchNorm is heavy-tailed, so a 99% interval clips much of the signal.
     - ``z``, ``kappa``: parameters of the two PRC modes (2.576 = 99% interval; 0.95).
     - ``lac``: insert a Compensation layer after each INT8 layer; ``lam`` is its regulariser weight λ.
-    - ``per_channel_weights``: quantize W per output channel instead of per tensor (forward GEMM; the
-      backward dX GEMM uses a per-tensor copy of Wq, since a scale along the reduction axis cannot be fused).
+    - ``per_channel_weights``: quantize W per output channel instead of per tensor. Forward and dW stay on
+      INT8 kernels; dX contracts over output channels, where a per-channel scale cannot be factored out of
+      an INT8 product, so that one product runs in FP32 on the integer codes scaled by ``s_dy·s_w[o]``.
     - ``int8_saved_activations``: also keep BatchNorm inputs as int8 (read directly by the core's backward)
       and ReLU outputs as 1-bit masks for backward, so every saved activation of a conv/BN/ReLU network is
       8-bit or less (without it BatchNorm and ReLU keep FP32 and the saving is limited to the Linear/Conv
       inputs). In this mode Compensation, BatchNorm and ReLU also write their output over an input that
       ``Sequential`` donates (an intermediate nobody else references) and BatchNorm/ReLU backward overwrite
-      an unshared incoming gradient, so a step holds about one FP32 activation at a time.
-    - ``seed``: base seed of stochastic rounding; each layer and step derives its own seed from it, so a run
-      is reproducible and resumable (each INT8 layer keeps its step count as the ``quant_step`` buffer).
+      an incoming gradient the autograd sweep owns (the ``owned`` contract of ``tensor.make_result``), so a step
+      holds about one FP32 activation at a time.
+    - ``seed``: base seed of stochastic rounding (X, dY and, if chosen, W); each layer and step derives its
+      own seed from it, so a run is reproducible and resumable (each INT8 layer keeps its step count as the
+      ``quant_step`` buffer), and bit-identical whatever the thread count.
     """
 
     act_rounding: str = "stochastic"

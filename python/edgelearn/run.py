@@ -101,35 +101,42 @@ class Trained(NamedTuple):
 
 
 def load_trained(path: "os.PathLike[str] | str") -> Trained:
-    """Rebuild the model a ``edgelearn train --checkpoint`` run saved (architecture, precision, LAC/PRC from its
-    settings), load its weights strictly and put it in eval mode."""
+    """Rebuild the model a checkpoint holds, with its weights, in eval mode: from the module tree the checkpoint
+    stores (``edgelearn.checkpoint.load_model``: any ``edgelearn train``/``finetune`` model), else from the run's
+    settings (architecture, precision, LAC/PRC) or a split-trained model's config (``collab join --save-full``).
+    The image shape and class names come from the settings (or, for old checkpoints, the dataset they name)."""
     from . import checkpoint as ckpt
+    from .collab.split import is_split_config, model_from_split_config
 
     path = os.fspath(path)
     state, meta = ckpt.read_checkpoint(path)
     settings = dict((meta.get("extra") or {}).get("config") or {})
-    if "model" not in settings:
-        raise ValueError(f"{path}: the checkpoint does not record its settings; it must come from "
-                         "'edgelearn train --checkpoint' (from Python, rebuild the model and use load_checkpoint)")
     data = settings.get("data") or {}
-    if "image_shape" in data and "num_classes" in data:
-        image_shape, classes = tuple(data["image_shape"]), tuple(data.get("classes") or ())
-        num_classes = int(data["num_classes"])
-    else:  # written before checkpoints recorded the data's shape: ask the dataset
-        from .data import get_dataset
+    image_shape = data.get("image_shape") or settings.get("image_shape")
+    classes = tuple(data.get("classes") or settings.get("classes") or ())
+    num_classes = data.get("num_classes") or settings.get("num_classes") or len(classes) or None
+    if (image_shape is None or num_classes is None) and "dataset" in settings:
+        from .data import get_dataset  # written before checkpoints recorded the data's shape: ask the dataset
 
-        train = get_dataset(settings.get("dataset", "digits"), seed=int(settings.get("seed", 0))).train
+        train = get_dataset(settings["dataset"], seed=int(settings.get("seed", 0))).train
         image_shape, classes, num_classes = train.image_shape, train.classes, train.num_classes
-    if len(classes) != num_classes:
-        classes = tuple(str(i) for i in range(num_classes))
-    from .collab.split import is_split_config, model_from_split_config
-
-    if is_split_config(settings):  # a whole model trained split (`collab join --save-full`)
-        model = model_from_split_config(settings, image_shape, num_classes)
+    if image_shape is None or num_classes is None:
+        raise ValueError(f"{path}: the checkpoint records neither its input shape nor its dataset; it must come "
+                         "from 'edgelearn train' or 'edgelearn finetune' (from Python, use load_checkpoint)")
+    if len(classes) != int(num_classes):
+        classes = tuple(str(i) for i in range(int(num_classes)))
+    if isinstance(meta.get("architecture"), dict):
+        model, _ = ckpt.load_model(path)
+    elif is_split_config(settings):
+        model = model_from_split_config(settings, tuple(image_shape), int(num_classes))
+        model.load_state_dict(state, strict=True)
+    elif "model" in settings:
+        model = build(settings, tuple(image_shape), int(num_classes))
+        model.load_state_dict(state, strict=True)
     else:
-        model = build(settings, image_shape, num_classes)
-    model.load_state_dict(state, strict=True)
-    return Trained(model.eval(), settings, image_shape, classes, int(meta.get("epoch", 0)))
+        raise ValueError(f"{path}: the checkpoint records no architecture; rebuild the model in code and use "
+                         "load_checkpoint")
+    return Trained(model.eval(), settings, tuple(int(v) for v in image_shape), classes, int(meta.get("epoch", 0)))
 
 
 def read_settings(path: "os.PathLike[str] | str") -> Tuple[Dict[str, Any], int]:

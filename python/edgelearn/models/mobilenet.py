@@ -13,7 +13,7 @@ carry no parameters, so the state dict is the same either way.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -111,6 +111,12 @@ class MobileNetV2(nn.Module):
 
                 m.weight.data[...] = (init.generator().standard_normal(m.weight.shape) * 0.01).astype(np.float32)
                 m.bias.data[...] = 0
+
+    def split_chain(self) -> List[Tuple[str, nn.Module]]:
+        """The parts ``forward`` applies in order, by name (where split learning may cut: ``features.7``,
+        ``avgpool``, ...; see :func:`edgelearn.collab.split.split_model`)."""
+        return [("features", self.features), ("avgpool", self.avgpool), ("flatten", nn.Flatten()),
+                ("classifier", self.classifier)]
 
     def forward(self, x: Any) -> Any:
         x = self.features(x)

@@ -14,7 +14,7 @@ the 7x7 stride-2 stem and its max-pool for a 3x3 stride-1 stem (``conv1.weight``
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from .. import nn
 from ..nn.module import fusion_plan, run_chain
@@ -86,6 +86,13 @@ class ResNet(nn.Module):
         for m in self.modules():  # torchvision's init: BN of the last conv of each block stays at 1
             if isinstance(m, nn.Conv2d):
                 _kaiming_normal_fan_out(m.weight)
+
+    def split_chain(self) -> List[Tuple[str, nn.Module]]:
+        """The parts ``forward`` applies in order, by name (where split learning may cut: ``layer2``,
+        ``layer3.1``, ...; see :func:`edgelearn.collab.split.split_model`)."""
+        stages = [(f"layer{i + 1}", getattr(self, f"layer{i + 1}")) for i in range(self.stages)]
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool), *stages,
+                ("avgpool", self.avgpool), ("flatten", nn.Flatten()), ("fc", self.fc)]
 
     def forward(self, x: Any) -> Any:
         x = run_chain(x, fusion_plan([self.conv1, self.bn1, self.relu, self.maxpool]))

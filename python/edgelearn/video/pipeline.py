@@ -17,7 +17,7 @@ from ..nn import Module
 from ..tensor import no_grad, tensor
 from .runner import PatchSkipRunner
 
-__all__ = ["load_video_model", "VideoRun", "run_video", "save_plot", "rel_l2"]
+__all__ = ["load_video_model", "VideoRun", "run_video", "save_plot", "rel_l2", "prediction_agreement"]
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
@@ -30,15 +30,24 @@ def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
     return d / n if n > 0 else (0.0 if d == 0 else float("inf"))
 
 
+def prediction_agreement(y: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of predictions on which ``y`` and ``ref`` agree: the argmax over channels per pixel for a dense
+    head ``(1, C, H, W)``, the argmax over classes for a classifier ``(1, classes)`` (1.0 or 0.0 per frame)."""
+    y, ref = np.asarray(y), np.asarray(ref)
+    if y.shape != ref.shape:
+        raise ValueError(f"prediction_agreement: shapes differ ({y.shape} vs {ref.shape})")
+    if y.ndim < 2 or y.shape[1] == 0:
+        return 1.0 if np.array_equal(y, ref) else 0.0
+    return float(np.mean(np.argmax(y, axis=1) == np.argmax(ref, axis=1)))
+
+
 def load_video_model(spec: str, seed: int = 0) -> Module:
     """A model for video in eval mode: a built-in name of ``edgelearn.models.VIDEO_MODEL_NAMES`` (random
     initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
     (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly), or
     one written by ``edgelearn collab join --save-full`` (a cnn trained split)."""
-    from .. import checkpoint as ckpt
     from .. import models
     from ..nn import manual_seed
-    from ..octo import OctoConfig, octo
 
     if spec in models.VIDEO_MODEL_NAMES:
         manual_seed(seed)
@@ -46,30 +55,12 @@ def load_video_model(spec: str, seed: int = 0) -> Module:
     if not (os.path.exists(spec) or spec.endswith(".safetensors")):
         raise ValueError(f"model: {spec!r} is neither a built-in architecture ({', '.join(models.VIDEO_MODEL_NAMES)}) "
                          "nor a checkpoint file")
-    state, meta = ckpt.read_checkpoint(spec)
-    config = ((meta.get("extra") or {}).get("config") or {})
-    name = config.get("model")
-    from ..collab.split import is_split_config, model_from_split_config
+    from .. import nn
+    from ..run import load_trained
 
-    if is_split_config(config) and name == "cnn":  # trained split (`collab join --save-full`): edge + cloud parts
-        convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
-        linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
-        model = model_from_split_config(config, (int(convs[0].shape[1]), 28, 28), int(linears[-1].shape[0]))
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-    if name not in models.MODEL_NAMES:
-        raise ValueError(f"{spec}: checkpoint does not record a known architecture (config.model={name!r}); "
-                         "it must come from 'edgelearn train --checkpoint'")
-    convs = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 4]
-    linears = [v for k, v in state.items() if k.endswith("weight") and np.ndim(v) == 2]
-    if name != "cnn" or not convs or not linears:
-        raise ValueError(f"{spec}: a {name!r} model has no convolutional part to run on video (train --model cnn)")
-    in_channels, classes = int(convs[0].shape[1]), int(linears[-1].shape[0])
-    model = models.cnn(in_channels, classes, 28)
-    if config.get("precision") == "int8":
-        prc = None if config.get("no_prc") or config.get("prc") == "none" else config.get("prc", "minmax")
-        octo(model, OctoConfig(lac=not config.get("no_lac", False), prc=prc))
-    model.load_state_dict(state, strict=True)
+    model = load_trained(spec).model  # the trained architecture, precision and weights
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ValueError(f"{spec}: the model has no convolutional part to run on video (train --model cnn)")
     return model.eval()
 
 
@@ -101,6 +92,22 @@ class VideoRun:
         if errs:
             out["mean_rel_l2_error"] = float(np.mean(errs))
             out["max_rel_l2_error"] = float(np.max(errs))
+            agree = [r["agreement"] for r in self.records if r.get("agreement") is not None]
+            out["mean_agreement"] = float(np.mean(agree))
+            out["min_agreement"] = float(np.min(agree))
+        if fr:
+            cf = float(np.mean(fr))
+            out["ideal_speedup"] = 1.0 / cf if cf > 0 else None
+            if out.get("speedup") and out["ideal_speedup"]:
+                out["realised_fraction"] = out["speedup"] / out["ideal_speedup"]
+
+            def ms(key: str) -> float:
+                return 1e3 * float(np.mean([r.get(key, 0.0) for r in self.records]))
+
+            split = {k: ms(f"{k}_seconds") for k in ("gate", "bookkeeping", "recompute", "tail")}
+            split["other"] = ms("seconds") - sum(split.values())
+            out["time_split_ms"] = split
+            out["mean_frame_ms"] = ms("seconds")
         return out
 
 
@@ -145,9 +152,10 @@ def run_video(
             run.dense_seconds += time.perf_counter() - t0
             for rec, y, ref in zip(recs, outs, refs):
                 rec["error"] = rel_l2(y, ref)
+                rec["agreement"] = prediction_agreement(y, ref)
         else:
             for rec in recs:
-                rec["error"] = None
+                rec["error"] = rec["agreement"] = None
         run.records.extend(recs)
         run.frames += len(pending)
         pending.clear()

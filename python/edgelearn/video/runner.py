@@ -128,7 +128,8 @@ class PatchSkipRunner:
     """Runs ``model`` over frames, skipping unchanged regions.
 
     Args:
-        model: a ``Sequential`` (possibly nested) of ``Conv2d`` (FP32 or Octo INT8 mode), ``BatchNorm2d`` (its
+        model: a ``Sequential`` (possibly nested) of ``Conv2d`` (FP32 or Octo INT8 mode; grouped, depthwise and
+            dilated too), ``BatchNorm2d`` (its
             running statistics are used, as in eval mode), ``Compensation`` (per channel), ``ReLU``,
             ``MaxPool2d``, ``AvgPool2d``, ``Identity``, ``Dropout`` (identity, as in eval mode), optionally
             ending in a dense tail (``AdaptiveAvgPool2d``/``Flatten``/``Linear``/...).
@@ -192,6 +193,7 @@ class PatchSkipRunner:
         self._translate(_flatten(model))
         self.mean, self.std = mean, std
         self._shape: Optional[Tuple[int, ...]] = None
+        self._tail_out: Optional[np.ndarray] = None
         self._stats: Dict[str, Any] = {}
         self.history: Deque[Dict[str, Any]] = deque(maxlen=int(history))
 
@@ -206,18 +208,17 @@ class PatchSkipRunner:
                 self.tail = layers[i:]
                 break
             if isinstance(m, Conv2d):
-                if getattr(m, "groups", 1) != 1 or tuple(getattr(m, "dilation", (1, 1))) != (1, 1):
-                    raise UnsupportedLayerError(f"{name}: grouped/depthwise or dilated convolutions are not "
-                                                "supported by the patch-skip runner yet")
+                groups, dilation = int(getattr(m, "groups", 1)), tuple(getattr(m, "dilation", (1, 1)))
                 if self.in_channels is None:
                     self.in_channels = m.in_channels
                 bias = None if m.bias is None else _arr(m.bias)
                 if m.int8 is not None:
                     wq, sw = _quantize_weight(_arr(m.weight), m.int8)
                     sw = np.atleast_1d(np.asarray(sw, np.float32)).copy()
-                    self._native.add_conv_i8(np.ascontiguousarray(wq), sw, bias, tuple(m.stride), tuple(m.padding))
+                    self._native.add_conv_i8(np.ascontiguousarray(wq), sw, bias, tuple(m.stride), tuple(m.padding),
+                                             groups, dilation)
                 else:
-                    self._native.add_conv(_arr(m.weight), bias, tuple(m.stride), tuple(m.padding))
+                    self._native.add_conv(_arr(m.weight), bias, tuple(m.stride), tuple(m.padding), groups, dilation)
             elif isinstance(m, BatchNorm2d):
                 self._native.add_batchnorm(
                     _arr(m.weight), _arr(m.bias), _arr(m.running_mean), _arr(m.running_var), float(m.eps)
@@ -268,26 +269,52 @@ class PatchSkipRunner:
                 m.training = mode
         return out.numpy()
 
+    def _model_input_shape(self, frame: np.ndarray) -> Tuple[int, int, int]:
+        """``(C, H, W)`` of the model input for a uint8 frame (as :func:`preprocess` would give it)."""
+        cin = 1 if frame.ndim == 2 or frame.shape[2] == 1 else 3
+        c = cin if self.in_channels is None or self.in_channels not in (1, 3) else self.in_channels
+        return (c, int(frame.shape[0]), int(frame.shape[1]))
+
     def __call__(self, frame: Any) -> np.ndarray:
         """Output for ``frame`` (float32 ``(C, H, W)`` or uint8 ``(H, W, C)``): ``(1, C', H', W')`` for a conv
-        net, the tail's output (e.g. ``(1, classes)``) when the model has one."""
+        net, the tail's output (e.g. ``(1, classes)``) when the model has one.
+
+        uint8 frames go to the native runner as they are: the change gate compares their bytes, and only the
+        patches it flags are converted to the model's float input (the arithmetic of :func:`preprocess`)."""
         t0 = time.perf_counter()
-        x = self.preprocess(frame)
-        if self._shape is not None and x.shape != self._shape:
-            raise ValueError(
-                f"frame: shape changed mid-stream: expected {self._shape} (CHW, from the first frame), got {x.shape};"
-                " call reset() to start a new stream"
-            )
-        y = self._native.run(x)
-        self._shape = x.shape
-        if self.tail:
-            y = self._run_tail(y)
+        raw = np.asarray(getattr(frame, "data", frame))
+        if raw.dtype == np.uint8 and (raw.ndim == 2 or (raw.ndim == 3 and raw.shape[2] in (1, 3, 4))):
+            shape: Tuple[int, ...] = self._model_input_shape(raw)
+            self._check_shape(shape)
+            c = shape[0]
+            mean, std = _channel_vector(self.mean, "mean", c), _channel_vector(self.std, "std", c)
+            y = self._native.run_u8(np.ascontiguousarray(raw), self.in_channels, mean, std)
+        else:
+            x = self.preprocess(frame)
+            shape = x.shape
+            self._check_shape(shape)
+            y = self._native.run(x)
+        self._shape = shape
         stats = dict(self._native.stats())
+        t1 = time.perf_counter()
+        if self.tail:
+            # the tail reads only the runner's output: when no output pixel changed, neither did it
+            if stats["output_changed"] or self._tail_out is None:
+                self._tail_out = self._run_tail(y)
+            y = self._tail_out.copy()
+        stats["tail_seconds"] = time.perf_counter() - t1
         stats["core_seconds"] = stats["seconds"]
         stats["seconds"] = time.perf_counter() - t0
         self._stats = stats
         self.history.append(stats)
         return y
+
+    def _check_shape(self, shape: Tuple[int, ...]) -> None:
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(
+                f"frame: shape changed mid-stream: expected {self._shape} (CHW, from the first frame), got {shape};"
+                " call reset() to start a new stream"
+            )
 
     @property
     def input_shape(self) -> Optional[Tuple[int, ...]]:
@@ -301,12 +328,17 @@ class PatchSkipRunner:
         (input patches flagged), ``layer_fractions`` (output pixels recomputed per stage: a conv/pool with the
         pointwise layers after it), ``compute_fraction`` (recomputed work over dense work, overall),
         ``estimated_error`` (relative L2 distance between the frame and the input the caches represent),
-        ``seconds`` (whole call), ``core_seconds`` (native part) and ``gate_seconds`` (change gate alone)."""
+        ``output_changed`` (some output pixel was recomputed), and the time split in seconds: ``seconds`` (whole
+        call), ``core_seconds`` (native part), within it ``gate_seconds`` (change gate, reference update and, for
+        uint8 frames, conversion of the flagged patches), ``bookkeeping_seconds`` (dirty regions through the
+        layers) and ``recompute_seconds`` (the layers' work), then ``tail_seconds`` (the dense tail, run only
+        when its input changed)."""
         return dict(self._stats)
 
     def reset(self) -> None:
         """Forgets the stream: the next frame runs densely and may have a new shape."""
         self._native.reset()
         self._shape = None
+        self._tail_out = None
         self._stats = {}
         self.history.clear()

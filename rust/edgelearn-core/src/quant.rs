@@ -595,6 +595,14 @@ pub fn quantize_nearest_with_scale(x: &[f32], scale: f32, q: &mut [i8]) -> Resul
     Ok(())
 }
 
+/// [`quantize_nearest_with_scale`] of one short run, without the per-call checks and setup (no
+/// allocation, no thread dispatch): the same bits. `scale` must be finite and positive.
+#[inline]
+pub(crate) fn quantize_nearest_run(x: &[f32], scale: f32, q: &mut [i8]) {
+    debug_assert!(scale.is_finite() && scale > 0.0 && x.len() == q.len());
+    quantize_run_uniform(x, q, f32::NEG_INFINITY, f32::INFINITY, scale, Rounding::Nearest, 0)
+}
+
 /// Largest `|x|` (eight lanes, so it vectorises; NaN-free input assumed, as the runner checks frames).
 pub fn absmax(x: &[f32]) -> f32 {
     let mut m = [0.0f32; 8];

@@ -3,7 +3,7 @@
 //! frames; `edgelearn.video.PatchSkipRunner` builds it from a `Sequential`.
 
 use edgelearn_core::nn::Window2d;
-use edgelearn_core::patchskip::{Int8Scales, Layer, PatchSkip as Core, PatchSkipConfig};
+use edgelearn_core::patchskip::{Int8Scales, Layer, PatchSkip as Core, PatchSkipConfig, U8Input};
 use numpy::ndarray::Dim;
 use numpy::{PyArray, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -80,13 +80,16 @@ impl PatchSkip {
         })
     }
 
-    #[pyo3(signature = (weight, bias, stride, padding))]
+    #[pyo3(signature = (weight, bias, stride, padding, groups=1, dilation=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_conv(
         &mut self,
         weight: &Bound<'_, PyAny>,
         bias: Option<&Bound<'_, PyAny>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let (w, s) = vec_f32("weight", weight, 4)?;
         let b = match bias {
@@ -99,11 +102,14 @@ impl PatchSkip {
             bias: b,
             stride,
             padding,
+            groups,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 
     /// An INT8 (Octo, eval mode) conv: int8 weight codes, their scale (one or one per output channel).
-    #[pyo3(signature = (wq, sw, bias, stride, padding))]
+    #[pyo3(signature = (wq, sw, bias, stride, padding, groups=1, dilation=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_conv_i8(
         &mut self,
         wq: &Bound<'_, PyAny>,
@@ -111,6 +117,8 @@ impl PatchSkip {
         bias: Option<&Bound<'_, PyAny>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let codes = readonly::<i8>("wq", wq, "int8", Some(4))?;
         let s = codes.shape().to_vec();
@@ -127,6 +135,8 @@ impl PatchSkip {
             bias: b,
             stride,
             padding,
+            groups,
+            dilation: dilation.unwrap_or((1, 1)),
         })
     }
 
@@ -205,6 +215,56 @@ impl PatchSkip {
         Ok(y)
     }
 
+    /// Runs one uint8 `(H, W)` or `(H, W, C)` C-contiguous frame (a decoded video frame), converted to the
+    /// model input as `edgelearn.video.preprocess(frame, channels, mean, std)` does; the gate works on the
+    /// bytes and only changed patches are converted. Returns the `(1, C', H', W')` output (a copy).
+    #[pyo3(signature = (frame, channels=None, mean=None, std=None))]
+    fn run_u8<'py>(
+        &mut self,
+        py: Python<'py>,
+        frame: &Bound<'py, PyAny>,
+        channels: Option<usize>,
+        mean: Option<&Bound<'py, PyAny>>,
+        std: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray<f32, Dim<[usize; 4]>>>> {
+        let arr = readonly::<u8>("frame", frame, "uint8", None)?;
+        if !arr.is_c_contiguous() {
+            return Err(value_error(
+                "frame",
+                "must be C-contiguous; pass numpy.ascontiguousarray(...)",
+            ));
+        }
+        let sh = arr.shape();
+        let hwc = match sh.len() {
+            2 => [sh[0], sh[1], 1],
+            3 => [sh[0], sh[1], sh[2]],
+            _ => {
+                return Err(value_error(
+                    "frame",
+                    format!("a uint8 frame must be (H, W) or (H, W, C), got shape {sh:?}"),
+                ))
+            }
+        };
+        let vec = |a: Option<&Bound<'py, PyAny>>, name: &str| -> PyResult<Option<Vec<f32>>> {
+            match a {
+                Some(a) if !a.is_none() => Ok(Some(vec_f32(name, a, 1)?.0)),
+                _ => Ok(None),
+            }
+        };
+        let input = U8Input::new(hwc, channels, vec(mean, "mean")?, vec(std, "std")?).py()?;
+        if self.core.is_none() {
+            self.core = Some(Core::new(self.layers.clone(), self.cfg).py()?);
+        }
+        let core = self.core.as_mut().expect("built above");
+        let x = arr.as_slice().map_err(|e| value_error("frame", e))?;
+        let out = py
+            .detach(|| core.run_u8(x, input).map(|o| o.to_vec()))
+            .py()?;
+        let [c, h, w] = core.output_shape().unwrap_or([0; 3]);
+        let y = PyArray::from_vec(py, out).reshape([1, c, h, w])?;
+        Ok(y)
+    }
+
     /// Forgets the stream: the next frame runs densely and may have a new shape.
     fn reset(&mut self) {
         if let Some(c) = self.core.as_mut() {
@@ -229,6 +289,9 @@ impl PatchSkip {
         d.set_item("error_refresh", s.error_refresh)?;
         d.set_item("seconds", s.seconds)?;
         d.set_item("gate_seconds", s.gate_seconds)?;
+        d.set_item("bookkeeping_seconds", s.bookkeeping_seconds)?;
+        d.set_item("recompute_seconds", s.recompute_seconds)?;
+        d.set_item("output_changed", s.output_changed)?;
         Ok(d)
     }
 }

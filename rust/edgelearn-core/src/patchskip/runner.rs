@@ -23,25 +23,29 @@
 
 use std::time::Instant;
 
-use super::region::{dilate, gate, TileMap};
+use super::input::{gate_u8, U8Input};
+use super::region::{dilate, gate, GateResult, TileMap};
 use super::tile_ops::{
-    conv_rects, conv_rects_i8, pointwise_rects, pool_rects, ConvI8Params, ConvParams, Pointwise,
-    Rect, Scratch,
+    conv_rects, conv_rects_i8, pointwise_rects, pool_rects, quantize_rects, ConvI8Params,
+    ConvParams, Pointwise, Rect,
 };
 use crate::error::{Error, Result};
-use crate::nn::{conv2d_f32_forward, conv2d_i8_forward, Geometry, Window2d};
+use crate::nn::{Geometry, Window2d};
 use crate::quant::{absmax, quantize_nearest_with_scale, scale_for_absmax};
 
 /// One layer of the chain, as given by the caller.
 #[derive(Clone, Debug)]
 pub enum Layer {
-    /// `weight (o, c, kh, kw)`, optional bias `(o,)`.
+    /// `weight (o, c/groups, kh, kw)`, optional bias `(o,)`; `groups` > 1 for grouped/depthwise
+    /// convolutions, `dilation` as PyTorch's.
     Conv2d {
         weight: Vec<f32>,
         shape: [usize; 4],
         bias: Option<Vec<f32>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: (usize, usize),
     },
     /// Eval-mode batch norm with running statistics: `y = x·a + b`, `a = γ/√(var+eps)`, `b = β − mean·a`.
     BatchNorm2d {
@@ -51,8 +55,9 @@ pub enum Layer {
         var: Vec<f32>,
         eps: f32,
     },
-    /// Octo INT8 convolution in eval mode: weight codes `wq (o, c, kh, kw)`, weight scale `sw` (one value or
-    /// one per output channel), optional FP32 bias; its input is quantized per tensor, nearest rounding.
+    /// Octo INT8 convolution in eval mode: weight codes `wq (o, c/groups, kh, kw)`, weight scale `sw` (one
+    /// value or one per output channel), optional FP32 bias; its input is quantized per tensor, nearest
+    /// rounding.
     Conv2dInt8 {
         wq: Vec<i8>,
         sw: Vec<f32>,
@@ -60,6 +65,8 @@ pub enum Layer {
         bias: Option<Vec<f32>>,
         stride: (usize, usize),
         padding: (usize, usize),
+        groups: usize,
+        dilation: (usize, usize),
     },
     /// Per-channel `y = x·a + b` (e.g. LAC compensation folded: `a = 1`, `b = α⊙μ + β`).
     Affine {
@@ -139,8 +146,16 @@ pub struct FrameStats {
     pub error_refresh: bool,
     /// Wall time of the frame (gate + recompute), seconds.
     pub seconds: f64,
-    /// Wall time of the change gate alone (scores, flags, reference update), seconds.
+    /// Wall time of the change gate (frame checks and scores, flags, reference update; for uint8 frames
+    /// also the conversion of the flagged patches), seconds.
     pub gate_seconds: f64,
+    /// Wall time of the region bookkeeping (dilation through each layer, rectangles, bands), seconds.
+    pub bookkeeping_seconds: f64,
+    /// Wall time of the layers' recompute (sparse bands or dense stages), seconds.
+    pub recompute_seconds: f64,
+    /// Whether the output changed (some output pixel was recomputed); a dense tail after the runner
+    /// need not run again when it did not.
+    pub output_changed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +180,8 @@ struct Stage {
     cost: f64,
     /// input scale the cache of an INT8 conv was computed with
     sx: f32,
+    /// an INT8 conv's input codes with scale `sx` (kept up to date where the input changes)
+    xq: Vec<i8>,
 }
 
 impl Stage {
@@ -185,9 +202,10 @@ pub struct PatchSkip {
     stages: Vec<Stage>,
     shape: Option<[usize; 3]>,
     reference: Vec<f32>,
+    /// the uint8 frame bytes `reference` was converted from, with their conversion (uint8 streams only)
+    reference_u8: Option<(U8Input, Vec<u8>)>,
     frames: usize,
     stats: FrameStats,
-    scratch: Scratch,
 }
 
 fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> Pointwise {
@@ -245,6 +263,7 @@ impl PatchSkip {
             out: Vec::new(),
             cost: 0.0,
             sx: 1.0,
+            xq: Vec::new(),
         };
         for (i, layer) in layers.into_iter().enumerate() {
             match layer {
@@ -254,14 +273,18 @@ impl PatchSkip {
                     bias,
                     stride,
                     padding,
+                    groups,
+                    dilation,
                 } => {
-                    check_conv(i, weight.len(), shape, bias.as_deref(), stride)?;
+                    check_conv(i, weight.len(), shape, bias.as_deref(), stride, groups, dilation)?;
                     stages.push(new_stage(Spatial::Conv(ConvParams {
                         weight,
                         shape,
                         bias,
                         stride,
                         padding,
+                        groups,
+                        dilation,
                     })));
                 }
                 Layer::Conv2dInt8 {
@@ -271,8 +294,10 @@ impl PatchSkip {
                     bias,
                     stride,
                     padding,
+                    groups,
+                    dilation,
                 } => {
-                    check_conv(i, wq.len(), shape, bias.as_deref(), stride)?;
+                    check_conv(i, wq.len(), shape, bias.as_deref(), stride, groups, dilation)?;
                     if sw.len() != 1 && sw.len() != shape[0] {
                         return Err(Error::invalid(
                             "layers",
@@ -296,6 +321,8 @@ impl PatchSkip {
                         bias,
                         stride,
                         padding,
+                        groups,
+                        dilation,
                     })));
                 }
                 Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
@@ -340,9 +367,9 @@ impl PatchSkip {
             stages,
             shape: None,
             reference: Vec::new(),
+            reference_u8: None,
             frames: 0,
             stats: FrameStats::default(),
-            scratch: Scratch::default(),
         })
     }
 
@@ -355,6 +382,7 @@ impl PatchSkip {
         self.shape = None;
         self.frames = 0;
         self.reference = Vec::new();
+        self.reference_u8 = None;
         self.stats = FrameStats::default();
         for st in &mut self.stages {
             st.out = Vec::new();
@@ -385,8 +413,8 @@ impl PatchSkip {
             let win = st.window();
             let (oc, cost) = match &st.spatial {
                 Spatial::Conv(p) => {
-                    if p.shape[1] != c {
-                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    if p.shape[1] * p.groups != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1] * p.groups)));
                     }
                     (
                         p.shape[0],
@@ -394,8 +422,8 @@ impl PatchSkip {
                     )
                 }
                 Spatial::ConvI8(p) => {
-                    if p.shape[1] != c {
-                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1])));
+                    if p.shape[1] * p.groups != c {
+                        return Err(Error::invalid("frame", format!("stage {i}: conv expects {} input channels, got {c} (input shape {shape:?})", p.shape[1] * p.groups)));
                     }
                     (
                         p.shape[0],
@@ -487,22 +515,14 @@ impl PatchSkip {
                 index: i,
             });
         }
-        match self.shape {
-            None => self.configure(shape)?,
-            Some(s) if s != shape => {
-                return Err(Error::invalid("frame", format!("shape changed mid-stream: expected {s:?} (the first frame's), got {shape:?}; call reset() to start a new stream")))
-            }
-            _ => {}
-        }
-        let scheduled = self.frames == 0
-            || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every));
+        self.check_shape(shape)?;
+        self.reference_u8 = None;
         let mut stats = FrameStats {
             frame: self.frames,
             ..FrameStats::default()
         };
         let mut dirty = None;
-        if !scheduled {
-            let tg = Instant::now();
+        if !self.scheduled_dense() {
             let g = gate(
                 frame,
                 &self.reference,
@@ -510,13 +530,9 @@ impl PatchSkip {
                 self.cfg.patch,
                 self.cfg.threshold,
             )?;
-            stats.estimated_error = g.estimated_error();
-            stats.error_refresh =
-                self.cfg.error_bound > 0.0 && stats.estimated_error > self.cfg.error_bound as f64;
-            if !stats.error_refresh {
-                stats.patch_fraction = g.map.fraction();
+            if let Some(map) = self.judge(g, &mut stats) {
                 let [c, h, w] = shape;
-                for (y0, y1, x0, x1) in g.map.rects() {
+                for (y0, y1, x0, x1) in map.rects() {
                     for ch in 0..c {
                         for y in y0..y1 {
                             let o = (ch * h + y) * w;
@@ -524,22 +540,121 @@ impl PatchSkip {
                         }
                     }
                 }
-                dirty = Some(g.map);
+                dirty = Some(map);
             }
-            stats.gate_seconds = tg.elapsed().as_secs_f64();
         }
+        if dirty.is_none() {
+            self.reference.copy_from_slice(frame);
+        }
+        stats.gate_seconds = t0.elapsed().as_secs_f64();
+        self.finish(dirty, stats, t0)
+    }
+
+    /// Runs one uint8 `(H, W, C_in)` frame (a decoded video frame, C-ordered), converted to the model's
+    /// input as `input` says ([`U8Input`], the arithmetic of `edgelearn.video.preprocess`). The gate
+    /// compares bytes with the bytes the caches were computed from, and only flagged patches are
+    /// converted to float: a frame where nothing changed costs one pass over its bytes. Same results as
+    /// [`run`](Self::run) on the converted frame (up to the gate's rounding of a change exactly at the
+    /// threshold).
+    pub fn run_u8(&mut self, frame: &[u8], input: U8Input) -> Result<&[f32]> {
+        let t0 = Instant::now();
+        let [h, w, cin] = input.hwc;
+        if frame.len() != h * w * cin {
+            return Err(Error::invalid(
+                "frame",
+                format!(
+                    "expected {} bytes for a {:?} frame, got {}",
+                    h * w * cin,
+                    input.hwc,
+                    frame.len()
+                ),
+            ));
+        }
+        let shape = input.chw;
+        self.check_shape(shape)?;
+        let mut stats = FrameStats {
+            frame: self.frames,
+            ..FrameStats::default()
+        };
+        let same_stream = matches!(&self.reference_u8, Some((inp, _)) if *inp == input);
+        let mut dirty = None;
+        if same_stream && !self.scheduled_dense() {
+            let (inp, bytes) = self.reference_u8.as_mut().expect("checked above");
+            let g = gate_u8(frame, bytes, inp, self.cfg.patch, self.cfg.threshold)?;
+            if let Some(map) = self.judge(g, &mut stats) {
+                let (inp, bytes) = self.reference_u8.as_mut().expect("checked above");
+                for rect @ (y0, y1, x0, x1) in map.rects() {
+                    for y in y0..y1 {
+                        let r = (y * w + x0) * cin..(y * w + x1) * cin;
+                        bytes[r.clone()].copy_from_slice(&frame[r]);
+                    }
+                    inp.convert_rect(frame, rect, &mut self.reference);
+                }
+                dirty = Some(map);
+            }
+        }
+        if dirty.is_none() {
+            input.convert_rect(frame, (0, h, 0, w), &mut self.reference);
+            match &mut self.reference_u8 {
+                Some((_, bytes)) if same_stream => bytes.copy_from_slice(frame),
+                _ => self.reference_u8 = Some((input, frame.to_vec())),
+            }
+        }
+        stats.gate_seconds = t0.elapsed().as_secs_f64();
+        self.finish(dirty, stats, t0)
+    }
+
+    /// Checks `shape` against the stream's (configuring the runner on its first frame).
+    fn check_shape(&mut self, shape: [usize; 3]) -> Result<()> {
+        match self.shape {
+            None => self.configure(shape),
+            Some(s) if s != shape => {
+                Err(Error::invalid("frame", format!("shape changed mid-stream: expected {s:?} (the first frame's), got {shape:?}; call reset() to start a new stream")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this frame runs densely by schedule (first frame, forced refresh).
+    fn scheduled_dense(&self) -> bool {
+        self.frames == 0
+            || (self.cfg.refresh_every > 0 && self.frames.is_multiple_of(self.cfg.refresh_every))
+    }
+
+    /// The gate's verdict: the dirty patches, or `None` for an error refresh (recorded in `stats`).
+    fn judge(&self, g: GateResult, stats: &mut FrameStats) -> Option<TileMap> {
+        stats.estimated_error = g.estimated_error();
+        stats.error_refresh =
+            self.cfg.error_bound > 0.0 && stats.estimated_error > self.cfg.error_bound as f64;
+        if stats.error_refresh {
+            return None;
+        }
+        stats.patch_fraction = g.map.fraction();
+        Some(g.map)
+    }
+
+    /// Recomputes the frame (densely when `dirty` is `None`; the reference is up to date) and records
+    /// its statistics.
+    fn finish(
+        &mut self,
+        dirty: Option<TileMap>,
+        mut stats: FrameStats,
+        t0: Instant,
+    ) -> Result<&[f32]> {
         match dirty {
             None => {
+                let t = Instant::now();
                 stats.dense = true;
                 stats.estimated_error = 0.0;
-                self.reference.copy_from_slice(frame);
                 self.run_dense()?;
                 stats.patch_fraction = 1.0;
                 stats.layer_fractions = vec![1.0; self.stages.len()];
                 stats.compute_fraction = 1.0;
+                stats.output_changed = true;
+                stats.recompute_seconds = t.elapsed().as_secs_f64();
             }
             Some(map) => {
-                let (done, total) = self.run_sparse(map, &mut stats.layer_fractions)?;
+                let (done, total) = self.run_sparse(map, &mut stats)?;
                 stats.compute_fraction = if total > 0.0 { done / total } else { 0.0 };
             }
         }
@@ -557,16 +672,22 @@ impl PatchSkip {
             } else {
                 &prev[i - 1].out
             };
-            dense_stage(&mut rest[0], input, &mut self.scratch)?;
+            dense_stage(&mut rest[0], input)?;
         }
         Ok(())
     }
 
-    /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work).
-    fn run_sparse(&mut self, gate: TileMap, fractions: &mut Vec<f64>) -> Result<(f64, f64)> {
+    /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work) and
+    /// fills the per-layer fractions, the time split and `output_changed` of `stats`.
+    fn run_sparse(&mut self, gate: TileMap, stats: &mut FrameStats) -> Result<(f64, f64)> {
         let mut dirty = gate;
+        // the rectangles of the current stage's input that changed (`None`: all of it)
+        let mut changed: Option<Vec<Rect>> = Some(dirty.rects());
         let (mut done, mut total) = (0.0, 0.0);
+        let (mut book, mut work) = (0.0f64, 0.0f64);
+        let last = self.stages.len() - 1;
         for i in 0..self.stages.len() {
+            let tb = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
             let input: &[f32] = if i == 0 {
                 &self.reference
@@ -583,111 +704,105 @@ impl PatchSkip {
             }
             if full {
                 out_map.fill(true);
-                fractions.push(1.0);
+                stats.layer_fractions.push(1.0);
                 done += (oh * ow) as f64 * st.cost;
                 total += (oh * ow) as f64 * st.cost;
-                dense_stage(st, input, &mut self.scratch)?;
+                book += tb.elapsed().as_secs_f64();
+                let tw = Instant::now();
+                dense_stage(st, input)?;
+                work += tw.elapsed().as_secs_f64();
+                stats.output_changed |= i == last;
                 dirty = out_map;
+                changed = None;
                 continue;
             }
             let rects = out_map.rects();
-            fractions.push(out_map.fraction());
+            stats.layer_fractions.push(out_map.fraction());
             let px: usize = rects
                 .iter()
                 .map(|&(y0, y1, x0, x1)| (y1 - y0) * (x1 - x0))
                 .sum();
             done += px as f64 * st.cost;
             total += (oh * ow) as f64 * st.cost;
-            if !rects.is_empty() {
-                let sc = &mut self.scratch;
-                match &st.spatial {
-                    Spatial::Conv(p) => {
-                        conv_rects(input, st.in_shape, p, &rects, &mut st.out, (oh, ow), sc)?
+            book += tb.elapsed().as_secs_f64();
+            if rects.is_empty() {
+                // nothing reaches this layer, so nothing after it changes either
+                for later in &self.stages[i + 1..] {
+                    let [_, h, w] = later.out_shape;
+                    stats.layer_fractions.push(0.0);
+                    total += (h * w) as f64 * later.cost;
+                }
+                break;
+            }
+            let tw = Instant::now();
+            stats.output_changed |= i == last;
+            match &st.spatial {
+                Spatial::Conv(p) => conv_rects(
+                    input,
+                    st.in_shape,
+                    p,
+                    &st.post,
+                    &rects,
+                    &mut st.out,
+                    (oh, ow),
+                )?,
+                Spatial::ConvI8(p) => {
+                    match &changed {
+                        Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
+                        None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
                     }
-                    Spatial::ConvI8(p) => conv_rects_i8(
-                        input,
+                    conv_rects_i8(
+                        &st.xq,
                         st.in_shape,
                         p,
                         st.sx,
+                        &st.post,
                         &rects,
                         &mut st.out,
                         (oh, ow),
-                        sc,
-                    )?,
-                    Spatial::MaxPool(win) => pool_rects(
-                        input,
-                        st.in_shape,
-                        *win,
-                        false,
-                        &rects,
-                        &mut st.out,
-                        (oh, ow),
-                    ),
-                    Spatial::AvgPool(win) => pool_rects(
-                        input,
-                        st.in_shape,
-                        *win,
-                        true,
-                        &rects,
-                        &mut st.out,
-                        (oh, ow),
-                    ),
-                    Spatial::Identity => {
-                        let [c, h, w] = st.in_shape;
-                        for ch in 0..c {
-                            for &(y0, y1, x0, x1) in &rects {
-                                for y in y0..y1 {
-                                    let o = (ch * h + y) * w;
-                                    st.out[o + x0..o + x1].copy_from_slice(&input[o + x0..o + x1]);
-                                }
+                    )?
+                }
+                Spatial::MaxPool(win) | Spatial::AvgPool(win) => {
+                    let avg = matches!(st.spatial, Spatial::AvgPool(_));
+                    pool_rects(input, st.in_shape, *win, avg, &rects, &mut st.out, (oh, ow));
+                    pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
+                }
+                Spatial::Identity => {
+                    let [c, h, w] = st.in_shape;
+                    for ch in 0..c {
+                        for &(y0, y1, x0, x1) in &rects {
+                            for y in y0..y1 {
+                                let o = (ch * h + y) * w;
+                                st.out[o + x0..o + x1].copy_from_slice(&input[o + x0..o + x1]);
                             }
                         }
                     }
+                    pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
                 }
-                pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
             }
+            work += tw.elapsed().as_secs_f64();
             dirty = out_map;
+            changed = Some(rects);
         }
+        stats.bookkeeping_seconds = book;
+        stats.recompute_seconds = work;
         Ok((done, total))
     }
 }
 
 /// Recomputes a whole stage from its input with the dense kernels (an INT8 conv recalibrates its input
 /// scale: every cached value is rewritten, so the cache stays consistent).
-fn dense_stage(st: &mut Stage, input: &[f32], scratch: &mut Scratch) -> Result<()> {
+fn dense_stage(st: &mut Stage, input: &[f32]) -> Result<()> {
     let [oc, oh, ow] = st.out_shape;
     let full: [Rect; 1] = [(0, oh, 0, ow)];
     let [c, h, w] = st.in_shape;
     match &st.spatial {
-        Spatial::Conv(p) => {
-            conv2d_f32_forward(
-                input,
-                [1, c, h, w],
-                &p.weight,
-                p.shape,
-                p.bias.as_deref(),
-                p.stride,
-                p.padding,
-                &mut st.out,
-            )?;
-        }
+        Spatial::Conv(p) => p.forward(input, [1, c, h, w], p.padding, &mut st.out)?,
         Spatial::ConvI8(p) => {
             st.sx = input_scale(input);
-            let xq = &mut scratch.xq;
-            xq.resize(input.len(), 0);
-            quantize_nearest_with_scale(input, st.sx, xq)?;
-            conv2d_i8_forward(
-                xq,
-                [1, c, h, w],
-                st.sx,
-                &p.wq,
-                p.shape,
-                p.weight_scale(),
-                p.bias.as_deref(),
-                p.stride,
-                p.padding,
-                &mut st.out,
-            )?;
+            st.xq.resize(input.len(), 0);
+            quantize_nearest_with_scale(input, st.sx, &mut st.xq)?;
+            p.forward(&st.xq, [1, c, h, w], st.sx, p.padding, &mut st.out)?;
         }
         Spatial::MaxPool(win) => pool_rects(
             input,
@@ -712,13 +827,15 @@ fn input_scale(x: &[f32]) -> f32 {
     scale_for_absmax(absmax(x))
 }
 
-/// Checks a conv layer's weight length, bias and stride (`i` names the layer).
+/// Checks a conv layer's weight length, bias, stride, groups and dilation (`i` names the layer).
 fn check_conv(
     i: usize,
     weight_len: usize,
     shape: [usize; 4],
     bias: Option<&[f32]>,
     stride: (usize, usize),
+    groups: usize,
+    dilation: (usize, usize),
 ) -> Result<()> {
     let [o, c, kh, kw] = shape;
     if weight_len != o * c * kh * kw || o == 0 || c == 0 || kh == 0 || kw == 0 {
@@ -733,10 +850,16 @@ fn check_conv(
             format!("layer {i}: conv bias must have {o} values"),
         ));
     }
-    if stride.0 == 0 || stride.1 == 0 {
+    if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 {
         return Err(Error::invalid(
             "layers",
-            format!("layer {i}: stride must be positive"),
+            format!("layer {i}: stride and dilation must be positive"),
+        ));
+    }
+    if groups == 0 || o % groups != 0 {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {i}: groups ({groups}) must be positive and divide the {o} output channels"),
         ));
     }
     Ok(())
@@ -770,7 +893,7 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p),
+                    padding: (p, p), groups: 1, dilation: (1, 1),
                 });
                 out.push(Layer::Affine {
                     a: vec![1.0; o],
@@ -782,7 +905,7 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p),
+                    padding: (p, p), groups: 1, dilation: (1, 1),
                 });
             }
             out.push(Layer::Relu);
@@ -847,6 +970,198 @@ mod tests {
         sparse_equals_dense(true, Int8Scales::Dynamic);
     }
 
+    /// A stride-1 INT8 conv over bands wide enough for the dense INT8 plan (direct kernel / padded
+    /// grid on the band's window), narrow bands through the batched GEMM, a stride-2 conv, FP32 too: the
+    /// sparse frames equal dense ones (INT8 bit for bit) on one and on two threads.
+    #[test]
+    fn wide_bands_and_threads_equal_dense() {
+        for threads in [1usize, 2] {
+            crate::threads::set_num_threads(threads).unwrap();
+            for int8 in [false, true] {
+                let mut seed = 11u64;
+                let mut net = Vec::new();
+                for &(o, c, s) in &[(8usize, 3usize, 1usize), (6, 8, 2), (5, 6, 1)] {
+                    let n = o * c * 9;
+                    let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
+                    let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
+                    net.push(if int8 {
+                        let sw =
+                            scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                        let mut wq = vec![0i8; n];
+                        quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
+                        Layer::Conv2dInt8 {
+                            wq,
+                            sw: vec![sw],
+                            shape: [o, c, 3, 3],
+                            bias,
+                            stride: (s, s),
+                            padding: (1, 1),
+                            groups: 1,
+                            dilation: (1, 1),
+                        }
+                    } else {
+                        Layer::Conv2d {
+                            weight,
+                            shape: [o, c, 3, 3],
+                            bias,
+                            stride: (s, s),
+                            padding: (1, 1),
+                            groups: 1,
+                            dilation: (1, 1),
+                        }
+                    });
+                    net.push(Layer::Relu);
+                }
+                let cfg = PatchSkipConfig {
+                    patch: 8,
+                    int8_scales: Int8Scales::Dynamic,
+                    ..PatchSkipConfig::default()
+                };
+                let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+                let mut dense = PatchSkip::new(
+                    net,
+                    PatchSkipConfig {
+                        refresh_every: 1,
+                        ..cfg
+                    },
+                )
+                .unwrap();
+                let (h, w) = (64, 140);
+                let shape = [3, h, w];
+                let mut frame: Vec<f32> = (0..3 * h * w).map(|_| lcg(&mut seed)).collect();
+                for t in 0..4 {
+                    // a wide blob (bands of 30+ columns) and a narrow one
+                    for ch in 0..3 {
+                        for y in 4 + 3 * t..40 + 3 * t {
+                            for x in 10 + 5 * t..80 + 5 * t {
+                                frame[(ch * h + y) * w + x] = lcg(&mut seed) * 0.9;
+                            }
+                        }
+                        frame[(ch * h + 33) * w + 60 - t] = 0.5;
+                    }
+                    let a = sparse.run(&frame, shape).unwrap().to_vec();
+                    let b = dense.run(&frame, shape).unwrap().to_vec();
+                    if int8 {
+                        assert_eq!(a, b, "threads {threads}, frame {t}");
+                    } else {
+                        let err = a
+                            .iter()
+                            .zip(&b)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0.0f32, f32::max);
+                        assert!(err <= 1e-5, "threads {threads}, frame {t}: {err}");
+                    }
+                    if t > 0 {
+                        let st = sparse.stats();
+                        assert!(
+                            !st.dense && st.compute_fraction < 0.9 && st.output_changed,
+                            "{st:?}"
+                        );
+                    }
+                }
+            }
+        }
+        crate::threads::set_num_threads(1).unwrap();
+    }
+
+    /// uint8 frames give the outputs of their float conversion, frame by frame; an unchanged frame
+    /// recomputes nothing and says the output did not change.
+    #[test]
+    fn u8_frames_equal_float_frames() {
+        let mut seed = 5u64;
+        let net = layers(&mut seed, false);
+        let cfg = PatchSkipConfig {
+            patch: 4,
+            ..PatchSkipConfig::default()
+        };
+        let (mut a, mut b) = (
+            PatchSkip::new(net.clone(), cfg).unwrap(),
+            PatchSkip::new(net, cfg).unwrap(),
+        );
+        let (h, w) = (23, 29);
+        let input = U8Input::new(
+            [h, w, 3],
+            None,
+            Some(vec![0.4, 0.5, 0.6]),
+            Some(vec![0.2, 0.3, 0.25]),
+        )
+        .unwrap();
+        let mut bytes: Vec<u8> = (0..h * w * 3)
+            .map(|_| (lcg(&mut seed) * 255.0) as u8)
+            .collect();
+        for t in 0..4 {
+            if t == 1 || t == 2 {
+                for k in 0..6 {
+                    bytes[(5 * t + k) * w * 3 + 3 * t] ^= 0x55;
+                }
+            }
+            if t == 3 {
+                // no change at all on this frame
+                let before = a.run_u8(&bytes, input.clone()).unwrap().to_vec();
+                assert_eq!(a.stats().compute_fraction, 0.0);
+                assert!(!a.stats().output_changed);
+                let again = a.run_u8(&bytes, input.clone()).unwrap().to_vec();
+                assert_eq!(before, again);
+                continue;
+            }
+            let mut x = vec![0.0; 3 * h * w];
+            input.convert_rect(&bytes, (0, h, 0, w), &mut x);
+            let ya = a.run_u8(&bytes, input.clone()).unwrap().to_vec();
+            let yb = b.run(&x, [3, h, w]).unwrap().to_vec();
+            assert_eq!(ya, yb, "frame {t}");
+        }
+    }
+
+    /// Grouped, depthwise and dilated convolutions (FP32 and INT8) run sparse frames equal to dense ones.
+    #[test]
+    fn grouped_and_dilated_convs_equal_dense() {
+        for int8 in [false, true] {
+            let mut seed = 21u64;
+            let mut net = Vec::new();
+            // (o, c, k, stride, pad, groups, dilation)
+            for &(o, c, k, s, pd, g, d) in &[
+                (8usize, 4usize, 3usize, 1usize, 1usize, 1usize, 2usize),
+                (8, 8, 3, 1, 1, 8, 1),
+                (6, 8, 3, 2, 1, 2, 1),
+            ] {
+                let n = o * (c / g) * k * k;
+                let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
+                let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
+                let shape = [o, c / g, k, k];
+                net.push(if int8 {
+                    let sw = scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                    let mut wq = vec![0i8; n];
+                    quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
+                    Layer::Conv2dInt8 { wq, sw: vec![sw], shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                } else {
+                    Layer::Conv2d { weight, shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                });
+                net.push(Layer::Relu);
+            }
+            let cfg = PatchSkipConfig { patch: 6, int8_scales: Int8Scales::Dynamic, ..PatchSkipConfig::default() };
+            let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+            let mut dense = PatchSkip::new(net, PatchSkipConfig { refresh_every: 1, ..cfg }).unwrap();
+            let (h, w) = (30, 44);
+            let mut frame: Vec<f32> = (0..4 * h * w).map(|_| lcg(&mut seed)).collect();
+            for t in 0..4 {
+                for ch in 0..4 {
+                    for y in 3 + 4 * t..9 + 4 * t {
+                        for x in 2 + 6 * t..26 + 6 * t {
+                            frame[(ch * h + y) * w + x] = lcg(&mut seed) * 0.9;
+                        }
+                    }
+                }
+                let a = sparse.run(&frame, [4, h, w]).unwrap().to_vec();
+                let b = dense.run(&frame, [4, h, w]).unwrap().to_vec();
+                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(if int8 { err == 0.0 } else { err <= 1e-5 }, "int8 {int8} frame {t}: {err}");
+                if t > 0 {
+                    assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_config_and_shape_change() {
         let mut seed = 1u64;
@@ -870,6 +1185,8 @@ mod tests {
                 bias: None,
                 stride: (1, 1),
                 padding: (0, 0),
+                groups: 1,
+                dilation: (1, 1),
             }],
             PatchSkipConfig::default(),
         )

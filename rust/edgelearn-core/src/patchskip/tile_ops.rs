@@ -1,26 +1,33 @@
 //! Layer ops evaluated on output rectangles only, reading the cached input feature map around them.
 //!
-//! A convolution over a set of rectangles gathers, per rectangle, the input window its outputs read
-//! (zero where the window leaves the map, i.e. the layer's padding), unfolds it with the crate's
-//! [`im2col`] side by side in one patch matrix and runs one GEMM (`W · col`) for the whole batch, then
-//! scatters the columns into the output cache: FP32 ([`conv_rects`]) or INT8 ([`conv_rects_i8`], the
-//! window quantized on the fly with the layer's input scale, the INT8 GEMM with its fused rescale).
-//! Work is proportional to the dirty area (plus the halo gather), never to the whole map. Pooling and
-//! pointwise ops loop over the rectangle directly, in the same order as the dense kernels of
-//! [`crate::nn`], so their results are bit-identical.
+//! The dirty rectangles of a layer are cut into horizontal bands ([`bands`]: at most [`MAX_COLS`] output
+//! pixels, smaller when there are threads to feed) that run in parallel over the pool. A convolution
+//! band gathers the input window its outputs read (zero where the window leaves the map, i.e. the
+//! layer's padding): FP32 bands ([`conv_rects`]) are unfolded with the crate's [`im2col`] side by side
+//! in one patch matrix per batch for one GEMM (`W · col`); INT8 bands ([`conv_rects_i8`]) quantize only
+//! their window with the layer's cached input scale and, at stride 1, run the dense INT8 convolution on
+//! it (direct VNNI kernel or padded grid: the same plan as the whole layer). The outputs are scattered
+//! into the cache with the stage's pointwise ops applied while the rows are in cache. Work is
+//! proportional to the dirty area (plus the halo gather), never to the whole map. Pooling and pointwise
+//! ops loop over the rectangle directly, in the same order as the dense kernels of [`crate::nn`], so
+//! their results are bit-identical.
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
-use crate::nn::im2col::im2col;
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
-use crate::nn::{Geometry, MatF32, Window2d};
-use crate::quant::quantize_nearest_with_scale;
-use crate::threads;
+use crate::nn::{
+    conv2d_f32_forward, conv2d_grouped_f32_forward, conv2d_grouped_i8_forward, conv2d_i8_forward,
+    take_f32, Geometry, GroupedParams, MatF32, Window2d,
+};
+use crate::quant::quantize_nearest_run;
+use crate::threads::{self, OutPtr};
 
 /// A half-open pixel rectangle `(y0, y1, x0, x1)` of an output map.
 pub type Rect = (usize, usize, usize, usize);
 
-/// A convolution's parameters: `weight (o, c, kh, kw)` C-ordered, optional `bias (o,)`.
+/// A convolution's parameters: `weight (o, c/groups, kh, kw)` C-ordered, optional `bias (o,)`.
 #[derive(Clone, Debug)]
 pub struct ConvParams {
     pub weight: Vec<f32>,
@@ -28,16 +35,46 @@ pub struct ConvParams {
     pub bias: Option<Vec<f32>>,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
+    pub groups: usize,
+    pub dilation: (usize, usize),
+}
+
+/// The input window a (possibly dilated) kernel of `shape` reads: `(k − 1)·d + 1` per axis.
+fn span_kernel(shape: [usize; 4], dilation: (usize, usize)) -> (usize, usize) {
+    (
+        (shape[2] - 1) * dilation.0 + 1,
+        (shape[3] - 1) * dilation.1 + 1,
+    )
+}
+
+/// Whether a convolution is grouped or dilated (it then runs on [`crate::nn::depthwise`]'s kernels).
+fn is_grouped(groups: usize, dilation: (usize, usize)) -> bool {
+    groups != 1 || dilation != (1, 1)
 }
 
 impl ConvParams {
+    /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new((self.shape[2], self.shape[3]), self.stride, self.padding)
+        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
+    }
+
+    /// The dense convolution of `x (1, c, h, w)` with `padding` into `y`, on the kernels the layer takes
+    /// anywhere else (grouped/dilated ones on the grouped kernels).
+    pub fn forward(&self, x: &[f32], shape: [usize; 4], padding: (usize, usize), y: &mut [f32]) -> Result<()> {
+        let b = self.bias.as_deref();
+        if is_grouped(self.groups, self.dilation) {
+            let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
+            conv2d_grouped_f32_forward(x, shape, &self.weight, self.shape, b, gp, y)?;
+        } else {
+            conv2d_f32_forward(x, shape, &self.weight, self.shape, b, self.stride, padding, y)?;
+        }
+        Ok(())
     }
 }
 
-/// An INT8 convolution: weight codes `wq (o, c, kh, kw)` with one scale or one per output channel `sw`,
-/// optional FP32 bias; inputs are quantized per tensor with nearest rounding (the eval-mode Octo conv).
+/// An INT8 convolution: weight codes `wq (o, c/groups, kh, kw)` with one scale or one per output channel
+/// `sw`, optional FP32 bias; inputs are quantized per tensor with nearest rounding (the eval-mode Octo
+/// conv).
 #[derive(Clone, Debug)]
 pub struct ConvI8Params {
     pub wq: Vec<i8>,
@@ -46,11 +83,14 @@ pub struct ConvI8Params {
     pub bias: Option<Vec<f32>>,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
+    pub groups: usize,
+    pub dilation: (usize, usize),
 }
 
 impl ConvI8Params {
+    /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new((self.shape[2], self.shape[3]), self.stride, self.padding)
+        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
     }
     pub fn weight_scale(&self) -> Scale<'_> {
         if self.sw.len() == 1 {
@@ -58,6 +98,28 @@ impl ConvI8Params {
         } else {
             Scale::PerIndex(&self.sw)
         }
+    }
+
+    /// The dense INT8 convolution of the codes `xq (1, c, h, w)` (scale `sx`) with `padding` into `y`:
+    /// the plan the layer takes anywhere else (direct VNNI / padded grid / patch matrix; grouped and
+    /// dilated convs on the grouped kernels).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        xq: &[i8],
+        shape: [usize; 4],
+        sx: f32,
+        padding: (usize, usize),
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (b, sw) = (self.bias.as_deref(), self.weight_scale());
+        if is_grouped(self.groups, self.dilation) {
+            let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
+            conv2d_grouped_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, gp, y)?;
+        } else {
+            conv2d_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, self.stride, padding, y)?;
+        }
+        Ok(())
     }
 }
 
@@ -70,20 +132,11 @@ pub enum Pointwise {
     Affine { a: Vec<f32>, b: Vec<f32> },
 }
 
-/// Most patch-matrix columns unfolded at once (bounds the scratch memory of a batch).
+/// Most output pixels in one band (see [`bands`]): bounds a band's patch matrix (`K × band` values).
 const MAX_COLS: usize = 8192;
 
-/// Reusable buffers of the sparse conv paths.
-#[derive(Default, Debug)]
-pub struct Scratch {
-    win: Vec<f32>,
-    col: Vec<f32>,
-    win_i8: Vec<i8>,
-    col_i8: Vec<i8>,
-    out: Vec<f32>,
-    /// the quantized input of a dense INT8 conv
-    pub xq: Vec<i8>,
-}
+/// Fewest output pixels per band when bands are cut smaller to spread work over threads.
+const MIN_BAND: usize = 256;
 
 /// The shapes and window of one convolution evaluated on rectangles.
 struct ConvGeom {
@@ -95,14 +148,78 @@ struct ConvGeom {
     out_hw: (usize, usize),
 }
 
+/// Cuts `rects` into horizontal bands of at most `max_px` output pixels (a band is at least one row),
+/// so that bands bound the scratch memory and spread over threads. Bands stay disjoint.
+pub fn bands(rects: &[Rect], max_px: usize) -> Vec<Rect> {
+    let mut out = Vec::with_capacity(rects.len());
+    for &(y0, y1, x0, x1) in rects {
+        if y1 <= y0 || x1 <= x0 {
+            continue;
+        }
+        let rows = (max_px / (x1 - x0)).max(1);
+        let mut y = y0;
+        while y < y1 {
+            let e = (y + rows).min(y1);
+            out.push((y, e, x0, x1));
+            y = e;
+        }
+    }
+    out
+}
+
+/// The band size for `px` dirty output pixels of a layer costing `cost` per pixel: whole up to
+/// [`MAX_COLS`] on one thread; with more threads, about four bands per thread (at least [`MIN_BAND`]
+/// pixels) once the work is worth spreading.
+fn band_size(px: usize, cost: usize) -> usize {
+    let t = threads::num_threads();
+    if t <= 1 || px * cost < PAR_MIN_MACS {
+        return MAX_COLS;
+    }
+    (px / (4 * t)).clamp(MIN_BAND, MAX_COLS)
+}
+
+/// Groups consecutive bands into batches of at most [`MAX_COLS`] output pixels.
+fn batches(bands: &[Rect]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < bands.len() {
+        let (mut end, mut cols) = (start, 0);
+        while end < bands.len() {
+            let (y0, y1, x0, x1) = bands[end];
+            let n = (y1 - y0) * (x1 - x0);
+            if end > start && cols + n > MAX_COLS {
+                break;
+            }
+            cols += n;
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// Runs `f` on every item, spread over the pool when `parallel` (else in order on this thread).
+fn for_each_task<T: Sync>(
+    items: &[T],
+    parallel: bool,
+    f: impl Fn(&T) -> Result<()> + Sync + Send,
+) -> Result<()> {
+    if parallel && items.len() > 1 && threads::num_threads() > 1 {
+        threads::install(|| items.par_iter().try_for_each(&f))
+    } else {
+        items.iter().try_for_each(f)
+    }
+}
+
 /// Copies (through `convert`) the input window read by outputs `rect` into `win (c, wh, ww)`, zero where
 /// the window leaves the map (the layer's padding); returns the window's geometry for `im2col`.
-fn gather_window<T: Copy + Default>(
-    x: &[f32],
+fn gather_window<S: Copy, T: Copy + Default>(
+    x: &[S],
     cg: &ConvGeom,
     rect: Rect,
-    win: &mut Vec<T>,
-    convert: &impl Fn(&[f32], &mut [T]) -> Result<()>,
+    win: &mut [T],
+    convert: &impl Fn(&[S], &mut [T]),
 ) -> Result<Geometry> {
     let [c, h, w] = cg.in_shape;
     let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
@@ -111,7 +228,7 @@ fn gather_window<T: Copy + Default>(
     let (wh, ww) = ((rh - 1) * sh + kh, (rw - 1) * sw + kw);
     let iy0 = (y0 * sh) as isize - ph as isize;
     let ix0 = (x0 * sw) as isize - pw as isize;
-    win.resize(c * wh * ww, T::default());
+    let win = &mut win[..c * wh * ww];
     // columns of the window inside 0..w
     let lo = ((-ix0).max(0) as usize).min(ww);
     let hi = ((w as isize - ix0).max(0) as usize).min(ww).max(lo);
@@ -128,7 +245,7 @@ fn gather_window<T: Copy + Default>(
             dst[..lo].fill(zero);
             dst[hi..].fill(zero);
             let s0 = iy as usize * w + (ix0 + lo as isize) as usize;
-            convert(&plane[s0..s0 + (hi - lo)], &mut dst[lo..hi])?;
+            convert(&plane[s0..s0 + (hi - lo)], &mut dst[lo..hi]);
         }
     }
     let g = Geometry::new(
@@ -140,91 +257,175 @@ fn gather_window<T: Copy + Default>(
     Ok(g)
 }
 
-/// The shared driver of [`conv_rects`] and [`conv_rects_i8`]: batches of rectangles are gathered and
-/// unfolded side by side into `col (k × cols)`, `gemm(col, cols, out)` fills `out (o × cols)`, and the
-/// columns are scattered into `y`, adding `bias` (`None` when the GEMM already did, as the FP32 one
-/// does so that its rounding matches the dense conv's).
+/// Values of the input window of output `rect` (see [`gather_window`]).
+fn window_len(cg: &ConvGeom, rect: Rect) -> usize {
+    let (y0, y1, x0, x1) = rect;
+    let wh = (y1 - y0 - 1) * cg.stride.0 + cg.kernel.0;
+    let ww = (x1 - x0 - 1) * cg.stride.1 + cg.kernel.1;
+    cg.in_shape[0] * wh * ww
+}
+
+/// Applies `ops` in order to one row segment of channel `ch`.
+#[inline]
+fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
+    for op in ops {
+        match op {
+            Pointwise::Relu => row.iter_mut().for_each(|v| {
+                if *v < 0.0 {
+                    *v = 0.0
+                }
+            }),
+            Pointwise::Affine { a, b } => {
+                let (a, b) = (a[ch], b[ch]);
+                row.iter_mut().for_each(|v| *v = *v * a + b);
+            }
+        }
+    }
+}
+
+/// Writes the band outputs `src (o × ld)` (the band's `rh·rw` pixels from column `off`) into `y` at
+/// `rect` (plus `bias` when given), then applies `ops` there while the rows are in cache.
+///
+/// # Safety
+/// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`.
 #[allow(clippy::too_many_arguments)]
-fn conv_rects_with<T: Copy + Default>(
-    x: &[f32],
+unsafe fn scatter_band(
+    src: &[f32],
+    ld: usize,
+    off: usize,
+    rect: Rect,
+    o: usize,
+    (oh, ow): (usize, usize),
+    bias: Option<&[f32]>,
+    ops: &[Pointwise],
+    y: OutPtr<f32>,
+) {
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    for oc in 0..o {
+        let s = &src[oc * ld + off..oc * ld + off + rh * rw];
+        for r in 0..rh {
+            // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(y.ptr().add((oc * oh + y0 + r) * ow + x0), rw)
+            };
+            let sr = &s[r * rw..(r + 1) * rw];
+            match bias {
+                Some(b) => {
+                    let bv = b[oc];
+                    dst.iter_mut().zip(sr).for_each(|(d, &v)| *d = v + bv);
+                }
+                None => dst.copy_from_slice(sr),
+            }
+            apply_ops(ops, oc, dst);
+        }
+    }
+}
+
+/// The shared driver of the batched paths of [`conv_rects`] and [`conv_rects_i8`]: each batch of bands
+/// is gathered and unfolded side by side into `col (k × cols)`, `gemm(col, cols, out)` fills
+/// `out (o × cols)`, and the columns are scattered into `y`, adding `bias` (`None` when the GEMM
+/// already did, as the FP32 one does so that its rounding matches the dense conv's) and applying `ops`.
+/// Batches run in parallel over the pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+    x: &[T],
     cg: &ConvGeom,
     bias: Option<&[f32]>,
-    rects: &[Rect],
+    ops: &[Pointwise],
+    bands: &[Rect],
     y: &mut [f32],
-    bufs: (&mut Vec<T>, &mut Vec<T>, &mut Vec<f32>),
-    convert: impl Fn(&[f32], &mut [T]) -> Result<()>,
-    mut gemm: impl FnMut(&[T], usize, &mut [f32]) -> Result<()>,
+    parallel: bool,
+    gemm: impl Fn(&[T], usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
-    let (win, col, out) = bufs;
     let [c, _, _] = cg.in_shape;
     let k = c * cg.kernel.0 * cg.kernel.1;
     let o = cg.o;
-    let (oh, ow) = cg.out_hw;
-    let mut start = 0;
-    while start < rects.len() {
-        // a batch of rectangles with at most MAX_COLS output pixels (at least one rectangle)
-        let mut end = start;
-        let mut cols = 0;
-        while end < rects.len() {
-            let (y0, y1, x0, x1) = rects[end];
-            let n = (y1 - y0) * (x1 - x0);
-            if end > start && cols + n > MAX_COLS {
-                break;
-            }
-            cols += n;
-            end += 1;
-        }
-        let batch = &rects[start..end];
-        start = end;
+    let yp = OutPtr(y.as_mut_ptr());
+    let work = batches(bands);
+    for_each_task(&work, parallel, |range| {
+        let batch = &bands[range.clone()];
+        let cols: usize = batch.iter().map(|&(a, b, c, d)| (b - a) * (d - c)).sum();
         if cols == 0 {
-            continue;
+            return Ok(());
         }
-        col.resize(k * cols, T::default());
+        let mut col = crate::nn::Scratch::<T>::new(k * cols);
         let mut off = 0;
         for &rect in batch {
-            let (y0, y1, x0, x1) = rect;
-            if y1 <= y0 || x1 <= x0 {
-                continue;
-            }
-            let g = gather_window(x, cg, rect, win, &convert)?;
-            im2col(&win[..], &g, &mut col[off..], cols);
-            off += g.p();
+            im2col_rect(x, cg, rect, &mut col, cols, off);
+            off += (rect.1 - rect.0) * (rect.3 - rect.2);
         }
-        out.resize(o * cols, 0.0);
+        let mut out = take_f32(o * cols);
         gemm(&col[..k * cols], cols, &mut out[..o * cols])?;
         let mut off = 0;
-        for &(y0, y1, x0, x1) in batch {
-            let (rh, rw) = (y1.saturating_sub(y0), x1.saturating_sub(x0));
-            for oc in 0..o {
-                let bv = bias.map(|b| b[oc]);
-                let src = &out[oc * cols + off..oc * cols + off + rh * rw];
-                for r in 0..rh {
-                    let d0 = (oc * oh + y0 + r) * ow + x0;
-                    let dst = &mut y[d0..d0 + rw];
-                    let s = &src[r * rw..(r + 1) * rw];
-                    match bv {
-                        Some(b) => dst.iter_mut().zip(s).for_each(|(d, &v)| *d = v + b),
-                        None => dst.copy_from_slice(s),
+        for &rect in batch {
+            // SAFETY: bands are disjoint and each belongs to one batch; `y` is (o, oh, ow).
+            unsafe { scatter_band(&out, cols, off, rect, o, cg.out_hw, bias, ops, yp) };
+            off += (rect.1 - rect.0) * (rect.3 - rect.2);
+        }
+        Ok(())
+    })
+}
+
+/// The patch matrix of the outputs `rect` straight from the map `x (c, h, w)`: row `(ch, ki, kj)` of
+/// `col` (row stride `ld`) gets, from column `off`, the input each output of the rectangle reads at that
+/// tap (zero where it falls in the padding) — what gathering the window and unfolding it gives, in one
+/// pass.
+fn im2col_rect<T: Copy + Default>(x: &[T], cg: &ConvGeom, rect: Rect, col: &mut [T], ld: usize, off: usize) {
+    let [c, h, w] = cg.in_shape;
+    let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    let zero = T::default();
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = (ch * kh + ki) * kw + kj;
+                let dst = &mut col[row * ld + off..row * ld + off + rh * rw];
+                // output columns q whose input column (x0 + q)·sw + kj − pw lies in 0..w
+                let first = (x0 * sw + kj) as isize - pw as isize;
+                let qa = if first >= 0 { 0 } else { ((-first) as usize).div_ceil(sw) }.min(rw);
+                let qb = if first >= w as isize {
+                    0
+                } else {
+                    ((w as isize - 1 - first) as usize / sw + 1).min(rw)
+                }
+                .max(qa);
+                for (r, d) in dst.chunks_exact_mut(rw).enumerate() {
+                    let iy = ((y0 + r) * sh + ki) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize || qa == qb {
+                        d.fill(zero);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    d[..qa].fill(zero);
+                    d[qb..].fill(zero);
+                    let s0 = (first + (qa * sw) as isize) as usize;
+                    if sw == 1 {
+                        d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
+                    } else {
+                        for (j, v) in d[qa..qb].iter_mut().enumerate() {
+                            *v = src[s0 + j * sw];
+                        }
                     }
                 }
             }
-            off += rh * rw;
         }
     }
-    Ok(())
 }
 
 fn check_conv_shapes(
     x: usize,
     in_shape: [usize; 3],
-    shape: [usize; 4],
+    (shape, groups): ([usize; 4], usize),
     w: usize,
     y: usize,
     out_hw: (usize, usize),
 ) -> Result<()> {
     let [c, h, wd] = in_shape;
     let [o, wc, kh, kw] = shape;
-    if wc != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * c * kh * kw {
+    if wc * groups != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * wc * kh * kw {
         return Err(Error::invalid(
             "x",
             format!("conv tile: shapes disagree (input {in_shape:?}, weight {shape:?})"),
@@ -233,41 +434,53 @@ fn check_conv_shapes(
     Ok(())
 }
 
-/// Writes `conv(x)` (plus bias) into the rectangles `rects` of `y (o, oh, ow)`; `x` is `(c, h, w)`.
+/// Output pixels of `rects`.
+fn pixels(rects: &[Rect]) -> usize {
+    rects.iter().map(|&(a, b, c, d)| (b - a) * (d - c)).sum()
+}
+
+/// Writes `conv(x)` (plus bias), then the pointwise `ops`, into the rectangles `rects` of
+/// `y (o, oh, ow)`; `x` is `(c, h, w)`. Bands of the rectangles run in parallel over the pool.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_rects(
     x: &[f32],
     in_shape: [usize; 3],
     p: &ConvParams,
+    ops: &[Pointwise],
     rects: &[Rect],
     y: &mut [f32],
     out_hw: (usize, usize),
-    scratch: &mut Scratch,
 ) -> Result<()> {
-    check_conv_shapes(x.len(), in_shape, p.shape, p.weight.len(), y.len(), out_hw)?;
+    check_conv_shapes(x.len(), in_shape, (p.shape, p.groups), p.weight.len(), y.len(), out_hw)?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
-    let wm = MatF32::row_major(&p.weight, o, k)?;
     let cg = ConvGeom {
         in_shape,
         o,
-        kernel: (kh, kw),
+        kernel: p.window().kernel,
         stride: p.stride,
         padding: p.padding,
         out_hw,
     };
+    let px = pixels(rects);
+    let bands = bands(rects, band_size(px, o * k));
+    let parallel = bands.len() > 1;
+    let copy = |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src);
+    if is_grouped(p.groups, p.dilation) {
+        return conv_per_band(x, &cg, ops, &bands, y, parallel, copy, |win, shape, out| {
+            p.forward(win, shape, (0, 0), out)
+        });
+    }
+    let wm = MatF32::row_major(&p.weight, o, k)?;
     let bias = p.bias.as_deref();
-    conv_rects_with(
+    conv_batches(
         x,
         &cg,
         None,
-        rects,
+        ops,
+        &bands,
         y,
-        (&mut scratch.win, &mut scratch.col, &mut scratch.out),
-        |src, dst| {
-            dst.copy_from_slice(src);
-            Ok(())
-        },
+        parallel,
         |col, cols, out| {
             // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
             // each output sees the same additions in the same order
@@ -275,53 +488,127 @@ pub fn conv_rects(
                 row.fill(bias.map_or(0.0, |b| b[oc]));
             }
             let cm = MatF32::row_major(col, k, cols)?;
-            let parallel = o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1;
-            // SAFETY: `out` is o × cols (resized by the caller), row stride `cols`, not aliased.
-            unsafe { sgemm(&wm, &cm, out.as_mut_ptr(), cols, true, parallel) };
+            // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
+            unsafe {
+                sgemm(
+                    &wm,
+                    &cm,
+                    out.as_mut_ptr(),
+                    cols,
+                    true,
+                    !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
+                )
+            };
             Ok(())
         },
     )
 }
 
-/// INT8 counterpart of [`conv_rects`]: the gathered input is quantized with the per-tensor scale `sx`
-/// (nearest rounding, as the dense INT8 conv quantizes its whole input), multiplied on the INT8 GEMM
-/// with the `sw[o]·sx` epilogue, then the bias is added.
+/// Each band on its own: its input window gathered through `convert` into a `(1, c, wh, ww)` image,
+/// `conv(window, shape, out)` (a dense convolution with no padding, bias included) fills
+/// `out (o, rh, rw)`, scattered into `y` with `ops` applied. Bands run in parallel when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+    x: &[S],
+    cg: &ConvGeom,
+    ops: &[Pointwise],
+    bands: &[Rect],
+    y: &mut [f32],
+    parallel: bool,
+    convert: impl Fn(&[S], &mut [T]) + Sync,
+    conv: impl Fn(&[T], [usize; 4], &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let yp = OutPtr(y.as_mut_ptr());
+    let o = cg.o;
+    for_each_task(bands, parallel, |&rect| {
+        let mut win = crate::nn::Scratch::<T>::new(window_len(cg, rect));
+        let g = gather_window(x, cg, rect, &mut win, &convert)?;
+        let (rh, rw) = (g.oh, g.ow);
+        let mut out = take_f32(o * rh * rw);
+        conv(&win[..g.c * g.h * g.w], [1, g.c, g.h, g.w], &mut out)?;
+        // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
+        unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, yp) };
+        Ok(())
+    })
+}
+
+/// Narrowest band (output columns) that runs through the dense INT8 convolution: its padded grid
+/// computes `kw − 1` extra columns per row, within the dense plan's limit from 14 columns on (3x3).
+const I8_DENSE_MIN_WIDTH: usize = 14;
+
+/// INT8 counterpart of [`conv_rects`], reading the layer's input codes `xq (c, h, w)` (the input quantized
+/// with the per-tensor scale `sx`, nearest rounding, as the dense INT8 conv quantizes it; the runner keeps
+/// them cached and requantizes only where its input changed). Stride-1 bands at least [`I8_DENSE_MIN_WIDTH`] wide run through the dense INT8 convolution
+/// ([`conv2d_i8_forward`]: the same plan as the whole layer, the direct VNNI kernel or the padded grid,
+/// on the band's window); other bands are unfolded side by side for one INT8 GEMM with the `sw[o]·sx`
+/// epilogue. Every path sums exact INT32 products before the same rescale, so all give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_rects_i8(
-    x: &[f32],
+    xq: &[i8],
     in_shape: [usize; 3],
     p: &ConvI8Params,
     sx: f32,
+    ops: &[Pointwise],
     rects: &[Rect],
     y: &mut [f32],
     out_hw: (usize, usize),
-    scratch: &mut Scratch,
 ) -> Result<()> {
-    check_conv_shapes(x.len(), in_shape, p.shape, p.wq.len(), y.len(), out_hw)?;
+    check_conv_shapes(xq.len(), in_shape, (p.shape, p.groups), p.wq.len(), y.len(), out_hw)?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
-    let wm = MatRef::row_major(&p.wq, o, k)?;
     let cg = ConvGeom {
         in_shape,
         o,
-        kernel: (kh, kw),
+        kernel: p.window().kernel,
         stride: p.stride,
         padding: p.padding,
         out_hw,
     };
-    conv_rects_with(
-        x,
+    let px = pixels(rects);
+    let all = bands(rects, band_size(px, o * k));
+    let parallel = all.len() > 1;
+    let grouped = is_grouped(p.groups, p.dilation);
+    let grid = p.stride == (1, 1) && (kh > 1 || kw > 1);
+    let (dense, narrow): (Vec<Rect>, Vec<Rect>) = all
+        .into_iter()
+        .partition(|r| grouped || (grid && r.3 - r.2 >= I8_DENSE_MIN_WIDTH));
+    let copy = |src: &[i8], dst: &mut [i8]| dst.copy_from_slice(src);
+    if !dense.is_empty() {
+        conv_per_band(xq, &cg, ops, &dense, y, parallel, copy, |win, shape, out| {
+            p.forward(win, shape, sx, (0, 0), out)
+        })?;
+    }
+    if narrow.is_empty() {
+        return Ok(());
+    }
+    let wm = MatRef::row_major(&p.wq, o, k)?;
+    conv_batches(
+        xq,
         &cg,
         p.bias.as_deref(),
-        rects,
+        ops,
+        &narrow,
         y,
-        (&mut scratch.win_i8, &mut scratch.col_i8, &mut scratch.out),
-        |src, dst| quantize_nearest_with_scale(src, sx, dst),
+        parallel,
         |col, cols, out| {
             let cm = MatRef::row_major(col, k, cols)?;
             gemm::gemm_i8_f32(&wm, &cm, p.weight_scale(), Scale::Scalar(sx), None, out)
         },
     )
+}
+
+/// Quantizes the rectangles `rects` of `x (c, h, w)` into `xq` (same layout) with the per-tensor scale
+/// `sx`, nearest rounding: the same codes as quantizing the whole map.
+pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
+    let [c, h, w] = shape;
+    for ch in 0..c {
+        for &(y0, y1, x0, x1) in rects {
+            for y in y0..y1 {
+                let o = (ch * h + y) * w;
+                quantize_nearest_run(&x[o + x0..o + x1], sx, &mut xq[o + x0..o + x1]);
+            }
+        }
+    }
 }
 
 /// Input span `lo..hi` of output index `o` (window `k`, stride `s`, padding `p`), clipped to `0..len`.
@@ -399,20 +686,7 @@ pub fn pointwise_rects(
         let yp = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
         for &(y0, y1, x0, x1) in rects {
             for oy in y0..y1 {
-                let row = &mut yp[oy * ow + x0..oy * ow + x1];
-                for op in ops {
-                    match op {
-                        Pointwise::Relu => row.iter_mut().for_each(|v| {
-                            if *v < 0.0 {
-                                *v = 0.0
-                            }
-                        }),
-                        Pointwise::Affine { a, b } => {
-                            let (a, b) = (a[ch], b[ch]);
-                            row.iter_mut().for_each(|v| *v = *v * a + b);
-                        }
-                    }
-                }
+                apply_ops(ops, ch, &mut yp[oy * ow + x0..oy * ow + x1]);
             }
         }
     }

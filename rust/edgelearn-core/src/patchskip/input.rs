@@ -1,0 +1,380 @@
+//! uint8 video frames as the model's input, and the change gate on them.
+//!
+//! A decoded frame is uint8 `(H, W, C_in)` (`C_in` = 1, 3 or 4; a fourth channel is ignored). The model
+//! input is float32 `(C, H, W)`, built with exactly the arithmetic of `edgelearn.video.preprocess`:
+//! `v = u / 255`; RGB to one channel as BT.601 luma `0.299·R + 0.587·G + 0.114·B`, grey to three channels
+//! by repetition; then `(v − mean[c]) / std[c]` where given. [`gate_u8`] scores each patch on the bytes
+//! (no float frame at all when nothing changed), and only the flagged patches are converted
+//! ([`convert_rect`]) into the float reference the caches read.
+
+use super::region::{GateResult, TileMap};
+use crate::error::{Error, Result};
+
+/// BT.601 luma weights, as `edgelearn.video.runner.LUMA` (float32).
+pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+
+/// How the bytes of a pixel become the model's channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// model channel `c` = byte `c` (1 or 3 channels)
+    Direct,
+    /// one model channel: luma of bytes 0..3
+    Luma,
+    /// three model channels, each byte 0
+    Repeat,
+}
+
+/// The conversion of uint8 `(H, W, C_in)` frames to the model's `(C, H, W)` input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct U8Input {
+    /// Frame shape `(H, W, C_in)`.
+    pub hwc: [usize; 3],
+    /// Model input shape `(C, H, W)`.
+    pub chw: [usize; 3],
+    mode: Mode,
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
+    /// model units of one grey level per model channel, `1 / (255·std[c])`
+    unit: Vec<f32>,
+    /// every model channel is the same affine map of one byte each (the gate's byte-wise fast path)
+    uniform: bool,
+}
+
+impl U8Input {
+    /// A frame of shape `hwc` fed to a model with `channels` input channels (`None`: as many as the frame
+    /// has, 1 or 3), normalised by `mean`/`std` (one value per model channel) when given.
+    pub fn new(
+        hwc: [usize; 3],
+        channels: Option<usize>,
+        mean: Option<Vec<f32>>,
+        std: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let [h, w, cin] = hwc;
+        if !matches!(cin, 1 | 3 | 4) || h == 0 || w == 0 {
+            return Err(Error::invalid(
+                "frame",
+                format!("a uint8 frame must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with H, W > 0, got {hwc:?}"),
+            ));
+        }
+        let have = if cin == 1 { 1 } else { 3 };
+        let c = channels.unwrap_or(have);
+        let mode = match (have, c) {
+            (a, b) if a == b => Mode::Direct,
+            (3, 1) => Mode::Luma,
+            (1, 3) => Mode::Repeat,
+            _ => {
+                return Err(Error::invalid(
+                    "frame",
+                    format!(
+                    "the model takes {c} input channels; a frame with {cin} channels gives 1 or 3"
+                ),
+                ))
+            }
+        };
+        for (name, v) in [("mean", &mean), ("std", &std)] {
+            if let Some(v) = v {
+                if v.len() != c {
+                    return Err(Error::invalid(
+                        name,
+                        format!(
+                            "expected {c} values (one per model channel), got {}",
+                            v.len()
+                        ),
+                    ));
+                }
+                if v.iter().any(|x| !x.is_finite())
+                    || (name == "std" && v.iter().any(|&x| x <= 0.0))
+                {
+                    return Err(Error::invalid(
+                        name,
+                        format!("values must be finite (std positive), got {v:?}"),
+                    ));
+                }
+            }
+        }
+        let unit: Vec<f32> = (0..c)
+            .map(|ch| 1.0 / (255.0 * std.as_ref().map_or(1.0, |s| s[ch])))
+            .collect();
+        let same = |v: &Option<Vec<f32>>| v.as_ref().is_none_or(|v| v.iter().all(|&x| x == v[0]));
+        let uniform = mode != Mode::Luma && cin != 4 && same(&mean) && same(&std);
+        Ok(U8Input {
+            hwc,
+            chw: [c, h, w],
+            mode,
+            mean,
+            std,
+            unit,
+            uniform,
+        })
+    }
+
+    /// The model channels of one pixel's bytes `px` (`C_in` of them), as `preprocess` computes them.
+    #[inline]
+    fn pixel(&self, px: &[u8], out: &mut [f32; 3]) {
+        let v = |j: usize| px[j] as f32 / 255.0;
+        match self.mode {
+            Mode::Direct => {
+                for (j, o) in out.iter_mut().enumerate().take(self.chw[0]) {
+                    *o = v(j);
+                }
+            }
+            Mode::Luma => out[0] = LUMA[0] * v(0) + LUMA[1] * v(1) + LUMA[2] * v(2),
+            Mode::Repeat => *out = [v(0); 3],
+        }
+        for (ch, o) in out.iter_mut().enumerate().take(self.chw[0]) {
+            if let Some(m) = &self.mean {
+                *o -= m[ch];
+            }
+            if let Some(s) = &self.std {
+                *o /= s[ch];
+            }
+        }
+    }
+
+    /// Writes the model input of the pixels `y0..y1 × x0..x1` of `frame` into `out (C, H, W)`.
+    pub fn convert_rect(
+        &self,
+        frame: &[u8],
+        (y0, y1, x0, x1): (usize, usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let [h, w, cin] = self.hwc;
+        let c = self.chw[0];
+        let mut px = [0.0f32; 3];
+        for y in y0..y1 {
+            let row = &frame[(y * w) * cin..(y + 1) * w * cin];
+            for x in x0..x1 {
+                self.pixel(&row[x * cin..x * cin + cin], &mut px);
+                for (ch, &v) in px.iter().enumerate().take(c) {
+                    out[(ch * h + y) * w + x] = v;
+                }
+            }
+        }
+    }
+
+    /// `Σ x²` of the model input over the bytes of a fast-path segment, from `Σ u` and `Σ u²` over its `n`
+    /// bytes: `x = (u/255 − m)/s`.
+    fn sq_from_sums(&self, n: u64, s1: u64, s2: u64) -> f64 {
+        let m = self.mean.as_ref().map_or(0.0, |m| m[0]) as f64;
+        let s = self.std.as_ref().map_or(1.0, |s| s[0]) as f64;
+        let (n, s1, s2) = (n as f64, s1 as f64, s2 as f64);
+        let rep = if self.mode == Mode::Repeat { 3.0 } else { 1.0 };
+        rep * (s2 / (255.0 * 255.0) - 2.0 * m * s1 / 255.0 + n * m * m) / (s * s)
+    }
+}
+
+/// The change gate on uint8 frames: flags each `patch × patch` patch whose largest change of the model
+/// input since `reference` (same layout as `frame`) exceeds `threshold` (`threshold = 0`: any changed
+/// byte), and sums the change it lets through and the frame's energy in model units, as
+/// [`super::region::gate`] does on float frames.
+pub fn gate_u8(
+    frame: &[u8],
+    reference: &[u8],
+    input: &U8Input,
+    patch: usize,
+    threshold: f32,
+) -> Result<GateResult> {
+    let [h, w, cin] = input.hwc;
+    let n = h * w * cin;
+    if frame.len() != n || reference.len() != n {
+        return Err(Error::invalid(
+            "frame",
+            format!(
+                "expected {n} bytes for a {:?} frame, got {} (reference {})",
+                input.hwc,
+                frame.len(),
+                reference.len()
+            ),
+        ));
+    }
+    let mut map = TileMap::new(h, w, patch)?;
+    let (rows, cols) = map.grid();
+    let mut score = vec![0.0f32; rows * cols];
+    let mut any = vec![false; rows * cols];
+    let mut energy = vec![0.0f64; rows * cols];
+    let mut frame_sq = 0.0f64;
+    let seg = patch * cin;
+    if input.uniform {
+        let unit = input.unit[0];
+        let rep = if input.mode == Mode::Repeat { 3.0 } else { 1.0 };
+        let (mut t1, mut t2) = (0u64, 0u64);
+        let mut mx = vec![0u8; cols];
+        let mut e = vec![0u64; cols];
+        for pr in 0..rows {
+            mx.fill(0);
+            e.fill(0);
+            for y in pr * patch..((pr + 1) * patch).min(h) {
+                let (fr, rr) = (
+                    &frame[y * w * cin..(y + 1) * w * cin],
+                    &reference[y * w * cin..(y + 1) * w * cin],
+                );
+                for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
+                    let (m, ee, s1, s2) = byte_scores(a, b);
+                    mx[pc] = mx[pc].max(m);
+                    e[pc] += ee as u64;
+                    t1 += s1 as u64;
+                    t2 += s2 as u64;
+                }
+            }
+            for pc in 0..cols {
+                let i = pr * cols + pc;
+                any[i] = mx[pc] > 0;
+                score[i] = mx[pc] as f32 * unit;
+                energy[i] = rep * e[pc] as f64 * (unit as f64) * (unit as f64);
+            }
+        }
+        frame_sq = input.sq_from_sums(n as u64, t1, t2);
+    } else {
+        let c = input.chw[0];
+        let (mut pf, mut pr_) = ([0.0f32; 3], [0.0f32; 3]);
+        for y in 0..h {
+            let (fr, rr) = (
+                &frame[y * w * cin..(y + 1) * w * cin],
+                &reference[y * w * cin..(y + 1) * w * cin],
+            );
+            let srow = (y / patch) * cols;
+            for x in 0..w {
+                let (a, b) = (&fr[x * cin..x * cin + cin], &rr[x * cin..x * cin + cin]);
+                input.pixel(a, &mut pf);
+                let i = srow + x / patch;
+                let used = if cin == 4 { 3 } else { cin };
+                if a[..used] != b[..used] {
+                    any[i] = true;
+                    input.pixel(b, &mut pr_);
+                    for ch in 0..c {
+                        let d = pf[ch] - pr_[ch];
+                        score[i] = score[i].max(d.abs());
+                        energy[i] += (d as f64) * (d as f64);
+                    }
+                }
+                for &v in &pf[..c] {
+                    frame_sq += (v as f64) * (v as f64);
+                }
+            }
+        }
+    }
+    let mut skipped_sq = 0.0f64;
+    for i in 0..rows * cols {
+        let flagged = if threshold == 0.0 {
+            any[i]
+        } else {
+            score[i] > threshold
+        };
+        if flagged {
+            let (r, c) = (i / cols, i % cols);
+            map.set(r, c);
+        } else {
+            skipped_sq += energy[i];
+        }
+    }
+    Ok(GateResult {
+        map,
+        skipped_sq,
+        frame_sq,
+    })
+}
+
+/// `(max |a − b|, Σ (a − b)², Σ a, Σ a²)` of one row segment of bytes.
+#[inline]
+fn byte_scores(a: &[u8], b: &[u8]) -> (u8, u32, u32, u32) {
+    let (mut m, mut e, mut s1, mut s2) = (0u8, 0u32, 0u32, 0u32);
+    for (&x, &r) in a.iter().zip(b) {
+        let d = x.abs_diff(r);
+        m = m.max(d);
+        e += d as u32 * d as u32;
+        s1 += x as u32;
+        s2 += x as u32 * x as u32;
+    }
+    (m, e, s1, s2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patchskip::region::gate;
+
+    fn frame(seed: &mut u64, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (*seed >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn to_float(u: &[u8], inp: &U8Input) -> Vec<f32> {
+        let [c, h, w] = inp.chw;
+        let mut out = vec![0.0; c * h * w];
+        inp.convert_rect(u, (0, h, 0, w), &mut out);
+        out
+    }
+
+    /// The byte gate flags what the float gate flags on the converted frames (thresholds away from
+    /// rounding ties), and its error estimate agrees.
+    #[test]
+    fn u8_gate_matches_float_gate() {
+        let mut seed = 3u64;
+        for &(cin, ch, ref mean, ref std) in &[
+            (3usize, None, None, None),
+            (3, Some(1usize), None, None),
+            (1, Some(3), None, None),
+            (4, None, None, None),
+            (
+                3,
+                None,
+                Some(vec![0.4f32, 0.5, 0.6]),
+                Some(vec![0.2f32, 0.25, 0.3]),
+            ),
+            (3, None, Some(vec![0.5f32; 3]), Some(vec![0.25f32; 3])),
+        ] {
+            let (h, w) = (21, 35);
+            let inp = U8Input::new([h, w, cin], ch, mean.clone(), std.clone()).unwrap();
+            let a = frame(&mut seed, h * w * cin);
+            let mut b = a.clone();
+            // a few changed bytes of different sizes
+            for (k, d) in [(5usize, 3u8), (200, 40), (600, 90), (h * w * cin - 1, 1)] {
+                b[k] = b[k].wrapping_add(d);
+            }
+            for th in [0.0f32, 0.03, 0.2] {
+                let g8 = gate_u8(&b, &a, &inp, 8, th).unwrap();
+                let gf = gate(&to_float(&b, &inp), &to_float(&a, &inp), inp.chw, 8, th).unwrap();
+                assert_eq!(g8.map, gf.map, "cin {cin} ch {ch:?} th {th}");
+                assert!(
+                    (g8.frame_sq - gf.frame_sq).abs() <= 1e-6 * gf.frame_sq,
+                    "{} {}",
+                    g8.frame_sq,
+                    gf.frame_sq
+                );
+                // the float gate sums float32 differences of rounded values
+                let tol = 1e-4 * gf.skipped_sq.max(1e-9);
+                assert!(
+                    (g8.skipped_sq - gf.skipped_sq).abs() <= tol,
+                    "{} {}",
+                    g8.skipped_sq,
+                    gf.skipped_sq
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conversion_is_preprocess_arithmetic() {
+        let inp = U8Input::new([1, 2, 3], Some(1), Some(vec![0.1]), Some(vec![0.3])).unwrap();
+        let f = [10u8, 200, 30, 255, 0, 7];
+        let mut out = vec![0.0; 2];
+        inp.convert_rect(&f, (0, 1, 0, 2), &mut out);
+        let l = |p: &[u8]| {
+            ((LUMA[0] * (p[0] as f32 / 255.0)
+                + LUMA[1] * (p[1] as f32 / 255.0)
+                + LUMA[2] * (p[2] as f32 / 255.0))
+                - 0.1)
+                / 0.3
+        };
+        assert_eq!(out, vec![l(&f[..3]), l(&f[3..])]);
+        assert!(U8Input::new([4, 4, 2], None, None, None).is_err());
+        assert!(U8Input::new([4, 4, 3], Some(2), None, None).is_err());
+        assert!(U8Input::new([4, 4, 3], None, None, Some(vec![1.0, 0.0, 1.0])).is_err());
+    }
+}
