@@ -12,8 +12,10 @@ from ._native import (
     backend_info,
     gemm_i8,
     gemm_i8_f32,
+    get_memory_limit,
     get_num_threads,
     set_kernel,
+    set_memory_limit,
     set_num_threads,
 )
 from .quant import dequantize, quantize
@@ -24,10 +26,11 @@ from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from . import checkpoint, data, models, train
 from . import sgq
 from . import video
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .train import evaluate, fit
 
 __all__ = [
+    "CheckpointError",
     "checkpoint",
     "data",
     "evaluate",
@@ -55,8 +58,10 @@ __all__ = [
     "dequantize",
     "gemm_i8",
     "gemm_i8_f32",
+    "get_memory_limit",
     "get_num_threads",
     "quantize",
     "set_kernel",
+    "set_memory_limit",
     "set_num_threads",
 ]

@@ -1,11 +1,19 @@
-"""The ``edgelearn`` command-line tool: a face over the public API, never a second implementation."""
+"""The ``edgelearn`` command-line tool: a face over the public API, never a second implementation.
+
+Every error a user can cause (a bad flag value, an unreadable or unwritable path, a malformed checkpoint, too
+little memory) ends in one ``edgelearn: error: ...`` line on stderr saying what to do, with exit status 2;
+Ctrl-C ends in one line (for ``train --checkpoint``, with the command that resumes), exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import sys
+from typing import NoReturn
 
 #: ``edgelearn.models.MODEL_NAMES``, written out so building the parser imports nothing heavy (a test checks).
 TRAIN_MODELS = ("mlp", "cnn", "resnet20", "resnet18", "mobilenet_v2")
@@ -31,11 +39,48 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _number(kind: type = float, lo: "float | None" = None, hi: "float | None" = None, lo_open: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if lo_open else '>='} {lo:g}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"expected a number <= {hi:g}, got {text}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"  # argparse names the type in some messages
+    return parse
+
+
+_positive_int = _number(int, 1)
+_nonnegative_int = _number(int, 0)
+_port = _number(int, 0, 65535)
+_positive_float = _number(float, 0, lo_open=True)
+_nonneg_float = _number(float, 0)
+_nonneg_int = _nonnegative_int
+
+
+def _writable(path: str, flag: str) -> None:
+    """Fails now (``ValueError`` naming ``flag``) if ``path`` cannot be written, rather than after a long run."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a directory; give a file path such as {os.path.join(path, 'out')}")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".edgelearn-write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot write {path}: {exc.strerror or exc}; choose a writable location") from None
 
 
 def _collab_model_arg(text: str) -> str:
@@ -59,11 +104,6 @@ def _split_arg(text: str):
     return value
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 PRC_DEFAULT = "minmax"
@@ -195,6 +235,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         edgelearn.set_num_threads(args.threads)
+    for flag in ("checkpoint", "log_csv", "log_json", "plot"):
+        if getattr(args, flag, None):
+            _writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     _check_checkpoint_flags(args, getattr(args, "explicit", set()))
     args.__dict__.pop("explicit", None)
     if args.lr is None:
@@ -312,13 +355,16 @@ def _cmd_collab_serve(args: argparse.Namespace) -> int:
         input_shape, classes = train.image_shape, train.num_classes
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint DIR")
+    if args.port_file:
+        _writable(args.port_file, "--port-file")
     cloud = Cloud(args.model, args.split, seed=args.seed, lr=args.lr, momentum=args.momentum,
                   weight_decay=args.weight_decay, input_shape=input_shape, classes=classes, log=_say_flush,
                   checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every if args.checkpoint else 0,
-                  resume=args.resume)
+                  resume=args.resume, max_input_elements=args.max_input_elements)
     server = CloudServer(cloud, args.host, args.port, token=_token(args), tls_cert=args.tls_cert,
                          tls_key=args.tls_key, max_edges=args.max_edges,
-                         max_message_bytes=int(args.max_message_mb * 2**20), log=_say_flush)
+                         max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
+                         log=_say_flush)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -443,7 +489,10 @@ def _add_collab_parser(sub) -> None:
                     "back. The cloud decides the model, split and seed; edges send their data's shape.")
     csub = p_collab.add_subparsers(dest="collab_command", metavar="ACTION")
     csub.required = True
+    from edgelearn.collab.protocol import IDLE_TIMEOUT, MAX_INPUT_ELEMENTS
+
     max_mb = MAX_MESSAGE_BYTES / 2**20
+    message_mb = _number(float, 0, 2047, lo_open=True)  # gRPC lengths are int32
 
     p_serve = csub.add_parser("serve", help="run the cloud", description="Run the cloud part of split learning.")
     p_serve.add_argument("--model", type=_collab_model_arg, default="cnn",
@@ -453,26 +502,32 @@ def _add_collab_parser(sub) -> None:
                          help="where the cloud part starts: a layer index (edge = layers [0, split)) or a module "
                               "name such as features.7 (default 4)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
-    p_serve.add_argument("--port", type=int, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
+    p_serve.add_argument("--port", type=_port, default=50051, help="TCP port; 0 picks a free one (see --port-file)")
     p_serve.add_argument("--port-file", metavar="PATH", help="write the port listened on to PATH")
     p_serve.add_argument("--dataset", default=None,
                          help="fix the model's input shape and classes from this dataset now (default: from the "
                               "first edge's HELLO)")
     p_serve.add_argument("--seed", type=int, default=0, help="initialisation of the model (edges use it too)")
-    p_serve.add_argument("--lr", type=float, default=0.02)
-    p_serve.add_argument("--momentum", type=float, default=0.9)
-    p_serve.add_argument("--weight-decay", type=float, default=5e-4)
+    p_serve.add_argument("--lr", type=_nonneg_float, default=0.02)
+    p_serve.add_argument("--momentum", type=_nonneg_float, default=0.9)
+    p_serve.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
     p_serve.add_argument("--token", default=None, help="shared token edges must send "
                                                        "(default: $EDGELEARN_COLLAB_TOKEN; none = open)")
     p_serve.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p_serve.add_argument("--tls-key", metavar="PEM", help="TLS private key (with --tls-cert)")
-    p_serve.add_argument("--edges", type=int, default=0,
+    p_serve.add_argument("--edges", type=_nonnegative_int, default=0,
                          help="exit after this many edge sessions ended (completed, dropped or rejected); "
                               "0 = serve until SIGINT/SIGTERM")
     p_serve.add_argument("--max-edges", type=_positive_int, default=8, help="edges training at once (default 8)")
-    p_serve.add_argument("--max-message-mb", type=float, default=max_mb,
+    p_serve.add_argument("--max-message-mb", type=message_mb, default=max_mb,
                          help=f"largest message (a batch of features) accepted, MiB (default {max_mb:g})")
-    p_serve.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
+    p_serve.add_argument("--idle-timeout", type=_positive_float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                         help="end a stream that sends nothing (or does not finish a message) for this long "
+                              f"(default {IDLE_TIMEOUT:g})")
+    p_serve.add_argument("--max-input-elements", type=_positive_int, default=MAX_INPUT_ELEMENTS, metavar="N",
+                         help="largest input (C*H*W values per sample) an edge's HELLO may fix the model to "
+                              f"(default {MAX_INPUT_ELEMENTS}; --dataset fixes the shape instead)")
+    p_serve.add_argument("--timeout", type=_nonneg_float, default=0, help="give up after this many seconds (0 = never)")
     p_serve.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
     p_serve.add_argument("--checkpoint", metavar="DIR",
                          help="write the cloud part (model, optimizer, step, per-edge step counts) to "
@@ -511,7 +566,7 @@ def _add_collab_parser(sub) -> None:
     p_join.add_argument("--steps", "--max-steps", dest="steps", type=_positive_int, default=None,
                         help="stop after this many steps in all")
     p_join.add_argument("--batch-size", type=_positive_int, default=64)
-    p_join.add_argument("--lr", type=float, default=0.02)
+    p_join.add_argument("--lr", type=_nonneg_float, default=0.02)
     p_join.add_argument("--seed", type=int, default=0, help="data split and order, stochastic rounding")
     p_join.add_argument("--model", type=_collab_model_arg, default=None,
                         help="fail unless the cloud serves this; onnx:PATH: this edge's copy of the cloud's ONNX model")
@@ -525,22 +580,22 @@ def _add_collab_parser(sub) -> None:
                              "(for `edgelearn train --resume --checkpoint PATH`, `video --model`, `export`)")
     p_join.add_argument("--retries", type=_nonnegative_int, default=10,
                         help="reconnection attempts when the cloud goes away (0 = fail at once; default 10)")
-    p_join.add_argument("--retry-initial", type=float, default=0.5, metavar="S",
+    p_join.add_argument("--retry-initial", type=_nonneg_float, default=0.5, metavar="S",
                         help="seconds before the first reconnection attempt (doubling after each; default 0.5)")
-    p_join.add_argument("--retry-max", type=float, default=10.0, metavar="S",
+    p_join.add_argument("--retry-max", type=_nonneg_float, default=10.0, metavar="S",
                         help="longest wait between reconnection attempts, seconds (default 10)")
     p_join.add_argument("--token", default=None, help="the cloud's shared token (default: $EDGELEARN_COLLAB_TOKEN)")
     p_join.add_argument("--tls-root-cert", "--tls-ca", dest="tls_root_cert", metavar="PEM",
                         help="use TLS, trusting this root certificate")
     p_join.add_argument("--tls-server-name", default=None, help="name to check in the cloud's certificate")
-    p_join.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the cloud")
-    p_join.add_argument("--max-message-mb", type=float, default=max_mb, help="largest reply accepted, MiB")
+    p_join.add_argument("--connect-timeout", type=_positive_float, default=30.0, help="seconds to wait for the cloud")
+    p_join.add_argument("--max-message-mb", type=message_mb, default=max_mb, help="largest reply accepted, MiB")
     p_join.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on the first N test images")
     p_join.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
-    p_join.add_argument("--bn-recalibration-batches", type=int, default=32,
+    p_join.add_argument("--bn-recalibration-batches", type=_nonnegative_int, default=32,
                         help="re-estimate BatchNorm statistics of both parts on this many batches after training "
                              "(0 = off; default 32)")
-    p_join.add_argument("--log-every", type=int, default=0, help="print a line every N steps")
+    p_join.add_argument("--log-every", type=_nonnegative_int, default=0, help="print a line every N steps")
     p_join.add_argument("--threads", type=_positive_int, default=None, help="engine threads")
     p_join.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_join.add_argument("--json", action="store_true",
@@ -599,20 +654,6 @@ def _cmd_demo_clip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def _cmd_video(args: argparse.Namespace) -> int:
     import edgelearn
     from edgelearn.video import PatchSkipRunner, frames
@@ -620,6 +661,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         edgelearn.set_num_threads(args.threads)
+    if args.save_plot:
+        _writable(args.save_plot, "--save-plot")
     model = load_video_model(args.model, seed=args.seed)
     runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
                              error_bound=args.error_bound)
@@ -670,7 +713,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every command's parser: option defaults in --help, also for options declared without a help text."""
+    """Every command's parser: option defaults in --help (also for options declared without a help text), and a
+    usage error as one ``edgelearn: error: ...`` line (the usage is one ``--help`` away)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -681,6 +725,9 @@ class _Parser(argparse.ArgumentParser):
                 and kwargs.get("default") not in (None, False, argparse.SUPPRESS)):
             kwargs["help"] = "default: %(default)s"
         return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"edgelearn: error: {message} (see '{self.prog} --help')\n")
 
 
 def _version() -> str:
@@ -744,19 +791,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--threads", type=_positive_int, default=None, help="engine threads (default: all cores)")
     p_train.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                          help="SGD with Nesterov momentum 0.9 (default) or AdamW; cosine learning-rate schedule")
-    p_train.add_argument("--lr", type=float, default=None, help="learning rate (default 0.02 for SGD, 0.002 for AdamW)")
-    p_train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    p_train.add_argument("--lr", type=_positive_float, default=None,
+                         help="learning rate (default 0.02 for SGD, 0.002 for AdamW)")
+    p_train.add_argument("--weight-decay", type=_nonneg_float, default=5e-4, help="L2 weight decay")
     p_train.add_argument("--augment", choices=("none", "crop", "crop-flip"), default="none",
                          help="random crop with padding (and horizontal flip)")
-    p_train.add_argument("--crop-padding", type=int, default=2, help="padding of --augment crop")
+    p_train.add_argument("--crop-padding", type=_nonnegative_int, default=2, help="padding of --augment crop")
     p_train.add_argument("--no-lac", action="store_true", help="INT8 without loss-aware compensation")
     p_train.add_argument("--no-prc", action="store_true", help="INT8 without range clipping of gradients "
                          "(same as --prc none)")
     p_train.add_argument("--prc", choices=("minmax", "sigma", "none"), default=PRC_DEFAULT,
                          help=f"range clipping of incoming gradients: kappa*[min,max] or mean +- z*sigma "
                               f"(default {PRC_DEFAULT})")
-    p_train.add_argument("--prc-z", type=float, default=2.576, help="z of --prc sigma (default 2.576)")
-    p_train.add_argument("--prc-kappa", type=float, default=0.95, help="kappa of --prc minmax (default 0.95)")
+    p_train.add_argument("--prc-z", type=_positive_float, default=2.576, help="z of --prc sigma (default 2.576)")
+    p_train.add_argument("--prc-kappa", type=_positive_float, default=0.95,
+                         help="kappa of --prc minmax (default 0.95)")
     p_train.add_argument("--per-channel-weights", action="store_true",
                          help="INT8: one weight scale per output channel instead of per tensor")
     p_train.add_argument("--grad-rounding", choices=["nearest", "stochastic"], default="stochastic",
@@ -845,22 +894,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: "list[str]") -> str:
+    """The command line that continues an interrupted ``train --checkpoint`` run."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "edgelearn " + " ".join(shlex.quote(a) for a in args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "train":  # the flags typed, which a resumed run must not contradict
         from edgelearn.run import explicit_dests
 
-        tail = list(sys.argv[1:] if argv is None else argv)
-        args.explicit = explicit_dests(parser.commands["train"], tail[tail.index("train") + 1:])
+        args.explicit = explicit_dests(parser.commands["train"], argv[argv.index("train") + 1:])
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:  # bad settings (e.g. EDGELEARN_KERNEL) are user errors
+    except KeyboardInterrupt:
+        line = "edgelearn: interrupted"
+        if getattr(args, "command", None) == "train" and getattr(args, "checkpoint", None):
+            line += f"; to continue from the last saved epoch: {_resume_command(argv)}"
+        print(line, file=sys.stderr)
+        return 130
+    except MemoryError as exc:
+        print(f"edgelearn: error: out of memory: {exc or 'an allocation failed'}; use smaller inputs (batch size, "
+              "frame size) or a machine with more memory", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:  # bad settings, malformed checkpoints (CheckpointError) are user errors
         print(f"edgelearn: error: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ImportError) as exc:  # a dataset or optional extra missing: the message says how to get it
         print(f"edgelearn: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as exc:  # unreadable/unwritable paths, a full disk
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"edgelearn: error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        return 2
     except Exception as exc:
         from edgelearn.collab.protocol import CollabError
 

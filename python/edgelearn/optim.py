@@ -21,6 +21,50 @@ from .tensor import Tensor
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
 
 
+def _hyper(owner: str, name: str, value: Any, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
+    """``value`` as a float if it is a finite real number in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``);
+    otherwise ``ValueError``/``TypeError`` naming ``owner``'s argument ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or v > hi or (hi_open and v >= hi):
+        upper = "" if hi == math.inf else (f", < {hi}" if hi_open else f", ≤ {hi}")
+        raise ValueError(f"{owner}: {name} must be a finite number ≥ {lo}{upper}, got {value!r}")
+    return v
+
+
+def _count(owner: str, name: str, value: Any, lo: int = 1) -> int:
+    """``value`` as an int ≥ ``lo`` (a bool or a float is refused), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}: {name} must be an integer, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{owner}: {name} must be ≥ {lo}, got {value!r}")
+    return int(value)
+
+
+def _same_kind(where: str, saved: Any, own: Any) -> None:
+    """Refuses a restored hyper-parameter or counter whose kind differs from the live one (an int where an
+    int is, a finite real where a float is, a sequence of those of the same length, a bool for a bool)."""
+    if isinstance(own, bool):
+        ok = isinstance(saved, (bool, np.bool_))
+    elif isinstance(own, (int, np.integer)):
+        ok = isinstance(saved, (int, np.integer)) and not isinstance(saved, bool)
+    elif isinstance(own, (float, np.floating)):
+        ok = (isinstance(saved, (int, float, np.integer, np.floating)) and not isinstance(saved, bool)
+              and math.isfinite(float(saved)))
+    elif isinstance(own, (list, tuple)):
+        ok = isinstance(saved, (list, tuple)) and len(saved) == len(own)
+        if ok:
+            for i, (a, b) in enumerate(zip(saved, own)):
+                _same_kind(f"{where}[{i}]", a, b)
+    elif own is None:
+        ok = saved is None or (isinstance(saved, (int, float)) and not isinstance(saved, bool))
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"load_state_dict: {where} is {saved!r}, expected a value like {own!r}")
+
+
 class Optimizer:
     """Base class: holds ``param_groups`` and per-parameter ``state``; subclasses implement ``_update``."""
 
@@ -86,19 +130,48 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore hyper-parameters and buffers; raises ``ValueError`` if the groups or shapes do not match."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"load_state_dict: expected a dict with 'state' and 'param_groups', got {type(state_dict).__name__}")
         groups = state_dict.get("param_groups")
         if groups is None or "state" not in state_dict:
             raise ValueError("load_state_dict: expected a dict with 'state' and 'param_groups'")
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+            raise ValueError("load_state_dict: 'param_groups' must be a list of dicts")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"load_state_dict: {len(groups)} parameter groups given, optimizer has {len(self.param_groups)}")
         params = self._params()
         for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            sp = saved.get("params")
+            if not isinstance(sp, (list, tuple)) or not all(isinstance(j, int) and not isinstance(j, bool) for j in sp):
+                raise ValueError(f"load_state_dict: param_groups[{i}]['params'] must be a list of parameter indices")
+            for k, v in saved.items():
+                if k == "params":
+                    continue
+                if k not in own and k != "initial_lr":  # a scheduler's, present or not
+                    raise ValueError(f"load_state_dict: param_groups[{i}] has unknown hyper-parameter {k!r}")
+                _same_kind(f"param_groups[{i}][{k!r}]", v, own.get(k, 0.0))
+            missing = [k for k in own if k not in saved and k != "params" and k != "initial_lr"]
+            if missing:
+                raise ValueError(f"load_state_dict: param_groups[{i}] lacks {', '.join(map(repr, missing))}")
             if len(saved["params"]) != len(own["params"]):
                 raise ValueError(
                     f"load_state_dict: group {i} has {len(saved['params'])} parameters, optimizer has {len(own['params'])}"
                 )
         new_state: Dict[int, Dict[str, Any]] = {}
-        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        if not isinstance(state_dict["state"], Mapping):
+            raise ValueError("load_state_dict: 'state' must be a dict of per-parameter states")
+        try:
+            saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        except (TypeError, ValueError):
+            raise ValueError("load_state_dict: 'state' keys must be parameter indices (ints)") from None
+        for k, v in saved_state.items():
+            if not isinstance(v, Mapping):
+                raise ValueError(f"load_state_dict: state[{k}] must be a dict, got {type(v).__name__}")
+            for name, value in v.items():
+                if name == "step":
+                    _same_kind(f"state[{k}]['step']", value, 0)
+                elif isinstance(value, np.ndarray) and value.dtype != np.float32:
+                    raise ValueError(f"load_state_dict: state[{k}][{name!r}] has dtype {value.dtype}, expected float32")
         for saved, own in zip(groups, self.param_groups):
             for si, p in zip(saved["params"], own["params"]):
                 if si not in saved_state:
@@ -132,8 +205,10 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: lr, momentum and weight_decay must be ≥ 0, got {lr}, {momentum}, {weight_decay}")
+        lr = _hyper("SGD", "lr", lr)
+        momentum = _hyper("SGD", "momentum", momentum)
+        dampening = _hyper("SGD", "dampening", dampening, hi=1.0)
+        weight_decay = _hyper("SGD", "weight_decay", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
         super().__init__(
@@ -198,10 +273,14 @@ class Adam(Optimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
     ):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: lr, eps and weight_decay must be ≥ 0")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {betas}")
+        name = type(self).__name__
+        lr = _hyper(name, "lr", lr)
+        eps = _hyper(name, "eps", eps)
+        weight_decay = _hyper(name, "weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: betas must be a pair of numbers in [0, 1), got {betas!r}")
+        betas = (_hyper(name, "betas[0]", betas[0], hi=1.0, hi_open=True),
+                 _hyper(name, "betas[1]", betas[1], hi=1.0, hi_open=True))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad))
 
     def _update(self, p: Tensor, g: np.ndarray, group: Dict[str, Any], state: Dict[str, Any]) -> None:
@@ -285,6 +364,20 @@ class LRScheduler:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "optimizer"}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; raises ``ValueError`` (nothing changed) if a key is
+        unknown or missing or a value is not of the kind this scheduler holds (an int counter, finite
+        floats, lists of the same length)."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"load_state_dict: expected a dict, got {type(state_dict).__name__}")
+        own = self.state_dict()
+        unknown = [k for k in state_dict if k not in own]
+        missing = [k for k in own if k not in state_dict]
+        if unknown or missing:
+            raise ValueError(f"load_state_dict for {type(self).__name__}: "
+                             + "; ".join(([f"unknown keys {unknown}"] if unknown else [])
+                                         + ([f"missing keys {missing}"] if missing else [])))
+        for k, v in state_dict.items():
+            _same_kind(f"{type(self).__name__}.{k}", v, own[k])
         for k, v in state_dict.items():
             setattr(self, k, copy.deepcopy(v))
 
@@ -293,9 +386,8 @@ class StepLR(LRScheduler):
     """``lr = base_lr · gamma^(epoch // step_size)``."""
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1):
-        if step_size <= 0:
-            raise ValueError(f"step_size: expected a positive integer, got {step_size}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.step_size = _count("StepLR", "step_size", step_size)
+        self.gamma = _hyper("StepLR", "gamma", gamma)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> List[float]:
@@ -306,9 +398,8 @@ class CosineAnnealingLR(LRScheduler):
     """``lr = eta_min + (base_lr − eta_min)·(1 + cos(π·epoch/T_max))/2``."""
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1):
-        if T_max <= 0:
-            raise ValueError(f"T_max: expected a positive integer, got {T_max}")
-        self.T_max, self.eta_min = int(T_max), float(eta_min)
+        self.T_max = _count("CosineAnnealingLR", "T_max", T_max)
+        self.eta_min = _hyper("CosineAnnealingLR", "eta_min", eta_min)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> List[float]:

@@ -129,10 +129,10 @@ def load_trained(path: "os.PathLike[str] | str") -> Trained:
         model, _ = ckpt.load_model(path)
     elif is_split_config(settings):
         model = model_from_split_config(settings, tuple(image_shape), int(num_classes))
-        model.load_state_dict(state, strict=True)
+        ckpt.load_model_state(model, state, path)
     elif "model" in settings:
         model = build(settings, tuple(image_shape), int(num_classes))
-        model.load_state_dict(state, strict=True)
+        ckpt.load_model_state(model, state, path)
     else:
         raise ValueError(f"{path}: the checkpoint records no architecture; rebuild the model in code and use "
                          "load_checkpoint")

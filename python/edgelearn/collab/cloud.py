@@ -41,11 +41,11 @@ from ..models import MODEL_NAMES
 from ..tensor import Tensor, no_grad
 from .codec import MODES, TensorCodec, relative_l2
 from .protocol import (BYE, CALIBRATE, CALIBRATED, EVAL, EVAL_RESULT, GRAD, HELLO, KIND_NAMES, PULL, STATE, TRAIN,
-                       WELCOME, CollabError, ProtocolError, WireStats, pack, unpack)
+                       WELCOME, MAX_INPUT_ELEMENTS, CollabError, ProtocolError, WireStats, pack, unpack)
 from .split import batchnorm_calibration, build_split, is_model_spec, output_shape, split_spec
 
-__all__ = ["Cloud", "CloudSession", "EdgeRecord", "ArchitectureMismatch", "LABEL_DTYPES", "CHECKPOINT_NAME",
-           "architecture_digest"]
+__all__ = ["Cloud", "CloudSession", "EdgeRecord", "ArchitectureMismatch", "InputTooLarge", "LABEL_DTYPES",
+           "CHECKPOINT_NAME", "MAX_INPUT_ELEMENTS", "MAX_CLASSES", "architecture_digest"]
 
 #: File name of the cloud's checkpoint inside ``--checkpoint DIR``.
 CHECKPOINT_NAME = "cloud.safetensors"
@@ -79,8 +79,16 @@ class EdgeRecord:
 LABEL_DTYPES = {"u1": np.uint8, "<u2": np.uint16, "<i4": np.int32}
 
 
+#: Cap on the class count a HELLO may fix (the last layer grows with it).
+MAX_CLASSES = 1 << 12
+
+
 class ArchitectureMismatch(CollabError):
     """An edge's data or settings do not fit the cloud's model (gRPC: FAILED_PRECONDITION)."""
+
+
+class InputTooLarge(CollabError):
+    """A HELLO asks for a model larger than this cloud's limits (gRPC: RESOURCE_EXHAUSTED)."""
 
 
 class Cloud:
@@ -94,12 +102,18 @@ class Cloud:
     def __init__(self, model: str = "cnn", split: int = 4, seed: int = 0, lr: float = 0.02, momentum: float = 0.9,
                  weight_decay: float = 5e-4, input_shape: Optional[Tuple[int, int, int]] = None,
                  classes: Optional[int] = None, max_batch: int = 4096, log=None, checkpoint: Optional[str] = None,
-                 checkpoint_every: int = 0, resume: bool = False):
+                 checkpoint_every: int = 0, resume: bool = False, max_input_elements: int = MAX_INPUT_ELEMENTS):
         if not is_model_spec(model):
             raise ValueError(f"model: expected one of {MODEL_NAMES} or onnx:PATH, got {model!r}")
         self.model_name, self.split, self.seed = model, split_spec(split), int(seed)
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        # checked now, not at the first HELLO (the model is built then)
+        self.lr = optim._hyper("Cloud", "lr", lr)
+        self.momentum = optim._hyper("Cloud", "momentum", momentum)
+        self.weight_decay = optim._hyper("Cloud", "weight_decay", weight_decay)
         self.max_batch = int(max_batch)
+        if isinstance(max_input_elements, bool) or not isinstance(max_input_elements, int) or max_input_elements < 1:
+            raise ValueError(f"max_input_elements: expected an int >= 1, got {max_input_elements!r}")
+        self.max_input_elements = max_input_elements
         self.log = log or (lambda message: None)
         #: Serializes model updates (and the forwards/backwards that produce them).
         self.lock = threading.Lock()
@@ -157,8 +171,11 @@ class Cloud:
             raise ValueError(f"{path}: the checkpoint is for input {tuple(shape)} with {n} classes, not "
                              f"{tuple(input_shape)} with {classes}")
         self._build(tuple(int(v) for v in shape), int(n))
-        self.model.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(meta["optimizer"])
+        ckpt.load_model_state(self.model, state, path)
+        try:
+            self.optimizer.load_state_dict(meta["optimizer"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{path}: optimizer state does not fit: {exc}") from None
         self.steps = self.checkpoint_steps = int(meta["step"])
         grads = extra.get("grads") or {}
         for key, rec in (extra.get("edges") or {}).items():
@@ -204,6 +221,14 @@ class Cloud:
         """Builds the model for the first edge; refuses an edge whose data does not fit it."""
         with self.lock:
             if self.model is None:
+                values = int(np.prod(input_shape))
+                if values > self.max_input_elements:
+                    raise InputTooLarge(
+                        f"input shape {list(input_shape)} ({values} values per sample) is above this cloud's limit of "
+                        f"{self.max_input_elements} (--max-input-elements; or start the cloud with --dataset to fix "
+                        "the shape)")
+                if classes > MAX_CLASSES:
+                    raise InputTooLarge(f"{classes} classes is above this cloud's limit of {MAX_CLASSES}")
                 self._build(input_shape, classes)
                 self.log(f"cloud model: {self.model_name} split at {self.split}, input {input_shape}, "
                          f"{classes} classes, features {self.feature_shape}")

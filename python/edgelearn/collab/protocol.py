@@ -28,7 +28,8 @@ __all__ = [
     "CollabError", "AuthenticationError", "ConnectionLost", "ProtocolError",
     "HELLO", "WELCOME", "TRAIN", "GRAD", "EVAL", "EVAL_RESULT", "CALIBRATE", "CALIBRATED", "BYE", "PULL", "STATE",
     "pack", "unpack", "chunks", "reassemble", "Reassembler", "wire_bytes",
-    "CHUNK_BYTES", "GRPC_MESSAGE_LIMIT", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "WireStats",
+    "CHUNK_BYTES", "GRPC_MESSAGE_LIMIT", "IDLE_TIMEOUT", "MAX_INPUT_ELEMENTS", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION",
+    "WireStats",
 ]
 
 PROTOCOL_VERSION = 1
@@ -43,6 +44,11 @@ CHUNK_BYTES = 1 << 20
 GRPC_MESSAGE_LIMIT = CHUNK_BYTES + 1024
 #: Default bound on a reassembled envelope (a batch of 256 fp32 16x14x14 features is 12.8 MB).
 MAX_MESSAGE_BYTES = 256 << 20
+#: Default seconds the cloud lets a stream stay silent (or take to finish a message it started).
+IDLE_TIMEOUT = 60.0
+#: Default cap on the values per sample (C·H·W) a HELLO may fix the cloud's model to (a 512x512 gray or
+#: 295x295 RGB image); the model and its optimizer grow with it. ``--max-input-elements`` changes it.
+MAX_INPUT_ELEMENTS = 1 << 18
 
 HELLO, WELCOME, TRAIN, GRAD, EVAL, EVAL_RESULT, BYE, CALIBRATE, CALIBRATED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 #: PULL: an edge asks for the cloud part's weights (``join --save-full``); STATE: the reply, one blob of

@@ -19,6 +19,10 @@ pub enum Error {
     /// Bytes that should be an SGQ frame are not a valid one (bad magic, version, lengths, CRC, shape…).
     #[error("malformed SGQ frame: {msg}")]
     Frame { msg: String },
+    /// An allocation sized by the input is above the memory limit or the system refused it
+    /// (see [`crate::alloc`]).
+    #[error("{what}: {msg}")]
+    OutOfMemory { what: String, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

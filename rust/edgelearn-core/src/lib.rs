@@ -5,11 +5,13 @@
 //! - [`nn`]: conv (im2col + GEMM), pooling, batch norm, ReLU and FP32 GEMM, FP32 and INT8.
 //! - [`octo`]: the Octo INT8 layer step (Linear/Conv2d), one function per direction.
 //! - [`sgq`]: SGQ codec for split learning: channel order, groups × stripes, b-bit packing, wire frames.
+//! - [`alloc`]: the limit on allocations sized by input, and fallible allocation under it.
 //! - [`threads`]: the rayon pool used by every kernel (size from `EDGELEARN_NUM_THREADS`, fork-safe).
 //!
 //! Every public function validates its arguments and returns [`Error`] instead of panicking, so the
 //! Python glue never sees a panic.
 
+pub mod alloc;
 pub mod error;
 pub mod gemm;
 pub mod nn;

@@ -372,7 +372,7 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
     }
     // Σ dY per output channel (the bias and Compensation gradients), in FP32 from the unclipped dY.
     if db.is_some() || comp.is_some() {
-        let mut sums = take_f32(o);
+        let mut sums = take_f32(o)?;
         channel_sums(dy, &saved.y_shape, &mut sums)?;
         if let Some((da, dm, dbeta)) = comp {
             let (alpha, mu) = saved.comp.as_ref().expect("checked above");
@@ -411,7 +411,7 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
             let dw = match dw {
                 Some(d) => d,
                 None => {
-                    scratch = take_f32(saved.wq.len());
+                    scratch = take_f32(saved.wq.len())?;
                     &mut scratch[..]
                 }
             };
@@ -426,7 +426,7 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
             let dw = match dw {
                 Some(d) => d,
                 None => {
-                    scratch = take_f32(saved.wq.len());
+                    scratch = take_f32(saved.wq.len())?;
                     &mut scratch[..]
                 }
             };
@@ -456,7 +456,7 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
                     }
                     Scale::PerIndex(swc) => {
                         // dX = Σ_o (dYq·sdy·sw[o])·Wq: FP32 on the integer codes (see the module docs).
-                        let mut g = take_f32(n * o);
+                        let mut g = take_f32(n * o)?;
                         for (row, qrow) in
                             g.chunks_exact_mut(o.max(1)).zip(gq.chunks_exact(o.max(1)))
                         {

@@ -1,7 +1,8 @@
 //! Stable-toolchain fuzzing of the SGQ frame decoder: mutate valid frames (bit flips, byte writes,
 //! truncations, extensions, header-field edits with the CRC re-sealed so the deeper checks are reached,
-//! random bytes) and require that `decode` returns `Ok` or `Err` without panicking and without any
-//! allocation larger than a bound proportional to the frame (a counting global allocator checks).
+//! binary16 NaN/infinity patterns written over the payload, random bytes) and require that `decode` returns
+//! `Ok` with finite values only, or `Err`, without panicking and without any allocation larger than a bound
+//! proportional to the frame (a counting global allocator checks).
 //!
 //! `cargo test --release --test sgq_fuzz` runs a short pass (a few seconds); `SGQ_FUZZ_SECONDS=N` runs
 //! for N seconds (`scripts/fuzz-sgq.sh N`). `SGQ_FUZZ_SEED` picks the mutation stream. The nightly
@@ -123,7 +124,7 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
         if b.is_empty() {
             b.push(rng.next() as u8);
         }
-        match rng.below(8) {
+        match rng.below(9) {
             0 => {
                 let i = rng.below(b.len());
                 b[i] ^= 1 << rng.below(8);
@@ -149,6 +150,14 @@ fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
                 };
                 if b.len() >= at + 4 {
                     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            8 => {
+                // a binary16 NaN or infinity over a payload value (fp16 codes, or range bounds)
+                if b.len() >= frame::HEADER_LEN + 2 {
+                    let at = frame::HEADER_LEN + 2 * rng.below((b.len() - frame::HEADER_LEN) / 2);
+                    let v: u16 = [0x7E00, 0x7C00, 0xFC00, 0x7C01][rng.below(4)];
+                    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
                 }
             }
             6 => {
@@ -194,6 +203,12 @@ fn check_one(bytes: &[u8]) -> bool {
     );
     if let Ok((h, y)) = &result {
         assert_eq!(y.len(), h.shape.elements("x").unwrap());
+        // encoders refuse non-finite values, so a decoded frame never holds one
+        assert!(
+            y.iter().all(|v| v.is_finite()),
+            "a {}-byte frame decoded to a non-finite value",
+            bytes.len()
+        );
     }
     result.is_ok()
 }

@@ -1,11 +1,18 @@
-//! Argument checks and zero-copy views of numpy arrays.
+//! Argument checks, zero-copy views of numpy arrays, and checked allocation of output arrays.
+//!
+//! Input arrays are read in place, except misaligned ones (e.g. `numpy.frombuffer(buf, offset=1)`),
+//! which are copied once to an aligned array: kernels need naturally aligned elements. Arrays updated in
+//! place cannot be copied, so misaligned ones are refused with that reason.
 
+use numpy::ndarray::{Dimension, IntoDimension};
+use numpy::npyffi::{self, npy_intp, PY_ARRAY_API};
 use numpy::{
-    Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
-use crate::errors::{type_error, value_error};
+use crate::errors::{to_py, type_error, value_error};
 
 /// Largest element count accepted for one array (guards against absurd sizes before allocating).
 pub const MAX_ELEMENTS: usize = 1 << 34;
@@ -59,8 +66,61 @@ pub fn readonly<'py, T: Element>(
             ),
         )
     })?;
+    if !untyped.is_aligned() {
+        // A copy is aligned (and C-ordered); it lives as long as the returned borrow.
+        let copy = arr.call_method0("copy")?;
+        let copy = copy
+            .cast_into::<PyArrayDyn<T>>()
+            .map_err(|e| value_error(arg, format!("cannot copy the misaligned array: {e}")))?;
+        return copy
+            .try_readonly()
+            .map_err(|e| value_error(arg, format!("cannot borrow the array: {e}")));
+    }
     arr.try_readonly()
         .map_err(|e| value_error(arg, format!("cannot borrow the array: {e}")))
+}
+
+/// Refuses a misaligned array that would be updated in place (a copy would not be seen by the caller).
+pub fn check_aligned_inplace(arg: &str, arr: &Bound<'_, PyUntypedArray>) -> PyResult<()> {
+    if arr.is_aligned() {
+        return Ok(());
+    }
+    Err(value_error(
+        arg,
+        "is not aligned to its element size (e.g. numpy.frombuffer with an odd offset) and is updated \
+         in place, so it cannot be copied; pass an aligned array such as numpy.array(...)",
+    ))
+}
+
+/// A new uninitialised C-ordered array of `dims`, named `arg` in errors: element counts beyond
+/// [`MAX_ELEMENTS`] are a `ValueError`, sizes beyond the memory limit (`edgelearn.set_memory_limit`) or
+/// refused by the system a `MemoryError`. Every caller writes all elements before Python sees them.
+pub fn new_array<'py, T: Element, D: Dimension>(
+    py: Python<'py>,
+    arg: &str,
+    dims: impl IntoDimension<Dim = D>,
+) -> PyResult<Bound<'py, PyArray<T, D>>> {
+    let dims = dims.into_dimension();
+    let n = check_size(arg, dims.slice())?;
+    edgelearn_core::alloc::check(arg, n, std::mem::size_of::<T>()).map_err(to_py)?;
+    let mut np_dims: Vec<npy_intp> = dims.slice().iter().map(|&d| d as npy_intp).collect();
+    // SAFETY: the arguments are what numpy's PyArray_NewFromDescr expects (the dtype reference is
+    // stolen; null strides, data and base ask numpy to allocate a C-ordered array); a null result
+    // carries a Python exception (MemoryError when the allocation fails), returned as the error.
+    unsafe {
+        let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+            T::get_dtype(py).into_dtype_ptr(),
+            np_dims.len() as std::os::raw::c_int,
+            np_dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        );
+        Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
+    }
 }
 
 /// Element strides of a 2-D view, checked to be non-negative with one unit stride (C- or F-ordered

@@ -1,9 +1,10 @@
 //! Mapping of core errors to Python exceptions. Bad arguments become `ValueError`/`TypeError` (or a
-//! subclass), so callers can catch them the usual way; nothing here panics.
+//! subclass), so callers can catch them the usual way; allocations above the memory limit or refused by
+//! the system become `MemoryError`; nothing here panics.
 
 use edgelearn_core::Error;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(
@@ -29,6 +30,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::InvalidArgument { .. } | Error::Overflow { .. } | Error::NonFinite { .. } => {
             PyValueError::new_err(e.to_string())
         }
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
     }
 }
 

@@ -5,7 +5,7 @@ use numpy::ndarray::Ix2;
 use numpy::{PyArray, PyArray2, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::arrays::{check_size, readonly, span, strides_2d};
+use crate::arrays::{check_size, new_array, readonly, span, strides_2d};
 use crate::errors::{type_error, value_error, CoreResultExt};
 
 /// A checked 2-D int8 operand: readonly borrow plus its strides.
@@ -81,8 +81,8 @@ pub fn gemm_i8<'py>(
     }
     check_size("result", &[a.rows, b.cols])?;
     let kernel = gemm::active_kernel().py()?;
-    // SAFETY: uninitialised output; the driver writes every element before Python sees it.
-    let out: Bound<'py, PyArray<i32, Ix2>> = unsafe { PyArray2::new(py, [a.rows, b.cols], false) };
+    // Uninitialised output; the driver writes every element before Python sees it.
+    let out: Bound<'py, PyArray<i32, Ix2>> = new_array(py, "result", [a.rows, b.cols])?;
     {
         let mut out_rw = out.readwrite();
         let c = out_rw
@@ -174,8 +174,8 @@ pub fn gemm_i8_f32<'py>(
         }
     };
     let kernel = gemm::active_kernel().py()?;
-    // SAFETY: uninitialised output; the driver writes every element before Python sees it.
-    let out: Bound<'py, PyArray<f32, Ix2>> = unsafe { PyArray2::new(py, [a.rows, b.cols], false) };
+    // Uninitialised output; the driver writes every element before Python sees it.
+    let out: Bound<'py, PyArray<f32, Ix2>> = new_array(py, "result", [a.rows, b.cols])?;
     {
         let mut out_rw = out.readwrite();
         let c = out_rw

@@ -1,10 +1,10 @@
 //! Backend introspection and settings: kernel choice, thread count, CPU features.
 
-use edgelearn_core::{gemm, threads};
+use edgelearn_core::{alloc, gemm, threads};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::CoreResultExt;
+use crate::errors::{type_error, value_error, CoreResultExt};
 
 /// Features seen, kernel chosen, threads, version. Raises if `EDGELEARN_KERNEL` names a kernel this CPU lacks.
 #[pyfunction]
@@ -33,10 +33,48 @@ fn set_kernel(name: Option<&str>) -> PyResult<()> {
     gemm::set_kernel(name).py()
 }
 
-/// Sets the number of threads kernels use.
+/// Sets the number of threads kernels use (1 or more).
 #[pyfunction]
-fn set_num_threads(n: usize) -> PyResult<()> {
-    threads::set_num_threads(n).py()
+fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    if n.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(type_error("n", "expected a positive int, got a bool"));
+    }
+    let v: i64 = n.extract().map_err(|_| {
+        type_error("n", format!("expected a positive int, got {}", n.repr().map(|r| r.to_string()).unwrap_or_default()))
+    })?;
+    let n = usize::try_from(v).ok().filter(|&n| n >= 1).ok_or_else(|| {
+        value_error("n", format!("the number of threads must be at least 1, got {v}"))
+    })?;
+    threads::set_num_threads(n).map_err(|e| match e {
+        edgelearn_core::Error::InvalidArgument { msg, .. } => value_error("n", msg),
+        e => crate::errors::to_py(e),
+    })
+}
+
+/// Sets the largest allocation (bytes) one call may request (`None`: the automatic limit, the smaller
+/// of physical memory and the address-space limit). Requests above it raise `MemoryError`.
+#[pyfunction]
+#[pyo3(signature = (limit))]
+fn set_memory_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let bytes = match limit {
+        None => None,
+        Some(o) if o.is_none() => None,
+        Some(o) => {
+            let v: i64 = o
+                .extract()
+                .map_err(|_| type_error("limit", "expected a positive int (bytes) or None"))?;
+            Some(usize::try_from(v).ok().filter(|&b| b > 0).ok_or_else(|| {
+                value_error("limit", format!("must be a positive number of bytes or None, got {v}"))
+            })?)
+        }
+    };
+    alloc::set_memory_limit(bytes).py()
+}
+
+/// The largest allocation (bytes) one call may request, and where the number comes from.
+#[pyfunction]
+fn get_memory_limit() -> (usize, &'static str) {
+    alloc::memory_limit()
 }
 
 /// Number of threads kernels use.
@@ -51,5 +89,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_memory_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(get_memory_limit, m)?)?;
     Ok(())
 }

@@ -8,13 +8,13 @@ use edgelearn_core::gemm::Scale;
 use edgelearn_core::nn::{self, ConvShape, MatF32, Window2d};
 use numpy::ndarray::{Dim, IxDyn};
 use numpy::{
-    Element, PyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    Element, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::arrays::{check_size, readonly, span, strides_2d};
+use crate::arrays::{check_aligned_inplace, check_size, new_array, readonly, span, strides_2d};
 use crate::errors::{type_error, value_error, CoreResultExt};
 
 /// A read-only, C-contiguous array with its shape.
@@ -196,9 +196,7 @@ pub(crate) fn empty<'py, T: Element>(
     arg: &str,
     dims: &[usize],
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    check_size(arg, dims)?;
-    // SAFETY: the core writes every element before Python can see the array.
-    Ok(unsafe { PyArray::<T, IxDyn>::new(py, IxDyn(dims), false) })
+    new_array(py, arg, IxDyn(dims))
 }
 
 pub(crate) fn as_mut<'a, T: Element>(
@@ -275,8 +273,8 @@ fn matmul_f32<'py>(
     }
     let bias = opt_vec("bias", bias, b.cols, "column of b")?;
     check_size("result", &[a.rows, b.cols])?;
-    // SAFETY: matmul_f32 writes every element (bias or zero first when K = 0).
-    let out: Bound<'py, PyArray2<f32>> = unsafe { PyArray2::new(py, [a.rows, b.cols], false) };
+    // matmul_f32 writes every element (bias or zero first when K = 0).
+    let out: Bound<'py, PyArray2<f32>> = new_array(py, "result", [a.rows, b.cols])?;
     {
         let mut rw = out.readwrite();
         let c = rw.as_slice_mut().map_err(|e| value_error("result", e))?;
@@ -531,6 +529,7 @@ fn inout_vec<'py>(
             format!("expected {n} values (one per channel), got {}", arr.len()),
         ));
     }
+    check_aligned_inplace(arg, arr.as_untyped())?;
     if !arr.is_c_contiguous() {
         return Err(value_error(
             arg,
@@ -745,6 +744,7 @@ fn inout_arr<'py>(
     let arr = obj
         .cast::<PyArrayDyn<f32>>()
         .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    check_aligned_inplace(arg, arr.as_untyped())?;
     if !arr.is_c_contiguous() {
         return Err(value_error(
             arg,

@@ -8,7 +8,7 @@ use edgelearn_core::quant::{self, Clip, Layout, Rounding};
 use numpy::{IxDyn, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::arrays::{check_size, readonly};
+use crate::arrays::{check_size, new_array, readonly};
 use crate::errors::{value_error, CoreResultExt};
 
 /// A C-contiguous slice of a borrowed array, or an error naming `arg`.
@@ -81,9 +81,9 @@ pub fn _quantize<'py>(
     } else {
         &[]
     };
-    // SAFETY: uninitialised outputs; quantize_into writes every element (or fails, and they are dropped).
-    let q = unsafe { PyArrayDyn::<i8>::new(py, IxDyn(&shape), false) };
-    let scale = unsafe { PyArrayDyn::<f32>::new(py, IxDyn(scale_shape), false) };
+    // Uninitialised outputs; quantize_into writes every element (or fails, and they are dropped).
+    let q = new_array::<i8, _>(py, "q", IxDyn(&shape))?;
+    let scale = new_array::<f32, _>(py, "scale", IxDyn(scale_shape))?;
     {
         let mut q_rw = q.readwrite();
         let mut s_rw = scale.readwrite();
@@ -137,8 +137,8 @@ pub fn _dequantize<'py>(
             ),
         ));
     }
-    // SAFETY: uninitialised output; dequantize_into writes every element (or fails, and it is dropped).
-    let out = unsafe { PyArrayDyn::<f32>::new(py, IxDyn(&shape), false) };
+    // Uninitialised output; dequantize_into writes every element (or fails, and it is dropped).
+    let out = new_array::<f32, _>(py, "out", IxDyn(&shape))?;
     {
         let mut out_rw = out.readwrite();
         let os = out_rw.as_slice_mut().map_err(|e| value_error("out", e))?;

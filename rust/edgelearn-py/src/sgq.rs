@@ -9,7 +9,7 @@ use numpy::{IxDyn, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArra
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::arrays::{check_size, readonly};
+use crate::arrays::{check_size, new_array, readonly};
 use crate::errors::{value_error, CoreResultExt, FrameError};
 
 /// The 4-D shape a 2-, 3- or 4-D array is encoded as: (N,C) → N×C×1×1, (N,C,L) → N×C×L×1.
@@ -134,8 +134,8 @@ pub fn _sgq_decode<'py>(
         })
         .py()?;
     let shape = parsed.header.original_shape();
-    // SAFETY: uninitialised output; decode_into writes every element (or fails, and it is dropped).
-    let out = unsafe { PyArrayDyn::<f32>::new(py, IxDyn(&shape), false) };
+    // Uninitialised output; decode_into writes every element (or fails, and it is dropped).
+    let out = new_array::<f32, _>(py, "frame", IxDyn(&shape))?;
     {
         let mut rw = out.readwrite();
         let os = rw.as_slice_mut().map_err(|e| value_error("out", e))?;

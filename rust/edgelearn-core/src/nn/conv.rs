@@ -70,7 +70,10 @@ impl ConvShape {
         }
         shape_len("w", &w)?;
         let g = Geometry::new("x", x, Window2d::new((w[2], w[3]), stride, padding))?;
-        shape_len("y", &[g.n, w[0], g.oh, g.ow])?;
+        let y = shape_len("y", &[g.n, w[0], g.oh, g.ow])?;
+        // The output and (at most) one image's patch matrix are allocated together: refuse absurd ones
+        // (huge padding) before anything is allocated.
+        crate::alloc::check("y", y.saturating_add(g.k().saturating_mul(g.p())), 4)?;
         Ok(ConvShape { g, o: w[0] })
     }
     /// `(N, O, OH, OW)`.
@@ -342,7 +345,7 @@ pub fn conv2d_f32_forward(
             let cm = if s.g.is_pointwise() {
                 MatF32::row_major(xc, k, p)?
             } else {
-                col = take_f32(k * p);
+                col = take_f32(k * p)?;
                 im2col(xc, &s.g, &mut col, p);
                 MatF32::row_major(&col, k, p)?
             };
@@ -350,11 +353,11 @@ pub fn conv2d_f32_forward(
             unsafe { sgemm(&wm, &cm, yc.as_mut_ptr(), p, bias.is_some(), par) };
         } else {
             let ld = nb * p;
-            let mut col = take_f32(k * ld);
+            let mut col = take_f32(k * ld)?;
             for i in 0..nb {
                 im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
             }
-            let mut out = take_f32(o * ld);
+            let mut out = take_f32(o * ld)?;
             // SAFETY: `out` is O×ld.
             unsafe {
                 sgemm(
@@ -424,7 +427,7 @@ pub fn conv2d_f32_backward(
             let dyt = if nb == 1 {
                 dyc
             } else {
-                dyt_buf = take_f32(o * ld);
+                dyt_buf = take_f32(o * ld)?;
                 gather_rows(dyc, &s, nb, &mut dyt_buf, ld);
                 &dyt_buf[..]
             };
@@ -436,7 +439,7 @@ pub fn conv2d_f32_backward(
             let direct = s.g.is_pointwise() && nb == 1;
             let mut col = Scratch::default();
             if !direct {
-                col = take_f32(k * ld);
+                col = take_f32(k * ld)?;
                 for i in 0..nb {
                     im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
                 }
@@ -553,13 +556,13 @@ impl PaddedGrid {
 
     /// `nb` images `x (nb, C, H, W)` in the zero-padded planes of `c` (returned: `C` planes, plus the
     /// bytes the last patch row reads past them).
-    fn pad(&self, x: &[i8], nb: usize, c: &GridChunk) -> Scratch<i8> {
+    fn pad(&self, x: &[i8], nb: usize, c: &GridChunk) -> Result<Scratch<i8>> {
         let g = &self.g;
         // The last patch row (ch = C−1, ki = kh−1, kj = kw−1) reads ncols bytes from its offset.
         let len = (g.c - 1) * c.plane + (g.kh - 1) * c.wp + g.kw - 1 + c.ncols;
-        let mut xp = take_i8(len.max(g.c * c.plane));
+        let mut xp = take_i8(len.max(g.c * c.plane))?;
         lay_on_grid(x, nb, g.c, g.h, g.w, &self.image_at(c), &mut xp);
-        xp
+        Ok(xp)
     }
 
     /// Where the input images go on the padded planes of `c`.
@@ -575,16 +578,16 @@ impl PaddedGrid {
 
     /// `nb` images `x (nb, C, H, W)` laid for the direct kernel (channels interleaved by 4, see
     /// [`lay_grouped`]), with their k-group offsets `(c/4, ki, kj)` in positions.
-    fn grouped(&self, x: &[i8], nb: usize, c: &GridChunk) -> (Scratch<i8>, Vec<usize>) {
+    fn grouped(&self, x: &[i8], nb: usize, c: &GridChunk) -> Result<(Scratch<i8>, Vec<usize>)> {
         let g = &self.g;
         let cgs = g.c.div_ceil(4);
         let offsets = self.tap_offsets(cgs, c);
         // The kernel reads whole tiles of 16 positions from every k-group's offset.
         let span = c.ncols.div_ceil(16) * 16;
         let positions = (offsets.iter().max().copied().unwrap_or(0) + span).max(cgs * c.plane);
-        let mut buf = take_i8(positions * 4);
+        let mut buf = take_i8(positions * 4)?;
         lay_grouped(x, nb, g.c, g.h, g.w, &self.image_at(c), &mut buf);
-        (buf, offsets)
+        Ok((buf, offsets))
     }
 
     /// Offsets of the taps `(plane, ki, kj)` of `planes` padded planes of `c`: the patch rows
@@ -612,11 +615,11 @@ impl PaddedGrid {
     /// laid on the grid with zeros in the unused columns, so those contribute nothing.
     fn dw_chunk(&self, x: &[i8], dy: &[i8], nb: usize, o: usize, prod: &mut [i32]) -> Result<()> {
         let c = self.chunk(nb);
-        let xp = self.pad(x, nb, &c);
+        let xp = self.pad(x, nb, &c)?;
         let offsets = self.tap_offsets(self.g.c, &c);
         let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let g = &self.g;
-        let mut dyg = take_i8(o * c.ncols);
+        let mut dyg = take_i8(o * c.ncols)?;
         let at = GridAt {
             plane: c.ncols,
             wp: c.wp,
@@ -656,12 +659,12 @@ impl PaddedGrid {
             bias,
         };
         if let Some(dw) = direct {
-            let (img, offsets) = self.grouped(x, nb, &c);
+            let (img, offsets) = self.grouped(x, nb, &c)?;
             let b = gemm::direct::GroupedImage::new(&img, &offsets, c.ncols)?;
             return gemm::direct::conv_direct_f32(dw, &b, sw, sx, y, &to, parallel);
         }
-        let mut out = take_f32(o * c.ncols);
-        let xp = self.pad(x, nb, &c);
+        let mut out = take_f32(o * c.ncols)?;
+        let xp = self.pad(x, nb, &c)?;
         let offsets = self.tap_offsets(self.g.c, &c);
         let b = RowsRef::new(&xp, &offsets, c.ncols)?;
         gemm::gemm_i8_f32_rows(wm, &b, sw, Scale::Scalar(sx), None, &mut out)?;
@@ -988,7 +991,7 @@ pub fn conv2d_i8_forward(
         let direct = s.g.is_pointwise() && nb == 1;
         let mut col = Scratch::default();
         if !direct {
-            col = take_i8(k * ld);
+            col = take_i8(k * ld)?;
             for i in 0..nb {
                 im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
             }
@@ -1006,7 +1009,7 @@ pub fn conv2d_i8_forward(
                 }
             }
         } else {
-            let mut out = take_f32(o * ld);
+            let mut out = take_f32(o * ld)?;
             gemm::gemm_i8_f32(&wm, &cm, sw, Scale::Scalar(sx), None, &mut out)?;
             scatter_rows(&out, ld, &s, nb, bias, yc);
         }
@@ -1125,7 +1128,7 @@ pub fn conv2d_i8_backward(
         let dyt = if nb == 1 {
             dyc
         } else {
-            dyt_buf = take_i8(o * ld);
+            dyt_buf = take_i8(o * ld)?;
             gather_rows(dyc, &s, nb, &mut dyt_buf, ld);
             &dyt_buf[..]
         };
@@ -1134,7 +1137,7 @@ pub fn conv2d_i8_backward(
         let direct = s.g.is_pointwise() && nb == 1;
         let mut col = Scratch::default();
         if !direct {
-            col = take_i8(k * ld);
+            col = take_i8(k * ld)?;
             for i in 0..nb {
                 im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
             }
@@ -1169,7 +1172,7 @@ pub fn conv2d_i8_backward(
             let dcol_into = |dst: &mut [f32]| -> Result<()> {
                 match (&wfm, sw) {
                     (Some(wfm), Scale::PerIndex(swv)) => {
-                        let mut dys = take_f32(o * ld);
+                        let mut dys = take_f32(o * ld)?;
                         for (oc, row) in dys.chunks_exact_mut(ld).enumerate() {
                             let sc = sdy * swv[oc];
                             for (d, &q) in row.iter_mut().zip(&dyt[oc * ld..(oc + 1) * ld]) {
@@ -1187,7 +1190,7 @@ pub fn conv2d_i8_backward(
             if direct {
                 dcol_into(dxc)?;
             } else {
-                let mut dcol = take_f32(k * ld);
+                let mut dcol = take_f32(k * ld)?;
                 dcol_into(&mut dcol)?;
                 for i in 0..nb {
                     col2im(&mut dcol[i * p..], ld, &s.g, &mut dxc[i * xs..(i + 1) * xs]);

@@ -295,7 +295,8 @@ pub(crate) struct Scratch<T: ScratchElem> {
 }
 
 impl<T: ScratchElem> Scratch<T> {
-    pub(crate) fn new(len: usize) -> Self {
+    /// Fallible: a buffer the system cannot provide is [`Error::OutOfMemory`], never an abort.
+    pub(crate) fn new(len: usize) -> Result<Self> {
         // The largest free vector: buffers converge to the largest size a step needs.
         let mut buf = T::with_free_list(|list| {
             let best = (0..list.len()).max_by_key(|&i| list[i].len());
@@ -304,9 +305,18 @@ impl<T: ScratchElem> Scratch<T> {
         .flatten()
         .unwrap_or_default();
         if buf.len() < len {
+            crate::alloc::check("scratch buffer", len, std::mem::size_of::<T>())?;
+            buf.try_reserve_exact(len - buf.len())
+                .map_err(|_| Error::OutOfMemory {
+                    what: "scratch buffer".into(),
+                    msg: format!(
+                        "the system could not provide {}",
+                        crate::alloc::human(len.saturating_mul(std::mem::size_of::<T>()))
+                    ),
+                })?;
             buf.resize(len, T::default());
         }
-        Scratch { buf, len }
+        Ok(Scratch { buf, len })
     }
 }
 
@@ -337,10 +347,10 @@ impl<T: ScratchElem> Drop for Scratch<T> {
 }
 
 /// A scratch vector of `len` f32 (contents unspecified) from this thread's free list.
-pub(crate) fn take_f32(len: usize) -> Scratch<f32> {
+pub(crate) fn take_f32(len: usize) -> Result<Scratch<f32>> {
     Scratch::new(len)
 }
 /// A scratch vector of `len` i8 (contents unspecified) from this thread's free list.
-pub(crate) fn take_i8(len: usize) -> Scratch<i8> {
+pub(crate) fn take_i8(len: usize) -> Result<Scratch<i8>> {
     Scratch::new(len)
 }

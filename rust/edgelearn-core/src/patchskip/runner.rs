@@ -484,12 +484,13 @@ impl PatchSkip {
             }
             st.in_shape = cur;
             st.out_shape = [oc, g.oh, g.ow];
-            st.out = vec![0.0; oc * g.oh * g.ow];
+            let out_len = oc.checked_mul(g.oh * g.ow).unwrap_or(usize::MAX);
+            st.out = crate::alloc::try_vec(&format!("frame: stage {i}'s output {:?}", [oc, g.oh, g.ow]), out_len, 0.0)?;
             st.cost = cost + st.post.len() as f64 * oc as f64;
             cur = st.out_shape;
         }
         self.shape = Some(shape);
-        self.reference = vec![0.0; shape.iter().product()];
+        self.reference = crate::alloc::try_vec("frame", shape.iter().product(), 0.0)?;
         Ok(())
     }
 

@@ -349,13 +349,13 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
         if cols == 0 {
             return Ok(());
         }
-        let mut col = crate::nn::Scratch::<T>::new(k * cols);
+        let mut col = crate::nn::Scratch::<T>::new(k * cols)?;
         let mut off = 0;
         for &rect in batch {
             im2col_rect(x, cg, rect, &mut col, cols, off);
             off += (rect.1 - rect.0) * (rect.3 - rect.2);
         }
-        let mut out = take_f32(o * cols);
+        let mut out = take_f32(o * cols)?;
         gemm(&col[..k * cols], cols, &mut out[..o * cols])?;
         let mut off = 0;
         for &rect in batch {
@@ -521,10 +521,10 @@ fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Sc
     let yp = OutPtr(y.as_mut_ptr());
     let o = cg.o;
     for_each_task(bands, parallel, |&rect| {
-        let mut win = crate::nn::Scratch::<T>::new(window_len(cg, rect));
+        let mut win = crate::nn::Scratch::<T>::new(window_len(cg, rect))?;
         let g = gather_window(x, cg, rect, &mut win, &convert)?;
         let (rh, rw) = (g.oh, g.ow);
-        let mut out = take_f32(o * rh * rw);
+        let mut out = take_f32(o * rh * rw)?;
         conv(&win[..g.c * g.h * g.w], [1, g.c, g.h, g.w], &mut out)?;
         // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
         unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, yp) };

@@ -754,7 +754,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<f32>)> {
 pub fn decode_with_order(bytes: &[u8], stream_order: Option<&[u32]>) -> Result<(Header, Vec<f32>)> {
     let frame = frame::parse(bytes)?;
     let order = frame.order(stream_order)?;
-    let mut out = vec![0f32; frame.header.shape.elements("frame")?];
+    let mut out = crate::alloc::try_vec("frame", frame.header.shape.elements("frame")?, 0f32)?;
     decode_into(&frame, &order, &mut out)?;
     Ok((frame.header, out))
 }
@@ -772,6 +772,17 @@ pub fn decode_into(frame: &Frame<'_>, order: &[u32], out: &mut [f32]) -> Result<
         ));
     }
     if h.mode == Mode::Fp16 {
+        // The encoder refuses non-finite values, so a payload holding one (all-ones exponent) is not a
+        // frame it wrote.
+        if let Some(i) = frame
+            .codes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+        {
+            return Err(Error::frame(format!(
+                "the fp16 payload holds a NaN or infinity at element {i} (encoders refuse non-finite values)"
+            )));
+        }
         let one = |(b, o): (&[u8], &mut [f32])| {
             for (bb, v) in b.chunks_exact(2).zip(o.iter_mut()) {
                 *v = f16::from_bits(u16::from_le_bytes([bb[0], bb[1]])).to_f32();

@@ -481,7 +481,7 @@ fn forward_f32(
     };
     par_chunks(y, og * p, |task, yc| {
         let (n, g) = (task / s.groups, task % s.groups);
-        let mut buf = take_f32(cg * pl);
+        let mut buf = take_f32(cg * pl)?;
         pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
         for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
             let o = g * og + oi;
@@ -576,7 +576,7 @@ fn dx_f32(kern: &DwKernel, s: &GroupedShape, w: &[f32], dy: &[f32], dx: &mut [f3
     };
     par_chunks(dx, cg * hw, |task, dxc| {
         let (n, g) = (task / s.groups, task % s.groups);
-        let mut buf = take_f32(cg * pl);
+        let mut buf = take_f32(cg * pl)?;
         buf.fill(0.0);
         for oi in 0..og {
             let o = g * og + oi;
@@ -609,7 +609,7 @@ fn dw_f32(kern: &DwKernel, s: &GroupedShape, x: &[f32], dy: &[f32], dw: &mut [f3
     par_chunks(dw, og * cg * kk, |g, dwc| {
         let mut acc = vec![0f64; dwc.len()];
         let mut lanes = vec![[0f32; 16]; kk];
-        let mut buf = take_f32(cg * pl);
+        let mut buf = take_f32(cg * pl)?;
         for n in 0..s.n {
             pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
             for oi in 0..og {
@@ -714,7 +714,7 @@ fn forward_i8(
     };
     par_chunks(y, og * p, |task, yc| {
         let (n, g) = (task / s.groups, task % s.groups);
-        let mut buf = take_i8(cg * pl);
+        let mut buf = take_i8(cg * pl)?;
         pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
         for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
             let o = g * og + oi;
@@ -891,7 +891,7 @@ fn dw_i8(
     };
     par_chunks(dw, og * cg * kk, |g, dwc| {
         let mut acc = vec![0i64; dwc.len()];
-        let mut buf = take_i8(cg * pl);
+        let mut buf = take_i8(cg * pl)?;
         for n in 0..s.n {
             pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
             for oi in 0..og {
