@@ -106,6 +106,7 @@ class CloudServer:
         handler = grpc.stream_stream_rpc_method_handler(self._train)  # no (de)serializers: raw bytes
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Train": handler}),))
         address = f"{host}:{port}"
+        _probe_listen(host, port, address)
         try:
             if self.tls:
                 creds = grpc.ssl_server_credentials([(key, cert)])
@@ -254,6 +255,26 @@ class CloudServer:
             self.log(_describe(summary))
         if code is not None:
             context.abort(code, reason)
+
+
+def _probe_listen(host: str, port: int, address: str) -> None:
+    """Binds a plain socket to ``host:port`` first, so a bad address or a port in use is reported with its real
+    reason (grpcio only logs "Failed to add port" and returns 0)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CollabError(f"cannot listen on {address}: {host!r} is not an address of this machine ({exc}); use "
+                          "--host 127.0.0.1, 0.0.0.0 or one of its addresses") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+            s.bind(sockaddr)
+    except OSError as exc:
+        hint = "; choose another --port (0 picks a free one)" if port else ""
+        raise CollabError(f"cannot listen on {address}: {exc.strerror or exc}{hint}") from None
 
 
 class _Full(CollabError):

@@ -78,6 +78,10 @@ fn cases() -> Vec<Case> {
         case(1, 2, 12, 12, 2, 2, 5, 1, 2, 1), // 5x5
         case(1, 4, 6, 6, 4, 2, 1, 1, 0, 1),   // 1x1 grouped
         case(1, 2, 5, 5, 2, 2, 3, 1, 3, 1),   // padding beyond the window: scatter dX at stride 1
+        case(1, 2, 9, 10, 2, 2, 3, 2, 3, 1),  // and at stride 2
+        case(2, 3, 10, 11, 3, 3, 3, 3, 1, 1), // stride 3, rows and columns the forward's floor drops
+        case(1, 4, 10, 12, 8, 2, 5, 2, 2, 1), // grouped 5x5 at stride 2
+        case(1, 32, 6, 37, 4, 2, 3, 1, 1, 1), // 16 channels per group: 144 taps per output
     ];
     // edge widths around every vector length (1, 4, 8, 16, 32 lanes)
     for w in [1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 40] {

@@ -10,10 +10,10 @@
 //! plane is then `Σ_taps w[tap] · shifted plane` ([`DwKernel::corr_f32`], register-blocked over the taps),
 //! written straight into `y` (INT8: as INT32 in `y`'s own memory, rescaled in place).
 //!
-//! Backward, one call: `db = Σ dY`; `dX` for stride 1 (and padding ≤ the dilated window) is the forward
-//! convolution of `dY` with the flipped kernel and input/output channels swapped (the same kernels, no
-//! scratch beyond the padded planes), otherwise a scatter of `w · dY` into padded `dX` planes (one tap at
-//! a time, `corr` with one tap); `dW[o, c, tap]` is a dot product of the `dY` plane with the shifted input
+//! Backward, one call: `db = Σ dY`; `dX` (padding ≤ the dilated window) is the stride-1 forward
+//! convolution of `dY` with the flipped kernel and input/output channels swapped (the same kernels; with
+//! stride `s > 1` on `dY` spread out with `s − 1` zeros between values, which keeps every read contiguous),
+//! otherwise a scatter of `w · dY` into padded `dX` planes (one tap at a time, `corr` with one tap); `dW[o, c, tap]` is a dot product of the `dY` plane with the shifted input
 //! plane ([`DwKernel::dot_f32`], in a fixed 16-lane order flushed to f64 per plane, so the sum does not
 //! depend on the kernel or the thread count). INT8 sums are exact (INT32 per plane, i64 across images).
 //!
@@ -217,18 +217,21 @@ impl GroupedShape {
             .flat_map(|c| taps.iter().map(move |&t| c * plane + t))
             .collect()
     }
-    /// The convolution whose forward is this one's `dX` (stride 1, padding within the dilated window):
-    /// input `dY`, channels swapped, same groups, padding `(k−1)·d − p`.
-    fn transposed(&self) -> Option<GroupedShape> {
-        if self.sh != 1 || self.sw != 1 {
-            return None;
-        }
+    /// The convolution whose forward is this one's `dX` (padding within the dilated window): input `dY`
+    /// spread on a stride-1 grid (`s − 1` zeros between neighbours, plus the rows/columns the forward's
+    /// floor dropped), channels swapped, same groups, stride 1, padding `(k−1)·d − p`. Returns it with the
+    /// spread grid's height and width (`(OH, OW)` at stride 1: no spreading).
+    fn transposed(&self) -> Option<(GroupedShape, usize, usize)> {
         let (qh, qw) = ((self.kh - 1) * self.dh, (self.kw - 1) * self.dw);
         if self.ph > qh || self.pw > qw {
             return None;
         }
+        let rh = (self.h + 2 * self.ph - qh - 1) % self.sh;
+        let rw = (self.w + 2 * self.pw - qw - 1) % self.sw;
+        let hu = (self.oh - 1) * self.sh + 1 + rh;
+        let wu = (self.ow - 1) * self.sw + 1 + rw;
         let t = GroupedShape::new(
-            [self.n, self.o, self.oh, self.ow],
+            [self.n, self.o, hu, wu],
             [self.c, self.og(), self.kh, self.kw],
             GroupedParams::new(
                 self.groups,
@@ -238,7 +241,35 @@ impl GroupedShape {
             ),
         )
         .ok()?;
-        (t.oh == self.h && t.ow == self.w).then_some(t)
+        (t.oh == self.h && t.ow == self.w).then_some((t, hu, wu))
+    }
+    /// `dy` planes spread on the `hu × wu` grid of [`Self::transposed`] (a copy only when strided).
+    fn spread<'a, T: Copy + Default>(
+        &self,
+        dy: &'a [T],
+        hu: usize,
+        wu: usize,
+    ) -> std::borrow::Cow<'a, [T]>
+    where
+        [T]: ToOwned<Owned = Vec<T>>,
+    {
+        if self.sh == 1 && self.sw == 1 {
+            return std::borrow::Cow::Borrowed(dy);
+        }
+        let (p, pu) = (self.oh * self.ow, hu * wu);
+        let mut out = vec![T::default(); self.n * self.o * pu];
+        for (src, dst) in dy
+            .chunks_exact(p.max(1))
+            .zip(out.chunks_exact_mut(pu.max(1)))
+        {
+            for (oy, row) in src.chunks_exact(self.ow.max(1)).enumerate() {
+                let d = &mut dst[oy * self.sh * wu..];
+                for (ox, &v) in row.iter().enumerate() {
+                    d[ox * self.sw] = v;
+                }
+            }
+        }
+        std::borrow::Cow::Owned(out)
     }
     /// `W̃ (C, O/groups, kh, kw)` of [`Self::transposed`] from `w (O, C/groups, kh, kw)`, window flipped.
     fn flip_weights<T: Copy + Default>(&self, w: &[T]) -> Vec<T> {
@@ -524,8 +555,15 @@ fn dx_f32(kern: &DwKernel, s: &GroupedShape, w: &[f32], dy: &[f32], dx: &mut [f3
     if dx.is_empty() {
         return Ok(());
     }
-    if let Some(t) = s.transposed() {
-        return forward_f32(kern, &t, dy, &s.flip_weights(w), None, dx);
+    if let Some((t, hu, wu)) = s.transposed() {
+        return forward_f32(
+            kern,
+            &t,
+            &s.spread(dy, hu, wu),
+            &s.flip_weights(w),
+            None,
+            dx,
+        );
     }
     let (cg, og, kk, p, hw) = (s.cg(), s.og(), s.taps(), s.oh * s.ow, s.h * s.w);
     let pad = s.pad();
@@ -798,9 +836,9 @@ fn dx_i8(
         let wf: Vec<f32> = wq.iter().map(|&v| v as f32).collect();
         return dx_f32(kern, s, &wf, &dyf, dx);
     }
-    if let Some(t) = s.transposed() {
+    if let Some((t, hu, wu)) = s.transposed() {
         let wt: Vec<i32> = s.flip_weights(wq).iter().map(|&v| v as i32).collect();
-        return forward_i8(kern, &t, dyq, &wt, per_input, None, dx);
+        return forward_i8(kern, &t, &s.spread(dyq, hu, wu), &wt, per_input, None, dx);
     }
     let (kk, p, hw) = (s.taps(), s.oh * s.ow, s.h * s.w);
     let pad = s.pad();

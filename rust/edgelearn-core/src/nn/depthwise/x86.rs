@@ -290,6 +290,51 @@ unsafe fn corr_f32_avx512(
     }
 }
 
+/// Sums of 32 outputs from tap pairs: `vpmaddwd` of the two taps' sign-extended inputs, interleaved,
+/// against the pair's weights (two i16 products per i32 lane, exact). `lo`/`hi` hold outputs
+/// `8j..8j+3` / `8j+4..8j+7` in 128-bit lane `j`; [`unscramble`] puts them in order.
+#[inline(always)]
+unsafe fn pair_sums_avx512(
+    s: *const i8,
+    k: usize,
+    offs: &[usize],
+    pairs: &[i32],
+    mask: u32,
+) -> (__m512i, __m512i) {
+    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let nt = offs.len();
+    for (pi, &wp) in pairs.iter().enumerate() {
+        let t = 2 * pi;
+        let a = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+            mask,
+            s.add(*offs.get_unchecked(t) + k),
+        ));
+        let b = if t + 1 < nt {
+            _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                mask,
+                s.add(*offs.get_unchecked(t + 1) + k),
+            ))
+        } else {
+            _mm512_setzero_si512()
+        };
+        let wv = _mm512_set1_epi32(wp);
+        lo = _mm512_add_epi32(lo, _mm512_madd_epi16(_mm512_unpacklo_epi16(a, b), wv));
+        hi = _mm512_add_epi32(hi, _mm512_madd_epi16(_mm512_unpackhi_epi16(a, b), wv));
+    }
+    (lo, hi)
+}
+
+/// Outputs `0..16` and `16..32` in order from the lane-interleaved sums of [`pair_sums_avx512`].
+#[inline(always)]
+unsafe fn unscramble(lo: __m512i, hi: __m512i) -> (__m512i, __m512i) {
+    let i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    let i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    (
+        _mm512_permutex2var_epi64(lo, i0, hi),
+        _mm512_permutex2var_epi64(lo, i1, hi),
+    )
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn corr_i8_avx512(
     out: *mut i32,
@@ -302,36 +347,43 @@ unsafe fn corr_i8_avx512(
     w: &[i32],
 ) {
     let nt = offs.len().min(w.len());
+    let offs = &offs[..nt];
+    // weights of tap pairs (2i, 2i+1) as the two i16 halves of one i32 (an odd last tap pairs with 0)
+    let np = nt.div_ceil(2);
+    let (mut stack, mut heap) = ([0i32; 64], Vec::new());
+    let pairs: &mut [i32] = if np <= 64 {
+        &mut stack[..np]
+    } else {
+        heap.resize(np, 0);
+        &mut heap[..]
+    };
+    for (pi, p) in pairs.iter_mut().enumerate() {
+        let w0 = w[2 * pi] as i16 as u16 as u32;
+        let w1 = w.get(2 * pi + 1).map_or(0, |&v| v as i16 as u16 as u32);
+        *p = (w0 | (w1 << 16)) as i32;
+    }
+    let pairs = &*pairs;
     for r in 0..rows {
         let o = out.add(r * ldo);
         let s = src.add(r * lds);
         let mut k = 0;
-        while k + 32 <= len {
-            let mut a0 = _mm512_loadu_si512(o.add(k) as *const _);
-            let mut a1 = _mm512_loadu_si512(o.add(k + 16) as *const _);
-            for t in 0..nt {
-                let wv = _mm512_set1_epi32(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                let x0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                let x1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                a0 = _mm512_add_epi32(a0, _mm512_mullo_epi32(wv, x0));
-                a1 = _mm512_add_epi32(a1, _mm512_mullo_epi32(wv, x1));
-            }
-            _mm512_storeu_si512(o.add(k) as *mut _, a0);
-            _mm512_storeu_si512(o.add(k + 16) as *mut _, a1);
-            k += 32;
-        }
         while k < len {
-            let m = mask16(len - k);
-            let mut a0 = _mm512_maskz_loadu_epi32(m, o.add(k));
-            for t in 0..nt {
-                let wv = _mm512_set1_epi32(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                let x0 = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p));
-                a0 = _mm512_add_epi32(a0, _mm512_mullo_epi32(wv, x0));
+            let rem = len - k;
+            let mask = if rem >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << rem) - 1
+            };
+            let (lo, hi) = pair_sums_avx512(s, k, offs, pairs, mask);
+            let (r0, r1) = unscramble(lo, hi);
+            let (m0, m1) = (mask as u16, (mask >> 16) as u16);
+            let a0 = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m0, o.add(k)), r0);
+            _mm512_mask_storeu_epi32(o.add(k), m0, a0);
+            if m1 != 0 {
+                let a1 = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m1, o.add(k + 16)), r1);
+                _mm512_mask_storeu_epi32(o.add(k + 16), m1, a1);
             }
-            _mm512_mask_storeu_epi32(o.add(k), m, a0);
-            k += 16;
+            k += 32;
         }
     }
 }
