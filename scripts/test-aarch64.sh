@@ -175,6 +175,11 @@ if [ ! -f "$SITE/.complete" ]; then
     [ "$pip_ok" = 1 ] || die "dependencies do not install for aarch64"
     # the wheel itself is installed separately below, fresh on every run
     rm -rf "$SITE.tmp"/edgelearn "$SITE.tmp"/edgelearn-*.dist-info "$SITE.tmp"/bin/edgelearn
+    # onnxruntime's aarch64 wheel dies with SIGSEGV while importing its native module under qemu-user (every
+    # emulated CPU; seen with onnxruntime 1.23+); it is only the ONNX tests' oracle, never used by edgelearn's
+    # kernels, so it is left out here: those tests skip with a visible reason and run natively in .ci/run
+    rm -rf "$SITE.tmp"/onnxruntime "$SITE.tmp"/onnxruntime-*.dist-info
+    log "onnxruntime left out of the emulated runs (its native module segfaults on import under qemu-user)"
     touch "$SITE.tmp/.complete"
     mv "$SITE.tmp" "$SITE"
     log "dependencies: $((SECONDS - t0)) s, $(du -sh "$SITE" | cut -f1)"
