@@ -470,7 +470,10 @@ def test_ctrl_c_during_train_is_one_line_with_the_resume_command(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "edgelearn", "train", "--model", "mlp", "--precision", "fp32",
                              "--epochs", "100000", "--checkpoint", str(ckpt), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            # a runner started in the background (nohup, `cmd &`) ignores SIGINT and children
+                            # inherit that: Python then installs no KeyboardInterrupt handler and never stops
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         assert first.startswith("training"), first + proc.stderr.read()
