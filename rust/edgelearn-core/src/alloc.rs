@@ -102,7 +102,12 @@ fn available_memory() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<usize> {
         let line = text.lines().find(|l| l.starts_with(name))?;
-        let kb: usize = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        let kb: usize = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
         kb.checked_mul(1024)
     };
     Some(field("MemAvailable:")?.saturating_add(field("SwapFree:").unwrap_or(0)))
@@ -122,7 +127,8 @@ fn address_space_limit() -> Option<usize> {
     };
     // SAFETY: r is a valid out-pointer.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) } == 0;
-    (ok && r.rlim_cur != libc::RLIM_INFINITY).then(|| usize::try_from(r.rlim_cur).unwrap_or(usize::MAX))
+    (ok && r.rlim_cur != libc::RLIM_INFINITY)
+        .then(|| usize::try_from(r.rlim_cur).unwrap_or(usize::MAX))
 }
 
 #[cfg(not(unix))]
@@ -151,7 +157,8 @@ pub fn human(bytes: usize) -> String {
 pub fn check(what: &str, count: usize, elem_bytes: usize) -> Result<usize> {
     let (mut limit, mut source) = memory_limit();
     let bytes = count.checked_mul(elem_bytes);
-    if matches!(bytes, Some(b) if b > CHECK_AVAILABLE_ABOVE && b <= limit) && LIMIT.load(Ordering::Relaxed) == 0
+    if matches!(bytes, Some(b) if b > CHECK_AVAILABLE_ABOVE && b <= limit)
+        && LIMIT.load(Ordering::Relaxed) == 0
     {
         if let Some(avail) = available_memory() {
             if avail < limit {
@@ -167,7 +174,8 @@ pub fn check(what: &str, count: usize, elem_bytes: usize) -> Result<usize> {
                 "needs {} ({count} elements), more than the limit of {} ({source}); use smaller \
                  inputs, or raise the limit with edgelearn.set_memory_limit(bytes) if the machine \
                  really has the memory",
-                b.map(human).unwrap_or_else(|| "more than the address space".into()),
+                b.map(human)
+                    .unwrap_or_else(|| "more than the address space".into()),
                 human(limit)
             ),
         }),

@@ -600,7 +600,15 @@ pub fn quantize_nearest_with_scale(x: &[f32], scale: f32, q: &mut [i8]) -> Resul
 #[inline]
 pub(crate) fn quantize_nearest_run(x: &[f32], scale: f32, q: &mut [i8]) {
     debug_assert!(scale.is_finite() && scale > 0.0 && x.len() == q.len());
-    quantize_run_uniform(x, q, f32::NEG_INFINITY, f32::INFINITY, scale, Rounding::Nearest, 0)
+    quantize_run_uniform(
+        x,
+        q,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        scale,
+        Rounding::Nearest,
+        0,
+    )
 }
 
 /// Largest `|x|` (eight lanes, so it vectorises; NaN-free input assumed, as the runner checks frames).

@@ -40,10 +40,19 @@ fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
         return Err(type_error("n", "expected a positive int, got a bool"));
     }
     let v: i64 = n.extract().map_err(|_| {
-        type_error("n", format!("expected a positive int, got {}", n.repr().map(|r| r.to_string()).unwrap_or_default()))
+        type_error(
+            "n",
+            format!(
+                "expected a positive int, got {}",
+                n.repr().map(|r| r.to_string()).unwrap_or_default()
+            ),
+        )
     })?;
     let n = usize::try_from(v).ok().filter(|&n| n >= 1).ok_or_else(|| {
-        value_error("n", format!("the number of threads must be at least 1, got {v}"))
+        value_error(
+            "n",
+            format!("the number of threads must be at least 1, got {v}"),
+        )
     })?;
     threads::set_num_threads(n).map_err(|e| match e {
         edgelearn_core::Error::InvalidArgument { msg, .. } => value_error("n", msg),
@@ -64,7 +73,10 @@ fn set_memory_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
                 .extract()
                 .map_err(|_| type_error("limit", "expected a positive int (bytes) or None"))?;
             Some(usize::try_from(v).ok().filter(|&b| b > 0).ok_or_else(|| {
-                value_error("limit", format!("must be a positive number of bytes or None, got {v}"))
+                value_error(
+                    "limit",
+                    format!("must be a positive number of bytes or None, got {v}"),
+                )
             })?)
         }
     };

@@ -276,7 +276,15 @@ impl PatchSkip {
                     groups,
                     dilation,
                 } => {
-                    check_conv(i, weight.len(), shape, bias.as_deref(), stride, groups, dilation)?;
+                    check_conv(
+                        i,
+                        weight.len(),
+                        shape,
+                        bias.as_deref(),
+                        stride,
+                        groups,
+                        dilation,
+                    )?;
                     stages.push(new_stage(Spatial::Conv(ConvParams {
                         weight,
                         shape,
@@ -297,7 +305,15 @@ impl PatchSkip {
                     groups,
                     dilation,
                 } => {
-                    check_conv(i, wq.len(), shape, bias.as_deref(), stride, groups, dilation)?;
+                    check_conv(
+                        i,
+                        wq.len(),
+                        shape,
+                        bias.as_deref(),
+                        stride,
+                        groups,
+                        dilation,
+                    )?;
                     if sw.len() != 1 && sw.len() != shape[0] {
                         return Err(Error::invalid(
                             "layers",
@@ -485,7 +501,11 @@ impl PatchSkip {
             st.in_shape = cur;
             st.out_shape = [oc, g.oh, g.ow];
             let out_len = oc.checked_mul(g.oh * g.ow).unwrap_or(usize::MAX);
-            st.out = crate::alloc::try_vec(&format!("frame: stage {i}'s output {:?}", [oc, g.oh, g.ow]), out_len, 0.0)?;
+            st.out = crate::alloc::try_vec(
+                &format!("frame: stage {i}'s output {:?}", [oc, g.oh, g.ow]),
+                out_len,
+                0.0,
+            )?;
             st.cost = cost + st.post.len() as f64 * oc as f64;
             cur = st.out_shape;
         }
@@ -860,7 +880,9 @@ fn check_conv(
     if groups == 0 || o % groups != 0 {
         return Err(Error::invalid(
             "layers",
-            format!("layer {i}: groups ({groups}) must be positive and divide the {o} output channels"),
+            format!(
+                "layer {i}: groups ({groups}) must be positive and divide the {o} output channels"
+            ),
         ));
     }
     Ok(())
@@ -894,7 +916,9 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p), groups: 1, dilation: (1, 1),
+                    padding: (p, p),
+                    groups: 1,
+                    dilation: (1, 1),
                 });
                 out.push(Layer::Affine {
                     a: vec![1.0; o],
@@ -906,7 +930,9 @@ mod tests {
                     shape: [o, c, k, k],
                     bias,
                     stride: (s, s),
-                    padding: (p, p), groups: 1, dilation: (1, 1),
+                    padding: (p, p),
+                    groups: 1,
+                    dilation: (1, 1),
                 });
             }
             out.push(Layer::Relu);
@@ -1133,15 +1159,43 @@ mod tests {
                     let sw = scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
                     let mut wq = vec![0i8; n];
                     quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
-                    Layer::Conv2dInt8 { wq, sw: vec![sw], shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                    Layer::Conv2dInt8 {
+                        wq,
+                        sw: vec![sw],
+                        shape,
+                        bias,
+                        stride: (s, s),
+                        padding: (pd, pd),
+                        groups: g,
+                        dilation: (d, d),
+                    }
                 } else {
-                    Layer::Conv2d { weight, shape, bias, stride: (s, s), padding: (pd, pd), groups: g, dilation: (d, d) }
+                    Layer::Conv2d {
+                        weight,
+                        shape,
+                        bias,
+                        stride: (s, s),
+                        padding: (pd, pd),
+                        groups: g,
+                        dilation: (d, d),
+                    }
                 });
                 net.push(Layer::Relu);
             }
-            let cfg = PatchSkipConfig { patch: 6, int8_scales: Int8Scales::Dynamic, ..PatchSkipConfig::default() };
+            let cfg = PatchSkipConfig {
+                patch: 6,
+                int8_scales: Int8Scales::Dynamic,
+                ..PatchSkipConfig::default()
+            };
             let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
-            let mut dense = PatchSkip::new(net, PatchSkipConfig { refresh_every: 1, ..cfg }).unwrap();
+            let mut dense = PatchSkip::new(
+                net,
+                PatchSkipConfig {
+                    refresh_every: 1,
+                    ..cfg
+                },
+            )
+            .unwrap();
             let (h, w) = (30, 44);
             let mut frame: Vec<f32> = (0..4 * h * w).map(|_| lcg(&mut seed)).collect();
             for t in 0..4 {
@@ -1154,8 +1208,15 @@ mod tests {
                 }
                 let a = sparse.run(&frame, [4, h, w]).unwrap().to_vec();
                 let b = dense.run(&frame, [4, h, w]).unwrap().to_vec();
-                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                assert!(if int8 { err == 0.0 } else { err <= 1e-5 }, "int8 {int8} frame {t}: {err}");
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    if int8 { err == 0.0 } else { err <= 1e-5 },
+                    "int8 {int8} frame {t}: {err}"
+                );
                 if t > 0 {
                     assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
                 }

@@ -55,18 +55,37 @@ fn is_grouped(groups: usize, dilation: (usize, usize)) -> bool {
 impl ConvParams {
     /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
+        Window2d::new(
+            span_kernel(self.shape, self.dilation),
+            self.stride,
+            self.padding,
+        )
     }
 
     /// The dense convolution of `x (1, c, h, w)` with `padding` into `y`, on the kernels the layer takes
     /// anywhere else (grouped/dilated ones on the grouped kernels).
-    pub fn forward(&self, x: &[f32], shape: [usize; 4], padding: (usize, usize), y: &mut [f32]) -> Result<()> {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        shape: [usize; 4],
+        padding: (usize, usize),
+        y: &mut [f32],
+    ) -> Result<()> {
         let b = self.bias.as_deref();
         if is_grouped(self.groups, self.dilation) {
             let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
             conv2d_grouped_f32_forward(x, shape, &self.weight, self.shape, b, gp, y)?;
         } else {
-            conv2d_f32_forward(x, shape, &self.weight, self.shape, b, self.stride, padding, y)?;
+            conv2d_f32_forward(
+                x,
+                shape,
+                &self.weight,
+                self.shape,
+                b,
+                self.stride,
+                padding,
+                y,
+            )?;
         }
         Ok(())
     }
@@ -90,7 +109,11 @@ pub struct ConvI8Params {
 impl ConvI8Params {
     /// The input window each output reads (a dilated kernel spans `(k − 1)·d + 1`).
     pub fn window(&self) -> Window2d {
-        Window2d::new(span_kernel(self.shape, self.dilation), self.stride, self.padding)
+        Window2d::new(
+            span_kernel(self.shape, self.dilation),
+            self.stride,
+            self.padding,
+        )
     }
     pub fn weight_scale(&self) -> Scale<'_> {
         if self.sw.len() == 1 {
@@ -117,7 +140,18 @@ impl ConvI8Params {
             let gp = GroupedParams::new(self.groups, self.stride, padding, self.dilation);
             conv2d_grouped_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, gp, y)?;
         } else {
-            conv2d_i8_forward(xq, shape, sx, &self.wq, self.shape, sw, b, self.stride, padding, y)?;
+            conv2d_i8_forward(
+                xq,
+                shape,
+                sx,
+                &self.wq,
+                self.shape,
+                sw,
+                b,
+                self.stride,
+                padding,
+                y,
+            )?;
         }
         Ok(())
     }
@@ -371,7 +405,14 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
 /// `col` (row stride `ld`) gets, from column `off`, the input each output of the rectangle reads at that
 /// tap (zero where it falls in the padding) — what gathering the window and unfolding it gives, in one
 /// pass.
-fn im2col_rect<T: Copy + Default>(x: &[T], cg: &ConvGeom, rect: Rect, col: &mut [T], ld: usize, off: usize) {
+fn im2col_rect<T: Copy + Default>(
+    x: &[T],
+    cg: &ConvGeom,
+    rect: Rect,
+    col: &mut [T],
+    ld: usize,
+    off: usize,
+) {
     let [c, h, w] = cg.in_shape;
     let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
     let (y0, y1, x0, x1) = rect;
@@ -385,7 +426,12 @@ fn im2col_rect<T: Copy + Default>(x: &[T], cg: &ConvGeom, rect: Rect, col: &mut 
                 let dst = &mut col[row * ld + off..row * ld + off + rh * rw];
                 // output columns q whose input column (x0 + q)·sw + kj − pw lies in 0..w
                 let first = (x0 * sw + kj) as isize - pw as isize;
-                let qa = if first >= 0 { 0 } else { ((-first) as usize).div_ceil(sw) }.min(rw);
+                let qa = if first >= 0 {
+                    0
+                } else {
+                    ((-first) as usize).div_ceil(sw)
+                }
+                .min(rw);
                 let qb = if first >= w as isize {
                     0
                 } else {
@@ -425,7 +471,8 @@ fn check_conv_shapes(
 ) -> Result<()> {
     let [c, h, wd] = in_shape;
     let [o, wc, kh, kw] = shape;
-    if wc * groups != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * wc * kh * kw {
+    if wc * groups != c || x != c * h * wd || y != o * out_hw.0 * out_hw.1 || w != o * wc * kh * kw
+    {
         return Err(Error::invalid(
             "x",
             format!("conv tile: shapes disagree (input {in_shape:?}, weight {shape:?})"),
@@ -451,7 +498,14 @@ pub fn conv_rects(
     y: &mut [f32],
     out_hw: (usize, usize),
 ) -> Result<()> {
-    check_conv_shapes(x.len(), in_shape, (p.shape, p.groups), p.weight.len(), y.len(), out_hw)?;
+    check_conv_shapes(
+        x.len(),
+        in_shape,
+        (p.shape, p.groups),
+        p.weight.len(),
+        y.len(),
+        out_hw,
+    )?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
     let cg = ConvGeom {
@@ -473,35 +527,26 @@ pub fn conv_rects(
     }
     let wm = MatF32::row_major(&p.weight, o, k)?;
     let bias = p.bias.as_deref();
-    conv_batches(
-        x,
-        &cg,
-        None,
-        ops,
-        &bands,
-        y,
-        parallel,
-        |col, cols, out| {
-            // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
-            // each output sees the same additions in the same order
-            for (oc, row) in out.chunks_exact_mut(cols).enumerate() {
-                row.fill(bias.map_or(0.0, |b| b[oc]));
-            }
-            let cm = MatF32::row_major(col, k, cols)?;
-            // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
-            unsafe {
-                sgemm(
-                    &wm,
-                    &cm,
-                    out.as_mut_ptr(),
-                    cols,
-                    true,
-                    !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
-                )
-            };
-            Ok(())
-        },
-    )
+    conv_batches(x, &cg, None, ops, &bands, y, parallel, |col, cols, out| {
+        // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
+        // each output sees the same additions in the same order
+        for (oc, row) in out.chunks_exact_mut(cols).enumerate() {
+            row.fill(bias.map_or(0.0, |b| b[oc]));
+        }
+        let cm = MatF32::row_major(col, k, cols)?;
+        // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
+        unsafe {
+            sgemm(
+                &wm,
+                &cm,
+                out.as_mut_ptr(),
+                cols,
+                true,
+                !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
+            )
+        };
+        Ok(())
+    })
 }
 
 /// Each band on its own: its input window gathered through `convert` into a `(1, c, wh, ww)` image,
@@ -553,7 +598,14 @@ pub fn conv_rects_i8(
     y: &mut [f32],
     out_hw: (usize, usize),
 ) -> Result<()> {
-    check_conv_shapes(xq.len(), in_shape, (p.shape, p.groups), p.wq.len(), y.len(), out_hw)?;
+    check_conv_shapes(
+        xq.len(),
+        in_shape,
+        (p.shape, p.groups),
+        p.wq.len(),
+        y.len(),
+        out_hw,
+    )?;
     let [o, c, kh, kw] = p.shape;
     let k = c * kh * kw;
     let cg = ConvGeom {
@@ -574,9 +626,16 @@ pub fn conv_rects_i8(
         .partition(|r| grouped || (grid && r.3 - r.2 >= I8_DENSE_MIN_WIDTH));
     let copy = |src: &[i8], dst: &mut [i8]| dst.copy_from_slice(src);
     if !dense.is_empty() {
-        conv_per_band(xq, &cg, ops, &dense, y, parallel, copy, |win, shape, out| {
-            p.forward(win, shape, sx, (0, 0), out)
-        })?;
+        conv_per_band(
+            xq,
+            &cg,
+            ops,
+            &dense,
+            y,
+            parallel,
+            copy,
+            |win, shape, out| p.forward(win, shape, sx, (0, 0), out),
+        )?;
     }
     if narrow.is_empty() {
         return Ok(());
