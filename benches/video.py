@@ -162,6 +162,10 @@ def main():
               f"{ideal:>5.2f}x {speed / ideal:>5.2f} {row['mean_rel_l2_error']:>9.2e} {row['max_rel_l2_error']:>9.2e} "
               f"{100 * row['mean_agreement']:>6.2f}% {100 * row['min_agreement']:>6.2f}%  {split['gate']:>5.2f} "
               f"{split['bookkeeping']:>5.2f} {split['recompute']:>6.2f} {split['tail']:>5.2f}", flush=True)
+        if rs[0].get("layer_ms"):
+            lm = np.median([s["layer_ms"] for s in rs if s.get("layer_ms")], axis=0)
+            row["layer_ms"] = [float(v) for v in lm]
+            print(f"{'':<27} per-stage recompute ms (sparse frames): " + " ".join(f"{v:.2f}" for v in lm))
     print("\nthread scaling (patch-skip frames/s, threads t over 1 thread) and INT8 over FP32 patch skip:")
     by = {(r["clip"], r["model"], r["threshold"], r["threads"]): r for r in rows}
     for (clip, mname, th, t), r in by.items():

@@ -107,6 +107,9 @@ class VideoRun:
             split = {k: ms(f"{k}_seconds") for k in ("gate", "bookkeeping", "recompute", "tail")}
             split["other"] = ms("seconds") - sum(split.values())
             out["time_split_ms"] = split
+            layers = [r["layer_seconds"] for r in self.records if r.get("layer_seconds") and not r.get("dense")]
+            if layers and all(len(v) == len(layers[0]) for v in layers):
+                out["layer_ms"] = [1e3 * float(v) for v in np.mean(np.asarray(layers, np.float64), axis=0)]
             out["mean_frame_ms"] = ms("seconds")
         return out
 

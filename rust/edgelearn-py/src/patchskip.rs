@@ -291,6 +291,7 @@ impl PatchSkip {
         d.set_item("gate_seconds", s.gate_seconds)?;
         d.set_item("bookkeeping_seconds", s.bookkeeping_seconds)?;
         d.set_item("recompute_seconds", s.recompute_seconds)?;
+        d.set_item("layer_seconds", s.layer_seconds)?;
         d.set_item("output_changed", s.output_changed)?;
         Ok(d)
     }

@@ -12,7 +12,8 @@
 use crate::error::{Error, Result};
 use crate::nn::Window2d;
 
-/// One flag per `tile × tile` tile of an `h × w` map.
+/// One flag per `tile × tile` tile of an `h × w` map, stored as bits (64 tiles of a row per word), so
+/// counting, scanning for runs and marking rectangles cost per word, not per tile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TileMap {
     h: usize,
@@ -20,7 +21,16 @@ pub struct TileMap {
     tile: usize,
     rows: usize,
     cols: usize,
-    bits: Vec<bool>,
+    /// words per tile row
+    wpr: usize,
+    bits: Vec<u64>,
+}
+
+/// Bits `a..b` (`a < b ≤ 64`) of a word.
+#[inline]
+fn word_mask(a: usize, b: usize) -> u64 {
+    let hi = if b >= 64 { u64::MAX } else { (1u64 << b) - 1 };
+    hi & !((1u64 << a) - 1)
 }
 
 impl TileMap {
@@ -30,13 +40,15 @@ impl TileMap {
             return Err(Error::invalid("tile", "must be positive, got 0"));
         }
         let (rows, cols) = (h.div_ceil(tile), w.div_ceil(tile));
+        let wpr = cols.div_ceil(64);
         Ok(TileMap {
             h,
             w,
             tile,
             rows,
             cols,
-            bits: vec![false; rows * cols],
+            wpr,
+            bits: vec![0; rows * wpr],
         })
     }
     pub fn height(&self) -> usize {
@@ -53,26 +65,42 @@ impl TileMap {
         (self.rows, self.cols)
     }
     pub fn get(&self, r: usize, c: usize) -> bool {
-        r < self.rows && c < self.cols && self.bits[r * self.cols + c]
+        r < self.rows && c < self.cols && (self.bits[r * self.wpr + c / 64] >> (c % 64)) & 1 == 1
     }
     pub fn set(&mut self, r: usize, c: usize) {
         if r < self.rows && c < self.cols {
-            self.bits[r * self.cols + c] = true;
+            self.bits[r * self.wpr + c / 64] |= 1u64 << (c % 64);
         }
     }
     pub fn fill(&mut self, v: bool) {
-        self.bits.fill(v);
+        self.bits.fill(0);
+        if v {
+            for r in 0..self.rows {
+                self.set_cols(r, 0, self.cols);
+            }
+        }
+    }
+    /// Sets tiles `c0..c1` (`c0 < c1 ≤ cols`) of tile row `r`.
+    fn set_cols(&mut self, r: usize, c0: usize, c1: usize) {
+        let row = &mut self.bits[r * self.wpr..(r + 1) * self.wpr];
+        let (w0, w1) = (c0 / 64, (c1 - 1) / 64);
+        for (k, word) in row.iter_mut().enumerate().take(w1 + 1).skip(w0) {
+            let a = if k == w0 { c0 % 64 } else { 0 };
+            let b = if k == w1 { (c1 - 1) % 64 + 1 } else { 64 };
+            *word |= word_mask(a, b);
+        }
     }
     /// Number of dirty tiles.
     pub fn count(&self) -> usize {
-        self.bits.iter().filter(|&&b| b).count()
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
     }
     /// Dirty tiles over all tiles (0 for an empty map).
     pub fn fraction(&self) -> f64 {
-        if self.bits.is_empty() {
+        let n = self.rows * self.cols;
+        if n == 0 {
             0.0
         } else {
-            self.count() as f64 / self.bits.len() as f64
+            self.count() as f64 / n as f64
         }
     }
     /// Pixels covered by dirty tiles (partial tiles count their real size).
@@ -103,26 +131,48 @@ impl TileMap {
         }
         let t = self.tile;
         for r in y0 / t..=(y1 - 1) / t {
-            self.bits[r * self.cols + x0 / t..=r * self.cols + (x1 - 1) / t].fill(true);
+            self.set_cols(r, x0 / t, (x1 - 1) / t + 1);
+        }
+    }
+    /// Calls `f(c0, c1)` for each maximal run of dirty tiles `c0..c1` of tile row `r`, left to right,
+    /// skipping clean words whole.
+    fn row_runs(&self, r: usize, mut f: impl FnMut(usize, usize)) {
+        let row = &self.bits[r * self.wpr..(r + 1) * self.wpr];
+        let mut open: Option<usize> = None;
+        for (k, &word) in row.iter().enumerate() {
+            let base = k * 64;
+            let mut pos = 0usize;
+            while pos < 64 {
+                let rest = word >> pos;
+                match open {
+                    None => {
+                        if rest == 0 {
+                            break;
+                        }
+                        pos += rest.trailing_zeros() as usize;
+                        open = Some(base + pos);
+                    }
+                    Some(c0) => {
+                        let ones = (!rest).trailing_zeros() as usize; // 64 - pos at most
+                        let ones = ones.min(64 - pos);
+                        pos += ones;
+                        if pos < 64 {
+                            f(c0, base + pos);
+                            open = None;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(c0) = open {
+            f(c0, self.cols);
         }
     }
     /// Maximal horizontal runs of dirty tiles as `(row, c0, c1)` (tiles `c0..c1`), row-major order.
     pub fn runs(&self) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();
         for r in 0..self.rows {
-            let row = &self.bits[r * self.cols..(r + 1) * self.cols];
-            let mut c = 0;
-            while c < self.cols {
-                if row[c] {
-                    let c0 = c;
-                    while c < self.cols && row[c] {
-                        c += 1;
-                    }
-                    out.push((r, c0, c));
-                } else {
-                    c += 1;
-                }
-            }
+            self.row_runs(r, |c0, c1| out.push((r, c0, c1)));
         }
         out
     }
@@ -135,18 +185,8 @@ impl TileMap {
         let mut open: Vec<(usize, usize, usize)> = Vec::new();
         let mut next: Vec<(usize, usize, usize)> = Vec::new();
         for r in 0..self.rows {
-            let row = &self.bits[r * self.cols..(r + 1) * self.cols];
             let mut j = 0; // cursor into `open`
-            let mut c = 0;
-            while c < self.cols {
-                if !row[c] {
-                    c += 1;
-                    continue;
-                }
-                let c0 = c;
-                while c < self.cols && row[c] {
-                    c += 1;
-                }
+            self.row_runs(r, |c0, c| {
                 while j < open.len() && open[j].0 < c0 {
                     j += 1;
                 }
@@ -161,7 +201,7 @@ impl TileMap {
                         next.push((c0, c, out.len() - 1));
                     }
                 }
-            }
+            });
             std::mem::swap(&mut open, &mut next);
             next.clear();
         }
@@ -278,8 +318,9 @@ pub fn gate(
     let mut skipped_sq = 0.0f64;
     for (i, (&s, &e)) in score.iter().zip(&energy).enumerate() {
         let flagged = s.is_nan() || s > threshold;
-        map.bits[i] = flagged;
-        if !flagged {
+        if flagged {
+            map.set(i / cols, i % cols);
+        } else {
             skipped_sq += e;
         }
     }

@@ -27,7 +27,7 @@ use super::input::{gate_u8, U8Input};
 use super::region::{dilate, gate, GateResult, TileMap};
 use super::tile_ops::{
     conv_rects, conv_rects_i8, pointwise_rects, pool_rects, quantize_rects, ConvI8Params,
-    ConvParams, Pointwise, Rect,
+    ConvParams, DirectPlan, Pointwise, Rect,
 };
 use crate::error::{Error, Result};
 use crate::nn::{Geometry, Window2d};
@@ -153,6 +153,8 @@ pub struct FrameStats {
     pub bookkeeping_seconds: f64,
     /// Wall time of the layers' recompute (sparse bands or dense stages), seconds.
     pub recompute_seconds: f64,
+    /// Per stage: wall time of its recompute, seconds (0 for a stage nothing reached).
+    pub layer_seconds: Vec<f64>,
     /// Whether the output changed (some output pixel was recomputed); a dense tail after the runner
     /// need not run again when it did not.
     pub output_changed: bool,
@@ -182,6 +184,8 @@ struct Stage {
     sx: f32,
     /// an INT8 conv's input codes with scale `sx` (kept up to date where the input changes)
     xq: Vec<i8>,
+    /// an INT8 conv's weights packed for the direct kernel, when its bands take it
+    direct: Option<DirectPlan>,
 }
 
 impl Stage {
@@ -264,6 +268,7 @@ impl PatchSkip {
             cost: 0.0,
             sx: 1.0,
             xq: Vec::new(),
+            direct: None,
         };
         for (i, layer) in layers.into_iter().enumerate() {
             match layer {
@@ -330,7 +335,7 @@ impl PatchSkip {
                             format!("layer {i}: INT8 conv weight scale {j} must be finite and positive, got {}", sw[j]),
                         ));
                     }
-                    stages.push(new_stage(Spatial::ConvI8(ConvI8Params {
+                    let p = ConvI8Params {
                         wq,
                         sw,
                         shape,
@@ -339,7 +344,12 @@ impl PatchSkip {
                         padding,
                         groups,
                         dilation,
-                    })));
+                    };
+                    let direct = p.direct_weights()?;
+                    stages.push(Stage {
+                        direct,
+                        ..new_stage(Spatial::ConvI8(p))
+                    });
                 }
                 Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
                     if w.kernel.0 == 0
@@ -667,7 +677,7 @@ impl PatchSkip {
                 let t = Instant::now();
                 stats.dense = true;
                 stats.estimated_error = 0.0;
-                self.run_dense()?;
+                stats.layer_seconds = self.run_dense()?;
                 stats.patch_fraction = 1.0;
                 stats.layer_fractions = vec![1.0; self.stages.len()];
                 stats.compute_fraction = 1.0;
@@ -685,8 +695,11 @@ impl PatchSkip {
         Ok(&self.stages.last().expect("at least one stage").out)
     }
 
-    fn run_dense(&mut self) -> Result<()> {
+    /// Recomputes every stage densely; returns each stage's wall time.
+    fn run_dense(&mut self) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(self.stages.len());
         for i in 0..self.stages.len() {
+            let t = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
             let input: &[f32] = if i == 0 {
                 &self.reference
@@ -694,8 +707,9 @@ impl PatchSkip {
                 &prev[i - 1].out
             };
             dense_stage(&mut rest[0], input)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        Ok(())
+        Ok(times)
     }
 
     /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work) and
@@ -731,7 +745,9 @@ impl PatchSkip {
                 book += tb.elapsed().as_secs_f64();
                 let tw = Instant::now();
                 dense_stage(st, input)?;
-                work += tw.elapsed().as_secs_f64();
+                let dt = tw.elapsed().as_secs_f64();
+                work += dt;
+                stats.layer_seconds.push(dt);
                 stats.output_changed |= i == last;
                 dirty = out_map;
                 changed = None;
@@ -748,6 +764,7 @@ impl PatchSkip {
             book += tb.elapsed().as_secs_f64();
             if rects.is_empty() {
                 // nothing reaches this layer, so nothing after it changes either
+                stats.layer_seconds.resize(self.stages.len(), 0.0);
                 for later in &self.stages[i + 1..] {
                     let [_, h, w] = later.out_shape;
                     stats.layer_fractions.push(0.0);
@@ -781,6 +798,7 @@ impl PatchSkip {
                         &rects,
                         &mut st.out,
                         (oh, ow),
+                        st.direct.as_ref(),
                     )?
                 }
                 Spatial::MaxPool(win) | Spatial::AvgPool(win) => {
@@ -801,7 +819,9 @@ impl PatchSkip {
                     pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
                 }
             }
-            work += tw.elapsed().as_secs_f64();
+            let dt = tw.elapsed().as_secs_f64();
+            work += dt;
+            stats.layer_seconds.push(dt);
             dirty = out_map;
             changed = Some(rects);
         }
@@ -997,8 +1017,9 @@ mod tests {
         sparse_equals_dense(true, Int8Scales::Dynamic);
     }
 
-    /// A stride-1 INT8 conv over bands wide enough for the dense INT8 plan (direct kernel / padded
-    /// grid on the band's window), narrow bands through the batched GEMM, a stride-2 conv, FP32 too: the
+    /// A stride-1 INT8 conv over bands wide enough for the dense INT8 plan (direct kernel with the
+    /// layer's packed weights / padded grid on the band's window), narrow bands through the batched GEMM,
+    /// a stride-2 conv, FP32 too: the
     /// sparse frames equal dense ones (INT8 bit for bit) on one and on two threads.
     #[test]
     fn wide_bands_and_threads_equal_dense() {
@@ -1007,7 +1028,9 @@ mod tests {
             for int8 in [false, true] {
                 let mut seed = 11u64;
                 let mut net = Vec::new();
-                for &(o, c, s) in &[(8usize, 3usize, 1usize), (6, 8, 2), (5, 6, 1)] {
+                // (8, 8, 1): channels in whole groups of 4, so its bands take the direct VNNI kernel
+                // with the layer's packed weights where that kernel runs
+                for &(o, c, s) in &[(8usize, 3usize, 1usize), (8, 8, 1), (6, 8, 2), (5, 6, 1)] {
                     let n = o * c * 9;
                     let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
                     let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
@@ -1045,6 +1068,10 @@ mod tests {
                     ..PatchSkipConfig::default()
                 };
                 let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
+                assert_eq!(
+                    sparse.stages[1].direct.is_some(),
+                    int8 && crate::gemm::direct::direct_available()
+                );
                 let mut dense = PatchSkip::new(
                     net,
                     PatchSkipConfig {

@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::gemm::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
 use crate::gemm::{self, MatRef, Scale};
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
 use crate::nn::{
@@ -154,6 +155,38 @@ impl ConvI8Params {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The direct VNNI kernel's packed weights of an INT8 convolution, built once per layer (see
+/// [`ConvI8Params::direct_weights`]).
+pub struct DirectPlan(DirectWeights);
+
+impl std::fmt::Debug for DirectPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectPlan")
+    }
+}
+
+impl ConvI8Params {
+    /// The packed weights for the direct VNNI kernel when this layer takes it on its bands (stride 1,
+    /// not grouped or dilated, a kernel wider than 1x1, channels padded to groups of 4 by at most a
+    /// quarter — the dense plan's rule — and the kernel available here); `None` otherwise.
+    pub fn direct_weights(&self) -> Result<Option<DirectPlan>> {
+        let [o, c, kh, kw] = self.shape;
+        let fits = self.stride == (1, 1)
+            && !is_grouped(self.groups, self.dilation)
+            && (kh > 1 || kw > 1)
+            && c.div_ceil(4) * 16 <= c * 5;
+        if !(fits && direct_conv::direct_available()) {
+            return Ok(None);
+        }
+        Ok(Some(DirectPlan(DirectWeights::new(
+            &self.wq,
+            o,
+            c,
+            kh * kw,
+        )?)))
     }
 }
 
@@ -597,6 +630,7 @@ pub fn conv_rects_i8(
     rects: &[Rect],
     y: &mut [f32],
     out_hw: (usize, usize),
+    direct: Option<&DirectPlan>,
 ) -> Result<()> {
     check_conv_shapes(
         xq.len(),
@@ -621,11 +655,23 @@ pub fn conv_rects_i8(
     let parallel = all.len() > 1;
     let grouped = is_grouped(p.groups, p.dilation);
     let grid = p.stride == (1, 1) && (kh > 1 || kw > 1);
+    let min_width = if direct.is_some() {
+        I8_DIRECT_MIN_WIDTH
+    } else {
+        I8_DENSE_MIN_WIDTH
+    };
     let (dense, narrow): (Vec<Rect>, Vec<Rect>) = all
         .into_iter()
-        .partition(|r| grouped || (grid && r.3 - r.2 >= I8_DENSE_MIN_WIDTH));
+        .partition(|r| grouped || (grid && r.3 - r.2 >= min_width));
     let copy = |src: &[i8], dst: &mut [i8]| dst.copy_from_slice(src);
-    if !dense.is_empty() {
+    if let (Some(dw), false) = (direct, dense.is_empty()) {
+        let yp = OutPtr(y.as_mut_ptr());
+        let bias = p.bias.as_deref();
+        for_each_task(&dense, parallel, |&rect| {
+            // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
+            unsafe { direct_band(xq, &cg, &dw.0, p.weight_scale(), sx, bias, ops, rect, yp) }
+        })?;
+    } else if !dense.is_empty() {
         conv_per_band(
             xq,
             &cg,
@@ -654,6 +700,84 @@ pub fn conv_rects_i8(
             gemm::gemm_i8_f32(&wm, &cm, p.weight_scale(), Scale::Scalar(sx), None, out)
         },
     )
+}
+
+/// Narrowest band (output columns) that runs through the direct kernel when the layer has its packed
+/// weights ([`DirectPlan`]): its grid computes `kw − 1` extra columns per row and reads the codes in place.
+const I8_DIRECT_MIN_WIDTH: usize = 8;
+
+/// One band through the direct VNNI kernel with the layer's packed weights: the band's input window is
+/// laid straight from the cached codes `xq (c, h, w)` on a grid of its own (channels interleaved by 4,
+/// stored `v ^ 0x80`, `0x80` in the padding: [`GroupedImage`]), the kernel writes `o × rh·rw` outputs
+/// with `sw[o]·sx` and the bias (the dense plan's epilogue, so the same bits), and they are scattered
+/// into `y` with `ops` applied.
+///
+/// # Safety
+/// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_band(
+    xq: &[i8],
+    cg: &ConvGeom,
+    dw: &DirectWeights,
+    sw: Scale,
+    sx: f32,
+    bias: Option<&[f32]>,
+    ops: &[Pointwise],
+    rect: Rect,
+    y: OutPtr<f32>,
+) -> Result<()> {
+    let [c, h, w] = cg.in_shape;
+    let ((kh, kw), (ph, pw)) = (cg.kernel, cg.padding);
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    let (wh, ww) = (rh - 1 + kh, rw - 1 + kw);
+    let (cgs, plane) = (c.div_ceil(4), wh * ww);
+    let ncols = (rh - 1) * ww + rw;
+    let offsets: Vec<usize> = (0..cgs)
+        .flat_map(|g| (0..kh).flat_map(move |i| (0..kw).map(move |j| g * plane + i * ww + j)))
+        .collect();
+    // the kernel reads whole tiles of 16 positions from every k-group's offset
+    let span = ncols.div_ceil(16) * 16;
+    let positions = (offsets.iter().max().copied().unwrap_or(0) + span).max(cgs * plane);
+    let mut buf = crate::nn::Scratch::<i8>::new(positions * 4)?;
+    buf.fill(0x80u8 as i8);
+    // window columns inside 0..w
+    let ix0 = x0 as isize - pw as isize;
+    let lo = ((-ix0).max(0) as usize).min(ww);
+    let hi = ((w as isize - ix0).max(0) as usize).min(ww).max(lo);
+    for g in 0..cgs {
+        let nch = (c - 4 * g).min(4);
+        for t in 0..wh {
+            let iy = (y0 + t) as isize - ph as isize;
+            if iy < 0 || iy >= h as isize || lo == hi {
+                continue;
+            }
+            let src0 = iy as usize * w + (ix0 + lo as isize) as usize;
+            let dst = &mut buf[((g * plane + t * ww + lo) * 4)..((g * plane + t * ww + hi) * 4)];
+            for j in 0..nch {
+                let plane_in =
+                    &xq[(4 * g + j) * h * w + src0..(4 * g + j) * h * w + src0 + (hi - lo)];
+                for (d, &v) in dst.chunks_exact_mut(4).zip(plane_in) {
+                    d[j] = v ^ (0x80u8 as i8);
+                }
+            }
+        }
+    }
+    let img = GroupedImage::new(&buf, &offsets, ncols)?;
+    let to = GridScatter {
+        wp: ww,
+        s: ww,
+        ow: rw,
+        nb: 1,
+        p: rh * rw,
+        bias,
+    };
+    let o = cg.o;
+    let mut out = take_f32(o * rh * rw)?;
+    direct_conv::conv_direct_f32(dw, &img, sw, sx, &mut out, &to, false)?;
+    // SAFETY: as the caller guarantees.
+    unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, y) };
+    Ok(())
 }
 
 /// Quantizes the rectangles `rects` of `x (c, h, w)` into `xq` (same layout) with the per-tensor scale
