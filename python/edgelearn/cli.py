@@ -663,7 +663,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
         edgelearn.set_num_threads(args.threads)
     if args.save_plot:
         _writable(args.save_plot, "--save-plot")
-    model = load_video_model(args.model, seed=args.seed)
+    model = load_video_model(args.model, seed=args.seed, width_mult=args.width_mult)
     runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
                              error_bound=args.error_bound)
     reader = frames(args.path, max_frames=args.max_frames)
@@ -869,8 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_video.add_argument("path", help="video file, or a camera index such as 0")
     p_video.add_argument("--model", default="fcn",
                          help="built-in architecture (fcn: fully convolutional, default; cnn: conv backbone + pooled "
-                              "classifier), randomly initialised from --seed, or a checkpoint from "
-                              "'edgelearn train --checkpoint' (a cnn; one-channel models see luma)")
+                              "classifier; the zoo's resnet20, resnet18, mobilenet_v2 with their classifiers), "
+                              "randomly initialised from --seed, or a checkpoint from 'edgelearn train --checkpoint' "
+                              "(any conv model; one-channel models see luma)")
+    p_video.add_argument("--width-mult", type=_positive_float, default=1.0,
+                         help="width multiplier of a built-in mobilenet_v2 (1.0)")
     p_video.add_argument("--patch", type=_positive_int, default=16, help="side of the gate's patches in pixels (16)")
     p_video.add_argument("--threshold", type=_nonneg_float, default=0.05,
                          help="recompute a patch when its max change since its cached reference exceeds this "
