@@ -20,7 +20,6 @@ train, so the frozen 17 convolutions cost only their forward (nothing saved, eac
 consumed), while ``all`` keeps every layer's int8 input, BatchNorm input and ReLU mask for backward. The
 bundled 3-convolution ``cnn`` is no test of sparse updates: ``last:2`` trains two of its three convolutions.
 """
-"""
 
 from __future__ import annotations
 
