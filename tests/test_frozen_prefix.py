@@ -137,3 +137,15 @@ def test_nested_sequential_intermediates_are_freed_once_consumed():
         p.requires_grad = False
     model.train()(tensor(np.ones((2, 1, 6, 6), np.float32)))
     assert alive == [False]
+
+
+def test_release_scratch_gives_back_what_the_kernels_kept():
+    """The kernels' per-thread scratch buffers keep the largest size a call needed (an evaluation at a big
+    batch); ``fit`` frees them before each memory reference (``train.release_idle_memory``)."""
+    el.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    el.octo(conv, el.OctoConfig(seed=0))
+    _native.release_scratch()
+    conv(tensor(np.ones((8, 16, 12, 12), np.float32)))
+    assert _native.release_scratch() > 0
+    assert _native.release_scratch() == 0

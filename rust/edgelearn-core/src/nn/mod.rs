@@ -353,7 +353,10 @@ impl<T: ScratchElem> Drop for Scratch<T> {
 pub fn release_scratch() -> usize {
     fn drain<T: ScratchElem>() -> usize {
         T::with_free_list(|list| {
-            let bytes = list.iter().map(|v| v.capacity() * std::mem::size_of::<T>()).sum();
+            let bytes = list
+                .iter()
+                .map(|v| v.capacity() * std::mem::size_of::<T>())
+                .sum();
             *list = Vec::new();
             bytes
         })
