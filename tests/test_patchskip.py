@@ -427,6 +427,60 @@ def test_grouped_depthwise_dilated_threshold_zero_equals_model(int8):
     assert not runner.stats["dense"] and runner.stats["compute_fraction"] < 0.8
 
 
+# --- the zoo's residual backbones ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,int8", [("resnet20", False), ("resnet20", True), ("mobilenet_v2", False),
+                                       ("mobilenet_v2", True)])
+def test_zoo_residual_backbones_threshold_zero_equal_the_model(name, int8):
+    """ResNet BasicBlocks (identity and 1x1-downsample skips) and MobileNetV2 inverted residuals (ReLU6,
+    depthwise) run as main path + side branch + add: output equals the model's at threshold 0 (FP32, and INT8
+    with LAC at dynamic scales), while a moving square recomputes only part of the work."""
+    from edgelearn import models
+
+    el.manual_seed(5)
+    model = models.resnet20(10, 3) if name == "resnet20" else models.mobilenet_v2(10, 0.35, 3, small_input=True)
+    model = randomize_bn(model)
+    if int8:
+        model = el.octo(model, el.OctoConfig()).eval()
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0, int8_scales="dynamic")
+    for f in frames_moving_square(4, h=40, w=48, size=5):
+        y = runner(f)
+        with el.no_grad():
+            ref = dense(model, f)
+        assert y.shape == ref.shape == (1, 10)
+        assert rel_l2(y, ref) <= 1e-5, (rel_l2(y, ref), runner.stats)
+    s = runner.stats
+    # (INT8 at dynamic scales recomputes a layer in full when its input range moves, as here)
+    assert not s["dense"] and (int8 or s["compute_fraction"] < 0.9), s
+    if int8:  # frozen scales keep cached tiles valid: sparse, and close to the model
+        frozen = PatchSkipRunner(model, patch=8, threshold=0.0)
+        for f in frames_moving_square(4, h=40, w=48, size=5):
+            y = frozen(f)
+            with el.no_grad():
+                assert rel_l2(y, dense(model, f)) <= 0.05, frozen.stats
+        assert frozen.stats["compute_fraction"] < 0.9, frozen.stats
+    # stages: per conv (with its BN/activation) one, per residual add one
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    adds = sum(getattr(m, "use_res_connect", False) for m in model.modules()) if name == "mobilenet_v2" else 9
+    assert len(s["layer_fractions"]) == convs + adds
+
+
+def test_zoo_backbone_feature_map_without_tail_equals_the_model():
+    """A ResNet stage alone (a Sequential of BasicBlocks, downsample included) gives the feature map itself."""
+    from edgelearn import models
+
+    el.manual_seed(6)
+    net = randomize_bn(models.resnet20(10, 3))
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2)
+    runner = PatchSkipRunner(stem, patch=8, threshold=0.0)
+    for f in frames_moving_square(3, h=32, w=40, size=4):
+        y = runner(f)
+        with el.no_grad():
+            ref = dense(stem, f)
+        assert y.shape == ref.shape == (1, 32, 16, 20) and rel_l2(y, ref) <= 1e-6
+
+
 # --- uint8 streams, time split, dense tail -----------------------------------------------------------------
 
 

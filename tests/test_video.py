@@ -116,6 +116,17 @@ def test_cli_video_runs_a_trained_checkpoint(clip, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 4
 
 
+@pytest.mark.parametrize("model", ["resnet20", "mobilenet_v2"])
+def test_cli_video_takes_the_zoo_backbones(clip, model):
+    path, _ = clip
+    r = run_cli("video", str(path), "--model", model, "--width-mult", "0.5", "--threshold", "0", "--patch", "8",
+                "--downsample", "2", "--compare-dense", "--json", "--max-frames", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 3 and out["model"] == model and out["input_shape"] == [3, 24, 32]
+    assert out["max_rel_l2_error"] <= 1e-5 and out["min_agreement"] == 1.0
+
+
 def test_cli_video_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.avi"
     bad.write_bytes(b"\x00" * 1000)

@@ -5,8 +5,10 @@ classifier head for your classes, choose what trains (the sparse-update idea of 
   or a zoo name (``edgelearn.models``).
 - :func:`replace_head` — the last Linear (the classifier) becomes a fresh ``Linear(in, classes)``.
 - :func:`select_trainable` — ``head``, ``last:K``, ``bn+head`` or ``all``: sets ``requires_grad`` and returns the
-  parameters to optimise. Frozen layers record nothing for backward, so their activations are never saved:
-  that is where ``last:K`` saves memory.
+  parameters to optimise. Frozen layers whose input needs no gradient either (the prefix before the first
+  trainable layer) record nothing for backward and keep nothing for it (no int8 input codes, no BatchNorm
+  copy, no ReLU mask; see ``edgelearn.functional._records``), and each of their activations is freed once the
+  next layer consumed it: the frozen prefix costs only its forward. That is where ``last:K`` saves memory.
 
 What does not live here: the training loop (``edgelearn.train.fit``), the command line (``edgelearn.cli``).
 """

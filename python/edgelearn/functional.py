@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _native
 from .octo_config import OctoConfig
-from .tensor import ArrayLike, Tensor, as_tensor, make_result
+from .tensor import ArrayLike, Tensor, as_tensor, is_grad_enabled, make_result
 
 __all__ = [
     "linear",
@@ -32,6 +32,7 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "dropout",
+    "residual_add",
     "compensation",
     "compensation_penalty",
     "compensation_penalties",
@@ -80,6 +81,22 @@ def _writable_grad(g: np.ndarray, owned: bool) -> bool:
 
 def _need(t: Optional[Tensor]) -> bool:
     return t is not None and t.requires_grad
+
+
+def _records(*inputs: Optional[Tensor]) -> bool:
+    """Whether an op on ``inputs`` will be recorded for backward (recording on and some input requires grad),
+    as ``make_result`` decides. When not (a frozen layer whose input needs no gradient either, or ``no_grad``),
+    ops keep nothing for a backward that will never run: no int8 copy of the input, no ReLU mask, no closure
+    over the output; and they normalise/activate a donated input in place. That is what makes the frozen
+    prefix of a ``--train last:K`` fine-tuning cost only its forward."""
+    return is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
+def _unrecorded(y: np.ndarray) -> Tensor:
+    """The output of an op that records nothing: a fresh array only the result holds (``owned``)."""
+    out = Tensor(y)
+    out._owned = True
+    return out
 
 
 def step_seed(base: int, layer_id: int, step: int) -> int:
@@ -268,6 +285,14 @@ def batch_norm2d(
         raise ValueError(f"batch_norm2d: input must have shape (N, {weight.shape[0]}, H, W), got {xd.shape}")
     gamma = weight.data
     need_g, need_b = weight.requires_grad, bias.requires_grad
+    if training and not _records(x, weight, bias):
+        # a frozen BatchNorm on an input that needs no gradient: batch statistics, nothing saved
+        if _take_donated(x) and xd is x.data:
+            _native.batchnorm2d_forward_(xd, gamma, bias.data, running_mean, running_var, True, float(momentum),
+                                         float(eps))
+            return _unrecorded(xd)
+        return _unrecorded(_native.batchnorm2d_forward(
+            xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps))[0])
     if save_int8 and training:
         xq, sx = _native._quantize(xd, None, "nearest", None, None)
         sx = float(sx)
@@ -322,6 +347,12 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
     (packed, 1/32 of the FP32 output), made in the same core call as the output; in that mode a donated input
     (see ``Sequential``) is overwritten with the output and an unshared incoming gradient with ``dx``."""
     x = as_tensor(x)
+    if not _records(x):
+        xd = _c(x.data)
+        if _take_donated(x) and xd is x.data:
+            np.maximum(xd, np.float32(0), out=xd)  # in place: x is an intermediate nobody else holds
+            return _unrecorded(xd)
+        return _unrecorded(_native.relu_forward(xd))
     if not save_mask:
         y = _native.relu_forward(_c(x.data))
         return make_result(y, (x,), lambda g: (_native.relu_backward(_c(g), y),), "relu")
@@ -348,11 +379,14 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
     ``save_mask`` a donated input (see ``Sequential``) is overwritten with the output."""
     x = as_tensor(x)
     xd = _c(x.data)
-    if save_mask and _take_donated(x) and xd is x.data:
+    recording = _records(x)
+    if (save_mask or not recording) and _take_donated(x) and xd is x.data:
         y = np.clip(xd, 0.0, 6.0, out=xd)
     else:
         y = np.clip(xd, 0.0, 6.0)
     del xd
+    if not recording:
+        return _unrecorded(y)
     if save_mask:
         shape = y.shape
         bits = np.packbits((y > 0) & (y < 6))
@@ -440,6 +474,20 @@ def dropout(x: ArrayLike, p: float, training: bool, rng: np.random.Generator) ->
     keep = (rng.random(x.shape, dtype=np.float32) >= p).astype(np.float32)
     keep *= scale
     return make_result(x.data * keep, (x,), lambda g: (g * keep,), "dropout")
+
+
+def residual_add(out: Tensor, identity: ArrayLike) -> Tensor:
+    """``out + identity`` of a residual block. ``out`` is the block's main path, which only the block holds:
+    when its op said its storage is its alone (``owned``, see ``make_result``) and shape and dtype agree, the
+    sum is written over it (no third activation-sized buffer next to ``out`` and ``identity``). Saves
+    nothing for backward (``d out = d identity = dy``)."""
+    identity = as_tensor(identity)
+    od, idd = out.data, identity.data
+    if not (type(out) is Tensor and out._owned and od.shape == idd.shape and od.dtype == idd.dtype
+            and od.flags.writeable and od is not idd):
+        return out + identity
+    out._owned = False  # its storage now belongs to the sum
+    return make_result(np.add(od, idd, out=od), (out, identity), lambda g: (g, g), "add", owned=True)
 
 
 def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tensor:

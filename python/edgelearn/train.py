@@ -22,8 +22,11 @@ memory. Where the reset is unavailable the process peak up to the end of the las
 ``train_memory_warm_mb`` is the same figure taken after one warm-up step: peak RSS over the later steps minus
 the RSS right after the first step (``rss_after_first_step_mb``), so one-time growth on the first step (lazy
 initialisation, allocator arenas, optimizer state) is left out; ``train_memory_mb`` is the cold figure.
-``fit`` also fixes glibc's mmap threshold (:func:`release_large_buffers`), so freed activation-sized buffers
-go back to the OS instead of staying resident as heap free space (same setting for every precision).
+Before each of those references ``fit`` frees idle memory (:func:`release_idle_memory`: kernel scratch
+buffers grown by an evaluation pass, heap free pages), so the residue of data loading and of evaluation passes
+is not counted either. ``fit`` also fixes glibc's mmap
+threshold (:func:`release_large_buffers`), so freed activation-sized buffers go back to the OS instead of
+staying resident as heap free space (same setting for every precision).
 """
 
 from __future__ import annotations
@@ -100,6 +103,25 @@ def release_large_buffers(threshold: int = LARGE_BUFFER_BYTES) -> bool:
     M_MMAP_THRESHOLD = -3
     _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
     return _allocator_tuned
+
+
+def release_idle_memory() -> None:
+    """Gives back memory that is resident but holds nothing: the kernels' per-thread scratch buffers (they keep
+    the largest size a call needed, e.g. of an evaluation pass at ``eval_batch_size``) and, on glibc, the
+    heap's free pages (``malloc_trim(0)``). ``fit`` calls it before it takes each memory reference (before the
+    first step, before each epoch's steps), so the residue of data loading and of the previous epoch's
+    evaluation is not counted as training memory (nor kept through training), for every precision and layer
+    selection alike."""
+    from . import _native
+
+    _native.release_scratch()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _reset_peak_rss() -> bool:
@@ -414,6 +436,7 @@ def fit(
         _say(f"no checkpoint at {os.fspath(checkpoint)} yet: starting from scratch", verbose)
 
     release_large_buffers()
+    release_idle_memory()
     history.rss_before_first_step_mb = current_rss_mb()
     process_peak = peak_rss_mb()
     images_seen = 0
@@ -424,6 +447,7 @@ def fit(
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress_bar(len(loader), f"epoch {epoch + 1}/{epochs}", progress)
         process_peak = max(process_peak, peak_rss_mb())  # the reset below also lowers ru_maxrss
+        release_idle_memory()  # what the last epoch's evaluation left resident is not training memory
         hwm_reset = _reset_peak_rss()
         t0 = time.perf_counter()
         try:

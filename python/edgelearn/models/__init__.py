@@ -35,8 +35,9 @@ __all__ = [
 MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet18", "mobilenet_v2")
 #: Below this image size (pixels on the shorter side) ``build_model`` adapts the stems of the ImageNet nets.
 SMALL_INPUT = 64
-#: Built-in architectures of ``edgelearn video --model`` (3-channel input, any frame size).
-VIDEO_MODEL_NAMES = ("fcn", "cnn")
+#: Built-in architectures of ``edgelearn video --model`` (3-channel input, any frame size): the zoo's backbones
+#: (with their pooled classifiers) besides the fully convolutional ``fcn``.
+VIDEO_MODEL_NAMES = ("fcn", "cnn", "resnet20", "resnet18", "mobilenet_v2")
 
 
 def mlp(in_features: int, *widths: int) -> nn.Sequential:
@@ -116,10 +117,14 @@ def fcn(in_channels: int = 3, channels: Sequence[int] = (16, 32, 32, 64), out_ch
     return nn.Sequential(*layers)
 
 
-def build_video_model(name: str, in_channels: int = 3, classes: int = 10) -> nn.Sequential:
-    """``"fcn"`` (see :func:`fcn`) or ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier)."""
+def build_video_model(name: str, in_channels: int = 3, classes: int = 10, width_mult: float = 1.0) -> nn.Module:
+    """``"fcn"`` (see :func:`fcn`), ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier) or a
+    zoo network with its ImageNet stem (video frames are large): ``"resnet20"``, ``"resnet18"``,
+    ``"mobilenet_v2"`` (``width_mult`` scales it)."""
     if name == "fcn":
         return fcn(in_channels)
     if name == "cnn":
         return cnn(in_channels, classes, 28)
+    if name in ("resnet20", "resnet18", "mobilenet_v2"):
+        return build_model(name, (in_channels, SMALL_INPUT, SMALL_INPUT), classes, width_mult)
     raise ValueError(f"model: unknown name {name!r}; expected one of {', '.join(VIDEO_MODEL_NAMES)} or a checkpoint path")

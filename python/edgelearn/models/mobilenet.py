@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
+from .. import functional as F
 from .. import nn
 from ..nn.module import run_chain
 from .resnet import _kaiming_normal_fan_out
@@ -74,7 +75,7 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Any) -> Any:
         if self.use_res_connect:
-            return x + self.conv(x)  # the add saves nothing: saved activations stay 8-bit in INT8 mode
+            return F.residual_add(self.conv(x), x)  # saves nothing: saved activations stay 8-bit in INT8 mode
         return self.conv(x)
 
 

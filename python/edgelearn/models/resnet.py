@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
+from .. import functional as F
 from .. import nn
 from ..nn.module import fusion_plan, run_chain
 
@@ -43,7 +44,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Any) -> Any:
         identity = x if self.downsample is None else self.downsample(x)
         out = run_chain(x, fusion_plan([self.conv1, self.bn1, self.relu, self.conv2, self.bn2]))
-        out = out + identity
+        out = F.residual_add(out, identity)
         return run_chain(out, [(self.relu, None)], donate_input=True)
 
 
@@ -95,10 +96,9 @@ class ResNet(nn.Module):
                 ("avgpool", self.avgpool), ("flatten", nn.Flatten()), ("fc", self.fc)]
 
     def forward(self, x: Any) -> Any:
-        x = run_chain(x, fusion_plan([self.conv1, self.bn1, self.relu, self.maxpool]))
-        for i in range(self.stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-        x = self.avgpool(x)
+        # one chain through the stem and every block: each stage's input is freed once its first block ran
+        stages = [getattr(self, f"layer{i + 1}") for i in range(self.stages)]
+        x = run_chain(x, fusion_plan([self.conv1, self.bn1, self.relu, self.maxpool, *stages, self.avgpool]))
         return self.fc(x.flatten(1))
 
 

@@ -333,9 +333,25 @@ class Sequential(Module):
             self._modules[str(i)] = m
 
 
+def _inline(items: List[Module]) -> List[Module]:
+    """``items`` with every plain nested ``Sequential`` (no ``forward`` of its own) replaced by its items,
+    recursively: one flat chain, so that a stage's or a wrapper's input is not kept alive by the frame that
+    called it while the stage runs (each intermediate is freed as soon as the next item has consumed it), and
+    octo's ``Sequential(layer, Compensation)`` wrappers fuse and donate like the rest."""
+    flat: List[Module] = []
+    for m in items:
+        if type(m) is Sequential and "forward" not in m.__dict__:
+            flat.extend(_inline(list(m._modules.values())))
+        else:
+            flat.append(m)
+    return flat
+
+
 def fusion_plan(items: List[Module]) -> list:
-    """``[(module, fused_next_or_None), ...]`` for modules applied in order: each INT8 Linear/Conv2d paired with
-    the LAC Compensation that follows it (``fuses_with``)."""
+    """``[(module, fused_next_or_None), ...]`` for modules applied in order (nested plain Sequentials
+    inlined, see :func:`_inline`): each INT8 Linear/Conv2d paired with the LAC Compensation that follows it
+    (``fuses_with``)."""
+    items = _inline(items)
     plan, i = [], 0
     while i < len(items):
         m = items[i]

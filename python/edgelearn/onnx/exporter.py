@@ -392,6 +392,7 @@ def _tracing(tr: _Trace) -> Iterator[None]:
         patch(Tensor, "__radd__", binary("Add", True))
         patch(Tensor, "__mul__", binary("Mul", False))
         patch(Tensor, "__rmul__", binary("Mul", True))
+        patch(F, "residual_add", binary("Add", False))  # the zoo's residual blocks (out + identity, in place)
         for attr in ("flatten", "reshape", "view"):
             patch(Tensor, attr, reshaping)
         yield

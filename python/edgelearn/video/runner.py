@@ -1,11 +1,16 @@
-"""Patch-skip inference of a ``Sequential`` conv net over a stream of video frames.
+"""Patch-skip inference of a conv net (a ``Sequential``, or a zoo backbone with residual blocks) over a stream
+of video frames.
 
 The model is translated once into the native runner (``edgelearn._native.PatchSkip``):
 
 - ``Conv2d`` in FP32 mode keeps its weights and bias; in Octo INT8 mode (``edgelearn.octo``) its weights are
   quantized once exactly as the eval-mode layer quantizes them and it runs on the INT8 kernels;
 - eval-mode ``BatchNorm2d`` and per-channel ``Compensation`` (LAC) become per-channel affines;
-- ``ReLU``, ``MaxPool2d``, ``AvgPool2d`` map one to one; ``Identity`` and ``Dropout`` (eval) vanish.
+- ``ReLU``, ``ReLU6``, ``MaxPool2d``, ``AvgPool2d`` map one to one; ``Identity`` and ``Dropout`` (eval) vanish;
+- the residual blocks of the zoo (``edgelearn.models``: ResNet ``BasicBlock`` with or without its
+  ``downsample`` branch, MobileNetV2 ``InvertedResidual``) become their main path, the side branch and the add:
+  a dirty region reaches the sum through either operand. ``ResNet`` and ``MobileNetV2`` run in the order of
+  their ``split_chain``.
 
 A classifier tail (from the first ``AdaptiveAvgPool2d``, ``Flatten`` or ``Linear`` on) runs densely through
 the model's own modules after the conv part (it works on a pooled vector, so it is cheap). Any other layer
@@ -40,6 +45,7 @@ from ..nn import (
     MaxPool2d,
     Module,
     ReLU,
+    ReLU6,
     Sequential,
 )
 from ..tensor import no_grad, tensor
@@ -56,12 +62,63 @@ class UnsupportedLayerError(TypeError):
     """The model contains a layer the patch-skip runner cannot run (it names the layer)."""
 
 
-def _flatten(model: Module) -> List[Module]:
+class _Mark:
+    """Remember the current tensor as the next mark (numbered in order)."""
+
+
+class _From:
+    """The next layer reads mark ``k`` (a side branch)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+
+class _Add:
+    """Add mark ``k`` to the current tensor (a residual add)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+
+def _flatten(model: Module, marks: Optional[List[int]] = None) -> List[Any]:
+    """The layers of ``model`` in the order they run, with :class:`_Mark`/:class:`_From`/:class:`_Add` for the
+    residual blocks of the zoo (``marks`` counts the marks handed out so far)."""
+    from ..models.mobilenet import InvertedResidual, MobileNetV2
+    from ..models.resnet import BasicBlock, ResNet
+
+    if marks is None:
+        marks = [0]
+
+    def mark() -> int:
+        marks[0] += 1
+        return marks[0] - 1
+
     if isinstance(model, Sequential):
-        out: List[Module] = []
+        out: List[Any] = []
         for m in model:
-            out.extend(_flatten(m))
+            out.extend(_flatten(m, marks))
         return out
+    if isinstance(model, (ResNet, MobileNetV2)):
+        out = []
+        for _, m in model.split_chain():
+            out.extend(_flatten(m, marks))
+        return out
+    if isinstance(model, BasicBlock):
+        inp = mark()
+        out = [_Mark()]
+        for m in (model.conv1, model.bn1, model.relu, model.conv2, model.bn2):
+            out.extend(_flatten(m, marks))
+        if model.downsample is None:
+            out.append(_Add(inp))
+        else:
+            main = mark()
+            out += [_Mark(), _From(inp), *_flatten(model.downsample, marks), _Add(main)]
+        return out + _flatten(model.relu, marks)
+    if isinstance(model, InvertedResidual):
+        if not model.use_res_connect:
+            return _flatten(model.conv, marks)
+        inp = mark()
+        return [_Mark(), *_flatten(model.conv, marks), _Add(inp)]
     return [model]
 
 
@@ -130,9 +187,10 @@ class PatchSkipRunner:
     Args:
         model: a ``Sequential`` (possibly nested) of ``Conv2d`` (FP32 or Octo INT8 mode; grouped, depthwise and
             dilated too), ``BatchNorm2d`` (its
-            running statistics are used, as in eval mode), ``Compensation`` (per channel), ``ReLU``,
-            ``MaxPool2d``, ``AvgPool2d``, ``Identity``, ``Dropout`` (identity, as in eval mode), optionally
-            ending in a dense tail (``AdaptiveAvgPool2d``/``Flatten``/``Linear``/...).
+            running statistics are used, as in eval mode), ``Compensation`` (per channel), ``ReLU``, ``ReLU6``,
+            ``MaxPool2d``, ``AvgPool2d``, ``Identity``, ``Dropout`` (identity, as in eval mode) and the zoo's
+            residual blocks, or a zoo ``ResNet``/``MobileNetV2``, optionally ending in a dense tail
+            (``AdaptiveAvgPool2d``/``Flatten``/``Linear``/...).
         patch: side of the gate's input patches in pixels.
         threshold: a patch is recomputed when its max |change| over all channels (in the model's input
             units, e.g. [0, 1] for uint8 frames) since the cached reference exceeds this; 0 = any change.
@@ -197,14 +255,26 @@ class PatchSkipRunner:
         self._stats: Dict[str, Any] = {}
         self.history: Deque[Dict[str, Any]] = deque(maxlen=int(history))
 
-    def _translate(self, layers: List[Module]) -> None:
+    def _translate(self, layers: List[Any]) -> None:
         count = 0
         for i, m in enumerate(layers):
             name = f"layer {i} ({type(m).__name__})"
+            if isinstance(m, _Mark):
+                self._native.add_mark()
+                continue
+            if isinstance(m, _From):
+                self._native.add_from(m.k)
+                continue
+            if isinstance(m, _Add):
+                self._native.add_residual(m.k)
+                continue
             if isinstance(m, _TAIL_START):
                 if count == 0:
                     raise UnsupportedLayerError(f"{name}: the model must start with a conv/pool part; "
                                                 f"{type(m).__name__} would make the whole model a dense tail")
+                if any(isinstance(t, (_Mark, _From, _Add)) for t in layers[i:]):
+                    raise UnsupportedLayerError(f"{name}: a residual block after the dense tail's start cannot run "
+                                                "densely after the runner")
                 self.tail = layers[i:]
                 break
             if isinstance(m, Conv2d):
@@ -232,6 +302,8 @@ class PatchSkipRunner:
                 self._native.add_affine(np.ones_like(a), np.ascontiguousarray(a * mu + b, dtype=np.float32))
             elif isinstance(m, ReLU):
                 self._native.add_relu()
+            elif isinstance(m, ReLU6):
+                self._native.add_relu6()
             elif isinstance(m, (MaxPool2d, AvgPool2d)):
                 k = _pair(m.kernel_size, "kernel_size")
                 s = k if m.stride is None else _pair(m.stride, "stride")
@@ -245,8 +317,9 @@ class PatchSkipRunner:
             else:
                 raise UnsupportedLayerError(
                     f"{name}: unsupported layer {type(m).__name__}; PatchSkipRunner supports Conv2d (FP32 or INT8), "
-                    "BatchNorm2d, Compensation, ReLU, MaxPool2d, AvgPool2d, Identity and Dropout in a Sequential, "
-                    "then an optional dense tail starting at AdaptiveAvgPool2d, Flatten or Linear"
+                    "BatchNorm2d, Compensation, ReLU, ReLU6, MaxPool2d, AvgPool2d, Identity and Dropout in a "
+                    "Sequential (and the residual blocks of edgelearn.models), then an optional dense tail starting "
+                    "at AdaptiveAvgPool2d, Flatten or Linear"
                 )
             count += 1
         if count == 0:

@@ -95,12 +95,20 @@ fn get_num_threads() -> usize {
     threads::num_threads()
 }
 
+/// Frees the kernels' per-thread scratch buffers (they keep the largest size a call needed); returns the
+/// bytes given back. `edgelearn.train.fit` calls it after evaluation passes.
+#[pyfunction]
+fn release_scratch(py: Python<'_>) -> usize {
+    py.detach(edgelearn_core::nn::release_scratch)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(set_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(release_scratch, m)?)?;
     m.add_function(wrap_pyfunction!(set_memory_limit, m)?)?;
     m.add_function(wrap_pyfunction!(get_memory_limit, m)?)?;
     Ok(())

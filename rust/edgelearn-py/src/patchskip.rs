@@ -171,6 +171,25 @@ impl PatchSkip {
         self.push(Layer::Relu)
     }
 
+    fn add_relu6(&mut self) -> PyResult<()> {
+        self.push(Layer::Relu6)
+    }
+
+    /// Remembers the current tensor as the next mark (0, 1, ...); see `add_from` and `add_residual`.
+    fn add_mark(&mut self) -> PyResult<()> {
+        self.push(Layer::Mark)
+    }
+
+    /// The next layer reads mark `mark` (a side branch, e.g. a ResNet downsample).
+    fn add_from(&mut self, mark: usize) -> PyResult<()> {
+        self.push(Layer::From(mark))
+    }
+
+    /// Adds mark `mark` to the current tensor (a residual add).
+    fn add_residual(&mut self, mark: usize) -> PyResult<()> {
+        self.push(Layer::Add(mark))
+    }
+
     fn add_maxpool(
         &mut self,
         kernel: (usize, usize),

@@ -346,6 +346,40 @@ impl<T: ScratchElem> Drop for Scratch<T> {
     }
 }
 
+/// Frees the scratch buffers every thread keeps (the calling thread's and the kernel pool's workers') and
+/// returns how many bytes that gave back. They only grow, to the largest size a call needed, so after a
+/// pass at a larger batch (an evaluation at `eval_batch_size`) they would keep that much memory resident
+/// through the training steps that follow; the next calls allocate them again at the size they need.
+pub fn release_scratch() -> usize {
+    fn drain<T: ScratchElem>() -> usize {
+        T::with_free_list(|list| {
+            let bytes = list
+                .iter()
+                .map(|v| v.capacity() * std::mem::size_of::<T>())
+                .sum();
+            *list = Vec::new();
+            bytes
+        })
+        .unwrap_or(0)
+    }
+    fn here() -> usize {
+        drain::<f32>() + drain::<i8>()
+    }
+    let caller = std::thread::current().id();
+    let workers: usize = threads::install(|| {
+        rayon::broadcast(|_| {
+            if std::thread::current().id() == caller {
+                0 // counted below
+            } else {
+                here()
+            }
+        })
+        .into_iter()
+        .sum()
+    });
+    workers + here()
+}
+
 /// A scratch vector of `len` f32 (contents unspecified) from this thread's free list.
 pub(crate) fn take_f32(len: usize) -> Result<Scratch<f32>> {
     Scratch::new(len)

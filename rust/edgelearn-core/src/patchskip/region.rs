@@ -90,6 +90,13 @@ impl TileMap {
             *word |= word_mask(a, b);
         }
     }
+    /// Marks every tile that is dirty in `other` too (a map of the same size and tiles).
+    pub fn union_with(&mut self, other: &TileMap) {
+        debug_assert_eq!((self.h, self.w, self.tile), (other.h, other.w, other.tile));
+        for (a, &b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+    }
     /// Number of dirty tiles.
     pub fn count(&self) -> usize {
         self.bits.iter().map(|w| w.count_ones() as usize).sum()

@@ -74,8 +74,19 @@ pub enum Layer {
         b: Vec<f32>,
     },
     Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
     MaxPool2d(Window2d),
     AvgPool2d(Window2d),
+    /// Remembers the current tensor (the output of the layers so far, or the input before any) as the next
+    /// mark (numbered 0, 1, ... in order); later pointwise layers start a new stage, so it stays as it is.
+    Mark,
+    /// The next layer reads mark `m` instead of the current tensor (a side branch such as a ResNet
+    /// downsample).
+    From(usize),
+    /// Adds mark `m` (same shape) to the current tensor (a residual add); pointwise layers after it apply
+    /// to the sum.
+    Add(usize),
 }
 
 /// How an INT8 convolution's input scale is chosen on frames that are not recomputed densely.
@@ -167,10 +178,14 @@ enum Spatial {
     MaxPool(Window2d),
     AvgPool(Window2d),
     Identity,
+    /// Adds the output of source `s` (see [`Stage::src`]) to the input.
+    Add(usize),
 }
 
 #[derive(Debug)]
 struct Stage {
+    /// What the stage reads: 0 the input (reference), `j + 1` the output of stage `j` (always an earlier one).
+    src: usize,
     spatial: Spatial,
     post: Vec<Pointwise>,
     /// Kept to build `post` once the channel count is known.
@@ -194,8 +209,17 @@ impl Stage {
             Spatial::Conv(p) => p.window(),
             Spatial::ConvI8(p) => p.window(),
             Spatial::MaxPool(w) | Spatial::AvgPool(w) => *w,
-            Spatial::Identity => Window2d::new((1, 1), (1, 1), (0, 0)),
+            Spatial::Identity | Spatial::Add(_) => Window2d::new((1, 1), (1, 1), (0, 0)),
         }
+    }
+}
+
+/// Source `s` of a stage (0: the input `reference`, `j + 1`: the output of stage `j` among `prev`).
+fn source<'a>(reference: &'a [f32], prev: &'a [Stage], s: usize) -> &'a [f32] {
+    if s == 0 {
+        reference
+    } else {
+        &prev[s - 1].out
     }
 }
 
@@ -258,7 +282,13 @@ impl PatchSkip {
             return Err(Error::invalid("layers", "the model has no layers"));
         }
         let mut stages: Vec<Stage> = Vec::new();
-        let new_stage = |spatial| Stage {
+        // the source the next layer reads, and whether pointwise layers must start a new stage there (the
+        // source is marked, or it is not the last stage's output)
+        let mut cur = 0usize;
+        let mut sealed = false;
+        let mut marks: Vec<usize> = Vec::new();
+        let new_stage = |src, spatial| Stage {
+            src,
             spatial,
             post: Vec::new(),
             bn: Vec::new(),
@@ -270,8 +300,34 @@ impl PatchSkip {
             xq: Vec::new(),
             direct: None,
         };
+        let mark = |marks: &[usize], i: usize, m: usize| {
+            marks.get(m).copied().ok_or_else(|| {
+                Error::invalid(
+                    "layers",
+                    format!(
+                        "layer {i}: mark {m} does not exist yet ({} marks so far)",
+                        marks.len()
+                    ),
+                )
+            })
+        };
         for (i, layer) in layers.into_iter().enumerate() {
+            let spatial_before = stages.len();
             match layer {
+                Layer::Mark => {
+                    marks.push(cur);
+                    sealed = true;
+                    continue;
+                }
+                Layer::From(m) => {
+                    cur = mark(&marks, i, m)?;
+                    sealed = true;
+                    continue;
+                }
+                Layer::Add(m) => {
+                    let other = mark(&marks, i, m)?;
+                    stages.push(new_stage(cur, Spatial::Add(other)));
+                }
                 Layer::Conv2d {
                     weight,
                     shape,
@@ -290,15 +346,18 @@ impl PatchSkip {
                         groups,
                         dilation,
                     )?;
-                    stages.push(new_stage(Spatial::Conv(ConvParams {
-                        weight,
-                        shape,
-                        bias,
-                        stride,
-                        padding,
-                        groups,
-                        dilation,
-                    })));
+                    stages.push(new_stage(
+                        cur,
+                        Spatial::Conv(ConvParams {
+                            weight,
+                            shape,
+                            bias,
+                            stride,
+                            padding,
+                            groups,
+                            dilation,
+                        }),
+                    ));
                 }
                 Layer::Conv2dInt8 {
                     wq,
@@ -348,7 +407,7 @@ impl PatchSkip {
                     let direct = p.direct_weights()?;
                     stages.push(Stage {
                         direct,
-                        ..new_stage(Spatial::ConvI8(p))
+                        ..new_stage(cur, Spatial::ConvI8(p))
                     });
                 }
                 Layer::MaxPool2d(w) | Layer::AvgPool2d(w)
@@ -361,15 +420,18 @@ impl PatchSkip {
                 {
                     return Err(Error::invalid("layers", format!("layer {i}: bad pooling window {w:?} (positive kernel/stride, padding at most half the kernel)")));
                 }
-                Layer::MaxPool2d(w) => stages.push(new_stage(Spatial::MaxPool(w))),
-                Layer::AvgPool2d(w) => stages.push(new_stage(Spatial::AvgPool(w))),
-                Layer::Relu | Layer::BatchNorm2d { .. } | Layer::Affine { .. } => {
-                    if stages.is_empty() {
-                        stages.push(new_stage(Spatial::Identity));
+                Layer::MaxPool2d(w) => stages.push(new_stage(cur, Spatial::MaxPool(w))),
+                Layer::AvgPool2d(w) => stages.push(new_stage(cur, Spatial::AvgPool(w))),
+                Layer::Relu | Layer::Relu6 | Layer::BatchNorm2d { .. } | Layer::Affine { .. } => {
+                    if cur == 0 || sealed || cur != stages.len() {
+                        stages.push(new_stage(cur, Spatial::Identity));
+                        cur = stages.len();
+                        sealed = false;
                     }
                     let st = stages.last_mut().expect("a stage exists");
                     match layer {
                         Layer::Relu => st.post.push(Pointwise::Relu),
+                        Layer::Relu6 => st.post.push(Pointwise::Relu6),
                         Layer::Affine { a, b } => {
                             if a.len() != b.len() {
                                 return Err(Error::invalid(
@@ -387,6 +449,22 @@ impl PatchSkip {
                     }
                 }
             }
+            if stages.len() > spatial_before {
+                cur = stages.len();
+                sealed = false;
+            }
+        }
+        if stages.is_empty() {
+            return Err(Error::invalid(
+                "layers",
+                "the model has no layers to run (only marks)",
+            ));
+        }
+        if cur != stages.len() {
+            return Err(Error::invalid(
+                "layers",
+                "the model ends on a side branch (a From without the Add that joins it)",
+            ));
         }
         Ok(PatchSkip {
             cfg,
@@ -433,8 +511,10 @@ impl PatchSkip {
 
     /// Checks every stage against an input of `shape` and allocates the caches.
     fn configure(&mut self, shape: [usize; 3]) -> Result<()> {
-        let mut cur = shape;
+        // shapes[s]: the shape of source s (0: the input, j + 1: stage j's output)
+        let mut shapes = vec![shape];
         for (i, st) in self.stages.iter_mut().enumerate() {
+            let cur = shapes[st.src];
             let [c, h, w] = cur;
             let win = st.window();
             let (oc, cost) = match &st.spatial {
@@ -460,6 +540,12 @@ impl PatchSkip {
                     (c, (c * win.kernel.0 * win.kernel.1) as f64)
                 }
                 Spatial::Identity => (c, c as f64),
+                Spatial::Add(other) => {
+                    if shapes[*other] != cur {
+                        return Err(Error::invalid("frame", format!("stage {i}: residual add of shapes {cur:?} and {:?} (input shape {shape:?})", shapes[*other])));
+                    }
+                    (c, c as f64)
+                }
             };
             let g = Geometry::new("frame", [1, c, h, w], win).map_err(|e| {
                 Error::invalid(
@@ -517,7 +603,7 @@ impl PatchSkip {
                 0.0,
             )?;
             st.cost = cost + st.post.len() as f64 * oc as f64;
-            cur = st.out_shape;
+            shapes.push(st.out_shape);
         }
         self.shape = Some(shape);
         self.reference = crate::alloc::try_vec("frame", shape.iter().product(), 0.0)?;
@@ -701,12 +787,13 @@ impl PatchSkip {
         for i in 0..self.stages.len() {
             let t = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
-            let input: &[f32] = if i == 0 {
-                &self.reference
-            } else {
-                &prev[i - 1].out
+            let st = &mut rest[0];
+            let input = source(&self.reference, prev, st.src);
+            let other = match st.spatial {
+                Spatial::Add(o) => Some(source(&self.reference, prev, o)),
+                _ => None,
             };
-            dense_stage(&mut rest[0], input)?;
+            dense_stage(st, input, other)?;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
@@ -715,23 +802,26 @@ impl PatchSkip {
     /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work) and
     /// fills the per-layer fractions, the time split and `output_changed` of `stats`.
     fn run_sparse(&mut self, gate: TileMap, stats: &mut FrameStats) -> Result<(f64, f64)> {
-        let mut dirty = gate;
-        // the rectangles of the current stage's input that changed (`None`: all of it)
-        let mut changed: Option<Vec<Rect>> = Some(dirty.rects());
+        // per source (0: the input, j + 1: stage j's output): its dirty tiles, and the rectangles that
+        // changed (`None`: all of it)
+        let mut changed: Vec<Option<Vec<Rect>>> = vec![Some(gate.rects())];
+        let mut maps: Vec<TileMap> = vec![gate];
         let (mut done, mut total) = (0.0, 0.0);
         let (mut book, mut work) = (0.0f64, 0.0f64);
         let last = self.stages.len() - 1;
+        let identity = Window2d::new((1, 1), (1, 1), (0, 0));
         for i in 0..self.stages.len() {
             let tb = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
-            let input: &[f32] = if i == 0 {
-                &self.reference
-            } else {
-                &prev[i - 1].out
-            };
             let st = &mut rest[0];
+            let input = source(&self.reference, prev, st.src);
             let [oc, oh, ow] = st.out_shape;
-            let mut out_map = dilate(&dirty, st.window(), oh, ow, self.cfg.tile)?;
+            let mut out_map = dilate(&maps[st.src], st.window(), oh, ow, self.cfg.tile)?;
+            let mut other: Option<&[f32]> = None;
+            if let Spatial::Add(o) = st.spatial {
+                out_map.union_with(&dilate(&maps[o], identity, oh, ow, self.cfg.tile)?);
+                other = Some(source(&self.reference, prev, o));
+            }
             let mut full = out_map.fraction() >= self.cfg.dense_above as f64;
             if let (Spatial::ConvI8(_), Int8Scales::Dynamic) = (&st.spatial, self.cfg.int8_scales) {
                 // the whole layer's codes change with the scale
@@ -744,13 +834,13 @@ impl PatchSkip {
                 total += (oh * ow) as f64 * st.cost;
                 book += tb.elapsed().as_secs_f64();
                 let tw = Instant::now();
-                dense_stage(st, input)?;
+                dense_stage(st, input, other)?;
                 let dt = tw.elapsed().as_secs_f64();
                 work += dt;
                 stats.layer_seconds.push(dt);
                 stats.output_changed |= i == last;
-                dirty = out_map;
-                changed = None;
+                maps.push(out_map);
+                changed.push(None);
                 continue;
             }
             let rects = out_map.rects();
@@ -763,14 +853,11 @@ impl PatchSkip {
             total += (oh * ow) as f64 * st.cost;
             book += tb.elapsed().as_secs_f64();
             if rects.is_empty() {
-                // nothing reaches this layer, so nothing after it changes either
-                stats.layer_seconds.resize(self.stages.len(), 0.0);
-                for later in &self.stages[i + 1..] {
-                    let [_, h, w] = later.out_shape;
-                    stats.layer_fractions.push(0.0);
-                    total += (h * w) as f64 * later.cost;
-                }
-                break;
+                // nothing reaches this stage: its cache holds
+                stats.layer_seconds.push(0.0);
+                maps.push(out_map);
+                changed.push(Some(rects));
+                continue;
             }
             let tw = Instant::now();
             stats.output_changed |= i == last;
@@ -785,7 +872,7 @@ impl PatchSkip {
                     (oh, ow),
                 )?,
                 Spatial::ConvI8(p) => {
-                    match &changed {
+                    match &changed[st.src] {
                         Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
                         None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
                     }
@@ -806,13 +893,23 @@ impl PatchSkip {
                     pool_rects(input, st.in_shape, *win, avg, &rects, &mut st.out, (oh, ow));
                     pointwise_rects(&st.post, &rects, &mut st.out, oc, (oh, ow));
                 }
-                Spatial::Identity => {
+                Spatial::Identity | Spatial::Add(_) => {
                     let [c, h, w] = st.in_shape;
                     for ch in 0..c {
                         for &(y0, y1, x0, x1) in &rects {
                             for y in y0..y1 {
                                 let o = (ch * h + y) * w;
-                                st.out[o + x0..o + x1].copy_from_slice(&input[o + x0..o + x1]);
+                                let (dst, a) =
+                                    (&mut st.out[o + x0..o + x1], &input[o + x0..o + x1]);
+                                match other {
+                                    Some(b) => {
+                                        let b = &b[o + x0..o + x1];
+                                        dst.iter_mut()
+                                            .zip(a.iter().zip(b))
+                                            .for_each(|(d, (x, y))| *d = x + y);
+                                    }
+                                    None => dst.copy_from_slice(a),
+                                }
                             }
                         }
                     }
@@ -822,8 +919,8 @@ impl PatchSkip {
             let dt = tw.elapsed().as_secs_f64();
             work += dt;
             stats.layer_seconds.push(dt);
-            dirty = out_map;
-            changed = Some(rects);
+            maps.push(out_map);
+            changed.push(Some(rects));
         }
         stats.bookkeeping_seconds = book;
         stats.recompute_seconds = work;
@@ -833,7 +930,7 @@ impl PatchSkip {
 
 /// Recomputes a whole stage from its input with the dense kernels (an INT8 conv recalibrates its input
 /// scale: every cached value is rewritten, so the cache stays consistent).
-fn dense_stage(st: &mut Stage, input: &[f32]) -> Result<()> {
+fn dense_stage(st: &mut Stage, input: &[f32], other: Option<&[f32]>) -> Result<()> {
     let [oc, oh, ow] = st.out_shape;
     let full: [Rect; 1] = [(0, oh, 0, ow)];
     let [c, h, w] = st.in_shape;
@@ -858,6 +955,13 @@ fn dense_stage(st: &mut Stage, input: &[f32]) -> Result<()> {
             pool_rects(input, st.in_shape, *win, true, &full, &mut st.out, (oh, ow))
         }
         Spatial::Identity => st.out.copy_from_slice(input),
+        Spatial::Add(_) => {
+            let b = other.expect("an add stage gets its second operand");
+            st.out
+                .iter_mut()
+                .zip(input.iter().zip(b))
+                .for_each(|(d, (x, y))| *d = x + y);
+        }
     }
     pointwise_rects(&st.post, &full, &mut st.out, oc, (oh, ow));
     Ok(())
@@ -961,12 +1065,24 @@ mod tests {
         out
     }
 
-    /// Sparse frames at threshold 0 give what a runner that recomputes every frame densely gives.
-    fn sparse_equals_dense(int8: bool, scales: Int8Scales) {
-        let mut seed = 7u64;
-        let net = layers(&mut seed, int8);
+    /// A moving blob over a `shape` frame: `frames` frames where a `blob` rectangle from `start` moves by
+    /// `step` per frame (values inside the frame's range, so INT8 scales hold still). Checks that sparse
+    /// frames of `net` at threshold 0 give what a runner that recomputes every frame densely gives, and
+    /// that later frames ran sparsely on under 90% of the work; returns the sparse runner.
+    #[allow(clippy::too_many_arguments)]
+    fn check_sparse_equals_dense(
+        net: Vec<Layer>,
+        scales: Int8Scales,
+        patch: usize,
+        seed: &mut u64,
+        shape: [usize; 3],
+        frames: usize,
+        blob: (usize, usize),
+        start: (usize, usize),
+        step: (usize, usize),
+    ) -> PatchSkip {
         let cfg = PatchSkipConfig {
-            patch: 5,
+            patch,
             int8_scales: scales,
             ..PatchSkipConfig::default()
         };
@@ -979,15 +1095,14 @@ mod tests {
             },
         )
         .unwrap();
-        let shape = [3, 23, 29];
-        let mut frame: Vec<f32> = (0..3 * 23 * 29).map(|_| lcg(&mut seed)).collect();
-        for t in 0..5 {
-            // a 3x3 blob changes; its value stays inside the frame's range so the INT8 scales hold still
-            let (y0, x0) = (2 + 4 * t, 3 + 5 * t);
-            for ch in 0..3 {
-                for y in y0..y0 + 3 {
-                    for x in x0..x0 + 3 {
-                        frame[(ch * 23 + y) * 29 + x] = lcg(&mut seed) * 0.9;
+        let [c, h, w] = shape;
+        let mut frame: Vec<f32> = (0..c * h * w).map(|_| lcg(seed)).collect();
+        for t in 0..frames {
+            let (y0, x0) = (start.0 + step.0 * t, start.1 + step.1 * t);
+            for ch in 0..c {
+                for y in y0..y0 + blob.0 {
+                    for x in x0..x0 + blob.1 {
+                        frame[(ch * h + y) * w + x] = lcg(seed) * 0.9;
                     }
                 }
             }
@@ -997,14 +1112,128 @@ mod tests {
                 (n + ((x - y) as f64).powi(2), d + (y as f64).powi(2))
             });
             assert!(
-                (num / den).sqrt() <= 1e-6,
+                den > 0.0 && (num / den).sqrt() <= 1e-6,
                 "frame {t}: {}",
                 (num / den).sqrt()
             );
             if t > 0 {
-                assert!(!sparse.stats().dense && sparse.stats().compute_fraction < 0.9);
+                let st = sparse.stats();
+                assert!(!st.dense && st.compute_fraction < 0.9, "frame {t}: {st:?}");
             }
         }
+        sparse
+    }
+
+    fn sparse_equals_dense(int8: bool, scales: Int8Scales) {
+        let mut seed = 7u64;
+        let net = layers(&mut seed, int8);
+        check_sparse_equals_dense(
+            net,
+            scales,
+            5,
+            &mut seed,
+            [3, 23, 29],
+            5,
+            (3, 3),
+            (2, 3),
+            (4, 5),
+        );
+    }
+
+    /// A residual net: a block with an identity skip (ReLU6 after the add) and one with a 1x1 stride-2
+    /// side branch (as a ResNet downsample), FP32 or INT8 convs.
+    fn residual_layers(seed: &mut u64, int8: bool) -> Vec<Layer> {
+        let mut conv = |o: usize, c: usize, k: usize, s: usize| {
+            let n = o * c * k * k;
+            let weight: Vec<f32> = (0..n).map(|_| (lcg(seed) - 0.5) * 0.6).collect();
+            let bias = Some((0..o).map(|_| lcg(seed) - 0.5).collect::<Vec<_>>());
+            let (stride, padding) = ((s, s), (k / 2, k / 2));
+            if int8 {
+                let sw = scale_for_absmax(weight.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                let mut wq = vec![0i8; n];
+                quantize_nearest_with_scale(&weight, sw, &mut wq).unwrap();
+                Layer::Conv2dInt8 {
+                    wq,
+                    sw: vec![sw],
+                    shape: [o, c, k, k],
+                    bias,
+                    stride,
+                    padding,
+                    groups: 1,
+                    dilation: (1, 1),
+                }
+            } else {
+                Layer::Conv2d {
+                    weight,
+                    shape: [o, c, k, k],
+                    bias,
+                    stride,
+                    padding,
+                    groups: 1,
+                    dilation: (1, 1),
+                }
+            }
+        };
+        vec![
+            conv(6, 3, 3, 1),
+            Layer::Relu,
+            Layer::Mark, // 0: block input
+            conv(6, 6, 3, 1),
+            Layer::Relu6,
+            Layer::Add(0),
+            Layer::Relu6,
+            Layer::Mark, // 1: next block's input
+            conv(8, 6, 3, 2),
+            Layer::Relu,
+            conv(8, 8, 3, 1),
+            Layer::Mark, // 2: main path
+            Layer::From(1),
+            conv(8, 6, 1, 2),
+            Layer::Add(2),
+            Layer::Relu,
+        ]
+    }
+
+    #[test]
+    fn residual_sparse_frames_equal_dense() {
+        for (int8, scales) in [(false, Int8Scales::Frozen), (true, Int8Scales::Dynamic)] {
+            let mut seed = 11u64;
+            let net = residual_layers(&mut seed, int8);
+            let sparse = check_sparse_equals_dense(
+                net,
+                scales,
+                4,
+                &mut seed,
+                [3, 21, 26],
+                4,
+                (3, 2),
+                (1, 2),
+                (5, 6),
+            );
+            assert_eq!(sparse.output_shape(), Some([8, 11, 13]));
+            assert_eq!(sparse.stats().layer_fractions.len(), 7, "int8={int8}"); // 5 convs + 2 adds
+        }
+    }
+
+    #[test]
+    fn residual_layers_are_checked() {
+        // relu, mark 0, a 2x2 stride-2 pool, then `last`
+        let net = |last: Layer| {
+            let pool = Layer::MaxPool2d(Window2d::new((2, 2), (2, 2), (0, 0)));
+            PatchSkip::new(
+                vec![Layer::Relu, Layer::Mark, pool, last],
+                PatchSkipConfig::default(),
+            )
+        };
+        let e = PatchSkip::new(vec![Layer::Relu, Layer::Add(0)], PatchSkipConfig::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("mark 0 does not exist"), "{e}");
+        let e = net(Layer::From(0)).unwrap_err();
+        assert!(e.to_string().contains("side branch"), "{e}");
+        // a branch that later joins is fine; shapes of an add must match (the pool halves the mark's size)
+        let mut ps = net(Layer::Add(0)).unwrap();
+        let e = ps.run(&[0.5; 2 * 4 * 4], [2, 4, 4]).unwrap_err();
+        assert!(e.to_string().contains("residual add"), "{e}");
     }
 
     #[test]

@@ -195,6 +195,8 @@ impl ConvI8Params {
 pub enum Pointwise {
     /// `max(x, 0)` (NaN stays NaN).
     Relu,
+    /// `min(max(x, 0), 6)` (NaN stays NaN), PyTorch's `ReLU6`.
+    Relu6,
     /// `x·a[c] + b[c]` per channel (eval-mode batch norm, LAC compensation with `a = 1`).
     Affine { a: Vec<f32>, b: Vec<f32> },
 }
@@ -340,6 +342,13 @@ fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
             Pointwise::Relu => row.iter_mut().for_each(|v| {
                 if *v < 0.0 {
                     *v = 0.0
+                }
+            }),
+            Pointwise::Relu6 => row.iter_mut().for_each(|v| {
+                if *v < 0.0 {
+                    *v = 0.0
+                } else if *v > 6.0 {
+                    *v = 6.0
                 }
             }),
             Pointwise::Affine { a, b } => {
