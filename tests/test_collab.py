@@ -141,6 +141,45 @@ def test_sgq_4bit_features_take_fewer_bytes_than_uniform_4bit_with_less_error_on
     assert runs["sgq"]["feature_rel_l2"] < runs["uniform"]["feature_rel_l2"] / 1.5
 
 
+def test_clipping_reaches_both_codecs_and_cuts_the_2bit_gradient_error():
+    train = synthetic(64)
+    runs, edges = {}, {}
+    for name, clip in (("plain", {}), ("clip", dict(feature_clip="sigma:2.5", grad_clip=("sigma", 1.5)))):
+        cloud = collab.Cloud("cnn", 4, seed=0)
+        edge = collab.Edge(collab.LocalTransport(cloud), (1, 28, 28), 10, mode="sgq", bits=2, group=4,
+                           stripe_rows=7, precision="fp32", **clip)
+        session = edge.transport.session
+        runs[name] = collab.train_edge(edge, train, None, epochs=1, batch_size=32, progress=False, close=False,
+                                       bn_recalibration_batches=0)
+        edges[name] = (edge, session)
+    edge, session = edges["clip"]
+    assert edge.feature_codec._codec.clip == ("sigma", 2.5)
+    assert session.grad_codec._codec.clip == ("sigma", 1.5)  # told in HELLO: the cloud clips what it sends
+    assert session.settings["grad_clip"] == ("sigma", 1.5)
+    assert edges["plain"][1].grad_codec._codec.clip is None
+    assert runs["clip"]["grad_clip"] == ("sigma", 1.5) and runs["clip"]["feature_clip"] == ("sigma", 2.5)
+    # same frame sizes (the envelopes' loss and error numbers may print a digit more or less); the heavy-tailed
+    # gradients lose much less at 2 bits with their ranges clipped
+    assert runs["clip"]["bytes_down_per_sample"] == pytest.approx(runs["plain"]["bytes_down_per_sample"], abs=1)
+    assert runs["clip"]["grad_rel_l2"] < 0.8 * runs["plain"]["grad_rel_l2"]
+    assert runs["clip"]["feature_rel_l2"] != runs["plain"]["feature_rel_l2"]
+
+
+def test_bad_clip_settings_are_refused():
+    with pytest.raises(ValueError, match="clip"):
+        collab.Edge(collab.LocalTransport(collab.Cloud("cnn", 4)), (1, 28, 28), 10, mode="fp16", grad_clip="sigma")
+    with pytest.raises(ValueError, match="clip"):
+        collab.Edge(collab.LocalTransport(collab.Cloud("cnn", 4)), (1, 28, 28), 10, feature_clip="sigma:-2")
+    hello = {"input_shape": [1, 28, 28], "classes": 10, "mode": "sgq", "bits": 2, "group": 4}
+    for bad in (["sigma", "x"], ["trim", 2.0], ["minmax", 2.0], {"z": 1}, "sigma:0", ["sigma", 1.0, 2.0]):
+        transport = collab.LocalTransport(collab.Cloud("cnn", 4))
+        with pytest.raises(collab.ProtocolError, match="grad_clip"):
+            transport.exchange(pack(protocol.HELLO, dict(hello, grad_clip=bad)))
+    transport = collab.LocalTransport(collab.Cloud("cnn", 4))
+    with pytest.raises(collab.ProtocolError, match="grad_clip"):
+        transport.exchange(pack(protocol.HELLO, dict(hello, mode="uniform", grad_clip=["sigma", 2.0])))
+
+
 def test_int8_edge_trains_through_sgq(digits):
     cloud = collab.Cloud("cnn", 4, seed=0)
     edge = collab.Edge(collab.LocalTransport(cloud), digits.train.image_shape, 10, mode="sgq", bits=4,

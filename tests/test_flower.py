@@ -46,13 +46,16 @@ class LocalGrid:
         return replies
 
 
-def test_flower_apps_give_the_accuracy_and_bytes_of_collab():
+@pytest.mark.parametrize("clip", [{}, {"feature-clip": "sigma:2.5", "grad-clip": "sigma:1.5"}],
+                         ids=["no-clip", "clip"])
+def test_flower_apps_give_the_accuracy_and_bytes_of_collab(clip):
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    settings = {"steps": 4, "batch-size": 32, "bits": 2, "eval-limit": 64, "bn-recalibration-batches": 2}
+    settings = {"steps": 4, "batch-size": 32, "bits": 2, "eval-limit": 64, "bn-recalibration-batches": 2, **clip}
     flower = flower_app.run_split(LocalGrid(1), settings, log=lambda m: None)
     splits = data.get_dataset("digits")
     cloud = collab.Cloud("cnn", 4, seed=0)
-    edge = collab.Edge(collab.LocalTransport(cloud), splits.train.image_shape, 10, bits=2, precision="int8")
+    edge = collab.Edge(collab.LocalTransport(cloud), splits.train.image_shape, 10, bits=2, precision="int8",
+                       **{k.replace("-", "_"): v for k, v in clip.items()})
     ref = collab.train_edge(edge, splits.train, splits.test, steps=4, batch_size=32, eval_limit=64,
                             bn_recalibration_batches=2, progress=False)
     node, = flower["nodes"]

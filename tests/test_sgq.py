@@ -478,6 +478,11 @@ def test_frame_error_messages_say_what_is_wrong(good):
         (dict(mode="fp16", order=[0, 1, 2, 3]), ValueError, "order"),
         (dict(order=[0, 1, 1, 2]), ValueError, "order"),
         (dict(order=[0, 1]), ValueError, "order"),
+        (dict(clip="prc"), ValueError, "clip"),
+        (dict(clip=("sigma", 0.0)), ValueError, "clip"),
+        (dict(clip=("minmax", 1.5)), ValueError, "clip"),
+        (dict(clip=("sigma", "2")), TypeError, "clip"),
+        (dict(mode="uniform", clip="sigma"), ValueError, "clip"),
     ],
 )
 def test_encode_argument_errors(rng, kwargs, exc, match):
@@ -513,3 +518,71 @@ def test_native_encode_checks_arguments_too(rng):
         edgelearn._native._sgq_encode(x, "zip")
     with pytest.raises(ValueError, match="C-contiguous"):
         edgelearn._native._sgq_encode(x[:, :, ::2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# range clipping
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_clip_forms_and_errors():
+    assert sgq.parse_clip(None) is None and sgq.parse_clip("") is None and sgq.parse_clip("none") is None
+    assert sgq.parse_clip("sigma:2.5") == ("sigma", 2.5)
+    assert sgq.parse_clip("minmax") == ("minmax", 0.95)
+    assert sgq.parse_clip(["sigma", 1]) == ("sigma", 1.0)  # as JSON carries it
+    assert sgq.parse_clip(("minmax", 0.5)) == ("minmax", 0.5)
+    for bad, exc in (("sigma:x", ValueError), ("sigma:-1", ValueError), ("minmax:0", ValueError),
+                     ("sigma:nan", ValueError), ("trim:2", ValueError), (["sigma"], ValueError),
+                     ({"sigma": 2}, ValueError), (["sigma", "2"], TypeError), (3, ValueError)):
+        with pytest.raises(exc, match="clip"):
+            sgq.parse_clip(bad)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_sigma_clip_law_on_one_block(rng, rounding):
+    # one block (all channels, all rows) per sample: its range is [mean - z sd, mean + z sd] within [min, max],
+    # rounded outwards to binary16; every value decodes within a step of itself clamped to that range
+    x = rng.standard_normal((3, 4, 6, 6)).astype(np.float32)
+    x[:, 0, 0, 0] = 40.0  # an outlier per sample
+    z, bits = 1.5, 2
+    y = sgq.decode(sgq.encode(x, bits=bits, group=4, stripe_rows=6, rounding=rounding, seed=1, clip=("sigma", z)))
+    step_factor = 1.0 if rounding == "stochastic" else 0.5
+    for n in range(3):
+        v = x[n].astype(np.float64)
+        lo = max(v.min(), v.mean() - z * v.std())
+        hi = min(v.max(), v.mean() + z * v.std())
+        lo16, hi16 = f16_outward(np.float32(lo), np.float32(hi))
+        assert lo16 <= y[n].min() and y[n].max() <= hi16
+        assert hi16 < 40.0  # the outlier was clipped
+        step = (hi16 - lo16) / (2**bits - 1)
+        err = np.abs(y[n] - np.clip(x[n], lo16, hi16))
+        assert err.max() <= step_factor * step * (1 + 1e-5) + 1e-6
+
+
+def test_clipping_cuts_the_bulk_error_of_post_relu_features_at_2_bits(rng):
+    x = features(rng)
+    x[:, :, :, 0] *= 10  # a large activation in every row
+    bulk = np.ones(x.shape, bool)
+    bulk[:, :, :, 0] = False
+
+    def bulk_err(clip):
+        y = sgq.decode(sgq.encode(x, bits=2, group=1, stripe_rows=1, ranges="frame", clip=clip))
+        return np.linalg.norm((y - x)[bulk]) / np.linalg.norm(x[bulk])
+
+    assert bulk_err("sigma:2.5") < 0.7 * bulk_err(None)
+    assert bulk_err("minmax:0.5") < 0.85 * bulk_err(None)
+    # a clip wider than every block changes nothing
+    assert sgq.encode(x, bits=2, clip=("sigma", 1e6)) == sgq.encode(x, bits=2)
+    assert sgq.encode(x, bits=2, clip=("minmax", 1.0)) == sgq.encode(x, bits=2)
+
+
+def test_codec_passes_its_clip(rng):
+    x = features(rng)
+    codec = sgq.Codec(bits=2, clip="sigma:2", rounding="stochastic", seed=5)
+    frame = codec.encode(x)
+    assert frame == sgq.encode(x, bits=2, clip=("sigma", 2.0), rounding="stochastic", seed=5,
+                               order=codec.order)
+    assert frame != sgq.encode(x, bits=2, rounding="stochastic", seed=5, order=codec.order)
+    assert "clip=('sigma', 2.0)" in repr(codec)
+    with pytest.raises(ValueError, match="clip"):
+        sgq.Codec(mode="fp16", clip="sigma")

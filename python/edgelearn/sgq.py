@@ -25,20 +25,24 @@ frames (no such flags) still decode.
 
 Error bound: with ``lo``/``hi`` the float16 range of an element's block (rounded outwards from the block's
 min and max), ``|decode(encode(x)) - x| <= (hi - lo) / (2**bits - 1) / 2`` for nearest rounding and
-``< (hi - lo) / (2**bits - 1)`` for stochastic (unbiased) rounding, up to float32 rounding.
+``< (hi - lo) / (2**bits - 1)`` for stochastic (unbiased) rounding, up to float32 rounding. With ``clip``
+(range clipping: each block's range narrowed before the codes are computed; the frame format does not change)
+the bound holds for ``x`` clamped to its block's ``[lo, hi]``.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
 
 from . import _native
 from ._native import FrameError
+from .quant import _clip
 
-__all__ = ["encode", "decode", "frame_info", "channel_order", "Codec", "FrameError", "MODES", "RANGES",
-           "HEADER_BYTES"]
+__all__ = ["encode", "decode", "frame_info", "channel_order", "parse_clip", "Codec", "FrameError", "MODES",
+           "RANGES", "HEADER_BYTES"]
 
 #: Encodings a frame can use.
 MODES = ("sgq", "uniform", "fp16")
@@ -111,8 +115,35 @@ def _order(order, channels):
     return [int(v) for v in arr]
 
 
+def parse_clip(spec):
+    """A range clip as given on a command line or in a config: ``None``, ``""`` or ``"none"`` (no clipping),
+    ``"sigma"``/``"minmax"`` (default parameter), ``"sigma:Z"`` or ``"minmax:KAPPA"``; also accepts the
+    ``(mode, param)`` tuple or a 2-element list (as JSON carries it). Returns ``None`` or ``(mode, param)``
+    with the parameter checked (``z`` finite and > 0, ``kappa`` in (0, 1]); ``ValueError``/``TypeError``
+    otherwise."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    if isinstance(spec, str):
+        mode, sep, param = spec.strip().partition(":")
+        if sep:
+            try:
+                value = float(param)
+            except ValueError:
+                raise ValueError(f"clip: {spec!r}: the parameter after ':' must be a number") from None
+            spec = (mode, value)
+        else:
+            spec = mode
+    elif isinstance(spec, list) and len(spec) == 2:
+        spec = tuple(spec)
+    mode, param = _clip(spec)
+    if not (math.isfinite(param) and (param > 0 if mode == "sigma" else 0 < param <= 1)):
+        raise ValueError(f"clip: {mode} parameter {param} out of range "
+                         f"({'z finite and > 0' if mode == 'sigma' else 'kappa in (0, 1]'})")
+    return mode, param
+
+
 def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, mode="sgq", order=None,
-           ranges="sample", send_order=True, constant_blocks=False):
+           ranges="sample", send_order=True, constant_blocks=False, clip=None):
     """Encodes a float32 feature or gradient tensor into an SGQ frame.
 
     Args:
@@ -136,6 +167,11 @@ def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, 
             ReLU, a constant background) gets one code instead of one per element; the frame carries a
             map of one bit per block. Mode sgq only. Left out of a frame it would make decode to more
             than 1024 bytes per frame byte.
+        clip: range clipping per range block before the codes are computed (Octo's PRC applied to SGQ's
+            blocks); the frame format does not change. ``None`` (the block's min and max); ``"sigma"`` /
+            ``"sigma:Z"`` / ``("sigma", z)``: ``[max(min, μ − z·σ), min(max, μ + z·σ)]`` with the block's mean and
+            population σ; ``"minmax"`` / ``"minmax:KAPPA"`` / ``("minmax", kappa)``: ``kappa·[min, max]`` within ``[min, max]``.
+            Values outside the range take the code of its nearer end. Mode sgq only.
 
     Returns:
         ``bytes``: the frame (56-byte header, permutation if not the identity and ``send_order``, ranges,
@@ -161,8 +197,11 @@ def encode(x, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, 
         raise TypeError(f"constant_blocks: expected a bool, got {type(constant_blocks).__name__}")
     if constant_blocks and mode != "sgq":
         raise ValueError(f"constant_blocks: only applies to mode 'sgq', not {mode!r}")
+    clip = parse_clip(clip)
+    if clip is not None and mode != "sgq":
+        raise ValueError(f"clip: range clipping only applies to mode 'sgq', not {mode!r}")
     return _native._sgq_encode(x, mode, bits, group, stripe_rows, rounding, seed, order, ranges, bool(send_order),
-                               bool(constant_blocks))
+                               bool(constant_blocks), clip)
 
 
 def decode(frame, order=None):
@@ -212,13 +251,13 @@ class Codec:
     earlier frames of the same stream, in order (or ``decode(frame, order=...)``). ``send_order="always"``
     makes every frame self-contained. The encoding side and the decoding side keep separate state
     (:attr:`order` sent, :attr:`received_order`), so one object may do both for a stream.
-    ``ranges`` and ``constant_blocks`` as in :func:`encode`. With ``group=1`` the order changes nothing
+    ``ranges``, ``constant_blocks`` and ``clip`` as in :func:`encode`. With ``group=1`` the order changes nothing
     and is not computed (frames are in the identity order). With stochastic rounding and a
     ``seed``, frame ``i`` uses seed ``seed + i`` so successive frames draw independent noise, reproducibly.
     """
 
     def __init__(self, bits=4, group=4, stripe_rows=None, rounding="nearest", seed=None, mode="sgq",
-                 refresh_every=None, ranges="sample", send_order="changed", constant_blocks=False):
+                 refresh_every=None, ranges="sample", send_order="changed", constant_blocks=False, clip=None):
         self.bits = _int(bits, "bits", 1, 8)
         self.group = _int(group, "group", 1)
         self.stripe_rows = _int(stripe_rows, "stripe_rows", 1, allow_none=True)
@@ -235,6 +274,9 @@ class Codec:
         if constant_blocks and self.mode != "sgq":
             raise ValueError(f"constant_blocks: only applies to mode 'sgq', not {self.mode!r}")
         self.constant_blocks = bool(constant_blocks)
+        self.clip = parse_clip(clip)
+        if self.clip is not None and self.mode != "sgq":
+            raise ValueError(f"clip: range clipping only applies to mode 'sgq', not {self.mode!r}")
         self.order = None
         self.frames = 0
         self._sent_order = None
@@ -258,7 +300,7 @@ class Codec:
         seed = None if self.seed is None else (self.seed + self.frames) % _SEED_LIMIT
         send = self.send_order == "always" or order is None or order != self._sent_order
         frame = encode(x, self.bits, self.group, self.stripe_rows, self.rounding, seed, self.mode, order,
-                       self.ranges, send, self.constant_blocks)
+                       self.ranges, send, self.constant_blocks, self.clip)
         if order is not None:
             self._sent_order = list(order)
         self.frames += 1
@@ -297,5 +339,5 @@ class Codec:
             f"Codec(bits={self.bits}, group={self.group}, stripe_rows={self.stripe_rows}, "
             f"rounding={self.rounding!r}, seed={self.seed}, mode={self.mode!r}, "
             f"refresh_every={self.refresh_every}, ranges={self.ranges!r}, send_order={self.send_order!r}, "
-            f"constant_blocks={self.constant_blocks})"
+            f"constant_blocks={self.constant_blocks}, clip={self.clip!r})"
         )

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import checkpoint as ckpt
-from .. import optim
+from .. import optim, sgq
 from ..functional import cross_entropy
 from ..models import MODEL_NAMES
 from ..tensor import Tensor, no_grad
@@ -363,12 +363,21 @@ class CloudSession:
         send_order = meta.get("send_order", "changed")
         if send_order not in ("changed", "always"):
             raise ProtocolError(f"send_order: expected 'changed' or 'always', got {send_order!r}")
-        self.settings = {"mode": mode, "bits": bits, "group": group, "stripe_rows": stripe_rows}
+        try:
+            grad_clip = sgq.parse_clip(meta.get("grad_clip"))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"grad_clip: {exc}") from None
+        if grad_clip is not None and mode != "sgq":
+            raise ProtocolError(f"grad_clip: range clipping only applies to mode 'sgq', not {mode!r}")
+        self.settings = {"mode": mode, "bits": bits, "group": group, "stripe_rows": stripe_rows,
+                         "grad_clip": grad_clip}
         self.feature_codec = TensorCodec(mode, bits, group, stripe_rows)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows, rounding="stochastic",
                                       seed=(cloud.seed * 1_000_003 + self.edge_id) % (1 << 63),
-                                      send_order=send_order)
-        detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows",
+                                      send_order=send_order, clip=grad_clip)
+        clipped = f", clipped to {grad_clip[0]} {grad_clip[1]:g}" if grad_clip else ""
+        detail = {"sgq": f", {bits} bits, gradients in groups of {group}, stripes of {stripe_rows or 'H/4'} rows"
+                         f"{clipped}",
                   "uniform": f", {bits} bits"}.get(mode, "")
         cloud.log(f"{self.name} joined from {self.peer}: mode {mode}{detail}")
         if self.record.applied:

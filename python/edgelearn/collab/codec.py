@@ -40,12 +40,14 @@ class TensorCodec:
     one stream must be decoded in order by one ``TensorCodec`` (:meth:`decode`; the sender checks its own
     frames with :meth:`decode_sent`). ``ranges`` (``"sample"`` or ``"frame"``) and ``constant_blocks`` apply
     to sgq (see :func:`edgelearn.sgq.encode`); ``send_order="always"`` puts the channel order in every frame
-    (for a receiver that decodes each frame on its own, as a Flower ClientApp does).
+    (for a receiver that decodes each frame on its own, as a Flower ClientApp does). ``clip`` (sgq only; see
+    :func:`edgelearn.sgq.encode`) narrows each block's range before encoding; only the sender needs it.
     """
 
     def __init__(self, mode: str = "sgq", bits: int = 4, group: int = 4, stripe_rows: Optional[int] = None,
                  rounding: str = "nearest", seed: Optional[int] = None, refresh_every: Optional[int] = 50,
-                 ranges: str = "sample", constant_blocks: bool = False, send_order: str = "changed"):
+                 ranges: str = "sample", constant_blocks: bool = False, send_order: str = "changed",
+                 clip: Optional[Tuple[str, float]] = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -55,7 +57,8 @@ class TensorCodec:
             self._codec = sgq.Codec(bits=bits, group=group, stripe_rows=stripe_rows, rounding=rounding,
                                     seed=seed, mode=mode, refresh_every=refresh_every if mode == "sgq" else None,
                                     ranges=ranges if mode == "sgq" else "sample",
-                                    constant_blocks=bool(constant_blocks) and mode == "sgq", send_order=send_order)
+                                    constant_blocks=bool(constant_blocks) and mode == "sgq", send_order=send_order,
+                                    clip=clip if mode == "sgq" else None)
 
     def encode(self, x: np.ndarray) -> bytes:
         if self._codec is None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .. import optim
+from .. import optim, sgq
 from ..checkpoint import save_checkpoint
 from ..data import ArrayDataset, DataLoader
 from ..octo import OctoConfig, octo
@@ -107,6 +107,11 @@ class Edge:
     equal gets one code). The feature defaults (groups of 1 channel, stripes of 1 row, ranges per frame,
     constant blocks) are what made SGQ 4-bit frames smaller than uniform 4-bit ones with half the error on
     Fashion-MNIST split features (``benches/sgq.py``): zero rows after ReLU are common there.
+    ``feature_clip`` and ``grad_clip`` (sgq; ``None``, ``"sigma:Z"``, ``("sigma", z)``, ``"minmax:KAPPA"``; see
+    :func:`edgelearn.sgq.parse_clip`) narrow each range block before its codes are computed: this edge clips
+    the features it sends, the cloud (told in HELLO) the gradients it sends back. At 2 bits
+    ``feature_clip="sigma:2.5", grad_clip="sigma:1.5"`` kept split training within a point of fp32
+    (``benches/sgq.py``).
     ``precision="int8"`` trains the edge part with Octo INT8 (``octo_config``, default ``OctoConfig()``).
     ``model``/``split`` (optional) are checked against the cloud's. The optimizer is SGD with Nesterov
     momentum, like ``edgelearn train``'s default.
@@ -117,7 +122,8 @@ class Edge:
                  octo_config: Optional[OctoConfig] = None, lr: float = 0.02, momentum: float = 0.9,
                  weight_decay: float = 5e-4, name: str = "", model: Optional[str] = None,
                  split: Optional[int] = None, feature_group: int = 1, feature_stripe_rows: Optional[int] = 1,
-                 feature_ranges: str = "frame", constant_blocks: bool = True, edge_key: Optional[str] = None):
+                 feature_ranges: str = "frame", constant_blocks: bool = True, edge_key: Optional[str] = None,
+                 feature_clip: Any = None, grad_clip: Any = None):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if precision not in ("fp32", "int8"):
@@ -125,6 +131,10 @@ class Edge:
         self.transport = transport
         self.input_shape, self.classes = tuple(int(v) for v in input_shape), int(classes)
         self.mode, self.bits, self.precision = mode, int(bits), precision
+        feature_clip, grad_clip = sgq.parse_clip(feature_clip), sgq.parse_clip(grad_clip)
+        if mode != "sgq" and (feature_clip or grad_clip):
+            raise ValueError(f"feature_clip/grad_clip: range clipping only applies to mode 'sgq', not {mode!r}")
+        self.feature_clip, self.grad_clip = feature_clip, grad_clip
         self.stats = WireStats()
         self.feature_error_sum = 0.0
         self.grad_error_sum = 0.0
@@ -134,7 +144,8 @@ class Edge:
                        "bits": self.bits, "group": int(group), "stripe_rows": stripe_rows, "precision": precision,
                        "name": name, "model": model, "split": split, "feature_group": int(feature_group),
                        "feature_stripe_rows": feature_stripe_rows, "feature_ranges": feature_ranges,
-                       "constant_blocks": bool(constant_blocks), "edge_key": self.edge_key}
+                       "constant_blocks": bool(constant_blocks), "edge_key": self.edge_key,
+                       "grad_clip": list(grad_clip) if grad_clip else None}
         self._codec_settings = (mode, bits, group, stripe_rows, feature_group, feature_stripe_rows, feature_ranges,
                                 constant_blocks)
         welcome, _ = self._request(HELLO, self._hello, (), WELCOME)
@@ -173,7 +184,7 @@ class Edge:
         """Fresh codecs: a new connection starts new frame streams (channel orders, rounding seeds)."""
         mode, bits, group, stripe_rows, feature_group, feature_stripe_rows, ranges, constant = self._codec_settings
         self.feature_codec = TensorCodec(mode, bits, feature_group, feature_stripe_rows, rounding="nearest",
-                                         ranges=ranges, constant_blocks=constant)
+                                         ranges=ranges, constant_blocks=constant, clip=self.feature_clip)
         self.grad_codec = TensorCodec(mode, bits, group, stripe_rows)
 
     def _check_welcome(self, welcome: Dict[str, Any]) -> None:
@@ -357,6 +368,8 @@ class Edge:
         :func:`edgelearn.collab.split.model_from_split_config`), plus ``extra``."""
         out = {"collab": True, "model": self.model_name, "split": self.split, "init_seed": self.seed,
                "precision": self.precision, "mode": self.mode, "bits": self.bits,
+               **({"feature_clip": list(self.feature_clip)} if self.feature_clip else {}),
+               **({"grad_clip": list(self.grad_clip)} if self.grad_clip else {}),
                "octo": dataclasses.asdict(self.octo_config) if self.octo_config is not None else None}
         out.update(extra)
         return out
@@ -388,6 +401,7 @@ class Edge:
     def summary(self) -> Dict[str, Any]:
         out = {"edge_id": self.edge_id, "mode": self.mode, "bits": self.bits if self.mode in ("uniform", "sgq")
                else (16 if self.mode == "fp16" else 32), "precision": self.precision, "steps": self.steps,
+               "feature_clip": self.feature_clip, "grad_clip": self.grad_clip,
                "model": self.model_name, "split": self.split, "feature_shape": list(self.feature_shape),
                "feature_rel_l2": self.feature_error_sum / self.steps if self.steps else None,
                "grad_rel_l2": self.grad_error_sum / self.steps if self.steps else None}

@@ -39,14 +39,15 @@ STYPE_FRAME = "edgelearn.sgq.v1"
 STYPE_RAW = "edgelearn.f32le"
 
 #: The run configuration of the Flower App and its defaults (``flwr run ... --run-config 'bits=2 steps=100'``).
-#: ``stripe-rows``/``feature-stripe-rows`` 0 mean H/4, ``eval-limit`` 0 all test images, ``steps`` 0 the
+#: ``feature-clip``/``grad-clip`` are SGQ range clips as ``edgelearn collab join --feature-clip`` takes them
+#: ("" none, "sigma:2.5"), ``stripe-rows``/``feature-stripe-rows`` 0 mean H/4, ``eval-limit`` 0 all test images, ``steps`` 0 the
 #: whole ``epochs``, ``result-file`` "" no file (the ServerApp also logs its summary); the ServerApp waits up
 #: to ``wait-nodes-s`` seconds for ``min-nodes`` SuperNodes, then trains with every node connected.
 DEFAULT_CONFIG: Dict[str, Any] = {
     "model": "cnn", "split": 4, "dataset": "digits", "seed": 0, "lr": 0.02,
     "mode": "sgq", "bits": 4, "group": 4, "stripe-rows": 0,
     "feature-group": 1, "feature-stripe-rows": 1, "feature-ranges": "frame", "constant-blocks": True,
-    "precision": "int8", "epochs": 1, "steps": 0, "batch-size": 64, "eval-limit": 0,
+    "feature-clip": "", "grad-clip": "", "precision": "int8", "epochs": 1, "steps": 0, "batch-size": 64, "eval-limit": 0,
     "bn-recalibration-batches": 32, "result-file": "", "min-nodes": 1, "wait-nodes-s": 60.0,
 }
 

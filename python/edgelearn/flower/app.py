@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError('edgelearn.flower needs Flower: pip install "edgelearn[flower]"') from exc
 
 from .. import checkpoint as ckpt
+from .. import sgq
 from .. import data as eldata
 from ..collab import protocol
 from ..collab.cloud import Cloud, architecture_digest
@@ -94,7 +95,8 @@ class EdgeWorker:
         fsr = int(cfg["feature-stripe-rows"]) or None
         self.feature_codec = TensorCodec(self.mode, int(cfg["bits"]), int(cfg["feature-group"]), fsr,
                                          ranges=str(cfg["feature-ranges"]),
-                                         constant_blocks=bool(cfg["constant-blocks"]))
+                                         constant_blocks=bool(cfg["constant-blocks"]),
+                                         clip=sgq.parse_clip(str(cfg.get("feature-clip", ""))))
         self.grad_codec = TensorCodec(self.mode, int(cfg["bits"]), int(cfg["group"]), int(cfg["stripe-rows"]) or None)
         self.saved = context.state.config_records.get(_STATE_KEY)
         if self.saved is not None:
@@ -284,7 +286,8 @@ def run_split(grid: Grid, run_config: Dict[str, Any], log=print, timeout: Option
         session = cloud.open_session(f"flower-node-{node}")
         hello = {"input_shape": list(hellos[node]["input_shape"]), "classes": int(hellos[node]["classes"]),
                  "mode": mode, "bits": int(cfg["bits"]), "group": int(cfg["group"]),
-                 "stripe_rows": int(cfg["stripe-rows"]) or None, "name": f"node-{node}", "edge_key": str(node)}
+                 "stripe_rows": int(cfg["stripe-rows"]) or None, "name": f"node-{node}", "edge_key": str(node),
+                 "grad_clip": list(sgq.parse_clip(str(cfg.get("grad-clip", ""))) or []) or None}
         session.handle(protocol.pack(protocol.HELLO, hello))
         sessions[node] = session
         per_epoch[node] = max(1, -(-int(hellos[node]["train_samples"]) // int(cfg["batch-size"])))

@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use edgelearn_core::quant::Rounding;
+use edgelearn_core::quant::{Clip, Rounding};
 use edgelearn_core::sgq::{self, frame, Mode, Plan, RangeScope, Settings, Shape};
 
 struct LargestAllocation;
@@ -94,6 +94,11 @@ fn seeds(rng: &mut Rng) -> Vec<Vec<u8>> {
                     RangeScope::Sample
                 },
                 constant_blocks: i % 2 == 1,
+                clip: match (mode, i % 3) {
+                    (Mode::Sgq, 1) => Clip::Sigma { z: 1.5 },
+                    (Mode::Sgq, 2) => Clip::MinMax { kappa: 0.7 },
+                    _ => Clip::None,
+                },
             };
             let ndim = if w == 1 && h == 1 {
                 2

@@ -1,7 +1,7 @@
 //! SGQ codec laws: decode(encode(x)) within the quantization bound for random shapes, bit widths,
 //! groups, stripes and both roundings; reproducibility; baselines; and frames that were tampered with.
 
-use edgelearn_core::quant::Rounding;
+use edgelearn_core::quant::{Clip, Rounding};
 use edgelearn_core::sgq::{self, frame, Mode, Plan, RangeScope, Settings, Shape};
 use edgelearn_core::{threads, Error};
 use proptest::prelude::*;
@@ -73,7 +73,7 @@ proptest! {
         let x = values(n * c * h * w, seed, scale, offset);
         let rounding = if stochastic { Rounding::Stochastic { seed } } else { Rounding::Nearest };
         for (mode, ranges) in [(Mode::Sgq, RangeScope::Sample), (Mode::Sgq, RangeScope::Frame), (Mode::Uniform, RangeScope::Sample)] {
-            let settings = Settings { mode, bits, group, stripe_rows: stripe, rounding, ranges, constant_blocks: false };
+            let settings = Settings { mode, bits, group, stripe_rows: stripe, rounding, ranges, constant_blocks: false, clip: Clip::None };
             let bytes = sgq::encode(&x, shape, 4, &settings, None).unwrap();
             check_bound(&x, &bytes, stochastic);
         }
@@ -498,4 +498,168 @@ fn the_encoder_leaves_out_a_map_that_would_expand_past_the_limit() {
     assert!(!h.constant_map);
     assert!(4 * x.len() <= sgq::MAX_EXPANSION * bytes.len());
     assert_eq!(sgq::decode(&bytes).unwrap().1, x);
+}
+
+/// Reference clip interval of one block from its elements (f64 moments, as the encoder defines it).
+fn reference_clip(block: &[f32], clip: Clip) -> (f32, f32) {
+    let mn = block.iter().cloned().fold(f32::INFINITY, f32::min);
+    let mx = block.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let (lo, hi) = match clip {
+        Clip::None => (mn, mx),
+        Clip::MinMax { kappa } => ((mn as f64 * kappa) as f32, (mx as f64 * kappa) as f32),
+        Clip::Sigma { z } => {
+            let n = block.len() as f64;
+            let mean = block.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = block
+                .iter()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            (
+                (mean - z * var.sqrt()) as f32,
+                (mean + z * var.sqrt()) as f32,
+            )
+        }
+    };
+    let lo = lo.clamp(mn, mx);
+    (lo, hi.clamp(lo, mx))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Range clipping: every block's binary16 range is its clip interval rounded outwards (within one
+    /// binary16 step), inside the block's own [min, max]; every element decodes within the rounding
+    /// bound of its value clamped to that range.
+    #[test]
+    fn clipped_ranges_follow_the_clip_law(
+        n in 1usize..4, c in 1usize..9, h in 1usize..8, w in 1usize..8,
+        bits in 1u8..=4, group in 1usize..5, stripe in 0usize..4, frame_ranges in any::<bool>(),
+        stochastic in any::<bool>(), seed in any::<u64>(), sigma in any::<bool>(), param in 0.3f64..3.0,
+        offset in -1.0f32..1.0,
+    ) {
+        let shape = Shape { n, c, h, w };
+        let mut x = values(n * c * h * w, seed, 2.0, offset);
+        // heavy tails: a few large outliers
+        for i in (0..x.len()).step_by(7) {
+            x[i] *= 20.0;
+        }
+        let clip = if sigma { Clip::Sigma { z: param } } else { Clip::MinMax { kappa: param.min(1.0) } };
+        let rounding = if stochastic { Rounding::Stochastic { seed } } else { Rounding::Nearest };
+        let ranges = if frame_ranges { RangeScope::Frame } else { RangeScope::Sample };
+        let s = Settings { bits, group, stripe_rows: stripe, rounding, ranges, clip, ..Settings::default() };
+        let bytes = sgq::encode(&x, shape, 4, &s, None).unwrap();
+        let f = sgq::parse(&bytes).unwrap();
+        let hd = f.header;
+        let grid = hd.grid();
+        let order = f.order(None).unwrap();
+        let frame_ranges_f32 = f.ranges_f32();
+        let (_, y) = sgq::decode(&bytes).unwrap();
+        let plane = h * w;
+        // the elements of each range, gathered through the frame's own grid and order
+        let mut blocks: Vec<Vec<usize>> = vec![Vec::new(); frame_ranges_f32.len()];
+        for s_n in 0..n {
+            for (p, &ch) in order.iter().enumerate() {
+                for hw in 0..plane {
+                    blocks[grid.range_index(s_n, p, hw / w)].push((s_n * c + ch as usize) * plane + hw);
+                }
+            }
+        }
+        let levels = ((1u32 << bits) - 1) as f32;
+        for (r, idx) in blocks.iter().enumerate() {
+            let vals: Vec<f32> = idx.iter().map(|&i| x[i]).collect();
+            let (want_lo, want_hi) = reference_clip(&vals, clip);
+            let (mn, mx) = reference_clip(&vals, Clip::None);
+            let (lo, hi) = frame_ranges_f32[r];
+            let ulp = |v: f32| (v.abs() / 1024.0).max(6.0e-8) * 1.01;
+            prop_assert!(lo <= want_lo + 1e-5 * want_lo.abs() && lo >= want_lo - ulp(want_lo) - 1e-5 * want_lo.abs(),
+                         "block {} lo {} vs clip {}", r, lo, want_lo);
+            prop_assert!(hi >= want_hi - 1e-5 * want_hi.abs() && hi <= want_hi + ulp(want_hi) + 1e-5 * want_hi.abs(),
+                         "block {} hi {} vs clip {}", r, hi, want_hi);
+            prop_assert!(lo >= mn - ulp(mn) && hi <= mx + ulp(mx));
+            let step = (hi - lo) / levels;
+            let bound = if stochastic { step } else { step / 2.0 };
+            for &i in idx {
+                let clamped = x[i].clamp(lo, hi);
+                let slack = 4.0 * f32::EPSILON * lo.abs().max(hi.abs());
+                prop_assert!((y[i] - clamped).abs() <= bound + slack,
+                             "x[{}] = {} clamped {} decoded {} (range [{}, {}])", i, x[i], clamped, y[i], lo, hi);
+            }
+        }
+    }
+}
+
+#[test]
+fn clipping_cuts_the_error_of_the_bulk_of_heavy_tailed_values_at_two_bits() {
+    let shape = Shape {
+        n: 4,
+        c: 8,
+        h: 8,
+        w: 8,
+    };
+    // mostly small values, one large outlier per block of 4 channels x 2 rows
+    let mut x = values(4 * 8 * 64, 5, 1.0, 0.0);
+    for i in (0..x.len()).step_by(64) {
+        x[i] = 6.0;
+    }
+    let err = |clip| {
+        let s = Settings {
+            bits: 2,
+            clip,
+            ..Settings::default()
+        };
+        let y = sgq::decode(&sgq::encode(&x, shape, 4, &s, None).unwrap())
+            .unwrap()
+            .1;
+        // the error of the bulk (every value but the outliers), which clipping is for
+        let bulk = |v: &[f32]| -> Vec<f64> {
+            v.iter()
+                .enumerate()
+                .filter(|(i, _)| i % 64 != 0)
+                .map(|(_, &a)| a as f64)
+                .collect()
+        };
+        let (xb, yb) = (bulk(&x), bulk(&y));
+        let num: f64 = xb.iter().zip(&yb).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = xb.iter().map(|a| a.powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let (plain, sigma, minmax) = (
+        err(Clip::None),
+        err(Clip::Sigma { z: 2.0 }),
+        err(Clip::MinMax { kappa: 0.5 }),
+    );
+    assert!(sigma < 0.85 * plain, "sigma {sigma} vs none {plain}");
+    assert!(minmax < 0.85 * plain, "minmax {minmax} vs none {plain}");
+    // a clip beyond every block's extremes changes nothing
+    let s = |clip| Settings {
+        bits: 2,
+        clip,
+        ..Settings::default()
+    };
+    assert_eq!(
+        sgq::encode(&x, shape, 4, &s(Clip::Sigma { z: 1e6 }), None).unwrap(),
+        sgq::encode(&x, shape, 4, &s(Clip::None), None).unwrap()
+    );
+    assert_eq!(
+        sgq::encode(&x, shape, 4, &s(Clip::MinMax { kappa: 1.0 }), None).unwrap(),
+        sgq::encode(&x, shape, 4, &s(Clip::None), None).unwrap()
+    );
+    // only mode sgq clips; bad parameters are refused
+    for (mode, clip) in [
+        (Mode::Uniform, Clip::Sigma { z: 2.0 }),
+        (Mode::Fp16, Clip::MinMax { kappa: 0.9 }),
+        (Mode::Sgq, Clip::Sigma { z: -1.0 }),
+        (Mode::Sgq, Clip::MinMax { kappa: 1.5 }),
+    ] {
+        let bad = Settings {
+            mode,
+            clip,
+            ..Settings::default()
+        };
+        match sgq::encode(&x, shape, 4, &bad, None) {
+            Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "clip"),
+            other => panic!("expected an invalid clip argument, got {other:?}"),
+        }
+    }
 }

@@ -11,6 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::arrays::{check_size, new_array, readonly};
 use crate::errors::{value_error, CoreResultExt, FrameError};
+use crate::quant::clip_from;
 
 /// The 4-D shape a 2-, 3- or 4-D array is encoded as: (N,C) → N×C×1×1, (N,C,L) → N×C×L×1.
 fn shape_4d(shape: &[usize]) -> PyResult<Shape> {
@@ -51,9 +52,10 @@ fn mode_from(name: &str) -> PyResult<Mode> {
 /// `stripe_rows=0` means `max(H/4, 1)`; `order` fixes the channel order (mode sgq), `None` computes it;
 /// `seed=None` with stochastic rounding draws a fresh seed; `ranges` is "sample" or "frame";
 /// `send_order=False` leaves a non-identity order out of the frame (the receiver holds it);
-/// `constant_blocks=True` gives constant blocks one code and the frame a map of them.
+/// `constant_blocks=True` gives constant blocks one code and the frame a map of them; `clip` is `None` or
+/// `(mode, param)` as in `quantize(clip=...)`, applied per range block (mode sgq).
 #[pyfunction]
-#[pyo3(signature = (x, mode="sgq".to_string(), bits=4, group=4, stripe_rows=0, rounding="nearest".to_string(), seed=None, order=None, ranges="sample".to_string(), send_order=true, constant_blocks=false))]
+#[pyo3(signature = (x, mode="sgq".to_string(), bits=4, group=4, stripe_rows=0, rounding="nearest".to_string(), seed=None, order=None, ranges="sample".to_string(), send_order=true, constant_blocks=false, clip=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn _sgq_encode<'py>(
     py: Python<'py>,
@@ -68,6 +70,7 @@ pub fn _sgq_encode<'py>(
     ranges: String,
     send_order: bool,
     constant_blocks: bool,
+    clip: Option<(String, f64)>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let x = readonly::<f32>("x", x, "float32", None)?;
     let dims = x.shape().to_vec();
@@ -103,6 +106,7 @@ pub fn _sgq_encode<'py>(
         rounding,
         ranges,
         constant_blocks,
+        clip: clip_from(clip)?,
     };
     let xs = c_slice(&x)?;
     let ndim = dims.len() as u8;

@@ -19,7 +19,7 @@ use super::layout::{default_stripe_rows, for_each_run, Grid, Shape};
 use super::order;
 use super::{Mode, RangeScope, Settings, F16_MAX, MAX_ELEMENTS, MAX_EXPANSION};
 use crate::error::{Error, Result};
-use crate::quant::Rounding;
+use crate::quant::{Clip, Rounding};
 use crate::threads;
 
 /// Below this many elements everything runs on the caller's thread.
@@ -166,6 +166,66 @@ fn plane_stats(x: &[f32], shape: Shape, rows: usize, stripes: usize) -> Result<V
         return Err(value_error(x));
     }
     Ok(stats)
+}
+
+/// Per (sample, channel, stripe) `(sum, sum of squares)` in f64, in the order of [`plane_stats`] (for
+/// sigma clipping; the values were checked finite by [`plane_stats`]).
+fn plane_moments(x: &[f32], shape: Shape, rows: usize, stripes: usize) -> Vec<(f64, f64)> {
+    let plane = shape.plane();
+    let stripe_len = rows * shape.w;
+    let mut out = vec![(0f64, 0f64); shape.n * shape.c * stripes];
+    let one = |(i, st): (usize, &mut [(f64, f64)])| {
+        let xs = &x[i * plane..(i + 1) * plane];
+        for (s, slot) in st.iter_mut().enumerate() {
+            let seg = &xs[s * stripe_len..((s + 1) * stripe_len).min(plane)];
+            let mut acc = [(0f64, 0f64); LANES];
+            let chunks = seg.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            for c in chunks {
+                for l in 0..LANES {
+                    let v = c[l] as f64;
+                    acc[l].0 += v;
+                    acc[l].1 += v * v;
+                }
+            }
+            for (l, &v) in rest.iter().enumerate() {
+                acc[l].0 += v as f64;
+                acc[l].1 += v as f64 * v as f64;
+            }
+            *slot = acc
+                .iter()
+                .fold((0.0, 0.0), |a, &(s1, s2)| (a.0 + s1, a.1 + s2));
+        }
+    };
+    if maybe_parallel(x.len()) {
+        threads::install(|| {
+            out.par_chunks_mut(stripes)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(one)
+        });
+    } else {
+        out.chunks_mut(stripes).enumerate().for_each(one);
+    }
+    out
+}
+
+/// A block's range `[mn, mx]` narrowed by `clip`; `moments` is the block's `(sum, sum of squares,
+/// count)` (used by sigma clipping only). The result stays within `[mn, mx]` with `lo <= hi`.
+fn clipped_range(mn: f32, mx: f32, clip: Clip, moments: (f64, f64, usize)) -> (f32, f32) {
+    let (lo, hi) = match clip {
+        Clip::None => return (mn, mx),
+        Clip::MinMax { kappa } => ((mn as f64 * kappa) as f32, (mx as f64 * kappa) as f32),
+        Clip::Sigma { z } => {
+            let (sum, sq, count) = moments;
+            let n = count.max(1) as f64;
+            let mean = sum / n;
+            let sd = (sq / n - mean * mean).max(0.0).sqrt();
+            ((mean - z * sd) as f32, (mean + z * sd) as f32)
+        }
+    };
+    let lo = lo.clamp(mn, mx);
+    (lo, hi.clamp(lo, mx))
 }
 
 /// Per-channel `(min, max)` over the whole tensor from plane statistics.
@@ -323,7 +383,21 @@ impl Plan {
         } else {
             (shape.h, 1)
         };
+        if settings.clip != Clip::None && mode != Mode::Sgq {
+            return Err(Error::invalid(
+                "clip",
+                format!(
+                    "range clipping only applies to mode sgq, not {}",
+                    mode.name()
+                ),
+            ));
+        }
+        settings.clip.validate()?;
         let stats = plane_stats(x, shape, stats_rows, stats_stripes)?;
+        let moments = match settings.clip {
+            Clip::Sigma { .. } => plane_moments(x, shape, stats_rows, stats_stripes),
+            _ => Vec::new(),
+        };
         let perm: Vec<u32> = match (mode, order) {
             (Mode::Sgq, Some(o)) => o.to_vec(),
             // groups of one channel: the order changes nothing, keep the identity (no bytes)
@@ -363,15 +437,22 @@ impl Plan {
                         let members = &perm[k * grid.group..((k + 1) * grid.group).min(shape.c)];
                         for s in 0..grid.stripes {
                             let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+                            let (mut sum, mut sq) = (0f64, 0f64);
                             for n in set * per_set..(set + 1) * per_set {
                                 for &ch in members {
-                                    let (l, h) =
-                                        stats[(n * shape.c + ch as usize) * grid.stripes + s];
+                                    let i = (n * shape.c + ch as usize) * grid.stripes + s;
+                                    let (l, h) = stats[i];
                                     mn = mn.min(l);
                                     mx = mx.max(h);
+                                    if let Some(&(s1, s2)) = moments.get(i) {
+                                        sum += s1;
+                                        sq += s2;
+                                    }
                                 }
                             }
-                            r.push((f16_down(mn), f16_up(mx)));
+                            let count = per_set * block_elements(shape, &grid, k, s);
+                            let (lo, hi) = clipped_range(mn, mx, settings.clip, (sum, sq, count));
+                            r.push((f16_down(lo), f16_up(hi)));
                         }
                     }
                 }

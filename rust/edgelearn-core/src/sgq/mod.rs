@@ -14,6 +14,10 @@
 //!    optionally ([`Settings::constant_blocks`]) a (sample, group, stripe) block whose values are all
 //!    equal carries one code instead of one per element, marked in a map of one bit per block.
 //!
+//! With [`Settings::clip`] the encoder narrows each block's `[min, max]` before rounding it outwards
+//! (range clipping; values beyond the narrowed range take its nearer end's code): an encoder-side choice,
+//! the frame format is the same. The bound below then holds for the value clamped to its block's range.
+//!
 //! The encoder quantizes against the binary16 `lo`/`hi` the decoder reads back, so the reconstruction
 //! `lo + q · (hi − lo)/(2^b − 1)` is within half a step (nearest) or one step (stochastic) of `x`, up to
 //! float32 rounding of a few ulps of `max(|lo|, |hi|)`. A block with `hi == lo` decodes to `lo` exactly.
@@ -95,7 +99,7 @@ pub use codec::{decode, decode_with_order, encode, Plan};
 pub use frame::{parse, Frame, Header};
 pub use layout::Shape;
 
-use crate::quant::Rounding;
+use crate::quant::{Clip, Rounding};
 
 /// Largest element count of a frame (a header asking for more is rejected before any allocation).
 pub const MAX_ELEMENTS: usize = 1 << 32;
@@ -146,6 +150,13 @@ pub struct Settings {
     /// Blocks (sample, group, stripe) whose values are all equal carry one code instead of one per
     /// element, marked in a map of one bit per block (sgq).
     pub constant_blocks: bool,
+    /// Range clipping (sgq): each block's range is narrowed from `[min, max]` before the codes are
+    /// computed, and values outside it take the nearest end's code. [`Clip::Sigma`]:
+    /// `[max(min, μ − z·σ), min(max, μ + z·σ)]` with the block's mean and population σ (f64);
+    /// [`Clip::MinMax`]: `κ·[min, max]` within `[min, max]` (for a block of one sign, only the side
+    /// away from zero moves). Mode uniform and fp16 refuse a clip.
+    /// An encoder-side choice: frames are the same format and decoders need not know.
+    pub clip: Clip,
 }
 
 /// Which elements share one range in mode sgq.
@@ -168,6 +179,7 @@ impl Default for Settings {
             rounding: Rounding::Nearest,
             ranges: RangeScope::Sample,
             constant_blocks: false,
+            clip: Clip::None,
         }
     }
 }
