@@ -335,6 +335,98 @@ unsafe fn unscramble(lo: __m512i, hi: __m512i) -> (__m512i, __m512i) {
     )
 }
 
+/// A 3x3 window at column step 1 (tap `(i, j)` at offset `base + i·d + j`, taps in row-major order) with
+/// int8 weights: `(base, d, the three rows' weights as bytes [w0, w1, w2, 0], 128·Σw)`.
+fn taps_3x3(offs: &[usize], w: &[i32]) -> Option<(usize, usize, [i32; 3], i32)> {
+    if offs.len() != 9 || w.len() < 9 || offs[3] < offs[0] {
+        return None;
+    }
+    let (base, d) = (offs[0], offs[3] - offs[0]);
+    let mut rows = [0i32; 3];
+    let mut sum = 0i32;
+    for i in 0..3 {
+        let mut packed = 0u32;
+        for j in 0..3 {
+            let t = 3 * i + j;
+            let wt = w[t];
+            if offs[t] != base + i * d + j || !(-128..=127).contains(&wt) {
+                return None;
+            }
+            packed |= (wt as i8 as u8 as u32) << (8 * j);
+            sum += wt;
+        }
+        rows[i] = packed as i32;
+    }
+    Some((base, d, rows, 128 * sum))
+}
+
+fn vnni_vbmi_detected() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vbmi")
+}
+
+/// Byte `4q + j` of a gathered vector is input `q + j` (`j < 3`); byte `4q + 3` (input `q + 2` again) meets
+/// weight 0.
+static GATHER_3X3: [u8; 64] = {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let (q, j) = (i / 4, i % 4);
+        idx[i] = (q + if j < 2 { j } else { 2 }) as u8;
+        i += 1;
+    }
+    idx
+};
+
+/// [`corr_i8_avx512`] for a 3x3 window at column step 1 ([`taps_3x3`]): per kernel row, one `vpermb`
+/// gathers the three input bytes of each of 16 outputs into one 4-byte group (inputs flipped to unsigned,
+/// `x + 128`), and one `vpdpbusd` multiplies them with the row's weights `[w0, w1, w2, 0]` and adds; the
+/// sum starts at `−128·Σw`, which undoes the flip. Exact INT32 (wrapping, as the scalar loop).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn corr_i8_3x3_vnni(
+    out: *mut i32,
+    ldo: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    base: usize,
+    d: usize,
+    w0: i32,
+    w1: i32,
+    w2: i32,
+    flip_sum: i32,
+) {
+    let idx = _mm512_loadu_si512(GATHER_3X3.as_ptr() as *const __m512i);
+    let flip = _mm512_set1_epi8(-128);
+    let wv = [
+        _mm512_set1_epi32(w0),
+        _mm512_set1_epi32(w1),
+        _mm512_set1_epi32(w2),
+    ];
+    let start = _mm512_set1_epi32(flip_sum.wrapping_neg());
+    for r in 0..rows {
+        let o = out.add(r * ldo);
+        let s = src.add(r * lds + base);
+        let mut k = 0;
+        while k < len {
+            let n = (len - k).min(16);
+            // outputs k..k+n read inputs k..k+n+2 of each kernel row
+            let bmask: u64 = (1u64 << (n + 2)) - 1;
+            let mut acc = start;
+            for (i, w) in wv.iter().enumerate() {
+                let v = _mm512_maskz_loadu_epi8(bmask, s.add(i * d + k));
+                let g = _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
+                acc = _mm512_dpbusd_epi32(acc, g, *w);
+            }
+            let m = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            let a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, o.add(k)), acc);
+            _mm512_mask_storeu_epi32(o.add(k), m, a);
+            k += 16;
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn corr_i8_avx512(
     out: *mut i32,
@@ -346,6 +438,11 @@ unsafe fn corr_i8_avx512(
     offs: &[usize],
     w: &[i32],
 ) {
+    if offs.len() == 9 && vnni_vbmi_detected() {
+        if let Some((base, d, [w0, w1, w2], fs)) = taps_3x3(offs, w) {
+            return corr_i8_3x3_vnni(out, ldo, src, lds, rows, len, base, d, w0, w1, w2, fs);
+        }
+    }
     let nt = offs.len().min(w.len());
     let offs = &offs[..nt];
     // weights of tap pairs (2i, 2i+1) as the two i16 halves of one i32 (an odd last tap pairs with 0)
@@ -453,5 +550,86 @@ unsafe fn dot_i8_avx512(
             }
             *sum += _mm512_reduce_add_epi32(acc) as i64;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::depthwise::kernels::SCALAR;
+
+    /// The VNNI 3x3 path is what `corr_i8_avx512` takes for 3x3 taps at column step 1, and it gives the
+    /// scalar loop's sums (every width around the 16-lane vector, extreme codes, wrapping sums, strided
+    /// rows, a non-zero base); other tap patterns fall back.
+    #[test]
+    fn vnni_3x3_matches_scalar() {
+        if !(avx512_detected() && vnni_vbmi_detected()) {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI + VBMI");
+            return;
+        }
+        let mut seed = 99u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for len in [1, 2, 5, 14, 15, 16, 17, 30, 31, 32, 33, 47, 64] {
+            let (rows, lds, d, base) = (3, len + 7, len + 9, 2);
+            let src: Vec<i8> = (0..(rows + 2) * d + rows * lds + len + 16)
+                .map(|i| match i % 7 {
+                    0 => -128,
+                    1 => 127,
+                    _ => next() as u8 as i8,
+                })
+                .collect();
+            let offs: Vec<usize> = (0..9).map(|t| base + (t / 3) * d + t % 3).collect();
+            for wset in 0..3 {
+                let w: Vec<i32> = (0..9)
+                    .map(|t| match wset {
+                        0 => -128,
+                        1 => [127, -128][t % 2],
+                        _ => (next() % 256) as i32 - 128,
+                    })
+                    .collect();
+                assert!(taps_3x3(&offs, &w).is_some());
+                let ldo = len + 3;
+                // start from large sums so wrapping is exercised
+                let init: Vec<i32> = (0..rows * ldo)
+                    .map(|i| i32::MAX - 1000 + i as i32)
+                    .collect();
+                let (mut want, mut got) = (init.clone(), init);
+                unsafe {
+                    (SCALAR.corr_i8)(
+                        want.as_mut_ptr(),
+                        ldo,
+                        src.as_ptr(),
+                        lds,
+                        rows,
+                        len,
+                        &offs,
+                        &w,
+                    );
+                    corr_i8_avx512(
+                        got.as_mut_ptr(),
+                        ldo,
+                        src.as_ptr(),
+                        lds,
+                        rows,
+                        len,
+                        &offs,
+                        &w,
+                    );
+                }
+                assert_eq!(got, want, "len {len}, weights {wset}");
+            }
+        }
+        let offs: Vec<usize> = (0..9).map(|t| (t / 3) * 10 + 2 * (t % 3)).collect();
+        assert!(
+            taps_3x3(&offs, &[1; 9]).is_none(),
+            "column step 2 is not this window"
+        );
+        let offs: Vec<usize> = (0..9).map(|t| (t / 3) * 10 + t % 3).collect();
+        assert!(taps_3x3(&offs, &[300; 9]).is_none(), "weights beyond int8");
     }
 }
