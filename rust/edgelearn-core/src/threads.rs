@@ -11,13 +11,22 @@
 //! thread is the only worker of its own one-thread pool. Other threads (and the owner after the thread
 //! count changed) run kernels in a shared pool of the current size.
 //!
+//! Warm workers: rayon parks an idle worker after a few dozen rounds of `yield` (tens of
+//! microseconds), and a training step is a chain of parallel ops of 50–500 µs with Python between them,
+//! so a parked worker woke up too late to steal its half of the next op and the caller did all the work
+//! (INT8 training on two threads ran at the speed of one). After every parallel op of the owner pool the
+//! other workers therefore stay awake for [`KEEP_WARM`], taking pending work at once
+//! (`rayon::yield_now`), as OpenMP runtimes spin for their block time. The spin ends `KEEP_WARM` after the
+//! last op; `EDGELEARN_SPIN_US` (0 turns it off) sets the time.
+//!
 //! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the
 //! pools stale and the child builds a fresh shared pool on first use (the stale ones are leaked, never
 //! joined).
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -46,6 +55,8 @@ static ATFORK: Once = Once::new();
 #[cfg(unix)]
 extern "C" fn after_fork_in_child() {
     FORKED.store(true, Ordering::SeqCst);
+    // No worker of the parent runs here (the warm jobs counted died with their threads).
+    WARM_JOBS.store(0, Ordering::SeqCst);
 }
 
 fn register_atfork() {
@@ -215,12 +226,105 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             return p.install(f);
         }
     } else if let Some(p) = owner_pool(n) {
-        return p.install(f);
+        let r = p.install(f);
+        keep_warm(&p, n);
+        return r;
     }
     match pool() {
         Some(p) => p.install(f),
         None => f(),
     }
+}
+
+/// How long the owner pool's other workers stay awake after its last parallel op (see the module docs).
+/// 300 µs already gave the full gain on the CNN of `benches/train.py` (two threads, batch 32: 4.2 ms a
+/// step without spinning, 3.3 with 300, 1000 or 2000 µs); 500 leaves room for slower Python between ops.
+pub const KEEP_WARM: Duration = Duration::from_micros(500);
+
+/// Warm jobs spawned and not finished.
+static WARM_JOBS: AtomicUsize = AtomicUsize::new(0);
+/// When the owner pool's last parallel op ended, in nanoseconds since [`epoch`].
+static LAST_OP_NS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread is inside a warm job (a nested one returns at once).
+    static IN_WARM: Cell<bool> = const { Cell::new(false) };
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// The spin time: `EDGELEARN_SPIN_US` microseconds if set (0 = never spin), else [`KEEP_WARM`].
+fn spin_ns() -> u64 {
+    static SPIN: OnceLock<u64> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        std::env::var("EDGELEARN_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|us| us.min(1_000_000) * 1000)
+            .unwrap_or(KEEP_WARM.as_nanos() as u64)
+    })
+}
+
+/// Marks the end of a parallel op of `p` (an `n`-thread owner pool whose worker 0 is the caller) and
+/// makes sure its `n − 1` other workers are spinning in a warm job.
+fn keep_warm(p: &rayon::ThreadPool, n: usize) {
+    let spin = spin_ns();
+    if spin == 0 {
+        return;
+    }
+    LAST_OP_NS.store(now_ns(), Ordering::Relaxed);
+    let mut running = WARM_JOBS.load(Ordering::Relaxed);
+    while running < n - 1 {
+        match WARM_JOBS.compare_exchange_weak(
+            running,
+            running + 1,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => {
+                p.spawn(move || warm_job(spin));
+                running += 1;
+            }
+            Err(now) => running = now,
+        }
+    }
+}
+
+/// Runs pending work of the pool as soon as it appears, until `spin` ns after the pool's last op. Never
+/// on worker 0 (the caller, which must return to Python) nor nested in another warm job.
+fn warm_job(spin: u64) {
+    if rayon::current_thread_index() == Some(0) || IN_WARM.with(Cell::get) {
+        WARM_JOBS.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    IN_WARM.with(|c| c.set(true));
+    loop {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => {}
+            _ => {
+                let last = LAST_OP_NS.load(Ordering::Relaxed);
+                if now_ns().saturating_sub(last) > spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+    IN_WARM.with(|c| c.set(false));
+    WARM_JOBS.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Warm jobs running or queued (for tests: one per extra worker right after a parallel op of the owner
+/// pool, none once [`KEEP_WARM`] has passed without one).
+pub fn warm_workers() -> usize {
+    WARM_JOBS.load(Ordering::Acquire)
 }
 
 /// Whether a kernel called from this thread starts on this thread (no hand-off to a pool worker).

@@ -89,6 +89,12 @@ fn the_calling_thread_takes_part_with_several_threads() {
         .into_iter()
         .collect();
         assert!(ids.contains(&std::thread::current().id()));
+        // the other worker stays warm after the op (ready for the next one), then parks again
+        if std::env::var_os("EDGELEARN_SPIN_US").is_none() {
+            assert_eq!(threads::warm_workers(), 1);
+            std::thread::sleep(threads::KEEP_WARM * 10 + std::time::Duration::from_millis(50));
+            assert_eq!(threads::warm_workers(), 0);
+        }
         check(128, 300, 96, 9);
         // another thread count: the owner still gets right results (through the shared pool)
         threads::set_num_threads(1).unwrap();
