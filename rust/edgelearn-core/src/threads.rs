@@ -16,7 +16,8 @@
 //! so a parked worker woke up too late to steal its half of the next op and the caller did all the work
 //! (INT8 training on two threads ran at the speed of one). After every parallel op of the owner pool the
 //! other workers therefore stay awake for [`KEEP_WARM`], taking pending work at once
-//! (`rayon::yield_now`), as OpenMP runtimes spin for their block time. The spin ends `KEEP_WARM` after the
+//! (`rayon::yield_now`, yielding the core to other runnable threads between looks), as OpenMP runtimes
+//! spin for their block time. The spin ends `KEEP_WARM` after the
 //! last op; `EDGELEARN_SPIN_US` (0 turns it off) sets the time.
 //!
 //! Fork safety: worker threads do not survive `fork()`, so a `pthread_atfork` child handler marks the
@@ -313,7 +314,8 @@ fn warm_job(spin: u64) {
                 if now_ns().saturating_sub(last) > spin {
                     break;
                 }
-                std::hint::spin_loop();
+                // yield, not a bare spin: a busy machine's other threads get the core meanwhile
+                std::thread::yield_now();
             }
         }
     }
