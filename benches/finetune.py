@@ -13,7 +13,7 @@
 Checks printed at the end: INT8 ``last:2`` within 1.0 point of FP32 ``last:2``; INT8 ``last:2`` training memory
 at most 0.5x INT8 ``all``. Needs ``apt-get install dataset-fashion-mnist`` and Pillow.
 
-    python benches/finetune.py [--model resnet20] [--seeds 0,1,2] [--epochs 3] [--batch-size 128]
+    python benches/finetune.py [--model resnet20] [--seeds 0,1,2] [--epochs 3] [--batch-size 128] [--workdir DIR]
 
 The model is ``resnet20`` by default: with ``last:2`` only its last block's two convolutions and the head
 train, so the frozen 17 convolutions cost only their forward (nothing saved, each activation freed once
@@ -24,6 +24,7 @@ bundled 3-convolution ``cnn`` is no test of sparse updates: ``last:2`` trains tw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="int8:last:2,fp32:last:2,int8:all,fp32:all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", metavar="PATH", help="also write every run's JSON here")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="keep the pre-trained checkpoint and the PNG folder here, and reuse them when they are "
+                             "already there (same --model; default: a temporary directory)")
     args = parser.parse_args(argv)
 
     from edgelearn import data
@@ -84,13 +88,19 @@ def main(argv=None) -> int:
     runs = [tuple(r.split(":", 1)) for r in args.runs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {r: [] for r in runs}
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(tmp, exist_ok=True)
         ckpt = os.path.join(tmp, "pretrained.safetensors")
-        acc = pretrain(ckpt, args.model, train, args.pretrain_epochs, args.pretrain_images, 0)
-        print(f"pre-trained {args.model} (FP32) on Fashion-MNIST classes 0-4: train accuracy {100 * acc:.2f}%")
         folder = os.path.join(tmp, "images")
-        write_folder(folder, train, test, range(5, 10), args.train_per_class, args.val_per_class)
-        print(f"wrote {folder}: classes 5-9, {args.train_per_class}/class train, {args.val_per_class}/class val")
+        if os.path.exists(ckpt) and os.path.isdir(folder):
+            print(f"reusing the pre-trained {ckpt} and the images in {folder}")
+        else:
+            acc = pretrain(ckpt, args.model, train, args.pretrain_epochs, args.pretrain_images, 0)
+            print(f"pre-trained {args.model} (FP32) on Fashion-MNIST classes 0-4: train accuracy {100 * acc:.2f}%")
+            write_folder(folder, train, test, range(5, 10), args.train_per_class, args.val_per_class)
+            print(f"wrote {folder}: classes 5-9, {args.train_per_class}/class train, "
+                  f"{args.val_per_class}/class val")
         for seed in seeds:  # rounds interleave the configurations
             for precision, mode in runs:
                 cmd = [sys.executable, "-m", "edgelearn", "finetune", ckpt, "--dataset", f"folder:{folder}",
