@@ -261,16 +261,31 @@ fn now_ns() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }
 
-/// The spin time: `EDGELEARN_SPIN_US` microseconds if set (0 = never spin), else [`KEEP_WARM`].
+/// The spin time in ns (`u64::MAX`: not read yet).
+static SPIN_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// The spin time: set by [`set_keep_warm`], else `EDGELEARN_SPIN_US` microseconds if set (0 = never
+/// spin), else [`KEEP_WARM`].
 fn spin_ns() -> u64 {
-    static SPIN: OnceLock<u64> = OnceLock::new();
-    *SPIN.get_or_init(|| {
-        std::env::var("EDGELEARN_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|us| us.min(1_000_000) * 1000)
-            .unwrap_or(KEEP_WARM.as_nanos() as u64)
-    })
+    let v = SPIN_NS.load(Ordering::Relaxed);
+    if v != u64::MAX {
+        return v;
+    }
+    let v = std::env::var("EDGELEARN_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|us| us.min(1_000_000) * 1000)
+        .unwrap_or(KEEP_WARM.as_nanos() as u64);
+    SPIN_NS.store(v, Ordering::Relaxed);
+    v
+}
+
+/// Sets how long the other workers stay warm after a parallel op (zero: they park at once; at most 1 s).
+pub fn set_keep_warm(d: Duration) {
+    SPIN_NS.store(
+        d.min(Duration::from_secs(1)).as_nanos() as u64,
+        Ordering::Relaxed,
+    );
 }
 
 /// Marks the end of a parallel op of `p` (an `n`-thread owner pool whose worker 0 is the caller) and
@@ -290,7 +305,7 @@ fn keep_warm(p: &rayon::ThreadPool, n: usize) {
             Ordering::Relaxed,
         ) {
             Ok(_) => {
-                p.spawn(move || warm_job(spin));
+                p.spawn(warm_job);
                 running += 1;
             }
             Err(now) => running = now,
@@ -298,9 +313,9 @@ fn keep_warm(p: &rayon::ThreadPool, n: usize) {
     }
 }
 
-/// Runs pending work of the pool as soon as it appears, until `spin` ns after the pool's last op. Never
+/// Runs pending work of the pool as soon as it appears, until the spin time after the pool's last op. Never
 /// on worker 0 (the caller, which must return to Python) nor nested in another warm job.
-fn warm_job(spin: u64) {
+fn warm_job() {
     if rayon::current_thread_index() == Some(0) || IN_WARM.with(Cell::get) {
         WARM_JOBS.fetch_sub(1, Ordering::AcqRel);
         return;
@@ -311,7 +326,7 @@ fn warm_job(spin: u64) {
             Some(rayon::Yield::Executed) => {}
             _ => {
                 let last = LAST_OP_NS.load(Ordering::Relaxed);
-                if now_ns().saturating_sub(last) > spin {
+                if now_ns().saturating_sub(last) > spin_ns() {
                     break;
                 }
                 // yield, not a bare spin: a busy machine's other threads get the core meanwhile

@@ -161,7 +161,7 @@ pub fn conv_direct_f32(
         ));
     }
     // Every kept position must land inside y: rows r < P/ow, images i < nb, columns j < ow.
-    let rows_out = if to.ow == 0 { 0 } else { to.p / to.ow };
+    let rows_out = to.p.checked_div(to.ow).unwrap_or(0);
     if to.ow == 0 || to.s < to.ow || to.wp < to.nb * to.s || cols > rows_out * to.wp {
         return Err(Error::invalid(
             "to",
