@@ -149,3 +149,100 @@ def test_release_scratch_gives_back_what_the_kernels_kept():
     conv(tensor(np.ones((8, 16, 12, 12), np.float32)))
     assert _native.release_scratch() > 0
     assert _native.release_scratch() == 0
+
+
+def _convs_batch_sizes(monkeypatch) -> dict:
+    """Records, per Conv2d, the batch sizes it was called with."""
+    seen: dict = {}
+    real = nn.Conv2d.forward
+
+    def forward(self, x, compensation=None):
+        seen.setdefault(id(self), []).append(x.shape[0])
+        return real(self, x, compensation=compensation)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", forward)
+    return seen
+
+
+def test_frozen_prefix_runs_in_subbatches_with_frozen_statistics(monkeypatch):
+    """--train last:2: the frozen BatchNorms keep their running statistics (eval form), so the frozen prefix
+    treats each image on its own and runs on sub-batches of at most FROZEN_SUBBATCH images; the trainable
+    suffix sees the whole batch. In FP32 the result equals one pass over the batch."""
+    from edgelearn.nn import module as nn_module
+    from edgelearn.train import recalibrate_batchnorm
+
+    x = np.random.default_rng(1).random((70, 1, 12, 12), dtype=np.float32)
+    y = np.arange(70) % 5
+
+    def step(subbatch: int):
+        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", subbatch)
+        model = resnet("fp32")
+        select_trainable(model, "last:2")
+        logits = model(tensor(x))
+        cross_entropy(logits, y).backward()
+        return model, logits.numpy(), [p.grad.numpy().copy() for p in model.parameters() if p.requires_grad]
+
+    whole_model, whole, whole_grads = step(10**9)
+    seen = _convs_batch_sizes(monkeypatch)
+    model, out, grads = step(32)
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, whole_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    convs = {id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}
+    frozen = [k for k, m in convs.items() if not m.weight.requires_grad]
+    assert len(frozen) == 19 and all(seen[k] == [32, 32, 6] for k in frozen)
+    assert all(seen[k] == [70] for k in convs if k not in frozen)  # the two trainable ones
+
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    fresh = resnet("fp32")  # the statistics the frozen BatchNorms started from
+    start = {n: m.running_mean.copy() for n, m in fresh.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    trainable_bns = {n for n, m in bns.items() if not m.frozen}
+    assert trainable_bns == {"layer3.2.bn1", "layer3.2.bn2"}
+    for n, m in bns.items():
+        moved = not np.array_equal(m.running_mean, start[n])
+        assert moved == (n in trainable_bns), n
+        assert int(m.num_batches_tracked) == (1 if n in trainable_bns else 0), n
+    recalibrate_batchnorm(model, (x, y), batches=1, batch_size=35)
+    assert all(np.array_equal(m.running_mean, start[n]) for n, m in bns.items() if m.frozen)
+
+    # training everything: BatchNorms use batch statistics and no layer is run in sub-batches
+    seen.clear()
+    monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", 32)
+    full = resnet("int8")
+    select_trainable(full, "all")
+    cross_entropy(full(tensor(x)), y).backward()
+    assert not any(m.frozen for m in full.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(v == [70] for v in seen.values()) and len(seen) == 21
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_frozen_prefix_peak_is_a_subbatch_working_set(monkeypatch, precision):
+    """The memory ``--train last:2`` saves: the traced peak of a training step (forward and backward, batch 128)
+    is about one full-batch activation of the first stage (int8; two in FP32, whose suffix keeps FP32 inputs);
+    one pass of the frozen prefix over the whole batch holds about three (a residual block's input and its two
+    convolutions' outputs)."""
+    import tracemalloc
+
+    from edgelearn.nn import module as nn_module
+
+    x = np.random.default_rng(0).random((128, 1, 16, 16), dtype=np.float32)
+    y = np.arange(128) % 5
+    activation = 128 * 16 * 16 * 16 * 4  # (N, 16, H, W) float32
+
+    def peak(subbatch: int) -> int:
+        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", subbatch)
+        model = resnet(precision)
+        select_trainable(model, "last:2")
+        cross_entropy(model(tensor(x)), y).backward()  # warm-up: lazily built state is not what is measured
+        tracemalloc.start()
+        try:
+            loss = cross_entropy(model(tensor(x)), y)
+            loss.backward()
+            del loss
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, sub = peak(10**9), peak(32)
+    assert whole > 2.5 * activation, whole / activation  # what is saved: the prefix's full-batch working set
+    assert sub < 0.6 * whole and sub < 2 * activation, (sub / activation, whole / activation)
