@@ -164,6 +164,30 @@ def _convs_batch_sizes(monkeypatch) -> dict:
     return seen
 
 
+def assert_subbatches_change_nothing(monkeypatch, build, mode: str, x, y, subbatch: int):
+    """One FP32 training step of ``build()`` with ``--train mode``, with the frozen part run in sub-batches of
+    ``subbatch`` samples and in one pass: the same logits and gradients. Returns (batch sizes each Conv2d
+    saw in the sub-batched step, that model)."""
+    from edgelearn.nn import module as nn_module
+
+    def step(size: int):
+        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", size)
+        model = build()
+        select_trainable(model, mode)
+        logits = model(tensor(x))
+        cross_entropy(logits, y).backward()
+        return model, logits.numpy(), [p.grad.numpy().copy() for p in model.parameters() if p.requires_grad]
+
+    _, whole, whole_grads = step(10**9)
+    seen = _convs_batch_sizes(monkeypatch)
+    model, out, grads = step(subbatch)
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(whole_grads) > 0
+    for g, w in zip(grads, whole_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    return seen, model
+
+
 def test_frozen_prefix_runs_in_subbatches_with_frozen_statistics(monkeypatch):
     """--train last:2: the frozen BatchNorms keep their running statistics (eval form), so the frozen prefix
     treats each image on its own and runs on sub-batches of at most FROZEN_SUBBATCH images; the trainable
@@ -174,20 +198,7 @@ def test_frozen_prefix_runs_in_subbatches_with_frozen_statistics(monkeypatch):
     x = np.random.default_rng(1).random((70, 1, 12, 12), dtype=np.float32)
     y = np.arange(70) % 5
 
-    def step(subbatch: int):
-        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", subbatch)
-        model = resnet("fp32")
-        select_trainable(model, "last:2")
-        logits = model(tensor(x))
-        cross_entropy(logits, y).backward()
-        return model, logits.numpy(), [p.grad.numpy().copy() for p in model.parameters() if p.requires_grad]
-
-    whole_model, whole, whole_grads = step(10**9)
-    seen = _convs_batch_sizes(monkeypatch)
-    model, out, grads = step(32)
-    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
-    for g, w in zip(grads, whole_grads):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    seen, model = assert_subbatches_change_nothing(monkeypatch, lambda: resnet("fp32"), "last:2", x, y, 32)
     convs = {id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}
     frozen = [k for k, m in convs.items() if not m.weight.requires_grad]
     assert len(frozen) == 19 and all(seen[k] == [32, 32, 6] for k in frozen)
@@ -246,3 +257,33 @@ def test_frozen_prefix_peak_is_a_subbatch_working_set(monkeypatch, precision):
     whole, sub = peak(10**9), peak(32)
     assert whole > 2.5 * activation, whole / activation  # what is saved: the prefix's full-batch working set
     assert sub < 0.6 * whole and sub < 2 * activation, (sub / activation, whole / activation)
+
+
+def test_graph_module_runs_its_frozen_nodes_in_subbatches(monkeypatch):
+    """An imported model (a GraphModule DAG: residual add, squeeze-excite Mul of two values) fine-tuned with
+    --train last:1: the frozen nodes run on sub-batches, the values the trainable part reads are gathered for
+    the whole batch, and in FP32 outputs and gradients equal one pass over the batch."""
+    def build() -> nn.GraphModule:
+        el.manual_seed(3)
+        g = nn.GraphModule(["x"], "logits")
+        g.add_node("c1", ["x"], "a", nn.Conv2d(2, 8, 3, padding=1))
+        g.add_node("bn1", ["a"], "b", nn.BatchNorm2d(8))
+        g.add_node("r1", ["b"], "c", nn.ReLU())
+        g.add_node("c2", ["c"], "d", nn.Conv2d(8, 8, 3, padding=1))
+        g.add_node("add", ["d", "c"], "e", nn.Add())
+        g.add_node("pool", ["e"], "s", nn.GlobalAvgPool())
+        g.add_node("gate", ["s"], "t", nn.Hardsigmoid())
+        g.add_node("se", ["e", "t"], "f", nn.Mul())
+        g.add_node("c3", ["f"], "h", nn.Conv2d(8, 8, 3, padding=1))
+        g.add_node("res", ["h", "f"], "i", nn.Add())  # the trainable part also reads a frozen value
+        g.add_node("gap", ["i"], "j", nn.GlobalAvgPool(keepdims=False))
+        g.add_node("fc", ["j"], "logits", nn.Linear(8, 3))
+        return g.train()
+
+    x = np.random.default_rng(2).random((45, 2, 6, 6), dtype=np.float32)
+    y = np.arange(45) % 3
+
+    seen, model = assert_subbatches_change_nothing(monkeypatch, build, "last:1", x, y, 16)  # fc and c3
+    assert seen[id(model.c1)] == seen[id(model.c2)] == [16, 16, 13]
+    assert seen[id(model.c3)] == [45]
+    assert sorted(model._frozen_nodes([tensor(x)])) == list(range(8))  # up to the squeeze-excite product

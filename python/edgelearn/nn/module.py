@@ -9,7 +9,7 @@ arrays, so an optimizer built on the model keeps working after a load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -391,46 +391,62 @@ def fusion_plan(items: List[Module]) -> list:
 FROZEN_SUBBATCH = 32
 
 
-def _frozen_prefix(x: Any, plan: list) -> int:
-    """How many leading items of ``plan`` may run on sub-batches of ``x``: items with parameters, none of which
-    requires grad (frozen layers; at least one such item), that are :meth:`Module.samplewise` in their current
-    mode (e.g. BatchNorm frozen or in eval mode), on an input that needs no gradient. 0 when the batch already
-    fits one sub-batch."""
-    from ..tensor import is_grad_enabled
-
-    xd = x.data if isinstance(x, Tensor) else x
-    if not isinstance(xd, np.ndarray) or xd.ndim < 2 or xd.shape[0] <= FROZEN_SUBBATCH:
-        return 0
-    if isinstance(x, Tensor) and x.requires_grad and is_grad_enabled():
+def _frozen_prefix(xd: Optional[np.ndarray], plan: list) -> int:
+    """How many leading items of ``plan`` may run on sub-batches of ``xd`` (see :func:`frozen_input`): frozen
+    samplewise items (:func:`is_frozen_layer`), at least one of them a layer with parameters."""
+    if xd is None:
         return 0
     n, has_layer = 0, False
-    for m, fused in plan:
-        params = [p for item in (m, fused) if item is not None for p in item.parameters()]
-        if any(p.requires_grad for p in params) or not all(
-                item.samplewise() for item in (m, fused) if item is not None):
+    for items in plan:
+        checks = [is_frozen_layer(m) for m in items]
+        if not all(frozen for frozen, _ in checks):
             break
-        has_layer = has_layer or bool(params)
+        has_layer = has_layer or any(params for _, params in checks)
         n += 1
     return n if has_layer else 0
 
 
-def _run_subbatched(x: Any, plan: list) -> Tensor:
-    """``run_chain(x, plan)`` one sub-batch of :data:`FROZEN_SUBBATCH` samples at a time, the outputs written
-    into one array for the batch (``plan`` is a frozen, samplewise prefix: see :func:`_frozen_prefix`). The
-    peak is the prefix's working set for one sub-batch plus the prefix's output for the batch."""
+def is_frozen_layer(m: Optional["Module"]) -> Tuple[bool, bool]:
+    """``(frozen, has_parameters)`` for one item of a frozen prefix: samplewise in its current mode and no
+    parameter that requires grad."""
+    if m is None:
+        return True, False
+    params = list(m.parameters())
+    return m.samplewise() and not any(p.requires_grad for p in params), bool(params)
+
+
+def frozen_input(x: Any) -> Optional[np.ndarray]:
+    """``x``'s array when a frozen prefix may run on sub-batches of it (more than :data:`FROZEN_SUBBATCH`
+    samples, no gradient needed), else None."""
+    from ..tensor import is_grad_enabled
+
     xd = x.data if isinstance(x, Tensor) else x
-    n = xd.shape[0]
-    out: Optional[np.ndarray] = None
+    if not isinstance(xd, np.ndarray) or xd.ndim < 2 or xd.shape[0] <= FROZEN_SUBBATCH:
+        return None
+    if isinstance(x, Tensor) and x.requires_grad and is_grad_enabled():
+        return None
+    return xd
+
+
+def run_subbatched(n: int, run: Callable[[slice], Sequence[Any]]) -> List[Tensor]:
+    """Calls ``run(rows)`` for each sub-batch of :data:`FROZEN_SUBBATCH` of ``n`` samples and writes what it
+    returns into arrays for the whole batch (fresh arrays only the results hold: a next layer may write over
+    them). The peak is one sub-batch's working set plus these outputs."""
+    outs: Optional[List[np.ndarray]] = None
     for start in range(0, n, FROZEN_SUBBATCH):
-        part = run_chain(Tensor(xd[start:start + FROZEN_SUBBATCH]), plan)  # a view of x: never donated
-        yd = part.data if isinstance(part, Tensor) else np.asarray(part)
-        if out is None:
-            out = np.empty((n,) + yd.shape[1:], yd.dtype)
-        out[start:start + yd.shape[0]] = yd
-        del part, yd
-    result = Tensor(out)
-    result._owned = True  # a fresh array only the result holds: the next layer may write over it
-    return result
+        rows = slice(start, min(n, start + FROZEN_SUBBATCH))
+        parts = [p.data if isinstance(p, Tensor) else np.asarray(p) for p in run(rows)]
+        if outs is None:
+            outs = [np.empty((n,) + p.shape[1:], p.dtype) for p in parts]
+        for out, p in zip(outs, parts):
+            out[rows] = p
+        del parts
+    results = []
+    for out in outs or []:
+        t = Tensor(out)
+        t._owned = True
+        results.append(t)
+    return results
 
 
 def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
@@ -448,10 +464,13 @@ def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
     of a residual add); it is donated to the first layer when its op said the storage is its alone (``owned``).
     """
     first, mine_first = 0, donate_input
-    frozen = _frozen_prefix(x, plan)
-    if frozen:
-        x, first, mine_first = _run_subbatched(x, plan[:frozen]), frozen, True
-    producer = None
+    xd = frozen_input(x)
+    frozen = _frozen_prefix(xd, plan)
+    if frozen and xd is not None:
+        whole = xd  # each sub-batch is a view of it: never donated
+        (x,) = run_subbatched(whole.shape[0], lambda rows: [run_chain(Tensor(whole[rows]), plan[:frozen])])
+        first, mine_first = frozen, True
+    producer: Any = None
     for i in range(first, len(plan)):
         m, fused = plan[i]
         # Buffer donation, by contract (no reference counting): an intermediate made by the previous item is
