@@ -9,6 +9,11 @@
 
 use super::region::{GateResult, TileMap};
 use crate::error::{Error, Result};
+use crate::threads;
+
+/// Frames of at least this many bytes are gated on all threads (patch rows in parallel).
+/// (Any size in unit tests, so that they take the parallel path.)
+const GATE_PAR_MIN_BYTES: usize = if cfg!(test) { 1 } else { 1 << 16 };
 
 /// BT.601 luma weights, as `edgelearn.video.runner.LUMA` (float32).
 pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
@@ -197,12 +202,10 @@ pub fn gate_u8(
     if input.uniform {
         let unit = input.unit[0];
         let rep = if input.mode == Mode::Repeat { 3.0 } else { 1.0 };
-        let (mut t1, mut t2) = (0u64, 0u64);
-        let mut mx = vec![0u8; cols];
-        let mut e = vec![0u64; cols];
-        for pr in 0..rows {
-            mx.fill(0);
-            e.fill(0);
+        // one patch row: its scores, flags and energies; returns its (Σ frame, Σ frame²)
+        let patch_row = |pr: usize, (score, any, energy): (&mut [f32], &mut [bool], &mut [f64])| {
+            let (mut t1, mut t2) = (0u64, 0u64);
+            let (mut mx, mut e) = (vec![0u8; cols], vec![0u64; cols]);
             for y in pr * patch..((pr + 1) * patch).min(h) {
                 let (fr, rr) = (
                     &frame[y * w * cin..(y + 1) * w * cin],
@@ -213,12 +216,34 @@ pub fn gate_u8(
                 t2 += s2;
             }
             for pc in 0..cols {
-                let i = pr * cols + pc;
-                any[i] = mx[pc] > 0;
-                score[i] = mx[pc] as f32 * unit;
-                energy[i] = rep * e[pc] as f64 * (unit as f64) * (unit as f64);
+                any[pc] = mx[pc] > 0;
+                score[pc] = mx[pc] as f32 * unit;
+                energy[pc] = rep * e[pc] as f64 * (unit as f64) * (unit as f64);
             }
-        }
+            (t1, t2)
+        };
+        let add = |a: (u64, u64), b: (u64, u64)| (a.0 + b.0, a.1 + b.1);
+        // integer sums: the same totals in any order
+        let (t1, t2) = if threads::num_threads() > 1 && n >= GATE_PAR_MIN_BYTES && rows > 1 {
+            use rayon::prelude::*;
+            threads::install(|| {
+                score
+                    .par_chunks_mut(cols)
+                    .zip(any.par_chunks_mut(cols))
+                    .zip(energy.par_chunks_mut(cols))
+                    .enumerate()
+                    .map(|(pr, ((s, a), e))| patch_row(pr, (s, a, e)))
+                    .reduce(|| (0, 0), add)
+            })
+        } else {
+            score
+                .chunks_mut(cols)
+                .zip(any.chunks_mut(cols))
+                .zip(energy.chunks_mut(cols))
+                .enumerate()
+                .map(|(pr, ((s, a), e))| patch_row(pr, (s, a, e)))
+                .fold((0, 0), add)
+        };
         frame_sq = input.sq_from_sums(n as u64, t1, t2);
     } else {
         let c = input.chw[0];

@@ -972,10 +972,29 @@ unsafe fn direct_band(
     Ok(())
 }
 
+/// Fewest values [`quantize_rects`] spreads over the threads.
+/// (Any size in unit tests, so that they take the parallel path.)
+const QUANT_PAR_MIN: usize = if cfg!(test) { 1 } else { 1 << 15 };
+
+/// Quantizes the rectangles `rects` of `x (c, h, w)` into `xq` (same layout) with the per-tensor scale
+/// `sx`, nearest rounding: the same codes as quantizing the whole map. Channels run in parallel over the
+/// pool when there is enough to do.
+pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
+    let [c, h, w] = shape;
+    if c > 1 && threads::num_threads() > 1 && c * pixels(rects) >= QUANT_PAR_MIN {
+        threads::install(|| {
+            x.par_chunks(h * w)
+                .zip(xq.par_chunks_mut(h * w))
+                .for_each(|(xc, qc)| quantize_rects_on(xc, [1, h, w], sx, rects, qc))
+        })
+    } else {
+        quantize_rects_on(x, shape, sx, rects, xq)
+    }
+}
+
 crate::simd::avx2_multiversion! {
-    /// Quantizes the rectangles `rects` of `x (c, h, w)` into `xq` (same layout) with the per-tensor scale
-    /// `sx`, nearest rounding: the same codes as quantizing the whole map.
-    pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
+    /// [`quantize_rects`] on this thread.
+    fn quantize_rects_on(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
         let [c, h, w] = shape;
         for ch in 0..c {
             for &(y0, y1, x0, x1) in rects {
