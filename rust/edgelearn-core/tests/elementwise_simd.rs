@@ -170,3 +170,28 @@ fn avx2_and_portable_builds_give_the_same_bits() {
     }
     nn::set_elementwise_simd(true);
 }
+
+/// BatchNorm's statistics and gradient sums are taken per image in the pool and reduced in image order
+/// (and ReLU and pooling are element-wise): every output is the same on 1, 2 and 3 threads, SIMD or
+/// portable, on a shape above the parallel threshold (2^16 elements) with odd sizes.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    use edgelearn_core::threads;
+    let before = threads::num_threads();
+    for simd in [true, false] {
+        nn::set_elementwise_simd(simd);
+        let outs: Vec<Outputs> = [1, 2, 3]
+            .into_iter()
+            .map(|t| {
+                threads::set_num_threads(t).unwrap();
+                run([9, 5, 37, 41], 11)
+            })
+            .collect();
+        assert!(
+            outs.windows(2).all(|w| w[0] == w[1]),
+            "simd {simd}: results depend on the thread count"
+        );
+    }
+    threads::set_num_threads(before).unwrap();
+    nn::set_elementwise_simd(true);
+}

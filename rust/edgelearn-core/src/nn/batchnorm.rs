@@ -2,21 +2,38 @@
 //! training normalises with the biased batch variance and updates the running variance with the
 //! unbiased one; evaluation uses the running statistics.
 
-use rayon::prelude::*;
-
 #[cfg(target_arch = "x86_64")]
 use super::elementwise_avx2;
 use super::{check_len, for_each_chunk, worth_parallel};
 use crate::error::{Error, Result};
-use crate::threads;
 
-/// Per-channel `(Σ f(x), Σ g(x))`-style reductions: `f(c)` for every channel, in the pool if large.
-fn per_channel<R: Send>(c: usize, parallel: bool, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
-    if parallel {
-        threads::install(|| (0..c).into_par_iter().map(&f).collect())
-    } else {
-        (0..c).map(f).collect()
-    }
+/// Per-channel sums `Σ_i f(i, ch)` over the `n` images, each `f(i, ch)` a pair of sums over one plane.
+/// The planes are summed in the pool by image (each worker reads whole, contiguous images: the same split
+/// as the element-wise passes before and after, so the data stays in that core's cache), then reduced
+/// per channel in image order: the same f64 additions in the same order whatever the thread count.
+fn image_channel_sums(
+    n: usize,
+    c: usize,
+    parallel: bool,
+    f: impl Fn(usize, usize) -> (f64, f64) + Sync + Send,
+) -> Vec<(f64, f64)> {
+    let mut parts = vec![(0f64, 0f64); n * c];
+    for_each_chunk(&mut parts, c, parallel, |i, row| {
+        for (ch, v) in row.iter_mut().enumerate() {
+            *v = f(i, ch);
+        }
+    });
+    (0..c)
+        .map(|ch| {
+            let (mut a, mut b) = (0.0, 0.0);
+            for i in 0..n {
+                let (da, db) = parts[i * c + ch];
+                a += da;
+                b += db;
+            }
+            (a, b)
+        })
+        .collect()
 }
 
 /// `(Σ fa(u, v), Σ fb(u, v))` over paired elements, accumulated in 8 f32 lanes per block of 512 and in
@@ -50,31 +67,6 @@ fn pair_sums<V: Copy>(
         s1 += l1.iter().map(|&x| x as f64).sum::<f64>();
     }
     (s0, s1)
-}
-
-/// [`pair_sums`] over the `n` planes of channel `ch` of two NCHW tensors.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn channel_sums_impl<V: Copy>(
-    u: &[f32],
-    v: &[V],
-    n: usize,
-    c: usize,
-    hw: usize,
-    ch: usize,
-    fa: impl Fn(f32, V) -> f32 + Copy,
-    fb: impl Fn(f32, V) -> f32 + Copy,
-) -> (f64, f64) {
-    // A plain loop, not `fold`: an iterator adaptor taking a closure may stay out of line, and then out
-    // of the AVX2 build this is inlined into.
-    let (mut a, mut b) = (0.0, 0.0);
-    for i in 0..n {
-        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-        let (da, db) = pair_sums(&u[r.clone()], &v[r], fa, fb);
-        a += da;
-        b += db;
-    }
-    (a, b)
 }
 
 /// A saved BatchNorm input element: FP32, or an int8 code read as `code · scale`.
@@ -168,130 +160,53 @@ mod avx2 {
 // "avx2,fma")]` function (picked at run time, see `super::elementwise_avx2`). Their per-element closures
 // are created inside those functions, so they inherit the features and inline into the vector loop.
 
-/// Forward statistics of channel `ch`: `(Σ d, Σ d²)` with `d = x − shift`.
-fn stat_sums(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, shift: f32) -> (f64, f64) {
-    #[inline(always)]
-    fn body(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, shift: f32) -> (f64, f64) {
-        channel_sums_impl(
-            x,
-            x,
-            n,
-            c,
-            hw,
-            ch,
-            |v, _| v - shift,
-            |v, _| (v - shift) * (v - shift),
-        )
-    }
+/// Forward statistics of one plane: `(Σ d, Σ d²)` with `d = x − shift`.
+fn stat_sums(p: &[f32], shift: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if elementwise_avx2() {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn with_avx2(
-            x: &[f32],
-            n: usize,
-            c: usize,
-            hw: usize,
-            ch: usize,
-            shift: f32,
-        ) -> (f64, f64) {
+        unsafe fn with_avx2(p: &[f32], shift: f32) -> (f64, f64) {
             use avx2::*;
             let sv = _mm256_set1_ps(shift);
-            let (mut a, mut b) = (0.0, 0.0);
-            for i in 0..n {
-                let p = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let (da, db) = avx2::pair_sums(
-                    p,
-                    p,
-                    1.0,
-                    |u, _| {
-                        let d = _mm256_sub_ps(u, sv);
-                        (d, _mm256_mul_ps(d, d))
-                    },
-                    |v, _| v - shift,
-                    |v, _| (v - shift) * (v - shift),
-                );
-                a += da;
-                b += db;
-            }
-            (a, b)
+            avx2::pair_sums(
+                p,
+                p,
+                1.0,
+                |u, _| {
+                    let d = _mm256_sub_ps(u, sv);
+                    (d, _mm256_mul_ps(d, d))
+                },
+                |v, _| v - shift,
+                |v, _| (v - shift) * (v - shift),
+            )
         }
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { with_avx2(x, n, c, hw, ch, shift) };
+        return unsafe { with_avx2(p, shift) };
     }
-    body(x, n, c, hw, ch, shift)
+    pair_sums(p, p, |v, _| v - shift, |v, _| (v - shift) * (v - shift))
 }
 
-/// Backward sums of channel `ch`: `(Σ dy, Σ dy·(x − mu))`.
-#[allow(clippy::too_many_arguments)]
-fn grad_sums<X: Saved>(
-    dy: &[f32],
-    x: &[X],
-    scale: f32,
-    n: usize,
-    c: usize,
-    hw: usize,
-    ch: usize,
-    mu: f32,
-) -> (f64, f64) {
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn body<X: Saved>(
-        dy: &[f32],
-        x: &[X],
-        scale: f32,
-        n: usize,
-        c: usize,
-        hw: usize,
-        ch: usize,
-        mu: f32,
-    ) -> (f64, f64) {
-        channel_sums_impl(
-            dy,
-            x,
-            n,
-            c,
-            hw,
-            ch,
-            |g, _| g,
-            |g, v: X| g * (v.value(scale) - mu),
-        )
-    }
+/// Backward sums of one plane: `(Σ dy, Σ dy·(x − mu))`.
+fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if elementwise_avx2() {
         #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn with_avx2<X: Saved>(
-            dy: &[f32],
-            x: &[X],
-            scale: f32,
-            n: usize,
-            c: usize,
-            hw: usize,
-            ch: usize,
-            mu: f32,
-        ) -> (f64, f64) {
+        unsafe fn with_avx2<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
             use avx2::*;
             let mv = _mm256_set1_ps(mu);
-            let (mut a, mut b) = (0.0, 0.0);
-            for i in 0..n {
-                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let (da, db) = avx2::pair_sums(
-                    &dy[r.clone()],
-                    &x[r],
-                    scale,
-                    |g, xv| (g, _mm256_mul_ps(g, _mm256_sub_ps(xv, mv))),
-                    |g, _| g,
-                    |g, v: X| g * (v.value(scale) - mu),
-                );
-                a += da;
-                b += db;
-            }
-            (a, b)
+            avx2::pair_sums(
+                dy,
+                x,
+                scale,
+                |g, xv| (g, _mm256_mul_ps(g, _mm256_sub_ps(xv, mv))),
+                |g, _| g,
+                |g, v: X| g * (v.value(scale) - mu),
+            )
         }
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { with_avx2(dy, x, scale, n, c, hw, ch, mu) };
+        return unsafe { with_avx2(dy, x, scale, mu) };
     }
-    body(dy, x, scale, n, c, hw, ch, mu)
+    pair_sums(dy, x, |g, _| g, |g, v: X| g * (v.value(scale) - mu))
 }
 
 /// `o = g·a + x·b + k` element-wise; `g = None` reads `o` itself as `g` (in place).
@@ -393,14 +308,13 @@ fn forward_coefficients(
             ));
         }
         // Shifted sums (shift = the channel's first value) keep E[x²]−E[x]² free of cancellation.
-        let stats = per_channel(c, parallel, |ch| {
+        let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+        let sums = image_channel_sums(n, c, parallel, |i, ch| stat_sums(plane(i, ch), x[ch * hw]));
+        for (ch, &(s, ss)) in sums.iter().enumerate() {
             let shift = x[ch * hw];
-            let (s, ss) = stat_sums(x, n, c, hw, ch, shift);
             let dm = s / m as f64;
             let var = (ss / m as f64 - dm * dm).max(0.0);
-            (shift as f64 + dm, var)
-        });
-        for (ch, &(mu, var)) in stats.iter().enumerate() {
+            let mu = shift as f64 + dm;
             mean[ch] = mu as f32;
             invstd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
             let unbiased = var * m as f64 / (m - 1) as f64;
@@ -580,9 +494,9 @@ fn backward_coefficients<X: Saved>(
     let hw = h * w;
     let m = (n * hw) as f64;
     let parallel = worth_parallel(x.len());
-    let sums = per_channel(c, parallel, |ch| {
-        let mu = mean[ch];
-        grad_sums(dy, x, scale, n, c, hw, ch, mu)
+    let sums = image_channel_sums(n, c, parallel, |i, ch| {
+        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+        grad_sums(&dy[r.clone()], &x[r], scale, mean[ch])
     });
     // dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), written as dx = dy·a + x·b + k per channel.
     Ok((0..c)
