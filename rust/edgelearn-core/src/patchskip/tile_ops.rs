@@ -249,8 +249,9 @@ fn band_size(px: usize, cost: usize) -> usize {
     (px / (4 * t)).clamp(MIN_BAND, MAX_COLS)
 }
 
-/// Groups consecutive bands into batches of at most [`MAX_COLS`] output pixels.
-fn batches(bands: &[Rect]) -> Vec<std::ops::Range<usize>> {
+/// Groups consecutive bands into batches of at most `max_cols` output pixels (the band size: with
+/// threads, batches stay as many as the bands were cut for them).
+fn batches(bands: &[Rect], max_cols: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < bands.len() {
@@ -258,7 +259,7 @@ fn batches(bands: &[Rect]) -> Vec<std::ops::Range<usize>> {
         while end < bands.len() {
             let (y0, y1, x0, x1) = bands[end];
             let n = (y1 - y0) * (x1 - x0);
-            if end > start && cols + n > MAX_COLS {
+            if end > start && cols + n > max_cols {
                 break;
             }
             cols += n;
@@ -485,7 +486,7 @@ crate::simd::avx2_multiversion! {
 /// is gathered and unfolded side by side into `col (k × cols)`, `gemm(col, cols, out)` fills
 /// `out (o × cols)`, and the columns are scattered into `y`, adding `bias` (`None` when the GEMM
 /// already did, as the FP32 one does so that its rounding matches the dense conv's) and applying `ops`.
-/// Batches run in parallel over the pool when `parallel`.
+/// Batches (of at most `max_cols` output pixels) run in parallel over the pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
 fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
     x: &[T],
@@ -494,7 +495,7 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
     ops: &[Pointwise],
     bands: &[Rect],
     y: &mut [f32],
-    parallel: bool,
+    (parallel, max_cols): (bool, usize),
     gemm: impl Fn(&[T], usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
     let [c, _, _] = cg.in_shape;
@@ -502,7 +503,7 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
     let k = c * kh * kw;
     let o = cg.o;
     let yp = OutPtr(y.as_mut_ptr());
-    let work = batches(bands);
+    let work = batches(bands, max_cols);
     // kernels wider than 1x1 unfold from the band's phase grid (see `phase_grid`): one contiguous copy
     // per tap instead of one per tap and output row
     let grid = kh * kw > 1;
@@ -747,7 +748,8 @@ pub fn conv_rects(
         out_hw,
     };
     let px = pixels(rects);
-    let bands = bands(rects, band_size(px, o * k));
+    let size = band_size(px, o * k);
+    let bands = bands(rects, size);
     let parallel = bands.len() > 1;
     let copy = |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src);
     if is_grouped(p.groups, p.dilation) {
@@ -757,26 +759,35 @@ pub fn conv_rects(
     }
     let wm = MatF32::row_major(&p.weight, o, k)?;
     let bias = p.bias.as_deref();
-    conv_batches(x, &cg, None, ops, &bands, y, parallel, |col, cols, out| {
-        // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
-        // each output sees the same additions in the same order
-        for (oc, row) in out.chunks_exact_mut(cols).enumerate() {
-            row.fill(bias.map_or(0.0, |b| b[oc]));
-        }
-        let cm = MatF32::row_major(col, k, cols)?;
-        // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
-        unsafe {
-            sgemm(
-                &wm,
-                &cm,
-                out.as_mut_ptr(),
-                cols,
-                true,
-                !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
-            )
-        };
-        Ok(())
-    })
+    conv_batches(
+        x,
+        &cg,
+        None,
+        ops,
+        &bands,
+        y,
+        (parallel, size),
+        |col, cols, out| {
+            // like the dense conv: the output starts as the bias and the GEMM accumulates onto it, so
+            // each output sees the same additions in the same order
+            for (oc, row) in out.chunks_exact_mut(cols).enumerate() {
+                row.fill(bias.map_or(0.0, |b| b[oc]));
+            }
+            let cm = MatF32::row_major(col, k, cols)?;
+            // SAFETY: `out` is o × cols, row stride `cols`, not aliased.
+            unsafe {
+                sgemm(
+                    &wm,
+                    &cm,
+                    out.as_mut_ptr(),
+                    cols,
+                    true,
+                    !parallel && o * cols * k >= PAR_MIN_MACS && threads::num_threads() > 1,
+                )
+            };
+            Ok(())
+        },
+    )
 }
 
 /// Each band on its own: its input window gathered through `convert` into a `(1, c, wh, ww)` image,
@@ -846,7 +857,8 @@ pub fn conv_rects_i8(
         out_hw,
     };
     let px = pixels(rects);
-    let all = bands(rects, band_size(px, o * k));
+    let size = band_size(px, o * k);
+    let all = bands(rects, size);
     let parallel = all.len() > 1;
     let grouped = is_grouped(p.groups, p.dilation);
     // without the direct kernel's packed weights, every band of an ungrouped conv is unfolded from its
@@ -886,7 +898,7 @@ pub fn conv_rects_i8(
         ops,
         &narrow,
         y,
-        parallel,
+        (parallel, size),
         |col, cols, out| {
             let cm = MatRef::row_major(col, k, cols)?;
             gemm::gemm_i8_f32(&wm, &cm, p.weight_scale(), Scale::Scalar(sx), None, out)
