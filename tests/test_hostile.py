@@ -147,7 +147,8 @@ CAPPED = textwrap.dedent(
             case()
             print(name, "no error")
         except BaseException as exc:
-            print(name, type(exc).__name__, str(exc)[:160].replace("\\n", " "))
+            kind = "MemoryError" if isinstance(exc, MemoryError) else "not-MemoryError"
+            print(name, kind, type(exc).__name__, str(exc)[:160].replace("\\n", " "))
     """
 )
 

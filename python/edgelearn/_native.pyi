@@ -9,6 +9,10 @@ from typing import final
 __all__ = [
     "__version__",
     "KernelUnavailableError",
+    "InvalidArgumentError",
+    "AccumulatorOverflowError",
+    "NonFiniteError",
+    "MemoryLimitError",
     "gemm_i8",
     "gemm_i8_f32",
     "backend_info",
@@ -61,6 +65,10 @@ __all__ = [
 __version__: str
 
 class KernelUnavailableError(ValueError): ...
+class InvalidArgumentError(ValueError): ...
+class AccumulatorOverflowError(ValueError): ...
+class NonFiniteError(ValueError): ...
+class MemoryLimitError(MemoryError): ...
 
 # --- engine: GEMM ---
 def gemm_i8(a: npt.NDArray[np.int8], b: npt.NDArray[np.int8]) -> npt.NDArray[np.int32]: ...
