@@ -39,6 +39,7 @@ __all__ = [
     "relu_backward_mask",
     "batchnorm2d_backward_i8",
     "batchnorm2d_forward_",
+    "batchnorm2d_forward_save_i8_",
     "batchnorm2d_backward_i8_",
     "relu_forward_mask_",
     "relu_backward_mask_",
@@ -219,6 +220,15 @@ def batchnorm2d_forward_(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> tuple[_F32, _F32]: ...
+def batchnorm2d_forward_save_i8_(
+    x: _F32,
+    gamma: Optional[_F32],
+    beta: Optional[_F32],
+    running_mean: _F32,
+    running_var: _F32,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[_F32, _F32, npt.NDArray[np.int8], float]: ...
 def batchnorm2d_backward_i8(
     dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
 ) -> tuple[_F32, _F32, _F32]: ...
