@@ -16,8 +16,9 @@ at most 0.5x INT8 ``all``. Needs ``apt-get install dataset-fashion-mnist`` and P
     python benches/finetune.py [--model resnet20] [--seeds 0,1,2] [--epochs 3] [--batch-size 128] [--workdir DIR]
 
 The model is ``resnet20`` by default: with ``last:2`` only its last block's two convolutions and the head
-train, so the frozen 17 convolutions cost only their forward (nothing saved, each activation freed once
-consumed), while ``all`` keeps every layer's int8 input, BatchNorm input and ReLU mask for backward. The
+train, so the 19 frozen convolutions cost only their forward (nothing saved, each activation freed once
+consumed, frozen BatchNorms in eval form, run 32 images at a time), while ``all`` keeps every layer's int8
+input, BatchNorm input and ReLU mask for backward. The
 bundled 3-convolution ``cnn`` is no test of sparse updates: ``last:2`` trains two of its three convolutions.
 """
 

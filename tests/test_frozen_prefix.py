@@ -150,3 +150,141 @@ def test_release_scratch_gives_back_what_the_kernels_kept():
     conv(tensor(np.ones((8, 16, 12, 12), np.float32)))
     assert _native.release_scratch() > 0
     assert _native.release_scratch() == 0
+
+
+def _convs_batch_sizes(monkeypatch) -> dict:
+    """Records, per Conv2d, the batch sizes it was called with."""
+    seen: dict = {}
+    real = nn.Conv2d.forward
+
+    def forward(self, x, compensation=None):
+        seen.setdefault(id(self), []).append(x.shape[0])
+        return real(self, x, compensation=compensation)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", forward)
+    return seen
+
+
+def assert_subbatches_change_nothing(monkeypatch, build, mode: str, x, y, subbatch: int):
+    """One FP32 training step of ``build()`` with ``--train mode``, with the frozen part run in sub-batches of
+    ``subbatch`` samples and in one pass: the same logits and gradients. Returns (batch sizes each Conv2d
+    saw in the sub-batched step, that model)."""
+    from edgelearn.nn import module as nn_module
+
+    def step(size: int):
+        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", size)
+        model = build()
+        select_trainable(model, mode)
+        logits = model(tensor(x))
+        cross_entropy(logits, y).backward()
+        return model, logits.numpy(), [p.grad.numpy().copy() for p in model.parameters() if p.requires_grad]
+
+    _, whole, whole_grads = step(10**9)
+    seen = _convs_batch_sizes(monkeypatch)
+    model, out, grads = step(subbatch)
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(whole_grads) > 0
+    for g, w in zip(grads, whole_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    return seen, model
+
+
+def test_frozen_prefix_runs_in_subbatches_with_frozen_statistics(monkeypatch):
+    """--train last:2: the frozen BatchNorms keep their running statistics (eval form), so the frozen prefix
+    treats each image on its own and runs on sub-batches of at most FROZEN_SUBBATCH images; the trainable
+    suffix sees the whole batch. In FP32 the result equals one pass over the batch."""
+    from edgelearn.nn import module as nn_module
+    from edgelearn.train import recalibrate_batchnorm
+
+    x = np.random.default_rng(1).random((70, 1, 12, 12), dtype=np.float32)
+    y = np.arange(70) % 5
+
+    seen, model = assert_subbatches_change_nothing(monkeypatch, lambda: resnet("fp32"), "last:2", x, y, 32)
+    convs = {id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}
+    frozen = [k for k, m in convs.items() if not m.weight.requires_grad]
+    assert len(frozen) == 19 and all(seen[k] == [32, 32, 6] for k in frozen)
+    assert all(seen[k] == [70] for k in convs if k not in frozen)  # the two trainable ones
+
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    fresh = resnet("fp32")  # the statistics the frozen BatchNorms started from
+    start = {n: m.running_mean.copy() for n, m in fresh.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    trainable_bns = {n for n, m in bns.items() if not m.frozen}
+    assert trainable_bns == {"layer3.2.bn1", "layer3.2.bn2"}
+    for n, m in bns.items():
+        moved = not np.array_equal(m.running_mean, start[n])
+        assert moved == (n in trainable_bns), n
+        assert int(m.num_batches_tracked) == (1 if n in trainable_bns else 0), n
+    recalibrate_batchnorm(model, (x, y), batches=1, batch_size=35)
+    assert all(np.array_equal(m.running_mean, start[n]) for n, m in bns.items() if m.frozen)
+
+    # training everything: BatchNorms use batch statistics and no layer is run in sub-batches
+    seen.clear()
+    monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", 32)
+    full = resnet("int8")
+    select_trainable(full, "all")
+    cross_entropy(full(tensor(x)), y).backward()
+    assert not any(m.frozen for m in full.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(v == [70] for v in seen.values()) and len(seen) == 21
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_frozen_prefix_peak_is_a_subbatch_working_set(monkeypatch, precision):
+    """The memory ``--train last:2`` saves: the traced peak of a training step (forward and backward, batch 128)
+    is about one full-batch activation of the first stage (int8; two in FP32, whose suffix keeps FP32 inputs);
+    one pass of the frozen prefix over the whole batch holds about three (a residual block's input and its two
+    convolutions' outputs)."""
+    import tracemalloc
+
+    from edgelearn.nn import module as nn_module
+
+    x = np.random.default_rng(0).random((128, 1, 16, 16), dtype=np.float32)
+    y = np.arange(128) % 5
+    activation = 128 * 16 * 16 * 16 * 4  # (N, 16, H, W) float32
+
+    def peak(subbatch: int) -> int:
+        monkeypatch.setattr(nn_module, "FROZEN_SUBBATCH", subbatch)
+        model = resnet(precision)
+        select_trainable(model, "last:2")
+        cross_entropy(model(tensor(x)), y).backward()  # warm-up: lazily built state is not what is measured
+        tracemalloc.start()
+        try:
+            loss = cross_entropy(model(tensor(x)), y)
+            loss.backward()
+            del loss
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, sub = peak(10**9), peak(32)
+    assert whole > 2.5 * activation, whole / activation  # what is saved: the prefix's full-batch working set
+    assert sub < 0.6 * whole and sub < 2 * activation, (sub / activation, whole / activation)
+
+
+def test_graph_module_runs_its_frozen_nodes_in_subbatches(monkeypatch):
+    """An imported model (a GraphModule DAG: residual add, squeeze-excite Mul of two values) fine-tuned with
+    --train last:1: the frozen nodes run on sub-batches, the values the trainable part reads are gathered for
+    the whole batch, and in FP32 outputs and gradients equal one pass over the batch."""
+    def build() -> nn.GraphModule:
+        el.manual_seed(3)
+        g = nn.GraphModule(["x"], "logits")
+        g.add_node("c1", ["x"], "a", nn.Conv2d(2, 8, 3, padding=1))
+        g.add_node("bn1", ["a"], "b", nn.BatchNorm2d(8))
+        g.add_node("r1", ["b"], "c", nn.ReLU())
+        g.add_node("c2", ["c"], "d", nn.Conv2d(8, 8, 3, padding=1))
+        g.add_node("add", ["d", "c"], "e", nn.Add())
+        g.add_node("pool", ["e"], "s", nn.GlobalAvgPool())
+        g.add_node("gate", ["s"], "t", nn.Hardsigmoid())
+        g.add_node("se", ["e", "t"], "f", nn.Mul())
+        g.add_node("c3", ["f"], "h", nn.Conv2d(8, 8, 3, padding=1))
+        g.add_node("res", ["h", "f"], "i", nn.Add())  # the trainable part also reads a frozen value
+        g.add_node("gap", ["i"], "j", nn.GlobalAvgPool(keepdims=False))
+        g.add_node("fc", ["j"], "logits", nn.Linear(8, 3))
+        return g.train()
+
+    x = np.random.default_rng(2).random((45, 2, 6, 6), dtype=np.float32)
+    y = np.arange(45) % 3
+
+    seen, model = assert_subbatches_change_nothing(monkeypatch, build, "last:1", x, y, 16)  # fc and c3
+    assert seen[id(model.c1)] == seen[id(model.c2)] == [16, 16, 13]
+    assert seen[id(model.c3)] == [45]
+    assert sorted(model._frozen_nodes([tensor(x)])) == list(range(8))  # up to the squeeze-excite product

@@ -8,7 +8,9 @@ classifier head for your classes, choose what trains (the sparse-update idea of 
   parameters to optimise. Frozen layers whose input needs no gradient either (the prefix before the first
   trainable layer) record nothing for backward and keep nothing for it (no int8 input codes, no BatchNorm
   copy, no ReLU mask; see ``edgelearn.functional._records``), and each of their activations is freed once the
-  next layer consumed it: the frozen prefix costs only its forward. That is where ``last:K`` saves memory.
+  next layer consumed it; frozen BatchNorms keep their statistics (eval form), so no layer of the prefix mixes
+  the images of a batch and the prefix runs in sub-batches (``edgelearn.nn.module.FROZEN_SUBBATCH``): the
+  frozen prefix costs only its forward on a sub-batch. That is where ``last:K`` saves memory.
 
 What does not live here: the training loop (``edgelearn.train.fit``), the command line (``edgelearn.cli``).
 """
@@ -110,6 +112,11 @@ def select_trainable(model: nn.Module, mode: str) -> List[nn.Parameter]:
     - ``bn+head``: the head, every BatchNorm and Compensation, and the biases of every conv/linear layer (for
       imported models whose BatchNorm the exporter folded into the convolutions, the biases are what is left
       of it).
+
+    A BatchNorm none of whose parameters train is frozen whole (``BatchNorm2d.frozen``): it normalises with its
+    running statistics in training mode too and does not update them, as a frozen layer of an inference graph
+    (Keras' ``trainable=False``). So the frozen prefix treats each image on its own and runs in sub-batches
+    (``edgelearn.nn.module.run_chain``).
     """
     groups = weight_layer_groups(model)
     _, head = find_head(model)
@@ -140,6 +147,10 @@ def select_trainable(model: nn.Module, mode: str) -> List[nn.Parameter]:
         p._node = None
         if p.requires_grad:
             params.append(p)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            # a frozen BatchNorm keeps its (pretrained) statistics too: it runs in eval form
+            layer.frozen = not any(p.requires_grad for p in layer.parameters())
     return params
 
 

@@ -285,14 +285,15 @@ def batch_norm2d(
         raise ValueError(f"batch_norm2d: input must have shape (N, {weight.shape[0]}, H, W), got {xd.shape}")
     gamma = weight.data
     need_g, need_b = weight.requires_grad, bias.requires_grad
-    if training and not _records(x, weight, bias):
-        # a frozen BatchNorm on an input that needs no gradient: batch statistics, nothing saved
+    if not _records(x, weight, bias):
+        # a frozen BatchNorm on an input that needs no gradient (batch statistics in training mode, else the
+        # running ones: eval mode or frozen statistics), or no_grad: nothing saved, a donated input overwritten
         if _take_donated(x) and xd is x.data:
-            _native.batchnorm2d_forward_(xd, gamma, bias.data, running_mean, running_var, True, float(momentum),
-                                         float(eps))
+            _native.batchnorm2d_forward_(xd, gamma, bias.data, running_mean, running_var, bool(training),
+                                         float(momentum), float(eps))
             return _unrecorded(xd)
         return _unrecorded(_native.batchnorm2d_forward(
-            xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps))[0])
+            xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps))[0])
     if save_int8 and training:
         if _take_donated(x) and xd is x.data:
             # x is an intermediate nobody else holds: normalise in place (no second FP32 activation), and

@@ -334,9 +334,11 @@ def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batc
     weights along directions BatchNorm is blind to (a per-channel shift of its input, which INT8 gradient
     clipping nudges), eval-mode statistics lag behind the batch statistics the model was trained with.
     Re-estimating them with the final weights (BN re-estimation, common for quantized training) removes
-    the lag. Returns the number of images used (0 if the model has no BatchNorm).
+    the lag. BatchNorms with frozen statistics (``frozen``) are left alone. Returns the number of images used
+    (0 if the model has no BatchNorm to re-estimate).
     """
-    bns = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")]
+    bns = [m for m in model.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")
+           and not getattr(m, "frozen", False)]  # frozen statistics stay as they are
     if not bns or batches <= 0:
         return 0
     dataset = data.dataset if isinstance(data, DataLoader) else data

@@ -55,6 +55,8 @@ class InvertedResidual(nn.Module):
     """1x1 expansion (unless ``expand_ratio`` is 1), 3x3 depthwise, 1x1 linear projection with BatchNorm, in
     one ``Sequential`` named ``conv``; the input is added back when stride is 1 and the channels match."""
 
+    samplewise_forward = True  # its forward mixes no samples (its layers may: see Module.samplewise)
+
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
         super().__init__()
         if stride not in (1, 2):

@@ -29,6 +29,8 @@ class BasicBlock(nn.Module):
     their LAC Compensation in their own op and BatchNorm/ReLU overwrite intermediates, as in a Sequential; the
     saved activations stay 8-bit in INT8 mode (the add saves nothing)."""
 
+    samplewise_forward = True  # its forward mixes no samples (its layers may: see Module.samplewise)
+
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..tensor import Tensor, as_tensor, make_result
-from .module import Module
+from .module import Module, frozen_input, is_frozen_layer, run_subbatched
 
 __all__ = [
     "Add",
@@ -80,9 +80,18 @@ def concat(tensors: Sequence[Any], axis: int = 1) -> Tensor:
 class _WithConstant(Module):
     """A binary op whose second operand is either the next input or a fixed ``constant`` buffer."""
 
+    samplewise_forward = True
+
     def __init__(self, constant: Optional[np.ndarray] = None):
         super().__init__()
         self.register_buffer("constant", None if constant is None else np.ascontiguousarray(constant, np.float32))
+
+    def samplewise(self) -> bool:
+        """A constant broadcast over the batch (a scalar, a leading size 1, a per-feature vector or a
+        (C, H, W) block): each sample on its own. A constant that may span the batch (2-D or 4-D with a
+        leading size above 1) might pair rows of different samples: not samplewise."""
+        c = self.constant
+        return c is None or c.ndim in (0, 1, 3) or c.shape[0] == 1
 
     def _operands(self, a: Any, b: Any) -> Tuple[Tensor, Any]:
         if b is None:
@@ -112,6 +121,11 @@ class Mul(_WithConstant):
 
 
 class Concat(Module):
+    samplewise_forward = True
+
+    def samplewise(self) -> bool:
+        return self.axis >= 1  # along the batch (or from the end, of an unknown rank): not per sample
+
     def __init__(self, axis: int = 1):
         super().__init__()
         self.axis = int(axis)
@@ -126,6 +140,11 @@ class Concat(Module):
 class Reshape(Module):
     """Reshape to a fixed ``shape`` with ONNX's conventions: 0 copies the input's size on that axis, -1 is
     inferred (at most one)."""
+
+    samplewise_forward = True
+
+    def samplewise(self) -> bool:
+        return bool(self.shape) and self.shape[0] == 0  # keeps the batch axis as it is
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -145,6 +164,8 @@ class Reshape(Module):
 class GlobalAvgPool(Module):
     """Mean over H and W of (N, C, H, W): (N, C, 1, 1) with ``keepdims``, else (N, C)."""
 
+    samplewise_forward = True
+
     def __init__(self, keepdims: bool = True):
         super().__init__()
         self.keepdims = bool(keepdims)
@@ -163,6 +184,8 @@ class GlobalAvgPool(Module):
 class Clip(Module):
     """``clamp(x, min, max)`` (ONNX Clip); ReLU and ReLU6 are the special cases (0, inf) and (0, 6)."""
 
+    samplewise_forward = True
+
     def __init__(self, min: Optional[float] = None, max: Optional[float] = None):  # noqa: A002 (PyTorch's names)
         super().__init__()
         self.min = None if min is None else float(min)
@@ -178,6 +201,8 @@ class Clip(Module):
 class Hardsigmoid(Module):
     """``clip(alpha·x + beta, 0, 1)``; the defaults are PyTorch's ``nn.Hardsigmoid`` (ONNX's are 0.2, 0.5)."""
 
+    samplewise_forward = True
+
     def __init__(self, alpha: float = 1.0 / 6.0, beta: float = 0.5):
         super().__init__()
         self.alpha, self.beta = float(alpha), float(beta)
@@ -191,6 +216,8 @@ class Hardsigmoid(Module):
 
 class ZeroPad2d(Module):
     """Zero padding of (N, C, H, W) by ``(left, right, top, bottom)`` (PyTorch's order)."""
+
+    samplewise_forward = True
 
     def __init__(self, padding: Sequence[int]):
         super().__init__()
@@ -218,7 +245,14 @@ class GraphModule(Module):
     value returned. Each node's module is a child registered under ``module_name``, so parameters have the
     usual dotted names. A value is dropped right after its last reader runs, so a chain holds about one
     activation at a time, like ``Sequential``.
+
+    The frozen nodes (each :func:`~edgelearn.nn.module.is_frozen_layer`, reading only the graph's inputs or
+    other frozen nodes, with at least one layer among them: the frozen part of a ``--train last:K``
+    fine-tuning) run first, on sub-batches of ``FROZEN_SUBBATCH`` samples, as ``run_chain`` runs a frozen
+    prefix; the values the rest of the graph reads from them are gathered for the whole batch.
     """
+
+    samplewise_forward = True
 
     def __init__(self, inputs: Sequence[str], output: str, nodes: Sequence[Tuple[str, Sequence[str], str]] = (),
                  modules: Optional[Dict[str, Module]] = None):
@@ -269,11 +303,56 @@ class GraphModule(Module):
         env: Dict[str, Any] = dict(zip(self.inputs, xs))
         release = self._last_use()
         modules = self._modules
+        frozen = self._frozen_nodes(xs)
+        if frozen:
+            self._run_frozen(env, frozen)
         for i, (name, ins, out) in enumerate(self.nodes):
-            env[out] = modules[name](*[env[v] for v in ins])
+            if i not in frozen:
+                env[out] = modules[name](*[env[v] for v in ins])
             for v in release[i]:
                 env.pop(v, None)
         return env[self.output]
+
+    def _frozen_nodes(self, xs: Sequence[Any]) -> Dict[int, None]:
+        """The nodes that may run on sub-batches (see the class docs), in order; empty when none may."""
+        arrays = [a for a in (frozen_input(x) for x in xs) if a is not None]
+        if len(arrays) != len(xs) or len({a.shape[0] for a in arrays}) != 1:
+            return {}
+        known, has_layer = set(self.inputs), False
+        frozen: Dict[int, None] = {}
+        for i, (name, ins, out) in enumerate(self.nodes):
+            ok, params = is_frozen_layer(self._modules[name])
+            if ins and ok and all(v in known for v in ins):
+                known.add(out)
+                frozen[i] = None
+                has_layer = has_layer or params
+        return frozen if has_layer else {}
+
+    def _run_frozen(self, env: Dict[str, Any], frozen: Dict[int, None]) -> None:
+        """Runs the ``frozen`` nodes sub-batch by sub-batch; puts the values other nodes (or the caller) read
+        from them into ``env``, for the whole batch."""
+        nodes, modules = self.nodes, self._modules
+        made = {nodes[i][2] for i in frozen}
+        wanted = [v for v in made if v == self.output or any(
+            v in ins for j, (_, ins, _) in enumerate(nodes) if j not in frozen)]
+        last: Dict[str, int] = {}
+        for i in frozen:
+            for v in nodes[i][1]:
+                last[v] = i
+        inputs = {v: (x.data if isinstance(x, Tensor) else x) for v, x in env.items()}
+
+        def run(rows: slice) -> List[Any]:
+            local: Dict[str, Any] = {v: Tensor(a[rows]) for v, a in inputs.items()}
+            for i in frozen:
+                name, ins, out = nodes[i]
+                local[out] = modules[name](*[local[v] for v in ins])
+                for v in ins:
+                    if last[v] == i and v not in wanted:
+                        local.pop(v, None)  # a sub-batch's intermediate: freed once its last reader ran
+            return [local[v] for v in wanted]
+
+        n = next(iter(inputs.values())).shape[0]
+        env.update(zip(wanted, run_subbatched(n, run)))
 
     def extra_repr(self) -> str:
         return f"inputs={self.inputs}, output={self.output!r}, {len(self.nodes)} nodes"

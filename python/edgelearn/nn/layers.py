@@ -40,6 +40,7 @@ class _QuantizedLayer(Module):
     """What Linear and Conv2d share: the FP32/INT8 switch and the per-step stochastic-rounding seed."""
 
     returns_private_output = True
+    samplewise_forward = True
 
     int8: Optional[OctoConfig]
     layer_id: int
@@ -192,6 +193,7 @@ class BatchNorm2d(Module):
     ``num_batches_tracked`` (PyTorch's names, so state dicts line up)."""
 
     returns_private_output = True
+    samplewise_forward = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -202,14 +204,23 @@ class BatchNorm2d(Module):
         self.register_buffer("running_var", np.ones(num_features, np.float32))
         self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
         self.save_int8 = False  # set by edgelearn.octo: keep the input for backward as int8
+        #: Frozen statistics: normalise with the running statistics in training mode too and leave them as they
+        #: are (what Keras does for a BatchNormalization with ``trainable=False``, and what a frozen layer of a
+        #: tiny-training graph does). ``edgelearn.finetune.select_trainable`` sets it on BatchNorms it freezes.
+        self.frozen = False
 
     def forward(self, x: Any) -> Tensor:
-        if self.training:
+        training = self.training and not self.frozen
+        if training:
             self.num_batches_tracked[...] += 1
         return F.batch_norm2d(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.training, self.momentum, self.eps,
+            x, self.weight, self.bias, self.running_mean, self.running_var, training, self.momentum, self.eps,
             save_int8=self.save_int8,
         )
+
+    def samplewise(self) -> bool:
+        """Batch statistics mix the samples: only in eval mode or with frozen statistics is this per sample."""
+        return not self.training or self.frozen
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -217,6 +228,7 @@ class BatchNorm2d(Module):
 
 class ReLU(Module):
     returns_private_output = True
+    samplewise_forward = True
     def __init__(self) -> None:
         super().__init__()
         self.save_mask = False  # set by edgelearn.octo: keep a 1-bit mask for backward, not the FP32 output
@@ -230,6 +242,7 @@ class ReLU6(Module):
     output overwrites an input that ``Sequential`` donates, as for ``ReLU``."""
 
     returns_private_output = True
+    samplewise_forward = True
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
@@ -243,6 +256,8 @@ class ReLU6(Module):
 class Hardswish(Module):
     """``x·relu6(x + 3)/6``."""
 
+    samplewise_forward = True
+
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = bool(inplace)
@@ -252,12 +267,15 @@ class Hardswish(Module):
 
 
 class Sigmoid(Module):
+    samplewise_forward = True
+
     def forward(self, x: Any) -> Tensor:
         return F.sigmoid(x)
 
 
 class MaxPool2d(Module):
     returns_private_output = True
+    samplewise_forward = True
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -278,6 +296,7 @@ class AdaptiveAvgPool2d(Module):
     """Average pooling to a fixed output size (the input size must be a multiple of it; 1 always works)."""
 
     returns_private_output = True
+    samplewise_forward = True
 
     def __init__(self, output_size: IntPair = 1):
         super().__init__()
@@ -293,6 +312,11 @@ class AdaptiveAvgPool2d(Module):
 class Flatten(Module):
     """Flattens dimensions ``start_dim..end_dim`` (default: all but the batch dimension)."""
 
+    samplewise_forward = True
+
+    def samplewise(self) -> bool:
+        return self.start_dim >= 1  # flattening the batch dimension mixes samples
+
     def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
         self.start_dim, self.end_dim = start_dim, end_dim
@@ -302,6 +326,8 @@ class Flatten(Module):
 
 
 class Identity(Module):
+    samplewise_forward = True
+
     def forward(self, x: Any) -> Tensor:
         return as_tensor(x)
 
@@ -317,6 +343,10 @@ class Dropout(Module):
         self.p = float(p)
         self.seed = init.next_seed() if seed is None else int(seed)
         self.register_buffer("step", np.zeros((), np.int64), optional=True)
+
+    def samplewise(self) -> bool:
+        """Masks are drawn for the whole batch: per sample only when nothing is dropped."""
+        return not self.training or self.p == 0.0
 
     def forward(self, x: Any) -> Tensor:
         if not self.training or self.p == 0.0:
@@ -339,6 +369,7 @@ class Compensation(Module):
     """
 
     returns_private_output = True
+    samplewise_forward = True
 
     def __init__(self, shape: Union[int, Tuple[int, ...]], lam: float = 0.1):
         super().__init__()

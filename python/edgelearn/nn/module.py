@@ -9,7 +9,7 @@ arrays, so an optimizer built on the model keeps working after a load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,6 +50,11 @@ class Module:
     #: ``Sequential`` may donate that result's storage to the next layer (see ``Sequential.forward``).
     #: Off by default: a custom module might keep or return a tensor someone else holds.
     returns_private_output = False
+
+    #: True for modules whose own computation treats each sample of a batch on its own (no batch statistics,
+    #: nothing mixed across samples), so that :meth:`samplewise` may hold once their children agree. Off by
+    #: default: a custom ``forward`` might mix samples.
+    samplewise_forward = False
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -127,6 +132,13 @@ class Module:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
+
+    def samplewise(self) -> bool:
+        """Whether running this module on sub-batches and stacking the outputs gives what one call on the whole
+        batch gives, in its current mode: its own computation mixes no samples (``samplewise_forward``) and
+        neither does any child's (a BatchNorm using batch statistics does; an INT8 layer's activation scale is
+        per tensor, so there sub-batches differ by rounding only). See :func:`run_chain`."""
+        return type(self).samplewise_forward and all(m.samplewise() for m in self._modules.values() if m is not None)
 
     def train(self, mode: bool = True) -> "Module":
         for m in self.modules():
@@ -280,6 +292,8 @@ class Module:
 class Sequential(Module):
     """Modules applied in order; children are named "0", "1", ... (renumbered when items are inserted)."""
 
+    samplewise_forward = True
+
     def __init__(self, *modules: Union[Module, "OrderedDict[str, Module]"]):
         super().__init__()
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):
@@ -303,6 +317,11 @@ class Sequential(Module):
 
     def forward(self, x: Any) -> Any:
         return run_chain(x, self._fusion_plan())
+
+    def samplewise(self) -> bool:
+        if type(self).forward is not Sequential.forward and "samplewise_forward" not in type(self).__dict__:
+            return False  # a subclass with a forward of its own says for itself
+        return super().samplewise()
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -366,23 +385,100 @@ def fusion_plan(items: List[Module]) -> list:
     return plan
 
 
+#: The most samples a frozen prefix runs on at once (see :func:`run_chain`). A frozen layer keeps nothing for
+#: backward, so what it costs is its forward's working set: a few activations of the sub-batch instead of the
+#: batch. 32 keeps the kernels' work per call large (at 28x28, 25k output pixels per convolution).
+FROZEN_SUBBATCH = 32
+
+
+def _frozen_prefix(xd: Optional[np.ndarray], plan: list) -> int:
+    """How many leading items of ``plan`` may run on sub-batches of ``xd`` (see :func:`frozen_input`): frozen
+    samplewise items (:func:`is_frozen_layer`), at least one of them a layer with parameters."""
+    if xd is None:
+        return 0
+    n, has_layer = 0, False
+    for items in plan:
+        checks = [is_frozen_layer(m) for m in items]
+        if not all(frozen for frozen, _ in checks):
+            break
+        has_layer = has_layer or any(params for _, params in checks)
+        n += 1
+    return n if has_layer else 0
+
+
+def is_frozen_layer(m: Optional["Module"]) -> Tuple[bool, bool]:
+    """``(frozen, has_parameters)`` for one item of a frozen prefix: samplewise in its current mode and no
+    parameter that requires grad."""
+    if m is None:
+        return True, False
+    params = list(m.parameters())
+    return m.samplewise() and not any(p.requires_grad for p in params), bool(params)
+
+
+def frozen_input(x: Any) -> Optional[np.ndarray]:
+    """``x``'s array when a frozen prefix may run on sub-batches of it (more than :data:`FROZEN_SUBBATCH`
+    samples, no gradient needed), else None."""
+    from ..tensor import is_grad_enabled
+
+    xd = x.data if isinstance(x, Tensor) else x
+    if not isinstance(xd, np.ndarray) or xd.ndim < 2 or xd.shape[0] <= FROZEN_SUBBATCH:
+        return None
+    if isinstance(x, Tensor) and x.requires_grad and is_grad_enabled():
+        return None
+    return xd
+
+
+def run_subbatched(n: int, run: Callable[[slice], Sequence[Any]]) -> List[Tensor]:
+    """Calls ``run(rows)`` for each sub-batch of :data:`FROZEN_SUBBATCH` of ``n`` samples and writes what it
+    returns into arrays for the whole batch (fresh arrays only the results hold: a next layer may write over
+    them). The peak is one sub-batch's working set plus these outputs."""
+    outs: Optional[List[np.ndarray]] = None
+    for start in range(0, n, FROZEN_SUBBATCH):
+        rows = slice(start, min(n, start + FROZEN_SUBBATCH))
+        parts = [p.data if isinstance(p, Tensor) else np.asarray(p) for p in run(rows)]
+        if outs is None:
+            outs = [np.empty((n,) + p.shape[1:], p.dtype) for p in parts]
+        for out, p in zip(outs, parts):
+            out[rows] = p
+        del parts
+    results = []
+    for out in outs or []:
+        t = Tensor(out)
+        t._owned = True
+        results.append(t)
+    return results
+
+
 def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
     """Applies ``plan`` (from :func:`fusion_plan`) to ``x`` as ``Sequential`` does, with its optimisations: an
     INT8 layer applies the Compensation that follows it inside its own op, and an intermediate output is donated
     to the next layer by contract (INT8-mode Compensation/BatchNorm/ReLU write over it). Blocks that are not a
     ``Sequential`` (residual blocks) run their main path through this too.
 
+    A frozen prefix (leading layers whose parameters need no gradient, on an input that needs none, each
+    :meth:`Module.samplewise`: the part of a ``--train last:K`` fine-tuning before the first trainable layer)
+    runs on sub-batches of at most :data:`FROZEN_SUBBATCH` samples, its outputs gathered into one batch: it
+    keeps nothing for backward, so its memory is its forward's working set, now that of a sub-batch.
+
     ``donate_input``: the caller promises that ``x`` is an intermediate it drops after this call (e.g. the sum
     of a residual add); it is donated to the first layer when its op said the storage is its alone (``owned``).
     """
-    producer = None
-    for i, (m, fused) in enumerate(plan):
+    first, mine_first = 0, donate_input
+    xd = frozen_input(x)
+    frozen = _frozen_prefix(xd, plan)
+    if frozen and xd is not None:
+        whole = xd  # each sub-batch is a view of it: never donated
+        (x,) = run_subbatched(whole.shape[0], lambda rows: [run_chain(Tensor(whole[rows]), plan[:frozen])])
+        first, mine_first = frozen, True
+    producer: Any = None
+    for i in range(first, len(plan)):
+        m, fused = plan[i]
         # Buffer donation, by contract (no reference counting): an intermediate made by the previous item is
         # handed to the next one when its op said the storage is the result's alone (``owned``, see
         # ``make_result``) and that item is a layer that keeps no reference to what it returns
         # (``returns_private_output``). Only this loop holds it then, so INT8-mode Compensation/BatchNorm/ReLU
         # may write their output over it. The chain's own input only when the caller says so.
-        mine = donate_input if i == 0 else producer.returns_private_output
+        mine = mine_first if i == first else producer.returns_private_output
         if mine and type(x) is Tensor and x._owned:
             x._donated = True
         if fused is not None:

@@ -208,13 +208,9 @@ pub fn gate_u8(
                     &frame[y * w * cin..(y + 1) * w * cin],
                     &reference[y * w * cin..(y + 1) * w * cin],
                 );
-                for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
-                    let (m, ee, s1, s2) = byte_scores(a, b);
-                    mx[pc] = mx[pc].max(m);
-                    e[pc] += ee as u64;
-                    t1 += s1 as u64;
-                    t2 += s2 as u64;
-                }
+                let (s1, s2) = gate_row(fr, rr, seg, &mut mx, &mut e);
+                t1 += s1;
+                t2 += s2;
             }
             for pc in 0..cols {
                 let i = pr * cols + pc;
@@ -274,18 +270,37 @@ pub fn gate_u8(
     })
 }
 
-/// `(max |a − b|, Σ (a − b)², Σ a, Σ a²)` of one row segment of bytes.
-#[inline]
-fn byte_scores(a: &[u8], b: &[u8]) -> (u8, u32, u32, u32) {
-    let (mut m, mut e, mut s1, mut s2) = (0u8, 0u32, 0u32, 0u32);
-    for (&x, &r) in a.iter().zip(b) {
-        let d = x.abs_diff(r);
-        m = m.max(d);
-        e += d as u32 * d as u32;
-        s1 += x as u32;
-        s2 += x as u32 * x as u32;
+crate::simd::avx2_multiversion! {
+    /// One row of a uniform frame: for each patch segment of `seg` bytes, the largest |frame − reference|
+    /// into `mx` and Σ (frame − reference)² added to `e`; returns the row's (Σ frame, Σ frame²).
+    fn gate_row(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
+        for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
+            let (mut m, mut sq) = (0u8, 0u64);
+            // u32 sums of at most 2^16 squares of bytes cannot overflow
+            for (a, b) in a.chunks(1 << 16).zip(b.chunks(1 << 16)) {
+                let mut s = 0u32;
+                for (&x, &r) in a.iter().zip(b) {
+                    let d = x.abs_diff(r);
+                    m = m.max(d);
+                    s += d as u32 * d as u32;
+                }
+                sq += s as u64;
+            }
+            mx[pc] = mx[pc].max(m);
+            e[pc] += sq;
+        }
+        let (mut t1, mut t2) = (0u64, 0u64);
+        for a in fr.chunks(1 << 16) {
+            let (mut s1, mut s2) = (0u32, 0u32);
+            for &x in a {
+                s1 += x as u32;
+                s2 += x as u32 * x as u32;
+            }
+            t1 += s1 as u64;
+            t2 += s2 as u64;
+        }
+        (t1, t2)
     }
-    (m, e, s1, s2)
 }
 
 #[cfg(test)]

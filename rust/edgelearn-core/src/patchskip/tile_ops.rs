@@ -2,15 +2,17 @@
 //!
 //! The dirty rectangles of a layer are cut into horizontal bands ([`bands`]: at most [`MAX_COLS`] output
 //! pixels, smaller when there are threads to feed) that run in parallel over the pool. A convolution
-//! band gathers the input window its outputs read (zero where the window leaves the map, i.e. the
-//! layer's padding): FP32 bands ([`conv_rects`]) are unfolded with the crate's [`im2col`] side by side
-//! in one patch matrix per batch for one GEMM (`W · col`); INT8 bands ([`conv_rects_i8`]) quantize only
-//! their window with the layer's cached input scale and, at stride 1, run the dense INT8 convolution on
-//! it (direct VNNI kernel or padded grid: the same plan as the whole layer). The outputs are scattered
-//! into the cache with the stage's pointwise ops applied while the rows are in cache. Work is
-//! proportional to the dirty area (plus the halo gather), never to the whole map. Pooling and pointwise
-//! ops loop over the rectangle directly, in the same order as the dense kernels of [`crate::nn`], so
-//! their results are bit-identical.
+//! band reads the input window its outputs need (zero where the window leaves the map, i.e. the layer's
+//! padding). Ungrouped FP32 ([`conv_rects`]) and INT8 ([`conv_rects_i8`]) bands are batched side by side
+//! in one patch matrix for one GEMM (`W · col`); kernels wider than 1x1 lay the window out as its stride
+//! phases ([`phase_grid`]) so that each tap's row of the patch matrix is one contiguous copy (a few extra
+//! columns per output row, computed and dropped). INT8 stride-1 layers with the direct VNNI kernel's
+//! packed weights ([`DirectPlan`]) run their bands through it on a grid laid from the cached codes;
+//! grouped/dilated convs run the dense grouped kernels on each band's window. The outputs are scattered
+//! into the cache with the bias and the stage's pointwise ops applied in the same pass ([`store_row`]).
+//! Work is proportional to the dirty area (plus the halo gather), never to the whole map. Pooling and
+//! pointwise ops loop over the rectangle directly, in the same order as the dense kernels of
+//! [`crate::nn`], so their results are bit-identical.
 
 use rayon::prelude::*;
 
@@ -359,8 +361,8 @@ fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
     }
 }
 
-/// Writes the band outputs `src (o × ld)` (the band's `rh·rw` pixels from column `off`) into `y` at
-/// `rect` (plus `bias` when given), then applies `ops` there while the rows are in cache.
+/// Writes the band outputs `src (o × ld)` (output row `r` of the band from column `off + r·rs`) into `y`
+/// at `rect` (plus `bias` when given), then applies `ops` there while the rows are in cache.
 ///
 /// # Safety
 /// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`.
@@ -368,7 +370,7 @@ fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
 unsafe fn scatter_band(
     src: &[f32],
     ld: usize,
-    off: usize,
+    (off, rs): (usize, usize),
     rect: Rect,
     o: usize,
     (oh, ow): (usize, usize),
@@ -379,21 +381,83 @@ unsafe fn scatter_band(
     let (y0, y1, x0, x1) = rect;
     let (rh, rw) = (y1 - y0, x1 - x0);
     for oc in 0..o {
-        let s = &src[oc * ld + off..oc * ld + off + rh * rw];
         for r in 0..rh {
             // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(y.ptr().add((oc * oh + y0 + r) * ow + x0), rw)
             };
-            let sr = &s[r * rw..(r + 1) * rw];
-            match bias {
-                Some(b) => {
-                    let bv = b[oc];
-                    dst.iter_mut().zip(sr).for_each(|(d, &v)| *d = v + bv);
-                }
-                None => dst.copy_from_slice(sr),
-            }
-            apply_ops(ops, oc, dst);
+            let s0 = oc * ld + off + r * rs;
+            store_row(dst, &src[s0..s0 + rw], bias.map(|b| b[oc]), ops, oc);
+        }
+    }
+}
+
+#[inline(always)]
+fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
+fn relu6(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else if v > 6.0 {
+        6.0
+    } else {
+        v
+    }
+}
+
+/// `dst[i] = f(src[i])`.
+#[inline(always)]
+fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
+}
+
+/// `dst = ops(pre(src))` for channel `ch`, in one pass for the usual op lists (an affine, a ReLU or
+/// ReLU6, or an affine then one of them), else `pre` then [`apply_ops`]: each element sees the same
+/// operations in the same order either way.
+#[inline(always)]
+fn epilogue(
+    dst: &mut [f32],
+    src: &[f32],
+    pre: impl Fn(f32) -> f32 + Copy,
+    ops: &[Pointwise],
+    ch: usize,
+) {
+    match ops {
+        [] => map_row(dst, src, pre),
+        [Pointwise::Relu] => map_row(dst, src, |v| relu(pre(v))),
+        [Pointwise::Relu6] => map_row(dst, src, |v| relu6(pre(v))),
+        [Pointwise::Affine { a, b }] => {
+            let (a, b) = (a[ch], b[ch]);
+            map_row(dst, src, |v| pre(v) * a + b)
+        }
+        [Pointwise::Affine { a, b }, Pointwise::Relu] => {
+            let (a, b) = (a[ch], b[ch]);
+            map_row(dst, src, |v| relu(pre(v) * a + b))
+        }
+        [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
+            let (a, b) = (a[ch], b[ch]);
+            map_row(dst, src, |v| relu6(pre(v) * a + b))
+        }
+        _ => {
+            map_row(dst, src, pre);
+            apply_ops(ops, ch, dst);
+        }
+    }
+}
+
+crate::simd::avx2_multiversion! {
+    /// One output row segment of channel `ch`: `dst = src (+ bias)`, then `ops` (see [`epilogue`]).
+    fn store_row(dst: &mut [f32], src: &[f32], bias: Option<f32>, ops: &[Pointwise], ch: usize) {
+        match bias {
+            None => epilogue(dst, src, |v| v, ops, ch),
+            Some(b) => epilogue(dst, src, move |v| v + b, ops, ch),
         }
     }
 }
@@ -415,32 +479,118 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
     gemm: impl Fn(&[T], usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
     let [c, _, _] = cg.in_shape;
-    let k = c * cg.kernel.0 * cg.kernel.1;
+    let (kh, kw) = cg.kernel;
+    let k = c * kh * kw;
     let o = cg.o;
     let yp = OutPtr(y.as_mut_ptr());
     let work = batches(bands);
+    // kernels wider than 1x1 unfold from the band's phase grid (see `phase_grid`): one contiguous copy
+    // per tap instead of one per tap and output row
+    let grid = kh * kw > 1;
+    let layout = |rect: Rect| {
+        let (rh, rw) = (rect.1 - rect.0, rect.3 - rect.2);
+        if grid {
+            let gw = rw + (kw - 1) / cg.stride.1;
+            ((rh - 1) * gw + rw, gw)
+        } else {
+            (rh * rw, rw)
+        }
+    };
     for_each_task(&work, parallel, |range| {
         let batch = &bands[range.clone()];
-        let cols: usize = batch.iter().map(|&(a, b, c, d)| (b - a) * (d - c)).sum();
+        let cols: usize = batch.iter().map(|&r| layout(r).0).sum();
         if cols == 0 {
             return Ok(());
         }
         let mut col = crate::nn::Scratch::<T>::new(k * cols)?;
         let mut off = 0;
-        for &rect in batch {
-            im2col_rect(x, cg, rect, &mut col, cols, off);
-            off += (rect.1 - rect.0) * (rect.3 - rect.2);
+        if grid {
+            let most = batch
+                .iter()
+                .map(|&r| phase_grid_len(cg, r))
+                .max()
+                .unwrap_or(0);
+            let mut buf = crate::nn::Scratch::<T>::new(most)?;
+            for &rect in batch {
+                let n = layout(rect).0;
+                let (gh, gw) = phase_grid(x, cg, rect, &mut buf);
+                let (sh, sw) = cg.stride;
+                for ch in 0..c {
+                    for ki in 0..kh {
+                        for kj in 0..kw {
+                            let row = (ch * kh + ki) * kw + kj;
+                            let start = ((ch * sh + ki % sh) * sw + kj % sw) * gh * gw
+                                + (ki / sh) * gw
+                                + kj / sw;
+                            col[row * cols + off..row * cols + off + n]
+                                .copy_from_slice(&buf[start..start + n]);
+                        }
+                    }
+                }
+                off += n;
+            }
+        } else {
+            for &rect in batch {
+                im2col_rect(x, cg, rect, &mut col, cols, off);
+                off += layout(rect).0;
+            }
         }
         let mut out = take_f32(o * cols)?;
         gemm(&col[..k * cols], cols, &mut out[..o * cols])?;
         let mut off = 0;
         for &rect in batch {
+            let (n, rs) = layout(rect);
             // SAFETY: bands are disjoint and each belongs to one batch; `y` is (o, oh, ow).
-            unsafe { scatter_band(&out, cols, off, rect, o, cg.out_hw, bias, ops, yp) };
-            off += (rect.1 - rect.0) * (rect.3 - rect.2);
+            unsafe { scatter_band(&out, cols, (off, rs), rect, o, cg.out_hw, bias, ops, yp) };
+            off += n;
         }
         Ok(())
     })
+}
+
+/// Values of the phase grid of output `rect` (see [`phase_grid`]).
+fn phase_grid_len(cg: &ConvGeom, rect: Rect) -> usize {
+    let ((kh, kw), (sh, sw)) = (cg.kernel, cg.stride);
+    let gh = rect.1 - rect.0 + (kh - 1) / sh;
+    let gw = rect.3 - rect.2 + (kw - 1) / sw;
+    cg.in_shape[0] * sh * sw * gh * gw
+}
+
+/// The input window of the outputs `rect` split into its `sh × sw` stride phases, from the map
+/// `x (c, h, w)`: `buf (c, sh, sw, gh, gw)` with `gh = rh + (kh − 1)/sh`, `gw = rw + (kw − 1)/sw`, where
+/// phase `(pi, pj)` at `(t, u)` holds input `((y0 + t)·sh + pi − ph, (x0 + u)·sw + pj − pw)` (zero outside
+/// the map: the padding). Tap `(ki, kj)` of output `(r, q)` reads phase `(ki % sh, kj % sw)` at
+/// `(r + ki/sh, q + kj/sw)`, so on this grid (row stride `gw`) the inputs of one tap for the whole band
+/// are one contiguous run of `(rh − 1)·gw + rw` values (the `gw − rw` between rows are extra columns
+/// the GEMM computes and the scatter skips). Phases no tap reads (a kernel smaller than its stride)
+/// are left as they are. Returns `(gh, gw)`.
+fn phase_grid<T: Copy + Default>(
+    x: &[T],
+    cg: &ConvGeom,
+    rect: Rect,
+    buf: &mut [T],
+) -> (usize, usize) {
+    let [c, h, w] = cg.in_shape;
+    let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
+    let (y0, y1, x0, x1) = rect;
+    let (gh, gw) = (y1 - y0 + (kh - 1) / sh, x1 - x0 + (kw - 1) / sw);
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for pi in 0..sh.min(kh) {
+            for pj in 0..sw.min(kw) {
+                let base = ((ch * sh + pi) * sw + pj) * gh * gw;
+                gather_rows(
+                    plane,
+                    (h, w),
+                    &mut buf[base..base + gh * gw],
+                    gw,
+                    ((y0 * sh + pi) as isize - ph as isize, sh),
+                    ((x0 * sw + pj) as isize - pw as isize, sw),
+                );
+            }
+        }
+    }
+    (gh, gw)
 }
 
 /// The patch matrix of the outputs `rect` straight from the map `x (c, h, w)`: row `(ch, ki, kj)` of
@@ -459,46 +609,65 @@ fn im2col_rect<T: Copy + Default>(
     let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
     let (y0, y1, x0, x1) = rect;
     let (rh, rw) = (y1 - y0, x1 - x0);
-    let zero = T::default();
     for ch in 0..c {
         let plane = &x[ch * h * w..(ch + 1) * h * w];
         for ki in 0..kh {
             for kj in 0..kw {
                 let row = (ch * kh + ki) * kw + kj;
-                let dst = &mut col[row * ld + off..row * ld + off + rh * rw];
-                // output columns q whose input column (x0 + q)·sw + kj − pw lies in 0..w
-                let first = (x0 * sw + kj) as isize - pw as isize;
-                let qa = if first >= 0 {
-                    0
-                } else {
-                    ((-first) as usize).div_ceil(sw)
-                }
-                .min(rw);
-                let qb = if first >= w as isize {
-                    0
-                } else {
-                    ((w as isize - 1 - first) as usize / sw + 1).min(rw)
-                }
-                .max(qa);
-                for (r, d) in dst.chunks_exact_mut(rw).enumerate() {
-                    let iy = ((y0 + r) * sh + ki) as isize - ph as isize;
-                    if iy < 0 || iy >= h as isize || qa == qb {
-                        d.fill(zero);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    d[..qa].fill(zero);
-                    d[qb..].fill(zero);
-                    let s0 = (first + (qa * sw) as isize) as usize;
-                    if sw == 1 {
-                        d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
-                    } else {
-                        for (j, v) in d[qa..qb].iter_mut().enumerate() {
-                            *v = src[s0 + j * sw];
-                        }
-                    }
-                }
+                gather_rows(
+                    plane,
+                    (h, w),
+                    &mut col[row * ld + off..row * ld + off + rh * rw],
+                    rw,
+                    ((y0 * sh + ki) as isize - ph as isize, sh),
+                    ((x0 * sw + kj) as isize - pw as isize, sw),
+                );
             }
+        }
+    }
+}
+
+/// Fills `dst` (rows of `n` values) from the plane `(h, w)`: row `t` gets input row `iy0 + t·sy` at
+/// columns `ix0 + q·sx` (`q` in `0..n`), zero where the row or column leaves the plane (the padding).
+fn gather_rows<T: Copy + Default>(
+    plane: &[T],
+    (h, w): (usize, usize),
+    dst: &mut [T],
+    n: usize,
+    (iy0, sy): (isize, usize),
+    (ix0, sx): (isize, usize),
+) {
+    let zero = T::default();
+    // columns q whose input column ix0 + q·sx lies in 0..w
+    let qa = if ix0 >= 0 {
+        0
+    } else {
+        ((-ix0) as usize).div_ceil(sx)
+    }
+    .min(n);
+    let qb = if ix0 >= w as isize {
+        0
+    } else {
+        ((w as isize - 1 - ix0) as usize / sx + 1).min(n)
+    }
+    .max(qa);
+    for (t, d) in dst.chunks_exact_mut(n).enumerate() {
+        let iy = iy0 + (t * sy) as isize;
+        if iy < 0 || iy >= h as isize || qa == qb {
+            d.fill(zero);
+            continue;
+        }
+        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+        d[..qa].fill(zero);
+        d[qb..].fill(zero);
+        let s0 = (ix0 + (qa * sx) as isize) as usize;
+        if sx == 1 {
+            d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
+        } else {
+            d[qa..qb]
+                .iter_mut()
+                .zip(src[s0..].iter().step_by(sx))
+                .for_each(|(v, &s)| *v = s);
         }
     }
 }
@@ -614,21 +783,19 @@ fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Sc
         let mut out = take_f32(o * rh * rw)?;
         conv(&win[..g.c * g.h * g.w], [1, g.c, g.h, g.w], &mut out)?;
         // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
-        unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, yp) };
+        unsafe { scatter_band(&out, rh * rw, (0, rw), rect, o, cg.out_hw, None, ops, yp) };
         Ok(())
     })
 }
 
-/// Narrowest band (output columns) that runs through the dense INT8 convolution: its padded grid
-/// computes `kw − 1` extra columns per row, within the dense plan's limit from 14 columns on (3x3).
-const I8_DENSE_MIN_WIDTH: usize = 14;
-
 /// INT8 counterpart of [`conv_rects`], reading the layer's input codes `xq (c, h, w)` (the input quantized
 /// with the per-tensor scale `sx`, nearest rounding, as the dense INT8 conv quantizes it; the runner keeps
-/// them cached and requantizes only where its input changed). Stride-1 bands at least [`I8_DENSE_MIN_WIDTH`] wide run through the dense INT8 convolution
-/// ([`conv2d_i8_forward`]: the same plan as the whole layer, the direct VNNI kernel or the padded grid,
-/// on the band's window); other bands are unfolded side by side for one INT8 GEMM with the `sw[o]·sx`
-/// epilogue. Every path sums exact INT32 products before the same rescale, so all give the same bits.
+/// them cached and requantizes only where its input changed). When the layer has the direct VNNI
+/// kernel's packed weights ([`DirectPlan`]: stride 1), bands at least [`I8_DIRECT_MIN_WIDTH`] wide run
+/// through it on a grid laid from the codes; grouped/dilated convs run the dense grouped kernel on each
+/// band's window; every other band (any stride, the 3-channel first layer) is unfolded from its phase
+/// grid side by side for one INT8 GEMM with the `sw[o]·sx` epilogue. Every path sums exact INT32
+/// products before the same rescale, so all give the same bits as the dense conv.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_rects_i8(
     xq: &[i8],
@@ -663,15 +830,12 @@ pub fn conv_rects_i8(
     let all = bands(rects, band_size(px, o * k));
     let parallel = all.len() > 1;
     let grouped = is_grouped(p.groups, p.dilation);
-    let grid = p.stride == (1, 1) && (kh > 1 || kw > 1);
-    let min_width = if direct.is_some() {
-        I8_DIRECT_MIN_WIDTH
-    } else {
-        I8_DENSE_MIN_WIDTH
-    };
+    // without the direct kernel's packed weights, every band of an ungrouped conv is unfolded from its
+    // phase grid for the INT8 GEMM (no per-band window image, plan or allocation)
+    let grid = direct.is_some() && (kh > 1 || kw > 1);
     let (dense, narrow): (Vec<Rect>, Vec<Rect>) = all
         .into_iter()
-        .partition(|r| grouped || (grid && r.3 - r.2 >= min_width));
+        .partition(|r| grouped || (grid && r.3 - r.2 >= I8_DIRECT_MIN_WIDTH));
     let copy = |src: &[i8], dst: &mut [i8]| dst.copy_from_slice(src);
     if let (Some(dw), false) = (direct, dense.is_empty()) {
         let yp = OutPtr(y.as_mut_ptr());
@@ -785,7 +949,7 @@ unsafe fn direct_band(
     let mut out = take_f32(o * rh * rw)?;
     direct_conv::conv_direct_f32(dw, &img, sw, sx, &mut out, &to, false)?;
     // SAFETY: as the caller guarantees.
-    unsafe { scatter_band(&out, rh * rw, 0, rect, o, cg.out_hw, None, ops, y) };
+    unsafe { scatter_band(&out, rh * rw, (0, rw), rect, o, cg.out_hw, None, ops, y) };
     Ok(())
 }
 
