@@ -1,7 +1,8 @@
 """Per-layer convolution times of the bundled CNN (batch 32, 3x3, padding 1), FP32 against INT8 in the same
 run: forward, backward (dX and dW), and the INT8 quantization of the input and of the gradient. Then the
-depthwise 3x3 and 1x1 layers of MobileNetV2 (batch 32): edgelearn FP32 and INT8 (with quantization) forward +
-backward against PyTorch FP32 (``torch.nn.functional.conv2d`` and autograd) when torch is importable.
+depthwise 3x3 and 1x1 layers of MobileNetV2 (batch 32): edgelearn FP32 and INT8 forward + backward (INT8: the
+Octo layer step, ``octo_forward``/``octo_backward``, quantization included) against PyTorch FP32
+(``torch.nn.functional.conv2d`` and autograd) when torch is importable.
 
     python benches/conv_layers.py              # one thread
     python benches/conv_layers.py --threads 2
@@ -78,24 +79,18 @@ def mobilenet_layers(args) -> None:
             def fp32():
                 _native.conv2d_grouped_f32_forward(x, w, None, st, pd, None, g)
                 _native.conv2d_grouped_f32_backward(x, w, gy, st, pd, None, g)
-
-            def int8():
-                xq, sx = el.quantize(x, rounding="stochastic", seed=1)
-                wq, sw = el.quantize(w)
-                _native.conv2d_grouped_i8_forward(xq, float(sx), wq, float(sw), None, st, pd, None, g)
-                gq, sg = el.quantize(gy, rounding="stochastic", seed=2, clip=("minmax", 0.95))
-                _native.conv2d_grouped_i8_backward(xq, float(sx), wq, float(sw), gq, float(sg), st, pd, None, g)
         else:
             def fp32():
                 _native.conv2d_f32_forward(x, w, None, st, pd)
                 _native.conv2d_f32_backward(x, w, gy, st, pd)
 
-            def int8():
-                xq, sx = el.quantize(x, rounding="stochastic", seed=1)
-                wq, sw = el.quantize(w)
-                _native.conv2d_i8_forward(xq, float(sx), wq, float(sw), None, st, pd)
-                gq, sg = el.quantize(gy, rounding="stochastic", seed=2, clip=("minmax", 0.95))
-                _native.conv2d_i8_backward(xq, float(sx), wq, float(sw), gq, float(sg), st, pd)
+        def int8():
+            # the Octo layer step as training runs it: one core call per direction, quantization of X,
+            # W and dY (PRC) inside (no bias: the layers of MobileNetV2 have none)
+            _, saved = _native.octo_forward(x, w, None, None, st, pd, "stochastic", "nearest", "stochastic",
+                                            ("minmax", 0.95), False, 1, True, None, g)
+            _native.octo_backward(saved, gy, need_dx=True, need_dw=True, need_db=False)
+
         reps = max(2, int(2e7 / (n * c * h * h * k * k * max(1, o // g))))
         tf, tq = best_us(fp32, n=reps), best_us(int8, n=reps)
         tt = float("nan")

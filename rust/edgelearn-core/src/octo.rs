@@ -25,7 +25,7 @@ use crate::nn::depthwise::{
     conv2d_grouped_i8_backward, conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
 };
 use crate::nn::matmul::{sgemm, MatF32};
-use crate::nn::{shape_len, take_f32};
+use crate::nn::{shape_len, take_f32, take_i8};
 use crate::quant::{quantize_into, Clip, Layout, Rounding};
 use crate::threads;
 
@@ -390,7 +390,8 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
         return Ok(());
     }
     let cfg = saved.config;
-    let mut gq = vec![0i8; dy.len()];
+    // the codes live only for this call: a reused scratch buffer (no page faults on a fresh one)
+    let mut gq = take_i8(dy.len())?;
     let mut sg = [1f32];
     let rounding = cfg.grad_rounding.with_seed(saved.seed ^ GRAD_SEED_XOR);
     quantize_into(

@@ -597,7 +597,7 @@ pub fn quantize_nearest_with_scale(x: &[f32], scale: f32, q: &mut [i8]) -> Resul
 
 /// [`quantize_nearest_with_scale`] of one short run, without the per-call checks and setup (no
 /// allocation, no thread dispatch): the same bits. `scale` must be finite and positive.
-#[inline]
+#[inline(always)]
 pub(crate) fn quantize_nearest_run(x: &[f32], scale: f32, q: &mut [i8]) {
     debug_assert!(scale.is_finite() && scale > 0.0 && x.len() == q.len());
     quantize_run_uniform(

@@ -1,9 +1,10 @@
-//! The AVX2 build of the patch-skip runner's element-wise loops (the uint8 change gate, the fused
-//! bias / affine / ReLU / ReLU6 epilogue written while bands are scattered into the caches) gives the same
-//! bits and the same statistics as the portable build: a uint8 stream through FP32 and INT8 convs of
-//! stride 1 and 2 whose stages end in every epilogue pattern (none, ReLU, ReLU6, affine, affine + ReLU,
-//! affine + ReLU6, and longer lists), on a frame whose sides are not multiples of the patch or of 8. Its
-//! own test binary: the switch is process-wide.
+//! The AVX2 build of the patch-skip runner's element-wise loops (the requantizing of changed INT8
+//! inputs, the fused bias / affine / ReLU / ReLU6 epilogue written while bands are scattered into the
+//! caches) gives the same bits and the same statistics as the portable build: a uint8 stream through
+//! FP32 and INT8 convs of stride 1 and 2 whose stages end in every epilogue pattern (none, ReLU, ReLU6,
+//! affine, affine + ReLU, affine + ReLU6, two affines with or without a ReLU, and longer lists), on a
+//! frame whose sides are not multiples of the patch or of 8. Its own test binary: the switch is
+//! process-wide.
 
 use edgelearn_core::nn;
 use edgelearn_core::patchskip::{Layer, PatchSkip, PatchSkipConfig, U8Input};
@@ -82,6 +83,18 @@ fn net(int8: bool) -> Vec<Layer> {
     ]);
     v.extend([conv(&mut rng, 8, 8, 3, 1, int8), Layer::Relu6]);
     v.extend([conv(&mut rng, 8, 8, 3, 1, int8), affine(&mut rng, 8)]);
+    // an Octo conv's compensation then batch norm (two affines), with and without a ReLU after them
+    v.extend([
+        conv(&mut rng, 8, 8, 3, 1, int8),
+        affine(&mut rng, 8),
+        bn(&mut rng, 8),
+    ]);
+    v.extend([
+        conv(&mut rng, 8, 8, 3, 2, int8),
+        affine(&mut rng, 8),
+        bn(&mut rng, 8),
+        Layer::Relu,
+    ]);
     v.extend([conv(&mut rng, 8, 8, 3, 1, int8), Layer::Relu]);
     v.extend([
         conv(&mut rng, 8, 8, 3, 1, int8),

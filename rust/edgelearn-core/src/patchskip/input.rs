@@ -9,6 +9,11 @@
 
 use super::region::{GateResult, TileMap};
 use crate::error::{Error, Result};
+use crate::threads;
+
+/// Frames of at least this many bytes are gated on all threads (patch rows in parallel).
+/// (Any size in unit tests, so that they take the parallel path.)
+const GATE_PAR_MIN_BYTES: usize = if cfg!(test) { 1 } else { 1 << 16 };
 
 /// BT.601 luma weights, as `edgelearn.video.runner.LUMA` (float32).
 pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
@@ -197,12 +202,10 @@ pub fn gate_u8(
     if input.uniform {
         let unit = input.unit[0];
         let rep = if input.mode == Mode::Repeat { 3.0 } else { 1.0 };
-        let (mut t1, mut t2) = (0u64, 0u64);
-        let mut mx = vec![0u8; cols];
-        let mut e = vec![0u64; cols];
-        for pr in 0..rows {
-            mx.fill(0);
-            e.fill(0);
+        // one patch row: its scores, flags and energies; returns its (Σ frame, Σ frame²)
+        let patch_row = |pr: usize, (score, any, energy): (&mut [f32], &mut [bool], &mut [f64])| {
+            let (mut t1, mut t2) = (0u64, 0u64);
+            let (mut mx, mut e) = (vec![0u8; cols], vec![0u64; cols]);
             for y in pr * patch..((pr + 1) * patch).min(h) {
                 let (fr, rr) = (
                     &frame[y * w * cin..(y + 1) * w * cin],
@@ -213,12 +216,34 @@ pub fn gate_u8(
                 t2 += s2;
             }
             for pc in 0..cols {
-                let i = pr * cols + pc;
-                any[i] = mx[pc] > 0;
-                score[i] = mx[pc] as f32 * unit;
-                energy[i] = rep * e[pc] as f64 * (unit as f64) * (unit as f64);
+                any[pc] = mx[pc] > 0;
+                score[pc] = mx[pc] as f32 * unit;
+                energy[pc] = rep * e[pc] as f64 * (unit as f64) * (unit as f64);
             }
-        }
+            (t1, t2)
+        };
+        let add = |a: (u64, u64), b: (u64, u64)| (a.0 + b.0, a.1 + b.1);
+        // integer sums: the same totals in any order
+        let (t1, t2) = if threads::num_threads() > 1 && n >= GATE_PAR_MIN_BYTES && rows > 1 {
+            use rayon::prelude::*;
+            threads::install(|| {
+                score
+                    .par_chunks_mut(cols)
+                    .zip(any.par_chunks_mut(cols))
+                    .zip(energy.par_chunks_mut(cols))
+                    .enumerate()
+                    .map(|(pr, ((s, a), e))| patch_row(pr, (s, a, e)))
+                    .reduce(|| (0, 0), add)
+            })
+        } else {
+            score
+                .chunks_mut(cols)
+                .zip(any.chunks_mut(cols))
+                .zip(energy.chunks_mut(cols))
+                .enumerate()
+                .map(|(pr, ((s, a), e))| patch_row(pr, (s, a, e)))
+                .fold((0, 0), add)
+        };
         frame_sq = input.sq_from_sums(n as u64, t1, t2);
     } else {
         let c = input.chw[0];
@@ -270,37 +295,97 @@ pub fn gate_u8(
     })
 }
 
-crate::simd::avx2_multiversion! {
-    /// One row of a uniform frame: for each patch segment of `seg` bytes, the largest |frame − reference|
-    /// into `mx` and Σ (frame − reference)² added to `e`; returns the row's (Σ frame, Σ frame²).
-    fn gate_row(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
-        for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
-            let (mut m, mut sq) = (0u8, 0u64);
-            // u32 sums of at most 2^16 squares of bytes cannot overflow
-            for (a, b) in a.chunks(1 << 16).zip(b.chunks(1 << 16)) {
-                let mut s = 0u32;
-                for (&x, &r) in a.iter().zip(b) {
-                    let d = x.abs_diff(r);
-                    m = m.max(d);
-                    s += d as u32 * d as u32;
-                }
-                sq += s as u64;
-            }
-            mx[pc] = mx[pc].max(m);
-            e[pc] += sq;
-        }
-        let (mut t1, mut t2) = (0u64, 0u64);
-        for a in fr.chunks(1 << 16) {
-            let (mut s1, mut s2) = (0u32, 0u32);
-            for &x in a {
-                s1 += x as u32;
-                s2 += x as u32 * x as u32;
-            }
-            t1 += s1 as u64;
-            t2 += s2 as u64;
-        }
-        (t1, t2)
+/// One row of a uniform frame: for each patch segment of `seg` bytes, the largest |frame − reference|
+/// into `mx` and Σ (frame − reference)² added to `e`; returns the row's (Σ frame, Σ frame²). SSE2 on
+/// x86-64 (its baseline), [`gate_row_scalar`] elsewhere: the same integers.
+fn gate_row(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        gate_row_sse2(fr, rr, seg, mx, e)
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        gate_row_scalar(fr, rr, seg, mx, e)
+    }
+}
+
+/// The scalar reference of [`gate_row`].
+fn gate_row_scalar(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
+    let (mut t1, mut t2) = (0u64, 0u64);
+    for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
+        let (mut m, mut sq) = (0u8, 0u64);
+        for (&x, &r) in a.iter().zip(b) {
+            let d = x.abs_diff(r);
+            m = m.max(d);
+            sq += d as u64 * d as u64;
+            t1 += x as u64;
+            t2 += x as u64 * x as u64;
+        }
+        mx[pc] = mx[pc].max(m);
+        e[pc] += sq;
+    }
+    (t1, t2)
+}
+
+/// [`gate_row`] with SSE2: 16 bytes at a time, |a − b| from two saturating subtractions, squares summed
+/// in pairs by `pmaddwd`, Σ a by `psadbw`; a segment's last `seg % 16` bytes as in the scalar reference.
+#[cfg(target_arch = "x86_64")]
+fn gate_row_sse2(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    /// Vectors per accumulation block: i32 lanes gain at most 4·255² per vector.
+    const BLOCK: usize = 2048;
+    let (mut t1, mut t2) = (0u64, 0u64);
+    // SAFETY: SSE2 is part of the x86-64 baseline; every load reads 16 bytes inside `a`/`b` (offsets
+    // below `v`, a multiple of 16 not above their lengths).
+    unsafe {
+        let zero = _mm_setzero_si128();
+        let sum32 = |v: __m128i| -> u64 {
+            let mut l = [0u32; 4];
+            _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, v);
+            l.iter().map(|&x| x as u64).sum()
+        };
+        for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
+            let n = a.len().min(b.len());
+            let v = n / 16 * 16;
+            let (mut m, mut sq, mut s1) = (zero, 0u64, zero);
+            for blk in (0..v).step_by(16 * BLOCK) {
+                let (mut dd, mut xx) = (zero, zero);
+                for i in (blk..v.min(blk + 16 * BLOCK)).step_by(16) {
+                    let x = _mm_loadu_si128(a.as_ptr().add(i) as *const __m128i);
+                    let r = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
+                    let d = _mm_or_si128(_mm_subs_epu8(x, r), _mm_subs_epu8(r, x));
+                    m = _mm_max_epu8(m, d);
+                    let (dl, dh) = (_mm_unpacklo_epi8(d, zero), _mm_unpackhi_epi8(d, zero));
+                    dd = _mm_add_epi32(
+                        dd,
+                        _mm_add_epi32(_mm_madd_epi16(dl, dl), _mm_madd_epi16(dh, dh)),
+                    );
+                    let (xl, xh) = (_mm_unpacklo_epi8(x, zero), _mm_unpackhi_epi8(x, zero));
+                    xx = _mm_add_epi32(
+                        xx,
+                        _mm_add_epi32(_mm_madd_epi16(xl, xl), _mm_madd_epi16(xh, xh)),
+                    );
+                    s1 = _mm_add_epi64(s1, _mm_sad_epu8(x, zero));
+                }
+                sq += sum32(dd);
+                t2 += sum32(xx);
+            }
+            m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+            m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+            m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+            m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+            let mut l = [0u64; 2];
+            _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, s1);
+            // the last n − v bytes as one segment of the scalar reference
+            let (mut mt, mut et) = ([(_mm_cvtsi128_si32(m) & 0xff) as u8], [sq]);
+            let (u1, u2) = gate_row_scalar(&a[v..n], &b[v..n], (n - v).max(1), &mut mt, &mut et);
+            t1 += l[0] + l[1] + u1;
+            t2 += u2;
+            mx[pc] = mx[pc].max(mt[0]);
+            e[pc] += et[0];
+        }
+    }
+    (t1, t2)
 }
 
 #[cfg(test)]
@@ -317,6 +402,42 @@ mod tests {
                 (*seed >> 56) as u8
             })
             .collect()
+    }
+
+    /// The SSE2 row gate gives the scalar reference's integers: segments shorter than, equal to and
+    /// not multiples of 16 bytes, rows that end in a partial segment, extreme bytes (0 and 255).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse2_row_gate_equals_scalar() {
+        let mut seed = 3u64;
+        for &(n, seg) in &[
+            (1usize, 1usize),
+            (47, 3),
+            (48, 48),
+            (100, 24),
+            (333, 16),
+            (513, 64),
+            (4099, 4099),
+        ] {
+            for extreme in [false, true] {
+                let (mut a, mut b) = (frame(&mut seed, n), frame(&mut seed, n));
+                if extreme {
+                    for (i, (x, y)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                        (*x, *y) = if i % 3 == 0 { (255, 0) } else { (0, 255) };
+                    }
+                }
+                let cols = n.div_ceil(seg);
+                let (mut m1, mut e1) = (vec![7u8; cols], vec![5u64; cols]);
+                let (mut m2, mut e2) = (m1.clone(), e1.clone());
+                let t1 = gate_row_scalar(&a, &b, seg, &mut m1, &mut e1);
+                let t2 = gate_row_sse2(&a, &b, seg, &mut m2, &mut e2);
+                assert_eq!(
+                    (t1, m1, e1),
+                    (t2, m2, e2),
+                    "n {n} seg {seg} extreme {extreme}"
+                );
+            }
+        }
     }
 
     fn to_float(u: &[u8], inp: &U8Input) -> Vec<f32> {

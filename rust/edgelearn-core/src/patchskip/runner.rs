@@ -1400,6 +1400,50 @@ mod tests {
         }
     }
 
+    /// A uint8 stream through INT8 convs gives the same outputs and statistics on one and on two threads
+    /// (the gate's patch rows and the requantizing of changed inputs then run in parallel: in unit tests
+    /// from any size on).
+    #[test]
+    fn u8_stream_is_the_same_on_two_threads() {
+        let run = |threads: usize| {
+            crate::threads::set_num_threads(threads).unwrap();
+            let mut seed = 9u64;
+            let cfg = PatchSkipConfig {
+                patch: 5,
+                threshold: 0.02,
+                ..PatchSkipConfig::default()
+            };
+            let mut ps = PatchSkip::new(layers(&mut seed, true), cfg).unwrap();
+            let (h, w) = (31, 37);
+            let input = U8Input::new([h, w, 3], None, None, None).unwrap();
+            let mut bytes: Vec<u8> = (0..h * w * 3)
+                .map(|_| (lcg(&mut seed) * 255.0) as u8)
+                .collect();
+            let mut out = Vec::new();
+            for t in 0..5 {
+                for y in 2 + 4 * t..9 + 4 * t {
+                    for x in 3 * t..3 * t + 30 {
+                        bytes[y * w * 3 + x] = (lcg(&mut seed) * 255.0) as u8;
+                    }
+                }
+                bytes[(3 * w + 30) * 3] ^= 1; // below the threshold
+                let y = ps.run_u8(&bytes, input.clone()).unwrap().to_vec();
+                let st = ps.stats();
+                assert!(t == 0 || (!st.dense && st.compute_fraction < 0.9), "{st:?}");
+                out.push((
+                    y,
+                    st.patch_fraction,
+                    st.estimated_error,
+                    st.layer_fractions.clone(),
+                ));
+            }
+            out
+        };
+        let (one, two) = (run(1), run(2));
+        crate::threads::set_num_threads(1).unwrap();
+        assert_eq!(one, two);
+    }
+
     /// Grouped, depthwise and dilated convolutions (FP32 and INT8) run sparse frames equal to dense ones.
     #[test]
     fn grouped_and_dilated_convs_equal_dense() {

@@ -337,7 +337,7 @@ fn window_len(cg: &ConvGeom, rect: Rect) -> usize {
 }
 
 /// Applies `ops` in order to one row segment of channel `ch`.
-#[inline]
+#[inline(always)]
 fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
     for op in ops {
         match op {
@@ -412,10 +412,15 @@ fn relu6(v: f32) -> f32 {
     }
 }
 
-/// `dst[i] = f(src[i])`.
+/// `dst[i] = f(src[i])` (an index loop: iterator adapters may stay out-of-line calls, which would not
+/// get the AVX2 build of the caller).
 #[inline(always)]
 fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
+    let n = dst.len().min(src.len());
+    let (dst, src) = (&mut dst[..n], &src[..n]);
+    for i in 0..n {
+        dst[i] = f(src[i]);
+    }
 }
 
 /// `dst = ops(pre(src))` for channel `ch`, in one pass for the usual op lists (an affine, a ReLU or
@@ -444,6 +449,20 @@ fn epilogue(
         [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
             let (a, b) = (a[ch], b[ch]);
             map_row(dst, src, |v| relu6(pre(v) * a + b))
+        }
+        // an INT8 (Octo) conv's compensation, then batch norm
+        [Pointwise::Affine { a, b }, Pointwise::Affine { a: c, b: d }, rest @ ..] => {
+            let (a, b, c, d) = (a[ch], b[ch], c[ch], d[ch]);
+            let two = move |v: f32| (pre(v) * a + b) * c + d;
+            match rest {
+                [] => map_row(dst, src, two),
+                [Pointwise::Relu] => map_row(dst, src, |v| relu(two(v))),
+                [Pointwise::Relu6] => map_row(dst, src, |v| relu6(two(v))),
+                _ => {
+                    map_row(dst, src, two);
+                    apply_ops(rest, ch, dst);
+                }
+            }
         }
         _ => {
             map_row(dst, src, pre);
@@ -953,15 +972,36 @@ unsafe fn direct_band(
     Ok(())
 }
 
+/// Fewest values [`quantize_rects`] spreads over the threads.
+/// (Any size in unit tests, so that they take the parallel path.)
+const QUANT_PAR_MIN: usize = if cfg!(test) { 1 } else { 1 << 15 };
+
 /// Quantizes the rectangles `rects` of `x (c, h, w)` into `xq` (same layout) with the per-tensor scale
-/// `sx`, nearest rounding: the same codes as quantizing the whole map.
+/// `sx`, nearest rounding: the same codes as quantizing the whole map. Channels run in parallel over the
+/// pool when there is enough to do.
 pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
     let [c, h, w] = shape;
-    for ch in 0..c {
-        for &(y0, y1, x0, x1) in rects {
-            for y in y0..y1 {
-                let o = (ch * h + y) * w;
-                quantize_nearest_run(&x[o + x0..o + x1], sx, &mut xq[o + x0..o + x1]);
+    if c > 1 && threads::num_threads() > 1 && c * pixels(rects) >= QUANT_PAR_MIN {
+        threads::install(|| {
+            x.par_chunks(h * w)
+                .zip(xq.par_chunks_mut(h * w))
+                .for_each(|(xc, qc)| quantize_rects_on(xc, [1, h, w], sx, rects, qc))
+        })
+    } else {
+        quantize_rects_on(x, shape, sx, rects, xq)
+    }
+}
+
+crate::simd::avx2_multiversion! {
+    /// [`quantize_rects`] on this thread.
+    fn quantize_rects_on(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
+        let [c, h, w] = shape;
+        for ch in 0..c {
+            for &(y0, y1, x0, x1) in rects {
+                for y in y0..y1 {
+                    let o = (ch * h + y) * w;
+                    quantize_nearest_run(&x[o + x0..o + x1], sx, &mut xq[o + x0..o + x1]);
+                }
             }
         }
     }

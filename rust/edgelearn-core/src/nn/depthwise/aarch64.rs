@@ -12,6 +12,7 @@ pub static NEON: DwKernel = DwKernel {
     name: "neon",
     corr_f32: corr_f32_neon,
     corr_i8: corr_i8_neon,
+    corr_i8_scaled: None,
     dot_f32: dot_f32_neon,
     dot_i8: dot_i8_neon,
 };
@@ -20,6 +21,7 @@ pub static DOTPROD: DwKernel = DwKernel {
     name: "dotprod",
     corr_f32: corr_f32_neon,
     corr_i8: corr_i8_neon,
+    corr_i8_scaled: None,
     dot_f32: dot_f32_neon,
     dot_i8: dot_i8_dotprod,
 };

@@ -25,12 +25,18 @@ pub type CorrI8 = unsafe fn(*mut i32, usize, *const i8, usize, usize, usize, &[u
 pub type DotF32 =
     unsafe fn(*const f32, usize, *const f32, usize, usize, usize, &[usize], &mut [[f32; 16]]);
 pub type DotI8 = unsafe fn(*const i8, usize, *const i8, usize, usize, usize, &[usize], &mut [i64]);
+/// `corr_i8` into zero with the sums stored as `sum as f32 · scale + bias` (the last two arguments);
+/// returns `false`, having written nothing, where the kernel has no such path for these taps.
+pub type CorrI8Scaled =
+    unsafe fn(*mut f32, usize, *const i8, usize, usize, usize, &[usize], &[i32], f32, f32) -> bool;
 
 /// One ISA's set of inner loops.
 pub struct DwKernel {
     pub name: &'static str,
     pub corr_f32: CorrF32,
     pub corr_i8: CorrI8,
+    /// A fused-rescale `corr_i8` where the kernel has one (see [`DwKernel::corr_i8_scaled`]).
+    pub corr_i8_scaled: Option<CorrI8Scaled>,
     pub dot_f32: DotF32,
     pub dot_i8: DotI8,
 }
@@ -146,6 +152,7 @@ pub static SCALAR: DwKernel = DwKernel {
     name: "scalar",
     corr_f32: corr_f32_scalar,
     corr_i8: corr_i8_scalar,
+    corr_i8_scaled: None,
     dot_f32: dot_f32_scalar,
     dot_i8: dot_i8_scalar,
 };
@@ -257,6 +264,20 @@ fn check_taps(offs: usize, w: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks of an INT8 `corr` call; `false` when there is nothing to compute.
+fn check_corr_i8<T>(out: &[T], src: &[i8], b: Rows, offs: &[usize], w: &[i32]) -> Result<bool> {
+    check_taps(offs.len(), w.len())?;
+    b.check_out(out)?;
+    b.check_src(src, offs)?;
+    if let Some(i) = w.iter().position(|v| !(-128..=127).contains(v)) {
+        return Err(Error::invalid(
+            "w",
+            format!("weight {i} is not an int8 value"),
+        ));
+    }
+    Ok(b.rows > 0 && b.len > 0)
+}
+
 impl DwKernel {
     /// `out[r·ldo + k] += Σ_t w[t]·src[r·lds + offs[t] + k]` in FP32.
     pub fn corr_f32(
@@ -298,16 +319,7 @@ impl DwKernel {
         offs: &[usize],
         w: &[i32],
     ) -> Result<()> {
-        check_taps(offs.len(), w.len())?;
-        b.check_out(out)?;
-        b.check_src(src, offs)?;
-        if let Some(i) = w.iter().position(|v| !(-128..=127).contains(v)) {
-            return Err(Error::invalid(
-                "w",
-                format!("weight {i} is not an int8 value"),
-            ));
-        }
-        if b.rows == 0 || b.len == 0 {
+        if !check_corr_i8(out, src, b, offs, w)? {
             return Ok(());
         }
         // SAFETY: as in corr_f32.
@@ -323,6 +335,59 @@ impl DwKernel {
                 w,
             )
         };
+        Ok(())
+    }
+
+    /// `out[r·ldo + k] = (Σ_t w[t]·src[r·lds + offs[t] + k]) as f32 · scale + bias`: the exact INT32 sums
+    /// (wrapping, as [`Self::corr_i8`] from zero) rescaled with one multiply and one add. Through the
+    /// kernel's fused path where it has one, else `corr_i8` into `out`'s own memory as INT32 and a
+    /// rescale in place: the same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn corr_i8_scaled(
+        &self,
+        out: &mut [f32],
+        src: &[i8],
+        b: Rows,
+        offs: &[usize],
+        w: &[i32],
+        scale: f32,
+        bias: f32,
+    ) -> Result<()> {
+        if !check_corr_i8(out, src, b, offs, w)? {
+            return Ok(());
+        }
+        if let Some(f) = self.corr_i8_scaled {
+            // SAFETY: as in corr_f32.
+            let done = unsafe {
+                f(
+                    out.as_mut_ptr(),
+                    b.ldo,
+                    src.as_ptr(),
+                    b.lds,
+                    b.rows,
+                    b.len,
+                    offs,
+                    w,
+                    scale,
+                    bias,
+                )
+            };
+            if done {
+                return Ok(());
+            }
+        }
+        // SAFETY: f32 and i32 have the same size and alignment; the view is dropped before `out` is used.
+        let acc: &mut [i32] =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut i32, out.len()) };
+        for r in 0..b.rows {
+            acc[r * b.ldo..][..b.len].fill(0);
+        }
+        self.corr_i8(acc, src, b, offs, w)?;
+        for r in 0..b.rows {
+            for v in out[r * b.ldo..][..b.len].iter_mut() {
+                *v = (v.to_bits() as i32) as f32 * scale + bias;
+            }
+        }
         Ok(())
     }
 

@@ -718,16 +718,16 @@ fn forward_i8(
         pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
         for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
             let o = g * og + oi;
-            // INT32 sums in the output plane's own memory, rescaled in place
-            // SAFETY: f32 and i32 have the same size and alignment; the slice is this task's plane.
-            let acc: &mut [i32] =
-                unsafe { std::slice::from_raw_parts_mut(yp.as_mut_ptr() as *mut i32, yp.len()) };
-            acc.fill(0);
-            kern.corr_i8(acc, &buf, rows, &offs, &w32[o * kk..(o + 1) * kk])?;
-            let (sc, b) = (scale(o), bias.map_or(0.0, |b| b[o]));
-            for v in yp.iter_mut() {
-                *v = (v.to_bits() as i32) as f32 * sc + b;
-            }
+            let w = &w32[o * kk..(o + 1) * kk];
+            kern.corr_i8_scaled(
+                yp,
+                &buf,
+                rows,
+                &offs,
+                w,
+                scale(o),
+                bias.map_or(0.0, |b| b[o]),
+            )?;
         }
         Ok(())
     })

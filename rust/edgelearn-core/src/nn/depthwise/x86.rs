@@ -21,6 +21,7 @@ pub static AVX2: DwKernel = DwKernel {
     name: "avx2",
     corr_f32: corr_f32_avx2,
     corr_i8: corr_i8_avx2,
+    corr_i8_scaled: None,
     dot_f32: dot_f32_avx2,
     dot_i8: dot_i8_avx2,
 };
@@ -29,6 +30,7 @@ pub static AVX512: DwKernel = DwKernel {
     name: "avx512",
     corr_f32: corr_f32_avx512,
     corr_i8: corr_i8_avx512,
+    corr_i8_scaled: Some(corr_i8_scaled_avx512),
     dot_f32: dot_f32_avx512,
     dot_i8: dot_i8_avx512,
 };
@@ -377,25 +379,58 @@ static GATHER_3X3: [u8; 64] = {
     idx
 };
 
+/// Where [`corr_i8_3x3_vnni`] puts the INT32 sums of up to 16 outputs (`m` masks the valid ones).
+trait Store3x3 {
+    type Out;
+    unsafe fn store(&self, o: *mut Self::Out, m: __mmask16, acc: __m512i);
+}
+
+/// `out += sums` (INT32, wrapping): the plain `corr_i8`.
+struct AddI32;
+
+impl Store3x3 for AddI32 {
+    type Out = i32;
+    #[inline(always)]
+    unsafe fn store(&self, o: *mut i32, m: __mmask16, acc: __m512i) {
+        let a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, o), acc);
+        _mm512_mask_storeu_epi32(o, m, a);
+    }
+}
+
+/// `out = sums as f32 · scale + bias` (one multiply, one add: the fallback's rounding).
+struct ScaleF32 {
+    scale: __m512,
+    bias: __m512,
+}
+
+impl Store3x3 for ScaleF32 {
+    type Out = f32;
+    #[inline(always)]
+    unsafe fn store(&self, o: *mut f32, m: __mmask16, acc: __m512i) {
+        let v = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(acc), self.scale),
+            self.bias,
+        );
+        _mm512_mask_storeu_ps(o, m, v);
+    }
+}
+
 /// [`corr_i8_avx512`] for a 3x3 window at column step 1 ([`taps_3x3`]): per kernel row, one `vpermb`
 /// gathers the three input bytes of each of 16 outputs into one 4-byte group (inputs flipped to unsigned,
 /// `x + 128`), and one `vpdpbusd` multiplies them with the row's weights `[w0, w1, w2, 0]` and adds; the
-/// sum starts at `−128·Σw`, which undoes the flip. Exact INT32 (wrapping, as the scalar loop).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+/// sum starts at `−128·Σw`, which undoes the flip. Exact INT32 (wrapping, as the scalar loop), handed to
+/// `st` 16 outputs at a time.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn corr_i8_3x3_vnni(
-    out: *mut i32,
+unsafe fn corr_i8_3x3_vnni<S: Store3x3>(
+    st: &S,
+    out: *mut S::Out,
     ldo: usize,
     src: *const i8,
     lds: usize,
     rows: usize,
     len: usize,
-    base: usize,
-    d: usize,
-    w0: i32,
-    w1: i32,
-    w2: i32,
-    flip_sum: i32,
+    (base, d, [w0, w1, w2], flip_sum): (usize, usize, [i32; 3], i32),
 ) {
     let idx = _mm512_loadu_si512(GATHER_3X3.as_ptr() as *const __m512i);
     let flip = _mm512_set1_epi8(-128);
@@ -420,11 +455,70 @@ unsafe fn corr_i8_3x3_vnni(
                 acc = _mm512_dpbusd_epi32(acc, g, *w);
             }
             let m = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
-            let a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, o.add(k)), acc);
-            _mm512_mask_storeu_epi32(o.add(k), m, a);
+            st.store(o.add(k), m, acc);
             k += 16;
         }
     }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn corr_i8_3x3_vnni_add(
+    out: *mut i32,
+    ldo: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    taps: (usize, usize, [i32; 3], i32),
+) {
+    corr_i8_3x3_vnni(&AddI32, out, ldo, src, lds, rows, len, taps)
+}
+
+/// The fused-rescale `corr` of the AVX-512 kernel (see `DwKernel::corr_i8_scaled`): the 3x3 VNNI path
+/// storing `sums·scale + bias` as f32; `false` (nothing written) for other windows or CPUs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn corr_i8_scaled_avx512(
+    out: *mut f32,
+    ldo: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    w: &[i32],
+    scale: f32,
+    bias: f32,
+) -> bool {
+    if offs.len() != 9 || !vnni_vbmi_detected() {
+        return false;
+    }
+    let Some(taps) = taps_3x3(offs, w) else {
+        return false;
+    };
+    corr_i8_3x3_vnni_scaled(out, ldo, src, lds, rows, len, taps, scale, bias);
+    true
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn corr_i8_3x3_vnni_scaled(
+    out: *mut f32,
+    ldo: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    taps: (usize, usize, [i32; 3], i32),
+    scale: f32,
+    bias: f32,
+) {
+    let st = ScaleF32 {
+        scale: _mm512_set1_ps(scale),
+        bias: _mm512_set1_ps(bias),
+    };
+    corr_i8_3x3_vnni(&st, out, ldo, src, lds, rows, len, taps)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -439,8 +533,8 @@ unsafe fn corr_i8_avx512(
     w: &[i32],
 ) {
     if offs.len() == 9 && vnni_vbmi_detected() {
-        if let Some((base, d, [w0, w1, w2], fs)) = taps_3x3(offs, w) {
-            return corr_i8_3x3_vnni(out, ldo, src, lds, rows, len, base, d, w0, w1, w2, fs);
+        if let Some(taps) = taps_3x3(offs, w) {
+            return corr_i8_3x3_vnni_add(out, ldo, src, lds, rows, len, taps);
         }
     }
     let nt = offs.len().min(w.len());
@@ -521,8 +615,126 @@ unsafe fn dot_f32_avx512(
     }
 }
 
+/// `vpdpbusd` steps per INT32 lane between flushes of [`dot_i8_vnni`]'s accumulators to i64: one step adds
+/// four products of at most `255·128` in magnitude, so 16384 of them stay within i32.
+const VNNI_DOT_FLUSH: usize = 16384;
+
+/// Sum of the sixteen INT32 lanes of `v`, in i64 (the lanes may sum past i32).
+#[inline(always)]
+unsafe fn hsum_epi32_i64(v: __m512i) -> i64 {
+    let lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+    let hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64::<1>(v));
+    _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi))
+}
+
+/// [`dot_i8_avx512`] for `T` taps at once on AVX-512 VNNI: per row, each block of 64 `a` bytes is loaded
+/// once and one `vpdpbusd` per tap adds it against the tap's source bytes flipped to unsigned
+/// (`s + 128`); the flip is undone from `Σ a` (one more `vpdpbusd` against ones) when the INT32 lanes are
+/// flushed to i64, every [`VNNI_DOT_FLUSH`] steps and at the end. Exact, as the scalar loop (whose
+/// per-row INT32 sums cannot overflow, `len ≤ MAX_ROW_I8`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_i8_vnni<const T: usize>(
+    a: *const i8,
+    lda: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    sums: &mut [i64],
+) {
+    let mut off = [0usize; T];
+    off.copy_from_slice(&offs[..T]);
+    let (flip, ones) = (_mm512_set1_epi8(-128), _mm512_set1_epi8(1));
+    let mut acc = [_mm512_setzero_si512(); T];
+    let mut asum = _mm512_setzero_si512();
+    let mut steps = 0;
+    for r in 0..rows {
+        let (ar, sr) = (a.add(r * lda), src.add(r * lds));
+        let mut k = 0;
+        while k < len {
+            let m: u64 = if len - k >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << (len - k)) - 1
+            };
+            let av = _mm512_maskz_loadu_epi8(m, ar.add(k));
+            asum = _mm512_dpbusd_epi32(asum, ones, av);
+            for t in 0..T {
+                let sv = _mm512_maskz_loadu_epi8(m, sr.add(off[t] + k));
+                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(sv, flip), av);
+            }
+            k += 64;
+            steps += 1;
+            if steps == VNNI_DOT_FLUSH {
+                flush_vnni(&mut acc, &mut asum, sums);
+                steps = 0;
+            }
+        }
+    }
+    flush_vnni(&mut acc, &mut asum, sums);
+}
+
+/// Adds the accumulators of [`dot_i8_vnni`] to `sums` (undoing the flip: `−128·Σ a` each) and zeroes them.
+#[inline(always)]
+unsafe fn flush_vnni<const T: usize>(acc: &mut [__m512i; T], asum: &mut __m512i, sums: &mut [i64]) {
+    let corr = 128 * hsum_epi32_i64(*asum);
+    for (s, v) in sums.iter_mut().zip(acc.iter_mut()) {
+        *s += hsum_epi32_i64(*v) - corr;
+        *v = _mm512_setzero_si512();
+    }
+    *asum = _mm512_setzero_si512();
+}
+
+fn vnni_detected() -> bool {
+    is_x86_feature_detected!("avx512vnni")
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dot_i8_avx512(
+    a: *const i8,
+    lda: usize,
+    src: *const i8,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    offs: &[usize],
+    sums: &mut [i64],
+) {
+    if vnni_detected() {
+        let nt = offs.len().min(sums.len());
+        let mut t = 0;
+        while t < nt {
+            let (o, s) = (&offs[t..nt], &mut sums[t..nt]);
+            t += match nt - t {
+                9 => {
+                    dot_i8_vnni::<9>(a, lda, src, lds, rows, len, o, s);
+                    9
+                }
+                n if n >= 12 => {
+                    dot_i8_vnni::<12>(a, lda, src, lds, rows, len, o, s);
+                    12
+                }
+                n if n >= 4 => {
+                    dot_i8_vnni::<4>(a, lda, src, lds, rows, len, o, s);
+                    4
+                }
+                _ => {
+                    dot_i8_vnni::<1>(a, lda, src, lds, rows, len, o, s);
+                    1
+                }
+            };
+        }
+        return;
+    }
+    dot_i8_madd_avx512(a, lda, src, lds, rows, len, offs, sums)
+}
+
+/// [`dot_i8_avx512`] without VNNI: `vpmaddwd` of sign-extended bytes, INT32 per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_i8_madd_avx512(
     a: *const i8,
     lda: usize,
     src: *const i8,
@@ -556,7 +768,79 @@ unsafe fn dot_i8_avx512(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::depthwise::kernels::SCALAR;
+    use crate::nn::depthwise::kernels::{CorrI8, DotI8, SCALAR};
+
+    fn rng(mut seed: u64) -> impl FnMut() -> u32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        }
+    }
+
+    /// Extreme codes (-128, 127) mixed with random ones.
+    fn codes(n: usize, next: &mut impl FnMut() -> u32) -> Vec<i8> {
+        (0..n)
+            .map(|i| match i % 7 {
+                0 => -128,
+                1 => 127,
+                _ => next() as u8 as i8,
+            })
+            .collect()
+    }
+
+    /// One row block of `corr_i8` through `kern`, from `init`.
+    #[allow(clippy::too_many_arguments)]
+    fn corr(
+        kern: CorrI8,
+        init: &[i32],
+        ldo: usize,
+        src: &[i8],
+        lds: usize,
+        rows: usize,
+        len: usize,
+        offs: &[usize],
+        w: &[i32],
+    ) -> Vec<i32> {
+        let mut out = init.to_vec();
+        assert!((rows - 1) * ldo + len <= out.len());
+        assert!((rows - 1) * lds + offs.iter().max().unwrap() + len <= src.len());
+        // SAFETY: bounds asserted above; the caller checked the CPU features of `kern`.
+        unsafe { kern(out.as_mut_ptr(), ldo, src.as_ptr(), lds, rows, len, offs, w) };
+        out
+    }
+
+    /// One row block of `dot_i8` through `kern`.
+    #[allow(clippy::too_many_arguments)]
+    fn dot(
+        kern: DotI8,
+        a: &[i8],
+        lda: usize,
+        src: &[i8],
+        lds: usize,
+        rows: usize,
+        len: usize,
+        offs: &[usize],
+    ) -> Vec<i64> {
+        assert!((rows - 1) * lda + len <= a.len());
+        assert!((rows - 1) * lds + offs.iter().max().unwrap() + len <= src.len());
+        let mut sums: Vec<i64> = (0..offs.len()).map(|t| t as i64 * 1000 - 7).collect();
+        // SAFETY: bounds asserted above; the caller checked the CPU features of `kern`.
+        unsafe {
+            kern(
+                a.as_ptr(),
+                lda,
+                src.as_ptr(),
+                lds,
+                rows,
+                len,
+                offs,
+                &mut sums,
+            )
+        };
+        sums
+    }
 
     /// The VNNI 3x3 path is what `corr_i8_avx512` takes for 3x3 taps at column step 1, and it gives the
     /// scalar loop's sums (every width around the 16-lane vector, extreme codes, wrapping sums, strided
@@ -567,22 +851,10 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 VNNI + VBMI");
             return;
         }
-        let mut seed = 99u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = rng(99);
         for len in [1, 2, 5, 14, 15, 16, 17, 30, 31, 32, 33, 47, 64] {
             let (rows, lds, d, base) = (3, len + 7, len + 9, 2);
-            let src: Vec<i8> = (0..(rows + 2) * d + rows * lds + len + 16)
-                .map(|i| match i % 7 {
-                    0 => -128,
-                    1 => 127,
-                    _ => next() as u8 as i8,
-                })
-                .collect();
+            let src = codes((rows + 2) * d + rows * lds + len + 16, &mut next);
             let offs: Vec<usize> = (0..9).map(|t| base + (t / 3) * d + t % 3).collect();
             for wset in 0..3 {
                 let w: Vec<i32> = (0..9)
@@ -598,19 +870,29 @@ mod tests {
                 let init: Vec<i32> = (0..rows * ldo)
                     .map(|i| i32::MAX - 1000 + i as i32)
                     .collect();
-                let (mut want, mut got) = (init.clone(), init);
-                unsafe {
-                    (SCALAR.corr_i8)(
-                        want.as_mut_ptr(),
-                        ldo,
-                        src.as_ptr(),
-                        lds,
-                        rows,
-                        len,
-                        &offs,
-                        &w,
-                    );
-                    corr_i8_avx512(
+                let run = |k: CorrI8| corr(k, &init, ldo, &src, lds, rows, len, &offs, &w);
+                assert_eq!(
+                    run(corr_i8_avx512),
+                    run(SCALAR.corr_i8),
+                    "len {len}, weights {wset}"
+                );
+                // the fused rescale: the scalar sums from zero, times the scale, plus the bias
+                let (scale, bias) = (0.37f32, -1.25f32);
+                let sums = corr(
+                    SCALAR.corr_i8,
+                    &vec![0; rows * ldo],
+                    ldo,
+                    &src,
+                    lds,
+                    rows,
+                    len,
+                    &offs,
+                    &w,
+                );
+                let mut got = vec![f32::NAN; rows * ldo];
+                // SAFETY: `got` is as long as the sums checked by `corr`.
+                let done = unsafe {
+                    corr_i8_scaled_avx512(
                         got.as_mut_ptr(),
                         ldo,
                         src.as_ptr(),
@@ -619,9 +901,22 @@ mod tests {
                         len,
                         &offs,
                         &w,
-                    );
+                        scale,
+                        bias,
+                    )
+                };
+                assert!(done, "the 3x3 window takes the fused path");
+                for (i, (&g, &v)) in got.iter().zip(&sums).enumerate() {
+                    if i % ldo < len {
+                        assert_eq!(
+                            g.to_bits(),
+                            (v as f32 * scale + bias).to_bits(),
+                            "len {len} at {i}"
+                        );
+                    } else {
+                        assert!(g.is_nan(), "wrote past the row at {i}");
+                    }
                 }
-                assert_eq!(got, want, "len {len}, weights {wset}");
             }
         }
         let offs: Vec<usize> = (0..9).map(|t| (t / 3) * 10 + 2 * (t % 3)).collect();
@@ -631,5 +926,41 @@ mod tests {
         );
         let offs: Vec<usize> = (0..9).map(|t| (t / 3) * 10 + t % 3).collect();
         assert!(taps_3x3(&offs, &[300; 9]).is_none(), "weights beyond int8");
+    }
+
+    /// The VNNI weight-gradient dot gives the scalar loop's sums: every tap count the blocks split into
+    /// (1..=14, 25), widths around the 64-byte vector, strided rows, extreme codes; and a plane long
+    /// enough to pass the INT32 flush point at the largest products (`a = -128`, `s = 127`).
+    #[test]
+    fn vnni_dot_matches_scalar() {
+        if !(avx512_detected() && vnni_detected()) {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut next = rng(7);
+        for nt in (1..=14).chain([25]) {
+            for len in [1, 3, 15, 16, 17, 31, 33, 56, 63, 64, 65, 100, 129] {
+                let (rows, lda, lds) = (3, len + 5, len + 11);
+                let offs: Vec<usize> = (0..nt).map(|t| (t / 3) * lds + t % 3 + t / 5).collect();
+                let a = codes((rows - 1) * lda + len, &mut next);
+                let src = codes(
+                    (rows - 1) * lds + offs.iter().max().unwrap() + len,
+                    &mut next,
+                );
+                let run = |k: DotI8| dot(k, &a, lda, &src, lds, rows, len, &offs);
+                assert_eq!(
+                    run(dot_i8_avx512),
+                    run(SCALAR.dot_i8),
+                    "{nt} taps, len {len}"
+                );
+            }
+        }
+        let (len, rows) = (64, VNNI_DOT_FLUSH + 300);
+        let a = vec![-128i8; rows * len];
+        let src = vec![127i8; rows * len + 2];
+        let run = |k: DotI8| dot(k, &a, len, &src, len, rows, len, &[0, 1, 2]);
+        let want = run(SCALAR.dot_i8);
+        assert_eq!(want[0], -7 - 128 * 127 * (rows * len) as i64);
+        assert_eq!(run(dot_i8_avx512), want);
     }
 }
