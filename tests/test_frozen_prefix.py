@@ -74,7 +74,8 @@ def test_frozen_prefix_records_and_keeps_nothing(monkeypatch, precision):
     select_trainable(model, "last:2")  # fc and the two convolutions of layer3.2, with their BN and LAC
     octo, quantized, masks = [], [], []
     spy(monkeypatch, "octo_forward", octo)
-    spy(monkeypatch, "_quantize", quantized)  # BatchNorm's int8 saved input
+    spy(monkeypatch, "_quantize", quantized)  # BatchNorm's int8 saved input (of an input it may not overwrite)
+    spy(monkeypatch, "batchnorm2d_forward_save_i8_", quantized)  # (of a donated input, normalised in place)
     spy(monkeypatch, "relu_forward_mask", masks)
     spy(monkeypatch, "relu_forward_mask_", masks)
     loss = cross_entropy(model(tensor(x)), y)

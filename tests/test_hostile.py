@@ -147,7 +147,8 @@ CAPPED = textwrap.dedent(
             case()
             print(name, "no error")
         except BaseException as exc:
-            print(name, type(exc).__name__, str(exc)[:160].replace("\\n", " "))
+            kind = "MemoryError" if isinstance(exc, MemoryError) else "not-MemoryError"
+            print(name, kind, type(exc).__name__, str(exc)[:160].replace("\\n", " "))
     """
 )
 
@@ -467,13 +468,17 @@ def test_collab_serve_listen_failures_are_one_error_line(tmp_path, capfd):
 
 def test_ctrl_c_during_train_is_one_line_with_the_resume_command(tmp_path):
     ckpt = tmp_path / "run.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "edgelearn", "train", "--model", "mlp", "--precision", "fp32",
-                             "--epochs", "100000", "--checkpoint", str(ckpt), "--no-progress"],
+    argv = ["edgelearn", "train", "--model", "mlp", "--precision", "fp32", "--epochs", "100000", "--checkpoint",
+            str(ckpt), "--no-progress"]
+    # A runner started in the background (nohup, `cmd &`) ignores SIGINT and children inherit that: Python then
+    # installs no KeyboardInterrupt handler and never stops. The child restores Python's own handler itself
+    # (not with preexec_fn, which runs between fork and exec in this multi-threaded process: gRPC's fork
+    # handlers from earlier tests then broke the child now and then).
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             f"sys.argv = {argv!r}; runpy.run_module('edgelearn', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", child],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            # a runner started in the background (nohup, `cmd &`) ignores SIGINT and children
-                            # inherit that: Python then installs no KeyboardInterrupt handler and never stops
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         first = proc.stdout.readline()
         assert first.startswith("training"), first + proc.stderr.read()

@@ -6,7 +6,11 @@ quantization primitives. Every kernel releases the GIL.
 """
 
 from ._native import (
+    AccumulatorOverflowError,
+    InvalidArgumentError,
     KernelUnavailableError,
+    MemoryLimitError,
+    NonFiniteError,
     __version__,
     available_kernels,
     backend_info,
@@ -52,6 +56,10 @@ __all__ = [
     "optim",
     "tensor",
     "KernelUnavailableError",
+    "InvalidArgumentError",
+    "AccumulatorOverflowError",
+    "NonFiniteError",
+    "MemoryLimitError",
     "__version__",
     "available_kernels",
     "backend_info",

@@ -9,6 +9,10 @@ from typing import final
 __all__ = [
     "__version__",
     "KernelUnavailableError",
+    "InvalidArgumentError",
+    "AccumulatorOverflowError",
+    "NonFiniteError",
+    "MemoryLimitError",
     "gemm_i8",
     "gemm_i8_f32",
     "backend_info",
@@ -35,6 +39,7 @@ __all__ = [
     "relu_backward_mask",
     "batchnorm2d_backward_i8",
     "batchnorm2d_forward_",
+    "batchnorm2d_forward_save_i8_",
     "batchnorm2d_backward_i8_",
     "relu_forward_mask_",
     "relu_backward_mask_",
@@ -61,6 +66,10 @@ __all__ = [
 __version__: str
 
 class KernelUnavailableError(ValueError): ...
+class InvalidArgumentError(ValueError): ...
+class AccumulatorOverflowError(ValueError): ...
+class NonFiniteError(ValueError): ...
+class MemoryLimitError(MemoryError): ...
 
 # --- engine: GEMM ---
 def gemm_i8(a: npt.NDArray[np.int8], b: npt.NDArray[np.int8]) -> npt.NDArray[np.int32]: ...
@@ -211,6 +220,15 @@ def batchnorm2d_forward_(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> tuple[_F32, _F32]: ...
+def batchnorm2d_forward_save_i8_(
+    x: _F32,
+    gamma: Optional[_F32],
+    beta: Optional[_F32],
+    running_mean: _F32,
+    running_var: _F32,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[_F32, _F32, npt.NDArray[np.int8], float]: ...
 def batchnorm2d_backward_i8(
     dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
 ) -> tuple[_F32, _F32, _F32]: ...

@@ -295,18 +295,19 @@ def batch_norm2d(
         return _unrecorded(_native.batchnorm2d_forward(
             xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps))[0])
     if save_int8 and training:
-        xq, sx = _native._quantize(xd, None, "nearest", None, None)
-        sx = float(sx)
         if _take_donated(x) and xd is x.data:
-            # x is an intermediate nobody else holds: normalise in place (no second FP32 activation)
-            mean, invstd = _native.batchnorm2d_forward_(
-                xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps)
+            # x is an intermediate nobody else holds: normalise in place (no second FP32 activation), and
+            # take its int8 codes in the same call (the statistics pass also finds the range)
+            mean, invstd, xq, sx = _native.batchnorm2d_forward_save_i8_(
+                xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps)
             )
             y = xd
         else:
+            xq, sx = _native._quantize(xd, None, "nearest", None, None)
             y, mean, invstd = _native.batchnorm2d_forward(
                 xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps)
             )
+        sx = float(sx)
         del xd
 
         def backward(g: np.ndarray, g_owned: bool = False):

@@ -134,12 +134,13 @@ fn pool() -> Option<Arc<rayon::ThreadPool>> {
 
 /// Number of threads kernels use.
 pub fn num_threads() -> usize {
-    let st = lock();
+    let mut st = lock();
     if st.threads == 0 {
-        default_threads()
-    } else {
-        st.threads
+        // Settled once: `available_parallelism` reads the cgroup's CPU quota from /sys on each call, and
+        // kernels ask for the thread count on every call (uncached it cost a quarter of a small step).
+        st.threads = default_threads();
     }
+    st.threads
 }
 
 /// Sets the number of threads kernels use (rebuilds the pool). `n` must be in `1..=MAX_THREADS`.

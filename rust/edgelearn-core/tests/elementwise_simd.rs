@@ -3,7 +3,7 @@
 //! same bits as the portable build, on sizes that are not multiples of 8 or 512 (tails) and with NaN,
 //! ±0 and negative values. Its own test binary: the switch is process-wide.
 
-use edgelearn_core::nn;
+use edgelearn_core::{nn, quant};
 
 struct Rng(u64);
 impl Rng {
@@ -32,6 +32,7 @@ struct Outputs {
     pool: Vec<u32>,
     pool_idx: Vec<u8>,
     pool_dx: Vec<u32>,
+    saved8: Vec<i8>,
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -95,6 +96,42 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
         &mut db8,
     )
     .unwrap();
+    // BatchNorm that also saves the input's int8 codes: exactly `quantize` (nearest) of the input, and
+    // exactly the in-place forward's output and statistics
+    let mut saved = x.clone();
+    let (mut rm8, mut rv8) = (vec![0.1f32; c], vec![0.9f32; c]);
+    let (mut mean8, mut invstd8) = (vec![0f32; c], vec![0f32; c]);
+    let mut saved8 = vec![0i8; len];
+    let scale8 = nn::batchnorm2d_forward_inplace_save_i8(
+        &mut saved,
+        shape,
+        Some(&gamma),
+        Some(&beta),
+        &mut rm8,
+        &mut rv8,
+        0.1,
+        1e-5,
+        &mut mean8,
+        &mut invstd8,
+        &mut saved8,
+    )
+    .unwrap();
+    let (want8, want_scale) =
+        quant::quantize_per_tensor(&x, quant::Rounding::Nearest, quant::Clip::None).unwrap();
+    assert_eq!(
+        (saved8.clone(), scale8.to_bits()),
+        (want8, want_scale.to_bits())
+    );
+    assert_eq!(
+        [
+            bits(&saved),
+            bits(&mean8),
+            bits(&invstd8),
+            bits(&rm8),
+            bits(&rv8)
+        ],
+        [bits(&y), bits(&mean), bits(&invstd), bits(&rm), bits(&rv)]
+    );
     let mut relu = x.clone();
     relu[0] = f32::NAN;
     if len > 3 {
@@ -143,6 +180,7 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
         pool,
         pool_idx,
         pool_dx,
+        saved8,
     }
 }
 
@@ -194,4 +232,36 @@ fn results_do_not_depend_on_the_thread_count() {
     }
     threads::set_num_threads(before).unwrap();
     nn::set_elementwise_simd(true);
+}
+
+#[test]
+fn batchnorm_saving_int8_rejects_non_finite_input_like_quantize() {
+    let shape = [2, 3, 4, 5];
+    let mut x = Rng(5).f32s(120);
+    x[77] = f32::NAN;
+    let c = shape[1];
+    let (mut rm, mut rv, mut mean, mut invstd) =
+        (vec![0.0; c], vec![1.0; c], vec![0.0; c], vec![0.0; c]);
+    let mut xq = vec![0i8; 120];
+    let want =
+        quant::quantize_per_tensor(&x, quant::Rounding::Nearest, quant::Clip::None).unwrap_err();
+    let got = nn::batchnorm2d_forward_inplace_save_i8(
+        &mut x,
+        shape,
+        None,
+        None,
+        &mut rm,
+        &mut rv,
+        0.1,
+        1e-5,
+        &mut mean,
+        &mut invstd,
+        &mut xq,
+    )
+    .unwrap_err();
+    assert_eq!(got, want);
+    assert_eq!(
+        got.to_string(),
+        "x: contains non-finite values (NaN or infinity) at index 77"
+    );
 }

@@ -320,3 +320,49 @@ fn sigma_clip_on_large_tensor_clips_outliers() {
         .1;
     assert!(s < plain / 100.0, "clipped scale {s} vs unclipped {plain}");
 }
+
+/// Values within a few ulps of every rounding boundary (half-integers of `x/scale` for nearest rounding,
+/// integers of `x/scale + u` for stochastic) give the scalar reference's codes: the SIMD kernels take
+/// `x·(1/scale)` first and must fall back to the division exactly where the two could round apart.
+#[test]
+fn codes_at_rounding_boundaries_equal_the_scalar_reference() {
+    let n = 64 * 64;
+    let step = |v: f32, k: i32| {
+        let b = v.to_bits() as i32;
+        f32::from_bits((b + k) as u32)
+    };
+    for (scale_seed, scale) in [(1u64, 0.37f32), (2, 1.0), (3, 3.1e-3), (4, 7.9e4)] {
+        // nearest: (k + 1/2)·scale moved by −3..=3 ulps; the last value pins the scale to 127·scale / 127
+        let mut x: Vec<f32> = (0..n - 1)
+            .map(|i| {
+                let k = (i % 254) as f32 - 127.0;
+                step((k + 0.5) * scale, (i / 254 % 7) as i32 - 3)
+            })
+            .collect();
+        x.push(127.0 * scale);
+        let (q, s) = quantize_per_tensor(&x, Rounding::Nearest, Clip::None).unwrap();
+        for (i, &xi) in x.iter().enumerate() {
+            let t = (xi / s).round_ties_even().clamp(-127.0, 127.0);
+            assert_eq!(q[i] as f32, t, "nearest, scale {scale}, x[{i}] = {xi:e}");
+        }
+        // stochastic: x/scale + u_i ≈ an integer, moved by −3..=3 ulps
+        let seed = 0x5eed ^ scale_seed;
+        let mut x: Vec<f32> = (0..n - 1)
+            .map(|i| {
+                let k = (i % 250) as f32 - 124.0;
+                let u = stochastic_uniform(seed, i as u64);
+                step((k - u) * scale, (i / 250 % 7) as i32 - 3)
+            })
+            .collect();
+        x.push(127.0 * scale);
+        let (q, s) = quantize_per_tensor(&x, Rounding::Stochastic { seed }, Clip::None).unwrap();
+        for (i, &xi) in x.iter().enumerate() {
+            let t = (xi / s).clamp(-127.0, 127.0);
+            let expect = (t + stochastic_uniform(seed, i as u64)).floor().min(127.0);
+            assert_eq!(
+                q[i] as f32, expect,
+                "stochastic, scale {scale}, x[{i}] = {xi:e}"
+            );
+        }
+    }
+}

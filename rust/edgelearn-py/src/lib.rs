@@ -18,10 +18,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", edgelearn_core::VERSION)?;
-    m.add(
-        "KernelUnavailableError",
-        m.py().get_type::<errors::KernelUnavailableError>(),
-    )?;
+    errors::register(m)?;
     m.add_function(wrap_pyfunction!(gemm::gemm_i8, m)?)?;
     m.add_function(wrap_pyfunction!(gemm::gemm_i8_f32, m)?)?;
     info::register(m)?;

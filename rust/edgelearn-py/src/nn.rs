@@ -826,6 +826,56 @@ fn sgd_step<'py>(
     .py()
 }
 
+/// The arguments of an in-place batch norm forward, checked: `x` (N, C, H, W) and the per-channel vectors.
+/// Runs `f(x, shape, gamma, beta, running_mean, running_var, mean, invstd)` with the GIL released and
+/// returns the new (mean, invstd) with its result.
+#[allow(clippy::too_many_arguments)]
+#[allow(clippy::type_complexity)]
+fn batchnorm_inplace_call<'py, R: Send>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    gamma: Option<&Bound<'py, PyAny>>,
+    beta: Option<&Bound<'py, PyAny>>,
+    running_mean: &Bound<'py, PyAny>,
+    running_var: &Bound<'py, PyAny>,
+    f: impl FnOnce(
+            &mut [f32],
+            [usize; 4],
+            Option<&[f32]>,
+            Option<&[f32]>,
+            &mut [f32],
+            &mut [f32],
+            &mut [f32],
+            &mut [f32],
+        ) -> edgelearn_core::Result<R>
+        + Send,
+) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>, R)> {
+    let mut xw = inout_arr("x", x, Some(4))?;
+    let shape = xw.shape().to_vec();
+    let xs = [shape[0], shape[1], shape[2], shape[3]];
+    let c = xs[1];
+    let gamma = opt_vec("gamma", gamma, c, "channel")?;
+    let beta = opt_vec("beta", beta, c, "channel")?;
+    let mut rm = inout_vec("running_mean", running_mean, c)?;
+    let mut rv = inout_vec("running_var", running_var, c)?;
+    let mean = PyArray1::<f32>::zeros(py, Dim([c]), false);
+    let invstd = PyArray1::<f32>::zeros(py, Dim([c]), false);
+    let r = {
+        let (mut mw, mut iw) = (mean.readwrite(), invstd.readwrite());
+        let xv = as_mut(&mut xw)?;
+        let mv = mw.as_slice_mut().map_err(|e| value_error("mean", e))?;
+        let iv = iw.as_slice_mut().map_err(|e| value_error("invstd", e))?;
+        let rmv = as_mut(&mut rm)?;
+        let rvv = as_mut(&mut rv)?;
+        let (gv, bv) = (
+            gamma.as_ref().map(|g| g.slice()),
+            beta.as_ref().map(|b| b.slice()),
+        );
+        py.detach(|| f(xv, xs, gv, bv, rmv, rvv, mv, iv)).py()?
+    };
+    Ok((mean, invstd, r))
+}
+
 /// In-place batch norm: overwrites `x` with the output, returns (mean, invstd). For INT8 training, which
 /// saves a quantized copy of `x` first and owns `x`.
 #[pyfunction]
@@ -842,45 +892,84 @@ fn batchnorm2d_forward_<'py>(
     momentum: f64,
     eps: f64,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<f32>>)> {
-    let mut xw = inout_arr("x", x, Some(4))?;
-    let shape = xw.shape().to_vec();
-    let xs = [shape[0], shape[1], shape[2], shape[3]];
-    let c = xs[1];
-    let gamma = opt_vec("gamma", gamma, c, "channel")?;
-    let beta = opt_vec("beta", beta, c, "channel")?;
-    let mut rm = inout_vec("running_mean", running_mean, c)?;
-    let mut rv = inout_vec("running_var", running_var, c)?;
-    let mean = PyArray1::<f32>::zeros(py, Dim([c]), false);
-    let invstd = PyArray1::<f32>::zeros(py, Dim([c]), false);
-    {
-        let (mut mw, mut iw) = (mean.readwrite(), invstd.readwrite());
-        let xv = as_mut(&mut xw)?;
-        let mv = mw.as_slice_mut().map_err(|e| value_error("mean", e))?;
-        let iv = iw.as_slice_mut().map_err(|e| value_error("invstd", e))?;
-        let rmv = as_mut(&mut rm)?;
-        let rvv = as_mut(&mut rv)?;
-        let (gv, bv) = (
-            gamma.as_ref().map(|g| g.slice()),
-            beta.as_ref().map(|b| b.slice()),
-        );
-        py.detach(|| {
+    let (mean, invstd, ()) = batchnorm_inplace_call(
+        py,
+        x,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        |x, xs, g, b, rm, rv, m, i| {
             nn::batchnorm2d_forward_inplace(
-                xv,
+                x,
                 xs,
-                gv,
-                bv,
-                rmv,
-                rvv,
+                g,
+                b,
+                rm,
+                rv,
                 training,
                 momentum as f32,
                 eps as f32,
-                mv,
-                iv,
+                m,
+                i,
             )
-        })
-        .py()?;
-    }
+        },
+    )?;
     Ok((mean, invstd))
+}
+
+/// In-place training batch norm that also returns the input's int8 codes: overwrites `x` with the
+/// output, returns (mean, invstd, xq, x_scale), `xq` exactly `quantize(x, "nearest")` of the input (one
+/// pass fewer over `x` than quantizing first). INT8 training saves `xq` for the backward pass.
+#[pyfunction]
+#[pyo3(signature = (x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5))]
+#[allow(clippy::too_many_arguments)]
+#[allow(clippy::type_complexity)]
+fn batchnorm2d_forward_save_i8_<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    gamma: Option<&Bound<'py, PyAny>>,
+    beta: Option<&Bound<'py, PyAny>>,
+    running_mean: &Bound<'py, PyAny>,
+    running_var: &Bound<'py, PyAny>,
+    momentum: f64,
+    eps: f64,
+) -> PyResult<(
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArrayDyn<i8>>,
+    f32,
+)> {
+    let shape = inout_arr("x", x, Some(4))?.shape().to_vec();
+    let xq = empty::<i8>(py, "xq", &shape)?;
+    let (mean, invstd, scale) = {
+        let mut qw = xq.readwrite();
+        let qv = as_mut(&mut qw)?;
+        batchnorm_inplace_call(
+            py,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            |x, xs, g, b, rm, rv, m, i| {
+                nn::batchnorm2d_forward_inplace_save_i8(
+                    x,
+                    xs,
+                    g,
+                    b,
+                    rm,
+                    rv,
+                    momentum as f32,
+                    eps as f32,
+                    m,
+                    i,
+                    qv,
+                )
+            },
+        )?
+    };
+    Ok((mean, invstd, xq, scale))
 }
 
 /// In-place [`batchnorm2d_backward_i8`]: overwrites `dy` with dx, returns (dgamma, dbeta).
@@ -1184,6 +1273,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(relu_backward_mask, m)?)?;
     m.add_function(wrap_pyfunction!(batchnorm2d_backward_i8, m)?)?;
     m.add_function(wrap_pyfunction!(batchnorm2d_forward_, m)?)?;
+    m.add_function(wrap_pyfunction!(batchnorm2d_forward_save_i8_, m)?)?;
     m.add_function(wrap_pyfunction!(batchnorm2d_backward_i8_, m)?)?;
     m.add_function(wrap_pyfunction!(relu_forward_mask_, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward_mask_, m)?)?;

@@ -7,27 +7,46 @@ use super::elementwise_avx2;
 use super::{check_len, for_each_chunk, worth_parallel};
 use crate::error::{Error, Result};
 
-/// Per-channel sums `Σ_i f(i, ch)` over the `n` images, each `f(i, ch)` a pair of sums over one plane.
-/// The planes are summed in the pool by image (each worker reads whole, contiguous images: the same split
-/// as the element-wise passes before and after, so the data stays in that core's cache), then reduced
-/// per channel in image order: the same f64 additions in the same order whatever the thread count.
+/// `f(i, ch)` for every image `i` and channel `ch` (at index `i·c + ch`), each a reduction over one plane.
+/// In the pool the work is split by image: each worker reads whole, contiguous images, the same split as
+/// the element-wise passes before and after, so the data stays in that core's cache.
+fn per_image_channel<T: Copy + Default + Send>(
+    n: usize,
+    c: usize,
+    parallel: bool,
+    f: impl Fn(usize, usize) -> T + Sync + Send,
+) -> Vec<T> {
+    let mut parts = vec![T::default(); n * c];
+    for_each_chunk(&mut parts, c, parallel, |i, row| {
+        for (ch, v) in row.iter_mut().enumerate() {
+            *v = f(i, ch);
+        }
+    });
+    parts
+}
+
+/// Per-channel `Σ_i` of the pairs `f(i, ch)` of [`per_image_channel`], reduced in image order: the same
+/// f64 additions in the same order whatever the thread count.
 fn image_channel_sums(
     n: usize,
     c: usize,
     parallel: bool,
     f: impl Fn(usize, usize) -> (f64, f64) + Sync + Send,
 ) -> Vec<(f64, f64)> {
-    let mut parts = vec![(0f64, 0f64); n * c];
-    for_each_chunk(&mut parts, c, parallel, |i, row| {
-        for (ch, v) in row.iter_mut().enumerate() {
-            *v = f(i, ch);
-        }
-    });
+    sum_in_image_order(&per_image_channel(n, c, parallel, f), c, |&p| p)
+}
+
+/// Per-channel sums of the pairs `pair(parts[i·c + ch])` over the images, in image order.
+fn sum_in_image_order<T>(
+    parts: &[T],
+    c: usize,
+    pair: impl Fn(&T) -> (f64, f64),
+) -> Vec<(f64, f64)> {
     (0..c)
         .map(|ch| {
             let (mut a, mut b) = (0.0, 0.0);
-            for i in 0..n {
-                let (da, db) = parts[i * c + ch];
+            for part in parts.iter().skip(ch).step_by(c.max(1)) {
+                let (da, db) = pair(part);
                 a += da;
                 b += db;
             }
@@ -274,6 +293,7 @@ fn forward_coefficients(
     eps: f32,
     mean: &mut [f32],
     invstd: &mut [f32],
+    range: Option<&mut (f32, f32)>,
 ) -> Result<Vec<(f32, f32)>> {
     let [n, c, h, w] = shape;
     check_len("x", x.len(), &shape)?;
@@ -309,7 +329,27 @@ fn forward_coefficients(
         }
         // Shifted sums (shift = the channel's first value) keep E[x²]−E[x]² free of cancellation.
         let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-        let sums = image_channel_sums(n, c, parallel, |i, ch| stat_sums(plane(i, ch), x[ch * hw]));
+        let sums = match range {
+            None => image_channel_sums(n, c, parallel, |i, ch| stat_sums(plane(i, ch), x[ch * hw])),
+            Some(range) => {
+                // the statistics and the data's range in one read of each plane
+                // (the range of a whole image at its first channel: one scan per image, not per plane)
+                let parts = per_image_channel(n, c, parallel, |i, ch| {
+                    let range = (ch == 0)
+                        .then(|| crate::quant::run_min_max(&x[i * c * hw..(i + 1) * c * hw]));
+                    (stat_sums(plane(i, ch), x[ch * hw]), range)
+                });
+                let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+                for &(a, b, bad) in parts.iter().filter_map(|(_, r)| r.as_ref()) {
+                    if bad {
+                        return Err(crate::quant::non_finite_error(x));
+                    }
+                    (mn, mx) = (mn.min(a), mx.max(b));
+                }
+                *range = (mn, mx);
+                sum_in_image_order(&parts, c, |&(sums, _)| sums)
+            }
+        };
         for (ch, &(s, ss)) in sums.iter().enumerate() {
             let shift = x[ch * hw];
             let dm = s / m as f64;
@@ -367,6 +407,7 @@ pub fn batchnorm2d_forward(
         eps,
         mean,
         invstd,
+        None,
     )?;
     let [_, c, h, w] = shape;
     let hw = h * w;
@@ -398,6 +439,68 @@ pub fn batchnorm2d_forward_inplace(
     mean: &mut [f32],
     invstd: &mut [f32],
 ) -> Result<()> {
+    forward_inplace(
+        x,
+        shape,
+        gamma,
+        beta,
+        (running_mean, running_var),
+        training,
+        (momentum, eps),
+        (mean, invstd),
+        None,
+    )?;
+    Ok(())
+}
+
+/// Training-mode [`batchnorm2d_forward_inplace`] that also writes `xq`, the int8 codes of the input under
+/// one per-tensor scale (returned): bit for bit what `quantize` with nearest rounding and no clipping gives
+/// (and its error for non-finite input), which INT8 training saves for the backward pass
+/// ([`batchnorm2d_backward_i8`]). One pass reads each plane for the statistics and the range, one
+/// quantizes and normalises each image while it is in cache: two reads of `x` instead of four.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_forward_inplace_save_i8(
+    x: &mut [f32],
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    momentum: f32,
+    eps: f32,
+    mean: &mut [f32],
+    invstd: &mut [f32],
+    xq: &mut [i8],
+) -> Result<f32> {
+    check_len("xq", xq.len(), &shape)?;
+    let scale = forward_inplace(
+        x,
+        shape,
+        gamma,
+        beta,
+        (running_mean, running_var),
+        true,
+        (momentum, eps),
+        (mean, invstd),
+        Some(xq),
+    )?;
+    Ok(scale.expect("a range is taken when codes are asked for"))
+}
+
+/// The two in-place forwards: with `xq`, also the input's codes and their scale.
+#[allow(clippy::too_many_arguments)]
+fn forward_inplace(
+    x: &mut [f32],
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    (running_mean, running_var): (&mut [f32], &mut [f32]),
+    training: bool,
+    (momentum, eps): (f32, f32),
+    (mean, invstd): (&mut [f32], &mut [f32]),
+    xq: Option<&mut [i8]>,
+) -> Result<Option<f32>> {
+    let mut range = (0.0, 0.0);
     let ab = forward_coefficients(
         x,
         shape,
@@ -410,20 +513,34 @@ pub fn batchnorm2d_forward_inplace(
         eps,
         mean,
         invstd,
+        xq.is_some().then_some(&mut range),
     )?;
     let [_, c, h, w] = shape;
     let hw = h * w;
-    if hw == 0 {
-        return Ok(());
-    }
     let parallel = worth_parallel(x.len());
-    for_each_chunk(x, hw, parallel, |plane, xp| {
-        let (a, b) = ab[plane % c];
+    let normalise = |xp: &mut [f32], (a, b): (f32, f32)| {
         for v in xp.iter_mut() {
             *v = *v * a + b;
         }
-    });
-    Ok(())
+    };
+    let Some(xq) = xq else {
+        if hw > 0 {
+            for_each_chunk(x, hw, parallel, |plane, xp| normalise(xp, ab[plane % c]));
+        }
+        return Ok(None);
+    };
+    let scale = crate::quant::scale_from_min_max(range.0, range.1);
+    if hw > 0 {
+        let codes = crate::quant::NearestCodes::new(scale);
+        // image by image (one quantizer call per image: its setup costs about as much as a small plane)
+        super::for_each_chunk2(x, c * hw, xq, c * hw, parallel, |_, xi, qi| {
+            codes.run(xi, qi);
+            for (xp, &ab) in xi.chunks_exact_mut(hw).zip(&ab) {
+                normalise(xp, ab);
+            }
+        });
+    }
+    Ok(Some(scale))
 }
 
 /// Backward of training-mode [`batchnorm2d_forward`] given the `mean` and `invstd` it returned:

@@ -27,7 +27,7 @@ pub use activation::{
 };
 pub use batchnorm::{
     batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace,
-    batchnorm2d_forward, batchnorm2d_forward_inplace,
+    batchnorm2d_forward, batchnorm2d_forward_inplace, batchnorm2d_forward_inplace_save_i8,
 };
 pub use conv::{
     channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
