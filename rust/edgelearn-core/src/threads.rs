@@ -70,15 +70,23 @@ fn register_atfork() {
     });
 }
 
+/// An integer environment variable: `None` when unset, `Some(Err(value))` when not an integer in `range`.
+fn env_int(
+    name: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Option<std::result::Result<u64, String>> {
+    let v = std::env::var(name).ok()?;
+    Some(match v.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(v),
+    })
+}
+
 fn default_threads() -> usize {
-    match std::env::var("EDGELEARN_NUM_THREADS") {
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_THREADS).contains(&n) => n,
-            _ => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-        },
-        Err(_) => std::thread::available_parallelism()
+    match env_threads_setting() {
+        Ok(Some(n)) => n,
+        // unset or invalid (backend_info reports the invalid setting): all available cores
+        _ => std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
     }
@@ -86,15 +94,13 @@ fn default_threads() -> usize {
 
 /// Parses `EDGELEARN_NUM_THREADS` strictly (used by `backend_info` to report a bad setting).
 pub fn env_threads_setting() -> Result<Option<usize>> {
-    match std::env::var("EDGELEARN_NUM_THREADS") {
-        Err(_) => Ok(None),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
-            _ => Err(Error::invalid(
-                "EDGELEARN_NUM_THREADS",
-                format!("expected an integer in 1..={MAX_THREADS}, got {v:?}"),
-            )),
-        },
+    match env_int("EDGELEARN_NUM_THREADS", 1..=MAX_THREADS as u64) {
+        None => Ok(None),
+        Some(Ok(n)) => Ok(Some(n as usize)),
+        Some(Err(v)) => Err(Error::invalid(
+            "EDGELEARN_NUM_THREADS",
+            format!("expected an integer in 1..={MAX_THREADS}, got {v:?}"),
+        )),
     }
 }
 
@@ -272,11 +278,11 @@ fn spin_ns() -> u64 {
     if v != u64::MAX {
         return v;
     }
-    let v = std::env::var("EDGELEARN_SPIN_US")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|us| us.min(1_000_000) * 1000)
-        .unwrap_or(KEEP_WARM.as_nanos() as u64);
+    // (an invalid value is ignored; larger ones are capped at 1 s)
+    let v = match env_int("EDGELEARN_SPIN_US", 0..=u64::MAX) {
+        Some(Ok(us)) => us.min(1_000_000) * 1000,
+        _ => KEEP_WARM.as_nanos() as u64,
+    };
     SPIN_NS.store(v, Ordering::Relaxed);
     v
 }
