@@ -1,0 +1,340 @@
+//! The element-wise quantize loops: clip, divide by the scale, round (nearest or stochastic) and store
+//! codes, per run of a layout; compiled for AVX-512 and AVX2 where the CPU has them (bit-identical to the
+//! portable build) and dispatched per chunk ([`quantize_chunk`]).
+
+#[cfg(target_arch = "x86_64")]
+use super::avx512_ok;
+use super::rng::{for_each_key_block, stream_key, uniform_f32};
+use super::stats::Params;
+use super::{for_each_run, Layout, Rounding, Run, QMAX};
+
+/// Adding and subtracting 1.5·2^23 rounds an f32 of magnitude < 2^22 to an integer, ties to even, in
+/// the default rounding mode; unlike `round_ties_even` it vectorises without SSE4.1.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `clamp(c(x)/scale, -127, 127)` in f32 (the quotient is a division, as the spec requires).
+#[inline(always)]
+pub(super) fn scaled(x: f32, lo: f32, hi: f32, scale: f32) -> f32 {
+    let t = x.max(lo).min(hi) / scale;
+    t.max(-(QMAX as f32)).min(QMAX as f32)
+}
+
+/// Round half to even of `t` in [-127, 127]: `t + 1.5·2^23` lands where the f32 spacing is exactly 1, so
+/// the addition rounds (ties to even) and the integer sits in the low mantissa bits. Pure vector
+/// arithmetic, unlike `round_ties_even` (SSE4.1) or the saturating `as i32`.
+#[inline(always)]
+pub(super) fn round_nearest(t: f32) -> i8 {
+    ((t + ROUND_MAGIC).to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32) as i8
+}
+
+/// `min(floor(t + u), 127)` with the sum `t + u` an IEEE f32 addition (round to nearest even), `t` in
+/// [-127, 127] and `u` in [0, 1) a multiple of 2^-24. The sum is exact unless `t`'s ulp exceeds 2^-24;
+/// the rounding biases the expected code by less than 2^-18 (half the f32 ulp at 127). It can round
+/// `127 + u` up to 128 (u ≥ 1 − 2^-18), hence the cap: codes stay in [-127, 127]. The floor is
+/// round-to-nearest (magic constant) minus one where that rounded up; everything stays in 32-bit
+/// vector lanes.
+#[inline(always)]
+pub(super) fn round_stochastic(t: f32, u: f32) -> i8 {
+    let v = t + u;
+    let s = v + ROUND_MAGIC;
+    let nearest = (s.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let rounded_up = ((s - ROUND_MAGIC) > v) as i32;
+    (nearest - rounded_up).min(QMAX as i32) as i8
+}
+
+#[inline(always)]
+pub(super) fn quantize_run_uniform(
+    xs: &[f32],
+    qs: &mut [i8],
+    lo: f32,
+    hi: f32,
+    scale: f32,
+    rounding: Rounding,
+    pos: usize,
+) {
+    match rounding {
+        Rounding::Nearest => {
+            for (q, &x) in qs.iter_mut().zip(xs) {
+                *q = round_nearest(scaled(x, lo, hi, scale));
+            }
+        }
+        Rounding::Stochastic { seed } => {
+            for_each_key_block(stream_key(seed), pos, xs.len(), |k, lo32, r| {
+                let mut i = lo32;
+                for (q, &x) in qs[r.clone()].iter_mut().zip(&xs[r]) {
+                    *q = round_stochastic(scaled(x, lo, hi, scale), uniform_f32(k, i));
+                    i = i.wrapping_add(1);
+                }
+            });
+        }
+    }
+}
+
+#[inline(always)]
+fn quantize_run_row(
+    xs: &[f32],
+    qs: &mut [i8],
+    lo: &[f32],
+    hi: &[f32],
+    scale: &[f32],
+    rounding: Rounding,
+    pos: usize,
+) {
+    match rounding {
+        Rounding::Nearest => {
+            let params = lo.iter().zip(hi).zip(scale);
+            for ((q, &x), ((&l, &h), &s)) in qs.iter_mut().zip(xs).zip(params) {
+                *q = round_nearest(scaled(x, l, h, s));
+            }
+        }
+        Rounding::Stochastic { seed } => {
+            for_each_key_block(stream_key(seed), pos, xs.len(), |k, lo32, r| {
+                let params = lo[r.clone()]
+                    .iter()
+                    .zip(&hi[r.clone()])
+                    .zip(&scale[r.clone()]);
+                let mut i = lo32;
+                for ((q, &x), ((&l, &h), &s)) in qs[r.clone()].iter_mut().zip(&xs[r]).zip(params) {
+                    *q = round_stochastic(scaled(x, l, h, s), uniform_f32(k, i));
+                    i = i.wrapping_add(1);
+                }
+            });
+        }
+    }
+}
+
+/// Quantizes the elements `start..start + qc.len()` into `qc`. On x86-64 with AVX2 the same code is
+/// compiled a second time for AVX2 (twice the vector width; bit-identical results, since every step is
+/// an exactly rounded IEEE operation or integer arithmetic and nothing is contracted into FMA).
+pub(super) fn quantize_chunk(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_ok() {
+            // SAFETY: the CPU supports these features, checked just above.
+            return unsafe { quantize_chunk_avx512(x, qc, start, layout, p, scales, rounding) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { quantize_chunk_avx2(x, qc, start, layout, p, scales, rounding) };
+        }
+    }
+    quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
+}
+
+/// The same body compiled for AVX-512 (16 lanes per op, masked tails).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn quantize_chunk_avx512(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
+    if layout.channels == 1 {
+        // per tensor: blocks of 64 with explicit vectors (see `quantize_uniform_avx512`)
+        let n = qc.len();
+        let xs = &x[start..start + n];
+        let (lo, hi, scale) = (p.lo[0], p.hi[0], scales[0]);
+        match rounding {
+            Rounding::Nearest => {
+                let done = quantize_uniform_avx512(xs, qc, lo, hi, scale, None);
+                quantize_run_uniform(
+                    &xs[done..],
+                    &mut qc[done..],
+                    lo,
+                    hi,
+                    scale,
+                    rounding,
+                    start + done,
+                );
+            }
+            Rounding::Stochastic { seed } => {
+                for_each_key_block(stream_key(seed), start, n, |k, lo32, r| {
+                    let (xr, qr) = (&xs[r.clone()], &mut qc[r.clone()]);
+                    let done = quantize_uniform_avx512(xr, qr, lo, hi, scale, Some((k, lo32)));
+                    let mut i = lo32.wrapping_add(done as u32);
+                    for (q, &x) in qr[done..].iter_mut().zip(&xr[done..]) {
+                        *q = round_stochastic(scaled(x, lo, hi, scale), uniform_f32(k, i));
+                        i = i.wrapping_add(1);
+                    }
+                });
+            }
+        }
+        return;
+    }
+    quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
+}
+
+/// The whole blocks of 64 of a per-tensor run, as [`scaled`] then [`round_nearest`] (`noise: None`) or
+/// [`round_stochastic`] (capped at 127 like it) with [`uniform_f32`]`(key, lo32 + i)` (`Some((key, lo32))`), bit for bit: the
+/// same IEEE operations in 16 lanes, except that `x / scale` is first taken as `x · (1/scale)` (a vector
+/// division costs about ten times a multiplication). The two differ by at most 3 units of 2^-24 relative,
+/// under 2.3e-5 on [-127, 127], so they round to the same code unless the value rounded (`t` for
+/// nearest, `t + u` for stochastic) lies within [`FAST_DIV_MARGIN`] of a rounding boundary (a half-integer,
+/// an integer); a block of 16 with such a lane (about 0.8% of blocks on random data) is recomputed with the
+/// division. Inputs are finite (the first pass checked), so `max`/`min` need no
+/// NaN handling. The 64 codes are packed to bytes with two saturating packs (exact: codes lie in
+/// [-127, 127]) and one permute, one 64-byte store: AMD's truncating `vpmovdb` store is slow. Returns
+/// how many elements it did.
+/// How close to a rounding boundary the multiply-by-reciprocal quotient of [`quantize_uniform_avx512`] may
+/// come before the exact division is taken instead: 2^-12, ten times the largest difference of the two.
+#[cfg(target_arch = "x86_64")]
+const FAST_DIV_MARGIN: f32 = 1.0 / 4096.0;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn quantize_uniform_avx512(
+    xs: &[f32],
+    qs: &mut [i8],
+    lo: f32,
+    hi: f32,
+    scale: f32,
+    noise: Option<(u32, u32)>,
+) -> usize {
+    use std::arch::x86_64::*;
+    let n = xs.len().min(qs.len()) / 64 * 64;
+    let (vlo, vhi, vs) = (
+        _mm512_set1_ps(lo),
+        _mm512_set1_ps(hi),
+        _mm512_set1_ps(scale),
+    );
+    let (qlo, qhi) = (_mm512_set1_ps(-(QMAX as f32)), _mm512_set1_ps(QMAX as f32));
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let magic_bits = _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32);
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let inv24 = _mm512_set1_ps(1.0 / (1u32 << 24) as f32);
+    // 1/scale is finite: scales are floored at the smallest normal f32
+    let vinv = _mm512_set1_ps(1.0 / scale);
+    let (margin, half_less_margin) = (
+        _mm512_set1_ps(FAST_DIV_MARGIN),
+        _mm512_set1_ps(0.5 - FAST_DIV_MARGIN),
+    );
+    // |v − the nearest integer to v|
+    let off_int = |v: __m512| {
+        _mm512_abs_ps(_mm512_sub_ps(
+            v,
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
+        ))
+    };
+    let (ptr, out) = (xs.as_ptr(), qs.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        let mut q = [_mm512_setzero_si512(); 4];
+        for (b, qb) in q.iter_mut().enumerate() {
+            let v = _mm512_loadu_ps(ptr.add(i + 16 * b));
+            let xc = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+            let clamp = |t: __m512| _mm512_min_ps(_mm512_max_ps(t, qlo), qhi);
+            let mut t = clamp(_mm512_mul_ps(xc, vinv));
+            let exact = |xc: __m512| clamp(_mm512_div_ps(xc, vs));
+            *qb = match noise {
+                None => {
+                    // near a half-integer: the division decides
+                    if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(off_int(t), half_less_margin) != 0 {
+                        t = exact(xc);
+                    }
+                    _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(t, magic)), magic_bits)
+                }
+                Some((key, lo32)) => {
+                    // hash32(index + key) for 16 consecutive indices (wrapping u32 arithmetic)
+                    let base = lo32.wrapping_add((i + 16 * b) as u32).wrapping_add(key);
+                    let mut h = _mm512_add_epi32(_mm512_set1_epi32(base as i32), lane);
+                    h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+                    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
+                    h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
+                    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68bu32 as i32));
+                    h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+                    let u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)), inv24);
+                    let mut v = _mm512_add_ps(t, u);
+                    // near an integer: the division decides
+                    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off_int(v), margin) != 0 {
+                        v = _mm512_add_ps(exact(xc), u);
+                    }
+                    let s = _mm512_add_ps(v, magic);
+                    let nearest = _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits);
+                    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_sub_ps(s, magic), v);
+                    let floor = _mm512_mask_sub_epi32(nearest, up, nearest, _mm512_set1_epi32(1));
+                    _mm512_min_epi32(floor, _mm512_set1_epi32(QMAX as i32))
+                }
+            };
+        }
+        let w0 = _mm512_packs_epi32(q[0], q[1]);
+        let w1 = _mm512_packs_epi32(q[2], q[3]);
+        let bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(w0, w1));
+        _mm512_storeu_si512(out.add(i) as *mut __m512i, bytes);
+        i += 64;
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_chunk_avx2(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
+    quantize_chunk_body(x, qc, start, layout, p, scales, rounding)
+}
+
+#[inline(always)]
+fn quantize_chunk_body(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+) {
+    if layout.channels == 1 {
+        // per tensor: one uniform run, called directly so it is compiled (inlined) with the caller's
+        // target features rather than through the run-splitting closure
+        let n = qc.len();
+        quantize_run_uniform(
+            &x[start..start + n],
+            qc,
+            p.lo[0],
+            p.hi[0],
+            scales[0],
+            rounding,
+            start,
+        );
+        return;
+    }
+    for_each_run(layout, start, start + qc.len(), |run| match run {
+        Run::Uniform { pos, len, ch } => quantize_run_uniform(
+            &x[pos..pos + len],
+            &mut qc[pos - start..pos - start + len],
+            p.lo[ch],
+            p.hi[ch],
+            scales[ch],
+            rounding,
+            pos,
+        ),
+        Run::Row { pos, len, ch0 } => quantize_run_row(
+            &x[pos..pos + len],
+            &mut qc[pos - start..pos - start + len],
+            &p.lo[ch0..ch0 + len],
+            &p.hi[ch0..ch0 + len],
+            &scales[ch0..ch0 + len],
+            rounding,
+            pos,
+        ),
+    })
+}
