@@ -199,19 +199,25 @@ def test_relu_mask_forward_backward_match_numpy():
         nat.relu_backward_mask(dy, mask[:2])
     with pytest.raises((TypeError, ValueError)):
         nat.relu_backward_mask(dy, mask.astype(np.float32))
-    # in-place variants: same values, written over the argument
+    # out=: the same values written to the given array; out=x / out=dy overwrites the argument itself
     xi = x.copy()
-    mi = nat.relu_forward_mask_(xi)
+    yi, mi = nat.relu_forward_mask(xi, out=xi)
+    assert yi is xi
     np.testing.assert_array_equal(xi, y)
     np.testing.assert_array_equal(mi, mask)
+    yo = np.full_like(x, np.nan)
+    assert nat.relu_forward_mask(x, out=yo)[0] is yo
+    np.testing.assert_array_equal(yo, y)
     gi = dy.copy()
-    assert nat.relu_backward_mask_(gi, mask) is None
+    assert nat.relu_backward_mask(gi, mask, out=gi) is gi
     np.testing.assert_array_equal(gi, np.where(x > 0, dy, 0))
     with pytest.raises(ValueError):
-        nat.relu_backward_mask_(gi, mask[:1])
+        nat.relu_backward_mask(gi, mask[:1], out=gi)
+    with pytest.raises(ValueError, match="out"):
+        nat.relu_backward_mask(dy, mask, out=np.zeros(3, np.float32))
 
 
-def test_batchnorm2d_inplace_variants_match_out_of_place():
+def test_batchnorm2d_out_and_inplace_match_out_of_place():
     from edgelearn.quant import quantize
 
     x = f32(4, 3, 5, 6) * 2 - 1
@@ -220,7 +226,8 @@ def test_batchnorm2d_inplace_variants_match_out_of_place():
     rm2, rv2 = rm.copy(), rv.copy()
     y, mean, invstd = nat.batchnorm2d_forward(x, gamma, beta, rm, rv, True, 0.1, 1e-5)
     xi = x.copy()
-    mean2, invstd2 = nat.batchnorm2d_forward_(xi, gamma, beta, rm2, rv2, True, 0.1, 1e-5)
+    yi, mean2, invstd2 = nat.batchnorm2d_forward(xi, gamma, beta, rm2, rv2, True, 0.1, 1e-5, out=xi)
+    assert yi is xi
     np.testing.assert_array_equal(xi, y)
     np.testing.assert_array_equal(mean2, mean)
     np.testing.assert_array_equal(invstd2, invstd)
@@ -230,12 +237,19 @@ def test_batchnorm2d_inplace_variants_match_out_of_place():
     dy = f32(*x.shape)
     dx, dg, db = nat.batchnorm2d_backward_i8(dy, xq, float(sx), gamma, mean, invstd)
     gi = dy.copy()
-    dg2, db2 = nat.batchnorm2d_backward_i8_(gi, xq, float(sx), gamma, mean, invstd)
+    dxi, dg2, db2 = nat.batchnorm2d_backward_i8(gi, xq, float(sx), gamma, mean, invstd, out=gi)
+    assert dxi is gi
     np.testing.assert_array_equal(gi, dx)
     np.testing.assert_array_equal(dg2, dg)
     np.testing.assert_array_equal(db2, db)
+    dxo = np.empty_like(dy)
+    assert nat.batchnorm2d_backward_i8(dy, xq, float(sx), gamma, mean, invstd, out=dxo)[0] is dxo
+    np.testing.assert_array_equal(dxo, dx)
+    xs = x[:, :, :, ::2]
     with pytest.raises(ValueError):
-        nat.batchnorm2d_forward_(x[:, :, :, ::2], gamma, beta, rm2, rv2, True, 0.1, 1e-5)
+        nat.batchnorm2d_forward(xs, gamma, beta, rm2, rv2, True, 0.1, 1e-5, out=xs)
+    with pytest.raises(ValueError, match="out"):  # an out= that is a view of the input it reads
+        nat.batchnorm2d_forward(x, gamma, beta, rm2, rv2, True, 0.1, 1e-5, out=x[:])
 
 
 def test_batchnorm2d_eval_uses_running_stats_and_leaves_them():
@@ -429,3 +443,15 @@ def test_int8_conv_equals_fp32_conv_of_dequantized_operands_on_any_stride1_shape
         np.testing.assert_allclose(dw, dwr, rtol=1e-4, atol=1e-2)
     finally:
         edgelearn.set_num_threads(before)
+
+
+def test_int8_conv_shape_errors_name_xq_and_wq():
+    """The INT8 convolutions' shape errors name their operands (`xq`, `wq`), as the same class as every other
+    bad argument (the core's error, its argument renamed, not its message rewritten)."""
+    xq, wq = np.zeros((1, 4, 5, 5), np.int8), np.zeros((4, 2, 3, 3), np.int8)
+    with pytest.raises(nat.InvalidArgumentError, match=r"^wq: "):
+        nat.conv2d_i8_forward(xq, 1.0, wq, 1.0)
+    with pytest.raises(nat.InvalidArgumentError, match=r"^xq: "):
+        nat.conv2d_i8_backward(xq[:, :2, :2, :2], 1.0, wq, 1.0, np.zeros((1, 4, 1, 1), np.int8), 1.0)
+    with pytest.raises(nat.InvalidArgumentError, match=r"^wq: "):
+        nat.conv2d_grouped_i8_forward(xq, 1.0, np.zeros((4, 1, 3, 3), np.int8), 1.0, groups=2)

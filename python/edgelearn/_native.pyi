@@ -38,11 +38,7 @@ __all__ = [
     "relu_forward_mask",
     "relu_backward_mask",
     "batchnorm2d_backward_i8",
-    "batchnorm2d_forward_",
     "batchnorm2d_forward_save_i8_",
-    "batchnorm2d_backward_i8_",
-    "relu_forward_mask_",
-    "relu_backward_mask_",
     "maxpool2d_forward",
     "maxpool2d_backward",
     "avgpool2d_forward",
@@ -196,6 +192,7 @@ def batchnorm2d_forward(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    out: Optional[_F32] = None,
 ) -> tuple[_F32, _F32, _F32]: ...
 def batchnorm2d_backward(
     dy: _F32, x: _F32, gamma: Optional[_F32], mean: _F32, invstd: _F32
@@ -203,23 +200,12 @@ def batchnorm2d_backward(
 def relu_forward(x: _F32) -> _F32: ...
 def relu_backward(dy: _F32, y: _F32) -> _F32: ...
 
-# ReLU saving a bit mask (uint8, packed) instead of its output; `_` variants work in place on x / dy.
-def relu_forward_mask(x: _F32) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
-def relu_forward_mask_(x: _F32) -> npt.NDArray[np.uint8]: ...
-def relu_backward_mask(dy: _F32, mask: npt.NDArray[np.uint8]) -> _F32: ...
-def relu_backward_mask_(dy: _F32, mask: npt.NDArray[np.uint8]) -> None: ...
+# ReLU saving a bit mask (uint8, packed) instead of its output. `out=` receives the result; passing the
+# input itself (out=x, out=dy) overwrites it in place.
+def relu_forward_mask(x: _F32, out: Optional[_F32] = None) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
+def relu_backward_mask(dy: _F32, mask: npt.NDArray[np.uint8], out: Optional[_F32] = None) -> _F32: ...
 
-# BatchNorm with an int8 saved input; `_` variants normalise x in place / overwrite dy with dx.
-def batchnorm2d_forward_(
-    x: _F32,
-    gamma: Optional[_F32],
-    beta: Optional[_F32],
-    running_mean: _F32,
-    running_var: _F32,
-    training: bool,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> tuple[_F32, _F32]: ...
+# BatchNorm with an int8 saved input: the `_` function normalises x in place; out=dy overwrites dy with dx.
 def batchnorm2d_forward_save_i8_(
     x: _F32,
     gamma: Optional[_F32],
@@ -230,11 +216,14 @@ def batchnorm2d_forward_save_i8_(
     eps: float = 1e-5,
 ) -> tuple[_F32, _F32, npt.NDArray[np.int8], float]: ...
 def batchnorm2d_backward_i8(
-    dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
+    dy: _F32,
+    xq: npt.NDArray[np.int8],
+    x_scale: float,
+    gamma: Optional[_F32],
+    mean: _F32,
+    invstd: _F32,
+    out: Optional[_F32] = None,
 ) -> tuple[_F32, _F32, _F32]: ...
-def batchnorm2d_backward_i8_(
-    dy: _F32, xq: npt.NDArray[np.int8], x_scale: float, gamma: Optional[_F32], mean: _F32, invstd: _F32
-) -> tuple[_F32, _F32]: ...
 
 # --- the Octo INT8 layer step: one call per direction, the state between them opaque ---
 @final

@@ -289,8 +289,8 @@ def batch_norm2d(
         # a frozen BatchNorm on an input that needs no gradient (batch statistics in training mode, else the
         # running ones: eval mode or frozen statistics), or no_grad: nothing saved, a donated input overwritten
         if _take_donated(x) and xd is x.data:
-            _native.batchnorm2d_forward_(xd, gamma, bias.data, running_mean, running_var, bool(training),
-                                         float(momentum), float(eps))
+            _native.batchnorm2d_forward(xd, gamma, bias.data, running_mean, running_var, bool(training),
+                                        float(momentum), float(eps), out=xd)
             return _unrecorded(xd)
         return _unrecorded(_native.batchnorm2d_forward(
             xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps))[0])
@@ -314,8 +314,7 @@ def batch_norm2d(
             # the core reads the int8 codes directly (x = xq·sx, as dequantize gives it): no FP32 copy;
             # an incoming gradient the sweep owns is overwritten with dx
             if _writable_grad(g, g_owned):
-                dgamma, dbeta = _native.batchnorm2d_backward_i8_(g, xq, sx, gamma, mean, invstd)
-                dx = g
+                dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(g, xq, sx, gamma, mean, invstd, out=g)
             else:
                 dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(_c(g), xq, sx, gamma, mean, invstd)
             return dx, (dgamma if need_g else None), (dbeta if need_b else None)
@@ -360,16 +359,14 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
         return make_result(y, (x,), lambda g: (_native.relu_backward(_c(g), y),), "relu")
     xd = _c(x.data)
     if _take_donated(x) and xd is x.data:
-        mask = _native.relu_forward_mask_(xd)  # in place: x is an intermediate nobody else holds
-        y = xd
+        y, mask = _native.relu_forward_mask(xd, out=xd)  # in place: x is an intermediate nobody else holds
     else:
         y, mask = _native.relu_forward_mask(xd)
     del xd
 
     def backward(g: np.ndarray, g_owned: bool = False):
         if _writable_grad(g, g_owned):
-            _native.relu_backward_mask_(g, mask)
-            return (g,)
+            return (_native.relu_backward_mask(g, mask, out=g),)
         return (_native.relu_backward_mask(_c(g), mask),)
 
     return make_result(y, (x,), backward, "relu", owned=True, owns_grads=True)

@@ -43,4 +43,17 @@ impl Error {
             msg: msg.into(),
         }
     }
+    /// The same error, naming the argument `to` where it named `from`: for operations whose operands go
+    /// by other names than in the check that failed (the INT8 convolutions' `xq`, `wq` for a shape
+    /// check's `x`, `w`).
+    pub fn for_arg(self, from: &str, to: &'static str) -> Self {
+        match self {
+            Error::InvalidArgument { arg, msg } if arg == from => {
+                Error::InvalidArgument { arg: to, msg }
+            }
+            Error::Overflow { arg, msg } if arg == from => Error::Overflow { arg: to, msg },
+            Error::NonFinite { arg, index } if arg == from => Error::NonFinite { arg: to, index },
+            e => e,
+        }
+    }
 }

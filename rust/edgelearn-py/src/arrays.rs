@@ -1,16 +1,19 @@
-//! Argument checks, zero-copy views of numpy arrays, and checked allocation of output arrays.
+//! Argument checks, zero-copy views of numpy arrays, and checked allocation of output arrays: the helpers
+//! every glue module takes its arguments with (arrays in and out, int pairs, scales).
 //!
 //! Input arrays are read in place, except misaligned ones (e.g. `numpy.frombuffer(buf, offset=1)`),
 //! which are copied once to an aligned array: kernels need naturally aligned elements. Arrays updated in
 //! place cannot be copied, so misaligned ones are refused with that reason.
 
-use numpy::ndarray::{Dimension, IntoDimension};
+use edgelearn_core::gemm::Scale;
+use numpy::ndarray::{Dimension, IntoDimension, IxDyn};
 use numpy::npyffi::{self, npy_intp, PY_ARRAY_API};
 use numpy::{
     Element, PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
-    PyUntypedArray, PyUntypedArrayMethods,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use crate::errors::{to_py, type_error, value_error};
 
@@ -185,4 +188,304 @@ pub fn check_size(arg: &str, dims: &[usize]) -> PyResult<usize> {
             })?;
     }
     Ok(n)
+}
+
+/// A read-only, C-contiguous array with its shape.
+pub(crate) struct In<'py, T: Element> {
+    arr: PyReadonlyArrayDyn<'py, T>,
+    pub(crate) shape: Vec<usize>,
+}
+
+impl<'py, T: Element> In<'py, T> {
+    pub(crate) fn new(
+        arg: &str,
+        obj: &Bound<'py, PyAny>,
+        dtype: &str,
+        ndim: Option<usize>,
+    ) -> PyResult<Self> {
+        let arr = readonly::<T>(arg, obj, dtype, ndim)?;
+        if !arr.is_c_contiguous() {
+            return Err(value_error(
+                arg,
+                "must be C-contiguous; pass numpy.ascontiguousarray(...)",
+            ));
+        }
+        let shape = arr.shape().to_vec();
+        Ok(In { arr, shape })
+    }
+    pub(crate) fn slice(&self) -> &[T] {
+        // C-contiguity was checked, so this cannot fail.
+        self.arr.as_slice().unwrap_or(&[])
+    }
+    pub(crate) fn shape4(&self) -> [usize; 4] {
+        [self.shape[0], self.shape[1], self.shape[2], self.shape[3]]
+    }
+}
+
+pub(crate) fn f32_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, f32>> {
+    In::new(arg, obj, "float32", Some(4))
+}
+pub(crate) fn i8_4d<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<In<'py, i8>> {
+    In::new(arg, obj, "int8", Some(4))
+}
+
+/// An optional float32 vector of exactly `n` values (`None` or Python `None` → absent).
+pub(crate) fn opt_vec<'py>(
+    arg: &str,
+    obj: Option<&Bound<'py, PyAny>>,
+    n: usize,
+    what: &str,
+) -> PyResult<Option<In<'py, f32>>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) => Ok(Some(vec_of(arg, o, n, what)?)),
+    }
+}
+
+pub(crate) fn vec_of<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<In<'py, f32>> {
+    let v = In::new(arg, obj, "float32", Some(1))?;
+    if v.shape[0] != n {
+        return Err(value_error(
+            arg,
+            format!("expected {n} values (one per {what}), got {}", v.shape[0]),
+        ));
+    }
+    Ok(v)
+}
+
+/// An int or a 2-tuple/list of non-negative ints.
+pub(crate) fn pair(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let as_dim = |o: &Bound<'_, PyAny>| -> PyResult<usize> {
+        if o.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(type_error(
+                arg,
+                "expected an int or a pair of ints, got a bool",
+            ));
+        }
+        let v: i64 = o
+            .extract()
+            .map_err(|_| type_error(arg, "expected an int or a pair of ints"))?;
+        usize::try_from(v).map_err(|_| value_error(arg, format!("must be non-negative, got {v}")))
+    };
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        if t.len() != 2 {
+            return Err(value_error(
+                arg,
+                format!(
+                    "expected an int or a pair of ints, got a tuple of {}",
+                    t.len()
+                ),
+            ));
+        }
+        return Ok((as_dim(&t.get_item(0)?)?, as_dim(&t.get_item(1)?)?));
+    }
+    if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
+        if l.len() != 2 {
+            return Err(value_error(
+                arg,
+                format!(
+                    "expected an int or a pair of ints, got a list of {}",
+                    l.len()
+                ),
+            ));
+        }
+        return Ok((as_dim(&l.get_item(0)?)?, as_dim(&l.get_item(1)?)?));
+    }
+    let v = as_dim(obj)?;
+    Ok((v, v))
+}
+
+pub(crate) fn opt_pair(
+    arg: &str,
+    obj: Option<&Bound<'_, PyAny>>,
+    default: usize,
+) -> PyResult<(usize, usize)> {
+    match obj {
+        None => Ok((default, default)),
+        Some(o) if o.is_none() => Ok((default, default)),
+        Some(o) => pair(arg, o),
+    }
+}
+
+/// A scale: a Python/numpy float, a 0-d array, or (if `per_index` is given) a float32 vector of that length.
+pub(crate) enum ScaleArg<'py> {
+    Scalar(f32),
+    Vector(In<'py, f32>),
+}
+
+impl<'py> ScaleArg<'py> {
+    pub(crate) fn new(
+        arg: &str,
+        obj: &Bound<'py, PyAny>,
+        per_index: Option<(usize, &str)>,
+    ) -> PyResult<Self> {
+        if obj.cast::<PyUntypedArray>().is_ok() {
+            let arr = readonly::<f32>(arg, obj, "float32", None)?;
+            match (arr.ndim(), per_index) {
+                (0, _) => {
+                    return Ok(ScaleArg::Scalar(
+                        arr.as_array().iter().next().copied().unwrap_or(0.0),
+                    ))
+                }
+                (1, Some((n, what))) => return Ok(ScaleArg::Vector(vec_of(arg, obj, n, what)?)),
+                (d, _) => {
+                    return Err(value_error(
+                        arg,
+                        format!(
+                            "expected a float{}, got an array with {d} dimensions",
+                            if per_index.is_some() {
+                                " or a 1-D float32 array"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ))
+                }
+            }
+        }
+        if obj.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(type_error(arg, "expected a float, got a bool"));
+        }
+        let v: f64 = obj.extract().map_err(|_| {
+            type_error(
+                arg,
+                format!(
+                    "expected a float, got {}",
+                    obj.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ),
+            )
+        })?;
+        Ok(ScaleArg::Scalar(v as f32))
+    }
+    pub(crate) fn scale(&self) -> Scale<'_> {
+        match self {
+            ScaleArg::Scalar(s) => Scale::Scalar(*s),
+            ScaleArg::Vector(v) => Scale::PerIndex(v.slice()),
+        }
+    }
+    pub(crate) fn scalar(&self) -> f32 {
+        match self {
+            ScaleArg::Scalar(s) => *s,
+            ScaleArg::Vector(_) => f32::NAN,
+        }
+    }
+}
+
+/// A new uninitialised C-ordered array; every caller overwrites all of it before returning it.
+pub(crate) fn empty<'py, T: Element>(
+    py: Python<'py>,
+    arg: &str,
+    dims: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    new_array(py, arg, IxDyn(dims))
+}
+
+pub(crate) fn as_mut<'a, T: Element>(
+    arr: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
+) -> PyResult<&'a mut [T]> {
+    arr.as_slice_mut().map_err(|e| value_error("output", e))
+}
+
+/// A writable, C-contiguous float32 vector of `n` values, updated in place.
+pub(crate) fn inout_vec<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    n: usize,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    readonly::<f32>(arg, obj, "float32", Some(1))?; // dtype/rank messages
+    let arr = obj
+        .cast::<PyArrayDyn<f32>>()
+        .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    if arr.len() != n {
+        return Err(value_error(
+            arg,
+            format!("expected {n} values (one per channel), got {}", arr.len()),
+        ));
+    }
+    check_aligned_inplace(arg, arr.as_untyped())?;
+    if !arr.is_c_contiguous() {
+        return Err(value_error(
+            arg,
+            "must be contiguous (it is updated in place)",
+        ));
+    }
+    writable(arg, arr)
+}
+
+/// A writable, C-contiguous float32 array of any shape (or `ndim` dimensions), updated in place.
+pub(crate) fn inout_arr<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    ndim: Option<usize>,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    readonly::<f32>(arg, obj, "float32", ndim)?; // dtype/rank messages
+    let arr = obj
+        .cast::<PyArrayDyn<f32>>()
+        .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))?;
+    check_aligned_inplace(arg, arr.as_untyped())?;
+    if !arr.is_c_contiguous() {
+        return Err(value_error(
+            arg,
+            "must be C-contiguous (it is updated in place)",
+        ));
+    }
+    writable(arg, arr)
+}
+
+pub(crate) fn dy_shape_check(arg: &str, got: &[usize], want: [usize; 4]) -> PyResult<()> {
+    if got != want {
+        return Err(value_error(
+            arg,
+            format!("expected shape {want:?} (the convolution's output), got {got:?}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) type F32Out<'py> = Bound<'py, PyArrayDyn<f32>>;
+
+/// `obj` as a float32 array (an argument already checked to be one).
+pub(crate) fn f32_array<'py>(arg: &str, obj: &Bound<'py, PyAny>) -> PyResult<F32Out<'py>> {
+    obj.cast::<PyArrayDyn<f32>>()
+        .cloned()
+        .map_err(|_| type_error(arg, "expected a float32 numpy.ndarray"))
+}
+
+/// The float32 result array of an op that takes `out=`: `out` when given (checked to be a writable,
+/// aligned, C-contiguous float32 array of `shape`), else a new array (`new_arg` in errors).
+pub(crate) fn out_or_new<'py>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    new_arg: &str,
+    shape: &[usize],
+) -> PyResult<F32Out<'py>> {
+    let Some(o) = out else {
+        return empty::<f32>(py, new_arg, shape);
+    };
+    let got = inout_arr("out", o, None)?.shape().to_vec();
+    if got != shape {
+        return Err(value_error(
+            "out",
+            format!("expected shape {shape:?}, got {got:?}"),
+        ));
+    }
+    f32_array("out", o)
+}
+
+/// A write borrow of a result array: fails (naming `arg`) when it shares memory with an argument the
+/// op reads, which a caller's `out=` array may.
+pub(crate) fn writable<'py>(
+    arg: &str,
+    arr: &F32Out<'py>,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    arr.try_readwrite().map_err(|e| {
+        value_error(
+            arg,
+            format!("must be a writable array not aliasing another argument: {e}"),
+        )
+    })
 }

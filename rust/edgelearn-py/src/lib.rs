@@ -3,7 +3,6 @@
 //! Python exceptions. No algorithm lives here.
 
 mod arrays;
-mod depthwise;
 mod errors;
 mod gemm;
 mod info;
@@ -24,7 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info::register(m)?;
     quant::register(m)?;
     nn::register(m)?;
-    depthwise::register(m)?;
     octo::register(m)?;
     sgq::register(m)?;
     patchskip::register(m)?;

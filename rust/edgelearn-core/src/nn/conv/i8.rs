@@ -29,6 +29,17 @@ fn flipped_transpose(s: &ConvShape, wq: &[i8]) -> Vec<i8> {
     wt
 }
 
+/// The checked shape of an INT8 convolution, errors naming its operands `xq` and `wq`.
+fn int8_shape(
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> Result<ConvShape> {
+    ConvShape::new(x_shape, w_shape, stride, padding)
+        .map_err(|e| e.for_arg("x", "xq").for_arg("w", "wq"))
+}
+
 /// INT8 convolution: `y = conv2d(sx·xq, sw·wq) + bias` in FP32, on the INT8 GEMM. `sw` is one scale or
 /// one per output channel. Runs the [`ConvPlan`](super::ConvPlan) of the shape.
 #[allow(clippy::too_many_arguments)]
@@ -44,7 +55,7 @@ pub fn conv2d_i8_forward(
     padding: (usize, usize),
     y: &mut [f32],
 ) -> Result<ConvShape> {
-    let plan = DensePlan::new(ConvShape::new(x_shape, w_shape, stride, padding)?);
+    let plan = DensePlan::new(int8_shape(x_shape, w_shape, stride, padding)?);
     forward(&plan.shape, plan.forward, xq, sx, wq, sw, bias, y)?;
     Ok(plan.shape)
 }
@@ -145,7 +156,7 @@ pub fn conv2d_i8_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) -> Result<ConvShape> {
-    let plan = DensePlan::new(ConvShape::new(x_shape, w_shape, stride, padding)?);
+    let plan = DensePlan::new(int8_shape(x_shape, w_shape, stride, padding)?);
     backward(&plan, xq, sx, wq, sw, dyq, sdy, dx, dw)?;
     Ok(plan.shape)
 }

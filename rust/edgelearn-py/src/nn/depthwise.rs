@@ -1,15 +1,15 @@
 //! Grouped and depthwise convolution (`edgelearn_core::nn::depthwise`): argument checks, zero-copy views,
-//! one allocation per result, GIL released around the core call. Same conventions as `nn.rs`; `groups`
+//! one allocation per result, GIL released around the core call. Same conventions as the other `nn` glue; `groups`
 //! divides both channel counts, `dilation` is an int or a pair.
 
 use edgelearn_core::nn::depthwise::{self as dw, GroupedParams, GroupedShape};
 use numpy::PyArrayMethods;
 use pyo3::prelude::*;
 
-use crate::errors::CoreResultExt;
-use crate::nn::{
-    as_mut, dy_shape_check, empty, f32_4d, i8_4d, opt_pair, opt_vec, rename, F32Out, ScaleArg,
+use crate::arrays::{
+    as_mut, dy_shape_check, empty, f32_4d, i8_4d, opt_pair, opt_vec, F32Out, ScaleArg,
 };
+use crate::errors::CoreResultExt;
 
 fn params(
     groups: usize,
@@ -27,6 +27,13 @@ fn params(
 
 fn shape(x: [usize; 4], w: [usize; 4], p: GroupedParams) -> PyResult<GroupedShape> {
     GroupedShape::new(x, w, p).py()
+}
+
+/// [`shape`] of the INT8 ops, whose operands are `xq` and `wq`.
+fn shape_i8(xq: [usize; 4], wq: [usize; 4], p: GroupedParams) -> PyResult<GroupedShape> {
+    GroupedShape::new(xq, wq, p)
+        .map_err(|e| e.for_arg("x", "xq").for_arg("w", "wq"))
+        .py()
 }
 
 /// FP32 grouped convolution: x (N, C, H, W), w (O, C/groups, kh, kw), bias (O,) or None → y.
@@ -119,7 +126,7 @@ fn conv2d_grouped_i8_forward<'py>(
 ) -> PyResult<F32Out<'py>> {
     let (xq, wq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?);
     let p = params(groups, stride, padding, dilation)?;
-    let s = shape(xq.shape4(), wq.shape4(), p).map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
+    let s = shape_i8(xq.shape4(), wq.shape4(), p)?;
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
     let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
     let bias = opt_vec("bias", bias, s.o, "output channel")?;
@@ -160,7 +167,7 @@ fn conv2d_grouped_i8_backward<'py>(
 ) -> PyResult<(Option<F32Out<'py>>, F32Out<'py>)> {
     let (xq, wq, dyq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?, i8_4d("dyq", dyq)?);
     let p = params(groups, stride, padding, dilation)?;
-    let s = shape(xq.shape4(), wq.shape4(), p).map_err(|e| rename(e, "x", "xq", "w", "wq"))?;
+    let s = shape_i8(xq.shape4(), wq.shape4(), p)?;
     dy_shape_check("dyq", &dyq.shape, s.output())?;
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
     let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();

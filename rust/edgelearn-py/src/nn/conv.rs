@@ -1,0 +1,244 @@
+//! 2-D convolution (`edgelearn_core::nn::conv`), FP32 and INT8, and the per-channel sums of gradients.
+
+use edgelearn_core::nn::{self, ConvShape};
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods};
+use pyo3::prelude::*;
+
+use crate::arrays::{
+    as_mut, dy_shape_check, empty, f32_4d, i8_4d, opt_pair, opt_vec, F32Out, In, ScaleArg,
+};
+use crate::errors::{value_error, CoreResultExt};
+
+fn conv_shape(
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> PyResult<ConvShape> {
+    ConvShape::new(x, w, stride, padding).py()
+}
+
+/// [`conv_shape`] of the INT8 ops, whose operands are `xq` and `wq`.
+fn conv_shape_i8(
+    xq: [usize; 4],
+    wq: [usize; 4],
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> PyResult<ConvShape> {
+    ConvShape::new(xq, wq, stride, padding)
+        .map_err(|e| e.for_arg("x", "xq").for_arg("w", "wq"))
+        .py()
+}
+
+/// FP32 convolution: x (N, C, H, W), w (O, C, kh, kw), bias (O,) or None → y (N, O, OH, OW).
+#[pyfunction]
+#[pyo3(signature = (x, w, bias=None, stride=None, padding=None))]
+fn conv2d_f32_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+    stride: Option<&Bound<'py, PyAny>>,
+    padding: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let (x, w) = (f32_4d("x", x)?, f32_4d("w", w)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
+    let bias = opt_vec("bias", bias, s.o, "output channel")?;
+    let y = empty::<f32>(py, "y", &s.output())?;
+    {
+        let mut yw = y.readwrite();
+        let yv = as_mut(&mut yw)?;
+        let (xv, wv, bv) = (x.slice(), w.slice(), bias.as_ref().map(|b| b.slice()));
+        let (xs, ws) = (x.shape4(), w.shape4());
+        py.detach(|| nn::conv2d_f32_forward(xv, xs, wv, ws, bv, stride, padding, yv))
+            .py()?;
+    }
+    Ok(y)
+}
+
+type ConvGrads<'py> = (
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Bound<'py, PyArrayDyn<f32>>,
+    Bound<'py, PyArrayDyn<f32>>,
+);
+
+/// Gradients of the FP32 convolution: (dx or None, dw, db).
+#[pyfunction]
+#[pyo3(signature = (x, w, dy, stride=None, padding=None, need_dx=true))]
+fn conv2d_f32_backward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    dy: &Bound<'py, PyAny>,
+    stride: Option<&Bound<'py, PyAny>>,
+    padding: Option<&Bound<'py, PyAny>>,
+    need_dx: bool,
+) -> PyResult<ConvGrads<'py>> {
+    let (x, w, dy) = (f32_4d("x", x)?, f32_4d("w", w)?, f32_4d("dy", dy)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
+    dy_shape_check("dy", &dy.shape, s.output())?;
+    let dx = if need_dx {
+        Some(empty::<f32>(py, "dx", &x.shape)?)
+    } else {
+        None
+    };
+    let dw = empty::<f32>(py, "dw", &w.shape)?;
+    let db = empty::<f32>(py, "db", &[s.o])?;
+    {
+        let mut dxw = dx.as_ref().map(|a| a.readwrite());
+        let dxv = match dxw.as_mut() {
+            Some(a) => Some(as_mut(a)?),
+            None => None,
+        };
+        let (mut dww, mut dbw) = (dw.readwrite(), db.readwrite());
+        let (dwv, dbv) = (as_mut(&mut dww)?, as_mut(&mut dbw)?);
+        let (xv, wv, dyv, xs, ws) = (x.slice(), w.slice(), dy.slice(), x.shape4(), w.shape4());
+        py.detach(|| nn::conv2d_f32_backward(xv, xs, wv, ws, dyv, stride, padding, dxv, dwv, dbv))
+            .py()?;
+    }
+    Ok((dx, dw, db))
+}
+
+/// INT8 convolution on the INT8 GEMM: xq int8 (N, C, H, W) with scale sx, wq int8 (O, C, kh, kw) with
+/// scale sw (float or float32 (O,)), bias float32 (O,) or None → y float32 (N, O, OH, OW).
+#[pyfunction]
+#[pyo3(signature = (xq, sx, wq, sw, bias=None, stride=None, padding=None))]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_i8_forward<'py>(
+    py: Python<'py>,
+    xq: &Bound<'py, PyAny>,
+    sx: &Bound<'py, PyAny>,
+    wq: &Bound<'py, PyAny>,
+    sw: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+    stride: Option<&Bound<'py, PyAny>>,
+    padding: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let (xq, wq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape_i8(xq.shape4(), wq.shape4(), stride, padding)?;
+    let sx = ScaleArg::new("sx", sx, None)?.scalar();
+    let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
+    let bias = opt_vec("bias", bias, s.o, "output channel")?;
+    let y = empty::<f32>(py, "y", &s.output())?;
+    {
+        let mut yw = y.readwrite();
+        let yv = as_mut(&mut yw)?;
+        let (xv, wv, bv, swv) = (
+            xq.slice(),
+            wq.slice(),
+            bias.as_ref().map(|b| b.slice()),
+            sw.scale(),
+        );
+        let (xs, ws) = (xq.shape4(), wq.shape4());
+        py.detach(|| nn::conv2d_i8_forward(xv, xs, sx, wv, ws, swv, bv, stride, padding, yv))
+            .py()?;
+    }
+    Ok(y)
+}
+
+/// Gradients of the INT8 convolution from an INT8 output gradient (dyq, sdy): (dx float32 or None, dw).
+#[pyfunction]
+#[pyo3(signature = (xq, sx, wq, sw, dyq, sdy, stride=None, padding=None, need_dx=true))]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_i8_backward<'py>(
+    py: Python<'py>,
+    xq: &Bound<'py, PyAny>,
+    sx: &Bound<'py, PyAny>,
+    wq: &Bound<'py, PyAny>,
+    sw: &Bound<'py, PyAny>,
+    dyq: &Bound<'py, PyAny>,
+    sdy: &Bound<'py, PyAny>,
+    stride: Option<&Bound<'py, PyAny>>,
+    padding: Option<&Bound<'py, PyAny>>,
+    need_dx: bool,
+) -> PyResult<(Option<F32Out<'py>>, F32Out<'py>)> {
+    let (xq, wq, dyq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?, i8_4d("dyq", dyq)?);
+    let (stride, padding) = (
+        opt_pair("stride", stride, 1)?,
+        opt_pair("padding", padding, 0)?,
+    );
+    let s = conv_shape_i8(xq.shape4(), wq.shape4(), stride, padding)?;
+    dy_shape_check("dyq", &dyq.shape, s.output())?;
+    let sx = ScaleArg::new("sx", sx, None)?.scalar();
+    let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
+    let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
+    let dx = if need_dx {
+        Some(empty::<f32>(py, "dx", &xq.shape)?)
+    } else {
+        None
+    };
+    let dw = empty::<f32>(py, "dw", &wq.shape)?;
+    {
+        let mut dxw = dx.as_ref().map(|a| a.readwrite());
+        let dxv = match dxw.as_mut() {
+            Some(a) => Some(as_mut(a)?),
+            None => None,
+        };
+        let mut dww = dw.readwrite();
+        let dwv = as_mut(&mut dww)?;
+        let (xv, wv, dyv, swv, xs, ws) = (
+            xq.slice(),
+            wq.slice(),
+            dyq.slice(),
+            sw.scale(),
+            xq.shape4(),
+            wq.shape4(),
+        );
+        py.detach(|| {
+            nn::conv2d_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, stride, padding, dxv, dwv)
+        })
+        .py()?;
+    }
+    Ok((dx, dw))
+}
+
+/// Per-channel sums of a float32 array of shape `(N, C, ...)`: `Σ` over every axis but 1, in f64 per
+/// plane (the bias gradient of the INT8 layers). Returns a float32 `(C,)` array.
+#[pyfunction]
+fn channel_sums<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let x = In::<f32>::new("x", x, "float32", None)?;
+    if x.shape.len() < 2 {
+        return Err(value_error(
+            "x",
+            &format!(
+                "needs at least 2 dimensions (N, C, ...), got shape {:?}",
+                x.shape
+            ),
+        ));
+    }
+    let c = x.shape[1];
+    let out = PyArray1::<f32>::zeros(py, c, false);
+    {
+        let mut w = out.readwrite();
+        let ov = w
+            .as_slice_mut()
+            .map_err(|_| value_error("out", "internal: not contiguous"))?;
+        let (xv, shape) = (x.slice(), &x.shape);
+        py.detach(|| nn::channel_sums(xv, shape, ov)).py()?;
+    }
+    Ok(out)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(channel_sums, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_f32_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_f32_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_i8_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_i8_backward, m)?)?;
+    Ok(())
+}
