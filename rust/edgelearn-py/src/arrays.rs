@@ -243,7 +243,12 @@ pub(crate) fn opt_vec<'py>(
     }
 }
 
-pub(crate) fn vec_of<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<In<'py, f32>> {
+pub(crate) fn vec_of<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    n: usize,
+    what: &str,
+) -> PyResult<In<'py, f32>> {
     let v = In::new(arg, obj, "float32", Some(1))?;
     if v.shape[0] != n {
         return Err(value_error(

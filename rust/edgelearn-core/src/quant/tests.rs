@@ -115,8 +115,7 @@ fn last_axis_channels_use_row_runs() {
 #[test]
 fn minmax_clip_scales_the_range() {
     let x = [-100.0f32, 50.0, 0.0, 80.0];
-    let (q, s) =
-        quantize_per_tensor(&x, Rounding::Nearest, Clip::MinMax { kappa: 0.5 }).unwrap();
+    let (q, s) = quantize_per_tensor(&x, Rounding::Nearest, Clip::MinMax { kappa: 0.5 }).unwrap();
     // clipped to [-50, 40]: scale from 50, the two largest values land on 40
     assert_eq!(s, 50.0 / 127.0);
     assert_eq!(q, vec![-127, 102, 0, 102]);
@@ -185,9 +184,7 @@ fn bad_arguments_are_errors_not_panics() {
     )
     .is_err());
     assert!(quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q[..1], &mut s).is_err());
-    assert!(
-        quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q, &mut [0.0; 2]).is_err()
-    );
+    assert!(quantize_into(&x, l, Rounding::Nearest, Clip::None, &mut q, &mut [0.0; 2]).is_err());
     assert!(quantize_into(
         &x,
         Layout::per_tensor(3),

@@ -1,6 +1,7 @@
-//! 2-D convolution (`edgelearn_core::nn::conv`), FP32 and INT8, and the per-channel sums of gradients.
+//! 2-D convolution (`edgelearn_core::nn::conv`), FP32 and INT8, each call running the shape's
+//! [`ConvPlan`]; and the per-channel sums of gradients.
 
-use edgelearn_core::nn::{self, ConvShape};
+use edgelearn_core::nn::{self, ConvPlan};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods};
 use pyo3::prelude::*;
 
@@ -9,23 +10,23 @@ use crate::arrays::{
 };
 use crate::errors::{value_error, CoreResultExt};
 
-fn conv_shape(
+fn conv_plan(
     x: [usize; 4],
     w: [usize; 4],
     stride: (usize, usize),
     padding: (usize, usize),
-) -> PyResult<ConvShape> {
-    ConvShape::new(x, w, stride, padding).py()
+) -> PyResult<ConvPlan> {
+    ConvPlan::dense(x, w, stride, padding).py()
 }
 
-/// [`conv_shape`] of the INT8 ops, whose operands are `xq` and `wq`.
-fn conv_shape_i8(
+/// [`conv_plan`] of the INT8 ops, whose operands are `xq` and `wq`.
+fn conv_plan_i8(
     xq: [usize; 4],
     wq: [usize; 4],
     stride: (usize, usize),
     padding: (usize, usize),
-) -> PyResult<ConvShape> {
-    ConvShape::new(xq, wq, stride, padding)
+) -> PyResult<ConvPlan> {
+    ConvPlan::dense(xq, wq, stride, padding)
         .map_err(|e| e.for_arg("x", "xq").for_arg("w", "wq"))
         .py()
 }
@@ -46,16 +47,15 @@ fn conv2d_f32_forward<'py>(
         opt_pair("stride", stride, 1)?,
         opt_pair("padding", padding, 0)?,
     );
-    let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
-    let bias = opt_vec("bias", bias, s.o, "output channel")?;
-    let y = empty::<f32>(py, "y", &s.output())?;
+    let plan = conv_plan(x.shape4(), w.shape4(), stride, padding)?;
+    let (out, o) = (plan.output(), plan.output()[1]);
+    let bias = opt_vec("bias", bias, o, "output channel")?;
+    let y = empty::<f32>(py, "y", &out)?;
     {
         let mut yw = y.readwrite();
         let yv = as_mut(&mut yw)?;
         let (xv, wv, bv) = (x.slice(), w.slice(), bias.as_ref().map(|b| b.slice()));
-        let (xs, ws) = (x.shape4(), w.shape4());
-        py.detach(|| nn::conv2d_f32_forward(xv, xs, wv, ws, bv, stride, padding, yv))
-            .py()?;
+        py.detach(|| plan.forward_f32(xv, wv, bv, yv)).py()?;
     }
     Ok(y)
 }
@@ -83,15 +83,16 @@ fn conv2d_f32_backward<'py>(
         opt_pair("stride", stride, 1)?,
         opt_pair("padding", padding, 0)?,
     );
-    let s = conv_shape(x.shape4(), w.shape4(), stride, padding)?;
-    dy_shape_check("dy", &dy.shape, s.output())?;
+    let plan = conv_plan(x.shape4(), w.shape4(), stride, padding)?;
+    let (out, o) = (plan.output(), plan.output()[1]);
+    dy_shape_check("dy", &dy.shape, out)?;
     let dx = if need_dx {
         Some(empty::<f32>(py, "dx", &x.shape)?)
     } else {
         None
     };
     let dw = empty::<f32>(py, "dw", &w.shape)?;
-    let db = empty::<f32>(py, "db", &[s.o])?;
+    let db = empty::<f32>(py, "db", &[o])?;
     {
         let mut dxw = dx.as_ref().map(|a| a.readwrite());
         let dxv = match dxw.as_mut() {
@@ -100,8 +101,8 @@ fn conv2d_f32_backward<'py>(
         };
         let (mut dww, mut dbw) = (dw.readwrite(), db.readwrite());
         let (dwv, dbv) = (as_mut(&mut dww)?, as_mut(&mut dbw)?);
-        let (xv, wv, dyv, xs, ws) = (x.slice(), w.slice(), dy.slice(), x.shape4(), w.shape4());
-        py.detach(|| nn::conv2d_f32_backward(xv, xs, wv, ws, dyv, stride, padding, dxv, dwv, dbv))
+        let (xv, wv, dyv) = (x.slice(), w.slice(), dy.slice());
+        py.detach(|| plan.backward_f32(xv, wv, dyv, dxv, dwv, dbv))
             .py()?;
     }
     Ok((dx, dw, db))
@@ -127,11 +128,12 @@ fn conv2d_i8_forward<'py>(
         opt_pair("stride", stride, 1)?,
         opt_pair("padding", padding, 0)?,
     );
-    let s = conv_shape_i8(xq.shape4(), wq.shape4(), stride, padding)?;
+    let plan = conv_plan_i8(xq.shape4(), wq.shape4(), stride, padding)?;
+    let (out, o) = (plan.output(), plan.output()[1]);
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
-    let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
-    let bias = opt_vec("bias", bias, s.o, "output channel")?;
-    let y = empty::<f32>(py, "y", &s.output())?;
+    let sw = ScaleArg::new("sw", sw, Some((o, "output channel")))?;
+    let bias = opt_vec("bias", bias, o, "output channel")?;
+    let y = empty::<f32>(py, "y", &out)?;
     {
         let mut yw = y.readwrite();
         let yv = as_mut(&mut yw)?;
@@ -141,8 +143,7 @@ fn conv2d_i8_forward<'py>(
             bias.as_ref().map(|b| b.slice()),
             sw.scale(),
         );
-        let (xs, ws) = (xq.shape4(), wq.shape4());
-        py.detach(|| nn::conv2d_i8_forward(xv, xs, sx, wv, ws, swv, bv, stride, padding, yv))
+        py.detach(|| plan.forward_i8(xv, sx, wv, swv, bv, yv))
             .py()?;
     }
     Ok(y)
@@ -169,11 +170,12 @@ fn conv2d_i8_backward<'py>(
         opt_pair("stride", stride, 1)?,
         opt_pair("padding", padding, 0)?,
     );
-    let s = conv_shape_i8(xq.shape4(), wq.shape4(), stride, padding)?;
-    dy_shape_check("dyq", &dyq.shape, s.output())?;
+    let plan = conv_plan_i8(xq.shape4(), wq.shape4(), stride, padding)?;
+    let (out, o) = (plan.output(), plan.output()[1]);
+    dy_shape_check("dyq", &dyq.shape, out)?;
     let sx = ScaleArg::new("sx", sx, None)?.scalar();
     let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
-    let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
+    let sw = ScaleArg::new("sw", sw, Some((o, "output channel")))?;
     let dx = if need_dx {
         Some(empty::<f32>(py, "dx", &xq.shape)?)
     } else {
@@ -188,18 +190,9 @@ fn conv2d_i8_backward<'py>(
         };
         let mut dww = dw.readwrite();
         let dwv = as_mut(&mut dww)?;
-        let (xv, wv, dyv, swv, xs, ws) = (
-            xq.slice(),
-            wq.slice(),
-            dyq.slice(),
-            sw.scale(),
-            xq.shape4(),
-            wq.shape4(),
-        );
-        py.detach(|| {
-            nn::conv2d_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, stride, padding, dxv, dwv)
-        })
-        .py()?;
+        let (xv, wv, dyv, swv) = (xq.slice(), wq.slice(), dyq.slice(), sw.scale());
+        py.detach(|| plan.backward_i8(xv, sx, wv, swv, dyv, sdy, dxv, dwv))
+            .py()?;
     }
     Ok((dx, dw))
 }
