@@ -6,7 +6,9 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::kernels::{dot_f32_row_tail, DwKernel};
+use super::kernels::{
+    dot_f32_row_tail, dot_i8_row_tail, dw_entry, CorrTile, DotRowF32, DotRowI8, DwKernel, Taps,
+};
 
 pub static NEON: DwKernel = DwKernel {
     name: "neon",
@@ -26,205 +28,158 @@ pub static DOTPROD: DwKernel = DwKernel {
     dot_i8: dot_i8_dotprod,
 };
 
-#[target_feature(enable = "neon")]
-unsafe fn corr_f32_neon(
-    out: *mut f32,
-    ldo: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    w: &[f32],
-) {
-    let nt = offs.len().min(w.len());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k + 8 <= len {
-            let mut a0 = vld1q_f32(o.add(k));
-            let mut a1 = vld1q_f32(o.add(k + 4));
-            for t in 0..nt {
-                let wv = vdupq_n_f32(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = vaddq_f32(a0, vmulq_f32(wv, vld1q_f32(p)));
-                a1 = vaddq_f32(a1, vmulq_f32(wv, vld1q_f32(p.add(4))));
-            }
-            vst1q_f32(o.add(k), a0);
-            vst1q_f32(o.add(k + 4), a1);
-            k += 8;
+/// The NEON tiles: 8 outputs of `corr` per block, 16 canonical lanes of `dot_f32`, 16 bytes per `dot_i8`
+/// step (`vmull` + `vpadal`, or `sdot` on [`DotprodDot`]); tails through the scalar reference.
+struct Neon<T>(T);
+
+impl CorrTile for Neon<Taps<'_, f32>> {
+    type Out = f32;
+    type Src = f32;
+    const W: usize = 8;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut f32, s: *const f32) {
+        let mut a0 = vld1q_f32(o);
+        let mut a1 = vld1q_f32(o.add(4));
+        for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+            let wv = vdupq_n_f32(w);
+            let p = s.add(off);
+            a0 = vaddq_f32(a0, vmulq_f32(wv, vld1q_f32(p)));
+            a1 = vaddq_f32(a1, vmulq_f32(wv, vld1q_f32(p.add(4))));
         }
-        while k < len {
-            let mut acc = *o.add(k);
-            for t in 0..nt {
-                acc += *w.get_unchecked(t) * *s.add(*offs.get_unchecked(t) + k);
-            }
-            *o.add(k) = acc;
-            k += 1;
-        }
+        vst1q_f32(o, a0);
+        vst1q_f32(o.add(4), a1);
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut f32, s: *const f32, n: usize) {
+        self.0.tail(o, s, n)
     }
 }
 
-#[target_feature(enable = "neon")]
-unsafe fn corr_i8_neon(
-    out: *mut i32,
-    ldo: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    w: &[i32],
-) {
-    let nt = offs.len().min(w.len());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k + 8 <= len {
-            let mut a0 = vld1q_s32(o.add(k));
-            let mut a1 = vld1q_s32(o.add(k + 4));
-            for t in 0..nt {
-                let wv = vdup_n_s16(*w.get_unchecked(t) as i16);
-                let x = vmovl_s8(vld1_s8(s.add(*offs.get_unchecked(t) + k)));
-                a0 = vmlal_s16(a0, vget_low_s16(x), wv);
-                a1 = vmlal_s16(a1, vget_high_s16(x), wv);
-            }
-            vst1q_s32(o.add(k), a0);
-            vst1q_s32(o.add(k + 4), a1);
-            k += 8;
+impl CorrTile for Neon<Taps<'_, i32>> {
+    type Out = i32;
+    type Src = i8;
+    const W: usize = 8;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut i32, s: *const i8) {
+        let mut a0 = vld1q_s32(o);
+        let mut a1 = vld1q_s32(o.add(4));
+        for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+            let wv = vdup_n_s16(w as i16);
+            let x = vmovl_s8(vld1_s8(s.add(off)));
+            a0 = vmlal_s16(a0, vget_low_s16(x), wv);
+            a1 = vmlal_s16(a1, vget_high_s16(x), wv);
         }
-        while k < len {
-            let mut acc = *o.add(k);
-            for t in 0..nt {
-                acc = acc
-                    .wrapping_add(*w.get_unchecked(t) * *s.add(*offs.get_unchecked(t) + k) as i32);
-            }
-            *o.add(k) = acc;
-            k += 1;
-        }
+        vst1q_s32(o, a0);
+        vst1q_s32(o.add(4), a1);
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut i32, s: *const i8, n: usize) {
+        self.0.tail(o, s, n)
     }
 }
 
-#[target_feature(enable = "neon")]
-unsafe fn dot_f32_neon(
-    a: *const f32,
-    lda: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    lanes: &mut [[f32; 16]],
-) {
-    for (l, &off) in lanes.iter_mut().zip(offs) {
-        let lp = l.as_mut_ptr();
-        let mut acc = [
-            vld1q_f32(lp),
-            vld1q_f32(lp.add(4)),
-            vld1q_f32(lp.add(8)),
-            vld1q_f32(lp.add(12)),
-        ];
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut k = 0;
-            while k + 16 <= len {
-                for (q, v) in acc.iter_mut().enumerate() {
-                    let i = k + 4 * q;
-                    *v = vaddq_f32(*v, vmulq_f32(vld1q_f32(ar.add(i)), vld1q_f32(sr.add(i))));
-                }
-                k += 16;
+#[inline(always)]
+unsafe fn load_lanes(l: &[f32; 16]) -> [float32x4_t; 4] {
+    let p = l.as_ptr();
+    [
+        vld1q_f32(p),
+        vld1q_f32(p.add(4)),
+        vld1q_f32(p.add(8)),
+        vld1q_f32(p.add(12)),
+    ]
+}
+
+impl DotRowF32 for Neon<()> {
+    type Acc = [float32x4_t; 4];
+    #[inline(always)]
+    unsafe fn load(&self, l: &[f32; 16]) -> Self::Acc {
+        load_lanes(l)
+    }
+    #[inline(always)]
+    unsafe fn row(&self, acc: &mut Self::Acc, a: *const f32, s: *const f32, len: usize) {
+        let mut k = 0;
+        while k + 16 <= len {
+            for (q, v) in acc.iter_mut().enumerate() {
+                let i = k + 4 * q;
+                *v = vaddq_f32(*v, vmulq_f32(vld1q_f32(a.add(i)), vld1q_f32(s.add(i))));
             }
-            if k < len {
-                for (q, v) in acc.iter().enumerate() {
-                    vst1q_f32(lp.add(4 * q), *v);
-                }
-                dot_f32_row_tail(ar, sr, k, len, l);
-                let lp = l.as_mut_ptr();
-                acc = [
-                    vld1q_f32(lp),
-                    vld1q_f32(lp.add(4)),
-                    vld1q_f32(lp.add(8)),
-                    vld1q_f32(lp.add(12)),
-                ];
-            }
+            k += 16;
         }
-        let lp = l.as_mut_ptr();
+        if k < len {
+            let mut l = [0f32; 16];
+            self.store(*acc, &mut l);
+            dot_f32_row_tail(a, s, k, len, &mut l);
+            *acc = load_lanes(&l);
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(&self, acc: Self::Acc, l: &mut [f32; 16]) {
         for (q, v) in acc.iter().enumerate() {
-            vst1q_f32(lp.add(4 * q), *v);
+            vst1q_f32(l.as_mut_ptr().add(4 * q), *v);
         }
     }
 }
 
-#[target_feature(enable = "neon")]
-unsafe fn dot_i8_neon(
-    a: *const i8,
-    lda: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    sums: &mut [i64],
-) {
-    for (sum, &off) in sums.iter_mut().zip(offs) {
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut acc = vdupq_n_s32(0);
-            let mut k = 0;
-            while k + 16 <= len {
-                let (av, sv) = (vld1q_s8(ar.add(k)), vld1q_s8(sr.add(k)));
-                let lo = vmull_s8(vget_low_s8(av), vget_low_s8(sv));
-                let hi = vmull_high_s8(av, sv);
-                acc = vpadalq_s16(acc, lo);
-                acc = vpadalq_s16(acc, hi);
-                k += 16;
-            }
-            let mut tail = 0i32;
-            while k < len {
-                tail += *ar.add(k) as i32 * *sr.add(k) as i32;
-                k += 1;
-            }
-            *sum += vaddvq_s32(acc) as i64 + tail as i64;
+impl DotRowI8 for Neon<()> {
+    #[inline(always)]
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32 {
+        let mut acc = vdupq_n_s32(0);
+        let mut k = 0;
+        while k + 16 <= len {
+            let (av, sv) = (vld1q_s8(a.add(k)), vld1q_s8(s.add(k)));
+            acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(av), vget_low_s8(sv)));
+            acc = vpadalq_s16(acc, vmull_high_s8(av, sv));
+            k += 16;
         }
+        vaddvq_s32(acc) + dot_i8_row_tail(a, s, k, len)
     }
 }
 
-#[target_feature(enable = "neon,dotprod")]
-unsafe fn dot_i8_dotprod(
-    a: *const i8,
-    lda: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    sums: &mut [i64],
-) {
-    for (sum, &off) in sums.iter_mut().zip(offs) {
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut acc = vdupq_n_s32(0);
-            let mut k = 0;
-            while k + 16 <= len {
-                let (av, sv) = (vld1q_s8(ar.add(k)), vld1q_s8(sr.add(k)));
-                // SAFETY: register-only instruction of FEAT_DotProd, enabled on this function.
-                asm!(
-                    "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-                    acc = inout(vreg) acc,
-                    a = in(vreg) av,
-                    b = in(vreg) sv,
-                    options(pure, nomem, nostack, preserves_flags),
-                );
-                k += 16;
-            }
-            let mut tail = 0i32;
-            while k < len {
-                tail += *ar.add(k) as i32 * *sr.add(k) as i32;
-                k += 1;
-            }
-            *sum += vaddvq_s32(acc) as i64 + tail as i64;
+/// The dotprod `dot_i8` row: one `sdot` per 16 bytes.
+struct DotprodDot;
+
+impl DotRowI8 for DotprodDot {
+    #[inline(always)]
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32 {
+        let mut acc = vdupq_n_s32(0);
+        let mut k = 0;
+        while k + 16 <= len {
+            let (av, sv) = (vld1q_s8(a.add(k)), vld1q_s8(s.add(k)));
+            // SAFETY: register-only instruction of FEAT_DotProd, enabled on the calling function.
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) av,
+                b = in(vreg) sv,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            k += 16;
         }
+        vaddvq_s32(acc) + dot_i8_row_tail(a, s, k, len)
     }
 }
+
+dw_entry!(
+    #[target_feature(enable = "neon")]
+    corr corr_f32_neon<f32, f32, f32>(Neon)
+);
+
+dw_entry!(
+    #[target_feature(enable = "neon")]
+    corr corr_i8_neon<i32, i8, i32>(Neon)
+);
+
+dw_entry!(
+    #[target_feature(enable = "neon")]
+    dot_f32 dot_f32_neon(Neon(()))
+);
+
+dw_entry!(
+    #[target_feature(enable = "neon")]
+    dot_i8 dot_i8_neon(Neon(()))
+);
+
+dw_entry!(
+    #[target_feature(enable = "neon,dotprod")]
+    dot_i8 dot_i8_dotprod(DotprodDot)
+);

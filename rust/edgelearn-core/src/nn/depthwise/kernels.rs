@@ -47,50 +47,223 @@ impl std::fmt::Debug for DwKernel {
     }
 }
 
-// --- scalar reference ------------------------------------------------------------------------------------
+// --- the shared tile loops ------------------------------------------------------------------------------
 
-unsafe fn corr_f32_scalar(
-    out: *mut f32,
+/// One ISA's inner `corr` kernel: `W` outputs of a row at a time ([`Self::block`]), fewer at the end of a
+/// row ([`Self::tail`]); the taps and weights live in `self`. [`corr_rows`] runs it over a row block.
+pub(super) trait CorrTile {
+    type Out;
+    type Src;
+    /// Outputs per full block.
+    const W: usize;
+    /// `out[k] += Σ_t w[t]·src[offs[t] + k]` for `k < W`.
+    unsafe fn block(&self, out: *mut Self::Out, src: *const Self::Src);
+    /// The same for `k < n`, `0 < n < W`.
+    unsafe fn tail(&self, out: *mut Self::Out, src: *const Self::Src, n: usize);
+}
+
+/// The `corr` row loop every kernel shares: `rows` rows of `len` outputs, `ldo`/`lds` apart. Inlined
+/// into each ISA's `#[target_feature]` entry point and monomorphised on the tile, so it costs nothing
+/// over a hand-written loop.
+#[inline(always)]
+pub(super) unsafe fn corr_rows<K: CorrTile>(
+    tile: &K,
+    out: *mut K::Out,
     ldo: usize,
+    src: *const K::Src,
+    lds: usize,
+    rows: usize,
+    len: usize,
+) {
+    for r in 0..rows {
+        let (o, s) = (out.add(r * ldo), src.add(r * lds));
+        let mut k = 0;
+        while k + K::W <= len {
+            tile.block(o.add(k), s.add(k));
+            k += K::W;
+        }
+        if k < len {
+            tile.tail(o.add(k), s.add(k), len - k);
+        }
+    }
+}
+
+/// One ISA's FP32 `dot` over one row, accumulating into `Acc` (the 16 canonical lanes in registers).
+pub(super) trait DotRowF32 {
+    type Acc;
+    unsafe fn load(&self, lanes: &[f32; 16]) -> Self::Acc;
+    /// `acc[k mod 16] += a[k]·s[k]` for `k < len`, in increasing `k`.
+    unsafe fn row(&self, acc: &mut Self::Acc, a: *const f32, s: *const f32, len: usize);
+    unsafe fn store(&self, acc: Self::Acc, lanes: &mut [f32; 16]);
+}
+
+/// The `dot_f32` loop every kernel shares: per tap, its lanes loaded once, every row added, stored once.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dot_f32_rows<K: DotRowF32>(
+    kern: &K,
+    a: *const f32,
+    lda: usize,
     src: *const f32,
     lds: usize,
     rows: usize,
     len: usize,
     offs: &[usize],
-    w: &[f32],
+    lanes: &mut [[f32; 16]],
 ) {
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        for k in 0..len {
-            let mut acc = *o.add(k);
-            for (&off, &wt) in offs.iter().zip(w) {
-                acc += wt * *s.add(off + k);
-            }
-            *o.add(k) = acc;
+    for (l, &off) in lanes.iter_mut().zip(offs) {
+        let mut acc = kern.load(l);
+        for r in 0..rows {
+            kern.row(&mut acc, a.add(r * lda), src.add(r * lds + off), len);
         }
+        kern.store(acc, l);
     }
 }
 
-unsafe fn corr_i8_scalar(
-    out: *mut i32,
-    ldo: usize,
+/// One ISA's exact INT8 dot of one row (`len ≤ MAX_ROW_I8`, so INT32 inside the row is enough).
+pub(super) trait DotRowI8 {
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32;
+}
+
+/// The `dot_i8` loop every per-row kernel shares: `sums[t] += Σ_rows row(a, src + offs[t])`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dot_i8_rows<K: DotRowI8>(
+    kern: &K,
+    a: *const i8,
+    lda: usize,
     src: *const i8,
     lds: usize,
     rows: usize,
     len: usize,
     offs: &[usize],
-    w: &[i32],
+    sums: &mut [i64],
 ) {
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        for k in 0..len {
-            let mut acc = *o.add(k);
-            for (&off, &wt) in offs.iter().zip(w) {
-                acc = acc.wrapping_add(wt * *s.add(off + k) as i32);
-            }
-            *o.add(k) = acc;
+    for (sum, &off) in sums.iter_mut().zip(offs) {
+        for r in 0..rows {
+            *sum += kern.row(a.add(r * lda), src.add(r * lds + off), len) as i64;
+        }
+    }
+}
+
+/// `DwKernel` entry points (the function-pointer signatures of [`CorrF32`], [`CorrI8`], [`DotF32`],
+/// [`DotI8`]) that run one shared loop on one tile, compiled with the given attributes (an ISA's
+/// `#[target_feature]`): `corr NAME<OUT, SRC, W>(WRAP)` runs [`corr_rows`] on `WRAP(Taps::new(offs, w))`;
+/// `dot_f32 NAME(KERN)` and `dot_i8 NAME(KERN)` run [`dot_f32_rows`] / [`dot_i8_rows`] on `KERN`.
+macro_rules! dw_entry {
+    ($(#[$a:meta])* corr $name:ident<$out:ty, $src:ty, $w:ty>($wrap:expr)) => {
+        $(#[$a])*
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            out: *mut $out,
+            ldo: usize,
+            src: *const $src,
+            lds: usize,
+            rows: usize,
+            len: usize,
+            offs: &[usize],
+            w: &[$w],
+        ) {
+            let tile = ($wrap)($crate::nn::depthwise::kernels::Taps::new(offs, w));
+            $crate::nn::depthwise::kernels::corr_rows(&tile, out, ldo, src, lds, rows, len)
+        }
+    };
+    ($(#[$a:meta])* dot_f32 $name:ident($kern:expr)) => {
+        $(#[$a])*
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            a: *const f32,
+            lda: usize,
+            src: *const f32,
+            lds: usize,
+            rows: usize,
+            len: usize,
+            offs: &[usize],
+            lanes: &mut [[f32; 16]],
+        ) {
+            $crate::nn::depthwise::kernels::dot_f32_rows(
+                &$kern, a, lda, src, lds, rows, len, offs, lanes,
+            )
+        }
+    };
+    ($(#[$a:meta])* dot_i8 $name:ident($kern:expr)) => {
+        $(#[$a])*
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            a: *const i8,
+            lda: usize,
+            src: *const i8,
+            lds: usize,
+            rows: usize,
+            len: usize,
+            offs: &[usize],
+            sums: &mut [i64],
+        ) {
+            $crate::nn::depthwise::kernels::dot_i8_rows(
+                &$kern, a, lda, src, lds, rows, len, offs, sums,
+            )
+        }
+    };
+}
+pub(super) use dw_entry;
+
+// --- scalar reference ------------------------------------------------------------------------------------
+
+/// The taps of a `corr` call (`offs` and `w` of one length); as a [`CorrTile`], the scalar reference one
+/// output at a time (vector kernels use it for their tails).
+#[derive(Clone, Copy)]
+pub(super) struct Taps<'a, W> {
+    pub offs: &'a [usize],
+    pub w: &'a [W],
+}
+
+impl<'a, W> Taps<'a, W> {
+    #[inline(always)]
+    pub fn new(offs: &'a [usize], w: &'a [W]) -> Self {
+        let nt = offs.len().min(w.len());
+        Taps {
+            offs: &offs[..nt],
+            w: &w[..nt],
+        }
+    }
+}
+
+impl CorrTile for Taps<'_, f32> {
+    type Out = f32;
+    type Src = f32;
+    const W: usize = 1;
+    #[inline(always)]
+    unsafe fn block(&self, out: *mut f32, src: *const f32) {
+        let mut acc = *out;
+        for (&off, &wt) in self.offs.iter().zip(self.w) {
+            acc += wt * *src.add(off);
+        }
+        *out = acc;
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, out: *mut f32, src: *const f32, n: usize) {
+        for k in 0..n {
+            self.block(out.add(k), src.add(k));
+        }
+    }
+}
+
+impl CorrTile for Taps<'_, i32> {
+    type Out = i32;
+    type Src = i8;
+    const W: usize = 1;
+    #[inline(always)]
+    unsafe fn block(&self, out: *mut i32, src: *const i8) {
+        let mut acc = *out;
+        for (&off, &wt) in self.offs.iter().zip(self.w) {
+            acc = acc.wrapping_add(wt * *src.add(off) as i32);
+        }
+        *out = acc;
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, out: *mut i32, src: *const i8, n: usize) {
+        for k in 0..n {
+            self.block(out.add(k), src.add(k));
         }
     }
 }
@@ -109,44 +282,46 @@ pub(super) unsafe fn dot_f32_row_tail(
     }
 }
 
-unsafe fn dot_f32_scalar(
-    a: *const f32,
-    lda: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    lanes: &mut [[f32; 16]],
-) {
-    for (l, &off) in lanes.iter_mut().zip(offs) {
-        for r in 0..rows {
-            dot_f32_row_tail(a.add(r * lda), src.add(r * lds + off), 0, len, l);
-        }
+/// The scalar reference dots.
+pub(super) struct ScalarDot;
+
+impl DotRowF32 for ScalarDot {
+    type Acc = [f32; 16];
+    #[inline(always)]
+    unsafe fn load(&self, lanes: &[f32; 16]) -> [f32; 16] {
+        *lanes
+    }
+    #[inline(always)]
+    unsafe fn row(&self, acc: &mut [f32; 16], a: *const f32, s: *const f32, len: usize) {
+        dot_f32_row_tail(a, s, 0, len, acc)
+    }
+    #[inline(always)]
+    unsafe fn store(&self, acc: [f32; 16], lanes: &mut [f32; 16]) {
+        *lanes = acc;
     }
 }
 
-unsafe fn dot_i8_scalar(
-    a: *const i8,
-    lda: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    sums: &mut [i64],
-) {
-    for (sum, &off) in sums.iter_mut().zip(offs) {
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut acc = 0i32;
-            for k in 0..len {
-                acc += *ar.add(k) as i32 * *sr.add(k) as i32;
-            }
-            *sum += acc as i64;
-        }
+impl DotRowI8 for ScalarDot {
+    #[inline(always)]
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32 {
+        dot_i8_row_tail(a, s, 0, len)
     }
 }
+
+/// `Σ a[k]·s[k]` for `k0 ≤ k < len` in INT32 (vector kernels call it for their tails).
+#[inline(always)]
+pub(super) unsafe fn dot_i8_row_tail(a: *const i8, s: *const i8, k0: usize, len: usize) -> i32 {
+    let mut acc = 0i32;
+    for k in k0..len {
+        acc += *a.add(k) as i32 * *s.add(k) as i32;
+    }
+    acc
+}
+
+dw_entry!(corr corr_f32_scalar<f32, f32, f32>(std::convert::identity));
+dw_entry!(corr corr_i8_scalar<i32, i8, i32>(std::convert::identity));
+dw_entry!(dot_f32 dot_f32_scalar(ScalarDot));
+dw_entry!(dot_i8 dot_i8_scalar(ScalarDot));
 
 pub static SCALAR: DwKernel = DwKernel {
     name: "scalar",

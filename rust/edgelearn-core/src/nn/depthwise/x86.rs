@@ -5,7 +5,10 @@
 
 use std::arch::x86_64::*;
 
-use super::kernels::DwKernel;
+use super::kernels::{
+    corr_rows, dot_i8_row_tail, dot_i8_rows, dw_entry, CorrTile, DotRowF32, DotRowI8, DwKernel,
+    Taps,
+};
 
 pub(super) fn avx2_detected() -> bool {
     is_x86_feature_detected!("avx2")
@@ -44,45 +47,37 @@ unsafe fn mask8(n: usize) -> __m256i {
     _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn corr_f32_avx2(
-    out: *mut f32,
-    ldo: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    w: &[f32],
-) {
-    let nt = offs.len().min(w.len());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k + 16 <= len {
-            let mut a0 = _mm256_loadu_ps(o.add(k));
-            let mut a1 = _mm256_loadu_ps(o.add(k + 8));
-            for t in 0..nt {
-                let wv = _mm256_set1_ps(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
-                a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p.add(8))));
-            }
-            _mm256_storeu_ps(o.add(k), a0);
-            _mm256_storeu_ps(o.add(k + 8), a1);
-            k += 16;
+/// The AVX2 tiles: 16 outputs of `corr` per block (two vectors), masked 8-lane vectors for the tail;
+/// 16 canonical lanes of `dot_f32` in two vectors; 16 bytes per `vpmaddwd` step of `dot_i8`.
+struct Avx2<T>(T);
+
+impl CorrTile for Avx2<Taps<'_, f32>> {
+    type Out = f32;
+    type Src = f32;
+    const W: usize = 16;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut f32, s: *const f32) {
+        let mut a0 = _mm256_loadu_ps(o);
+        let mut a1 = _mm256_loadu_ps(o.add(8));
+        for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+            let wv = _mm256_set1_ps(w);
+            let p = s.add(off);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p.add(8))));
         }
-        while k < len {
-            let m = mask8((len - k).min(8));
+        _mm256_storeu_ps(o, a0);
+        _mm256_storeu_ps(o.add(8), a1);
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut f32, s: *const f32, n: usize) {
+        for k in (0..n).step_by(8) {
+            let m = mask8((n - k).min(8));
             let mut a0 = _mm256_maskload_ps(o.add(k), m);
-            for t in 0..nt {
-                let wv = _mm256_set1_ps(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_maskload_ps(p, m)));
+            for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+                let wv = _mm256_set1_ps(w);
+                a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_maskload_ps(s.add(off + k), m)));
             }
             _mm256_maskstore_ps(o.add(k), m, a0);
-            k += 8;
         }
     }
 }
@@ -99,100 +94,82 @@ unsafe fn load8_i8(p: *const i8, n: usize) -> __m256i {
     }
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn corr_i8_avx2(
-    out: *mut i32,
-    ldo: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    w: &[i32],
-) {
-    let nt = offs.len().min(w.len());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k + 16 <= len {
-            let mut a0 = _mm256_loadu_si256(o.add(k) as *const __m256i);
-            let mut a1 = _mm256_loadu_si256(o.add(k + 8) as *const __m256i);
-            for t in 0..nt {
-                let wv = _mm256_set1_epi32(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(wv, load8_i8(p, 8)));
-                a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(wv, load8_i8(p.add(8), 8)));
-            }
-            _mm256_storeu_si256(o.add(k) as *mut __m256i, a0);
-            _mm256_storeu_si256(o.add(k + 8) as *mut __m256i, a1);
-            k += 16;
+impl CorrTile for Avx2<Taps<'_, i32>> {
+    type Out = i32;
+    type Src = i8;
+    const W: usize = 16;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut i32, s: *const i8) {
+        let mut a0 = _mm256_loadu_si256(o as *const __m256i);
+        let mut a1 = _mm256_loadu_si256(o.add(8) as *const __m256i);
+        for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+            let wv = _mm256_set1_epi32(w);
+            let p = s.add(off);
+            a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(wv, load8_i8(p, 8)));
+            a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(wv, load8_i8(p.add(8), 8)));
         }
-        while k < len {
-            let n = (len - k).min(8);
-            let m = mask8(n);
+        _mm256_storeu_si256(o as *mut __m256i, a0);
+        _mm256_storeu_si256(o.add(8) as *mut __m256i, a1);
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut i32, s: *const i8, n: usize) {
+        for k in (0..n).step_by(8) {
+            let nk = (n - k).min(8);
+            let m = mask8(nk);
             let mut a0 = _mm256_maskload_epi32(o.add(k), m);
-            for t in 0..nt {
-                let wv = _mm256_set1_epi32(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(wv, load8_i8(p, n)));
+            for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+                let wv = _mm256_set1_epi32(w);
+                a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(wv, load8_i8(s.add(off + k), nk)));
             }
             _mm256_maskstore_epi32(o.add(k), m, a0);
-            k += 8;
         }
     }
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn dot_f32_avx2(
-    a: *const f32,
-    lda: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    lanes: &mut [[f32; 16]],
-) {
-    for (l, &off) in lanes.iter_mut().zip(offs) {
-        let mut l0 = _mm256_loadu_ps(l.as_ptr());
-        let mut l1 = _mm256_loadu_ps(l.as_ptr().add(8));
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut k = 0;
-            while k + 16 <= len {
-                l0 = _mm256_add_ps(
-                    l0,
-                    _mm256_mul_ps(_mm256_loadu_ps(ar.add(k)), _mm256_loadu_ps(sr.add(k))),
+impl DotRowF32 for Avx2<()> {
+    type Acc = (__m256, __m256);
+    #[inline(always)]
+    unsafe fn load(&self, l: &[f32; 16]) -> Self::Acc {
+        (
+            _mm256_loadu_ps(l.as_ptr()),
+            _mm256_loadu_ps(l.as_ptr().add(8)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn row(&self, (l0, l1): &mut Self::Acc, a: *const f32, s: *const f32, len: usize) {
+        let mut k = 0;
+        while k + 16 <= len {
+            *l0 = _mm256_add_ps(
+                *l0,
+                _mm256_mul_ps(_mm256_loadu_ps(a.add(k)), _mm256_loadu_ps(s.add(k))),
+            );
+            *l1 = _mm256_add_ps(
+                *l1,
+                _mm256_mul_ps(_mm256_loadu_ps(a.add(k + 8)), _mm256_loadu_ps(s.add(k + 8))),
+            );
+            k += 16;
+        }
+        if k < len {
+            // the partial block adds only to its own lanes (a masked add would turn -0.0 into +0.0)
+            let n = len - k;
+            let m0 = mask8(n.min(8));
+            let p0 = _mm256_mul_ps(
+                _mm256_maskload_ps(a.add(k), m0),
+                _mm256_maskload_ps(s.add(k), m0),
+            );
+            *l0 = _mm256_blendv_ps(*l0, _mm256_add_ps(*l0, p0), _mm256_castsi256_ps(m0));
+            if n > 8 {
+                let m1 = mask8(n - 8);
+                let p1 = _mm256_mul_ps(
+                    _mm256_maskload_ps(a.add(k + 8), m1),
+                    _mm256_maskload_ps(s.add(k + 8), m1),
                 );
-                l1 = _mm256_add_ps(
-                    l1,
-                    _mm256_mul_ps(
-                        _mm256_loadu_ps(ar.add(k + 8)),
-                        _mm256_loadu_ps(sr.add(k + 8)),
-                    ),
-                );
-                k += 16;
-            }
-            if k < len {
-                // the partial block adds only to its own lanes (a masked add would turn -0.0 into +0.0)
-                let n = len - k;
-                let m0 = mask8(n.min(8));
-                let p0 = _mm256_mul_ps(
-                    _mm256_maskload_ps(ar.add(k), m0),
-                    _mm256_maskload_ps(sr.add(k), m0),
-                );
-                l0 = _mm256_blendv_ps(l0, _mm256_add_ps(l0, p0), _mm256_castsi256_ps(m0));
-                if n > 8 {
-                    let m1 = mask8(n - 8);
-                    let p1 = _mm256_mul_ps(
-                        _mm256_maskload_ps(ar.add(k + 8), m1),
-                        _mm256_maskload_ps(sr.add(k + 8), m1),
-                    );
-                    l1 = _mm256_blendv_ps(l1, _mm256_add_ps(l1, p1), _mm256_castsi256_ps(m1));
-                }
+                *l1 = _mm256_blendv_ps(*l1, _mm256_add_ps(*l1, p1), _mm256_castsi256_ps(m1));
             }
         }
+    }
+    #[inline(always)]
+    unsafe fn store(&self, (l0, l1): Self::Acc, l: &mut [f32; 16]) {
         _mm256_storeu_ps(l.as_mut_ptr(), l0);
         _mm256_storeu_ps(l.as_mut_ptr().add(8), l1);
     }
@@ -206,37 +183,40 @@ unsafe fn hsum_epi32_avx2(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn dot_i8_avx2(
-    a: *const i8,
-    lda: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    sums: &mut [i64],
-) {
-    for (sum, &off) in sums.iter_mut().zip(offs) {
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut acc = _mm256_setzero_si256();
-            let mut k = 0;
-            while k + 16 <= len {
-                let av = _mm256_cvtepi8_epi16(_mm_loadu_si128(ar.add(k) as *const __m128i));
-                let sv = _mm256_cvtepi8_epi16(_mm_loadu_si128(sr.add(k) as *const __m128i));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(av, sv));
-                k += 16;
-            }
-            let mut tail = 0i32;
-            while k < len {
-                tail += *ar.add(k) as i32 * *sr.add(k) as i32;
-                k += 1;
-            }
-            *sum += hsum_epi32_avx2(acc) as i64 + tail as i64;
+impl DotRowI8 for Avx2<()> {
+    #[inline(always)]
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32 {
+        let mut acc = _mm256_setzero_si256();
+        let mut k = 0;
+        while k + 16 <= len {
+            let av = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.add(k) as *const __m128i));
+            let sv = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.add(k) as *const __m128i));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(av, sv));
+            k += 16;
         }
+        hsum_epi32_avx2(acc) + dot_i8_row_tail(a, s, k, len)
     }
 }
+
+dw_entry!(
+    #[target_feature(enable = "avx2")]
+    corr corr_f32_avx2<f32, f32, f32>(Avx2)
+);
+
+dw_entry!(
+    #[target_feature(enable = "avx2")]
+    corr corr_i8_avx2<i32, i8, i32>(Avx2)
+);
+
+dw_entry!(
+    #[target_feature(enable = "avx2")]
+    dot_f32 dot_f32_avx2(Avx2(()))
+);
+
+dw_entry!(
+    #[target_feature(enable = "avx2")]
+    dot_i8 dot_i8_avx2(Avx2(()))
+);
 
 // --- AVX-512 ---------------------------------------------------------------------------------------------
 
@@ -249,84 +229,118 @@ fn mask16(n: usize) -> __mmask16 {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn corr_f32_avx512(
-    out: *mut f32,
-    ldo: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    w: &[f32],
-) {
-    let nt = offs.len().min(w.len());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k + 32 <= len {
-            let mut a0 = _mm512_loadu_ps(o.add(k));
-            let mut a1 = _mm512_loadu_ps(o.add(k + 16));
-            for t in 0..nt {
-                let wv = _mm512_set1_ps(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm512_add_ps(a0, _mm512_mul_ps(wv, _mm512_loadu_ps(p)));
-                a1 = _mm512_add_ps(a1, _mm512_mul_ps(wv, _mm512_loadu_ps(p.add(16))));
-            }
-            _mm512_storeu_ps(o.add(k), a0);
-            _mm512_storeu_ps(o.add(k + 16), a1);
-            k += 32;
+/// The AVX-512 tiles: 32 outputs of FP32 `corr` per block, masked 16-lane vectors for the tail; INT8
+/// `corr` on tap pairs ([`TapPairs`]) or the 3x3 VNNI window ([`Window3x3`]); 16 canonical lanes of
+/// `dot_f32` in one vector; `vpmaddwd` rows of `dot_i8` where VNNI is missing.
+struct Avx512<T>(T);
+
+impl CorrTile for Avx512<Taps<'_, f32>> {
+    type Out = f32;
+    type Src = f32;
+    const W: usize = 32;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut f32, s: *const f32) {
+        let mut a0 = _mm512_loadu_ps(o);
+        let mut a1 = _mm512_loadu_ps(o.add(16));
+        for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+            let wv = _mm512_set1_ps(w);
+            let p = s.add(off);
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(wv, _mm512_loadu_ps(p)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(wv, _mm512_loadu_ps(p.add(16))));
         }
-        while k < len {
-            let m = mask16(len - k);
+        _mm512_storeu_ps(o, a0);
+        _mm512_storeu_ps(o.add(16), a1);
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut f32, s: *const f32, n: usize) {
+        for k in (0..n).step_by(16) {
+            let m = mask16(n - k);
             let mut a0 = _mm512_maskz_loadu_ps(m, o.add(k));
-            for t in 0..nt {
-                let wv = _mm512_set1_ps(*w.get_unchecked(t));
-                let p = s.add(*offs.get_unchecked(t) + k);
-                a0 = _mm512_add_ps(a0, _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, p)));
+            for (&off, &w) in self.0.offs.iter().zip(self.0.w) {
+                let wv = _mm512_set1_ps(w);
+                a0 = _mm512_add_ps(
+                    a0,
+                    _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, s.add(off + k))),
+                );
             }
             _mm512_mask_storeu_ps(o.add(k), m, a0);
-            k += 16;
         }
     }
 }
 
-/// Sums of 32 outputs from tap pairs: `vpmaddwd` of the two taps' sign-extended inputs, interleaved,
-/// against the pair's weights (two i16 products per i32 lane, exact). `lo`/`hi` hold outputs
-/// `8j..8j+3` / `8j+4..8j+7` in 128-bit lane `j`; [`unscramble`] puts them in order.
-#[inline(always)]
-unsafe fn pair_sums_avx512(
-    s: *const i8,
-    k: usize,
-    offs: &[usize],
-    pairs: &[i32],
-    mask: u32,
-) -> (__m512i, __m512i) {
-    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-    let nt = offs.len();
-    for (pi, &wp) in pairs.iter().enumerate() {
-        let t = 2 * pi;
-        let a = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
-            mask,
-            s.add(*offs.get_unchecked(t) + k),
-        ));
-        let b = if t + 1 < nt {
-            _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
-                mask,
-                s.add(*offs.get_unchecked(t + 1) + k),
-            ))
-        } else {
-            _mm512_setzero_si512()
-        };
-        let wv = _mm512_set1_epi32(wp);
-        lo = _mm512_add_epi32(lo, _mm512_madd_epi16(_mm512_unpacklo_epi16(a, b), wv));
-        hi = _mm512_add_epi32(hi, _mm512_madd_epi16(_mm512_unpackhi_epi16(a, b), wv));
-    }
-    (lo, hi)
+/// INT8 `corr` taps as pairs `(2i, 2i+1)`: the pair's two weights as the i16 halves of one i32 (an odd
+/// last tap pairs with weight 0).
+struct TapPairs<'a> {
+    offs: &'a [usize],
+    pairs: &'a [i32],
 }
 
-/// Outputs `0..16` and `16..32` in order from the lane-interleaved sums of [`pair_sums_avx512`].
+impl TapPairs<'_> {
+    /// Sums of 32 outputs (`mask` selects the inputs read): `vpmaddwd` of each pair's two taps'
+    /// sign-extended inputs, interleaved, against the pair's weights (two i16 products per i32 lane,
+    /// exact). `lo`/`hi` hold outputs `8j..8j+3` / `8j+4..8j+7` in 128-bit lane `j`; [`unscramble`] puts
+    /// them in order.
+    #[inline(always)]
+    unsafe fn sums(&self, s: *const i8, mask: u32) -> (__m512i, __m512i) {
+        let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let nt = self.offs.len();
+        for (pi, &wp) in self.pairs.iter().enumerate() {
+            let t = 2 * pi;
+            let a = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                mask,
+                s.add(*self.offs.get_unchecked(t)),
+            ));
+            let b = if t + 1 < nt {
+                _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(
+                    mask,
+                    s.add(*self.offs.get_unchecked(t + 1)),
+                ))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let wv = _mm512_set1_epi32(wp);
+            lo = _mm512_add_epi32(lo, _mm512_madd_epi16(_mm512_unpacklo_epi16(a, b), wv));
+            hi = _mm512_add_epi32(hi, _mm512_madd_epi16(_mm512_unpackhi_epi16(a, b), wv));
+        }
+        unscramble(lo, hi)
+    }
+}
+
+impl CorrTile for Avx512<TapPairs<'_>> {
+    type Out = i32;
+    type Src = i8;
+    const W: usize = 32;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut i32, s: *const i8) {
+        let (r0, r1) = self.0.sums(s, u32::MAX);
+        _mm512_storeu_si512(
+            o as *mut __m512i,
+            _mm512_add_epi32(_mm512_loadu_si512(o as *const __m512i), r0),
+        );
+        let o1 = o.add(16);
+        _mm512_storeu_si512(
+            o1 as *mut __m512i,
+            _mm512_add_epi32(_mm512_loadu_si512(o1 as *const __m512i), r1),
+        );
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut i32, s: *const i8, n: usize) {
+        let mask = (1u32 << n) - 1;
+        let (r0, r1) = self.0.sums(s, mask);
+        let (m0, m1) = (mask as u16, (mask >> 16) as u16);
+        _mm512_mask_storeu_epi32(o, m0, _mm512_add_epi32(_mm512_maskz_loadu_epi32(m0, o), r0));
+        if m1 != 0 {
+            let o1 = o.add(16);
+            _mm512_mask_storeu_epi32(
+                o1,
+                m1,
+                _mm512_add_epi32(_mm512_maskz_loadu_epi32(m1, o1), r1),
+            );
+        }
+    }
+}
+
+/// Outputs `0..16` and `16..32` in order from the lane-interleaved sums of [`TapPairs::sums`].
 #[inline(always)]
 unsafe fn unscramble(lo: __m512i, hi: __m512i) -> (__m512i, __m512i) {
     let i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
@@ -338,8 +352,8 @@ unsafe fn unscramble(lo: __m512i, hi: __m512i) -> (__m512i, __m512i) {
 }
 
 /// A 3x3 window at column step 1 (tap `(i, j)` at offset `base + i·d + j`, taps in row-major order) with
-/// int8 weights: `(base, d, the three rows' weights as bytes [w0, w1, w2, 0], 128·Σw)`.
-fn taps_3x3(offs: &[usize], w: &[i32]) -> Option<(usize, usize, [i32; 3], i32)> {
+/// int8 weights: `(base, (d, the three rows' weights as bytes [w0, w1, w2, 0], 128·Σw))`.
+fn taps_3x3(offs: &[usize], w: &[i32]) -> Option<Taps3x3> {
     if offs.len() != 9 || w.len() < 9 || offs[3] < offs[0] {
         return None;
     }
@@ -359,7 +373,7 @@ fn taps_3x3(offs: &[usize], w: &[i32]) -> Option<(usize, usize, [i32; 3], i32)> 
         }
         rows[i] = packed as i32;
     }
-    Some((base, d, rows, 128 * sum))
+    Some((base, (d, rows, 128 * sum)))
 }
 
 fn vnni_vbmi_detected() -> bool {
@@ -419,47 +433,62 @@ impl Store3x3 for ScaleF32 {
 /// gathers the three input bytes of each of 16 outputs into one 4-byte group (inputs flipped to unsigned,
 /// `x + 128`), and one `vpdpbusd` multiplies them with the row's weights `[w0, w1, w2, 0]` and adds; the
 /// sum starts at `−128·Σw`, which undoes the flip. Exact INT32 (wrapping, as the scalar loop), handed to
-/// `st` 16 outputs at a time.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn corr_i8_3x3_vnni<S: Store3x3>(
-    st: &S,
-    out: *mut S::Out,
-    ldo: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    (base, d, [w0, w1, w2], flip_sum): (usize, usize, [i32; 3], i32),
-) {
-    let idx = _mm512_loadu_si512(GATHER_3X3.as_ptr() as *const __m512i);
-    let flip = _mm512_set1_epi8(-128);
-    let wv = [
-        _mm512_set1_epi32(w0),
-        _mm512_set1_epi32(w1),
-        _mm512_set1_epi32(w2),
-    ];
-    let start = _mm512_set1_epi32(flip_sum.wrapping_neg());
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds + base);
-        let mut k = 0;
-        while k < len {
-            let n = (len - k).min(16);
-            // outputs k..k+n read inputs k..k+n+2 of each kernel row
-            let bmask: u64 = (1u64 << (n + 2)) - 1;
-            let mut acc = start;
-            for (i, w) in wv.iter().enumerate() {
-                let v = _mm512_maskz_loadu_epi8(bmask, s.add(i * d + k));
-                let g = _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
-                acc = _mm512_dpbusd_epi32(acc, g, *w);
-            }
-            let m = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
-            st.store(o.add(k), m, acc);
-            k += 16;
+/// the store `S` 16 outputs at a time. Sources are relative to the window's first tap.
+struct Window3x3<'a, S> {
+    st: &'a S,
+    idx: __m512i,
+    flip: __m512i,
+    w: [__m512i; 3],
+    start: __m512i,
+    d: usize,
+}
+
+impl<'a, S: Store3x3> Window3x3<'a, S> {
+    #[inline(always)]
+    unsafe fn new(st: &'a S, (d, [w0, w1, w2], flip_sum): (usize, [i32; 3], i32)) -> Self {
+        Window3x3 {
+            st,
+            idx: _mm512_loadu_si512(GATHER_3X3.as_ptr() as *const __m512i),
+            flip: _mm512_set1_epi8(-128),
+            w: [
+                _mm512_set1_epi32(w0),
+                _mm512_set1_epi32(w1),
+                _mm512_set1_epi32(w2),
+            ],
+            start: _mm512_set1_epi32(flip_sum.wrapping_neg()),
+            d,
         }
     }
+    /// The sums of outputs `0..n`, `n ≤ 16` (they read inputs `0..n + 2` of each kernel row).
+    #[inline(always)]
+    unsafe fn sums(&self, s: *const i8, n: usize) -> __m512i {
+        let bmask: u64 = (1u64 << (n + 2)) - 1;
+        let mut acc = self.start;
+        for (i, w) in self.w.iter().enumerate() {
+            let v = _mm512_maskz_loadu_epi8(bmask, s.add(i * self.d));
+            let g = _mm512_permutexvar_epi8(self.idx, _mm512_xor_si512(v, self.flip));
+            acc = _mm512_dpbusd_epi32(acc, g, *w);
+        }
+        acc
+    }
 }
+
+impl<S: Store3x3> CorrTile for Window3x3<'_, S> {
+    type Out = S::Out;
+    type Src = i8;
+    const W: usize = 16;
+    #[inline(always)]
+    unsafe fn block(&self, o: *mut S::Out, s: *const i8) {
+        self.st.store(o, u16::MAX, self.sums(s, 16));
+    }
+    #[inline(always)]
+    unsafe fn tail(&self, o: *mut S::Out, s: *const i8, n: usize) {
+        self.st.store(o, (1u16 << n) - 1, self.sums(s, n));
+    }
+}
+
+/// A 3x3 window of [`taps_3x3`]: `(base, (d, row weights, 128·Σw))`.
+type Taps3x3 = (usize, (usize, [i32; 3], i32));
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 #[allow(clippy::too_many_arguments)]
@@ -470,9 +499,10 @@ unsafe fn corr_i8_3x3_vnni_add(
     lds: usize,
     rows: usize,
     len: usize,
-    taps: (usize, usize, [i32; 3], i32),
+    (base, taps): Taps3x3,
 ) {
-    corr_i8_3x3_vnni(&AddI32, out, ldo, src, lds, rows, len, taps)
+    let tile = Window3x3::new(&AddI32, taps);
+    corr_rows(&tile, out, ldo, src.add(base), lds, rows, len)
 }
 
 /// The fused-rescale `corr` of the AVX-512 kernel (see `DwKernel::corr_i8_scaled`): the 3x3 VNNI path
@@ -510,7 +540,7 @@ unsafe fn corr_i8_3x3_vnni_scaled(
     lds: usize,
     rows: usize,
     len: usize,
-    taps: (usize, usize, [i32; 3], i32),
+    (base, taps): Taps3x3,
     scale: f32,
     bias: f32,
 ) {
@@ -518,8 +548,21 @@ unsafe fn corr_i8_3x3_vnni_scaled(
         scale: _mm512_set1_ps(scale),
         bias: _mm512_set1_ps(bias),
     };
-    corr_i8_3x3_vnni(&st, out, ldo, src, lds, rows, len, taps)
+    corr_rows(
+        &Window3x3::new(&st, taps),
+        out,
+        ldo,
+        src.add(base),
+        lds,
+        rows,
+        len,
+    )
 }
+
+dw_entry!(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    corr corr_f32_avx512<f32, f32, f32>(Avx512)
+);
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn corr_i8_avx512(
@@ -537,10 +580,8 @@ unsafe fn corr_i8_avx512(
             return corr_i8_3x3_vnni_add(out, ldo, src, lds, rows, len, taps);
         }
     }
-    let nt = offs.len().min(w.len());
-    let offs = &offs[..nt];
-    // weights of tap pairs (2i, 2i+1) as the two i16 halves of one i32 (an odd last tap pairs with 0)
-    let np = nt.div_ceil(2);
+    let Taps { offs, w } = Taps::new(offs, w);
+    let np = offs.len().div_ceil(2);
     let (mut stack, mut heap) = ([0i32; 64], Vec::new());
     let pairs: &mut [i32] = if np <= 64 {
         &mut stack[..np]
@@ -553,67 +594,65 @@ unsafe fn corr_i8_avx512(
         let w1 = w.get(2 * pi + 1).map_or(0, |&v| v as i16 as u16 as u32);
         *p = (w0 | (w1 << 16)) as i32;
     }
-    let pairs = &*pairs;
-    for r in 0..rows {
-        let o = out.add(r * ldo);
-        let s = src.add(r * lds);
-        let mut k = 0;
-        while k < len {
-            let rem = len - k;
-            let mask = if rem >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << rem) - 1
-            };
-            let (lo, hi) = pair_sums_avx512(s, k, offs, pairs, mask);
-            let (r0, r1) = unscramble(lo, hi);
-            let (m0, m1) = (mask as u16, (mask >> 16) as u16);
-            let a0 = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m0, o.add(k)), r0);
-            _mm512_mask_storeu_epi32(o.add(k), m0, a0);
-            if m1 != 0 {
-                let a1 = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m1, o.add(k + 16)), r1);
-                _mm512_mask_storeu_epi32(o.add(k + 16), m1, a1);
-            }
-            k += 32;
-        }
-    }
+    let tile = Avx512(TapPairs { offs, pairs });
+    corr_rows(&tile, out, ldo, src, lds, rows, len)
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dot_f32_avx512(
-    a: *const f32,
-    lda: usize,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    lanes: &mut [[f32; 16]],
-) {
-    for (l, &off) in lanes.iter_mut().zip(offs) {
-        let mut acc = _mm512_loadu_ps(l.as_ptr());
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut k = 0;
-            while k + 16 <= len {
-                acc = _mm512_add_ps(
-                    acc,
-                    _mm512_mul_ps(_mm512_loadu_ps(ar.add(k)), _mm512_loadu_ps(sr.add(k))),
-                );
-                k += 16;
-            }
-            if k < len {
-                let m = mask16(len - k);
-                let p = _mm512_mul_ps(
-                    _mm512_maskz_loadu_ps(m, ar.add(k)),
-                    _mm512_maskz_loadu_ps(m, sr.add(k)),
-                );
-                acc = _mm512_mask_add_ps(acc, m, acc, p);
-            }
+impl DotRowF32 for Avx512<()> {
+    type Acc = __m512;
+    #[inline(always)]
+    unsafe fn load(&self, l: &[f32; 16]) -> __m512 {
+        _mm512_loadu_ps(l.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn row(&self, acc: &mut __m512, a: *const f32, s: *const f32, len: usize) {
+        let mut k = 0;
+        while k + 16 <= len {
+            *acc = _mm512_add_ps(
+                *acc,
+                _mm512_mul_ps(_mm512_loadu_ps(a.add(k)), _mm512_loadu_ps(s.add(k))),
+            );
+            k += 16;
         }
+        if k < len {
+            let m = mask16(len - k);
+            let p = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, a.add(k)),
+                _mm512_maskz_loadu_ps(m, s.add(k)),
+            );
+            *acc = _mm512_mask_add_ps(*acc, m, *acc, p);
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(&self, acc: __m512, l: &mut [f32; 16]) {
         _mm512_storeu_ps(l.as_mut_ptr(), acc);
     }
 }
+
+impl DotRowI8 for Avx512<()> {
+    #[inline(always)]
+    unsafe fn row(&self, a: *const i8, s: *const i8, len: usize) -> i32 {
+        let mut acc = _mm512_setzero_si512();
+        let mut k = 0;
+        while k < len {
+            let m = if len - k >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << (len - k)) - 1
+            };
+            let av = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, a.add(k)));
+            let sv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, s.add(k)));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(av, sv));
+            k += 32;
+        }
+        _mm512_reduce_add_epi32(acc)
+    }
+}
+
+dw_entry!(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    dot_f32 dot_f32_avx512(Avx512(()))
+);
 
 /// `vpdpbusd` steps per INT32 lane between flushes of [`dot_i8_vnni`]'s accumulators to i64: one step adds
 /// four products of at most `255·128` in magnitude, so 16384 of them stay within i32.
@@ -702,66 +741,31 @@ unsafe fn dot_i8_avx512(
     offs: &[usize],
     sums: &mut [i64],
 ) {
-    if vnni_detected() {
-        let nt = offs.len().min(sums.len());
-        let mut t = 0;
-        while t < nt {
-            let (o, s) = (&offs[t..nt], &mut sums[t..nt]);
-            t += match nt - t {
-                9 => {
-                    dot_i8_vnni::<9>(a, lda, src, lds, rows, len, o, s);
-                    9
-                }
-                n if n >= 12 => {
-                    dot_i8_vnni::<12>(a, lda, src, lds, rows, len, o, s);
-                    12
-                }
-                n if n >= 4 => {
-                    dot_i8_vnni::<4>(a, lda, src, lds, rows, len, o, s);
-                    4
-                }
-                _ => {
-                    dot_i8_vnni::<1>(a, lda, src, lds, rows, len, o, s);
-                    1
-                }
-            };
-        }
-        return;
+    if !vnni_detected() {
+        return dot_i8_rows(&Avx512(()), a, lda, src, lds, rows, len, offs, sums);
     }
-    dot_i8_madd_avx512(a, lda, src, lds, rows, len, offs, sums)
-}
-
-/// [`dot_i8_avx512`] without VNNI: `vpmaddwd` of sign-extended bytes, INT32 per row.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_i8_madd_avx512(
-    a: *const i8,
-    lda: usize,
-    src: *const i8,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    offs: &[usize],
-    sums: &mut [i64],
-) {
-    for (sum, &off) in sums.iter_mut().zip(offs) {
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), src.add(r * lds + off));
-            let mut acc = _mm512_setzero_si512();
-            let mut k = 0;
-            while k < len {
-                let m = if len - k >= 32 {
-                    u32::MAX
-                } else {
-                    (1u32 << (len - k)) - 1
-                };
-                let av = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, ar.add(k)));
-                let sv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, sr.add(k)));
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(av, sv));
-                k += 32;
+    let nt = offs.len().min(sums.len());
+    let mut t = 0;
+    while t < nt {
+        let (o, s) = (&offs[t..nt], &mut sums[t..nt]);
+        t += match nt - t {
+            9 => {
+                dot_i8_vnni::<9>(a, lda, src, lds, rows, len, o, s);
+                9
             }
-            *sum += _mm512_reduce_add_epi32(acc) as i64;
-        }
+            n if n >= 12 => {
+                dot_i8_vnni::<12>(a, lda, src, lds, rows, len, o, s);
+                12
+            }
+            n if n >= 4 => {
+                dot_i8_vnni::<4>(a, lda, src, lds, rows, len, o, s);
+                4
+            }
+            _ => {
+                dot_i8_vnni::<1>(a, lda, src, lds, rows, len, o, s);
+                1
+            }
+        };
     }
 }
 
@@ -870,25 +874,16 @@ mod tests {
                 let init: Vec<i32> = (0..rows * ldo)
                     .map(|i| i32::MAX - 1000 + i as i32)
                     .collect();
-                let run = |k: CorrI8| corr(k, &init, ldo, &src, lds, rows, len, &offs, &w);
+                let run =
+                    |k: CorrI8, init: &[i32]| corr(k, init, ldo, &src, lds, rows, len, &offs, &w);
                 assert_eq!(
-                    run(corr_i8_avx512),
-                    run(SCALAR.corr_i8),
+                    run(corr_i8_avx512, &init),
+                    run(SCALAR.corr_i8, &init),
                     "len {len}, weights {wset}"
                 );
                 // the fused rescale: the scalar sums from zero, times the scale, plus the bias
                 let (scale, bias) = (0.37f32, -1.25f32);
-                let sums = corr(
-                    SCALAR.corr_i8,
-                    &vec![0; rows * ldo],
-                    ldo,
-                    &src,
-                    lds,
-                    rows,
-                    len,
-                    &offs,
-                    &w,
-                );
+                let sums = run(SCALAR.corr_i8, &vec![0; rows * ldo]);
                 let mut got = vec![f32::NAN; rows * ldo];
                 // SAFETY: `got` is as long as the sums checked by `corr`.
                 let done = unsafe {
