@@ -333,7 +333,14 @@ pub fn gate_u8(
 /// [`gate_row`] on each row in turn; on x86-64 with segments of whole 16-byte vectors the rows are
 /// accumulated vertically, per vector, and each patch is reduced once per patch row
 /// ([`gate_rows_sse2`]), not once per row.
-fn gate_rows(fr: &[u8], rr: &[u8], len: usize, seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
+fn gate_rows(
+    fr: &[u8],
+    rr: &[u8],
+    len: usize,
+    seg: usize,
+    mx: &mut [u8],
+    e: &mut [u64],
+) -> (u64, u64) {
     #[cfg(target_arch = "x86_64")]
     if seg % 16 == 0 && len > 0 && fr.len() / len <= GATE_ROWS_MAX {
         return gate_rows_sse2(fr, rr, len, seg, mx, e);
@@ -358,8 +365,14 @@ const GATE_ROWS_MAX: usize = (i32::MAX as usize) / (4 * 255 * 255);
 fn sse2_step(
     x: std::arch::x86_64::__m128i,
     r: std::arch::x86_64::__m128i,
-    (m, dd): (&mut std::arch::x86_64::__m128i, &mut std::arch::x86_64::__m128i),
-    (xx, s1): (&mut std::arch::x86_64::__m128i, &mut std::arch::x86_64::__m128i),
+    (m, dd): (
+        &mut std::arch::x86_64::__m128i,
+        &mut std::arch::x86_64::__m128i,
+    ),
+    (xx, s1): (
+        &mut std::arch::x86_64::__m128i,
+        &mut std::arch::x86_64::__m128i,
+    ),
 ) {
     use std::arch::x86_64::*;
     // SAFETY: SSE2 is part of the x86-64 baseline; register operations only.
