@@ -145,6 +145,39 @@ impl U8Input {
     ) {
         let [h, w, cin] = self.hwc;
         let c = self.chw[0];
+        if self.mode == Mode::Direct {
+            // channel by channel, a row segment at a time: the arithmetic of `pixel`, without its
+            // per-pixel dispatch
+            for ch in 0..c {
+                let m = self.mean.as_ref().map(|m| m[ch]);
+                let s = self.std.as_ref().map(|s| s[ch]);
+                for y in y0..y1 {
+                    let src = &frame[(y * w + x0) * cin..(y * w + x1) * cin];
+                    let o = (ch * h + y) * w;
+                    let dst = &mut out[o + x0..o + x1];
+                    match (m, s) {
+                        (None, None) => {
+                            for (d, p) in dst.iter_mut().zip(src.chunks_exact(cin)) {
+                                *d = p[ch] as f32 / 255.0;
+                            }
+                        }
+                        _ => {
+                            for (d, p) in dst.iter_mut().zip(src.chunks_exact(cin)) {
+                                let mut v = p[ch] as f32 / 255.0;
+                                if let Some(m) = m {
+                                    v -= m;
+                                }
+                                if let Some(s) = s {
+                                    v /= s;
+                                }
+                                *d = v;
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let mut px = [0.0f32; 3];
         for y in y0..y1 {
             let row = &frame[(y * w) * cin..(y + 1) * w * cin];
@@ -204,17 +237,16 @@ pub fn gate_u8(
         let rep = if input.mode == Mode::Repeat { 3.0 } else { 1.0 };
         // one patch row: its scores, flags and energies; returns its (Σ frame, Σ frame²)
         let patch_row = |pr: usize, (score, any, energy): (&mut [f32], &mut [bool], &mut [f64])| {
-            let (mut t1, mut t2) = (0u64, 0u64);
             let (mut mx, mut e) = (vec![0u8; cols], vec![0u64; cols]);
-            for y in pr * patch..((pr + 1) * patch).min(h) {
-                let (fr, rr) = (
-                    &frame[y * w * cin..(y + 1) * w * cin],
-                    &reference[y * w * cin..(y + 1) * w * cin],
-                );
-                let (s1, s2) = gate_row(fr, rr, seg, &mut mx, &mut e);
-                t1 += s1;
-                t2 += s2;
-            }
+            let rows = pr * patch * w * cin..((pr + 1) * patch).min(h) * w * cin;
+            let (t1, t2) = gate_rows(
+                &frame[rows.clone()],
+                &reference[rows],
+                w * cin,
+                seg,
+                &mut mx,
+                &mut e,
+            );
             for pc in 0..cols {
                 any[pc] = mx[pc] > 0;
                 score[pc] = mx[pc] as f32 * unit;
@@ -295,6 +327,159 @@ pub fn gate_u8(
     })
 }
 
+/// The rows of one patch row of a uniform frame (`fr`/`rr`: whole rows of `len` bytes): per patch
+/// segment of `seg` bytes, the largest |frame − reference| over all its rows into `mx` and
+/// Σ (frame − reference)² added to `e`; returns the rows' (Σ frame, Σ frame²). The same integers as
+/// [`gate_row`] on each row in turn; on x86-64 with segments of whole 16-byte vectors the rows are
+/// accumulated vertically, per vector, and each patch is reduced once per patch row
+/// ([`gate_rows_sse2`]), not once per row.
+fn gate_rows(
+    fr: &[u8],
+    rr: &[u8],
+    len: usize,
+    seg: usize,
+    mx: &mut [u8],
+    e: &mut [u64],
+) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    if seg % 16 == 0 && len > 0 && fr.len() / len <= GATE_ROWS_MAX {
+        return gate_rows_sse2(fr, rr, len, seg, mx, e);
+    }
+    let (mut t1, mut t2) = (0u64, 0u64);
+    for (a, b) in fr.chunks(len.max(1)).zip(rr.chunks(len.max(1))) {
+        let (s1, s2) = gate_row(a, b, seg, mx, e);
+        t1 += s1;
+        t2 += s2;
+    }
+    (t1, t2)
+}
+
+/// Most rows [`gate_rows_sse2`] accumulates in its INT32 lanes (each row adds at most 4·255² per lane).
+#[cfg(target_arch = "x86_64")]
+const GATE_ROWS_MAX: usize = (i32::MAX as usize) / (4 * 255 * 255);
+
+/// One 16-byte step of the SSE2 gates: `|x − r|` into the running max `m` and the INT32 sums of its
+/// squares `dd` (`pmaddwd`), `x²` into `xx` and Σ x into the two u64 lanes of `s1` (`psadbw`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sse2_step(
+    x: std::arch::x86_64::__m128i,
+    r: std::arch::x86_64::__m128i,
+    (m, dd): (
+        &mut std::arch::x86_64::__m128i,
+        &mut std::arch::x86_64::__m128i,
+    ),
+    (xx, s1): (
+        &mut std::arch::x86_64::__m128i,
+        &mut std::arch::x86_64::__m128i,
+    ),
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86-64 baseline; register operations only.
+    unsafe {
+        let zero = _mm_setzero_si128();
+        let d = _mm_or_si128(_mm_subs_epu8(x, r), _mm_subs_epu8(r, x));
+        *m = _mm_max_epu8(*m, d);
+        let (dl, dh) = (_mm_unpacklo_epi8(d, zero), _mm_unpackhi_epi8(d, zero));
+        *dd = _mm_add_epi32(
+            *dd,
+            _mm_add_epi32(_mm_madd_epi16(dl, dl), _mm_madd_epi16(dh, dh)),
+        );
+        let (xl, xh) = (_mm_unpacklo_epi8(x, zero), _mm_unpackhi_epi8(x, zero));
+        *xx = _mm_add_epi32(
+            *xx,
+            _mm_add_epi32(_mm_madd_epi16(xl, xl), _mm_madd_epi16(xh, xh)),
+        );
+        *s1 = _mm_add_epi64(*s1, _mm_sad_epu8(x, zero));
+    }
+}
+
+/// Vectors per accumulation block of the SSE2 gates' Σ x²: INT32 lanes gain at most 4·255² per vector.
+#[cfg(target_arch = "x86_64")]
+const BLOCK: usize = 2048;
+
+/// The sum of the four u32 lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sum32(v: std::arch::x86_64::__m128i) -> u64 {
+    let mut l = [0u32; 4];
+    // SAFETY: an unaligned 16-byte store into a 16-byte array.
+    unsafe { std::arch::x86_64::_mm_storeu_si128(l.as_mut_ptr() as *mut _, v) };
+    l.iter().map(|&x| x as u64).sum()
+}
+
+/// The largest byte of `m`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sse2_hmax(m: std::arch::x86_64::__m128i) -> u8 {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86-64 baseline; register operations only.
+    unsafe {
+        let m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+        let m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+        let m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+        let m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+        (_mm_cvtsi128_si32(m) & 0xff) as u8
+    }
+}
+
+/// [`gate_rows`] with SSE2 for segments of whole vectors (`seg % 16 == 0`): per 16-byte column of the
+/// rows a running max of |a − b| and INT32 sums of its squares (`pmaddwd`), reduced per patch after the
+/// last row; Σ a by `psadbw`, Σ a² by `pmaddwd`; the bytes past the last whole vector of a row as in
+/// the scalar reference.
+#[cfg(target_arch = "x86_64")]
+fn gate_rows_sse2(
+    fr: &[u8],
+    rr: &[u8],
+    len: usize,
+    seg: usize,
+    mx: &mut [u8],
+    e: &mut [u64],
+) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    debug_assert!(seg % 16 == 0 && fr.len() / len <= GATE_ROWS_MAX);
+    let nv = len / 16;
+    let v = nv * 16;
+    let (mut t1, mut t2) = (0u64, 0u64);
+    // SAFETY: SSE2 is part of the x86-64 baseline; every load reads 16 bytes at `16·j < v ≤ len` of a
+    // row of `len` bytes inside `fr`/`rr`.
+    unsafe {
+        let zero = _mm_setzero_si128();
+        let mut mxv = vec![zero; nv];
+        let mut ddv = vec![zero; nv];
+        for (a, b) in fr.chunks_exact(len).zip(rr.chunks_exact(len)) {
+            let mut s1 = zero;
+            for blk in (0..nv).step_by(BLOCK) {
+                let mut xx = zero;
+                for j in blk..nv.min(blk + BLOCK) {
+                    let x = _mm_loadu_si128(a.as_ptr().add(16 * j) as *const __m128i);
+                    let r = _mm_loadu_si128(b.as_ptr().add(16 * j) as *const __m128i);
+                    sse2_step(x, r, (&mut mxv[j], &mut ddv[j]), (&mut xx, &mut s1));
+                }
+                t2 += sum32(xx);
+            }
+            let mut l = [0u64; 2];
+            _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, s1);
+            t1 += l[0] + l[1];
+            for i in v..len {
+                let (x, r) = (a[i], b[i]);
+                let d = x.abs_diff(r);
+                let pc = i / seg;
+                mx[pc] = mx[pc].max(d);
+                e[pc] += d as u64 * d as u64;
+                t1 += x as u64;
+                t2 += x as u64 * x as u64;
+            }
+        }
+        for j in 0..nv {
+            let pc = 16 * j / seg;
+            mx[pc] = mx[pc].max(sse2_hmax(mxv[j]));
+            e[pc] += sum32(ddv[j]);
+        }
+    }
+    (t1, t2)
+}
+
 /// One row of a uniform frame: for each patch segment of `seg` bytes, the largest |frame − reference|
 /// into `mx` and Σ (frame − reference)² added to `e`; returns the row's (Σ frame, Σ frame²). SSE2 on
 /// x86-64 (its baseline), [`gate_row_scalar`] elsewhere: the same integers.
@@ -332,18 +517,11 @@ fn gate_row_scalar(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64
 #[cfg(target_arch = "x86_64")]
 fn gate_row_sse2(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64]) -> (u64, u64) {
     use std::arch::x86_64::*;
-    /// Vectors per accumulation block: i32 lanes gain at most 4·255² per vector.
-    const BLOCK: usize = 2048;
     let (mut t1, mut t2) = (0u64, 0u64);
     // SAFETY: SSE2 is part of the x86-64 baseline; every load reads 16 bytes inside `a`/`b` (offsets
     // below `v`, a multiple of 16 not above their lengths).
     unsafe {
         let zero = _mm_setzero_si128();
-        let sum32 = |v: __m128i| -> u64 {
-            let mut l = [0u32; 4];
-            _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, v);
-            l.iter().map(|&x| x as u64).sum()
-        };
         for (pc, (a, b)) in fr.chunks(seg).zip(rr.chunks(seg)).enumerate() {
             let n = a.len().min(b.len());
             let v = n / 16 * 16;
@@ -353,31 +531,15 @@ fn gate_row_sse2(fr: &[u8], rr: &[u8], seg: usize, mx: &mut [u8], e: &mut [u64])
                 for i in (blk..v.min(blk + 16 * BLOCK)).step_by(16) {
                     let x = _mm_loadu_si128(a.as_ptr().add(i) as *const __m128i);
                     let r = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
-                    let d = _mm_or_si128(_mm_subs_epu8(x, r), _mm_subs_epu8(r, x));
-                    m = _mm_max_epu8(m, d);
-                    let (dl, dh) = (_mm_unpacklo_epi8(d, zero), _mm_unpackhi_epi8(d, zero));
-                    dd = _mm_add_epi32(
-                        dd,
-                        _mm_add_epi32(_mm_madd_epi16(dl, dl), _mm_madd_epi16(dh, dh)),
-                    );
-                    let (xl, xh) = (_mm_unpacklo_epi8(x, zero), _mm_unpackhi_epi8(x, zero));
-                    xx = _mm_add_epi32(
-                        xx,
-                        _mm_add_epi32(_mm_madd_epi16(xl, xl), _mm_madd_epi16(xh, xh)),
-                    );
-                    s1 = _mm_add_epi64(s1, _mm_sad_epu8(x, zero));
+                    sse2_step(x, r, (&mut m, &mut dd), (&mut xx, &mut s1));
                 }
                 sq += sum32(dd);
                 t2 += sum32(xx);
             }
-            m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
-            m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
-            m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
-            m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
             let mut l = [0u64; 2];
             _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, s1);
             // the last n − v bytes as one segment of the scalar reference
-            let (mut mt, mut et) = ([(_mm_cvtsi128_si32(m) & 0xff) as u8], [sq]);
+            let (mut mt, mut et) = ([sse2_hmax(m)], [sq]);
             let (u1, u2) = gate_row_scalar(&a[v..n], &b[v..n], (n - v).max(1), &mut mt, &mut et);
             t1 += l[0] + l[1] + u1;
             t2 += u2;
@@ -435,6 +597,46 @@ mod tests {
                     (t1, m1, e1),
                     (t2, m2, e2),
                     "n {n} seg {seg} extreme {extreme}"
+                );
+            }
+        }
+    }
+
+    /// The vertical patch-row gate gives the per-row reference's integers: rows whose length is and is
+    /// not a multiple of 16 bytes, segments of 16, 48 and 64 bytes (and 24: the per-row path), one row
+    /// and many, extreme bytes.
+    #[test]
+    fn patch_row_gate_equals_per_row() {
+        let mut seed = 5u64;
+        for &(rows, len, seg) in &[
+            (1usize, 16usize, 16usize),
+            (16, 960, 48),
+            (7, 100, 16),
+            (16, 1000, 64),
+            (3, 72, 24),
+            (33, 47, 48),
+        ] {
+            for extreme in [false, true] {
+                let (mut a, mut b) = (frame(&mut seed, rows * len), frame(&mut seed, rows * len));
+                if extreme {
+                    for (i, (x, y)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                        (*x, *y) = if i % 3 == 0 { (255, 0) } else { (0, 255) };
+                    }
+                }
+                let cols = len.div_ceil(seg);
+                let (mut m1, mut e1) = (vec![7u8; cols], vec![5u64; cols]);
+                let (mut m2, mut e2) = (m1.clone(), e1.clone());
+                let (mut t1, mut t2) = (0u64, 0u64);
+                for (x, y) in a.chunks(len).zip(b.chunks(len)) {
+                    let (s1, s2) = gate_row_scalar(x, y, seg, &mut m1, &mut e1);
+                    t1 += s1;
+                    t2 += s2;
+                }
+                let t = gate_rows(&a, &b, len, seg, &mut m2, &mut e2);
+                assert_eq!(
+                    ((t1, t2), m1, e1),
+                    (t, m2, e2),
+                    "rows {rows} len {len} seg {seg} extreme {extreme}"
                 );
             }
         }

@@ -27,7 +27,7 @@ use super::input::{gate_u8, U8Input};
 use super::region::{dilate, gate, GateResult, TileMap};
 use super::tile_ops::{
     conv_rects, conv_rects_i8, pointwise_rects, pool_rects, quantize_rects, ConvI8Params,
-    ConvParams, DirectPlan, Pointwise, Rect,
+    ConvParams, DirectPlan, NextCodes, Pointwise, Rect,
 };
 use crate::error::{Error, Result};
 use crate::nn::{Geometry, Window2d};
@@ -201,6 +201,9 @@ struct Stage {
     xq: Vec<i8>,
     /// an INT8 conv's weights packed for the direct kernel, when its bands take it
     direct: Option<DirectPlan>,
+    /// the stage that alone reads this one's output, when it is an INT8 conv: a sparse conv stage
+    /// writes that stage's input codes with its outputs ([`NextCodes`])
+    next_i8: Option<usize>,
 }
 
 impl Stage {
@@ -299,6 +302,7 @@ impl PatchSkip {
             sx: 1.0,
             xq: Vec::new(),
             direct: None,
+            next_i8: None,
         };
         let mark = |marks: &[usize], i: usize, m: usize| {
             marks.get(m).copied().ok_or_else(|| {
@@ -605,6 +609,19 @@ impl PatchSkip {
             st.cost = cost + st.post.len() as f64 * oc as f64;
             shapes.push(st.out_shape);
         }
+        // the single reader of each stage's output, when it is an INT8 conv
+        for i in 0..self.stages.len() {
+            let readers: Vec<usize> = (0..self.stages.len())
+                .filter(|&j| {
+                    let st = &self.stages[j];
+                    st.src == i + 1 || matches!(st.spatial, Spatial::Add(o) if o == i + 1)
+                })
+                .collect();
+            self.stages[i].next_i8 = match readers[..] {
+                [j] if matches!(self.stages[j].spatial, Spatial::ConvI8(_)) => Some(j),
+                _ => None,
+            };
+        }
         self.shape = Some(shape);
         self.reference = crate::alloc::try_vec("frame", shape.iter().product(), 0.0)?;
         Ok(())
@@ -805,6 +822,8 @@ impl PatchSkip {
         // per source (0: the input, j + 1: stage j's output): its dirty tiles, and the rectangles that
         // changed (`None`: all of it)
         let mut changed: Vec<Option<Vec<Rect>>> = vec![Some(gate.rects())];
+        // per source: whether its reader's input codes were written with it this frame
+        let mut coded: Vec<bool> = vec![false; self.stages.len() + 1];
         let mut maps: Vec<TileMap> = vec![gate];
         let (mut done, mut total) = (0.0, 0.0);
         let (mut book, mut work) = (0.0f64, 0.0f64);
@@ -813,7 +832,8 @@ impl PatchSkip {
         for i in 0..self.stages.len() {
             let tb = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
-            let st = &mut rest[0];
+            let (cur, later) = rest.split_at_mut(1);
+            let st = &mut cur[0];
             let input = source(&self.reference, prev, st.src);
             let [oc, oh, ow] = st.out_shape;
             let mut out_map = dilate(&maps[st.src], st.window(), oh, ow, self.cfg.tile)?;
@@ -861,6 +881,17 @@ impl PatchSkip {
             }
             let tw = Instant::now();
             stats.output_changed |= i == last;
+            // the reader's codes, written with the outputs (it was set up by a dense frame)
+            let next = st
+                .next_i8
+                .map(|j| &mut later[j - i - 1])
+                .filter(|r| r.xq.len() == st.out.len())
+                .map(|r| NextCodes {
+                    codes: &mut r.xq,
+                    sx: r.sx,
+                });
+            coded[i + 1] =
+                next.is_some() && matches!(st.spatial, Spatial::Conv(_) | Spatial::ConvI8(_));
             match &st.spatial {
                 Spatial::Conv(p) => conv_rects(
                     input,
@@ -870,9 +901,11 @@ impl PatchSkip {
                     &rects,
                     &mut st.out,
                     (oh, ow),
+                    next,
                 )?,
                 Spatial::ConvI8(p) => {
                     match &changed[st.src] {
+                        Some(_) if coded[st.src] => {}
                         Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
                         None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
                     }
@@ -886,6 +919,7 @@ impl PatchSkip {
                         &mut st.out,
                         (oh, ow),
                         st.direct.as_ref(),
+                        next,
                     )?
                 }
                 Spatial::MaxPool(win) | Spatial::AvgPool(win) => {
@@ -1239,6 +1273,50 @@ mod tests {
         let mut ps = net(Layer::Add(0)).unwrap();
         let e = ps.run(&[0.5; 2 * 4 * 4], [2, 4, 4]).unwrap_err();
         assert!(e.to_string().contains("residual add"), "{e}");
+    }
+
+    /// An INT8 conv's cached input codes stay the quantization of its whole input with its scale when the
+    /// conv before it writes them with its outputs (frozen scales, a threshold: the reference lags the
+    /// frames), on one and on two threads.
+    #[test]
+    fn fused_next_codes_equal_quantized_input() {
+        for threads in [1usize, 2] {
+            crate::threads::set_num_threads(threads).unwrap();
+            let mut seed = 13u64;
+            let mut net = layers(&mut seed, true);
+            net.remove(3); // the pool: conv -> conv -> conv
+            let cfg = PatchSkipConfig {
+                patch: 4,
+                threshold: 0.05,
+                ..PatchSkipConfig::default()
+            };
+            let mut ps = PatchSkip::new(net, cfg).unwrap();
+            let (h, w) = (37, 45);
+            let mut frame: Vec<f32> = (0..3 * h * w).map(|_| lcg(&mut seed)).collect();
+            for t in 0..5 {
+                for ch in 0..3 {
+                    for y in 3 + 4 * t..12 + 4 * t {
+                        for x in 2 + 5 * t..15 + 5 * t {
+                            frame[(ch * h + y) * w + x] = lcg(&mut seed);
+                        }
+                    }
+                }
+                ps.run(&frame, [3, h, w]).unwrap();
+                assert!(t == 0 || !ps.stats().dense);
+                for j in 1..ps.stages.len() {
+                    let (prev, rest) = ps.stages.split_at(j);
+                    let st = &rest[0];
+                    if let Spatial::ConvI8(_) = st.spatial {
+                        assert_eq!(prev[st.src - 1].next_i8, Some(j));
+                        let x = &prev[st.src - 1].out;
+                        let mut q = vec![0i8; x.len()];
+                        quantize_nearest_with_scale(x, st.sx, &mut q).unwrap();
+                        assert_eq!(st.xq, q, "threads {threads} frame {t} stage {j}");
+                    }
+                }
+            }
+        }
+        crate::threads::set_num_threads(1).unwrap();
     }
 
     #[test]

@@ -217,6 +217,37 @@ struct ConvGeom {
     stride: (usize, usize),
     padding: (usize, usize),
     out_hw: (usize, usize),
+    /// the next INT8 conv's input codes `(o, oh, ow)` and scale, written with the outputs (see
+    /// [`NextCodes`])
+    codes: Option<(OutPtr<i8>, f32)>,
+}
+
+/// The input codes of the INT8 convolution that reads a layer's output, with their per-tensor scale:
+/// when given, the layer writes them for the pixels it recomputes (its outputs, after the pointwise ops,
+/// quantized with `sx`, nearest rounding: the codes quantizing the whole map gives), while the rows are
+/// in cache, so that the next layer need not read them back to requantize. `codes` has the layout of the
+/// layer's output.
+pub struct NextCodes<'a> {
+    pub codes: &'a mut [i8],
+    pub sx: f32,
+}
+
+/// The raw form of `next` for the tasks, after checking it covers an output of `len` values.
+fn codes_ptr(next: Option<NextCodes<'_>>, len: usize) -> Result<Option<(OutPtr<i8>, f32)>> {
+    match next {
+        None => Ok(None),
+        Some(n) if n.codes.len() == len && n.sx.is_finite() && n.sx > 0.0 => {
+            Ok(Some((OutPtr(n.codes.as_mut_ptr()), n.sx)))
+        }
+        Some(n) => Err(Error::invalid(
+            "codes",
+            format!(
+                "next layer's codes: {} values with scale {} for an output of {len}",
+                n.codes.len(),
+                n.sx
+            ),
+        )),
+    }
 }
 
 /// Cuts `rects` into horizontal bands of at most `max_px` output pixels (a band is at least one row),
@@ -366,7 +397,8 @@ fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
 /// at `rect` (plus `bias` when given), then applies `ops` there while the rows are in cache.
 ///
 /// # Safety
-/// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`.
+/// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`, and so do `codes`
+/// when given.
 #[allow(clippy::too_many_arguments)]
 unsafe fn scatter_band(
     src: &[f32],
@@ -377,19 +409,30 @@ unsafe fn scatter_band(
     (oh, ow): (usize, usize),
     bias: Option<&[f32]>,
     ops: &[Pointwise],
-    y: OutPtr<f32>,
+    (y, codes): (OutPtr<f32>, Option<(OutPtr<i8>, f32)>),
 ) {
     let (y0, y1, x0, x1) = rect;
     let (rh, rw) = (y1 - y0, x1 - x0);
     for oc in 0..o {
         for r in 0..rh {
+            let at = (oc * oh + y0 + r) * ow + x0;
             // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(y.ptr().add((oc * oh + y0 + r) * ow + x0), rw)
-            };
+            let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
             let s0 = oc * ld + off + r * rs;
             store_row(dst, &src[s0..s0 + rw], bias.map(|b| b[oc]), ops, oc);
+            if let Some((q, sx)) = codes {
+                // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
+                let qd = unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) };
+                quantize_row(dst, sx, qd);
+            }
         }
+    }
+}
+
+crate::simd::avx2_multiversion! {
+    /// One row of the next layer's codes (see [`NextCodes`]).
+    fn quantize_row(x: &[f32], sx: f32, q: &mut [i8]) {
+        quantize_nearest_run(x, sx, q)
     }
 }
 
@@ -561,7 +604,19 @@ fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
         for &rect in batch {
             let (n, rs) = layout(rect);
             // SAFETY: bands are disjoint and each belongs to one batch; `y` is (o, oh, ow).
-            unsafe { scatter_band(&out, cols, (off, rs), rect, o, cg.out_hw, bias, ops, yp) };
+            unsafe {
+                scatter_band(
+                    &out,
+                    cols,
+                    (off, rs),
+                    rect,
+                    o,
+                    cg.out_hw,
+                    bias,
+                    ops,
+                    (yp, cg.codes),
+                )
+            };
             off += n;
         }
         Ok(())
@@ -718,7 +773,8 @@ fn pixels(rects: &[Rect]) -> usize {
 }
 
 /// Writes `conv(x)` (plus bias), then the pointwise `ops`, into the rectangles `rects` of
-/// `y (o, oh, ow)`; `x` is `(c, h, w)`. Bands of the rectangles run in parallel over the pool.
+/// `y (o, oh, ow)`; `x` is `(c, h, w)`. Bands of the rectangles run in parallel over the pool. With
+/// `next`, the next INT8 conv's input codes are written there too ([`NextCodes`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_rects(
     x: &[f32],
@@ -728,6 +784,7 @@ pub fn conv_rects(
     rects: &[Rect],
     y: &mut [f32],
     out_hw: (usize, usize),
+    next: Option<NextCodes<'_>>,
 ) -> Result<()> {
     check_conv_shapes(
         x.len(),
@@ -746,6 +803,7 @@ pub fn conv_rects(
         stride: p.stride,
         padding: p.padding,
         out_hw,
+        codes: codes_ptr(next, y.len())?,
     };
     let px = pixels(rects);
     let size = band_size(px, o * k);
@@ -813,7 +871,19 @@ fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Sc
         let mut out = take_f32(o * rh * rw)?;
         conv(&win[..g.c * g.h * g.w], [1, g.c, g.h, g.w], &mut out)?;
         // SAFETY: bands are disjoint, each handled by one task; `y` is (o, oh, ow).
-        unsafe { scatter_band(&out, rh * rw, (0, rw), rect, o, cg.out_hw, None, ops, yp) };
+        unsafe {
+            scatter_band(
+                &out,
+                rh * rw,
+                (0, rw),
+                rect,
+                o,
+                cg.out_hw,
+                None,
+                ops,
+                (yp, cg.codes),
+            )
+        };
         Ok(())
     })
 }
@@ -825,7 +895,8 @@ fn conv_per_band<S: Copy + Sync, T: Copy + Default + Send + Sync + crate::nn::Sc
 /// through it on a grid laid from the codes; grouped/dilated convs run the dense grouped kernel on each
 /// band's window; every other band (any stride, the 3-channel first layer) is unfolded from its phase
 /// grid side by side for one INT8 GEMM with the `sw[o]·sx` epilogue. Every path sums exact INT32
-/// products before the same rescale, so all give the same bits as the dense conv.
+/// products before the same rescale, so all give the same bits as the dense conv. With `next`, the next
+/// INT8 conv's input codes are written there too ([`NextCodes`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_rects_i8(
     xq: &[i8],
@@ -837,6 +908,7 @@ pub fn conv_rects_i8(
     y: &mut [f32],
     out_hw: (usize, usize),
     direct: Option<&DirectPlan>,
+    next: Option<NextCodes<'_>>,
 ) -> Result<()> {
     check_conv_shapes(
         xq.len(),
@@ -855,6 +927,7 @@ pub fn conv_rects_i8(
         stride: p.stride,
         padding: p.padding,
         out_hw,
+        codes: codes_ptr(next, y.len())?,
     };
     let px = pixels(rects);
     let size = band_size(px, o * k);
@@ -980,7 +1053,19 @@ unsafe fn direct_band(
     let mut out = take_f32(o * rh * rw)?;
     direct_conv::conv_direct_f32(dw, &img, sw, sx, &mut out, &to, false)?;
     // SAFETY: as the caller guarantees.
-    unsafe { scatter_band(&out, rh * rw, (0, rw), rect, o, cg.out_hw, None, ops, y) };
+    unsafe {
+        scatter_band(
+            &out,
+            rh * rw,
+            (0, rw),
+            rect,
+            o,
+            cg.out_hw,
+            None,
+            ops,
+            (y, cg.codes),
+        )
+    };
     Ok(())
 }
 
