@@ -3,6 +3,7 @@
 //! Python exceptions. No algorithm lives here.
 
 mod arrays;
+mod bn_relu;
 mod depthwise;
 mod errors;
 mod gemm;
@@ -24,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info::register(m)?;
     quant::register(m)?;
     nn::register(m)?;
+    bn_relu::register(m)?;
     depthwise::register(m)?;
     octo::register(m)?;
     sgq::register(m)?;

@@ -70,7 +70,12 @@ pub(crate) fn opt_vec<'py>(
     }
 }
 
-fn vec_of<'py>(arg: &str, obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<In<'py, f32>> {
+pub(crate) fn vec_of<'py>(
+    arg: &str,
+    obj: &Bound<'py, PyAny>,
+    n: usize,
+    what: &str,
+) -> PyResult<In<'py, f32>> {
     let v = In::new(arg, obj, "float32", Some(1))?;
     if v.shape[0] != n {
         return Err(value_error(
@@ -735,7 +740,7 @@ fn relu_backward_mask<'py>(
 }
 
 /// A writable, C-contiguous float32 array of any shape (or `ndim` dimensions), updated in place.
-fn inout_arr<'py>(
+pub(crate) fn inout_arr<'py>(
     arg: &str,
     obj: &Bound<'py, PyAny>,
     ndim: Option<usize>,
@@ -831,7 +836,7 @@ fn sgd_step<'py>(
 /// returns the new (mean, invstd) with its result.
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::type_complexity)]
-fn batchnorm_inplace_call<'py, R: Send>(
+pub(crate) fn batchnorm_inplace_call<'py, R: Send>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     gamma: Option<&Bound<'py, PyAny>>,
