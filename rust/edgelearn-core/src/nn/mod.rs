@@ -16,6 +16,7 @@ pub mod activation;
 pub mod batchnorm;
 pub mod bn_relu;
 pub mod conv;
+pub mod conv_smallplane;
 pub mod depthwise;
 pub mod im2col;
 pub mod matmul;
