@@ -5,7 +5,8 @@
 //! channels past a 16-row panel, grids whose tiles straddle images and rows, bias or none, per-channel
 //! weight scales, and batches split into several chunks.
 
-use edgelearn_core::gemm::{available_kernels, direct::direct_available, set_kernel, Scale};
+use edgelearn_core::gemm::{available_kernels, set_kernel, Scale};
+use edgelearn_core::nn::conv::direct::direct_available;
 use edgelearn_core::nn;
 
 mod common;

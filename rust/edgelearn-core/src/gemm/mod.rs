@@ -14,7 +14,6 @@
 //! INT32 results cannot overflow silently: [`gemm_i8`] refuses `K > MAX_K_I32`, and [`gemm_i8_f32`] splits
 //! larger `K` into chunks that each fit and accumulates them in f32.
 
-pub mod direct;
 mod dispatch;
 mod driver;
 mod pack;
@@ -46,7 +45,7 @@ pub const MAX_NR: usize = 64;
 /// A `K × N` INT8 matrix given by its rows: row `k` is the contiguous run
 /// `data[offsets[k] .. offsets[k] + N]`, and rows may overlap. This is an implicit im2col: for a stride-1
 /// convolution over a zero-padded image laid out with the padded row width, row `(c, i, j)` of the patch
-/// matrix is the image read from offset `c·plane + i·width + j` (see `nn::conv`). Used as the `B` operand
+/// matrix is the image read from offset `c·plane + i·width + j` (see `nn::conv::grid`). Used as the `B` operand
 /// of [`gemm_i8_f32_rows`], it is packed straight from the image, with no patch matrix in memory.
 #[derive(Clone, Copy, Debug)]
 pub struct RowsRef<'a> {

@@ -3,7 +3,8 @@
 //! - [`matmul`]: FP32 GEMM on strided views (kernels from the `gemm` crate, threaded in our rayon pool).
 //! - [`im2col`]: patch matrices of one image (generic over the element type, so INT8 data is unfolded
 //!   as INT8) and the scatter-add back.
-//! - [`conv`]: 2-D convolution forward/backward, FP32 and INT8.
+//! - [`conv`]: 2-D convolution forward/backward, FP32 and INT8, each shape's algorithm chosen once by a
+//!   [`ConvPlan`] (im2col + GEMM, the padded grid, the direct VNNI kernel, or [`depthwise`]).
 //! - [`depthwise`]: grouped and depthwise convolution (`groups > 1`) on its own direct kernels.
 //! - [`pool`]: max and average pooling; [`batchnorm`]: 2-D batch normalisation; [`activation`]: ReLU.
 //!
@@ -36,7 +37,7 @@ pub use bn_relu::{
 };
 pub use conv::{
     channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
-    ConvShape,
+    ConvAlgo, ConvPlan, ConvShape,
 };
 pub use depthwise::{
     conv2d_grouped_f32_backward, conv2d_grouped_f32_forward, conv2d_grouped_i8_backward,

@@ -1304,7 +1304,7 @@ mod tests {
                 let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
                 assert_eq!(
                     sparse.stages[1].direct.is_some(),
-                    int8 && crate::gemm::direct::direct_available()
+                    int8 && crate::nn::conv::direct::direct_available()
                 );
                 let mut dense = PatchSkip::new(
                     net,

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
+use crate::nn::conv::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
 use crate::gemm::{self, MatRef, Scale};
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
 use crate::nn::{

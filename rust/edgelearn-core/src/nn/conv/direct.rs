@@ -1,7 +1,7 @@
 //! Direct INT8 convolution for the AVX-512 VNNI kernel: the image is read in place by the micro-kernel,
 //! with no packing of the patch matrix.
 //!
-//! On the padded grid of a stride-1 convolution (see `nn::conv`), the patch matrix `B (K × N)` has a row
+//! On the padded grid of a stride-1 convolution (see `nn::conv::grid`), the patch matrix `B (K × N)` has a row
 //! per tap `(c, ki, kj)` that is the padded image read from an offset. Stored with the channels
 //! interleaved by groups of 4 (`[c/4][row][col][c%4]`, a [`GroupedImage`]), the 4 values of a k-group
 //! `(c/4, ki, kj)` at grid position `n` are one dword, and the 16 positions `n0..n0+16` are 64

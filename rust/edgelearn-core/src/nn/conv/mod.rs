@@ -1,0 +1,232 @@
+//! 2-D convolution, forward and backward, in FP32 and INT8 (NCHW, weights `(O, C, kh, kw)`).
+//!
+//! How a convolution runs is chosen once per shape and GEMM kernel by a [`ConvPlan`] ([`plan`]), which
+//! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), or
+//! the grouped/depthwise kernels of [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and
+//! run it. Files: [`plan`] (the choice and its dispatch), [`f32`] and [`i8`] (the two element types),
+//! [`grid`] (the padded grid: layouts and scatter), [`direct`] (the AVX-512 VNNI direct kernel on that
+//! grid), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
+//! GEMMs ([`crate::gemm`], [`super::matmul`]), quantization.
+//!
+//!
+//! Method: im2col + GEMM, in the "weights on the left" orientation. For a chunk of `nb` images the patch
+//! matrices sit side by side in one `K × (nb·P)` matrix (`K = C·kh·kw`, `P = OH·OW`), and
+//!
+//! - forward: `Y' = W (O×K) · col (K×nb·P)` — with `nb = 1` this is the image's `(O, OH, OW)` output in
+//!   place (NCHW, no transpose); with `nb > 1` one copy puts rows back in NCHW order and adds the bias;
+//! - backward: `dW += dY' (O×nb·P) · colᵀ`, `dcol = Wᵀ · dY'` then col2im per image.
+//!
+//! The chunk size keeps a chunk's patch matrix near L2 size, and chunks are spread over the pool (each
+//! one's GEMM runs on its worker; with fewer chunks than threads the GEMM itself is threaded). 1x1
+//! stride-1 unpadded convolutions skip im2col: an image already is its patch matrix.
+//!
+//! INT8: patches are unfolded as INT8 and multiplied on the INT8 GEMM ([`crate::gemm`]), whose epilogue
+//! applies `sw[o]·sx` (per-tensor or per-output-channel weight scale: a per-row scale of `W`). `dW` sums
+//! exact INT32 products (in i64 across chunks) before the single rescale by `sdy·sx`. `dX` contracts over
+//! output channels, so a per-channel weight scale cannot be factored out of an INT8 product: that case
+//! scales `dY` by `sdy·sw[o]` in FP32 and runs the FP32 GEMM (exact up to float rounding, like the rest).
+//!
+//! INT8, stride 1 (`PaddedGrid`): no patch matrix at all. A chunk of images is laid side by side on
+//! zero-padded planes, where every patch row is the plane read from an offset: the forward packs its
+//! `B` straight from the planes, or (AVX-512 VNNI, [`direct`]) reads them in place with channels
+//! interleaved by 4 and stores its tiles straight into NCHW; `dX` is the forward convolution of `dY`
+//! with the flipped, transposed kernel; `dW` reads the planes as a rows `A` operand. All sums are
+//! exact INT32, so every path gives the same bits.
+
+pub mod direct;
+mod f32;
+mod grid;
+mod i8;
+pub mod plan;
+mod sums;
+
+pub use self::f32::{conv2d_f32_backward, conv2d_f32_forward};
+pub use self::i8::{conv2d_i8_backward, conv2d_i8_forward};
+pub use plan::{ConvAlgo, ConvPlan};
+pub use sums::channel_sums;
+
+use rayon::prelude::*;
+
+use super::{shape_len, Geometry, Window2d};
+use crate::error::{Error, Result};
+use crate::gemm::Scale;
+use crate::threads;
+
+/// Bytes of patch matrix per chunk of images (about an L2 cache).
+const COL_BUDGET: usize = 256 * 1024;
+
+/// Pixels per plane from which a 1x1 convolution runs one GEMM per image, in place (one thread, batch 32,
+/// INT8 16→96 channels at 56x56: forward about 8 ms through gathered chunks of 5 images, 6 in place).
+const POINTWISE_DIRECT_MIN: usize = 256;
+
+/// The shapes of one convolution: input geometry (with the kernel as window) and output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub g: Geometry,
+    pub o: usize,
+}
+
+impl ConvShape {
+    /// Checks `x (N, C, H, W)` against `w (O, C, kh, kw)`, stride and padding.
+    pub fn new(
+        x: [usize; 4],
+        w: [usize; 4],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        if w[1] != x[1] {
+            return Err(Error::invalid(
+                "w",
+                format!(
+                    "has {} input channels (shape {w:?}) but x has {} (shape {x:?})",
+                    w[1], x[1]
+                ),
+            ));
+        }
+        shape_len("w", &w)?;
+        let g = Geometry::new("x", x, Window2d::new((w[2], w[3]), stride, padding))?;
+        let y = shape_len("y", &[g.n, w[0], g.oh, g.ow])?;
+        // The output and (at most) one image's patch matrix are allocated together: refuse absurd ones
+        // (huge padding) before anything is allocated.
+        crate::alloc::check("y", y.saturating_add(g.k().saturating_mul(g.p())), 4)?;
+        Ok(ConvShape { g, o: w[0] })
+    }
+    /// `(N, O, OH, OW)`.
+    pub fn output(&self) -> [usize; 4] {
+        [self.g.n, self.o, self.g.oh, self.g.ow]
+    }
+    /// `(N, C, H, W)`.
+    pub fn input(&self) -> [usize; 4] {
+        [self.g.n, self.g.c, self.g.h, self.g.w]
+    }
+    /// `(O, C, kh, kw)`.
+    pub fn weight(&self) -> [usize; 4] {
+        [self.o, self.g.c, self.g.kh, self.g.kw]
+    }
+    fn k(&self) -> usize {
+        self.g.k()
+    }
+    fn p(&self) -> usize {
+        self.g.p()
+    }
+    /// Elements of one input image.
+    fn x_img(&self) -> usize {
+        self.g.c * self.g.hw()
+    }
+    /// Images per chunk: the chunk's patch matrix stays near `COL_BUDGET`, every thread gets a chunk,
+    /// and the chunk's pixel count stays within `max_cols` (the INT32 bound of the `dW` product). A 1x1
+    /// convolution on planes of at least [`POINTWISE_DIRECT_MIN`] pixels takes one image per chunk: its
+    /// GEMMs then read `x` and write `y`/`dx` in place, with no copy of either.
+    fn images_per_chunk(&self, elem_bytes: usize, max_cols: usize) -> usize {
+        if self.g.is_pointwise() && self.p() >= POINTWISE_DIRECT_MIN {
+            return 1;
+        }
+        let per = (self.k() * self.p() * elem_bytes).max(1);
+        let n = self.g.n.max(1);
+        let mut nb = (COL_BUDGET / per).clamp(1, n);
+        nb = nb.min(n.div_ceil(threads::num_threads()));
+        nb = nb.min((max_cols / self.p().max(1)).max(1));
+        nb.max(1)
+    }
+}
+
+pub(super) fn check_bias(bias: Option<&[f32]>, o: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.len() != o => Err(Error::invalid(
+            "bias",
+            format!(
+                "expected {o} values (one per output channel), got {}",
+                b.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn check_scalar_scale(arg: &'static str, s: f32) -> Result<()> {
+    if !s.is_finite() {
+        return Err(Error::invalid(arg, format!("must be finite, got {s}")));
+    }
+    Ok(())
+}
+
+pub(super) fn check_weight_scale(sw: &Scale, o: usize) -> Result<()> {
+    match sw {
+        Scale::Scalar(s) => check_scalar_scale("sw", *s),
+        Scale::PerIndex(v) => {
+            if v.len() != o {
+                return Err(Error::invalid(
+                    "sw",
+                    format!(
+                        "expected a scalar or {o} values (one per output channel), got {}",
+                        v.len()
+                    ),
+                ));
+            }
+            match v.iter().position(|s| !s.is_finite()) {
+                Some(index) => Err(Error::NonFinite { arg: "sw", index }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Copies rows `(o, i·P..)` of the `O × nb·P` matrix `src` into the NCHW chunk `y (nb, O, P)`,
+/// adding `bias[o]`.
+fn scatter_rows(
+    src: &[f32],
+    ld: usize,
+    s: &ConvShape,
+    nb: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let p = s.p();
+    for i in 0..nb {
+        for oc in 0..s.o {
+            let from = &src[oc * ld + i * p..oc * ld + (i + 1) * p];
+            let to = &mut y[(i * s.o + oc) * p..(i * s.o + oc + 1) * p];
+            match bias {
+                Some(b) => {
+                    let bv = b[oc];
+                    for (t, &f) in to.iter_mut().zip(from) {
+                        *t = f + bv;
+                    }
+                }
+                None => to.copy_from_slice(from),
+            }
+        }
+    }
+}
+
+/// Copies the NCHW chunk `dy (nb, O, P)` into the `O × nb·P` matrix `dst` (rows `ld` apart).
+fn gather_rows<T: Copy>(dy: &[T], s: &ConvShape, nb: usize, dst: &mut [T], ld: usize) {
+    let p = s.p();
+    for i in 0..nb {
+        for oc in 0..s.o {
+            dst[oc * ld + i * p..oc * ld + (i + 1) * p]
+                .copy_from_slice(&dy[(i * s.o + oc) * p..(i * s.o + oc + 1) * p]);
+        }
+    }
+}
+
+/// Runs `f(first_image, chunk_of_out, gemm_threaded)` for each chunk of `nb` images of the NCHW output
+/// `out` (`per_image` elements per image) in the pool; stops at the first error.
+fn for_each_chunk<T: Send>(
+    out: &mut [T],
+    per_image: usize,
+    nb: usize,
+    f: impl Fn(usize, &mut [T], bool) -> Result<()> + Sync + Send,
+) -> Result<()> {
+    let n = out.len() / per_image.max(1);
+    let inner_parallel = n.div_ceil(nb) < threads::num_threads();
+    if n <= nb {
+        // one chunk: on the calling thread (its GEMM still spreads over the pool when large enough)
+        return f(0, out, inner_parallel);
+    }
+    threads::install(|| {
+        out.par_chunks_mut(nb * per_image)
+            .enumerate()
+            .try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
+    })
+}
