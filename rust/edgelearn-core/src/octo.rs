@@ -20,8 +20,8 @@
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
+use crate::nn::conv::smallplane as conv_smallplane;
 use crate::nn::conv::{channel_sums, conv2d_i8_backward, conv2d_i8_forward, ConvShape};
-use crate::nn::conv_smallplane;
 use crate::nn::depthwise::{
     conv2d_grouped_i8_backward, conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
 };
@@ -352,7 +352,7 @@ pub fn forward(
     Ok(saved)
 }
 
-/// The per-tensor weight scale when a convolution takes the small-plane path ([`conv_smallplane`]).
+/// The per-tensor weight scale when a convolution takes the small-plane path ([`conv_smallplane`] (`nn::conv::smallplane`)).
 fn small_plane(s: &ConvShape, sw: &Scale) -> Option<f32> {
     match sw {
         Scale::Scalar(v) if conv_smallplane::applies(s) => Some(*v),

@@ -6,8 +6,8 @@
 //! weight scales, and batches split into several chunks.
 
 use edgelearn_core::gemm::{available_kernels, set_kernel, Scale};
-use edgelearn_core::nn::conv::direct::direct_available;
 use edgelearn_core::nn;
+use edgelearn_core::nn::conv::direct::direct_available;
 
 mod common;
 use common::Rng;

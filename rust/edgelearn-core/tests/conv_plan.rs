@@ -105,7 +105,16 @@ fn running_a_plan_gives_the_bits_of_the_conv2d_functions() {
                 .unwrap();
         } else {
             nn::conv2d_i8_forward(
-                &xq, xs, sx, &wq, ws, sw, Some(&bias), p.stride, p.padding, &mut y_fn,
+                &xq,
+                xs,
+                sx,
+                &wq,
+                ws,
+                sw,
+                Some(&bias),
+                p.stride,
+                p.padding,
+                &mut y_fn,
             )
             .unwrap();
         }
@@ -113,11 +122,30 @@ fn running_a_plan_gives_the_bits_of_the_conv2d_functions() {
 
         let (mut dx_plan, mut dw_plan) = (vec![0f32; nx], vec![0f32; nw]);
         let (mut dx_fn, mut dw_fn) = (vec![0f32; nx], vec![0f32; nw]);
-        plan.backward_i8(&xq, sx, &wq, sw, &dyq, sdy, Some(&mut dx_plan), &mut dw_plan)
-            .unwrap();
+        plan.backward_i8(
+            &xq,
+            sx,
+            &wq,
+            sw,
+            &dyq,
+            sdy,
+            Some(&mut dx_plan),
+            &mut dw_plan,
+        )
+        .unwrap();
         if grouped {
             nn::conv2d_grouped_i8_backward(
-                &xq, xs, sx, &wq, ws, sw, &dyq, sdy, p, Some(&mut dx_fn), &mut dw_fn,
+                &xq,
+                xs,
+                sx,
+                &wq,
+                ws,
+                sw,
+                &dyq,
+                sdy,
+                p,
+                Some(&mut dx_fn),
+                &mut dw_fn,
             )
             .unwrap();
         } else {
@@ -155,7 +183,15 @@ fn running_a_plan_gives_the_bits_of_the_conv2d_functions() {
             .unwrap();
         if grouped {
             nn::conv2d_grouped_f32_backward(
-                &x, xs, &w, ws, &dy, p, Some(&mut dx_fn), &mut dw_fn, &mut db_fn,
+                &x,
+                xs,
+                &w,
+                ws,
+                &dy,
+                p,
+                Some(&mut dx_fn),
+                &mut dw_fn,
+                &mut db_fn,
             )
             .unwrap();
         } else {

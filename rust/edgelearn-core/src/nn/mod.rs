@@ -17,7 +17,6 @@ pub mod activation;
 pub mod batchnorm;
 pub mod bn_relu;
 pub mod conv;
-pub mod conv_smallplane;
 pub mod depthwise;
 pub mod im2col;
 pub mod matmul;

@@ -17,8 +17,8 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::nn::conv::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
 use crate::gemm::{self, MatRef, Scale};
+use crate::nn::conv::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
 use crate::nn::matmul::{sgemm, PAR_MIN_MACS};
 use crate::nn::{
     conv2d_f32_forward, conv2d_grouped_f32_forward, conv2d_grouped_i8_forward, conv2d_i8_forward,

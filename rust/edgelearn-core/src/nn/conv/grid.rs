@@ -148,7 +148,14 @@ impl PaddedGrid {
     /// `dWᵀ (K × O)` of a chunk as exact INT32 sums, `prod = col(x) · dYᵀ` over the grid: the patch rows
     /// of the padded planes are the `A` operand ([`gemm::gemm_i8_rows_a`]), and `dY (nb, O, OH, OW)` is
     /// laid on the grid with zeros in the unused columns, so those contribute nothing.
-    pub(super) fn dw_chunk(&self, x: &[i8], dy: &[i8], nb: usize, o: usize, prod: &mut [i32]) -> Result<()> {
+    pub(super) fn dw_chunk(
+        &self,
+        x: &[i8],
+        dy: &[i8],
+        nb: usize,
+        o: usize,
+        prod: &mut [i32],
+    ) -> Result<()> {
         let c = self.chunk(nb);
         let xp = self.pad(x, nb, &c)?;
         let offsets = self.tap_offsets(self.g.c, &c);

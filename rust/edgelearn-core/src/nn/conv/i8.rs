@@ -76,12 +76,7 @@ pub(super) fn forward(
     if let ConvAlgo::DirectVnni | ConvAlgo::PaddedGrid = algo {
         let grid = PaddedGrid::of(&s);
         let direct = if algo == ConvAlgo::DirectVnni {
-            Some(direct::DirectWeights::new(
-                wq,
-                o,
-                s.g.c,
-                s.g.kh * s.g.kw,
-            )?)
+            Some(direct::DirectWeights::new(wq, o, s.g.c, s.g.kh * s.g.kw)?)
         } else {
             None
         };
@@ -346,4 +341,3 @@ pub(super) fn backward(
     }
     Ok(())
 }
-

@@ -168,7 +168,8 @@ impl ConvPlan {
         match &self.kind {
             Kind::Dense(d) => super::f32::forward(&d.shape, x, w, bias, y),
             Kind::Grouped(_, p) => {
-                conv2d_grouped_f32_forward(x, self.x_shape, w, self.w_shape, bias, *p, y).map(|_| ())
+                conv2d_grouped_f32_forward(x, self.x_shape, w, self.w_shape, bias, *p, y)
+                    .map(|_| ())
             }
         }
     }
@@ -185,18 +186,10 @@ impl ConvPlan {
     ) -> Result<()> {
         match &self.kind {
             Kind::Dense(d) => super::f32::backward(&d.shape, x, w, dy, dx, dw, db),
-            Kind::Grouped(_, p) => conv2d_grouped_f32_backward(
-                x,
-                self.x_shape,
-                w,
-                self.w_shape,
-                dy,
-                *p,
-                dx,
-                dw,
-                db,
-            )
-            .map(|_| ()),
+            Kind::Grouped(_, p) => {
+                conv2d_grouped_f32_backward(x, self.x_shape, w, self.w_shape, dy, *p, dx, dw, db)
+                    .map(|_| ())
+            }
         }
     }
 
@@ -213,18 +206,10 @@ impl ConvPlan {
     ) -> Result<()> {
         match &self.kind {
             Kind::Dense(d) => super::i8::forward(&d.shape, d.forward, xq, sx, wq, sw, bias, y),
-            Kind::Grouped(_, p) => conv2d_grouped_i8_forward(
-                xq,
-                self.x_shape,
-                sx,
-                wq,
-                self.w_shape,
-                sw,
-                bias,
-                *p,
-                y,
-            )
-            .map(|_| ()),
+            Kind::Grouped(_, p) => {
+                conv2d_grouped_i8_forward(xq, self.x_shape, sx, wq, self.w_shape, sw, bias, *p, y)
+                    .map(|_| ())
+            }
         }
     }
 

@@ -14,10 +14,10 @@
 //! epilogue, so outputs are those of the im2col and padded-grid paths bit for bit (test). It applies while `E`
 //! costs at most twice the MACs of the convolution (padded taps included) and stays small.
 
-use super::conv::ConvShape;
-use super::{take_i8, Geometry};
+use super::ConvShape;
 use crate::error::Result;
 use crate::gemm::{self, MatRef, Scale, MAX_K_I32};
+use crate::nn::{take_i8, Geometry};
 
 /// Largest `E` (bytes) this path builds.
 const MAX_EXPANDED: usize = 1 << 20;
