@@ -77,6 +77,8 @@ def test_frozen_prefix_records_and_keeps_nothing(monkeypatch, precision):
     spy(monkeypatch, "_quantize", quantized)  # BatchNorm's int8 saved input (of an input it may not overwrite)
     spy(monkeypatch, "batchnorm2d_forward_save_i8_", quantized)  # (of a donated input, normalised in place)
     spy(monkeypatch, "relu_forward_mask", masks)  # (in place on a donated input: out=x)
+    fused = []
+    spy(monkeypatch, "batchnorm2d_relu_forward_save_i8_", fused)  # BatchNorm → ReLU as one op: codes and mask
     loss = cross_entropy(model(tensor(x)), y)
     nodes = graph_nodes(loss)
     names = sorted(n.name for n in nodes if n.leaf is None)
@@ -86,6 +88,8 @@ def test_frozen_prefix_records_and_keeps_nothing(monkeypatch, precision):
     # the graph is the trainable suffix only: its layers, the last block's add and ReLUs, the loss
     conv, lin = ("conv2d_int8", "linear_int8") if precision == "int8" else ("conv2d", "linear")
     expect = {"batch_norm2d": 2, conv: 2, lin: 1, "relu": 2, "add": 1, "cross_entropy": 1}
+    if precision == "int8":  # the block's first BatchNorm → ReLU runs as one op (F.batch_norm2d_relu)
+        expect.update({"batch_norm2d": 1, "relu": 1, "batch_norm2d_relu": 1})
     assert {k: names.count(k) for k in expect} == expect, names
     assert leaves == trainable
     assert len(nodes) < len(all_nodes) / 5
@@ -99,10 +103,10 @@ def test_frozen_prefix_records_and_keeps_nothing(monkeypatch, precision):
         frozen = [out for out in octo if not any(v is out[1] for v in cells)]
         assert all(gc.get_referrers(out[1]) == [out] for out in frozen)
         # only the trainable BatchNorms quantize their input, only the last block's ReLUs make a mask
-        assert len(quantized) == 2 and len(masks) == 2
+        assert len(quantized) + len(fused) == 2 and len(masks) + len(fused) == 2 and len(fused) == 1
         assert sum(s.nbytes for s in held) < saved_bytes(nodes, model)
     else:
-        assert not quantized and not masks
+        assert not quantized and not masks and not fused
     assert saved_bytes(nodes, model) < saved_bytes(all_nodes, full) / 5  # weights' int8 codes dominate here
 
     # backward reaches exactly the trainable parameters

@@ -39,6 +39,8 @@ __all__ = [
     "relu_backward_mask",
     "batchnorm2d_backward_i8",
     "batchnorm2d_forward_save_i8_",
+    "batchnorm2d_relu_forward_save_i8_",
+    "batchnorm2d_relu_backward_i8_",
     "maxpool2d_forward",
     "maxpool2d_backward",
     "avgpool2d_forward",
@@ -223,6 +225,27 @@ def batchnorm2d_backward_i8(
     mean: _F32,
     invstd: _F32,
     out: Optional[_F32] = None,
+) -> tuple[_F32, _F32, _F32]: ...
+
+def batchnorm2d_relu_forward_save_i8_(
+    x: _F32,
+    gamma: Optional[_F32],
+    beta: Optional[_F32],
+    running_mean: _F32,
+    running_var: _F32,
+    momentum: float,
+    eps: float,
+    pool: bool,
+) -> tuple[_F32, _F32, npt.NDArray[np.int8], float, npt.NDArray[np.uint8], _F32]: ...
+def batchnorm2d_relu_backward_i8_(
+    dy: _F32,
+    saved: npt.NDArray[np.uint8],
+    pool: bool,
+    xq: npt.NDArray[np.int8],
+    x_scale: float,
+    gamma: Optional[_F32],
+    mean: _F32,
+    invstd: _F32,
 ) -> tuple[_F32, _F32, _F32]: ...
 
 # --- the Octo INT8 layer step: one call per direction, the state between them opaque ---

@@ -343,6 +343,39 @@ def batch_norm2d(
     return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True)
 
 
+def batch_norm2d_relu(
+    x: Tensor, weight: Tensor, bias: Tensor, running_mean: np.ndarray, running_var: np.ndarray,
+    momentum: float, eps: float, pool: bool,
+) -> Optional[Tensor]:
+    """Training-mode ``batch_norm2d(save_int8=True)`` then ``relu(save_mask=True)`` (then, ``pool``,
+    ``max_pool2d(2)``) as one core call each way, with the same results (finite input) and the same saved
+    state: the input's int8 codes, and ReLU's bit mask or the pooling argmax (a window whose maximum is not
+    positive passes no gradient). Only on a donated input (``Sequential``), which is overwritten; returns None
+    when that does not hold or nothing is recorded (the caller then runs the ops one by one)."""
+    xd = x.data
+    if not (_records(x, weight, bias) and xd.ndim == 4 and _take_donated(x)):
+        return None
+    if xd is not _c(xd) or (pool and (xd.shape[2] < 2 or xd.shape[3] < 2)):
+        x._donated = True  # not taken: leave it to the unfused ops
+        return None
+    gamma = weight.data
+    need_g, need_b = weight.requires_grad, bias.requires_grad
+    mean, invstd, xq, sx, saved, y = _native.batchnorm2d_relu_forward_save_i8_(
+        xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps), bool(pool))
+    sx = float(sx)
+    del xd
+
+    def backward(g: np.ndarray, g_owned: bool = False):
+        if not pool and not _writable_grad(g, g_owned):
+            g = g.copy()  # the mask form works in place
+        dx, dgamma, dbeta = _native.batchnorm2d_relu_backward_i8_(
+            _c(g), saved, bool(pool), xq, sx, gamma, mean, invstd)
+        return dx, (dgamma if need_g else None), (dbeta if need_b else None)
+
+    name = "batch_norm2d_relu_maxpool" if pool else "batch_norm2d_relu"
+    return make_result(y, (x, weight, bias), backward, name, owned=True, owns_grads=True)
+
+
 def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
     """``max(x, 0)``. Backward needs only where the output is positive: ``save_mask`` keeps that as a bit mask
     (packed, 1/32 of the FP32 output), made in the same core call as the output; in that mode a donated input

@@ -4,7 +4,7 @@ Octo INT8 mode; every other layer has one mode. The numerics are in ``edgelearn.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -209,14 +209,42 @@ class BatchNorm2d(Module):
         #: tiny-training graph does). ``edgelearn.finetune.select_trainable`` sets it on BatchNorms it freezes.
         self.frozen = False
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: Any, act: Tuple[Module, ...] = ()) -> Tensor:
+        """``act``: the ReLU (and 2x2 max pool) that follow (see :meth:`fuses_with`), applied after this layer;
+        in INT8 training on a donated input all in one op (``F.batch_norm2d_relu``)."""
         training = self.training and not self.frozen
         if training:
             self.num_batches_tracked[...] += 1
-        return F.batch_norm2d(
+        if act and training and self.save_int8 and type(x) is Tensor:
+            y = F.batch_norm2d_relu(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+                                    self.eps, pool=len(act) > 1)
+            if y is not None:
+                return y
+        y = F.batch_norm2d(
             x, self.weight, self.bias, self.running_mean, self.running_var, training, self.momentum, self.eps,
             save_int8=self.save_int8,
         )
+        for m in act:  # as Sequential runs them: each output donated to the next
+            if type(y) is Tensor and y._owned:
+                y._donated = True
+            y = m(y)
+        if type(y) is Tensor:
+            y._donated = False
+        return y
+
+    def fuses_activation(self, nxt: Sequence[Any]) -> int:
+        """How many of the modules ``nxt`` (those that follow it) this layer applies itself in INT8 mode (as
+        ``act`` of :meth:`forward`): a ReLU that keeps a bit mask (1), then a 2x2, stride-2, unpadded max pool
+        (2); else 0."""
+        if not (self.save_int8 and nxt and type(nxt[0]) is ReLU and nxt[0].save_mask):
+            return 0
+        if len(nxt) > 1 and type(nxt[1]) is MaxPool2d:
+            p = nxt[1]
+            k = F._pair(p.kernel_size, "kernel_size")
+            if k == (2, 2) and F._pair(p.kernel_size if p.stride is None else p.stride, "stride") == (2, 2) \
+                    and F._pair(p.padding, "padding") == (0, 0):
+                return 2
+        return 1
 
     def samplewise(self) -> bool:
         """Batch statistics mix the samples: only in eval mode or with frozen statistics is this per sample."""

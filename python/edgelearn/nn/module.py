@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import numpy as np
 
-from ..tensor import Tensor
+from ..tensor import Tensor, is_grad_enabled
 
 __all__ = ["Module", "Parameter", "Sequential", "fusion_plan", "run_chain"]
 
@@ -369,20 +369,31 @@ def _inline(items: List[Module]) -> List[Module]:
 def fusion_plan(items: List[Module]) -> list:
     """``[(module, fused_next_or_None), ...]`` for modules applied in order (nested plain Sequentials
     inlined, see :func:`_inline`): each INT8 Linear/Conv2d paired with the LAC Compensation that follows it
-    (``fuses_with``)."""
+    (``fuses_with``), each INT8-mode BatchNorm2d with the tuple of the ReLU (and max pool) after it
+    (``fuses_activation``)."""
     items = _inline(items)
     plan, i = [], 0
     while i < len(items):
         m = items[i]
         nxt = items[i + 1] if i + 1 < len(items) else None
         fuses_with = getattr(m, "fuses_with", None)
+        fuses_activation = getattr(m, "fuses_activation", None)
         if nxt is not None and fuses_with is not None and fuses_with(nxt):
             plan.append((m, nxt))
             i += 2
+        elif fuses_activation is not None and (k := fuses_activation(items[i + 1:i + 3])):
+            plan.append((m, tuple(items[i + 1:i + 1 + k])))
+            i += 1 + k
         else:
             plan.append((m, None))
             i += 1
     return plan
+
+
+def _plan_members(entry: tuple) -> list:
+    """The modules of one ``fusion_plan`` entry (the layer and those it applies itself)."""
+    m, fused = entry
+    return [m, *fused] if type(fused) is tuple else [m, fused]
 
 
 #: The most samples a frozen prefix runs on at once (see :func:`run_chain`). A frozen layer keeps nothing for
@@ -397,8 +408,8 @@ def _frozen_prefix(xd: Optional[np.ndarray], plan: list) -> int:
     if xd is None:
         return 0
     n, has_layer = 0, False
-    for items in plan:
-        checks = [is_frozen_layer(m) for m in items]
+    for entry in plan:
+        checks = [is_frozen_layer(m) for m in _plan_members(entry)]
         if not all(frozen for frozen, _ in checks):
             break
         has_layer = has_layer or any(params for _, params in checks)
@@ -471,6 +482,11 @@ def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
         (x,) = run_subbatched(whole.shape[0], lambda rows: [run_chain(Tensor(whole[rows]), plan[:frozen])])
         first, mine_first = frozen, True
     producer: Any = None
+    if not is_grad_enabled() or any(type(f) is tuple and not m.training for m, f in plan[first:]):
+        # BatchNorm → ReLU (→ pool) is fused for training only: otherwise (eval, no_grad, an ONNX trace) each
+        # module runs by itself
+        plan = plan[:first] + [e for m, f in plan[first:]
+                               for e in ([(m, None)] + [(a, None) for a in f] if type(f) is tuple else [(m, f)])]
     for i in range(first, len(plan)):
         m, fused = plan[i]
         # Buffer donation, by contract (no reference counting): an intermediate made by the previous item is
@@ -481,13 +497,18 @@ def run_chain(x: Any, plan: list, donate_input: bool = False) -> Any:
         mine = mine_first if i == first else producer.returns_private_output
         if mine and type(x) is Tensor and x._owned:
             x._donated = True
-        if fused is not None:
+        if type(fused) is tuple:
+            # An INT8-mode BatchNorm2d followed by ReLU (and a 2x2 max pool): one op each way in training.
+            x = m(x, act=fused)
+            producer = fused[-1]
+        elif fused is not None:
             # An INT8 Linear/Conv2d followed by its LAC Compensation: the compensation's per-channel
             # shift rides in the layer's GEMM epilogue as extra bias (one pass over Y fewer each way).
             x = m(x, compensation=fused)
+            producer = m
         else:
             x = m(x)
-        producer = m
+            producer = m
     if type(x) is Tensor:
         x._donated = False  # a donation nobody took ends here: the caller's tensor is never overwritten
     return x

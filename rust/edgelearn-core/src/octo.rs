@@ -20,6 +20,7 @@
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
+use crate::nn::conv::smallplane as conv_smallplane;
 use crate::nn::conv::{channel_sums, conv2d_i8_backward, conv2d_i8_forward, ConvShape};
 use crate::nn::depthwise::{
     conv2d_grouped_i8_backward, conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
@@ -308,6 +309,18 @@ pub fn forward(
                 y,
             )?;
         }
+        (Layer::Conv2d { .. }, Some(s)) if small_plane(&s, &swv).is_some() => {
+            let sw = small_plane(&s, &swv).expect("checked");
+            conv_smallplane::forward(
+                &s,
+                &saved.xq,
+                saved.sx,
+                &saved.wq,
+                sw,
+                bias_eff.as_deref(),
+                y,
+            )?;
+        }
         (Layer::Conv2d { stride, padding }, Some(s)) => {
             conv2d_i8_forward(
                 &saved.xq,
@@ -337,6 +350,14 @@ pub fn forward(
         }
     }
     Ok(saved)
+}
+
+/// The per-tensor weight scale when a convolution takes the small-plane path ([`conv_smallplane`] (`nn::conv::smallplane`)).
+fn small_plane(s: &ConvShape, sw: &Scale) -> Option<f32> {
+    match sw {
+        Scale::Scalar(v) if conv_smallplane::applies(s) => Some(*v),
+        _ => None,
+    }
 }
 
 /// The output shape of [`forward`] for these input and weight shapes.
@@ -431,6 +452,11 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
                     &mut scratch[..]
                 }
             };
+            let s = ConvShape::new(xs, ws, stride, padding)?;
+            if let Some(sw) = small_plane(&s, &swv) {
+                conv_smallplane::backward(&s, &saved.xq, saved.sx, &saved.wq, sw, &gq, sg, dx, dw)?;
+                return Ok(());
+            }
             conv2d_i8_backward(
                 &saved.xq, xs, saved.sx, &saved.wq, ws, swv, &gq, sg, stride, padding, dx, dw,
             )?;

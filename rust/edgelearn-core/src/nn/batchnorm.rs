@@ -37,7 +37,7 @@ fn image_channel_sums(
 }
 
 /// Per-channel sums of the pairs `pair(parts[i·c + ch])` over the images, in image order.
-fn sum_in_image_order<T>(
+pub(super) fn sum_in_image_order<T>(
     parts: &[T],
     c: usize,
     pair: impl Fn(&T) -> (f64, f64),
@@ -206,7 +206,7 @@ fn stat_sums(p: &[f32], shift: f32) -> (f64, f64) {
 }
 
 /// Backward sums of one plane: `(Σ dy, Σ dy·(x − mu))`.
-fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
+pub(super) fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if elementwise_avx2() {
         #[target_feature(enable = "avx2,fma")]
@@ -229,7 +229,13 @@ fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
 }
 
 /// `o = g·a + x·b + k` element-wise; `g = None` reads `o` itself as `g` (in place).
-fn affine3<X: Saved>(o: &mut [f32], g: Option<&[f32]>, x: &[X], scale: f32, abk: (f32, f32, f32)) {
+pub(super) fn affine3<X: Saved>(
+    o: &mut [f32],
+    g: Option<&[f32]>,
+    x: &[X],
+    scale: f32,
+    abk: (f32, f32, f32),
+) {
     #[inline(always)]
     fn body<X: Saved>(
         o: &mut [f32],
@@ -281,7 +287,7 @@ fn opt_len(arg: &'static str, v: Option<&[f32]>, c: usize) -> Result<()> {
 /// in training also updates the running statistics in place with `momentum` (PyTorch's convention:
 /// `running = (1−momentum)·running + momentum·batch`).
 #[allow(clippy::too_many_arguments)]
-fn forward_coefficients(
+pub(super) fn forward_coefficients(
     x: &[f32],
     shape: [usize; 4],
     gamma: Option<&[f32]>,
@@ -609,14 +615,36 @@ fn backward_coefficients<X: Saved>(
     check_len("dgamma", dgamma.len(), &[c])?;
     check_len("dbeta", dbeta.len(), &[c])?;
     let hw = h * w;
-    let m = (n * hw) as f64;
     let parallel = worth_parallel(x.len());
     let sums = image_channel_sums(n, c, parallel, |i, ch| {
         let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
         grad_sums(&dy[r.clone()], &x[r], scale, mean[ch])
     });
+    Ok(coefficients_from_sums(
+        &sums,
+        n * hw,
+        gamma,
+        mean,
+        invstd,
+        dgamma,
+        dbeta,
+    ))
+}
+
+/// The coefficients `(a, b, k)` of `dx = dy·a + x·b + k` per channel from the per-channel sums
+/// `(Σ dy, Σ dy·(x − mean))` over `m` values; writes `dgamma`, `dbeta`.
+pub(super) fn coefficients_from_sums(
+    sums: &[(f64, f64)],
+    m: usize,
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<(f32, f32, f32)> {
+    let m = m as f64;
     // dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), written as dx = dy·a + x·b + k per channel.
-    Ok((0..c)
+    (0..sums.len())
         .map(|ch| {
             let (sdy, sdyxc) = sums[ch];
             let is = invstd[ch] as f64;
@@ -631,7 +659,7 @@ fn backward_coefficients<X: Saved>(
             let k = -a * sdy / m - b * mean[ch] as f64;
             (a as f32, b as f32, k as f32)
         })
-        .collect())
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]

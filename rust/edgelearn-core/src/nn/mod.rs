@@ -15,6 +15,7 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod bn_relu;
 pub mod conv;
 pub mod depthwise;
 pub mod im2col;
@@ -29,6 +30,9 @@ pub use activation::{
 pub use batchnorm::{
     batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace,
     batchnorm2d_forward, batchnorm2d_forward_inplace, batchnorm2d_forward_inplace_save_i8,
+};
+pub use bn_relu::{
+    batchnorm2d_relu_backward_i8, batchnorm2d_relu_forward_save_i8, ReluOut, ReluSaved,
 };
 pub use conv::{
     channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,

@@ -97,7 +97,14 @@ pub fn maxpool2d_forward(
 }
 
 /// The common 2x2, stride-2, unpadded window (every window fully inside the plane).
-fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &mut [u8]) {
+pub(super) fn maxpool_2x2(
+    xp: &[f32],
+    w: usize,
+    oh: usize,
+    ow: usize,
+    yp: &mut [f32],
+    ip: &mut [u8],
+) {
     #[inline(always)]
     fn pick(best: f32, at: u8, v: f32, k: u8) -> (f32, u8) {
         let take = v > best || v.is_nan();
@@ -131,7 +138,7 @@ fn maxpool_2x2(xp: &[f32], w: usize, oh: usize, ow: usize, yp: &mut [f32], ip: &
 /// Backward of [`maxpool_2x2`]: windows do not overlap, so every input gets either its window's gradient
 /// or zero, written once, row pair by row pair (no zero-fill pass, no bounds checks in the inner loop).
 /// Offsets in `ip` must be at most 3 (checked by the caller).
-fn maxpool_2x2_backward(
+pub(super) fn maxpool_2x2_backward(
     dyp: &[f32],
     ip: &[u8],
     h: usize,

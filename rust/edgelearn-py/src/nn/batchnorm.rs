@@ -204,7 +204,7 @@ fn batchnorm2d_backward_i8<'py>(
 /// returns the new (mean, invstd) with its result.
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::type_complexity)]
-fn batchnorm_inplace_call<'py, R: Send>(
+pub(super) fn batchnorm_inplace_call<'py, R: Send>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     gamma: Option<&Bound<'py, PyAny>>,

@@ -8,6 +8,7 @@
 
 mod activation;
 mod batchnorm;
+mod bn_relu;
 mod conv;
 mod depthwise;
 mod matmul;
@@ -21,6 +22,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conv::register(m)?;
     depthwise::register(m)?;
     batchnorm::register(m)?;
+    bn_relu::register(m)?;
     activation::register(m)?;
     pool::register(m)?;
     optim::register(m)?;

@@ -38,6 +38,7 @@ mod f32;
 mod grid;
 mod i8;
 pub mod plan;
+pub mod smallplane;
 mod sums;
 
 pub use self::f32::{conv2d_f32_backward, conv2d_f32_forward};

@@ -1,0 +1,240 @@
+//! BatchNorm → ReLU (→ 2x2 max pool) of INT8 training as one op each way.
+//!
+//! The unfused chain makes three calls per direction (BatchNorm saving its input as int8 codes, ReLU saving a
+//! bit mask, max pooling saving its argmax) and as many full-resolution passes over the activation. Fused:
+//!
+//! - forward: the statistics pass, then image by image the codes, the normalisation and — with pooling — the
+//!   2x2 maximum of the normalised plane while it is in cache. ReLU commutes with the maximum, so it runs on
+//!   the pooled output only; a window whose maximum is not positive records the argmax offset
+//!   [`NO_GRAD`] (ReLU passes no gradient there). Without pooling, ReLU and its mask follow in the same call.
+//! - backward: with pooling, the gradient is scattered to the argmax and the BatchNorm sums taken in the same
+//!   pass over each plane, then the BatchNorm affine map runs in place; without, ReLU's mask is applied and
+//!   BatchNorm's backward runs in place.
+//!
+//! Results are those of the unfused ops on finite input, bit for bit (same per-element arithmetic, same
+//! per-(image, channel) sums added in image order), so also the same whatever the thread count.
+
+use super::batchnorm::{
+    affine3, coefficients_from_sums, forward_coefficients, grad_sums, sum_in_image_order,
+};
+use super::pool::{maxpool_2x2, maxpool_2x2_backward};
+use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
+use crate::error::{Error, Result};
+use crate::threads;
+use rayon::prelude::*;
+
+/// Argmax offset of a pooled window through which ReLU passes no gradient (its maximum is not positive):
+/// the 2x2 backward writes zeros for any offset other than 0..=3.
+pub const NO_GRAD: u8 = 4;
+
+/// What follows the BatchNorm: ReLU with its bit mask, or ReLU and 2x2/stride-2 max pooling.
+pub enum ReluOut<'a> {
+    /// `x` becomes `relu(bn(x))`; `mask`: [`super::relu_mask_len`] bytes, bit set where the output is > 0.
+    Mask(&'a mut [u8]),
+    /// `y (N, C, H/2, W/2)` = `maxpool2x2(relu(bn(x)))`, `idx` its argmax offsets (or [`NO_GRAD`]); `x`
+    /// holds `bn(x)` afterwards (scratch for the caller).
+    Pool2x2 { y: &'a mut [f32], idx: &'a mut [u8] },
+}
+
+/// The saved state [`batchnorm2d_relu_backward_i8`] reads for the activation: the mask or the argmax offsets.
+pub enum ReluSaved<'a> {
+    Mask(&'a [u8]),
+    Pool2x2(&'a [u8]),
+}
+
+fn pooled_shape([n, c, h, w]: [usize; 4]) -> [usize; 4] {
+    [n, c, h / 2, w / 2]
+}
+
+/// Training-mode BatchNorm (in place, running statistics updated) with the input's int8 codes `xq` (nearest,
+/// per-tensor scale, returned), followed by ReLU or ReLU + 2x2 max pooling (see [`ReluOut`]). Returns the
+/// codes' scale; `mean`, `invstd` are what the backward needs.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_relu_forward_save_i8(
+    x: &mut [f32],
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    momentum: f32,
+    eps: f32,
+    mean: &mut [f32],
+    invstd: &mut [f32],
+    xq: &mut [i8],
+    out: ReluOut<'_>,
+) -> Result<f32> {
+    let (y, idx) = match out {
+        ReluOut::Mask(mask) => {
+            let scale = super::batchnorm2d_forward_inplace_save_i8(
+                x,
+                shape,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+                mean,
+                invstd,
+                xq,
+            )?;
+            super::relu_forward_mask_inplace(x, mask)?;
+            return Ok(scale);
+        }
+        ReluOut::Pool2x2 { y, idx } => (y, idx),
+    };
+    check_len("xq", xq.len(), &shape)?;
+    let ps = pooled_shape(shape);
+    check_len("y", y.len(), &ps)?;
+    check_len("idx", idx.len(), &ps)?;
+    let mut range = (0.0, 0.0);
+    let ab = forward_coefficients(
+        x,
+        shape,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        true,
+        momentum,
+        eps,
+        mean,
+        invstd,
+        Some(&mut range),
+    )?;
+    let [_, c, h, w] = shape;
+    let (hw, oh, ow) = (h * w, h / 2, w / 2);
+    let p = oh * ow;
+    let scale = crate::quant::scale_from_min_max(range.0, range.1);
+    if hw == 0 || c == 0 {
+        return Ok(scale);
+    }
+    let codes = crate::quant::NearestCodes::new(scale);
+    let image = |((xi, qi), (yi, ii)): ((&mut [f32], &mut [i8]), (&mut [f32], &mut [u8]))| {
+        codes.run(xi, qi);
+        for (ch, &(a, b)) in ab.iter().enumerate() {
+            let xp = &mut xi[ch * hw..(ch + 1) * hw];
+            // the same expression as BatchNorm's normalisation (same bits)
+            for v in xp.iter_mut() {
+                *v = *v * a + b;
+            }
+            let (yp, ip) = (&mut yi[ch * p..(ch + 1) * p], &mut ii[ch * p..(ch + 1) * p]);
+            maxpool_2x2(xp, w, oh, ow, yp, ip);
+            // ReLU as the unfused op computes it, and no gradient through a window whose maximum is not
+            // positive (selects, not branches: the sign of a normalised value is a coin toss)
+            for (v, at) in yp.iter_mut().zip(ip.iter_mut()) {
+                let keep = *v > 0.0;
+                *at = if keep { *at } else { NO_GRAD };
+                *v = if *v < 0.0 { 0.0 } else { *v };
+            }
+        }
+    };
+    let (xs, ys) = (c * hw, c * p.max(1));
+    if worth_parallel(x.len()) {
+        threads::install(|| {
+            x.par_chunks_mut(xs)
+                .zip(xq.par_chunks_mut(xs))
+                .zip(y.par_chunks_mut(ys).zip(idx.par_chunks_mut(ys)))
+                .for_each(image)
+        });
+    } else {
+        x.chunks_mut(xs)
+            .zip(xq.chunks_mut(xs))
+            .zip(y.chunks_mut(ys).zip(idx.chunks_mut(ys)))
+            .for_each(image);
+    }
+    Ok(scale)
+}
+
+/// Backward of [`batchnorm2d_relu_forward_save_i8`]. With [`ReluSaved::Mask`] `dy` has the input's shape
+/// and is overwritten with `dx` (`dx` must be `None`); with [`ReluSaved::Pool2x2`] `dy` is the pooled
+/// gradient and `dx` (the input's shape) receives the result. Writes `dgamma`, `dbeta`.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm2d_relu_backward_i8(
+    dy: &mut [f32],
+    saved: ReluSaved<'_>,
+    xq: &[i8],
+    x_scale: f32,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    let idx = match (saved, dx.is_some()) {
+        (ReluSaved::Mask(mask), false) => {
+            super::relu_backward_mask_inplace(dy, mask)?;
+            return super::batchnorm2d_backward_i8_inplace(
+                dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
+            );
+        }
+        (ReluSaved::Pool2x2(idx), true) => idx,
+        _ => {
+            return Err(Error::invalid(
+                "dx",
+                "expected an output array with pooling and none (in place) with a mask",
+            ))
+        }
+    };
+    let dx = dx.expect("matched above");
+    if !(x_scale.is_finite() && x_scale > 0.0) {
+        return Err(Error::invalid(
+            "x_scale",
+            format!("must be finite and > 0, got {x_scale}"),
+        ));
+    }
+    let [n, c, h, w] = shape;
+    check_len("xq", xq.len(), &shape)?;
+    check_len("dx", dx.len(), &shape)?;
+    let ps = pooled_shape(shape);
+    check_len("dy", dy.len(), &ps)?;
+    check_len("idx", idx.len(), &ps)?;
+    check_len("mean", mean.len(), &[c])?;
+    check_len("invstd", invstd.len(), &[c])?;
+    check_len("dgamma", dgamma.len(), &[c])?;
+    check_len("dbeta", dbeta.len(), &[c])?;
+    if let Some(g) = gamma {
+        check_len("gamma", g.len(), &[c])?;
+    }
+    if idx.iter().any(|&at| at > NO_GRAD) {
+        return Err(Error::invalid(
+            "idx",
+            "holds an offset outside the 2x2 window",
+        ));
+    }
+    let (hw, oh, ow) = (h * w, h / 2, w / 2);
+    let p = oh * ow;
+    if hw == 0 || c == 0 {
+        dgamma.fill(0.0);
+        dbeta.fill(0.0);
+        return Ok(());
+    }
+    let parallel = worth_parallel(dx.len());
+    // Scatter to the argmax and take the plane's sums while it is in cache.
+    let mut parts = vec![(0f64, 0f64); n * c];
+    for_each_chunk2(dx, hw, &mut parts, 1, parallel, |plane, dp, part| {
+        let r = plane * p..(plane + 1) * p;
+        maxpool_2x2_backward(&dy[r.clone()], &idx[r], h, w, oh, ow, dp);
+        part[0] = grad_sums(
+            dp,
+            &xq[plane * hw..(plane + 1) * hw],
+            x_scale,
+            mean[plane % c],
+        );
+    });
+    let sums = sum_in_image_order(&parts, c, |&s| s);
+    let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
+    for_each_chunk(dx, hw, parallel, |plane, dp| {
+        affine3(
+            dp,
+            None,
+            &xq[plane * hw..(plane + 1) * hw],
+            x_scale,
+            coef[plane % c],
+        );
+    });
+    Ok(())
+}
