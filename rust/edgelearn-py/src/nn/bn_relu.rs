@@ -5,9 +5,9 @@ use edgelearn_core::nn::{self, ReluOut, ReluSaved};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::errors::{value_error, CoreResultExt};
 use super::batchnorm::batchnorm_inplace_call;
 use crate::arrays::{as_mut, empty, i8_4d, inout_arr, opt_vec, vec_of, F32Out, In};
+use crate::errors::{value_error, CoreResultExt};
 
 /// Training BatchNorm over `x` (in place) saving the input's int8 codes, then ReLU, then (`pool`) 2x2/stride-2
 /// max pooling. Returns `(mean, invstd, xq, x_scale, saved, y)`: `saved` is the ReLU bit mask and `y` is `x`
