@@ -67,6 +67,23 @@ def test_pipeline_on_a_decoded_clip_threshold_zero_is_exact(clip):
     assert s["dense_fps"] > 0 and s["patchskip_fps"] > 0
 
 
+def test_default_fcn_loads_the_shipped_trained_weights():
+    weights = el.models.fcn_weights()
+    model = load_video_model("fcn")
+    state = model.state_dict()
+    assert np.array_equal(state["0.weight"], weights["0.weight"]) and np.array_equal(state["12.bias"], weights["12.bias"])
+    assert not np.array_equal(load_video_model("fcn", pretrained=False).state_dict()["0.weight"], weights["0.weight"])
+    # the task it was trained for: a uniform frame is flat (output 0), a frame split by a horizontal edge
+    # (output 1) or a vertical one (output 3) has that orientation along the edge
+    frames = np.full((3, 3, 32, 32), 0.4, np.float32)
+    frames[1, :, 16:] = 0.8
+    frames[2, :, :, 16:] = 0.8
+    with el.no_grad():
+        pred = model(el.tensor(frames)).numpy().argmax(axis=1)  # (3, 8, 8)
+    assert (pred[0, 2:-2, 2:-2] == 0).all()
+    assert (pred[1, 3:5, 2:-2] == 1).all() and (pred[2, 2:-2, 3:5] == 3).all()
+
+
 def test_runner_rejects_a_frame_of_another_size_mid_stream(clip):
     path, _ = clip
     model = load_video_model("fcn")

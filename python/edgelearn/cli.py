@@ -680,7 +680,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
         edgelearn.set_num_threads(args.threads)
     if args.save_plot:
         _writable(args.save_plot, "--save-plot")
-    model = load_video_model(args.model, seed=args.seed, width_mult=args.width_mult)
+    model = load_video_model(args.model, seed=args.seed, width_mult=args.width_mult, pretrained=not args.random_init)
     runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
                              error_bound=args.error_bound)
     reader = frames(args.path, max_frames=args.max_frames)
@@ -887,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_video.add_argument("--model", default="fcn",
                          help="built-in architecture (fcn: fully convolutional, default; cnn: conv backbone + pooled "
                               "classifier; the zoo's resnet20, resnet18, mobilenet_v2 with their classifiers), "
-                              "randomly initialised from --seed, or a checkpoint from 'edgelearn train --checkpoint' "
+                              "fcn with the trained weights shipped with the package, the others randomly initialised from --seed, "
+                              "or a checkpoint from 'edgelearn train --checkpoint' "
                               "(any conv model; one-channel models see luma)")
     p_video.add_argument("--width-mult", type=_positive_float, default=1.0,
                          help="width multiplier of a built-in mobilenet_v2 (1.0)")
@@ -905,6 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_video.add_argument("--downsample", type=_positive_int, default=1,
                          help="keep every k-th pixel in both directions (for large clips)")
     p_video.add_argument("--seed", type=int, default=0, help="initialisation of a built-in model")
+    p_video.add_argument("--random-init", action="store_true",
+                         help="fcn: random weights from --seed instead of the trained weights shipped with the package "
+                              "(the other built-in models are always random)")
     p_video.add_argument("--threads", type=_positive_int, default=None, help="engine threads (default: all cores)")
     p_video.add_argument("--save-plot", metavar="FILE",
                          help='per-frame plot of skip fraction and error over time (needs "edgelearn[plot]")')

@@ -11,7 +11,10 @@ reproducible model. Small inputs (28x28, 32x32): ``mobilenet_v2(small_input=True
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import os
+from typing import Dict, Sequence, Tuple, Union
+
+import numpy as np
 
 from .. import nn
 from .mobilenet import MobileNetV2, mobilenet_v2
@@ -26,6 +29,7 @@ __all__ = [
     "build_video_model",
     "cnn",
     "fcn",
+    "fcn_weights",
     "mlp",
     "mobilenet_v2",
     "resnet18",
@@ -38,6 +42,9 @@ SMALL_INPUT = 64
 #: Built-in architectures of ``edgelearn video --model`` (3-channel input, any frame size): the zoo's backbones
 #: (with their pooled classifiers) besides the fully convolutional ``fcn``.
 VIDEO_MODEL_NAMES = ("fcn", "cnn", "resnet20", "resnet18", "mobilenet_v2")
+#: Trained weights of the default :func:`fcn` (3 input channels, 16 outputs), shipped with the package: see
+#: :func:`fcn_weights`.
+FCN_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "fcn.safetensors")
 
 
 def mlp(in_features: int, *widths: int) -> nn.Sequential:
@@ -117,12 +124,37 @@ def fcn(in_channels: int = 3, channels: Sequence[int] = (16, 32, 32, 64), out_ch
     return nn.Sequential(*layers)
 
 
-def build_video_model(name: str, in_channels: int = 3, classes: int = 10, width_mult: float = 1.0) -> nn.Module:
-    """``"fcn"`` (see :func:`fcn`), ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier) or a
+def fcn_weights() -> Dict[str, np.ndarray]:
+    """The shipped weights of the default :func:`fcn` (``fcn()``: 3 input channels, widths 16-32-32-64, 16
+    outputs) as a float32 ``state_dict`` (without ``num_batches_tracked``).
+
+    Trained (``scripts/train_fcn_weights.py``) on a self-supervised per-pixel task over real photos (the RGB
+    images of Debian's ``opencv-doc``, not its videos): each output pixel (1/4 resolution) classifies the local
+    structure of its 4x4 input block from the structure tensor of the luma: output 0 "flat", outputs 1-4 the
+    edge orientation in 45-degree bins (1: horizontal edges, 2: rising diagonals, 3: vertical edges, 4: falling
+    diagonals); outputs 5-15 are never the target. Trained with input noise (labels from the clean image), its
+    argmax is a prediction that small sensor and codec noise does not flip, unlike a random head's near-ties,
+    which makes the per-pixel agreement of patch skip with dense inference meaningful. Stored as float16
+    (BatchNorm statistics float32), ~70 KB."""
+    import safetensors.numpy as stn
+
+    return {k: np.asarray(v, np.float32) for k, v in stn.load_file(FCN_WEIGHTS).items()}
+
+
+def build_video_model(name: str, in_channels: int = 3, classes: int = 10, width_mult: float = 1.0,
+                      pretrained: bool = False) -> nn.Module:
+    """``"fcn"`` (see :func:`fcn`; with ``pretrained`` and 3 input channels, the shipped weights of
+    :func:`fcn_weights`), ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier) or a
     zoo network with its ImageNet stem (video frames are large): ``"resnet20"``, ``"resnet18"``,
     ``"mobilenet_v2"`` (``width_mult`` scales it)."""
     if name == "fcn":
-        return fcn(in_channels)
+        model = fcn(in_channels)
+        if pretrained and in_channels == 3:
+            state = fcn_weights()
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):  # not stored
+                raise RuntimeError(f"{FCN_WEIGHTS}: does not fit fcn() (missing {missing}, unexpected {unexpected})")
+        return model
     if name == "cnn":
         return cnn(in_channels, classes, 28)
     if name in ("resnet20", "resnet18", "mobilenet_v2"):

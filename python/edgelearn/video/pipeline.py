@@ -41,9 +41,10 @@ def prediction_agreement(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(np.argmax(y, axis=1) == np.argmax(ref, axis=1)))
 
 
-def load_video_model(spec: str, seed: int = 0, width_mult: float = 1.0) -> Module:
-    """A model for video in eval mode: a built-in name of ``edgelearn.models.VIDEO_MODEL_NAMES`` (random
-    initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
+def load_video_model(spec: str, seed: int = 0, width_mult: float = 1.0, pretrained: bool = True) -> Module:
+    """A model for video in eval mode: a built-in name of ``edgelearn.models.VIDEO_MODEL_NAMES`` (``"fcn"``
+    with the trained weights shipped with the package unless ``pretrained=False``, see
+    ``edgelearn.models.fcn_weights``; otherwise random initialisation from ``seed``) or the path of a checkpoint written by ``edgelearn train --checkpoint``
     (rebuilt from its stored settings: architecture, precision, LAC; then its weights loaded strictly), or
     one written by ``edgelearn collab join --save-full`` (a cnn trained split). ``width_mult`` scales a built-in
     ``mobilenet_v2``."""
@@ -52,7 +53,7 @@ def load_video_model(spec: str, seed: int = 0, width_mult: float = 1.0) -> Modul
 
     if spec in models.VIDEO_MODEL_NAMES:
         manual_seed(seed)
-        return models.build_video_model(spec, width_mult=width_mult).eval()
+        return models.build_video_model(spec, width_mult=width_mult, pretrained=pretrained).eval()
     if not (os.path.exists(spec) or spec.endswith(".safetensors")):
         raise ValueError(f"model: {spec!r} is neither a built-in architecture ({', '.join(models.VIDEO_MODEL_NAMES)}) "
                          "nor a checkpoint file")
