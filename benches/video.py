@@ -10,7 +10,7 @@ Clips (all reachable offline):
   camera), bikes and bigbuckbunny (moving camera, cuts).
 
 For each clip, model (FP32 and, with ``--int8``, the Octo INT8 model), threshold and thread count the table
-gives dense and patch-skip frames/s (alternating in blocks of 8 frames, so both see the same machine load
+gives dense and patch-skip frames/s (alternating in blocks of ``--block`` frames, 8 by default, so both see the same machine load
 without evicting each other's caches every frame), the speedup, the fraction of work recomputed (``work``),
 the ideal speedup ``1/work`` and how much of it was realised, the relative L2 error of the output vs dense
 (mean and max over frames), the agreement of the predictions (argmax per pixel; mean and min over frames),
@@ -82,10 +82,10 @@ def decode(path, step, limit):
     return [np.ascontiguousarray(f[::step, ::step]) for f in video.frames(path, max_frames=limit)]
 
 
-def run_once(frames, model, threshold, patch, refresh, threads):
+def run_once(frames, model, threshold, patch, refresh, threads, block=8):
     el.set_num_threads(threads)
     runner = video.PatchSkipRunner(model, patch=patch, threshold=threshold, refresh_every=refresh)
-    run = run_video(frames, model, runner, compare_dense=True)
+    run = run_video(frames, model, runner, compare_dense=True, block=block)
     s = run.summary()
     s["threads"] = threads
     return s
@@ -105,6 +105,10 @@ def main():
     ap.add_argument("--thresholds", default="0.05", help="comma-separated gate thresholds (default: the CLI's 0.05)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds per row; the table shows medians")
+    ap.add_argument("--block", type=int, default=8,
+                    help="frames per alternation block of patch skip and dense (default 8; each dense block evicts "
+                         "the runner's cached feature maps, so small blocks charge patch skip cold caches that a "
+                         "deployment running only patch skip does not see)")
     ap.add_argument("--json", default=None, help="also write every run to this JSON file")
     args = ap.parse_args()
     try:  # numpy's BLAS threads spin after each call and would steal cores from the timed inference
@@ -120,8 +124,9 @@ def main():
         models.append(("int8", el.octo(load_video_model("fcn", seed=0), el.OctoConfig()).eval()))
     info = el.backend_info()
     print(f"kernel={info.get('kernel')} cpus={os.cpu_count()} patch={args.patch} refresh={args.refresh or 'never'} "
-          f"repeat={args.repeat} (medians; the machine may be shared: compare rows of one run)")
-    print("model fcn: 4 conv3x3 (16-32-32-64, stride 1,2,1,2) + BN + ReLU, conv1x1 -> 16 channels at 1/4 resolution")
+          f"block={args.block} repeat={args.repeat} (medians; the machine may be shared: compare rows of one run)")
+    print("model fcn (shipped trained weights): 4 conv3x3 (16-32-32-64, stride 1,2,1,2) + BN + ReLU, conv1x1 -> 16 "
+          "channels at 1/4 resolution")
     clip_list, n = clips(args)
     if args.clips:
         keys = args.clips.split(",")
@@ -137,7 +142,7 @@ def main():
     runs = {i: [] for i in range(len(configs))}
     for r in range(args.repeat):
         for i, (label, fr, mname, model, th, t) in enumerate(configs):
-            runs[i].append(run_once(fr, model, th, args.patch, args.refresh, t))
+            runs[i].append(run_once(fr, model, th, args.patch, args.refresh, t, args.block))
             print(f"  round {r + 1}/{args.repeat}: {label} {mname} thr {th} threads {t}: "
                   f"{runs[i][-1]['speedup']:.2f}x", flush=True)
     head = (f"{'clip':<27} {'model':<5} {'thr':>5} {'thr#':>4} {'dense/s':>8} {'skip/s':>8} {'speed':>7} {'work':>6} "

@@ -4,9 +4,10 @@ Task (self-supervised, per pixel, on real photos): local structure at 1/4 resolu
 the luma of the image, Gaussian-derivative gradients (sigma 1 px) give a structure tensor (smoothed, sigma 3 px)
 per 4x4 block; class 0 is "flat" (gradient energy below the median over the training photos), classes 1-4 are
 the dominant edge orientation in 45-degree bins (1: horizontal edges, 2: rising diagonals, 3: vertical, 4:
-falling diagonals); outputs 5-15 are never the target. Inputs get Gaussian noise (std drawn per crop from
-[0, 0.03]) while the labels come from the clean crop, so the head learns decisions that small sensor and codec
-noise does not flip. A colour classifier (tried first: 16 k-means colours) flips all along smooth gradients
+falling diagonals); outputs 5-15 are never the target. Each batch holds clean crops and the same crops with
+Gaussian noise (std drawn per crop from [0, 0.03]); both learn the clean crop's labels, and a consistency term
+(weight 100) pulls the noisy outputs towards the clean ones (relative squared L2), so the head learns decisions,
+and outputs, that small sensor and codec noise does not move. A colour classifier (tried first: 16 k-means colours) flips all along smooth gradients
 and a random head's argmax sits near ties everywhere; with this head ``--compare-dense``'s per-pixel argmax
 agreement measures patch skip rather than noise.
 
@@ -34,6 +35,7 @@ OUTPUTS = 16
 ORIENTATIONS = 4
 CROP = 64
 NOISE = 0.03  # largest std of the Gaussian noise added to the inputs (labels come from the clean crop)
+CONSISTENCY = 100.0  # weight of the relative squared L2 distance between the outputs on noisy and clean crops
 
 
 def photos(folder: str):
@@ -125,12 +127,16 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     t0 = time.time()
     for step in range(args.steps):
-        xs = [crop(train, rng) for _ in range(args.batch)]
-        ys = np.stack([labels(c, flat) for c in xs])
+        # half a batch of clean crops and the same crops with noise: both learn the labels of the clean
+        # crop, and the noisy outputs are pulled towards the clean ones (relative squared L2)
+        xs = [crop(train, rng) for _ in range(args.batch // 2)]
+        ys = torch.from_numpy(np.stack([labels(c, flat) for c in xs]))
         x = np.stack(xs).transpose(0, 3, 1, 2).copy()
-        x += (rng.uniform(0, NOISE, (len(x), 1, 1, 1)) * rng.standard_normal(x.shape)).astype(np.float32)
-        x = torch.from_numpy(x)
-        loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(ys))
+        noisy = x + (rng.uniform(0, NOISE, (len(x), 1, 1, 1)) * rng.standard_normal(x.shape)).astype(np.float32)
+        out = model(torch.from_numpy(np.concatenate([x, noisy])))
+        clean, moved = out[: len(x)], out[len(x):]
+        consistency = (moved - clean).pow(2).mean() / clean.detach().pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(out, torch.cat([ys, ys])) + CONSISTENCY * consistency
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -132,8 +132,9 @@ def fcn_weights() -> Dict[str, np.ndarray]:
     images of Debian's ``opencv-doc``, not its videos): each output pixel (1/4 resolution) classifies the local
     structure of its 4x4 input block from the structure tensor of the luma: output 0 "flat", outputs 1-4 the
     edge orientation in 45-degree bins (1: horizontal edges, 2: rising diagonals, 3: vertical edges, 4: falling
-    diagonals); outputs 5-15 are never the target. Trained with input noise (labels from the clean image), its
-    argmax is a prediction that small sensor and codec noise does not flip, unlike a random head's near-ties,
+    diagonals); outputs 5-15 are never the target. Trained with input noise (labels from the clean image, and
+    the outputs on noisy inputs pulled towards those on clean ones), its argmax is a prediction that small
+    sensor and codec noise does not flip, unlike a random head's near-ties,
     which makes the per-pixel agreement of patch skip with dense inference meaningful. Stored as float16
     (BatchNorm statistics float32), ~70 KB."""
     import safetensors.numpy as stn
