@@ -252,11 +252,15 @@ fn fold_in_order<T: Send, A: Send>(
         items
             .into_par_iter()
             .enumerate()
-            .fold_chunks(per_group, || Ok(zero()), |acc: Result<A>, (ci, item)| {
-                let mut acc = acc?;
-                f(&mut acc, ci, item)?;
-                Ok(acc)
-            })
+            .fold_chunks(
+                per_group,
+                || Ok(zero()),
+                |acc: Result<A>, (ci, item)| {
+                    let mut acc = acc?;
+                    f(&mut acc, ci, item)?;
+                    Ok(acc)
+                },
+            )
             .collect()
     });
     let mut groups = groups.into_iter();
