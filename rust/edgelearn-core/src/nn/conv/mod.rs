@@ -1,11 +1,12 @@
 //! 2-D convolution, forward and backward, in FP32 and INT8 (NCHW, weights `(O, C, kh, kw)`).
 //!
 //! How a convolution runs is chosen once per shape and GEMM kernel by a [`ConvPlan`] ([`plan`]), which
-//! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), or
-//! the grouped/depthwise kernels of [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and
-//! run it. Files: [`plan`] (the choice and its dispatch), [`f32`] and [`i8`] (the two element types),
-//! [`grid`] (the padded grid: layouts and scatter), [`direct`] (the AVX-512 VNNI direct kernel on that
-//! grid), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
+//! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), one
+//! dense GEMM on small planes (per-tensor weight scales only), or the grouped/depthwise kernels of
+//! [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and run it. Files: [`plan`] (the choice
+//! and its dispatch), [`f32`] and [`i8`] (the two element types), [`grid`] (the padded grid: layouts and
+//! scatter), [`direct`] (the AVX-512 VNNI direct kernel on that grid), [`smallplane`] (small planes as
+//! one dense GEMM), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
 //! GEMMs ([`crate::gemm`], [`super::matmul`]), quantization.
 //!
 //!
@@ -38,12 +39,12 @@ mod f32;
 mod grid;
 mod i8;
 pub mod plan;
-pub mod smallplane;
+mod smallplane;
 mod sums;
 
 pub use self::f32::{conv2d_f32_backward, conv2d_f32_forward};
 pub use self::i8::{conv2d_i8_backward, conv2d_i8_forward};
-pub use plan::{ConvAlgo, ConvPlan};
+pub use plan::{ConvAlgo, ConvPlan, WeightScales};
 pub use sums::channel_sums;
 
 use rayon::prelude::*;
