@@ -242,9 +242,39 @@ pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
     check_mask(mask.len(), dy.len())?;
     let parallel = worth_parallel(dy.len());
     for_each_chunk(dy, CHUNK, parallel, |i, dc| {
-        select_inplace(dc, &mask[i * CHUNK / 8..])
+        let mc = &mask[i * CHUNK / 8..];
+        #[cfg(target_arch = "x86_64")]
+        if elementwise_avx2() {
+            // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (checked above).
+            let full = unsafe { select_groups_avx2(dc, mc) };
+            return select_inplace(&mut dc[full * 8..], &mc[full..]);
+        }
+        select_inplace(dc, mc)
     });
     Ok(())
+}
+
+/// Whole groups of 8 of [`select_inplace`] with AVX2: the mask byte broadcast, each lane's bit tested into
+/// an all-ones or all-zeros lane, and `dc` ANDed with it (the same bits as the table lookup). Returns the
+/// number of groups done (`dc.len() / 8`).
+///
+/// # Safety
+/// The CPU has AVX2 and `mask.len() ≥ dc.len() / 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn select_groups_avx2(dc: &mut [f32], mask: &[u8]) -> usize {
+    use std::arch::x86_64::*;
+    let full = dc.len() / 8;
+    assert!(mask.len() >= full);
+    let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let p = dc.as_mut_ptr();
+    for g in 0..full {
+        let b = _mm256_set1_epi32(*mask.get_unchecked(g) as i32);
+        let keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, lane_bits), lane_bits);
+        let v = _mm256_loadu_ps(p.add(g * 8));
+        _mm256_storeu_ps(p.add(g * 8), _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+    }
+    full
 }
 
 /// `dc[j] = 0` where bit `j` of the packed `mask` is clear.
