@@ -11,11 +11,11 @@ from edgelearn.functional import cross_entropy
 from edgelearn.nn.module import fusion_plan, run_chain
 
 
-def _model(image, pool=True, channels=(8, 16)):
+def _model(image, pool=True, channels=(8, 16), act=nn.ReLU):
     edgelearn.manual_seed(4)
     layers, c = [], 1
     for i, ch in enumerate(channels):
-        layers += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
+        layers += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch), act()]
         if pool and i == 0:
             layers.append(nn.MaxPool2d(2))
         c = ch
@@ -67,6 +67,31 @@ def test_fused_equals_one_by_one(image, pool):
     assert sa.keys() == sb.keys()
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def test_relu6_fused_equals_one_by_one():
+    """BatchNorm2d → ReLU6 fuses too (ReLU6's clamp and its 0 < x < 6 mask in the same op)."""
+    fused_plan = fusion_plan(list(_model(9, pool=True, act=nn.ReLU6)))
+    assert [len(f) for _, f in fused_plan if type(f) is tuple] == [1, 1]  # never with the pool
+    la, sa = _train(_model(9, True, act=nn.ReLU6), fuse=True, image=9)
+    lb, sb = _train(_model(9, True, act=nn.ReLU6), fuse=False, image=9)
+    for u, v in zip(la, lb):
+        np.testing.assert_array_equal(u, v)
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def test_relu6_mask_matches_numpy():
+    from edgelearn.functional import relu6
+
+    x = np.random.default_rng(0).uniform(-3, 9, (3, 4, 5, 7)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, 6.0, -0.0]
+    g = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    t = edgelearn.tensor(x.copy(), requires_grad=True)
+    y = relu6(t, save_mask=True)
+    np.testing.assert_array_equal(y.numpy(), np.clip(x, 0, 6))
+    y.backward(g)
+    np.testing.assert_array_equal(t.grad, np.where((x > 0) & (x < 6), g, 0))
 
 
 def test_fused_same_on_one_and_two_threads():

@@ -36,6 +36,7 @@ __all__ = [
     "relu_forward",
     "relu_backward",
     "relu_forward_mask",
+    "relu6_forward_mask",
     "relu_backward_mask",
     "batchnorm2d_backward_i8",
     "batchnorm2d_forward_save_i8_",
@@ -205,6 +206,7 @@ def relu_backward(dy: _F32, y: _F32) -> _F32: ...
 # ReLU saving a bit mask (uint8, packed) instead of its output. `out=` receives the result; passing the
 # input itself (out=x, out=dy) overwrites it in place.
 def relu_forward_mask(x: _F32, out: Optional[_F32] = None) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
+def relu6_forward_mask(x: _F32, out: Optional[_F32] = None) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
 def relu_backward_mask(dy: _F32, mask: npt.NDArray[np.uint8], out: Optional[_F32] = None) -> _F32: ...
 
 # BatchNorm with an int8 saved input: the `_` function normalises x in place; out=dy overwrites dy with dx.
@@ -236,6 +238,7 @@ def batchnorm2d_relu_forward_save_i8_(
     momentum: float,
     eps: float,
     pool: bool,
+    relu6: bool = False,
 ) -> tuple[_F32, _F32, npt.NDArray[np.int8], float, npt.NDArray[np.uint8], _F32]: ...
 def batchnorm2d_relu_backward_i8_(
     dy: _F32,

@@ -10,7 +10,7 @@ Arrays handed to the core are float32 and C-contiguous (``_c`` makes them so onl
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
@@ -156,13 +156,15 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
 
-    def backward(g: np.ndarray):
+    def backward(g: np.ndarray, _g_owned: bool = False):
+        # every gradient is a fresh array of the core call (owns_grads): the next op back may overwrite dx
         dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c)
         if compensation is None:
             return dx, dw, db
         return dx, dw, db, da, dm, dbeta
 
-    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name, owned=True)
+    return make_result(y, (x, weight, bias) + tuple(compensation or ()), backward, name, owned=True,
+                       owns_grads=True)
 
 
 def linear_int8(
@@ -345,9 +347,10 @@ def batch_norm2d(
 
 def batch_norm2d_relu(
     x: Tensor, weight: Tensor, bias: Tensor, running_mean: np.ndarray, running_var: np.ndarray,
-    momentum: float, eps: float, pool: bool,
+    momentum: float, eps: float, pool: bool, relu6: bool = False,
 ) -> Optional[Tensor]:
-    """Training-mode ``batch_norm2d(save_int8=True)`` then ``relu(save_mask=True)`` (then, ``pool``,
+    """Training-mode ``batch_norm2d(save_int8=True)`` then ``relu(save_mask=True)`` (``relu6``:
+    ``relu6(save_mask=True)``, never with ``pool``) (then, ``pool``,
     ``max_pool2d(2)``) as one core call each way, with the same results (finite input) and the same saved
     state: the input's int8 codes, and ReLU's bit mask or the pooling argmax (a window whose maximum is not
     positive passes no gradient). Only on a donated input (``Sequential``), which is overwritten; returns None
@@ -361,7 +364,7 @@ def batch_norm2d_relu(
     gamma = weight.data
     need_g, need_b = weight.requires_grad, bias.requires_grad
     mean, invstd, xq, sx, saved, y = _native.batchnorm2d_relu_forward_save_i8_(
-        xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps), bool(pool))
+        xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps), bool(pool), bool(relu6))
     sx = float(sx)
     del xd
 
@@ -372,7 +375,7 @@ def batch_norm2d_relu(
             _c(g), saved, bool(pool), xq, sx, gamma, mean, invstd)
         return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
-    name = "batch_norm2d_relu_maxpool" if pool else "batch_norm2d_relu"
+    name = "batch_norm2d_relu_maxpool" if pool else ("batch_norm2d_relu6" if relu6 else "batch_norm2d_relu")
     return make_result(y, (x, weight, bias), backward, name, owned=True, owns_grads=True)
 
 
@@ -390,19 +393,7 @@ def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
     if not save_mask:
         y = _native.relu_forward(_c(x.data))
         return make_result(y, (x,), lambda g: (_native.relu_backward(_c(g), y),), "relu")
-    xd = _c(x.data)
-    if _take_donated(x) and xd is x.data:
-        y, mask = _native.relu_forward_mask(xd, out=xd)  # in place: x is an intermediate nobody else holds
-    else:
-        y, mask = _native.relu_forward_mask(xd)
-    del xd
-
-    def backward(g: np.ndarray, g_owned: bool = False):
-        if _writable_grad(g, g_owned):
-            return (_native.relu_backward_mask(g, mask, out=g),)
-        return (_native.relu_backward_mask(_c(g), mask),)
-
-    return make_result(y, (x,), backward, "relu", owned=True, owns_grads=True)
+    return _with_mask(x, _c(x.data), _native.relu_forward_mask, "relu")
 
 
 def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
@@ -412,26 +403,33 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
     x = as_tensor(x)
     xd = _c(x.data)
     recording = _records(x)
-    if (save_mask or not recording) and _take_donated(x) and xd is x.data:
+    if save_mask and recording:
+        return _with_mask(x, xd, _native.relu6_forward_mask, "relu6")
+    if not recording and _take_donated(x) and xd is x.data:
         y = np.clip(xd, 0.0, 6.0, out=xd)
     else:
         y = np.clip(xd, 0.0, 6.0)
     del xd
     if not recording:
         return _unrecorded(y)
-    if save_mask:
-        shape = y.shape
-        bits = np.packbits((y > 0) & (y < 6))
-
-        def backward(g: np.ndarray, g_owned: bool = False):
-            keep = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
-            if _writable_grad(g, g_owned):
-                np.multiply(g, keep, out=g)
-                return (g,)
-            return (g * keep,)
-
-        return make_result(y, (x,), backward, "relu6", owned=True, owns_grads=True)
     return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+
+
+def _with_mask(x: Tensor, xd: np.ndarray, forward_mask: Callable, name: str) -> Tensor:
+    """ReLU or ReLU6 (``forward_mask``: ``_native.relu_forward_mask`` / ``relu6_forward_mask``) while recording,
+    saving the packed bit mask: output and mask in one core call, written over a donated input."""
+    if _take_donated(x) and xd is x.data:
+        y, mask = forward_mask(xd, out=xd)  # in place: x is an intermediate nobody else holds
+    else:
+        y, mask = forward_mask(xd)
+    del xd
+
+    def backward(g: np.ndarray, g_owned: bool = False):
+        if _writable_grad(g, g_owned):
+            return (_native.relu_backward_mask(g, mask, out=g),)
+        return (_native.relu_backward_mask(_c(g), mask),)
+
+    return make_result(y, (x,), backward, name, owned=True, owns_grads=True)
 
 
 def hardswish(x: ArrayLike) -> Tensor:

@@ -210,14 +210,14 @@ class BatchNorm2d(Module):
         self.frozen = False
 
     def forward(self, x: Any, act: Tuple[Module, ...] = ()) -> Tensor:
-        """``act``: the ReLU (and 2x2 max pool) that follow (see :meth:`fuses_with`), applied after this layer;
-        in INT8 training on a donated input all in one op (``F.batch_norm2d_relu``)."""
+        """``act``: the ReLU or ReLU6 (and 2x2 max pool) that follow (see :meth:`fuses_activation`), applied after
+        this layer; in INT8 training on a donated input all in one op (``F.batch_norm2d_relu``)."""
         training = self.training and not self.frozen
         if training:
             self.num_batches_tracked[...] += 1
         if act and training and self.save_int8 and type(x) is Tensor:
             y = F.batch_norm2d_relu(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
-                                    self.eps, pool=len(act) > 1)
+                                    self.eps, pool=len(act) > 1, relu6=type(act[0]) is ReLU6)
             if y is not None:
                 return y
         y = F.batch_norm2d(
@@ -234,11 +234,11 @@ class BatchNorm2d(Module):
 
     def fuses_activation(self, nxt: Sequence[Any]) -> int:
         """How many of the modules ``nxt`` (those that follow it) this layer applies itself in INT8 mode (as
-        ``act`` of :meth:`forward`): a ReLU that keeps a bit mask (1), then a 2x2, stride-2, unpadded max pool
-        (2); else 0."""
-        if not (self.save_int8 and nxt and type(nxt[0]) is ReLU and nxt[0].save_mask):
+        ``act`` of :meth:`forward`): a ReLU or ReLU6 that keeps a bit mask (1), then (ReLU only) a 2x2,
+        stride-2, unpadded max pool (2); else 0."""
+        if not (self.save_int8 and nxt and type(nxt[0]) in (ReLU, ReLU6) and nxt[0].save_mask):
             return 0
-        if len(nxt) > 1 and type(nxt[1]) is MaxPool2d:
+        if len(nxt) > 1 and type(nxt[1]) is MaxPool2d and type(nxt[0]) is ReLU:
             p = nxt[1]
             k = F._pair(p.kernel_size, "kernel_size")
             if k == (2, 2) and F._pair(p.kernel_size if p.stride is None else p.stride, "stride") == (2, 2) \

@@ -142,6 +142,17 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
     nn::relu_forward_mask_inplace(&mut relu, &mut mask).unwrap();
     let mut back = dy.clone();
     nn::relu_backward_mask_inplace(&mut back, &mask).unwrap();
+    // ReLU6: both bounds, with values at and beyond 6
+    let mut relu6: Vec<f32> = relu.iter().zip(&x).map(|(_, &v)| v * 4.0).collect();
+    relu6[0] = f32::NAN;
+    if len > 3 {
+        relu6[1] = 6.0;
+        relu6[2] = -0.0;
+    }
+    let mut mask6 = vec![0u8; nn::relu_mask_len(len)];
+    nn::relu6_forward_mask_inplace(&mut relu6, &mut mask6).unwrap();
+    mask.extend(&mask6);
+    relu.extend(&relu6);
     let mut grads = bits(&dg);
     grads.extend(bits(&db));
     grads.extend(bits(&dg8));

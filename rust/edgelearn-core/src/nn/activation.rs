@@ -148,6 +148,26 @@ pub fn relu_backward_mask(dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()>
 
 /// [`relu_forward_mask`] in place: `x = max(x, 0)` and the packed mask (for callers that own `x`).
 pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    clamp_mask_inplace::<false>(x, mask)
+}
+
+/// ReLU6 with its saved activation as a bit mask, in place: `x = min(max(x, 0), 6)` (NaN stays NaN, like
+/// `np.clip`) and the packed mask (layout of [`relu_forward_mask`]) of `0 < x < 6`, where ReLU6 passes the
+/// gradient (PyTorch's `hardtanh_backward`); [`relu_backward_mask`] applies it.
+pub fn relu6_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    clamp_mask_inplace::<true>(x, mask)
+}
+
+/// [`relu6_forward_mask_inplace`] into `y`, leaving `x` as it is.
+pub fn relu6_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    same_len("y", y.len(), x.len())?;
+    y.copy_from_slice(x);
+    relu6_forward_mask_inplace(y, mask)
+}
+
+/// The clamp of ReLU (`SIX = false`: `max(x, 0)`, bit `x > 0`) or ReLU6 (`min(max(x, 0), 6)`, bit
+/// `0 < x < 6`) in place, with its mask.
+fn clamp_mask_inplace<const SIX: bool>(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
     check_mask(mask.len(), x.len())?;
     let parallel = worth_parallel(x.len());
     // One pass: each group of 8 is read once for its mask byte and clamped while in registers.
@@ -155,56 +175,64 @@ pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if elementwise_avx2() {
             // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `xc`.
-            let full = unsafe { relu_mask_groups_avx2(xc, mc) };
-            relu_mask_tail(&mut xc[full * 8..], &mut mc[full..]);
+            let full = unsafe { clamp_mask_groups_avx2::<SIX>(xc, mc) };
+            clamp_mask_scalar::<SIX>(&mut xc[full * 8..], &mut mc[full..]);
             return;
         }
-        {
-            let full = xc.len() / 8;
-            for (m, x8) in mc[..full].iter_mut().zip(xc.chunks_exact_mut(8)) {
-                let mut b = 0u8;
-                for (j, v) in x8.iter_mut().enumerate() {
-                    b |= ((*v > 0.0) as u8) << j;
-                    *v = if *v < 0.0 { 0.0 } else { *v };
-                }
-                *m = b;
-            }
-            relu_mask_tail(&mut xc[full * 8..], &mut mc[full..]);
-        }
+        clamp_mask_scalar::<SIX>(xc, mc);
     });
     Ok(())
 }
 
-/// The last, partial group of 8 of [`relu_forward_mask_inplace`].
-fn relu_mask_tail(tail: &mut [f32], mc: &mut [u8]) {
-    if !tail.is_empty() {
-        pack_positive(tail, mc);
-        for v in tail.iter_mut() {
-            *v = if *v < 0.0 { 0.0 } else { *v };
-        }
+/// One element of [`clamp_mask_inplace`]: the clamped value and its mask bit.
+#[inline(always)]
+fn clamp_one<const SIX: bool>(v: f32) -> (f32, bool) {
+    if SIX {
+        // NaN and -0.0 pass through (`f32::clamp` compares like the branches)
+        (v.clamp(0.0, 6.0), v > 0.0 && v < 6.0)
+    } else {
+        (if v < 0.0 { 0.0 } else { v }, v > 0.0)
     }
 }
 
-/// Whole groups of 8 of [`relu_forward_mask_inplace`] with AVX2: one compare per sign, the mask byte by
-/// `movemask`, and `x < 0` cleared by AND-NOT, so NaN and −0.0 pass through as in the scalar loop.
-/// Returns the number of groups done (`xc.len() / 8`).
+/// [`clamp_mask_inplace`] of a chunk without SIMD (also the tail after the AVX2 groups).
+fn clamp_mask_scalar<const SIX: bool>(xc: &mut [f32], mc: &mut [u8]) {
+    for (m, x8) in mc.iter_mut().zip(xc.chunks_mut(8)) {
+        let mut b = 0u8;
+        for (j, v) in x8.iter_mut().enumerate() {
+            let (y, bit) = clamp_one::<SIX>(*v);
+            b |= (bit as u8) << j;
+            *v = y;
+        }
+        *m = b;
+    }
+}
+
+/// Whole groups of 8 of [`clamp_mask_inplace`] with AVX2: ordered compares give the mask byte by
+/// `movemask`, `x < 0` is cleared by AND-NOT and (ReLU6) `x > 6` replaced by 6, so NaN and −0.0 pass
+/// through as in the scalar loop. Returns the number of groups done (`xc.len() / 8`).
 ///
 /// # Safety
 /// The CPU has AVX2 and `mc.len() ≥ xc.len() / 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn relu_mask_groups_avx2(xc: &mut [f32], mc: &mut [u8]) -> usize {
+unsafe fn clamp_mask_groups_avx2<const SIX: bool>(xc: &mut [f32], mc: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
     let full = xc.len() / 8;
     assert!(mc.len() >= full);
-    let zero = _mm256_setzero_ps();
+    let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
     let p = xc.as_mut_ptr();
     for g in 0..full {
         let v = _mm256_loadu_ps(p.add(g * 8));
-        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(v, zero);
+        let mut pass = _mm256_cmp_ps::<_CMP_GT_OQ>(v, zero);
         let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(v, zero);
-        *mc.get_unchecked_mut(g) = _mm256_movemask_ps(pos) as u8;
-        _mm256_storeu_ps(p.add(g * 8), _mm256_andnot_ps(neg, v));
+        let mut y = _mm256_andnot_ps(neg, v);
+        if SIX {
+            pass = _mm256_and_ps(pass, _mm256_cmp_ps::<_CMP_LT_OQ>(v, six));
+            y = _mm256_blendv_ps(y, six, _mm256_cmp_ps::<_CMP_GT_OQ>(v, six));
+        }
+        *mc.get_unchecked_mut(g) = _mm256_movemask_ps(pass) as u8;
+        _mm256_storeu_ps(p.add(g * 8), y);
     }
     full
 }
@@ -214,9 +242,39 @@ pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
     check_mask(mask.len(), dy.len())?;
     let parallel = worth_parallel(dy.len());
     for_each_chunk(dy, CHUNK, parallel, |i, dc| {
-        select_inplace(dc, &mask[i * CHUNK / 8..])
+        let mc = &mask[i * CHUNK / 8..];
+        #[cfg(target_arch = "x86_64")]
+        if elementwise_avx2() {
+            // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (checked above).
+            let full = unsafe { select_groups_avx2(dc, mc) };
+            return select_inplace(&mut dc[full * 8..], &mc[full..]);
+        }
+        select_inplace(dc, mc)
     });
     Ok(())
+}
+
+/// Whole groups of 8 of [`select_inplace`] with AVX2: the mask byte broadcast, each lane's bit tested into
+/// an all-ones or all-zeros lane, and `dc` ANDed with it (the same bits as the table lookup). Returns the
+/// number of groups done (`dc.len() / 8`).
+///
+/// # Safety
+/// The CPU has AVX2 and `mask.len() ≥ dc.len() / 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn select_groups_avx2(dc: &mut [f32], mask: &[u8]) -> usize {
+    use std::arch::x86_64::*;
+    let full = dc.len() / 8;
+    assert!(mask.len() >= full);
+    let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let p = dc.as_mut_ptr();
+    for g in 0..full {
+        let b = _mm256_set1_epi32(*mask.get_unchecked(g) as i32);
+        let keep = _mm256_cmpeq_epi32(_mm256_and_si256(b, lane_bits), lane_bits);
+        let v = _mm256_loadu_ps(p.add(g * 8));
+        _mm256_storeu_ps(p.add(g * 8), _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+    }
+    full
 }
 
 /// `dc[j] = 0` where bit `j` of the packed `mask` is clear.
@@ -266,5 +324,34 @@ mod tests {
         let mut gi = dy.clone();
         relu_backward_mask_inplace(&mut gi, &m).unwrap();
         assert_eq!(gi, dx_ref);
+    }
+
+    #[test]
+    fn relu6_mask_matches_reference() {
+        let n = 70_003;
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1601) as f32 - 500.0) * 0.01)
+            .collect();
+        x[..6].copy_from_slice(&[f32::NAN, -0.0, 0.0, 6.0, f32::INFINITY, f32::NEG_INFINITY]);
+        let (mut y, mut m) = (vec![9.0f32; n], vec![9u8; relu_mask_len(n)]);
+        relu6_forward_mask(&x, &mut y, &mut m).unwrap();
+        for i in 0..n {
+            let v = x[i];
+            let want = if v < 0.0 {
+                0.0
+            } else if v > 6.0 {
+                6.0
+            } else {
+                v
+            };
+            assert_eq!(y[i].to_bits(), want.to_bits(), "y {i} of {v}");
+            let bit = (m[i / 8] >> (i % 8)) & 1;
+            assert_eq!(bit, (v > 0.0 && v < 6.0) as u8, "bit {i} of {v}");
+        }
+        assert!(x[..16]
+            .iter()
+            .zip(&y)
+            .any(|(a, b)| a.to_bits() != b.to_bits()));
+        assert!(relu6_forward_mask(&x, &mut y[1..], &mut m).is_err());
     }
 }

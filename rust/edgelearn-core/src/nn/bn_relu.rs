@@ -31,6 +31,9 @@ pub const NO_GRAD: u8 = 4;
 pub enum ReluOut<'a> {
     /// `x` becomes `relu(bn(x))`; `mask`: [`super::relu_mask_len`] bytes, bit set where the output is > 0.
     Mask(&'a mut [u8]),
+    /// ReLU6 instead of ReLU: `x` becomes `relu6(bn(x))`; `mask` as for [`ReluOut::Mask`], bit set where
+    /// `0 < bn(x) < 6` (see [`super::relu6_forward_mask_inplace`]).
+    Relu6Mask(&'a mut [u8]),
     /// `y (N, C, H/2, W/2)` = `maxpool2x2(relu(bn(x)))`, `idx` its argmax offsets (or [`NO_GRAD`]); `x`
     /// holds `bn(x)` afterwards (scratch for the caller).
     Pool2x2 { y: &'a mut [f32], idx: &'a mut [u8] },
@@ -64,8 +67,13 @@ pub fn batchnorm2d_relu_forward_save_i8(
     xq: &mut [i8],
     out: ReluOut<'_>,
 ) -> Result<f32> {
-    let (y, idx) = match out {
-        ReluOut::Mask(mask) => {
+    let (mask, six) = match out {
+        ReluOut::Mask(mask) => (Ok(mask), false),
+        ReluOut::Relu6Mask(mask) => (Ok(mask), true),
+        ReluOut::Pool2x2 { y, idx } => (Err((y, idx)), false),
+    };
+    let (y, idx) = match mask {
+        Ok(mask) => {
             let scale = super::batchnorm2d_forward_inplace_save_i8(
                 x,
                 shape,
@@ -79,10 +87,14 @@ pub fn batchnorm2d_relu_forward_save_i8(
                 invstd,
                 xq,
             )?;
-            super::relu_forward_mask_inplace(x, mask)?;
+            if six {
+                super::relu6_forward_mask_inplace(x, mask)?;
+            } else {
+                super::relu_forward_mask_inplace(x, mask)?;
+            }
             return Ok(scale);
         }
-        ReluOut::Pool2x2 { y, idx } => (y, idx),
+        Err(pool) => pool,
     };
     check_len("xq", xq.len(), &shape)?;
     let ps = pooled_shape(shape);

@@ -1,4 +1,5 @@
-//! ReLU (`edgelearn_core::nn::activation`): plain, and with its saved activation as a packed bit mask.
+//! ReLU and ReLU6 (`edgelearn_core::nn::activation`): plain, and with the saved activation as a packed bit
+//! mask.
 
 use edgelearn_core::nn;
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -59,6 +60,45 @@ fn relu_forward_mask<'py>(
     x: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
+    clamp_forward_mask(
+        py,
+        x,
+        out,
+        nn::relu_forward_mask_inplace,
+        nn::relu_forward_mask,
+    )
+}
+
+/// `(min(max(x, 0), 6), mask)` with `mask = (0 < x < 6)` packed as for `relu_forward_mask` (ReLU6's saved
+/// activation; `relu_backward_mask` applies it). `out` as for `relu_forward_mask`.
+#[pyfunction]
+#[pyo3(signature = (x, out=None))]
+fn relu6_forward_mask<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
+    clamp_forward_mask(
+        py,
+        x,
+        out,
+        nn::relu6_forward_mask_inplace,
+        nn::relu6_forward_mask,
+    )
+}
+
+type InplaceMask = fn(&mut [f32], &mut [u8]) -> edgelearn_core::Result<()>;
+type CopyMask = fn(&[f32], &mut [f32], &mut [u8]) -> edgelearn_core::Result<()>;
+
+/// The body of `relu_forward_mask` / `relu6_forward_mask`: in place when `out` is `x`, else into `out` or
+/// a new array.
+fn clamp_forward_mask<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+    inplace: InplaceMask,
+    copy: CopyMask,
+) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
     if let Some(o) = out.filter(|o| o.is(x)) {
         let mut xw = inout_arr("x", x, None)?;
         let n: usize = xw.shape().iter().product();
@@ -67,7 +107,7 @@ fn relu_forward_mask<'py>(
             let mut mw = mask.readwrite();
             let mv = as_mut(&mut mw)?;
             let xv = as_mut(&mut xw)?;
-            py.detach(|| nn::relu_forward_mask_inplace(xv, mv)).py()?;
+            py.detach(|| inplace(xv, mv)).py()?;
         }
         return Ok((f32_array("out", o)?, mask));
     }
@@ -78,7 +118,7 @@ fn relu_forward_mask<'py>(
         let (mut yw, mut mw) = (writable("out", &y)?, mask.readwrite());
         let (yv, mv) = (as_mut(&mut yw)?, as_mut(&mut mw)?);
         let xv = x.slice();
-        py.detach(|| nn::relu_forward_mask(xv, yv, mv)).py()?;
+        py.detach(|| copy(xv, yv, mv)).py()?;
     }
     Ok((y, mask))
 }
@@ -116,6 +156,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(relu_forward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_forward_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(relu6_forward_mask, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward_mask, m)?)?;
     Ok(())
 }

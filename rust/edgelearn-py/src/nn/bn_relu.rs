@@ -9,12 +9,12 @@ use super::batchnorm::batchnorm_inplace_call;
 use crate::arrays::{as_mut, empty, i8_4d, inout_arr, opt_vec, vec_of, F32Out, In};
 use crate::errors::{value_error, CoreResultExt};
 
-/// Training BatchNorm over `x` (in place) saving the input's int8 codes, then ReLU, then (`pool`) 2x2/stride-2
+/// Training BatchNorm over `x` (in place) saving the input's int8 codes, then ReLU (`relu6`: ReLU6), then (`pool`) 2x2/stride-2
 /// max pooling. Returns `(mean, invstd, xq, x_scale, saved, y)`: `saved` is the ReLU bit mask and `y` is `x`
 /// itself (now `relu(bn(x))`) without pooling; with pooling `saved` is the argmax offsets and `y` a new
 /// `(N, C, H/2, W/2)` array (`x` is left holding `bn(x)`).
 #[pyfunction]
-#[pyo3(signature = (x, gamma, beta, running_mean, running_var, momentum, eps, pool))]
+#[pyo3(signature = (x, gamma, beta, running_mean, running_var, momentum, eps, pool, relu6=false))]
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::type_complexity)]
 fn batchnorm2d_relu_forward_save_i8_<'py>(
@@ -27,6 +27,7 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
     momentum: f64,
     eps: f64,
     pool: bool,
+    relu6: bool,
 ) -> PyResult<(
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyArray1<f32>>,
@@ -36,6 +37,9 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
     Bound<'py, PyAny>,
 )> {
     let shape = inout_arr("x", x, Some(4))?.shape().to_vec();
+    if pool && relu6 {
+        return Err(value_error("relu6", "ReLU6 is fused without pooling only"));
+    }
     let xq = empty::<i8>(py, "xq", &shape)?;
     let pooled = [shape[0], shape[1], shape[2] / 2, shape[3] / 2];
     let (saved, y) = if pool {
@@ -58,6 +62,7 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
                 y: as_mut(yw)?,
                 idx: sv,
             },
+            None if relu6 => ReluOut::Relu6Mask(sv),
             None => ReluOut::Mask(sv),
         };
         batchnorm_inplace_call(

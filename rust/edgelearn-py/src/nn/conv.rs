@@ -1,6 +1,7 @@
 //! 2-D convolution (`edgelearn_core::nn::conv`), FP32 and INT8, each call running the shape's
 //! [`ConvPlan`]; and the per-channel sums of gradients.
 
+use edgelearn_core::gemm::Scale;
 use edgelearn_core::nn::{self, ConvPlan};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods};
 use pyo3::prelude::*;
@@ -171,30 +172,97 @@ fn conv2d_i8_backward<'py>(
         opt_pair("padding", padding, 0)?,
     );
     let plan = conv_plan_i8(xq.shape4(), wq.shape4(), stride, padding)?;
-    let (out, o) = (plan.output(), plan.output()[1]);
-    dy_shape_check("dyq", &dyq.shape, out)?;
-    let sx = ScaleArg::new("sx", sx, None)?.scalar();
-    let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
-    let sw = ScaleArg::new("sw", sw, Some((o, "output channel")))?;
-    let dx = if need_dx {
-        Some(empty::<f32>(py, "dx", &xq.shape)?)
-    } else {
-        None
-    };
-    let dw = empty::<f32>(py, "dw", &wq.shape)?;
-    {
-        let mut dxw = dx.as_ref().map(|a| a.readwrite());
-        let dxv = match dxw.as_mut() {
-            Some(a) => Some(as_mut(a)?),
-            None => None,
+    let codes = I8Backward::new(py, &xq, sx, &wq, sw, &dyq, sdy, plan.output(), need_dx)?;
+    codes.run(py, |xv, sx, wv, swv, dyv, sdy, dxv, dwv| {
+        plan.backward_i8(xv, sx, wv, swv, dyv, sdy, dxv, dwv)
+    })
+}
+
+/// What the INT8 convolution backwards (`conv2d_i8_backward`, `conv2d_grouped_i8_backward`) share: the
+/// codes and their scales checked against the convolution's output shape (`sw`: one scale, or one per
+/// output channel), and `dx` (when asked for) and `dw` allocated.
+pub(super) struct I8Backward<'a, 'py> {
+    xq: &'a In<'py, i8>,
+    wq: &'a In<'py, i8>,
+    dyq: &'a In<'py, i8>,
+    sx: f32,
+    sdy: f32,
+    sw: ScaleArg<'py>,
+    dx: Option<F32Out<'py>>,
+    dw: F32Out<'py>,
+}
+
+impl<'a, 'py> I8Backward<'a, 'py> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        py: Python<'py>,
+        xq: &'a In<'py, i8>,
+        sx: &Bound<'py, PyAny>,
+        wq: &'a In<'py, i8>,
+        sw: &Bound<'py, PyAny>,
+        dyq: &'a In<'py, i8>,
+        sdy: &Bound<'py, PyAny>,
+        output: [usize; 4],
+        need_dx: bool,
+    ) -> PyResult<Self> {
+        dy_shape_check("dyq", &dyq.shape, output)?;
+        let sx = ScaleArg::new("sx", sx, None)?.scalar();
+        let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
+        let sw = ScaleArg::new("sw", sw, Some((output[1], "output channel")))?;
+        let dx = if need_dx {
+            Some(empty::<f32>(py, "dx", &xq.shape)?)
+        } else {
+            None
         };
-        let mut dww = dw.readwrite();
-        let dwv = as_mut(&mut dww)?;
-        let (xv, wv, dyv, swv) = (xq.slice(), wq.slice(), dyq.slice(), sw.scale());
-        py.detach(|| plan.backward_i8(xv, sx, wv, swv, dyv, sdy, dxv, dwv))
-            .py()?;
+        let dw = empty::<f32>(py, "dw", &wq.shape)?;
+        Ok(I8Backward {
+            xq,
+            wq,
+            dyq,
+            sx,
+            sdy,
+            sw,
+            dx,
+            dw,
+        })
     }
-    Ok((dx, dw))
+
+    /// Runs `call` on the views with the GIL released; returns `(dx, dw)`.
+    pub(super) fn run(
+        self,
+        py: Python<'py>,
+        call: impl FnOnce(
+                &[i8],
+                f32,
+                &[i8],
+                Scale,
+                &[i8],
+                f32,
+                Option<&mut [f32]>,
+                &mut [f32],
+            ) -> edgelearn_core::Result<()>
+            + Send,
+    ) -> PyResult<(Option<F32Out<'py>>, F32Out<'py>)> {
+        {
+            let mut dxw = self.dx.as_ref().map(|a| a.readwrite());
+            let dxv = match dxw.as_mut() {
+                Some(a) => Some(as_mut(a)?),
+                None => None,
+            };
+            let mut dww = self.dw.readwrite();
+            let dwv = as_mut(&mut dww)?;
+            let (xv, wv, dyv, swv) = (
+                self.xq.slice(),
+                self.wq.slice(),
+                self.dyq.slice(),
+                self.sw.scale(),
+            );
+            let (sx, sdy) = (self.sx, self.sdy);
+            py.detach(|| call(xv, sx, wv, swv, dyv, sdy, dxv, dwv))
+                .py()?;
+        }
+        Ok((self.dx, self.dw))
+    }
 }
 
 /// Per-channel sums of a float32 array of shape `(N, C, ...)`: `Σ` over every axis but 1, in f64 per

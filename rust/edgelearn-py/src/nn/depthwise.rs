@@ -6,6 +6,7 @@ use edgelearn_core::nn::depthwise::{self as dw, GroupedParams, GroupedShape};
 use numpy::PyArrayMethods;
 use pyo3::prelude::*;
 
+use super::conv::I8Backward;
 use crate::arrays::{
     as_mut, dy_shape_check, empty, f32_4d, i8_4d, opt_pair, opt_vec, F32Out, ScaleArg,
 };
@@ -168,38 +169,11 @@ fn conv2d_grouped_i8_backward<'py>(
     let (xq, wq, dyq) = (i8_4d("xq", xq)?, i8_4d("wq", wq)?, i8_4d("dyq", dyq)?);
     let p = params(groups, stride, padding, dilation)?;
     let s = shape_i8(xq.shape4(), wq.shape4(), p)?;
-    dy_shape_check("dyq", &dyq.shape, s.output())?;
-    let sx = ScaleArg::new("sx", sx, None)?.scalar();
-    let sdy = ScaleArg::new("sdy", sdy, None)?.scalar();
-    let sw = ScaleArg::new("sw", sw, Some((s.o, "output channel")))?;
-    let dx = if need_dx {
-        Some(empty::<f32>(py, "dx", &xq.shape)?)
-    } else {
-        None
-    };
-    let dwt = empty::<f32>(py, "dw", &wq.shape)?;
-    {
-        let mut dxw = dx.as_ref().map(|a| a.readwrite());
-        let dxv = match dxw.as_mut() {
-            Some(a) => Some(as_mut(a)?),
-            None => None,
-        };
-        let mut dww = dwt.readwrite();
-        let dwv = as_mut(&mut dww)?;
-        let (xv, wv, dyv, swv, xs, ws) = (
-            xq.slice(),
-            wq.slice(),
-            dyq.slice(),
-            sw.scale(),
-            xq.shape4(),
-            wq.shape4(),
-        );
-        py.detach(|| {
-            dw::conv2d_grouped_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, p, dxv, dwv)
-        })
-        .py()?;
-    }
-    Ok((dx, dwt))
+    let (xs, ws) = (xq.shape4(), wq.shape4());
+    let codes = I8Backward::new(py, &xq, sx, &wq, sw, &dyq, sdy, s.output(), need_dx)?;
+    codes.run(py, |xv, sx, wv, swv, dyv, sdy, dxv, dwv| {
+        dw::conv2d_grouped_i8_backward(xv, xs, sx, wv, ws, swv, dyv, sdy, p, dxv, dwv).map(|_| ())
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -320,23 +320,46 @@ impl Pad {
     fn offset(&self, row: usize, col: usize) -> usize {
         (row * self.sw + col % self.sw) * self.wq() + col / self.sw
     }
-    /// Copies `planes` input planes `src` (each `h·w`) into `dst` (each `plane_len`), zero-padded.
+    /// Copies `planes` input planes `src` (each `h·w`) into `dst` (each `plane_len`), zero-padded. Every
+    /// element of `dst` is written once: padded row `r` is the contiguous run `r·sw·wq..(r + 1)·sw·wq`
+    /// (its `sw` column phases one after the other), so the padding rows are one zero run and each input
+    /// row lands phase by phase between the zeros of its borders.
     fn fill<T: Copy + Default>(&self, src: &[T], dst: &mut [T]) {
-        let (hw, pl, wq) = (self.h * self.w, self.plane_len(), self.wq());
-        dst.fill(T::default());
+        let (hw, pl, wq, sw) = (self.h * self.w, self.plane_len(), self.wq(), self.sw);
+        let (w, pw, run) = (self.w, self.pw, sw * wq);
+        let zero = T::default();
         for (sp, dp) in src
             .chunks_exact(hw.max(1))
             .zip(dst.chunks_exact_mut(pl.max(1)))
         {
-            for (y, row) in sp.chunks_exact(self.w.max(1)).enumerate() {
-                let r = y + self.ph;
-                if self.sw == 1 {
-                    dp[r * wq + self.pw..][..self.w].copy_from_slice(row);
-                } else {
-                    for (x, &v) in row.iter().enumerate() {
-                        let col = x + self.pw;
-                        dp[(r * self.sw + col % self.sw) * wq + col / self.sw] = v;
+            let (top, rest) = dp.split_at_mut(self.ph * run);
+            top.fill(zero);
+            let (mid, bottom) = rest.split_at_mut(self.h * run);
+            bottom.fill(zero);
+            if w == 0 {
+                mid.fill(zero);
+                continue;
+            }
+            for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
+                if sw == 1 {
+                    seg[..pw].fill(zero);
+                    seg[pw..pw + w].copy_from_slice(row);
+                    seg[pw + w..].fill(zero);
+                    continue;
+                }
+                for (phase, sub) in seg.chunks_exact_mut(wq).enumerate() {
+                    // columns phase, phase + sw, …: before the row, the row's elements x0, x0 + sw, …, after
+                    let j0 = pw.saturating_sub(phase).div_ceil(sw);
+                    let x0 = phase + sw * j0 - pw;
+                    let count = if x0 < w { (w - x0).div_ceil(sw) } else { 0 };
+                    sub[..j0].fill(zero);
+                    for (d, &v) in sub[j0..j0 + count]
+                        .iter_mut()
+                        .zip(row[x0..].iter().step_by(sw))
+                    {
+                        *d = v;
                     }
+                    sub[j0 + count..].fill(zero);
                 }
             }
         }
