@@ -157,7 +157,9 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
 
     def backward(g: np.ndarray):
-        dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c)
+        # with dX to compute, dW comes back as a DeferredGrad computed meanwhile on another thread, which goes
+        # on while the sweep does the earlier layers (see Tensor.backward); without, dW alone uses every thread
+        dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c, need_x)
         if compensation is None:
             return dx, dw, db
         return dx, dw, db, da, dm, dbeta
