@@ -5,7 +5,9 @@
 //! channel), `Y = (Xq·Wqᵀ)·sx·sw + bias'` on the INT8 GEMM / convolution with the rescale and the bias
 //! fused in the epilogue, where `bias' = (α⊙μ + β) + b` folds in a Loss-aware Compensation layer that
 //! follows the layer. It returns a [`Saved`] state holding the int8 `Xq`, `sx`, `Wq` and `sw`: what
-//! backward needs, never the FP32 input.
+//! backward needs, never the FP32 input. A convolution runs the [`ConvPlan`] forward makes for its
+//! shapes and weight scales (per-tensor weights also allow the small-plane algorithm), kept in
+//! [`Saved`] so backward runs the same plan; this module chooses no algorithm itself.
 //!
 //! Backward ([`backward`]): PRC-clip and quantize `dY` (per tensor), `dW = (dYqᵀ·Xq)·sdy·sx` and
 //! `dX = (dYq·Wq)·sdy·sw` on INT8 kernels (exact INT32 sums, one rescale), and the per-channel sums
@@ -20,11 +22,8 @@
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
-use crate::nn::conv::smallplane as conv_smallplane;
-use crate::nn::conv::{channel_sums, conv2d_i8_forward, ConvPlan, ConvShape};
-use crate::nn::depthwise::{
-    conv2d_grouped_i8_backward, conv2d_grouped_i8_forward, GroupedParams, GroupedShape,
-};
+use crate::nn::conv::{channel_sums, ConvPlan, WeightScales};
+use crate::nn::depthwise::GroupedParams;
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{shape_len, take_f32, take_i8, Scratch};
 use crate::quant::{quantize_into, Clip, Layout, Rounding};
@@ -116,6 +115,8 @@ pub struct Saved {
     pub sw: Vec<f32>,
     /// `(α, μ)` of a fused Compensation as they were in forward (its gradients need them).
     comp: Option<(Vec<f32>, Vec<f32>)>,
+    /// How a convolution layer runs, forward and backward (`None` for `Linear`).
+    plan: Option<ConvPlan>,
 }
 
 impl Saved {
@@ -152,12 +153,14 @@ pub struct Grads<'a> {
     pub comp: Option<(&'a mut [f32], &'a mut [f32], &'a mut [f32])>,
 }
 
+/// The output shape and, for a convolution, its plan (made for the weight scales `config` asks for).
 fn shapes(
     layer: Layer,
+    config: &Config,
     x_shape: &[usize],
     w_shape: &[usize],
-) -> Result<(Vec<usize>, Option<ConvShape>)> {
-    match layer {
+) -> Result<(Vec<usize>, Option<ConvPlan>)> {
+    let params = match layer {
         Layer::Linear => {
             if x_shape.len() != 2 {
                 return Err(Error::invalid(
@@ -176,22 +179,19 @@ fn shapes(
             }
             let y = vec![x_shape[0], w_shape[0]];
             shape_len("y", &y)?;
-            Ok((y, None))
+            return Ok((y, None));
         }
-        Layer::Conv2d { stride, padding } => {
-            let four = |arg: &'static str, s: &[usize]| -> Result<[usize; 4]> {
-                s.try_into().map_err(|_| {
-                    Error::invalid(arg, format!("expected 4 dimensions, got shape {s:?}"))
-                })
-            };
-            let s = ConvShape::new(four("x", x_shape)?, four("w", w_shape)?, stride, padding)?;
-            Ok((s.output().to_vec(), Some(s)))
-        }
-        Layer::GroupedConv2d(p) => {
-            let s = GroupedShape::new(four4("x", x_shape)?, four4("w", w_shape)?, p)?;
-            Ok((s.output().to_vec(), None))
-        }
-    }
+        Layer::Conv2d { stride, padding } => GroupedParams::new(1, stride, padding, (1, 1)),
+        Layer::GroupedConv2d(p) => p,
+    };
+    let scales = if config.per_channel_weights {
+        WeightScales::Any
+    } else {
+        WeightScales::PerTensor
+    };
+    let plan =
+        ConvPlan::with_weight_scales(four4("x", x_shape)?, four4("w", w_shape)?, params, scales)?;
+    Ok((plan.output().to_vec(), Some(plan)))
 }
 
 fn four4(arg: &'static str, s: &[usize]) -> Result<[usize; 4]> {
@@ -250,7 +250,7 @@ pub fn forward(
     training: bool,
     y: &mut [f32],
 ) -> Result<Saved> {
-    let (y_shape, conv) = shapes(layer, x_shape, w_shape)?;
+    let (y_shape, plan) = shapes(layer, &config, x_shape, w_shape)?;
     crate::nn::check_len("x", x.len(), x_shape)?;
     crate::nn::check_len("w", w.len(), w_shape)?;
     crate::nn::check_len("y", y.len(), &y_shape)?;
@@ -293,49 +293,14 @@ pub fn forward(
         wq,
         sw,
         comp: comp.map(|c| (c.alpha.to_vec(), c.mu.to_vec())),
+        plan,
     };
     let swv = saved.sw_scale();
-    match (layer, conv) {
-        (Layer::GroupedConv2d(p), _) => {
-            conv2d_grouped_i8_forward(
-                &saved.xq,
-                four4("x", x_shape)?,
-                saved.sx,
-                &saved.wq,
-                four4("w", w_shape)?,
-                swv,
-                bias_eff.as_deref(),
-                p,
-                y,
-            )?;
+    match &saved.plan {
+        Some(plan) => {
+            plan.forward_i8(&saved.xq, saved.sx, &saved.wq, swv, bias_eff.as_deref(), y)?
         }
-        (Layer::Conv2d { .. }, Some(s)) if small_plane(&s, &swv).is_some() => {
-            let sw = small_plane(&s, &swv).expect("checked");
-            conv_smallplane::forward(
-                &s,
-                &saved.xq,
-                saved.sx,
-                &saved.wq,
-                sw,
-                bias_eff.as_deref(),
-                y,
-            )?;
-        }
-        (Layer::Conv2d { stride, padding }, Some(s)) => {
-            conv2d_i8_forward(
-                &saved.xq,
-                [s.g.n, s.g.c, s.g.h, s.g.w],
-                saved.sx,
-                &saved.wq,
-                [o, s.g.c, s.g.kh, s.g.kw],
-                swv,
-                bias_eff.as_deref(),
-                stride,
-                padding,
-                y,
-            )?;
-        }
-        _ => {
+        None => {
             let (n, k) = (x_shape[0], x_shape[1]);
             let xm = MatRef::row_major(&saved.xq, n, k)?;
             let wm = MatRef::row_major(&saved.wq, o, k)?;
@@ -352,17 +317,9 @@ pub fn forward(
     Ok(saved)
 }
 
-/// The per-tensor weight scale when a convolution takes the small-plane path ([`conv_smallplane`] (`nn::conv::smallplane`)).
-fn small_plane(s: &ConvShape, sw: &Scale) -> Option<f32> {
-    match sw {
-        Scale::Scalar(v) if conv_smallplane::applies(s) => Some(*v),
-        _ => None,
-    }
-}
-
 /// The output shape of [`forward`] for these input and weight shapes.
 pub fn output_shape(layer: Layer, x_shape: &[usize], w_shape: &[usize]) -> Result<Vec<usize>> {
-    Ok(shapes(layer, x_shape, w_shape)?.0)
+    Ok(shapes(layer, &Config::default(), x_shape, w_shape)?.0)
 }
 
 /// The quantized output gradient of a backward step (PRC-clipped `dY` codes and their scale): what `dX`
@@ -496,35 +453,11 @@ fn products(
     let (gq, sg) = (&codes.gq[..], codes.sg);
     let swv = saved.sw_scale();
     let o = saved.out_channels();
-    match saved.layer {
-        Layer::GroupedConv2d(p) => {
-            let xs = four4("x", &saved.x_shape)?;
-            let ws = four4("w", &saved.w_shape)?;
-            let mut scratch;
-            let dw = match dw {
-                Some(d) => d,
-                None => {
-                    scratch = take_f32(saved.wq.len())?;
-                    &mut scratch[..]
-                }
-            };
-            conv2d_grouped_i8_backward(
-                &saved.xq, xs, saved.sx, &saved.wq, ws, swv, gq, sg, p, dx, dw,
-            )?;
+    match &saved.plan {
+        Some(plan) => {
+            plan.backward_i8_parts(&saved.xq, saved.sx, &saved.wq, swv, gq, sg, dx, dw)?;
         }
-        Layer::Conv2d { stride, padding } => {
-            let xs: [usize; 4] = saved.x_shape[..].try_into().expect("checked in forward");
-            let ws: [usize; 4] = saved.w_shape[..].try_into().expect("checked in forward");
-            let s = ConvShape::new(xs, ws, stride, padding)?;
-            if let Some(sw) = small_plane(&s, &swv) {
-                return conv_smallplane::backward(
-                    &s, &saved.xq, saved.sx, &saved.wq, sw, gq, sg, dx, dw,
-                );
-            }
-            ConvPlan::dense(xs, ws, stride, padding)?
-                .backward_i8_parts(&saved.xq, saved.sx, &saved.wq, swv, gq, sg, dx, dw)?;
-        }
-        Layer::Linear => {
+        None => {
             let (n, k) = (saved.x_shape[0], saved.x_shape[1]);
             let gm = MatRef::row_major(gq, n, o)?;
             if let Some(dw) = dw {

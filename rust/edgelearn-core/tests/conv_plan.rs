@@ -4,7 +4,7 @@
 
 use edgelearn_core::gemm::Scale;
 use edgelearn_core::nn::conv::direct::direct_available;
-use edgelearn_core::nn::{self, ConvAlgo, ConvPlan, GroupedParams};
+use edgelearn_core::nn::{self, ConvAlgo, ConvPlan, GroupedParams, WeightScales};
 
 mod common;
 use common::Rng;
@@ -54,6 +54,80 @@ fn plan_rejects_what_the_functions_reject() {
     assert!(e.to_string().contains("input channels"), "{e}");
     let p = GroupedParams::new(0, (1, 1), (0, 0), (1, 1));
     assert!(ConvPlan::new([1, 4, 8, 8], [4, 4, 3, 3], p).is_err());
+}
+
+#[test]
+fn plan_for_per_tensor_weights_takes_the_small_plane_algorithm() {
+    // the 4x4 maps of the digits CNN: one dense GEMM per product, only with one weight scale
+    let (xs, ws) = ([4usize, 8, 4, 4], [16usize, 8, 3, 3]);
+    let p = GroupedParams::new(1, (1, 1), (1, 1), (1, 1));
+    let small = ConvPlan::with_weight_scales(xs, ws, p, WeightScales::PerTensor).unwrap();
+    assert_eq!(small.algo(), ConvAlgo::SmallPlane);
+    assert_ne!(
+        ConvPlan::new(xs, ws, p).unwrap().algo(),
+        ConvAlgo::SmallPlane
+    );
+    // a 7x7 map is not small: per-tensor weights change nothing there
+    let big = ConvPlan::with_weight_scales([4, 8, 7, 7], ws, p, WeightScales::PerTensor).unwrap();
+    assert_ne!(big.algo(), ConvAlgo::SmallPlane);
+
+    // forward and dW give the bits of the general path; per-channel scales are refused, not misread
+    let mut rng = Rng(11);
+    let (xq, wq) = (rng.i8s(xs.iter().product()), rng.i8s(ws.iter().product()));
+    let ny = small.output().iter().product::<usize>();
+    let dyq = rng.i8s(ny);
+    let (mut y_small, mut y_fn) = (vec![0f32; ny], vec![0f32; ny]);
+    let sw = Scale::Scalar(0.02);
+    small
+        .forward_i8(&xq, 0.01, &wq, sw, None, &mut y_small)
+        .unwrap();
+    nn::conv2d_i8_forward(&xq, xs, 0.01, &wq, ws, sw, None, (1, 1), (1, 1), &mut y_fn).unwrap();
+    assert_eq!(bits(&y_small), bits(&y_fn));
+    let (mut dw_small, mut dw_fn) = (vec![0f32; wq.len()], vec![0f32; wq.len()]);
+    small
+        .backward_i8(&xq, 0.01, &wq, sw, &dyq, 0.03, None, &mut dw_small)
+        .unwrap();
+    nn::conv2d_i8_backward(
+        &xq,
+        xs,
+        0.01,
+        &wq,
+        ws,
+        sw,
+        &dyq,
+        0.03,
+        (1, 1),
+        (1, 1),
+        None,
+        &mut dw_fn,
+    )
+    .unwrap();
+    assert_eq!(bits(&dw_small), bits(&dw_fn));
+    let per_channel = vec![0.02f32; ws[0]];
+    let e = small
+        .forward_i8(
+            &xq,
+            0.01,
+            &wq,
+            Scale::PerIndex(&per_channel),
+            None,
+            &mut y_small,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("one weight scale per tensor"), "{e}");
+    let e = small
+        .backward_i8(
+            &xq,
+            0.01,
+            &wq,
+            Scale::PerIndex(&per_channel),
+            &dyq,
+            0.03,
+            None,
+            &mut dw_small,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("sw"), "{e}");
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

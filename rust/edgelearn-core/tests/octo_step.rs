@@ -274,7 +274,8 @@ fn linear_step_is_the_fp32_step_of_the_dequantized_operands() {
 #[test]
 fn conv_step_is_the_fp32_step_of_the_dequantized_operands() {
     let geoms = [
-        // (x shape, w shape, stride, padding): padded grid, strided im2col, pointwise
+        // (x shape, w shape, stride, padding): padded grid, strided im2col, pointwise, wider, and a 4x4
+        // map (the small-plane algorithm with per-tensor weight scales)
         (
             [3usize, 3, 9, 9],
             [8usize, 3, 3, 3],
@@ -284,6 +285,7 @@ fn conv_step_is_the_fp32_step_of_the_dequantized_operands() {
         ([2, 4, 8, 7], [5, 4, 3, 3], (2, 2), (1, 0)),
         ([2, 6, 5, 5], [4, 6, 1, 1], (1, 1), (0, 0)),
         ([4, 16, 7, 7], [32, 16, 3, 3], (1, 1), (1, 1)),
+        ([3, 4, 4, 4], [6, 4, 3, 3], (1, 1), (1, 1)),
     ];
     for (i, config) in configs().into_iter().enumerate() {
         for (j, (xs, ws, stride, padding)) in geoms.iter().enumerate() {

@@ -8,8 +8,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::pack::{PackA, PackB, RowsA};
-use super::{active_kernel, Kernel, MatRef, RowsRef, MAX_K_I32, MAX_MR, MAX_NR};
+use super::{active_kernel, Kernel, MatRef, Operand, RowsRef, MAX_K_I32, MAX_MR, MAX_NR};
 use crate::error::{Error, Result};
 use crate::threads;
 
@@ -172,7 +171,14 @@ pub fn gemm_i8_with(
             ),
         ));
     }
-    run(kernel, blk, a, b, c.as_mut_ptr(), &Epilogue::None);
+    run(
+        kernel,
+        blk,
+        Operand::Strided(*a),
+        Operand::Strided(*b),
+        c.as_mut_ptr(),
+        &Epilogue::None,
+    );
     Ok(())
 }
 
@@ -220,8 +226,8 @@ pub fn gemm_i8_f32_with(
         run(
             kernel,
             blk,
-            a,
-            b,
+            Operand::Strided(*a),
+            Operand::Strided(*b),
             out,
             &Epilogue::ToF32 {
                 sa: scale_a,
@@ -255,8 +261,8 @@ pub fn gemm_i8_f32_with(
         run(
             kernel,
             blk,
-            &a_sub,
-            &b_sub,
+            Operand::Strided(a_sub),
+            Operand::Strided(b_sub),
             acc.as_mut_ptr(),
             &Epilogue::None,
         );
@@ -340,8 +346,8 @@ pub fn gemm_i8_f32_rows_with(
     run(
         kernel,
         blk,
-        a,
-        b,
+        Operand::Strided(*a),
+        Operand::Rows(*b),
         c.as_mut_ptr() as *mut i32,
         &Epilogue::ToF32 {
             sa: scale_a,
@@ -385,7 +391,14 @@ pub fn gemm_i8_rows_a_with(
             format!("K = {k} exceeds {MAX_K_I32}: the INT32 result could overflow"),
         ));
     }
-    run(kernel, blk, &RowsA(*a), b, c.as_mut_ptr(), &Epilogue::None);
+    run(
+        kernel,
+        blk,
+        Operand::Rows(*a),
+        Operand::Strided(*b),
+        c.as_mut_ptr(),
+        &Epilogue::None,
+    );
     Ok(())
 }
 
@@ -525,14 +538,7 @@ fn task_sizes(
     (mc, nc)
 }
 
-fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
-    kernel: &dyn Kernel,
-    blk: Blocking,
-    a: &A,
-    b: &B,
-    out: *mut i32,
-    epi: &Epilogue,
-) {
+fn run(kernel: &dyn Kernel, blk: Blocking, a: Operand, b: Operand, out: *mut i32, epi: &Epilogue) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     debug_assert_eq!(k, b.rows());
     if m == 0 || n == 0 {
@@ -576,7 +582,7 @@ fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
                 n_panels.div_ceil(nthreads * 4).max(1)
             };
             if panels_per_chunk >= n_panels {
-                b.pack(bpack, bsum, k0, kc, 0, n, nr, ku);
+                kernel.pack_b_block(bpack, bsum, &b, k0, kc, 0, n);
             } else {
                 bpack
                     .par_chunks_mut(panels_per_chunk * bpanel_len)
@@ -585,7 +591,7 @@ fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
                     .for_each(|(ci, (dst, sums))| {
                         let c0 = ci * panels_per_chunk * nr;
                         let cols = (panels_per_chunk * nr).min(n - c0);
-                        b.pack(dst, sums, k0, kc, c0, cols, nr, ku);
+                        kernel.pack_b_block(dst, sums, &b, k0, kc, c0, cols);
                     });
             }
             let accumulate = pb > 0;
@@ -604,7 +610,7 @@ fn run<A: PackA + ?Sized, B: PackB + ?Sized>(
                 A_BUF.with(|cell| {
                     let mut abuf = cell.borrow_mut();
                     let abuf = abuf.bytes(mm.div_ceil(mr) * apanel_len);
-                    a.pack(abuf, i0, mm, k0, kc, mr, ku, kernel.a_shifted());
+                    kernel.pack_a_block(abuf, &a, i0, mm, k0, kc);
                     let q0 = j0 / nr;
                     for q in 0..nn.div_ceil(nr) {
                         let jj = j0 + q * nr;

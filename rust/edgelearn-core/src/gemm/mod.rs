@@ -1,8 +1,9 @@
 //! INT8 GEMM: `C[i32] = A[i8] · B[i8]`, and a fused variant rescaling to f32 with a bias.
 //!
-//! Layout handling lives in packing ([`pack`]), never in kernels: `A` and `B` are [`MatRef`] views with
-//! arbitrary element strides, so `X·Wᵀ`, `dY·W` and `dYᵀ·X` all read their operands in place. Micro-kernels
-//! ([`Kernel`]) only ever see packed panels:
+//! Layout handling lives in packing, never in the tile loops: `A` and `B` are [`MatRef`] views with
+//! arbitrary element strides (or [`RowsRef`] row lists), so `X·Wᵀ`, `dY·W` and `dYᵀ·X` all read their
+//! operands in place. Each [`Kernel`] packs its own panels (the generic packers of `pack` unless it has
+//! a faster one for its layout) and its tile loop only ever sees packed panels:
 //!
 //! - packed A, one panel of `mr` rows: for each k-group of `ku` values, `mr` rows × `ku` bytes
 //!   (`a[g][r][u]`), zero-padded past `M` and `K`, and XOR-ed with 0x80 when [`Kernel::a_shifted`]
@@ -190,10 +191,36 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// An INT8 micro-kernel: computes one `mr × nr` tile from packed panels (layout in the module docs).
+/// A GEMM operand as the driver hands it to a kernel's packing: a strided [`MatRef`], or a [`RowsRef`]
+/// (an implicit im2col) whose rows are the operand's rows (the GEMM's rows as `A`, its k-rows as `B`).
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    Strided(MatRef<'a>),
+    Rows(RowsRef<'a>),
+}
+
+impl Operand<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Operand::Strided(m) => m.rows(),
+            Operand::Rows(r) => r.rows(),
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            Operand::Strided(m) => m.cols(),
+            Operand::Rows(r) => r.cols(),
+        }
+    }
+}
+
+/// An INT8 micro-kernel: computes one `mr × nr` tile from packed panels, and packs those panels.
 ///
 /// Implementations are zero-sized statics handed out by a [`Candidate`] only when the CPU has the
-/// instructions they use.
+/// instructions they use. As in rten-gemm, a kernel owns its packing: the driver only ever calls
+/// [`pack_a_block`](Self::pack_a_block) and [`pack_b_block`](Self::pack_b_block). Their defaults are the
+/// generic packers for the kernel's `mr`, `nr`, `ku` and `a_shifted` (layout in the module docs); a kernel
+/// whose layout has a faster packer (with the instructions the kernel already needs) overrides them.
 pub trait Kernel: Sync + Send {
     /// Name used by `EDGELEARN_KERNEL` and reported by `backend_info()`.
     fn name(&self) -> &'static str;
@@ -207,6 +234,37 @@ pub trait Kernel: Sync + Send {
     /// `128 · colsum(B)` (passed as `bsum`) to recover the signed product.
     fn a_shifted(&self) -> bool {
         false
+    }
+    /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `ceil(m/mr)` panels of
+    /// `ceil(kc/ku)·mr·ku` bytes at the start of `out`: zero-padded, XOR 0x80 when `a_shifted`.
+    fn pack_a_block(&self, out: &mut [i8], a: &Operand, r0: usize, m: usize, k0: usize, kc: usize) {
+        pack::pack_a(
+            out,
+            a,
+            r0,
+            m,
+            k0,
+            kc,
+            self.mr(),
+            self.ku(),
+            self.a_shifted(),
+        )
+    }
+    /// Packs k values `k0..k0+kc` and columns `c0..c0+n` of `b` into `ceil(n/nr)` panels of
+    /// `ceil(kc/ku)·nr·ku` bytes at the start of `out` (zero-padded), and each panel's `nr` column sums
+    /// (zero past `n`) into `sums`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_b_block(
+        &self,
+        out: &mut [i8],
+        sums: &mut [i32],
+        b: &Operand,
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        n: usize,
+    ) {
+        pack::pack_b(out, sums, b, k0, kc, c0, n, self.nr(), self.ku())
     }
     /// Computes the `mr × nr` tile `C = Ap · Bp` over `kgroups` k-groups.
     ///

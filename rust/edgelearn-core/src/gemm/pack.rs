@@ -1,19 +1,23 @@
-//! Packing of A and B blocks into the panel layouts micro-kernels read (see the module docs of `gemm`).
-//! Transposes and F-ordered inputs are handled here, by reading through the views' strides.
+//! The generic packing of A and B blocks into the panel layout of the module docs of `gemm`, for any
+//! tile (`mr`, `nr`) and group size (`ku`): what [`Kernel::pack_a_block`](super::Kernel::pack_a_block) and
+//! [`Kernel::pack_b_block`](super::Kernel::pack_b_block) do unless a kernel packs its own panels (the x86
+//! kernels' 4-value groups of 16 columns, `x86::pack`). Transposes and F-ordered inputs are handled here,
+//! by reading through the views' strides.
 //!
 //! A panel of A and a panel of B have the same shape: `w` lines (rows of A, columns of B) × `kc` k values,
 //! stored as `[g][line][u]` with `ku` k values per group. So one routine packs both, with three paths:
-//! k contiguous in memory (row-major A, column-major B: whole groups are copied), lines contiguous
-//! (column-major A, row-major B: `ku` k-rows are interleaved byte by byte), and any other stride.
+//! k contiguous in memory (row-major A, column-major B, the rows of a [`RowsRef`] as A: whole groups are
+//! copied), lines contiguous (column-major A, row-major B: `ku` k-rows are interleaved byte by byte), and
+//! any other stride. On x86-64, groups of 4 move through SSE2 (the baseline) transposes and interleaves.
 
-use super::{MatRef, RowsRef};
+use super::{Operand, RowsRef};
 
 /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `out`, as `ceil(m/mr)` panels of
 /// `kgroups·mr·ku` bytes (`kgroups = ceil(kc/ku)`), zero-padded, XOR 0x80 if `shift`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_a(
     out: &mut [i8],
-    a: &MatRef,
+    a: &Operand,
     r0: usize,
     m: usize,
     k0: usize,
@@ -22,11 +26,23 @@ pub(crate) fn pack_a(
     ku: usize,
     shift: bool,
 ) {
-    let src = Source {
-        data: a.data(),
-        line_stride: a.row_stride(),
-        k_stride: a.col_stride(),
-        line_offsets: None,
+    let src = match a {
+        Operand::Strided(a) => Source {
+            data: a.data(),
+            line_stride: a.row_stride(),
+            k_stride: a.col_stride(),
+            line_offsets: None,
+        },
+        Operand::Rows(a) => {
+            let (data, offsets) = a.parts();
+            assert!(r0 + m <= offsets.len() && k0 + kc <= a.cols());
+            Source {
+                data,
+                line_stride: 0,
+                k_stride: 1,
+                line_offsets: Some(offsets),
+            }
+        }
     };
     let x = if shift { 0x80u8 as i8 } else { 0 };
     pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
@@ -38,7 +54,7 @@ pub(crate) fn pack_a(
 pub(crate) fn pack_b(
     out: &mut [i8],
     sums: &mut [i32],
-    b: &MatRef,
+    b: &Operand,
     k0: usize,
     kc: usize,
     c0: usize,
@@ -46,14 +62,19 @@ pub(crate) fn pack_b(
     nr: usize,
     ku: usize,
 ) {
-    let src = Source {
-        data: b.data(),
-        line_stride: b.col_stride(),
-        k_stride: b.row_stride(),
-        line_offsets: None,
-    };
-    pack_panels(out, &src, c0, n, k0, kc, nr, ku, 0);
-    column_sums(sums, &src, c0, n, k0, kc, nr);
+    match b {
+        Operand::Strided(b) => {
+            let src = Source {
+                data: b.data(),
+                line_stride: b.col_stride(),
+                k_stride: b.row_stride(),
+                line_offsets: None,
+            };
+            pack_panels(out, &src, c0, n, k0, kc, nr, ku, 0);
+            column_sums(sums, &src, c0, n, k0, kc, nr);
+        }
+        Operand::Rows(b) => pack_b_rows(out, sums, b, k0, kc, c0, n, nr, ku),
+    }
 }
 
 /// A matrix seen as lines (rows of A, columns of B) of k values: line `l` starts at `l·line_stride`, or
@@ -368,173 +389,9 @@ fn column_sums(sums: &mut [i32], src: &Source, l0: usize, n: usize, k0: usize, k
 }
 }
 
-/// An `A` operand the driver can pack: a strided [`MatRef`] or a [`RowsRef`] (implicit im2col).
-pub(crate) trait PackA: Sync {
-    fn rows(&self) -> usize;
-    fn cols(&self) -> usize;
-    /// As [`pack_a`]: rows `r0..r0+m`, k values `k0..k0+kc`, panels of `mr` rows, groups of `ku`.
-    #[allow(clippy::too_many_arguments)]
-    fn pack(
-        &self,
-        out: &mut [i8],
-        r0: usize,
-        m: usize,
-        k0: usize,
-        kc: usize,
-        mr: usize,
-        ku: usize,
-        shift: bool,
-    );
-}
-
-impl PackA for MatRef<'_> {
-    fn rows(&self) -> usize {
-        MatRef::rows(self)
-    }
-    fn cols(&self) -> usize {
-        MatRef::cols(self)
-    }
-    fn pack(
-        &self,
-        out: &mut [i8],
-        r0: usize,
-        m: usize,
-        k0: usize,
-        kc: usize,
-        mr: usize,
-        ku: usize,
-        shift: bool,
-    ) {
-        pack_a(out, self, r0, m, k0, kc, mr, ku, shift)
-    }
-}
-
-/// A [`RowsRef`] as the `A` operand: its rows are the GEMM's rows (each a contiguous run of k values).
-#[derive(Clone, Copy, Debug)]
-pub struct RowsA<'a>(pub RowsRef<'a>);
-
-impl PackA for RowsA<'_> {
-    fn rows(&self) -> usize {
-        self.0.rows()
-    }
-    fn cols(&self) -> usize {
-        self.0.cols()
-    }
-    fn pack(
-        &self,
-        out: &mut [i8],
-        r0: usize,
-        m: usize,
-        k0: usize,
-        kc: usize,
-        mr: usize,
-        ku: usize,
-        shift: bool,
-    ) {
-        let (data, offsets) = self.0.parts();
-        let src = Source {
-            data,
-            line_stride: 0,
-            k_stride: 1,
-            line_offsets: Some(offsets),
-        };
-        assert!(r0 + m <= offsets.len() && k0 + kc <= self.0.cols());
-        let x = if shift { 0x80u8 as i8 } else { 0 };
-        pack_panels(out, &src, r0, m, k0, kc, mr, ku, x);
-    }
-}
-
-/// A `B` operand the driver can pack: a strided [`MatRef`] or a [`RowsRef`] (implicit im2col).
-pub(crate) trait PackB: Sync {
-    fn rows(&self) -> usize;
-    fn cols(&self) -> usize;
-    /// As [`pack_b`]: k values `k0..k0+kc`, columns `c0..c0+n`, panels of `nr` columns, groups of `ku`.
-    #[allow(clippy::too_many_arguments)]
-    fn pack(
-        &self,
-        out: &mut [i8],
-        sums: &mut [i32],
-        k0: usize,
-        kc: usize,
-        c0: usize,
-        n: usize,
-        nr: usize,
-        ku: usize,
-    );
-}
-
-impl PackB for MatRef<'_> {
-    fn rows(&self) -> usize {
-        MatRef::rows(self)
-    }
-    fn cols(&self) -> usize {
-        MatRef::cols(self)
-    }
-    fn pack(
-        &self,
-        out: &mut [i8],
-        sums: &mut [i32],
-        k0: usize,
-        kc: usize,
-        c0: usize,
-        n: usize,
-        nr: usize,
-        ku: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if ku == 4 && nr == 16 && self.col_stride() == 1 && crate::simd::elementwise_avx2() {
-            // Row-major B in the VNNI layout: packing and column sums in one pass.
-            // SAFETY: the CPU has AVX2; a MatRef's rows hold all its columns.
-            unsafe {
-                super::x86::pack::pack_b_rowmajor_4x16(
-                    out,
-                    sums,
-                    self.data(),
-                    self.row_stride(),
-                    k0,
-                    kc,
-                    c0,
-                    n,
-                )
-            };
-            return;
-        }
-        pack_b(out, sums, self, k0, kc, c0, n, nr, ku)
-    }
-}
-
-impl PackB for RowsRef<'_> {
-    fn rows(&self) -> usize {
-        RowsRef::rows(self)
-    }
-    fn cols(&self) -> usize {
-        RowsRef::cols(self)
-    }
-    fn pack(
-        &self,
-        out: &mut [i8],
-        sums: &mut [i32],
-        k0: usize,
-        kc: usize,
-        c0: usize,
-        n: usize,
-        nr: usize,
-        ku: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if ku == 4 && nr == 16 && crate::simd::elementwise_avx2() {
-            // SAFETY: the CPU has AVX2.
-            unsafe { super::x86::pack::pack_b_rows_4x16(out, sums, self, k0, kc, c0, n) };
-            return;
-        }
-        pack_b_rows(out, sums, self, k0, kc, c0, n, nr, ku)
-    }
-}
-
 crate::simd::avx2_multiversion! {
 /// [`pack_b`] for a [`RowsRef`]: each k-row is a contiguous run, so a group interleaves `ku` runs and
-/// the column sums add whole runs. The VNNI layout (`ku = 4`, `nr = 16`) has its own AVX2 packer
-/// (`x86::pack::pack_b_rows_4x16`); this serves every other kernel and CPUs without AVX2.
+/// the column sums add whole runs.
 fn pack_b_rows(
     out: &mut [i8],
     sums: &mut [i32],

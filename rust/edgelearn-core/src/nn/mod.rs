@@ -36,7 +36,7 @@ pub use bn_relu::{
 };
 pub use conv::{
     channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
-    ConvAlgo, ConvPlan, ConvShape,
+    ConvAlgo, ConvPlan, ConvShape, WeightScales,
 };
 pub use depthwise::{
     conv2d_grouped_f32_backward, conv2d_grouped_f32_forward, conv2d_grouped_i8_backward,

@@ -39,6 +39,7 @@ impl Kernel for Avx2 {
     fn ku(&self) -> usize {
         KU
     }
+    super::pack_b_block_4x16!();
     unsafe fn tile(
         &self,
         kgroups: usize,

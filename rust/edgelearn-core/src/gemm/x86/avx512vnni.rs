@@ -22,10 +22,12 @@ const NR: usize = 16;
 const KU: usize = 4;
 
 /// CPU features [`AVX512VNNI`] needs, as `is_x86_feature_detected!` spells them.
-pub const FEATURES: &[&str] = &["avx512f", "avx512bw", "avx512vnni"];
+pub const FEATURES: &[&str] = &["avx2", "avx512f", "avx512bw", "avx512vnni"];
 
 pub(crate) fn detected() -> bool {
-    is_x86_feature_detected!("avx512f")
+    // AVX2 for the packing (every AVX-512 CPU has it)
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
 }
@@ -43,6 +45,7 @@ impl Kernel for Avx512Vnni {
     fn ku(&self) -> usize {
         KU
     }
+    super::pack_b_block_4x16!();
     fn a_shifted(&self) -> bool {
         true
     }

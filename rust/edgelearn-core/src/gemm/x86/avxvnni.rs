@@ -37,6 +37,7 @@ impl Kernel for AvxVnni {
     fn ku(&self) -> usize {
         KU
     }
+    super::pack_b_block_4x16!();
     fn a_shifted(&self) -> bool {
         true
     }

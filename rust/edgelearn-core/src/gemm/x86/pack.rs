@@ -1,5 +1,7 @@
-//! SSE2 building blocks for packing 4-byte k-groups (the layout of every x86 kernel). SSE2 is part of
-//! x86-64, so these need no feature detection. Callers check bounds; these functions only move bytes.
+//! Packing for the layout of every x86 kernel, 4-byte k-groups: SSE2 building blocks (part of x86-64, so
+//! they need no feature detection; callers check bounds, these functions only move bytes), used by the
+//! generic packers and the padded grid, and the AVX2 `B` packer of 16-column panels ([`pack_b_4x16`])
+//! that the AVX2 and VNNI kernels use as their `pack_b_block`.
 
 use std::arch::x86_64::*;
 
@@ -103,6 +105,32 @@ unsafe fn store_group(r: [__m128i; 4], dst: *mut i8, acc: &mut [__m128i; 4]) {
     }
 }
 
+/// The `B` panels of the AVX2 and VNNI kernels (groups of 4 k values, 16 columns) and their column sums
+/// in one pass: the rows of a [`RowsRef`](crate::gemm::RowsRef) or of a row-major view (the patch matrix
+/// of a forward convolution, `dY` of `Wᵀ·dY`) through AVX2; any other view through the generic packer.
+///
+/// # Safety
+/// The CPU has AVX2; `out`/`sums` are as `Kernel::pack_b_block` asks for (`ceil(n/16)` panels).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_b_4x16(
+    out: &mut [i8],
+    sums: &mut [i32],
+    b: &crate::gemm::Operand,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+) {
+    use crate::gemm::Operand;
+    match b {
+        Operand::Rows(r) => pack_b_rows_4x16(out, sums, r, k0, kc, c0, n),
+        Operand::Strided(m) if m.col_stride() == 1 => {
+            pack_b_rowmajor_4x16(out, sums, m.data(), m.row_stride(), k0, kc, c0, n)
+        }
+        Operand::Strided(_) => crate::gemm::pack::pack_b(out, sums, b, k0, kc, c0, n, 16, 4),
+    }
+}
+
 /// `pack_b_rows` for 4-value groups and 16-column panels (the VNNI kernels' layout): per group, four
 /// 16-byte row loads become 64 packed bytes and the panel's column sums ([`store_group`]), with no
 /// bounds checks in the loop for whole panels (a [`RowsRef`] guarantees every row's `cols` bytes exist).
@@ -110,7 +138,7 @@ unsafe fn store_group(r: [__m128i; 4], dst: *mut i8, acc: &mut [__m128i; 4]) {
 /// # Safety
 /// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for (`ceil(n/16)` panels).
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn pack_b_rows_4x16(
+unsafe fn pack_b_rows_4x16(
     out: &mut [i8],
     sums: &mut [i32],
     b: &crate::gemm::RowsRef,
@@ -170,7 +198,7 @@ pub(crate) unsafe fn pack_b_rows_4x16(
 /// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for.
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn pack_b_rowmajor_4x16(
+unsafe fn pack_b_rowmajor_4x16(
     out: &mut [i8],
     sums: &mut [i32],
     data: &[i8],

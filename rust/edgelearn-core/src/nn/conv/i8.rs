@@ -3,10 +3,10 @@
 use rayon::prelude::*;
 
 use super::grid::PaddedGrid;
-use super::plan::{ConvAlgo, DensePlan};
-use super::{check_bias, check_scalar_scale, check_weight_scale, direct};
+use super::plan::{ConvAlgo, DensePlan, WeightScales};
+use super::{check_bias, check_scalar_scale, check_weight_scale, direct, smallplane};
 use super::{for_each_chunk, gather_rows, scatter_rows, ConvShape};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale, MAX_K_I32};
 use crate::nn::im2col::{col2im, im2col};
 use crate::nn::matmul::{sgemm, MatF32};
@@ -27,6 +27,20 @@ fn flipped_transpose(s: &ConvShape, wq: &[i8]) -> Vec<i8> {
         }
     }
     wt
+}
+
+/// The one weight scale a [`ConvAlgo::SmallPlane`] plan (made for [`WeightScales::PerTensor`]) runs with.
+fn per_tensor(sw: Scale) -> Result<f32> {
+    match sw {
+        Scale::Scalar(v) => Ok(v),
+        Scale::PerIndex(v) => Err(Error::invalid(
+            "sw",
+            format!(
+                "this convolution was planned for one weight scale per tensor (small-plane algorithm), got {} scales",
+                v.len()
+            ),
+        )),
+    }
 }
 
 /// The checked shape of an INT8 convolution, errors naming its operands `xq` and `wq`.
@@ -55,7 +69,10 @@ pub fn conv2d_i8_forward(
     padding: (usize, usize),
     y: &mut [f32],
 ) -> Result<ConvShape> {
-    let plan = DensePlan::new(int8_shape(x_shape, w_shape, stride, padding)?);
+    let plan = DensePlan::new(
+        int8_shape(x_shape, w_shape, stride, padding)?,
+        WeightScales::Any,
+    );
     forward(&plan.shape, plan.forward, xq, sx, wq, sw, bias, y)?;
     Ok(plan.shape)
 }
@@ -81,6 +98,9 @@ pub(super) fn forward(
     check_len("y", y.len(), &s.output())?;
     if y.is_empty() {
         return Ok(());
+    }
+    if algo == ConvAlgo::SmallPlane {
+        return smallplane::forward(&s, xq, sx, wq, per_tensor(sw)?, bias, y);
     }
     let (k, p, o, xs) = (s.k(), s.p(), s.o, s.x_img());
     let wm = MatRef::row_major(wq, o, k)?;
@@ -151,7 +171,10 @@ pub fn conv2d_i8_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) -> Result<ConvShape> {
-    let plan = DensePlan::new(int8_shape(x_shape, w_shape, stride, padding)?);
+    let plan = DensePlan::new(
+        int8_shape(x_shape, w_shape, stride, padding)?,
+        WeightScales::Any,
+    );
     backward(&plan, xq, sx, wq, sw, dyq, sdy, dx, Some(dw))?;
     Ok(plan.shape)
 }
@@ -193,6 +216,9 @@ pub(super) fn backward(
             d.fill(0.0);
         }
         return Ok(());
+    }
+    if plan.forward == ConvAlgo::SmallPlane {
+        return smallplane::backward(&s, xq, sx, wq, per_tensor(sw)?, dyq, sdy, dx, dw);
     }
     let wm = MatRef::row_major(wq, o, k)?;
     // Per-channel weight scales: dX runs in FP32 on the exact integer weights (see the module docs).

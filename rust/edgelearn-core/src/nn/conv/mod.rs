@@ -1,11 +1,12 @@
 //! 2-D convolution, forward and backward, in FP32 and INT8 (NCHW, weights `(O, C, kh, kw)`).
 //!
 //! How a convolution runs is chosen once per shape and GEMM kernel by a [`ConvPlan`] ([`plan`]), which
-//! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), or
-//! the grouped/depthwise kernels of [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and
-//! run it. Files: [`plan`] (the choice and its dispatch), [`f32`] and [`i8`] (the two element types),
-//! [`grid`] (the padded grid: layouts and scatter), [`direct`] (the AVX-512 VNNI direct kernel on that
-//! grid), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
+//! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), one
+//! dense GEMM on small planes (per-tensor weight scales only), or the grouped/depthwise kernels of
+//! [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and run it. Files: [`plan`] (the choice
+//! and its dispatch), [`f32`] and [`i8`] (the two element types), [`grid`] (the padded grid: layouts and
+//! scatter), [`direct`] (the AVX-512 VNNI direct kernel on that grid), [`smallplane`] (small planes as
+//! one dense GEMM), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
 //! GEMMs ([`crate::gemm`], [`super::matmul`]), quantization.
 //!
 //!
@@ -38,12 +39,12 @@ mod f32;
 mod grid;
 mod i8;
 pub mod plan;
-pub mod smallplane;
+mod smallplane;
 mod sums;
 
 pub use self::f32::{conv2d_f32_backward, conv2d_f32_forward};
 pub use self::i8::{conv2d_i8_backward, conv2d_i8_forward};
-pub use plan::{ConvAlgo, ConvPlan};
+pub use plan::{ConvAlgo, ConvPlan, WeightScales};
 pub use sums::channel_sums;
 
 use rayon::prelude::*;
@@ -230,4 +231,43 @@ fn for_each_chunk<T: Send>(
             .enumerate()
             .try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
     })
+}
+
+/// Groups of chunks whose partial sums [`fold_in_order`] keeps apart: a constant, so that a floating-point
+/// sum over chunks is grouped the same way on any thread count (up to this many groups run at once).
+const SUM_GROUPS: usize = 8;
+
+/// Runs `f(acc, chunk index, item)` over `items` in [`SUM_GROUPS`] contiguous groups spread over the pool,
+/// each group folding its chunks in order into its own accumulator, then adds the groups in order with
+/// `add`. Unlike a work-stealing fold, which chunks share an accumulator does not depend on the thread
+/// count or on scheduling, so FP32 sums (which are not associative) come out bit-identical on every run.
+/// Stops at the first error.
+fn fold_in_order<T: Send, A: Send>(
+    items: Vec<T>,
+    zero: impl Fn() -> A + Sync + Send,
+    f: impl Fn(&mut A, usize, T) -> Result<()> + Sync + Send,
+    add: impl Fn(&mut A, &A),
+) -> Result<A> {
+    let per_group = items.len().div_ceil(SUM_GROUPS).max(1);
+    let groups: Vec<Result<A>> = threads::install(|| {
+        items
+            .into_par_iter()
+            .enumerate()
+            .fold_chunks(
+                per_group,
+                || Ok(zero()),
+                |acc: Result<A>, (ci, item)| {
+                    let mut acc = acc?;
+                    f(&mut acc, ci, item)?;
+                    Ok(acc)
+                },
+            )
+            .collect()
+    });
+    let mut groups = groups.into_iter();
+    let mut total = groups.next().unwrap_or_else(|| Ok(zero()))?;
+    for g in groups {
+        add(&mut total, &g?);
+    }
+    Ok(total)
 }

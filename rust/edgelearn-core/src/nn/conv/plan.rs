@@ -3,11 +3,12 @@
 //! Every choice between algorithms lives here (as candle's `Conv2dImpl` or XNNPACK's operator setup),
 //! so the kernels in [`super::f32`], [`super::i8`] and [`crate::nn::depthwise`] run what they are told.
 //! A plan depends on the shapes and on the active GEMM kernel (the direct kernel needs AVX-512 VNNI):
-//! a layer that runs one shape every step can keep it. Not in a plan: chunk sizes (they follow the
-//! thread count when the plan runs) and packed weights (weights change every step).
+//! a layer that runs one shape every step can keep it, and on how the INT8 weights will be scaled
+//! ([`WeightScales`]: the small-plane algorithm needs one scale per tensor). Not in a plan: chunk sizes
+//! (they follow the thread count when the plan runs) and packed weights (weights change every step).
 
 use super::grid::PaddedGrid;
-use super::{direct, ConvShape};
+use super::{direct, smallplane, ConvShape};
 use crate::error::Result;
 use crate::gemm::Scale;
 use crate::nn::depthwise::{
@@ -28,13 +29,28 @@ pub enum ConvAlgo {
     Im2colGemm,
     /// `groups > 1` or a dilation: the direct grouped kernels of [`crate::nn::depthwise`].
     Depthwise,
+    /// A plane of at most 16 output pixels as one dense GEMM per product (`nn::conv::smallplane`): no
+    /// patch matrix, col2im or per-image loop. Needs one weight scale per tensor
+    /// ([`WeightScales::PerTensor`]); its `dX` sums exact INT32 terms before one rescale, so it is only
+    /// chosen where the caller asked for it (the Octo layer step).
+    SmallPlane,
+}
+
+/// How the INT8 weights a plan runs with are scaled: what an algorithm may rely on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightScales {
+    /// One scale or one per output channel: the plan runs with either.
+    Any,
+    /// One scale per tensor ([`Scale::Scalar`]): also allows [`ConvAlgo::SmallPlane`].
+    PerTensor,
 }
 
 /// The plan of a dense convolution (`groups == 1`, no dilation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct DensePlan {
     pub shape: ConvShape,
-    /// The INT8 forward: `DirectVnni`, `PaddedGrid` or `Im2colGemm`.
+    /// The INT8 forward, and with `SmallPlane` the INT8 backward too: `DirectVnni`, `PaddedGrid`,
+    /// `Im2colGemm` or `SmallPlane`.
     pub forward: ConvAlgo,
     /// INT8 `dX` with a per-tensor weight scale as the forward convolution of `dY` by the flipped,
     /// transposed kernel: that forward's shape for one image and its algorithm, where it pays.
@@ -44,8 +60,16 @@ pub(super) struct DensePlan {
 }
 
 impl DensePlan {
-    pub fn new(shape: ConvShape) -> Self {
+    pub fn new(shape: ConvShape, scales: WeightScales) -> Self {
         let s = &shape;
+        if scales == WeightScales::PerTensor && smallplane::applies(s) {
+            return DensePlan {
+                shape,
+                forward: ConvAlgo::SmallPlane,
+                dx_transposed: None,
+                dw_grid: false,
+            };
+        }
         // With dX done apart (or not asked for), dW can take the padded grid. It saves the patch matrix
         // (K × nb·P bytes) but lays dY on the grid (O × ncols bytes), so it pays only when K > O (one
         // thread, batch 32, 1→16 channels at 28x28: 67 µs through the patch matrix, 87 on the grid).
@@ -115,6 +139,17 @@ impl ConvPlan {
     /// The plan for these shapes and parameters: `groups > 1` or a dilation take the grouped kernels
     /// (the rule of `edgelearn.functional.conv2d`), the rest [`dense`](Self::dense).
     pub fn new(x_shape: [usize; 4], w_shape: [usize; 4], p: GroupedParams) -> Result<Self> {
+        Self::with_weight_scales(x_shape, w_shape, p, WeightScales::Any)
+    }
+
+    /// [`new`](Self::new) for INT8 weights scaled as `scales` says; the INT8 `run` methods then refuse
+    /// other weight scales.
+    pub fn with_weight_scales(
+        x_shape: [usize; 4],
+        w_shape: [usize; 4],
+        p: GroupedParams,
+        scales: WeightScales,
+    ) -> Result<Self> {
         if p.groups != 1 || p.dilation != (1, 1) {
             let gs = GroupedShape::new(x_shape, w_shape, p)?;
             return Ok(ConvPlan {
@@ -123,7 +158,12 @@ impl ConvPlan {
                 kind: Kind::Grouped(gs, p),
             });
         }
-        Self::dense(x_shape, w_shape, p.stride, p.padding)
+        let s = ConvShape::new(x_shape, w_shape, p.stride, p.padding)?;
+        Ok(ConvPlan {
+            x_shape,
+            w_shape,
+            kind: Kind::Dense(DensePlan::new(s, scales)),
+        })
     }
 
     /// The plan of a dense convolution (`groups == 1`, no dilation).
@@ -133,12 +173,8 @@ impl ConvPlan {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> Result<Self> {
-        let s = ConvShape::new(x_shape, w_shape, stride, padding)?;
-        Ok(ConvPlan {
-            x_shape,
-            w_shape,
-            kind: Kind::Dense(DensePlan::new(s)),
-        })
+        let p = GroupedParams::new(1, stride, padding, (1, 1));
+        Self::with_weight_scales(x_shape, w_shape, p, WeightScales::Any)
     }
 
     /// The algorithm of the INT8 forward (FP32 dense convolutions always run [`ConvAlgo::Im2colGemm`]).
@@ -193,7 +229,8 @@ impl ConvPlan {
         }
     }
 
-    /// `y = conv2d(sx·xq, sw·wq) + bias` (see [`super::conv2d_i8_forward`]).
+    /// `y = conv2d(sx·xq, sw·wq) + bias` (see [`super::conv2d_i8_forward`]). A plan made for
+    /// [`WeightScales::PerTensor`] refuses per-channel `sw` when it runs [`ConvAlgo::SmallPlane`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward_i8(
         &self,
@@ -213,7 +250,8 @@ impl ConvPlan {
         }
     }
 
-    /// `dw` and, if given, `dx` from an INT8 `sdy·dyq` (see [`super::conv2d_i8_backward`]).
+    /// `dw` and, if given, `dx` from an INT8 `sdy·dyq` (see [`super::conv2d_i8_backward`]; weight
+    /// scales as in [`forward_i8`](Self::forward_i8)).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_i8(
         &self,

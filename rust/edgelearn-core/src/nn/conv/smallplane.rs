@@ -12,7 +12,8 @@
 //! No patch matrix, no col2im, no per-image loop: on tiny planes those cost more than the arithmetic. The
 //! integer sums are the convolution's own (the zeros of `E` add nothing), and the rescale is the INT8 GEMM's
 //! epilogue, so outputs are those of the im2col and padded-grid paths bit for bit (test). It applies while `E`
-//! costs at most twice the MACs of the convolution (padded taps included) and stays small.
+//! costs at most twice the MACs of the convolution (padded taps included) and stays small; a
+//! [`ConvPlan`](super::ConvPlan) made for per-tensor weight scales chooses it ([`ConvAlgo::SmallPlane`](super::ConvAlgo::SmallPlane)).
 
 use super::ConvShape;
 use crate::error::Result;
