@@ -54,6 +54,7 @@ __all__ = [
     "OctoSaved",
     "octo_forward",
     "octo_backward",
+    "DeferredGrad",
     "FrameError",
     "_sgq_encode",
     "_sgq_decode",
@@ -277,6 +278,13 @@ def octo_forward(
     dilation: Optional[tuple[int, int]] = None,
     groups: int = 1,
 ) -> tuple[_F32, OctoSaved]: ...
+@final
+class DeferredGrad:
+    @property
+    def shape(self) -> list[int]: ...
+    def done(self) -> bool: ...
+    def wait(self) -> _F32: ...
+
 def octo_backward(
     saved: OctoSaved,
     dy: _F32,
@@ -284,8 +292,14 @@ def octo_backward(
     need_dw: bool = True,
     need_db: bool = True,
     need_comp: bool = False,
+    defer_dw: bool = False,
 ) -> tuple[
-    Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32], Optional[_F32]
+    Optional[_F32],
+    Union[_F32, DeferredGrad, None],
+    Optional[_F32],
+    Optional[_F32],
+    Optional[_F32],
+    Optional[_F32],
 ]: ...
 def maxpool2d_forward(
     x: _F32, kernel: _Pair, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None

@@ -157,8 +157,10 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
 
     def backward(g: np.ndarray, _g_owned: bool = False):
-        # every gradient is a fresh array of the core call (owns_grads): the next op back may overwrite dx
-        dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c)
+        # every gradient is a fresh array of the core call (owns_grads): the next op back may overwrite dx.
+        # With dX to compute, dW comes back as a DeferredGrad computed meanwhile on another thread, which goes
+        # on while the sweep does the earlier layers (see Tensor.backward); without, dW alone uses every thread
+        dx, dw, db, da, dm, dbeta = _native.octo_backward(saved, _c(g), need_x, need_w, need_b, need_c, need_x)
         if compensation is None:
             return dx, dw, db
         return dx, dw, db, da, dm, dbeta

@@ -202,15 +202,23 @@ class Tensor:
         order = _topological_order(root)
         grads = {id(root): g}
         owned = set()  # ids of nodes whose pending gradient is the sweep's alone (may be overwritten)
+        # A gradient an op computes on another thread (``_native.DeferredGrad``: the INT8 layers' dW) is
+        # taken when something needs its value: a leaf's after the sweep, so that the thread computes it
+        # while the sweep goes on through the earlier layers. Every one is taken before backward returns.
+        deferred = []
         for node in order:  # outputs before inputs
             key = id(node)
             g = grads.pop(key, None)
             g_owned = key in owned
             owned.discard(key)
             if node.leaf is not None:
-                if g is not None:
+                if type(g) is _Deferred:
+                    deferred.append((node.leaf, g))
+                elif g is not None:
                     _accumulate_leaf(node.leaf, g)
                 continue
+            if type(g) is _Deferred:
+                g, g_owned = g.wait(), True  # a fresh array
             if node.backward is None:
                 raise RuntimeError(
                     "backward: the graph was already freed by an earlier backward() (or built under no_grad)"
@@ -230,6 +238,12 @@ class Tensor:
                         and not any(q is pg for j, q in enumerate(parent_grads) if j != i))
                 pkey = id(parent)
                 prev = grads.get(pkey)
+                if prev is not None and (type(prev) is _Deferred or type(pg) is _Deferred):
+                    if type(prev) is _Deferred:
+                        prev = grads[pkey] = prev.wait()  # fresh: the sweep's own
+                        owned.add(pkey)
+                    if type(pg) is _Deferred:
+                        pg = pg.wait()
                 if prev is None:
                     grads[pkey] = pg
                     if mine:
@@ -242,13 +256,20 @@ class Tensor:
             node.backward = None  # free saved activations as soon as they are used
             node.parents = ()
             parent_grads = pg = g = prev = None
+        for leaf, pending in deferred:
+            _accumulate_leaf(leaf, pending.wait(), fresh=True)
 
 
-def _accumulate_leaf(t: Tensor, g: np.ndarray) -> None:
+_Deferred = _native.DeferredGrad
+
+
+def _accumulate_leaf(t: Tensor, g: np.ndarray, fresh: bool = False) -> None:
+    """Adds ``g`` to ``t.grad`` (a copy of it when there is none, or ``g`` itself when ``fresh``: an array
+    nothing else holds)."""
     if g.shape != t.data.shape:
         raise RuntimeError(f"internal: gradient shape {g.shape} does not match leaf shape {t.data.shape}")
     if t.grad is None:
-        t.grad = Tensor(np.array(g, dtype=t.data.dtype, copy=True))
+        t.grad = Tensor(g if fresh and g.dtype == t.data.dtype else np.array(g, dtype=t.data.dtype, copy=True))
     else:
         t.grad.data += g
 

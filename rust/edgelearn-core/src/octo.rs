@@ -25,7 +25,7 @@ use crate::gemm::{self, MatRef, Scale};
 use crate::nn::conv::{channel_sums, ConvPlan, WeightScales};
 use crate::nn::depthwise::GroupedParams;
 use crate::nn::matmul::{sgemm, MatF32};
-use crate::nn::{shape_len, take_f32, take_i8};
+use crate::nn::{shape_len, take_f32, take_i8, Scratch};
 use crate::quant::{quantize_into, Clip, Layout, Rounding};
 use crate::threads;
 
@@ -322,16 +322,73 @@ pub fn output_shape(layer: Layer, x_shape: &[usize], w_shape: &[usize]) -> Resul
     Ok(shapes(layer, &Config::default(), x_shape, w_shape)?.0)
 }
 
+/// The quantized output gradient of a backward step (PRC-clipped `dY` codes and their scale): what `dX`
+/// and `dW` are computed from. [`backward_input`] returns it so that [`weight_grad`] can run later, on
+/// another thread.
+pub struct GradCodes {
+    gq: Scratch<i8>,
+    sg: f32,
+}
+
 /// Backward of an INT8 layer from the FP32 output gradient `dy` (shape `saved.y_shape`): quantizes
 /// `dY` with PRC and the configured rounding, then writes the requested gradients of `grads`.
 pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
+    let Grads { dx, dw, db, comp } = grads;
+    let need_codes = dx.is_some() || dw.is_some();
+    match prologue(
+        saved,
+        dy,
+        dx.as_deref(),
+        dw.as_deref(),
+        db,
+        comp,
+        need_codes,
+    )? {
+        Some(codes) => products(saved, &codes, dx, dw),
+        None => Ok(()),
+    }
+}
+
+/// [`backward`] without `dW` (`grads.dw` must be `None`): writes `dx`, `db` and the Compensation
+/// gradients, and returns the gradient codes from which [`weight_grad`] computes `dW`, then or later.
+/// Together they give what [`backward`] gives, bit for bit.
+pub fn backward_input(saved: &Saved, dy: &[f32], grads: Grads) -> Result<GradCodes> {
+    let Grads { dx, dw, db, comp } = grads;
+    if dw.is_some() {
+        return Err(Error::invalid(
+            "dw",
+            "backward_input leaves dW to weight_grad (pass None)",
+        ));
+    }
+    let codes =
+        prologue(saved, dy, dx.as_deref(), None, db, comp, true)?.expect("codes are asked for");
+    products(saved, &codes, dx, None)?;
+    Ok(codes)
+}
+
+/// `dW` (like `W`) of the backward step that returned `codes` ([`backward_input`] on `saved`).
+pub fn weight_grad(saved: &Saved, codes: &GradCodes, dw: &mut [f32]) -> Result<()> {
+    crate::nn::check_len("dw", dw.len(), &saved.w_shape)?;
+    products(saved, codes, None, Some(dw))
+}
+
+/// Checks `dy` and the outputs, writes the bias and Compensation gradients and, if `need_codes`,
+/// quantizes `dY`.
+fn prologue(
+    saved: &Saved,
+    dy: &[f32],
+    dx: Option<&[f32]>,
+    dw: Option<&[f32]>,
+    db: Option<&mut [f32]>,
+    comp: Option<(&mut [f32], &mut [f32], &mut [f32])>,
+    need_codes: bool,
+) -> Result<Option<GradCodes>> {
     crate::nn::check_len("dy", dy.len(), &saved.y_shape)?;
     let o = saved.out_channels();
-    let Grads { dx, dw, db, comp } = grads;
-    if let Some(d) = dx.as_deref() {
+    if let Some(d) = dx {
         crate::nn::check_len("dx", d.len(), &saved.x_shape)?;
     }
-    if let Some(d) = dw.as_deref() {
+    if let Some(d) = dw {
         crate::nn::check_len("dw", d.len(), &saved.w_shape)?;
     }
     if let Some(d) = db.as_deref() {
@@ -364,11 +421,11 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
             d.copy_from_slice(&sums);
         }
     }
-    if dx.is_none() && dw.is_none() {
-        return Ok(());
+    if !need_codes {
+        return Ok(None);
     }
     let cfg = saved.config;
-    // the codes live only for this call: a reused scratch buffer (no page faults on a fresh one)
+    // a reused scratch buffer (no page faults on a fresh one)
     let mut gq = take_i8(dy.len())?;
     let mut sg = [1f32];
     let rounding = cfg.grad_rounding.with_seed(saved.seed ^ GRAD_SEED_XOR);
@@ -380,23 +437,29 @@ pub fn backward(saved: &Saved, dy: &[f32], grads: Grads) -> Result<()> {
         &mut gq,
         &mut sg,
     )?;
-    let sg = sg[0];
+    Ok(Some(GradCodes { gq, sg: sg[0] }))
+}
+
+/// `dX` and `dW` (each if given) from the gradient codes.
+fn products(
+    saved: &Saved,
+    codes: &GradCodes,
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+) -> Result<()> {
+    if dx.is_none() && dw.is_none() {
+        return Ok(());
+    }
+    let (gq, sg) = (&codes.gq[..], codes.sg);
     let swv = saved.sw_scale();
+    let o = saved.out_channels();
     match &saved.plan {
         Some(plan) => {
-            let mut scratch;
-            let dw = match dw {
-                Some(d) => d,
-                None => {
-                    scratch = take_f32(saved.wq.len())?;
-                    &mut scratch[..]
-                }
-            };
-            plan.backward_i8(&saved.xq, saved.sx, &saved.wq, swv, &gq, sg, dx, dw)?;
+            plan.backward_i8_parts(&saved.xq, saved.sx, &saved.wq, swv, gq, sg, dx, dw)?;
         }
         None => {
             let (n, k) = (saved.x_shape[0], saved.x_shape[1]);
-            let gm = MatRef::row_major(&gq, n, o)?;
+            let gm = MatRef::row_major(gq, n, o)?;
             if let Some(dw) = dw {
                 let xm = MatRef::row_major(&saved.xq, n, k)?;
                 gemm::gemm_i8_f32(

@@ -351,6 +351,143 @@ pub fn warm_workers() -> usize {
     WARM_JOBS.load(Ordering::Acquire)
 }
 
+/// A job handed to another thread by [`defer`]; [`wait`](Deferred::wait) gives its result.
+///
+/// Made for work whose result is needed later than the caller's next step: the Octo layer backward
+/// hands its `dW` to a worker and returns `dX` to Python, which goes on with the backward of the earlier
+/// layers (Python, which no kernel can split, then overlaps with the `dW` products); the autograd sweep
+/// waits for every such gradient before it returns.
+pub struct Deferred<T> {
+    inner: Arc<DeferredInner<T>>,
+}
+
+type Job<T> = Box<dyn FnOnce() -> Result<T> + Send>;
+
+struct DeferredInner<T> {
+    /// The job until a thread takes it (a worker, or `wait` when no worker got to it first).
+    job: Mutex<Option<Job<T>>>,
+    /// Its outcome (`Err` of a panic: the payload, resumed in `wait`).
+    result: Mutex<Option<std::thread::Result<Result<T>>>>,
+    done: std::sync::Condvar,
+}
+
+/// A deferred job of any result type, as the queue holds it.
+trait Pending: Send + Sync {
+    fn run_if_pending(&self);
+}
+
+impl<T: Send> Pending for DeferredInner<T> {
+    /// Runs the job if no thread has taken it yet.
+    fn run_if_pending(&self) {
+        let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = job {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            self.done.notify_all();
+        }
+    }
+}
+
+impl<T> DeferredInner<T> {
+    fn is_done(&self) -> bool {
+        self.result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+/// Deferred jobs in the order they were made. Workers take them from here (not from a rayon deque: the
+/// caller, worker 0 of the owner pool, pops its own deque while it waits inside a parallel op, and would
+/// then run a whole `dW` before going back to Python).
+static DEFERRED: Mutex<std::collections::VecDeque<Arc<dyn Pending>>> =
+    Mutex::new(std::collections::VecDeque::new());
+
+/// Runs deferred jobs until none is left.
+fn run_deferred() {
+    loop {
+        let next = DEFERRED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        match next {
+            Some(job) => job.run_if_pending(),
+            None => return,
+        }
+    }
+}
+
+/// Runs `f` on another thread of the pool while the caller goes on; [`Deferred::wait`] returns its
+/// result (and runs `f` itself if no worker has started it). With one thread `f` runs here and now, so
+/// a result never depends on the thread count, only on `f`.
+///
+/// The job is queued and every worker but the caller is told to look at the queue (a rayon broadcast,
+/// which wakes a parked worker): the caller never picks it up inside its own parallel ops.
+pub fn defer<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Deferred<T> {
+    let inner = Arc::new(DeferredInner {
+        job: Mutex::new(Some(Box::new(f) as Job<T>)),
+        result: Mutex::new(None),
+        done: std::sync::Condvar::new(),
+    });
+    let n = num_threads();
+    let target = if n > 1 {
+        // the owner pool when this thread is its worker 0, else the shared pool (no caller in it)
+        owner_pool(n)
+            .map(|p| (p, true))
+            .or_else(|| pool().map(|p| (p, false)))
+    } else {
+        None
+    };
+    match target {
+        Some((p, skip_caller)) => {
+            DEFERRED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(Arc::clone(&inner) as Arc<dyn Pending>);
+            p.spawn_broadcast(move |ctx| {
+                if !(skip_caller && ctx.index() == 0) {
+                    run_deferred();
+                }
+            });
+        }
+        None => inner.run_if_pending(),
+    }
+    Deferred { inner }
+}
+
+impl<T: Send> Deferred<T> {
+    /// Whether the result is there (`wait` will not block).
+    pub fn is_done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    /// The job's result: at once if it is done, after running it here if no thread took it, else when
+    /// the worker running it is done (the caller meanwhile takes part in the job's parallel pieces). A
+    /// panic in the job resumes here.
+    pub fn wait(self) -> Result<T> {
+        self.inner.run_if_pending();
+        if !self.inner.is_done() {
+            let n = num_threads();
+            if let Some(p) = (n > 1).then(|| owner_pool(n)).flatten() {
+                p.install(|| {
+                    while !self.inner.is_done() {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+        }
+        let mut r = self.inner.result.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(out) = r.take() {
+                return out.unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            r = self.inner.done.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// Whether a kernel called from this thread starts on this thread (no hand-off to a pool worker).
 pub fn runs_on_caller() -> bool {
     let me = std::thread::current().id();

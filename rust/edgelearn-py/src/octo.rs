@@ -1,10 +1,17 @@
 //! The Octo INT8 layer step: one call per direction (`octo_forward`, `octo_backward`) over
 //! `edgelearn_core::octo`, with the state between them in an opaque `OctoSaved` object (int8 codes and
-//! scales, owned by Rust; Python only keeps it alive until backward).
+//! scales, owned by Rust; Python only keeps it alive until backward). With `defer_dw`, backward returns
+//! `dW` as a `DeferredGrad` computed on another thread of the pool (`threads::defer`); its `wait()` gives
+//! the array.
 
 use edgelearn_core::nn::depthwise::GroupedParams;
+use std::sync::{Arc, Mutex};
+
 use edgelearn_core::octo::{self, Compensation, Config, Grads, Layer, RoundMode, Saved};
-use numpy::{IxDyn, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use edgelearn_core::threads::{self, Deferred};
+use numpy::{
+    IxDyn, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 
 use crate::arrays::{check_size, readonly};
@@ -14,7 +21,42 @@ use crate::quant::{c_slice, clip_from};
 /// What `octo_forward` saved for `octo_backward`: the int8 input and weight codes and their scales.
 #[pyclass(module = "edgelearn._native", frozen)]
 pub struct OctoSaved {
-    saved: Saved,
+    // shared with a deferred dW job, which may outlive this object
+    saved: Arc<Saved>,
+}
+
+/// A weight gradient being computed on another thread (`octo_backward(defer_dw=True)`).
+#[pyclass(module = "edgelearn._native", frozen)]
+pub struct DeferredGrad {
+    job: Mutex<Option<Deferred<Vec<f32>>>>,
+    shape: Vec<usize>,
+}
+
+#[pymethods]
+impl DeferredGrad {
+    /// The gradient's shape.
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+    /// Whether the gradient is computed (`wait` returns at once).
+    fn done(&self) -> bool {
+        let job = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        job.as_ref().is_none_or(|j| j.is_done())
+    }
+    /// The gradient, a new float32 array: waits for the thread computing it (or computes it here if no
+    /// thread has started). Once only.
+    fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(job) = job else {
+            return Err(value_error("wait", "this gradient was already taken"));
+        };
+        let v = py.detach(|| job.wait()).py()?;
+        PyArray1::from_vec(py, v).reshape(IxDyn(&self.shape))
+    }
+    fn __repr__(&self) -> String {
+        format!("DeferredGrad(shape {:?}, done {})", self.shape, self.done())
+    }
 }
 
 #[pymethods]
@@ -149,16 +191,23 @@ pub fn octo_forward<'py>(
         py.detach(|| octo::forward(layer, config, xv, &xs, wv, &ws, bv, cv, seed, training, yv))
             .py()?
     };
-    Ok((y, OctoSaved { saved }))
+    Ok((
+        y,
+        OctoSaved {
+            saved: Arc::new(saved),
+        },
+    ))
 }
 
 type Opt<'py> = Option<Bound<'py, PyArrayDyn<f32>>>;
 
 /// Backward of `octo_forward` from the float32 output gradient `dy`: `(dx, dw, db, dalpha, dmu, dbeta)`,
-/// each `None` unless asked for (`need_comp` needs a Compensation fused in forward).
+/// each `None` unless asked for (`need_comp` needs a Compensation fused in forward). With `defer_dw`
+/// (and `need_dw`) `dw` is a `DeferredGrad`: computed on another thread of the pool while the caller goes
+/// on (with one thread, here before returning); the same values either way.
 #[pyfunction]
-#[pyo3(signature = (saved, dy, need_dx=true, need_dw=true, need_db=true, need_comp=false))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (saved, dy, need_dx=true, need_dw=true, need_db=true, need_comp=false, defer_dw=false))]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn octo_backward<'py>(
     py: Python<'py>,
     saved: &Bound<'py, OctoSaved>,
@@ -167,8 +216,17 @@ pub fn octo_backward<'py>(
     need_dw: bool,
     need_db: bool,
     need_comp: bool,
-) -> PyResult<(Opt<'py>, Opt<'py>, Opt<'py>, Opt<'py>, Opt<'py>, Opt<'py>)> {
+    defer_dw: bool,
+) -> PyResult<(
+    Opt<'py>,
+    Option<Bound<'py, PyAny>>,
+    Opt<'py>,
+    Opt<'py>,
+    Opt<'py>,
+    Opt<'py>,
+)> {
     let st = &saved.get().saved;
+    let defer_dw = defer_dw && need_dw;
     let dy = f32_c("dy", dy)?;
     if dy.shape() != st.y_shape.as_slice() {
         return Err(value_error(
@@ -191,7 +249,7 @@ pub fn octo_backward<'py>(
         need.then(|| uninit(py, arg, dims)).transpose()
     };
     let dx = alloc(need_dx, &st.x_shape, "dx")?;
-    let dw = alloc(need_dw, &st.w_shape, "dw")?;
+    let dw = alloc(need_dw && !defer_dw, &st.w_shape, "dw")?;
     let db = alloc(need_db, &o, "db")?;
     let da = alloc(need_comp, &o, "dalpha")?;
     let dm = alloc(need_comp, &o, "dmu")?;
@@ -230,13 +288,34 @@ pub fn octo_backward<'py>(
             db: gb,
             comp,
         };
-        py.detach(|| octo::backward(st, dyv, grads)).py()?;
+        if !defer_dw {
+            py.detach(|| octo::backward(st, dyv, grads)).py()?;
+        } else {
+            let job = py
+                .detach(|| {
+                    let codes = octo::backward_input(st, dyv, grads)?;
+                    let saved = Arc::clone(st);
+                    Ok(threads::defer(move || {
+                        let mut dw = vec![0f32; saved.wq.len()];
+                        octo::weight_grad(&saved, &codes, &mut dw)?;
+                        Ok(dw)
+                    }))
+                })
+                .py()?;
+            let grad = DeferredGrad {
+                job: Mutex::new(Some(job)),
+                shape: st.w_shape.clone(),
+            };
+            let dw = Bound::new(py, grad)?.into_any();
+            return Ok((dx, Some(dw), db, da, dm, dbt));
+        }
     }
-    Ok((dx, dw, db, da, dm, dbt))
+    Ok((dx, dw.map(Bound::into_any), db, da, dm, dbt))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OctoSaved>()?;
+    m.add_class::<DeferredGrad>()?;
     m.add_function(wrap_pyfunction!(octo_forward, m)?)?;
     m.add_function(wrap_pyfunction!(octo_backward, m)?)?;
     Ok(())

@@ -175,11 +175,12 @@ pub fn conv2d_i8_backward(
         int8_shape(x_shape, w_shape, stride, padding)?,
         WeightScales::Any,
     );
-    backward(&plan, xq, sx, wq, sw, dyq, sdy, dx, dw)?;
+    backward(&plan, xq, sx, wq, sw, dyq, sdy, dx, Some(dw))?;
     Ok(plan.shape)
 }
 
-/// [`conv2d_i8_backward`] as the dense plan `plan` says.
+/// [`conv2d_i8_backward`] as the dense plan `plan` says; either gradient may be left out (`None`), so
+/// `dX` and `dW` can also run apart (the Octo layer step computes `dW` on another thread).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     plan: &DensePlan,
@@ -190,7 +191,7 @@ pub(super) fn backward(
     dyq: &[i8],
     sdy: f32,
     dx: Option<&mut [f32]>,
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
 ) -> Result<()> {
     let s = plan.shape;
     let (x_shape, w_shape) = (s.input(), s.weight());
@@ -200,13 +201,17 @@ pub(super) fn backward(
     check_scalar_scale("sx", sx)?;
     check_scalar_scale("sdy", sdy)?;
     check_weight_scale(&sw, s.o)?;
-    check_len("dw", dw.len(), &w_shape)?;
+    if let Some(d) = dw.as_deref() {
+        check_len("dw", d.len(), &w_shape)?;
+    }
     if let Some(d) = dx.as_deref() {
         check_len("dx", d.len(), &x_shape)?;
     }
     let (k, p, o, xs, n) = (s.k(), s.p(), s.o, s.x_img(), s.g.n);
     if n == 0 || o == 0 || xs == 0 {
-        dw.fill(0.0);
+        if let Some(d) = dw {
+            d.fill(0.0);
+        }
         if let Some(d) = dx {
             d.fill(0.0);
         }
@@ -239,6 +244,10 @@ pub(super) fn backward(
         let wt = flipped_transpose(&s, wq);
         forward(&st, algo, dyq, sdy, &wt, Scale::Scalar(swv), None, d)?;
         dx = None; // done: the chunks below compute dW only
+    }
+    let want_dw = dw.is_some();
+    if dx.is_none() && !want_dw {
+        return Ok(());
     }
     let grid = match dx {
         None if plan.dw_grid => {
@@ -286,39 +295,41 @@ pub(super) fn backward(
             &dyt_buf[..]
         };
         let dym = MatRef::row_major(dyt, o, ld)?;
-        let xc = &xq[n0 * xs..(n0 + nb) * xs];
         let direct = s.g.is_pointwise() && nb == 1;
-        let mut col = Scratch::default();
-        if !direct {
-            col = take_i8(k * ld)?;
-            for i in 0..nb {
-                im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
+        if want_dw {
+            let xc = &xq[n0 * xs..(n0 + nb) * xs];
+            let mut col = Scratch::default();
+            if !direct {
+                col = take_i8(k * ld)?;
+                for i in 0..nb {
+                    im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
+                }
             }
-        }
-        let cm = if direct {
-            MatRef::row_major(xc, k, p)?
-        } else {
-            MatRef::row_major(&col, k, ld)?
-        };
-        // dW: exact INT32 products, summed in i64-exact f64 across chunks. Computed transposed,
-        // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column sums)
-        // and only the O columns of dYᵀ need the VNNI kernel's column sums.
-        if ld <= MAX_K_I32 {
-            gemm::gemm_i8(&cm, &dym.t(), &mut acc.prod)?;
-            add_prod(acc);
-        } else {
-            gemm::gemm_i8_f32(
-                &cm,
-                &dym.t(),
-                Scale::Scalar(1.0),
-                Scale::Scalar(1.0),
-                None,
-                &mut acc.prod_f32,
-            )?;
-            acc.dw
-                .iter_mut()
-                .zip(&acc.prod_f32)
-                .for_each(|(a, &v)| *a += v as f64);
+            let cm = if direct {
+                MatRef::row_major(xc, k, p)?
+            } else {
+                MatRef::row_major(&col, k, ld)?
+            };
+            // dW: exact INT32 products, summed in i64-exact f64 across chunks. Computed transposed,
+            // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column
+            // sums) and only the O columns of dYᵀ need the VNNI kernel's column sums.
+            if ld <= MAX_K_I32 {
+                gemm::gemm_i8(&cm, &dym.t(), &mut acc.prod)?;
+                add_prod(acc);
+            } else {
+                gemm::gemm_i8_f32(
+                    &cm,
+                    &dym.t(),
+                    Scale::Scalar(1.0),
+                    Scale::Scalar(1.0),
+                    None,
+                    &mut acc.prod_f32,
+                )?;
+                acc.dw
+                    .iter_mut()
+                    .zip(&acc.prod_f32)
+                    .for_each(|(a, &v)| *a += v as f64);
+            }
         }
         if let Some(dxc) = dxc {
             // dcol = Wᵀ·dY (K × ld), written straight into dx when the patch matrix is the image.
@@ -352,10 +363,11 @@ pub(super) fn backward(
         }
         Ok(())
     };
+    let dw_len = if want_dw { o * k } else { 0 };
     let zero = || Acc {
-        dw: vec![0f64; o * k],
-        prod: vec![0i32; o * k],
-        prod_f32: vec![0f32; o * k],
+        dw: vec![0f64; dw_len],
+        prod: vec![0i32; dw_len],
+        prod_f32: vec![0f32; dw_len],
     };
     let acc = threads::install(|| {
         dx_chunks
@@ -369,6 +381,9 @@ pub(super) fn backward(
                 Ok(a)
             })
     })?;
+    let Some(dw) = dw else {
+        return Ok(());
+    };
     let scale = sdy as f64 * sx as f64;
     // acc.dw is dWᵀ (K × O)
     for (oc, row) in dw.chunks_exact_mut(k).enumerate() {

@@ -264,22 +264,50 @@ impl ConvPlan {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) -> Result<()> {
+        self.backward_i8_parts(xq, sx, wq, sw, dyq, sdy, dx, Some(dw))
+    }
+
+    /// [`backward_i8`](Self::backward_i8) with `dw` optional too: `dX` and `dW` can run apart (each
+    /// alone costs what it costs in the joint call; a grouped convolution computes `dW` anyway).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_i8_parts(
+        &self,
+        xq: &[i8],
+        sx: f32,
+        wq: &[i8],
+        sw: Scale,
+        dyq: &[i8],
+        sdy: f32,
+        dx: Option<&mut [f32]>,
+        dw: Option<&mut [f32]>,
+    ) -> Result<()> {
         match &self.kind {
             Kind::Dense(d) => super::i8::backward(d, xq, sx, wq, sw, dyq, sdy, dx, dw),
-            Kind::Grouped(_, p) => conv2d_grouped_i8_backward(
-                xq,
-                self.x_shape,
-                sx,
-                wq,
-                self.w_shape,
-                sw,
-                dyq,
-                sdy,
-                *p,
-                dx,
-                dw,
-            )
-            .map(|_| ()),
+            Kind::Grouped(..) if dw.is_none() && dx.is_none() => Ok(()),
+            Kind::Grouped(_, p) => {
+                let mut scratch;
+                let dw = match dw {
+                    Some(d) => d,
+                    None => {
+                        scratch = crate::nn::take_f32(wq.len())?;
+                        &mut scratch[..]
+                    }
+                };
+                conv2d_grouped_i8_backward(
+                    xq,
+                    self.x_shape,
+                    sx,
+                    wq,
+                    self.w_shape,
+                    sw,
+                    dyq,
+                    sdy,
+                    *p,
+                    dx,
+                    dw,
+                )
+                .map(|_| ())
+            }
         }
     }
 }

@@ -96,7 +96,7 @@ pub fn forward(
     )
 }
 
-/// Backward from the output gradient `sdy·dyq`: `dx` when asked for, and `dw`.
+/// Backward from the output gradient `sdy·dyq`: `dx` and `dw`, each when asked for.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     s: &ConvShape,
@@ -107,13 +107,13 @@ pub fn backward(
     dyq: &[i8],
     sdy: f32,
     dx: Option<&mut [f32]>,
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
 ) -> Result<()> {
     let g = &s.g;
     let (cols, rows) = (g.c * g.h * g.w, s.o * g.oh * g.ow);
-    let e = expand(s, wq)?;
     let dym = MatRef::row_major(dyq, g.n, rows)?;
     if let Some(dx) = dx {
+        let e = expand(s, wq)?;
         gemm::gemm_i8_f32(
             &dym,
             &MatRef::row_major(&e, rows, cols)?,
@@ -123,6 +123,9 @@ pub fn backward(
             dx,
         )?;
     }
+    let Some(dw) = dw else {
+        return Ok(());
+    };
     // dE: exact (N ≤ MAX_K_I32 products of at most 127·127 per entry)
     let mut de = vec![0i32; rows * cols];
     gemm::gemm_i8(&dym.t(), &MatRef::row_major(xq, g.n, cols)?, &mut de)?;
@@ -206,7 +209,18 @@ mod tests {
                 &mut dw0,
             )
             .unwrap();
-            backward(&s, &xq, sx, &wq, sw, &dyq, sdy, Some(&mut dx1), &mut dw1).unwrap();
+            backward(
+                &s,
+                &xq,
+                sx,
+                &wq,
+                sw,
+                &dyq,
+                sdy,
+                Some(&mut dx1),
+                Some(&mut dw1),
+            )
+            .unwrap();
             // dX: exact INT32 sums, one rescale (the general path adds rescaled FP32 terms in col2im
             // where it cannot take the transposed convolution): the exact reference bit for bit, the
             // general path to float rounding
