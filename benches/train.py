@@ -295,14 +295,37 @@ def main(argv=None):
             for name, r in rows:
                 if name == "edgelearn fp32":
                     fp32_speed = r["train_images_per_s"]
-                ratio = r["train_images_per_s"] / fp32_speed if fp32_speed else float("nan")
+                ratio = f"{r['train_images_per_s'] / fp32_speed:>7.2f}x" if fp32_speed else f"{'-':>8}"
                 print(f"{model:<12} {threads:>3}  {name:<26} {100 * r['test_accuracy']:>7.2f}% "
-                      f"{r['train_images_per_s']:>8.0f} {ratio:>7.2f}x {r['peak_rss_mb']:>8.1f} "
+                      f"{r['train_images_per_s']:>8.0f} {ratio} {r['peak_rss_mb']:>8.1f} "
                       f"{r['train_memory_warm_mb']:>9.1f} {r['train_memory_mb']:>8.1f}", flush=True)
                 results.append({"model": model, "threads": threads, "run": name, **r})
+    print_ratios(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def print_ratios(results):
+    """The ratios the acceptance points are stated in, from the medians above (same run)."""
+    speed = {(r["model"], r["threads"], r["run"]): r["train_images_per_s"] for r in results}
+    int8 = "edgelearn int8 (LAC+PRC)"
+    lines = []
+    for (model, threads, run), s in speed.items():
+        if run != int8:
+            continue
+        parts = []
+        for base, label in (("edgelearn fp32", "fp32"), ("pytorch fp32", "pytorch")):
+            if (model, threads, base) in speed:
+                parts.append(f"int8/{label} {s / speed[(model, threads, base)]:.2f}x")
+        one = speed.get((model, 1, int8))
+        if threads != 1 and one:
+            parts.append(f"int8 {threads} thr / 1 thr {s / one:.2f}x")
+        if parts:
+            lines.append(f"{model:<12} {threads:>3}  " + ", ".join(parts))
+    if lines:
+        print("ratios (medians, same run):")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

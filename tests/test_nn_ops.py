@@ -85,6 +85,25 @@ def test_conv2d_f32_matches_direct_convolution(xs, ws, stride, padding):
     assert_close(dw, dw_ref)
 
 
+def test_conv2d_f32_backward_repeats_its_bits_on_every_thread_count():
+    # dW and db sum over image chunks in float32, which is not associative: on a given thread count the
+    # chunks must be grouped the same way on every run, whichever worker steals what (the chunk size
+    # itself follows the thread count, so different counts may round differently; INT8 sums are exact
+    # and do not, see test_octo_step).
+    x, w = f32(16, 16, 24, 24), f32(8, 16, 3, 3)  # one image per chunk: 16 chunks
+    dy = f32(16, 8, 24, 24)
+    prev = edgelearn.get_num_threads()
+    try:
+        for t in (2, 3):
+            edgelearn.set_num_threads(t)
+            first = nat.conv2d_f32_backward(x, w, dy, 1, 1)
+            for _ in range(10):
+                for a, b in zip(first, nat.conv2d_f32_backward(x, w, dy, 1, 1)):
+                    np.testing.assert_array_equal(a, b)
+    finally:
+        edgelearn.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("xs,ws,stride,padding", CONV_CASES)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_conv2d_i8_equals_fp32_conv_of_dequantized_inputs(xs, ws, stride, padding, per_channel):

@@ -2,10 +2,10 @@
 //! orientation of the module docs; a 1x1 stride-1 unpadded convolution reads the image as its patch
 //! matrix.
 
-use rayon::prelude::*;
-
 use super::sums::sum_row;
-use super::{check_bias, for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape};
+use super::{
+    check_bias, fold_in_order, for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape,
+};
 use crate::error::Result;
 use crate::nn::im2col::col2im;
 use crate::nn::matmul::{sgemm, MatF32};
@@ -173,18 +173,10 @@ pub(super) fn backward(
             Ok(())
         };
     let zero = || (vec![0f32; o * k], vec![0f64; o]);
-    let (dw_acc, db_acc) = threads::install(|| {
-        dx_chunks
-            .into_par_iter()
-            .enumerate()
-            .try_fold(zero, |mut acc, (ci, dxc)| {
-                chunk(&mut acc, ci, dxc).map(|_| acc)
-            })
-            .try_reduce(zero, |mut a, b| {
-                a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
-                a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
-                Ok(a)
-            })
+    // Fixed groups, summed in order: the same bits on any thread count.
+    let (dw_acc, db_acc) = fold_in_order(dx_chunks, zero, chunk, |a, b| {
+        a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
+        a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
     })?;
     dw.copy_from_slice(&dw_acc);
     for (d, v) in db.iter_mut().zip(db_acc) {

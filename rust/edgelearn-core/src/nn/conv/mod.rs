@@ -259,3 +259,42 @@ fn for_each_chunk<T: Send>(
             .try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
     })
 }
+
+/// Groups of chunks whose partial sums [`fold_in_order`] keeps apart: a constant, so that a floating-point
+/// sum over chunks is grouped the same way on any thread count (up to this many groups run at once).
+const SUM_GROUPS: usize = 8;
+
+/// Runs `f(acc, chunk index, item)` over `items` in [`SUM_GROUPS`] contiguous groups spread over the pool,
+/// each group folding its chunks in order into its own accumulator, then adds the groups in order with
+/// `add`. Unlike a work-stealing fold, which chunks share an accumulator does not depend on the thread
+/// count or on scheduling, so FP32 sums (which are not associative) come out bit-identical on every run.
+/// Stops at the first error.
+fn fold_in_order<T: Send, A: Send>(
+    items: Vec<T>,
+    zero: impl Fn() -> A + Sync + Send,
+    f: impl Fn(&mut A, usize, T) -> Result<()> + Sync + Send,
+    add: impl Fn(&mut A, &A),
+) -> Result<A> {
+    let per_group = items.len().div_ceil(SUM_GROUPS).max(1);
+    let groups: Vec<Result<A>> = threads::install(|| {
+        items
+            .into_par_iter()
+            .enumerate()
+            .fold_chunks(
+                per_group,
+                || Ok(zero()),
+                |acc: Result<A>, (ci, item)| {
+                    let mut acc = acc?;
+                    f(&mut acc, ci, item)?;
+                    Ok(acc)
+                },
+            )
+            .collect()
+    });
+    let mut groups = groups.into_iter();
+    let mut total = groups.next().unwrap_or_else(|| Ok(zero()))?;
+    for g in groups {
+        add(&mut total, &g?);
+    }
+    Ok(total)
+}
