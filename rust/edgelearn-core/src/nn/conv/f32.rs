@@ -3,9 +3,11 @@
 //! matrix.
 
 use super::sums::sum_row;
-use super::{check_bias, fold_in_order, for_each_chunk, gather_rows, scatter_rows, ConvShape};
+use super::{
+    check_bias, fold_in_order, for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape,
+};
 use crate::error::Result;
-use crate::nn::im2col::{col2im, im2col};
+use crate::nn::im2col::col2im;
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{check_len, take_f32, Scratch};
 use crate::threads;
@@ -49,41 +51,25 @@ pub(super) fn forward(
     let nb = s.images_per_chunk(4, usize::MAX);
     for_each_chunk(y, o * p, nb, |n0, yc, par| {
         let nb = yc.len() / (o * p);
-        let xc = &x[n0 * xs..(n0 + nb) * xs];
+        let ld = nb * p;
+        let mut col = Scratch::default();
+        let cm = MatF32::row_major(
+            patch_matrix(&s, &x[n0 * xs..(n0 + nb) * xs], nb, &mut col)?,
+            k,
+            ld,
+        )?;
         if nb == 1 {
             if let Some(b) = bias {
                 for (row, &bv) in yc.chunks_exact_mut(p).zip(b) {
                     row.fill(bv);
                 }
             }
-            let mut col: Scratch<f32>;
-            let cm = if s.g.is_pointwise() {
-                MatF32::row_major(xc, k, p)?
-            } else {
-                col = take_f32(k * p)?;
-                im2col(xc, &s.g, &mut col, p);
-                MatF32::row_major(&col, k, p)?
-            };
             // SAFETY: `yc` is one image's O×P output.
             unsafe { sgemm(&wm, &cm, yc.as_mut_ptr(), p, bias.is_some(), par) };
         } else {
-            let ld = nb * p;
-            let mut col = take_f32(k * ld)?;
-            for i in 0..nb {
-                im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
-            }
             let mut out = take_f32(o * ld)?;
             // SAFETY: `out` is O×ld.
-            unsafe {
-                sgemm(
-                    &wm,
-                    &MatF32::row_major(&col, k, ld)?,
-                    out.as_mut_ptr(),
-                    ld,
-                    false,
-                    par,
-                )
-            };
+            unsafe { sgemm(&wm, &cm, out.as_mut_ptr(), ld, false, par) };
             scatter_rows(&out, ld, &s, nb, bias, yc);
         }
         Ok(())
@@ -167,19 +153,9 @@ pub(super) fn backward(
             }
             let dym = MatF32::row_major(dyt, o, ld)?;
             let xc = &x[n0 * xs..(n0 + nb) * xs];
-            let direct = s.g.is_pointwise() && nb == 1;
             let mut col = Scratch::default();
-            if !direct {
-                col = take_f32(k * ld)?;
-                for i in 0..nb {
-                    im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
-                }
-            }
-            let cm = if direct {
-                MatF32::row_major(xc, k, p)?
-            } else {
-                MatF32::row_major(&col, k, ld)?
-            };
+            let cm = MatF32::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
+            let direct = s.image_is_patch_matrix(nb);
             // SAFETY: the accumulator is O×K.
             unsafe { sgemm(&dym, &cm.t(), acc.0.as_mut_ptr(), k, true, par) };
             if let Some(dxc) = dxc {

@@ -5,10 +5,10 @@ use rayon::prelude::*;
 use super::grid::PaddedGrid;
 use super::plan::{ConvAlgo, DensePlan, WeightScales};
 use super::{check_bias, check_scalar_scale, check_weight_scale, direct, smallplane};
-use super::{for_each_chunk, gather_rows, scatter_rows, ConvShape};
+use super::{for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape};
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale, MAX_K_I32};
-use crate::nn::im2col::{col2im, im2col};
+use crate::nn::im2col::col2im;
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{check_len, take_f32, take_i8, Scratch};
 use crate::threads;
@@ -123,19 +123,8 @@ pub(super) fn forward(
         let nb = yc.len() / (o * p);
         let ld = nb * p;
         let xc = &xq[n0 * xs..(n0 + nb) * xs];
-        let direct = s.g.is_pointwise() && nb == 1;
         let mut col = Scratch::default();
-        if !direct {
-            col = take_i8(k * ld)?;
-            for i in 0..nb {
-                im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
-            }
-        }
-        let cm = if direct {
-            MatRef::row_major(xc, k, p)?
-        } else {
-            MatRef::row_major(&col, k, ld)?
-        };
+        let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
         if nb == 1 {
             gemm::gemm_i8_f32(&wm, &cm, sw, Scale::Scalar(sx), None, yc)?;
             if let Some(b) = bias {
@@ -295,21 +284,11 @@ pub(super) fn backward(
             &dyt_buf[..]
         };
         let dym = MatRef::row_major(dyt, o, ld)?;
-        let direct = s.g.is_pointwise() && nb == 1;
+        let direct = s.image_is_patch_matrix(nb);
         if want_dw {
             let xc = &xq[n0 * xs..(n0 + nb) * xs];
             let mut col = Scratch::default();
-            if !direct {
-                col = take_i8(k * ld)?;
-                for i in 0..nb {
-                    im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
-                }
-            }
-            let cm = if direct {
-                MatRef::row_major(xc, k, p)?
-            } else {
-                MatRef::row_major(&col, k, ld)?
-            };
+            let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
             // dW: exact INT32 products, summed in i64-exact f64 across chunks. Computed transposed,
             // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column
             // sums) and only the O columns of dYᵀ need the VNNI kernel's column sums.

@@ -49,7 +49,8 @@ pub use sums::channel_sums;
 
 use rayon::prelude::*;
 
-use super::{shape_len, Geometry, Window2d};
+use super::im2col::im2col;
+use super::{shape_len, Geometry, Scratch, ScratchElem, Window2d};
 use crate::error::{Error, Result};
 use crate::gemm::Scale;
 use crate::threads;
@@ -114,6 +115,11 @@ impl ConvShape {
     /// Elements of one input image.
     fn x_img(&self) -> usize {
         self.g.c * self.g.hw()
+    }
+    /// Whether a chunk of `nb` images is its own patch matrix (one image of a 1x1 stride-1 unpadded
+    /// convolution: `C × HW` is `K × P`), read in place by [`patch_matrix`].
+    fn image_is_patch_matrix(&self, nb: usize) -> bool {
+        self.g.is_pointwise() && nb == 1
     }
     /// Images per chunk: the chunk's patch matrix stays near `COL_BUDGET`, every thread gets a chunk,
     /// and the chunk's pixel count stays within `max_cols` (the INT32 bound of the `dW` product). A 1x1
@@ -210,6 +216,27 @@ fn gather_rows<T: Copy>(dy: &[T], s: &ConvShape, nb: usize, dst: &mut [T], ld: u
                 .copy_from_slice(&dy[(i * s.o + oc) * p..(i * s.o + oc + 1) * p]);
         }
     }
+}
+
+/// The `K × nb·P` patch matrix of the chunk `xc` of `nb` images (their patch matrices side by side, row
+/// stride `nb·P`): for one image of a 1x1 stride-1 unpadded convolution the image itself, read in place;
+/// else unfolded (im2col) into `col`, a scratch buffer taken here.
+fn patch_matrix<'a, T: ScratchElem>(
+    s: &ConvShape,
+    xc: &'a [T],
+    nb: usize,
+    col: &'a mut Scratch<T>,
+) -> Result<&'a [T]> {
+    if s.image_is_patch_matrix(nb) {
+        return Ok(xc);
+    }
+    let (p, xs) = (s.p(), s.x_img());
+    let ld = nb * p;
+    *col = Scratch::new(s.k() * ld)?;
+    for i in 0..nb {
+        im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
+    }
+    Ok(&col[..])
 }
 
 /// Runs `f(first_image, chunk_of_out, gemm_threaded)` for each chunk of `nb` images of the NCHW output
