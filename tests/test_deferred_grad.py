@@ -37,6 +37,21 @@ def test_deferred_grad_is_the_in_call_dw():
     assert dw is None
 
 
+def test_a_grouped_layer_returns_dw_in_the_call_even_when_asked_to_defer():
+    # the grouped kernels compute dW with dX anyway: deferring would compute it a second time
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 5, 5)).astype(np.float32)
+    w = (rng.standard_normal((6, 1, 3, 3)) * 0.3).astype(np.float32)
+    y, saved = _native.octo_forward(x, w, None, None, (1, 1), (1, 1), "stochastic", "nearest", "stochastic",
+                                    ("minmax", 0.95), False, 3, True, None, 6)
+    dy = (rng.standard_normal(y.shape) * 0.01).astype(np.float32)
+    dx0, dw0, *_ = _native.octo_backward(saved, dy, True, True, False, False, False)
+    dx1, dw1, *_ = _native.octo_backward(saved, dy, True, True, False, False, True)
+    assert isinstance(dw1, np.ndarray)
+    np.testing.assert_array_equal(dx0, dx1)
+    np.testing.assert_array_equal(dw0, dw1)
+
+
 def _grads(threads, defer):
     """Gradients of a small graph: a weight shared by two INT8 convolutions, and a weight that is an op's
     output (``w2 * 1``), so the sweep sums a deferred gradient and hands one to a non-leaf."""

@@ -135,6 +135,12 @@ impl Saved {
     pub fn has_compensation(&self) -> bool {
         self.comp.is_some()
     }
+    /// Whether splitting backward into [`backward_input`] and [`weight_grad`] costs no more than one
+    /// [`backward`] call: true for Linear and dense convolutions; a grouped convolution's `dX` pass
+    /// computes `dW` as well, so splitting it would compute `dW` twice.
+    pub fn splits_dw_for_free(&self) -> bool {
+        self.plan.as_ref().is_none_or(ConvPlan::dw_apart_is_free)
+    }
     /// Bytes held (codes and scales): what a layer keeps between forward and backward.
     pub fn nbytes(&self) -> usize {
         self.xq.len() + self.wq.len() + 4 * (self.sw.len() + 1)

@@ -204,7 +204,8 @@ type Opt<'py> = Option<Bound<'py, PyArrayDyn<f32>>>;
 /// Backward of `octo_forward` from the float32 output gradient `dy`: `(dx, dw, db, dalpha, dmu, dbeta)`,
 /// each `None` unless asked for (`need_comp` needs a Compensation fused in forward). With `defer_dw`
 /// (and `need_dw`) `dw` is a `DeferredGrad`: computed on another thread of the pool while the caller goes
-/// on (with one thread, here before returning); the same values either way.
+/// on (with one thread, here before returning); the same values either way. A grouped convolution computes
+/// `dW` with `dX` anyway, so it returns `dw` as an array even with `defer_dw`.
 #[pyfunction]
 #[pyo3(signature = (saved, dy, need_dx=true, need_dw=true, need_db=true, need_comp=false, defer_dw=false))]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
@@ -226,7 +227,8 @@ pub fn octo_backward<'py>(
     Opt<'py>,
 )> {
     let st = &saved.get().saved;
-    let defer_dw = defer_dw && need_dw;
+    // a grouped layer computes dW with dX anyway: deferring would compute it twice
+    let defer_dw = defer_dw && need_dw && st.splits_dw_for_free();
     let dy = f32_c("dy", dy)?;
     if dy.shape() != st.y_shape.as_slice() {
         return Err(value_error(

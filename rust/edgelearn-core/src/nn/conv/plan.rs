@@ -185,6 +185,12 @@ impl ConvPlan {
         }
     }
 
+    /// Whether [`backward_i8_parts`](Self::backward_i8_parts) computes `dX` without `dW` for less than
+    /// the joint call: false for the grouped kernels, which compute `dW` with `dX` anyway.
+    pub fn dw_apart_is_free(&self) -> bool {
+        matches!(self.kind, Kind::Dense(_))
+    }
+
     /// `(N, O, OH, OW)`.
     pub fn output(&self) -> [usize; 4] {
         match &self.kind {
