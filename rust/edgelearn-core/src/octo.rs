@@ -22,11 +22,13 @@
 
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
-use crate::nn::conv::{channel_sums, ConvPlan, WeightScales};
+use crate::nn::conv::{channel_sums, channel_sums_and_range, ConvPlan, WeightScales};
 use crate::nn::depthwise::GroupedParams;
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{shape_len, take_f32, take_i8, Scratch};
-use crate::quant::{quantize_into, Clip, Layout, Rounding};
+use crate::quant::{
+    non_finite_error, quantize_into, quantize_per_tensor_with_range, Clip, Layout, Rounding,
+};
 use crate::threads;
 
 /// XOR-ed into a step's seed for the rounding of its incoming gradient.
@@ -411,10 +413,18 @@ fn prologue(
         check_channels("dmu", m, o)?;
         check_channels("dbeta", b, o)?;
     }
+    let cfg = saved.config;
+    // The range of dY for its codes, when the channel sums below take it in the same read of dY.
+    let mut range = None;
     // Σ dY per output channel (the bias and Compensation gradients), in FP32 from the unclipped dY.
     if db.is_some() || comp.is_some() {
         let mut sums = take_f32(o)?;
-        channel_sums(dy, &saved.y_shape, &mut sums)?;
+        if need_codes && !matches!(cfg.prc, Clip::Sigma { .. }) {
+            range = channel_sums_and_range(dy, &saved.y_shape, &mut sums)?;
+        }
+        if range.is_none() {
+            channel_sums(dy, &saved.y_shape, &mut sums)?;
+        }
         if let Some((da, dm, dbeta)) = comp {
             let (alpha, mu) = saved.comp.as_ref().expect("checked above");
             for i in 0..o {
@@ -430,20 +440,22 @@ fn prologue(
     if !need_codes {
         return Ok(None);
     }
-    let cfg = saved.config;
     // a reused scratch buffer (no page faults on a fresh one)
     let mut gq = take_i8(dy.len())?;
-    let mut sg = [1f32];
     let rounding = cfg.grad_rounding.with_seed(saved.seed ^ GRAD_SEED_XOR);
-    quantize_into(
-        dy,
-        Layout::per_tensor(dy.len()),
-        rounding,
-        cfg.prc,
-        &mut gq,
-        &mut sg,
-    )?;
-    Ok(Some(GradCodes { gq, sg: sg[0] }))
+    let sg = match range {
+        Some((_, _, true)) => return Err(non_finite_error(dy)),
+        Some((lo, hi, false)) => {
+            quantize_per_tensor_with_range(dy, (lo, hi), rounding, cfg.prc, &mut gq)?
+        }
+        None => {
+            let mut sg = [1f32];
+            let layout = Layout::per_tensor(dy.len());
+            quantize_into(dy, layout, rounding, cfg.prc, &mut gq, &mut sg)?;
+            sg[0]
+        }
+    };
+    Ok(Some(GradCodes { gq, sg }))
 }
 
 /// `dX` and `dW` (each if given) from the gradient codes.

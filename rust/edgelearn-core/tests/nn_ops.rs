@@ -687,3 +687,33 @@ fn relu_forward_and_backward() {
     nn::relu_forward(&big, &mut out).unwrap();
     assert!(out.iter().zip(&big).all(|(&o, &v)| o == v.max(0.0)));
 }
+
+#[test]
+fn channel_sums_and_range_is_channel_sums_plus_min_max_bit_for_bit() {
+    let mut r = Rng(77);
+    // the last one large enough to be spread over the pool (with more than one thread)
+    for shape in [[3usize, 5, 17, 16], [2, 3, 20, 20], [4, 8, 48, 48]] {
+        let n: usize = shape.iter().product();
+        let mut x = r.f32s(n);
+        let (mut want, mut got) = (vec![0f32; shape[1]], vec![0f32; shape[1]]);
+        nn::channel_sums(&x, &shape, &mut want).unwrap();
+        let (lo, hi, bad) = nn::channel_sums_and_range(&x, &shape, &mut got)
+            .unwrap()
+            .expect("planes of at least 256 values");
+        assert_eq!(got, want, "{shape:?}");
+        let lo_ref = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi_ref = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!((lo, hi, bad), (lo_ref, hi_ref, false), "{shape:?}");
+        x[n / 2] = f32::NAN;
+        let (.., bad) = nn::channel_sums_and_range(&x, &shape, &mut got)
+            .unwrap()
+            .unwrap();
+        assert!(bad, "{shape:?}: NaN not seen");
+    }
+    // small planes: left to channel_sums (summed image by image there)
+    let x = r.f32s(2 * 3 * 7 * 7);
+    let mut out = vec![0f32; 3];
+    assert!(nn::channel_sums_and_range(&x, &[2, 3, 7, 7], &mut out)
+        .unwrap()
+        .is_none());
+}

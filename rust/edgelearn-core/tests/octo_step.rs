@@ -286,6 +286,8 @@ fn conv_step_is_the_fp32_step_of_the_dequantized_operands() {
         ([2, 6, 5, 5], [4, 6, 1, 1], (1, 1), (0, 0)),
         ([4, 16, 7, 7], [32, 16, 3, 3], (1, 1), (1, 1)),
         ([3, 4, 4, 4], [6, 4, 3, 3], (1, 1), (1, 1)),
+        // 16x16 output planes: the channel sums of dY and its range in one pass
+        ([2, 2, 16, 16], [3, 2, 3, 3], (1, 1), (1, 1)),
     ];
     for (i, config) in configs().into_iter().enumerate() {
         for (j, (xs, ws, stride, padding)) in geoms.iter().enumerate() {

@@ -36,8 +36,8 @@ pub use bn_relu::{
     batchnorm2d_relu_backward_i8, batchnorm2d_relu_forward_save_i8, ReluOut, ReluSaved,
 };
 pub use conv::{
-    channel_sums, conv2d_f32_backward, conv2d_f32_forward, conv2d_i8_backward, conv2d_i8_forward,
-    ConvAlgo, ConvPlan, ConvShape, WeightScales,
+    channel_sums, channel_sums_and_range, conv2d_f32_backward, conv2d_f32_forward,
+    conv2d_i8_backward, conv2d_i8_forward, ConvAlgo, ConvPlan, ConvShape, WeightScales,
 };
 pub use depthwise::{
     conv2d_grouped_f32_backward, conv2d_grouped_f32_forward, conv2d_grouped_i8_backward,

@@ -79,6 +79,18 @@ pub(super) struct ChannelStats {
     sd: Vec<f64>,
 }
 
+impl ChannelStats {
+    /// One channel's min and max (no moments: not for sigma clipping).
+    pub(super) fn of_range(min: f32, max: f32) -> Self {
+        ChannelStats {
+            min: vec![min],
+            max: vec![max],
+            mean: Vec::new(),
+            sd: Vec::new(),
+        }
+    }
+}
+
 /// First pass over one channel's data (or a chunk of it) plus, for sigma, the sum; returns min, max,
 /// sum, has-non-finite. Every run of the channel is visited in flat order.
 #[inline(always)]

@@ -45,7 +45,7 @@ mod sums;
 pub use self::f32::{conv2d_f32_backward, conv2d_f32_forward};
 pub use self::i8::{conv2d_i8_backward, conv2d_i8_forward};
 pub use plan::{ConvAlgo, ConvPlan, WeightScales};
-pub use sums::channel_sums;
+pub use sums::{channel_sums, channel_sums_and_range};
 
 use rayon::prelude::*;
 

@@ -1,8 +1,11 @@
 //! Per-channel sums of FP32 gradients (bias gradients): [`channel_sums`], and the row sum of the FP32
 //! convolution's `db`.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
-use crate::nn::check_len;
+use crate::nn::{check_len, worth_parallel};
+use crate::threads;
 
 /// Sum of a row, accumulated in f64 over 8 f32 lanes (fast and accurate enough for bias gradients).
 pub(super) fn sum_row(v: &[f32]) -> f64 {
@@ -81,6 +84,76 @@ fn channel_sums_body(x: &[f32], c: usize, plane: usize, out: &mut [f32]) {
         }
     }
 }
+}
+
+crate::simd::avx2_multiversion! {
+/// The plane sums ([`sum_lanes`]) of one image `im` (`C` planes of `plane` values) into `sums`, and the
+/// image's min, max and whether it holds a non-finite value (each plane read again while in L1).
+fn image_sums_and_range(im: &[f32], plane: usize, sums: &mut [f64]) -> (f32, f32, bool) {
+    let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for (s, p) in sums.iter_mut().zip(im.chunks_exact(plane)) {
+        *s = sum_lanes(p);
+        let (a, b, nf) = crate::quant::run_min_max(p);
+        lo = lo.min(a);
+        hi = hi.max(b);
+        bad |= nf;
+    }
+    (lo, hi, bad)
+}
+}
+
+/// [`channel_sums`] plus the min and max of `x` and whether it holds a non-finite value, in one read of
+/// `x` spread over the pool image by image: the Octo backward needs both of `dY` (the bias gradient and
+/// the range of its codes). Only where [`channel_sums`] sums plane by plane (planes of at least
+/// `CHANNEL_SUM_PLANE_MIN` values), with the same bits: plane sums added in plane order, whatever the
+/// thread count. `Ok(None)` (nothing written) for smaller planes, whose sums run faster image by image
+/// in [`channel_sums`].
+pub fn channel_sums_and_range(
+    x: &[f32],
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<Option<(f32, f32, bool)>> {
+    if shape.len() < 3 {
+        return Ok(None);
+    }
+    check_len("x", x.len(), shape)?;
+    let c = shape[1];
+    let plane: usize = shape[2..].iter().product();
+    let img = c * plane;
+    if out.len() != c || x.is_empty() || img == 0 {
+        return Ok(None); // channel_sums reports the mismatch or writes the zeros
+    }
+    if plane < CHANNEL_SUM_PLANE_MIN && img <= CHANNEL_SUM_ROWS_MAX {
+        return Ok(None);
+    }
+    let mut sums = vec![0f64; x.len() / plane];
+    let ranges: Vec<(f32, f32, bool)> = if worth_parallel(x.len()) {
+        threads::install(|| {
+            x.par_chunks_exact(img)
+                .zip(sums.par_chunks_exact_mut(c))
+                .map(|(im, s)| image_sums_and_range(im, plane, s))
+                .collect()
+        })
+    } else {
+        x.chunks_exact(img)
+            .zip(sums.chunks_exact_mut(c))
+            .map(|(im, s)| image_sums_and_range(im, plane, s))
+            .collect()
+    };
+    let mut acc = vec![0f64; c];
+    for (i, &s) in sums.iter().enumerate() {
+        acc[i % c] += s;
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a as f32;
+    }
+    let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for &(a, b, nf) in &ranges {
+        lo = lo.min(a);
+        hi = hi.max(b);
+        bad |= nf;
+    }
+    Ok(Some((lo, hi, bad)))
 }
 
 /// `out (C,) = Σ over every axis but 1` of `x` with `shape (N, C, rest...)`: the per-channel sum of an
