@@ -608,10 +608,21 @@ def cross_entropy(
     shifted = z - z.max(axis=1, keepdims=True)
     logsumexp = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     logp = shifted - logsumexp
-    q = np.full_like(logp, label_smoothing / c)
-    q[np.arange(n), t] += 1.0 - label_smoothing
-    per_sample = -(q * logp).sum(axis=1)
+    rows = np.arange(n)
     denom = float(n) if reduction == "mean" else 1.0
+    if label_smoothing == 0.0:
+        # one-hot targets: the same values as the smoothed form below without its (N, C) target array
+        loss = np.asarray(-logp[rows, t].sum() / max(denom, 1.0), dtype=z.dtype)
+
+        def backward(g: np.ndarray):
+            p = np.exp(logp)
+            p[rows, t] -= 1.0
+            return (p * (g / max(denom, 1.0))).astype(z.dtype, copy=False), None
+
+        return make_result(loss, (logits, None), backward, "cross_entropy")
+    q = np.full_like(logp, label_smoothing / c)
+    q[rows, t] += 1.0 - label_smoothing
+    per_sample = -(q * logp).sum(axis=1)
     loss = np.asarray(per_sample.sum() / max(denom, 1.0), dtype=z.dtype)
 
     def backward(g: np.ndarray):

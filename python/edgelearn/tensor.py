@@ -229,13 +229,14 @@ class Tensor:
                 parent_grads = node.backward(g, g_owned)
             else:
                 parent_grads = node.backward(g)
-            for i, (parent, pg) in enumerate(zip(node.parents, parent_grads)):
+            pg_ids = [id(q) for q in parent_grads] if node.owns_grads else None
+            for parent, pg in zip(node.parents, parent_grads):
                 if parent is None or pg is None:
                     continue
                 # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
                 # owned), and no other parent got the same array.
-                mine = (node.owns_grads and (pg is not g or g_owned) and type(pg) is np.ndarray
-                        and not any(q is pg for j, q in enumerate(parent_grads) if j != i))
+                mine = (pg_ids is not None and (pg is not g or g_owned) and type(pg) is np.ndarray
+                        and pg_ids.count(id(pg)) == 1)
                 pkey = id(parent)
                 prev = grads.get(pkey)
                 if prev is not None and (type(prev) is _Deferred or type(pg) is _Deferred):
@@ -255,7 +256,7 @@ class Tensor:
                     owned.add(pkey)  # a fresh sum
             node.backward = None  # free saved activations as soon as they are used
             node.parents = ()
-            parent_grads = pg = g = prev = None
+            parent_grads = pg = g = prev = pg_ids = None
         for leaf, pending in deferred:
             _accumulate_leaf(leaf, pending.wait(), fresh=True)
 
