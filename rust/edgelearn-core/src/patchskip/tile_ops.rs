@@ -368,28 +368,45 @@ fn window_len(cg: &ConvGeom, rect: Rect) -> usize {
     cg.in_shape[0] * wh * ww
 }
 
-/// Applies `ops` in order to one row segment of channel `ch`.
-#[inline(always)]
-fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
-    for op in ops {
-        match op {
-            Pointwise::Relu => row.iter_mut().for_each(|v| {
-                if *v < 0.0 {
-                    *v = 0.0
-                }
-            }),
-            Pointwise::Relu6 => row.iter_mut().for_each(|v| {
-                if *v < 0.0 {
-                    *v = 0.0
-                } else if *v > 6.0 {
-                    *v = 6.0
-                }
-            }),
-            Pointwise::Affine { a, b } => {
+crate::simd::avx2_multiversion! {
+    /// Applies `ops` in order to one row segment of channel `ch`, in place: the usual op lists (an affine
+    /// then a ReLU/ReLU6, or two affines then one) in one branch-free pass, others op by op; each element
+    /// sees the same operations in the same order either way.
+    fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
+        match ops {
+            [Pointwise::Affine { a, b }, Pointwise::Relu] => {
                 let (a, b) = (a[ch], b[ch]);
-                row.iter_mut().for_each(|v| *v = *v * a + b);
+                map_in_place(row, |v| relu(v * a + b))
+            }
+            [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
+                let (a, b) = (a[ch], b[ch]);
+                map_in_place(row, |v| relu6(v * a + b))
+            }
+            [Pointwise::Affine { a, b }, Pointwise::Affine { a: c, b: d }, Pointwise::Relu] => {
+                let (a, b, c, d) = (a[ch], b[ch], c[ch], d[ch]);
+                map_in_place(row, |v| relu((v * a + b) * c + d))
+            }
+            _ => {
+                for op in ops {
+                    match op {
+                        Pointwise::Relu => map_in_place(row, relu),
+                        Pointwise::Relu6 => map_in_place(row, relu6),
+                        Pointwise::Affine { a, b } => {
+                            let (a, b) = (a[ch], b[ch]);
+                            map_in_place(row, |v| v * a + b)
+                        }
+                    }
+                }
             }
         }
+    }
+}
+
+/// `row[i] = f(row[i])` (an index loop, as [`map_row`]).
+#[inline(always)]
+fn map_in_place(row: &mut [f32], f: impl Fn(f32) -> f32) {
+    for i in 0..row.len() {
+        row[i] = f(row[i]);
     }
 }
 
