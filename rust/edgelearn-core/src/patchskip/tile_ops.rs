@@ -24,7 +24,7 @@ use crate::nn::{
     conv2d_f32_forward, conv2d_grouped_f32_forward, conv2d_grouped_i8_forward, conv2d_i8_forward,
     take_f32, Geometry, GroupedParams, MatF32, Window2d,
 };
-use crate::quant::quantize_nearest_run;
+use crate::quant::{nearest_code, quantize_nearest_run};
 use crate::threads::{self, OutPtr};
 
 /// A half-open pixel rectangle `(y0, y1, x0, x1)` of an output map.
@@ -368,28 +368,45 @@ fn window_len(cg: &ConvGeom, rect: Rect) -> usize {
     cg.in_shape[0] * wh * ww
 }
 
-/// Applies `ops` in order to one row segment of channel `ch`.
-#[inline(always)]
-fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
-    for op in ops {
-        match op {
-            Pointwise::Relu => row.iter_mut().for_each(|v| {
-                if *v < 0.0 {
-                    *v = 0.0
-                }
-            }),
-            Pointwise::Relu6 => row.iter_mut().for_each(|v| {
-                if *v < 0.0 {
-                    *v = 0.0
-                } else if *v > 6.0 {
-                    *v = 6.0
-                }
-            }),
-            Pointwise::Affine { a, b } => {
+crate::simd::avx2_multiversion! {
+    /// Applies `ops` in order to one row segment of channel `ch`, in place: the usual op lists (an affine
+    /// then a ReLU/ReLU6, or two affines then one) in one branch-free pass, others op by op; each element
+    /// sees the same operations in the same order either way.
+    fn apply_ops(ops: &[Pointwise], ch: usize, row: &mut [f32]) {
+        match ops {
+            [Pointwise::Affine { a, b }, Pointwise::Relu] => {
                 let (a, b) = (a[ch], b[ch]);
-                row.iter_mut().for_each(|v| *v = *v * a + b);
+                map_in_place(row, |v| relu(v * a + b))
+            }
+            [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
+                let (a, b) = (a[ch], b[ch]);
+                map_in_place(row, |v| relu6(v * a + b))
+            }
+            [Pointwise::Affine { a, b }, Pointwise::Affine { a: c, b: d }, Pointwise::Relu] => {
+                let (a, b, c, d) = (a[ch], b[ch], c[ch], d[ch]);
+                map_in_place(row, |v| relu((v * a + b) * c + d))
+            }
+            _ => {
+                for op in ops {
+                    match op {
+                        Pointwise::Relu => map_in_place(row, relu),
+                        Pointwise::Relu6 => map_in_place(row, relu6),
+                        Pointwise::Affine { a, b } => {
+                            let (a, b) = (a[ch], b[ch]);
+                            map_in_place(row, |v| v * a + b)
+                        }
+                    }
+                }
             }
         }
+    }
+}
+
+/// `row[i] = f(row[i])` (an index loop, as [`map_row`]).
+#[inline(always)]
+fn map_in_place(row: &mut [f32], f: impl Fn(f32) -> f32) {
+    for i in 0..row.len() {
+        row[i] = f(row[i]);
     }
 }
 
@@ -419,20 +436,22 @@ unsafe fn scatter_band(
             // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
             let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
             let s0 = oc * ld + off + r * rs;
-            store_row(dst, &src[s0..s0 + rw], bias.map(|b| b[oc]), ops, oc);
-            if let Some((q, sx)) = codes {
-                // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
-                let qd = unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) };
-                quantize_row(dst, sx, qd);
-            }
+            // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
+            let row_codes = codes.map(|(q, sx)| {
+                (
+                    unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
+                    sx,
+                )
+            });
+            store_row(
+                dst,
+                &src[s0..s0 + rw],
+                bias.map(|b| b[oc]),
+                ops,
+                oc,
+                row_codes,
+            );
         }
-    }
-}
-
-crate::simd::avx2_multiversion! {
-    /// One row of the next layer's codes (see [`NextCodes`]).
-    fn quantize_row(x: &[f32], sx: f32, q: &mut [i8]) {
-        quantize_nearest_run(x, sx, q)
     }
 }
 
@@ -457,15 +476,52 @@ fn relu6(v: f32) -> f32 {
 }
 
 /// `dst[i] = f(src[i])` (an index loop: iterator adapters may stay out-of-line calls, which would not
-/// get the AVX2 build of the caller).
+/// get the AVX2 build of the caller). With `codes`, also writes the next layer's codes of the values written (see [`NextCodes`]; the bits
+/// of [`crate::quant::quantize_nearest_with_scale`]) while they are in registers. In vectors of
+/// [`LANES`], then the rest: band rows are short, and a loop the compiler unrolls to four vectors per
+/// step would run them on its scalar remainder.
 #[inline(always)]
-fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
+fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(&mut [i8], f32)>) {
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
-    for i in 0..n {
-        dst[i] = f(src[i]);
+    let full = n / LANES * LANES;
+    match codes {
+        None => {
+            for o in (0..full).step_by(LANES) {
+                let (d, s) = (&mut dst[o..o + LANES], &src[o..o + LANES]);
+                for i in 0..LANES {
+                    d[i] = f(s[i]);
+                }
+            }
+            for i in full..n {
+                dst[i] = f(src[i]);
+            }
+        }
+        Some((q, sx)) => {
+            let q = &mut q[..n];
+            for o in (0..full).step_by(LANES) {
+                let (d, c, s) = (
+                    &mut dst[o..o + LANES],
+                    &mut q[o..o + LANES],
+                    &src[o..o + LANES],
+                );
+                for i in 0..LANES {
+                    let v = f(s[i]);
+                    d[i] = v;
+                    c[i] = nearest_code(v, sx);
+                }
+            }
+            for i in full..n {
+                let v = f(src[i]);
+                dst[i] = v;
+                q[i] = nearest_code(v, sx);
+            }
+        }
     }
 }
+
+/// f32 lanes of an AVX2 vector: the step of the elementwise row loops.
+const LANES: usize = 8;
 
 /// `dst = ops(pre(src))` for channel `ch`, in one pass for the usual op lists (an affine, a ReLU or
 /// ReLU6, or an affine then one of them), else `pre` then [`apply_ops`]: each element sees the same
@@ -477,50 +533,72 @@ fn epilogue(
     pre: impl Fn(f32) -> f32 + Copy,
     ops: &[Pointwise],
     ch: usize,
+    codes: Option<(&mut [i8], f32)>,
 ) {
     match ops {
-        [] => map_row(dst, src, pre),
-        [Pointwise::Relu] => map_row(dst, src, |v| relu(pre(v))),
-        [Pointwise::Relu6] => map_row(dst, src, |v| relu6(pre(v))),
+        [] => map_row(dst, src, pre, codes),
+        [Pointwise::Relu] => map_row(dst, src, |v| relu(pre(v)), codes),
+        [Pointwise::Relu6] => map_row(dst, src, |v| relu6(pre(v)), codes),
         [Pointwise::Affine { a, b }] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| pre(v) * a + b)
+            map_row(dst, src, |v| pre(v) * a + b, codes)
         }
         [Pointwise::Affine { a, b }, Pointwise::Relu] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| relu(pre(v) * a + b))
+            map_row(dst, src, |v| relu(pre(v) * a + b), codes)
         }
         [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| relu6(pre(v) * a + b))
+            map_row(dst, src, |v| relu6(pre(v) * a + b), codes)
         }
         // an INT8 (Octo) conv's compensation, then batch norm
         [Pointwise::Affine { a, b }, Pointwise::Affine { a: c, b: d }, rest @ ..] => {
             let (a, b, c, d) = (a[ch], b[ch], c[ch], d[ch]);
             let two = move |v: f32| (pre(v) * a + b) * c + d;
             match rest {
-                [] => map_row(dst, src, two),
-                [Pointwise::Relu] => map_row(dst, src, |v| relu(two(v))),
-                [Pointwise::Relu6] => map_row(dst, src, |v| relu6(two(v))),
+                [] => map_row(dst, src, two, codes),
+                [Pointwise::Relu] => map_row(dst, src, |v| relu(two(v)), codes),
+                [Pointwise::Relu6] => map_row(dst, src, |v| relu6(two(v)), codes),
                 _ => {
-                    map_row(dst, src, two);
+                    map_row(dst, src, two, None);
                     apply_ops(rest, ch, dst);
+                    write_codes(dst, codes);
                 }
             }
         }
         _ => {
-            map_row(dst, src, pre);
+            map_row(dst, src, pre, None);
             apply_ops(ops, ch, dst);
+            write_codes(dst, codes);
+        }
+    }
+}
+
+/// The codes of `values` into `codes` when given (see [`map_row`]).
+#[inline(always)]
+fn write_codes(values: &[f32], codes: Option<(&mut [i8], f32)>) {
+    if let Some((q, sx)) = codes {
+        let n = q.len().min(values.len());
+        for i in 0..n {
+            q[i] = nearest_code(values[i], sx);
         }
     }
 }
 
 crate::simd::avx2_multiversion! {
-    /// One output row segment of channel `ch`: `dst = src (+ bias)`, then `ops` (see [`epilogue`]).
-    fn store_row(dst: &mut [f32], src: &[f32], bias: Option<f32>, ops: &[Pointwise], ch: usize) {
+    /// One output row segment of channel `ch`: `dst = src (+ bias)`, then `ops` (see [`epilogue`]), and
+    /// the next layer's codes of it when given.
+    fn store_row(
+        dst: &mut [f32],
+        src: &[f32],
+        bias: Option<f32>,
+        ops: &[Pointwise],
+        ch: usize,
+        codes: Option<(&mut [i8], f32)>,
+    ) {
         match bias {
-            None => epilogue(dst, src, |v| v, ops, ch),
-            Some(b) => epilogue(dst, src, move |v| v + b, ops, ch),
+            None => epilogue(dst, src, |v| v, ops, ch, codes),
+            Some(b) => epilogue(dst, src, move |v| v + b, ops, ch, codes),
         }
     }
 }

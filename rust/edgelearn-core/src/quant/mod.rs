@@ -389,6 +389,13 @@ pub(crate) fn quantize_nearest_run(x: &[f32], scale: f32, q: &mut [i8]) {
     )
 }
 
+/// The code [`quantize_nearest_run`] gives one value `x` under `scale` (the same bits), for callers that
+/// quantize values as they compute them.
+#[inline(always)]
+pub(crate) fn nearest_code(x: f32, scale: f32) -> i8 {
+    kernels::round_nearest(kernels::scaled(x, f32::NEG_INFINITY, f32::INFINITY, scale))
+}
+
 /// `(min, max, has non-finite)` of one contiguous run, on the SIMD first pass of [`quantize_into`]:
 /// combined over runs (min of mins, max of maxes) it gives the per-tensor scale `quantize_into` would
 /// take, for callers that scan the data in their own pass.
