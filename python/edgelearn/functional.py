@@ -410,11 +410,11 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
     if not recording and _take_donated(x) and xd is x.data:
         y = np.clip(xd, 0.0, 6.0, out=xd)
     else:
-        y = np.clip(xd, 0.0, 6.0)
+        y = _native.relu6_forward(xd)
     del xd
     if not recording:
         return _unrecorded(y)
-    return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+    return make_result(y, (x,), lambda g: (_native.relu6_backward(_c(g), y),), "relu6")
 
 
 def _with_mask(x: Tensor, xd: np.ndarray, forward_mask: Callable, name: str) -> Tensor:

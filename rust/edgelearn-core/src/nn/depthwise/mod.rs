@@ -290,6 +290,36 @@ impl GroupedShape {
     }
 }
 
+/// `dst.copy_from_slice(src)` for short runs, in fixed-size blocks the compiler turns into vector moves (the
+/// last block overlaps the one before it) instead of a `memcpy` call per run.
+#[inline(always)]
+fn copy_short<T: Copy>(src: &[T], dst: &mut [T]) {
+    fn blocks<T: Copy, const B: usize>(src: &[T], dst: &mut [T]) {
+        let n = src.len();
+        let mut i = 0;
+        loop {
+            let j = i.min(n - B); // the last block ends at n
+            let s: [T; B] = src[j..j + B].try_into().expect("B elements");
+            let d: &mut [T; B] = (&mut dst[j..j + B]).try_into().expect("B elements");
+            *d = s;
+            i += B;
+            if i >= n {
+                break;
+            }
+        }
+    }
+    debug_assert_eq!(src.len(), dst.len());
+    match src.len() {
+        n if n >= 16 => blocks::<T, 16>(src, dst),
+        n if n >= 4 => blocks::<T, 4>(src, dst),
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v;
+            }
+        }
+    }
+}
+
 /// The zero-padded, column-phased copy of one input plane: padded row `r` (`0..h + 2ph`), phase `φ`
 /// (`0..sw`) is the run `[(r·sw + φ)·wq ..][..wq]` holding padded columns `φ, φ + sw, …`.
 #[derive(Clone, Copy, Debug)]
@@ -340,13 +370,16 @@ impl Pad {
                 mid.fill(zero);
                 continue;
             }
-            for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
-                if sw == 1 {
-                    seg[..pw].fill(zero);
-                    seg[pw..pw + w].copy_from_slice(row);
-                    seg[pw + w..].fill(zero);
-                    continue;
+            if sw == 1 {
+                // one zero run for the plane's side borders, then the rows over it: short rows (a few
+                // to a few dozen elements) cost three library calls each when written border by border
+                mid.fill(zero);
+                for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
+                    copy_short(row, &mut seg[pw..pw + w]);
                 }
+                continue;
+            }
+            for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
                 for (phase, sub) in seg.chunks_exact_mut(wq).enumerate() {
                     // columns phase, phase + sw, …: before the row, the row's elements x0, x0 + sw, …, after
                     let j0 = pw.saturating_sub(phase).div_ceil(sw);
@@ -930,4 +963,56 @@ fn dw_i8(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_short_copies_every_length() {
+        for n in 0..40 {
+            let src: Vec<i16> = (0..n as i16).map(|v| v * 3 + 1).collect();
+            let mut dst = vec![-1i16; n];
+            copy_short(&src, &mut dst);
+            assert_eq!(dst, src, "length {n}");
+        }
+    }
+
+    #[test]
+    fn pad_fill_matches_padded_reference() {
+        for &(h, w, ph, pw, sw) in &[
+            (3, 5, 1, 1, 1),
+            (4, 17, 2, 1, 1),
+            (5, 33, 1, 2, 1),
+            (4, 7, 1, 1, 2),
+        ] {
+            let pad = Pad {
+                h,
+                w,
+                ph,
+                pw,
+                sh: 1,
+                sw,
+            };
+            let planes = 2;
+            let src: Vec<i32> = (0..(planes * h * w) as i32).map(|v| v + 1).collect();
+            let mut dst = vec![-7i32; planes * pad.plane_len()];
+            pad.fill(&src, &mut dst);
+            for p in 0..planes {
+                for r in 0..pad.hp() {
+                    for c in 0..w + 2 * pw {
+                        let inside = r >= ph && r < ph + h && c >= pw && c < pw + w;
+                        let want = if inside {
+                            src[p * h * w + (r - ph) * w + c - pw]
+                        } else {
+                            0
+                        };
+                        let got = dst[p * pad.plane_len() + pad.offset(r, c)];
+                        assert_eq!(got, want, "plane {p} row {r} col {c} of {h}x{w}");
+                    }
+                }
+            }
+        }
+    }
 }
