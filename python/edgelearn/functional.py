@@ -408,7 +408,8 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
     if save_mask and recording:
         return _with_mask(x, xd, _native.relu6_forward_mask, "relu6")
     if not recording and _take_donated(x) and xd is x.data:
-        y = np.clip(xd, 0.0, 6.0, out=xd)
+        # in place (x is an intermediate nobody else holds); np.clip is several times slower than this
+        y = np.minimum(np.maximum(xd, np.float32(0), out=xd), np.float32(6), out=xd)
     else:
         y = _native.relu6_forward(xd)
     del xd

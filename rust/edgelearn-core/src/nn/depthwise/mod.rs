@@ -320,6 +320,19 @@ fn copy_short<T: Copy>(src: &[T], dst: &mut [T]) {
     }
 }
 
+/// `dst[k] = src[2k]` for every `k` of `dst` (`src` holds at least `2·dst.len() − 1` elements), in pairs
+/// the compiler de-interleaves with vector shuffles.
+#[inline(always)]
+fn every_second<T: Copy>(src: &[T], dst: &mut [T]) {
+    let full = (src.len() / 2).min(dst.len());
+    for (d, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair[0];
+    }
+    if full < dst.len() {
+        dst[full] = src[2 * full];
+    }
+}
+
 /// The zero-padded, column-phased copy of one input plane: padded row `r` (`0..h + 2ph`), phase `φ`
 /// (`0..sw`) is the run `[(r·sw + φ)·wq ..][..wq]` holding padded columns `φ, φ + sw, …`.
 #[derive(Clone, Copy, Debug)]
@@ -358,41 +371,46 @@ impl Pad {
         let (hw, pl, wq, sw) = (self.h * self.w, self.plane_len(), self.wq(), self.sw);
         let (w, pw, run) = (self.w, self.pw, sw * wq);
         let zero = T::default();
+        // per column phase (strided planes): the zeros before the row's elements (j0), the row's first
+        // element in that phase (x0) and how many of them there are
+        let phases: Vec<(usize, usize, usize)> = (0..if sw > 1 { sw } else { 0 })
+            .map(|phase| {
+                let j0 = pw.saturating_sub(phase).div_ceil(sw);
+                let x0 = phase + sw * j0 - pw;
+                let count = if x0 < w { (w - x0).div_ceil(sw) } else { 0 };
+                (j0, x0, count)
+            })
+            .collect();
         for (sp, dp) in src
             .chunks_exact(hw.max(1))
             .zip(dst.chunks_exact_mut(pl.max(1)))
         {
-            let (top, rest) = dp.split_at_mut(self.ph * run);
-            top.fill(zero);
-            let (mid, bottom) = rest.split_at_mut(self.h * run);
-            bottom.fill(zero);
+            // one zero run for the whole plane, then the rows over it: short rows (a few to a few dozen
+            // elements) cost three library calls each when written border by border
+            dp.fill(zero);
             if w == 0 {
-                mid.fill(zero);
                 continue;
             }
+            let mid = &mut dp[self.ph * run..(self.ph + self.h) * run];
             if sw == 1 {
-                // one zero run for the plane's side borders, then the rows over it: short rows (a few
-                // to a few dozen elements) cost three library calls each when written border by border
-                mid.fill(zero);
                 for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
                     copy_short(row, &mut seg[pw..pw + w]);
                 }
                 continue;
             }
             for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
-                for (phase, sub) in seg.chunks_exact_mut(wq).enumerate() {
-                    // columns phase, phase + sw, …: before the row, the row's elements x0, x0 + sw, …, after
-                    let j0 = pw.saturating_sub(phase).div_ceil(sw);
-                    let x0 = phase + sw * j0 - pw;
-                    let count = if x0 < w { (w - x0).div_ceil(sw) } else { 0 };
-                    sub[..j0].fill(zero);
-                    for (d, &v) in sub[j0..j0 + count]
-                        .iter_mut()
-                        .zip(row[x0..].iter().step_by(sw))
-                    {
-                        *d = v;
+                for (sub, &(j0, x0, count)) in seg.chunks_exact_mut(wq).zip(&phases) {
+                    if count == 0 {
+                        continue;
                     }
-                    sub[j0 + count..].fill(zero);
+                    let (from, to) = (&row[x0..], &mut sub[j0..j0 + count]);
+                    if sw == 2 {
+                        every_second(from, to);
+                    } else {
+                        for (d, &v) in to.iter_mut().zip(from.iter().step_by(sw)) {
+                            *d = v;
+                        }
+                    }
                 }
             }
         }
