@@ -277,16 +277,25 @@ pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
     check_mask(mask.len(), dy.len())?;
     let parallel = worth_parallel(dy.len());
     for_each_chunk(dy, CHUNK, parallel, |i, dc| {
-        let mc = &mask[i * CHUNK / 8..];
-        #[cfg(target_arch = "x86_64")]
-        if elementwise_avx2() {
-            // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (checked above).
-            let full = unsafe { select_groups_avx2(dc, mc) };
-            return select_inplace(&mut dc[full * 8..], &mc[full..]);
-        }
-        select_inplace(dc, mc)
+        apply_mask(dc, &mask[i * CHUNK / 8..])
     });
     Ok(())
+}
+
+/// `dc[j] = 0` where bit `j` of the packed mask `mc` is clear (`mc` holds a byte per 8 elements of `dc`,
+/// the last one possibly partial).
+pub(super) fn apply_mask(dc: &mut [f32], mc: &[u8]) {
+    assert!(
+        mc.len() >= dc.len().div_ceil(8),
+        "a mask byte per 8 elements"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() {
+        // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (asserted above).
+        let full = unsafe { select_groups_avx2(dc, mc) };
+        return select_inplace(&mut dc[full * 8..], &mc[full..]);
+    }
+    select_inplace(dc, mc)
 }
 
 /// Whole groups of 8 of [`select_inplace`] with AVX2: the mask byte broadcast, each lane's bit tested into
