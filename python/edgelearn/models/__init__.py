@@ -12,7 +12,7 @@ reproducible model. Small inputs (28x28, 32x32): ``mobilenet_v2(small_input=True
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def mlp(in_features: int, *widths: int) -> nn.Sequential:
         widths = (256, 128, 10)
     if in_features < 1 or any(w < 1 for w in widths):
         raise ValueError(f"mlp: layer sizes must be positive, got {(in_features, *widths)}")
-    layers = [nn.Flatten()]
+    layers: List[nn.Module] = [nn.Flatten()]
     sizes = (in_features, *widths)
     for i in range(len(widths)):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))

@@ -113,7 +113,8 @@ class MobileNetV2(nn.Module):
                 from ..nn import init
 
                 m.weight.data[...] = (init.generator().standard_normal(m.weight.shape) * 0.01).astype(np.float32)
-                m.bias.data[...] = 0
+                if m.bias is not None:
+                    m.bias.data[...] = 0
 
     def split_chain(self) -> List[Tuple[str, nn.Module]]:
         """The parts ``forward`` applies in order, by name (where split learning may cut: ``features.7``,

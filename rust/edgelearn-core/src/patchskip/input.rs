@@ -5,7 +5,7 @@
 //! `v = u / 255`; RGB to one channel as BT.601 luma `0.299·R + 0.587·G + 0.114·B`, grey to three channels
 //! by repetition; then `(v − mean[c]) / std[c]` where given. [`gate_u8`] scores each patch on the bytes
 //! (no float frame at all when nothing changed), and only the flagged patches are converted
-//! ([`convert_rect`]) into the float reference the caches read.
+//! ([`U8Input::convert_rect`]) into the float reference the caches read.
 
 use super::region::{GateResult, TileMap};
 use crate::error::{Error, Result};

@@ -1,6 +1,6 @@
 //! The wire format (byte layout in the [module docs](super)): writing a header, and parsing a frame from
 //! untrusted bytes. [`parse`] checks the magic, version, every field, the lengths against the header
-//! (checked arithmetic, [`MAX_ELEMENTS`](super::MAX_ELEMENTS)), the exact frame length, the CRC, the
+//! (checked arithmetic, [`super::MAX_ELEMENTS`]), the exact frame length, the CRC, the
 //! permutation and the ranges before it returns; nothing it allocates is larger than the frame itself.
 //! It reads version 2 and version 1 (the same layout without flag bits 2 and 3, which it rejects there).
 

@@ -133,7 +133,7 @@ pub(crate) unsafe fn pack_b_4x16(
 
 /// `pack_b_rows` for 4-value groups and 16-column panels (the VNNI kernels' layout): per group, four
 /// 16-byte row loads become 64 packed bytes and the panel's column sums ([`store_group`]), with no
-/// bounds checks in the loop for whole panels (a [`RowsRef`] guarantees every row's `cols` bytes exist).
+/// bounds checks in the loop for whole panels (a [`RowsRef`](crate::gemm::RowsRef) guarantees every row's `cols` bytes exist).
 ///
 /// # Safety
 /// The CPU has AVX2; `out`/`sums` are as `pack_b` asks for (`ceil(n/16)` panels).

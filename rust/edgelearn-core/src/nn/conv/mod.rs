@@ -4,7 +4,7 @@
 //! names the algorithm ([`ConvAlgo`]): im2col + GEMM, the padded grid (GEMM or the direct VNNI kernel), one
 //! dense GEMM on small planes (per-tensor weight scales only), or the grouped/depthwise kernels of
 //! [`crate::nn::depthwise`]. The `conv2d_*` functions build a plan and run it. Files: [`plan`] (the choice
-//! and its dispatch), [`f32`] and [`i8`] (the two element types), [`grid`] (the padded grid: layouts and
+//! and its dispatch), [`f32`](mod@f32) and [`i8`](mod@i8) (the two element types), [`grid`] (the padded grid: layouts and
 //! scatter), [`direct`] (the AVX-512 VNNI direct kernel on that grid), [`smallplane`] (small planes as
 //! one dense GEMM), [`sums`] (channel sums: bias gradients). Not here: im2col itself ([`super::im2col`]), the
 //! GEMMs ([`crate::gemm`], [`super::matmul`]), quantization.

@@ -10,7 +10,7 @@
 //!   caller flushes the lanes to f64);
 //! - `dot_i8`: `sums[t] += Σ a[r·lda + k] · src[r·lds + offs[t] + k]` exactly (INT32 per row, i64 across).
 //!
-//! The kernels are `unsafe fn`s on raw pointers; [`Corr`] and [`Dot`] check every bound once and call
+//! The kernels are `unsafe fn`s on raw pointers; [`CorrTile`] and [`DotRowF32`]/[`DotRowI8`] check every bound once and call
 //! them. The choice follows the GEMM kernel ([`crate::gemm::active_kernel`], so `EDGELEARN_KERNEL` and
 //! `set_kernel` force both): `scalar` → scalar, `avx2`/`avxvnni` → AVX2, `avx512vnni` → AVX-512,
 //! `neon` → NEON, `dotprod`/`i8mm` → NEON with `sdot` for the INT8 weight gradient.

@@ -393,7 +393,7 @@ static GATHER_3X3: [u8; 64] = {
     idx
 };
 
-/// Where [`corr_i8_3x3_vnni`] puts the INT32 sums of up to 16 outputs (`m` masks the valid ones).
+/// Where [`corr_i8_3x3_vnni_add`]/[`corr_i8_3x3_vnni_scaled`] puts the INT32 sums of up to 16 outputs (`m` masks the valid ones).
 trait Store3x3 {
     type Out;
     unsafe fn store(&self, o: *mut Self::Out, m: __mmask16, acc: __m512i);
