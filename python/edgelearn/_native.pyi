@@ -35,6 +35,8 @@ __all__ = [
     "batchnorm2d_backward",
     "relu_forward",
     "relu_backward",
+    "relu6_forward",
+    "relu6_backward",
     "relu_forward_mask",
     "relu6_forward_mask",
     "relu_backward_mask",
@@ -203,6 +205,8 @@ def batchnorm2d_backward(
 ) -> tuple[_F32, _F32, _F32]: ...
 def relu_forward(x: _F32) -> _F32: ...
 def relu_backward(dy: _F32, y: _F32) -> _F32: ...
+def relu6_forward(x: _F32) -> _F32: ...
+def relu6_backward(dy: _F32, y: _F32) -> _F32: ...
 
 # ReLU saving a bit mask (uint8, packed) instead of its output. `out=` receives the result; passing the
 # input itself (out=x, out=dy) overwrites it in place.

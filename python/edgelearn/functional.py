@@ -408,13 +408,14 @@ def relu6(x: ArrayLike, save_mask: bool = False) -> Tensor:
     if save_mask and recording:
         return _with_mask(x, xd, _native.relu6_forward_mask, "relu6")
     if not recording and _take_donated(x) and xd is x.data:
-        y = np.clip(xd, 0.0, 6.0, out=xd)
+        # in place (x is an intermediate nobody else holds); np.clip is several times slower than this
+        y = np.minimum(np.maximum(xd, np.float32(0), out=xd), np.float32(6), out=xd)
     else:
-        y = np.clip(xd, 0.0, 6.0)
+        y = _native.relu6_forward(xd)
     del xd
     if not recording:
         return _unrecorded(y)
-    return make_result(y, (x,), lambda g: (np.where((y > 0) & (y < 6), g, np.float32(0)),), "relu6")
+    return make_result(y, (x,), lambda g: (_native.relu6_backward(_c(g), y),), "relu6")
 
 
 def _with_mask(x: Tensor, xd: np.ndarray, forward_mask: Callable, name: str) -> Tensor:

@@ -1,4 +1,4 @@
-//! ReLU forward and backward on flat buffers (any shape).
+//! ReLU and ReLU6 forward and backward on flat buffers (any shape).
 
 #[cfg(target_arch = "x86_64")]
 use super::elementwise_avx2;
@@ -20,23 +20,58 @@ fn same_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
 
 /// `y = max(x, 0)`; NaN stays NaN (like PyTorch).
 pub fn relu_forward(x: &[f32], y: &mut [f32]) -> Result<()> {
+    map_elements(x, y, |v| if v < 0.0 { 0.0 } else { v })
+}
+
+/// `dx = dy` where `y > 0`, else 0 (`y` is the forward output).
+pub fn relu_backward(dy: &[f32], y: &[f32], dx: &mut [f32]) -> Result<()> {
+    grad_where_output(dy, y, dx, |v| v > 0.0)
+}
+
+/// `y = min(max(x, 0), 6)`; NaN stays NaN (like `np.clip` and PyTorch).
+pub fn relu6_forward(x: &[f32], y: &mut [f32]) -> Result<()> {
+    map_elements(x, y, |v| {
+        let a = if v < 0.0 { 0.0 } else { v };
+        if a > 6.0 {
+            6.0
+        } else {
+            a
+        }
+    })
+}
+
+/// `dx = dy` where `0 < y < 6`, else 0 (`y` is the forward output): ReLU6's FP32 backward.
+pub fn relu6_backward(dy: &[f32], y: &[f32], dx: &mut [f32]) -> Result<()> {
+    grad_where_output(dy, y, dx, |v| v > 0.0 && v < 6.0)
+}
+
+/// `y = f(x)` element-wise, in parallel chunks for large inputs.
+#[inline(always)]
+fn map_elements(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Result<()> {
     same_len("y", y.len(), x.len())?;
     for_each_chunk(y, CHUNK, worth_parallel(x.len()), |i, yc| {
         for (o, &v) in yc.iter_mut().zip(&x[i * CHUNK..]) {
-            *o = if v < 0.0 { 0.0 } else { v };
+            *o = f(v);
         }
     });
     Ok(())
 }
 
-/// `dx = dy` where `y > 0`, else 0 (`y` is the forward output).
-pub fn relu_backward(dy: &[f32], y: &[f32], dx: &mut [f32]) -> Result<()> {
+/// `dx = dy` where `passes(y)`, else 0: the backward of an activation whose gradient is 1 or 0, read
+/// from its saved output `y`.
+#[inline(always)]
+fn grad_where_output(
+    dy: &[f32],
+    y: &[f32],
+    dx: &mut [f32],
+    passes: impl Fn(f32) -> bool + Sync + Send,
+) -> Result<()> {
     same_len("y", y.len(), dy.len())?;
     same_len("dx", dx.len(), dy.len())?;
     for_each_chunk(dx, CHUNK, worth_parallel(dy.len()), |i, dc| {
         let (d, yv) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
         for ((o, &g), &v) in dc.iter_mut().zip(d).zip(yv) {
-            *o = if v > 0.0 { g } else { 0.0 };
+            *o = if passes(v) { g } else { 0.0 };
         }
     });
     Ok(())
@@ -242,16 +277,25 @@ pub fn relu_backward_mask_inplace(dy: &mut [f32], mask: &[u8]) -> Result<()> {
     check_mask(mask.len(), dy.len())?;
     let parallel = worth_parallel(dy.len());
     for_each_chunk(dy, CHUNK, parallel, |i, dc| {
-        let mc = &mask[i * CHUNK / 8..];
-        #[cfg(target_arch = "x86_64")]
-        if elementwise_avx2() {
-            // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (checked above).
-            let full = unsafe { select_groups_avx2(dc, mc) };
-            return select_inplace(&mut dc[full * 8..], &mc[full..]);
-        }
-        select_inplace(dc, mc)
+        apply_mask(dc, &mask[i * CHUNK / 8..])
     });
     Ok(())
+}
+
+/// `dc[j] = 0` where bit `j` of the packed mask `mc` is clear (`mc` holds a byte per 8 elements of `dc`,
+/// the last one possibly partial).
+pub(super) fn apply_mask(dc: &mut [f32], mc: &[u8]) {
+    assert!(
+        mc.len() >= dc.len().div_ceil(8),
+        "a mask byte per 8 elements"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() {
+        // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `dc` (asserted above).
+        let full = unsafe { select_groups_avx2(dc, mc) };
+        return select_inplace(&mut dc[full * 8..], &mc[full..]);
+    }
+    select_inplace(dc, mc)
 }
 
 /// Whole groups of 8 of [`select_inplace`] with AVX2: the mask byte broadcast, each lane's bit tested into
@@ -353,5 +397,15 @@ mod tests {
             .zip(&y)
             .any(|(a, b)| a.to_bits() != b.to_bits()));
         assert!(relu6_forward_mask(&x, &mut y[1..], &mut m).is_err());
+        // the FP32 pair (output kept instead of the mask) gives the same output and gradient
+        let mut y32 = vec![9.0f32; n];
+        relu6_forward(&x, &mut y32).unwrap();
+        assert!(y32.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 - 6.0).collect();
+        let (mut dx, mut dx_mask) = (vec![9.0f32; n], vec![9.0f32; n]);
+        relu6_backward(&dy, &y32, &mut dx).unwrap();
+        relu_backward_mask(&dy, &m, &mut dx_mask).unwrap();
+        assert_eq!(dx, dx_mask);
+        assert!(relu6_backward(&dy, &y32[1..], &mut dx).is_err());
     }
 }

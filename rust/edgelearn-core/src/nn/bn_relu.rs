@@ -9,7 +9,8 @@
 //!   [`NO_GRAD`] (ReLU passes no gradient there). Without pooling, ReLU and its mask follow in the same call.
 //! - backward: with pooling, the gradient is scattered to the argmax and the BatchNorm sums taken in the same
 //!   pass over each plane, then the BatchNorm affine map runs in place; without, ReLU's mask is applied and
-//!   BatchNorm's backward runs in place.
+//!   the BatchNorm sums taken in the same pass over each plane (planes of a multiple of 8 elements, which
+//!   start on a mask byte), then the affine map runs in place.
 //!
 //! Results are those of the unfused ops on finite input, bit for bit (same per-element arithmetic, same
 //! per-(image, channel) sums added in image order), so also the same whatever the thread count.
@@ -178,9 +179,16 @@ pub fn batchnorm2d_relu_backward_i8(
 ) -> Result<()> {
     let idx = match (saved, dx.is_some()) {
         (ReluSaved::Mask(mask), false) => {
-            super::relu_backward_mask_inplace(dy, mask)?;
-            return super::batchnorm2d_backward_i8_inplace(
-                dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
+            let hw = shape[2] * shape[3];
+            if hw % 8 != 0 || hw == 0 || dy.len() != xq.len() {
+                // planes that do not start on a mask byte (or shapes the unfused ops reject)
+                super::relu_backward_mask_inplace(dy, mask)?;
+                return super::batchnorm2d_backward_i8_inplace(
+                    dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
+                );
+            }
+            return masked_backward_i8_inplace(
+                dy, mask, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
             );
         }
         (ReluSaved::Pool2x2(idx), true) => idx,
@@ -249,4 +257,140 @@ pub fn batchnorm2d_relu_backward_i8(
         );
     });
     Ok(())
+}
+
+/// The mask form of [`batchnorm2d_relu_backward_i8`] for planes of a multiple of 8 elements: plane by plane,
+/// ReLU's mask is applied to `dy` and the BatchNorm sums taken while the plane is in cache, then the affine
+/// map runs in place. The same bits as the mask pass followed by [`super::batchnorm2d_backward_i8_inplace`].
+#[allow(clippy::too_many_arguments)]
+fn masked_backward_i8_inplace(
+    dy: &mut [f32],
+    mask: &[u8],
+    xq: &[i8],
+    x_scale: f32,
+    shape: [usize; 4],
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    if !(x_scale.is_finite() && x_scale > 0.0) {
+        return Err(Error::invalid(
+            "x_scale",
+            format!("must be finite and > 0, got {x_scale}"),
+        ));
+    }
+    let [n, c, h, w] = shape;
+    let hw = h * w;
+    check_len("xq", xq.len(), &shape)?;
+    check_len("dy", dy.len(), &shape)?;
+    check_len("mask", mask.len(), &[super::relu_mask_len(dy.len())])?;
+    check_len("mean", mean.len(), &[c])?;
+    check_len("invstd", invstd.len(), &[c])?;
+    check_len("dgamma", dgamma.len(), &[c])?;
+    check_len("dbeta", dbeta.len(), &[c])?;
+    if let Some(g) = gamma {
+        check_len("gamma", g.len(), &[c])?;
+    }
+    debug_assert!(hw % 8 == 0 && hw > 0);
+    let parallel = worth_parallel(dy.len());
+    let mut parts = vec![(0f64, 0f64); n * c];
+    for_each_chunk2(dy, hw, &mut parts, 1, parallel, |plane, dp, part| {
+        super::activation::apply_mask(dp, &mask[plane * hw / 8..(plane + 1) * hw / 8]);
+        part[0] = grad_sums(
+            dp,
+            &xq[plane * hw..(plane + 1) * hw],
+            x_scale,
+            mean[plane % c],
+        );
+    });
+    let sums = sum_in_image_order(&parts, c, |&s| s);
+    let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
+    for_each_chunk(dy, hw, parallel, |plane, dp| {
+        affine3(
+            dp,
+            None,
+            &xq[plane * hw..(plane + 1) * hw],
+            x_scale,
+            coef[plane % c],
+        );
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused mask backward gives the bits of the two unfused calls (mask pass, then BatchNorm's
+    /// in-place int8 backward), on planes that start on a mask byte and on planes that do not.
+    #[test]
+    fn mask_backward_equals_unfused_calls() {
+        for shape in [[3, 4, 4, 4], [2, 3, 8, 5], [2, 2, 3, 3]] {
+            let len: usize = shape.iter().product();
+            let c = shape[1];
+            let xq: Vec<i8> = (0..len)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let dy: Vec<f32> = (0..len)
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            let mask: Vec<u8> = (0..super::super::relu_mask_len(len))
+                .map(|i| (i * 91 % 256) as u8)
+                .collect();
+            let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32).collect();
+            let mean: Vec<f32> = (0..c).map(|i| 0.1 * i as f32 - 0.2).collect();
+            let invstd: Vec<f32> = (0..c).map(|i| 1.0 + 0.3 * i as f32).collect();
+            let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
+            let mut fused = dy.clone();
+            batchnorm2d_relu_backward_i8(
+                &mut fused,
+                ReluSaved::Mask(&mask),
+                &xq,
+                0.02,
+                shape,
+                Some(&gamma),
+                &mean,
+                &invstd,
+                None,
+                &mut dg,
+                &mut db,
+            )
+            .unwrap();
+            let (mut dg_ref, mut db_ref) = (vec![0f32; c], vec![0f32; c]);
+            let mut unfused = dy.clone();
+            super::super::relu_backward_mask_inplace(&mut unfused, &mask).unwrap();
+            super::super::batchnorm2d_backward_i8_inplace(
+                &mut unfused,
+                &xq,
+                0.02,
+                shape,
+                Some(&gamma),
+                &mean,
+                &invstd,
+                &mut dg_ref,
+                &mut db_ref,
+            )
+            .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused), bits(&unfused), "dx of {shape:?}");
+            assert_eq!(bits(&dg), bits(&dg_ref), "dgamma of {shape:?}");
+            assert_eq!(bits(&db), bits(&db_ref), "dbeta of {shape:?}");
+            assert!(batchnorm2d_relu_backward_i8(
+                &mut fused,
+                ReluSaved::Mask(&mask[1..]),
+                &xq,
+                0.02,
+                shape,
+                Some(&gamma),
+                &mean,
+                &invstd,
+                None,
+                &mut dg,
+                &mut db,
+            )
+            .is_err());
+        }
+    }
 }

@@ -24,9 +24,9 @@ pub mod optim;
 pub mod pool;
 
 pub use activation::{
-    relu6_forward_mask, relu6_forward_mask_inplace, relu_backward, relu_backward_mask,
-    relu_backward_mask_inplace, relu_forward, relu_forward_mask, relu_forward_mask_inplace,
-    relu_mask_len,
+    relu6_backward, relu6_forward, relu6_forward_mask, relu6_forward_mask_inplace, relu_backward,
+    relu_backward_mask, relu_backward_mask_inplace, relu_forward, relu_forward_mask,
+    relu_forward_mask_inplace, relu_mask_len,
 };
 pub use batchnorm::{
     batchnorm2d_backward, batchnorm2d_backward_i8, batchnorm2d_backward_i8_inplace,

@@ -221,30 +221,32 @@ unsafe fn quantize_uniform_avx512(
         _mm512_set1_ps(FAST_DIV_MARGIN),
         _mm512_set1_ps(0.5 - FAST_DIV_MARGIN),
     );
-    // |v − the nearest integer to v|
-    let off_int = |v: __m512| {
-        _mm512_abs_ps(_mm512_sub_ps(
-            v,
-            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-        ))
-    };
+    let abs = |v: __m512| _mm512_abs_ps(v);
+    // activations are not clipped (lo, hi = ∓inf): no clip operations then
+    let clips = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
     let (ptr, out) = (xs.as_ptr(), qs.as_mut_ptr());
     let mut i = 0;
     while i < n {
         let mut q = [_mm512_setzero_si512(); 4];
         for (b, qb) in q.iter_mut().enumerate() {
             let v = _mm512_loadu_ps(ptr.add(i + 16 * b));
-            let xc = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
-            let clamp = |t: __m512| _mm512_min_ps(_mm512_max_ps(t, qlo), qhi);
-            let mut t = clamp(_mm512_mul_ps(xc, vinv));
-            let exact = |xc: __m512| clamp(_mm512_div_ps(xc, vs));
+            let xc = if clips {
+                _mm512_min_ps(_mm512_max_ps(v, vlo), vhi)
+            } else {
+                v
+            };
             *qb = match noise {
                 None => {
-                    // near a half-integer: the division decides
-                    if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(off_int(t), half_less_margin) != 0 {
-                        t = exact(xc);
+                    let clamp = |t: __m512| _mm512_min_ps(_mm512_max_ps(t, qlo), qhi);
+                    let mut t = clamp(_mm512_mul_ps(xc, vinv));
+                    let mut s = _mm512_add_ps(t, magic);
+                    // near a half-integer (|t − nearest integer| = |t − (s − magic)|): the division decides
+                    let off = abs(_mm512_sub_ps(t, _mm512_sub_ps(s, magic)));
+                    if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(off, half_less_margin) != 0 {
+                        t = clamp(_mm512_div_ps(xc, vs));
+                        s = _mm512_add_ps(t, magic);
                     }
-                    _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(t, magic)), magic_bits)
+                    _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits)
                 }
                 Some((key, lo32)) => {
                     // hash32(index + key) for 16 consecutive indices (wrapping u32 arithmetic)
@@ -256,14 +258,21 @@ unsafe fn quantize_uniform_avx512(
                     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68bu32 as i32));
                     h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
                     let u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)), inv24);
-                    let mut v = _mm512_add_ps(t, u);
-                    // near an integer: the division decides
-                    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off_int(v), margin) != 0 {
-                        v = _mm512_add_ps(exact(xc), u);
+                    // Only the lower clamp of `scaled` is applied here: above 127 the sum is ≥ 127 and the
+                    // final cap gives 127 either way, while below −127 the clamp matters (−127 + u can round
+                    // up to −126, which the reference gives).
+                    let low = |t: __m512| _mm512_max_ps(t, qlo);
+                    let mut v = _mm512_add_ps(low(_mm512_mul_ps(xc, vinv)), u);
+                    let mut s = _mm512_add_ps(v, magic);
+                    let mut r = _mm512_sub_ps(s, magic); // v rounded to the nearest integer
+                                                         // near an integer: the division decides
+                    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs(_mm512_sub_ps(v, r)), margin) != 0 {
+                        v = _mm512_add_ps(low(_mm512_div_ps(xc, vs)), u);
+                        s = _mm512_add_ps(v, magic);
+                        r = _mm512_sub_ps(s, magic);
                     }
-                    let s = _mm512_add_ps(v, magic);
                     let nearest = _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits);
-                    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_sub_ps(s, magic), v);
+                    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(r, v);
                     let floor = _mm512_mask_sub_epi32(nearest, up, nearest, _mm512_set1_epi32(1));
                     _mm512_min_epi32(floor, _mm512_set1_epi32(QMAX as i32))
                 }

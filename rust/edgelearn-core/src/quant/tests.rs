@@ -349,3 +349,42 @@ fn quantize_with_scale_matches_quantize_into_and_absmax() {
     assert!(quantize_nearest_with_scale(&x, 1.0, &mut q2[..5]).is_err());
     assert_eq!(scale_for_absmax(0.0), 1.0);
 }
+
+/// Where `x/scale` falls just below −127 and the noise is within 2^-18 of 1, the reference (clamp to −127,
+/// then add `u`) rounds the sum up to −126: the SIMD kernels, which clamp only from below before adding
+/// the noise, must give the same codes, as at the top of the range.
+#[test]
+fn stochastic_codes_at_the_range_ends_with_noise_near_one_equal_the_reference() {
+    let seed = 7u64;
+    // elements whose noise is within 2^-18 of 1 (about one in 2^18)
+    let near_one: Vec<usize> = (0..4_000_000usize)
+        .filter(|&i| stochastic_uniform(seed, i as u64) >= 1.0 - 1.0 / (1 << 18) as f32)
+        .take(4)
+        .collect();
+    assert!(!near_one.is_empty());
+    let n = near_one.last().unwrap() + 100;
+    // an absmax whose scale makes -amax/scale fall below -127 (and amax/scale above 127)
+    let amax = (1..1000)
+        .map(|k| 1.0f32 + k as f32 * 0.001)
+        .find(|&a| {
+            let s = scale_for_absmax(a);
+            -a * (1.0 / s) < -127.0 && -a / s < -127.0
+        })
+        .expect("a scale that rounds down");
+    for sign in [-1.0f32, 1.0] {
+        let mut x: Vec<f32> = (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+        x[0] = -sign * amax;
+        for &i in &near_one {
+            x[i] = sign * amax;
+        }
+        let (q, s) = quantize_per_tensor(&x, Rounding::Stochastic { seed }, Clip::None).unwrap();
+        assert_eq!(s, scale_for_absmax(amax));
+        for &i in &near_one {
+            let want = round_stochastic(
+                scaled(x[i], f32::NEG_INFINITY, f32::INFINITY, s),
+                stochastic_uniform(seed, i as u64),
+            );
+            assert_eq!(q[i], want, "element {i} of sign {sign}");
+        }
+    }
+}

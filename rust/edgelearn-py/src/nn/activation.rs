@@ -14,15 +14,7 @@ fn relu_forward<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let x = In::<f32>::new("x", x, "float32", None)?;
-    let y = empty::<f32>(py, "y", &x.shape)?;
-    {
-        let mut yw = y.readwrite();
-        let yv = as_mut(&mut yw)?;
-        let xv = x.slice();
-        py.detach(|| nn::relu_forward(xv, yv)).py()?;
-    }
-    Ok(y)
+    map_new(py, x, nn::relu_forward)
 }
 
 /// `dy * (y > 0)` (y is relu_forward's output).
@@ -31,6 +23,52 @@ fn relu_backward<'py>(
     py: Python<'py>,
     dy: &Bound<'py, PyAny>,
     y: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    grad_from_output(py, dy, y, nn::relu_backward)
+}
+
+/// `min(max(x, 0), 6)` for a float32 array of any shape (NaN stays NaN).
+#[pyfunction]
+fn relu6_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    map_new(py, x, nn::relu6_forward)
+}
+
+/// `dy * (0 < y < 6)` (y is relu6_forward's output).
+#[pyfunction]
+fn relu6_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    grad_from_output(py, dy, y, nn::relu6_backward)
+}
+
+/// A new array `op(x)` of `x`'s shape.
+fn map_new<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    op: fn(&[f32], &mut [f32]) -> edgelearn_core::Result<()>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let x = In::<f32>::new("x", x, "float32", None)?;
+    let y = empty::<f32>(py, "y", &x.shape)?;
+    {
+        let mut yw = y.readwrite();
+        let yv = as_mut(&mut yw)?;
+        let xv = x.slice();
+        py.detach(|| op(xv, yv)).py()?;
+    }
+    Ok(y)
+}
+
+/// A new array `dx = op(dy, y)` from an activation's output gradient and its saved output `y`.
+fn grad_from_output<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+    op: fn(&[f32], &[f32], &mut [f32]) -> edgelearn_core::Result<()>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let dy = In::<f32>::new("dy", dy, "float32", None)?;
     let y = In::<f32>::new("y", y, "float32", None)?;
@@ -45,7 +83,7 @@ fn relu_backward<'py>(
         let mut w = dx.readwrite();
         let dxv = as_mut(&mut w)?;
         let (dyv, yv) = (dy.slice(), y.slice());
-        py.detach(|| nn::relu_backward(dyv, yv, dxv)).py()?;
+        py.detach(|| op(dyv, yv, dxv)).py()?;
     }
     Ok(dx)
 }
@@ -155,6 +193,8 @@ fn relu_backward_mask<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(relu_forward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(relu6_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(relu6_backward, m)?)?;
     m.add_function(wrap_pyfunction!(relu_forward_mask, m)?)?;
     m.add_function(wrap_pyfunction!(relu6_forward_mask, m)?)?;
     m.add_function(wrap_pyfunction!(relu_backward_mask, m)?)?;

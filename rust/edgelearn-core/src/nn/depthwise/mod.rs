@@ -290,6 +290,49 @@ impl GroupedShape {
     }
 }
 
+/// `dst.copy_from_slice(src)` for short runs, in fixed-size blocks the compiler turns into vector moves (the
+/// last block overlaps the one before it) instead of a `memcpy` call per run.
+#[inline(always)]
+fn copy_short<T: Copy>(src: &[T], dst: &mut [T]) {
+    fn blocks<T: Copy, const B: usize>(src: &[T], dst: &mut [T]) {
+        let n = src.len();
+        let mut i = 0;
+        loop {
+            let j = i.min(n - B); // the last block ends at n
+            let s: [T; B] = src[j..j + B].try_into().expect("B elements");
+            let d: &mut [T; B] = (&mut dst[j..j + B]).try_into().expect("B elements");
+            *d = s;
+            i += B;
+            if i >= n {
+                break;
+            }
+        }
+    }
+    debug_assert_eq!(src.len(), dst.len());
+    match src.len() {
+        n if n >= 16 => blocks::<T, 16>(src, dst),
+        n if n >= 4 => blocks::<T, 4>(src, dst),
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// `dst[k] = src[2k]` for every `k` of `dst` (`src` holds at least `2·dst.len() − 1` elements), in pairs
+/// the compiler de-interleaves with vector shuffles.
+#[inline(always)]
+fn every_second<T: Copy>(src: &[T], dst: &mut [T]) {
+    let full = (src.len() / 2).min(dst.len());
+    for (d, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair[0];
+    }
+    if full < dst.len() {
+        dst[full] = src[2 * full];
+    }
+}
+
 /// The zero-padded, column-phased copy of one input plane: padded row `r` (`0..h + 2ph`), phase `φ`
 /// (`0..sw`) is the run `[(r·sw + φ)·wq ..][..wq]` holding padded columns `φ, φ + sw, …`.
 #[derive(Clone, Copy, Debug)]
@@ -328,38 +371,46 @@ impl Pad {
         let (hw, pl, wq, sw) = (self.h * self.w, self.plane_len(), self.wq(), self.sw);
         let (w, pw, run) = (self.w, self.pw, sw * wq);
         let zero = T::default();
+        // per column phase (strided planes): the zeros before the row's elements (j0), the row's first
+        // element in that phase (x0) and how many of them there are
+        let phases: Vec<(usize, usize, usize)> = (0..if sw > 1 { sw } else { 0 })
+            .map(|phase| {
+                let j0 = pw.saturating_sub(phase).div_ceil(sw);
+                let x0 = phase + sw * j0 - pw;
+                let count = if x0 < w { (w - x0).div_ceil(sw) } else { 0 };
+                (j0, x0, count)
+            })
+            .collect();
         for (sp, dp) in src
             .chunks_exact(hw.max(1))
             .zip(dst.chunks_exact_mut(pl.max(1)))
         {
-            let (top, rest) = dp.split_at_mut(self.ph * run);
-            top.fill(zero);
-            let (mid, bottom) = rest.split_at_mut(self.h * run);
-            bottom.fill(zero);
+            // one zero run for the whole plane, then the rows over it: short rows (a few to a few dozen
+            // elements) cost three library calls each when written border by border
+            dp.fill(zero);
             if w == 0 {
-                mid.fill(zero);
+                continue;
+            }
+            let mid = &mut dp[self.ph * run..(self.ph + self.h) * run];
+            if sw == 1 {
+                for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
+                    copy_short(row, &mut seg[pw..pw + w]);
+                }
                 continue;
             }
             for (row, seg) in sp.chunks_exact(w).zip(mid.chunks_exact_mut(run.max(1))) {
-                if sw == 1 {
-                    seg[..pw].fill(zero);
-                    seg[pw..pw + w].copy_from_slice(row);
-                    seg[pw + w..].fill(zero);
-                    continue;
-                }
-                for (phase, sub) in seg.chunks_exact_mut(wq).enumerate() {
-                    // columns phase, phase + sw, …: before the row, the row's elements x0, x0 + sw, …, after
-                    let j0 = pw.saturating_sub(phase).div_ceil(sw);
-                    let x0 = phase + sw * j0 - pw;
-                    let count = if x0 < w { (w - x0).div_ceil(sw) } else { 0 };
-                    sub[..j0].fill(zero);
-                    for (d, &v) in sub[j0..j0 + count]
-                        .iter_mut()
-                        .zip(row[x0..].iter().step_by(sw))
-                    {
-                        *d = v;
+                for (sub, &(j0, x0, count)) in seg.chunks_exact_mut(wq).zip(&phases) {
+                    if count == 0 {
+                        continue;
                     }
-                    sub[j0 + count..].fill(zero);
+                    let (from, to) = (&row[x0..], &mut sub[j0..j0 + count]);
+                    if sw == 2 {
+                        every_second(from, to);
+                    } else {
+                        for (d, &v) in to.iter_mut().zip(from.iter().step_by(sw)) {
+                            *d = v;
+                        }
+                    }
                 }
             }
         }
@@ -930,4 +981,56 @@ fn dw_i8(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_short_copies_every_length() {
+        for n in 0..40 {
+            let src: Vec<i16> = (0..n as i16).map(|v| v * 3 + 1).collect();
+            let mut dst = vec![-1i16; n];
+            copy_short(&src, &mut dst);
+            assert_eq!(dst, src, "length {n}");
+        }
+    }
+
+    #[test]
+    fn pad_fill_matches_padded_reference() {
+        for &(h, w, ph, pw, sw) in &[
+            (3, 5, 1, 1, 1),
+            (4, 17, 2, 1, 1),
+            (5, 33, 1, 2, 1),
+            (4, 7, 1, 1, 2),
+        ] {
+            let pad = Pad {
+                h,
+                w,
+                ph,
+                pw,
+                sh: 1,
+                sw,
+            };
+            let planes = 2;
+            let src: Vec<i32> = (0..(planes * h * w) as i32).map(|v| v + 1).collect();
+            let mut dst = vec![-7i32; planes * pad.plane_len()];
+            pad.fill(&src, &mut dst);
+            for p in 0..planes {
+                for r in 0..pad.hp() {
+                    for c in 0..w + 2 * pw {
+                        let inside = r >= ph && r < ph + h && c >= pw && c < pw + w;
+                        let want = if inside {
+                            src[p * h * w + (r - ph) * w + c - pw]
+                        } else {
+                            0
+                        };
+                        let got = dst[p * pad.plane_len() + pad.offset(r, c)];
+                        assert_eq!(got, want, "plane {p} row {r} col {c} of {h}x{w}");
+                    }
+                }
+            }
+        }
+    }
 }
