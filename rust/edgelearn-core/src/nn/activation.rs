@@ -298,6 +298,24 @@ pub(super) fn apply_mask(dc: &mut [f32], mc: &[u8]) {
     select_inplace(dc, mc)
 }
 
+/// `dc[j] = 0` where bit `start + j` of the packed `mask` is clear: [`apply_mask`] for a run that starts at any
+/// bit of the mask (a plane of a size not a multiple of 8), its head up to the next mask byte done bit by bit.
+pub(super) fn apply_mask_from(dc: &mut [f32], mask: &[u8], start: usize) {
+    let head = ((8 - start % 8) % 8).min(dc.len());
+    let (dh, rest) = dc.split_at_mut(head);
+    for (j, o) in dh.iter_mut().enumerate() {
+        let bit = start + j;
+        *o = if (mask[bit / 8] >> (bit % 8)) & 1 != 0 {
+            *o
+        } else {
+            0.0
+        };
+    }
+    if !rest.is_empty() {
+        apply_mask(rest, &mask[(start + head) / 8..]);
+    }
+}
+
 /// Whole groups of 8 of [`select_inplace`] with AVX2: the mask byte broadcast, each lane's bit tested into
 /// an all-ones or all-zeros lane, and `dc` ANDed with it (the same bits as the table lookup). Returns the
 /// number of groups done (`dc.len() / 8`).

@@ -582,15 +582,37 @@ pub fn batchnorm2d_backward_i8(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
+    check_x_scale(x_scale)?;
+    backward_impl(
+        dy, xq, x_scale, shape, gamma, mean, invstd, dx, dgamma, dbeta,
+    )
+}
+
+/// The int8 backward's scale of the saved codes: finite and > 0.
+pub(super) fn check_x_scale(x_scale: f32) -> Result<()> {
     if !(x_scale.is_finite() && x_scale > 0.0) {
         return Err(Error::invalid(
             "x_scale",
             format!("must be finite and > 0, got {x_scale}"),
         ));
     }
-    backward_impl(
-        dy, xq, x_scale, shape, gamma, mean, invstd, dx, dgamma, dbeta,
-    )
+    Ok(())
+}
+
+/// The backward's per-channel arrays: `gamma` (if any), `mean`, `invstd`, `dgamma`, `dbeta` hold `c` values.
+pub(super) fn check_channel_args(
+    c: usize,
+    gamma: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+    dgamma: &[f32],
+    dbeta: &[f32],
+) -> Result<()> {
+    opt_len("gamma", gamma, c)?;
+    check_len("mean", mean.len(), &[c])?;
+    check_len("invstd", invstd.len(), &[c])?;
+    check_len("dgamma", dgamma.len(), &[c])?;
+    check_len("dbeta", dbeta.len(), &[c])
 }
 
 /// Checks, per-channel sums and the coefficients `(a, b, k)` of `dx = dy·a + x·b + k`; writes `dgamma`, `dbeta`.
@@ -609,11 +631,7 @@ fn backward_coefficients<X: Saved>(
     let [n, c, h, w] = shape;
     check_len("x", x.len(), &shape)?;
     check_len("dy", dy.len(), &shape)?;
-    opt_len("gamma", gamma, c)?;
-    check_len("mean", mean.len(), &[c])?;
-    check_len("invstd", invstd.len(), &[c])?;
-    check_len("dgamma", dgamma.len(), &[c])?;
-    check_len("dbeta", dbeta.len(), &[c])?;
+    check_channel_args(c, gamma, mean, invstd, dgamma, dbeta)?;
     let hw = h * w;
     let parallel = worth_parallel(x.len());
     let sums = image_channel_sums(n, c, parallel, |i, ch| {
@@ -704,12 +722,7 @@ pub fn batchnorm2d_backward_i8_inplace(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
-    if !(x_scale.is_finite() && x_scale > 0.0) {
-        return Err(Error::invalid(
-            "x_scale",
-            format!("must be finite and > 0, got {x_scale}"),
-        ));
-    }
+    check_x_scale(x_scale)?;
     let coef = backward_coefficients(dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta)?;
     let [_, c, h, w] = shape;
     let hw = h * w;

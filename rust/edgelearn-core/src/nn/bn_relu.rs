@@ -9,14 +9,14 @@
 //!   [`NO_GRAD`] (ReLU passes no gradient there). Without pooling, ReLU and its mask follow in the same call.
 //! - backward: with pooling, the gradient is scattered to the argmax and the BatchNorm sums taken in the same
 //!   pass over each plane, then the BatchNorm affine map runs in place; without, ReLU's mask is applied and
-//!   the BatchNorm sums taken in the same pass over each plane (planes of a multiple of 8 elements, which
-//!   start on a mask byte), then the affine map runs in place.
+//!   the BatchNorm sums taken in the same pass over each plane, then the affine map runs in place.
 //!
 //! Results are those of the unfused ops on finite input, bit for bit (same per-element arithmetic, same
 //! per-(image, channel) sums added in image order), so also the same whatever the thread count.
 
 use super::batchnorm::{
-    affine3, coefficients_from_sums, forward_coefficients, grad_sums, sum_in_image_order,
+    affine3, check_channel_args, check_x_scale, coefficients_from_sums, forward_coefficients,
+    grad_sums, sum_in_image_order,
 };
 use super::pool::{maxpool_2x2, maxpool_2x2_backward};
 use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
@@ -177,21 +177,44 @@ pub fn batchnorm2d_relu_backward_i8(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
-    let idx = match (saved, dx.is_some()) {
-        (ReluSaved::Mask(mask), false) => {
-            let hw = shape[2] * shape[3];
-            if hw % 8 != 0 || hw == 0 || dy.len() != xq.len() {
-                // planes that do not start on a mask byte (or shapes the unfused ops reject)
-                super::relu_backward_mask_inplace(dy, mask)?;
-                return super::batchnorm2d_backward_i8_inplace(
-                    dy, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
-                );
-            }
-            return masked_backward_i8_inplace(
-                dy, mask, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta,
-            );
+    check_x_scale(x_scale)?;
+    check_len("xq", xq.len(), &shape)?;
+    check_channel_args(shape[1], gamma, mean, invstd, dgamma, dbeta)?;
+    let [_, _, h, w] = shape;
+    let hw = h * w;
+    // the gradient array the BatchNorm half works in, and the first step on each of its planes
+    type First<'f> = Box<dyn Fn(usize, &mut [f32]) + Sync + Send + 'f>;
+    let (g, first): (&mut [f32], First<'_>) = match (saved, dx) {
+        (ReluSaved::Mask(mask), None) => {
+            check_len("dy", dy.len(), &shape)?;
+            check_len("mask", mask.len(), &[super::relu_mask_len(dy.len())])?;
+            // ReLU's mask applied to the plane (at its bit offset: a plane need not start on a mask byte)
+            let first = move |plane: usize, dp: &mut [f32]| {
+                super::activation::apply_mask_from(dp, mask, plane * hw)
+            };
+            (dy, Box::new(first))
         }
-        (ReluSaved::Pool2x2(idx), true) => idx,
+        (ReluSaved::Pool2x2(idx), Some(dx)) => {
+            check_len("dx", dx.len(), &shape)?;
+            let ps = pooled_shape(shape);
+            check_len("dy", dy.len(), &ps)?;
+            check_len("idx", idx.len(), &ps)?;
+            if idx.iter().any(|&at| at > NO_GRAD) {
+                return Err(Error::invalid(
+                    "idx",
+                    "holds an offset outside the 2x2 window",
+                ));
+            }
+            let (oh, ow) = (h / 2, w / 2);
+            let p = oh * ow;
+            let dy = &*dy;
+            // the pooled gradient scattered to the argmax
+            let first = move |plane: usize, dp: &mut [f32]| {
+                let r = plane * p..(plane + 1) * p;
+                maxpool_2x2_backward(&dy[r.clone()], &idx[r], h, w, oh, ow, dp)
+            };
+            (dx, Box::new(first))
+        }
         _ => {
             return Err(Error::invalid(
                 "dx",
@@ -199,73 +222,19 @@ pub fn batchnorm2d_relu_backward_i8(
             ))
         }
     };
-    let dx = dx.expect("matched above");
-    if !(x_scale.is_finite() && x_scale > 0.0) {
-        return Err(Error::invalid(
-            "x_scale",
-            format!("must be finite and > 0, got {x_scale}"),
-        ));
-    }
-    let [n, c, h, w] = shape;
-    check_len("xq", xq.len(), &shape)?;
-    check_len("dx", dx.len(), &shape)?;
-    let ps = pooled_shape(shape);
-    check_len("dy", dy.len(), &ps)?;
-    check_len("idx", idx.len(), &ps)?;
-    check_len("mean", mean.len(), &[c])?;
-    check_len("invstd", invstd.len(), &[c])?;
-    check_len("dgamma", dgamma.len(), &[c])?;
-    check_len("dbeta", dbeta.len(), &[c])?;
-    if let Some(g) = gamma {
-        check_len("gamma", g.len(), &[c])?;
-    }
-    if idx.iter().any(|&at| at > NO_GRAD) {
-        return Err(Error::invalid(
-            "idx",
-            "holds an offset outside the 2x2 window",
-        ));
-    }
-    let (hw, oh, ow) = (h * w, h / 2, w / 2);
-    let p = oh * ow;
-    if hw == 0 || c == 0 {
-        dgamma.fill(0.0);
-        dbeta.fill(0.0);
-        return Ok(());
-    }
-    let parallel = worth_parallel(dx.len());
-    // Scatter to the argmax and take the plane's sums while it is in cache.
-    let mut parts = vec![(0f64, 0f64); n * c];
-    for_each_chunk2(dx, hw, &mut parts, 1, parallel, |plane, dp, part| {
-        let r = plane * p..(plane + 1) * p;
-        maxpool_2x2_backward(&dy[r.clone()], &idx[r], h, w, oh, ow, dp);
-        part[0] = grad_sums(
-            dp,
-            &xq[plane * hw..(plane + 1) * hw],
-            x_scale,
-            mean[plane % c],
-        );
-    });
-    let sums = sum_in_image_order(&parts, c, |&s| s);
-    let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
-    for_each_chunk(dx, hw, parallel, |plane, dp| {
-        affine3(
-            dp,
-            None,
-            &xq[plane * hw..(plane + 1) * hw],
-            x_scale,
-            coef[plane % c],
-        );
-    });
-    Ok(())
+    fused_backward_i8(
+        g, xq, x_scale, shape, gamma, mean, invstd, dgamma, dbeta, first,
+    )
 }
 
-/// The mask form of [`batchnorm2d_relu_backward_i8`] for planes of a multiple of 8 elements: plane by plane,
-/// ReLU's mask is applied to `dy` and the BatchNorm sums taken while the plane is in cache, then the affine
-/// map runs in place. The same bits as the mask pass followed by [`super::batchnorm2d_backward_i8_inplace`].
+/// The BatchNorm half of [`batchnorm2d_relu_backward_i8`] over the activation's gradient `g` (`shape`,
+/// arguments checked by the caller): plane by plane, `first` writes the plane's gradient into `g` (ReLU's mask
+/// applied, or the pooled gradient scattered) and the plane's BatchNorm sums are taken while it is in cache;
+/// then BatchNorm's affine map runs in place. The per-(image, channel) sums are added in image order, so the
+/// bits are those of the unfused ops whatever the thread count.
 #[allow(clippy::too_many_arguments)]
-fn masked_backward_i8_inplace(
-    dy: &mut [f32],
-    mask: &[u8],
+fn fused_backward_i8(
+    g: &mut [f32],
     xq: &[i8],
     x_scale: f32,
     shape: [usize; 4],
@@ -274,32 +243,21 @@ fn masked_backward_i8_inplace(
     invstd: &[f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    first: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) -> Result<()> {
-    if !(x_scale.is_finite() && x_scale > 0.0) {
-        return Err(Error::invalid(
-            "x_scale",
-            format!("must be finite and > 0, got {x_scale}"),
-        ));
-    }
     let [n, c, h, w] = shape;
     let hw = h * w;
-    check_len("xq", xq.len(), &shape)?;
-    check_len("dy", dy.len(), &shape)?;
-    check_len("mask", mask.len(), &[super::relu_mask_len(dy.len())])?;
-    check_len("mean", mean.len(), &[c])?;
-    check_len("invstd", invstd.len(), &[c])?;
-    check_len("dgamma", dgamma.len(), &[c])?;
-    check_len("dbeta", dbeta.len(), &[c])?;
-    if let Some(g) = gamma {
-        check_len("gamma", g.len(), &[c])?;
+    if hw == 0 || c == 0 {
+        dgamma.fill(0.0);
+        dbeta.fill(0.0);
+        return Ok(());
     }
-    debug_assert!(hw % 8 == 0 && hw > 0);
-    let parallel = worth_parallel(dy.len());
+    let parallel = worth_parallel(g.len());
     let mut parts = vec![(0f64, 0f64); n * c];
-    for_each_chunk2(dy, hw, &mut parts, 1, parallel, |plane, dp, part| {
-        super::activation::apply_mask(dp, &mask[plane * hw / 8..(plane + 1) * hw / 8]);
+    for_each_chunk2(g, hw, &mut parts, 1, parallel, |plane, gp, part| {
+        first(plane, gp);
         part[0] = grad_sums(
-            dp,
+            gp,
             &xq[plane * hw..(plane + 1) * hw],
             x_scale,
             mean[plane % c],
@@ -307,9 +265,9 @@ fn masked_backward_i8_inplace(
     });
     let sums = sum_in_image_order(&parts, c, |&s| s);
     let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
-    for_each_chunk(dy, hw, parallel, |plane, dp| {
+    for_each_chunk(g, hw, parallel, |plane, gp| {
         affine3(
-            dp,
+            gp,
             None,
             &xq[plane * hw..(plane + 1) * hw],
             x_scale,
@@ -327,7 +285,13 @@ mod tests {
     /// in-place int8 backward), on planes that start on a mask byte and on planes that do not.
     #[test]
     fn mask_backward_equals_unfused_calls() {
-        for shape in [[3, 4, 4, 4], [2, 3, 8, 5], [2, 2, 3, 3]] {
+        for shape in [
+            [3, 4, 4, 4],
+            [2, 3, 8, 5],
+            [2, 2, 3, 3],
+            [2, 3, 1, 5],
+            [3, 2, 1, 1],
+        ] {
             let len: usize = shape.iter().product();
             let c = shape[1];
             let xq: Vec<i8> = (0..len)
