@@ -410,47 +410,51 @@ fn map_in_place(row: &mut [f32], f: impl Fn(f32) -> f32) {
     }
 }
 
-/// Writes the band outputs `src (o × ld)` (output row `r` of the band from column `off + r·rs`) into `y`
-/// at `rect` (plus `bias` when given), then applies `ops` there while the rows are in cache.
-///
-/// # Safety
-/// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`, and so do `codes`
-/// when given.
-#[allow(clippy::too_many_arguments)]
-unsafe fn scatter_band(
-    src: &[f32],
-    ld: usize,
-    (off, rs): (usize, usize),
-    rect: Rect,
-    o: usize,
-    (oh, ow): (usize, usize),
-    bias: Option<&[f32]>,
-    ops: &[Pointwise],
-    (y, codes): (OutPtr<f32>, Option<(OutPtr<i8>, f32)>),
-) {
-    let (y0, y1, x0, x1) = rect;
-    let (rh, rw) = (y1 - y0, x1 - x0);
-    for oc in 0..o {
-        for r in 0..rh {
-            let at = (oc * oh + y0 + r) * ow + x0;
-            // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
-            let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
-            let s0 = oc * ld + off + r * rs;
-            // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
-            let row_codes = codes.map(|(q, sx)| {
-                (
-                    unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
-                    sx,
-                )
-            });
-            store_row(
-                dst,
-                &src[s0..s0 + rw],
-                bias.map(|b| b[oc]),
-                ops,
-                oc,
-                row_codes,
-            );
+crate::simd::avx2_multiversion! {
+    /// Writes the band outputs `src (o × ld)` (output row `r` of the band from column `off + r·rs`, `at =
+    /// (off, rs)`) into `y` at `rect` (plus `bias` when given), then applies `ops` there while the rows are
+    /// in cache. One call per band: the rows' epilogue ([`store_row`]) is inlined here, so a short band row
+    /// pays no call or dispatch of its own.
+    ///
+    /// # Safety
+    /// `y` points to an `(o, oh, ow)` map that no other thread writes inside `rect`, and so do `codes`
+    /// when given.
+    unsafe fn scatter_band(
+        src: &[f32],
+        ld: usize,
+        at: (usize, usize),
+        rect: Rect,
+        o: usize,
+        out_hw: (usize, usize),
+        bias: Option<&[f32]>,
+        ops: &[Pointwise],
+        dst: (OutPtr<f32>, Option<(OutPtr<i8>, f32)>),
+    ) {
+        let ((off, rs), (oh, ow), (y, codes)) = (at, out_hw, dst);
+        let (y0, y1, x0, x1) = rect;
+        let (rh, rw) = (y1 - y0, x1 - x0);
+        for oc in 0..o {
+            for r in 0..rh {
+                let at = (oc * oh + y0 + r) * ow + x0;
+                // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
+                let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
+                let s0 = oc * ld + off + r * rs;
+                // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
+                let row_codes = codes.map(|(q, sx)| {
+                    (
+                        unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
+                        sx,
+                    )
+                });
+                store_row(
+                    dst,
+                    &src[s0..s0 + rw],
+                    bias.map(|b| b[oc]),
+                    ops,
+                    oc,
+                    row_codes,
+                );
+            }
         }
     }
 }
@@ -478,8 +482,9 @@ fn relu6(v: f32) -> f32 {
 /// `dst[i] = f(src[i])` (an index loop: iterator adapters may stay out-of-line calls, which would not
 /// get the AVX2 build of the caller). With `codes`, also writes the next layer's codes of the values written (see [`NextCodes`]; the bits
 /// of [`crate::quant::quantize_nearest_with_scale`]) while they are in registers. In vectors of
-/// [`LANES`], then the rest: band rows are short, and a loop the compiler unrolls to four vectors per
-/// step would run them on its scalar remainder.
+/// [`LANES`], the rest as one more vector through a padded copy: band rows are short, and a loop the
+/// compiler unrolls to four vectors per step (or a scalar remainder) would run much of them one value
+/// at a time.
 #[inline(always)]
 fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(&mut [i8], f32)>) {
     let n = dst.len().min(src.len());
@@ -493,8 +498,14 @@ fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(
                     d[i] = f(s[i]);
                 }
             }
-            for i in full..n {
-                dst[i] = f(src[i]);
+            if full < n {
+                // the tail as one more vector, padded: each value sees the same arithmetic
+                let (mut s, mut d) = ([0.0f32; LANES], [0.0f32; LANES]);
+                s[..n - full].copy_from_slice(&src[full..]);
+                for i in 0..LANES {
+                    d[i] = f(s[i]);
+                }
+                dst[full..].copy_from_slice(&d[..n - full]);
             }
         }
         Some((q, sx)) => {
@@ -511,10 +522,16 @@ fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(
                     c[i] = nearest_code(v, sx);
                 }
             }
-            for i in full..n {
-                let v = f(src[i]);
-                dst[i] = v;
-                q[i] = nearest_code(v, sx);
+            if full < n {
+                let (mut s, mut d, mut c) = ([0.0f32; LANES], [0.0f32; LANES], [0i8; LANES]);
+                s[..n - full].copy_from_slice(&src[full..]);
+                for i in 0..LANES {
+                    let v = f(s[i]);
+                    d[i] = v;
+                    c[i] = nearest_code(v, sx);
+                }
+                dst[full..].copy_from_slice(&d[..n - full]);
+                q[full..].copy_from_slice(&c[..n - full]);
             }
         }
     }
@@ -585,21 +602,20 @@ fn write_codes(values: &[f32], codes: Option<(&mut [i8], f32)>) {
     }
 }
 
-crate::simd::avx2_multiversion! {
-    /// One output row segment of channel `ch`: `dst = src (+ bias)`, then `ops` (see [`epilogue`]), and
-    /// the next layer's codes of it when given.
-    fn store_row(
-        dst: &mut [f32],
-        src: &[f32],
-        bias: Option<f32>,
-        ops: &[Pointwise],
-        ch: usize,
-        codes: Option<(&mut [i8], f32)>,
-    ) {
-        match bias {
-            None => epilogue(dst, src, |v| v, ops, ch, codes),
-            Some(b) => epilogue(dst, src, move |v| v + b, ops, ch, codes),
-        }
+/// One output row segment of channel `ch`: `dst = src (+ bias)`, then `ops` (see [`epilogue`]), and the
+/// next layer's codes of it when given (inlined into [`scatter_band`]'s AVX2 build).
+#[inline(always)]
+fn store_row(
+    dst: &mut [f32],
+    src: &[f32],
+    bias: Option<f32>,
+    ops: &[Pointwise],
+    ch: usize,
+    codes: Option<(&mut [i8], f32)>,
+) {
+    match bias {
+        None => epilogue(dst, src, |v| v, ops, ch, codes),
+        Some(b) => epilogue(dst, src, move |v| v + b, ops, ch, codes),
     }
 }
 
@@ -816,6 +832,14 @@ fn gather_rows<T: Copy + Default>(
         let s0 = (ix0 + (qa * sx) as isize) as usize;
         if sx == 1 {
             d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
+        } else if sx == 2 {
+            // the common stride as an index loop with a constant step, which the compiler turns into
+            // vector loads and shuffles (an iterator's `step_by` stays one value at a time)
+            let (d, src) = (&mut d[qa..qb], &src[s0..]);
+            let src = &src[..2 * (d.len() - 1) + 1];
+            for q in 0..d.len() {
+                d[q] = src[2 * q];
+            }
         } else {
             d[qa..qb]
                 .iter_mut()
@@ -1109,10 +1133,16 @@ unsafe fn direct_band(
             }
             let src0 = iy as usize * w + (ix0 + lo as isize) as usize;
             let dst = &mut buf[((g * plane + t * ww + lo) * 4)..((g * plane + t * ww + hi) * 4)];
+            let plane_in =
+                |j: usize| &xq[(4 * g + j) * h * w + src0..(4 * g + j) * h * w + src0 + (hi - lo)];
+            if nch == 4 {
+                // a full group of four channels in one interleaving pass
+                let (a, b, c2, d2) = (plane_in(0), plane_in(1), plane_in(2), plane_in(3));
+                interleave4(dst, a, b, c2, d2);
+                continue;
+            }
             for j in 0..nch {
-                let plane_in =
-                    &xq[(4 * g + j) * h * w + src0..(4 * g + j) * h * w + src0 + (hi - lo)];
-                for (d, &v) in dst.chunks_exact_mut(4).zip(plane_in) {
+                for (d, &v) in dst.chunks_exact_mut(4).zip(plane_in(j)) {
                     d[j] = v ^ (0x80u8 as i8);
                 }
             }
@@ -1145,6 +1175,22 @@ unsafe fn direct_band(
         )
     };
     Ok(())
+}
+
+crate::simd::avx2_multiversion! {
+    /// `dst[4i + j] = p_j[i] ^ 0x80` for the four planes `p_0..p_3` (the direct kernel's grid of a full
+    /// group of four channels), `i` in `0..dst.len() / 4`.
+    fn interleave4(dst: &mut [i8], a: &[i8], b: &[i8], c: &[i8], d: &[i8]) {
+        let n = (dst.len() / 4).min(a.len()).min(b.len()).min(c.len()).min(d.len());
+        let (dst, a, b, c, d) = (&mut dst[..4 * n], &a[..n], &b[..n], &c[..n], &d[..n]);
+        let m = 0x80u8 as i8;
+        for i in 0..n {
+            dst[4 * i] = a[i] ^ m;
+            dst[4 * i + 1] = b[i] ^ m;
+            dst[4 * i + 2] = c[i] ^ m;
+            dst[4 * i + 3] = d[i] ^ m;
+        }
+    }
 }
 
 /// Fewest values [`quantize_rects`] spreads over the threads.
