@@ -195,6 +195,70 @@ pub fn try_vec<T: Clone>(what: &str, n: usize, value: T) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// Int8 code buffers that outlive the call that filled them (an INT8 layer's saved activation codes,
+/// kept from forward to backward), handed back when their owner is dropped and reused by the next
+/// forward: a training step then writes its codes into memory the previous step already touched instead
+/// of a fresh zeroed allocation. A buffer is only ever reused after its owner gave it back, so nothing
+/// still referenced (by an autograd graph, a deferred gradient job) is written.
+static CODE_POOL: std::sync::Mutex<CodePool> = std::sync::Mutex::new(CodePool {
+    bufs: Vec::new(),
+    bytes: 0,
+});
+
+/// Most buffers and bytes the pool keeps (beyond that the oldest are freed).
+const CODE_POOL_MAX_BUFS: usize = 256;
+const CODE_POOL_MAX_BYTES: usize = 512 << 20;
+
+struct CodePool {
+    bufs: Vec<Vec<i8>>,
+    bytes: usize,
+}
+
+/// `n` int8 codes (contents unspecified: the caller overwrites them all) from the pool when it holds a
+/// buffer of at least `n` (the smallest such one), else a new zero-filled one (fallible as [`try_vec`]).
+pub fn take_codes(what: &str, n: usize) -> Result<Vec<i8>> {
+    let reused = {
+        let mut pool = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let best = (0..pool.bufs.len())
+            .filter(|&i| pool.bufs[i].capacity() >= n)
+            .min_by_key(|&i| pool.bufs[i].capacity());
+        best.map(|i| {
+            let v = pool.bufs.remove(i);
+            pool.bytes -= v.capacity();
+            v
+        })
+    };
+    match reused {
+        Some(mut v) => {
+            // within capacity: no reallocation, and only a grown tail is written
+            v.resize(n, 0);
+            Ok(v)
+        }
+        None => try_vec(what, n, 0i8),
+    }
+}
+
+/// Hands a buffer from [`take_codes`] back for reuse.
+pub fn give_codes(v: Vec<i8>) {
+    if v.capacity() == 0 || v.capacity() > CODE_POOL_MAX_BYTES {
+        return;
+    }
+    let mut pool = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    pool.bytes += v.capacity();
+    pool.bufs.push(v);
+    while pool.bufs.len() > CODE_POOL_MAX_BUFS || pool.bytes > CODE_POOL_MAX_BYTES {
+        let old = pool.bufs.remove(0);
+        pool.bytes -= old.capacity();
+    }
+}
+
+/// Frees the pooled code buffers; returns how many bytes that gave back.
+pub fn release_codes() -> usize {
+    let mut pool = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    pool.bufs = Vec::new();
+    std::mem::take(&mut pool.bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +271,28 @@ mod tests {
         let e = check("col", 1 << 62, 4).unwrap_err();
         assert!(e.to_string().contains("address space"), "{e}");
         assert_eq!(try_vec("v", 3, 7u8).unwrap(), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn code_buffers_come_back_sized_and_best_fit() {
+        // other tests may use the pool concurrently: only check what holds regardless
+        let a = take_codes("xq", 1000).unwrap();
+        assert_eq!(a.len(), 1000);
+        let cap = a.capacity();
+        give_codes(a);
+        let b = take_codes("xq", 600).unwrap();
+        assert_eq!(b.len(), 600);
+        let c = take_codes("xq", 1000).unwrap();
+        assert_eq!(c.len(), 1000);
+        assert!(b.capacity() >= 600 && c.capacity() >= 1000 && cap >= 1000);
+        give_codes(b);
+        give_codes(c);
+        // a returned buffer is the one handed out next for its size
+        let d = take_codes("xq", 1_234_567).unwrap();
+        let ptr = d.as_ptr();
+        give_codes(d);
+        assert_eq!(take_codes("xq", 1_234_567).unwrap().as_ptr(), ptr);
+        assert!(release_codes() >= 1600);
     }
 
     #[test]

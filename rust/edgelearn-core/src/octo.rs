@@ -121,6 +121,12 @@ pub struct Saved {
     plan: Option<ConvPlan>,
 }
 
+impl Drop for Saved {
+    fn drop(&mut self) {
+        crate::alloc::give_codes(std::mem::take(&mut self.xq));
+    }
+}
+
 impl Saved {
     fn sw_scale(&self) -> Scale<'_> {
         if self.sw.len() == 1 && !self.config.per_channel_weights {
@@ -270,7 +276,8 @@ pub fn forward(
     } else {
         RoundMode::Nearest
     };
-    let mut xq = vec![0i8; x.len()];
+    // memory a previous step's codes used (handed back when its Saved was dropped)
+    let mut xq = crate::alloc::take_codes("xq", x.len())?;
     let mut sx = [1f32];
     quantize_into(
         x,

@@ -353,8 +353,8 @@ impl<T: ScratchElem> Drop for Scratch<T> {
 }
 
 /// Frees the scratch buffers every thread keeps (the calling thread's and the kernel pool's workers') and
-/// returns how many bytes that gave back. They only grow, to the largest size a call needed, so after a
-/// pass at a larger batch (an evaluation at `eval_batch_size`) they would keep that much memory resident
+/// the pooled int8 codes of INT8 layers ([`crate::alloc::take_codes`]), and returns how many bytes that
+/// gave back. They only grow, to the largest size a call needed, so after a pass at a larger batch (an evaluation at `eval_batch_size`) they would keep that much memory resident
 /// through the training steps that follow; the next calls allocate them again at the size they need.
 pub fn release_scratch() -> usize {
     fn drain<T: ScratchElem>() -> usize {
@@ -383,7 +383,7 @@ pub fn release_scratch() -> usize {
         .into_iter()
         .sum()
     });
-    workers + here()
+    workers + here() + crate::alloc::release_codes()
 }
 
 /// A scratch vector of `len` f32 (contents unspecified) from this thread's free list.
