@@ -217,39 +217,43 @@ struct CodePool {
 /// `n` int8 codes (contents unspecified: the caller overwrites them all) from the pool when it holds a
 /// buffer of at least `n` (the smallest such one), else a new zero-filled one (fallible as [`try_vec`]).
 pub fn take_codes(what: &str, n: usize) -> Result<Vec<i8>> {
-    let reused = {
-        let mut pool = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let best = (0..pool.bufs.len())
-            .filter(|&i| pool.bufs[i].capacity() >= n)
-            .min_by_key(|&i| pool.bufs[i].capacity());
-        best.map(|i| {
-            let v = pool.bufs.remove(i);
-            pool.bytes -= v.capacity();
-            v
-        })
-    };
+    let reused = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner()).take(n);
     match reused {
-        Some(mut v) => {
-            // within capacity: no reallocation, and only a grown tail is written
-            v.resize(n, 0);
-            Ok(v)
-        }
+        Some(v) => Ok(v),
         None => try_vec(what, n, 0i8),
+    }
+}
+
+impl CodePool {
+    /// The smallest pooled buffer of capacity ≥ `n`, resized to `n` (within capacity: no reallocation, and
+    /// only a grown tail is written).
+    fn take(&mut self, n: usize) -> Option<Vec<i8>> {
+        let best = (0..self.bufs.len())
+            .filter(|&i| self.bufs[i].capacity() >= n)
+            .min_by_key(|&i| self.bufs[i].capacity())?;
+        let mut v = self.bufs.remove(best);
+        self.bytes -= v.capacity();
+        v.resize(n, 0);
+        Some(v)
+    }
+
+    /// Keeps `v` for reuse, freeing the oldest buffers beyond the pool's limits.
+    fn give(&mut self, v: Vec<i8>) {
+        if v.capacity() == 0 || v.capacity() > CODE_POOL_MAX_BYTES {
+            return;
+        }
+        self.bytes += v.capacity();
+        self.bufs.push(v);
+        while self.bufs.len() > CODE_POOL_MAX_BUFS || self.bytes > CODE_POOL_MAX_BYTES {
+            let old = self.bufs.remove(0);
+            self.bytes -= old.capacity();
+        }
     }
 }
 
 /// Hands a buffer from [`take_codes`] back for reuse.
 pub fn give_codes(v: Vec<i8>) {
-    if v.capacity() == 0 || v.capacity() > CODE_POOL_MAX_BYTES {
-        return;
-    }
-    let mut pool = CODE_POOL.lock().unwrap_or_else(|e| e.into_inner());
-    pool.bytes += v.capacity();
-    pool.bufs.push(v);
-    while pool.bufs.len() > CODE_POOL_MAX_BUFS || pool.bytes > CODE_POOL_MAX_BYTES {
-        let old = pool.bufs.remove(0);
-        pool.bytes -= old.capacity();
-    }
+    CODE_POOL.lock().unwrap_or_else(|e| e.into_inner()).give(v)
 }
 
 /// Frees the pooled code buffers; returns how many bytes that gave back.
@@ -275,24 +279,34 @@ mod tests {
 
     #[test]
     fn code_buffers_come_back_sized_and_best_fit() {
-        // other tests may use the pool concurrently: only check what holds regardless
-        let a = take_codes("xq", 1000).unwrap();
-        assert_eq!(a.len(), 1000);
-        let cap = a.capacity();
-        give_codes(a);
-        let b = take_codes("xq", 600).unwrap();
-        assert_eq!(b.len(), 600);
+        // a pool of the test's own (the global one is shared with concurrently running tests)
+        let mut pool = CodePool {
+            bufs: Vec::new(),
+            bytes: 0,
+        };
+        assert!(pool.take(10).is_none());
+        let (small, big) = (vec![1i8; 1000], vec![2i8; 5000]);
+        let (ps, pb) = (small.as_ptr(), big.as_ptr());
+        pool.give(big);
+        pool.give(small);
+        assert_eq!(pool.bytes, 6000);
+        // the smallest buffer that fits, resized to the request without reallocating
+        let a = pool.take(600).unwrap();
+        assert_eq!((a.len(), a.as_ptr()), (600, ps));
+        let b = pool.take(2000).unwrap();
+        assert_eq!((b.len(), b.as_ptr()), (2000, pb));
+        assert!(pool.take(1).is_none());
+        assert_eq!(pool.bytes, 0);
+        // beyond the byte limit the oldest buffers go
+        pool.give(Vec::with_capacity(CODE_POOL_MAX_BYTES));
+        pool.give(vec![0i8; 64]);
+        assert_eq!(pool.bufs.len(), 1);
+        assert_eq!(pool.bytes, 64);
+        // the global pool hands out sized buffers and frees on release
         let c = take_codes("xq", 1000).unwrap();
         assert_eq!(c.len(), 1000);
-        assert!(b.capacity() >= 600 && c.capacity() >= 1000 && cap >= 1000);
-        give_codes(b);
         give_codes(c);
-        // a returned buffer is the one handed out next for its size
-        let d = take_codes("xq", 1_234_567).unwrap();
-        let ptr = d.as_ptr();
-        give_codes(d);
-        assert_eq!(take_codes("xq", 1_234_567).unwrap().as_ptr(), ptr);
-        assert!(release_codes() >= 1600);
+        release_codes();
     }
 
     #[test]
