@@ -115,7 +115,7 @@ def test_pooled_backward_rejects_bad_offsets():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
     c = 3
-    mean, invstd, xq, sx, idx, y = _native.batchnorm2d_relu_forward_save_i8_(
+    mean, invstd, xq, sx, idx, y, _ = _native.batchnorm2d_relu_forward_save_i8_(
         x, np.ones(c, np.float32), np.zeros(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32),
         0.1, 1e-5, True)
     assert y.shape == (2, 3, 2, 2) and idx.shape == y.shape

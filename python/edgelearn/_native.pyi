@@ -54,6 +54,7 @@ __all__ = [
     "conv2d_grouped_i8_forward",
     "conv2d_grouped_i8_backward",
     "OctoSaved",
+    "ActivationRange",
     "octo_forward",
     "octo_backward",
     "DeferredGrad",
@@ -244,7 +245,7 @@ def batchnorm2d_relu_forward_save_i8_(
     eps: float,
     pool: bool,
     relu6: bool = False,
-) -> tuple[_F32, _F32, npt.NDArray[np.int8], float, npt.NDArray[np.uint8], _F32]: ...
+) -> tuple[_F32, _F32, npt.NDArray[np.int8], float, npt.NDArray[np.uint8], _F32, Optional[ActivationRange]]: ...
 def batchnorm2d_relu_backward_i8_(
     dy: _F32,
     saved: npt.NDArray[np.uint8],
@@ -265,6 +266,11 @@ class OctoSaved:
     def input_shape(self) -> list[int]: ...
     def input_codes(self) -> tuple[npt.NDArray[np.int8], float]: ...
 
+@final
+class ActivationRange:
+    @property
+    def amax(self) -> float: ...
+
 def octo_forward(
     x: _F32,
     w: _F32,
@@ -281,6 +287,7 @@ def octo_forward(
     training: bool,
     dilation: Optional[tuple[int, int]] = None,
     groups: int = 1,
+    x_range: Optional[ActivationRange] = None,
 ) -> tuple[_F32, OctoSaved]: ...
 @final
 class DeferredGrad:

@@ -67,6 +67,7 @@ def _take_donated(x: Tensor) -> bool:
     (``x`` was made ``owned`` by its op and nobody but ``Sequential`` holds it; see ``make_result``)."""
     if getattr(x, "_donated", False):
         x._donated = False
+        x._range = None  # its values are about to change
         return True
     return False
 
@@ -148,10 +149,12 @@ def _octo_layer(x: Tensor, xd: np.ndarray, weight: Tensor, bias: Optional[Tensor
     and one backward (``octo_backward``: PRC + quantize dY, dX and dW on INT8 kernels, bias and
     Compensation sums)."""
     comp = None if compensation is None else (compensation[0].data, compensation[1].data, compensation[2].data)
+    # the range the op that wrote x took as it wrote it: X's codes without a statistics pass over X
+    x_range = x._range if xd is x.data else None
     y, saved = _native.octo_forward(
         xd, weight.data, None if bias is None else bias.data, comp, stride, padding,
         cfg.act_rounding, cfg.weight_rounding, cfg.grad_rounding, cfg.prc_clip(), cfg.per_channel_weights,
-        seed, training, dilation, groups,
+        seed, training, dilation, groups, x_range,
     )
     need_x, need_w, need_b = x.requires_grad, weight.requires_grad, _need(bias)
     need_c = compensation is not None and any(t.requires_grad for t in compensation)
@@ -365,7 +368,7 @@ def batch_norm2d_relu(
         return None
     gamma = weight.data
     need_g, need_b = weight.requires_grad, bias.requires_grad
-    mean, invstd, xq, sx, saved, y = _native.batchnorm2d_relu_forward_save_i8_(
+    mean, invstd, xq, sx, saved, y, y_range = _native.batchnorm2d_relu_forward_save_i8_(
         xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps), bool(pool), bool(relu6))
     sx = float(sx)
     del xd
@@ -378,7 +381,9 @@ def batch_norm2d_relu(
         return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
     name = "batch_norm2d_relu_maxpool" if pool else ("batch_norm2d_relu6" if relu6 else "batch_norm2d_relu")
-    return make_result(y, (x, weight, bias), backward, name, owned=True, owns_grads=True)
+    out = make_result(y, (x, weight, bias), backward, name, owned=True, owns_grads=True)
+    out._range = y_range  # taken as y was written: the next INT8 layer's X range
+    return out
 
 
 def relu(x: ArrayLike, save_mask: bool = False) -> Tensor:
@@ -520,6 +525,7 @@ def residual_add(out: Tensor, identity: ArrayLike) -> Tensor:
             and od.flags.writeable and od is not idd):
         return out + identity
     out._owned = False  # its storage now belongs to the sum
+    out._range = None  # and its values change
     return make_result(np.add(od, idd, out=od), (out, identity), lambda g: (g, g), "add", owned=True)
 
 

@@ -98,8 +98,10 @@ class Tensor:
 
     # ``_owned``: the op that made this tensor says its storage is this tensor's alone (fresh, not kept by any
     # backward); ``_donated``: ``Sequential`` hands such an intermediate, which only it holds, to the next
-    # layer, which may then overwrite the storage instead of allocating a new activation.
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_owned", "_donated", "__weakref__")
+    # layer, which may then overwrite the storage instead of allocating a new activation. ``_range``: the
+    # ``_native.ActivationRange`` of ``data`` that the op which wrote it returned (or None), passed to the INT8
+    # layer that quantizes it next so it skips its statistics pass; an op that overwrites ``data`` clears it.
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_owned", "_donated", "_range", "__weakref__")
     __array_priority__ = 1000.0  # so ndarray <op> Tensor defers to Tensor's reflected op
 
     def __init__(self, data: Any, requires_grad: bool = False):
@@ -113,6 +115,7 @@ class Tensor:
         self._node: Optional[_Node] = None
         self._owned = False
         self._donated = False
+        self._range: Any = None
 
     # --- plain properties ---------------------------------------------------------------------------------
     @property
@@ -491,7 +494,10 @@ class _Ops:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         src = self.shape
-        return make_result(self.data.reshape(shape), (self,), lambda g: (g.reshape(src),), "reshape")
+        out = make_result(self.data.reshape(shape), (self,), lambda g: (g.reshape(src),), "reshape")
+        if self._range is not None and self.data.flags.c_contiguous:
+            out._range = self._range  # a view of the same values (same address and length)
+        return out
 
     @staticmethod
     def flatten(self: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:

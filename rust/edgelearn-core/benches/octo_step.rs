@@ -58,6 +58,7 @@ fn bench_shape(c: &mut Criterion, name: &str, xs: [usize; 4], ws: [usize; 4]) {
                 None,
                 seed,
                 true,
+                None,
                 &mut y,
             )
             .unwrap();

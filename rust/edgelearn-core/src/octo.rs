@@ -27,7 +27,8 @@ use crate::nn::depthwise::GroupedParams;
 use crate::nn::matmul::{sgemm, MatF32};
 use crate::nn::{shape_len, take_f32, take_i8, Scratch};
 use crate::quant::{
-    non_finite_error, quantize_into, quantize_per_tensor_with_range, Clip, Layout, Rounding,
+    non_finite_error, quantize_into, quantize_per_tensor_with_amax, quantize_per_tensor_with_range,
+    ActRange, Clip, Layout, Rounding,
 };
 use crate::threads;
 
@@ -250,6 +251,10 @@ fn epilogue_bias(
 
 /// Forward of an INT8 layer: writes `y` (`(N, O)` or `(N, O, OH, OW)`, see [`output_shape`]) and returns
 /// the state [`backward`] needs. `training` picks `config.act_rounding` for `X` (else nearest).
+///
+/// `x_range`: the range of `X` from the op that wrote it ([`ActRange`], which must describe `x`: else
+/// [`Error::InvalidArgument`] on `x_range`), for the same output and state bit for bit without the
+/// statistics pass over `X`; `None`: the pass runs here.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     layer: Layer,
@@ -262,6 +267,7 @@ pub fn forward(
     comp: Option<Compensation>,
     seed: u64,
     training: bool,
+    x_range: Option<&ActRange>,
     y: &mut [f32],
 ) -> Result<Saved> {
     let (y_shape, plan) = shapes(layer, &config, x_shape, w_shape)?;
@@ -279,14 +285,17 @@ pub fn forward(
     // memory a previous step's codes used (handed back when its Saved was dropped)
     let mut xq = crate::alloc::take_codes("xq", x.len())?;
     let mut sx = [1f32];
-    quantize_into(
-        x,
-        Layout::per_tensor(x.len()),
-        act.with_seed(seed),
-        Clip::None,
-        &mut xq,
-        &mut sx,
-    )?;
+    match x_range {
+        Some(r) => sx[0] = quantize_per_tensor_with_amax(x, r, act.with_seed(seed), &mut xq)?,
+        None => quantize_into(
+            x,
+            Layout::per_tensor(x.len()),
+            act.with_seed(seed),
+            Clip::None,
+            &mut xq,
+            &mut sx,
+        )?,
+    }
     let mut wq = vec![0i8; w.len()];
     let (w_layout, n_sw) = if config.per_channel_weights {
         (Layout::from_shape(w_shape, Some(0), "w")?, o)

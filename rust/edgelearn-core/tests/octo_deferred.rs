@@ -58,6 +58,7 @@ fn step(layer: Layer, xs: &[usize], ws: &[usize], split: bool) -> Out {
         Some(comp),
         7,
         true,
+        None,
         &mut y,
     )
     .unwrap();
@@ -159,6 +160,7 @@ fn backward_input_refuses_a_weight_gradient_output() {
         None,
         1,
         true,
+        None,
         &mut y,
     )
     .unwrap();

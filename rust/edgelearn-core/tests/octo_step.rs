@@ -92,6 +92,7 @@ fn run(case: &Case, seed: u64) {
         Some(comp),
         step_seed,
         true,
+        None,
         &mut y,
     )
     .unwrap();
@@ -350,6 +351,7 @@ fn layer_step_rejects_bad_shapes_without_panicking() {
         None,
         0,
         true,
+        None,
         &mut y,
     );
     assert!(e.is_err());
@@ -368,6 +370,7 @@ fn layer_step_rejects_bad_shapes_without_panicking() {
         None,
         0,
         true,
+        None,
         &mut y,
     );
     assert!(e.is_err());
@@ -384,6 +387,7 @@ fn layer_step_rejects_bad_shapes_without_panicking() {
         None,
         0,
         true,
+        None,
         &mut y[..4],
     )
     .unwrap();

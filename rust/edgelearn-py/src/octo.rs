@@ -8,6 +8,7 @@ use edgelearn_core::nn::depthwise::GroupedParams;
 use std::sync::{Arc, Mutex};
 
 use edgelearn_core::octo::{self, Compensation, Config, Grads, Layer, RoundMode, Saved};
+use edgelearn_core::quant::ActRange;
 use edgelearn_core::threads::{self, Deferred};
 use numpy::{
     IxDyn, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
@@ -23,6 +24,28 @@ use crate::quant::{c_slice, clip_from};
 pub struct OctoSaved {
     // shared with a deferred dW job, which may outlive this object
     saved: Arc<Saved>,
+}
+
+/// The range of an activation (its largest magnitude), made by the op that wrote it and handed to the INT8
+/// layer that quantizes it (`octo_forward(x_range=...)`), which then skips its statistics pass over X.
+/// Only the core's producers make one (no constructor): it holds the address and length of the array it
+/// was taken from, and `octo_forward` rejects it for any other array.
+#[pyclass(module = "edgelearn._native", frozen)]
+pub struct ActivationRange {
+    pub(crate) range: ActRange,
+}
+
+#[pymethods]
+impl ActivationRange {
+    /// The largest magnitude of the activation's values.
+    #[getter]
+    fn amax(&self) -> f32 {
+        self.range.amax()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ActivationRange(amax={})", self.range.amax())
+    }
 }
 
 /// A weight gradient being computed on another thread (`octo_backward(defer_dw=True)`).
@@ -119,10 +142,12 @@ fn uninit<'py>(
 
 /// Forward of an INT8 Linear (`stride=None`: x (N, K), w (O, K)) or Conv2d (`stride`/`padding` pairs:
 /// x (N, C, H, W), w (O, C, kh, kw)). `compensation` is `None` or `(alpha, mu, beta)`, each (O,).
-/// `prc` is `None` or `(mode, param)` as in `quantize(clip=...)`. Returns `(y, OctoSaved)`.
+/// `prc` is `None` or `(mode, param)` as in `quantize(clip=...)`. `x_range`: the `ActivationRange` the op
+/// that wrote `x` returned (the same codes, without a statistics pass over `x`; a range of another array is
+/// a ValueError). Returns `(y, OctoSaved)`.
 #[pyfunction]
 #[pyo3(signature = (x, w, bias, compensation, stride, padding, act_rounding, weight_rounding, grad_rounding,
-                    prc, per_channel_weights, seed, training, dilation=None, groups=1))]
+                    prc, per_channel_weights, seed, training, dilation=None, groups=1, x_range=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn octo_forward<'py>(
     py: Python<'py>,
@@ -141,7 +166,9 @@ pub fn octo_forward<'py>(
     training: bool,
     dilation: Option<(usize, usize)>,
     groups: usize,
+    x_range: Option<PyRef<'py, ActivationRange>>,
 ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, OctoSaved)> {
+    let x_range = x_range.map(|r| r.range);
     let config = Config {
         act_rounding: round_mode("act_rounding", act_rounding)?,
         weight_rounding: round_mode("weight_rounding", weight_rounding)?,
@@ -188,8 +215,23 @@ pub fn octo_forward<'py>(
             }),
             None => None,
         };
-        py.detach(|| octo::forward(layer, config, xv, &xs, wv, &ws, bv, cv, seed, training, yv))
-            .py()?
+        py.detach(|| {
+            octo::forward(
+                layer,
+                config,
+                xv,
+                &xs,
+                wv,
+                &ws,
+                bv,
+                cv,
+                seed,
+                training,
+                x_range.as_ref(),
+                yv,
+            )
+        })
+        .py()?
     };
     Ok((
         y,
@@ -318,6 +360,7 @@ pub fn octo_backward<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OctoSaved>()?;
     m.add_class::<DeferredGrad>()?;
+    m.add_class::<ActivationRange>()?;
     m.add_function(wrap_pyfunction!(octo_forward, m)?)?;
     m.add_function(wrap_pyfunction!(octo_backward, m)?)?;
     Ok(())

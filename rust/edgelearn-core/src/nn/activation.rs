@@ -4,6 +4,7 @@
 use super::elementwise_avx2;
 use super::{for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
+use crate::quant::{ActRange, AmaxAcc};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -182,14 +183,16 @@ pub fn relu_backward_mask(dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()>
 }
 
 /// [`relu_forward_mask`] in place: `x = max(x, 0)` and the packed mask (for callers that own `x`).
-pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+/// Returns the output's range (largest value), taken as it is written; `None` if it holds NaN or +inf.
+pub fn relu_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<Option<ActRange>> {
     clamp_mask_inplace::<false>(x, mask)
 }
 
 /// ReLU6 with its saved activation as a bit mask, in place: `x = min(max(x, 0), 6)` (NaN stays NaN, like
 /// `np.clip`) and the packed mask (layout of [`relu_forward_mask`]) of `0 < x < 6`, where ReLU6 passes the
 /// gradient (PyTorch's `hardtanh_backward`); [`relu_backward_mask`] applies it.
-pub fn relu6_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+/// Returns the output's range as [`relu_forward_mask_inplace`] does.
+pub fn relu6_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<Option<ActRange>> {
     clamp_mask_inplace::<true>(x, mask)
 }
 
@@ -197,26 +200,31 @@ pub fn relu6_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<()> 
 pub fn relu6_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
     same_len("y", y.len(), x.len())?;
     y.copy_from_slice(x);
-    relu6_forward_mask_inplace(y, mask)
+    relu6_forward_mask_inplace(y, mask).map(|_| ())
 }
 
 /// The clamp of ReLU (`SIX = false`: `max(x, 0)`, bit `x > 0`) or ReLU6 (`min(max(x, 0), 6)`, bit
 /// `0 < x < 6`) in place, with its mask.
-fn clamp_mask_inplace<const SIX: bool>(x: &mut [f32], mask: &mut [u8]) -> Result<()> {
+/// The output's largest value and whether it had NaN or +inf come out of the same pass (the values are in
+/// registers): the range the next INT8 layer quantizes with ([`ActRange`]).
+fn clamp_mask_inplace<const SIX: bool>(x: &mut [f32], mask: &mut [u8]) -> Result<Option<ActRange>> {
     check_mask(mask.len(), x.len())?;
     let parallel = worth_parallel(x.len());
+    let acc = AmaxAcc::new();
     // One pass: each group of 8 is read once for its mask byte and clamped while in registers.
     for_each_chunk2(x, CHUNK, mask, CHUNK / 8, parallel, |_, xc, mc| {
         #[cfg(target_arch = "x86_64")]
         if elementwise_avx2() {
             // SAFETY: the CPU has AVX2; `mc` holds a byte per group of 8 of `xc`.
-            let full = unsafe { clamp_mask_groups_avx2::<SIX>(xc, mc) };
-            clamp_mask_scalar::<SIX>(&mut xc[full * 8..], &mut mc[full..]);
+            let (full, mx, nan) = unsafe { clamp_mask_groups_avx2::<SIX>(xc, mc) };
+            let (tmx, tnan) = clamp_mask_scalar::<SIX>(&mut xc[full * 8..], &mut mc[full..]);
+            acc.add(mx.max(tmx), nan || tnan);
             return;
         }
-        clamp_mask_scalar::<SIX>(xc, mc);
+        let (mx, nan) = clamp_mask_scalar::<SIX>(xc, mc);
+        acc.add(mx, nan);
     });
-    Ok(())
+    Ok(acc.finish(x))
 }
 
 /// One element of [`clamp_mask_inplace`]: the clamped value and its mask bit.
@@ -231,31 +239,43 @@ fn clamp_one<const SIX: bool>(v: f32) -> (f32, bool) {
 }
 
 /// [`clamp_mask_inplace`] of a chunk without SIMD (also the tail after the AVX2 groups).
-fn clamp_mask_scalar<const SIX: bool>(xc: &mut [f32], mc: &mut [u8]) {
+/// Returns the largest output (at least 0.0) and whether an output was NaN.
+fn clamp_mask_scalar<const SIX: bool>(xc: &mut [f32], mc: &mut [u8]) -> (f32, bool) {
+    let (mut mx, mut nan) = (0f32, false);
     for (m, x8) in mc.iter_mut().zip(xc.chunks_mut(8)) {
         let mut b = 0u8;
         for (j, v) in x8.iter_mut().enumerate() {
             let (y, bit) = clamp_one::<SIX>(*v);
             b |= (bit as u8) << j;
             *v = y;
+            mx = if y > mx { y } else { mx };
+            nan |= y.is_nan();
         }
         *m = b;
     }
+    (mx, nan)
 }
 
 /// Whole groups of 8 of [`clamp_mask_inplace`] with AVX2: ordered compares give the mask byte by
 /// `movemask`, `x < 0` is cleared by AND-NOT and (ReLU6) `x > 6` replaced by 6, so NaN and −0.0 pass
-/// through as in the scalar loop. Returns the number of groups done (`xc.len() / 8`).
+/// through as in the scalar loop. Returns the number of groups done (`xc.len() / 8`), the largest output
+/// (at least 0.0, over the non-NaN outputs) and whether an output was NaN.
 ///
 /// # Safety
 /// The CPU has AVX2 and `mc.len() ≥ xc.len() / 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn clamp_mask_groups_avx2<const SIX: bool>(xc: &mut [f32], mc: &mut [u8]) -> usize {
+unsafe fn clamp_mask_groups_avx2<const SIX: bool>(
+    xc: &mut [f32],
+    mc: &mut [u8],
+) -> (usize, f32, bool) {
     use std::arch::x86_64::*;
     let full = xc.len() / 8;
     assert!(mc.len() >= full);
     let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+    // `max_ps(y, mx)` returns `mx` when `y` is NaN (which `nan` records) and the outputs are all ≥ ±0,
+    // so the lanes' maximum is the scalar loop's
+    let (mut mx, mut nan) = (zero, zero);
     let p = xc.as_mut_ptr();
     for g in 0..full {
         let v = _mm256_loadu_ps(p.add(g * 8));
@@ -268,8 +288,13 @@ unsafe fn clamp_mask_groups_avx2<const SIX: bool>(xc: &mut [f32], mc: &mut [u8])
         }
         *mc.get_unchecked_mut(g) = _mm256_movemask_ps(pass) as u8;
         _mm256_storeu_ps(p.add(g * 8), y);
+        mx = _mm256_max_ps(y, mx);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(y, y));
     }
-    full
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+    let m = lanes.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+    (full, m, _mm256_movemask_ps(nan) != 0)
 }
 
 /// [`relu_backward_mask`] in place: `dy = 0` where the mask bit is clear (dy becomes dx).

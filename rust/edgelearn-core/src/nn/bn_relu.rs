@@ -21,6 +21,7 @@ use super::batchnorm::{
 use super::pool::{maxpool_2x2, maxpool_2x2_backward};
 use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
+use crate::quant::{ActRange, AmaxAcc};
 use crate::threads;
 use rayon::prelude::*;
 
@@ -52,7 +53,9 @@ fn pooled_shape([n, c, h, w]: [usize; 4]) -> [usize; 4] {
 
 /// Training-mode BatchNorm (in place, running statistics updated) with the input's int8 codes `xq` (nearest,
 /// per-tensor scale, returned), followed by ReLU or ReLU + 2x2 max pooling (see [`ReluOut`]). Returns the
-/// codes' scale; `mean`, `invstd` are what the backward needs.
+/// codes' scale and the range of the output (`x`, or `y` with pooling; `None` if it holds NaN or +inf),
+/// taken as the output is written, for the INT8 layer that quantizes it next ([`ActRange`]); `mean`,
+/// `invstd` are what the backward needs.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm2d_relu_forward_save_i8(
     x: &mut [f32],
@@ -67,7 +70,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
     invstd: &mut [f32],
     xq: &mut [i8],
     out: ReluOut<'_>,
-) -> Result<f32> {
+) -> Result<(f32, Option<ActRange>)> {
     let (mask, six) = match out {
         ReluOut::Mask(mask) => (Ok(mask), false),
         ReluOut::Relu6Mask(mask) => (Ok(mask), true),
@@ -88,12 +91,12 @@ pub fn batchnorm2d_relu_forward_save_i8(
                 invstd,
                 xq,
             )?;
-            if six {
-                super::relu6_forward_mask_inplace(x, mask)?;
+            let range = if six {
+                super::relu6_forward_mask_inplace(x, mask)?
             } else {
-                super::relu_forward_mask_inplace(x, mask)?;
-            }
-            return Ok(scale);
+                super::relu_forward_mask_inplace(x, mask)?
+            };
+            return Ok((scale, range));
         }
         Err(pool) => pool,
     };
@@ -121,9 +124,10 @@ pub fn batchnorm2d_relu_forward_save_i8(
     let p = oh * ow;
     let scale = crate::quant::scale_from_min_max(range.0, range.1);
     if hw == 0 || c == 0 {
-        return Ok(scale);
+        return Ok((scale, ActRange::of(y)));
     }
     let codes = crate::quant::NearestCodes::new(scale);
+    let acc = AmaxAcc::new();
     let image = |((xi, qi), (yi, ii)): ((&mut [f32], &mut [i8]), (&mut [f32], &mut [u8]))| {
         codes.run(xi, qi);
         for (ch, &(a, b)) in ab.iter().enumerate() {
@@ -136,11 +140,16 @@ pub fn batchnorm2d_relu_forward_save_i8(
             maxpool_2x2(xp, w, oh, ow, yp, ip);
             // ReLU as the unfused op computes it, and no gradient through a window whose maximum is not
             // positive (selects, not branches: the sign of a normalised value is a coin toss)
+            // and the output's range (largest value; NaN recorded) while it is in registers
+            let (mut mx, mut nan) = (0f32, false);
             for (v, at) in yp.iter_mut().zip(ip.iter_mut()) {
                 let keep = *v > 0.0;
                 *at = if keep { *at } else { NO_GRAD };
                 *v = if *v < 0.0 { 0.0 } else { *v };
+                mx = if *v > mx { *v } else { mx };
+                nan |= v.is_nan();
             }
+            acc.add(mx, nan);
         }
     };
     let (xs, ys) = (c * hw, c * p.max(1));
@@ -157,7 +166,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
             .zip(y.chunks_mut(ys).zip(idx.chunks_mut(ys)))
             .for_each(image);
     }
-    Ok(scale)
+    Ok((scale, acc.finish(y)))
 }
 
 /// Backward of [`batchnorm2d_relu_forward_save_i8`]. With [`ReluSaved::Mask`] `dy` has the input's shape

@@ -409,6 +409,119 @@ pub(crate) fn scale_from_min_max(mn: f32, mx: f32) -> f32 {
     scale_for_absmax(mn.abs().max(mx.abs()))
 }
 
+/// The largest magnitude of an activation, handed from the op that wrote it to the INT8 layer that
+/// quantizes it, so that layer skips its statistics pass over `X` (see [`crate::octo::forward`]).
+///
+/// The activation's per-tensor scale without clipping depends on its min and max only through
+/// `max(|min|, |max|)` ([`scale_from_min_max`]; the sign of a zero does not matter), so that is all a
+/// range carries. It is made only by ops that computed it from every value they wrote (with no NaN or
+/// infinity among them: [`quantize_into`] rejects those, so such an output gets no range and the layer
+/// takes its own pass, which reports the error), or by [`ActRange::of`]; it records the address and
+/// length of the values it describes, and [`crate::octo::forward`] rejects it for any other slice. A
+/// range too small (or too large) for the data it is given with cannot be built outside this crate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActRange {
+    amax: f32,
+    addr: usize,
+    len: usize,
+}
+
+impl ActRange {
+    /// The range of `x` from a pass over it (`None` if `x` holds NaN or an infinity).
+    pub fn of(x: &[f32]) -> Option<Self> {
+        let (mn, mx, bad) = stats::tensor_min_max(x);
+        let amax = if x.is_empty() {
+            0.0
+        } else {
+            mn.abs().max(mx.abs())
+        };
+        (!bad).then(|| ActRange::new(x, amax))
+    }
+
+    /// `amax` must be the largest magnitude of the finite values `x` (the slice an op just wrote).
+    pub(crate) fn new(x: &[f32], amax: f32) -> Self {
+        ActRange {
+            amax,
+            addr: x.as_ptr() as usize,
+            len: x.len(),
+        }
+    }
+
+    /// The largest magnitude.
+    pub fn amax(&self) -> f32 {
+        self.amax
+    }
+
+    /// Whether this is the range of `x` (the slice it was made for: same address and length).
+    pub fn describes(&self, x: &[f32]) -> bool {
+        self.addr == x.as_ptr() as usize && self.len == x.len()
+    }
+
+    /// A copy of this range for `x`, the same values seen through another slice (the same memory under
+    /// another type, e.g. a reshaped array): `None` unless `x` starts at the same address and has the
+    /// same length.
+    pub fn for_view(&self, x: &[f32]) -> Option<Self> {
+        self.describes(x).then_some(*self)
+    }
+}
+
+/// Collects the largest magnitude of non-negative outputs (ReLU's, ReLU6's) over chunks done in any order
+/// on any thread (the maximum is exact, so the result does not depend on the order), and whether a NaN
+/// or an infinity was seen.
+pub(crate) struct AmaxAcc {
+    bits: std::sync::atomic::AtomicU32,
+    bad: std::sync::atomic::AtomicBool,
+}
+
+impl AmaxAcc {
+    pub(crate) fn new() -> Self {
+        AmaxAcc {
+            bits: std::sync::atomic::AtomicU32::new(0),
+            bad: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Adds a chunk's result: `amax` the largest `|v|` of its finite values, `bad` whether it had a NaN or
+    /// an infinity.
+    pub(crate) fn add(&self, amax: f32, bad: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // non-negative floats order like their bit patterns; an infinity is bad anyway
+        let bad = bad || !amax.is_finite();
+        self.bits.fetch_max(amax.abs().to_bits(), Relaxed);
+        if bad {
+            self.bad.store(true, Relaxed);
+        }
+    }
+
+    /// The range of `x` (the values the chunks were), `None` if any chunk was bad.
+    pub(crate) fn finish(self, x: &[f32]) -> Option<ActRange> {
+        (!self.bad.into_inner()).then(|| ActRange::new(x, f32::from_bits(self.bits.into_inner())))
+    }
+}
+
+/// [`quantize_into`] of a per-tensor layout without clipping under the largest magnitude `range` holds:
+/// the same codes and scale, without the statistics pass. Returns the scale. `range` must describe `x`
+/// (else [`Error::InvalidArgument`] on `x_range`).
+pub(crate) fn quantize_per_tensor_with_amax(
+    x: &[f32],
+    range: &ActRange,
+    rounding: Rounding,
+    q: &mut [i8],
+) -> Result<f32> {
+    if !range.describes(x) {
+        return Err(Error::invalid(
+            "x_range",
+            format!(
+                "describes another array (address {:#x}, {} values) than x ({} values)",
+                range.addr,
+                range.len,
+                x.len()
+            ),
+        ));
+    }
+    quantize_per_tensor_with_range(x, (0.0, range.amax), rounding, Clip::None, q)
+}
+
 /// The error [`quantize_into`] gives for non-finite input (the first such index of `x`).
 pub(crate) fn non_finite_error(x: &[f32]) -> Error {
     first_non_finite(x)

@@ -181,6 +181,21 @@ unsafe fn first_pass_chunk_avx2(xs: &[f32], want_sum: bool) -> (f32, f32, f64, b
 }
 
 /// Statistics of a non-empty per-tensor layout: fixed chunks of `STATS_CHUNK`, partials combined in chunk order.
+/// `(min, max, has non-finite)` of `x` on the chunks and combination order of [`tensor_stats`].
+pub(super) fn tensor_min_max(x: &[f32]) -> (f32, f32, bool) {
+    let n = x.len();
+    let parts = map_indices(n.div_ceil(STATS_CHUNK), parallel_for(n), |i| {
+        first_pass_chunk(&x[i * STATS_CHUNK..((i + 1) * STATS_CHUNK).min(n)], false)
+    });
+    let (mut mn, mut mx, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for &(a, b, _, nf) in &parts {
+        mn = mn.min(a);
+        mx = mx.max(b);
+        bad |= nf;
+    }
+    (mn, mx, bad)
+}
+
 pub(super) fn tensor_stats(x: &[f32], want_sigma: bool) -> Result<ChannelStats> {
     let n = x.len();
     let chunks = n.div_ceil(STATS_CHUNK);

@@ -125,7 +125,8 @@ fn relu6_forward_mask<'py>(
     )
 }
 
-type InplaceMask = fn(&mut [f32], &mut [u8]) -> edgelearn_core::Result<()>;
+type InplaceMask =
+    fn(&mut [f32], &mut [u8]) -> edgelearn_core::Result<Option<edgelearn_core::quant::ActRange>>;
 type CopyMask = fn(&[f32], &mut [f32], &mut [u8]) -> edgelearn_core::Result<()>;
 
 /// The body of `relu_forward_mask` / `relu6_forward_mask`: in place when `out` is `x`, else into `out` or

@@ -8,11 +8,13 @@ use pyo3::prelude::*;
 use super::batchnorm::batchnorm_inplace_call;
 use crate::arrays::{as_mut, empty, i8_4d, inout_arr, opt_vec, vec_of, F32Out, In};
 use crate::errors::{value_error, CoreResultExt};
+use crate::octo::ActivationRange;
 
 /// Training BatchNorm over `x` (in place) saving the input's int8 codes, then ReLU (`relu6`: ReLU6), then (`pool`) 2x2/stride-2
 /// max pooling. Returns `(mean, invstd, xq, x_scale, saved, y)`: `saved` is the ReLU bit mask and `y` is `x`
 /// itself (now `relu(bn(x))`) without pooling; with pooling `saved` is the argmax offsets and `y` a new
-/// `(N, C, H/2, W/2)` array (`x` is left holding `bn(x)`).
+/// `(N, C, H/2, W/2)` array (`x` is left holding `bn(x)`). A 7th element is `y`'s `ActivationRange` (for
+/// the INT8 layer that quantizes `y` next: `octo_forward(x_range=...)`), or `None` if `y` has NaN or +inf.
 #[pyfunction]
 #[pyo3(signature = (x, gamma, beta, running_mean, running_var, momentum, eps, pool, relu6=false))]
 #[allow(clippy::too_many_arguments)]
@@ -35,6 +37,7 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
     f32,
     Bound<'py, PyArrayDyn<u8>>,
     Bound<'py, PyAny>,
+    Option<ActivationRange>,
 )> {
     let shape = inout_arr("x", x, Some(4))?.shape().to_vec();
     if pool && relu6 {
@@ -51,7 +54,7 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
         let n: usize = shape.iter().product();
         (empty::<u8>(py, "mask", &[nn::relu_mask_len(n)])?, None)
     };
-    let (mean, invstd, scale) = {
+    let (mean, invstd, (scale, range)) = {
         let mut qw = xq.readwrite();
         let qv = as_mut(&mut qw)?;
         let mut sw = saved.readwrite();
@@ -94,7 +97,8 @@ fn batchnorm2d_relu_forward_save_i8_<'py>(
         Some(y) => y.into_any(),
         None => x.clone(),
     };
-    Ok((mean, invstd, xq, scale, saved, y))
+    let range = range.map(|range| ActivationRange { range });
+    Ok((mean, invstd, xq, scale, saved, y, range))
 }
 
 /// Backward of `batchnorm2d_relu_forward_save_i8_` from `dy` (the output's gradient) and what it saved.
