@@ -270,3 +270,38 @@ def test_mse_value_and_gradient(rng):
     loss.backward()
     np.testing.assert_allclose(p.grad.numpy(), 2 * (p0 - t0) / p0.size)
     assert F.mse(el.Tensor(p0), t0, reduction="sum").item() == pytest.approx(((p0 - t0) ** 2).sum())
+
+
+def test_a_leaf_takes_a_gradient_the_sweep_owns_without_a_copy():
+    """An op under the ownership contract (``owns_grads``) returns fresh arrays: the leaf's ``.grad`` is that
+    array itself. An op without the contract (its gradient may be shared) gets a copy, so accumulating into
+    ``.grad`` later never writes into an array someone else holds."""
+    from edgelearn.tensor import make_result
+
+    w = el.tensor(np.ones(3, np.float32), requires_grad=True)
+    returned = []
+
+    def fresh_backward(g, _owned=False):
+        returned.append(np.full(3, 2.0, np.float32))
+        return (returned[-1],)
+
+    make_result(np.zeros(3, np.float32), (w,), fresh_backward, "fresh", owns_grads=True).backward(
+        np.ones(3, np.float32))
+    assert w.grad.numpy() is returned[0]
+    shared = np.full(3, 5.0, np.float32)
+    v = el.tensor(np.ones(3, np.float32), requires_grad=True)
+    make_result(np.zeros(3, np.float32), (v,), lambda g: (shared,), "shared").backward(np.ones(3, np.float32))
+    assert v.grad.numpy() is not shared
+    v.grad.numpy()[...] += 1
+    np.testing.assert_array_equal(shared, 5.0)
+
+
+def test_a_gradient_passed_through_twice_is_copied_for_the_leaf():
+    """The same array handed to two parents (``a + b`` passes ``g`` to both) is not the sweep's alone: each
+    leaf gets its own ``.grad``."""
+    a = el.tensor(np.ones(3, np.float32), requires_grad=True)
+    b = el.tensor(np.ones(3, np.float32), requires_grad=True)
+    (a + b).backward(np.ones(3, np.float32))
+    assert a.grad.numpy() is not b.grad.numpy()
+    a.grad.numpy()[...] = 7
+    np.testing.assert_array_equal(b.grad.numpy(), 1.0)

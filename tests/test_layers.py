@@ -640,3 +640,30 @@ def test_cnn_loss_drops(int8, rng):
         el.octo(model)
     first, last = train_steps(model, x, y, 60, 0.05, rng)
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_layers_use_a_weight_or_bias_reassigned_after_construction(int8, rng):
+    """Linear/Conv2d/BatchNorm2d read their parameters from the parameter table on the fast path; a bias set
+    to None, or a weight replaced by a new Parameter, is what the next forward uses."""
+    x = el.tensor(rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    if int8:
+        el.octo(conv)
+    conv.eval()  # INT8 training rounds stochastically, differently each step
+    conv.bias = None
+    with_bias_none = conv(x).numpy()
+    conv.bias = nn.Parameter(np.zeros(4, np.float32))
+    np.testing.assert_array_equal(conv(x).numpy(), with_bias_none)  # a zero bias adds nothing
+    conv.weight = nn.Parameter(np.zeros_like(conv.weight.numpy()))
+    np.testing.assert_array_equal(conv(x).numpy(), 0.0)
+    lin = nn.Linear(3, 2)
+    if int8:
+        el.octo(lin)
+    lin.bias = None
+    lin.weight = nn.Parameter(np.zeros((2, 3), np.float32))
+    np.testing.assert_array_equal(lin(el.tensor(np.ones((2, 3), np.float32))).numpy(), 0.0)
+    bn = nn.BatchNorm2d(3)
+    bn.bias = nn.Parameter(np.full(3, 4.0, np.float32))
+    bn.weight = nn.Parameter(np.zeros(3, np.float32))
+    np.testing.assert_allclose(bn(x).numpy(), 4.0)

@@ -577,7 +577,7 @@ def compensation_penalties(terms) -> Tensor:
         total += 0.5 * lam * (float(mv @ mv) + float(bv @ bv))
     value = np.asarray(total, np.float32)
 
-    def backward(g):
+    def backward(g, _owned: bool = False):
         grads = []
         for m, b, lam in arrays:
             c = np.float32(float(g) * lam)  # one multiply per array
@@ -585,7 +585,8 @@ def compensation_penalties(terms) -> Tensor:
         return tuple(grads)
 
     parents = tuple(t for mu, beta, _ in terms for t in (mu, beta))
-    return make_result(value, parents, backward, "compensation_penalties")
+    # owns_grads: every gradient is a fresh product, so a leaf takes it as its .grad without a copy
+    return make_result(value, parents, backward, "compensation_penalties", owns_grads=True)
 
 
 # --- losses ------------------------------------------------------------------------------------------------
@@ -604,7 +605,7 @@ def cross_entropy(
     if z.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be 2-D (N, C), got shape {z.shape}")
     n, c = z.shape
-    if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
+    if t.shape != (n,) or t.dtype.kind not in "iu":  # np.integer (bool is not), without issubdtype
         raise ValueError(f"cross_entropy: target must be integer class indices of shape ({n},), got {t.dtype} {t.shape}")
     if n and (t.min() < 0 or t.max() >= c):
         raise ValueError(f"cross_entropy: target values must lie in [0, {c}), got [{t.min()}, {t.max()}]")

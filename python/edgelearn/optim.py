@@ -219,22 +219,27 @@ class SGD(Optimizer):
         """One update of every parameter with a gradient. Parameters whose momentum buffer exists (or with
         no momentum) are updated together in one core call (``_native.sgd_step``, the same arithmetic as
         :meth:`_update`, bit for bit); a first step with momentum creates the buffer in :meth:`_update`."""
+        states = self.state
+        f32 = np.float32
         for group in self.param_groups:
             mom = group["momentum"]
             ps, gs, bs = [], [], []
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                state = self.state.setdefault(id(p), {})
-                g = p.grad.data
+                state = states.get(id(p))
+                if state is None:
+                    state = states[id(p)] = {}
+                g = grad.data
                 buf = state.get("momentum_buffer")
                 d = p.data
-                if (mom and buf is None) or type(d) is not np.ndarray or d.dtype != np.float32 or not d.flags.c_contiguous:
+                if (mom and buf is None) or type(d) is not np.ndarray or d.dtype != f32 or not d.flags.c_contiguous:
                     self._update(p, g, group, state)
                     continue
-                if g.dtype != np.float32 or not g.flags.c_contiguous:
-                    g = np.ascontiguousarray(g, dtype=np.float32)
-                ps.append(p.data)
+                if g.dtype != f32 or not g.flags.c_contiguous:
+                    g = np.ascontiguousarray(g, dtype=f32)
+                ps.append(d)
                 gs.append(g)
                 bs.append(buf)
             if ps:

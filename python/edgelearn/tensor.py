@@ -209,17 +209,17 @@ class Tensor:
         # taken when something needs its value: a leaf's after the sweep, so that the thread computes it
         # while the sweep goes on through the earlier layers. Every one is taken before backward returns.
         deferred = []
-        for node in order:  # outputs before inputs
+        for node in order:  # outputs before inputs (``order`` keeps every node alive: ids stay unique)
             key = id(node)
             g = grads.pop(key, None)
-            g_owned = key in owned
-            owned.discard(key)
             if node.leaf is not None:
                 if type(g) is _Deferred:
                     deferred.append((node.leaf, g))
                 elif g is not None:
-                    _accumulate_leaf(node.leaf, g)
+                    # a gradient the sweep owns becomes the leaf's .grad as it is (no copy)
+                    _accumulate_leaf(node.leaf, g, fresh=key in owned)
                 continue
+            g_owned = key in owned
             if type(g) is _Deferred:
                 g, g_owned = g.wait(), True  # a fresh array
             if node.backward is None:
@@ -236,23 +236,23 @@ class Tensor:
             for parent, pg in zip(node.parents, parent_grads):
                 if parent is None or pg is None:
                     continue
-                # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
-                # owned), and no other parent got the same array.
-                mine = (pg_ids is not None and (pg is not g or g_owned) and type(pg) is np.ndarray
-                        and pg_ids.count(id(pg)) == 1)
                 pkey = id(parent)
                 prev = grads.get(pkey)
-                if prev is not None and (type(prev) is _Deferred or type(pg) is _Deferred):
+                if prev is None:
+                    grads[pkey] = pg
+                    # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
+                    # owned), and no other parent got the same array.
+                    if (pg_ids is not None and type(pg) is np.ndarray and (pg is not g or g_owned)
+                            and pg_ids.count(id(pg)) == 1):
+                        owned.add(pkey)
+                    continue
+                if type(prev) is _Deferred or type(pg) is _Deferred:
                     if type(prev) is _Deferred:
                         prev = grads[pkey] = prev.wait()  # fresh: the sweep's own
                         owned.add(pkey)
                     if type(pg) is _Deferred:
                         pg = pg.wait()
-                if prev is None:
-                    grads[pkey] = pg
-                    if mine:
-                        owned.add(pkey)
-                elif pkey in owned and prev.shape == pg.shape and prev.flags.writeable:
+                if pkey in owned and prev.shape == pg.shape and prev.flags.writeable:
                     np.add(prev, pg, out=prev)  # accumulate into a buffer the sweep owns
                 else:
                     grads[pkey] = prev + pg
@@ -268,12 +268,13 @@ _Deferred = _native.DeferredGrad
 
 
 def _accumulate_leaf(t: Tensor, g: np.ndarray, fresh: bool = False) -> None:
-    """Adds ``g`` to ``t.grad`` (a copy of it when there is none, or ``g`` itself when ``fresh``: an array
-    nothing else holds)."""
+    """Adds ``g`` to ``t.grad`` (a copy of it when there is none, or ``g`` itself when ``fresh``: a writable
+    array nothing else holds)."""
     if g.shape != t.data.shape:
         raise RuntimeError(f"internal: gradient shape {g.shape} does not match leaf shape {t.data.shape}")
     if t.grad is None:
-        t.grad = Tensor(g if fresh and g.dtype == t.data.dtype else np.array(g, dtype=t.data.dtype, copy=True))
+        own = fresh and type(g) is np.ndarray and g.dtype == t.data.dtype and g.flags.writeable
+        t.grad = Tensor(g if own else np.array(g, dtype=t.data.dtype, copy=True))
     else:
         t.grad.data += g
 
@@ -283,18 +284,20 @@ def _topological_order(root: _Node) -> list:
     seen = set()
     post: list = []
     stack = [(root, False)]
+    pop, push, visit, finish = stack.pop, stack.append, seen.add, post.append
     while stack:
-        node, expanded = stack.pop()
+        node, expanded = pop()
         if expanded:
-            post.append(node)
+            finish(node)
             continue
-        if id(node) in seen:
+        key = id(node)
+        if key in seen:
             continue
-        seen.add(id(node))
-        stack.append((node, True))
+        visit(key)
+        push((node, True))
         for p in node.parents:
             if p is not None and id(p) not in seen:
-                stack.append((p, False))
+                push((p, False))
     post.reverse()
     return post
 
@@ -316,9 +319,9 @@ def make_result(data: np.ndarray, parents: Sequence[Optional[Tensor]], backward:
     """
     out = Tensor(data)
     out._owned = owned
-    if is_grad_enabled():
-        nodes = tuple(p._graph_node() if p is not None else None for p in parents)
-        if any(n is not None for n in nodes):
+    if getattr(_state, "enabled", True):  # is_grad_enabled(), inlined: this runs for every op
+        nodes = tuple([p._graph_node() if p is not None and p.requires_grad else None for p in parents])
+        if nodes.count(None) != len(nodes):
             out.requires_grad = True
             out._node = _Node(backward, nodes, name=name, owns_grads=owns_grads)
     return out
@@ -339,7 +342,7 @@ def tensor(data: ArrayLike, requires_grad: bool = False, dtype: Any = None) -> T
     if isinstance(data, Tensor):
         data = data.data
     arr = np.array(data, dtype=dtype, copy=True)
-    if dtype is None and np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
+    if dtype is None and arr.dtype.kind == "f" and arr.dtype != np.float32:  # np.floating, without issubdtype
         arr = arr.astype(np.float32)
     return Tensor(np.ascontiguousarray(arr), requires_grad=requires_grad)
 

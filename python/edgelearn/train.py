@@ -334,6 +334,15 @@ class _Decoded:
         return self.dataset.load_batch(idx)
 
 
+def _batch_tensor(x: Any) -> Tensor:
+    """A training batch as a Tensor: the loader's array itself when it already is float32 and C-contiguous
+    (a model never writes over its input, and the batch is the step's alone), else a converted copy
+    (``tensor``)."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous:
+        return Tensor(x)
+    return tensor(x)
+
+
 def recalibrate_batchnorm(model: Any, data: DataLike, *, batches: int = 32, batch_size: int = 64,
                           seed: int = 0) -> int:
     """Re-estimates every BatchNorm's running statistics as the exact average over ``batches`` batches of
@@ -463,7 +472,7 @@ def fit(
         t0 = time.perf_counter()
         try:
             for x, y in loader:
-                logits = model(tensor(x))
+                logits = model(_batch_tensor(x))
                 loss = loss_fn(logits, y)
                 total = loss + model.regularization() if has_regularizer else loss
                 opt.zero_grad()

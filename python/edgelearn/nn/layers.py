@@ -77,11 +77,20 @@ class _QuantizedLayer(Module):
             raise ValueError("compensation: expected a per-channel Compensation over this INT8 layer's outputs")
         return (a, ps["mu"], ps["beta"])
 
+    def _weight_bias(self) -> Tuple[Any, Any]:
+        """``(self.weight, self.bias)``, read from the parameter table when both are there (this runs every
+        step; ``Module.__getattr__`` is the slow way), else as attributes (``bias`` set to ``None``)."""
+        ps = self._parameters
+        if "weight" in ps and "bias" in ps:
+            return ps["weight"], ps["bias"]
+        return self.weight, self.bias
+
     def _next_seed(self) -> int:
         """This step's rounding seed; the step counter advances on every training-mode forward."""
-        step = int(self.quant_step)
+        counter = self._buffers["quant_step"]  # the table itself: runs every step
+        step = int(counter)
         if self.training:
-            self.quant_step[...] = step + 1
+            counter[...] = step + 1
         return F.step_seed(self.int8.seed, self.layer_id, step)
 
 
@@ -103,11 +112,12 @@ class Linear(_QuantizedLayer):
 
     def forward(self, x: Any, compensation: Optional["Compensation"] = None) -> Tensor:
         """``compensation``: a ``Compensation`` to apply to the output in the same op (INT8 mode only)."""
+        w, b = self._weight_bias()
         if self.int8 is None:
             if compensation is not None:
                 raise ValueError("compensation: only an INT8-mode layer applies a Compensation itself")
-            return F.linear(x, self.weight, self.bias)
-        return F.linear_int8(x, self.weight, self.bias, self.int8, seed=self._next_seed(), training=self.training,
+            return F.linear(x, w, b)
+        return F.linear_int8(x, w, b, self.int8, seed=self._next_seed(), training=self.training,
                              compensation=self._compensation_args(compensation))
 
     def extra_repr(self) -> str:
@@ -165,12 +175,13 @@ class Conv2d(_QuantizedLayer):
 
     def forward(self, x: Any, compensation: Optional["Compensation"] = None) -> Tensor:
         """``compensation``: a ``Compensation`` to apply to the output in the same op (INT8 mode only)."""
+        w, b = self._weight_bias()
         if self.int8 is None:
             if compensation is not None:
                 raise ValueError("compensation: only an INT8-mode layer applies a Compensation itself")
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d_int8(
-            x, self.weight, self.bias, self.int8, self.stride, self.padding,
+            x, w, b, self.int8, self.stride, self.padding,
             seed=self._next_seed(), training=self.training, compensation=self._compensation_args(compensation),
             dilation=self.dilation, groups=self.groups,
         )
@@ -213,15 +224,18 @@ class BatchNorm2d(Module):
         """``act``: the ReLU or ReLU6 (and 2x2 max pool) that follow (see :meth:`fuses_activation`), applied after
         this layer; in INT8 training on a donated input all in one op (``F.batch_norm2d_relu``)."""
         training = self.training and not self.frozen
+        # the tables themselves, not Module.__getattr__ (this runs every step); buffers always live there
+        ps, bs = self._parameters, self._buffers
+        weight, bias = (ps["weight"], ps["bias"]) if "weight" in ps and "bias" in ps else (self.weight, self.bias)
         if training:
-            self.num_batches_tracked[...] += 1
+            bs["num_batches_tracked"][...] += 1
         if act and training and self.save_int8 and type(x) is Tensor:
-            y = F.batch_norm2d_relu(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
-                                    self.eps, pool=len(act) > 1, relu6=type(act[0]) is ReLU6)
+            y = F.batch_norm2d_relu(x, weight, bias, bs["running_mean"], bs["running_var"],
+                                    self.momentum, self.eps, pool=len(act) > 1, relu6=type(act[0]) is ReLU6)
             if y is not None:
                 return y
         y = F.batch_norm2d(
-            x, self.weight, self.bias, self.running_mean, self.running_var, training, self.momentum, self.eps,
+            x, weight, bias, bs["running_mean"], bs["running_var"], training, self.momentum, self.eps,
             save_int8=self.save_int8,
         )
         for m in act:  # as Sequential runs them: each output donated to the next
