@@ -456,13 +456,6 @@ impl ActRange {
     pub fn describes(&self, x: &[f32]) -> bool {
         self.addr == x.as_ptr() as usize && self.len == x.len()
     }
-
-    /// A copy of this range for `x`, the same values seen through another slice (the same memory under
-    /// another type, e.g. a reshaped array): `None` unless `x` starts at the same address and has the
-    /// same length.
-    pub fn for_view(&self, x: &[f32]) -> Option<Self> {
-        self.describes(x).then_some(*self)
-    }
 }
 
 /// Collects the largest magnitude of non-negative outputs (ReLU's, ReLU6's) over chunks done in any order
