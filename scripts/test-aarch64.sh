@@ -30,7 +30,9 @@
 # the kernel-path files: the rest of the suite (CLI, collab, fleet, ONNX, checkpoints, README) runs no
 # kernel that cortex-a72's whole-suite run does not already take through the same Python code, and under
 # emulation it doubled the stage's time), AARCH64_MAX_TESTS (pytest args under -cpu max, default the GEMM and backend tests),
-# AARCH64_TRAIN_CPU (default neoverse-n1), AARCH64_JOBS (parallel runs, default nproc),
+# AARCH64_TRAIN_CPU (default neoverse-n1), AARCH64_JOBS (parallel runs, default nproc), AARCH64_SHARDS (the
+# whole-suite runs are split into this many pytest processes, every Nth test each, so they share the cores
+# with the other runs; default AARCH64_JOBS),
 # AARCH64_REBUILD_WHEEL=1 forces a wheel rebuild.
 set -euo pipefail
 
@@ -209,13 +211,30 @@ export PYTHONPATH="$PKG:$SITE:$WORK/plugins" PATH="$PKG/bin:$PATH" PYTHONDONTWRI
 # too_slow suppressed, derandomized); tests' explicit @settings still win.
 mkdir -p "$WORK/plugins"
 cat >"$WORK/plugins/edgelearn_qemu_profile.py" <<'EOF'
-"""Loaded by scripts/test-aarch64.sh (pytest -p): Hypothesis settings for runs under qemu-user."""
+"""Loaded by scripts/test-aarch64.sh (pytest -p): Hypothesis settings for runs under qemu-user, and
+EDGELEARN_TEST_SHARD=K/N (keep every Nth collected test from the Kth, 1-based; the rest are deselected)."""
+import os
+
 try:
     from hypothesis import settings
 except ImportError:
     pass
 else:
     settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = os.environ.get("EDGELEARN_TEST_SHARD")
+    if not spec:
+        return
+    k, n = (int(v) for v in spec.split("/"))
+    if not 1 <= k <= n:
+        raise ValueError(f"EDGELEARN_TEST_SHARD={spec!r}: want K/N with 1 <= K <= N")
+    keep = [it for i, it in enumerate(items) if i % n == k - 1]
+    drop = [it for i, it in enumerate(items) if i % n != k - 1]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 EOF
 where=$(QEMU_CPU=cortex-a72 "$PYW" -P -c 'import edgelearn; print(edgelearn.__file__)' 2>&1 || true)
 case "$where" in
@@ -233,32 +252,33 @@ logdir="$WORK/logs"
 rm -rf "$logdir" "$WORK/pytest-tmp"
 mkdir -p "$logdir" "$WORK/pytest-tmp"
 
-# run_pytest CPU KERNEL: one emulated pytest run; writes $logdir/CPU.{log,rc,secs}
+# run_pytest KEY CPU KERNEL [K/N]: one emulated pytest run (shard K of N); writes $logdir/KEY.{log,rc,secs}
 run_pytest() {
     set +e
-    local cpu="$1" want="$2" t0=$SECONDS rc tests
+    local key="$1" cpu="$2" want="$3" shard="${4:-}" t0=$SECONDS rc tests
     if [ "$cpu" = max ]; then read -r -d '' -a tests <<<"$MAX_TESTS"
     elif [ "$want" = dotprod ]; then read -r -d '' -a tests <<<"$DOTPROD_TESTS"
     else tests=(tests); fi
     export QEMU_CPU="$cpu" EDGELEARN_EXPECT_KERNEL="$want"
+    if [ -n "$shard" ]; then export EDGELEARN_TEST_SHARD="$shard"; else unset EDGELEARN_TEST_SHARD; fi
     # Under -cpu max OpenBLAS (numpy) picks its SVE kernels: about 4x slower under qemu, and they raise
     # spurious overflow warnings in matmul (recipe §3). numpy's BLAS is only a reference here, so pin it
     # to its Neoverse-N1 kernels; our kernels are unaffected.
     if [ "$cpu" = max ]; then export OPENBLAS_CORETYPE=NEOVERSEN1; else unset OPENBLAS_CORETYPE; fi
     {
-        echo "=== -cpu $cpu (expect kernel: $want): pytest ${tests[*]}"
+        echo "=== -cpu $cpu (expect kernel: $want): pytest ${tests[*]}${shard:+ (every ${shard#*/}th test from the ${shard%/*}th)}"
         echo "\$ edgelearn info   # qemu-aarch64-static -cpu $cpu"
         edgelearn info
         rc=$?
         if [ "$rc" -eq 0 ]; then
             timeout --kill-after=30 "$TIMEOUT" "$PYW" -P -m pytest -q -p no:cacheprovider \
-                -p edgelearn_qemu_profile --durations=10 --basetemp="$WORK/pytest-tmp/$cpu" \
+                -p edgelearn_qemu_profile --durations=10 --basetemp="$WORK/pytest-tmp/$key" \
                 "${deselect[@]}" "${tests[@]}"
             rc=$?
         fi
-        echo "$rc" >"$logdir/$cpu.rc"
-    } >"$logdir/$cpu.log" 2>&1 </dev/null
-    echo $((SECONDS - t0)) >"$logdir/$cpu.secs"
+        echo "$rc" >"$logdir/$key.rc"
+    } >"$logdir/$key.log" 2>&1 </dev/null
+    echo $((SECONDS - t0)) >"$logdir/$key.secs"
 }
 
 # run_train: `edgelearn train --epochs 1` on the default dataset, in a scratch directory
@@ -279,10 +299,30 @@ run_train() {
 
 have_train=0
 QEMU_CPU="$TRAIN_CPU" "$PYW" -P -m edgelearn train --help >/dev/null 2>&1 && have_train=1
-jobs_list=()
-for i in "${!CPU_NAMES[@]}"; do jobs_list+=("run_pytest ${CPU_NAMES[$i]} ${CPU_KERNELS[$i]}"); done
-[ "$have_train" = 1 ] && jobs_list+=("run_train")
 JOBS="${AARCH64_JOBS:-$(nproc)}"
+SHARDS="${AARCH64_SHARDS:-$JOBS}"
+[[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || die "AARCH64_SHARDS=$SHARDS: want a positive integer"
+# the whole-suite runs (the longest) first, split into SHARDS processes; then the others
+declare -a RUN_KEYS RUN_CPUS RUN_KERNELS RUN_SHARDS
+for i in "${!CPU_NAMES[@]}"; do
+    cpu="${CPU_NAMES[$i]}" want="${CPU_KERNELS[$i]}"
+    if [ "$cpu" != max ] && [ "$want" != dotprod ] && [ "$SHARDS" -gt 1 ]; then
+        for ((k = 1; k <= SHARDS; k++)); do
+            RUN_KEYS+=("$cpu.$k"); RUN_CPUS+=("$cpu"); RUN_KERNELS+=("$want"); RUN_SHARDS+=("$k/$SHARDS")
+        done
+    fi
+done
+for i in "${!CPU_NAMES[@]}"; do
+    cpu="${CPU_NAMES[$i]}" want="${CPU_KERNELS[$i]}"
+    if ! { [ "$cpu" != max ] && [ "$want" != dotprod ] && [ "$SHARDS" -gt 1 ]; }; then
+        RUN_KEYS+=("$cpu"); RUN_CPUS+=("$cpu"); RUN_KERNELS+=("$want"); RUN_SHARDS+=("")
+    fi
+done
+jobs_list=()
+for i in "${!RUN_KEYS[@]}"; do
+    jobs_list+=("run_pytest ${RUN_KEYS[$i]} ${RUN_CPUS[$i]} ${RUN_KERNELS[$i]} ${RUN_SHARDS[$i]}")
+done
+[ "$have_train" = 1 ] && jobs_list+=("run_train")
 log "running ${#jobs_list[@]} emulated jobs, $JOBS at a time (logs: $logdir)"
 t0=$SECONDS
 running=0
@@ -300,21 +340,24 @@ log "emulated jobs: $((SECONDS - t0)) s"
 
 failed=0
 summary=()
-for i in "${!CPU_NAMES[@]}"; do
-    cpu="${CPU_NAMES[$i]}"
-    want="${CPU_KERNELS[$i]}"
-    out="$logdir/$cpu.log"
+for i in "${!RUN_KEYS[@]}"; do
+    key="${RUN_KEYS[$i]}"
+    cpu="${RUN_CPUS[$i]}"
+    want="${RUN_KERNELS[$i]}"
+    shard="${RUN_SHARDS[$i]}"
+    out="$logdir/$key.log"
     echo
     cat "$out"
-    rc=$(cat "$logdir/$cpu.rc" 2>/dev/null || echo 99)
-    secs=$(cat "$logdir/$cpu.secs" 2>/dev/null || echo '?')
+    rc=$(cat "$logdir/$key.rc" 2>/dev/null || echo 99)
+    secs=$(cat "$logdir/$key.secs" 2>/dev/null || echo '?')
     counts=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)' "$out" | tail -1 \
         | sed 's/=//g; s/^ *//; s/ *$//' || true)
+    part="${shard:+  shard $shard}"
     if [ "$rc" -eq 0 ]; then
-        summary+=("PASS  -cpu $cpu  kernel=$want  ${counts:-?}  (${secs} s)")
+        summary+=("PASS  -cpu $cpu  kernel=$want$part  ${counts:-?}  (${secs} s)")
     else
         [ "$rc" -eq 124 ] && why="timed out after ${TIMEOUT} s" || why="exit $rc"
-        summary+=("FAIL  -cpu $cpu  kernel=$want  ${counts:-?}  ($why, ${secs} s, log: $out)")
+        summary+=("FAIL  -cpu $cpu  kernel=$want$part  ${counts:-?}  ($why, ${secs} s, log: $out)")
         failed=1
     fi
 done
