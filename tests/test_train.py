@@ -170,3 +170,46 @@ def test_fit_re_estimates_batchnorm_statistics_after_each_epoch(digits_small):
     for bn, (mean, var) in zip(bns, after_fit):
         np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_hides_older_objects_from_the_collector_only_while_it_trains(digits_small):
+    """During the training loop the objects made before it are frozen (gc.freeze); afterwards, and after an
+    error inside the loop, nothing stays frozen; objects a caller froze stay frozen and are not touched."""
+    import gc
+
+    train, _ = digits_small
+    counts = []
+
+    def loss_fn(logits, y):
+        counts.append(gc.get_freeze_count())
+        return edgelearn.functional.cross_entropy(logits, y)
+
+    def run(loss):
+        edgelearn.manual_seed(0)
+        model = mlp(64, 8, 10)
+        opt = optim.SGD(list(model.parameters()), lr=0.05)
+        fit(model, opt, train, None, 1, batch_size=64, loss_fn=loss, progress=False, verbose=False,
+            bn_recalibration_batches=0)
+
+    assert gc.get_freeze_count() == 0
+    run(loss_fn)
+    assert counts and min(counts) > 0
+    assert gc.get_freeze_count() == 0
+
+    def failing(logits, y):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(failing)
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        counts.clear()
+        run(loss_fn)
+        # fit froze nothing more (frozen objects can only die meanwhile) and unfroze nothing
+        assert counts and max(counts) <= mine
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
