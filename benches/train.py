@@ -62,6 +62,8 @@ def data_flags(args):
         out += ["--image-size", str(args.image_size)]
     if args.train_subset:
         out += ["--train-subset", str(args.train_subset)]
+    if args.test_subset:
+        out += ["--test-subset", str(args.test_subset)]
     return out
 
 
@@ -95,6 +97,8 @@ splits = eldata.get_dataset(args["dataset"], seed=args["seed"])
 train, test = splits.train, splits.test
 if args.get("train_subset"):
     train = eldata.stratified_subset(train, args["train_subset"], seed=args["seed"])
+if args.get("test_subset"):
+    test = eldata.stratified_subset(test, args["test_subset"], seed=args["seed"])
 if args.get("image_size"):
     train, test = eldata.fit_images(train, args["image_size"]), eldata.fit_images(test, args["image_size"])
 c, h, w = train.image_shape
@@ -232,6 +236,7 @@ def run_torch(model, args, threads):
     payload = json.dumps({"model": model, "dataset": args.dataset, "epochs": args.epochs,
                           "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
                           "image_size": args.image_size, "train_subset": args.train_subset,
+                          "test_subset": args.test_subset,
                           "width_mult": args.width_mult})
     proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, payload], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -254,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--width-mult", type=float, default=1.0, help="mobilenet_v2 width multiplier")
     ap.add_argument("--image-size", type=int, default=None, help="pad/resize images to SxS (32 for the zoo)")
     ap.add_argument("--train-subset", type=int, default=None, help="stratified subset of N training images")
+    ap.add_argument("--test-subset", type=int, default=None,
+                    help="stratified subset of N test images (accuracy on it; for timing runs)")
     ap.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=list(ROW_KEYS),
                     help="edgelearn rows to run (default all: fp32, int8 and the two ablations)")
     ap.add_argument("--no-torch", action="store_true", help="leave out the PyTorch FP32 row")
@@ -268,7 +275,9 @@ def main(argv=None):
     rows_run = [(name, flags) for name, flags in ROWS if name in {ROW_KEYS[r] for r in args.rows}]
     if not have_torch:
         print("note: torch is not importable; the PyTorch FP32 row is left out")
-    print(f"dataset={args.dataset} epochs={args.epochs} batch={args.batch_size} seed={args.seed}")
+    print(f"dataset={args.dataset} epochs={args.epochs} batch={args.batch_size} seed={args.seed}"
+          + (f" train-subset={args.train_subset}" if args.train_subset else "")
+          + (f" test-subset={args.test_subset} (accuracy on it)" if args.test_subset else ""))
     header = (f"{'model':<12} {'thr':>3}  {'run':<26} {'test acc':>8} {'img/s':>8} {'vs fp32':>8} {'peak MB':>8} "
               f"{'train MB':>9} {'cold MB':>8}")
     print(header)

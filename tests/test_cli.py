@@ -235,3 +235,20 @@ def test_train_no_lac_trains_without_compensation_layers(tmp_path, capsys, no_la
     assert result["lac"] is (not no_lac)
     comp = [k for k in load_file(str(ckpt)) if k.endswith((".alpha", ".mu", ".beta"))]
     assert (comp == []) is no_lac, comp
+
+
+def test_train_subsets_are_stratified_and_reported(capsys):
+    """``--train-subset`` / ``--test-subset`` train and score on the stated numbers of images (reported in the
+    JSON as ``train_images`` / ``test_images``); without them the splits stay whole."""
+    from edgelearn import data as eldata
+
+    full = eldata.get_dataset("digits", seed=0)
+    result, out = main_json(capsys, "train", "--dataset", "digits", "--model", "mlp", "--precision", "fp32",
+                            "--epochs", "1", "--no-progress", "--json", "--train-subset", "300",
+                            "--test-subset", "120")
+    assert (result["train_images"], result["test_images"]) == (300, 120)
+    assert "(120 images" in out
+    assert round(result["test_accuracy"] * 120, 6) == int(round(result["test_accuracy"] * 120))
+    result, _ = main_json(capsys, "train", "--dataset", "digits", "--model", "mlp", "--precision", "fp32",
+                          "--epochs", "1", "--no-progress", "--json")
+    assert (result["train_images"], result["test_images"]) == (len(full.train), len(full.test))

@@ -149,6 +149,11 @@ def test_image_fitting_and_stratified_subsets():
     assert abs(small.images.mean() - ds.images.mean()) < 0.02
     sub = data.stratified_subset(ds, 40, seed=1)
     assert len(sub) == 40 and np.all(np.bincount(sub.labels) == 10)
+    # shares that do not divide evenly still add up to n (each rounded alone: 3 + 3 + 3 = 9 of 10)
+    uneven = data.ArrayDataset(ds.images[:100], np.repeat(np.arange(3), [33, 33, 34]))
+    for n in (10, 11, 50, 99):
+        counts = np.bincount(data.stratified_subset(uneven, n, seed=2).labels, minlength=3)
+        assert counts.sum() == n and counts.max() - counts.min() <= 1, (n, counts)
 
 
 def test_mobilenet_v2_fp32_matches_torchvision_on_the_same_weights():

@@ -261,6 +261,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train, test = splits.train, splits.test
     if getattr(args, "train_subset", None):
         train = eldata.stratified_subset(train, args.train_subset, seed=args.seed)
+    if getattr(args, "test_subset", None):
+        test = eldata.stratified_subset(test, args.test_subset, seed=args.seed)
     if getattr(args, "image_size", None):
         train, test = eldata.fit_images(train, args.image_size), eldata.fit_images(test, args.image_size)
 
@@ -280,6 +282,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = {
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
+        "test_images": result["n"],
+        "train_images": len(train),
         "train_images_per_s": summary["train_images_per_s"],
         "epochs": len(history),
         "precision": args.precision,
@@ -795,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
                          help="train on a stratified subset of N training images (same share of every class, "
                               "drawn with --seed); the test set stays whole")
+    p_train.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
+                         help="evaluate on a stratified subset of N test images (drawn with --seed), e.g. to time "
+                              "a large model without scoring the whole test set after every epoch")
     p_train.add_argument("--precision", choices=("int8", "fp32"), default="int8",
                          help="int8: Octo INT8 training (LAC + PRC); fp32: the baseline")
     p_train.add_argument("--compare", choices=("auto", "fp32", "int8", "none"), default="auto",

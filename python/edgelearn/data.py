@@ -623,8 +623,9 @@ class DataLoader:
 
 
 def stratified_subset(ds: "ArrayDataset", n: int, seed: int = 0) -> "ArrayDataset":
-    """``n`` images of ``ds`` with every class in the same share as in ``ds`` (rounded, at least one per
-    present class), drawn with ``seed``; order shuffled. ``n >= len(ds)`` returns ``ds``."""
+    """``n`` images of ``ds`` with every class in the same share as in ``ds`` (largest remainders rounded up so
+    the shares add up to ``n``; at least one per present class while ``n`` allows), drawn with ``seed``; order
+    shuffled. ``n >= len(ds)`` returns ``ds``."""
     if n >= len(ds):
         return ds
     if n < 1:
@@ -632,7 +633,12 @@ def stratified_subset(ds: "ArrayDataset", n: int, seed: int = 0) -> "ArrayDatase
     rng = np.random.default_rng(seed)
     labels = ds.labels
     classes, counts = np.unique(labels, return_counts=True)
-    want = np.maximum(1, np.round(counts * (n / len(ds))).astype(int))
+    exact = counts * (n / len(ds))
+    want = np.maximum(1, np.floor(exact).astype(int))
+    # largest remainders first, so the shares add up to n (rounding each alone could miss it by a few)
+    short = n - int(want.sum())
+    if short > 0:
+        want[np.argsort(-(exact - np.floor(exact)), kind="stable")[:short]] += 1
     picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, want)]
     idx = rng.permutation(np.concatenate(picks))[:n]
     return ArrayDataset(ds.images[idx], labels[idx], ds.name, ds.classes)
