@@ -306,6 +306,63 @@ fn int8_is_exact_and_every_kernel_matches_scalar_bits() {
     }
 }
 
+/// The INT8 weight gradient is an exact integer sum times one scale, so every kernel must give
+/// `(Σ dyq·xq as f64 · sx·sdy) as f32` to the bit: stride-1 "same" windows (column shifts at every edge,
+/// planes from 1x1 to 32x32, many images), wider padding, stride 2.
+#[test]
+fn int8_weight_gradient_is_the_exact_integer_sum_on_every_kernel() {
+    let mut rng = Rng(0xD1CE);
+    let mut shapes = vec![
+        case(3, 4, 16, 16, 4, 4, 3, 1, 1, 1),   // depthwise 3x3 "same"
+        case(2, 4, 4, 4, 8, 4, 3, 1, 1, 1),     // channel multiplier 2, tiny plane
+        case(2, 4, 7, 5, 6, 2, 3, 1, 1, 1),     // grouped: 2 in / 3 out per group
+        case(2, 2, 9, 11, 2, 2, 5, 1, 2, 1),    // 5x5
+        case(2, 4, 3, 3, 4, 2, 1, 1, 0, 1),     // 1x1 grouped
+        case(2, 2, 1, 1, 2, 2, 3, 1, 1, 1),     // 1x1 plane: padding as wide as the plane
+        case(2, 2, 6, 2, 2, 2, 5, 1, 2, 1),     // padding as wide as the plane
+        case(2, 2, 9, 9, 2, 2, 3, 2, 1, 1),     // stride 2
+        case(130, 1, 32, 32, 1, 1, 3, 1, 1, 1), // many images
+    ];
+    for w in [1, 2, 3, 7, 15, 16, 17, 33] {
+        shapes.push(case(3, 2, 5, w, 2, 2, 3, 1, 1, 1));
+    }
+    for c in shapes {
+        let s = c.shape();
+        let xq = rng.i8s(c.x.iter().product());
+        let wq = rng.i8s(c.w_shape().iter().product());
+        let dyq = rng.i8s(s.n * s.o * s.oh * s.ow);
+        let (sx, sdy) = (0.5f32, 0.375f32);
+        let mut sums = vec![0i64; wq.len()];
+        for_terms(&s, |yi, xi, wi, _| {
+            sums[wi] += dyq[yi] as i64 * xq[xi] as i64
+        });
+        let want: Vec<f32> = sums
+            .iter()
+            .map(|&v| (v as f64 * (sdy as f64 * sx as f64)) as f32)
+            .collect();
+        for k in depthwise_kernels() {
+            let mut dw = vec![0f32; wq.len()];
+            let sw = Scale::Scalar(0.125);
+            conv2d_grouped_i8_backward_with(
+                k,
+                &xq,
+                c.x,
+                sx,
+                &wq,
+                c.w_shape(),
+                sw,
+                &dyq,
+                sdy,
+                c.p,
+                None,
+                &mut dw,
+            )
+            .unwrap();
+            assert_eq!(bits(&dw), bits(&want), "{} {c:?}: dw", k.name);
+        }
+    }
+}
+
 #[test]
 fn fp32_gradients_match_finite_differences() {
     let mut rng = Rng(777);
