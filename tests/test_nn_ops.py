@@ -207,7 +207,7 @@ def test_batchnorm2d_backward_i8_reads_int8_input_like_its_dequantized_copy():
 def test_relu_mask_forward_backward_match_numpy():
     x = f32(3, 4, 5)
     x[0, 0, :2] = 0.0
-    y, mask = nat.relu_forward_mask(x)
+    y, mask, _ = nat.relu_forward_mask(x)
     assert mask.dtype == np.uint8 and mask.shape == ((x.size + 7) // 8,)  # one bit per element
     np.testing.assert_array_equal(y, np.maximum(x, 0))
     np.testing.assert_array_equal(mask, np.packbits(x.ravel() > 0, bitorder="little"))
@@ -220,7 +220,7 @@ def test_relu_mask_forward_backward_match_numpy():
         nat.relu_backward_mask(dy, mask.astype(np.float32))
     # out=: the same values written to the given array; out=x / out=dy overwrites the argument itself
     xi = x.copy()
-    yi, mi = nat.relu_forward_mask(xi, out=xi)
+    yi, mi, _ = nat.relu_forward_mask(xi, out=xi)
     assert yi is xi
     np.testing.assert_array_equal(xi, y)
     np.testing.assert_array_equal(mi, mask)

@@ -48,6 +48,7 @@ __all__ = [
     "maxpool2d_backward",
     "avgpool2d_forward",
     "avgpool2d_backward",
+    "residual_add_",
     "sgd_step",
     "conv2d_grouped_f32_forward",
     "conv2d_grouped_f32_backward",
@@ -211,8 +212,12 @@ def relu6_backward(dy: _F32, y: _F32) -> _F32: ...
 
 # ReLU saving a bit mask (uint8, packed) instead of its output. `out=` receives the result; passing the
 # input itself (out=x, out=dy) overwrites it in place.
-def relu_forward_mask(x: _F32, out: Optional[_F32] = None) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
-def relu6_forward_mask(x: _F32, out: Optional[_F32] = None) -> tuple[_F32, npt.NDArray[np.uint8]]: ...
+def relu_forward_mask(
+    x: _F32, out: Optional[_F32] = None
+) -> tuple[_F32, npt.NDArray[np.uint8], Optional[ActivationRange]]: ...
+def relu6_forward_mask(
+    x: _F32, out: Optional[_F32] = None
+) -> tuple[_F32, npt.NDArray[np.uint8], Optional[ActivationRange]]: ...
 def relu_backward_mask(dy: _F32, mask: npt.NDArray[np.uint8], out: Optional[_F32] = None) -> _F32: ...
 
 # BatchNorm with an int8 saved input: the `_` function normalises x in place; out=dy overwrites dy with dx.
@@ -224,7 +229,7 @@ def batchnorm2d_forward_save_i8_(
     running_var: _F32,
     momentum: float = 0.1,
     eps: float = 1e-5,
-) -> tuple[_F32, _F32, npt.NDArray[np.int8], float]: ...
+) -> tuple[_F32, _F32, npt.NDArray[np.int8], float, Optional[ActivationRange]]: ...
 def batchnorm2d_backward_i8(
     dy: _F32,
     xq: npt.NDArray[np.int8],
@@ -333,6 +338,9 @@ def avgpool2d_backward(
     stride: Optional[_Pair] = None,
     padding: Optional[_Pair] = None,
 ) -> _F32: ...
+
+# The residual add of a block, in place over out; returns the sum's range (None: NaN or an infinity in it).
+def residual_add_(out: _F32, identity: _F32) -> Optional[ActivationRange]: ...
 
 def sgd_step(
     params: Sequence[_F32],

@@ -305,7 +305,7 @@ def batch_norm2d(
         if _take_donated(x) and xd is x.data:
             # x is an intermediate nobody else holds: normalise in place (no second FP32 activation), and
             # take its int8 codes in the same call (the statistics pass also finds the range)
-            mean, invstd, xq, sx = _native.batchnorm2d_forward_save_i8_(
+            mean, invstd, xq, sx, y_range = _native.batchnorm2d_forward_save_i8_(
                 xd, gamma, bias.data, running_mean, running_var, float(momentum), float(eps)
             )
             y = xd
@@ -314,6 +314,7 @@ def batch_norm2d(
             y, mean, invstd = _native.batchnorm2d_forward(
                 xd, gamma, bias.data, running_mean, running_var, True, float(momentum), float(eps)
             )
+            y_range = None
         sx = float(sx)
         del xd
 
@@ -326,7 +327,9 @@ def batch_norm2d(
                 dx, dgamma, dbeta = _native.batchnorm2d_backward_i8(_c(g), xq, sx, gamma, mean, invstd)
             return dx, (dgamma if need_g else None), (dbeta if need_b else None)
 
-        return make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True, owns_grads=True)
+        out = make_result(y, (x, weight, bias), backward, "batch_norm2d", owned=True, owns_grads=True)
+        out._range = y_range  # taken as y was written: the next INT8 layer's X range (a linear bottleneck)
+        return out
 
     y, mean, invstd = _native.batchnorm2d_forward(
         xd, gamma, bias.data, running_mean, running_var, bool(training), float(momentum), float(eps)
@@ -427,9 +430,9 @@ def _with_mask(x: Tensor, xd: np.ndarray, forward_mask: Callable, name: str) -> 
     """ReLU or ReLU6 (``forward_mask``: ``_native.relu_forward_mask`` / ``relu6_forward_mask``) while recording,
     saving the packed bit mask: output and mask in one core call, written over a donated input."""
     if _take_donated(x) and xd is x.data:
-        y, mask = forward_mask(xd, out=xd)  # in place: x is an intermediate nobody else holds
+        y, mask, y_range = forward_mask(xd, out=xd)  # in place: x is an intermediate nobody else holds
     else:
-        y, mask = forward_mask(xd)
+        y, mask, y_range = forward_mask(xd)
     del xd
 
     def backward(g: np.ndarray, g_owned: bool = False):
@@ -437,7 +440,9 @@ def _with_mask(x: Tensor, xd: np.ndarray, forward_mask: Callable, name: str) -> 
             return (_native.relu_backward_mask(g, mask, out=g),)
         return (_native.relu_backward_mask(_c(g), mask),)
 
-    return make_result(y, (x,), backward, name, owned=True, owns_grads=True)
+    out = make_result(y, (x,), backward, name, owned=True, owns_grads=True)
+    out._range = y_range  # taken as y was written: the next INT8 layer's X range
+    return out
 
 
 def hardswish(x: ArrayLike) -> Tensor:
@@ -526,7 +531,16 @@ def residual_add(out: Tensor, identity: ArrayLike) -> Tensor:
         return out + identity
     out._owned = False  # its storage now belongs to the sum
     out._range = None  # and its values change
-    return make_result(np.add(od, idd, out=od), (out, identity), lambda g: (g, g), "add", owned=True)
+    if (od.dtype == np.float32 and od.flags.c_contiguous and idd.flags.c_contiguous
+            and not np.may_share_memory(od, idd)):
+        # the core's add, which takes the sum's range as it writes it (the next INT8 layer's X range)
+        y_range = _native.residual_add_(od, idd)
+    else:
+        np.add(od, idd, out=od)
+        y_range = None
+    res = make_result(od, (out, identity), lambda g: (g, g), "add", owned=True)
+    res._range = y_range
+    return res
 
 
 def compensation(x: ArrayLike, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tensor:

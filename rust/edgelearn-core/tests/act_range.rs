@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{amax, values, Rng};
 use edgelearn_core::nn::{
     batchnorm2d_relu_forward_save_i8, relu6_forward_mask_inplace, relu_forward_mask_inplace,
     relu_mask_len, GroupedParams, ReluOut,
@@ -16,17 +16,6 @@ use edgelearn_core::nn::{
 use edgelearn_core::octo::{self, Config, Layer, RoundMode};
 use edgelearn_core::quant::{ActRange, Clip};
 use edgelearn_core::Error;
-
-fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
-        .collect()
-}
-
-/// The largest magnitude of `x`, by the definition.
-fn amax(x: &[f32]) -> f32 {
-    x.iter().fold(0f32, |m, v| m.max(v.abs()))
-}
 
 fn layers() -> Vec<(Layer, Vec<usize>, Vec<usize>)> {
     vec![

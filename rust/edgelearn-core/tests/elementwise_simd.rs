@@ -102,7 +102,7 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
     let (mut rm8, mut rv8) = (vec![0.1f32; c], vec![0.9f32; c]);
     let (mut mean8, mut invstd8) = (vec![0f32; c], vec![0f32; c]);
     let mut saved8 = vec![0i8; len];
-    let scale8 = nn::batchnorm2d_forward_inplace_save_i8(
+    let (scale8, range8) = nn::batchnorm2d_forward_inplace_save_i8(
         &mut saved,
         shape,
         Some(&gamma),
@@ -132,6 +132,9 @@ fn run(shape: [usize; 4], seed: u64) -> Outputs {
         ],
         [bits(&y), bits(&mean), bits(&invstd), bits(&rm), bits(&rv)]
     );
+    // and the range of what it wrote (the largest magnitude; tested at length in act_range_simd.rs)
+    let amax = saved.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(range8.map(|r| r.amax().to_bits()), Some(amax.to_bits()));
     let mut relu = x.clone();
     relu[0] = f32::NAN;
     if len > 3 {

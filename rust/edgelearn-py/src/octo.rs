@@ -35,6 +35,12 @@ pub struct ActivationRange {
     pub(crate) range: ActRange,
 }
 
+impl From<ActRange> for ActivationRange {
+    fn from(range: ActRange) -> Self {
+        ActivationRange { range }
+    }
+}
+
 #[pymethods]
 impl ActivationRange {
     /// The largest magnitude of the activation's values.

@@ -4,7 +4,7 @@
 use super::elementwise_avx2;
 use super::{for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
-use crate::quant::{ActRange, AmaxAcc};
+use crate::quant::{abs_bits, ActRange, AmaxAcc};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -154,19 +154,31 @@ fn select8(o8: &mut [f32], g8: &[f32], b: u8) {
 
 /// `y = max(x, 0)` plus the packed bit mask `(x > 0)` that [`relu_backward_mask`] needs
 /// ([`relu_mask_len`] bytes): the saved activation of a ReLU in INT8 training is 1/32 of the FP32 output.
-pub fn relu_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
+/// Returns `y`'s range as [`relu_forward_mask_inplace`] does.
+pub fn relu_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<Option<ActRange>> {
     same_len("y", y.len(), x.len())?;
     check_mask(mask.len(), x.len())?;
     let parallel = worth_parallel(x.len());
+    let acc = AmaxAcc::new();
     for_each_chunk(y, CHUNK, parallel, |i, yc| {
-        for (o, &v) in yc.iter_mut().zip(&x[i * CHUNK..]) {
-            *o = if v < 0.0 { 0.0 } else { v };
-        }
+        acc.add_abs_bits(relu_chunk_amax(&x[i * CHUNK..i * CHUNK + yc.len()], yc));
     });
     for_each_chunk(mask, CHUNK / 8, parallel, |i, mc| {
         pack_positive(&x[i * CHUNK..], mc)
     });
-    Ok(())
+    Ok(acc.finish(y))
+}
+
+crate::simd::avx2_multiversion! {
+/// `y = max(x, 0)` over one chunk (NaN stays NaN) and the largest [`abs_bits`] written.
+fn relu_chunk_amax(x: &[f32], y: &mut [f32]) -> u32 {
+    let mut m = 0u32;
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = if v < 0.0 { 0.0 } else { v };
+        m = m.max(abs_bits(*o));
+    }
+    m
+}
 }
 
 /// `dx = dy` where the mask bit is set, else 0 (`mask` from [`relu_forward_mask`]).
@@ -196,11 +208,11 @@ pub fn relu6_forward_mask_inplace(x: &mut [f32], mask: &mut [u8]) -> Result<Opti
     clamp_mask_inplace::<true>(x, mask)
 }
 
-/// [`relu6_forward_mask_inplace`] into `y`, leaving `x` as it is.
-pub fn relu6_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
+/// [`relu6_forward_mask_inplace`] into `y`, leaving `x` as it is (and `y`'s range).
+pub fn relu6_forward_mask(x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<Option<ActRange>> {
     same_len("y", y.len(), x.len())?;
     y.copy_from_slice(x);
-    relu6_forward_mask_inplace(y, mask).map(|_| ())
+    relu6_forward_mask_inplace(y, mask)
 }
 
 /// The clamp of ReLU (`SIX = false`: `max(x, 0)`, bit `x > 0`) or ReLU6 (`min(max(x, 0), 6)`, bit

@@ -6,6 +6,7 @@
 use super::elementwise_avx2;
 use super::{check_len, for_each_chunk, worth_parallel};
 use crate::error::{Error, Result};
+use crate::quant::{abs_bits, ActRange, AmaxAcc};
 
 /// `f(i, ch)` for every image `i` and channel `ch` (at index `i·c + ch`), each a reduction over one plane.
 /// In the pool the work is split by image: each worker reads whole, contiguous images, the same split as
@@ -464,6 +465,8 @@ pub fn batchnorm2d_forward_inplace(
 /// (and its error for non-finite input), which INT8 training saves for the backward pass
 /// ([`batchnorm2d_backward_i8`]). One pass reads each plane for the statistics and the range, one
 /// quantizes and normalises each image while it is in cache: two reads of `x` instead of four.
+/// Also returns the output's range, taken as it is written ([`ActRange`]; `None` if it holds NaN or an
+/// infinity), for the INT8 layer that quantizes it next (a linear bottleneck's projection).
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm2d_forward_inplace_save_i8(
     x: &mut [f32],
@@ -477,9 +480,34 @@ pub fn batchnorm2d_forward_inplace_save_i8(
     mean: &mut [f32],
     invstd: &mut [f32],
     xq: &mut [i8],
-) -> Result<f32> {
+) -> Result<(f32, Option<ActRange>)> {
+    forward_inplace_save_i8(
+        x,
+        shape,
+        (gamma, beta),
+        (running_mean, running_var),
+        (momentum, eps),
+        (mean, invstd),
+        xq,
+        true,
+    )
+}
+
+/// [`batchnorm2d_forward_inplace_save_i8`]; `want_range: false` when an activation overwrites the output
+/// next (its range is then that op's to take): the range is `None`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_inplace_save_i8(
+    x: &mut [f32],
+    shape: [usize; 4],
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    (running_mean, running_var): (&mut [f32], &mut [f32]),
+    (momentum, eps): (f32, f32),
+    (mean, invstd): (&mut [f32], &mut [f32]),
+    xq: &mut [i8],
+    want_range: bool,
+) -> Result<(f32, Option<ActRange>)> {
     check_len("xq", xq.len(), &shape)?;
-    let scale = forward_inplace(
+    let (scale, range) = forward_inplace(
         x,
         shape,
         gamma,
@@ -488,12 +516,28 @@ pub fn batchnorm2d_forward_inplace_save_i8(
         true,
         (momentum, eps),
         (mean, invstd),
-        Some(xq),
+        Some((xq, want_range)),
     )?;
-    Ok(scale.expect("a range is taken when codes are asked for"))
+    Ok((
+        scale.expect("a range is taken when codes are asked for"),
+        range,
+    ))
 }
 
-/// The two in-place forwards: with `xq`, also the input's codes and their scale.
+crate::simd::avx2_multiversion! {
+/// `xp = xp·a + b` (one plane of BatchNorm's output) and the largest [`abs_bits`] written.
+fn normalise_plane_amax(xp: &mut [f32], a: f32, b: f32) -> u32 {
+    let mut m = 0u32;
+    for v in xp.iter_mut() {
+        *v = *v * a + b;
+        m = m.max(abs_bits(*v));
+    }
+    m
+}
+}
+
+/// The two in-place forwards: with `xq`, also the input's codes and their scale, and (its flag) the
+/// output's range.
 #[allow(clippy::too_many_arguments)]
 fn forward_inplace(
     x: &mut [f32],
@@ -504,8 +548,8 @@ fn forward_inplace(
     training: bool,
     (momentum, eps): (f32, f32),
     (mean, invstd): (&mut [f32], &mut [f32]),
-    xq: Option<&mut [i8]>,
-) -> Result<Option<f32>> {
+    xq: Option<(&mut [i8], bool)>,
+) -> Result<(Option<f32>, Option<ActRange>)> {
     let mut range = (0.0, 0.0);
     let ab = forward_coefficients(
         x,
@@ -529,24 +573,31 @@ fn forward_inplace(
             *v = *v * a + b;
         }
     };
-    let Some(xq) = xq else {
+    let Some((xq, want_range)) = xq else {
         if hw > 0 {
             for_each_chunk(x, hw, parallel, |plane, xp| normalise(xp, ab[plane % c]));
         }
-        return Ok(None);
+        return Ok((None, None));
     };
     let scale = crate::quant::scale_from_min_max(range.0, range.1);
+    let acc = AmaxAcc::new();
     if hw > 0 {
         let codes = crate::quant::NearestCodes::new(scale);
         // image by image (one quantizer call per image: its setup costs about as much as a small plane)
         super::for_each_chunk2(x, c * hw, xq, c * hw, parallel, |_, xi, qi| {
             codes.run(xi, qi);
-            for (xp, &ab) in xi.chunks_exact_mut(hw).zip(&ab) {
-                normalise(xp, ab);
+            if want_range {
+                let planes = xi.chunks_exact_mut(hw).zip(&ab);
+                let m = planes.fold(0, |m, (xp, &(a, b))| m.max(normalise_plane_amax(xp, a, b)));
+                acc.add_abs_bits(m);
+            } else {
+                for (xp, &ab) in xi.chunks_exact_mut(hw).zip(&ab) {
+                    normalise(xp, ab);
+                }
             }
         });
     }
-    Ok(Some(scale))
+    Ok((Some(scale), want_range.then(|| acc.finish(x)).flatten()))
 }
 
 /// Backward of training-mode [`batchnorm2d_forward`] given the `mean` and `invstd` it returned:

@@ -78,18 +78,16 @@ pub fn batchnorm2d_relu_forward_save_i8(
     };
     let (y, idx) = match mask {
         Ok(mask) => {
-            let scale = super::batchnorm2d_forward_inplace_save_i8(
+            // the activation overwrites BatchNorm's output next: its range is the one to take
+            let (scale, _) = super::batchnorm::forward_inplace_save_i8(
                 x,
                 shape,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                momentum,
-                eps,
-                mean,
-                invstd,
+                (gamma, beta),
+                (running_mean, running_var),
+                (momentum, eps),
+                (mean, invstd),
                 xq,
+                false,
             )?;
             let range = if six {
                 super::relu6_forward_mask_inplace(x, mask)?

@@ -6,7 +6,8 @@
 //! - [`conv`]: 2-D convolution forward/backward, FP32 and INT8, each shape's algorithm chosen once by a
 //!   [`ConvPlan`] (im2col + GEMM, the padded grid, the direct VNNI kernel, or [`depthwise`]).
 //! - [`depthwise`]: grouped and depthwise convolution (`groups > 1`) on its own direct kernels.
-//! - [`pool`]: max and average pooling; [`batchnorm`]: 2-D batch normalisation; [`activation`]: ReLU.
+//! - [`pool`]: max and average pooling; [`batchnorm`]: 2-D batch normalisation; [`activation`]: ReLU;
+//!   [`residual`]: the residual add.
 //!
 //! Not here: quantization itself ([`crate::quant`]), the INT8 GEMM kernels ([`crate::gemm`]), autograd.
 //!
@@ -22,6 +23,7 @@ pub mod im2col;
 pub mod matmul;
 pub mod optim;
 pub mod pool;
+pub mod residual;
 
 pub use activation::{
     relu6_backward, relu6_forward, relu6_forward_mask, relu6_forward_mask_inplace, relu_backward,
@@ -48,6 +50,7 @@ pub use pool::{
     avgpool2d_backward, avgpool2d_forward, maxpool2d_backward, maxpool2d_forward,
     pool2d_output_shape,
 };
+pub use residual::residual_add_inplace;
 
 use std::cell::RefCell;
 

@@ -458,9 +458,17 @@ impl ActRange {
     }
 }
 
-/// Collects the largest magnitude of non-negative outputs (ReLU's, ReLU6's) over chunks done in any order
-/// on any thread (the maximum is exact, so the result does not depend on the order), and whether a NaN
-/// or an infinity was seen.
+/// The bit pattern of `|v|`: finite magnitudes order like these integers, and NaN and the infinities lie
+/// above [`f32::MAX`]'s. A running maximum of them is exact, needs no NaN handling and vectorises (an
+/// integer maximum), so ops that write signed values (BatchNorm, the residual add) take their range so.
+#[inline(always)]
+pub(crate) fn abs_bits(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// Collects the largest magnitude of an op's outputs over chunks done in any order on any thread (the
+/// maximum is exact, so the result does not depend on the order), and whether a NaN or an infinity was
+/// seen.
 pub(crate) struct AmaxAcc {
     bits: std::sync::atomic::AtomicU32,
     bad: std::sync::atomic::AtomicBool,
@@ -483,6 +491,16 @@ impl AmaxAcc {
         self.bits.fetch_max(amax.abs().to_bits(), Relaxed);
         if bad {
             self.bad.store(true, Relaxed);
+        }
+    }
+
+    /// Adds a chunk's largest [`abs_bits`] (NaN and infinities included, which make the result bad).
+    pub(crate) fn add_abs_bits(&self, m: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if m > f32::MAX.to_bits() {
+            self.bad.store(true, Relaxed);
+        } else {
+            self.bits.fetch_max(m, Relaxed);
         }
     }
 

@@ -7,6 +7,8 @@ use pyo3::prelude::*;
 
 use crate::arrays::{as_mut, empty, f32_array, inout_arr, out_or_new, writable, F32Out, In};
 use crate::errors::{value_error, CoreResultExt};
+use crate::octo::ActivationRange;
+use edgelearn_core::quant::ActRange;
 
 /// `max(x, 0)` for a float32 array of any shape.
 #[pyfunction]
@@ -88,16 +90,17 @@ fn grad_from_output<'py>(
     Ok(dx)
 }
 
-/// `(max(x, 0), mask)` with `mask = (x > 0)` packed one bit per element (uint8, ceil(n/8) bytes, bit i%8 of
-/// byte i/8, as numpy.packbits(..., bitorder="little") of the flattened array): ReLU's saved activation.
-/// The output goes to `out` when given; `out=x` overwrites `x` (the caller owns it).
+/// `(max(x, 0), mask, range)` with `mask = (x > 0)` packed one bit per element (uint8, ceil(n/8) bytes, bit
+/// i%8 of byte i/8, as numpy.packbits(..., bitorder="little") of the flattened array): ReLU's saved
+/// activation. The output goes to `out` when given; `out=x` overwrites `x` (the caller owns it). `range`:
+/// the output's `ActivationRange` (for `octo_forward(x_range=...)`), `None` if it has NaN or +inf.
 #[pyfunction]
 #[pyo3(signature = (x, out=None))]
 fn relu_forward_mask<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
+) -> PyResult<MaskOut<'py>> {
     clamp_forward_mask(
         py,
         x,
@@ -107,15 +110,15 @@ fn relu_forward_mask<'py>(
     )
 }
 
-/// `(min(max(x, 0), 6), mask)` with `mask = (0 < x < 6)` packed as for `relu_forward_mask` (ReLU6's saved
-/// activation; `relu_backward_mask` applies it). `out` as for `relu_forward_mask`.
+/// `(min(max(x, 0), 6), mask, range)` with `mask = (0 < x < 6)` packed as for `relu_forward_mask` (ReLU6's
+/// saved activation; `relu_backward_mask` applies it). `out` and `range` as for `relu_forward_mask`.
 #[pyfunction]
 #[pyo3(signature = (x, out=None))]
 fn relu6_forward_mask<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
+) -> PyResult<MaskOut<'py>> {
     clamp_forward_mask(
         py,
         x,
@@ -125,9 +128,14 @@ fn relu6_forward_mask<'py>(
     )
 }
 
-type InplaceMask =
-    fn(&mut [f32], &mut [u8]) -> edgelearn_core::Result<Option<edgelearn_core::quant::ActRange>>;
-type CopyMask = fn(&[f32], &mut [f32], &mut [u8]) -> edgelearn_core::Result<()>;
+type InplaceMask = fn(&mut [f32], &mut [u8]) -> edgelearn_core::Result<Option<ActRange>>;
+type CopyMask = fn(&[f32], &mut [f32], &mut [u8]) -> edgelearn_core::Result<Option<ActRange>>;
+/// `(y, mask, range)` of `relu_forward_mask` / `relu6_forward_mask`.
+type MaskOut<'py> = (
+    F32Out<'py>,
+    Bound<'py, PyArrayDyn<u8>>,
+    Option<ActivationRange>,
+);
 
 /// The body of `relu_forward_mask` / `relu6_forward_mask`: in place when `out` is `x`, else into `out` or
 /// a new array.
@@ -137,29 +145,29 @@ fn clamp_forward_mask<'py>(
     out: Option<&Bound<'py, PyAny>>,
     inplace: InplaceMask,
     copy: CopyMask,
-) -> PyResult<(F32Out<'py>, Bound<'py, PyArrayDyn<u8>>)> {
+) -> PyResult<MaskOut<'py>> {
     if let Some(o) = out.filter(|o| o.is(x)) {
         let mut xw = inout_arr("x", x, None)?;
         let n: usize = xw.shape().iter().product();
         let mask = empty::<u8>(py, "mask", &[nn::relu_mask_len(n)])?;
-        {
+        let range = {
             let mut mw = mask.readwrite();
             let mv = as_mut(&mut mw)?;
             let xv = as_mut(&mut xw)?;
-            py.detach(|| inplace(xv, mv)).py()?;
-        }
-        return Ok((f32_array("out", o)?, mask));
+            py.detach(|| inplace(xv, mv)).py()?
+        };
+        return Ok((f32_array("out", o)?, mask, range.map(ActivationRange::from)));
     }
     let x = In::<f32>::new("x", x, "float32", None)?;
     let y = out_or_new(py, out, "y", &x.shape)?;
     let mask = empty::<u8>(py, "mask", &[nn::relu_mask_len(x.slice().len())])?;
-    {
+    let range = {
         let (mut yw, mut mw) = (writable("out", &y)?, mask.readwrite());
         let (yv, mv) = (as_mut(&mut yw)?, as_mut(&mut mw)?);
         let xv = x.slice();
-        py.detach(|| copy(xv, yv, mv)).py()?;
-    }
-    Ok((y, mask))
+        py.detach(|| copy(xv, yv, mv)).py()?
+    };
+    Ok((y, mask, range.map(ActivationRange::from)))
 }
 
 /// `dy` where the mask bit is set, else 0 (mask from relu_forward_mask: packed bits, uint8). The result

@@ -10,6 +10,7 @@ use crate::arrays::{
     writable, F32Out,
 };
 use crate::errors::{value_error, CoreResultExt};
+use crate::octo::ActivationRange;
 
 type BnOut<'py> = (
     Bound<'py, PyArrayDyn<f32>>,
@@ -250,8 +251,10 @@ pub(super) fn batchnorm_inplace_call<'py, R: Send>(
 }
 
 /// In-place training batch norm that also returns the input's int8 codes: overwrites `x` with the
-/// output, returns (mean, invstd, xq, x_scale), `xq` exactly `quantize(x, "nearest")` of the input (one
-/// pass fewer over `x` than quantizing first). INT8 training saves `xq` for the backward pass.
+/// output, returns (mean, invstd, xq, x_scale, range), `xq` exactly `quantize(x, "nearest")` of the input
+/// (one pass fewer over `x` than quantizing first). INT8 training saves `xq` for the backward pass.
+/// `range`: the output's `ActivationRange` (for `octo_forward(x_range=...)`), or `None` if it has NaN or
+/// an infinity.
 #[pyfunction]
 #[pyo3(signature = (x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5))]
 #[allow(clippy::too_many_arguments)]
@@ -270,10 +273,11 @@ fn batchnorm2d_forward_save_i8_<'py>(
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyArrayDyn<i8>>,
     f32,
+    Option<ActivationRange>,
 )> {
     let shape = inout_arr("x", x, Some(4))?.shape().to_vec();
     let xq = empty::<i8>(py, "xq", &shape)?;
-    let (mean, invstd, scale) = {
+    let (mean, invstd, (scale, range)) = {
         let mut qw = xq.readwrite();
         let qv = as_mut(&mut qw)?;
         batchnorm_inplace_call(
@@ -300,7 +304,8 @@ fn batchnorm2d_forward_save_i8_<'py>(
             },
         )?
     };
-    Ok((mean, invstd, xq, scale))
+    let range = range.map(|range| ActivationRange { range });
+    Ok((mean, invstd, xq, scale, range))
 }
 
 /// [`batchnorm2d_backward_i8`] with `out=dy`: overwrites `dy` with dx, returns (dgamma, dbeta).

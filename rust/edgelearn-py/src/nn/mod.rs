@@ -14,6 +14,7 @@ mod depthwise;
 mod matmul;
 mod optim;
 mod pool;
+mod residual;
 
 use pyo3::prelude::*;
 
@@ -25,6 +26,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bn_relu::register(m)?;
     activation::register(m)?;
     pool::register(m)?;
+    residual::register(m)?;
     optim::register(m)?;
     Ok(())
 }
