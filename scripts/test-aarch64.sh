@@ -31,7 +31,7 @@
 # kernel that cortex-a72's whole-suite run does not already take through the same Python code, and under
 # emulation it doubled the stage's time), AARCH64_MAX_TESTS (pytest args under -cpu max, default the GEMM and backend tests),
 # AARCH64_TRAIN_CPU (default neoverse-n1), AARCH64_JOBS (parallel runs, default nproc), AARCH64_SHARDS (the
-# whole-suite runs are split into this many pytest processes, every Nth test each, so they share the cores
+# whole-suite runs are split into this many pytest processes, whole test files each, so they share the cores
 # with the other runs; default AARCH64_JOBS),
 # AARCH64_REBUILD_WHEEL=1 forces a wheel rebuild.
 set -euo pipefail
@@ -212,7 +212,9 @@ export PYTHONPATH="$PKG:$SITE:$WORK/plugins" PATH="$PKG/bin:$PATH" PYTHONDONTWRI
 mkdir -p "$WORK/plugins"
 cat >"$WORK/plugins/edgelearn_qemu_profile.py" <<'EOF'
 """Loaded by scripts/test-aarch64.sh (pytest -p): Hypothesis settings for runs under qemu-user, and
-EDGELEARN_TEST_SHARD=K/N (keep every Nth collected test from the Kth, 1-based; the rest are deselected)."""
+EDGELEARN_TEST_SHARD=K/N: keep the test files of shard K of N (1-based), the rest deselected. Files stay whole
+(tests of one file may build on each other, as README blocks do); they go largest first to the shard with the
+fewest tests so far, the same split in every shard's process."""
 import os
 
 try:
@@ -230,8 +232,17 @@ def pytest_collection_modifyitems(config, items):
     k, n = (int(v) for v in spec.split("/"))
     if not 1 <= k <= n:
         raise ValueError(f"EDGELEARN_TEST_SHARD={spec!r}: want K/N with 1 <= K <= N")
-    keep = [it for i, it in enumerate(items) if i % n == k - 1]
-    drop = [it for i, it in enumerate(items) if i % n != k - 1]
+    files = {}
+    for it in items:
+        files.setdefault(it.nodeid.split("::")[0], []).append(it)
+    load = [0] * n
+    shard_of = {}
+    for name in sorted(files, key=lambda f: (-len(files[f]), f)):
+        s = min(range(n), key=lambda i: (load[i], i))
+        shard_of[name] = s
+        load[s] += len(files[name])
+    keep = [it for it in items if shard_of[it.nodeid.split("::")[0]] == k - 1]
+    drop = [it for it in items if shard_of[it.nodeid.split("::")[0]] != k - 1]
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
@@ -266,7 +277,7 @@ run_pytest() {
     # to its Neoverse-N1 kernels; our kernels are unaffected.
     if [ "$cpu" = max ]; then export OPENBLAS_CORETYPE=NEOVERSEN1; else unset OPENBLAS_CORETYPE; fi
     {
-        echo "=== -cpu $cpu (expect kernel: $want): pytest ${tests[*]}${shard:+ (every ${shard#*/}th test from the ${shard%/*}th)}"
+        echo "=== -cpu $cpu (expect kernel: $want): pytest ${tests[*]}${shard:+ (test files of shard $shard)}"
         echo "\$ edgelearn info   # qemu-aarch64-static -cpu $cpu"
         edgelearn info
         rc=$?
