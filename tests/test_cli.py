@@ -27,7 +27,8 @@ def test_info_json_matches_backend_info():
     assert json.loads(r.stdout.strip().splitlines()[-1]) == edgelearn.backend_info()
 
 
-TRAIN_JSON_FIELDS = {"test_accuracy", "train_images_per_s", "epochs", "precision", "dataset", "peak_rss_mb"}
+TRAIN_JSON_FIELDS = {"test_accuracy", "train_images_per_s", "train_step_images_per_s", "bn_recalibration_s", "epochs",
+                     "precision", "dataset", "peak_rss_mb"}
 
 
 def last_json_line(stdout):
@@ -41,6 +42,9 @@ def test_train_json_last_line_has_the_contract_fields():
     assert TRAIN_JSON_FIELDS <= set(result)
     assert result["dataset"] == "digits" and result["precision"] == "int8" and result["epochs"] == 1
     assert 0.5 < result["test_accuracy"] <= 1 and result["train_images_per_s"] > 0 and result["peak_rss_mb"] > 0
+    # the default cnn has BatchNorm: its re-estimation is timed, and the steps alone run faster than the epoch
+    assert result["bn_recalibration_s"] > 0
+    assert result["train_step_images_per_s"] > result["train_images_per_s"]
     assert "test accuracy" in r.stdout
 
 

@@ -172,6 +172,32 @@ def test_fit_re_estimates_batchnorm_statistics_after_each_epoch(digits_small):
         np.testing.assert_allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)
 
 
+def test_fit_times_the_batchnorm_re_estimation_apart_from_the_steps(digits_small, monkeypatch):
+    """The epoch time counts the re-estimation; ``bn_recalibration_s`` is that part alone (per epoch and in
+    total) and ``train_step_images_per_s`` the speed of the training steps without it."""
+    import time
+
+    import edgelearn.train as train_mod
+
+    def slow_recalibration(*args, **kwargs):
+        time.sleep(0.25)
+        return 0
+
+    monkeypatch.setattr(train_mod, "recalibrate_batchnorm", slow_recalibration)
+    train, _ = digits_small
+    edgelearn.manual_seed(0)
+    model = mlp(64, 8, 10)
+    opt = optim.SGD(list(model.parameters()), lr=0.05)
+    history = fit(model, opt, train, None, 2, batch_size=64, progress=False, verbose=False)
+    recal, epoch_time = history["bn_recalibration_s"], history["epoch_time_s"]
+    assert all(0.25 <= r < t for r, t in zip(recal, epoch_time))
+    s = history.summary()
+    assert s["bn_recalibration_s"] == pytest.approx(sum(recal))
+    assert s["train_images_per_s"] == pytest.approx(2 * len(train) / sum(epoch_time))
+    assert s["train_step_images_per_s"] == pytest.approx(2 * len(train) / (sum(epoch_time) - sum(recal)))
+    assert s["train_step_images_per_s"] > s["train_images_per_s"]
+
+
 def test_fit_hides_older_objects_from_the_collector_only_while_it_trains(digits_small):
     """During the training loop the objects made before it are frozen (gc.freeze); afterwards, and after an
     error inside the loop, nothing stays frozen; objects a caller froze stay frozen and are not touched."""

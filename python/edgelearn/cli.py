@@ -285,6 +285,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "test_images": result["n"],
         "train_images": len(train),
         "train_images_per_s": summary["train_images_per_s"],
+        "train_step_images_per_s": summary["train_step_images_per_s"],
+        "bn_recalibration_s": summary["bn_recalibration_s"],
         "epochs": len(history),
         "precision": args.precision,
         "dataset": args.dataset,
@@ -846,8 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--plot", metavar="PATH", help='loss/accuracy curves as an image (needs "edgelearn[plot]")')
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.add_argument("--json", action="store_true",
-                         help="end with one JSON line: test_accuracy, train_images_per_s, epochs, precision, "
-                              "dataset, peak_rss_mb, train_memory_mb, compare, ...")
+                         help="end with one JSON line: test_accuracy, train_images_per_s (epochs with "
+                              "their BatchNorm re-estimation), train_step_images_per_s (the training steps "
+                              "alone), bn_recalibration_s, epochs, precision, dataset, peak_rss_mb, train_memory_mb, compare, ...")
     p_train.set_defaults(func=_cmd_train)
     _add_collab_parser(sub)
     from .cli_finetune import add_parsers as _add_finetune_parsers

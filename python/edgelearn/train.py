@@ -57,6 +57,7 @@ DataLike = Union[ArrayDataset, DataLoader, Tuple[np.ndarray, np.ndarray]]
 
 _RECORD_FIELDS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "train_images_per_s", "epoch_time_s",
+    "bn_recalibration_s",
 )
 
 
@@ -181,6 +182,10 @@ class History:
     #: RSS right after the first training step, and the peak RSS over the steps after it (0: not measured).
     rss_after_first_step_mb: float = 0.0
     warm_peak_rss_mb: float = 0.0
+    #: Of the training time, the seconds spent re-estimating BatchNorm statistics after each epoch, and the
+    #: images/s of the training steps alone (the epoch time without that re-estimation).
+    bn_recalibration_s: float = 0.0
+    train_step_images_per_s: float = 0.0
 
     @property
     def train_memory_mb(self) -> float:
@@ -206,6 +211,8 @@ class History:
         return {
             "epochs": len(self.records),
             "train_images_per_s": self.train_images_per_s,
+            "train_step_images_per_s": self.train_step_images_per_s,
+            "bn_recalibration_s": self.bn_recalibration_s,
             "rss_before_first_step_mb": self.rss_before_first_step_mb,
             "peak_rss_mb": self.peak_rss_mb,
             "train_peak_rss_mb": self.train_peak_rss_mb,
@@ -424,7 +431,8 @@ def fit(
     - ``log_csv`` / ``log_json``: per-epoch records, rewritten after each epoch. ``plot``: image of the curves
       (needs ``edgelearn[plot]``). ``progress``: tqdm bar on a terminal. ``verbose``: one line per epoch on stdout.
     - ``bn_recalibration_batches``: after each epoch, BatchNorm running statistics are re-estimated on this
-      many training batches (see :func:`recalibrate_batchnorm`; counted in the training time; 0 turns it off).
+      many training batches (see :func:`recalibrate_batchnorm`; counted in the training time and also reported
+      on its own, ``History.bn_recalibration_s``; 0 turns it off).
     - ``val_name``: how the per-epoch line names ``val`` (``edgelearn train`` passes ``"test"``: it is the test
       set); the records keep the keys ``val_loss`` / ``val_accuracy``.
     """
@@ -462,6 +470,7 @@ def fit(
     process_peak = peak_rss_mb()
     images_seen = 0
     train_seconds = 0.0
+    recalibration_seconds = 0.0
     for epoch in range(start_epoch, epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -507,14 +516,17 @@ def fit(
             if froze:
                 gc.unfreeze()
             bar.close()
+        t_recal = time.perf_counter()
         recalibrate_batchnorm(model, loader, batches=bn_recalibration_batches, batch_size=loader.batch_size,
                               seed=seed + 7919 * (epoch + 1))
-        epoch_seconds = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        epoch_seconds, recal_seconds = t_end - t0, t_end - t_recal
         hwm = _hwm_rss_mb() if hwm_reset else None
         history.train_peak_rss_mb = max(history.train_peak_rss_mb, hwm if hwm is not None else peak_rss_mb())
         if hwm is not None:
             history.warm_peak_rss_mb = max(history.warm_peak_rss_mb, hwm)
         train_seconds += epoch_seconds
+        recalibration_seconds += recal_seconds
         images_seen += seen
         lr = float(opt.param_groups[0]["lr"]) if getattr(opt, "param_groups", None) else None
         if scheduler is not None:
@@ -528,6 +540,7 @@ def fit(
             "lr": lr,
             "train_images_per_s": seen / epoch_seconds if epoch_seconds > 0 else float("inf"),
             "epoch_time_s": epoch_seconds,
+            "bn_recalibration_s": recal_seconds,
         }
         if val is not None:
             v = evaluate(model, val, loss_fn=loss_fn, batch_size=eval_batch_size)
@@ -547,6 +560,9 @@ def fit(
         _write_logs(history.records, log_csv and os.fspath(log_csv), log_json and os.fspath(log_json))
 
     history.train_images_per_s = images_seen / train_seconds if train_seconds > 0 else 0.0
+    step_seconds = train_seconds - recalibration_seconds
+    history.train_step_images_per_s = images_seen / step_seconds if step_seconds > 0 else 0.0
+    history.bn_recalibration_s = recalibration_seconds
     history.peak_rss_mb = max(process_peak, peak_rss_mb(), history.train_peak_rss_mb)
     if plot is not None and history.records:
         plot_history(history.records, os.fspath(plot))
