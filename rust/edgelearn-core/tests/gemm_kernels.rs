@@ -80,6 +80,10 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (1, 257, 97),
     (97, 3, 1),
     (128, 7, 129),
+    // shallow K (≤ 64: the driver walks tiles along row panels) and just past it, with edge panels
+    (50, 24, 100),
+    (40, 64, 50),
+    (40, 68, 50),
 ];
 
 fn blockings() -> Vec<Blocking> {
