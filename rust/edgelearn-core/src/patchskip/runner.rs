@@ -1338,11 +1338,12 @@ mod tests {
         for threads in [1usize, 2] {
             crate::threads::set_num_threads(threads).unwrap();
             for int8 in [false, true] {
-                let mut seed = 11u64;
+                let mut seed = 12u64;
                 let mut net = Vec::new();
                 // (8, 8, 1): channels in whole groups of 4, so its bands take the direct VNNI kernel
                 // with the layer's packed weights where that kernel runs
-                for &(o, c, s) in &[(8usize, 3usize, 1usize), (8, 8, 1), (6, 8, 2), (5, 6, 1)] {
+                // (5, 7, 1): a partial group of three channels on the direct kernel's grid
+                for &(o, c, s) in &[(8usize, 3usize, 1usize), (8, 8, 1), (7, 8, 2), (5, 7, 1)] {
                     let n = o * c * 9;
                     let weight: Vec<f32> = (0..n).map(|_| lcg(&mut seed) - 0.5).collect();
                     let bias = Some((0..o).map(|_| lcg(&mut seed) - 0.5).collect::<Vec<_>>());
@@ -1380,10 +1381,12 @@ mod tests {
                     ..PatchSkipConfig::default()
                 };
                 let mut sparse = PatchSkip::new(net.clone(), cfg).unwrap();
-                assert_eq!(
-                    sparse.stages[1].direct.is_some(),
-                    int8 && crate::nn::conv::direct::direct_available()
-                );
+                for st in [1, 3] {
+                    assert_eq!(
+                        sparse.stages[st].direct.is_some(),
+                        int8 && crate::nn::conv::direct::direct_available()
+                    );
+                }
                 let mut dense = PatchSkip::new(
                     net,
                     PatchSkipConfig {
@@ -1404,6 +1407,12 @@ mod tests {
                             }
                         }
                         frame[(ch * h + 33) * w + 60 - t] = 0.5;
+                        // wide bands at the left and right edges (the window's padding columns)
+                        for y in 48..56 {
+                            for x in (0..24 + t).chain(w - 24 - t..w) {
+                                frame[(ch * h + y) * w + x] = lcg(&mut seed) * 0.9;
+                            }
+                        }
                     }
                     let a = sparse.run(&frame, shape).unwrap().to_vec();
                     let b = dense.run(&frame, shape).unwrap().to_vec();

@@ -643,7 +643,7 @@ fn store_row(
 /// already did, as the FP32 one does so that its rounding matches the dense conv's) and applying `ops`.
 /// Batches (of at most `max_cols` output pixels) run in parallel over the pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
-fn conv_batches<T: Copy + Default + Send + Sync + crate::nn::ScratchElem>(
+fn conv_batches<T: GatherElem + Send + Sync + crate::nn::ScratchElem>(
     x: &[T],
     cg: &ConvGeom,
     bias: Option<&[f32]>,
@@ -751,12 +751,7 @@ fn phase_grid_len(cg: &ConvGeom, rect: Rect) -> usize {
 /// are one contiguous run of `(rh − 1)·gw + rw` values (the `gw − rw` between rows are extra columns
 /// the GEMM computes and the scatter skips). Phases no tap reads (a kernel smaller than its stride)
 /// are left as they are. Returns `(gh, gw)`.
-fn phase_grid<T: Copy + Default>(
-    x: &[T],
-    cg: &ConvGeom,
-    rect: Rect,
-    buf: &mut [T],
-) -> (usize, usize) {
+fn phase_grid<T: GatherElem>(x: &[T], cg: &ConvGeom, rect: Rect, buf: &mut [T]) -> (usize, usize) {
     let [c, h, w] = cg.in_shape;
     let ((kh, kw), (sh, sw), (ph, pw)) = (cg.kernel, cg.stride, cg.padding);
     let (y0, y1, x0, x1) = rect;
@@ -784,7 +779,7 @@ fn phase_grid<T: Copy + Default>(
 /// `col` (row stride `ld`) gets, from column `off`, the input each output of the rectangle reads at that
 /// tap (zero where it falls in the padding) — what gathering the window and unfolding it gives, in one
 /// pass.
-fn im2col_rect<T: Copy + Default>(
+fn im2col_rect<T: GatherElem>(
     x: &[T],
     cg: &ConvGeom,
     rect: Rect,
@@ -816,7 +811,7 @@ fn im2col_rect<T: Copy + Default>(
 
 /// Fills `dst` (rows of `n` values) from the plane `(h, w)`: row `t` gets input row `iy0 + t·sy` at
 /// columns `ix0 + q·sx` (`q` in `0..n`), zero where the row or column leaves the plane (the padding).
-fn gather_rows<T: Copy + Default>(
+fn gather_rows<T: GatherElem>(
     plane: &[T],
     (h, w): (usize, usize),
     dst: &mut [T],
@@ -851,18 +846,87 @@ fn gather_rows<T: Copy + Default>(
         if sx == 1 {
             d[qa..qb].copy_from_slice(&src[s0..s0 + (qb - qa)]);
         } else if sx == 2 {
-            // the common stride as an index loop with a constant step, which the compiler turns into
-            // vector loads and shuffles (an iterator's `step_by` stays one value at a time)
-            let (d, src) = (&mut d[qa..qb], &src[s0..]);
-            let src = &src[..2 * (d.len() - 1) + 1];
-            for q in 0..d.len() {
-                d[q] = src[2 * q];
-            }
+            T::take_even(&mut d[qa..qb], &src[s0..]);
         } else {
             d[qa..qb]
                 .iter_mut()
                 .zip(src[s0..].iter().step_by(sx))
                 .for_each(|(v, &s)| *v = s);
+        }
+    }
+}
+
+/// Element types of the gathers ([`gather_rows`]), each with its copy of every other value.
+trait GatherElem: Copy + Default {
+    /// `d[q] = src[2q]` for every `q` of `d` (the common stride), `src` at least `2·(d.len() − 1) + 1`
+    /// long. An index loop with a constant step, which the compiler turns into vector loads and
+    /// shuffles for f32 (an iterator's `step_by` stays one value at a time).
+    #[inline]
+    fn take_even(d: &mut [Self], src: &[Self]) {
+        if d.is_empty() {
+            return;
+        }
+        let src = &src[..2 * d.len() - 1];
+        for q in 0..d.len() {
+            d[q] = src[2 * q];
+        }
+    }
+}
+
+impl GatherElem for f32 {}
+
+impl GatherElem for i8 {
+    /// For codes the index loop stays one byte at a time: on x86-64, blocks of 16 (then 8) outputs
+    /// from 32 (16) bytes keep each 16-bit lane's low byte (`and`) and pack the lanes (`packuswb`; the
+    /// lanes hold 0..=255, so nothing saturates), the last block overlapping the one before; elsewhere,
+    /// and for what is left, one at a time.
+    #[inline]
+    fn take_even(d: &mut [i8], src: &[i8]) {
+        let n = d.len();
+        let mut q = 0;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let block = |d: &mut [i8], src: &[i8], q: usize| {
+                let (s, o) = (&src[2 * q..2 * q + 32], &mut d[q..q + 16]);
+                // SAFETY: SSE2 is part of x86-64; `s` holds 32 bytes and `o` 16 (unaligned loads and
+                // store).
+                unsafe {
+                    let m = _mm_set1_epi16(0x00ff);
+                    let a = _mm_and_si128(_mm_loadu_si128(s.as_ptr().cast()), m);
+                    let b = _mm_and_si128(_mm_loadu_si128(s.as_ptr().add(16).cast()), m);
+                    _mm_storeu_si128(o.as_mut_ptr().cast(), _mm_packus_epi16(a, b));
+                }
+            };
+            while q + 16 <= n && 2 * q + 32 <= src.len() {
+                block(d, src, q);
+                q += 16;
+            }
+            if q < n && n >= 16 && 2 * n <= src.len() {
+                block(d, src, n - 16);
+                q = n;
+            }
+            // a short row (a narrow band's): 8 outputs from 16 bytes, the last 8 overlapping
+            let half = |d: &mut [i8], src: &[i8], q: usize| {
+                let (s, o) = (&src[2 * q..2 * q + 16], &mut d[q..q + 8]);
+                // SAFETY: SSE2 is part of x86-64; `s` holds 16 bytes and `o` 8.
+                unsafe {
+                    let a =
+                        _mm_and_si128(_mm_loadu_si128(s.as_ptr().cast()), _mm_set1_epi16(0x00ff));
+                    _mm_storel_epi64(o.as_mut_ptr().cast(), _mm_packus_epi16(a, a));
+                }
+            };
+            while q + 8 <= n && 2 * q + 16 <= src.len() {
+                half(d, src, q);
+                q += 8;
+            }
+            if q < n && n >= 8 && 2 * n <= src.len() {
+                half(d, src, n - 8);
+                q = n;
+            }
+        }
+        for q in q..n {
+            d[q] = src[2 * q];
         }
     }
 }
@@ -1136,8 +1200,10 @@ unsafe fn direct_band(
     // the kernel reads whole tiles of 16 positions from every k-group's offset
     let span = ncols.div_ceil(16) * 16;
     let positions = (offsets.iter().max().copied().unwrap_or(0) + span).max(cgs * plane);
+    // Only the window's planes are written (the padding `0x80`): the positions past them, which the
+    // kernel's whole tiles also read, feed only output columns the scatter drops.
     let mut buf = crate::nn::Scratch::<i8>::new(positions * 4)?;
-    buf.fill(0x80u8 as i8);
+    let pad = 0x80u8 as i8;
     // window columns inside 0..w
     let ix0 = x0 as isize - pw as isize;
     let lo = ((-ix0).max(0) as usize).min(ww);
@@ -1145,12 +1211,16 @@ unsafe fn direct_band(
     for g in 0..cgs {
         let nch = (c - 4 * g).min(4);
         for t in 0..wh {
+            let row = &mut buf[(g * plane + t * ww) * 4..(g * plane + (t + 1) * ww) * 4];
             let iy = (y0 + t) as isize - ph as isize;
             if iy < 0 || iy >= h as isize || lo == hi {
+                row.fill(pad);
                 continue;
             }
+            row[..lo * 4].fill(pad);
+            row[hi * 4..].fill(pad);
             let src0 = iy as usize * w + (ix0 + lo as isize) as usize;
-            let dst = &mut buf[((g * plane + t * ww + lo) * 4)..((g * plane + t * ww + hi) * 4)];
+            let dst = &mut row[lo * 4..hi * 4];
             let plane_in =
                 |j: usize| &xq[(4 * g + j) * h * w + src0..(4 * g + j) * h * w + src0 + (hi - lo)];
             if nch == 4 {
@@ -1159,6 +1229,7 @@ unsafe fn direct_band(
                 interleave4(dst, a, b, c2, d2);
                 continue;
             }
+            // the bytes of a partial group's missing channels stay as they are: their weights are 0
             for j in 0..nch {
                 for (d, &v) in dst.chunks_exact_mut(4).zip(plane_in(j)) {
                     d[j] = v ^ (0x80u8 as i8);
@@ -1349,6 +1420,31 @@ mod tests {
             };
         }
         v
+    }
+
+    /// The stride-2 gather takes every other value for i8 codes (whole blocks, an overlapping last
+    /// block, the rest one at a time) and f32 values, from a source just long enough or longer.
+    #[test]
+    fn take_even_takes_every_other_value() {
+        for n in 0..=53 {
+            for extra in [0usize, 1, 7] {
+                let len = if n == 0 {
+                    extra
+                } else {
+                    2 * (n - 1) + 1 + extra
+                };
+                let src8: Vec<i8> = (0..len).map(|i| (i * 73 + 11) as u8 as i8).collect();
+                let mut d8 = vec![0i8; n];
+                i8::take_even(&mut d8, &src8);
+                let want8: Vec<i8> = (0..n).map(|q| src8[2 * q]).collect();
+                assert_eq!(d8, want8, "i8 n {n} extra {extra}");
+                let src32: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+                let mut d32 = vec![f32::NAN; n];
+                f32::take_even(&mut d32, &src32);
+                let want32: Vec<f32> = (0..n).map(|q| src32[2 * q]).collect();
+                assert_eq!(d32, want32, "f32 n {n} extra {extra}");
+            }
+        }
     }
 
     /// The band epilogue (the AVX2 build where the CPU has it) writes exactly what the one-value-at-a-time
