@@ -883,6 +883,8 @@ impl GatherElem for i8 {
     #[inline]
     fn take_even(d: &mut [i8], src: &[i8]) {
         let n = d.len();
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        // only the SSE2 blocks advance it
         let mut q = 0;
         #[cfg(target_arch = "x86_64")]
         {
