@@ -685,7 +685,8 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: Operand, b: Operand, out: *mut i32
 
 /// Up to this many k-groups (K ≤ 64 with 4 bytes a group) a task walks its tiles along row panels (see
 /// `run`): a tile's 16 stores then outweigh its products. One thread, batch 32, the 1x1 layer 144→24 at
-/// 28x28 of MobileNetV2: its INT8 `dX` (K = 24) took 9.8 ms walking down column panels, 2.4 ms along rows.
+/// 28x28 of MobileNetV2: its INT8 `dX` (K = 24) took 9.8 ms walking down column panels, 2.4 ms along rows
+/// (3.2 and 2.1 ms in a quieter hold).
 const SHALLOW_KGROUPS: usize = 16;
 
 /// Below this many multiply-accumulates a GEMM is not worth a thread hand-off.

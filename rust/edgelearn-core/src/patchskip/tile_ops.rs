@@ -877,60 +877,54 @@ impl GatherElem for f32 {}
 
 impl GatherElem for i8 {
     /// For codes the index loop stays one byte at a time: on x86-64, blocks of 16 (then 8) outputs
-    /// from 32 (16) bytes keep each 16-bit lane's low byte (`and`) and pack the lanes (`packuswb`; the
-    /// lanes hold 0..=255, so nothing saturates), the last block overlapping the one before; elsewhere,
-    /// and for what is left, one at a time.
+    /// (see [`take_even_blocks`]); elsewhere, and for what is left, one at a time.
     #[inline]
     fn take_even(d: &mut [i8], src: &[i8]) {
-        let n = d.len();
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        // only the SSE2 blocks advance it
-        let mut q = 0;
         #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::*;
-            let block = |d: &mut [i8], src: &[i8], q: usize| {
-                let (s, o) = (&src[2 * q..2 * q + 32], &mut d[q..q + 16]);
-                // SAFETY: SSE2 is part of x86-64; `s` holds 32 bytes and `o` 16 (unaligned loads and
-                // store).
-                unsafe {
-                    let m = _mm_set1_epi16(0x00ff);
-                    let a = _mm_and_si128(_mm_loadu_si128(s.as_ptr().cast()), m);
-                    let b = _mm_and_si128(_mm_loadu_si128(s.as_ptr().add(16).cast()), m);
-                    _mm_storeu_si128(o.as_mut_ptr().cast(), _mm_packus_epi16(a, b));
-                }
-            };
-            while q + 16 <= n && 2 * q + 32 <= src.len() {
-                block(d, src, q);
-                q += 16;
-            }
-            if q < n && n >= 16 && 2 * n <= src.len() {
-                block(d, src, n - 16);
-                q = n;
-            }
-            // a short row (a narrow band's): 8 outputs from 16 bytes, the last 8 overlapping
-            let half = |d: &mut [i8], src: &[i8], q: usize| {
-                let (s, o) = (&src[2 * q..2 * q + 16], &mut d[q..q + 8]);
-                // SAFETY: SSE2 is part of x86-64; `s` holds 16 bytes and `o` 8.
-                unsafe {
-                    let a =
-                        _mm_and_si128(_mm_loadu_si128(s.as_ptr().cast()), _mm_set1_epi16(0x00ff));
-                    _mm_storel_epi64(o.as_mut_ptr().cast(), _mm_packus_epi16(a, a));
-                }
-            };
-            while q + 8 <= n && 2 * q + 16 <= src.len() {
-                half(d, src, q);
-                q += 8;
-            }
-            if q < n && n >= 8 && 2 * n <= src.len() {
-                half(d, src, n - 8);
-                q = n;
-            }
-        }
-        for q in q..n {
+        let q = {
+            let q = take_even_blocks::<16>(d, src, 0);
+            take_even_blocks::<8>(d, src, q)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let q = 0;
+        for q in q..d.len() {
             d[q] = src[2 * q];
         }
     }
+}
+
+/// `d[q] = src[2q]` from output `q` on, in blocks of `W` outputs (16 or 8) while they fit, the last block
+/// overlapping the one before; returns the first output not written. A block keeps each 16-bit lane's low
+/// byte (`and`) and packs the lanes (`packuswb`; they hold 0..=255, so nothing saturates).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn take_even_blocks<const W: usize>(d: &mut [i8], src: &[i8], mut q: usize) -> usize {
+    use std::arch::x86_64::*;
+    let n = d.len();
+    let block = |d: &mut [i8], q: usize| {
+        let (s, o) = (&src[2 * q..2 * q + 2 * W], &mut d[q..q + W]);
+        // SAFETY: SSE2 is part of x86-64; `s` holds 2·W bytes (W = 8: one 16-byte load) and `o` W
+        // (unaligned loads and stores).
+        unsafe {
+            let m = _mm_set1_epi16(0x00ff);
+            let a = _mm_and_si128(_mm_loadu_si128(s.as_ptr().cast()), m);
+            if W == 16 {
+                let b = _mm_and_si128(_mm_loadu_si128(s.as_ptr().add(16).cast()), m);
+                _mm_storeu_si128(o.as_mut_ptr().cast(), _mm_packus_epi16(a, b));
+            } else {
+                _mm_storel_epi64(o.as_mut_ptr().cast(), _mm_packus_epi16(a, a));
+            }
+        }
+    };
+    while q + W <= n && 2 * q + 2 * W <= src.len() {
+        block(d, q);
+        q += W;
+    }
+    if q < n && n >= W && 2 * n <= src.len() {
+        block(d, n - W);
+        q = n;
+    }
+    q
 }
 
 fn check_conv_shapes(
