@@ -136,17 +136,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
             }
             let (yp, ip) = (&mut yi[ch * p..(ch + 1) * p], &mut ii[ch * p..(ch + 1) * p]);
             maxpool_2x2(xp, w, oh, ow, yp, ip);
-            // ReLU as the unfused op computes it, and no gradient through a window whose maximum is not
-            // positive (selects, not branches: the sign of a normalised value is a coin toss)
-            // and the output's range (largest value; NaN recorded) while it is in registers
-            let (mut mx, mut nan) = (0f32, false);
-            for (v, at) in yp.iter_mut().zip(ip.iter_mut()) {
-                let keep = *v > 0.0;
-                *at = if keep { *at } else { NO_GRAD };
-                *v = if *v < 0.0 { 0.0 } else { *v };
-                mx = if *v > mx { *v } else { mx };
-                nan |= v.is_nan();
-            }
+            let (mx, nan) = relu_pooled(yp, ip);
             acc.add(mx, nan);
         }
     };
@@ -165,6 +155,76 @@ pub fn batchnorm2d_relu_forward_save_i8(
             .for_each(image);
     }
     Ok((scale, acc.finish(y)))
+}
+
+/// ReLU over pooled values `yp` as the unfused op computes it (`v < 0` becomes 0; NaN and -0.0 stay), no
+/// gradient ([`NO_GRAD`] in `ip`) through a window whose maximum is not positive, and the output's range:
+/// its largest value (0 at least) and whether it holds a NaN. AVX2 where the CPU has it: the sign of a
+/// normalised value is a coin toss, so the scalar loop's branches mispredict half the time. The result is
+/// the same bits either way (a maximum of non-NaN values does not depend on the order it is taken in, and
+/// +0.0 starts every lane as it starts the scalar loop).
+fn relu_pooled(yp: &mut [f32], ip: &mut [u8]) -> (f32, bool) {
+    debug_assert_eq!(yp.len(), ip.len());
+    #[allow(unused_mut)]
+    let (mut done, mut mx, mut nan) = (0, 0f32, false);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::elementwise_avx2() {
+        // SAFETY: the CPU has AVX2; yp and ip have the same length.
+        (done, mx, nan) = unsafe { relu_pooled_avx2(yp, ip) };
+    }
+    let (m, n) = relu_pooled_scalar(&mut yp[done..], &mut ip[done..], mx);
+    (m, nan | n)
+}
+
+/// The reference loop of [`relu_pooled`] from a running maximum `mx`.
+fn relu_pooled_scalar(yp: &mut [f32], ip: &mut [u8], mut mx: f32) -> (f32, bool) {
+    let mut nan = false;
+    for (v, at) in yp.iter_mut().zip(ip.iter_mut()) {
+        let keep = *v > 0.0;
+        *at = if keep { *at } else { NO_GRAD };
+        *v = if *v < 0.0 { 0.0 } else { *v };
+        mx = if *v > mx { *v } else { mx };
+        nan |= v.is_nan();
+    }
+    (mx, nan)
+}
+
+/// [`relu_pooled`] over whole blocks of 8: returns how many values it did, their maximum and NaN flag.
+///
+/// # Safety
+/// The CPU has AVX2; `ip.len() >= yp.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn relu_pooled_avx2(yp: &mut [f32], ip: &mut [u8]) -> (usize, f32, bool) {
+    use std::arch::x86_64::*;
+    assert!(ip.len() >= yp.len());
+    let blocks = yp.len() / 8;
+    let zero = _mm256_setzero_ps();
+    let no_grad = _mm_set1_epi8(NO_GRAD as i8);
+    let (mut mx, mut nan) = (zero, zero);
+    for b in 0..blocks {
+        let (py, pi) = (yp.as_mut_ptr().add(8 * b), ip.as_mut_ptr().add(8 * b));
+        let v = _mm256_loadu_ps(py);
+        let keep = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, zero));
+        // v < 0 (ordered) -> 0; NaN and -0.0 are not below zero and stay
+        let out = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, zero), v);
+        _mm256_storeu_ps(py, out);
+        // max_ps(a, b) is `a > b ? a : b`: the scalar loop's step, lane by lane
+        mx = _mm256_max_ps(out, mx);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(out, out));
+        // the 8 lane masks as 8 bytes: keep the window's offset, else NO_GRAD
+        let w = _mm_packs_epi32(
+            _mm256_castsi256_si128(keep),
+            _mm256_extracti128_si256::<1>(keep),
+        );
+        let k8 = _mm_packs_epi16(w, w);
+        let at = _mm_loadl_epi64(pi as *const __m128i);
+        _mm_storel_epi64(pi as *mut __m128i, _mm_blendv_epi8(no_grad, at, k8));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+    let m = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    (8 * blocks, m, _mm256_movemask_ps(nan) != 0)
 }
 
 /// Backward of [`batchnorm2d_relu_forward_save_i8`]. With [`ReluSaved::Mask`] `dy` has the input's shape
@@ -287,6 +347,53 @@ fn fused_backward_i8(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 blocks of `relu_pooled` give the reference loop's bits (values, offsets, maximum, NaN flag)
+    /// on random values with ±0, NaN and infinities, every length 0..40 and offsets into the block.
+    #[test]
+    fn relu_pooled_equals_scalar_reference() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in 0..40 {
+            for trial in 0..6 {
+                let vals: Vec<f32> = (0..len)
+                    .map(|_| match next() % 11 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        2 if trial > 2 => f32::NAN,
+                        3 if trial > 3 => f32::INFINITY,
+                        4 if trial > 3 => f32::NEG_INFINITY,
+                        _ => (next() % 2001) as f32 / 100.0 - 10.0,
+                    })
+                    .collect();
+                let idx: Vec<u8> = (0..len).map(|_| (next() % 4) as u8).collect();
+                let (mut y0, mut i0) = (vals.clone(), idx.clone());
+                let r0 = relu_pooled_scalar(&mut y0, &mut i0, 0.0);
+                let (mut y1, mut i1) = (vals.clone(), idx.clone());
+                let r1 = relu_pooled(&mut y1, &mut i1);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y0), bits(&y1), "len {len} trial {trial}");
+                assert_eq!(i0, i1, "len {len} trial {trial}");
+                assert_eq!((r0.0.to_bits(), r0.1), (r1.0.to_bits(), r1.1));
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::elementwise_avx2() {
+                    let (mut y2, mut i2) = (vals.clone(), idx.clone());
+                    // SAFETY: AVX2 checked; same lengths
+                    let (done, m, n) = unsafe { relu_pooled_avx2(&mut y2, &mut i2) };
+                    assert_eq!(done, len / 8 * 8);
+                    let (m2, n2) = relu_pooled_scalar(&mut y2[done..], &mut i2[done..], m);
+                    assert_eq!(bits(&y0), bits(&y2));
+                    assert_eq!(i0, i2);
+                    assert_eq!((r0.0.to_bits(), r0.1), (m2.to_bits(), n | n2));
+                }
+            }
+        }
+    }
 
     /// The fused mask backward gives the bits of the two unfused calls (mask pass, then BatchNorm's
     /// in-place int8 backward), on planes that start on a mask byte and on planes that do not.
