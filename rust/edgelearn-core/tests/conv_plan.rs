@@ -22,9 +22,18 @@ fn plan_names_the_algorithm_of_each_shape() {
     };
     // stride 1, 3x3, padding 1 on 7x7: the padded grid
     assert_eq!(dense([32, 32, 7, 7], [64, 32, 3, 3], 1, 1).algo(), grid);
-    // 1 input channel padded to 4 is more than a quarter extra: the grid through the GEMM
+    // fewer than 4 input channels (an image's): one patch matrix and GEMM per image, written in place
     assert_eq!(
         dense([32, 1, 28, 28], [16, 1, 3, 3], 1, 1).algo(),
+        ConvAlgo::Im2colGemm
+    );
+    assert_eq!(
+        dense([2, 3, 40, 30], [16, 3, 3, 3], 1, 1).algo(),
+        ConvAlgo::Im2colGemm
+    );
+    // 5 input channels padded to 8 is more than a quarter extra: the grid through the GEMM
+    assert_eq!(
+        dense([4, 5, 12, 12], [16, 5, 3, 3], 1, 1).algo(),
         ConvAlgo::PaddedGrid
     );
     // stride 2 and 1x1 convolutions: a patch matrix (or the image itself) and the GEMM

@@ -118,7 +118,12 @@ pub(super) fn forward(
         })?;
         return Ok(());
     }
-    let nb = s.images_per_chunk(1, usize::MAX);
+    // an image's layer: one image per GEMM, whose output rows are the image's output planes (no scatter)
+    let nb = if s.g.c < super::plan::IMAGE_CHANNELS {
+        1
+    } else {
+        s.images_per_chunk(1, usize::MAX)
+    };
     for_each_chunk(y, o * p, nb, |n0, yc, _| {
         let nb = yc.len() / (o * p);
         let ld = nb * p;

@@ -77,12 +77,24 @@ impl DensePlan {
             && PaddedGrid::new(s).is_some_and(|gr| gr.dw_images_per_chunk().is_some());
         DensePlan {
             shape,
-            forward: int8_forward_algo(s),
+            // An image's layer (fewer than 4 channels) takes a patch matrix and GEMM per image, which
+            // writes its output planes in place: the grid's channel padding, grid-sized output and scatter
+            // cost more than the product (1 channel at 28x28, 16 out, batch 32, 1 thread: the layer's
+            // Octo forward 360 → 240 µs in a loop of that layer alone, 2 interleaved rounds).
+            forward: if s.g.c < IMAGE_CHANNELS {
+                ConvAlgo::Im2colGemm
+            } else {
+                int8_forward_algo(s)
+            },
             dx_transposed: transposed_dx_shape(s).map(|st| (st, int8_forward_algo(&st))),
             dw_grid,
         }
     }
 }
+
+/// Below this many input channels a convolution's INT8 forward runs image by image through a patch matrix
+/// (see [`DensePlan::new`]; `super::i8::forward` then multiplies per image).
+pub(super) const IMAGE_CHANNELS: usize = 4;
 
 /// The INT8 forward of `s`: the padded grid when it applies, read by the direct kernel when that runs
 /// here and the channels' padding to groups of 4 adds at most a quarter (one thread, batch 32, 1 channel
