@@ -22,20 +22,15 @@ fn plan_names_the_algorithm_of_each_shape() {
     };
     // stride 1, 3x3, padding 1 on 7x7: the padded grid
     assert_eq!(dense([32, 32, 7, 7], [64, 32, 3, 3], 1, 1).algo(), grid);
-    // fewer than 4 input channels (an image's): one patch matrix and GEMM per image, written in place
-    assert_eq!(
-        dense([32, 1, 28, 28], [16, 1, 3, 3], 1, 1).algo(),
-        ConvAlgo::Im2colGemm
-    );
-    assert_eq!(
-        dense([2, 3, 40, 30], [16, 3, 3, 3], 1, 1).algo(),
-        ConvAlgo::Im2colGemm
-    );
+    // fewer than 4 input channels (an image's): one patch matrix and GEMM per image, written in place;
     // 5 input channels padded to 8 is more than a quarter extra: the grid through the GEMM
-    assert_eq!(
-        dense([4, 5, 12, 12], [16, 5, 3, 3], 1, 1).algo(),
-        ConvAlgo::PaddedGrid
-    );
+    for (x, w, algo) in [
+        ([32, 1, 28, 28], [16, 1, 3, 3], ConvAlgo::Im2colGemm),
+        ([2, 3, 40, 30], [16, 3, 3, 3], ConvAlgo::Im2colGemm),
+        ([4, 5, 12, 12], [16, 5, 3, 3], ConvAlgo::PaddedGrid),
+    ] {
+        assert_eq!(dense(x, w, 1, 1).algo(), algo, "{x:?} {w:?}");
+    }
     // stride 2 and 1x1 convolutions: a patch matrix (or the image itself) and the GEMM
     assert_eq!(
         dense([8, 16, 14, 14], [32, 16, 3, 3], 2, 1).algo(),
