@@ -350,7 +350,7 @@ mod tests {
     use super::*;
 
     /// The AVX2 blocks of `relu_pooled` give the reference loop's bits (values, offsets, maximum, NaN flag)
-    /// on random values with ±0, NaN and infinities, every length 0..40 and offsets into the block.
+    /// on random values with ±0, NaN and infinities, every length 0..40 (whole blocks of 8 and every tail).
     #[test]
     fn relu_pooled_equals_scalar_reference() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
