@@ -15,7 +15,8 @@ without evicting each other's caches every frame), the speedup, the fraction of 
 the ideal speedup ``1/work`` and how much of it was realised, the relative L2 error of the output vs dense
 (mean and max over frames), the agreement of the predictions (argmax per pixel; mean and min over frames),
 and the patch-skip time split per frame (gate, bookkeeping, recompute, tail). Each row is run ``--repeat``
-times in interleaved rounds (all configurations once per round) and reports the median frames/s.
+times in interleaved rounds (all configurations once per round) and reports the median frames/s. Every run is a
+fresh process that sets its thread count once (see ``run_in_child``).
 
 Run: ``python benches/video.py`` (``--quick`` for fewer frames; ``--int8`` adds the INT8 model;
 ``--threads 1,2``). Needs ``pip install "edgelearn[video]"``.
@@ -24,8 +25,10 @@ Run: ``python benches/video.py`` (``--quick`` for fewer frames; ``--int8`` adds 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -91,6 +94,27 @@ def run_once(frames, model, threshold, patch, refresh, threads, block=8):
     return s
 
 
+def build_model(mname):
+    model = load_video_model("fcn", seed=0)
+    return el.octo(model, el.OctoConfig()).eval() if mname == "int8" else model
+
+
+def run_in_child(spec):
+    """One row's run in a fresh process (``spawn``): the process sets its thread count once. A thread that has
+    run kernels at one thread count keeps that count's pool for life (a rayon pool takes the calling thread as
+    its worker 0 and never lets it go), so in one process the rows after a change of ``--threads`` ran with a
+    pool hop per op: INT8 patch skip on one thread lost a third of its speed after a two-thread row, and the
+    two-thread rows looked to scale 2x."""
+    path, step, limit, mname, threshold, patch, refresh, threads, block = spec
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    return run_once(decode(path, step, limit), build_model(mname), threshold, patch, refresh, threads, block)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40 frames per clip instead of 120")
@@ -119,9 +143,7 @@ def main():
         print('note: pip install "edgelearn[bench]" (threadpoolctl) to keep numpy\'s BLAS threads off the timed cores')
     thresholds = [float(t) for t in args.thresholds.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
-    models = [] if args.no_fp32 else [("fp32", load_video_model("fcn", seed=0))]
-    if args.int8:
-        models.append(("int8", el.octo(load_video_model("fcn", seed=0), el.OctoConfig()).eval()))
+    models = ([] if args.no_fp32 else ["fp32"]) + (["int8"] if args.int8 else [])
     info = el.backend_info()
     print(f"kernel={info.get('kernel')} cpus={os.cpu_count()} patch={args.patch} refresh={args.refresh or 'never'} "
           f"block={args.block} repeat={args.repeat} (medians; the machine may be shared: compare rows of one run)")
@@ -135,14 +157,18 @@ def main():
     for label, path, step, kind in clip_list:
         t0 = time.perf_counter()
         fr = decode(path, step, n)
-        decoded.append((label, fr, kind))
+        decoded.append((label, path, step, kind))
         print(f"decoded {label} ({kind}): {len(fr)} frames in {time.perf_counter() - t0:.2f} s  [{path}]")
-    configs = [(label, fr, mname, model, th, t) for label, fr, _ in decoded for mname, model in models
+    configs = [(label, (path, step), mname, th, t) for label, path, step, _ in decoded for mname in models
                for th in thresholds for t in thread_counts]
     runs = {i: [] for i in range(len(configs))}
+    # every run in a process of its own (see run_in_child), one at a time so that runs never share the cores
+    ctx = multiprocessing.get_context("spawn")
     for r in range(args.repeat):
-        for i, (label, fr, mname, model, th, t) in enumerate(configs):
-            runs[i].append(run_once(fr, model, th, args.patch, args.refresh, t, args.block))
+        for i, (label, (path, step), mname, th, t) in enumerate(configs):
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                spec = (path, step, n, mname, th, args.patch, args.refresh, t, args.block)
+                runs[i].append(ex.submit(run_in_child, spec).result())
             print(f"  round {r + 1}/{args.repeat}: {label} {mname} thr {th} threads {t}: "
                   f"{runs[i][-1]['speedup']:.2f}x", flush=True)
     head = (f"{'clip':<27} {'model':<5} {'thr':>5} {'thr#':>4} {'dense/s':>8} {'skip/s':>8} {'speed':>7} {'work':>6} "
@@ -150,7 +176,7 @@ def main():
             f"{'gate':>5} {'book':>5} {'recomp':>6} {'tail':>5} ms")
     print("\n" + head)
     rows = []
-    for i, (label, fr, mname, model, th, t) in enumerate(configs):
+    for i, (label, _, mname, th, t) in enumerate(configs):
         rs = runs[i]
         med = lambda k: float(np.median([s[k] for s in rs]))  # noqa: E731
         dense_fps, skip_fps, work = med("dense_fps"), med("patchskip_fps"), med("mean_compute_fraction")
