@@ -150,6 +150,10 @@ pub fn num_threads() -> usize {
 }
 
 /// Sets the number of threads kernels use (rebuilds the pool). `n` must be in `1..=MAX_THREADS`.
+///
+/// A thread that has run kernels belongs to its first pool for life (rayon frees no thread it took with
+/// `use_current_thread`): its one-thread pool, or the owner pool of the count it first ran in parallel
+/// with. After a change of the count, its kernels run in the shared pool ([`install`]), a hop per op.
 pub fn set_num_threads(n: usize) -> Result<()> {
     if !(1..=MAX_THREADS).contains(&n) {
         return Err(Error::invalid(
