@@ -204,6 +204,9 @@ struct Stage {
     /// the stage that alone reads this one's output, when it is an INT8 conv: a sparse conv stage
     /// writes that stage's input codes with its outputs ([`NextCodes`])
     next_i8: Option<usize>,
+    /// `out` misses outputs that were written as the reader's codes alone since the stage last ran in
+    /// full (see [`PatchSkip::run_sparse`]): only those codes describe them
+    stale: bool,
 }
 
 impl Stage {
@@ -237,6 +240,11 @@ pub struct PatchSkip {
     reference_u8: Option<(U8Input, Vec<u8>)>,
     frames: usize,
     stats: FrameStats,
+    /// Sparse conv stages write their f32 outputs even where the reader takes their codes alone (tests
+    /// compare the codes with those outputs).
+    keep_values: bool,
+    /// Stale stages run in full because their reader was (see `run_sparse`), for the tests.
+    forced_full: usize,
 }
 
 fn bn_affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> Pointwise {
@@ -303,6 +311,7 @@ impl PatchSkip {
             xq: Vec::new(),
             direct: None,
             next_i8: None,
+            stale: false,
         };
         let mark = |marks: &[usize], i: usize, m: usize| {
             marks.get(m).copied().ok_or_else(|| {
@@ -478,6 +487,8 @@ impl PatchSkip {
             reference_u8: None,
             frames: 0,
             stats: FrameStats::default(),
+            keep_values: false,
+            forced_full: 0,
         })
     }
 
@@ -494,6 +505,7 @@ impl PatchSkip {
         self.stats = FrameStats::default();
         for st in &mut self.stages {
             st.out = Vec::new();
+            st.stale = false;
         }
     }
 
@@ -811,6 +823,7 @@ impl PatchSkip {
                 _ => None,
             };
             dense_stage(st, input, other)?;
+            st.stale = false;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
@@ -818,31 +831,77 @@ impl PatchSkip {
 
     /// Recomputes the tiles reachable from the dirty input patches; returns (work done, dense work) and
     /// fills the per-layer fractions, the time split and `output_changed` of `stats`.
+    ///
+    /// Codes alone: a conv stage whose only reader is an INT8 conv writes that reader's input codes with
+    /// its outputs ([`NextCodes`]), and with frozen scales (where the dirty maps, and which stages run in
+    /// full, follow from the gate alone and are planned first) leaves its f32 outputs out unless the
+    /// reader runs in full this frame, the one case in which it reads the f32 map. The map is then
+    /// `stale`; a stale stage whose reader runs in full runs in full itself (before it, planned from the
+    /// last stage back), so a full reader always reads a whole, current map. Every code and every output
+    /// of the last stage is the same as with the f32 outputs written (test
+    /// `codes_alone_change_no_output`).
     fn run_sparse(&mut self, gate: TileMap, stats: &mut FrameStats) -> Result<(f64, f64)> {
         // per source (0: the input, j + 1: stage j's output): its dirty tiles, and the rectangles that
         // changed (`None`: all of it)
         let mut changed: Vec<Option<Vec<Rect>>> = vec![Some(gate.rects())];
         // per source: whether its reader's input codes were written with it this frame
         let mut coded: Vec<bool> = vec![false; self.stages.len() + 1];
-        let mut maps: Vec<TileMap> = vec![gate];
         let (mut done, mut total) = (0.0, 0.0);
         let (mut book, mut work) = (0.0f64, 0.0f64);
-        let last = self.stages.len() - 1;
-        let identity = Window2d::new((1, 1), (1, 1), (0, 0));
-        for i in 0..self.stages.len() {
+        let n = self.stages.len();
+        let last = n - 1;
+        let dense_above = self.cfg.dense_above as f64;
+        // with frozen scales: every stage's dirty map and whether it runs in full, planned from the gate
+        let plan = if self.cfg.int8_scales == Int8Scales::Frozen {
+            let tb = Instant::now();
+            let mut pm: Vec<TileMap> = Vec::with_capacity(n + 1);
+            pm.push(gate.clone());
+            let mut pf = vec![false; n];
+            let mut forced = vec![false; n];
+            for (i, st) in self.stages.iter().enumerate() {
+                let mut m = stage_map(st, &pm, self.cfg.tile)?;
+                if m.fraction() >= dense_above {
+                    m.fill(true);
+                    pf[i] = true;
+                }
+                pm.push(m);
+            }
+            for i in (0..n).rev() {
+                if let Some(j) = self.stages[i].next_i8 {
+                    // its only reader is `j`, already in full: filling its map changes no other map
+                    if pf[j] && self.stages[i].stale && !pf[i] {
+                        pf[i] = true;
+                        forced[i] = true;
+                        pm[i + 1].fill(true);
+                        self.forced_full += 1;
+                    }
+                }
+            }
+            book += tb.elapsed().as_secs_f64();
+            Some((pm, pf, forced))
+        } else {
+            None
+        };
+        let mut maps: Vec<TileMap> = vec![gate];
+        for i in 0..n {
             let tb = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
             let (cur, later) = rest.split_at_mut(1);
             let st = &mut cur[0];
             let input = source(&self.reference, prev, st.src);
             let [oc, oh, ow] = st.out_shape;
-            let mut out_map = dilate(&maps[st.src], st.window(), oh, ow, self.cfg.tile)?;
-            let mut other: Option<&[f32]> = None;
-            if let Spatial::Add(o) = st.spatial {
-                out_map.union_with(&dilate(&maps[o], identity, oh, ow, self.cfg.tile)?);
-                other = Some(source(&self.reference, prev, o));
-            }
-            let mut full = out_map.fraction() >= self.cfg.dense_above as f64;
+            let other = match st.spatial {
+                Spatial::Add(o) => Some(source(&self.reference, prev, o)),
+                _ => None,
+            };
+            let (mut out_map, mut full) = match &plan {
+                Some((pm, pf, _)) => (pm[i + 1].clone(), pf[i]),
+                None => {
+                    let m = stage_map(st, &maps, self.cfg.tile)?;
+                    let f = m.fraction() >= dense_above;
+                    (m, f)
+                }
+            };
             if let (Spatial::ConvI8(_), Int8Scales::Dynamic) = (&st.spatial, self.cfg.int8_scales) {
                 // the whole layer's codes change with the scale
                 full |= input_scale(input) != st.sx;
@@ -854,7 +913,12 @@ impl PatchSkip {
                 total += (oh * ow) as f64 * st.cost;
                 book += tb.elapsed().as_secs_f64();
                 let tw = Instant::now();
-                dense_stage(st, input, other)?;
+                if plan.as_ref().is_some_and(|(_, _, forced)| forced[i]) {
+                    refresh_stage(st, input, &changed[st.src], coded[st.src])?;
+                } else {
+                    dense_stage(st, input, other)?;
+                }
+                st.stale = false;
                 let dt = tw.elapsed().as_secs_f64();
                 work += dt;
                 stats.layer_seconds.push(dt);
@@ -881,17 +945,26 @@ impl PatchSkip {
             }
             let tw = Instant::now();
             stats.output_changed |= i == last;
-            // the reader's codes, written with the outputs (it was set up by a dense frame)
+            // the reader's codes, written with the outputs (it was set up by a dense frame); the outputs
+            // too unless codes alone do (see above)
+            let is_i8 = matches!(st.spatial, Spatial::ConvI8(_));
+            let values = |j: usize| {
+                self.keep_values || !is_i8 || plan.as_ref().is_none_or(|(_, pf, _)| pf[j])
+            };
             let next = st
                 .next_i8
-                .map(|j| &mut later[j - i - 1])
-                .filter(|r| r.xq.len() == st.out.len())
-                .map(|r| NextCodes {
+                .map(|j| (values(j), &mut later[j - i - 1]))
+                .filter(|(_, r)| r.xq.len() == st.out.len())
+                .map(|(values, r)| NextCodes {
                     codes: &mut r.xq,
                     sx: r.sx,
+                    values,
                 });
             coded[i + 1] =
                 next.is_some() && matches!(st.spatial, Spatial::Conv(_) | Spatial::ConvI8(_));
+            if coded[i + 1] && next.as_ref().is_some_and(|c| !c.values) {
+                st.stale = true;
+            }
             match &st.spatial {
                 Spatial::Conv(p) => conv_rects(
                     input,
@@ -960,6 +1033,45 @@ impl PatchSkip {
         stats.recompute_seconds = work;
         Ok((done, total))
     }
+}
+
+/// Recomputes the whole output of a stale INT8 conv stage for a reader that runs in full (see
+/// `PatchSkip::run_sparse`): from its input codes, brought up to date as its sparse frames do, and its
+/// held scale (no recalibration), so the map gets the values every sparse frame would have written.
+fn refresh_stage(
+    st: &mut Stage,
+    input: &[f32],
+    changed: &Option<Vec<Rect>>,
+    coded: bool,
+) -> Result<()> {
+    let [oc, oh, ow] = st.out_shape;
+    let [c, h, w] = st.in_shape;
+    let Spatial::ConvI8(p) = &st.spatial else {
+        return Err(Error::invalid(
+            "stage",
+            "internal: only an INT8 conv stage is refreshed",
+        ));
+    };
+    match changed {
+        Some(_) if coded => {}
+        Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
+        None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
+    }
+    p.forward(&st.xq, [1, c, h, w], st.sx, p.padding, &mut st.out)?;
+    pointwise_rects(&st.post, &[(0, oh, 0, ow)], &mut st.out, oc, (oh, ow));
+    Ok(())
+}
+
+/// The output tiles of `st` to recompute: its window over the dirty tiles of its source(s) among `maps`
+/// (0: the input, `j + 1`: stage `j`).
+fn stage_map(st: &Stage, maps: &[TileMap], tile: usize) -> Result<TileMap> {
+    let [_, oh, ow] = st.out_shape;
+    let mut m = dilate(&maps[st.src], st.window(), oh, ow, tile)?;
+    if let Spatial::Add(o) = st.spatial {
+        let identity = Window2d::new((1, 1), (1, 1), (0, 0));
+        m.union_with(&dilate(&maps[o], identity, oh, ow, tile)?);
+    }
+    Ok(m)
 }
 
 /// Recomputes a whole stage from its input with the dense kernels (an INT8 conv recalibrates its input
@@ -1291,6 +1403,8 @@ mod tests {
                 ..PatchSkipConfig::default()
             };
             let mut ps = PatchSkip::new(net, cfg).unwrap();
+            // the f32 outputs the codes are compared with
+            ps.keep_values = true;
             let (h, w) = (37, 45);
             let mut frame: Vec<f32> = (0..3 * h * w).map(|_| lcg(&mut seed)).collect();
             for t in 0..5 {
@@ -1317,6 +1431,98 @@ mod tests {
             }
         }
         crate::threads::set_num_threads(1).unwrap();
+    }
+
+    /// Codes alone (sparse conv stages leave out the f32 outputs their INT8 reader does not read, see
+    /// `run_sparse`) change no output and no code: the same frames through a runner that writes every
+    /// f32 output give the same bits, for chains and residual nets, thresholds 0 and 0.05, readers that
+    /// run in full inside sparse frames (low `dense_above`, frames with large changes; also right after
+    /// a dense refresh, before any stage is stale) and dense refreshes, on one and on two threads. The stream must also reach the two cases the rule is for:
+    /// a stage left stale, and a stale stage run in full because its reader was.
+    #[test]
+    fn codes_alone_change_no_output() {
+        let (mut went_stale, mut forced) = (false, false);
+        for threads in [1usize, 2] {
+            crate::threads::set_num_threads(threads).unwrap();
+            for (net_kind, dense_above, threshold, refresh) in [
+                (0, 0.85f32, 0.0f32, 0usize),
+                (0, 0.5, 0.05, 0),
+                (0, 0.5, 0.0, 10),
+                (0, 0.2, 0.0, 0),
+                (1, 0.5, 0.0, 0),
+                (1, 0.5, 0.0, 10),
+                (1, 0.85, 0.05, 5),
+            ] {
+                let mut seed = 29u64 + net_kind as u64;
+                let net = if net_kind == 0 {
+                    let mut net = layers(&mut seed, true);
+                    net.remove(3); // the pool: conv -> conv -> conv
+                    net
+                } else {
+                    residual_layers(&mut seed, true)
+                };
+                let cfg = PatchSkipConfig {
+                    patch: 4,
+                    threshold,
+                    dense_above,
+                    refresh_every: refresh,
+                    ..PatchSkipConfig::default()
+                };
+                let mut alone = PatchSkip::new(net.clone(), cfg).unwrap();
+                let mut both = PatchSkip::new(net, cfg).unwrap();
+                both.keep_values = true;
+                let (h, w) = (37, 45);
+                let mut frame: Vec<f32> = (0..3 * h * w).map(|_| lcg(&mut seed)).collect();
+                for t in 0..16 {
+                    // a small moving blob; every fourth frame twelve scattered 4x4 ones instead, whose
+                    // halos cover more of the stride-2 layer's map than of the first one's (about 0.6
+                    // against 0.47: with `dense_above` 0.5 the reader runs in full while the stage
+                    // before it does not); every eighth a change over most of the frame
+                    let blobs: Vec<(usize, usize, usize, usize)> = match t % 8 {
+                        7 => vec![(2, 30, 1, 40)],
+                        3 => (0..12)
+                            .map(|b| {
+                                let (y, x) = ((b * 7 + t) % 33, (b * 11 + 3 * t) % 41);
+                                (y, y + 4, x, x + 4)
+                            })
+                            .collect(),
+                        _ => vec![(3 + t, 9 + t, 2 + 2 * t, 10 + 2 * t)],
+                    };
+                    for ch in 0..3 {
+                        for &(y0, y1, x0, x1) in &blobs {
+                            for y in y0..y1 {
+                                for x in x0..x1 {
+                                    frame[(ch * h + y) * w + x] = lcg(&mut seed);
+                                }
+                            }
+                        }
+                    }
+                    let ya = alone.run(&frame, [3, h, w]).unwrap().to_vec();
+                    let yb = both.run(&frame, [3, h, w]).unwrap().to_vec();
+                    let what = format!(
+                        "threads {threads} net {net_kind} dense_above {dense_above} frame {t}"
+                    );
+                    assert_eq!(alone.stats().dense, both.stats().dense, "{what}");
+                    for (k, (sa, sb)) in alone.stages.iter().zip(&both.stages).enumerate() {
+                        assert_eq!(sa.sx.to_bits(), sb.sx.to_bits(), "{what} stage {k}: scale");
+                        let bad = sa.xq.iter().zip(&sb.xq).position(|(a, b)| a != b);
+                        assert!(bad.is_none(), "{what} stage {k}: code {bad:?} differs");
+                        assert!(!sb.stale, "{what}");
+                    }
+                    let bad = ya
+                        .iter()
+                        .zip(&yb)
+                        .position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(bad.is_none(), "{what}: output {bad:?} differs");
+                    went_stale |= alone.stages.iter().any(|s| s.stale);
+                }
+                forced |= alone.forced_full > 0;
+                assert_eq!(both.forced_full, 0);
+            }
+        }
+        crate::threads::set_num_threads(1).unwrap();
+        assert!(went_stale, "no stage ever wrote codes alone");
+        assert!(forced, "no stale stage was ever run in full for its reader");
     }
 
     #[test]

@@ -217,27 +217,35 @@ struct ConvGeom {
     stride: (usize, usize),
     padding: (usize, usize),
     out_hw: (usize, usize),
-    /// the next INT8 conv's input codes `(o, oh, ow)` and scale, written with the outputs (see
-    /// [`NextCodes`])
-    codes: Option<(OutPtr<i8>, f32)>,
+    /// the next INT8 conv's input codes `(o, oh, ow)` and scale, written with the outputs, and whether
+    /// the f32 outputs are written too (see [`NextCodes`])
+    codes: CodesOut,
 }
+
+/// [`NextCodes`] as the band tasks take it: the codes, their scale and whether the f32 values are written too.
+type CodesOut = Option<(OutPtr<i8>, f32, bool)>;
 
 /// The input codes of the INT8 convolution that reads a layer's output, with their per-tensor scale:
 /// when given, the layer writes them for the pixels it recomputes (its outputs, after the pointwise ops,
 /// quantized with `sx`, nearest rounding: the codes quantizing the whole map gives), while the rows are
 /// in cache, so that the next layer need not read them back to requantize. `codes` has the layout of the
 /// layer's output.
+///
+/// `values: false` writes the codes alone: the layer's f32 map is then left without these outputs (it
+/// no longer describes them), which pays where the next conv is the map's only reader and reads the
+/// codes (at a quarter of the bytes); the caller must not read those values back.
 pub struct NextCodes<'a> {
     pub codes: &'a mut [i8],
     pub sx: f32,
+    pub values: bool,
 }
 
 /// The raw form of `next` for the tasks, after checking it covers an output of `len` values.
-fn codes_ptr(next: Option<NextCodes<'_>>, len: usize) -> Result<Option<(OutPtr<i8>, f32)>> {
+fn codes_ptr(next: Option<NextCodes<'_>>, len: usize) -> Result<CodesOut> {
     match next {
         None => Ok(None),
         Some(n) if n.codes.len() == len && n.sx.is_finite() && n.sx > 0.0 => {
-            Ok(Some((OutPtr(n.codes.as_mut_ptr()), n.sx)))
+            Ok(Some((OutPtr(n.codes.as_mut_ptr()), n.sx, n.values)))
         }
         Some(n) => Err(Error::invalid(
             "codes",
@@ -428,11 +436,14 @@ crate::simd::avx2_multiversion! {
         out_hw: (usize, usize),
         bias: Option<&[f32]>,
         ops: &[Pointwise],
-        dst: (OutPtr<f32>, Option<(OutPtr<i8>, f32)>),
+        dst: (OutPtr<f32>, CodesOut),
     ) {
         let ((off, rs), (oh, ow), (y, codes)) = (at, out_hw, dst);
         let (y0, y1, x0, x1) = rect;
         let (rh, rw) = (y1 - y0, x1 - x0);
+        // codes alone (see `NextCodes`): the f32 stores left out, each row's loop built without them
+        let store = codes.is_none_or(|c| c.2);
+        let body = |store: bool| {
         for oc in 0..o {
             for r in 0..rh {
                 let at = (oc * oh + y0 + r) * ow + x0;
@@ -440,7 +451,7 @@ crate::simd::avx2_multiversion! {
                 let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
                 let s0 = oc * ld + off + r * rs;
                 // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
-                let row_codes = codes.map(|(q, sx)| {
+                let row_codes = codes.map(|(q, sx, _)| {
                     (
                         unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
                         sx,
@@ -453,8 +464,15 @@ crate::simd::avx2_multiversion! {
                     ops,
                     oc,
                     row_codes,
+                    store,
                 );
             }
+        }
+        };
+        if store {
+            body(true)
+        } else {
+            body(false)
         }
     }
 }
@@ -480,7 +498,8 @@ fn relu6(v: f32) -> f32 {
 }
 
 /// `dst[i] = f(src[i])` (an index loop: iterator adapters may stay out-of-line calls, which would not
-/// get the AVX2 build of the caller). With `codes`, also writes the next layer's codes of the values written (see [`NextCodes`]; the bits
+/// get the AVX2 build of the caller). With `codes`, also writes the next layer's codes of the values
+/// (`store: false`: the codes alone, `dst` left as it was; see [`NextCodes`]; the bits
 /// of [`crate::quant::quantize_nearest_with_scale`]) while they are in registers. In vectors of
 /// [`LANES`]; a row of at least one vector ends with a vector overlapping the one before (`dst` and
 /// `src` are distinct, so the values written twice are the same), a shorter row runs one value at a
@@ -488,7 +507,13 @@ fn relu6(v: f32) -> f32 {
 /// remainder) would run much of them one value at a time, and a tail padded through a copy on the
 /// stack stalls on the store forwarding of the copy (it was most of this function's time).
 #[inline(always)]
-fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(&mut [i8], f32)>) {
+fn map_row(
+    dst: &mut [f32],
+    src: &[f32],
+    f: impl Fn(f32) -> f32,
+    codes: Option<(&mut [i8], f32)>,
+    store: bool,
+) {
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
     match codes {
@@ -526,14 +551,18 @@ fn map_row(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32, codes: Option<(
                 );
                 for i in 0..LANES {
                     let v = f(s[i]);
-                    d[i] = v;
+                    if store {
+                        d[i] = v;
+                    }
                     c[i] = nearest_code(v, sx);
                 }
             };
             if n < LANES {
                 for i in 0..n {
                     let v = f(src[i]);
-                    dst[i] = v;
+                    if store {
+                        dst[i] = v;
+                    }
                     q[i] = nearest_code(v, sx);
                 }
                 return;
@@ -569,40 +598,41 @@ fn epilogue(
     ops: &[Pointwise],
     ch: usize,
     codes: Option<(&mut [i8], f32)>,
+    store: bool,
 ) {
     match ops {
-        [] => map_row(dst, src, pre, codes),
-        [Pointwise::Relu] => map_row(dst, src, |v| relu(pre(v)), codes),
-        [Pointwise::Relu6] => map_row(dst, src, |v| relu6(pre(v)), codes),
+        [] => map_row(dst, src, pre, codes, store),
+        [Pointwise::Relu] => map_row(dst, src, |v| relu(pre(v)), codes, store),
+        [Pointwise::Relu6] => map_row(dst, src, |v| relu6(pre(v)), codes, store),
         [Pointwise::Affine { a, b }] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| pre(v) * a + b, codes)
+            map_row(dst, src, |v| pre(v) * a + b, codes, store)
         }
         [Pointwise::Affine { a, b }, Pointwise::Relu] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| relu(pre(v) * a + b), codes)
+            map_row(dst, src, |v| relu(pre(v) * a + b), codes, store)
         }
         [Pointwise::Affine { a, b }, Pointwise::Relu6] => {
             let (a, b) = (a[ch], b[ch]);
-            map_row(dst, src, |v| relu6(pre(v) * a + b), codes)
+            map_row(dst, src, |v| relu6(pre(v) * a + b), codes, store)
         }
         // an INT8 (Octo) conv's compensation, then batch norm
         [Pointwise::Affine { a, b }, Pointwise::Affine { a: c, b: d }, rest @ ..] => {
             let (a, b, c, d) = (a[ch], b[ch], c[ch], d[ch]);
             let two = move |v: f32| (pre(v) * a + b) * c + d;
             match rest {
-                [] => map_row(dst, src, two, codes),
-                [Pointwise::Relu] => map_row(dst, src, |v| relu(two(v)), codes),
-                [Pointwise::Relu6] => map_row(dst, src, |v| relu6(two(v)), codes),
+                [] => map_row(dst, src, two, codes, store),
+                [Pointwise::Relu] => map_row(dst, src, |v| relu(two(v)), codes, store),
+                [Pointwise::Relu6] => map_row(dst, src, |v| relu6(two(v)), codes, store),
                 _ => {
-                    map_row(dst, src, two, None);
+                    map_row(dst, src, two, None, true);
                     apply_ops(rest, ch, dst);
                     write_codes(dst, codes);
                 }
             }
         }
         _ => {
-            map_row(dst, src, pre, None);
+            map_row(dst, src, pre, None, true);
             apply_ops(ops, ch, dst);
             write_codes(dst, codes);
         }
@@ -630,10 +660,11 @@ fn store_row(
     ops: &[Pointwise],
     ch: usize,
     codes: Option<(&mut [i8], f32)>,
+    store: bool,
 ) {
     match bias {
-        None => epilogue(dst, src, |v| v, ops, ch, codes),
-        Some(b) => epilogue(dst, src, move |v| v + b, ops, ch, codes),
+        None => epilogue(dst, src, |v| v, ops, ch, codes, store),
+        Some(b) => epilogue(dst, src, move |v| v + b, ops, ch, codes, store),
     }
 }
 
@@ -1469,7 +1500,13 @@ mod tests {
         let (oh, ow) = (5, 40);
         for ops in &op_lists {
             for rw in 1..=33 {
-                for (with_bias, with_codes) in [(false, false), (true, true), (false, true)] {
+                for (with_bias, with_codes, values) in [
+                    (false, false, true),
+                    (true, true, true),
+                    (false, true, true),
+                    (true, true, false),
+                    (false, true, false),
+                ] {
                     let x0 = (rw * 3) % (ow - rw + 1);
                     let rect = (1, 4, x0, x0 + rw);
                     let rh = rect.1 - rect.0;
@@ -1480,7 +1517,7 @@ mod tests {
                     let sx = 0.05f32;
                     let mut y = vec![f32::NAN; o * oh * ow];
                     let mut q = vec![99i8; o * oh * ow];
-                    let codes = with_codes.then(|| (OutPtr(q.as_mut_ptr()), sx));
+                    let codes = with_codes.then(|| (OutPtr(q.as_mut_ptr()), sx, values));
                     // SAFETY: one thread; `y` and `q` are (o, oh, ow), the rect lies inside.
                     unsafe {
                         scatter_band(
@@ -1510,11 +1547,21 @@ mod tests {
                                 }
                                 let s = src[oc * ld + 2 + (yy - rect.0) * rw + (xx - rect.2)];
                                 let want = reference(s, bias.map(|b| b[oc]), ops, oc);
-                                assert_eq!(
-                                    y[at].to_bits(),
-                                    want.to_bits(),
-                                    "ops {ops:?} width {rw} at ({oc}, {yy}, {xx})"
-                                );
+                                if values {
+                                    assert_eq!(
+                                        y[at].to_bits(),
+                                        want.to_bits(),
+                                        "ops {ops:?} width {rw} at ({oc}, {yy}, {xx})"
+                                    );
+                                } else {
+                                    // codes alone: the values are left out (an op list without its
+                                    // fused loop may still use the row as scratch)
+                                    assert!(
+                                        y[at].is_nan() && ops.is_empty()
+                                            || !ops.is_empty() && (y[at].is_nan() || y[at] == want),
+                                        "codes alone wrote a value: ops {ops:?} width {rw}"
+                                    );
+                                }
                                 let code = if with_codes {
                                     nearest_code(want, sx)
                                 } else {
