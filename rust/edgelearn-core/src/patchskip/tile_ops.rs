@@ -438,41 +438,60 @@ crate::simd::avx2_multiversion! {
         ops: &[Pointwise],
         dst: (OutPtr<f32>, CodesOut),
     ) {
-        let ((off, rs), (oh, ow), (y, codes)) = (at, out_hw, dst);
-        let (y0, y1, x0, x1) = rect;
-        let (rh, rw) = (y1 - y0, x1 - x0);
-        // codes alone (see `NextCodes`): the f32 stores left out, each row's loop built without them
-        let store = codes.is_none_or(|c| c.2);
-        let body = |store: bool| {
-        for oc in 0..o {
-            for r in 0..rh {
-                let at = (oc * oh + y0 + r) * ow + x0;
-                // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
-                let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
-                let s0 = oc * ld + off + r * rs;
-                // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
-                let row_codes = codes.map(|(q, sx, _)| {
-                    (
-                        unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
-                        sx,
-                    )
-                });
-                store_row(
-                    dst,
-                    &src[s0..s0 + rw],
-                    bias.map(|b| b[oc]),
-                    ops,
-                    oc,
-                    row_codes,
-                    store,
-                );
-            }
-        }
-        };
-        if store {
-            body(true)
+        // codes alone (see `NextCodes`): the f32 stores left out. Two copies of the row loop, inlined
+        // here (a closure would be compiled without this function's AVX2)
+        // SAFETY: as the caller guarantees.
+        if dst.1.is_none_or(|c| c.2) {
+            unsafe { scatter_rows(src, ld, at, rect, o, out_hw, bias, ops, dst, true) }
         } else {
-            body(false)
+            unsafe { scatter_rows(src, ld, at, rect, o, out_hw, bias, ops, dst, false) }
+        }
+    }
+}
+
+/// The row loop of [`scatter_band`]; `store: false` leaves the f32 values out (codes alone).
+///
+/// # Safety
+/// As [`scatter_band`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter_rows(
+    src: &[f32],
+    ld: usize,
+    at: (usize, usize),
+    rect: Rect,
+    o: usize,
+    out_hw: (usize, usize),
+    bias: Option<&[f32]>,
+    ops: &[Pointwise],
+    dst: (OutPtr<f32>, CodesOut),
+    store: bool,
+) {
+    let ((off, rs), (oh, ow), (y, codes)) = (at, out_hw, dst);
+    let (y0, y1, x0, x1) = rect;
+    let (rh, rw) = (y1 - y0, x1 - x0);
+    for oc in 0..o {
+        for r in 0..rh {
+            let at = (oc * oh + y0 + r) * ow + x0;
+            // SAFETY: the row lies inside the map and inside `rect`, which only this task writes.
+            let dst = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(at), rw) };
+            let s0 = oc * ld + off + r * rs;
+            // SAFETY: `codes` has the layout of `y` (checked by `codes_ptr`); same row.
+            let row_codes = codes.map(|(q, sx, _)| {
+                (
+                    unsafe { std::slice::from_raw_parts_mut(q.ptr().add(at), rw) },
+                    sx,
+                )
+            });
+            store_row(
+                dst,
+                &src[s0..s0 + rw],
+                bias.map(|b| b[oc]),
+                ops,
+                oc,
+                row_codes,
+                store,
+            );
         }
     }
 }
