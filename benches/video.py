@@ -99,6 +99,17 @@ def build_model(mname):
     return el.octo(model, el.OctoConfig()).eval() if mname == "int8" else model
 
 
+def limit_blas():
+    """numpy's BLAS threads spin after each call and would steal cores from the timed inference: one thread
+    (threadpoolctl). Returns whether it could."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(1)
+    return True
+
+
 def run_in_child(spec):
     """One row's run in a fresh process (``spawn``): the process sets its thread count once. A thread that has
     run kernels at one thread count keeps that count's pool for life (a rayon pool takes the calling thread as
@@ -106,12 +117,7 @@ def run_in_child(spec):
     pool hop per op: INT8 patch skip on one thread lost a third of its speed after a two-thread row, and the
     two-thread rows looked to scale 2x."""
     path, step, limit, mname, threshold, patch, refresh, threads, block = spec
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:
-        pass
+    limit_blas()
     return run_once(decode(path, step, limit), build_model(mname), threshold, patch, refresh, threads, block)
 
 
@@ -135,11 +141,7 @@ def main():
                          "deployment running only patch skip does not see)")
     ap.add_argument("--json", default=None, help="also write every run to this JSON file")
     args = ap.parse_args()
-    try:  # numpy's BLAS threads spin after each call and would steal cores from the timed inference
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:
+    if not limit_blas():
         print('note: pip install "edgelearn[bench]" (threadpoolctl) to keep numpy\'s BLAS threads off the timed cores')
     thresholds = [float(t) for t in args.thresholds.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]

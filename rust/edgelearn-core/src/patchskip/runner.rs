@@ -851,38 +851,38 @@ impl PatchSkip {
         let n = self.stages.len();
         let last = n - 1;
         let dense_above = self.cfg.dense_above as f64;
-        // with frozen scales: every stage's dirty map and whether it runs in full, planned from the gate
+        // per source: its dirty tiles (a stage in full: all of them); planned here for every stage with
+        // frozen scales, else made as the stages run
+        let mut maps: Vec<TileMap> = Vec::with_capacity(n + 1);
+        maps.push(gate);
+        // with frozen scales: which stages run in full, and which of them only because they were stale
         let plan = if self.cfg.int8_scales == Int8Scales::Frozen {
             let tb = Instant::now();
-            let mut pm: Vec<TileMap> = Vec::with_capacity(n + 1);
-            pm.push(gate.clone());
-            let mut pf = vec![false; n];
-            let mut forced = vec![false; n];
+            let (mut full, mut forced) = (vec![false; n], vec![false; n]);
             for (i, st) in self.stages.iter().enumerate() {
-                let mut m = stage_map(st, &pm, self.cfg.tile)?;
+                let mut m = stage_map(st, &maps, self.cfg.tile)?;
                 if m.fraction() >= dense_above {
                     m.fill(true);
-                    pf[i] = true;
+                    full[i] = true;
                 }
-                pm.push(m);
+                maps.push(m);
             }
             for i in (0..n).rev() {
                 if let Some(j) = self.stages[i].next_i8 {
                     // its only reader is `j`, already in full: filling its map changes no other map
-                    if pf[j] && self.stages[i].stale && !pf[i] {
-                        pf[i] = true;
+                    if full[j] && self.stages[i].stale && !full[i] {
+                        full[i] = true;
                         forced[i] = true;
-                        pm[i + 1].fill(true);
+                        maps[i + 1].fill(true);
                         self.forced_full += 1;
                     }
                 }
             }
             book += tb.elapsed().as_secs_f64();
-            Some((pm, pf, forced))
+            Some((full, forced))
         } else {
             None
         };
-        let mut maps: Vec<TileMap> = vec![gate];
         for i in 0..n {
             let tb = Instant::now();
             let (prev, rest) = self.stages.split_at_mut(i);
@@ -894,26 +894,32 @@ impl PatchSkip {
                 Spatial::Add(o) => Some(source(&self.reference, prev, o)),
                 _ => None,
             };
-            let (mut out_map, mut full) = match &plan {
-                Some((pm, pf, _)) => (pm[i + 1].clone(), pf[i]),
+            let full = match &plan {
+                Some((full, _)) => full[i],
                 None => {
-                    let m = stage_map(st, &maps, self.cfg.tile)?;
-                    let f = m.fraction() >= dense_above;
-                    (m, f)
+                    let mut m = stage_map(st, &maps, self.cfg.tile)?;
+                    let mut full = m.fraction() >= dense_above;
+                    if let (Spatial::ConvI8(_), Int8Scales::Dynamic) =
+                        (&st.spatial, self.cfg.int8_scales)
+                    {
+                        // the whole layer's codes change with the scale
+                        full |= input_scale(input) != st.sx;
+                    }
+                    if full {
+                        m.fill(true);
+                    }
+                    maps.push(m);
+                    full
                 }
             };
-            if let (Spatial::ConvI8(_), Int8Scales::Dynamic) = (&st.spatial, self.cfg.int8_scales) {
-                // the whole layer's codes change with the scale
-                full |= input_scale(input) != st.sx;
-            }
+            let out_map = &maps[i + 1];
             if full {
-                out_map.fill(true);
                 stats.layer_fractions.push(1.0);
                 done += (oh * ow) as f64 * st.cost;
                 total += (oh * ow) as f64 * st.cost;
                 book += tb.elapsed().as_secs_f64();
                 let tw = Instant::now();
-                if plan.as_ref().is_some_and(|(_, _, forced)| forced[i]) {
+                if plan.as_ref().is_some_and(|(_, forced)| forced[i]) {
                     refresh_stage(st, input, &changed[st.src], coded[st.src])?;
                 } else {
                     dense_stage(st, input, other)?;
@@ -923,7 +929,6 @@ impl PatchSkip {
                 work += dt;
                 stats.layer_seconds.push(dt);
                 stats.output_changed |= i == last;
-                maps.push(out_map);
                 changed.push(None);
                 continue;
             }
@@ -939,7 +944,6 @@ impl PatchSkip {
             if rects.is_empty() {
                 // nothing reaches this stage: its cache holds
                 stats.layer_seconds.push(0.0);
-                maps.push(out_map);
                 changed.push(Some(rects));
                 continue;
             }
@@ -949,7 +953,7 @@ impl PatchSkip {
             // too unless codes alone do (see above)
             let is_i8 = matches!(st.spatial, Spatial::ConvI8(_));
             let values = |j: usize| {
-                self.keep_values || !is_i8 || plan.as_ref().is_none_or(|(_, pf, _)| pf[j])
+                self.keep_values || !is_i8 || plan.as_ref().is_none_or(|(full, _)| full[j])
             };
             let next = st
                 .next_i8
@@ -977,11 +981,15 @@ impl PatchSkip {
                     next,
                 )?,
                 Spatial::ConvI8(p) => {
-                    match &changed[st.src] {
-                        Some(_) if coded[st.src] => {}
-                        Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
-                        None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
-                    }
+                    let (sx, shape) = (st.sx, st.in_shape);
+                    update_codes(
+                        &mut st.xq,
+                        sx,
+                        shape,
+                        input,
+                        &changed[st.src],
+                        coded[st.src],
+                    )?;
                     conv_rects_i8(
                         &st.xq,
                         st.in_shape,
@@ -1026,7 +1034,6 @@ impl PatchSkip {
             let dt = tw.elapsed().as_secs_f64();
             work += dt;
             stats.layer_seconds.push(dt);
-            maps.push(out_map);
             changed.push(Some(rects));
         }
         stats.bookkeeping_seconds = book;
@@ -1052,13 +1059,28 @@ fn refresh_stage(
             "internal: only an INT8 conv stage is refreshed",
         ));
     };
-    match changed {
-        Some(_) if coded => {}
-        Some(r) => quantize_rects(input, st.in_shape, st.sx, r, &mut st.xq),
-        None => quantize_nearest_with_scale(input, st.sx, &mut st.xq)?,
-    }
+    update_codes(&mut st.xq, st.sx, st.in_shape, input, changed, coded)?;
     p.forward(&st.xq, [1, c, h, w], st.sx, p.padding, &mut st.out)?;
     pointwise_rects(&st.post, &[(0, oh, 0, ow)], &mut st.out, oc, (oh, ow));
+    Ok(())
+}
+
+/// Brings an INT8 conv stage's input codes `xq` (scale `sx`) up to date with its `input` this frame:
+/// nothing to do when the stage before wrote them with its outputs (`coded`), else the rectangles that
+/// changed (`None`: all of it).
+fn update_codes(
+    xq: &mut [i8],
+    sx: f32,
+    in_shape: [usize; 3],
+    input: &[f32],
+    changed: &Option<Vec<Rect>>,
+    coded: bool,
+) -> Result<()> {
+    match changed {
+        Some(_) if coded => {}
+        Some(r) => quantize_rects(input, in_shape, sx, r, xq),
+        None => quantize_nearest_with_scale(input, sx, xq)?,
+    }
     Ok(())
 }
 

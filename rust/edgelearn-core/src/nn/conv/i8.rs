@@ -119,7 +119,7 @@ pub(super) fn forward(
         return Ok(());
     }
     // an image's layer: one image per GEMM, whose output rows are the image's output planes (no scatter)
-    let nb = if s.g.c < super::plan::IMAGE_CHANNELS {
+    let nb = if super::plan::image_layer(&s) {
         1
     } else {
         s.images_per_chunk(1, usize::MAX)

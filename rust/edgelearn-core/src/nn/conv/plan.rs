@@ -81,7 +81,7 @@ impl DensePlan {
             // writes its output planes in place: the grid's channel padding, grid-sized output and scatter
             // cost more than the product (1 channel at 28x28, 16 out, batch 32, 1 thread: the layer's
             // Octo forward 360 → 240 µs in a loop of that layer alone, 2 interleaved rounds).
-            forward: if s.g.c < IMAGE_CHANNELS {
+            forward: if image_layer(s) {
                 ConvAlgo::Im2colGemm
             } else {
                 int8_forward_algo(s)
@@ -93,8 +93,14 @@ impl DensePlan {
 }
 
 /// Below this many input channels a convolution's INT8 forward runs image by image through a patch matrix
-/// (see [`DensePlan::new`]; `super::i8::forward` then multiplies per image).
-pub(super) const IMAGE_CHANNELS: usize = 4;
+/// (see [`DensePlan::new`]).
+const IMAGE_CHANNELS: usize = 4;
+
+/// An image's layer (fewer than [`IMAGE_CHANNELS`] input channels): the plan gives it a patch matrix and
+/// GEMM, and `super::i8::forward` multiplies it image by image.
+pub(super) fn image_layer(s: &ConvShape) -> bool {
+    s.g.c < IMAGE_CHANNELS
+}
 
 /// The INT8 forward of `s`: the padded grid when it applies, read by the direct kernel when that runs
 /// here and the channels' padding to groups of 4 adds at most a quarter (one thread, batch 32, 1 channel
