@@ -195,6 +195,25 @@ pub fn try_vec<T: Clone>(what: &str, n: usize, value: T) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// The offsets `g·plane + i·row + j` of the taps `(g, i, j)` of `groups` planes of a `kh × kw` kernel (plane
+/// `g` at `g·plane`, rows `row` apart), in that order, in a vector sized up front.
+///
+/// Kernels build such small vectors inside parallel ops, on every thread at once. Collected from nested
+/// iterators (`flat_map`, whose size is unknown), a vector grows by `realloc`, and glibc's `realloc`
+/// always locks the arena that owns the block (its per-thread cache serves `malloc` and `free` only). In
+/// INT8 training on two threads, both threads of a convolution growing such vectors (and Python freeing
+/// arrays meanwhile) were the largest cause of threads sleeping on a lock. An exact `malloc` of a small
+/// block takes no lock.
+pub fn offsets(groups: usize, kh: usize, kw: usize, plane: usize, row: usize) -> Vec<usize> {
+    let mut v = Vec::with_capacity(groups * kh * kw);
+    for g in 0..groups {
+        for i in 0..kh {
+            v.extend((0..kw).map(|j| g * plane + i * row + j));
+        }
+    }
+    v
+}
+
 /// Int8 code buffers that outlive the call that filled them (an INT8 layer's saved activation codes,
 /// kept from forward to backward), handed back when their owner is dropped and reused by the next
 /// forward: a training step then writes its codes into memory the previous step already touched instead

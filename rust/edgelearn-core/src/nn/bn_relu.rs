@@ -23,7 +23,6 @@ use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
 use crate::quant::{ActRange, AmaxAcc};
 use crate::threads;
-use rayon::prelude::*;
 
 /// Argmax offset of a pooled window through which ReLU passes no gradient (its maximum is not positive):
 /// the 2x2 backward writes zeros for any offset other than 0..=3.
@@ -142,11 +141,14 @@ pub fn batchnorm2d_relu_forward_save_i8(
     };
     let (xs, ys) = (c * hw, c * p.max(1));
     if worth_parallel(x.len()) {
-        threads::install(|| {
-            x.par_chunks_mut(xs)
-                .zip(xq.par_chunks_mut(xs))
-                .zip(y.par_chunks_mut(ys).zip(idx.par_chunks_mut(ys)))
-                .for_each(image)
+        let n = x.len() / xs;
+        let (px, pq) = (threads::Pieces::new(x, xs), threads::Pieces::new(xq, xs));
+        let (py, pi) = (threads::Pieces::new(y, ys), threads::Pieces::new(idx, ys));
+        let _ = threads::for_each_part(n, |i| {
+            // SAFETY: for_each_part passes each image index once: its pieces are borrowed once.
+            let parts = unsafe { ((px.piece(i), pq.piece(i)), (py.piece(i), pi.piece(i))) };
+            image(parts);
+            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         x.chunks_mut(xs)

@@ -77,9 +77,12 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
 fn im2col_same_width<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize) {
     let (hw, ow, p) = (g.hw(), g.ow, g.p());
     let zero = T::default();
-    let taps: Vec<((usize, usize), (usize, usize))> = (0..g.kh)
-        .flat_map(|i| (0..g.kw).map(move |j| (g.valid_rows(i), g.valid_cols(j))))
-        .collect();
+    // sized up front: a growing Vec reallocates, and glibc's realloc takes the arena lock that the
+    // other threads of a parallel op contend for (see [`crate::alloc::offsets`])
+    let mut taps = Vec::with_capacity(g.kh * g.kw);
+    for i in 0..g.kh {
+        taps.extend((0..g.kw).map(|j| (g.valid_rows(i), g.valid_cols(j))));
+    }
     let mut row = 0;
     for plane in x[..g.c * hw].chunks_exact(hw.max(1)).take(g.c) {
         for (t, &((ylo, yhi), (xlo, xhi))) in taps.iter().enumerate() {

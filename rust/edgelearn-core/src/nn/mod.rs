@@ -54,8 +54,6 @@ pub use residual::residual_add_inplace;
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::threads;
 
@@ -237,10 +235,9 @@ pub(crate) fn for_each_chunk<T: Send>(
 ) {
     let chunk = chunk.max(1);
     if parallel {
-        threads::install(|| {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, c)| f(i, c))
+        let _ = threads::for_each_piece(out, chunk, |i, c| {
+            f(i, c);
+            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
@@ -258,11 +255,12 @@ pub(crate) fn for_each_chunk2<T: Send, U: Send>(
 ) {
     let (ca, cb) = (ca.max(1), cb.max(1));
     if parallel {
-        threads::install(|| {
-            a.par_chunks_mut(ca)
-                .zip(b.par_chunks_mut(cb))
-                .enumerate()
-                .for_each(|(i, (x, y))| f(i, x, y))
+        let (pa, pb) = (threads::Pieces::new(a, ca), threads::Pieces::new(b, cb));
+        // (zip: as many parts as the shorter of the two cuts)
+        let _ = threads::for_each_part(pa.count().min(pb.count()), |i| {
+            // SAFETY: for_each_part passes each index once: piece i of each output is borrowed once.
+            f(i, unsafe { pa.piece(i) }, unsafe { pb.piece(i) });
+            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         a.chunks_mut(ca)

@@ -257,16 +257,21 @@ pub fn gate_u8(
         let add = |a: (u64, u64), b: (u64, u64)| (a.0 + b.0, a.1 + b.1);
         // integer sums: the same totals in any order
         let (t1, t2) = if threads::num_threads() > 1 && n >= GATE_PAR_MIN_BYTES && rows > 1 {
-            use rayon::prelude::*;
-            threads::install(|| {
-                score
-                    .par_chunks_mut(cols)
-                    .zip(any.par_chunks_mut(cols))
-                    .zip(energy.par_chunks_mut(cols))
-                    .enumerate()
-                    .map(|(pr, ((s, a), e))| patch_row(pr, (s, a, e)))
-                    .reduce(|| (0, 0), add)
-            })
+            let (ps, pa) = (
+                threads::Pieces::new(&mut score, cols),
+                threads::Pieces::new(&mut any, cols),
+            );
+            let pe = threads::Pieces::new(&mut energy, cols);
+            let mut sums = vec![(0u64, 0u64); rows];
+            let pt = threads::Pieces::new(&mut sums, 1);
+            let _ = threads::for_each_part(rows, |pr| {
+                // SAFETY: for_each_part passes each patch row once: its pieces are borrowed once.
+                let (s, a, e, t) =
+                    unsafe { (ps.piece(pr), pa.piece(pr), pe.piece(pr), pt.piece(pr)) };
+                t[0] = patch_row(pr, (s, a, e));
+                Ok::<(), std::convert::Infallible>(())
+            });
+            sums.into_iter().fold((0, 0), add)
         } else {
             score
                 .chunks_mut(cols)

@@ -14,8 +14,6 @@
 //! pointwise ops loop over the rectangle directly, in the same order as the dense kernels of
 //! [`crate::nn`], so their results are bit-identical.
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale};
 use crate::nn::conv::direct::{self as direct_conv, DirectWeights, GridScatter, GroupedImage};
@@ -317,7 +315,7 @@ fn for_each_task<T: Sync>(
     f: impl Fn(&T) -> Result<()> + Sync + Send,
 ) -> Result<()> {
     if parallel && items.len() > 1 && threads::num_threads() > 1 {
-        threads::install(|| items.par_iter().try_for_each(&f))
+        threads::for_each_part(items.len(), |i| f(&items[i]))
     } else {
         items.iter().try_for_each(f)
     }
@@ -1240,9 +1238,7 @@ unsafe fn direct_band(
     let (wh, ww) = (rh - 1 + kh, rw - 1 + kw);
     let (cgs, plane) = (c.div_ceil(4), wh * ww);
     let ncols = (rh - 1) * ww + rw;
-    let offsets: Vec<usize> = (0..cgs)
-        .flat_map(|g| (0..kh).flat_map(move |i| (0..kw).map(move |j| g * plane + i * ww + j)))
-        .collect();
+    let offsets = crate::alloc::offsets(cgs, kh, kw, plane, ww);
     // the kernel reads whole tiles of 16 positions from every k-group's offset
     let span = ncols.div_ceil(16) * 16;
     let positions = (offsets.iter().max().copied().unwrap_or(0) + span).max(cgs * plane);
@@ -1337,12 +1333,12 @@ const QUANT_PAR_MIN: usize = if cfg!(test) { 1 } else { 1 << 15 };
 /// pool when there is enough to do.
 pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq: &mut [i8]) {
     let [c, h, w] = shape;
-    if c > 1 && threads::num_threads() > 1 && c * pixels(rects) >= QUANT_PAR_MIN {
-        threads::install(|| {
-            x.par_chunks(h * w)
-                .zip(xq.par_chunks_mut(h * w))
-                .for_each(|(xc, qc)| quantize_rects_on(xc, [1, h, w], sx, rects, qc))
-        })
+    let whole = x.len() >= c * h * w && xq.len() >= c * h * w;
+    if whole && c > 1 && threads::num_threads() > 1 && c * pixels(rects) >= QUANT_PAR_MIN {
+        let _ = threads::for_each_piece(&mut xq[..c * h * w], h * w, |ch, qc| {
+            quantize_rects_on(&x[ch * h * w..(ch + 1) * h * w], [1, h, w], sx, rects, qc);
+            Ok::<(), std::convert::Infallible>(())
+        });
     } else {
         quantize_rects_on(x, shape, sx, rects, xq)
     }

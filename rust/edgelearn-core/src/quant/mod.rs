@@ -34,8 +34,6 @@ mod tests;
 pub use rng::{random_seed, stochastic_uniform};
 pub use stats::{absmax, scale_for_absmax};
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::threads;
 use kernels::{quantize_chunk, quantize_run_uniform};
@@ -214,7 +212,12 @@ fn map_indices<T: Send>(
     f: impl Fn(usize) -> T + Sync + Send,
 ) -> Vec<T> {
     if parallel && count > 1 {
-        threads::install(|| (0..count).into_par_iter().map(&f).collect())
+        let mut out: Vec<Option<T>> = (0..count).map(|_| None).collect();
+        let _ = threads::for_each_piece(&mut out, 1, |i, slot| {
+            slot[0] = Some(f(i));
+            Ok::<(), std::convert::Infallible>(())
+        });
+        out.into_iter().flatten().collect()
     } else {
         (0..count).map(f).collect()
     }
@@ -231,10 +234,9 @@ pub(super) fn avx512_ok() -> bool {
 /// Runs `f(start, chunk)` over `out` split into element-wise chunks, in parallel for large tensors.
 fn for_each_out_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if parallel_for(out.len()) {
-        threads::install(|| {
-            out.par_chunks_mut(ELEMENTWISE_CHUNK)
-                .enumerate()
-                .for_each(|(i, c)| f(i * ELEMENTWISE_CHUNK, c))
+        let _ = threads::for_each_piece(out, ELEMENTWISE_CHUNK, |i, c| {
+            f(i * ELEMENTWISE_CHUNK, c);
+            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         f(0, out);

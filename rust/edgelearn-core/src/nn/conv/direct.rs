@@ -207,8 +207,6 @@ const PAR_MIN_MACS: usize = 1 << 18;
 mod x86 {
     use std::arch::x86_64::*;
 
-    use rayon::prelude::*;
-
     use super::{DirectWeights, GridScatter, GroupedImage, PAR_MIN_MACS};
     use crate::gemm::Scale;
     use crate::threads;
@@ -308,7 +306,10 @@ mod x86 {
         };
         let macs = w.o * w.kgroups * 4 * b.cols;
         if parallel && threads::num_threads() > 1 && tiles > 1 && macs >= PAR_MIN_MACS {
-            threads::install(|| (0..tiles).into_par_iter().with_min_len(8).for_each(tile));
+            let _ = threads::for_each_part(tiles, |t| {
+                tile(t);
+                Ok::<(), std::convert::Infallible>(())
+            });
         } else {
             (0..tiles).for_each(tile);
         }

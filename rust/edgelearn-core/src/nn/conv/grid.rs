@@ -129,11 +129,7 @@ impl PaddedGrid {
     /// `(ch, ki, kj)` (`planes = C`), or the direct kernel's k-groups `(c/4, ki, kj)` in positions.
     fn tap_offsets(&self, planes: usize, c: &GridChunk) -> Vec<usize> {
         let g = &self.g;
-        (0..planes)
-            .flat_map(|pl| {
-                (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| pl * c.plane + i * c.wp + j))
-            })
-            .collect()
+        crate::alloc::offsets(planes, g.kh, g.kw, c.plane, c.wp)
     }
 
     /// Images per chunk of the `dW` product, whose reduction runs over the `ncols` grid columns: as

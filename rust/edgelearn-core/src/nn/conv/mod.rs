@@ -253,11 +253,7 @@ fn for_each_chunk<T: Send>(
         // one chunk: on the calling thread (its GEMM still spreads over the pool when large enough)
         return f(0, out, inner_parallel);
     }
-    threads::install(|| {
-        out.par_chunks_mut(nb * per_image)
-            .enumerate()
-            .try_for_each(|(ci, c)| f(ci * nb, c, inner_parallel))
-    })
+    threads::for_each_piece(out, nb * per_image, |ci, c| f(ci * nb, c, inner_parallel))
 }
 
 /// Groups of chunks whose partial sums [`fold_in_order`] keeps apart: a constant, so that a floating-point

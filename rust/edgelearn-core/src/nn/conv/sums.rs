@@ -1,8 +1,6 @@
 //! Per-channel sums of FP32 gradients (bias gradients): [`channel_sums`], and the row sum of the FP32
 //! convolution's `db`.
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::nn::{check_len, worth_parallel};
 use crate::threads;
@@ -128,12 +126,19 @@ pub fn channel_sums_and_range(
     }
     let mut sums = vec![0f64; x.len() / plane];
     let ranges: Vec<(f32, f32, bool)> = if worth_parallel(x.len()) {
-        threads::install(|| {
-            x.par_chunks_exact(img)
-                .zip(sums.par_chunks_exact_mut(c))
-                .map(|(im, s)| image_sums_and_range(im, plane, s))
-                .collect()
-        })
+        let n = x.len() / img;
+        let mut ranges = vec![(0f32, 0f32, false); n];
+        let (ps, pr) = (
+            threads::Pieces::new(&mut sums, c),
+            threads::Pieces::new(&mut ranges, 1),
+        );
+        let _ = threads::for_each_part(n, |i| {
+            // SAFETY: for_each_part passes each image index once: its pieces are borrowed once.
+            let (s, r) = unsafe { (ps.piece(i), pr.piece(i)) };
+            r[0] = image_sums_and_range(&x[i * img..(i + 1) * img], plane, s);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        ranges
     } else {
         x.chunks_exact(img)
             .zip(sums.chunks_exact_mut(c))

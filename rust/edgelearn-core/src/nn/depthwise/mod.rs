@@ -32,8 +32,6 @@ pub use kernels::{
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::conv::{check_bias, check_scalar_scale, check_weight_scale};
 use super::{check_len, shape_len, take_f32, take_i8};
 use crate::error::{Error, Result};
@@ -213,9 +211,11 @@ impl GroupedShape {
     /// Tap offsets for all `cg` planes of a group laid one after another.
     fn group_offsets(&self) -> Vec<usize> {
         let (taps, plane) = (self.tap_offsets(), self.pad().plane_len());
-        (0..self.cg())
-            .flat_map(|c| taps.iter().map(move |&t| c * plane + t))
-            .collect()
+        let mut v = Vec::with_capacity(self.cg() * taps.len());
+        for c in 0..self.cg() {
+            v.extend(taps.iter().map(|&t| c * plane + t));
+        }
+        v
     }
     /// The convolution whose forward is this one's `dX` (padding within the dilated window): input `dY`
     /// spread on a stride-1 grid (`s − 1` zeros between neighbours, plus the rows/columns the forward's
@@ -459,11 +459,7 @@ fn par_chunks<T: Send>(
             .enumerate()
             .try_for_each(|(i, c)| f(i, c));
     }
-    threads::install(|| {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(i, c)| f(i, c))
-    })
+    threads::for_each_piece(out, chunk, f)
 }
 
 fn scale_at(sw: &Scale, o: usize) -> f32 {
