@@ -24,8 +24,8 @@ zoo's architecture (same stems for small images, same widths), data, order and s
 re-estimation too (32 batches; ~2% of a full Fashion-MNIST epoch, but a third of an epoch of a 1000-image
 ``--train-subset``, which would hide the step speed), and the JSON has both plus ``bn_recalibration_s``.
 
-With ``--repeat N`` every row runs N times, in N rounds that each run all rows in turn (so drift of a busy
-or thermally throttled machine hits every row alike); the table shows the median images/s (the JSON also
+With ``--repeat N`` every row runs N times, in N rounds that each run all rows at every thread count in turn
+(so drift of a busy or thermally throttled machine hits every row and the thread-count ratio alike); the table shows the median images/s (the JSON also
 lists each run's), and accuracy and memory of the first run (training is deterministic for a seed).
 """
 
@@ -300,16 +300,19 @@ def main(argv=None):
     print("-" * len(header))
     results = []
     for model in args.models:
+        # Every repeat runs every thread count and row in turn, so that a ratio between thread counts
+        # (and between rows) compares runs of the same stretch of a shared machine's load.
+        names = [name for name, _ in rows_run] + (["pytorch fp32"] if have_torch else [])
+        by_threads = {threads: {name: [] for name in names} for threads in args.threads}
+        for _ in range(args.repeat):
+            for threads in args.threads:
+                for name, flags in rows_run:
+                    by_threads[threads][name].append(run_edgelearn(name, model, flags, args, threads))
+                if have_torch:
+                    by_threads[threads]["pytorch fp32"].append(run_torch(model, args, threads))
         for threads in args.threads:
             fp32_speed = None
-            runs = {name: [] for name, _ in rows_run}
-            if have_torch:
-                runs["pytorch fp32"] = []
-            for _ in range(args.repeat):
-                for name, flags in rows_run:
-                    runs[name].append(run_edgelearn(name, model, flags, args, threads))
-                if have_torch:
-                    runs["pytorch fp32"].append(run_torch(model, args, threads))
+            runs = by_threads[threads]
             rows = []
             for name, rs in runs.items():
                 r = dict(rs[0])
