@@ -574,6 +574,14 @@ pub fn for_each_part<E: Send>(
     })
 }
 
+/// [`for_each_part`] for parts that cannot fail.
+pub fn run_parts(count: usize, f: impl Fn(usize) + Sync) {
+    let _ = for_each_part(count, |i| {
+        f(i);
+        Ok::<(), std::convert::Infallible>(())
+    });
+}
+
 /// [`for_each_part`] over the consecutive `chunk`-element pieces of `out` (the last one may be shorter):
 /// `f(i, piece)` for piece `i`.
 pub fn for_each_piece<T: Send, E: Send>(

@@ -144,11 +144,10 @@ pub fn batchnorm2d_relu_forward_save_i8(
         let n = x.len() / xs;
         let (px, pq) = (threads::Pieces::new(x, xs), threads::Pieces::new(xq, xs));
         let (py, pi) = (threads::Pieces::new(y, ys), threads::Pieces::new(idx, ys));
-        let _ = threads::for_each_part(n, |i| {
+        threads::run_parts(n, |i| {
             // SAFETY: for_each_part passes each image index once: its pieces are borrowed once.
             let parts = unsafe { ((px.piece(i), pq.piece(i)), (py.piece(i), pi.piece(i))) };
             image(parts);
-            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         x.chunks_mut(xs)

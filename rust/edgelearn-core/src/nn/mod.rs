@@ -257,10 +257,9 @@ pub(crate) fn for_each_chunk2<T: Send, U: Send>(
     if parallel {
         let (pa, pb) = (threads::Pieces::new(a, ca), threads::Pieces::new(b, cb));
         // (zip: as many parts as the shorter of the two cuts)
-        let _ = threads::for_each_part(pa.count().min(pb.count()), |i| {
+        threads::run_parts(pa.count().min(pb.count()), |i| {
             // SAFETY: for_each_part passes each index once: piece i of each output is borrowed once.
             f(i, unsafe { pa.piece(i) }, unsafe { pb.piece(i) });
-            Ok::<(), std::convert::Infallible>(())
         });
     } else {
         a.chunks_mut(ca)

@@ -264,12 +264,11 @@ pub fn gate_u8(
             let pe = threads::Pieces::new(&mut energy, cols);
             let mut sums = vec![(0u64, 0u64); rows];
             let pt = threads::Pieces::new(&mut sums, 1);
-            let _ = threads::for_each_part(rows, |pr| {
+            threads::run_parts(rows, |pr| {
                 // SAFETY: for_each_part passes each patch row once: its pieces are borrowed once.
                 let (s, a, e, t) =
                     unsafe { (ps.piece(pr), pa.piece(pr), pe.piece(pr), pt.piece(pr)) };
                 t[0] = patch_row(pr, (s, a, e));
-                Ok::<(), std::convert::Infallible>(())
             });
             sums.into_iter().fold((0, 0), add)
         } else {

@@ -314,7 +314,7 @@ fn for_each_task<T: Sync>(
     parallel: bool,
     f: impl Fn(&T) -> Result<()> + Sync + Send,
 ) -> Result<()> {
-    if parallel && items.len() > 1 && threads::num_threads() > 1 {
+    if parallel {
         threads::for_each_part(items.len(), |i| f(&items[i]))
     } else {
         items.iter().try_for_each(f)
@@ -1335,9 +1335,8 @@ pub fn quantize_rects(x: &[f32], shape: [usize; 3], sx: f32, rects: &[Rect], xq:
     let [c, h, w] = shape;
     let whole = x.len() >= c * h * w && xq.len() >= c * h * w;
     if whole && c > 1 && threads::num_threads() > 1 && c * pixels(rects) >= QUANT_PAR_MIN {
-        let _ = threads::for_each_piece(&mut xq[..c * h * w], h * w, |ch, qc| {
-            quantize_rects_on(&x[ch * h * w..(ch + 1) * h * w], [1, h, w], sx, rects, qc);
-            Ok::<(), std::convert::Infallible>(())
+        crate::nn::for_each_chunk(&mut xq[..c * h * w], h * w, true, |ch, qc| {
+            quantize_rects_on(&x[ch * h * w..(ch + 1) * h * w], [1, h, w], sx, rects, qc)
         });
     } else {
         quantize_rects_on(x, shape, sx, rects, xq)

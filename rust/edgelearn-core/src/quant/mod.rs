@@ -213,10 +213,7 @@ fn map_indices<T: Send>(
 ) -> Vec<T> {
     if parallel && count > 1 {
         let mut out: Vec<Option<T>> = (0..count).map(|_| None).collect();
-        let _ = threads::for_each_piece(&mut out, 1, |i, slot| {
-            slot[0] = Some(f(i));
-            Ok::<(), std::convert::Infallible>(())
-        });
+        crate::nn::for_each_chunk(&mut out, 1, true, |i, slot| slot[0] = Some(f(i)));
         out.into_iter().flatten().collect()
     } else {
         (0..count).map(f).collect()
@@ -234,9 +231,8 @@ pub(super) fn avx512_ok() -> bool {
 /// Runs `f(start, chunk)` over `out` split into element-wise chunks, in parallel for large tensors.
 fn for_each_out_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if parallel_for(out.len()) {
-        let _ = threads::for_each_piece(out, ELEMENTWISE_CHUNK, |i, c| {
-            f(i * ELEMENTWISE_CHUNK, c);
-            Ok::<(), std::convert::Infallible>(())
+        crate::nn::for_each_chunk(out, ELEMENTWISE_CHUNK, true, |i, c| {
+            f(i * ELEMENTWISE_CHUNK, c)
         });
     } else {
         f(0, out);

@@ -306,9 +306,8 @@ mod x86 {
         };
         let macs = w.o * w.kgroups * 4 * b.cols;
         if parallel && threads::num_threads() > 1 && tiles > 1 && macs >= PAR_MIN_MACS {
-            let _ = threads::for_each_part(tiles, |t| {
+            threads::run_parts(tiles, |t| {
                 tile(t);
-                Ok::<(), std::convert::Infallible>(())
             });
         } else {
             (0..tiles).for_each(tile);

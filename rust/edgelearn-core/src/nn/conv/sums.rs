@@ -132,11 +132,10 @@ pub fn channel_sums_and_range(
             threads::Pieces::new(&mut sums, c),
             threads::Pieces::new(&mut ranges, 1),
         );
-        let _ = threads::for_each_part(n, |i| {
+        threads::run_parts(n, |i| {
             // SAFETY: for_each_part passes each image index once: its pieces are borrowed once.
             let (s, r) = unsafe { (ps.piece(i), pr.piece(i)) };
             r[0] = image_sums_and_range(&x[i * img..(i + 1) * img], plane, s);
-            Ok::<(), std::convert::Infallible>(())
         });
         ranges
     } else {

@@ -446,22 +446,6 @@ fn with_i32<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
     })
 }
 
-/// Calls `f(task, chunk)` for each `chunk`-sized piece of `out`, over the pool; stops at the first error.
-fn par_chunks<T: Send>(
-    out: &mut [T],
-    chunk: usize,
-    f: impl Fn(usize, &mut [T]) -> Result<()> + Sync + Send,
-) -> Result<()> {
-    let chunk = chunk.max(1);
-    if out.len() <= chunk || threads::num_threads() == 1 {
-        return out
-            .chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(i, c)| f(i, c));
-    }
-    threads::for_each_piece(out, chunk, f)
-}
-
 fn scale_at(sw: &Scale, o: usize) -> f32 {
     match sw {
         Scale::Scalar(s) => *s,
@@ -549,7 +533,7 @@ fn forward_f32(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    par_chunks(y, og * p, |task, yc| {
+    threads::for_each_piece(y, og * p, |task, yc| {
         let (n, g) = (task / s.groups, task % s.groups);
         let mut buf = take_f32(cg * pl)?;
         pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
@@ -644,7 +628,7 @@ fn dx_f32(kern: &DwKernel, s: &GroupedShape, w: &[f32], dy: &[f32], dx: &mut [f3
         ldo: pad.row_step(),
         lds: s.ow,
     };
-    par_chunks(dx, cg * hw, |task, dxc| {
+    threads::for_each_piece(dx, cg * hw, |task, dxc| {
         let (n, g) = (task / s.groups, task % s.groups);
         let mut buf = take_f32(cg * pl)?;
         buf.fill(0.0);
@@ -676,7 +660,7 @@ fn dw_f32(kern: &DwKernel, s: &GroupedShape, x: &[f32], dy: &[f32], dw: &mut [f3
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    par_chunks(dw, og * cg * kk, |g, dwc| {
+    threads::for_each_piece(dw, og * cg * kk, |g, dwc| {
         let mut acc = vec![0f64; dwc.len()];
         let mut lanes = vec![[0f32; 16]; kk];
         let mut buf = take_f32(cg * pl)?;
@@ -782,7 +766,7 @@ fn forward_i8(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    par_chunks(y, og * p, |task, yc| {
+    threads::for_each_piece(y, og * p, |task, yc| {
         let (n, g) = (task / s.groups, task % s.groups);
         let mut buf = take_i8(cg * pl)?;
         pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
@@ -919,7 +903,7 @@ fn dx_i8(
         ldo: pad.row_step(),
         lds: s.ow,
     };
-    par_chunks(dx, cg * hw, |task, dxc| {
+    threads::for_each_piece(dx, cg * hw, |task, dxc| {
         let (n, g) = (task / s.groups, task % s.groups);
         with_i32(cg * pl, |buf| {
             for oi in 0..og {
@@ -959,7 +943,7 @@ fn dw_i8(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    par_chunks(dw, og * cg * kk, |g, dwc| {
+    threads::for_each_piece(dw, og * cg * kk, |g, dwc| {
         let mut acc = vec![0i64; dwc.len()];
         let mut buf = take_i8(cg * pl)?;
         for n in 0..s.n {
