@@ -67,21 +67,23 @@ impl Case {
 
 fn cases() -> Vec<Case> {
     let mut v = vec![
-        case(2, 4, 9, 9, 4, 4, 3, 1, 1, 1),   // depthwise 3x3
-        case(2, 4, 9, 9, 4, 4, 3, 2, 1, 1),   // stride 2
-        case(1, 3, 8, 10, 6, 3, 3, 1, 1, 1),  // channel multiplier 2
-        case(1, 3, 11, 13, 6, 3, 3, 2, 1, 1), // multiplier 2, stride 2, odd sizes
-        case(2, 4, 7, 7, 6, 2, 3, 1, 1, 1),   // grouped: 2 in / 3 out per group
-        case(1, 6, 12, 12, 9, 3, 3, 2, 0, 1), // grouped, stride 2, no padding
-        case(1, 4, 10, 10, 4, 4, 3, 1, 2, 2), // dilation 2
-        case(1, 2, 9, 9, 2, 2, 3, 2, 2, 2),   // dilation 2, stride 2
-        case(1, 2, 12, 12, 2, 2, 5, 1, 2, 1), // 5x5
-        case(1, 4, 6, 6, 4, 2, 1, 1, 0, 1),   // 1x1 grouped
-        case(1, 2, 5, 5, 2, 2, 3, 1, 3, 1),   // padding beyond the window: scatter dX at stride 1
-        case(1, 2, 9, 10, 2, 2, 3, 2, 3, 1),  // and at stride 2
+        case(2, 4, 9, 9, 4, 4, 3, 1, 1, 1),     // depthwise 3x3
+        case(2, 4, 9, 9, 4, 4, 3, 2, 1, 1),     // stride 2
+        case(1, 3, 8, 10, 6, 3, 3, 1, 1, 1),    // channel multiplier 2
+        case(1, 3, 11, 13, 6, 3, 3, 2, 1, 1),   // multiplier 2, stride 2, odd sizes
+        case(2, 4, 7, 7, 6, 2, 3, 1, 1, 1),     // grouped: 2 in / 3 out per group
+        case(1, 6, 12, 12, 9, 3, 3, 2, 0, 1),   // grouped, stride 2, no padding
+        case(1, 4, 10, 10, 4, 4, 3, 1, 2, 2),   // dilation 2
+        case(1, 2, 9, 9, 2, 2, 3, 2, 2, 2),     // dilation 2, stride 2
+        case(1, 2, 12, 12, 2, 2, 5, 1, 2, 1),   // 5x5
+        case(1, 4, 6, 6, 4, 2, 1, 1, 0, 1),     // 1x1 grouped
+        case(1, 2, 5, 5, 2, 2, 3, 1, 3, 1),     // padding beyond the window: scatter dX at stride 1
+        case(1, 2, 9, 10, 2, 2, 3, 2, 3, 1),    // and at stride 2
         case(2, 3, 10, 11, 3, 3, 3, 3, 1, 1), // stride 3, rows and columns the forward's floor drops
         case(1, 4, 10, 12, 8, 2, 5, 2, 2, 1), // grouped 5x5 at stride 2
         case(1, 32, 6, 37, 4, 2, 3, 1, 1, 1), // 16 channels per group: 144 taps per output
+        case(3, 48, 5, 6, 48, 48, 3, 1, 1, 1), // more groups than tasks: a forward task runs 3
+        case(10, 14, 4, 5, 28, 14, 3, 2, 1, 1), // 2 groups a task, multiplier 2, stride 2
     ];
     // edge widths around every vector length (1, 4, 8, 16, 32 lanes)
     for w in [1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 40] {

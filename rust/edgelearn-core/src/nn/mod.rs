@@ -303,8 +303,13 @@ pub(crate) struct Scratch<T: ScratchElem> {
 impl<T: ScratchElem> Scratch<T> {
     /// Fallible: a buffer the system cannot provide is [`Error::OutOfMemory`], never an abort.
     pub(crate) fn new(len: usize) -> Result<Self> {
-        // The largest free vector: buffers converge to the largest size a step needs.
+        // The last one freed when it is large enough (a kernel taking and freeing a small buffer per task
+        // gets the same one back each time), else the largest free vector: buffers converge to the largest
+        // size a step needs.
         let mut buf = T::with_free_list(|list| {
+            if list.last().is_some_and(|b| b.len() >= len) {
+                return list.pop();
+            }
             let best = (0..list.len()).max_by_key(|&i| list[i].len());
             best.map(|i| list.swap_remove(i))
         })

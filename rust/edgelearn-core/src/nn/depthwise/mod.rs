@@ -510,6 +510,14 @@ pub fn conv2d_grouped_f32_forward_with(
     Ok(s)
 }
 
+/// Groups of one image a forward task runs (a divisor of the group count, so a task never spans two
+/// images): enough tasks for the threads to share (about 64 a batch), each taking one scratch buffer for
+/// all of its groups instead of one per group.
+fn groups_per_task(s: &GroupedShape) -> usize {
+    let want = (s.n * s.groups).div_ceil(64).clamp(1, s.groups.max(1));
+    (1..=want).rev().find(|d| s.groups % d == 0).unwrap_or(1)
+}
+
 /// The FP32 forward on checked arguments.
 fn forward_f32(
     kern: &DwKernel,
@@ -533,14 +541,18 @@ fn forward_f32(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    threads::for_each_piece(y, og * p, |task, yc| {
-        let (n, g) = (task / s.groups, task % s.groups);
+    let per = groups_per_task(s);
+    threads::for_each_piece(y, per * og * p, |task, ycs| {
         let mut buf = take_f32(cg * pl)?;
-        pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
-        for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
-            let o = g * og + oi;
-            yp.fill(bias.map_or(0.0, |b| b[o]));
-            kern.corr_f32(yp, &buf, rows, &offs, &w[o * kk..(o + 1) * kk])?;
+        for (j, yc) in ycs.chunks_mut(og * p).enumerate() {
+            let t = task * per + j;
+            let (n, g) = (t / s.groups, t % s.groups);
+            pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
+            for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
+                let o = g * og + oi;
+                yp.fill(bias.map_or(0.0, |b| b[o]));
+                kern.corr_f32(yp, &buf, rows, &offs, &w[o * kk..(o + 1) * kk])?;
+            }
         }
         Ok(())
     })
@@ -766,22 +778,26 @@ fn forward_i8(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    threads::for_each_piece(y, og * p, |task, yc| {
-        let (n, g) = (task / s.groups, task % s.groups);
+    let per = groups_per_task(s);
+    threads::for_each_piece(y, per * og * p, |task, ycs| {
         let mut buf = take_i8(cg * pl)?;
-        pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
-        for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
-            let o = g * og + oi;
-            let w = &w32[o * kk..(o + 1) * kk];
-            kern.corr_i8_scaled(
-                yp,
-                &buf,
-                rows,
-                &offs,
-                w,
-                scale(o),
-                bias.map_or(0.0, |b| b[o]),
-            )?;
+        for (j, yc) in ycs.chunks_mut(og * p).enumerate() {
+            let t = task * per + j;
+            let (n, g) = (t / s.groups, t % s.groups);
+            pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
+            for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
+                let o = g * og + oi;
+                let w = &w32[o * kk..(o + 1) * kk];
+                kern.corr_i8_scaled(
+                    yp,
+                    &buf,
+                    rows,
+                    &offs,
+                    w,
+                    scale(o),
+                    bias.map_or(0.0, |b| b[o]),
+                )?;
+            }
         }
         Ok(())
     })
