@@ -190,7 +190,7 @@ def rss_mb():
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 # measured as edgelearn.train.fit does: same allocator setting, RSS before the first step, peak (VmHWM reset
 # before each epoch's first step) read after its last step, so data loading and evaluation are not counted
-from edgelearn.train import _hwm_rss_mb, _reset_peak_rss, release_large_buffers
+from edgelearn.train import _hwm_rss_mb, _reset_peak_rss, release_idle_memory, release_large_buffers
 
 
 def recalibrate_batchnorm(seed):
@@ -225,6 +225,7 @@ for epoch in range(args["epochs"]):
             first = _hwm_rss_mb() if reset else None
             if first is not None:
                 train_peak = max(train_peak, first)
+            release_idle_memory()  # as fit does: freed feature maps kept by the heap are not the reference
             after_first = rss_mb(); reset = _reset_peak_rss()
     t_recal = time.perf_counter()
     recalibrate_batchnorm(args["seed"] + 7919 * (epoch + 1))

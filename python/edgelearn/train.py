@@ -25,8 +25,8 @@ initialisation, allocator arenas, optimizer state) is left out; ``train_memory_m
 Before each of those references ``fit`` frees idle memory (:func:`release_idle_memory`: kernel scratch
 buffers grown by an evaluation pass, heap free pages), so the residue of data loading and of evaluation passes
 is not counted either. ``fit`` also fixes glibc's mmap
-threshold (:func:`release_large_buffers`), so freed activation-sized buffers go back to the OS instead of
-staying resident as heap free space (same setting for every precision).
+and trim thresholds (:func:`release_large_buffers`; the same setting for every precision), so activation-sized
+buffers are reused from the heap step after step instead of being unmapped and faulted in again.
 """
 
 from __future__ import annotations
@@ -76,27 +76,34 @@ def current_rss_mb() -> float:
 
 
 #: Buffers at least this large are mmapped by glibc's malloc and returned to the OS when freed (see
-#: :func:`release_large_buffers`).
-LARGE_BUFFER_BYTES = 4 << 20
+#: :func:`release_large_buffers`): glibc's largest allowed threshold.
+LARGE_BUFFER_BYTES = 32 << 20
 
 _allocator_tuned = False
 
 
 def release_large_buffers(threshold: int = LARGE_BUFFER_BYTES) -> bool:
-    """Makes glibc's malloc return freed buffers of ``threshold`` bytes or more to the OS (``mallopt``
-    ``M_MMAP_THRESHOLD``). By default glibc raises that threshold dynamically up to 32 MiB each time a
-    large block is freed, after which activation-sized buffers (a batch-256 feature map is 3-13 MB) are
-    carved from the heap and, once freed, stay resident as fragmented free space: resident memory then
-    tracks allocator history rather than what training holds. A fixed threshold keeps small and medium
-    buffers (all of them at batch 32) in the heap and gives big ones back.
+    """Fixes glibc's malloc thresholds for training: buffers of ``threshold`` bytes or more are mmapped and
+    returned to the OS when freed (``mallopt`` ``M_MMAP_THRESHOLD``), smaller ones come from the heap, which
+    keeps up to twice that much free space at its top (``M_TRIM_THRESHOLD``) for the next step to reuse.
 
-    Setting the mmap threshold also fixes glibc's trim threshold at its 128 KiB default, so a freed feature
-    map at the top of the heap (1.6 MB for the CNN's first layer at batch 32) went back to the OS after every
-    step and the next step's allocation faulted fresh zeroed pages in again (a 1.6 MB copy took 490 µs
-    instead of 95; on two threads the faults serialise the workers). The trim threshold is therefore set to
-    twice the mmap threshold: the heap keeps at most that much free space at its top, which the next step
-    reuses, and ``malloc_trim`` (:func:`release_idle_memory`) still returns it before each memory reference.
-    Called once by :func:`fit`, for every precision. Returns False where unavailable (non-glibc)."""
+    By default glibc raises the mmap threshold dynamically each time a large block is freed, so which buffers
+    are mmapped depends on allocation history. Fixed, it is the same for every precision and layer selection.
+    The default, 32 MiB, is glibc's largest: every activation of a batch-32 MobileNetV2 or a batch-128 CNN
+    (up to 13 MB) stays in the heap. With 4 MiB (the setting before) each such feature map was mmapped and
+    unmapped on every step and the next step faulted fresh zeroed pages in again; page faults of one process
+    serialise its threads: the CNN's INT8 training at batch 128 (``benches/train.py``, medians of 3) ran 7.0k
+    images/s on one thread and 9.7k on two; with 32 MiB 8.3k and 13.2k. The price is memory: freed feature
+    maps stay resident for the next step, and holes between longer-lived buffers stay resident too, so the
+    training memory figures are the steady state's peak RSS (at batch 128 INT8 ResNet-20 took 101 MB against
+    22 MB with 4 MiB; FP32 203 against 169). The heap's free pages still go back to the OS before each memory
+    reference (:func:`release_idle_memory`, ``malloc_trim``), so data loading and evaluation leave nothing
+    counted.
+
+    Setting the mmap threshold also fixes glibc's trim threshold at its 128 KiB default (a freed feature map at
+    the top of the heap would go back to the OS after every step and fault in again on the next), hence the
+    explicit trim threshold. Called once by :func:`fit`, for every precision. Returns False where unavailable
+    (non-glibc)."""
     global _allocator_tuned
     if _allocator_tuned:
         return True
@@ -501,6 +508,9 @@ def fit(
                     first_hwm = _hwm_rss_mb() if hwm_reset else None
                     if first_hwm is not None:
                         history.train_peak_rss_mb = max(history.train_peak_rss_mb, first_hwm)
+                    # what the step freed goes back first: the heap keeps freed feature maps for the next
+                    # step (release_large_buffers), which would hide them from the warm figure
+                    release_idle_memory()
                     history.rss_after_first_step_mb = current_rss_mb()
                     hwm_reset = _reset_peak_rss()
                 batch_loss = float(loss.item())
