@@ -581,9 +581,9 @@ pub fn for_each_part<E: Send>(
 /// op over a batch runs on the same thread (the `i·threads/n`-th), which reads what it wrote in the op
 /// before from its own cache. Claimed dynamically, the halves of consecutive ops landed on either core and
 /// each op read half its input from the other core's cache. A chain of BatchNorm + ReLU + pooling forward
-/// and backward calls on their own outputs (32x16x28x28, each call on the previous one's output) ran 1.4x faster on two
-/// threads than on one with one shared counter, 1.75x with homes. A late thread still takes less: the
-/// others take its runs from the back.
+/// and backward calls (32x16x28x28, each on the previous one's output) ran 1.4x faster on two threads than
+/// on one with one shared counter, 1.75x with homes. A late thread still takes less: the others take its
+/// runs from the back.
 struct Homes {
     /// Per thread, its range of unclaimed runs as `front << 32 | back`.
     ranges: Vec<Padded>,
@@ -595,8 +595,12 @@ struct Padded(AtomicU64);
 
 impl Homes {
     fn new(runs: usize, threads: usize) -> Homes {
-        let runs = runs.min(u32::MAX as usize) as u64;
-        let t = threads.max(1) as u64;
+        // (for_each_part makes about four runs a thread, and threads <= MAX_THREADS)
+        assert!(
+            runs <= u32::MAX as usize,
+            "{runs} runs do not fit a 32-bit range"
+        );
+        let (runs, t) = (runs as u64, threads.max(1) as u64);
         let ranges = (0..t)
             .map(|k| Padded(AtomicU64::new((k * runs / t) << 32 | ((k + 1) * runs / t))))
             .collect();
@@ -614,7 +618,7 @@ impl Homes {
         }
         (1..=t)
             .map(|d| (me + d) % t)
-            .filter(|&k| k != me || me >= t)
+            .filter(|&k| k != me)
             .find_map(|k| Self::take(&self.ranges[k].0, false))
     }
 

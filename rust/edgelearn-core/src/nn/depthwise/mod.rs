@@ -510,12 +510,27 @@ pub fn conv2d_grouped_f32_forward_with(
     Ok(s)
 }
 
-/// Groups of one image a forward task runs (a divisor of the group count, so a task never spans two
-/// images): enough tasks for the threads to share (about 64 a batch), each taking one scratch buffer for
-/// all of its groups instead of one per group.
-fn groups_per_task(s: &GroupedShape) -> usize {
+/// Runs `f(buf, n, g, out)` for every (image `n`, group `g`) of a forward output `y` (`per_group` elements
+/// each), over the pool. A task runs several groups of one image (a divisor of the group count, so a task
+/// never spans two images; about 64 tasks a batch, enough for the threads to share) with one scratch buffer
+/// from `buf` for all of them instead of one per group.
+fn for_each_group<T: Send, B>(
+    s: &GroupedShape,
+    y: &mut [T],
+    per_group: usize,
+    buf: impl Fn() -> Result<B> + Sync,
+    f: impl Fn(&mut B, usize, usize, &mut [T]) -> Result<()> + Sync,
+) -> Result<()> {
     let want = (s.n * s.groups).div_ceil(64).clamp(1, s.groups.max(1));
-    (1..=want).rev().find(|d| s.groups % d == 0).unwrap_or(1)
+    let per = (1..=want).rev().find(|&d| s.groups.is_multiple_of(d)).unwrap_or(1);
+    threads::for_each_piece(y, per * per_group, |task, ys| {
+        let mut b = buf()?;
+        for (j, yg) in ys.chunks_mut(per_group).enumerate() {
+            let t = task * per + j;
+            f(&mut b, t / s.groups, t % s.groups, yg)?;
+        }
+        Ok(())
+    })
 }
 
 /// The FP32 forward on checked arguments.
@@ -541,18 +556,13 @@ fn forward_f32(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    let per = groups_per_task(s);
-    threads::for_each_piece(y, per * og * p, |task, ycs| {
-        let mut buf = take_f32(cg * pl)?;
-        for (j, yc) in ycs.chunks_mut(og * p).enumerate() {
-            let t = task * per + j;
-            let (n, g) = (t / s.groups, t % s.groups);
-            pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
-            for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
-                let o = g * og + oi;
-                yp.fill(bias.map_or(0.0, |b| b[o]));
-                kern.corr_f32(yp, &buf, rows, &offs, &w[o * kk..(o + 1) * kk])?;
-            }
+    let buf = || take_f32(cg * pl);
+    for_each_group(s, y, og * p, buf, |buf, n, g, yc| {
+        pad.fill(&x[(n * s.c + g * cg) * s.h * s.w..][..xin], buf);
+        for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
+            let o = g * og + oi;
+            yp.fill(bias.map_or(0.0, |b| b[o]));
+            kern.corr_f32(yp, buf, rows, &offs, &w[o * kk..(o + 1) * kk])?;
         }
         Ok(())
     })
@@ -778,26 +788,14 @@ fn forward_i8(
         ldo: s.ow,
         lds: pad.row_step(),
     };
-    let per = groups_per_task(s);
-    threads::for_each_piece(y, per * og * p, |task, ycs| {
-        let mut buf = take_i8(cg * pl)?;
-        for (j, yc) in ycs.chunks_mut(og * p).enumerate() {
-            let t = task * per + j;
-            let (n, g) = (t / s.groups, t % s.groups);
-            pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], &mut buf);
-            for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
-                let o = g * og + oi;
-                let w = &w32[o * kk..(o + 1) * kk];
-                kern.corr_i8_scaled(
-                    yp,
-                    &buf,
-                    rows,
-                    &offs,
-                    w,
-                    scale(o),
-                    bias.map_or(0.0, |b| b[o]),
-                )?;
-            }
+    let buf = || take_i8(cg * pl);
+    for_each_group(s, y, og * p, buf, |buf, n, g, yc| {
+        pad.fill(&xq[(n * s.c + g * cg) * s.h * s.w..][..xin], buf);
+        for (oi, yp) in yc.chunks_exact_mut(p).enumerate() {
+            let o = g * og + oi;
+            let w = &w32[o * kk..(o + 1) * kk];
+            let b = bias.map_or(0.0, |b| b[o]);
+            kern.corr_i8_scaled(yp, buf, rows, &offs, w, scale(o), b)?;
         }
         Ok(())
     })
