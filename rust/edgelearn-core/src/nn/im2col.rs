@@ -21,6 +21,10 @@ pub fn im2col<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize
         im2col_same_width(x, g, col, ld);
         return;
     }
+    if phase_path(g) {
+        im2col_phases(x, g, col, ld);
+        return;
+    }
     let mut row = 0;
     for c in 0..g.c {
         let plane = &x[c * hw..(c + 1) * hw];
@@ -107,6 +111,118 @@ fn im2col_same_width<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld
     }
 }
 
+/// [`im2col`] of a strided window (stride `(sh, sw)`, not both 1) whose output rows are as wide as a
+/// column phase of the input (`ow == ceil(W / sw)`: a 3x3 window with padding 1 or a 1x1 window without
+/// padding at stride 2, say). Each plane is first split into its `sh·sw` phase planes — phase `(ry, rx)`
+/// holds the pixels `(Y·sh + ry, X·sw + rx)` at `(Y, X)`, `ceil(H/sh) × ow` — in which window offset
+/// `(i, j)` is a stride-1 window: with `i − ph = qy·sh + ry` (Euclidean division) output pixel `(oy, ox)`
+/// reads phase `(ry, rx)` at `(oy + qy, ox + qx)`. So every patch row is one contiguous run of a phase
+/// plane, the wrapped-around border columns zeroed after, as in [`im2col_same_width`]; the strided
+/// gather (one element at a time) becomes one pass that splits the plane and copies of whole runs.
+fn im2col_phases<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize) {
+    let (hw, ow, p) = (g.hw(), g.ow, g.p());
+    let phase_len = g.h.div_ceil(g.sh) * ow;
+    let zero = T::default();
+    let (taps, used) = phase_taps(g);
+    let mut phases = vec![zero; g.sh * g.sw * phase_len];
+    let mut row = 0;
+    for plane in x[..g.c * hw].chunks_exact(hw).take(g.c) {
+        split_phases(plane, g, &used, &mut phases);
+        for &((ylo, yhi), (xlo, xhi), tap) in &taps {
+            let dst = &mut col[row * ld..row * ld + p];
+            row += 1;
+            let Some((ph, from, len)) = tap else {
+                dst.fill(zero);
+                continue;
+            };
+            dst[..ylo * ow].fill(zero);
+            dst[yhi * ow..].fill(zero);
+            let at = ylo * ow + xlo;
+            let src = &phases[ph * phase_len..(ph + 1) * phase_len];
+            dst[at..at + len].copy_from_slice(&src[from..from + len]);
+            if xlo > 0 || xhi < ow {
+                for d in dst[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+                    fill_few(&mut d[..xlo], zero);
+                    fill_few(&mut d[xhi..], zero);
+                }
+            }
+        }
+    }
+}
+
+/// The valid output rows and columns of each window offset `(i, j)` (row-major) of a strided window, with
+/// (phase index, start of its run in the phase plane, run length) where it reads any pixel
+/// ([`im2col_phases`]), and which phases some offset reads (a 1x1 window at stride 2 reads one of four).
+type PhaseTap = ((usize, usize), (usize, usize), Option<(usize, usize, usize)>);
+
+fn phase_taps(g: &Geometry) -> (Vec<PhaseTap>, Vec<bool>) {
+    let (ow, sh, sw) = (g.ow, g.sh, g.sw);
+    let mut taps = Vec::with_capacity(g.kh * g.kw);
+    let mut used = vec![false; sh * sw];
+    for i in 0..g.kh {
+        let (ylo, yhi) = g.valid_rows(i);
+        let a = i as isize - g.ph as isize;
+        let (qy, ry) = (a.div_euclid(sh as isize), a.rem_euclid(sh as isize) as usize);
+        for j in 0..g.kw {
+            let (xlo, xhi) = g.valid_cols(j);
+            let b = j as isize - g.pw as isize;
+            let (qx, rx) = (b.div_euclid(sw as isize), b.rem_euclid(sw as isize) as usize);
+            let tap = (ylo < yhi && xlo < xhi).then(|| {
+                // valid outputs read phase rows ylo+qy.. and columns xlo+qx.., both >= 0
+                let from = (ylo as isize + qy) as usize * ow + (xlo as isize + qx) as usize;
+                used[ry * sw + rx] = true;
+                (ry * sw + rx, from, (yhi - 1 - ylo) * ow + xhi - xlo)
+            });
+            taps.push(((ylo, yhi), (xlo, xhi), tap));
+        }
+    }
+    (taps, used)
+}
+
+/// Whether [`im2col`] and [`col2im`] take the phase planes for `g` (see [`im2col_phases`]).
+fn phase_path(g: &Geometry) -> bool {
+    (g.sh > 1 || g.sw > 1) && g.ow > 0 && g.ow == g.w.div_ceil(g.sw)
+}
+
+/// Splits `plane` (`H × W`) into the phase planes of [`im2col_phases`] (`hp × ow` each, `ow =
+/// ceil(W/sw)`, phase `ry·sw + rx`) that `used` marks. Entries past the plane's last row or column in a
+/// phase are not written: no valid output reads them (they lie outside every window offset's valid range).
+fn split_phases<T: Copy>(plane: &[T], g: &Geometry, used: &[bool], phases: &mut [T]) {
+    let (w, ow, sh, sw) = (g.w, g.ow, g.sh, g.sw);
+    let phase_len = g.h.div_ceil(sh) * ow;
+    for (y, src) in plane.chunks_exact(w).enumerate() {
+        let (ry, yy) = (y % sh, y / sh);
+        let want = &used[ry * sw..(ry + 1) * sw];
+        if !want.contains(&true) {
+            continue;
+        }
+        let base = ry * sw * phase_len + yy * ow;
+        if sw == 2 {
+            // the usual stride: one de-interleaving loop over pairs (vectorised), then the odd last column
+            let (a, b) = phases[base..].split_at_mut(phase_len);
+            let (even, odd) = (&mut a[..ow], &mut b[..ow]);
+            if want[0] && want[1] {
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+            } else {
+                let (dst, r) = if want[0] { (even, 0) } else { (odd, 1) };
+                for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = pair[r];
+                }
+            }
+            if w % 2 == 1 && want[0] {
+                a[w / 2] = src[w - 1];
+            }
+            continue;
+        }
+        for (xx, &v) in src.iter().enumerate() {
+            phases[base + (xx % sw) * phase_len + xx / sw] = v;
+        }
+    }
+}
+
 /// `d.fill(v)` for the usual border widths (0 to 2 elements, from padding) without a `memset` call, which
 /// costs more than the store itself at that size and runs once per patch row and output row.
 #[inline(always)]
@@ -156,6 +272,10 @@ crate::simd::avx2_multiversion! {
 pub fn col2im(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
     let (hw, ow, p) = (g.hw(), g.ow, g.p());
     assert!(dx.len() >= g.c * hw && ld >= p && (g.k() == 0 || col.len() >= (g.k() - 1) * ld + p));
+    if phase_path(g) {
+        col2im_phases(col, ld, g, dx);
+        return;
+    }
     let taps = g.kh * g.kw;
     // A stride-1 window whose output is as large as the input has a tap (the centre of a "same"
     // convolution) that maps the patch row onto the plane one to one: it initialises the plane, saving
@@ -218,6 +338,62 @@ pub fn col2im(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
 }
 }
 
+/// [`col2im`] of a strided window that [`im2col_phases`] unfolds: each patch row adds as one contiguous run
+/// into its phase plane (its wrapped-around border entries zeroed first), then the phase planes merge
+/// into the image plane. Every pixel belongs to one phase entry and receives the window offsets' terms in
+/// the same order as in the direct path.
+#[inline(always)]
+fn col2im_phases(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
+    let (hw, ow, p) = (g.hw(), g.ow, g.p());
+    let phase_len = g.h.div_ceil(g.sh) * ow;
+    let (taps, _) = phase_taps(g);
+    let mut phases = vec![0f32; g.sh * g.sw * phase_len];
+    for (c, plane) in dx[..g.c * hw].chunks_exact_mut(hw).take(g.c).enumerate() {
+        phases.fill(0.0);
+        for (t, &((ylo, yhi), (xlo, xhi), tap)) in taps.iter().enumerate() {
+            let Some((ph, to, len)) = tap else { continue };
+            let row = c * taps.len() + t;
+            let src = &mut col[row * ld..row * ld + p];
+            if xlo > 0 || xhi < ow {
+                for r in src[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+                    fill_few(&mut r[..xlo], 0.0);
+                    fill_few(&mut r[xhi..], 0.0);
+                }
+            }
+            let at = ylo * ow + xlo;
+            phases[ph * phase_len + to..ph * phase_len + to + len]
+                .iter_mut()
+                .zip(&src[at..at + len])
+                .for_each(|(dv, &sv)| *dv += sv);
+        }
+        merge_phases(&phases, g, plane);
+    }
+}
+
+/// The inverse of [`split_phases`] over every phase: `plane` (`H × W`, overwritten) from the phase planes.
+#[inline(always)]
+fn merge_phases(phases: &[f32], g: &Geometry, plane: &mut [f32]) {
+    let (w, ow, sh, sw) = (g.w, g.ow, g.sh, g.sw);
+    let phase_len = g.h.div_ceil(sh) * ow;
+    for (y, dst) in plane.chunks_exact_mut(w).enumerate() {
+        let base = (y % sh) * sw * phase_len + (y / sh) * ow;
+        if sw == 2 {
+            let (even, odd) = (&phases[base..base + ow], &phases[base + phase_len..base + phase_len + ow]);
+            for ((&e, &o), pair) in even.iter().zip(odd).zip(dst.chunks_exact_mut(2)) {
+                pair[0] = e;
+                pair[1] = o;
+            }
+            if w % 2 == 1 {
+                dst[w - 1] = even[w / 2];
+            }
+            continue;
+        }
+        for (xx, v) in dst.iter_mut().enumerate() {
+            *v = phases[base + (xx % sw) * phase_len + xx / sw];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +421,29 @@ mod tests {
         col
     }
 
+    /// col2im by direct indexing: each window offset's terms added in offset order, as every path adds them.
+    fn reference_col2im(col: &[f32], ld: usize, g: &Geometry) -> Vec<f32> {
+        let mut dx = vec![0.0; g.c * g.hw()];
+        for c in 0..g.c {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let r = (c * g.kh + i) * g.kw + j;
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let iy = (oy * g.sh + i) as isize - g.ph as isize;
+                            let ix = (ox * g.sw + j) as isize - g.pw as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                dx[(c * g.h + iy as usize) * g.w + ix as usize] +=
+                                    col[r * ld + oy * g.ow + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx
+    }
+
     #[test]
     fn im2col_matches_direct_indexing_and_col2im_is_its_adjoint() {
         let cases = [
@@ -258,6 +457,15 @@ mod tests {
             ([1, 3, 6, 1], (3, 1), (1, 1), (1, 0)),
             ([1, 2, 6, 5], (3, 3), (1, 1), (1, 1)),
             ([1, 1, 3, 9], (1, 3), (1, 1), (0, 1)),
+            // strided windows as wide as a column phase (the phase-plane path), even and odd sizes
+            ([1, 2, 8, 8], (3, 3), (2, 2), (1, 1)),
+            ([1, 3, 7, 7], (3, 3), (2, 2), (1, 1)),
+            ([1, 2, 7, 9], (1, 1), (2, 2), (0, 0)),
+            ([1, 2, 9, 10], (5, 5), (3, 3), (2, 2)),
+            ([1, 1, 6, 5], (3, 1), (2, 1), (1, 0)),
+            ([1, 1, 2, 2], (3, 3), (2, 2), (1, 1)),
+            ([1, 2, 5, 6], (3, 3), (2, 2), (0, 0)),
+            ([1, 2, 11, 6], (3, 3), (2, 3), (1, 1)),
         ];
         for (shape, k, s, p) in cases {
             let g = Geometry::new("x", shape, Window2d::new(k, s, p)).unwrap();
@@ -266,12 +474,19 @@ mod tests {
             let mut col = vec![f32::NAN; g.k() * ld];
             im2col(&x, &g, &mut col, ld);
             let want = reference(&x, &g);
+            // INT8 activations take the same paths (generic over the element)
+            let xq: Vec<i8> = (0..g.c * g.hw()).map(|v| (v % 97) as i8 - 48).collect();
+            let mut colq = vec![i8::MIN; g.k() * ld];
+            im2col(&xq, &g, &mut colq, ld);
+            let wantq = reference(&xq.iter().map(|&v| v as f32).collect::<Vec<_>>(), &g);
             for r in 0..g.k() {
                 assert_eq!(
                     &col[r * ld..r * ld + g.p()],
                     &want[r * g.p()..(r + 1) * g.p()],
                     "{shape:?} {k:?}"
                 );
+                let got: Vec<f32> = colq[r * ld..r * ld + g.p()].iter().map(|&v| v as f32).collect();
+                assert_eq!(got, &wantq[r * g.p()..(r + 1) * g.p()], "int8 {shape:?} {k:?} {s:?}");
             }
             // <im2col(x), c> == <x, col2im(c)> for any c.
             let cvals: Vec<f32> = (0..g.k() * ld)
@@ -293,6 +508,15 @@ mod tests {
                 (lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0),
                 "{lhs} vs {rhs}"
             );
+            // strided windows: the same sums, term by term in offset order (non-integer terms: a change of
+            // order would show in the rounding; a stride-1 "same" window starts from its centre offset)
+            if g.sh == 1 && g.sw == 1 {
+                continue;
+            }
+            let fvals: Vec<f32> = cvals.iter().enumerate().map(|(v, &c)| c * 0.37 + v as f32 * 1e-3).collect();
+            let mut got = vec![f32::NAN; x.len()];
+            col2im(&mut fvals.clone(), ld, &g, &mut got);
+            assert_eq!(got, reference_col2im(&fvals, ld, &g), "col2im {shape:?} {k:?} {s:?}");
         }
     }
 }
