@@ -153,7 +153,11 @@ fn im2col_phases<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: us
 /// The valid output rows and columns of each window offset `(i, j)` (row-major) of a strided window, with
 /// (phase index, start of its run in the phase plane, run length) where it reads any pixel
 /// ([`im2col_phases`]), and which phases some offset reads (a 1x1 window at stride 2 reads one of four).
-type PhaseTap = ((usize, usize), (usize, usize), Option<(usize, usize, usize)>);
+type PhaseTap = (
+    (usize, usize),
+    (usize, usize),
+    Option<(usize, usize, usize)>,
+);
 
 fn phase_taps(g: &Geometry) -> (Vec<PhaseTap>, Vec<bool>) {
     let (ow, sh, sw) = (g.ow, g.sh, g.sw);
@@ -162,11 +166,17 @@ fn phase_taps(g: &Geometry) -> (Vec<PhaseTap>, Vec<bool>) {
     for i in 0..g.kh {
         let (ylo, yhi) = g.valid_rows(i);
         let a = i as isize - g.ph as isize;
-        let (qy, ry) = (a.div_euclid(sh as isize), a.rem_euclid(sh as isize) as usize);
+        let (qy, ry) = (
+            a.div_euclid(sh as isize),
+            a.rem_euclid(sh as isize) as usize,
+        );
         for j in 0..g.kw {
             let (xlo, xhi) = g.valid_cols(j);
             let b = j as isize - g.pw as isize;
-            let (qx, rx) = (b.div_euclid(sw as isize), b.rem_euclid(sw as isize) as usize);
+            let (qx, rx) = (
+                b.div_euclid(sw as isize),
+                b.rem_euclid(sw as isize) as usize,
+            );
             let tap = (ylo < yhi && xlo < xhi).then(|| {
                 // valid outputs read phase rows ylo+qy.. and columns xlo+qx.., both >= 0
                 let from = (ylo as isize + qy) as usize * ow + (xlo as isize + qx) as usize;
@@ -378,7 +388,10 @@ fn merge_phases(phases: &[f32], g: &Geometry, plane: &mut [f32]) {
     for (y, dst) in plane.chunks_exact_mut(w).enumerate() {
         let base = (y % sh) * sw * phase_len + (y / sh) * ow;
         if sw == 2 {
-            let (even, odd) = (&phases[base..base + ow], &phases[base + phase_len..base + phase_len + ow]);
+            let (even, odd) = (
+                &phases[base..base + ow],
+                &phases[base + phase_len..base + phase_len + ow],
+            );
             for ((&e, &o), pair) in even.iter().zip(odd).zip(dst.chunks_exact_mut(2)) {
                 pair[0] = e;
                 pair[1] = o;
@@ -399,8 +412,8 @@ mod tests {
     use super::*;
     use crate::nn::Window2d;
 
-    fn reference(x: &[f32], g: &Geometry) -> Vec<f32> {
-        let mut col = vec![0.0; g.k() * g.p()];
+    /// Calls `f(patch-matrix index, pixel index)` for every valid (offset, output pixel) pair, offsets in order.
+    fn for_each_tap(g: &Geometry, mut f: impl FnMut(usize, usize)) {
         for c in 0..g.c {
             for i in 0..g.kh {
                 for j in 0..g.kw {
@@ -410,37 +423,29 @@ mod tests {
                             let iy = (oy * g.sh + i) as isize - g.ph as isize;
                             let ix = (ox * g.sw + j) as isize - g.pw as isize;
                             if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                col[r * g.p() + oy * g.ow + ox] =
-                                    x[(c * g.h + iy as usize) * g.w + ix as usize];
+                                f(
+                                    r * g.p() + oy * g.ow + ox,
+                                    (c * g.h + iy as usize) * g.w + ix as usize,
+                                );
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    fn reference(x: &[f32], g: &Geometry) -> Vec<f32> {
+        let mut col = vec![0.0; g.k() * g.p()];
+        for_each_tap(g, |q, px| col[q] = x[px]);
         col
     }
 
     /// col2im by direct indexing: each window offset's terms added in offset order, as every path adds them.
     fn reference_col2im(col: &[f32], ld: usize, g: &Geometry) -> Vec<f32> {
         let mut dx = vec![0.0; g.c * g.hw()];
-        for c in 0..g.c {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let r = (c * g.kh + i) * g.kw + j;
-                    for oy in 0..g.oh {
-                        for ox in 0..g.ow {
-                            let iy = (oy * g.sh + i) as isize - g.ph as isize;
-                            let ix = (ox * g.sw + j) as isize - g.pw as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                dx[(c * g.h + iy as usize) * g.w + ix as usize] +=
-                                    col[r * ld + oy * g.ow + ox];
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let p = g.p();
+        for_each_tap(g, |q, px| dx[px] += col[q / p * ld + q % p]);
         dx
     }
 
@@ -485,8 +490,15 @@ mod tests {
                     &want[r * g.p()..(r + 1) * g.p()],
                     "{shape:?} {k:?}"
                 );
-                let got: Vec<f32> = colq[r * ld..r * ld + g.p()].iter().map(|&v| v as f32).collect();
-                assert_eq!(got, &wantq[r * g.p()..(r + 1) * g.p()], "int8 {shape:?} {k:?} {s:?}");
+                let got: Vec<f32> = colq[r * ld..r * ld + g.p()]
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                assert_eq!(
+                    got,
+                    &wantq[r * g.p()..(r + 1) * g.p()],
+                    "int8 {shape:?} {k:?} {s:?}"
+                );
             }
             // <im2col(x), c> == <x, col2im(c)> for any c.
             let cvals: Vec<f32> = (0..g.k() * ld)
@@ -513,10 +525,18 @@ mod tests {
             if g.sh == 1 && g.sw == 1 {
                 continue;
             }
-            let fvals: Vec<f32> = cvals.iter().enumerate().map(|(v, &c)| c * 0.37 + v as f32 * 1e-3).collect();
+            let fvals: Vec<f32> = cvals
+                .iter()
+                .enumerate()
+                .map(|(v, &c)| c * 0.37 + v as f32 * 1e-3)
+                .collect();
             let mut got = vec![f32::NAN; x.len()];
             col2im(&mut fvals.clone(), ld, &g, &mut got);
-            assert_eq!(got, reference_col2im(&fvals, ld, &g), "col2im {shape:?} {k:?} {s:?}");
+            assert_eq!(
+                got,
+                reference_col2im(&fvals, ld, &g),
+                "col2im {shape:?} {k:?} {s:?}"
+            );
         }
     }
 }

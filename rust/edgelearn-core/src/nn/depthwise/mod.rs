@@ -522,7 +522,10 @@ fn for_each_group<T: Send, B>(
     f: impl Fn(&mut B, usize, usize, &mut [T]) -> Result<()> + Sync,
 ) -> Result<()> {
     let want = (s.n * s.groups).div_ceil(64).clamp(1, s.groups.max(1));
-    let per = (1..=want).rev().find(|&d| s.groups.is_multiple_of(d)).unwrap_or(1);
+    let per = (1..=want)
+        .rev()
+        .find(|&d| s.groups.is_multiple_of(d))
+        .unwrap_or(1);
     threads::for_each_piece(y, per * per_group, |task, ys| {
         let mut b = buf()?;
         for (j, yg) in ys.chunks_mut(per_group).enumerate() {
