@@ -347,6 +347,10 @@ fn gate_rows(
 ) -> (u64, u64) {
     #[cfg(target_arch = "x86_64")]
     if seg % 16 == 0 && len > 0 && fr.len() / len <= GATE_ROWS_MAX {
+        if len >= 32 && crate::simd::elementwise_avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { gate_rows_avx2(fr, rr, len, seg, mx, e) };
+        }
         return gate_rows_sse2(fr, rr, len, seg, mx, e);
     }
     let (mut t1, mut t2) = (0u64, 0u64);
@@ -354,6 +358,30 @@ fn gate_rows(
         let (s1, s2) = gate_row(a, b, seg, mx, e);
         t1 += s1;
         t2 += s2;
+    }
+    (t1, t2)
+}
+
+/// The bytes `from..` of a row (past its last whole vector) as the scalar reference takes them: into the
+/// patch maxima `mx` and squared-change sums `e`; returns their (Σ frame, Σ frame²).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn gate_row_tail(
+    a: &[u8],
+    b: &[u8],
+    from: usize,
+    seg: usize,
+    mx: &mut [u8],
+    e: &mut [u64],
+) -> (u64, u64) {
+    let (mut t1, mut t2) = (0u64, 0u64);
+    for (i, (&x, &r)) in a.iter().zip(b).enumerate().skip(from) {
+        let d = x.abs_diff(r);
+        let pc = i / seg;
+        mx[pc] = mx[pc].max(d);
+        e[pc] += d as u64 * d as u64;
+        t1 += x as u64;
+        t2 += x as u64 * x as u64;
     }
     (t1, t2)
 }
@@ -465,20 +493,90 @@ fn gate_rows_sse2(
             let mut l = [0u64; 2];
             _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, s1);
             t1 += l[0] + l[1];
-            for i in v..len {
-                let (x, r) = (a[i], b[i]);
-                let d = x.abs_diff(r);
-                let pc = i / seg;
-                mx[pc] = mx[pc].max(d);
-                e[pc] += d as u64 * d as u64;
-                t1 += x as u64;
-                t2 += x as u64 * x as u64;
-            }
+            let (u1, u2) = gate_row_tail(a, b, v, seg, mx, e);
+            (t1, t2) = (t1 + u1, t2 + u2);
         }
         for j in 0..nv {
             let pc = 16 * j / seg;
             mx[pc] = mx[pc].max(sse2_hmax(mxv[j]));
             e[pc] += sum32(ddv[j]);
+        }
+    }
+    (t1, t2)
+}
+
+/// [`gate_rows_sse2`] with AVX2: 32-byte columns, each of whose 16-byte halves lies inside one patch
+/// segment (`seg % 16 == 0`) and is reduced into its own patch after the last row. The same integers:
+/// every lane does the SSE2 step's arithmetic, `unpack`/`madd`/`sad` stay within 128-bit halves.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gate_rows_avx2(
+    fr: &[u8],
+    rr: &[u8],
+    len: usize,
+    seg: usize,
+    mx: &mut [u8],
+    e: &mut [u64],
+) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    debug_assert!(seg % 16 == 0 && fr.len() / len <= GATE_ROWS_MAX);
+    let nv = len / 32;
+    let v = nv * 32;
+    let (mut t1, mut t2) = (0u64, 0u64);
+    let zero = _mm256_setzero_si256();
+    let mut mxv = vec![zero; nv];
+    let mut ddv = vec![zero; nv];
+    let sum32x8 =
+        |v: __m256i| sum32(_mm256_castsi256_si128(v)) + sum32(_mm256_extracti128_si256::<1>(v));
+    for (a, b) in fr.chunks_exact(len).zip(rr.chunks_exact(len)) {
+        let mut s1 = zero;
+        for blk in (0..nv).step_by(BLOCK) {
+            let mut xx = zero;
+            for j in blk..nv.min(blk + BLOCK) {
+                // SAFETY: 32 bytes at 32·j < v ≤ len, inside a row of `fr`/`rr`.
+                let x = unsafe { _mm256_loadu_si256(a.as_ptr().add(32 * j) as *const __m256i) };
+                let r = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * j) as *const __m256i) };
+                let d = _mm256_or_si256(_mm256_subs_epu8(x, r), _mm256_subs_epu8(r, x));
+                mxv[j] = _mm256_max_epu8(mxv[j], d);
+                let (dl, dh) = (_mm256_unpacklo_epi8(d, zero), _mm256_unpackhi_epi8(d, zero));
+                ddv[j] = _mm256_add_epi32(
+                    ddv[j],
+                    _mm256_add_epi32(_mm256_madd_epi16(dl, dl), _mm256_madd_epi16(dh, dh)),
+                );
+                let (xl, xh) = (_mm256_unpacklo_epi8(x, zero), _mm256_unpackhi_epi8(x, zero));
+                xx = _mm256_add_epi32(
+                    xx,
+                    _mm256_add_epi32(_mm256_madd_epi16(xl, xl), _mm256_madd_epi16(xh, xh)),
+                );
+                s1 = _mm256_add_epi64(s1, _mm256_sad_epu8(x, zero));
+            }
+            t2 += sum32x8(xx);
+        }
+        let mut l = [0u64; 4];
+        // SAFETY: an unaligned 32-byte store into a 32-byte array.
+        unsafe { _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, s1) };
+        t1 += l.iter().sum::<u64>();
+        let (u1, u2) = gate_row_tail(a, b, v, seg, mx, e);
+        (t1, t2) = (t1 + u1, t2 + u2);
+    }
+    for j in 0..nv {
+        let halves = [
+            (
+                _mm256_castsi256_si128(mxv[j]),
+                _mm256_castsi256_si128(ddv[j]),
+            ),
+            (
+                _mm256_extracti128_si256::<1>(mxv[j]),
+                _mm256_extracti128_si256::<1>(ddv[j]),
+            ),
+        ];
+        for (h, (m, dd)) in halves.into_iter().enumerate() {
+            let pc = (32 * j + 16 * h) / seg;
+            mx[pc] = mx[pc].max(sse2_hmax(m));
+            e[pc] += sum32(dd);
         }
     }
     (t1, t2)
@@ -619,6 +717,12 @@ mod tests {
             (16, 1000, 64),
             (3, 72, 24),
             (33, 47, 48),
+            // AVX2: a column's halves in two patches (seg 48), a 16-byte tail (len 48, 80), more than
+            // one accumulation block of Σ x² in a row (BLOCK vectors)
+            (5, 32, 16),
+            (4, 48, 16),
+            (3, 80, 16),
+            (2, 70_000, 80),
         ] {
             for extreme in [false, true] {
                 let (mut a, mut b) = (frame(&mut seed, rows * len), frame(&mut seed, rows * len));
@@ -638,10 +742,31 @@ mod tests {
                 }
                 let t = gate_rows(&a, &b, len, seg, &mut m2, &mut e2);
                 assert_eq!(
-                    ((t1, t2), m1, e1),
-                    (t, m2, e2),
+                    ((t1, t2), &m1, &e1),
+                    (t, &m2, &e2),
                     "rows {rows} len {len} seg {seg} extreme {extreme}"
                 );
+                // each vector build on its own (gate_rows takes the widest the CPU has)
+                #[cfg(target_arch = "x86_64")]
+                if seg % 16 == 0 {
+                    let (mut m3, mut e3) = (vec![7u8; cols], vec![5u64; cols]);
+                    let t = gate_rows_sse2(&a, &b, len, seg, &mut m3, &mut e3);
+                    assert_eq!(
+                        ((t1, t2), &m1, &e1),
+                        (t, &m3, &e3),
+                        "sse2 rows {rows} len {len} seg {seg}"
+                    );
+                    if len >= 32 && std::arch::is_x86_feature_detected!("avx2") {
+                        let (mut m4, mut e4) = (vec![7u8; cols], vec![5u64; cols]);
+                        // SAFETY: the CPU has AVX2.
+                        let t = unsafe { gate_rows_avx2(&a, &b, len, seg, &mut m4, &mut e4) };
+                        assert_eq!(
+                            ((t1, t2), &m1, &e1),
+                            (t, &m4, &e4),
+                            "avx2 rows {rows} len {len} seg {seg}"
+                        );
+                    }
+                }
             }
         }
     }
