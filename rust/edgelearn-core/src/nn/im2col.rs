@@ -97,17 +97,61 @@ fn im2col_same_width<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld
                 dst.fill(zero);
                 continue;
             };
-            fill_few(&mut dst[..ylo * ow], zero);
-            fill_few(&mut dst[yhi * ow..], zero);
-            let at = ylo * ow + xlo;
-            dst[at..at + len].copy_from_slice(&plane[from..from + len]);
-            if xlo > 0 || xhi < ow {
-                for d in dst[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
-                    fill_few(&mut d[..xlo], zero);
-                    fill_few(&mut d[xhi..], zero);
-                }
-            }
+            write_run(
+                dst,
+                &plane[from..from + len],
+                (ylo, yhi),
+                (xlo, xhi),
+                ow,
+                zero,
+            );
         }
+    }
+}
+
+/// Writes the patch row `dst` (`P` values, `ow` a row) of a window offset whose valid outputs
+/// `ylo..yhi × xlo..xhi` read the contiguous input run `run` (from output `(ylo, xlo)` on): zeros
+/// elsewhere, including the run's wrapped-around border columns.
+#[inline(always)]
+fn write_run<T: Copy>(
+    dst: &mut [T],
+    run: &[T],
+    (ylo, yhi): (usize, usize),
+    (xlo, xhi): (usize, usize),
+    ow: usize,
+    zero: T,
+) {
+    fill_few(&mut dst[..ylo * ow], zero);
+    fill_few(&mut dst[yhi * ow..], zero);
+    let at = ylo * ow + xlo;
+    dst[at..at + run.len()].copy_from_slice(run);
+    if xlo > 0 || xhi < ow {
+        for d in dst[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+            fill_few(&mut d[..xlo], zero);
+            fill_few(&mut d[xhi..], zero);
+        }
+    }
+}
+
+/// The adjoint of [`write_run`]: adds the run of patch row `src` (from output `(ylo, xlo)` on) into
+/// `dst` (as long as the run), its wrapped-around border entries zeroed first so that they add nothing.
+#[inline(always)]
+fn add_run(
+    dst: &mut [f32],
+    src: &mut [f32],
+    (ylo, yhi): (usize, usize),
+    (xlo, xhi): (usize, usize),
+    ow: usize,
+) {
+    if xlo > 0 || xhi < ow {
+        for r in src[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+            fill_few(&mut r[..xlo], 0.0);
+            fill_few(&mut r[xhi..], 0.0);
+        }
+    }
+    let (at, len) = (ylo * ow + xlo, dst.len());
+    for (dv, &sv) in dst.iter_mut().zip(&src[at..at + len]) {
+        *dv += sv;
     }
 }
 
@@ -120,8 +164,8 @@ fn im2col_same_width<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld
 /// plane, the wrapped-around border columns zeroed after, as in [`im2col_same_width`]; the strided
 /// gather (one element at a time) becomes one pass that splits the plane and copies of whole runs.
 fn im2col_phases<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: usize) {
-    let (hw, ow, p) = (g.hw(), g.ow, g.p());
-    let phase_len = g.h.div_ceil(g.sh) * ow;
+    let (hw, p) = (g.hw(), g.p());
+    let phase_len = g.h.div_ceil(g.sh) * g.ow;
     let zero = T::default();
     let (taps, used) = phase_taps(g);
     let mut phases = vec![zero; g.sh * g.sw * phase_len];
@@ -135,17 +179,8 @@ fn im2col_phases<T: Copy + Default>(x: &[T], g: &Geometry, col: &mut [T], ld: us
                 dst.fill(zero);
                 continue;
             };
-            dst[..ylo * ow].fill(zero);
-            dst[yhi * ow..].fill(zero);
-            let at = ylo * ow + xlo;
-            let src = &phases[ph * phase_len..(ph + 1) * phase_len];
-            dst[at..at + len].copy_from_slice(&src[from..from + len]);
-            if xlo > 0 || xhi < ow {
-                for d in dst[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
-                    fill_few(&mut d[..xlo], zero);
-                    fill_few(&mut d[xhi..], zero);
-                }
-            }
+            let run = &phases[ph * phase_len + from..ph * phase_len + from + len];
+            write_run(dst, run, (ylo, yhi), (xlo, xhi), g.ow, zero);
         }
     }
 }
@@ -165,18 +200,10 @@ fn phase_taps(g: &Geometry) -> (Vec<PhaseTap>, Vec<bool>) {
     let mut used = vec![false; sh * sw];
     for i in 0..g.kh {
         let (ylo, yhi) = g.valid_rows(i);
-        let a = i as isize - g.ph as isize;
-        let (qy, ry) = (
-            a.div_euclid(sh as isize),
-            a.rem_euclid(sh as isize) as usize,
-        );
+        let (qy, ry) = phase_of(i, g.ph, sh);
         for j in 0..g.kw {
             let (xlo, xhi) = g.valid_cols(j);
-            let b = j as isize - g.pw as isize;
-            let (qx, rx) = (
-                b.div_euclid(sw as isize),
-                b.rem_euclid(sw as isize) as usize,
-            );
+            let (qx, rx) = phase_of(j, g.pw, sw);
             let tap = (ylo < yhi && xlo < xhi).then(|| {
                 // valid outputs read phase rows ylo+qy.. and columns xlo+qx.., both >= 0
                 let from = (ylo as isize + qy) as usize * ow + (xlo as isize + qx) as usize;
@@ -187,6 +214,13 @@ fn phase_taps(g: &Geometry) -> (Vec<PhaseTap>, Vec<bool>) {
         }
     }
     (taps, used)
+}
+
+/// Window offset `k` with padding `pad` at stride `s` as `(q, r)`, `k − pad = q·s + r` with `0 ≤ r < s`:
+/// output `o` reads input `(o + q)·s + r`, entry `o + q` of phase `r`.
+fn phase_of(k: usize, pad: usize, s: usize) -> (isize, usize) {
+    let a = k as isize - pad as isize;
+    (a.div_euclid(s as isize), a.rem_euclid(s as isize) as usize)
 }
 
 /// Whether [`im2col`] and [`col2im`] take the phase planes for `g` (see [`im2col_phases`]).
@@ -309,20 +343,8 @@ pub fn col2im(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
                 let row = c * taps + i * g.kw + j;
                 let src = &mut col[row * ld..row * ld + p];
                 if let Some((to, len)) = same_width_span(g, i, j, ylo, yhi, xlo, xhi) {
-                    // As in im2col: one contiguous run; its wrapped-around border entries are zeroed
-                    // so that they add nothing.
-                    if xlo > 0 || xhi < ow {
-                        for oy in ylo..yhi {
-                            let r = &mut src[oy * ow..(oy + 1) * ow];
-                            fill_few(&mut r[..xlo], 0.0);
-                            fill_few(&mut r[xhi..], 0.0);
-                        }
-                    }
-                    let at = ylo * ow + xlo;
-                    plane[to..to + len]
-                        .iter_mut()
-                        .zip(&src[at..at + len])
-                        .for_each(|(dv, &sv)| *dv += sv);
+                    // As in im2col: one contiguous run
+                    add_run(&mut plane[to..to + len], src, (ylo, yhi), (xlo, xhi), ow);
                     continue;
                 }
                 if xlo < xhi {
@@ -364,17 +386,8 @@ fn col2im_phases(col: &mut [f32], ld: usize, g: &Geometry, dx: &mut [f32]) {
             let Some((ph, to, len)) = tap else { continue };
             let row = c * taps.len() + t;
             let src = &mut col[row * ld..row * ld + p];
-            if xlo > 0 || xhi < ow {
-                for r in src[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
-                    fill_few(&mut r[..xlo], 0.0);
-                    fill_few(&mut r[xhi..], 0.0);
-                }
-            }
-            let at = ylo * ow + xlo;
-            phases[ph * phase_len + to..ph * phase_len + to + len]
-                .iter_mut()
-                .zip(&src[at..at + len])
-                .for_each(|(dv, &sv)| *dv += sv);
+            let run = &mut phases[ph * phase_len + to..ph * phase_len + to + len];
+            add_run(run, src, (ylo, yhi), (xlo, xhi), ow);
         }
         merge_phases(&phases, g, plane);
     }
