@@ -3,7 +3,8 @@
 //! straight from the tile), every other kernel the packed GEMM, and the INT32 sums and the epilogue are
 //! exact and ordered alike. Shapes cover channel counts that are and are not multiples of 4, output
 //! channels past a 16-row panel, grids whose tiles straddle images and rows, bias or none, per-channel
-//! weight scales, and batches split into several chunks.
+//! weight scales, and batches split into several chunks. The direct kernel also computes `dW` on the grid
+//! (patch rows broadcast from the planes, `dY` interleaved by 4 positions), against the packed GEMM.
 
 use edgelearn_core::gemm::{available_kernels, set_kernel, Scale};
 use edgelearn_core::nn;
@@ -23,6 +24,10 @@ const CASES: &[Case] = &[
     ([2, 4, 8, 30], [3, 4, 3, 3], (0, 0)),
     ([1, 32, 7, 7], [64, 32, 3, 3], (1, 1)),
     ([6, 1, 12, 28], [16, 1, 3, 3], (1, 1)),
+    // dW on the grid in several chunks of images, each spread over the pool
+    ([40, 16, 20, 20], [24, 16, 3, 3], (1, 1)),
+    // 5x5 taps, 5 channels, 17 outputs: partial tiles of patch rows and of output channels
+    ([3, 5, 11, 13], [17, 5, 5, 5], (2, 2)),
 ];
 
 type Outs = (Vec<u32>, Vec<u32>, Vec<u32>);

@@ -191,6 +191,79 @@ pub fn conv_direct_f32(
     Ok(())
 }
 
+/// `dWᵀ (K × O)` of a stride-1 convolution as exact INT32 sums, straight from the padded planes (no patch
+/// matrix is packed): `prod[k·O + o] = Σ_{n < cols} x[offs[k] + n] · dy[o·ld + n]`.
+///
+/// `xu` holds the planes as `v ^ 0x80` (`v + 128` read as u8, padding `0x80`), readable for `cols` rounded
+/// up to 4 bytes from every offset; `dy` is `O` rows of `ld` bytes (`ld` a multiple of 4, at least `cols`
+/// rounded up to 4), zero past `cols`. The kernel interleaves `dY` by groups of 4 positions (a 16-channel
+/// panel of one group is the 64-byte vector `vpdpbusd` takes) and broadcasts the 4 bytes of `x` each patch row
+/// reads at that group, so each tile is 16 patch rows × 16 output channels. The unsigned image adds
+/// `128·Σ_n dy[o, n]` to every sum of channel `o`, subtracted at the end: sums wrap alike, so the results
+/// are exact whenever `cols ≤` [`MAX_K_I32`](crate::gemm::MAX_K_I32). Same bits as the packed GEMM of
+/// the patch rows by `dYᵀ`. Spread over the pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
+pub fn dw_direct(
+    xu: &[i8],
+    offs: &[usize],
+    cols: usize,
+    dy: &[i8],
+    ld: usize,
+    o: usize,
+    prod: &mut [i32],
+    parallel: bool,
+) -> Result<()> {
+    let span = cols.div_ceil(4) * 4;
+    if !ld.is_multiple_of(4) || ld < span {
+        return Err(Error::invalid(
+            "ld",
+            format!("expected a multiple of 4 of at least {span}, got {ld}"),
+        ));
+    }
+    if o.checked_mul(ld).is_none_or(|need| dy.len() < need) {
+        return Err(Error::invalid(
+            "dy",
+            format!("expected {o} rows of {ld} bytes, got {} bytes", dy.len()),
+        ));
+    }
+    if let Some((k, &at)) = offs
+        .iter()
+        .enumerate()
+        .find(|&(_, &at)| at.checked_add(span).is_none_or(|end| end > xu.len()))
+    {
+        return Err(Error::invalid(
+            "xu",
+            format!(
+                "patch row {k} at {at} with {span} positions reaches past the {} bytes",
+                xu.len()
+            ),
+        ));
+    }
+    if offs.len().checked_mul(o) != Some(prod.len()) {
+        return Err(Error::invalid(
+            "prod",
+            format!("expected {}x{o} values, got {}", offs.len(), prod.len()),
+        ));
+    }
+    if ld > i32::MAX as usize / 16 {
+        return Err(Error::invalid(
+            "ld",
+            format!("{ld} bytes a row is past the kernel's gather"),
+        ));
+    }
+    if !direct_available() {
+        return Err(Error::invalid(
+            "kernel",
+            "the direct convolution needs the avx512vnni kernel".to_string(),
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    x86::dw(xu, offs, span / 4, dy, ld, o, prod, parallel)?;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = parallel;
+    Ok(())
+}
+
 fn sa_values<'a>(sa: &Scale<'a>) -> Option<&'a [f32]> {
     match *sa {
         Scale::PerIndex(v) => Some(v),
@@ -311,6 +384,150 @@ mod x86 {
             });
         } else {
             (0..tiles).for_each(tile);
+        }
+    }
+
+    /// [`super::dw_direct`] on this CPU (arguments checked), `groups` groups of 4 positions.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dw(
+        xu: &[i8],
+        offs: &[usize],
+        groups: usize,
+        dy: &[i8],
+        ld: usize,
+        o: usize,
+        prod: &mut [i32],
+        parallel: bool,
+    ) -> crate::error::Result<()> {
+        let k = offs.len();
+        if k == 0 || o == 0 {
+            return Ok(());
+        }
+        let panels = o.div_ceil(16);
+        // dY by groups of 4 positions: panel p, group g is the 64 bytes at (p·groups + g)·64, lane r the
+        // 4 bytes of channel p·16 + r (zero past O)
+        let mut dyg = crate::nn::take_i8(panels * groups * 64)?;
+        let mut corr = vec![0i32; panels * 16];
+        // SAFETY: `dw_direct` checked O rows of `ld ≥ 4·groups` bytes in `dy` and the kernel's features;
+        // `dyg` and `corr` are sized for every panel.
+        unsafe {
+            group_dy(
+                dy.as_ptr(),
+                ld,
+                o,
+                groups,
+                dyg.as_mut_ptr(),
+                corr.as_mut_ptr(),
+            )
+        };
+        let rtiles = k.div_ceil(16);
+        let out = threads::OutPtr(prod.as_mut_ptr());
+        let (dyg, xp) = (&dyg[..], xu.as_ptr() as usize);
+        let part = |t: usize| {
+            let (rt, p) = (t / panels, t % panels);
+            let rows = 16.min(k - rt * 16);
+            // rows past K repeat the last one (read, never stored)
+            let ptrs: [usize; 16] = std::array::from_fn(|r| xp + offs[rt * 16 + r.min(rows - 1)]);
+            let lanes = 16.min(o - p * 16);
+            // SAFETY: `dw_direct` checked that every patch row has 4·groups bytes from its offset; the
+            // panel holds groups·64 bytes; rows rt·16 .. +rows and lanes p·16 .. +lanes lie inside the
+            // K × O output and parts write disjoint ones.
+            unsafe {
+                dw_tile(
+                    &ptrs,
+                    dyg.as_ptr().add(p * groups * 64),
+                    groups,
+                    corr.as_ptr().add(p * 16),
+                    out.ptr().add(rt * 16 * o + p * 16),
+                    o,
+                    rows,
+                    ((1u32 << lanes) - 1) as u16,
+                )
+            }
+        };
+        let parts = rtiles * panels;
+        let macs = k * o * groups * 4;
+        if parallel && parts > 1 && macs >= PAR_MIN_MACS {
+            threads::run_parts(parts, part);
+        } else {
+            (0..parts).for_each(part);
+        }
+        Ok(())
+    }
+
+    /// `dy` (`o` rows of `ld` bytes) interleaved by groups of 4 positions into `dst` (see [`dw`]), with
+    /// `corr[c] = 128·Σ dy[c, ·]` (wrapping) per channel of every panel, zero past `o`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f+avx512bw+avx512vnni; `dy` holds `o` rows of `ld ≥ 4·groups` bytes, `ld` a
+    /// multiple of 4 with `16·ld` within `i32`; `dst` holds `o.div_ceil(16)·groups·64` bytes and `corr`
+    /// `o.div_ceil(16)·16` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_dy(
+        dy: *const i8,
+        ld: usize,
+        o: usize,
+        groups: usize,
+        dst: *mut i8,
+        corr: *mut i32,
+    ) {
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32((ld / 4) as i32));
+        let ones = _mm512_set1_epi8(1);
+        for p in 0..o.div_ceil(16) {
+            let lanes = 16.min(o - p * 16);
+            let m = ((1u32 << lanes) - 1) as __mmask16;
+            let base = dy.add(p * 16 * ld) as *const i32;
+            let mut sums = _mm512_setzero_si512();
+            for g in 0..groups {
+                // lanes past `o` are not read (masked) and stay zero
+                let v = _mm512_mask_i32gather_epi32::<4>(
+                    _mm512_setzero_si512(),
+                    m,
+                    idx,
+                    base.add(g) as *const _,
+                );
+                // Σ of each lane's 4 signed bytes (times unsigned ones)
+                sums = _mm512_dpbusd_epi32(sums, ones, v);
+                _mm512_storeu_si512(dst.add((p * groups + g) * 64) as *mut __m512i, v);
+            }
+            _mm512_storeu_si512(
+                corr.add(p * 16) as *mut __m512i,
+                _mm512_slli_epi32::<7>(sums),
+            );
+        }
+    }
+
+    /// One `dW` tile: 16 patch rows (their 4-byte groups read at `ptrs[r] + 4g`) × the 16 channels of the
+    /// panel `dyg`; row `r` (`< rows`) minus `corr` is stored at `out + r·ldo`, lanes of `mask`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f+avx512bw+avx512vnni; each `ptrs[r]` is readable for `4·groups` bytes; `dyg`
+    /// holds `groups·64` bytes and `corr` 16 values; the masked lanes of the first `rows` rows lie in the
+    /// output.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dw_tile(
+        ptrs: &[usize; 16],
+        dyg: *const i8,
+        groups: usize,
+        corr: *const i32,
+        out: *mut i32,
+        ldo: usize,
+        rows: usize,
+        mask: u16,
+    ) {
+        let mut acc = [_mm512_setzero_si512(); 16];
+        for g in 0..groups {
+            let dv = _mm512_loadu_si512(dyg.add(g * 64) as *const __m512i);
+            for (r, x) in acc.iter_mut().enumerate() {
+                let xv = ((ptrs[r] + 4 * g) as *const i32).read_unaligned();
+                *x = _mm512_dpbusd_epi32(*x, _mm512_set1_epi32(xv), dv);
+            }
+        }
+        let c = _mm512_loadu_si512(corr as *const __m512i);
+        for (r, x) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_epi32(out.add(r * ldo), mask, _mm512_sub_epi32(*x, c));
         }
     }
 

@@ -144,6 +144,9 @@ impl PaddedGrid {
     /// `dWᵀ (K × O)` of a chunk as exact INT32 sums, `prod = col(x) · dYᵀ` over the grid: the patch rows
     /// of the padded planes are the `A` operand ([`gemm::gemm_i8_rows_a`]), and `dY (nb, O, OH, OW)` is
     /// laid on the grid with zeros in the unused columns, so those contribute nothing.
+    ///
+    /// With the direct kernel ([`direct::dw_direct`], spread over the pool when `parallel`) the planes are
+    /// read in place; else the GEMM packs them.
     pub(super) fn dw_chunk(
         &self,
         x: &[i8],
@@ -151,21 +154,37 @@ impl PaddedGrid {
         nb: usize,
         o: usize,
         prod: &mut [i32],
+        parallel: bool,
     ) -> Result<()> {
         let c = self.chunk(nb);
-        let xp = self.pad(x, nb, &c)?;
-        let offsets = self.tap_offsets(self.g.c, &c);
-        let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let g = &self.g;
-        let mut dyg = take_i8(o * c.ncols)?;
+        let offsets = self.tap_offsets(g.c, &c);
+        let direct = direct::direct_available();
+        // the direct kernel reads whole groups of 4 positions
+        let ld = if direct {
+            c.ncols.div_ceil(4) * 4
+        } else {
+            c.ncols
+        };
+        let mut dyg = take_i8(o * ld)?;
         let at = GridAt {
-            plane: c.ncols,
+            plane: ld,
             wp: c.wp,
             top: 0,
             left: 0,
             s: self.s,
         };
         lay_on_grid(dy, nb, o, g.oh, g.ow, &at, &mut dyg);
+        if direct {
+            // the planes as `v ^ 0x80` (padding 0x80), with room for the last group of every patch row
+            let len = offsets.iter().max().map_or(0, |&m| m + ld);
+            let mut xu = take_i8(len.max(g.c * c.plane))?;
+            lay_on_grid(x, nb, g.c, g.h, g.w, &self.image_at(&c), &mut xu);
+            xu.iter_mut().for_each(|v| *v ^= i8::MIN);
+            return direct::dw_direct(&xu, &offsets, c.ncols, &dyg, ld, o, prod, parallel);
+        }
+        let xp = self.pad(x, nb, &c)?;
+        let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let b = MatRef::row_major(&dyg, o, c.ncols)?.t();
         gemm::gemm_i8_rows_a(&a, &b, prod)
     }

@@ -276,7 +276,7 @@ pub(super) fn backward(
                 .for_each(|(a, &v)| *a += v as f64)
         };
         if let Some((gr, _)) = &grid {
-            gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod)?;
+            gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod, par)?;
             add_prod(acc);
             return Ok(());
         }
