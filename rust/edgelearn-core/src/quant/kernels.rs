@@ -217,14 +217,21 @@ unsafe fn quantize_uniform_avx512(
     let inv24 = _mm512_set1_ps(1.0 / (1u32 << 24) as f32);
     // 1/scale is finite: scales are floored at the smallest normal f32
     let vinv = _mm512_set1_ps(1.0 / scale);
-    let (margin, half_less_margin) = (
-        _mm512_set1_ps(FAST_DIV_MARGIN),
-        _mm512_set1_ps(0.5 - FAST_DIV_MARGIN),
-    );
+    // (one test for either rounding: a value within the margin of a half-integer (nearest) or of an
+    // integer (stochastic: its distance from floor + ½))
+    let half_less_margin = _mm512_set1_ps(0.5 - FAST_DIV_MARGIN);
     let abs = |v: __m512| _mm512_abs_ps(v);
     // activations are not clipped (lo, hi = ∓inf): no clip operations then
     let clips = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
     let (ptr, out) = (xs.as_ptr(), qs.as_mut_ptr());
+    let half = _mm512_set1_ps(0.5);
+    // index + key of each lane of the next block of 16 (stochastic rounding)
+    let mut hidx = match noise {
+        Some((key, lo32)) => {
+            _mm512_add_epi32(_mm512_set1_epi32(lo32.wrapping_add(key) as i32), lane)
+        }
+        None => lane,
+    };
     let mut i = 0;
     while i < n {
         let mut q = [_mm512_setzero_si512(); 4];
@@ -248,33 +255,38 @@ unsafe fn quantize_uniform_avx512(
                     }
                     _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits)
                 }
-                Some((key, lo32)) => {
-                    // hash32(index + key) for 16 consecutive indices (wrapping u32 arithmetic)
-                    let base = lo32.wrapping_add((i + 16 * b) as u32).wrapping_add(key);
-                    let mut h = _mm512_add_epi32(_mm512_set1_epi32(base as i32), lane);
+                Some(_) => {
+                    // hash32(index + key) of the block's 16 consecutive indices (wrapping u32)
+                    let mut h = hidx;
+                    hidx = _mm512_add_epi32(hidx, _mm512_set1_epi32(16));
                     h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
                     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb_352d));
                     h = _mm512_xor_si512(h, _mm512_srli_epi32::<15>(h));
                     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x846c_a68bu32 as i32));
                     h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
-                    let u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)), inv24);
+                    // u·2^24 (exact): v = t + u with one rounding, as the reference's addition (the
+                    // product by 2^-24 is exact)
+                    let u24 = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h));
                     // Only the lower clamp of `scaled` is applied here: above 127 the sum is ≥ 127 and the
                     // final cap gives 127 either way, while below −127 the clamp matters (−127 + u can round
                     // up to −126, which the reference gives).
                     let low = |t: __m512| _mm512_max_ps(t, qlo);
-                    let mut v = _mm512_add_ps(low(_mm512_mul_ps(xc, vinv)), u);
-                    let mut s = _mm512_add_ps(v, magic);
-                    let mut r = _mm512_sub_ps(s, magic); // v rounded to the nearest integer
-                                                         // near an integer: the division decides
-                    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs(_mm512_sub_ps(v, r)), margin) != 0 {
-                        v = _mm512_add_ps(low(_mm512_div_ps(xc, vs)), u);
-                        s = _mm512_add_ps(v, magic);
-                        r = _mm512_sub_ps(s, magic);
+                    const FLOOR: i32 = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+                    let mut v = _mm512_fmadd_ps(u24, inv24, low(_mm512_mul_ps(xc, vinv)));
+                    let mut fl = _mm512_roundscale_ps::<FLOOR>(v);
+                    // within the margin of an integer (|frac − ½| ≥ ½ − margin; an inexact `v − floor`
+                    // only errs towards this side): the division decides
+                    let frac = _mm512_sub_ps(v, fl);
+                    if _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+                        abs(_mm512_sub_ps(frac, half)),
+                        half_less_margin,
+                    ) != 0
+                    {
+                        v = _mm512_fmadd_ps(u24, inv24, low(_mm512_div_ps(xc, vs)));
+                        fl = _mm512_roundscale_ps::<FLOOR>(v);
                     }
-                    let nearest = _mm512_sub_epi32(_mm512_castps_si512(s), magic_bits);
-                    let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(r, v);
-                    let floor = _mm512_mask_sub_epi32(nearest, up, nearest, _mm512_set1_epi32(1));
-                    _mm512_min_epi32(floor, _mm512_set1_epi32(QMAX as i32))
+                    // floor(v) is an integer in [-127, 128]: converted exactly, then capped
+                    _mm512_min_epi32(_mm512_cvttps_epi32(fl), _mm512_set1_epi32(QMAX as i32))
                 }
             };
         }
