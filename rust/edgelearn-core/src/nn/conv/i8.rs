@@ -259,6 +259,8 @@ pub(super) fn backward(
         Some(d) => d.chunks_mut(nb * xs).map(Some).collect(),
         None => (0..nchunks).map(|_| None).collect(),
     };
+    // a fold's dW sums and its buffers for one chunk's products, allocated on its first chunk (a fold
+    // that gets none allocates nothing; the products are written whole, never read first)
     struct Acc {
         dw: Vec<f64>,
         prod: Vec<i32>,
@@ -276,6 +278,7 @@ pub(super) fn backward(
                 .for_each(|(a, &v)| *a += v as f64)
         };
         if let Some((gr, _)) = &grid {
+            acc.prod.resize(acc.dw.len(), 0);
             gr.dw_chunk(&xq[n0 * xs..(n0 + nb) * xs], dyc, nb, o, &mut acc.prod, par)?;
             add_prod(acc);
             return Ok(());
@@ -298,9 +301,11 @@ pub(super) fn backward(
             // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column
             // sums) and only the O columns of dYᵀ need the VNNI kernel's column sums.
             if ld <= MAX_K_I32 {
+                acc.prod.resize(acc.dw.len(), 0);
                 gemm::gemm_i8(&cm, &dym.t(), &mut acc.prod)?;
                 add_prod(acc);
             } else {
+                acc.prod_f32.resize(acc.dw.len(), 0.0);
                 gemm::gemm_i8_f32(
                     &cm,
                     &dym.t(),
@@ -350,8 +355,8 @@ pub(super) fn backward(
     let dw_len = if want_dw { o * k } else { 0 };
     let zero = || Acc {
         dw: vec![0f64; dw_len],
-        prod: vec![0i32; dw_len],
-        prod_f32: vec![0f32; dw_len],
+        prod: Vec::new(),
+        prod_f32: Vec::new(),
     };
     let acc = threads::install(|| {
         dx_chunks
