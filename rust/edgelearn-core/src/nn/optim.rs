@@ -20,10 +20,79 @@ pub struct Sgd {
 /// then `p = p − lr·g'`. `buf` is required when `momentum ≠ 0` (the first step, which initialises it, is
 /// the caller's) and ignored otherwise.
 pub fn sgd_update(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, h: &Sgd) -> Result<()> {
-    if g.len() != p.len() {
+    let buf = checked_buffer(p.len(), g.len(), buf, h)?;
+    update(p, g, buf, h);
+    Ok(())
+}
+
+/// One parameter of [`sgd_update_all`]: the parameter, its gradient and its momentum buffer.
+pub struct SgdParam<'a> {
+    pub p: &'a mut [f32],
+    pub g: &'a [f32],
+    pub buf: Option<&'a mut [f32]>,
+}
+
+/// Elements per task of [`sgd_update_all`].
+const PIECE: usize = 1 << 14;
+
+/// [`sgd_update`] of every parameter (the same bits), in pieces spread over the pool when there is enough
+/// work. Every parameter is checked before any is updated: an error leaves them all as they were.
+pub fn sgd_update_all(params: Vec<SgdParam<'_>>, h: &Sgd) -> Result<()> {
+    let mut items = Vec::with_capacity(params.len());
+    for (i, sp) in params.into_iter().enumerate() {
+        let buf = checked_buffer(sp.p.len(), sp.g.len(), sp.buf, h).map_err(|e| match e {
+            Error::InvalidArgument { arg, msg } => {
+                Error::invalid(arg, format!("parameter {i}: {msg}"))
+            }
+            e => e,
+        })?;
+        items.push((
+            crate::threads::OutPtr(sp.p.as_mut_ptr()),
+            sp.g,
+            buf.map(|b| crate::threads::OutPtr(b.as_mut_ptr())),
+        ));
+    }
+    // (parameter, first element) of each piece
+    let pieces: Vec<(usize, usize)> = items
+        .iter()
+        .enumerate()
+        .flat_map(|(i, it)| (0..it.1.len()).step_by(PIECE).map(move |s| (i, s)))
+        .collect();
+    let total: usize = items.iter().map(|it| it.1.len()).sum();
+    let piece = |k: usize| {
+        let (i, s) = pieces[k];
+        let (p, g, b) = &items[i];
+        let n = PIECE.min(g.len() - s);
+        // SAFETY: pieces of one parameter are disjoint ranges of it, each passed once; `p` and `b` were
+        // exclusively borrowed with `g`'s length (checked above) for the duration of this call.
+        let (pp, bp) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(p.ptr().add(s), n),
+                b.as_ref()
+                    .map(|b| std::slice::from_raw_parts_mut(b.ptr().add(s), n)),
+            )
+        };
+        update(pp, &g[s..s + n], bp, h);
+    };
+    if super::worth_parallel(total) {
+        crate::threads::run_parts(pieces.len(), piece);
+    } else {
+        (0..pieces.len()).for_each(piece);
+    }
+    Ok(())
+}
+
+/// The momentum buffer [`update`] takes (`None` without momentum), after checking the lengths.
+fn checked_buffer<'a>(
+    p: usize,
+    g: usize,
+    buf: Option<&'a mut [f32]>,
+    h: &Sgd,
+) -> Result<Option<&'a mut [f32]>> {
+    if g != p {
         return Err(Error::invalid(
             "grad",
-            format!("has {} elements, the parameter {}", g.len(), p.len()),
+            format!("has {g} elements, the parameter {p}"),
         ));
     }
     let buf = match (h.momentum != 0.0, buf) {
@@ -34,14 +103,19 @@ pub fn sgd_update(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, h: &Sgd) ->
                 "is required when momentum is not 0".to_string(),
             ))
         }
-        (true, Some(b)) if b.len() != p.len() => {
+        (true, Some(b)) if b.len() != p => {
             return Err(Error::invalid(
                 "momentum_buffer",
-                format!("has {} elements, the parameter {}", b.len(), p.len()),
+                format!("has {} elements, the parameter {p}", b.len()),
             ))
         }
         (true, Some(b)) => Some(b),
     };
+    Ok(buf)
+}
+
+/// The update of [`sgd_update`] on checked arguments.
+fn update(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, h: &Sgd) {
     let (lr, mom, d1, wd) = (h.lr, h.momentum, h.one_minus_dampening, h.weight_decay);
     let decay = |pi: f32, gi: f32| if wd != 0.0 { gi + wd * pi } else { gi };
     match buf {
@@ -60,7 +134,6 @@ pub fn sgd_update(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, h: &Sgd) ->
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -84,5 +157,59 @@ mod tests {
         assert_eq!(p[0], 1.0 - 0.1 * (g0 + 0.9 * b0));
         assert!(sgd_update(&mut p, &g, None, &h).is_err());
         assert!(sgd_update(&mut p, &g[..1], Some(&mut b), &h).is_err());
+    }
+
+    /// Many parameters at once, in pieces over the pool: the bits of one `sgd_update` per parameter; a bad
+    /// parameter anywhere leaves every one as it was.
+    #[test]
+    fn update_all_equals_one_by_one_and_checks_first() {
+        let lens = [1usize, 7, PIECE - 1, PIECE, 3 * PIECE + 5, 200_000, 0, 33];
+        let val = |i: usize, j: usize| ((i * 7919 + j * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+        for nesterov in [false, true] {
+            let h = Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+                one_minus_dampening: 0.9,
+                weight_decay: 5e-4,
+                nesterov,
+            };
+            let make = |k: usize| -> Vec<Vec<f32>> {
+                lens.iter()
+                    .enumerate()
+                    .map(|(i, &n)| (0..n).map(|j| val(i + k, j)).collect())
+                    .collect()
+            };
+            let (g, mut p0, mut b0) = (make(1), make(2), make(3));
+            let (mut p1, mut b1) = (p0.clone(), b0.clone());
+            for ((p, g), b) in p0.iter_mut().zip(&g).zip(b0.iter_mut()) {
+                sgd_update(p, g, Some(b), &h).unwrap();
+            }
+            let all = p1
+                .iter_mut()
+                .zip(&g)
+                .zip(b1.iter_mut())
+                .map(|((p, g), b)| SgdParam { p, g, buf: Some(b) })
+                .collect();
+            sgd_update_all(all, &h).unwrap();
+            assert_eq!(p0, p1);
+            assert_eq!(b0, b1);
+            // a short momentum buffer on the last parameter: an error, nothing updated
+            let (p2, b2) = (p1.clone(), b1.clone());
+            let last = b1.len() - 1;
+            let mut items: Vec<SgdParam> = p1
+                .iter_mut()
+                .zip(&g)
+                .zip(b1.iter_mut())
+                .map(|((p, g), b)| SgdParam { p, g, buf: Some(b) })
+                .collect();
+            items[last].buf = None;
+            let err = sgd_update_all(items, &h).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("parameter {last}")),
+                "{err}"
+            );
+            assert_eq!(p1, p2);
+            assert_eq!(b1, b2);
+        }
     }
 }

@@ -63,14 +63,13 @@ fn sgd_step<'py>(
         bs.push(Some(as_mut(a)?));
     }
     bs.resize_with(ps.len(), || None);
-    let gs: Vec<&[f32]> = gr.iter().map(|g| g.slice()).collect();
-    py.detach(|| {
-        ps.into_iter()
-            .zip(gs)
-            .zip(bs)
-            .try_for_each(|((p, g), b)| nn::optim::sgd_update(p, g, b, &h))
-    })
-    .py()
+    let items: Vec<nn::optim::SgdParam> = ps
+        .into_iter()
+        .zip(gr.iter().map(|g| g.slice()))
+        .zip(bs)
+        .map(|((p, g), buf)| nn::optim::SgdParam { p, g, buf })
+        .collect();
+    py.detach(|| nn::optim::sgd_update_all(items, &h)).py()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
