@@ -305,3 +305,25 @@ def test_a_gradient_passed_through_twice_is_copied_for_the_leaf():
     assert a.grad.numpy() is not b.grad.numpy()
     a.grad.numpy()[...] = 7
     np.testing.assert_array_equal(b.grad.numpy(), 1.0)
+
+
+
+def test_large_gradient_sums_equal_numpy_sums_bit_for_bit(monkeypatch):
+    """A tensor read by several ops gets the sum of their gradients; large float32 sums go to the core's
+    (threaded) add, into the sweep's buffer or into an op's fresh gradient. Values on a grid of 1/4 make every
+    partial sum exact, so any order gives numpy's bits."""
+    rng = np.random.default_rng(3)
+    shape = (4, 8, 32, 32)  # 32768 values: the core's add
+    x = el.tensor(rng.integers(-8, 9, shape).astype(np.float32) / 4, requires_grad=True)
+    w = [rng.integers(-8, 9, shape).astype(np.float32) / 4 for _ in range(3)]
+    adds = []
+    real = _native.residual_add_
+    monkeypatch.setattr(_native, "residual_add_", lambda a, b: adds.append(1) or real(a, b))
+    # x feeds three products and a ReLU (whose backward hands a fresh array)
+    loss = x * el.tensor(w[0])
+    for t in [x * el.tensor(w[1]), x * el.tensor(w[2]), F.relu(x)]:
+        loss = loss + t
+    loss.sum().backward()
+    want = w[0] + w[1] + w[2] + (x.data > 0).astype(np.float32)
+    assert adds  # the core's add took part
+    np.testing.assert_array_equal(x.grad.data.view(np.uint32), want.view(np.uint32))

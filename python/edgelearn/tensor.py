@@ -253,7 +253,11 @@ class Tensor:
                     if type(pg) is _Deferred:
                         pg = pg.wait()
                 if pkey in owned and prev.shape == pg.shape and prev.flags.writeable:
-                    np.add(prev, pg, out=prev)  # accumulate into a buffer the sweep owns
+                    _add_into(prev, pg)  # accumulate into a buffer the sweep owns
+                elif (pg_ids is not None and type(pg) is np.ndarray and (pg is not g or g_owned)
+                      and pg_ids.count(id(pg)) == 1 and pg.shape == prev.shape and pg.flags.writeable):
+                    grads[pkey] = _add_into(pg, prev)  # into the op's fresh gradient (the same sum)
+                    owned.add(pkey)
                 else:
                     grads[pkey] = prev + pg
                     owned.add(pkey)  # a fresh sum
@@ -265,6 +269,20 @@ class Tensor:
 
 
 _Deferred = _native.DeferredGrad
+
+#: Below this many values a gradient sum stays with numpy (a core call costs a few microseconds).
+_CORE_ADD_MIN = 1 << 15
+
+
+def _add_into(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a += b`` (IEEE additions: the bits of ``a + b`` either way round), returns ``a``. Large float32
+    arrays go to the core's add, which spreads over the threads; numpy's is single-threaded."""
+    if (a.size >= _CORE_ADD_MIN and a.dtype == np.float32 and b.dtype == np.float32 and a.flags.c_contiguous
+            and b.flags.c_contiguous and not np.may_share_memory(a, b)):
+        _native.residual_add_(a, b)
+    else:
+        np.add(a, b, out=a)
+    return a
 
 
 def _accumulate_leaf(t: Tensor, g: np.ndarray, fresh: bool = False) -> None:
