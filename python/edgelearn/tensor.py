@@ -238,12 +238,13 @@ class Tensor:
                     continue
                 pkey = id(parent)
                 prev = grads.get(pkey)
+                # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
+                # owned), and no other parent got the same array.
+                fresh = (pg_ids is not None and type(pg) is np.ndarray and (pg is not g or g_owned)
+                         and pg_ids.count(id(pg)) == 1)
                 if prev is None:
                     grads[pkey] = pg
-                    # Exclusively the sweep's: the node promises fresh arrays (the incoming g only if that was
-                    # owned), and no other parent got the same array.
-                    if (pg_ids is not None and type(pg) is np.ndarray and (pg is not g or g_owned)
-                            and pg_ids.count(id(pg)) == 1):
+                    if fresh:
                         owned.add(pkey)
                     continue
                 if type(prev) is _Deferred or type(pg) is _Deferred:
@@ -254,8 +255,7 @@ class Tensor:
                         pg = pg.wait()
                 if pkey in owned and prev.shape == pg.shape and prev.flags.writeable:
                     _add_into(prev, pg)  # accumulate into a buffer the sweep owns
-                elif (pg_ids is not None and type(pg) is np.ndarray and (pg is not g or g_owned)
-                      and pg_ids.count(id(pg)) == 1 and pg.shape == prev.shape and pg.flags.writeable):
+                elif fresh and pg.shape == prev.shape and pg.flags.writeable:
                     grads[pkey] = _add_into(pg, prev)  # into the op's fresh gradient (the same sum)
                     owned.add(pkey)
                 else:

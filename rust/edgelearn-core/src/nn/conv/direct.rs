@@ -118,6 +118,17 @@ pub fn direct_available() -> bool {
     }
 }
 
+/// [`direct_available`] as an error for the direct kernels' entry points.
+fn require_direct() -> Result<()> {
+    if direct_available() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "kernel",
+        "the direct convolution needs the avx512vnni kernel",
+    ))
+}
+
 /// Where [`conv_direct_f32`] writes: grid position `n = r·wp + i·s + j` of output channel `o`, for
 /// `j < ow` and `i < nb`, is output `y[i·O·P + o·P + r·ow + j]` (`P` outputs per channel and image),
 /// plus `bias[o]` when given; the other positions of the grid are dropped.
@@ -178,12 +189,7 @@ pub fn conv_direct_f32(
             }
         }
     }
-    if !direct_available() {
-        return Err(Error::invalid(
-            "kernel",
-            "the direct convolution needs the avx512vnni kernel".to_string(),
-        ));
-    }
+    require_direct()?;
     #[cfg(target_arch = "x86_64")]
     x86::run(w, b, sa, sb, y, to, parallel);
     #[cfg(not(target_arch = "x86_64"))]
@@ -251,12 +257,7 @@ pub fn dw_direct(
             format!("{ld} bytes a row is past the kernel's gather"),
         ));
     }
-    if !direct_available() {
-        return Err(Error::invalid(
-            "kernel",
-            "the direct convolution needs the avx512vnni kernel".to_string(),
-        ));
-    }
+    require_direct()?;
     #[cfg(target_arch = "x86_64")]
     x86::dw(xu, offs, span / 4, dy, ld, o, prod, parallel)?;
     #[cfg(not(target_arch = "x86_64"))]

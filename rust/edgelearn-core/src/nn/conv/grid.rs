@@ -90,11 +90,11 @@ impl PaddedGrid {
     }
 
     /// `nb` images `x (nb, C, H, W)` in the zero-padded planes of `c` (returned: `C` planes, plus the
-    /// bytes the last patch row reads past them).
-    fn pad(&self, x: &[i8], nb: usize, c: &GridChunk) -> Result<Scratch<i8>> {
+    /// bytes the last patch row reads past them when each row reads `cols` bytes).
+    fn pad(&self, x: &[i8], nb: usize, c: &GridChunk, cols: usize) -> Result<Scratch<i8>> {
         let g = &self.g;
-        // The last patch row (ch = C−1, ki = kh−1, kj = kw−1) reads ncols bytes from its offset.
-        let len = (g.c - 1) * c.plane + (g.kh - 1) * c.wp + g.kw - 1 + c.ncols;
+        // The last patch row (ch = C−1, ki = kh−1, kj = kw−1) reads `cols` bytes from its offset.
+        let len = (g.c - 1) * c.plane + (g.kh - 1) * c.wp + g.kw - 1 + cols;
         let mut xp = take_i8(len.max(g.c * c.plane))?;
         lay_on_grid(x, nb, g.c, g.h, g.w, &self.image_at(c), &mut xp);
         Ok(xp)
@@ -177,13 +177,11 @@ impl PaddedGrid {
         lay_on_grid(dy, nb, o, g.oh, g.ow, &at, &mut dyg);
         if direct {
             // the planes as `v ^ 0x80` (padding 0x80), with room for the last group of every patch row
-            let len = offsets.iter().max().map_or(0, |&m| m + ld);
-            let mut xu = take_i8(len.max(g.c * c.plane))?;
-            lay_on_grid(x, nb, g.c, g.h, g.w, &self.image_at(&c), &mut xu);
+            let mut xu = self.pad(x, nb, &c, ld)?;
             xu.iter_mut().for_each(|v| *v ^= i8::MIN);
             return direct::dw_direct(&xu, &offsets, c.ncols, &dyg, ld, o, prod, parallel);
         }
-        let xp = self.pad(x, nb, &c)?;
+        let xp = self.pad(x, nb, &c, c.ncols)?;
         let a = RowsRef::new(&xp, &offsets, c.ncols)?;
         let b = MatRef::row_major(&dyg, o, c.ncols)?.t();
         gemm::gemm_i8_rows_a(&a, &b, prod)
@@ -221,7 +219,7 @@ impl PaddedGrid {
             return direct::conv_direct_f32(dw, &b, sw, sx, y, &to, parallel);
         }
         let mut out = take_f32(o * c.ncols)?;
-        let xp = self.pad(x, nb, &c)?;
+        let xp = self.pad(x, nb, &c, c.ncols)?;
         let offsets = self.tap_offsets(self.g.c, &c);
         let b = RowsRef::new(&xp, &offsets, c.ncols)?;
         gemm::gemm_i8_f32_rows(wm, &b, sw, Scale::Scalar(sx), None, &mut out)?;
