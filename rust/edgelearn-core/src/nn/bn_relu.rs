@@ -169,8 +169,9 @@ fn relu_pooled(yp: &mut [f32], ip: &mut [u8]) -> (f32, bool) {
     #[allow(unused_mut)]
     let (mut done, mut mx, mut nan) = (0, 0f32, false);
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::elementwise_avx2() {
-        // SAFETY: the CPU has AVX2; yp and ip have the same length.
+    if crate::simd::elementwise_avx2() && yp.len() >= 8 {
+        // SAFETY: the CPU has AVX2; yp and ip have the same length (the AVX2 loop takes whole blocks of 8:
+        // a shorter plane is all the portable loop's anyway).
         (done, mx, nan) = unsafe { relu_pooled_avx2(yp, ip) };
     }
     let (m, n) = relu_pooled_scalar(&mut yp[done..], &mut ip[done..], mx);

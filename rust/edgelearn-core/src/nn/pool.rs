@@ -96,6 +96,10 @@ pub fn maxpool2d_forward(
     Ok(g)
 }
 
+/// Rows of fewer windows than this take the portable loop (same results): on the 4x4 and 2x2 maps of small
+/// inputs the AVX2 row call and its masks cost more than the few comparisons.
+const ROW_SIMD_MIN: usize = 4;
+
 /// The common 2x2, stride-2, unpadded window (every window fully inside the plane).
 pub(super) fn maxpool_2x2(
     xp: &[f32],
@@ -120,7 +124,7 @@ pub(super) fn maxpool_2x2(
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if elementwise_avx2() {
+        if elementwise_avx2() && ow >= ROW_SIMD_MIN {
             // SAFETY: the CPU has AVX2; r0/r1 hold 2·ow values, yr/ir ow.
             done = unsafe { avx2::maxpool_2x2_row(r0, r1, yr, ir) };
         }
@@ -153,7 +157,7 @@ pub(super) fn maxpool_2x2_backward(
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if elementwise_avx2() {
+        if elementwise_avx2() && ow >= ROW_SIMD_MIN {
             // SAFETY: the CPU has AVX2; top/bottom hold at least 2·ow values, dyr/ir ow.
             done = unsafe { avx2::maxpool_2x2_backward_row(dyr, ir, top, bottom) };
         }
