@@ -29,46 +29,202 @@ pub fn applies(s: &ConvShape) -> bool {
     let (pin, pout) = (g.h * g.w, g.oh * g.ow);
     let dense = s.o * pout * g.c * pin;
     let conv = s.o * pout * g.c * g.kh * g.kw;
-    pout > 0 && pout <= 16 && dense <= 2 * conv && dense <= MAX_EXPANDED && g.n <= MAX_K_I32
+    pout > 0
+        && pout <= 16
+        && dense <= 2 * conv
+        && dense <= MAX_EXPANDED
+        && g.n <= MAX_K_I32
+        && g.kh * g.kw < NONE as usize
 }
 
-/// Calls `f(row, col, tap)` for every nonzero position of `E`: row `o·P + q`, column `c·HW + r`, tap index
-/// `(o·C + c)·kh·kw + i·kw + j` of `w`.
-fn for_each_tap(g: &Geometry, o: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let (pin, pout, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    for oc in 0..o {
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                let row = oc * pout + oy * g.ow + ox;
-                for i in 0..g.kh {
-                    let iy = (oy * g.sh + i) as isize - g.ph as isize;
-                    if iy < 0 || iy as usize >= g.h {
+/// In a tap map, the input pixels an output pixel does not read.
+const NONE: u8 = 0x80;
+
+/// The tap map of `g`: entry `q·pin + r` is the tap index `i·kw + j` output pixel `q` applies to input
+/// pixel `r`, or [`NONE`] (padding, or outside the window), then 16 entries [`NONE`]. `applies` keeps
+/// `kh·kw` below [`NONE`].
+fn tap_map(g: &Geometry) -> Vec<u8> {
+    let pin = g.h * g.w;
+    // 16 entries of slack: the SIMD lookups read whole 16-entry pieces
+    let mut map = vec![NONE; g.oh * g.ow * pin + 16];
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let q = oy * g.ow + ox;
+            for i in 0..g.kh {
+                let iy = (oy * g.sh + i) as isize - g.ph as isize;
+                if iy < 0 || iy as usize >= g.h {
+                    continue;
+                }
+                for j in 0..g.kw {
+                    let ix = (ox * g.sw + j) as isize - g.pw as isize;
+                    if ix < 0 || ix as usize >= g.w {
                         continue;
                     }
-                    for j in 0..g.kw {
-                        let ix = (ox * g.sw + j) as isize - g.pw as isize;
-                        if ix < 0 || ix as usize >= g.w {
-                            continue;
-                        }
-                        let r = iy as usize * g.w + ix as usize;
-                        for ch in 0..g.c {
-                            f(row, ch * pin + r, (oc * g.c + ch) * kk + i * g.kw + j);
-                        }
-                    }
+                    map[q * pin + iy as usize * g.w + ix as usize] = (i * g.kw + j) as u8;
+                }
+            }
+        }
+    }
+    map
+}
+
+/// `E` (`O·P × C·HW`, row-major) of the codes `wq (O, C, kh, kw)`: segment `(o, q, c)` (the `HW` columns
+/// of channel `c` in row `o·P + q`) is the tap map's row `q` looked up in the `kh·kw` codes of `w[o, c]`.
+/// Every byte is written, zeros included.
+fn expand(s: &ConvShape, wq: &[i8]) -> Result<crate::nn::Scratch<i8>> {
+    let g = &s.g;
+    let map = tap_map(g);
+    let mut e = take_i8(s.o * g.oh * g.ow * g.c * g.h * g.w)?;
+    fill_segments(
+        &mut e,
+        wq,
+        &map,
+        [s.o, g.c, g.h * g.w, g.oh * g.ow, g.kh * g.kw],
+    );
+    Ok(e)
+}
+
+/// [`expand`]'s lookups: one table lookup of 16 entries per instruction (x86-64 `pshufb` with AVX2 on;
+/// aarch64 `tbl`) when the kernel has at most 16 taps, else (or with the SIMD loops off) one entry at a
+/// time. The same bytes either way (test `expansion_equals_the_tap_by_tap_reference`).
+fn fill_segments(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
+    let [o, c, pin, pout, kk] = dims;
+    assert!(
+        e.len() == o * pout * c * pin && wq.len() == o * c * kk && map.len() == pout * pin + 16
+    );
+    #[cfg(target_arch = "x86_64")]
+    if kk <= 16 && crate::simd::elementwise_avx2() {
+        // SAFETY: the CPU has AVX2 (so SSSE3); lengths checked above.
+        unsafe { fill_segments_x86(e, wq, map, dims) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if kk <= 16 {
+        // SAFETY: NEON is the aarch64 baseline; lengths checked above.
+        unsafe { fill_segments_neon(e, wq, map, dims) };
+        return;
+    }
+    fill_segments_scalar(e, wq, map, dims);
+}
+
+fn fill_segments_scalar(e: &mut [i8], wq: &[i8], map: &[u8], [o, c, pin, pout, kk]: [usize; 5]) {
+    let cols = c * pin;
+    for oc in 0..o {
+        for ch in 0..c {
+            let w = &wq[(oc * c + ch) * kk..][..kk];
+            for q in 0..pout {
+                let seg = &mut e[(oc * pout + q) * cols + ch * pin..][..pin];
+                for (d, &t) in seg.iter_mut().zip(&map[q * pin..][..pin]) {
+                    *d = w.get(t as usize).copied().unwrap_or(0);
                 }
             }
         }
     }
 }
 
-/// `E` (`O·P × C·HW`, row-major) of the codes `wq (O, C, kh, kw)`.
-fn expand(s: &ConvShape, wq: &[i8]) -> Result<crate::nn::Scratch<i8>> {
-    let g = &s.g;
-    let cols = g.c * g.h * g.w;
-    let mut e = take_i8(s.o * g.oh * g.ow * cols)?;
-    e.fill(0);
-    for_each_tap(g, s.o, |row, col, tap| e[row * cols + col] = wq[tap]);
-    Ok(e)
+/// The 16-entry table of `w` (at most 16 codes), zero beyond.
+fn table16(w: &[i8]) -> [i8; 16] {
+    let mut t = [0i8; 16];
+    t[..w.len()].copy_from_slice(w);
+    t
+}
+
+/// Runs `look(table, 16 map entries, out)` over every 16-entry piece of every segment, in memory order.
+/// A segment's partial last piece is stored whole too (the map carries 16 [`NONE`] entries of slack): the
+/// bytes past the segment belong to the segments after it, which are written next; only a piece that
+/// would pass the end of `e` goes through a buffer.
+#[inline(always)]
+unsafe fn fill_segments_by16<V: Copy>(
+    e: &mut [i8],
+    wq: &[i8],
+    map: &[u8],
+    [o, c, pin, pout, kk]: [usize; 5],
+    load_table: impl Fn(&[i8; 16]) -> V,
+    look: impl Fn(V, *const u8, *mut i8),
+) {
+    let mut tables = Vec::with_capacity(c);
+    let ep = e.as_mut_ptr();
+    for oc in 0..o {
+        tables.clear();
+        tables.extend((0..c).map(|ch| load_table(&table16(&wq[(oc * c + ch) * kk..][..kk]))));
+        for q in 0..pout {
+            let row = map[q * pin..].as_ptr();
+            for (ch, &t) in tables.iter().enumerate() {
+                let at = ((oc * pout + q) * c + ch) * pin;
+                let mut r = 0;
+                while r < pin {
+                    if at + r + 16 <= e.len() {
+                        look(t, row.add(r), ep.add(at + r));
+                    } else {
+                        let mut out = [0i8; 16];
+                        look(t, row.add(r), out.as_mut_ptr());
+                        let n = (pin - r).min(16);
+                        e[at + r..at + r + n].copy_from_slice(&out[..n]);
+                    }
+                    r += 16;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_segments_x86(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
+    use std::arch::x86_64::*;
+    fill_segments_by16(
+        e,
+        wq,
+        map,
+        dims,
+        |t| _mm_loadu_si128(t.as_ptr() as *const __m128i),
+        // pshufb: an index with its top bit set (NONE) gives 0
+        |t, ix, out| {
+            let v = _mm_shuffle_epi8(t, _mm_loadu_si128(ix as *const __m128i));
+            _mm_storeu_si128(out as *mut __m128i, v)
+        },
+    )
+}
+
+#[cfg(target_arch = "aarch64")]
+unsafe fn fill_segments_neon(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
+    use std::arch::aarch64::*;
+    fill_segments_by16(
+        e,
+        wq,
+        map,
+        dims,
+        |t| vld1q_s8(t.as_ptr()),
+        // tbl: an index of 16 or more (NONE) gives 0
+        |t, ix, out| vst1q_s8(out, vqtbl1q_s8(t, vld1q_u8(ix))),
+    )
+}
+
+/// `dW` codes' exact sums from `dE` (`O·P × C·HW`, see [`backward`]): each entry of `dE` added into the
+/// tap it came from, `acc (O, C, kh·kw)`.
+fn fold_taps(de: &[i32], map: &[u8], [o, c, pin, pout, kk]: [usize; 5], acc: &mut [i64]) {
+    let cols = c * pin;
+    // per output pixel: (input pixel, tap) of the taps it reads
+    let pairs: Vec<Vec<(usize, usize)>> = (0..pout)
+        .map(|q| {
+            (0..pin)
+                .filter(|&r| map[q * pin + r] != NONE)
+                .map(|r| (r, map[q * pin + r] as usize))
+                .collect()
+        })
+        .collect();
+    for oc in 0..o {
+        for (q, pq) in pairs.iter().enumerate() {
+            let row = &de[(oc * pout + q) * cols..][..cols];
+            for ch in 0..c {
+                let seg = &row[ch * pin..][..pin];
+                let a = &mut acc[(oc * c + ch) * kk..][..kk];
+                for &(r, t) in pq {
+                    a[t] += seg[r] as i64;
+                }
+            }
+        }
+    }
 }
 
 /// `y = conv2d(sx·xq, sw·wq) + bias` (shapes checked by the caller, `s` from [`ConvShape::new`]).
@@ -130,9 +286,8 @@ pub fn backward(
     let mut de = vec![0i32; rows * cols];
     gemm::gemm_i8(&dym.t(), &MatRef::row_major(xq, g.n, cols)?, &mut de)?;
     let mut acc = vec![0i64; dw.len()];
-    for_each_tap(g, s.o, |row, col, tap| {
-        acc[tap] += de[row * cols + col] as i64
-    });
+    let dims = [s.o, g.c, g.h * g.w, g.oh * g.ow, g.kh * g.kw];
+    fold_taps(&de, &tap_map(g), dims, &mut acc);
     let scale = sdy as f64 * sx as f64;
     for (d, &a) in dw.iter_mut().zip(&acc) {
         *d = (a as f64 * scale) as f32;
@@ -264,6 +419,69 @@ mod tests {
             }
         }
         acc.iter().map(|&a| a as f32 * scale).collect()
+    }
+
+    /// `E` and the folding of `dE` into taps, with the SIMD lookups and without, equal a tap-by-tap
+    /// reference: 16-entry pieces whole and partial (planes of 4, 16, 20 and 25 pixels), padding, stride
+    /// 2, and a 5x5 kernel (25 taps: past one 16-entry table).
+    #[test]
+    fn expansion_equals_the_tap_by_tap_reference() {
+        let cases = [
+            ([2, 16, 4, 4], [8, 16, 3, 3], (1, 1), (1, 1)),
+            ([2, 5, 2, 2], [3, 5, 3, 3], (1, 1), (1, 1)),
+            ([1, 3, 4, 5], [4, 3, 3, 2], (2, 1), (1, 0)),
+            ([1, 2, 5, 5], [3, 2, 5, 5], (2, 2), (2, 2)),
+        ];
+        for (ci, &(xs, ws, stride, padding)) in cases.iter().enumerate() {
+            let s = ConvShape::new(xs, ws, stride, padding).unwrap();
+            let g = &s.g;
+            let (pin, pout, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+            let cols = g.c * pin;
+            let wq = codes(ws.iter().product(), ci + 11);
+            // reference: every tap written where it lands, from the geometry
+            let mut want = vec![0i8; s.o * pout * cols];
+            let mut taps = Vec::new(); // (row, col, tap index into wq)
+            for o in 0..s.o {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let iy = (oy * g.sh + i) as isize - g.ph as isize;
+                                let ix = (ox * g.sw + j) as isize - g.pw as isize;
+                                if iy < 0 || ix < 0 || iy as usize >= g.h || ix as usize >= g.w {
+                                    continue;
+                                }
+                                for c in 0..g.c {
+                                    let row = o * pout + oy * g.ow + ox;
+                                    let col = c * pin + iy as usize * g.w + ix as usize;
+                                    let tap = ((o * g.c + c) * g.kh + i) * g.kw + j;
+                                    want[row * cols + col] = wq[tap];
+                                    taps.push((row, col, tap));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let de: Vec<i32> = (0..want.len())
+                .map(|i| ((i * 7919) % 200_003) as i32 - 100_000)
+                .collect();
+            let mut want_acc = vec![0i64; wq.len()];
+            for &(row, col, tap) in &taps {
+                want_acc[tap] += de[row * cols + col] as i64;
+            }
+            let mut acc = vec![0i64; wq.len()];
+            fold_taps(&de, &tap_map(g), [s.o, g.c, pin, pout, kk], &mut acc);
+            assert_eq!(acc, want_acc, "dE folded into taps, case {ci}");
+            for simd in [true, false] {
+                crate::simd::set_elementwise_simd(simd);
+                let mut e = take_i8(want.len()).unwrap();
+                e.fill(77); // every byte must be written
+                fill_segments(&mut e, &wq, &tap_map(g), [s.o, g.c, pin, pout, kk]);
+                crate::simd::set_elementwise_simd(true);
+                assert_eq!(&e[..], &want[..], "E, case {ci}, simd {simd}");
+            }
+        }
     }
 
     /// Large planes and expansions that cost far more than the convolution stay on the general path.
