@@ -133,6 +133,10 @@ fn table16(w: &[i8]) -> [i8; 16] {
 /// A segment's partial last piece is stored whole too (the map carries 16 [`NONE`] entries of slack): the
 /// bytes past the segment belong to the segments after it, which are written next; only a piece that
 /// would pass the end of `e` goes through a buffer.
+///
+/// # Safety
+/// The slices have the lengths [`fill_segments`] checks (`map` with its 16 entries of slack), `kk <= 16`,
+/// and `look` reads 16 entries and writes 16 bytes at the pointers it is given.
 #[inline(always)]
 unsafe fn fill_segments_by16<V: Copy>(
     e: &mut [i8],
@@ -168,6 +172,8 @@ unsafe fn fill_segments_by16<V: Copy>(
     }
 }
 
+/// # Safety
+/// The CPU has AVX2; as [`fill_segments_by16`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn fill_segments_x86(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
@@ -186,6 +192,8 @@ unsafe fn fill_segments_x86(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5
     )
 }
 
+/// # Safety
+/// As [`fill_segments_by16`].
 #[cfg(target_arch = "aarch64")]
 unsafe fn fill_segments_neon(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
     use std::arch::aarch64::*;
