@@ -38,7 +38,7 @@ const PIECE: usize = 1 << 14;
 /// [`sgd_update`] of every parameter (the same bits), in pieces spread over the pool when there is enough
 /// work. Every parameter is checked before any is updated: an error leaves them all as they were.
 pub fn sgd_update_all(params: Vec<SgdParam<'_>>, h: &Sgd) -> Result<()> {
-    let mut items = Vec::with_capacity(params.len());
+    let mut checked = Vec::with_capacity(params.len());
     for (i, sp) in params.into_iter().enumerate() {
         let buf = checked_buffer(sp.p.len(), sp.g.len(), sp.buf, h).map_err(|e| match e {
             Error::InvalidArgument { arg, msg } => {
@@ -46,41 +46,32 @@ pub fn sgd_update_all(params: Vec<SgdParam<'_>>, h: &Sgd) -> Result<()> {
             }
             e => e,
         })?;
-        items.push((
-            crate::threads::OutPtr(sp.p.as_mut_ptr()),
-            sp.g,
-            buf.map(|b| crate::threads::OutPtr(b.as_mut_ptr())),
-        ));
+        checked.push((sp.p, sp.g, buf));
     }
-    // (parameter, first element) of each piece
-    let pieces: Vec<(usize, usize)> = items
-        .iter()
-        .enumerate()
-        .flat_map(|(i, it)| (0..it.1.len()).step_by(PIECE).map(move |s| (i, s)))
-        .collect();
-    let total: usize = items.iter().map(|it| it.1.len()).sum();
-    let piece = |k: usize| {
-        let (i, s) = pieces[k];
-        let (p, g, b) = &items[i];
-        let n = PIECE.min(g.len() - s);
-        // SAFETY: pieces of one parameter are disjoint ranges of it, each passed once; `p` and `b` were
-        // exclusively borrowed with `g`'s length (checked above) for the duration of this call.
-        let (pp, bp) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(p.ptr().add(s), n),
-                b.as_ref()
-                    .map(|b| std::slice::from_raw_parts_mut(b.ptr().add(s), n)),
-            )
-        };
-        update(pp, &g[s..s + n], bp, h);
-    };
+    let total: usize = checked.iter().map(|(_, g, _)| g.len()).sum();
+    // every parameter cut into pieces of at most PIECE elements (its gradient and buffer in step)
+    let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(total / PIECE + checked.len());
+    for (p, g, buf) in checked {
+        let mut bufs = buf.map(|b| b.chunks_mut(PIECE));
+        for (pp, gp) in p.chunks_mut(PIECE).zip(g.chunks(PIECE)) {
+            pieces.push((pp, gp, bufs.as_mut().and_then(|b| b.next())));
+        }
+    }
+    let run = |(p, g, b): &mut Piece<'_>| update(p, g, b.as_deref_mut(), h);
     if super::worth_parallel(total) {
-        crate::threads::run_parts(pieces.len(), piece);
+        crate::threads::for_each_piece(&mut pieces, 1, |_, one| {
+            run(&mut one[0]);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|e| match e {});
     } else {
-        (0..pieces.len()).for_each(piece);
+        pieces.iter_mut().for_each(run);
     }
     Ok(())
 }
+
+/// A piece of one parameter for [`sgd_update_all`]: its values, gradient and momentum buffer.
+type Piece<'a> = (&'a mut [f32], &'a [f32], Option<&'a mut [f32]>);
 
 /// The momentum buffer [`update`] takes (`None` without momentum), after checking the lengths.
 fn checked_buffer<'a>(
