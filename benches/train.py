@@ -83,7 +83,8 @@ def run_edgelearn(name, model, flags, args, threads):
     cmd = [sys.executable, "-m", "edgelearn", "train", "--dataset", args.dataset, "--model", model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
            "--threads", str(threads), "--no-progress", "--compare", "none", "--json",
-           "--width-mult", str(args.width_mult), *data_flags(args), *flags]
+           *(["--width-mult", str(args.width_mult)] if model == "mobilenet_v2" else []),  # (others refuse it)
+           *data_flags(args), *flags]
     env = dict(os.environ, EDGELEARN_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

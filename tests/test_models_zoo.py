@@ -53,7 +53,7 @@ def test_state_dict_matches_torchvision_when_available():
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "resnet18"])
 def test_small_inputs_train_in_fp32_and_int8(name):
     nn.manual_seed(1)
-    model = models.build_model(name, (1, 28, 28), 10, width_mult=0.25)
+    model = models.build_model(name, (1, 28, 28), 10, width_mult=0.25 if name == "mobilenet_v2" else 1.0)
     x = el.tensor(np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32))
     y = np.array([1, 3])
     out = model(x)
@@ -190,3 +190,21 @@ def test_mobilenet_v2_fp32_matches_torchvision_on_the_same_weights():
     # gradients that are zero in exact arithmetic (a BatchNorm bias feeding conv -> BatchNorm) are rounding only
     errs = {n: rel(p.grad.data, want[n].grad.numpy()) for n, p in ours.named_parameters() if norms[n] > 1e-3 * top}
     assert len(errs) > 100 and max(errs.values()) < 2e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_width_mult_is_refused_where_it_would_be_ignored(capsys):
+    """Only mobilenet_v2 has a width multiplier: the other models (library and CLI, training and video) refuse
+    a value other than 1.0 instead of silently building their full width; mobilenet_v2 takes it."""
+    from edgelearn import cli
+
+    for name in ("cnn", "resnet20", "resnet18", "mlp"):
+        with pytest.raises(ValueError, match="only to mobilenet_v2"):
+            models.build_model(name, (1, 28, 28), 10, width_mult=0.5)
+        models.build_model(name, (1, 28, 28), 10, width_mult=1.0)
+    with pytest.raises(ValueError, match="only to mobilenet_v2"):
+        models.build_video_model("fcn", width_mult=0.5)
+    narrow = models.build_model("mobilenet_v2", (1, 32, 32), 10, width_mult=0.5)
+    full = models.build_model("mobilenet_v2", (1, 32, 32), 10)
+    assert sum(p.data.size for p in narrow.parameters()) < sum(p.data.size for p in full.parameters())
+    assert cli.main(["train", "--model", "resnet20", "--width-mult", "0.5", "--epochs", "1"]) == 2
+    assert "--width-mult applies only to --model mobilenet_v2" in capsys.readouterr().err

@@ -251,6 +251,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     _check_checkpoint_flags(args, getattr(args, "explicit", set()))
     args.__dict__.pop("explicit", None)
+    if args.width_mult != 1.0 and args.model != "mobilenet_v2" and not args.resume:
+        raise ValueError(f"--width-mult applies only to --model mobilenet_v2, not to {args.model!r} "
+                         f"(got {args.width_mult})")
     if args.lr is None:
         args.lr = 0.02 if args.optimizer == "sgd" else 0.002
     compare = args.compare

@@ -49,8 +49,10 @@ def build(settings: Mapping[str, Any], image_shape: Tuple[int, int, int], num_cl
     from .octo import octo
 
     manual_seed(int(settings.get("seed", 0)))
-    model = build_model(settings.get("model", "cnn"), tuple(image_shape), int(num_classes),
-                        width_mult=float(settings.get("width_mult", 1.0) or 1.0))
+    name = settings.get("model", "cnn")
+    # only mobilenet_v2 has a width multiplier (runs of other models stored the flag's value unused)
+    width_mult = float(settings.get("width_mult", 1.0) or 1.0) if name == "mobilenet_v2" else 1.0
+    model = build_model(name, tuple(image_shape), int(num_classes), width_mult=width_mult)
     config = octo_config(settings)
     if config is not None:
         octo(model, config)

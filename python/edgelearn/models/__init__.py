@@ -91,9 +91,17 @@ def cnn(
     return nn.Sequential(*layers)
 
 
+def _check_width_mult(name: str, width_mult: float) -> None:
+    if width_mult != 1.0 and name != "mobilenet_v2":
+        raise ValueError(f"width_mult (--width-mult) applies only to mobilenet_v2, not to {name!r} "
+                         f"(got {width_mult}); leave it at 1.0")
+
+
 def build_model(name: str, image_shape: Tuple[int, int, int], classes: int, width_mult: float = 1.0) -> nn.Module:
     """The zoo model ``name`` (one of ``MODEL_NAMES``) sized for images of ``(C, H, W)`` and ``classes``
-    classes; ``width_mult`` scales ``mobilenet_v2``. ImageNet stems adapt to images below 64 pixels."""
+    classes; ``width_mult`` scales ``mobilenet_v2`` (any other model refuses a value other than 1.0 rather
+    than ignore it). ImageNet stems adapt to images below 64 pixels."""
+    _check_width_mult(name, width_mult)
     c, h, w = image_shape
     small = min(h, w) < SMALL_INPUT
     if name == "mlp":
@@ -147,7 +155,8 @@ def build_video_model(name: str, in_channels: int = 3, classes: int = 10, width_
     """``"fcn"`` (see :func:`fcn`; with ``pretrained`` and 3 input channels, the shipped weights of
     :func:`fcn_weights`), ``"cnn"`` (the conv backbone of :func:`cnn` with its pooled classifier) or a
     zoo network with its ImageNet stem (video frames are large): ``"resnet20"``, ``"resnet18"``,
-    ``"mobilenet_v2"`` (``width_mult`` scales it)."""
+    ``"mobilenet_v2"`` (``width_mult`` scales it; the others refuse a value other than 1.0)."""
+    _check_width_mult(name, width_mult)
     if name == "fcn":
         model = fcn(in_channels)
         if pretrained and in_channels == 3:

@@ -54,6 +54,9 @@ def load_video_model(spec: str, seed: int = 0, width_mult: float = 1.0, pretrain
     if spec in models.VIDEO_MODEL_NAMES:
         manual_seed(seed)
         return models.build_video_model(spec, width_mult=width_mult, pretrained=pretrained).eval()
+    if width_mult != 1.0:
+        raise ValueError(f"width_mult (--width-mult) scales a built-in mobilenet_v2; the checkpoint {spec!r} keeps "
+                         f"the widths it was trained with (got {width_mult})")
     if not (os.path.exists(spec) or spec.endswith(".safetensors")):
         raise ValueError(f"model: {spec!r} is neither a built-in architecture ({', '.join(models.VIDEO_MODEL_NAMES)}) "
                          "nor a checkpoint file")
