@@ -154,3 +154,23 @@ def test_cli_video_errors_are_clear(tmp_path):
     assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("video", str(bad), "--model", "resnet")
     assert r.returncode != 0 and "neither a built-in architecture" in r.stderr
+
+
+def test_cli_video_runs_int8_and_dynamic_scales_equal_dense(clip):
+    """``--precision int8`` runs the built-in model in Octo INT8 (reported as such); with ``--int8-scales dynamic``
+    and threshold 0, patch skip equals dense INT8 inference (to float rounding), while the default frozen scales
+    still agree on the predictions; ``--precision fp32`` reports FP32."""
+    path, _ = clip
+    common = ("video", str(path), "--compare-dense", "--json", "--max-frames", "6", "--threshold", "0")
+    outs = {}
+    for name, extra in (("dynamic", ("--precision", "int8", "--int8-scales", "dynamic")),
+                        ("frozen", ("--precision", "int8")), ("fp32", ("--precision", "fp32"))):
+        r = run_cli(*common, *extra)
+        assert r.returncode == 0, r.stderr
+        outs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert outs["dynamic"]["precision"] == outs["frozen"]["precision"] == "int8"
+    assert outs["dynamic"]["int8_scales"] == "dynamic" and outs["frozen"]["int8_scales"] == "frozen"
+    assert outs["fp32"]["precision"] == "fp32" and outs["fp32"]["int8_scales"] is None
+    assert outs["dynamic"]["max_rel_l2_error"] <= 1e-5 and outs["dynamic"]["min_agreement"] == 1.0
+    assert outs["frozen"]["max_rel_l2_error"] <= 0.05 and outs["frozen"]["mean_agreement"] >= 0.97
+    assert outs["fp32"]["max_rel_l2_error"] <= 1e-5

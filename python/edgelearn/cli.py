@@ -690,8 +690,15 @@ def _cmd_video(args: argparse.Namespace) -> int:
     if args.save_plot:
         _writable(args.save_plot, "--save-plot")
     model = load_video_model(args.model, seed=args.seed, width_mult=args.width_mult, pretrained=not args.random_init)
+    if args.precision == "int8":
+        edgelearn.octo(model, edgelearn.OctoConfig()).eval()
+    elif args.precision == "fp32":
+        from edgelearn.octo import fp32
+
+        fp32(model).eval()
+    precision = "int8" if any(getattr(m, "int8", None) is not None for m in model.modules()) else "fp32"
     runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
-                             error_bound=args.error_bound)
+                             error_bound=args.error_bound, int8_scales=args.int8_scales)
     reader = frames(args.path, max_frames=args.max_frames)
     total = reader.frame_count if args.max_frames is None else min(args.max_frames, reader.frame_count or args.max_frames)
     stream = reader if args.downsample == 1 else (f[::args.downsample, ::args.downsample] for f in reader)
@@ -700,7 +707,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
     if run.frames == 0:
         raise ValueError(f"{args.path}: no frames decoded")
     summary = run.summary()
-    summary.update(path=str(args.path), model=args.model, patch=args.patch, threshold=args.threshold,
+    summary.update(path=str(args.path), model=args.model, precision=precision,
+                   int8_scales=args.int8_scales if precision == "int8" else None, patch=args.patch, threshold=args.threshold,
                    refresh=args.refresh, error_bound=args.error_bound, input_shape=list(runner.input_shape or ()))
     if args.save_plot:
         save_plot(run, args.save_plot, title=f"{os.path.basename(str(args.path))}: {args.model}, patch {args.patch}, "
@@ -708,7 +716,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"{run.frames} frames {tuple(runner.input_shape or ())} of {args.path}, model {args.model}, patch {args.patch}, threshold {args.threshold}, "
+    print(f"{run.frames} frames {tuple(runner.input_shape or ())} of {args.path}, model {args.model} ({precision}), "
+          f"patch {args.patch}, threshold {args.threshold}, "
           + (f"dense refresh every {plural(args.refresh, 'frame')}" if args.refresh else "no periodic dense refresh"))
     print(f"patch-skip: {summary['patchskip_fps']:.1f} frames/s, work recomputed {100 * summary['mean_compute_fraction']:.1f}% "
           f"(skipped {100 * summary['skip_fraction']:.1f}%), input patches flagged {100 * summary['mean_patch_fraction']:.1f}%, "
@@ -905,6 +914,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "(any conv model; one-channel models see luma)")
     p_video.add_argument("--width-mult", type=_positive_float, default=1.0,
                          help="width multiplier of a built-in mobilenet_v2 (1.0)")
+    p_video.add_argument("--precision", choices=("fp32", "int8"), default=None,
+                         help="run the model in FP32 or in Octo INT8 (INT8 convolutions, per-tensor input scales "
+                              "held between frames); default: the model's own (FP32 for a built-in, the precision "
+                              "a checkpoint was trained in)")
+    p_video.add_argument("--int8-scales", choices=("frozen", "dynamic"), default="frozen",
+                         help="INT8 input scales: frozen (calibrated when a layer runs in full, held in between: "
+                              "cached tiles stay valid, so even --threshold 0 differs from dense INT8 by that "
+                              "rounding) or dynamic (recomputed every frame as dense INT8 does; a layer whose scale "
+                              "moves is recomputed in full: equal to dense at --threshold 0, slower)")
     p_video.add_argument("--patch", type=_positive_int, default=16, help="side of the gate's patches in pixels (16)")
     p_video.add_argument("--threshold", type=_nonneg_float, default=0.05,
                          help="recompute a patch when its max change since its cached reference exceeds this "
