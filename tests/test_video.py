@@ -174,3 +174,28 @@ def test_cli_video_runs_int8_and_dynamic_scales_equal_dense(clip):
     assert outs["dynamic"]["max_rel_l2_error"] <= 1e-5 and outs["dynamic"]["min_agreement"] == 1.0
     assert outs["frozen"]["max_rel_l2_error"] <= 0.05 and outs["frozen"]["mean_agreement"] >= 0.97
     assert outs["fp32"]["max_rel_l2_error"] <= 1e-5
+
+
+def test_set_precision_leaves_a_model_already_in_that_precision():
+    """``set_precision`` (behind ``edgelearn video --precision``) converts an FP32 model to INT8 and back, and
+    leaves a model already INT8 as it is: an INT8 model without LAC gains no Compensation layers and gives the
+    same outputs."""
+    import edgelearn as el
+    from edgelearn.video.pipeline import set_precision
+
+    model = el.models.fcn().eval()
+    el.octo(model, el.OctoConfig(lac=False)).eval()
+    x = el.tensor(np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32))
+    with el.no_grad():
+        before = model(x).numpy()
+    n_modules = len(list(model.modules()))
+    assert set_precision(model, "int8") == "int8"
+    assert len(list(model.modules())) == n_modules
+    with el.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), before)
+    assert set_precision(model, None) == "int8"
+    assert set_precision(model, "fp32") == "fp32"
+    other = el.models.fcn().eval()
+    assert set_precision(other, None) == "fp32" and set_precision(other, "int8") == "int8"
+    with pytest.raises(ValueError, match="precision"):
+        set_precision(other, "fp16")

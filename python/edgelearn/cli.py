@@ -683,20 +683,14 @@ def _cmd_demo_clip(args: argparse.Namespace) -> int:
 def _cmd_video(args: argparse.Namespace) -> int:
     import edgelearn
     from edgelearn.video import PatchSkipRunner, frames
-    from edgelearn.video.pipeline import load_video_model, run_video, save_plot
+    from edgelearn.video.pipeline import load_video_model, run_video, save_plot, set_precision
 
     if args.threads is not None:
         edgelearn.set_num_threads(args.threads)
     if args.save_plot:
         _writable(args.save_plot, "--save-plot")
     model = load_video_model(args.model, seed=args.seed, width_mult=args.width_mult, pretrained=not args.random_init)
-    if args.precision == "int8":
-        edgelearn.octo(model, edgelearn.OctoConfig()).eval()
-    elif args.precision == "fp32":
-        from edgelearn.octo import fp32
-
-        fp32(model).eval()
-    precision = "int8" if any(getattr(m, "int8", None) is not None for m in model.modules()) else "fp32"
+    precision = set_precision(model, args.precision)
     runner = PatchSkipRunner(model, patch=args.patch, threshold=args.threshold, refresh_every=args.refresh,
                              error_bound=args.error_bound, int8_scales=args.int8_scales)
     reader = frames(args.path, max_frames=args.max_frames)

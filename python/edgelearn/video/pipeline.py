@@ -69,6 +69,22 @@ def load_video_model(spec: str, seed: int = 0, width_mult: float = 1.0, pretrain
     return model.eval()
 
 
+def set_precision(model: Module, precision: Optional[str] = None) -> str:
+    """Puts ``model`` in ``precision`` (``"fp32"``, ``"int8"``: Octo with the default ``OctoConfig``; ``None``:
+    as it is) and returns the precision it runs in. A model already in the asked precision is left as it is, so
+    an INT8 checkpoint keeps its own Octo settings (LAC, per-channel weights)."""
+    from ..octo import OctoConfig, fp32, octo
+
+    def current() -> str:
+        return "int8" if any(getattr(m, "int8", None) is not None for m in model.modules()) else "fp32"
+
+    if precision not in (None, "fp32", "int8"):
+        raise ValueError(f"precision: expected 'fp32', 'int8' or None, got {precision!r}")
+    if precision is not None and precision != current():
+        (octo(model, OctoConfig()) if precision == "int8" else fp32(model)).eval()
+    return current()
+
+
 @dataclass
 class VideoRun:
     """Per-frame records and totals of one pass over a clip."""
