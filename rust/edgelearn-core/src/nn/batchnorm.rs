@@ -188,6 +188,7 @@ mod avx2 {
 /// the portable loops: for them the AVX2 call, its lane reductions and tail cost more than the arithmetic
 /// (BatchNorm + ReLU + pooling forward of a (32, 64, 2, 2) batch: 95 µs, mostly per-plane overhead). A
 /// plane shorter than one vector is all tail either way, so the sums are the same bits.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) const SIMD_MIN: usize = 8;
 
 /// Forward statistics of one plane: `(Σ d, Σ d²)` with `d = x − shift`.

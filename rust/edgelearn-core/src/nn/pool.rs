@@ -98,6 +98,7 @@ pub fn maxpool2d_forward(
 
 /// Rows of fewer windows than this take the portable loop (same results): on the 4x4 and 2x2 maps of small
 /// inputs the AVX2 row call and its masks cost more than the few comparisons.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const ROW_SIMD_MIN: usize = 4;
 
 /// The common 2x2, stride-2, unpadded window (every window fully inside the plane).
