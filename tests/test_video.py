@@ -158,7 +158,7 @@ def test_cli_video_errors_are_clear(tmp_path):
 
 def test_cli_video_runs_int8_and_dynamic_scales_equal_dense(clip):
     """``--precision int8`` runs the built-in model in Octo INT8 (reported as such); with ``--int8-scales dynamic``
-    and threshold 0, patch skip equals dense INT8 inference (to float rounding), while the default frozen scales
+    and threshold 0, patch skip follows dense INT8 inference far closer than the default frozen scales, which
     still agree on the predictions; ``--precision fp32`` reports FP32."""
     path, _ = clip
     common = ("video", str(path), "--compare-dense", "--json", "--max-frames", "6", "--threshold", "0")
@@ -171,8 +171,11 @@ def test_cli_video_runs_int8_and_dynamic_scales_equal_dense(clip):
     assert outs["dynamic"]["precision"] == outs["frozen"]["precision"] == "int8"
     assert outs["dynamic"]["int8_scales"] == "dynamic" and outs["frozen"]["int8_scales"] == "frozen"
     assert outs["fp32"]["precision"] == "fp32" and outs["fp32"]["int8_scales"] is None
-    assert outs["dynamic"]["max_rel_l2_error"] <= 1e-5 and outs["dynamic"]["min_agreement"] == 1.0
-    assert outs["frozen"]["max_rel_l2_error"] <= 0.05 and outs["frozen"]["mean_agreement"] >= 0.97
+    # dynamic: dense INT8's own scales every frame (x86-64: 3e-7; under qemu's aarch64 a few codes round the other
+    # way: 4e-4), far below frozen scales' difference (7e-3 here)
+    dyn, frozen = outs["dynamic"]["max_rel_l2_error"], outs["frozen"]["max_rel_l2_error"]
+    assert dyn <= 1e-3 and dyn < frozen / 4 and outs["dynamic"]["min_agreement"] >= 0.99
+    assert frozen <= 0.05 and outs["frozen"]["mean_agreement"] >= 0.97
     assert outs["fp32"]["max_rel_l2_error"] <= 1e-5
 
 
