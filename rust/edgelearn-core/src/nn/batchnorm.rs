@@ -803,6 +803,50 @@ pub fn batchnorm2d_backward_i8_inplace(
 mod tests {
     use super::*;
 
+    /// The plane sums, portable and AVX2 (where the CPU has it), equal a plain f64 accumulation to float
+    /// rounding at every length from 0 to 40 (planes shorter than one vector, one block plus a tail, several
+    /// blocks), so a block's lanes left out of a sum fail it.
+    #[test]
+    fn plane_sums_equal_a_plain_reference_at_every_length() {
+        for len in 0..40 {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3)
+                .collect();
+            let dy: Vec<f32> = (0..len)
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            let (shift, mu) = (0.7f32, -0.4f32);
+            let near = |a: f64, b: f64| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+            let want_s = (
+                x.iter().map(|&v| (v - shift) as f64).sum::<f64>(),
+                x.iter()
+                    .map(|&v| ((v - shift) * (v - shift)) as f64)
+                    .sum::<f64>(),
+            );
+            let want_g = (
+                dy.iter().map(|&g| g as f64).sum::<f64>(),
+                dy.iter()
+                    .zip(&x)
+                    .map(|(&g, &v)| (g * (v - mu)) as f64)
+                    .sum::<f64>(),
+            );
+            for simd in [false, true] {
+                crate::simd::set_elementwise_simd(simd);
+                let s = stat_sums(&x, shift);
+                let g = grad_sums(&dy, &x, 1.0, mu);
+                crate::simd::set_elementwise_simd(true);
+                assert!(
+                    near(s.0, want_s.0) && near(s.1, want_s.1),
+                    "stat, len {len}, simd {simd}: {s:?} vs {want_s:?}"
+                );
+                assert!(
+                    near(g.0, want_g.0) && near(g.1, want_g.1),
+                    "grad, len {len}, simd {simd}: {g:?} vs {want_g:?}"
+                );
+            }
+        }
+    }
+
     /// The int8 backward equals the FP32 backward on the dequantized input, bit for bit, and a naive
     /// per-element reference of the formula within float tolerance.
     #[test]
