@@ -210,6 +210,10 @@ fn avx2_and_portable_builds_give_the_same_bits() {
         [2, 1, 1, 1030],
         [2, 2, 14, 14],
         [1, 2, 28, 28],
+        [3, 7, 4, 4],
+        [2, 9, 6, 4],
+        [2, 300, 4, 4],
+        [2, 600, 2, 2],
     ]
     .into_iter()
     .enumerate()

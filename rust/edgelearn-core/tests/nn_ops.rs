@@ -476,6 +476,13 @@ fn pooling_matches_reference_and_backward_is_the_adjoint() {
         // 2x2 fast path with an odd last row and column that no window covers (their dx must be 0)
         ([2, 2, 7, 9], (2, 2), (2, 2), (0, 0)),
         ([1, 3, 3, 2], (2, 2), (2, 2), (0, 0)),
+        // even heights: planes pooled stacked, in runs of whole planes with a partial last run; width 4
+        // (8 windows from 4 row pairs at a time, and a rest) and width 2 (windows of 4 consecutive values)
+        ([3, 7, 4, 4], (2, 2), (2, 2), (0, 0)),
+        ([2, 700, 4, 4], (2, 2), (2, 2), (0, 0)),
+        ([2, 9, 6, 4], (2, 2), (2, 2), (0, 0)),
+        ([2, 1100, 2, 2], (2, 2), (2, 2), (0, 0)),
+        ([2, 5, 2, 3], (2, 2), (2, 2), (0, 0)),
         ([1, 2, 7, 9], (3, 3), (2, 2), (1, 1)),
         ([2, 1, 5, 6], (3, 2), (1, 2), (1, 0)),
         ([1, 1, 4, 4], (1, 1), (1, 1), (0, 0)),

@@ -28,6 +28,10 @@ use crate::threads;
 /// the 2x2 backward writes zeros for any offset other than 0..=3.
 pub const NO_GRAD: u8 = 4;
 
+/// How many values of an image the fused forward normalises before it pools them (a group of whole
+/// channels, at least one): 16 KiB of FP32, well inside L1.
+const GROUP_VALUES: usize = 4096;
+
 /// What follows the BatchNorm: ReLU with its bit mask, or ReLU and 2x2/stride-2 max pooling.
 pub enum ReluOut<'a> {
     /// `x` becomes `relu(bn(x))`; `mask`: [`super::relu_mask_len`] bytes, bit set where the output is > 0.
@@ -125,19 +129,41 @@ pub fn batchnorm2d_relu_forward_save_i8(
     }
     let codes = crate::quant::NearestCodes::new(scale);
     let acc = AmaxAcc::new();
+    // Channels taken together: their planes are normalised one by one, then pooled and ReLU'd as one run
+    // while the group is in cache (with an even height, a group's stacked planes pool as one tall plane:
+    // row pairs never straddle two planes). On the 4x4 and 2x2 planes late in a small network this turns
+    // thousands of calls of a few values each into a few long ones; a large plane is a group of one.
+    let group = (GROUP_VALUES / hw).clamp(1, c);
     let image = |((xi, qi), (yi, ii)): ((&mut [f32], &mut [i8]), (&mut [f32], &mut [u8]))| {
         codes.run(xi, qi);
-        for (ch, &(a, b)) in ab.iter().enumerate() {
-            let xp = &mut xi[ch * hw..(ch + 1) * hw];
-            // the same expression as BatchNorm's normalisation (same bits)
-            for v in xp.iter_mut() {
-                *v = *v * a + b;
+        let (mut mx, mut nan) = (0f32, false);
+        for ch0 in (0..c).step_by(group) {
+            let chs = ch0..(ch0 + group).min(c);
+            for (ch, &(a, b)) in chs.clone().zip(&ab[chs.clone()]) {
+                // the same expression as BatchNorm's normalisation (same bits)
+                for v in xi[ch * hw..(ch + 1) * hw].iter_mut() {
+                    *v = *v * a + b;
+                }
             }
-            let (yp, ip) = (&mut yi[ch * p..(ch + 1) * p], &mut ii[ch * p..(ch + 1) * p]);
-            maxpool_2x2(xp, w, oh, ow, yp, ip);
-            let (mx, nan) = relu_pooled(yp, ip);
-            acc.add(mx, nan);
+            let (xg, yg, ig) = (
+                &xi[ch0 * hw..chs.end * hw],
+                &mut yi[ch0 * p..chs.end * p],
+                &mut ii[ch0 * p..chs.end * p],
+            );
+            if h % 2 == 0 {
+                maxpool_2x2(xg, w, chs.len() * oh, ow, yg, ig);
+            } else {
+                for k in 0..chs.len() {
+                    let (yp, ip) = (&mut yg[k * p..(k + 1) * p], &mut ig[k * p..(k + 1) * p]);
+                    maxpool_2x2(&xg[k * hw..(k + 1) * hw], w, oh, ow, yp, ip);
+                }
+            }
+            let (m, bad) = relu_pooled(yg, ig);
+            // (a maximum of non-negative non-NaN values: the order it is taken in does not matter)
+            mx = if m > mx { m } else { mx };
+            nan |= bad;
         }
+        acc.add(mx, nan);
     };
     let (xs, ys) = (c * hw, c * p.max(1));
     if worth_parallel(x.len()) {
@@ -257,7 +283,8 @@ pub fn batchnorm2d_relu_backward_i8(
         (ReluSaved::Mask(mask), None) => {
             check_len("dy", dy.len(), &shape)?;
             check_len("mask", mask.len(), &[super::relu_mask_len(dy.len())])?;
-            // ReLU's mask applied to the plane (at its bit offset: a plane need not start on a mask byte)
+            // ReLU's mask applied to a run of planes (at its bit offset: a plane need not start on a mask
+            // byte)
             let first = move |plane: usize, dp: &mut [f32]| {
                 super::activation::apply_mask_from(dp, mask, plane * hw)
             };
@@ -278,10 +305,27 @@ pub fn batchnorm2d_relu_backward_i8(
             let (oh, ow) = (h / 2, w / 2);
             let p = oh * ow;
             let dy = &*dy;
-            // the pooled gradient scattered to the argmax
+            // the pooled gradient scattered to the argmax, over a run of planes: stacked as one tall plane
+            // when the height is even (row pairs never straddle two planes)
             let first = move |plane: usize, dp: &mut [f32]| {
-                let r = plane * p..(plane + 1) * p;
-                maxpool_2x2_backward(&dy[r.clone()], &idx[r], h, w, oh, ow, dp)
+                let planes = dp.len() / hw;
+                let r = plane * p..(plane + planes) * p;
+                if h % 2 == 0 {
+                    maxpool_2x2_backward(
+                        &dy[r.clone()],
+                        &idx[r],
+                        planes * h,
+                        w,
+                        planes * oh,
+                        ow,
+                        dp,
+                    )
+                } else {
+                    for (j, dpj) in dp.chunks_exact_mut(hw).enumerate() {
+                        let rj = (plane + j) * p..(plane + j + 1) * p;
+                        maxpool_2x2_backward(&dy[rj.clone()], &idx[rj], h, w, oh, ow, dpj)
+                    }
+                }
             };
             (dx, Box::new(first))
         }
@@ -323,26 +367,36 @@ fn fused_backward_i8(
         return Ok(());
     }
     let parallel = worth_parallel(g.len());
+    // runs of whole planes (one plane when planes are large): `first` and the affine map take a run at a
+    // time, the sums stay per plane
+    let k = (GROUP_VALUES / hw).clamp(1, n * c);
     let mut parts = vec![(0f64, 0f64); n * c];
-    for_each_chunk2(g, hw, &mut parts, 1, parallel, |plane, gp, part| {
-        first(plane, gp);
-        part[0] = grad_sums(
-            gp,
-            &xq[plane * hw..(plane + 1) * hw],
-            x_scale,
-            mean[plane % c],
-        );
+    for_each_chunk2(g, k * hw, &mut parts, k, parallel, |run, gr, pr| {
+        let plane0 = run * k;
+        first(plane0, gr);
+        for (j, (gp, part)) in gr.chunks_exact(hw).zip(pr.iter_mut()).enumerate() {
+            let plane = plane0 + j;
+            *part = grad_sums(
+                gp,
+                &xq[plane * hw..(plane + 1) * hw],
+                x_scale,
+                mean[plane % c],
+            );
+        }
     });
     let sums = sum_in_image_order(&parts, c, |&s| s);
     let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
-    for_each_chunk(g, hw, parallel, |plane, gp| {
-        affine3(
-            gp,
-            None,
-            &xq[plane * hw..(plane + 1) * hw],
-            x_scale,
-            coef[plane % c],
-        );
+    for_each_chunk(g, k * hw, parallel, |run, gr| {
+        for (j, gp) in gr.chunks_exact_mut(hw).enumerate() {
+            let plane = run * k + j;
+            affine3(
+                gp,
+                None,
+                &xq[plane * hw..(plane + 1) * hw],
+                x_scale,
+                coef[plane % c],
+            );
+        }
     });
     Ok(())
 }
@@ -395,6 +449,153 @@ mod tests {
                     assert_eq!((r0.0.to_bits(), r0.1), (m2.to_bits(), n | n2));
                 }
             }
+        }
+    }
+
+    /// The pooled forward gives the bits of BatchNorm's own forward followed by a plain window-by-window
+    /// 2x2 maximum and ReLU (values, argmax or [`NO_GRAD`], codes, scale, statistics, output range), and
+    /// the pooled backward those of a plain scatter to the argmax followed by BatchNorm's int8 backward, on
+    /// planes whose channels span several groups of [`GROUP_VALUES`] with a partial last one, odd planes,
+    /// planes of width 2 and 3, and a plane of one value per window row.
+    #[test]
+    fn pooled_forward_and_backward_equal_unfused_reference() {
+        for shape in [
+            [2, 9, 30, 30],
+            [2, 5, 33, 33],
+            [2, 1500, 2, 2],
+            [3, 300, 4, 4],
+            [2, 7, 3, 2],
+            [2, 4, 2, 3],
+            [2, 3, 5, 5],
+        ] {
+            let [n, c, h, w] = shape;
+            let len = n * c * h * w;
+            let x0: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 0.01 + (i % 3) as f32)
+                .collect();
+            let gamma: Vec<f32> = (0..c).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let beta: Vec<f32> = (0..c).map(|i| (i % 5) as f32 * 0.2 - 0.4).collect();
+            let run = |fused: bool| {
+                let mut x = x0.clone();
+                let (mut rm, mut rv) = (vec![0f32; c], vec![1f32; c]);
+                let (mut mean, mut invstd) = (vec![0f32; c], vec![0f32; c]);
+                let mut xq = vec![0i8; len];
+                let (oh, ow) = (h / 2, w / 2);
+                let mut y = vec![0f32; n * c * oh * ow];
+                let mut idx = vec![0u8; y.len()];
+                let (scale, range) = if fused {
+                    batchnorm2d_relu_forward_save_i8(
+                        &mut x,
+                        shape,
+                        Some(&gamma),
+                        Some(&beta),
+                        &mut rm,
+                        &mut rv,
+                        0.1,
+                        1e-5,
+                        &mut mean,
+                        &mut invstd,
+                        &mut xq,
+                        ReluOut::Pool2x2 {
+                            y: &mut y,
+                            idx: &mut idx,
+                        },
+                    )
+                    .unwrap()
+                } else {
+                    let (scale, _) = super::super::batchnorm::forward_inplace_save_i8(
+                        &mut x,
+                        shape,
+                        (Some(&gamma), Some(&beta)),
+                        (&mut rm, &mut rv),
+                        (0.1, 1e-5),
+                        (&mut mean, &mut invstd),
+                        &mut xq,
+                        false,
+                    )
+                    .unwrap();
+                    for plane in 0..n * c {
+                        let xp = &x[plane * h * w..(plane + 1) * h * w];
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let at = |k: usize| xp[(2 * oy + k / 2) * w + 2 * ox + k % 2];
+                                let (mut best, mut arg) = (at(0), 0u8);
+                                for k in 1..4 {
+                                    if at(k) > best || at(k).is_nan() {
+                                        (best, arg) = (at(k), k as u8);
+                                    }
+                                }
+                                let o = (plane * oh + oy) * ow + ox;
+                                y[o] = if best < 0.0 { 0.0 } else { best };
+                                idx[o] = if best > 0.0 { arg } else { NO_GRAD };
+                            }
+                        }
+                    }
+                    (scale, ActRange::of(&y))
+                };
+                let amax = range.map(|r| r.amax().to_bits());
+                // backward from a gradient with a zero and a negative zero in it
+                let mut dy: Vec<f32> = (0..y.len())
+                    .map(|i| ((i * 31 % 23) as f32 - 11.0) * 0.05)
+                    .collect();
+                dy[0] = -0.0;
+                let mut dx = vec![f32::NAN; len];
+                let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
+                if fused {
+                    batchnorm2d_relu_backward_i8(
+                        &mut dy,
+                        ReluSaved::Pool2x2(&idx),
+                        &xq,
+                        scale,
+                        shape,
+                        Some(&gamma),
+                        &mean,
+                        &invstd,
+                        Some(&mut dx),
+                        &mut dg,
+                        &mut db,
+                    )
+                    .unwrap();
+                } else {
+                    dx.fill(0.0);
+                    for plane in 0..n * c {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let o = (plane * oh + oy) * ow + ox;
+                                if idx[o] < 4 {
+                                    let (i, j) = (idx[o] as usize / 2, idx[o] as usize % 2);
+                                    dx[plane * h * w + (2 * oy + i) * w + 2 * ox + j] = dy[o];
+                                }
+                            }
+                        }
+                    }
+                    super::super::batchnorm2d_backward_i8_inplace(
+                        &mut dx,
+                        &xq,
+                        scale,
+                        shape,
+                        Some(&gamma),
+                        &mean,
+                        &invstd,
+                        &mut dg,
+                        &mut db,
+                    )
+                    .unwrap();
+                }
+                let grads = [dx, dg, db].concat();
+                (x, xq, y, idx, scale.to_bits(), mean, invstd, amax, grads)
+            };
+            let (a, b) = (run(true), run(false));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.0), bits(&b.0), "bn(x) of {shape:?}");
+            assert_eq!(a.1, b.1, "codes of {shape:?}");
+            assert_eq!(bits(&a.2), bits(&b.2), "y of {shape:?}");
+            assert_eq!(a.3, b.3, "argmax of {shape:?}");
+            assert_eq!(a.4, b.4, "scale of {shape:?}");
+            assert_eq!(bits(&a.5), bits(&b.5), "mean of {shape:?}");
+            assert_eq!(bits(&a.6), bits(&b.6), "invstd of {shape:?}");
+            assert_eq!(a.7, b.7, "range of {shape:?}");
+            assert_eq!(bits(&a.8), bits(&b.8), "dx, dgamma, dbeta of {shape:?}");
         }
     }
 

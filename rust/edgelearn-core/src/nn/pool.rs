@@ -67,6 +67,24 @@ pub fn maxpool2d_forward(
     check_len("y", y.len(), &out)?;
     check_len("idx", idx.len(), &out)?;
     let (hw, p) = (g.hw(), g.p());
+    let common = g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0;
+    if common && g.h % 2 == 0 && p > 0 {
+        // planes of even height stacked: their row pairs never straddle two planes, so a run of planes
+        // pools as one tall plane (one call for the thousands of 4x4 and 2x2 planes of a small network)
+        let k = (STACK_VALUES / hw).max(1);
+        for_each_chunk2(
+            y,
+            k * p,
+            idx,
+            k * p,
+            worth_parallel(x.len()),
+            |i, yp, ip| {
+                let rows = yp.len() / g.ow;
+                maxpool_2x2(&x[i * k * hw..][..2 * rows * g.w], g.w, rows, g.ow, yp, ip);
+            },
+        );
+        return Ok(g);
+    }
     for_each_chunk2(y, p, idx, p, worth_parallel(x.len()), |plane, yp, ip| {
         let xp = &x[plane * hw..(plane + 1) * hw];
         if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 {
@@ -96,6 +114,9 @@ pub fn maxpool2d_forward(
     Ok(g)
 }
 
+/// How many input values of stacked planes the 2x2 forward takes in one call (whole planes, at least one).
+const STACK_VALUES: usize = 4096;
+
 /// Rows of fewer windows than this take the portable loop (same results): on the 4x4 and 2x2 maps of small
 /// inputs the AVX2 row call and its masks cost more than the few comparisons.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -115,7 +136,27 @@ pub(super) fn maxpool_2x2(
         let take = v > best || v.is_nan();
         (if take { v } else { best }, if take { k } else { at })
     }
-    for oy in 0..oh {
+    if w == 2 && ow == 1 {
+        // planes of width 2: each window is 4 consecutive values (row 2·oy, then row 2·oy + 1)
+        for ((win, y), at) in xp[..4 * oh]
+            .chunks_exact(4)
+            .zip(&mut yp[..oh])
+            .zip(&mut ip[..oh])
+        {
+            let (b, a) = pick(win[0], 0, win[1], 1);
+            let (b, a) = pick(b, a, win[2], 2);
+            (*y, *at) = pick(b, a, win[3], 3);
+        }
+        return;
+    }
+    #[allow(unused_mut)]
+    let mut rows_done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if elementwise_avx2() && w == 4 && ow == 2 {
+        // SAFETY: the CPU has AVX2; a plane of width 4 holds 8 values per output row, yp and ip 2.
+        rows_done = unsafe { avx2::maxpool_2x2_w4(xp, oh, yp, ip) };
+    }
+    for oy in rows_done..oh {
         let r0 = &xp[2 * oy * w..2 * oy * w + 2 * ow];
         let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
         let (yr, ir) = (
@@ -152,6 +193,19 @@ pub(super) fn maxpool_2x2_backward(
     ow: usize,
     dp: &mut [f32],
 ) {
+    if w == 2 && ow == 1 && h == 2 * oh {
+        // planes of width 2: each window is 4 consecutive values
+        for ((d, &v), &at) in dp[..4 * oh]
+            .chunks_exact_mut(4)
+            .zip(&dyp[..oh])
+            .zip(&ip[..oh])
+        {
+            for (k, d) in d.iter_mut().enumerate() {
+                *d = if at as usize == k { v } else { 0.0 };
+            }
+        }
+        return;
+    }
     for oy in 0..oh {
         let (top, bottom) = dp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
         let (dyr, ir) = (&dyp[oy * ow..(oy + 1) * ow], &ip[oy * ow..(oy + 1) * ow]);
@@ -254,6 +308,49 @@ mod avx2 {
     #[inline(always)]
     fn block_starts(n: usize, w: usize) -> impl Iterator<Item = usize> {
         (0..n.div_ceil(w)).map(move |b| (b * w).min(n - w))
+    }
+
+    /// Planes 4 wide (two windows per output row): 8 windows from 4 row pairs (32 consecutive values,
+    /// each pair the top row then the bottom row) at a time, through [`windows8`]. Returns the number of
+    /// output rows done (a multiple of 4; the caller does the rest).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `xp` holds `8·oh` values, `yp` and `ip` `2·oh`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn maxpool_2x2_w4(
+        xp: &[f32],
+        oh: usize,
+        yp: &mut [f32],
+        ip: &mut [u8],
+    ) -> usize {
+        assert!(xp.len() >= 8 * oh && yp.len() >= 2 * oh && ip.len() >= 2 * oh);
+        let blocks = oh / 4;
+        for b in 0..blocks {
+            let p = xp.as_ptr().add(32 * b);
+            let v = [0, 8, 16, 24].map(|k| _mm256_loadu_ps(p.add(k)));
+            // lane 0 of each 128-bit half: top row, lane 1: bottom row (two pairs per shuffle)
+            let even = (
+                _mm256_shuffle_ps::<0b10_00_10_00>(v[0], v[1]),
+                _mm256_shuffle_ps::<0b10_00_10_00>(v[2], v[3]),
+            );
+            let odd = (
+                _mm256_shuffle_ps::<0b11_01_11_01>(v[0], v[1]),
+                _mm256_shuffle_ps::<0b11_01_11_01>(v[2], v[3]),
+            );
+            let (best, at) = windows8(
+                (
+                    _mm256_permute2f128_ps::<0x20>(even.0, even.1),
+                    _mm256_permute2f128_ps::<0x20>(odd.0, odd.1),
+                ),
+                (
+                    _mm256_permute2f128_ps::<0x31>(even.0, even.1),
+                    _mm256_permute2f128_ps::<0x31>(odd.0, odd.1),
+                ),
+            );
+            _mm256_storeu_ps(yp.as_mut_ptr().add(8 * b), best);
+            store_codes(at, &mut ip[8 * b..8 * b + 8]);
+        }
+        4 * blocks
     }
 
     /// Windows `k0..k0 + 8` of one output row (full loads and stores).
