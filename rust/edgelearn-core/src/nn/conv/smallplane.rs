@@ -70,11 +70,12 @@ fn tap_map(g: &Geometry) -> Vec<u8> {
 
 /// `E` (`O·P × C·HW`, row-major) of the codes `wq (O, C, kh, kw)`: segment `(o, q, c)` (the `HW` columns
 /// of channel `c` in row `o·P + q`) is the tap map's row `q` looked up in the `kh·kw` codes of `w[o, c]`.
-/// Every byte is written, zeros included.
+/// Every byte is written, zeros included. The scratch holds [`SLACK`] bytes past `E` (see
+/// [`fill_segments`]): `E` is its first `O·P·C·HW`.
 fn expand(s: &ConvShape, wq: &[i8]) -> Result<crate::nn::Scratch<i8>> {
     let g = &s.g;
     let map = tap_map(g);
-    let mut e = take_i8(s.o * g.oh * g.ow * g.c * g.h * g.w)?;
+    let mut e = take_i8(s.o * g.oh * g.ow * g.c * g.h * g.w + SLACK)?;
     fill_segments(
         &mut e,
         wq,
@@ -84,13 +85,19 @@ fn expand(s: &ConvShape, wq: &[i8]) -> Result<crate::nn::Scratch<i8>> {
     Ok(e)
 }
 
-/// [`expand`]'s lookups: one table lookup of 16 entries per instruction (x86-64 `pshufb` with AVX2 on;
-/// aarch64 `tbl`) when the kernel has at most 16 taps, else (or with the SIMD loops off) one entry at a
-/// time. The same bytes either way (test `expansion_equals_the_tap_by_tap_reference`).
+/// Bytes past `E` that [`fill_segments`] may overwrite: its 16-byte stores are never split.
+const SLACK: usize = 16;
+
+/// [`expand`]'s lookups into `e` (`E` then [`SLACK`] bytes): one table lookup of 16 entries per
+/// instruction (x86-64 `pshufb` with AVX2 on; aarch64 `tbl`) when the kernel has at most 16 taps, else (or
+/// with the SIMD loops off) one entry at a time. The same bytes of `E` either way (test
+/// `expansion_equals_the_tap_by_tap_reference`).
 fn fill_segments(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5]) {
     let [o, c, pin, pout, kk] = dims;
     assert!(
-        e.len() == o * pout * c * pin && wq.len() == o * c * kk && map.len() == pout * pin + 16
+        e.len() == o * pout * c * pin + SLACK
+            && wq.len() == o * c * kk
+            && map.len() == pout * pin + 16
     );
     #[cfg(target_arch = "x86_64")]
     if kk <= 16 && crate::simd::elementwise_avx2() {
@@ -122,51 +129,50 @@ fn fill_segments_scalar(e: &mut [i8], wq: &[i8], map: &[u8], [o, c, pin, pout, k
     }
 }
 
-/// The 16-entry table of `w` (at most 16 codes), zero beyond.
-fn table16(w: &[i8]) -> [i8; 16] {
-    let mut t = [0i8; 16];
-    t[..w.len()].copy_from_slice(w);
-    t
-}
-
 /// Runs `look(table, 16 map entries, out)` over every 16-entry piece of every segment, in memory order.
-/// A segment's partial last piece is stored whole too (the map carries 16 [`NONE`] entries of slack): the
-/// bytes past the segment belong to the segments after it, which are written next; only a piece that
-/// would pass the end of `e` goes through a buffer.
+/// A segment's partial last piece is stored whole (the map carries 16 [`NONE`] entries of slack, `e`
+/// [`SLACK`] bytes): the bytes past the segment belong to the segments after it, which are written next.
+/// A table is one 16-byte load of `w[o, c]`'s codes and what follows them (entries past `kh·kw` are never
+/// looked up: the map holds taps below `kh·kw` or [`NONE`]); the last few come from a padded copy.
 ///
 /// # Safety
-/// The slices have the lengths [`fill_segments`] checks (`map` with its 16 entries of slack), `kk <= 16`,
-/// and `look` reads 16 entries and writes 16 bytes at the pointers it is given.
+/// The slices have the lengths [`fill_segments`] checks (`map` with its 16 entries of slack, `e` with
+/// [`SLACK`] bytes), `kk <= 16`, `load_table` reads 16 bytes and `look` reads 16 entries and writes 16
+/// bytes at the pointers they are given.
 #[inline(always)]
 unsafe fn fill_segments_by16<V: Copy>(
     e: &mut [i8],
     wq: &[i8],
     map: &[u8],
     [o, c, pin, pout, kk]: [usize; 5],
-    load_table: impl Fn(&[i8; 16]) -> V,
+    load_table: impl Fn(*const i8) -> V,
     look: impl Fn(V, *const u8, *mut i8),
 ) {
+    let mut tail = [0i8; 32];
+    let at_end = wq.len().saturating_sub(16);
+    tail[..wq.len() - at_end].copy_from_slice(&wq[at_end..]);
+    let table = |k: usize| {
+        if k + 16 <= wq.len() {
+            load_table(wq.as_ptr().add(k))
+        } else {
+            load_table(tail.as_ptr().add(k - at_end))
+        }
+    };
     let mut tables = Vec::with_capacity(c);
     let ep = e.as_mut_ptr();
     for oc in 0..o {
         tables.clear();
-        tables.extend((0..c).map(|ch| load_table(&table16(&wq[(oc * c + ch) * kk..][..kk]))));
+        tables.extend((0..c).map(|ch| table((oc * c + ch) * kk)));
         for q in 0..pout {
-            let row = map[q * pin..].as_ptr();
-            for (ch, &t) in tables.iter().enumerate() {
-                let at = ((oc * pout + q) * c + ch) * pin;
+            let row = map.as_ptr().add(q * pin);
+            let mut out = ep.add((oc * pout + q) * c * pin);
+            for &t in &tables {
                 let mut r = 0;
                 while r < pin {
-                    if at + r + 16 <= e.len() {
-                        look(t, row.add(r), ep.add(at + r));
-                    } else {
-                        let mut out = [0i8; 16];
-                        look(t, row.add(r), out.as_mut_ptr());
-                        let n = (pin - r).min(16);
-                        e[at + r..at + r + n].copy_from_slice(&out[..n]);
-                    }
+                    look(t, row.add(r), out.add(r));
                     r += 16;
                 }
+                out = out.add(pin);
             }
         }
     }
@@ -183,7 +189,7 @@ unsafe fn fill_segments_x86(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 5
         wq,
         map,
         dims,
-        |t| _mm_loadu_si128(t.as_ptr() as *const __m128i),
+        |t| _mm_loadu_si128(t as *const __m128i),
         // pshufb: an index with its top bit set (NONE) gives 0
         |t, ix, out| {
             let v = _mm_shuffle_epi8(t, _mm_loadu_si128(ix as *const __m128i));
@@ -202,7 +208,7 @@ unsafe fn fill_segments_neon(e: &mut [i8], wq: &[i8], map: &[u8], dims: [usize; 
         wq,
         map,
         dims,
-        |t| vld1q_s8(t.as_ptr()),
+        |t| vld1q_s8(t),
         // tbl: an index of 16 or more (NONE) gives 0
         |t, ix, out| vst1q_s8(out, vqtbl1q_s8(t, vld1q_u8(ix))),
     )
@@ -252,7 +258,7 @@ pub fn forward(
     let bias_rows: Option<Vec<f32>> = bias.map(|b| (0..rows).map(|r| b[r / pout]).collect());
     gemm::gemm_i8_f32(
         &MatRef::row_major(xq, g.n, cols)?,
-        &MatRef::row_major(&e, rows, cols)?.t(),
+        &MatRef::row_major(&e[..rows * cols], rows, cols)?.t(),
         Scale::Scalar(sx),
         Scale::Scalar(sw),
         bias_rows.as_deref(),
@@ -280,7 +286,7 @@ pub fn backward(
         let e = expand(s, wq)?;
         gemm::gemm_i8_f32(
             &dym,
-            &MatRef::row_major(&e, rows, cols)?,
+            &MatRef::row_major(&e[..rows * cols], rows, cols)?,
             Scale::Scalar(sdy),
             Scale::Scalar(sw),
             None,
@@ -439,6 +445,9 @@ mod tests {
             ([2, 5, 2, 2], [3, 5, 3, 3], (1, 1), (1, 1)),
             ([1, 3, 4, 5], [4, 3, 3, 2], (2, 1), (1, 0)),
             ([1, 2, 5, 5], [3, 2, 5, 5], (2, 2), (2, 2)),
+            // fewer codes than one 16-byte table load; a 4x4 kernel (16 taps, every table entry used)
+            ([1, 1, 2, 2], [1, 1, 3, 3], (1, 1), (1, 1)),
+            ([2, 3, 4, 4], [5, 3, 4, 4], (1, 1), (1, 1)),
         ];
         for (ci, &(xs, ws, stride, padding)) in cases.iter().enumerate() {
             let s = ConvShape::new(xs, ws, stride, padding).unwrap();
@@ -483,11 +492,11 @@ mod tests {
             assert_eq!(acc, want_acc, "dE folded into taps, case {ci}");
             for simd in [true, false] {
                 crate::simd::set_elementwise_simd(simd);
-                let mut e = take_i8(want.len()).unwrap();
+                let mut e = take_i8(want.len() + SLACK).unwrap();
                 e.fill(77); // every byte must be written
                 fill_segments(&mut e, &wq, &tap_map(g), [s.o, g.c, pin, pout, kk]);
                 crate::simd::set_elementwise_simd(true);
-                assert_eq!(&e[..], &want[..], "E, case {ci}, simd {simd}");
+                assert_eq!(&e[..want.len()], &want[..], "E, case {ci}, simd {simd}");
             }
         }
     }
