@@ -8,33 +8,18 @@ use super::{check_len, for_each_chunk, worth_parallel};
 use crate::error::{Error, Result};
 use crate::quant::{abs_bits, ActRange, AmaxAcc};
 
-/// `f(i, ch)` for every image `i` and channel `ch` (at index `i·c + ch`), each a reduction over one plane.
-/// In the pool the work is split by image: each worker reads whole, contiguous images, the same split as
-/// the element-wise passes before and after, so the data stays in that core's cache.
-fn per_image_channel<T: Copy + Default + Send>(
+/// `f(i, row)` for every image `i`, `row` its `c` entries (at `i·c..(i + 1)·c`, each a reduction over one
+/// plane). In the pool the work is split by image: each worker reads whole, contiguous images, the same split
+/// as the element-wise passes before and after, so the data stays in that core's cache.
+fn per_image<T: Copy + Default + Send>(
     n: usize,
     c: usize,
     parallel: bool,
-    f: impl Fn(usize, usize) -> T + Sync + Send,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
     let mut parts = vec![T::default(); n * c];
-    for_each_chunk(&mut parts, c, parallel, |i, row| {
-        for (ch, v) in row.iter_mut().enumerate() {
-            *v = f(i, ch);
-        }
-    });
+    for_each_chunk(&mut parts, c, parallel, f);
     parts
-}
-
-/// Per-channel `Σ_i` of the pairs `f(i, ch)` of [`per_image_channel`], reduced in image order: the same
-/// f64 additions in the same order whatever the thread count.
-fn image_channel_sums(
-    n: usize,
-    c: usize,
-    parallel: bool,
-    f: impl Fn(usize, usize) -> (f64, f64) + Sync + Send,
-) -> Vec<(f64, f64)> {
-    sum_in_image_order(&per_image_channel(n, c, parallel, f), c, |&p| p)
 }
 
 /// Per-channel sums of the pairs `pair(parts[i·c + ch])` over the images, in image order.
@@ -217,6 +202,37 @@ fn stat_sums(p: &[f32], shift: f32) -> (f64, f64) {
     pair_sums(p, p, |v, _| v - shift, |v, _| (v - shift) * (v - shift))
 }
 
+/// [`stat_sums`] of every plane of one image (`xi`: `C` planes of `hw` values, `shifts[ch]` each), handed
+/// to `put(ch, sums)`, bit for bit. Planes shorter than [`SIMD_MIN`] are taken 8 channels at a time, one
+/// plane per lane, each lane adding its plane's values in order from 0 as the portable loop does: on the
+/// 4x4 and 2x2 maps of a small network a call per plane cost several times its arithmetic.
+fn image_stat_sums(xi: &[f32], hw: usize, shifts: &[f32], mut put: impl FnMut(usize, (f64, f64))) {
+    let c = shifts.len();
+    debug_assert_eq!(xi.len(), c * hw);
+    let mut ch0 = 0;
+    if hw < SIMD_MIN {
+        while ch0 + 8 <= c {
+            let block = &xi[ch0 * hw..(ch0 + 8) * hw];
+            let sh: [f32; 8] = shifts[ch0..ch0 + 8].try_into().unwrap();
+            let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
+            for t in 0..hw {
+                for l in 0..8 {
+                    let d = block[l * hw + t] - sh[l];
+                    a[l] += d as f64;
+                    b[l] += (d * d) as f64;
+                }
+            }
+            for l in 0..8 {
+                put(ch0 + l, (a[l], b[l]));
+            }
+            ch0 += 8;
+        }
+    }
+    for ch in ch0..c {
+        put(ch, stat_sums(&xi[ch * hw..(ch + 1) * hw], shifts[ch]));
+    }
+}
+
 /// Backward sums of one plane: `(Σ dy, Σ dy·(x − mu))`.
 pub(super) fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
@@ -238,6 +254,45 @@ pub(super) fn grad_sums<X: Saved>(dy: &[f32], x: &[X], scale: f32, mu: f32) -> (
         return unsafe { with_avx2(dy, x, scale, mu) };
     }
     pair_sums(dy, x, |g, _| g, |g, v: X| g * (v.value(scale) - mu))
+}
+
+/// [`grad_sums`] of consecutive planes of `hw` values (`dy`, `x` hold whole planes; plane `j` with mean
+/// `mu(j)`), handed to `put(j, sums)`, bit for bit. Planes shorter than [`SIMD_MIN`] are taken 8 at a time,
+/// one plane per lane, each lane adding its plane's values in order from 0 as the portable loop does (see
+/// [`image_stat_sums`]).
+pub(super) fn planes_grad_sums<X: Saved>(
+    dy: &[f32],
+    x: &[X],
+    hw: usize,
+    scale: f32,
+    mu: impl Fn(usize) -> f32,
+    mut put: impl FnMut(usize, (f64, f64)),
+) {
+    debug_assert_eq!(dy.len(), x.len());
+    let planes = if hw == 0 { 0 } else { dy.len() / hw };
+    let mut j0 = 0;
+    if hw < SIMD_MIN {
+        while j0 + 8 <= planes {
+            let (g, v) = (&dy[j0 * hw..(j0 + 8) * hw], &x[j0 * hw..(j0 + 8) * hw]);
+            let m: [f32; 8] = std::array::from_fn(|l| mu(j0 + l));
+            let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
+            for t in 0..hw {
+                for l in 0..8 {
+                    let gv = g[l * hw + t];
+                    a[l] += gv as f64;
+                    b[l] += (gv * (v[l * hw + t].value(scale) - m[l])) as f64;
+                }
+            }
+            for l in 0..8 {
+                put(j0 + l, (a[l], b[l]));
+            }
+            j0 += 8;
+        }
+    }
+    for j in j0..planes {
+        let r = j * hw..(j + 1) * hw;
+        put(j, grad_sums(&dy[r.clone()], &x[r], scale, mu(j)));
+    }
 }
 
 /// `o = g·a + x·b + k` element-wise; `g = None` reads `o` itself as `g` (in place).
@@ -346,16 +401,22 @@ pub(super) fn forward_coefficients(
             ));
         }
         // Shifted sums (shift = the channel's first value) keep E[x²]−E[x]² free of cancellation.
-        let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+        let shifts: Vec<f32> = (0..c).map(|ch| x[ch * hw]).collect();
+        let image = |i: usize| &x[i * c * hw..(i + 1) * c * hw];
         let sums = match range {
-            None => image_channel_sums(n, c, parallel, |i, ch| stat_sums(plane(i, ch), x[ch * hw])),
+            None => {
+                let parts = per_image(n, c, parallel, |i, row| {
+                    image_stat_sums(image(i), hw, &shifts, |ch, s| row[ch] = s)
+                });
+                sum_in_image_order(&parts, c, |&p| p)
+            }
             Some(range) => {
                 // the statistics and the data's range in one read of each plane
                 // (the range of a whole image at its first channel: one scan per image, not per plane)
-                let parts = per_image_channel(n, c, parallel, |i, ch| {
-                    let range = (ch == 0)
-                        .then(|| crate::quant::run_min_max(&x[i * c * hw..(i + 1) * c * hw]));
-                    (stat_sums(plane(i, ch), x[ch * hw]), range)
+                type Part = ((f64, f64), Option<(f32, f32, bool)>);
+                let parts = per_image(n, c, parallel, |i, row: &mut [Part]| {
+                    row[0].1 = Some(crate::quant::run_min_max(image(i)));
+                    image_stat_sums(image(i), hw, &shifts, |ch, s| row[ch].0 = s)
                 });
                 let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
                 for &(a, b, bad) in parts.iter().filter_map(|(_, r)| r.as_ref()) {
@@ -696,10 +757,18 @@ fn backward_coefficients<X: Saved>(
     check_channel_args(c, gamma, mean, invstd, dgamma, dbeta)?;
     let hw = h * w;
     let parallel = worth_parallel(x.len());
-    let sums = image_channel_sums(n, c, parallel, |i, ch| {
-        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-        grad_sums(&dy[r.clone()], &x[r], scale, mean[ch])
+    let parts = per_image(n, c, parallel, |i, row| {
+        let r = i * c * hw..(i + 1) * c * hw;
+        planes_grad_sums(
+            &dy[r.clone()],
+            &x[r],
+            hw,
+            scale,
+            |ch| mean[ch],
+            |ch, v| row[ch] = v,
+        )
     });
+    let sums = sum_in_image_order(&parts, c, |&p| p);
     Ok(coefficients_from_sums(
         &sums,
         n * hw,
@@ -843,6 +912,68 @@ mod tests {
                     near(g.0, want_g.0) && near(g.1, want_g.1),
                     "grad, len {len}, simd {simd}: {g:?} vs {want_g:?}"
                 );
+            }
+        }
+    }
+
+    /// The sums of a whole image's planes give each plane's own [`stat_sums`] bits (and a run of planes'
+    /// backward sums each plane's [`grad_sums`]), on planes of every
+    /// length below and around [`SIMD_MIN`] and channel counts with and without a partial block of 8, with
+    /// the shift of each channel its first value, -0.0 and large values among the data.
+    #[test]
+    fn image_and_run_sums_equal_plane_sums() {
+        for hw in 1..=10 {
+            for c in [1, 7, 8, 9, 17, 24] {
+                let mut x: Vec<f32> = (0..c * hw)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0137 + (i % 5) as f32 * 1e3)
+                    .collect();
+                x[c * hw / 2] = -0.0;
+                let shifts: Vec<f32> = (0..c).map(|ch| x[(ch * 3 % c) * hw] + 0.5).collect();
+                for simd in [false, true] {
+                    crate::simd::set_elementwise_simd(simd);
+                    let mut got = vec![(f64::NAN, f64::NAN); c];
+                    image_stat_sums(&x, hw, &shifts, |ch, v| got[ch] = v);
+                    let want: Vec<(f64, f64)> = (0..c)
+                        .map(|ch| stat_sums(&x[ch * hw..(ch + 1) * hw], shifts[ch]))
+                        .collect();
+                    crate::simd::set_elementwise_simd(true);
+                    let bits = |v: &[(f64, f64)]| {
+                        v.iter()
+                            .map(|p| (p.0.to_bits(), p.1.to_bits()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&got), bits(&want), "hw {hw}, c {c}, simd {simd}");
+                    // the backward sums likewise, on int8 codes and on FP32 values
+                    let dy: Vec<f32> = (0..c * hw)
+                        .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+                        .collect();
+                    let xq: Vec<i8> = (0..c * hw)
+                        .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                        .collect();
+                    crate::simd::set_elementwise_simd(simd);
+                    let (mut g8, mut g32) =
+                        (vec![(f64::NAN, f64::NAN); c], vec![(f64::NAN, f64::NAN); c]);
+                    planes_grad_sums(&dy, &xq, hw, 0.02, |j| shifts[j], |j, v| g8[j] = v);
+                    planes_grad_sums(&dy, &x, hw, 1.0, |j| shifts[j], |j, v| g32[j] = v);
+                    let plane = |j: usize| j * hw..(j + 1) * hw;
+                    let want8: Vec<(f64, f64)> = (0..c)
+                        .map(|j| grad_sums(&dy[plane(j)], &xq[plane(j)], 0.02, shifts[j]))
+                        .collect();
+                    let want32: Vec<(f64, f64)> = (0..c)
+                        .map(|j| grad_sums(&dy[plane(j)], &x[plane(j)], 1.0, shifts[j]))
+                        .collect();
+                    crate::simd::set_elementwise_simd(true);
+                    assert_eq!(
+                        bits(&g8),
+                        bits(&want8),
+                        "int8 grad sums, hw {hw}, c {c}, simd {simd}"
+                    );
+                    assert_eq!(
+                        bits(&g32),
+                        bits(&want32),
+                        "grad sums, hw {hw}, c {c}, simd {simd}"
+                    );
+                }
             }
         }
     }

@@ -16,7 +16,7 @@
 
 use super::batchnorm::{
     affine3, check_channel_args, check_x_scale, coefficients_from_sums, forward_coefficients,
-    grad_sums, sum_in_image_order,
+    planes_grad_sums, sum_in_image_order,
 };
 use super::pool::{maxpool_2x2, maxpool_2x2_backward};
 use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
@@ -374,15 +374,15 @@ fn fused_backward_i8(
     for_each_chunk2(g, k * hw, &mut parts, k, parallel, |run, gr, pr| {
         let plane0 = run * k;
         first(plane0, gr);
-        for (j, (gp, part)) in gr.chunks_exact(hw).zip(pr.iter_mut()).enumerate() {
-            let plane = plane0 + j;
-            *part = grad_sums(
-                gp,
-                &xq[plane * hw..(plane + 1) * hw],
-                x_scale,
-                mean[plane % c],
-            );
-        }
+        let xr = &xq[plane0 * hw..plane0 * hw + gr.len()];
+        planes_grad_sums(
+            gr,
+            xr,
+            hw,
+            x_scale,
+            |j| mean[(plane0 + j) % c],
+            |j, v| pr[j] = v,
+        );
     });
     let sums = sum_in_image_order(&parts, c, |&s| s);
     let coef = coefficients_from_sums(&sums, n * hw, gamma, mean, invstd, dgamma, dbeta);
