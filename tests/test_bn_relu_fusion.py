@@ -126,3 +126,22 @@ def test_pooled_backward_rejects_bad_offsets():
         _native.batchnorm2d_relu_backward_i8_(np.ones_like(y), bad, True, xq, sx, None, mean, invstd)
     with pytest.raises(ValueError, match="dy"):
         _native.batchnorm2d_relu_backward_i8_(np.ones_like(x), idx, True, xq, sx, None, mean, invstd)
+
+
+def test_empty_batch_is_an_error_or_zero_gradients_never_a_panic():
+    """A batch of no images: the fused forward refuses it by name; the backward (whose arrays a caller may
+    pass directly) gives zero parameter gradients and an empty dx, with and without pooling."""
+    from edgelearn import InvalidArgumentError
+
+    c = 3
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    with pytest.raises(InvalidArgumentError, match="more than 1 value per channel"):
+        _native.batchnorm2d_relu_forward_save_i8_(
+            np.zeros((0, c, 4, 4), np.float32), ones, zeros, zeros.copy(), ones.copy(), 0.1, 1e-5, True, False)
+    xq = np.zeros((0, c, 4, 4), np.int8)
+    for pool, dy, saved in [(True, np.zeros((0, c, 2, 2), np.float32), np.zeros((0, c, 2, 2), np.uint8)),
+                            (False, np.zeros((0, c, 4, 4), np.float32), np.zeros(0, np.uint8))]:
+        dx, dgamma, dbeta = _native.batchnorm2d_relu_backward_i8_(dy, saved, pool, xq, 0.1, ones, zeros, ones)
+        assert dx.shape == (0, c, 4, 4)
+        np.testing.assert_array_equal(dgamma, zeros)
+        np.testing.assert_array_equal(dbeta, zeros)

@@ -269,7 +269,7 @@ pub(super) fn planes_grad_sums<X: Saved>(
     mut put: impl FnMut(usize, (f64, f64)),
 ) {
     debug_assert_eq!(dy.len(), x.len());
-    let planes = if hw == 0 { 0 } else { dy.len() / hw };
+    let planes = dy.len().checked_div(hw).unwrap_or(0);
     let mut j0 = 0;
     if hw < SIMD_MIN {
         while j0 + 8 <= planes {

@@ -133,7 +133,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
     // while the group is in cache (with an even height, a group's stacked planes pool as one tall plane:
     // row pairs never straddle two planes). On the 4x4 and 2x2 planes late in a small network this turns
     // thousands of calls of a few values each into a few long ones; a large plane is a group of one.
-    let group = (GROUP_VALUES / hw).clamp(1, c);
+    let group = (GROUP_VALUES / hw).max(1).min(c);
     let image = |((xi, qi), (yi, ii)): ((&mut [f32], &mut [i8]), (&mut [f32], &mut [u8]))| {
         codes.run(xi, qi);
         let (mut mx, mut nan) = (0f32, false);
@@ -369,7 +369,7 @@ fn fused_backward_i8(
     let parallel = worth_parallel(g.len());
     // runs of whole planes (one plane when planes are large): `first` and the affine map take a run at a
     // time, the sums stay per plane
-    let k = (GROUP_VALUES / hw).clamp(1, n * c);
+    let k = (GROUP_VALUES / hw).max(1);
     let mut parts = vec![(0f64, 0f64); n * c];
     for_each_chunk2(g, k * hw, &mut parts, k, parallel, |run, gr, pr| {
         let plane0 = run * k;
@@ -596,6 +596,39 @@ mod tests {
             assert_eq!(bits(&a.6), bits(&b.6), "invstd of {shape:?}");
             assert_eq!(a.7, b.7, "range of {shape:?}");
             assert_eq!(bits(&a.8), bits(&b.8), "dx, dgamma, dbeta of {shape:?}");
+        }
+    }
+
+    /// An empty batch is no panic either way (the core is called with whatever shapes a caller passes).
+    #[test]
+    fn empty_batch_backward_does_not_panic() {
+        let shape = [0, 3, 4, 4];
+        let (gamma, mean, invstd) = (vec![1f32; 3], vec![0f32; 3], vec![1f32; 3]);
+        let (mut dg, mut db) = (vec![0f32; 3], vec![0f32; 3]);
+        let (mut dy, mut dx) = (Vec::<f32>::new(), Vec::<f32>::new());
+        for pool in [true, false] {
+            let (saved, out) = if pool {
+                (ReluSaved::Pool2x2(&[]), Some(&mut dx[..]))
+            } else {
+                (ReluSaved::Mask(&[]), None)
+            };
+            let r = batchnorm2d_relu_backward_i8(
+                &mut dy,
+                saved,
+                &[],
+                0.1,
+                shape,
+                Some(&gamma),
+                &mean,
+                &invstd,
+                out,
+                &mut dg,
+                &mut db,
+            );
+            assert!(
+                r.is_ok() && dg == [0.0; 3] && db == [0.0; 3],
+                "pool {pool}: {r:?}"
+            );
         }
     }
 
