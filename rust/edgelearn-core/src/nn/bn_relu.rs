@@ -18,7 +18,7 @@ use super::batchnorm::{
     affine3, check_channel_args, check_x_scale, coefficients_from_sums, forward_coefficients,
     planes_grad_sums, sum_in_image_order,
 };
-use super::pool::{maxpool_2x2, maxpool_2x2_backward};
+use super::pool::{maxpool_2x2_backward_planes, maxpool_2x2_planes, STACK_VALUES};
 use super::{check_len, for_each_chunk, for_each_chunk2, worth_parallel};
 use crate::error::{Error, Result};
 use crate::quant::{ActRange, AmaxAcc};
@@ -27,10 +27,6 @@ use crate::threads;
 /// Argmax offset of a pooled window through which ReLU passes no gradient (its maximum is not positive):
 /// the 2x2 backward writes zeros for any offset other than 0..=3.
 pub const NO_GRAD: u8 = 4;
-
-/// How many values of an image the fused forward normalises before it pools them (a group of whole
-/// channels, at least one): 16 KiB of FP32, well inside L1.
-const GROUP_VALUES: usize = 4096;
 
 /// What follows the BatchNorm: ReLU with its bit mask, or ReLU and 2x2/stride-2 max pooling.
 pub enum ReluOut<'a> {
@@ -133,7 +129,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
     // while the group is in cache (with an even height, a group's stacked planes pool as one tall plane:
     // row pairs never straddle two planes). On the 4x4 and 2x2 planes late in a small network this turns
     // thousands of calls of a few values each into a few long ones; a large plane is a group of one.
-    let group = (GROUP_VALUES / hw).max(1).min(c);
+    let group = (STACK_VALUES / hw).max(1).min(c);
     let image = |((xi, qi), (yi, ii)): ((&mut [f32], &mut [i8]), (&mut [f32], &mut [u8]))| {
         codes.run(xi, qi);
         let (mut mx, mut nan) = (0f32, false);
@@ -150,14 +146,7 @@ pub fn batchnorm2d_relu_forward_save_i8(
                 &mut yi[ch0 * p..chs.end * p],
                 &mut ii[ch0 * p..chs.end * p],
             );
-            if h % 2 == 0 {
-                maxpool_2x2(xg, w, chs.len() * oh, ow, yg, ig);
-            } else {
-                for k in 0..chs.len() {
-                    let (yp, ip) = (&mut yg[k * p..(k + 1) * p], &mut ig[k * p..(k + 1) * p]);
-                    maxpool_2x2(&xg[k * hw..(k + 1) * hw], w, oh, ow, yp, ip);
-                }
-            }
+            maxpool_2x2_planes(xg, chs.len(), h, w, yg, ig);
             let (m, bad) = relu_pooled(yg, ig);
             // (a maximum of non-negative non-NaN values: the order it is taken in does not matter)
             mx = if m > mx { m } else { mx };
@@ -310,22 +299,7 @@ pub fn batchnorm2d_relu_backward_i8(
             let first = move |plane: usize, dp: &mut [f32]| {
                 let planes = dp.len() / hw;
                 let r = plane * p..(plane + planes) * p;
-                if h % 2 == 0 {
-                    maxpool_2x2_backward(
-                        &dy[r.clone()],
-                        &idx[r],
-                        planes * h,
-                        w,
-                        planes * oh,
-                        ow,
-                        dp,
-                    )
-                } else {
-                    for (j, dpj) in dp.chunks_exact_mut(hw).enumerate() {
-                        let rj = (plane + j) * p..(plane + j + 1) * p;
-                        maxpool_2x2_backward(&dy[rj.clone()], &idx[rj], h, w, oh, ow, dpj)
-                    }
-                }
+                maxpool_2x2_backward_planes(&dy[r.clone()], &idx[r], planes, h, w, dp)
             };
             (dx, Box::new(first))
         }
@@ -369,7 +343,7 @@ fn fused_backward_i8(
     let parallel = worth_parallel(g.len());
     // runs of whole planes (one plane when planes are large): `first` and the affine map take a run at a
     // time, the sums stay per plane
-    let k = (GROUP_VALUES / hw).max(1);
+    let k = (STACK_VALUES / hw).max(1);
     let mut parts = vec![(0f64, 0f64); n * c];
     for_each_chunk2(g, k * hw, &mut parts, k, parallel, |run, gr, pr| {
         let plane0 = run * k;
@@ -455,7 +429,7 @@ mod tests {
     /// The pooled forward gives the bits of BatchNorm's own forward followed by a plain window-by-window
     /// 2x2 maximum and ReLU (values, argmax or [`NO_GRAD`], codes, scale, statistics, output range), and
     /// the pooled backward those of a plain scatter to the argmax followed by BatchNorm's int8 backward, on
-    /// planes whose channels span several groups of [`GROUP_VALUES`] with a partial last one, odd planes,
+    /// planes whose channels span several groups of [`STACK_VALUES`] with a partial last one, odd planes,
     /// planes of width 2 and 3, and a plane of one value per window row.
     #[test]
     fn pooled_forward_and_backward_equal_unfused_reference() {

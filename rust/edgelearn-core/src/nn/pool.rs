@@ -67,10 +67,8 @@ pub fn maxpool2d_forward(
     check_len("y", y.len(), &out)?;
     check_len("idx", idx.len(), &out)?;
     let (hw, p) = (g.hw(), g.p());
-    let common = g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0;
-    if common && g.h % 2 == 0 && p > 0 {
-        // planes of even height stacked: their row pairs never straddle two planes, so a run of planes
-        // pools as one tall plane (one call for the thousands of 4x4 and 2x2 planes of a small network)
+    if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 && p > 0 {
+        // runs of whole planes (one call for the thousands of 4x4 and 2x2 planes of a small network)
         let k = (STACK_VALUES / hw).max(1);
         for_each_chunk2(
             y,
@@ -79,18 +77,14 @@ pub fn maxpool2d_forward(
             k * p,
             worth_parallel(x.len()),
             |i, yp, ip| {
-                let rows = yp.len() / g.ow;
-                maxpool_2x2(&x[i * k * hw..][..2 * rows * g.w], g.w, rows, g.ow, yp, ip);
+                let planes = yp.len() / p;
+                maxpool_2x2_planes(&x[i * k * hw..][..planes * hw], planes, g.h, g.w, yp, ip);
             },
         );
         return Ok(g);
     }
     for_each_chunk2(y, p, idx, p, worth_parallel(x.len()), |plane, yp, ip| {
         let xp = &x[plane * hw..(plane + 1) * hw];
-        if g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 {
-            maxpool_2x2(xp, g.w, g.oh, g.ow, yp, ip);
-            return;
-        }
         for oy in 0..g.oh {
             let (y0, y1, wi) = span(oy, g.sh, g.ph, g.kh, g.h);
             for ox in 0..g.ow {
@@ -114,8 +108,50 @@ pub fn maxpool2d_forward(
     Ok(g)
 }
 
-/// How many input values of stacked planes the 2x2 forward takes in one call (whole planes, at least one).
-const STACK_VALUES: usize = 4096;
+/// How many values of consecutive planes the 2x2 pooling (and the fused BatchNorm + ReLU + pooling) takes
+/// at a time: whole planes, at least one; 16 KiB of FP32, well inside L1.
+pub(super) const STACK_VALUES: usize = 4096;
+
+/// [`maxpool_2x2`] of `planes` consecutive `h x w` planes: stacked as one tall plane when the height is even
+/// (row pairs never straddle two planes), else plane by plane.
+pub(super) fn maxpool_2x2_planes(
+    xp: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    yp: &mut [f32],
+    ip: &mut [u8],
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    if h % 2 == 0 {
+        return maxpool_2x2(xp, w, planes * oh, ow, yp, ip);
+    }
+    let (hw, p) = (h * w, oh * ow);
+    for j in 0..planes {
+        let (yj, ij) = (&mut yp[j * p..(j + 1) * p], &mut ip[j * p..(j + 1) * p]);
+        maxpool_2x2(&xp[j * hw..(j + 1) * hw], w, oh, ow, yj, ij);
+    }
+}
+
+/// [`maxpool_2x2_backward`] of `planes` consecutive `h x w` planes, stacked as [`maxpool_2x2_planes`].
+pub(super) fn maxpool_2x2_backward_planes(
+    dyp: &[f32],
+    ip: &[u8],
+    planes: usize,
+    h: usize,
+    w: usize,
+    dp: &mut [f32],
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    if h % 2 == 0 {
+        return maxpool_2x2_backward(dyp, ip, planes * h, w, planes * oh, ow, dp);
+    }
+    let (hw, p) = (h * w, oh * ow);
+    for (j, dj) in dp[..planes * hw].chunks_exact_mut(hw).enumerate() {
+        let r = j * p..(j + 1) * p;
+        maxpool_2x2_backward(&dyp[r.clone()], &ip[r], h, w, oh, ow, dj);
+    }
+}
 
 /// Rows of fewer windows than this take the portable loop (same results): on the 4x4 and 2x2 maps of small
 /// inputs the AVX2 row call and its masks cost more than the few comparisons.
