@@ -4,7 +4,8 @@
 
 use super::sums::sum_row;
 use super::{
-    check_bias, fold_in_order, for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape,
+    check_bias, fold_in_order, for_each_chunk, gather_rows, patch_matrix, row_bias, scatter_rows,
+    ConvShape,
 };
 use crate::error::Result;
 use crate::nn::im2col::col2im;
@@ -54,15 +55,13 @@ pub(super) fn forward(
         let ld = nb * p;
         let mut col = Scratch::default();
         let cm = MatF32::row_major(
-            patch_matrix(&s, &x[n0 * xs..(n0 + nb) * xs], nb, &mut col)?,
+            patch_matrix(&s, &x[n0 * xs..(n0 + nb) * xs], nb, &mut col, par)?,
             k,
             ld,
         )?;
         if nb == 1 {
             if let Some(b) = bias {
-                for (row, &bv) in yc.chunks_exact_mut(p).zip(b) {
-                    row.fill(bv);
-                }
+                row_bias(yc, p, b, par, |row, bv| row.fill(bv));
             }
             // SAFETY: `yc` is one image's O×P output.
             unsafe { sgemm(&wm, &cm, yc.as_mut_ptr(), p, bias.is_some(), par) };
@@ -154,7 +153,7 @@ pub(super) fn backward(
             let dym = MatF32::row_major(dyt, o, ld)?;
             let xc = &x[n0 * xs..(n0 + nb) * xs];
             let mut col = Scratch::default();
-            let cm = MatF32::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
+            let cm = MatF32::row_major(patch_matrix(&s, xc, nb, &mut col, par)?, k, ld)?;
             let direct = s.image_is_patch_matrix(nb);
             // SAFETY: the accumulator is O×K.
             unsafe { sgemm(&dym, &cm.t(), acc.0.as_mut_ptr(), k, true, par) };

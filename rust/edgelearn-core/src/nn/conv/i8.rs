@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use super::grid::PaddedGrid;
 use super::plan::{ConvAlgo, DensePlan, WeightScales};
 use super::{check_bias, check_scalar_scale, check_weight_scale, direct, smallplane};
-use super::{for_each_chunk, gather_rows, patch_matrix, scatter_rows, ConvShape};
+use super::{for_each_chunk, gather_rows, patch_matrix, row_bias, scatter_rows, ConvShape};
 use crate::error::{Error, Result};
 use crate::gemm::{self, MatRef, Scale, MAX_K_I32};
 use crate::nn::im2col::col2im;
@@ -124,18 +124,18 @@ pub(super) fn forward(
     } else {
         s.images_per_chunk(1, usize::MAX)
     };
-    for_each_chunk(y, o * p, nb, |n0, yc, _| {
+    for_each_chunk(y, o * p, nb, |n0, yc, par| {
         let nb = yc.len() / (o * p);
         let ld = nb * p;
         let xc = &xq[n0 * xs..(n0 + nb) * xs];
         let mut col = Scratch::default();
-        let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
+        let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col, par)?, k, ld)?;
         if nb == 1 {
             gemm::gemm_i8_f32(&wm, &cm, sw, Scale::Scalar(sx), None, yc)?;
             if let Some(b) = bias {
-                for (row, &bv) in yc.chunks_exact_mut(p).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bv);
-                }
+                row_bias(yc, p, b, par, |row, bv| {
+                    row.iter_mut().for_each(|v| *v += bv)
+                });
             }
         } else {
             let mut out = take_f32(o * ld)?;
@@ -296,7 +296,7 @@ pub(super) fn backward(
         if want_dw {
             let xc = &xq[n0 * xs..(n0 + nb) * xs];
             let mut col = Scratch::default();
-            let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col)?, k, ld)?;
+            let cm = MatRef::row_major(patch_matrix(&s, xc, nb, &mut col, par)?, k, ld)?;
             // dW: exact INT32 products, summed in i64-exact f64 across chunks. Computed transposed,
             // dWᵀ (K × O) = col · dYᵀ: the wide patch matrix is the A operand (packed without column
             // sums) and only the O columns of dYᵀ need the VNNI kernel's column sums.
