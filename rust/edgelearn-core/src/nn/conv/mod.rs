@@ -18,8 +18,9 @@
 //! - backward: `dW += dY' (O×nb·P) · colᵀ`, `dcol = Wᵀ · dY'` then col2im per image.
 //!
 //! The chunk size keeps a chunk's patch matrix near L2 size, and chunks are spread over the pool (each
-//! one's GEMM runs on its worker; with fewer chunks than threads the GEMM itself is threaded). 1x1
-//! stride-1 unpadded convolutions skip im2col: an image already is its patch matrix.
+//! one's GEMM runs on its worker; with fewer chunks than threads, e.g. one image at inference, the GEMM,
+//! the unfolding (by groups of input channels) and the bias rows are threaded instead). 1x1 stride-1
+//! unpadded convolutions skip im2col: an image already is its patch matrix.
 //!
 //! INT8: patches are unfolded as INT8 and multiplied on the INT8 GEMM ([`crate::gemm`]), whose epilogue
 //! applies `sw[o]·sx` (per-tensor or per-output-channel weight scale: a per-row scale of `W`). `dW` sums
