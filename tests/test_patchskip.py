@@ -103,6 +103,44 @@ def test_identical_frames_recompute_nothing():
         np.testing.assert_array_equal(y, y0)
 
 
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+def test_outputs_kept_stay_intact_and_dropped_ones_are_reused(uint8):
+    """Frame outputs live in memory the runner reuses once their arrays are gone (no fresh allocation, and no
+    page faults, per frame): an output the caller keeps is never written by a later frame, one it dropped is."""
+    el.manual_seed(0)
+    model = randomize_bn(net_stride1())
+    runner = PatchSkipRunner(model, patch=8, threshold=0.0)
+    g = np.random.default_rng(1)
+    if uint8:
+        frames = [g.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    else:
+        frames = [g.random((3, 40, 40), dtype=np.float32) for _ in range(4)]
+    kept = runner(frames[0])
+    first = kept.copy()
+    view = kept[0, 1]  # a view keeps the memory too
+    addr = _address(kept)
+    del kept
+    second = runner(frames[1])
+    assert _address(second) != addr  # still held through `view`
+    np.testing.assert_array_equal(view, first[0, 1])
+    assert not np.array_equal(second, first)
+    del view
+    # the first output's memory is free again: the runner reuses it, even though a new array of the same size
+    # (which malloc would have placed there) was made in between
+    blocker = np.empty_like(first)
+    third = runner(frames[2])
+    assert _address(third) == addr != _address(blocker)
+    assert type(third.base).__name__ == "OutputBuffer"
+    want = [dense(model, runner.preprocess(f)) for f in frames[:3]]
+    np.testing.assert_allclose(third, want[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, want[1], rtol=1e-5, atol=1e-5)
+    assert third.flags.writeable and third.flags.c_contiguous and third.dtype == np.float32
+
+
 def test_moving_square_small_fraction_and_exact():
     el.manual_seed(3)
     model = randomize_bn(net_stride1())

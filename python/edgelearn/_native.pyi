@@ -56,6 +56,7 @@ __all__ = [
     "conv2d_grouped_i8_backward",
     "OctoSaved",
     "ActivationRange",
+    "OutputBuffer",
     "octo_forward",
     "octo_backward",
     "DeferredGrad",
@@ -375,6 +376,11 @@ def _sgq_frame_info(frame: bytes) -> dict[str, Any]: ...
 def _sgq_channel_order(x: npt.NDArray[np.float32]) -> list[int]: ...
 
 # --- patch-skip video runner (edgelearn.video.PatchSkipRunner builds it from a Sequential) ---------------
+@final
+class OutputBuffer:
+    """The memory of one PatchSkip frame output (the array's base object); reused for a later frame's
+    output once the array and its views are gone."""
+
 @final
 class PatchSkip:
     def __new__(

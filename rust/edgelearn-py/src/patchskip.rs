@@ -2,10 +2,12 @@
 //! added one by one (`add_conv`, `add_batchnorm`, ...), then `run(frame)` takes float32 `(C, H, W)`
 //! frames; `edgelearn.video.PatchSkipRunner` builds it from a `Sequential`.
 
+use std::sync::{Arc, Mutex};
+
 use edgelearn_core::nn::Window2d;
 use edgelearn_core::patchskip::{Int8Scales, Layer, PatchSkip as Core, PatchSkipConfig, U8Input};
-use numpy::ndarray::Dim;
-use numpy::{PyArray, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::ndarray::{ArrayView4, Dim};
+use numpy::{PyArray, PyArray4, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -18,12 +20,89 @@ fn vec_f32(arg: &str, obj: &Bound<'_, PyAny>, ndim: usize) -> PyResult<(Vec<f32>
     Ok((a.as_array().iter().copied().collect(), shape))
 }
 
+/// Frame outputs' memory, handed back when their arrays are gone (see [`OutputBuffer`]).
+type OutputPool = Arc<Mutex<Vec<Vec<f32>>>>;
+
+/// Most output buffers a runner keeps for reuse (a caller that holds a block of outputs, then drops
+/// them, gets all of them back).
+const POOL_MAX: usize = 16;
+
+/// The memory of one frame output array (its NumPy base object). When the array and every view of it
+/// are gone, the memory goes back to its runner's pool, and a later frame's output is copied into it.
+///
+/// Why: a frame output is a fresh allocation of the feature map's size (1.2 MB at 480x640 for the
+/// default model), which glibc takes from the OS and gives back (mmap, or a trimmed heap top), so every
+/// frame paid a page fault per 4 KiB page writing it. On this project's 2-vCPU VM that was 0.3–0.7 ms of
+/// a 2–2.5 ms INT8 patch-skip frame at 480x640 (more on two threads, where faults also shoot down the
+/// other core's TLB).
+#[pyclass(module = "edgelearn._native", frozen)]
+pub struct OutputBuffer {
+    data: Vec<f32>,
+    pool: OutputPool,
+}
+
+impl Drop for OutputBuffer {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // a poisoned pool (a panic while it was locked) only loses the reuse
+        if let Ok(mut pool) = self.pool.lock() {
+            if pool.len() < POOL_MAX {
+                pool.push(data);
+            }
+        }
+    }
+}
+
+/// A copy of `out` in memory from `pool` (a buffer of the same length, else a new one; buffers of
+/// another length, from an earlier stream shape, are dropped).
+fn pooled_copy(pool: &OutputPool, out: &[f32]) -> Vec<f32> {
+    let reused = pool.lock().ok().and_then(|mut p| {
+        p.retain(|v| v.len() == out.len());
+        p.pop()
+    });
+    match reused {
+        Some(mut v) => {
+            v.copy_from_slice(out);
+            v
+        }
+        None => out.to_vec(),
+    }
+}
+
+/// `data` as a `(1, c, h, w)` float32 array whose base object returns the memory to `pool`.
+fn output_array<'py>(
+    py: Python<'py>,
+    data: Vec<f32>,
+    pool: &OutputPool,
+    [c, h, w]: [usize; 3],
+) -> PyResult<Bound<'py, PyArray4<f32>>> {
+    if data.len() != c * h * w {
+        return Err(value_error(
+            "output",
+            format!("{} values for an output of shape (1, {c}, {h}, {w})", data.len()),
+        ));
+    }
+    let owner = Bound::new(
+        py,
+        OutputBuffer {
+            data,
+            pool: Arc::clone(pool),
+        },
+    )?;
+    let view = ArrayView4::from_shape((1, c, h, w), &owner.get().data[..])
+        .map_err(|e| value_error("output", e))?;
+    // SAFETY: `owner` becomes the array's base object, which keeps it (and its never-resized `data`)
+    // alive as long as the array or any view of it; `data` is only taken back in `owner`'s `Drop`.
+    Ok(unsafe { PyArray4::borrow_from_array(&view, owner.clone().into_any()) })
+}
+
 /// Patch-skip inference over a stream of frames (see `edgelearn.video.PatchSkipRunner`).
 #[pyclass(module = "edgelearn._native")]
 pub struct PatchSkip {
     cfg: PatchSkipConfig,
     layers: Vec<Layer>,
     core: Option<Core>,
+    outputs: OutputPool,
 }
 
 impl PatchSkip {
@@ -77,6 +156,7 @@ impl PatchSkip {
             cfg,
             layers: Vec::new(),
             core: None,
+            outputs: OutputPool::default(),
         })
     }
 
@@ -228,10 +308,11 @@ impl PatchSkip {
         }
         let core = self.core.as_mut().expect("built above");
         let x = arr.as_slice().map_err(|e| value_error("frame", e))?;
-        let out = py.detach(|| core.run(x, shape).map(|o| o.to_vec())).py()?;
-        let [c, h, w] = core.output_shape().unwrap_or([0; 3]);
-        let y = PyArray::from_vec(py, out).reshape([1, c, h, w])?;
-        Ok(y)
+        let pool = &self.outputs;
+        let out = py
+            .detach(|| core.run(x, shape).map(|o| pooled_copy(pool, o)))
+            .py()?;
+        output_array(py, out, pool, core.output_shape().unwrap_or([0; 3]))
     }
 
     /// Runs one uint8 `(H, W)` or `(H, W, C)` C-contiguous frame (a decoded video frame), converted to the
@@ -276,12 +357,11 @@ impl PatchSkip {
         }
         let core = self.core.as_mut().expect("built above");
         let x = arr.as_slice().map_err(|e| value_error("frame", e))?;
+        let pool = &self.outputs;
         let out = py
-            .detach(|| core.run_u8(x, input).map(|o| o.to_vec()))
+            .detach(|| core.run_u8(x, input).map(|o| pooled_copy(pool, o)))
             .py()?;
-        let [c, h, w] = core.output_shape().unwrap_or([0; 3]);
-        let y = PyArray::from_vec(py, out).reshape([1, c, h, w])?;
-        Ok(y)
+        output_array(py, out, pool, core.output_shape().unwrap_or([0; 3]))
     }
 
     /// Forgets the stream: the next frame runs densely and may have a new shape.
@@ -317,5 +397,6 @@ impl PatchSkip {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<OutputBuffer>()?;
     m.add_class::<PatchSkip>()
 }
