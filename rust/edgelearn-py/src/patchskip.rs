@@ -79,7 +79,10 @@ fn output_array<'py>(
     if data.len() != c * h * w {
         return Err(value_error(
             "output",
-            format!("{} values for an output of shape (1, {c}, {h}, {w})", data.len()),
+            format!(
+                "{} values for an output of shape (1, {c}, {h}, {w})",
+                data.len()
+            ),
         ));
     }
     let owner = Bound::new(

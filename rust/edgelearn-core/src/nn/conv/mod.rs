@@ -250,7 +250,7 @@ fn patch_matrix<'a, T: ScratchElem + Send + Sync>(
         let per = c.div_ceil(4 * threads).max(1);
         let hw = s.g.hw();
         let g = s.g;
-        threads::for_each_piece(&mut col[..], per * taps * ld, |gi, rows| {
+        super::for_each_chunk(&mut col[..], per * taps * ld, true, |gi, rows| {
             let c0 = gi * per;
             let sub = Geometry {
                 c: per.min(c - c0),
@@ -260,9 +260,7 @@ fn patch_matrix<'a, T: ScratchElem + Send + Sync>(
                 let x = &xc[i * xs + c0 * hw..i * xs + (c0 + sub.c) * hw];
                 im2col(x, &sub, &mut rows[i * p..], ld);
             }
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .unwrap_or_else(|e| match e {});
+        });
     } else {
         for i in 0..nb {
             im2col(&xc[i * xs..(i + 1) * xs], &s.g, &mut col[i * p..], ld);
@@ -280,22 +278,18 @@ fn row_bias(
     parallel: bool,
     op: impl Fn(&mut [f32], f32) + Sync,
 ) {
-    let apply = |rows: &mut [f32], b: &[f32]| {
-        for (row, &bv) in rows.chunks_exact_mut(p).zip(b) {
+    let parallel = parallel && super::worth_parallel(y.len());
+    // groups of rows: about four a thread in the pool, else all of them
+    let per = if parallel {
+        bias.len().div_ceil(4 * threads::num_threads()).max(1)
+    } else {
+        bias.len().max(1)
+    };
+    super::for_each_chunk(y, per * p, parallel, |i, rows| {
+        for (row, &bv) in rows.chunks_exact_mut(p.max(1)).zip(&bias[i * per..]) {
             op(row, bv);
         }
-    };
-    let threads = threads::num_threads();
-    if parallel && threads > 1 && p > 0 && y.len() >= super::PAR_MIN_ELEMS && bias.len() > 1 {
-        let per = bias.len().div_ceil(4 * threads).max(1);
-        threads::for_each_piece(y, per * p, |i, rows| {
-            apply(rows, &bias[i * per..]);
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .unwrap_or_else(|e| match e {});
-    } else {
-        apply(y, bias);
-    }
+    });
 }
 
 /// Runs `f(first_image, chunk_of_out, gemm_threaded)` for each chunk of `nb` images of the NCHW output
