@@ -606,7 +606,7 @@ fn run(kernel: &dyn Kernel, blk: Blocking, a: Operand, b: Operand, out: *mut i32
                 let mm = mc.min(m - i0);
                 let j0 = tj * nc;
                 let nn = nc.min(n - j0);
-                let apanel_len = kgroups * mr * ku;
+                let apanel_len = kernel.a_panel_bytes(kgroups);
                 A_BUF.with(|cell| {
                     let mut abuf = cell.borrow_mut();
                     let abuf = abuf.bytes(mm.div_ceil(mr) * apanel_len);

@@ -235,8 +235,15 @@ pub trait Kernel: Sync + Send {
     fn a_shifted(&self) -> bool {
         false
     }
+    /// Bytes of one packed A panel of `kgroups` k-groups: `kgroups·mr·ku` in the generic layout; a kernel
+    /// whose [`pack_a_block`](Self::pack_a_block) stores wider values says so here (the driver sizes the
+    /// A buffer with it).
+    fn a_panel_bytes(&self, kgroups: usize) -> usize {
+        kgroups * self.mr() * self.ku()
+    }
     /// Packs rows `r0..r0+m` and k values `k0..k0+kc` of `a` into `ceil(m/mr)` panels of
-    /// `ceil(kc/ku)·mr·ku` bytes at the start of `out`: zero-padded, XOR 0x80 when `a_shifted`.
+    /// [`a_panel_bytes`](Self::a_panel_bytes)`(ceil(kc/ku))` bytes at the start of `out`; generic layout:
+    /// zero-padded, XOR 0x80 when `a_shifted`.
     fn pack_a_block(&self, out: &mut [i8], a: &Operand, r0: usize, m: usize, k0: usize, kc: usize) {
         pack::pack_a(
             out,
@@ -269,7 +276,8 @@ pub trait Kernel: Sync + Send {
     /// Computes the `mr × nr` tile `C = Ap · Bp` over `kgroups` k-groups.
     ///
     /// # Safety
-    /// The CPU has the features this kernel was created for; `a` points to `kgroups·mr·ku` bytes, `b` to
+    /// The CPU has the features this kernel was created for; `a` points to
+    /// [`a_panel_bytes`](Self::a_panel_bytes)`(kgroups)` bytes, `b` to
     /// `kgroups·nr·ku` bytes, `bsum` to `nr` i32 (column sums of this B panel over these k-groups), and `c`
     /// to `mr` rows of `nr` writable i32 spaced `ldc` elements apart. If `accumulate`, the tile is added to
     /// `c`, otherwise it overwrites `c`. INT32 arithmetic wraps (the driver bounds `K` so results fit).
