@@ -30,7 +30,8 @@
 # the kernel-path files: the rest of the suite (CLI, collab, fleet, ONNX, checkpoints, README) runs no
 # kernel that cortex-a72's whole-suite run does not already take through the same Python code, and under
 # emulation it doubled the stage's time), AARCH64_MAX_TESTS (pytest args under -cpu max, default the GEMM and backend tests),
-# AARCH64_TRAIN_CPU (default neoverse-n1), AARCH64_JOBS (parallel runs, default nproc), AARCH64_SHARDS (the
+# AARCH64_SUITE_TESTS (pytest args under cortex-a72 and other non-dotprod CPUs; default `tests`, the whole
+# suite; `kernel-path`: the AARCH64_DOTPROD_TESTS files), AARCH64_TRAIN_CPU (default neoverse-n1), AARCH64_JOBS (parallel runs, default nproc), AARCH64_SHARDS (the
 # whole-suite runs are split into this many pytest processes, whole test files each, so they share the cores
 # with the other runs; default AARCH64_JOBS),
 # AARCH64_REBUILD_WHEEL=1 forces a wheel rebuild.
@@ -44,6 +45,7 @@ DOTPROD_TESTS="${AARCH64_DOTPROD_TESTS:-tests/test_gemm.py tests/test_backend_ar
  tests/test_octo_step.py tests/test_nn_ops.py tests/test_grouped_conv.py tests/test_layers.py
  tests/test_inplace_int8.py tests/test_deferred_grad.py tests/test_bn_relu_fusion.py tests/test_patchskip.py
  tests/test_models_zoo.py tests/test_sgq.py}"
+SUITE_TESTS="${AARCH64_SUITE_TESTS:-tests}"
 TRAIN_CPU="${AARCH64_TRAIN_CPU:-neoverse-n1}"
 HOST_PY="${HOST_PYTHON:-python3}"
 PYVER=3.11
@@ -269,7 +271,8 @@ run_pytest() {
     local key="$1" cpu="$2" want="$3" shard="${4:-}" t0=$SECONDS rc tests
     if [ "$cpu" = max ]; then read -r -d '' -a tests <<<"$MAX_TESTS"
     elif [ "$want" = dotprod ]; then read -r -d '' -a tests <<<"$DOTPROD_TESTS"
-    else tests=(tests); fi
+    elif [ "$SUITE_TESTS" = kernel-path ]; then read -r -d '' -a tests <<<"$DOTPROD_TESTS"
+    else read -r -d '' -a tests <<<"$SUITE_TESTS"; fi
     export QEMU_CPU="$cpu" EDGELEARN_EXPECT_KERNEL="$want"
     if [ -n "$shard" ]; then export EDGELEARN_TEST_SHARD="$shard"; else unset EDGELEARN_TEST_SHARD; fi
     # Under -cpu max OpenBLAS (numpy) picks its SVE kernels: about 4x slower under qemu, and they raise
