@@ -220,12 +220,44 @@ fn map_indices<T: Send>(
     }
 }
 
+/// The widest build of the quantize loops a test lets run: 2 = AVX-512, 1 = AVX2, 0 = portable (each
+/// still only where the CPU has it). Process-wide, for tests ([`set_quantize_simd`]).
+static QUANTIZE_SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// The widest SIMD build the quantize loops may pick.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantizeSimd {
+    Portable = 0,
+    Avx2 = 1,
+    Avx512 = 2,
+}
+
+/// Caps the SIMD build of the quantize loops (statistics pass and codes) for the whole process, so tests
+/// can run each build on a CPU that has the wider ones; the results are the same bits on every build.
+/// Not for production use: the default (`Avx512`) picks the widest build the CPU has.
+#[doc(hidden)]
+pub fn set_quantize_simd(cap: QuantizeSimd) {
+    QUANTIZE_SIMD_CAP.store(cap as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn quantize_simd_cap() -> u8 {
+    QUANTIZE_SIMD_CAP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) fn avx512_ok() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    quantize_simd_cap() >= 2
+        && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512dq")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx2_ok() -> bool {
+    quantize_simd_cap() >= 1 && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// Runs `f(start, chunk)` over `out` split into element-wise chunks, in parallel for large tensors.

@@ -2,7 +2,7 @@
 //! channel, in an order fixed by the layout alone), the clip bounds they give and the scales.
 
 #[cfg(target_arch = "x86_64")]
-use super::avx512_ok;
+use super::{avx2_ok, avx512_ok};
 use super::{map_indices, parallel_for, Clip, Layout, QMAX};
 use crate::error::{Error, Result};
 use crate::threads;
@@ -122,7 +122,7 @@ pub(super) fn first_pass_chunk(xs: &[f32], want_sum: bool) -> (f32, f32, f64, bo
             // SAFETY: the CPU supports these features, checked just above.
             return unsafe { first_pass_chunk_avx512(xs, want_sum) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if avx2_ok() {
             // SAFETY: as above.
             return unsafe { first_pass_chunk_avx2(xs, want_sum) };
         }

@@ -273,25 +273,37 @@ fn empty_channels_get_scale_one() {
     assert!(q.is_empty() && s.is_empty());
 }
 
+/// The noise follows the flat index across 2^32 boundaries, on the portable loop and on the AVX2 one
+/// (runs long enough for its 32-value blocks on both sides of the boundary).
 #[test]
 fn stochastic_noise_follows_the_index_across_a_2_pow_32_boundary() {
-    let xs: Vec<f32> = (0..9).map(|i| i as f32 * 0.37 - 1.3).collect();
+    let xs: Vec<f32> = (0..200).map(|i| i as f32 * 0.0137 - 1.3).collect();
     let (seed, scale) = (77u64, 0.01f32);
-    for pos in [(1usize << 32) - 4, 3 << 32] {
-        let mut qs = vec![0i8; xs.len()];
-        quantize_run_uniform(
-            &xs,
-            &mut qs,
-            -1e9,
-            1e9,
-            scale,
-            Rounding::Stochastic { seed },
-            pos,
-        );
-        for (j, (&q, &x)) in qs.iter().zip(&xs).enumerate() {
-            let t = scaled(x, -1e9, 1e9, scale);
-            let expect = (t + stochastic_uniform(seed, (pos + j) as u64)).floor();
-            assert_eq!(q as f32, expect, "index {}", pos + j);
+    let rounding = Rounding::Stochastic { seed };
+    let run = |name: &str, qs: &mut [i8], pos: usize| match name {
+        "portable" => quantize_run_uniform(&xs, qs, -1e9, 1e9, scale, rounding, pos),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: only listed below when the CPU has AVX2.
+        "avx2" => unsafe {
+            super::kernels::quantize_run_uniform_avx2(&xs, qs, -1e9, 1e9, scale, rounding, pos)
+        },
+        _ => unreachable!(),
+    };
+    #[allow(unused_mut)]
+    let mut loops = vec!["portable"];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        loops.push("avx2");
+    }
+    for name in loops {
+        for pos in [(1usize << 32) - 67, (1usize << 32) - 64, 3 << 32] {
+            let mut qs = vec![0i8; xs.len()];
+            run(name, &mut qs, pos);
+            for (j, (&q, &x)) in qs.iter().zip(&xs).enumerate() {
+                let t = scaled(x, -1e9, 1e9, scale);
+                let expect = (t + stochastic_uniform(seed, (pos + j) as u64)).floor();
+                assert_eq!(q as f32, expect, "{name}: index {}", pos + j);
+            }
         }
     }
 }
