@@ -280,9 +280,9 @@ unsafe fn quantize_uniform_avx512(
 }
 
 /// The AVX2 build: per-tensor layouts and the per-channel runs of one channel (`Run::Uniform`) take the
-/// explicit 8-lane loop [`quantize_uniform_avx2`] (the autovectorised body divides and hashes one lane
-/// at a time where AVX2 has no instruction: 7.5% of an INT8 training epoch on an AMD Zen 1); row runs
-/// (channels on the last axis) keep the body.
+/// explicit 8-lane loop [`quantize_uniform_avx2`], which multiplies by the reciprocal and divides only
+/// near a rounding boundary where the autovectorised body divides every value (that body was 7.5% of an
+/// INT8 training epoch on an AMD Zen 1); row runs (channels on the last axis) keep the body.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_chunk_avx2(
@@ -391,9 +391,10 @@ fn quantize_run_uniform_blocks(
 
 /// [`quantize_uniform_avx512`] in 8-lane AVX2 vectors, blocks of 32: the same operations and the same
 /// fall-back to the division near a rounding boundary (per vector of 8), so the same bits as [`scaled`]
-/// with [`round_nearest`] or [`round_stochastic`]. AVX2 has no `floor` of its own that differs: `vroundps`
-/// (AVX) floors exactly; `t + u` is a multiplication of `u·2^24` by 2^-24 (exact) then one addition, as
-/// the reference. Returns how many elements it did.
+/// with [`round_nearest`] or [`round_stochastic`]. The floor is `vroundps` (AVX, exact); `t + u` is a
+/// multiplication of `u·2^24` by 2^-24 (exact) then one addition, as in the reference (no FMA needed).
+/// The cap at 127 is left to the saturating packs (a floor of 128 packs to 127). Returns how many
+/// elements it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_uniform_avx2(
