@@ -103,9 +103,11 @@ fn quantize_run_row(
     }
 }
 
-/// Quantizes the elements `start..start + qc.len()` into `qc`. On x86-64 with AVX2 the same code is
-/// compiled a second time for AVX2 (twice the vector width; bit-identical results, since every step is
-/// an exactly rounded IEEE operation or integer arithmetic and nothing is contracted into FMA).
+/// Quantizes the elements `start..start + qc.len()` into `qc`. On x86-64 the runs of one channel take an
+/// explicit AVX-512 ([`quantize_uniform_avx512`], per-tensor layouts) or AVX2 ([`quantize_uniform_avx2`])
+/// loop, and the rest the portable code compiled again for that ISA; the bits are the same on every build
+/// (every step is an exactly rounded IEEE operation or integer arithmetic, nothing contracted into FMA,
+/// and the loops' reciprocal falls back to the division near a rounding boundary).
 pub(super) fn quantize_chunk(
     x: &[f32],
     qc: &mut [i8],
@@ -294,35 +296,11 @@ unsafe fn quantize_chunk_avx2(
     scales: &[f32],
     rounding: Rounding,
 ) {
-    if layout.channels == 1 {
-        let n = qc.len();
-        let (lo, hi, scale) = (p.lo[0], p.hi[0], scales[0]);
-        quantize_run_uniform_avx2(&x[start..start + n], qc, lo, hi, scale, rounding, start);
-        return;
-    }
-    for_each_run(layout, start, start + qc.len(), |run| match run {
+    let uniform = |xs: &[f32], qs: &mut [i8], lo, hi, scale, pos| {
         // SAFETY: the CPU has AVX2 (this function's contract).
-        Run::Uniform { pos, len, ch } => unsafe {
-            quantize_run_uniform_avx2(
-                &x[pos..pos + len],
-                &mut qc[pos - start..pos - start + len],
-                p.lo[ch],
-                p.hi[ch],
-                scales[ch],
-                rounding,
-                pos,
-            )
-        },
-        Run::Row { pos, len, ch0 } => quantize_run_row(
-            &x[pos..pos + len],
-            &mut qc[pos - start..pos - start + len],
-            &p.lo[ch0..ch0 + len],
-            &p.hi[ch0..ch0 + len],
-            &scales[ch0..ch0 + len],
-            rounding,
-            pos,
-        ),
-    })
+        unsafe { quantize_run_uniform_avx2(xs, qs, lo, hi, scale, rounding, pos) }
+    };
+    quantize_chunk_runs(x, qc, start, layout, p, scales, rounding, uniform)
 }
 
 /// [`quantize_run_uniform`] with its whole blocks of 32 on [`quantize_uniform_avx2`] (same bits).
@@ -501,29 +479,41 @@ fn quantize_chunk_body(
     scales: &[f32],
     rounding: Rounding,
 ) {
+    let uniform = |xs: &[f32], qs: &mut [i8], lo, hi, scale, pos| {
+        quantize_run_uniform(xs, qs, lo, hi, scale, rounding, pos)
+    };
+    quantize_chunk_runs(x, qc, start, layout, p, scales, rounding, uniform)
+}
+
+/// Quantizes the elements `start..start + qc.len()` run by run: `uniform(xs, qs, lo, hi, scale, pos)`
+/// does the runs of one channel (the whole chunk when per tensor), [`quantize_run_row`] the rows of
+/// channels on the last axis. `uniform` is a closure created in the caller, so it inlines with the
+/// caller's target features.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quantize_chunk_runs(
+    x: &[f32],
+    qc: &mut [i8],
+    start: usize,
+    layout: Layout,
+    p: &Params,
+    scales: &[f32],
+    rounding: Rounding,
+    mut uniform: impl FnMut(&[f32], &mut [i8], f32, f32, f32, usize),
+) {
     if layout.channels == 1 {
-        // per tensor: one uniform run, called directly so it is compiled (inlined) with the caller's
-        // target features rather than through the run-splitting closure
+        // per tensor: one uniform run, called directly rather than through the run-splitting closure
         let n = qc.len();
-        quantize_run_uniform(
-            &x[start..start + n],
-            qc,
-            p.lo[0],
-            p.hi[0],
-            scales[0],
-            rounding,
-            start,
-        );
+        uniform(&x[start..start + n], qc, p.lo[0], p.hi[0], scales[0], start);
         return;
     }
     for_each_run(layout, start, start + qc.len(), |run| match run {
-        Run::Uniform { pos, len, ch } => quantize_run_uniform(
+        Run::Uniform { pos, len, ch } => uniform(
             &x[pos..pos + len],
             &mut qc[pos - start..pos - start + len],
             p.lo[ch],
             p.hi[ch],
             scales[ch],
-            rounding,
             pos,
         ),
         Run::Row { pos, len, ch0 } => quantize_run_row(
